@@ -1,0 +1,357 @@
+"""LISTEN/NOTIFY receive benchmark: pgherald against raw psycopg 3, psycopg2 and asyncpg.
+
+Usage::
+
+    python bench/listen_bench.py [--dsn DSN] [--quick] [--output docs/benchmarks.md]
+
+Method.  Each client runs in its own receiver process (``bench/_workers.py recv CLIENT``) and
+a separate sender process (``bench/_workers.py send``) produces the notifications; clients
+run one after the other, never concurrently, and throughput repetitions are interleaved
+across clients.  A receiver LISTENs on channel ``bench``, reports ``READY``, and only then is
+the sender started.  Each payload is ~100 bytes of JSON; every client decodes it and calls a
+plain Python handler, which counts (and, for latency, records ``time.time_ns() - ts``).
+
+* Throughput: the sender sends N notifications (200,000; 50,000 with ``--quick``) as fast as
+  it can, 1,000 per transaction (one autocommit ``SELECT count(pg_notify(...)) FROM
+  unnest($1::text[])`` statement, binary array parameter).  The receiver times first to last
+  notification; the reported figure is the median over the runs (3; 1 with ``--quick``).
+  The sender's rate alone (no listener) is measured first, to show it is not the bottleneck.
+* Latency: the sender commits on a fixed schedule, one transaction every 1 ms (1 notification
+  per tx at 1,000/s, 20 per tx at 20,000/s) for 5 s (1.5 s with ``--quick``).  The payload
+  carries ``time.time_ns()`` taken right before the statement that notifies and commits is
+  sent; the handler computes commit-to-handler latency.  The first 5% are dropped as warm-up;
+  p50 and p99 are reported.
+
+Every process has a deadline: receivers stop at the expected count, at a ``STOP`` sentinel
+sent after the data, or at their timeout (then the run counts as failed), and the
+orchestrator kills any process it started that overstays.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import queue
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+WORKERS = str(HERE / "_workers.py")
+SRC = HERE.parent / "src"
+START, END = "<!-- listen-bench:start -->", "<!-- listen-bench:end -->"
+RAW = ["psycopg3-notifies", "pq-loop", "psycopg2-poll", "asyncpg"]
+HERALD = ["pgherald-sync", "pgherald-async-asyncio", "pgherald-async-trio"]
+RATES = {1000: 1, 20000: 20}  # notifications/s -> notifications per transaction (1 tx/ms)
+Result = dict[str, Any]
+
+
+def _run_json(args: list[str], env: dict[str, str], timeout: float) -> Result:
+    """Run a worker to completion and parse the JSON line it prints."""
+    try:
+        proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": f"sender timed out after {timeout:.0f}s"}
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode or not lines:
+        return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return {"ok": True} | json.loads(lines[-1])
+
+
+def trial(client: str, dsn: str, env: dict[str, str], count: int, rate: int = 0) -> Result:
+    """One receiver process for ``client`` plus one sender process; returns the receiver's
+    result with the sender's under ``"sender"``."""
+    per_tx = RATES.get(rate, 1000)
+    timeout = 60.0 + count / 20000 if rate == 0 else count / rate + 30.0
+    common = ["--dsn", dsn, "--count", str(count), "--per-tx", str(per_tx)]
+    recv_args = [sys.executable, WORKERS, "recv", client, *common, "--timeout", str(timeout)]
+    if rate:
+        recv_args.append("--latency")
+    lines: queue.Queue[str | None] = queue.Queue()
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(recv_args, env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.put(line.strip())
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+        def next_line(wait: float) -> str | None:
+            try:
+                return lines.get(timeout=wait)
+            except queue.Empty:
+                return None
+
+        sender: Result = {}
+        try:
+            first = next_line(30.0)
+            if first == "READY":
+                sender = _run_json(
+                    [sys.executable, WORKERS, "send", *common, "--rate", str(rate)], env, timeout
+                )
+                first = next_line(timeout + 15.0)
+            res: Result = json.loads(first) if first else {"ok": False}
+            res.setdefault("error", "receiver gave no result")
+            proc.wait(10.0)
+        except subprocess.TimeoutExpired:
+            res = {"ok": False, "error": "receiver did not exit"}
+        finally:
+            if proc.poll() is None:
+                proc.kill()  # only the process this function started
+                proc.wait()
+            err.seek(0)
+            stderr = err.read().strip().splitlines()
+        if not res.get("ok") and stderr:
+            res["error"] = f"{res.get('error', '')} | {stderr[-1]}"
+        res["sender"] = sender
+        return res
+
+
+def probe_pgherald(env: dict[str, str]) -> tuple[dict[str, str] | None, str]:
+    """Return the environment in which ``import pgherald`` works (or None) and a note."""
+    code = "import pgherald as p; p.Listener, p.AsyncListener; print(p.__dict__.get('__version__'))"
+    reason = ""
+    for extra, where in ((None, "installed"), (str(SRC), "from src/ (not installed)")):
+        e = dict(env)
+        if extra:
+            e["PYTHONPATH"] = os.pathsep.join(filter(None, [extra, env.get("PYTHONPATH")]))
+        p = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True)
+        if p.returncode == 0:
+            return e, f"pgherald {p.stdout.strip()} ({where})"
+        reason = reason or (p.stderr.strip().splitlines() or ["import failed"])[-1]
+    return None, reason
+
+
+def machine(dsn: str) -> dict[str, str]:
+    import psycopg
+
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
+    with psycopg.connect(dsn) as conn:
+        server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    libpq = psycopg.pq.version()
+    return {
+        "CPU": cpu,
+        "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+        "PostgreSQL server": server,
+        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {libpq // 10000}"
+        f".{libpq % 100})",
+        "psycopg2-binary": ver("psycopg2-binary"),
+        "asyncpg": ver("asyncpg"),
+        "anyio / trio": f"{ver('anyio')} / {ver('trio')}",
+    }
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    sep = "-|-".join("-" * w for w in widths)
+    return "\n".join(f"| {line} |" for line in [fmt[0], sep, *fmt[1:]])
+
+
+def report(
+    a: argparse.Namespace,
+    info: dict[str, str],
+    tput: dict[str, list[Result]],
+    lat: dict[tuple[str, int], Result],
+    sender_alone: Result,
+    skipped: dict[str, str],
+    herald_note: str,
+) -> str:
+    def median_rate(c: str) -> float | None:
+        ok = [r["rate"] for r in tput.get(c, []) if r.get("ok") and "rate" in r]
+        return statistics.median(ok) if ok else None
+
+    rates = {c: median_rate(c) for c in RAW + HERALD}
+
+    def ratio(c: str, ref: str) -> float | None:
+        x, y = rates[c], rates[ref]
+        return x / y if x and y else None
+
+    def fx(v: float | None, f: str = "{:.2f}x") -> str:
+        return f.format(v) if v is not None else "-"
+
+    def latcell(c: str, rate: int, key: str) -> str:
+        r = lat.get((c, rate), {})
+        return f"{r[key]:.3f}" if r.get("ok") and key in r else ("fail" if r else "-")
+
+    head = ["Client", "Throughput (notif/s, median)", "Runs ok", "vs asyncpg", "vs pq-loop"]
+    head += [f"p{q} @{k // 1000}k/s (ms)" for k in RATES for q in (50, 99)]
+    rows = [head]
+    for c in RAW + HERALD:
+        if c in skipped:
+            rows.append([c, "skipped", *["-"] * (len(head) - 2)])
+            continue
+        runs = tput.get(c, [])
+        n_ok = sum(bool(r.get("ok")) for r in runs)
+        rows.append(
+            [
+                c,
+                fx(rates[c], "{:,.0f}"),
+                f"{n_ok}/{len(runs)}",
+                fx(ratio(c, "asyncpg")),
+                fx(ratio(c, "pq-loop")),
+                *[latcell(c, k, f"p{q}_ms") for k in RATES for q in (50, 99)],
+            ]
+        )
+
+    def verdict(v: float | None, ok: bool) -> str:
+        return "n/a" if v is None else ("PASS" if ok else "FAIL")
+
+    targets = [["Target", "Measured", "Result"]]
+    for c, ref, want in [
+        ("pgherald-sync", "asyncpg", 1.2),
+        ("pgherald-sync", "pq-loop", 0.9),
+        ("pgherald-async-asyncio", "asyncpg", 1.0),
+    ]:
+        v = ratio(c, ref)
+        targets.append([f"{c} >= {want}x {ref}", fx(v), verdict(v, v is not None and v >= want)])
+    for c in HERALD:
+        for rate, limit in ((1000, 1.0), (20000, 5.0)):
+            r = lat.get((c, rate), {})
+            v = r.get("p99_ms") if r.get("ok") else None
+            targets.append(
+                [
+                    f"{c} p99 < {limit:g} ms at {rate:,}/s",
+                    fx(v, "{:.3f} ms"),
+                    verdict(v, v is not None and v < limit),
+                ]
+            )
+
+    attached = [
+        r["sender"]["rate"] for rs in tput.values() for r in rs if r.get("sender", {}).get("ok")
+    ]
+    out = [
+        "## LISTEN/NOTIFY receive benchmark",
+        "",
+        f"Command: `{a.command}`  ",
+        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        f"- pgherald: {herald_note}",
+        "",
+        f"{a.count:,} notifications of ~100 B JSON, 1,000 per transaction, {a.runs} run(s) per "
+        f"client (median); latency: {a.lat_seconds:g} s per rate, first 5% dropped. Each client "
+        "runs alone in its own process; the sender is a separate process.",
+        "",
+        f"Sender alone (no listener): {fx(sender_alone.get('rate'), '{:,.0f}')} notif/s; "
+        f"while a listener is attached (median): "
+        f"{fx(statistics.median(attached) if attached else None, '{:,.0f}')} notif/s.",
+        "",
+        table(rows),
+        "",
+        "Targets:",
+        "",
+        table(targets),
+    ]
+    notes = [f"- {c} skipped: {why}" for c, why in skipped.items()]
+    notes += [
+        f"- {c} throughput run failed: {r.get('error')}"
+        for c, rs in tput.items()
+        for r in rs
+        if not r.get("ok")
+    ]
+    notes += [
+        f"- {c} latency at {k:,}/s failed: {r.get('error')}"
+        for (c, k), r in lat.items()
+        if not r.get("ok")
+    ]
+    return "\n".join(out + (["", *notes] if notes else []))
+
+
+def write_section(path: Path, body: str) -> None:
+    section = f"{START}\n{body}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--dsn",
+        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
+    )
+    ap.add_argument("--quick", action="store_true", help="1 run, 50,000 notifications, 1.5 s")
+    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
+    ap.add_argument("--clients", help="comma-separated subset of clients (default: all)")
+    a = ap.parse_args()
+    a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    a.runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
+    clients = a.clients.split(",") if a.clients else RAW + HERALD
+    env = dict(os.environ)
+
+    info = machine(a.dsn)
+    herald_env, herald_note = probe_pgherald(env)
+    skipped = {c: f"`import pgherald` failed: {herald_note}" for c in HERALD if herald_env is None}
+    skipped |= {c: "not selected (--clients)" for c in RAW + HERALD if c not in clients}
+    todo = [c for c in RAW + HERALD if c not in skipped]
+    envs = {c: (herald_env or env) if c in HERALD else env for c in todo}
+    print(f"clients: {', '.join(todo)}; {herald_note}", flush=True)
+
+    sender_alone = _run_json(
+        [sys.executable, WORKERS, "send", "--dsn", a.dsn, "--count", str(a.count)], env, 120.0
+    )
+    print(f"sender alone: {sender_alone.get('rate', 0):,.0f} notif/s", flush=True)
+
+    tput: dict[str, list[Result]] = {c: [] for c in todo}
+    for run in range(a.runs):
+        for c in todo:
+            r = trial(c, a.dsn, envs[c], a.count)
+            tput[c].append(r)
+            print(
+                f"throughput run {run + 1} {c:24} {r.get('rate', 0):>10,.0f} notif/s "
+                f"(sender {r['sender'].get('rate', 0):,.0f}/s) {r.get('error', '')}",
+                flush=True,
+            )
+    lat: dict[tuple[str, int], Result] = {}
+    for rate in RATES:
+        for c in todo:
+            r = lat[c, rate] = trial(c, a.dsn, envs[c], int(rate * a.lat_seconds), rate)
+            print(
+                f"latency {rate:>6,}/s {c:24} p50 {r.get('p50_ms', 0):7.3f} ms  "
+                f"p99 {r.get('p99_ms', 0):7.3f} ms {r.get('error', '')}",
+                flush=True,
+            )
+
+    body = report(a, info, tput, lat, sender_alone, skipped, herald_note)
+    print("\n" + body)
+    if a.output:
+        write_section(a.output, body)
+        print(f"\nwrote section to {a.output}")
+
+
+if __name__ == "__main__":
+    main()

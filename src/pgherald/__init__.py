@@ -1,0 +1,60 @@
+"""
+pgherald: PostgreSQL LISTEN/NOTIFY as a dependable real-time event system.
+
+- `notify` / `anotify`: NOTIFY from your own connection, inside your transaction.
+- `Listener` / `AsyncListener`: LISTEN on a dedicated connection, with handlers or iteration,
+  reconnection, dead-connection detection and backpressure; `AsyncListener` runs on asyncio and
+  trio.
+"""
+
+from __future__ import annotations
+
+from ._listener import Listener
+from ._listener_async import AsyncListener
+from ._models import Gap, ListenerStats, Notification
+from ._notify import anotify, notify
+from .errors import (
+    ConnectError,
+    ConnectionLost,
+    DatabaseConnectionError,
+    HeraldError,
+    InvalidChannel,
+    NotifyError,
+    PayloadError,
+    PayloadNotJSON,
+    PayloadNotSerializable,
+    PayloadTooLarge,
+    TransactionStateError,
+    UsageError,
+)
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "AsyncListener",
+    "ConnectError",
+    "ConnectionLost",
+    "DatabaseConnectionError",
+    "Gap",
+    "HeraldError",
+    "InvalidChannel",
+    "Listener",
+    "ListenerStats",
+    "Notification",
+    "NotifyError",
+    "PayloadError",
+    "PayloadNotJSON",
+    "PayloadNotSerializable",
+    "PayloadTooLarge",
+    "TransactionStateError",
+    "UsageError",
+    "anotify",
+    "notify",
+]
+
+# Public names show as pgherald.X in reprs, tracebacks and docs, not as private modules.
+for _name in __all__:
+    _obj = globals()[_name]
+    if getattr(_obj, "__module__", "").startswith("pgherald."):
+        _obj.__module__ = "pgherald"
+del _name, _obj

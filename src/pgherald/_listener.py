@@ -1,0 +1,186 @@
+"""`Listener`: LISTEN on a dedicated connection, from a thread."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from types import TracebackType
+from typing import Any
+
+from ._listener_base import ListenerBase
+from ._models import Gap, Notification
+from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
+from ._waiting import Waiter
+from .errors import ConnectError
+
+logger = logging.getLogger("pgherald.listener")
+
+
+class Listener(ListenerBase):
+    """
+    Listen to channels on a connection of its own, reconnecting whenever it is lost.
+
+    Use it as a context manager, then either register handlers and `run`::
+
+        with pgherald.Listener(dsn) as listener:
+            @listener.on("orders")
+            def order(n: pgherald.Notification) -> None: ...
+            listener.run()          # until listener.stop()
+
+    or iterate: ``for n in listener: ...``.
+
+    .. versionadded:: 0.1
+    """
+
+    _allow_async_handlers = False
+
+    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, **kwargs)
+        self._waiter = Waiter()
+
+    # -- connection --
+
+    def connect(self) -> None:
+        """Connect and LISTEN now (done by ``with`` and by `run` when needed)."""
+        if self._engine.connected:
+            return
+        try:
+            self._waiter.run(self._engine.open())
+        except ConnectError as exc:
+            raise self._connect_error(exc) from None
+
+    def close(self) -> None:
+        """Stop and close the connection."""
+        self.stop()
+        self._engine.close()
+
+    def __enter__(self) -> Listener:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+        self._waiter.close()
+
+    def subscribe(self, *channels: str) -> None:
+        """
+        LISTEN to more *channels*.
+
+        Outside `run` it returns once the server listens; inside (from a handler or another
+        thread) it takes effect before the next notification is read.
+        """
+        self._request_channels(add=channels)
+        self._sync_now()
+
+    def unsubscribe(self, *channels: str) -> None:
+        """UNLISTEN *channels* (same timing as `subscribe`)."""
+        self._request_channels(remove=channels)
+        self._sync_now()
+
+    def _sync_now(self) -> None:
+        if self._mode is None and self._engine.connected:
+            self._waiter.run(self._engine.sync_channels())
+
+    def _wake(self) -> None:
+        self._waiter.wake()
+
+    def _handler_channel_added(self) -> None:
+        self._sync_now()
+
+    # -- handler style --
+
+    def run(self) -> None:
+        """Dispatch notifications to handlers until `stop` is called."""
+        self._begin("run")
+        try:
+            self.connect()
+            self._waiter.run(self._engine.run(), self._on_request)
+        finally:
+            self._end()
+
+    def _on_request(self, req: Request) -> None:
+        if req[0] == DELIVER:
+            self._deliver()
+        elif req[0] == REPORT:
+            self._report(req[1])
+
+    def _deliver(self) -> None:
+        engine = self._engine
+        pop = engine.pop
+        lookup = self._handlers.lookup
+        stats = self.stats
+        clock = time.monotonic
+        budget = clock() + engine.config.delivery_budget
+        while (n := pop()) is not None:
+            stats.received += 1
+            entries = lookup(n.channel)
+            if not entries:
+                stats.unhandled += 1
+            for handler, _ in entries:
+                try:
+                    handler(n)
+                except Exception:
+                    self._handler_failed(handler, n)
+            if engine.stopping or clock() > budget:
+                break
+
+    def _report(self, gap: Gap) -> None:
+        if self.on_gap is not None:
+            try:
+                self.on_gap(gap)
+            except Exception:
+                logger.exception("on_gap hook failed")
+
+    # -- iterator style --
+
+    def __iter__(self) -> Iterator[Notification]:
+        return self.notifications()
+
+    def notifications(self, *, timeout: float | None = None) -> Iterator[Notification]:
+        """
+        Yield notifications until `stop`, or until none arrives for *timeout* seconds.
+
+        Reading pauses while your loop body runs: nothing piles up in memory.
+        """
+        self._begin("iterate")
+        gen = self._engine.run()
+        engine = self._engine
+        clock = time.monotonic
+        waiter = self._waiter
+        try:
+            self.connect()
+            idle_until = None if timeout is None else clock() + timeout
+            send: Any = None
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                send = None
+                kind = req[0]
+                if kind == WAIT:
+                    deadline = req[3]
+                    if idle_until is not None and (deadline is None or idle_until < deadline):
+                        deadline = idle_until
+                    send = waiter.wait(req[1], req[2], deadline)
+                    if not send and idle_until is not None and clock() >= idle_until:
+                        return
+                elif kind == DELIVER:
+                    budget = clock() + engine.config.delivery_budget
+                    while (n := engine.pop()) is not None:
+                        self.stats.received += 1
+                        yield n
+                        if engine.stopping or clock() > budget:
+                            break
+                    if idle_until is not None:
+                        idle_until = clock() + timeout  # type: ignore[operator]
+                elif kind == SLEEP:
+                    waiter.sleep(req[1])
+                elif kind == REPORT:
+                    self._report(req[1])
+        finally:
+            gen.close()
+            self._end()

@@ -1,0 +1,180 @@
+"""`AsyncListener`: the same listener for asyncio and trio (through anyio)."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+from ._listener_base import ListenerBase
+from ._models import Gap, Notification
+from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
+from ._waiting_async import AsyncWaiter
+from .errors import ConnectError
+
+logger = logging.getLogger("pgherald.listener")
+
+
+class AsyncListener(ListenerBase):
+    """
+    The async `Listener`: same options, same behaviour, on asyncio or trio.
+
+    Handlers may be plain functions or coroutine functions::
+
+        async with pgherald.AsyncListener(dsn) as listener:
+            @listener.on("orders")
+            async def order(n: pgherald.Notification) -> None: ...
+            await listener.run()    # until listener.stop()
+
+    or iterate: ``async for n in listener: ...``.
+
+    .. versionadded:: 0.1
+    """
+
+    _allow_async_handlers = True
+
+    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, **kwargs)
+        self._waiter = AsyncWaiter()
+
+    # -- connection --
+
+    async def connect(self) -> None:
+        """Connect and LISTEN now (done by ``async with`` and by `run` when needed)."""
+        self._waiter.bind()
+        if self._engine.connected:
+            return
+        try:
+            await self._waiter.run(self._engine.open())
+        except ConnectError as exc:
+            raise self._connect_error(exc) from None
+
+    async def aclose(self) -> None:
+        """Stop and close the connection."""
+        self.stop()
+        self._engine.close()
+
+    async def __aenter__(self) -> AsyncListener:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    async def subscribe(self, *channels: str) -> None:
+        """LISTEN to more *channels* (see `Listener.subscribe` for the timing)."""
+        self._request_channels(add=channels)
+        await self._sync_now()
+
+    async def unsubscribe(self, *channels: str) -> None:
+        """UNLISTEN *channels*."""
+        self._request_channels(remove=channels)
+        await self._sync_now()
+
+    async def _sync_now(self) -> None:
+        if self._mode is None and self._engine.connected:
+            await self._waiter.run(self._engine.sync_channels())
+
+    def _wake(self) -> None:
+        self._waiter.wake()
+
+    # -- handler style --
+
+    async def run(self) -> None:
+        """Dispatch notifications to handlers until `stop` is called (or the task is cancelled)."""
+        self._begin("run")
+        try:
+            await self.connect()
+            await self._waiter.run(self._engine.run(), self._on_request)
+        finally:
+            self._end()
+
+    async def _on_request(self, req: Request) -> None:
+        if req[0] == DELIVER:
+            await self._deliver()
+        elif req[0] == REPORT:
+            await self._report(req[1])
+
+    async def _deliver(self) -> None:
+        engine = self._engine
+        pop = engine.pop
+        lookup = self._handlers.lookup
+        stats = self.stats
+        clock = time.monotonic
+        budget = clock() + engine.config.delivery_budget
+        while (n := pop()) is not None:
+            stats.received += 1
+            entries = lookup(n.channel)
+            if not entries:
+                stats.unhandled += 1
+            for handler, is_async in entries:
+                try:
+                    if is_async:
+                        await handler(n)
+                    else:
+                        handler(n)
+                except Exception:
+                    self._handler_failed(handler, n)
+            if engine.stopping or clock() > budget:
+                break
+
+    async def _report(self, gap: Gap) -> None:
+        if self.on_gap is not None:
+            try:
+                result = self.on_gap(gap)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                logger.exception("on_gap hook failed")
+
+    # -- iterator style --
+
+    def __aiter__(self) -> AsyncIterator[Notification]:
+        return self.notifications()
+
+    async def notifications(self, *, timeout: float | None = None) -> AsyncIterator[Notification]:
+        """Yield notifications until `stop`, or until none arrives for *timeout* seconds."""
+        self._begin("iterate")
+        gen = self._engine.run()
+        engine = self._engine
+        clock = time.monotonic
+        waiter = self._waiter
+        try:
+            await self.connect()
+            idle_until = None if timeout is None else clock() + timeout
+            send: Any = None
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                send = None
+                kind = req[0]
+                if kind == WAIT:
+                    deadline = req[3]
+                    if idle_until is not None and (deadline is None or idle_until < deadline):
+                        deadline = idle_until
+                    send = await waiter.wait(req[1], req[2], deadline)
+                    if not send and idle_until is not None and clock() >= idle_until:
+                        return
+                elif kind == DELIVER:
+                    budget = clock() + engine.config.delivery_budget
+                    while (n := engine.pop()) is not None:
+                        self.stats.received += 1
+                        yield n
+                        if engine.stopping or clock() > budget:
+                            break
+                    if idle_until is not None:
+                        idle_until = clock() + timeout  # type: ignore[operator]
+                elif kind == SLEEP:
+                    await waiter.sleep(req[1])
+                elif kind == REPORT:
+                    await self._report(req[1])
+        finally:
+            gen.close()
+            self._end()

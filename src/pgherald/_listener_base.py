@@ -1,0 +1,178 @@
+"""What the sync and async listeners share: configuration, handlers, channels, stats."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar, Literal, TypeVar
+
+from ._conninfo import connect_error, listener_conninfo
+from ._models import Gap, ListenerStats, Notification
+from ._protocol.engine import ListenerConfig, ListenerEngine
+from ._protocol.routing import Handler, HandlerRegistry
+from .errors import ConnectError, UsageError
+
+logger = logging.getLogger("pgherald.listener")
+
+H = TypeVar("H", bound=Callable[..., Any])
+Mode = Literal["run", "iterate"]
+
+
+class ListenerBase:
+    """Configuration and bookkeeping; the I/O lives in the sync and async subclasses."""
+
+    _allow_async_handlers: ClassVar[bool]
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        channels: Iterable[str] = (),
+        on_gap: Callable[[Gap], Any] | None = None,
+        application_name: str = "pgherald-listener",
+        connect_timeout: float = 10.0,
+        health_check_interval: float = 15.0,
+        health_check_timeout: float = 5.0,
+        reconnect_initial_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
+        reconnect_max_attempts: int | None = None,
+        queue_check_interval: float = 5.0,
+        queue_warn_usage: float = 0.5,
+        queue_max_usage: float = 0.8,
+    ) -> None:
+        if isinstance(channels, str):
+            channels = [channels]  # a lone name, not its characters
+        config = ListenerConfig(
+            conninfo=listener_conninfo(dsn, application_name=application_name),
+            connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
+            reconnect_max_attempts=reconnect_max_attempts,
+            queue_check_interval=queue_check_interval,
+            queue_warn_usage=queue_warn_usage,
+            queue_max_usage=queue_max_usage,
+        )
+        self.stats = ListenerStats()
+        """Counters: received, handler errors, reconnects, gaps, queue readings."""
+        self.on_gap = on_gap
+        """Called with a `Gap` each time the listener is listening again after missing out."""
+        self._engine = ListenerEngine(config, self.stats)
+        self._engine.want(channels)
+        self._handlers = HandlerRegistry(allow_async=self._allow_async_handlers)
+        self._mode: Mode | None = None
+
+    # -- public, runtime-independent --
+
+    @property
+    def channels(self) -> list[str]:
+        """The channels this listener listens to (or will, once connected)."""
+        return self._engine.channels
+
+    @property
+    def connected(self) -> bool:
+        return self._engine.connected
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the listening connection (for `pg_terminate_backend`)."""
+        pgconn = self._engine.pgconn
+        return pgconn.backend_pid if pgconn is not None else None
+
+    def on(self, *channels: str) -> Callable[[H], H]:
+        """
+        Decorator: call the function with each `Notification` on *channels*.
+
+        With no channel, the function receives notifications from every channel. Registering
+        a handler also subscribes to its channels: at once on a connected `Listener`; on an
+        `AsyncListener` when `run` starts (``await listener.subscribe(...)`` to LISTEN sooner).
+        """
+
+        def register(func: H) -> H:
+            if channels:
+                for ch in channels:
+                    self.add_handler(ch, func)
+            else:
+                self.add_handler(None, func)
+            return func
+
+        return register
+
+    def add_handler(self, channel: str | None, handler: Handler) -> None:
+        """Register *handler* for *channel* (None: every channel) and subscribe to it."""
+        if self._mode == "iterate":
+            raise UsageError(
+                "this listener is being iterated: handlers and iteration do not mix; "
+                "use one listener per style"
+            )
+        self._handlers.add(channel, handler)
+        if channel is not None and channel not in self._engine.channels:
+            self._request_channels(add=[channel])
+            self._handler_channel_added()
+
+    def remove_handler(self, channel: str | None, handler: Handler) -> None:
+        """Forget *handler*; the channel stays subscribed until `unsubscribe`."""
+        self._handlers.remove(channel, handler)
+
+    def stop(self) -> None:
+        """
+        Make `run` return (or iteration end) as soon as the current handler returns.
+
+        Safe from any thread and from a signal handler.
+        """
+        self._engine.stopping = True
+        self._wake()
+
+    # -- for subclasses --
+
+    def _request_channels(
+        self, add: Iterable[str] = (), remove: Iterable[str] = ()
+    ) -> None:
+        self._engine.want(add)
+        self._engine.unwant(remove)
+        if self._mode is not None:
+            self._wake()
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _handler_channel_added(self) -> None:
+        """A handler brought a new channel: LISTEN now if the runtime can do so here."""
+
+    def _begin(self, mode: Mode) -> None:
+        if self._mode is not None:
+            raise UsageError(
+                f"this listener is already in use ({self._mode}); one run or one iteration at a "
+                "time per listener"
+            )
+        if mode == "iterate" and self._handlers:
+            raise UsageError(
+                "this listener has handlers: call run() to dispatch to them, or iterate a "
+                "listener without handlers"
+            )
+        if mode == "run" and not self._handlers:
+            raise UsageError(
+                "run() needs handlers: register one with @listener.on(channel), or iterate "
+                "the listener instead"
+            )
+        self._engine.stopping = False
+        self._mode = mode
+
+    def _end(self) -> None:
+        self._mode = None
+
+    def _connect_error(self, exc: ConnectError) -> ConnectError:
+        return connect_error(self._engine.config.conninfo, str(exc))
+
+    def _handler_failed(self, handler: Handler, n: Notification) -> None:
+        self.stats.handler_errors += 1
+        logger.exception(
+            "handler %s failed on a notification from channel %r (the listener goes on)",
+            getattr(handler, "__qualname__", handler),
+            n.channel,
+        )
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "not connected"
+        return f"<{type(self).__name__} {state} channels={self.channels!r}>"

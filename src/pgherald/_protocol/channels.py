@@ -1,0 +1,44 @@
+"""Channel-name rules and the LISTEN/UNLISTEN statements built from them."""
+
+from __future__ import annotations
+
+from psycopg import sql
+
+from ..errors import InvalidChannel
+
+#: PostgreSQL identifiers hold at most NAMEDATALEN - 1 = 63 bytes; longer ones are truncated
+#: silently by LISTEN, so a listener would never hear pg_notify() on the full name.
+MAX_CHANNEL_BYTES = 63
+
+
+def check_channel(channel: object) -> str:
+    """
+    Return *channel* if PostgreSQL can use it exactly as spelled, else raise `InvalidChannel`.
+
+    Any text is allowed (quotes, spaces, upper case, non-ASCII): it is always quoted.
+    """
+    if not isinstance(channel, str):
+        raise InvalidChannel(
+            f"channel must be a str, got {type(channel).__name__}: pass the channel name as text"
+        )
+    if not channel:
+        raise InvalidChannel("channel name is empty: give a non-empty channel name")
+    if "\x00" in channel:
+        raise InvalidChannel("channel name contains a NUL character, which PostgreSQL rejects")
+    size = len(channel.encode("utf-8"))
+    if size > MAX_CHANNEL_BYTES:
+        raise InvalidChannel(
+            f"channel name {channel[:20]!r}... is {size} bytes; PostgreSQL allows at most "
+            f"{MAX_CHANNEL_BYTES} bytes (it would silently truncate it): use a shorter name"
+        )
+    return channel
+
+
+def listen_query(channel: str) -> bytes:
+    """``LISTEN "channel"``, quoted so the case and every character are kept."""
+    return sql.SQL("LISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
+
+
+def unlisten_query(channel: str) -> bytes:
+    """``UNLISTEN "channel"``."""
+    return sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)).as_bytes(None)

@@ -1,0 +1,337 @@
+"""
+The listener state machine: connect, LISTEN, read, probe, fall back, reconnect.
+
+`ListenerEngine.run` is a generator that never blocks: it yields requests (see `pgwire`) and
+the runtime (threads, asyncio or trio) carries them out. Notifications are not copied into a
+buffer of ours: they stay in libpq's queue, which holds at most one network read, and the
+runtime pulls them one by one with `ListenerEngine.pop`. So a slow consumer stops the reading,
+memory stays bounded, and the backlog waits in PostgreSQL, where `pg_notification_queue_usage()`
+tells us when waiting longer would start to hurt other sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Generator, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from psycopg import pq
+
+from .._models import Gap, GapReason, ListenerStats, Notification
+from ..errors import ConnectError, ConnectionLost
+from . import pgwire
+from .backoff import backoff_delay
+from .channels import check_channel, listen_query, unlisten_query
+from .pgwire import DELIVER, READ, REPORT, SLEEP, WAIT, PQGen
+
+logger = logging.getLogger("pgherald.listener")
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """Tuning knobs of a listener; every default is what a production service wants."""
+
+    conninfo: str
+    connect_timeout: float = 10.0
+    """Seconds to establish a connection (each attempt)."""
+    health_check_interval: float = 15.0
+    """Idle seconds after which a liveness probe (``SELECT 1``) is sent."""
+    health_check_timeout: float = 5.0
+    """Seconds the probe may take before the connection is declared dead."""
+    reconnect_initial_delay: float = 0.1
+    reconnect_max_delay: float = 10.0
+    reconnect_max_attempts: int | None = None
+    """Give up (raise `ConnectionLost`) after this many failed attempts; None: never."""
+    queue_check_interval: float = 5.0
+    """While behind for this long, read ``pg_notification_queue_usage()`` (then every interval)."""
+    queue_warn_usage: float = 0.5
+    """Log a warning when the cluster's NOTIFY queue is this full while we are behind."""
+    queue_max_usage: float = 0.8
+    """Give up our queue position (reconnect, report a gap) past this usage while behind."""
+    delivery_budget: float = 1.0
+    """Seconds a runtime may spend delivering before handing control back (for the checks)."""
+
+
+class _Lost(Exception):
+    def __init__(self, reason: GapReason, message: str) -> None:
+        super().__init__(message)
+        self.reason: GapReason = reason
+
+
+class ListenerEngine:
+    """The state of one listening connection, independent of any runtime."""
+
+    def __init__(self, config: ListenerConfig, stats: ListenerStats) -> None:
+        self.config = config
+        self.stats = stats
+        self.pgconn: pq.abc.PGconn | None = None
+        self.stopping = False
+        self._monitor: pq.abc.PGconn | None = None
+        self._wanted: dict[str, None] = {}  # an ordered set
+        self._active: set[str] = set()
+        self._dirty = False
+        self._broken = False
+        self._pending: deque[Notification] = deque()
+        self._names: dict[bytes, str] = {}
+        self._next_queue_check = 0.0
+        # The bound pgconn.notifies, looked up once per connection rather than per notification.
+        self._notifies: Any = _no_notifies
+
+    # -- channel bookkeeping (safe to call from any thread: it only records intent) --
+
+    @property
+    def channels(self) -> list[str]:
+        return list(self._wanted)
+
+    def want(self, channels: Iterable[str]) -> None:
+        for ch in channels:
+            self._wanted[check_channel(ch)] = None
+        self._dirty = True
+
+    def unwant(self, channels: Iterable[str]) -> None:
+        for ch in channels:
+            self._wanted.pop(check_channel(ch), None)
+        self._dirty = True
+
+    @property
+    def connected(self) -> bool:
+        return self.pgconn is not None
+
+    @property
+    def in_sync(self) -> bool:
+        return not self._dirty
+
+    # -- the hot path --
+
+    def pop(self) -> Notification | None:
+        """The next notification already received, or None: never touches the network."""
+        if self._pending:
+            return self._pending.popleft()
+        n = self._notifies()
+        if n is None:
+            return None
+        try:
+            name = self._names[n.relname]
+        except KeyError:
+            name = self._names[n.relname] = n.relname.decode("utf-8", "replace")
+        return Notification(name, n.extra.decode("utf-8", "replace"), n.be_pid)
+
+    def _convert(self, n: Any) -> Notification:
+        return Notification(
+            n.relname.decode("utf-8", "replace"), n.extra.decode("utf-8", "replace"), n.be_pid
+        )
+
+    # -- lifecycle --
+
+    def open(self) -> PQGen:
+        """Connect and LISTEN; the first connection fails fast with `ConnectError`."""
+        self._reset_connection()
+        deadline = time.monotonic() + self.config.connect_timeout
+        self.pgconn = yield from pgwire.connect(self.config.conninfo, deadline)
+        self._notifies = self.pgconn.notifies
+        self._broken = False
+        self._active = set()
+        self._dirty = True
+        try:
+            yield from self.sync_channels()
+        except (_Lost, pgwire.QueryFailed) as exc:
+            self._reset_connection()
+            raise ConnectError(f"connected, but LISTEN failed: {exc}") from None
+
+    def close(self) -> None:
+        """Drop both connections (idempotent)."""
+        self._reset_connection()
+        self._pending.clear()
+
+    def sync_channels(self) -> PQGen:
+        """Issue the LISTEN/UNLISTEN statements that make the server match `channels`."""
+        assert self.pgconn is not None
+        self._dirty = False
+        wanted = set(self._wanted)
+        add = [ch for ch in self._wanted if ch not in self._active]
+        drop = [ch for ch in self._active if ch not in wanted]
+        if not add and not drop:
+            return
+        query = b";".join([*(listen_query(c) for c in add), *(unlisten_query(c) for c in drop)])
+        yield from self._execute(query, self.config.health_check_timeout + 5.0)
+        self._active = wanted
+
+    def run(self) -> PQGen:
+        """Serve notifications until `stopping`, reconnecting whenever the connection is lost."""
+        while not self.stopping:
+            try:
+                if self.pgconn is None or self._broken:
+                    raise _Lost("reconnect", "not connected")
+                yield from self._serve()
+                return
+            except _Lost as lost:
+                if self.stopping:
+                    return
+                yield from self._recover(lost)
+
+    # -- internals --
+
+    def _serve(self) -> PQGen:
+        cfg = self.config
+        pgconn = self.pgconn
+        assert pgconn is not None
+        fd = pgconn.socket
+        clock = time.monotonic
+        idle_deadline = clock() + cfg.health_check_interval
+        busy_since: float | None = None
+        while not self.stopping:
+            if self._dirty:
+                yield from self.sync_channels()
+            if not self._pending:
+                first = self.pop()
+                if first is not None:
+                    self._pending.append(first)
+            if self._pending:
+                now = clock()
+                if busy_since is None:
+                    busy_since = now
+                yield (DELIVER,)
+                now = clock()
+                if now - busy_since >= cfg.queue_check_interval and now >= self._next_queue_check:
+                    yield from self._check_queue()
+                continue
+            started = clock()
+            ready = yield (WAIT, fd, READ, idle_deadline)
+            now = clock()
+            if ready:
+                self._consume(pgconn)
+                idle_deadline = now + cfg.health_check_interval
+                if now - started > 0.005:
+                    # We had to wait for this data: we were keeping up, not behind.
+                    busy_since = None
+                    self._close_monitor()
+            elif now >= idle_deadline:
+                yield from self._health_check()
+                idle_deadline = clock() + cfg.health_check_interval
+
+    def _consume(self, pgconn: pq.abc.PGconn) -> None:
+        try:
+            pgconn.consume_input()
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost("reconnect", str(exc).strip() or "connection lost") from None
+            raise
+        if pgconn.status == pq.ConnStatus.BAD:
+            raise _Lost("reconnect", pgwire.error_text(pgconn))
+
+    def _execute(self, query: bytes, timeout: float) -> PQGen:
+        """Run a statement on the listening connection; any failure means the connection is lost."""
+        assert self.pgconn is not None
+        try:
+            return (
+                yield from pgwire.execute(self.pgconn, query, time.monotonic() + timeout)
+            )
+        except pgwire.QueryTimeout:
+            raise _Lost(
+                "reconnect",
+                f"no answer from the server within {timeout:g}s (half-open connection?)",
+            ) from None
+        except pgwire.QueryFailed:
+            raise
+        except GeneratorExit:
+            # Abandoned mid-statement (cancelled): the connection's state is unknown now.
+            self._broken = True
+            raise
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost("reconnect", str(exc).strip() or "connection lost") from None
+            raise
+
+    def _health_check(self) -> PQGen:
+        self.stats.health_checks += 1
+        yield from self._execute(b"SELECT 1", self.config.health_check_timeout)
+
+    def _check_queue(self) -> PQGen:
+        """While behind, ask how full the cluster's NOTIFY queue is, and give way if too full."""
+        cfg = self.config
+        self._next_queue_check = time.monotonic() + cfg.queue_check_interval
+        try:
+            if self._monitor is None:
+                deadline = time.monotonic() + cfg.connect_timeout
+                conninfo = cfg.conninfo + " application_name=pgherald-monitor"
+                self._monitor = yield from pgwire.connect(conninfo, deadline)
+            deadline = time.monotonic() + cfg.health_check_timeout
+            (res,) = yield from pgwire.execute(
+                self._monitor, b"SELECT pg_notification_queue_usage()", deadline
+            )
+            raw = res.get_value(0, 0)
+            usage = float(raw) if raw is not None else 0.0
+        except Exception as exc:
+            # The monitor is a safety net; failing to read it must not stop the listener.
+            logger.warning("could not read pg_notification_queue_usage(): %s", exc)
+            self._close_monitor()
+            return
+        self.stats.queue_checks += 1
+        self.stats.last_queue_usage = usage
+        if usage >= cfg.queue_max_usage:
+            logger.error(
+                "PostgreSQL's NOTIFY queue is %.1f%% full while this listener is behind; "
+                "giving up its queue position so writers do not fail (notifications will be missed)",
+                usage * 100,
+            )
+            raise _Lost("queue_limit", f"NOTIFY queue {usage:.1%} full while behind")
+        if usage >= cfg.queue_warn_usage:
+            logger.warning(
+                "PostgreSQL's NOTIFY queue is %.1f%% full and this listener is behind: "
+                "speed up its handlers or hand work to a queue",
+                usage * 100,
+            )
+
+    def _recover(self, lost: _Lost) -> PQGen:
+        cfg = self.config
+        started = time.time()
+        logger.warning("listener connection lost (%s); reconnecting", lost)
+        self._reset_connection()
+        error = str(lost)
+        attempt = 0
+        while True:
+            attempt += 1
+            if self.stopping:
+                return
+            try:
+                yield from self.open()
+                break
+            except ConnectError as exc:
+                error = str(exc)
+                if cfg.reconnect_max_attempts is not None and attempt >= cfg.reconnect_max_attempts:
+                    raise ConnectionLost(
+                        f"could not reconnect after {attempt} attempts: {error}"
+                    ) from None
+                delay = backoff_delay(
+                    attempt, initial=cfg.reconnect_initial_delay, cap=cfg.reconnect_max_delay
+                )
+                logger.info("reconnect attempt %d failed (%s); next in %.2fs", attempt, error, delay)
+                yield (SLEEP, time.monotonic() + delay)
+        gap = Gap(lost.reason, started, time.time(), error, attempt)
+        self.stats.reconnects += 1
+        self.stats.gaps.append(gap)
+        logger.info("listener is listening again after %.2fs", gap.ended - gap.started)
+        yield (REPORT, gap)
+
+    def _reset_connection(self) -> None:
+        pgconn, self.pgconn = self.pgconn, None
+        if pgconn is not None:
+            # Notifications libpq already parsed are good: keep them for delivery.
+            while (n := self._notifies()) is not None:
+                self._pending.append(self._convert(n))
+            pgconn.finish()
+        self._notifies = _no_notifies
+        self._active = set()
+        self._close_monitor()
+
+    def _close_monitor(self) -> None:
+        monitor, self._monitor = self._monitor, None
+        if monitor is not None:
+            monitor.finish()
+
+
+def _no_notifies() -> None:
+    return None

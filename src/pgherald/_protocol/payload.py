@@ -1,0 +1,53 @@
+"""Payload encoding (str or JSON) and the NOTIFY size limit."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from ..errors import PayloadNotSerializable, PayloadTooLarge
+
+#: PostgreSQL refuses NOTIFY payloads of 8000 bytes or more ("payload string too long").
+MAX_PAYLOAD_BYTES = 7999
+
+JsonDumps = Callable[[Any], str]
+JsonLoads = Callable[[str | bytes], Any]
+
+
+def _compact_dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def encode_payload(payload: object, *, dumps: JsonDumps | None = None) -> str:
+    """
+    Turn *payload* into the text NOTIFY will carry.
+
+    A `str` is sent as it is; anything else is encoded as JSON (compact). The result must fit
+    PostgreSQL's limit, else `PayloadTooLarge`.
+    """
+    if isinstance(payload, str):
+        text = payload
+    else:
+        try:
+            text = (dumps or _compact_dumps)(payload)
+        except (TypeError, ValueError) as exc:
+            raise PayloadNotSerializable(
+                f"payload of type {type(payload).__name__} cannot be encoded as JSON ({exc}): "
+                "send a str, or a value made of dict/list/str/int/float/bool/None"
+            ) from exc
+    check_payload_size(text)
+    return text
+
+
+def check_payload_size(text: str) -> None:
+    """Refuse a payload PostgreSQL would refuse, with the reason and the fix."""
+    # Cheap bound first: a str of n characters encodes to at most 4n UTF-8 bytes.
+    if len(text) * 4 <= MAX_PAYLOAD_BYTES:
+        return
+    size = len(text.encode("utf-8"))
+    if size > MAX_PAYLOAD_BYTES:
+        raise PayloadTooLarge(
+            f"payload is {size} bytes; NOTIFY payloads must be under 8000 bytes: send a "
+            "reference (a row id) and read the data from a table instead"
+        )

@@ -1,0 +1,115 @@
+"""
+Connecting and running statements over libpq without blocking.
+
+These generators drive a `psycopg.pq.PGconn` in non-blocking mode and yield what they wait for;
+a runtime waiter resumes them. They mirror psycopg's own ``generators`` module but use only the
+documented ``psycopg.pq`` API, so the same code serves threads, asyncio and trio.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Generator
+from typing import Any, TypeAlias
+
+from psycopg import errors as pg_errors
+from psycopg import pq
+
+from ..errors import ConnectError
+
+# Requests a state machine yields to its runtime (tuples: no allocation beyond the tuple).
+WAIT = 0  # (WAIT, fd, events, deadline) -> True if ready, False on timeout or wake-up
+SLEEP = 1  # (SLEEP, deadline) -> None
+DELIVER = 2  # (DELIVER,) -> None; the runtime pulls notifications until there are none
+REPORT = 3  # (REPORT, event) -> None; the runtime hands the event to the application
+
+READ = 1
+WRITE = 2
+
+Request: TypeAlias = tuple[Any, ...]
+PQGen: TypeAlias = Generator[Request, Any, Any]
+
+
+class QueryTimeout(Exception):
+    """A statement got no complete answer before its deadline (internal)."""
+
+
+class QueryFailed(Exception):
+    """The server answered a statement with an error (internal; carries the message)."""
+
+    def __init__(self, message: str, sqlstate: str | None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate
+
+
+def error_text(pgconn: pq.abc.PGconn) -> str:
+    """libpq's last error message as one clean line."""
+    msg = pgconn.error_message.decode("utf-8", "replace").strip()
+    return " ".join(msg.split()) or "unknown error"
+
+
+def connect(conninfo: str, deadline: float) -> Generator[Request, bool, pq.abc.PGconn]:
+    """Open a connection; raise `ConnectError` with libpq's message on failure."""
+    pgconn = pq.PGconn.connect_start(conninfo.encode("utf-8"))
+    try:
+        if pgconn.status == pq.ConnStatus.BAD:
+            raise ConnectError(error_text(pgconn))
+        while True:
+            state = pgconn.connect_poll()
+            if state == pq.PollingStatus.OK:
+                break
+            if state == pq.PollingStatus.FAILED:
+                raise ConnectError(error_text(pgconn))
+            events = READ if state == pq.PollingStatus.READING else WRITE
+            ready = yield (WAIT, pgconn.socket, events, deadline)
+            if not ready and time.monotonic() >= deadline:
+                raise ConnectError("timed out while connecting")
+        pgconn.nonblocking = 1
+    except BaseException:
+        pgconn.finish()
+        raise
+    return pgconn
+
+
+def execute(
+    pgconn: pq.abc.PGconn, query: bytes, deadline: float
+) -> Generator[Request, bool, list[pq.abc.PGresult]]:
+    """
+    Send *query* (one or more statements) and collect every result.
+
+    Notifications that arrive meanwhile stay in libpq's queue for the caller to drain.
+    Raises `QueryFailed` for an error result and `QueryTimeout` past *deadline*; connection
+    failures surface as `psycopg.OperationalError`.
+    """
+    pgconn.send_query(query)
+    while pgconn.flush():
+        ready = yield (WAIT, pgconn.socket, WRITE, deadline)
+        if not ready and time.monotonic() >= deadline:
+            raise QueryTimeout()
+    results: list[pq.abc.PGresult] = []
+    error: QueryFailed | None = None
+    while True:
+        while pgconn.is_busy():
+            ready = yield (WAIT, pgconn.socket, READ, deadline)
+            if ready:
+                pgconn.consume_input()
+            elif time.monotonic() >= deadline:
+                raise QueryTimeout()
+        res = pgconn.get_result()
+        if res is None:
+            break
+        if res.status == pq.ExecStatus.FATAL_ERROR and error is None:
+            raw = res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
+            state = res.error_field(pq.DiagnosticField.SQLSTATE)
+            error = QueryFailed(
+                raw.decode("utf-8", "replace"), state.decode() if state else None
+            )
+        results.append(res)
+    if error is not None:
+        raise error
+    return results
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """True for the driver errors that mean the connection itself is gone."""
+    return isinstance(exc, pg_errors.OperationalError)

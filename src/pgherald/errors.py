@@ -1,0 +1,89 @@
+"""
+Every error pgherald raises derives from :class:`HeraldError`.
+
+::
+
+    HeraldError
+    ├── UsageError              the API was used in a way that cannot work
+    ├── InvalidChannel          empty, too long (over 63 bytes) or not a str
+    ├── PayloadError
+    │   ├── PayloadTooLarge     8000 bytes or more for a plain NOTIFY
+    │   ├── PayloadNotSerializable   the value cannot be encoded as JSON
+    │   └── PayloadNotJSON      Notification.json() on a payload that is not JSON
+    ├── TransactionStateError   a connection is in a transaction where autocommit is needed
+    ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
+    └── DatabaseConnectionError
+        ├── ConnectError        could not connect (bad DSN, server down, auth)
+        └── ConnectionLost      an established connection died and could not be recovered
+
+Driver exceptions never escape: they are chained as ``__cause__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConnectError",
+    "ConnectionLost",
+    "DatabaseConnectionError",
+    "HeraldError",
+    "InvalidChannel",
+    "NotifyError",
+    "PayloadError",
+    "PayloadNotJSON",
+    "PayloadNotSerializable",
+    "PayloadTooLarge",
+    "TransactionStateError",
+    "UsageError",
+]
+
+
+class HeraldError(Exception):
+    """A pgherald operation failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        # The class docstring is the default message, so a bare ``raise X()`` still says something.
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class UsageError(HeraldError):
+    """pgherald was used in a way that cannot work."""
+
+
+class InvalidChannel(HeraldError, ValueError):
+    """The channel name is not usable with LISTEN/NOTIFY."""
+
+
+class PayloadError(HeraldError, ValueError):
+    """The payload cannot be sent or decoded."""
+
+
+class PayloadTooLarge(PayloadError):
+    """The payload is 8000 bytes or more, PostgreSQL's limit for NOTIFY."""
+
+
+class PayloadNotSerializable(PayloadError, TypeError):
+    """The payload is neither a str nor a JSON-serialisable value."""
+
+
+class PayloadNotJSON(PayloadError):
+    """The notification payload is not valid JSON."""
+
+
+class TransactionStateError(HeraldError):
+    """The connection is inside a transaction where autocommit is needed."""
+
+
+class NotifyError(HeraldError):
+    """The database refused the NOTIFY."""
+
+
+class DatabaseConnectionError(HeraldError):
+    """A database connection problem."""
+
+
+class ConnectError(DatabaseConnectionError):
+    """Could not connect to PostgreSQL."""
+
+
+class ConnectionLost(DatabaseConnectionError):
+    """The connection to PostgreSQL was lost and could not be recovered."""
