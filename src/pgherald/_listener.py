@@ -45,15 +45,18 @@ class Listener(ListenerBase):
         """Connect and LISTEN now (done by ``with`` and by `run` when needed)."""
         if self._engine.connected:
             return
+        self._waiter.open()
         try:
             self._waiter.run(self._engine.open())
         except ConnectError as exc:
+            self._waiter.close()
             raise self._connect_error(exc) from None
 
     def close(self) -> None:
         """Stop and close the connection."""
         self.stop()
         self._engine.close()
+        self._waiter.close()
 
     def __enter__(self) -> Listener:
         self.connect()
@@ -63,7 +66,6 @@ class Listener(ListenerBase):
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-        self._waiter.close()
 
     def subscribe(self, *channels: str) -> None:
         """

@@ -21,23 +21,39 @@ class Waiter:
     """
 
     def __init__(self) -> None:
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._pair: tuple[socket.socket, socket.socket] | None = None
+
+    def open(self) -> None:
+        """Create the wake-up socket now, so that no `wake` from another thread can be lost."""
+        self._wake_socket()
+
+    def _wake_socket(self) -> socket.socket:
+        # Made on first use and closed by close(): a listener never used holds no sockets.
+        if self._pair is None:
+            r, w = socket.socketpair()
+            r.setblocking(False)
+            w.setblocking(False)
+            self._pair = (r, w)
+        return self._pair[0]
 
     def close(self) -> None:
-        self._wake_r.close()
-        self._wake_w.close()
+        pair, self._pair = self._pair, None
+        if pair is not None:
+            pair[0].close()
+            pair[1].close()
 
     def wake(self) -> None:
+        pair = self._pair
+        if pair is None:
+            return  # not waiting, so nothing to interrupt; flags are read before any wait
         try:
-            self._wake_w.send(b"\0")
+            pair[1].send(b"\0")
         except OSError:  # full (a wake-up is already pending) or closed: either way, fine
             pass
 
-    def _drain_wake(self) -> None:
+    def _drain_wake(self, sock: socket.socket) -> None:
         try:
-            while self._wake_r.recv(4096):
+            while sock.recv(4096):
                 pass
         except OSError:
             pass
@@ -47,20 +63,21 @@ class Waiter:
         poller = select.poll()
         mask = (select.POLLIN if events & READ else 0) | (select.POLLOUT if events & WRITE else 0)
         poller.register(fd, mask)
-        wake_fd = self._wake_r.fileno()
+        wake = self._wake_socket()
+        wake_fd = wake.fileno()
         poller.register(wake_fd, select.POLLIN)
         timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
         ready = False
         for rfd, _ in poller.poll(timeout):
             if rfd == wake_fd:
-                self._drain_wake()
+                self._drain_wake(wake)
             else:
                 ready = True
         return ready
 
     def sleep(self, deadline: float) -> None:
         """Sleep until *deadline* or a wake-up."""
-        self.wait(self._wake_r.fileno(), 0, deadline)
+        self.wait(self._wake_socket().fileno(), 0, deadline)
 
     def run(self, gen: Generator[Request, Any, T], on_request: Callable[[Request], Any] | None = None) -> T:
         """Drive *gen* to completion; requests other than WAIT/SLEEP go to *on_request*."""

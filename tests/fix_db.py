@@ -1,0 +1,98 @@
+"""
+A real PostgreSQL for the tests, never a mock.
+
+Where the server comes from, first match wins:
+
+1. ``--test-dsn`` or ``$PGHERALD_TEST_DSN``;
+2. the local server on 127.0.0.1:5432 (user postgres, trust auth) when it answers;
+3. an embedded server (the ``pgserver`` wheel, PostgreSQL 16) started for the session.
+
+Each test gets a database of its own (LISTEN/NOTIFY is scoped to a database, so channels never
+leak between tests), created from a template and dropped afterwards. Database tests never skip:
+when no server can be had, they fail and say why.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--test-dsn",
+        default=os.environ.get("PGHERALD_TEST_DSN"),
+        help="DSN of a PostgreSQL server for the tests (default: $PGHERALD_TEST_DSN, else the "
+        "local server on 127.0.0.1:5432, else an embedded one)",
+    )
+
+
+def _answers(dsn: str) -> bool:
+    try:
+        with psycopg.connect(dsn, connect_timeout=3):
+            return True
+    except psycopg.OperationalError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_dsn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """An admin DSN of the server the tests use (see the module docstring)."""
+    dsn = request.config.getoption("--test-dsn")
+    if dsn:
+        if not _answers(dsn):
+            pytest.fail(f"the test DSN does not connect: {dsn!r}")
+        yield dsn
+        return
+    if _answers(LOCAL_DSN):
+        yield LOCAL_DSN
+        return
+    from pgherald.embedded import EmbeddedPostgres
+
+    datadir = tmp_path_factory.mktemp("pgdata")
+    with EmbeddedPostgres(datadir) as server:
+        yield server.dsn
+
+
+def with_dbname(dsn: str, dbname: str) -> str:
+    params = conninfo_to_dict(dsn)
+    params["dbname"] = dbname
+    return make_conninfo(**params)
+
+
+@pytest.fixture
+def dsn(server_dsn: str) -> Iterator[str]:
+    """A fresh, empty database for this test; dropped afterwards."""
+    name = f"pgherald_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        yield with_dbname(server_dsn, name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
+
+
+@pytest.fixture
+def conn(dsn: str) -> Iterator[psycopg.Connection]:
+    """An autocommit psycopg connection to the test database, for sending and inspecting."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        yield c
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    """Every async test runs on asyncio and on trio."""
+    return str(request.param)
+
+
