@@ -217,7 +217,7 @@ class ListenerEngine:
             pgconn.consume_input()
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise _Lost("reconnect", str(exc).strip() or "connection lost") from None
+                raise _Lost("reconnect", _one_line(exc)) from None
             raise
         if pgconn.status == pq.ConnStatus.BAD:
             raise _Lost("reconnect", pgwire.error_text(pgconn))
@@ -242,7 +242,7 @@ class ListenerEngine:
             raise
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise _Lost("reconnect", str(exc).strip() or "connection lost") from None
+                raise _Lost("reconnect", _one_line(exc)) from None
             raise
 
     def _health_check(self) -> PQGen:
@@ -335,3 +335,7 @@ class ListenerEngine:
 
 def _no_notifies() -> None:
     return None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__

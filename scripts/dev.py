@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""
+One entry point for developers and CI; needs only Python 3.10+.
+
+    python3 scripts/dev.py demo [ARGS]   # pgherald demo (embedded PostgreSQL when no DSN)
+    python3 scripts/dev.py test [ARGS]   # lint, types, the whole test suite
+    python3 scripts/dev.py bench [ARGS]  # benchmarks, results in docs/benchmarks.md
+    python3 scripts/dev.py shell         # print how to activate the virtualenv
+
+It creates ``.venv`` beside it on first use and reinstalls the project there whenever
+pyproject.toml changes. Tests find PostgreSQL as DEVELOPERS.md says: $PGHERALD_TEST_DSN, else
+the server on 127.0.0.1:5432, else an embedded one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PY = BIN / "python"
+STAMP = VENV / ".pgherald-installed"
+EXTRAS = "all,test,lint,bench"
+
+
+def run(*cmd: str | Path) -> None:
+    print("+", " ".join(str(c) for c in cmd), flush=True)
+    result = subprocess.run([str(c) for c in cmd], cwd=ROOT)
+    if result.returncode:
+        sys.exit(result.returncode)
+
+
+def ensure_venv() -> None:
+    if sys.version_info < (3, 10):
+        sys.exit(f"pgherald needs Python 3.10 or newer; this is {sys.version.split()[0]}")
+    if not PY.exists():
+        print(f"creating {VENV}", flush=True)
+        venv.create(VENV, with_pip=True)
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    run(PY, "-m", "pip", "install", "-q", "--upgrade", "pip")
+    run(PY, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
+    STAMP.write_text(wanted)
+
+
+def main(argv: list[str]) -> None:
+    if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
+        sys.exit(__doc__)
+    command, args = argv[0], argv[1:]
+    ensure_venv()
+    if command == "demo":
+        run(BIN / "pgherald", "demo", *args)
+    elif command == "test":
+        run(BIN / "ruff", "check", "src", "tests", "examples", "bench", "scripts")
+        run(BIN / "mypy")
+        run(BIN / "lint-imports")
+        run(PY, "-m", "pytest", *args)
+    elif command == "bench":
+        run(PY, "bench/listen_bench.py", "--output", "docs/benchmarks.md", *args)
+    else:
+        print(f"source {BIN / 'activate'}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,150 @@
+"""``pgherald demo``: what pgherald does, shown live on a real server in a few seconds."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+
+import psycopg
+
+from .. import notify
+from .._conninfo import connect_error, listener_conninfo
+from .._listener import Listener
+from .._models import Gap, Notification
+from ..errors import HeraldError
+
+Echo = Callable[..., None]
+Style = Callable[..., str]
+
+CHANNELS = ["orders", "Chat Room", "alerts"]
+
+
+@contextlib.contextmanager
+def database(dsn: str | None, echo: Echo) -> Iterator[str]:
+    """The DSN to use: the given one, else libpq's environment, else an embedded server."""
+    if dsn or os.environ.get("PGHOST") or os.environ.get("PGSERVICE"):
+        yield dsn or ""
+        return
+    from ..embedded import EmbeddedPostgres
+
+    echo("No DSN given: starting an embedded PostgreSQL (pgserver)...")
+    with EmbeddedPostgres() as server:
+        echo(f"  running in {server.datadir}\n")
+        yield server.dsn
+
+
+def run_demo(dsn: str | None, *, pause: float, echo: Echo, style: Style) -> None:
+    with database(dsn, echo) as real_dsn:
+        _tour(real_dsn, pause=pause, echo=echo, style=style)
+
+
+class _Inbox:
+    """What the listener received, with a way to wait for it (no sleeps)."""
+
+    def __init__(self) -> None:
+        self.items: list[Notification] = []
+        self.gaps: list[Gap] = []
+        self._cond = threading.Condition()
+
+    def add(self, item: Notification | Gap) -> None:
+        with self._cond:
+            (self.items if isinstance(item, Notification) else self.gaps).append(item)  # type: ignore[arg-type]
+            self._cond.notify_all()
+
+    def wait_for(self, count: int, timeout: float = 10.0, gaps: int = 0) -> None:
+        with self._cond:
+            self._cond.wait_for(
+                lambda: len(self.items) >= count and len(self.gaps) >= gaps, timeout
+            )
+
+
+def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
+    def step(title: str) -> None:
+        time.sleep(pause)  # pacing for human eyes only; every wait below is on events
+        echo(style(f"\n== {title}", fg="magenta", bold=True))
+
+    def show(prefix: str, text: str, color: str = "white") -> None:
+        echo(f"  {style(prefix, fg=color, bold=True)} {text}")
+
+    inbox = _Inbox()
+    listener = Listener(dsn, channels=CHANNELS, on_gap=inbox.add, reconnect_initial_delay=0.05)
+
+    @listener.on()
+    def received(n: Notification) -> None:
+        show("<- heard", f"{style(n.channel, fg='cyan')}: {n.payload}", "green")
+        inbox.add(n)
+
+    with listener:
+        step(f"A listener on its own connection, LISTENing to {', '.join(map(repr, CHANNELS))}")
+        show("..", f"backend pid {listener.backend_pid}, application_name pgherald-listener")
+        thread = threading.Thread(target=listener.run, name="demo-listener", daemon=True)
+        thread.start()
+
+        conninfo = listener_conninfo(dsn, application_name="pgherald-demo")
+        try:
+            sender = psycopg.connect(conninfo)
+        except psycopg.OperationalError as exc:
+            raise connect_error(conninfo, " ".join(str(exc).split())) from None
+        with sender:
+            step("A transaction sends two notifications; they arrive at COMMIT")
+            notify(sender, "orders", {"id": 1, "item": "tea", "qty": 2})
+            show("->", "notify orders {id: 1, ...} (in transaction)", "yellow")
+            notify(sender, "Chat Room", "hello from a mixed-case channel with a space")
+            show("->", "notify 'Chat Room' (in transaction)", "yellow")
+            show("..", f"received before COMMIT: {len(inbox.items)}")
+            show("->", "COMMIT", "yellow")
+            sender.commit()
+            inbox.wait_for(2)
+
+            step("A transaction that rolls back: its notification is never delivered")
+            notify(sender, "alerts", "this is rolled back")
+            sender.rollback()
+            show("->", "notify alerts ... ROLLBACK", "yellow")
+            notify(sender, "alerts", {"level": "info", "msg": "only this one arrives"})
+            sender.commit()
+            inbox.wait_for(3)
+
+            step("Duplicates within one transaction fold into one")
+            for _ in range(3):
+                notify(sender, "orders", {"id": 2, "item": "cake"})
+            show("->", "3 identical notifications, one COMMIT", "yellow")
+            sender.commit()
+            inbox.wait_for(4)
+
+            step("Bad input is refused with a clear error, before reaching the server")
+            for label, call in [
+                ("8000-byte payload", lambda: notify(sender, "orders", "x" * 8000)),
+                ("64-byte channel", lambda: notify(sender, "c" * 64, "x")),
+                ("non-JSON value", lambda: notify(sender, "orders", {"when": object()})),
+            ]:
+                try:
+                    call()
+                except HeraldError as exc:
+                    show("!!", f"{label}: {type(exc).__name__}: {exc}", "red")
+
+            step("The listener's connection is killed (pg_terminate_backend)")
+            sender.autocommit = True
+            old_pid = listener.backend_pid
+            sender.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+            show("..", f"terminated backend {old_pid}; the listener reconnects and re-LISTENs")
+            inbox.wait_for(4, gaps=1)
+            gap = inbox.gaps[0]
+            show(
+                "..",
+                f"back after {gap.ended - gap.started:.2f}s on backend {listener.backend_pid} "
+                "(the on_gap hook fired: re-read state, or use the durable log)",
+            )
+            notify(sender, "orders", {"id": 3, "item": "after the reconnect"})
+            inbox.wait_for(5)
+
+        listener.stop()
+        thread.join(5)
+    step("Done")
+    show("..", f"received {listener.stats.received} notifications, {listener.stats.reconnects} reconnect")
+    echo("\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another.")
+
+

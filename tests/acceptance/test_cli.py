@@ -1,0 +1,139 @@
+"""The ``pgherald`` command in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+
+import pgherald
+
+
+def pgherald_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgherald.cli", *args]
+
+
+def cli_env(dsn: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGHERALD_DSN"] = dsn
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.fixture
+def listening(dsn: str, conn: psycopg.Connection) -> Iterator[subprocess.Popen[str]]:
+    """`pgherald listen --json` on two channels, started and LISTENing."""
+    with subprocess.Popen(
+        pgherald_cmd("listen", "--json", "orders", "Mixed Case"),
+        env=cli_env(dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        yield from _until_listening(proc, conn)
+
+
+def _until_listening(
+    proc: subprocess.Popen[str], conn: psycopg.Connection
+) -> Iterator[subprocess.Popen[str]]:
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # until its backend has LISTENed on both channels
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity a "
+            "WHERE a.application_name LIKE 'pgherald%%' AND a.state = 'idle'"
+            " AND a.query LIKE 'LISTEN%%'"
+        ).fetchone()
+        if row and row[0]:
+            break
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        time.sleep(0.05)  # polling a condition, bounded by the deadline
+    else:
+        proc.kill()
+        pytest.fail("pgherald listen did not start listening")
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_listen_json_lines_and_sigterm_exit_0(
+    listening: subprocess.Popen[str], dsn: str, conn: psycopg.Connection
+) -> None:
+    pgherald.notify(conn, "orders", {"id": 1})
+    pgherald.notify(conn, "Mixed Case", "plain text")
+    pgherald.notify(conn, "mixed case", "not ours")  # folded name: a different channel
+    assert listening.stdout is not None
+    first = json.loads(listening.stdout.readline())
+    second = json.loads(listening.stdout.readline())
+    assert first == {"channel": "orders", "payload": '{"id":1}', "pid": conn.info.backend_pid}
+    assert second == {"channel": "Mixed Case", "payload": "plain text", "pid": conn.info.backend_pid}
+    listening.send_signal(signal.SIGTERM)
+    assert listening.wait(10) == 0
+    assert listening.stdout.read() == ""
+
+
+def test_listen_sigint_exits_0(listening: subprocess.Popen[str]) -> None:
+    listening.send_signal(signal.SIGINT)
+    assert listening.wait(10) == 0
+    assert listening.stderr is not None
+    assert "Traceback" not in listening.stderr.read()
+
+
+def test_notify_from_argument_and_stdin(dsn: str) -> None:
+    with pgherald.Listener(dsn, channels=["cli"]) as listener:
+        subprocess.run(pgherald_cmd("notify", "cli", "from argv"), env=cli_env(dsn), check=True)
+        subprocess.run(
+            pgherald_cmd("notify", "--dsn", dsn, "cli", "-"),
+            env=cli_env("host=invalid.invalid"),  # --dsn wins over $PGHERALD_DSN
+            input='{"from": "stdin"}',
+            text=True,
+            check=True,
+        )
+        got = [n.payload for n in listener.notifications(timeout=1.0)]
+    assert got == ["from argv", '{"from": "stdin"}']
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["notify", "--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "c", "x"], "cannot connect"),
+        (["listen", "--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "c"], "cannot connect"),
+        (["notify", "--dsn", "nonsense", "c", "x"], "invalid DSN"),
+        (["notify", "c" * 64, "x"], "at most 63 bytes"),
+        (["notify", "c", "x" * 8000], "under 8000 bytes"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(dsn: str, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        pgherald_cmd(*args), env=cli_env(dsn), capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+def test_demo_runs_end_to_end(dsn: str) -> None:
+    result = subprocess.run(
+        pgherald_cmd("demo", "--pause", "0"),
+        env=cli_env(dsn),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "heard orders" in out and "heard Chat Room" in out
+    assert "this is rolled back" not in out.split("ROLLBACK", 1)[1]
+    assert "PayloadTooLarge" in out and "InvalidChannel" in out
+    assert 'after the reconnect' in out
+    assert "received 5 notifications, 1 reconnect" in out
