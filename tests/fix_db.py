@@ -44,7 +44,9 @@ def _answers(dsn: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def server_dsn(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_dsn(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     """An admin DSN of the server the tests use (see the module docstring)."""
     dsn = request.config.getoption("--test-dsn")
     if dsn:
@@ -94,5 +96,3 @@ def conn(dsn: str) -> Iterator[psycopg.Connection]:
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     """Every async test runs on asyncio and on trio."""
     return str(request.param)
-
-

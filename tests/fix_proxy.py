@@ -109,7 +109,9 @@ class FreezingProxy:
             socks = list(self._peers)
         for s in socks:
             with contextlib.suppress(OSError):
-                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                s.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00"
+                )
             self._close_pair(s)
 
     def close(self) -> None:

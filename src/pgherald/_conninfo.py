@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
@@ -39,7 +40,7 @@ def listener_conninfo(dsn: str | None, *, application_name: str = "pgherald-list
     return make_conninfo(**params)
 
 
-def parse_dsn(dsn: str) -> dict[str, object]:
+def parse_dsn(dsn: str) -> dict[str, Any]:
     try:
         return conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
@@ -55,10 +56,10 @@ def describe(conninfo: str) -> str:
         p = conninfo_to_dict(conninfo)
     except psycopg.ProgrammingError:
         return "the given DSN"
-    host = p.get("host") or os.environ.get("PGHOST") or "local socket"
-    port = p.get("port") or os.environ.get("PGPORT") or "5432"
-    user = p.get("user") or os.environ.get("PGUSER") or ""
-    db = p.get("dbname") or os.environ.get("PGDATABASE") or user
+    host = str(p.get("host") or os.environ.get("PGHOST") or "local socket")
+    port = str(p.get("port") or os.environ.get("PGPORT") or "5432")
+    user = str(p.get("user") or os.environ.get("PGUSER") or "")
+    db = str(p.get("dbname") or os.environ.get("PGDATABASE") or user)
     return f"{user + '@' if user else ''}{host}:{port}/{db}"
 
 

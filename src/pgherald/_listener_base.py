@@ -126,9 +126,7 @@ class ListenerBase:
 
     # -- for subclasses --
 
-    def _request_channels(
-        self, add: Iterable[str] = (), remove: Iterable[str] = ()
-    ) -> None:
+    def _request_channels(self, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
         self._engine.want(add)
         self._engine.unwant(remove)
         if self._mode is not None:

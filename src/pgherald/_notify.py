@@ -19,7 +19,9 @@ _SA_QUERY = "SELECT pg_notify(:channel, :payload)"
 _DRIVERS = ("psycopg", "psycopg2", "sqlalchemy")
 
 
-def notify(conn: Any, channel: str, payload: object = "", *, dumps: JsonDumps | None = None) -> None:
+def notify(
+    conn: Any, channel: str, payload: object = "", *, dumps: JsonDumps | None = None
+) -> None:
     """
     Send a notification on *channel* through *conn*.
 

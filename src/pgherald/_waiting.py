@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import time
@@ -46,10 +47,9 @@ class Waiter:
         pair = self._pair
         if pair is None:
             return  # not waiting, so nothing to interrupt; flags are read before any wait
-        try:
+        # A full buffer means a wake-up is already pending; a closed one means we are done.
+        with contextlib.suppress(OSError):
             pair[1].send(b"\0")
-        except OSError:  # full (a wake-up is already pending) or closed: either way, fine
-            pass
 
     def _drain_wake(self, sock: socket.socket) -> None:
         try:
@@ -66,7 +66,9 @@ class Waiter:
         wake = self._wake_socket()
         wake_fd = wake.fileno()
         poller.register(wake_fd, select.POLLIN)
-        timeout = None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        timeout = (
+            None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        )
         ready = False
         for rfd, _ in poller.poll(timeout):
             if rfd == wake_fd:
@@ -79,7 +81,9 @@ class Waiter:
         """Sleep until *deadline* or a wake-up."""
         self.wait(self._wake_socket().fileno(), 0, deadline)
 
-    def run(self, gen: Generator[Request, Any, T], on_request: Callable[[Request], Any] | None = None) -> T:
+    def run(
+        self, gen: Generator[Request, Any, T], on_request: Callable[[Request], Any] | None = None
+    ) -> T:
         """Drive *gen* to completion; requests other than WAIT/SLEEP go to *on_request*."""
         send: Any = None
         while True:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -39,10 +40,8 @@ class AsyncWaiter:
         if self._thread is None or threading.get_ident() == self._thread:
             self._wake_here()
             return
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has finished: nothing to wake
             anyio.from_thread.run_sync(self._wake_here, token=self._token)
-        except RuntimeError:  # the loop has finished: nothing to wake
-            pass
 
     def _wake_here(self) -> None:
         self._woken = True

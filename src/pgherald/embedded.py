@@ -45,7 +45,8 @@ class EmbeddedPostgres:
             ) from None
         self.datadir.mkdir(parents=True, exist_ok=True)
         try:
-            self._server = pgserver.get_server(self.datadir, cleanup_mode="stop")
+            get_server = pgserver.get_server  # type: ignore[attr-defined]
+            self._server = get_server(self.datadir, cleanup_mode="stop")
         except Exception as exc:
             raise ConnectError(f"the embedded PostgreSQL did not start: {exc}") from exc
         self.dsn = self._server.get_uri()

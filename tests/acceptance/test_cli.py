@@ -75,7 +75,11 @@ def test_listen_json_lines_and_sigterm_exit_0(
     first = json.loads(listening.stdout.readline())
     second = json.loads(listening.stdout.readline())
     assert first == {"channel": "orders", "payload": '{"id":1}', "pid": conn.info.backend_pid}
-    assert second == {"channel": "Mixed Case", "payload": "plain text", "pid": conn.info.backend_pid}
+    assert second == {
+        "channel": "Mixed Case",
+        "payload": "plain text",
+        "pid": conn.info.backend_pid,
+    }
     listening.send_signal(signal.SIGTERM)
     assert listening.wait(10) == 0
     assert listening.stdout.read() == ""
@@ -105,7 +109,10 @@ def test_notify_from_argument_and_stdin(dsn: str) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["notify", "--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "c", "x"], "cannot connect"),
+        (
+            ["notify", "--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "c", "x"],
+            "cannot connect",
+        ),
         (["listen", "--dsn", "host=127.0.0.1 port=1 connect_timeout=2", "c"], "cannot connect"),
         (["notify", "--dsn", "nonsense", "c", "x"], "invalid DSN"),
         (["notify", "c" * 64, "x"], "at most 63 bytes"),
@@ -132,8 +139,10 @@ def test_demo_runs_end_to_end(dsn: str) -> None:
     )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "heard orders" in out and "heard Chat Room" in out
+    assert "heard orders" in out
+    assert "heard Chat Room" in out
     assert "this is rolled back" not in out.split("ROLLBACK", 1)[1]
-    assert "PayloadTooLarge" in out and "InvalidChannel" in out
-    assert 'after the reconnect' in out
+    assert "PayloadTooLarge" in out
+    assert "InvalidChannel" in out
+    assert "after the reconnect" in out
     assert "received 5 notifications, 1 reconnect" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 
@@ -17,7 +18,9 @@ def collect(listener: pgherald.Listener, timeout: float = 5.0) -> list[pgherald.
     return list(listener.notifications(timeout=timeout))
 
 
-def test_awkward_channel_names_arrive_exactly_as_spelled(dsn: str, conn: psycopg.Connection) -> None:
+def test_awkward_channel_names_arrive_exactly_as_spelled(
+    dsn: str, conn: psycopg.Connection
+) -> None:
     with pgherald.Listener(dsn, channels=AWKWARD) as listener:
         for ch in AWKWARD:
             pgherald.notify(conn, ch, f"to {ch}")
@@ -126,7 +129,7 @@ def test_notify_in_failed_transaction_is_a_clear_error(dsn: str) -> None:
 
 
 def test_wrong_dsn_is_a_clear_connect_error() -> None:
-    with pytest.raises(pgherald.ConnectError, match="cannot connect to PostgreSQL at .*:1/"):
+    with pytest.raises(pgherald.ConnectError, match=r"cannot connect to PostgreSQL at .*:1/"):
         pgherald.Listener("host=127.0.0.1 port=1 user=nobody connect_timeout=2").connect()
     with pytest.raises(pgherald.ConnectError, match="invalid DSN"):
         pgherald.Listener("this is not a dsn")
@@ -203,14 +206,20 @@ def test_mixing_handlers_and_iteration_is_refused(dsn: str) -> None:
         listener.on("m")(lambda n: None)
         with pytest.raises(pgherald.UsageError, match="has handlers"):
             next(iter(listener))
-    with pgherald.Listener(dsn) as listener, pytest.raises(pgherald.UsageError, match="needs handlers"):
+    with (
+        pgherald.Listener(dsn) as listener,
+        pytest.raises(pgherald.UsageError, match="needs handlers"),
+    ):
         listener.run()
 
 
 def test_async_handler_refused_on_sync_listener(dsn: str) -> None:
     async def handler(n: pgherald.Notification) -> None: ...
 
-    with pgherald.Listener(dsn) as listener, pytest.raises(pgherald.UsageError, match="AsyncListener"):
+    with (
+        pgherald.Listener(dsn) as listener,
+        pytest.raises(pgherald.UsageError, match="AsyncListener"),
+    ):
         listener.on("x")(handler)
 
 
@@ -249,7 +258,7 @@ async def test_async_handlers_sync_and_async_and_errors(dsn: str) -> None:
 
         @listener.on("a")
         async def on_a(n: pgherald.Notification) -> None:
-            await anyio.sleep(0)
+            await anyio.lowlevel.checkpoint()
             seen.append(("async", n.json()))
             if n.json() == 2:
                 raise ValueError("async handler bug")

@@ -6,7 +6,10 @@ import pgherald
 def test_all_is_sorted_and_complete() -> None:
     assert pgherald.__all__ == sorted(pgherald.__all__)
     public = {n for n in dir(pgherald) if not n.startswith("_")} - {
-        "errors", "embedded", "cli", "annotations"
+        "errors",
+        "embedded",
+        "cli",
+        "annotations",
     }
     assert public == set(pgherald.__all__)
 

@@ -64,7 +64,7 @@ def test_notification_json() -> None:
     n = pgherald.Notification("c", '{"a": 1}', 42)
     assert n.json() == {"a": 1}
     assert n.json(loads=lambda s: "mine") == "mine"
-    with pytest.raises(pgherald.PayloadNotJSON, match="'c'.*read .payload"):
+    with pytest.raises(pgherald.PayloadNotJSON, match=r"'c'.*read .payload"):
         pgherald.Notification("c", "plain", 1).json()
 
 

@@ -14,6 +14,6 @@ def backoff_delay(
     Half of ``min(cap, initial * 2**(attempt-1))`` is fixed and half is random, so the delay
     grows quickly but never collapses to zero.
     """
-    base = min(cap, initial * (2 ** min(attempt - 1, 32)))
-    r = (rand or random).random()
+    base = min(cap, initial * (2.0 ** min(attempt - 1, 32)))
+    r: float = (rand or random).random()
     return base / 2 + r * base / 2

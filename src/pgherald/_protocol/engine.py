@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Generator, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -226,9 +226,7 @@ class ListenerEngine:
         """Run a statement on the listening connection; any failure means the connection is lost."""
         assert self.pgconn is not None
         try:
-            return (
-                yield from pgwire.execute(self.pgconn, query, time.monotonic() + timeout)
-            )
+            return (yield from pgwire.execute(self.pgconn, query, time.monotonic() + timeout))
         except pgwire.QueryTimeout:
             raise _Lost(
                 "reconnect",
@@ -308,7 +306,9 @@ class ListenerEngine:
                 delay = backoff_delay(
                     attempt, initial=cfg.reconnect_initial_delay, cap=cfg.reconnect_max_delay
                 )
-                logger.info("reconnect attempt %d failed (%s); next in %.2fs", attempt, error, delay)
+                logger.info(
+                    "reconnect attempt %d failed (%s); next in %.2fs", attempt, error, delay
+                )
                 yield (SLEEP, time.monotonic() + delay)
         gap = Gap(lost.reason, started, time.time(), error, attempt)
         self.stats.reconnects += 1

@@ -101,9 +101,7 @@ def execute(
         if res.status == pq.ExecStatus.FATAL_ERROR and error is None:
             raw = res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
             state = res.error_field(pq.DiagnosticField.SQLSTATE)
-            error = QueryFailed(
-                raw.decode("utf-8", "replace"), state.decode() if state else None
-            )
+            error = QueryFailed(raw.decode("utf-8", "replace"), state.decode() if state else None)
         results.append(res)
     if error is not None:
         raise error

@@ -7,7 +7,6 @@ import json
 import logging
 import signal
 import sys
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any, TypeVar
@@ -63,7 +62,9 @@ def stop_on_signals(stop: Callable[[], None]) -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PGHERALD"})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "PGHERALD"}
+)
 @click.version_option(package_name="pgherald")
 def cli() -> None:
     """pgherald: PostgreSQL LISTEN/NOTIFY as a dependable real-time event system."""
@@ -72,7 +73,9 @@ def cli() -> None:
 
 @cli.command()
 @dsn_option
-@click.option("--json", "as_json", is_flag=True, help="One JSON object per line: channel, payload, pid.")
+@click.option(
+    "--json", "as_json", is_flag=True, help="One JSON object per line: channel, payload, pid."
+)
 @click.argument("channels", nargs=-1, required=True)
 @friendly
 def listen(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
@@ -96,7 +99,9 @@ def listen(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
     with listener, stop_on_signals(listener.stop):
         for n in listener:
             if as_json:
-                out.write(json.dumps({"channel": n.channel, "payload": n.payload, "pid": n.pid}) + "\n")
+                out.write(
+                    json.dumps({"channel": n.channel, "payload": n.payload, "pid": n.pid}) + "\n"
+                )
                 out.flush()
             else:
                 click.echo(format_notification(n))
@@ -148,5 +153,3 @@ def demo(dsn: str | None, pause: float) -> None:
     # The demo narrates reconnects itself; the library's own warnings would repeat them.
     logging.getLogger("pgherald").setLevel(logging.ERROR)
     run_demo(dsn, pause=pause, echo=click.echo, style=click.style)
-
-

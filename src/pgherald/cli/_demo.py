@@ -8,7 +8,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-
 import psycopg
 
 from .. import notify
@@ -116,11 +115,12 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
             inbox.wait_for(4)
 
             step("Bad input is refused with a clear error, before reaching the server")
-            for label, call in [
+            checks: list[tuple[str, Callable[[], None]]] = [
                 ("8000-byte payload", lambda: notify(sender, "orders", "x" * 8000)),
                 ("64-byte channel", lambda: notify(sender, "c" * 64, "x")),
                 ("non-JSON value", lambda: notify(sender, "orders", {"when": object()})),
-            ]:
+            ]
+            for label, call in checks:
                 try:
                     call()
                 except HeraldError as exc:
@@ -144,7 +144,10 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
         listener.stop()
         thread.join(5)
     step("Done")
-    show("..", f"received {listener.stats.received} notifications, {listener.stats.reconnects} reconnect")
-    echo("\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another.")
-
-
+    show(
+        "..",
+        f"received {listener.stats.received} notifications, {listener.stats.reconnects} reconnect",
+    )
+    echo(
+        "\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another."
+    )
