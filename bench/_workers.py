@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import select
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 CHANNEL = "bench"
@@ -87,21 +88,21 @@ class Tally:
     def __init__(self, expected: int, latency: bool) -> None:
         self.expected = expected
         self.count = 0
-        self.t_first = self.t_last = 0.0
+        self.t_first = self.t_last = self.cpu_first = self.cpu_last = 0.0
         self.lat_ns: list[int] = []
         self.handler: Handler = self._latency() if latency else self._throughput()
 
     def _throughput(self) -> Handler:
-        expected, perf = self.expected, time.perf_counter
+        expected, perf, cpu = self.expected, time.perf_counter, time.process_time
         count = 0
 
         def handler(data: dict[str, Any]) -> bool:
             nonlocal count
             count += 1
             if count == 1:
-                self.t_first = perf()
+                self.t_first, self.cpu_first = perf(), cpu()
             elif count == expected:
-                self.t_last = perf()
+                self.t_last, self.cpu_last = perf(), cpu()
             self.count = count
             return count >= expected
 
@@ -128,6 +129,7 @@ class Tally:
         elif self.t_last > self.t_first:
             res["seconds"] = self.t_last - self.t_first
             res["rate"] = (self.count - 1) / res["seconds"]
+            res["cpu_us"] = (self.cpu_last - self.cpu_first) / (self.count - 1) * 1e6
         return res
 
 
@@ -177,7 +179,8 @@ def recv_psycopg2_poll(dsn: str, handler: Handler, deadline: float) -> None:
     conn = psycopg2.connect(dsn)
     try:
         conn.autocommit = True
-        conn.notifies = notifies = deque()  # any object with .append() works since 2.7
+        notifies: deque[Any] = deque()
+        conn.notifies = notifies  # any object with .append() works since psycopg2 2.7
         conn.cursor().execute("LISTEN bench")
         emit("READY")
         while True:
@@ -197,7 +200,9 @@ def recv_asyncpg(dsn: str, handler: Handler, deadline: float) -> None:
     from psycopg.conninfo import conninfo_to_dict
 
     params = conninfo_to_dict(dsn)
-    kwargs = {k: params[k] for k in ("host", "port", "user", "password") if k in params}
+    kwargs: dict[str, Any] = {
+        k: params[k] for k in ("host", "port", "user", "password") if k in params
+    }
     kwargs["database"] = params.get("dbname", kwargs.get("user", "postgres"))
 
     async def main() -> None:
@@ -229,7 +234,30 @@ def recv_pgherald_sync(dsn: str, handler: Handler, deadline: float) -> None:
                 listener.stop()
 
         emit("READY")
-        listener.run()  # the process watchdog covers a run() that never returns
+        with _stop_at(deadline, listener.stop):  # stop() is documented as thread-safe
+            listener.run()
+
+
+def recv_pgherald_sync_iter(dsn: str, handler: Handler, deadline: float) -> None:
+    import pgherald
+
+    with pgherald.Listener(dsn, channels=[CHANNEL]) as listener:
+        emit("READY")
+        with _stop_at(deadline, listener.stop):
+            for n in listener:
+                if n.payload == STOP or handler(n.json()):
+                    break
+
+
+@contextlib.contextmanager
+def _stop_at(deadline: float, stop: Callable[[], None]) -> Iterator[None]:
+    timer = threading.Timer(remaining(deadline), stop)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _recv_pgherald_async(backend: str) -> Callable[[str, Handler, float], None]:
@@ -255,6 +283,22 @@ def _recv_pgherald_async(backend: str) -> Callable[[str, Handler, float], None]:
     return recv
 
 
+def recv_pgherald_asyncio_iter(dsn: str, handler: Handler, deadline: float) -> None:
+    import anyio
+
+    import pgherald
+
+    async def main() -> None:
+        async with pgherald.AsyncListener(dsn, channels=[CHANNEL]) as listener:
+            emit("READY")
+            with anyio.fail_after(remaining(deadline)):
+                async for n in listener:
+                    if n.payload == STOP or handler(n.json()):
+                        break
+
+    anyio.run(main, backend="asyncio")
+
+
 RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
     "psycopg3-notifies": recv_psycopg3_notifies,
     "pq-loop": recv_pq_loop,
@@ -263,6 +307,9 @@ RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
     "pgherald-sync": recv_pgherald_sync,
     "pgherald-async-asyncio": _recv_pgherald_async("asyncio"),
     "pgherald-async-trio": _recv_pgherald_async("trio"),
+    # opt-in (--clients): iterator style instead of handlers
+    "pgherald-sync-iter": recv_pgherald_sync_iter,
+    "pgherald-asyncio-iter": recv_pgherald_asyncio_iter,
 }
 
 

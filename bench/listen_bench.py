@@ -14,7 +14,8 @@ plain Python handler, which counts (and, for latency, records ``time.time_ns() -
 * Throughput: the sender sends N notifications (200,000; 50,000 with ``--quick``) as fast as
   it can, 1,000 per transaction (one autocommit ``SELECT count(pg_notify(...)) FROM
   unnest($1::text[])`` statement, binary array parameter).  The receiver times first to last
-  notification; the reported figure is the median over the runs (3; 1 with ``--quick``).
+  notification, in wall time and in its own CPU time (``time.process_time``); the reported
+  figures are medians over the runs (3; 1 with ``--quick``).
   The sender's rate alone (no listener) is measured first, to show it is not the bottleneck.
 * Latency: the sender commits on a fixed schedule, one transaction every 1 ms (1 notification
   per tx at 1,000/s, 20 per tx at 20,000/s) for 5 s (1.5 s with ``--quick``).  The payload
@@ -51,6 +52,7 @@ SRC = HERE.parent / "src"
 START, END = "<!-- listen-bench:start -->", "<!-- listen-bench:end -->"
 RAW = ["psycopg3-notifies", "pq-loop", "psycopg2-poll", "asyncpg"]
 HERALD = ["pgherald-sync", "pgherald-async-asyncio", "pgherald-async-trio"]
+OPT_IN = ["pgherald-sync-iter", "pgherald-asyncio-iter"]  # iterator style; only via --clients
 RATES = {1000: 1, 20000: 20}  # notifications/s -> notifications per transaction (1 tx/ms)
 Result = dict[str, Any]
 
@@ -64,7 +66,8 @@ def _run_json(args: list[str], env: dict[str, str], timeout: float) -> Result:
     lines = proc.stdout.strip().splitlines()
     if proc.returncode or not lines:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return {"ok": True} | json.loads(lines[-1])
+    res: Result = {"ok": True} | json.loads(lines[-1])
+    return res
 
 
 def trial(client: str, dsn: str, env: dict[str, str], count: int, rate: int = 0) -> Result:
@@ -103,7 +106,8 @@ def trial(client: str, dsn: str, env: dict[str, str], count: int, rate: int = 0)
                 )
                 first = next_line(timeout + 15.0)
             res: Result = json.loads(first) if first else {"ok": False}
-            res.setdefault("error", "receiver gave no result")
+            if not res.get("ok"):
+                res.setdefault("error", "receiver gave no result")
             proc.wait(10.0)
         except subprocess.TimeoutExpired:
             res = {"ok": False, "error": "receiver did not exit"}
@@ -123,7 +127,7 @@ def probe_pgherald(env: dict[str, str]) -> tuple[dict[str, str] | None, str]:
     """Return the environment in which ``import pgherald`` works (or None) and a note."""
     code = "import pgherald as p; p.Listener, p.AsyncListener; print(p.__dict__.get('__version__'))"
     reason = ""
-    for extra, where in ((None, "installed"), (str(SRC), "from src/ (not installed)")):
+    for extra, where in ((None, "installed"), (str(SRC), "from src/, not installed")):
         e = dict(env)
         if extra:
             e["PYTHONPATH"] = os.pathsep.join(filter(None, [extra, env.get("PYTHONPATH")]))
@@ -159,6 +163,7 @@ def machine(dsn: str) -> dict[str, str]:
         "CPU": cpu,
         "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
         "OS": platform.platform(),
+        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
         "Python": platform.python_version(),
         "PostgreSQL server": server,
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {libpq // 10000}"
@@ -172,12 +177,13 @@ def machine(dsn: str) -> dict[str, str]:
 def table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     fmt = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    sep = "-|-".join("-" * w for w in widths)
-    return "\n".join(f"| {line} |" for line in [fmt[0], sep, *fmt[1:]])
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([f"| {fmt[0]} |", sep, *(f"| {line} |" for line in fmt[1:])])
 
 
 def report(
     a: argparse.Namespace,
+    shown: list[str],
     info: dict[str, str],
     tput: dict[str, list[Result]],
     lat: dict[tuple[str, int], Result],
@@ -185,11 +191,11 @@ def report(
     skipped: dict[str, str],
     herald_note: str,
 ) -> str:
-    def median_rate(c: str) -> float | None:
-        ok = [r["rate"] for r in tput.get(c, []) if r.get("ok") and "rate" in r]
+    def median(c: str, key: str) -> float | None:
+        ok = [r[key] for r in tput.get(c, []) if r.get("ok") and key in r]
         return statistics.median(ok) if ok else None
 
-    rates = {c: median_rate(c) for c in RAW + HERALD}
+    rates = {c: median(c, "rate") for c in shown}
 
     def ratio(c: str, ref: str) -> float | None:
         x, y = rates[c], rates[ref]
@@ -202,10 +208,10 @@ def report(
         r = lat.get((c, rate), {})
         return f"{r[key]:.3f}" if r.get("ok") and key in r else ("fail" if r else "-")
 
-    head = ["Client", "Throughput (notif/s, median)", "Runs ok", "vs asyncpg", "vs pq-loop"]
+    head = ["Client", "Throughput (notif/s)", "CPU µs/notif", "Runs ok", "vs asyncpg", "vs pq-loop"]
     head += [f"p{q} @{k // 1000}k/s (ms)" for k in RATES for q in (50, 99)]
     rows = [head]
-    for c in RAW + HERALD:
+    for c in shown:
         if c in skipped:
             rows.append([c, "skipped", *["-"] * (len(head) - 2)])
             continue
@@ -215,6 +221,7 @@ def report(
             [
                 c,
                 fx(rates[c], "{:,.0f}"),
+                fx(median(c, "cpu_us"), "{:.2f}"),
                 f"{n_ok}/{len(runs)}",
                 fx(ratio(c, "asyncpg")),
                 fx(ratio(c, "pq-loop")),
@@ -233,7 +240,7 @@ def report(
     ]:
         v = ratio(c, ref)
         targets.append([f"{c} >= {want}x {ref}", fx(v), verdict(v, v is not None and v >= want)])
-    for c in HERALD:
+    for c in [c for c in shown if c.startswith("pgherald")]:
         for rate, limit in ((1000, 1.0), (20000, 5.0)):
             r = lat.get((c, rate), {})
             v = r.get("p99_ms") if r.get("ok") else None
@@ -257,9 +264,13 @@ def report(
         *[f"- {k}: {v}" for k, v in info.items()],
         f"- pgherald: {herald_note}",
         "",
-        f"{a.count:,} notifications of ~100 B JSON, 1,000 per transaction, {a.runs} run(s) per "
-        f"client (median); latency: {a.lat_seconds:g} s per rate, first 5% dropped. Each client "
-        "runs alone in its own process; the sender is a separate process.",
+        f"Throughput: {a.count:,} notifications of ~100 B JSON, 1,000 per transaction, sent as "
+        "fast as possible; receiver wall time first to last notification, including "
+        f"`json.loads` and a handler call; median of {a.runs} run(s) per client. CPU µs/notif is "
+        "the receiver process's own CPU time over the same span (steadier than wall time on a "
+        "small machine, where sender, receiver and their two backends share the cores). "
+        f"Latency: commit-to-handler, one transaction per ms for {a.lat_seconds:g} s per rate, "
+        "first 5% dropped. Each client runs alone in its own process; the sender is another.",
         "",
         f"Sender alone (no listener): {fx(sender_alone.get('rate'), '{:,.0f}')} notif/s; "
         f"while a listener is attached (median): "
@@ -311,14 +322,21 @@ def main() -> None:
     a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     a.runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
     clients = a.clients.split(",") if a.clients else RAW + HERALD
+    if unknown := set(clients) - {*RAW, *HERALD, *OPT_IN}:
+        ap.error(f"unknown clients: {', '.join(sorted(unknown))}")
+    shown = RAW + HERALD + [c for c in OPT_IN if c in clients]
     env = dict(os.environ)
 
-    info = machine(a.dsn)
+    try:
+        info = machine(a.dsn)
+    except Exception as exc:
+        sys.exit(f"cannot query the server at {a.dsn!r}: {exc}")
     herald_env, herald_note = probe_pgherald(env)
-    skipped = {c: f"`import pgherald` failed: {herald_note}" for c in HERALD if herald_env is None}
-    skipped |= {c: "not selected (--clients)" for c in RAW + HERALD if c not in clients}
-    todo = [c for c in RAW + HERALD if c not in skipped]
-    envs = {c: (herald_env or env) if c in HERALD else env for c in todo}
+    skipped = {c: "not selected (--clients)" for c in shown if c not in clients}
+    if herald_env is None:
+        skipped |= {c: f"`import pgherald` failed: {herald_note}" for c in shown if "herald" in c}
+    todo = [c for c in shown if c not in skipped]
+    envs = {c: herald_env if herald_env and "herald" in c else env for c in todo}
     print(f"clients: {', '.join(todo)}; {herald_note}", flush=True)
 
     sender_alone = _run_json(
@@ -346,7 +364,7 @@ def main() -> None:
                 flush=True,
             )
 
-    body = report(a, info, tput, lat, sender_alone, skipped, herald_note)
+    body = report(a, shown, info, tput, lat, sender_alone, skipped, herald_note)
     print("\n" + body)
     if a.output:
         write_section(a.output, body)

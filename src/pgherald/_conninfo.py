@@ -59,13 +59,14 @@ def describe(conninfo: str) -> str:
     host = str(p.get("host") or os.environ.get("PGHOST") or "local socket")
     port = str(p.get("port") or os.environ.get("PGPORT") or "5432")
     user = str(p.get("user") or os.environ.get("PGUSER") or "")
-    db = str(p.get("dbname") or os.environ.get("PGDATABASE") or user)
+    db = str(p.get("dbname") or os.environ.get("PGDATABASE") or user or "postgres")
     return f"{user + '@' if user else ''}{host}:{port}/{db}"
 
 
 def connect_error(conninfo: str, message: str) -> ConnectError:
     """A `ConnectError` that names the target and the fix."""
     return ConnectError(
-        f"cannot connect to PostgreSQL at {describe(conninfo)}: {message}. Check the DSN "
+        f"cannot connect to PostgreSQL at {describe(conninfo)}: {message.rstrip('.?! ')}. "
+        "Check the DSN "
         f"(--dsn or ${ENV_DSN}) and that the server is running and reachable"
     )

@@ -111,23 +111,19 @@ class Listener(ListenerBase):
 
     def _deliver(self) -> None:
         engine = self._engine
-        pop = engine.pop
-        lookup = self._handlers.lookup
-        stats = self.stats
-        clock = time.monotonic
-        budget = clock() + engine.config.delivery_budget
-        while (n := pop()) is not None:
-            stats.received += 1
-            entries = lookup(n.channel)
-            if not entries:
-                stats.unhandled += 1
-            for handler, _ in entries:
-                try:
-                    handler(n)
-                except Exception:
-                    self._handler_failed(handler, n)
-            if engine.stopping or clock() > budget:
-                break
+        budget = time.monotonic() + engine.config.delivery_budget
+        engine.dispatch(self._handlers.single, self._dispatch_slow, self._handler_failed, budget)
+
+    def _dispatch_slow(self, n: Notification) -> None:
+        """Channels with several handlers, or none."""
+        entries = self._handlers.lookup(n.channel)
+        if not entries:
+            self.stats.unhandled += 1
+        for handler, _ in entries:
+            try:
+                handler(n)
+            except Exception:
+                self._handler_failed(handler, n)
 
     def _report(self, gap: Gap) -> None:
         if self.on_gap is not None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from types import TracebackType
 from typing import Any
 
 from ._listener_base import ListenerBase
 from ._models import Gap, Notification
 from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
+from ._protocol.routing import Entry
 from ._waiting_async import AsyncWaiter
 from .errors import ConnectError
 
@@ -102,26 +103,40 @@ class AsyncListener(ListenerBase):
 
     async def _deliver(self) -> None:
         engine = self._engine
-        pop = engine.pop
-        lookup = self._handlers.lookup
-        stats = self.stats
-        clock = time.monotonic
-        budget = clock() + engine.config.delivery_budget
-        while (n := pop()) is not None:
-            stats.received += 1
-            entries = lookup(n.channel)
-            if not entries:
-                stats.unhandled += 1
-            for handler, is_async in entries:
+        budget = time.monotonic() + engine.config.delivery_budget
+        single = self._handlers.single
+        while True:
+            pending = engine.dispatch(single, self._dispatch_slow, self._handler_failed, budget)
+            if pending is None:
+                return
+            await pending
+            if engine.stopping or time.monotonic() > budget:
+                return
+
+    def _dispatch_slow(self, n: Notification) -> Awaitable[None] | None:
+        """Channels with several handlers, none, or async ones: a coroutine if any is async."""
+        entries = self._handlers.lookup(n.channel)
+        if not entries:
+            self.stats.unhandled += 1
+            return None
+        if not any(is_async for _, is_async in entries):
+            for handler, _ in entries:
                 try:
-                    if is_async:
-                        await handler(n)
-                    else:
-                        handler(n)
+                    handler(n)
                 except Exception:
                     self._handler_failed(handler, n)
-            if engine.stopping or clock() > budget:
-                break
+            return None
+        return self._call_all(entries, n)
+
+    async def _call_all(self, entries: tuple[Entry, ...], n: Notification) -> None:
+        for handler, is_async in entries:
+            try:
+                if is_async:
+                    await handler(n)
+                else:
+                    handler(n)
+            except Exception:
+                self._handler_failed(handler, n)
 
     async def _report(self, gap: Gap) -> None:
         if self.on_gap is not None:

@@ -154,10 +154,12 @@ class ListenerBase:
                 "run() needs handlers: register one with @listener.on(channel), or iterate "
                 "the listener instead"
             )
-        self._engine.stopping = False
         self._mode = mode
 
     def _end(self) -> None:
+        # Cleared on the way out, not on the way in: a stop() that comes before run() (say,
+        # SIGTERM during start-up) still stops it.
+        self._engine.stopping = False
         self._mode = None
 
     def _connect_error(self, exc: ConnectError) -> ConnectError:

@@ -27,7 +27,7 @@ class Notification(NamedTuple):
         Raises `PayloadNotJSON` (naming the channel) when it is not JSON.
         """
         try:
-            return loads(self.payload)
+            return loads(self[1])
         except ValueError as exc:
             raise PayloadNotJSON(
                 f"payload on channel {self.channel!r} is not JSON ({exc}): "
@@ -44,15 +44,15 @@ class Gap:
     A period in which notifications may have been missed.
 
     Reported to the ``on_gap`` hook once the listener is listening again: anything sent on the
-    listener's channels between `started` and `ended` may be gone. Re-read your state (or use
-    the durable event log) to catch up.
+    listener's channels between `started` and `ended` may be gone: re-read the state you keep
+    in sync (for example rows changed since `started`, or by id) to catch up.
     """
 
     reason: GapReason
     """``"reconnect"``: the connection was lost; ``"queue_limit"``: the listener fell so far
     behind that it gave up its place in PostgreSQL's notification queue to protect writers."""
     started: float
-    """`time.time()` when the gap began."""
+    """`time.time()` of the last sign of life from the server before the loss."""
     ended: float
     """`time.time()` when the listener was listening again."""
     error: str | None = None

@@ -81,6 +81,8 @@ def _kind(conn: Any, supported: tuple[str, ...]) -> tuple[str, Any]:
         # engine.raw_connection() gives a pool proxy: use the DBAPI connection inside.
         conn = conn.driver_connection
     kind = type(conn).__module__.split(".", 1)[0]
+    if kind == "psycopg2" and not hasattr(conn, "cursor"):
+        kind = "a psycopg2 cursor"  # notify() takes the connection, whose transaction it joins
     if kind not in supported:
         raise UsageError(
             f"cannot NOTIFY through a {type(conn).__module__}.{type(conn).__qualname__}: pass "

@@ -60,18 +60,23 @@ class Waiter:
 
     def wait(self, fd: int, events: int, deadline: float | None) -> bool:
         """True when *fd* is ready; False on timeout or wake-up."""
-        poller = select.poll()
-        mask = (select.POLLIN if events & READ else 0) | (select.POLLOUT if events & WRITE else 0)
-        poller.register(fd, mask)
         wake = self._wake_socket()
-        wake_fd = wake.fileno()
-        poller.register(wake_fd, select.POLLIN)
-        timeout = (
-            None if deadline is None else max(0, int((deadline - time.monotonic()) * 1000) + 1)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if fd < 1000:  # select() is the cheapest call here, but limited to FD_SETSIZE (1024)
+            rl: list[Any] = [fd, wake] if events & READ else [wake]
+            wl: list[Any] = [fd] if events & WRITE else []
+            r, w, _ = select.select(rl, wl, (), timeout)
+            if wake in r:
+                self._drain_wake(wake)
+            return fd in r or fd in w
+        poller = select.poll()
+        poller.register(
+            fd, (select.POLLIN if events & READ else 0) | (select.POLLOUT if events & WRITE else 0)
         )
+        poller.register(wake, select.POLLIN)
         ready = False
-        for rfd, _ in poller.poll(timeout):
-            if rfd == wake_fd:
+        for rfd, _ in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+            if rfd == wake.fileno():
                 self._drain_wake(wake)
             else:
                 ready = True

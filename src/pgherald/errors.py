@@ -12,6 +12,7 @@ Every error pgherald raises derives from :class:`HeraldError`.
     │   └── PayloadNotJSON      Notification.json() on a payload that is not JSON
     ├── TransactionStateError   a connection is in a transaction where autocommit is needed
     ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
+    ├── ListenError             the database refused a LISTEN (for example on a standby)
     └── DatabaseConnectionError
         ├── ConnectError        could not connect (bad DSN, server down, auth)
         └── ConnectionLost      an established connection died and could not be recovered
@@ -27,6 +28,7 @@ __all__ = [
     "DatabaseConnectionError",
     "HeraldError",
     "InvalidChannel",
+    "ListenError",
     "NotifyError",
     "PayloadError",
     "PayloadNotJSON",
@@ -75,6 +77,10 @@ class TransactionStateError(HeraldError):
 
 class NotifyError(HeraldError):
     """The database refused the NOTIFY."""
+
+
+class ListenError(HeraldError):
+    """The database refused a LISTEN or UNLISTEN."""
 
 
 class DatabaseConnectionError(HeraldError):

@@ -47,7 +47,7 @@ def _until_listening(
     while time.monotonic() < deadline:  # until its backend has LISTENed on both channels
         row = conn.execute(
             "SELECT count(*) FROM pg_stat_activity a "
-            "WHERE a.application_name LIKE 'pgherald%%' AND a.state = 'idle'"
+            "WHERE a.datname = current_database() AND a.application_name LIKE 'pgherald%%' AND a.state = 'idle'"
             " AND a.query LIKE 'LISTEN%%'"
         ).fetchone()
         if row and row[0]:

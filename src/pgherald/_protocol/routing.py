@@ -27,6 +27,8 @@ class HandlerRegistry:
         self._by_channel: dict[str, list[Entry]] = {}
         self._catch_all: list[Entry] = []
         self._merged: dict[str, tuple[Entry, ...]] = {}
+        #: channel -> its only handler, when that is one plain function: the fast path.
+        self.single: dict[str, Handler] = {}
 
     def __bool__(self) -> bool:
         return bool(self._by_channel or self._catch_all)
@@ -46,6 +48,7 @@ class HandlerRegistry:
         else:
             self._by_channel.setdefault(check_channel(channel), []).append(entry)
         self._merged.clear()
+        self.single.clear()
 
     def remove(self, channel: str | None, handler: Handler) -> None:
         entries = self._catch_all if channel is None else self._by_channel.get(channel, [])
@@ -53,6 +56,7 @@ class HandlerRegistry:
         if channel is not None and not entries:
             self._by_channel.pop(channel, None)
         self._merged.clear()
+        self.single.clear()
 
     def channels(self) -> list[str]:
         """Channels that have at least one specific handler."""
@@ -65,4 +69,6 @@ class HandlerRegistry:
         except KeyError:
             merged = (*self._by_channel.get(channel, ()), *self._catch_all)
             self._merged[channel] = merged
+            if len(merged) == 1 and not merged[0][1]:
+                self.single[channel] = merged[0][0]
             return merged

@@ -74,7 +74,12 @@ def cli() -> None:
 @cli.command()
 @dsn_option
 @click.option(
-    "--json", "as_json", is_flag=True, help="One JSON object per line: channel, payload, pid."
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="PGHERALD_JSON",
+    show_envvar=True,
+    help="One JSON object per line: channel, payload, pid.",
 )
 @click.argument("channels", nargs=-1, required=True)
 @friendly
@@ -141,7 +146,14 @@ def notify(dsn: str | None, channel: str, payload: str) -> None:
 
 @cli.command()
 @dsn_option
-@click.option("--pause", default=0.4, show_default=True, help="Seconds between demo steps.")
+@click.option(
+    "--pause",
+    default=0.4,
+    show_default=True,
+    envvar="PGHERALD_DEMO_PAUSE",
+    show_envvar=True,
+    help="Seconds between demo steps.",
+)
 @friendly
 def demo(dsn: str | None, pause: float) -> None:
     """A live tour: listener, transactional notifications, errors and a reconnect.
