@@ -25,7 +25,6 @@ from .errors import (
     PayloadNotJSON,
     PayloadNotSerializable,
     PayloadTooLarge,
-    TransactionStateError,
     UsageError,
 )
 
@@ -48,7 +47,6 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
-    "TransactionStateError",
     "UsageError",
     "anotify",
     "notify",
