@@ -3,8 +3,11 @@
 Run as ``python bench/_workers.py send ...`` or ``python bench/_workers.py recv CLIENT ...``.
 A receiver LISTENs, prints ``READY`` on stdout, consumes notifications until it has seen the
 expected count (or the ``STOP`` sentinel, or its deadline), then prints one JSON line with its
-result.  Every client decodes each payload with ``json.loads`` (or ``Notification.json()``)
-and calls ``handler(data)``; that cost is part of what is measured.
+result.  Every client decodes each payload with the same ``json.loads`` and calls
+``handler(data)``; that cost is part of what is measured.  pgherald's clients do it inside the
+handler they register (``loads(n.payload)``), so what differs between clients is only how a
+notification gets from the socket to that call.  (``Notification.json()`` does the same plus a
+method call, about 0.07 us more per notification.)
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
+from json import loads
 from typing import Any
 
 CHANNEL = "bench"
@@ -230,7 +234,7 @@ def recv_pgherald_sync(dsn: str, handler: Handler, deadline: float) -> None:
 
         @listener.on(CHANNEL)
         def on_notify(n: pgherald.Notification) -> None:
-            if n.payload == STOP or handler(n.json()):
+            if n.payload == STOP or handler(loads(n.payload)):
                 listener.stop()
 
         emit("READY")
@@ -245,7 +249,7 @@ def recv_pgherald_sync_iter(dsn: str, handler: Handler, deadline: float) -> None
         emit("READY")
         with _stop_at(deadline, listener.stop):
             for n in listener:
-                if n.payload == STOP or handler(n.json()):
+                if n.payload == STOP or handler(loads(n.payload)):
                     break
 
 
@@ -271,7 +275,7 @@ def _recv_pgherald_async(backend: str) -> Callable[[str, Handler, float], None]:
 
                 @listener.on(CHANNEL)
                 def on_notify(n: pgherald.Notification) -> None:
-                    if n.payload == STOP or handler(n.json()):
+                    if n.payload == STOP or handler(loads(n.payload)):
                         listener.stop()
 
                 emit("READY")
@@ -293,7 +297,7 @@ def recv_pgherald_asyncio_iter(dsn: str, handler: Handler, deadline: float) -> N
             emit("READY")
             with anyio.fail_after(remaining(deadline)):
                 async for n in listener:
-                    if n.payload == STOP or handler(n.json()):
+                    if n.payload == STOP or handler(loads(n.payload)):
                         break
 
     anyio.run(main, backend="asyncio")

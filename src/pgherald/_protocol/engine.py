@@ -154,16 +154,16 @@ class ListenerEngine:
         clock = time.monotonic
         result = None
         while (raw := notifies()) is not None:
-            relname = raw.relname
-            name = names.get(relname)
-            if name is None:
+            relname, pid, extra = raw  # psycopg.pq.PGnotify; unpacking beats 3 attribute reads
+            try:
+                name = names[relname]
+            except KeyError:
                 name = names[relname] = relname.decode("utf-8", "replace")
-            extra = raw.extra
             try:
                 payload = extra.decode()  # the fast path of bytes.decode takes no arguments
             except UnicodeDecodeError:
                 payload = extra.decode("utf-8", "replace")
-            n = make(cls, (name, payload, raw.be_pid))
+            n = make(cls, (name, payload, pid))
             count += 1
             handler = get(name)
             if handler is not None:
