@@ -25,6 +25,7 @@ from .errors import (
     PayloadNotJSON,
     PayloadNotSerializable,
     PayloadTooLarge,
+    TransactionStateError,
     UsageError,
 )
 
@@ -47,6 +48,7 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "TransactionStateError",
     "UsageError",
     "anotify",
     "notify",

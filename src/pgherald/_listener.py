@@ -53,8 +53,10 @@ class Listener(ListenerBase):
             raise self._connect_error(exc) from None
 
     def close(self) -> None:
-        """Stop and close the connection."""
+        """Stop and close the connection (a lent connection is handed back, UNLISTENed)."""
         self.stop()
+        if self._engine.adopted_in_use:
+            self._waiter.run(self._engine.release())
         self._engine.close()
         self._waiter.close()
 

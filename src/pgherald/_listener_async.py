@@ -9,6 +9,8 @@ from collections.abc import AsyncIterator, Awaitable
 from types import TracebackType
 from typing import Any
 
+import anyio
+
 from ._listener_base import ListenerBase
 from ._models import Gap, Notification
 from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
@@ -54,8 +56,11 @@ class AsyncListener(ListenerBase):
             raise self._connect_error(exc) from None
 
     async def aclose(self) -> None:
-        """Stop and close the connection."""
+        """Stop and close the connection (a lent connection is handed back, UNLISTENed)."""
         self.stop()
+        if self._engine.adopted_in_use:
+            with anyio.CancelScope(shield=True):
+                await self._waiter.run(self._engine.release())
         self._engine.close()
 
     async def __aenter__(self) -> AsyncListener:
@@ -152,7 +157,11 @@ class AsyncListener(ListenerBase):
     def __aiter__(self) -> AsyncIterator[Notification]:
         return self.notifications()
 
-    async def notifications(self, *, timeout: float | None = None) -> AsyncIterator[Notification]:
+    async def notifications(
+        self,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - an idle timeout, not a deadline
+    ) -> AsyncIterator[Notification]:
         """Yield notifications until `stop`, or until none arrives for *timeout* seconds."""
         self._begin("iterate")
         gen = self._engine.run()

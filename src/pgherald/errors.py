@@ -10,6 +10,7 @@ Every error pgherald raises derives from :class:`HeraldError`.
     │   ├── PayloadTooLarge     8000 bytes or more for a plain NOTIFY
     │   ├── PayloadNotSerializable   the value cannot be encoded as JSON
     │   └── PayloadNotJSON      Notification.json() on a payload that is not JSON
+    ├── TransactionStateError   a lent connection is in a transaction, not idle in autocommit
     ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
     ├── ListenError             the database refused a LISTEN (for example on a standby)
     └── DatabaseConnectionError
@@ -33,6 +34,7 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "TransactionStateError",
     "UsageError",
 ]
 
@@ -67,6 +69,10 @@ class PayloadNotSerializable(PayloadError, TypeError):
 
 class PayloadNotJSON(PayloadError):
     """The notification payload is not valid JSON."""
+
+
+class TransactionStateError(HeraldError):
+    """The connection is inside a transaction where autocommit is needed."""
 
 
 class NotifyError(HeraldError):

@@ -319,3 +319,45 @@ async def test_anotify_psycopg_async_connection(dsn: str, anyio_backend: str) ->
             await aconn.commit()
         got = [n.json() async for n in listener.notifications(timeout=1.0)]
     assert got == [{"k": 2}]
+
+
+# -- a connection lent by the application --
+
+
+def test_lent_connection_is_used_then_handed_back_clean(dsn: str, conn: psycopg.Connection) -> None:
+    with psycopg.connect(dsn, autocommit=True) as mine:
+        pid = mine.info.backend_pid
+        with pgherald.Listener(mine, channels=["Lent"]) as listener:
+            assert listener.backend_pid == pid
+            pgherald.notify(conn, "Lent", "via the lent connection")
+            got = [n.payload for n in listener.notifications(timeout=1.0)]
+        assert got == ["via the lent connection"]
+        # Handed back usable, in blocking mode, and no longer listening (safe for a pool).
+        assert mine.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
+        assert not mine.pgconn.nonblocking
+
+
+def test_lent_connection_must_be_idle_in_autocommit(dsn: str) -> None:
+    with psycopg.connect(dsn) as in_tx:
+        with pytest.raises(pgherald.TransactionStateError, match="autocommit"):
+            pgherald.Listener(in_tx)
+        in_tx.execute("SELECT 1")
+        with pytest.raises(pgherald.TransactionStateError, match=r"in a transaction \(INTRANS\)"):
+            pgherald.Listener(in_tx)
+
+
+def test_lent_connection_lost_then_pgherald_reconnects_on_its_own(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    gaps: list[pgherald.Gap] = []
+    with psycopg.connect(dsn, autocommit=True) as mine:
+        lent_pid = mine.info.backend_pid
+        with pgherald.Listener(mine, channels=["L"], on_gap=gaps.append) as listener:
+            conn.execute("SELECT pg_terminate_backend(%s)", (lent_pid,))
+            for _ in listener.notifications(timeout=2.0):
+                pass  # nothing is sent: this only runs the listener until it has recovered
+            assert [g.reason for g in gaps] == ["reconnect"]
+            assert listener.backend_pid not in (None, lent_pid)
+            pgherald.notify(conn, "L", "after")
+            got = [n.payload for n in listener.notifications(timeout=1.0)]
+        assert got == ["after"]

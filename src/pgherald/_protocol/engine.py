@@ -78,6 +78,8 @@ class ListenerEngine:
         self._names: dict[bytes, str] = {}
         self._next_queue_check = 0.0
         self._alive_at = time.time()  # last sign of life from the server: where a gap begins
+        # A connection the application lent us (see `adopt`): used first, never closed by us.
+        self._adopted: pq.abc.PGconn | None = None
         # The bound pgconn.notifies, looked up once per connection rather than per notification.
         self._notifies: Any = _no_notifies
 
@@ -202,11 +204,51 @@ class ListenerEngine:
 
     # -- lifecycle --
 
+    def adopt(self, pgconn: pq.abc.PGconn) -> None:
+        """
+        Listen on the application's own (idle, autocommit) connection until it is lost.
+
+        After a loss the engine opens connections of its own, from `config.conninfo`; the
+        application's connection is never closed here (see `release`).
+        """
+        self._adopted = pgconn
+
+    @property
+    def adopted_in_use(self) -> bool:
+        return self._adopted is not None and self.pgconn is self._adopted
+
+    def release(self) -> PQGen:
+        """Hand the adopted connection back clean: ``UNLISTEN *``, blocking mode, no leftovers."""
+        pgconn = self._adopted
+        if pgconn is None or self.pgconn is not pgconn:
+            return
+        try:
+            if pgconn.status == pq.ConnStatus.OK:
+                yield from pgwire.execute(
+                    pgconn, b"UNLISTEN *", time.monotonic() + self.config.health_check_timeout
+                )
+                while pgconn.notifies() is not None:
+                    pass  # heard before UNLISTEN, after the application stopped listening
+        except Exception as exc:  # the application will find its connection broken
+            logger.warning("could not UNLISTEN on the adopted connection: %s", _one_line(exc))
+        finally:
+            pgconn.nonblocking = 0
+            self._adopted = None
+            self.pgconn = None
+            self._notifies = _no_notifies
+            self._active = set()
+
     def open(self) -> PQGen:
         """Connect and LISTEN; the first connection fails fast with `ConnectError`."""
         self._reset_connection()
-        deadline = time.monotonic() + self.config.connect_timeout
-        self.pgconn = yield from pgwire.connect(self.config.conninfo, deadline)
+        adopted = self._adopted
+        if adopted is not None and adopted.status == pq.ConnStatus.OK:
+            adopted.nonblocking = 1
+            self.pgconn = adopted
+        else:
+            self._adopted = None
+            deadline = time.monotonic() + self.config.connect_timeout
+            self.pgconn = yield from pgwire.connect(self.config.conninfo, deadline)
         self._notifies = self.pgconn.notifies
         self._broken = False
         self._alive_at = time.time()
@@ -414,7 +456,10 @@ class ListenerEngine:
             # Notifications libpq already parsed are good: keep them for delivery.
             while (n := self._notifies()) is not None:
                 self._pending.append(self._convert(n))
-            pgconn.finish()
+            if pgconn is self._adopted:
+                self._adopted = None  # lost: it is the application's to close, not ours
+            else:
+                pgconn.finish()
         self._notifies = _no_notifies
         self._active = set()
         self._close_monitor()
