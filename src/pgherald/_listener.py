@@ -178,7 +178,12 @@ class Listener(ListenerBase):
                     if idle_until is not None:
                         idle_until = clock() + timeout  # type: ignore[operator]
                 elif kind == SLEEP:
-                    waiter.sleep(req[1])
+                    deadline = req[1]
+                    if idle_until is not None and idle_until < deadline:
+                        deadline = idle_until
+                    waiter.sleep(deadline)
+                    if idle_until is not None and clock() >= idle_until:
+                        return
                 elif kind == REPORT:
                     self._report(req[1])
         finally:

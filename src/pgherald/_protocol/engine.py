@@ -78,6 +78,7 @@ class ListenerEngine:
         self._names: dict[bytes, str] = {}
         self._next_queue_check = 0.0
         self._alive_at = time.time()  # last sign of life from the server: where a gap begins
+        self._outage: tuple[GapReason, float, str] | None = None  # lost, not yet reported
         # A connection the application lent us (see `adopt`): used first, never closed by us.
         self._adopted: pq.abc.PGconn | None = None
         # The bound pgconn.notifies, looked up once per connection rather than per notification.
@@ -264,6 +265,7 @@ class ListenerEngine:
         """Drop both connections (idempotent)."""
         self._reset_connection()
         self._pending.clear()
+        self._outage = None
 
     def sync_channels(self) -> PQGen:
         """Issue the LISTEN/UNLISTEN statements that make the server match `channels`."""
@@ -289,8 +291,13 @@ class ListenerEngine:
         """Serve notifications until `stopping`, reconnecting whenever the connection is lost."""
         while not self.stopping:
             try:
+                if self.pgconn is not None and self._broken:
+                    yield from self._salvage()
                 if self.pgconn is None or self._broken:
                     raise _Lost("reconnect", "not connected")
+                if self._outage is not None:
+                    # Reconnected by connect() after a recovery that was interrupted.
+                    yield from self._report_outage(1)
                 yield from self._serve()
                 return
             except _Lost as lost:
@@ -417,9 +424,40 @@ class ListenerEngine:
                 usage * 100,
             )
 
+    def _report_outage(self, attempts: int, error: str | None = None) -> PQGen:
+        assert self._outage is not None
+        reason, started, first_error = self._outage
+        error = error or first_error
+        self._outage = None
+        gap = Gap(reason, started, time.time(), error, attempts)
+        self.stats.reconnects += 1
+        self.stats.gaps.append(gap)
+        logger.info("listener is listening again after %.2fs", gap.ended - gap.started)
+        yield (REPORT, gap)
+
+    def _salvage(self) -> PQGen:
+        # A statement was abandoned when the generator was closed (an iteration timed
+        # out, a task was cancelled): finish it now rather than throw the connection away.
+        pgconn = self.pgconn
+        assert pgconn is not None
+        deadline = time.monotonic() + self.config.health_check_timeout
+        try:
+            yield from pgwire.finish(pgconn, deadline)
+        except pgwire.QueryTimeout:
+            raise _Lost("reconnect", "no answer to an abandoned statement") from None
+        except pgwire.QueryFailed:
+            pass  # the statement's own error: the connection itself is fine
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost("reconnect", _one_line(exc)) from None
+            raise
+        self._broken = False
+        self._alive_at = time.time()
+
     def _recover(self, lost: _Lost) -> PQGen:
         cfg = self.config
-        started = self._alive_at
+        if self._outage is None:
+            self._outage = (lost.reason, self._alive_at, str(lost))
         logger.warning("listener connection lost (%s); reconnecting", lost)
         self._reset_connection()
         error = str(lost)
@@ -444,11 +482,7 @@ class ListenerEngine:
                     "reconnect attempt %d failed (%s); next in %.2fs", attempt, error, delay
                 )
                 yield (SLEEP, time.monotonic() + delay)
-        gap = Gap(lost.reason, started, time.time(), error, attempt)
-        self.stats.reconnects += 1
-        self.stats.gaps.append(gap)
-        logger.info("listener is listening again after %.2fs", gap.ended - gap.started)
-        yield (REPORT, gap)
+        yield from self._report_outage(attempt, error)
 
     def _reset_connection(self) -> None:
         pgconn, self.pgconn = self.pgconn, None

@@ -82,6 +82,13 @@ def execute(
     failures surface as `psycopg.OperationalError`.
     """
     pgconn.send_query(query)
+    return (yield from finish(pgconn, deadline))
+
+
+def finish(
+    pgconn: pq.abc.PGconn, deadline: float
+) -> Generator[Request, bool, list[pq.abc.PGresult]]:
+    """Flush what was sent and collect every result of the statement in flight."""
     while pgconn.flush():
         ready = yield (WAIT, pgconn.socket, WRITE, deadline)
         if not ready and time.monotonic() >= deadline:

@@ -1,0 +1,79 @@
+"""
+Run one statement through whatever connection the application has: psycopg 3, psycopg2, or
+SQLAlchemy (``Connection``, ``Session``, a raw pool connection), sync or async.
+
+Queries use ``%(name)s`` placeholders; values are always bound, never formatted in. Driver
+errors come out as `pgherald` errors (see `wrap`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import HeraldError, UsageError
+
+DRIVERS = ("psycopg", "psycopg2", "sqlalchemy")
+_PYFORMAT = re.compile(r"%\((\w+)\)s")
+
+
+def kind_of(conn: Any, supported: tuple[str, ...], what: str) -> tuple[str, Any]:
+    """Which driver *conn* belongs to, by its type's package (no driver is imported)."""
+    if type(conn).__module__.startswith("sqlalchemy.pool"):
+        # engine.raw_connection() gives a pool proxy: use the DBAPI connection inside.
+        conn = conn.driver_connection
+    kind = type(conn).__module__.split(".", 1)[0]
+    if kind == "psycopg2" and not hasattr(conn, "cursor"):
+        kind = "a psycopg2 cursor"  # we take the connection, whose transaction we join
+    if kind not in supported:
+        raise UsageError(
+            f"cannot {what} through a {type(conn).__module__}.{type(conn).__qualname__}: pass "
+            "a psycopg 3, psycopg2 or SQLAlchemy connection (async: psycopg AsyncConnection or "
+            "SQLAlchemy AsyncConnection)"
+        )
+    return kind, conn
+
+
+def execute(conn: Any, query: str, params: Mapping[str, Any], *, what: str) -> Any:
+    """Run *query* on *conn* and return the first column of the first row (or None)."""
+    kind, conn = kind_of(conn, DRIVERS, what)
+    if kind == "psycopg":
+        row = conn.execute(query, params).fetchone()
+    elif kind == "psycopg2":
+        with conn.cursor() as cur:
+            cur.execute(query, params)
+            row = cur.fetchone() if cur.description else None
+    else:
+        from sqlalchemy import text
+
+        row = conn.execute(text(_PYFORMAT.sub(r":\1", query)), dict(params)).first()
+    return row[0] if row else None
+
+
+async def aexecute(conn: Any, query: str, params: Mapping[str, Any], *, what: str) -> Any:
+    """`execute` for psycopg's AsyncConnection and SQLAlchemy's async connections."""
+    kind, conn = kind_of(conn, ("psycopg", "sqlalchemy"), what)
+    if kind == "psycopg":
+        cur = await conn.execute(query, params)
+        row = await cur.fetchone()
+    else:
+        from sqlalchemy import text
+
+        result = await conn.execute(text(_PYFORMAT.sub(r":\1", query)), dict(params))
+        row = result.first()
+    return row[0] if row else None
+
+
+def is_driver_error(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".", 1)[0] in DRIVERS
+
+
+def wrap(exc: Exception, make: Callable[[str], HeraldError]) -> HeraldError:
+    """A driver error as a pgherald error, with the usual fixes named."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    if "current transaction is aborted" in message or "InFailedSqlTransaction" in repr(exc):
+        message += ": the transaction already failed; roll it back first"
+    elif "closed" in message:
+        message += ": the connection is closed; open a new one"
+    return make(message)

@@ -1,0 +1,268 @@
+"""
+Helpers for the fault-injection tests (tests/integration/test_faults.py).
+
+- `FaultProxy`: the freezing proxy, plus `refuse()` / `allow()`, which close and re-open its
+  listening socket so that new connections get a real "connection refused" meanwhile (the
+  server is down or unreachable), and `thaw()`, which resumes frozen connections (a network
+  stall that ends), while `freeze()` and `sever()` still work.
+- `LogWatch` (fixture ``listener_log``): the ``pgherald.listener`` log records, at INFO and up,
+  with a way to wait for one from another thread.
+- `wait_until` / `await_until`: timeout-bounded polling, the only waiting the tests do.
+- `running`: ``listener.run()`` on a thread, stopped and joined (errors re-raised) at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+from tests.fix_proxy import FreezingProxy, _target_of
+
+# -- waiting --
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str) -> float:
+    """Poll *predicate* until true; return the seconds it took, or fail naming *what*."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.005)
+    return time.monotonic() - start
+
+
+async def await_until(predicate: Callable[[], object], within: float, what: str) -> float:
+    """`wait_until` for async tests (works on asyncio and trio)."""
+    start = time.monotonic()
+    deadline = start + within
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {within:g}s waiting for {what}")
+        await anyio.sleep(0.005)
+    return time.monotonic() - start
+
+
+# -- running a sync listener on a thread --
+
+
+class Background:
+    """A daemon thread that keeps the exception of its target for the test to re-raise."""
+
+    def __init__(self, target: Callable[[], Any], name: str = "listener-run") -> None:
+        self.error: BaseException | None = None
+        self._target = target
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+
+    def _main(self) -> None:
+        try:
+            self._target()
+        except BaseException as exc:  # kept for the test: a thread must not raise
+            self.error = exc
+
+    def start(self) -> Background:
+        self.thread.start()
+        return self
+
+
+@contextlib.contextmanager
+def running(listener: Any, join_timeout: float = 5.0) -> Iterator[Background]:
+    """
+    Run ``listener.run()`` on a thread for the duration of the block.
+
+    Waits until `run` has begun (a `stop` sent earlier would be forgotten by `run`), and at the
+    end stops it, joins it and re-raises whatever it raised.
+    """
+    bg = Background(listener.run).start()
+    try:
+        wait_until(
+            lambda: listener._mode == "run" or not bg.thread.is_alive(), 5.0, "run() to start"
+        )
+        yield bg
+    finally:
+        listener.stop()
+        bg.thread.join(join_timeout)
+    assert not bg.thread.is_alive(), (
+        f"listener.run() did not return within {join_timeout}s of stop()"
+    )
+    if bg.error is not None:
+        raise bg.error
+
+
+# -- database helpers --
+
+
+def queue_usage(conn: psycopg.Connection) -> float:
+    row = conn.execute("SELECT pg_notification_queue_usage()").fetchone()
+    assert row is not None
+    return float(row[0])
+
+
+def backend_alive(conn: psycopg.Connection, pid: int | None) -> bool:
+    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return bool(row and row[0])
+
+
+def send_burst(
+    conn: psycopg.Connection,
+    channel: str,
+    *,
+    transactions: int,
+    per_transaction: int,
+    size: int = 0,
+) -> int:
+    """
+    NOTIFY ``transactions * per_transaction`` times on *channel*, one transaction at a time.
+
+    Payload *i* (1-based, in commit order) is ``"%08d" % i`` followed by *size* ``x``: unique, so
+    PostgreSQL folds none of them, and easy to check for order and integrity.
+    """
+    total = 0
+    for t in range(transactions):
+        first = t * per_transaction + 1
+        with conn.transaction():
+            conn.execute(
+                "SELECT pg_notify(%s, lpad(i::text, 8, '0') || repeat('x', %s))"
+                " FROM generate_series(%s::int, %s::int) i",
+                (channel, size, first, first + per_transaction - 1),
+            )
+        total += per_transaction
+    return total
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- a proxy that can also refuse --
+
+
+class FaultProxy(FreezingProxy):
+    """
+    A `FreezingProxy` that can also refuse new connections and thaw frozen ones.
+
+    While refusing (its listening socket is closed, then re-opened on the same port by
+    `allow`), a client's connect() fails at once with ECONNREFUSED, exactly as when the server
+    is down; established connections are untouched (``sever()`` them to force a reconnection).
+    """
+
+    def __init__(self, target: str | tuple[str, int]) -> None:
+        self.refusing = False
+        super().__init__(target)
+
+    def refuse(self) -> None:
+        with self._lock:
+            if self.refusing:
+                return
+            self.refusing = True
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(self._listener)
+            self._listener.close()
+
+    def allow(self) -> None:
+        with self._lock:
+            if not self.refusing:
+                return
+            sock = socket.create_server(("127.0.0.1", self.port))  # SO_REUSEADDR: same port
+            sock.setblocking(False)
+            self._listener = sock
+            self._sel.register(sock, selectors.EVENT_READ, None)
+            self.refusing = False
+
+    def thaw(self) -> None:
+        """Resume forwarding on frozen connections; what was sent meanwhile goes through."""
+        with self._lock:
+            frozen, self._frozen = self._frozen, set()
+            for s in frozen:
+                if s in self._peers:
+                    self._sel.register(s, selectors.EVENT_READ, None)
+
+    def close(self) -> None:
+        with self._lock:
+            if self.refusing:
+                # Already closed and unregistered: give close() a socket it can unregister from
+                # nothing (KeyError, suppressed there) and close.
+                self._listener = socket.socket()
+        super().close()
+
+    def _accept(self) -> None:
+        # select() may report the old listening socket just as refuse() closes it.
+        if self.refusing:
+            return
+        with contextlib.suppress(OSError):
+            super()._accept()
+
+
+@pytest.fixture
+def fault_proxy(dsn: str) -> Iterator[FaultProxy]:
+    """A `FaultProxy` to this test's server; ``fault_proxy.dsn_for(dsn)`` goes through it."""
+    p = FaultProxy(_target_of(dsn))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+# -- log records --
+
+
+class LogWatch(logging.Handler):
+    """Collects log records (from any thread) and lets a test wait for one."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._cond:
+            self.records.append(record)
+            self._cond.notify_all()
+
+    def matching(self, fragment: str, level: int | None = None) -> list[logging.LogRecord]:
+        with self._cond:
+            records = list(self.records)
+        return [r for r in records if fragment in r.msg and (level is None or r.levelno == level)]
+
+    def wait_for(self, fragment: str, count: int, timeout: float) -> list[logging.LogRecord]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [r for r in self.records if fragment in r.msg]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(
+                        f"timed out after {timeout:g}s waiting for {count} log records "
+                        f"containing {fragment!r} (got {len(found)})"
+                    )
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def listener_log() -> Iterator[LogWatch]:
+    """Every ``pgherald.listener`` record at INFO and above, during this test."""
+    logger = logging.getLogger("pgherald.listener")
+    watch = LogWatch()
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(old_level)
