@@ -7,6 +7,7 @@ def test_all_is_sorted_and_complete() -> None:
     assert pgherald.__all__ == sorted(pgherald.__all__)
     public = {n for n in dir(pgherald) if not n.startswith("_")} - {
         "errors",
+        "sql",
         "embedded",
         "cli",
         "annotations",

@@ -75,6 +75,8 @@ class ListenerEngine:
         self._dirty = False
         self._broken = False
         self._pending: deque[Notification] = deque()
+        self._input = False  # libpq may hold unread notifications
+        self._lost: _Lost | None = None  # found by `dispatch`, raised by the state machine
         self._names: dict[bytes, str] = {}
         self._next_queue_check = 0.0
         self._alive_at = time.time()  # last sign of life from the server: where a gap begins
@@ -116,6 +118,7 @@ class ListenerEngine:
             return self._pending.popleft()
         n = self._notifies()
         if n is None:
+            self._input = False
             return None
         try:
             name = self._names[n.relname]
@@ -142,7 +145,7 @@ class ListenerEngine:
         """
         pending = self._pending
         count = 0
-        while pending:  # rare: salvaged after a reconnect, or held by the engine's peek
+        while pending:  # rare: notifications salvaged from a connection that was lost
             n = pending.popleft()
             count += 1
             result = self._dispatch_one(n, single, slow_path, on_error)
@@ -156,7 +159,22 @@ class ListenerEngine:
         get = single.get
         clock = time.monotonic
         result = None
-        while (raw := notifies()) is not None:
+        reread = self.pgconn is not None
+        while True:
+            raw = notifies()
+            if raw is None:
+                if not reread:
+                    self._input = False
+                    break
+                # Still streaming? Read what has arrived meanwhile right here (a non-blocking
+                # recv, cheap when empty) rather than going round through the waiter.
+                reread = False
+                try:
+                    self._consume(self.pgconn)  # type: ignore[arg-type]
+                except _Lost as lost:
+                    self._lost = lost
+                    break
+                continue
             relname, pid, extra = raw  # psycopg.pq.PGnotify; unpacking beats 3 attribute reads
             try:
                 name = names[relname]
@@ -315,33 +333,36 @@ class ListenerEngine:
         clock = time.monotonic
         idle_deadline = clock() + cfg.health_check_interval
         busy_since: float | None = None
+        stats = self.stats
+        self._input = True  # libpq may hold notifications read during a statement
         while not self.stopping:
             if self._dirty:
                 yield from self.sync_channels()
-            if not self._pending:
-                first = self.pop()
-                if first is None and busy_since is not None:
-                    # Still streaming: read what has arrived since, without a round trip
-                    # through the runtime's waiter (a non-blocking recv; cheap when empty).
-                    self._consume(pgconn)
-                    first = self.pop()
-                if first is not None:
-                    self._pending.append(first)
-            if self._pending:
-                now = clock()
+            if self._input or self._pending:
+                # The runtime pulls until libpq is empty (`pop` / `dispatch` clear `_input`)
+                # or its budget is spent (then `_input` stays set and we come back here).
+                received = stats.received
                 if busy_since is None:
-                    busy_since = now
+                    busy_since = clock()
                 yield (DELIVER,)
-                now = clock()
-                idle_deadline = now + cfg.health_check_interval
-                if now - busy_since >= cfg.queue_check_interval and now >= self._next_queue_check:
-                    yield from self._check_queue()
+                if self._lost is not None:
+                    lost, self._lost = self._lost, None
+                    raise lost
+                if stats.received != received:
+                    now = clock()
+                    idle_deadline = now + cfg.health_check_interval
+                    if (
+                        now - busy_since >= cfg.queue_check_interval
+                        and now >= self._next_queue_check
+                    ):
+                        yield from self._check_queue()
                 continue
             started = clock()
             ready = yield (WAIT, fd, READ, idle_deadline)
             now = clock()
             if ready:
                 self._consume(pgconn)
+                self._input = True
                 self._alive_at = time.time()
                 idle_deadline = now + cfg.health_check_interval
                 if now - started > 0.005:
