@@ -5,14 +5,20 @@ pgherald: PostgreSQL LISTEN/NOTIFY as a dependable real-time event system.
 - `Listener` / `AsyncListener`: LISTEN on a dedicated connection, with handlers or iteration,
   reconnection, dead-connection detection and backpressure; `AsyncListener` runs on asyncio and
   trio.
+- `publish` / `apublish`, `Consumer` / `AsyncConsumer`: the durable event log (after
+  `install`): nothing lost while consumers are down, consumer groups, replay.
 """
 
 from __future__ import annotations
 
+from ._consumer import AsyncConsumer, Consumer
+from ._consumer_core import Event
 from ._listener import Listener
 from ._listener_async import AsyncListener
 from ._models import Gap, ListenerStats, Notification
 from ._notify import anotify, notify
+from ._publish import apublish, publish
+from ._schema import install, uninstall
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -25,6 +31,8 @@ from .errors import (
     PayloadNotJSON,
     PayloadNotSerializable,
     PayloadTooLarge,
+    PublishError,
+    SchemaMissing,
     TransactionStateError,
     UsageError,
 )
@@ -32,10 +40,13 @@ from .errors import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncConsumer",
     "AsyncListener",
     "ConnectError",
     "ConnectionLost",
+    "Consumer",
     "DatabaseConnectionError",
+    "Event",
     "Gap",
     "HeraldError",
     "InvalidChannel",
@@ -48,10 +59,16 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PublishError",
+    "SchemaMissing",
     "TransactionStateError",
     "UsageError",
     "anotify",
+    "apublish",
+    "install",
     "notify",
+    "publish",
+    "uninstall",
 ]
 
 # Public names show as pgherald.X in reprs, tracebacks and docs, not as private modules.

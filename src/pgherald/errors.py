@@ -13,6 +13,8 @@ Every error pgherald raises derives from :class:`HeraldError`.
     ├── TransactionStateError   a lent connection is in a transaction, not idle in autocommit
     ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
     ├── ListenError             the database refused a LISTEN (for example on a standby)
+    ├── SchemaMissing           the durable log is used before `pgherald install`
+    ├── PublishError            the database refused a publish (the driver error is chained)
     └── DatabaseConnectionError
         ├── ConnectError        could not connect (bad DSN, server down, auth)
         └── ConnectionLost      an established connection died and could not be recovered
@@ -34,6 +36,8 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PublishError",
+    "SchemaMissing",
     "TransactionStateError",
     "UsageError",
 ]
@@ -81,6 +85,14 @@ class NotifyError(HeraldError):
 
 class ListenError(HeraldError):
     """The database refused a LISTEN or UNLISTEN."""
+
+
+class SchemaMissing(HeraldError):
+    """pgherald's schema is not installed: run `pgherald install`."""
+
+
+class PublishError(HeraldError):
+    """The database refused to store the event."""
 
 
 class DatabaseConnectionError(HeraldError):

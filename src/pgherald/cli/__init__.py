@@ -7,6 +7,7 @@ import sys
 
 def main() -> None:
     try:
+        from . import _durable  # registers the durable-log commands
         from ._commands import cli
     except ImportError as exc:  # click missing: say how to get it, no traceback
         if getattr(exc, "name", None) != "click":
@@ -15,4 +16,5 @@ def main() -> None:
             "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n"
         )
         raise SystemExit(2) from None
+    _ = _durable
     cli(prog_name="pgherald")

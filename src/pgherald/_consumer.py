@@ -1,0 +1,440 @@
+"""`Consumer` and `AsyncConsumer`: read a consumer group's events from the durable log."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import select
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_thread
+
+from ._conninfo import listener_conninfo
+from ._consumer_core import ConsumerCore, CoreLost, Event, Start
+from ._protocol.backoff import backoff_delay
+from ._protocol.channels import check_channel
+from .errors import ConnectionLost, UsageError
+
+logger = logging.getLogger("pgherald.consumer")
+
+H = TypeVar("H", bound=Callable[..., Any])
+_Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
+
+
+class _ConsumerBase:
+    """Options, handlers and the retry policy shared by both runtimes."""
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        group: str,
+        channels: Iterable[str] = (),
+        start: Start = "beginning",
+        reset: bool = False,
+        batch_size: int = 1000,
+        poll_interval: float = 0.5,
+        linger: float = 0.02,
+        rebalance_interval: float = 1.0,
+        max_attempts: int = 3,
+        retry_delay: float = 0.2,
+        reconnect_max_attempts: int | None = None,
+        json_loads: Callable[[str], Any] = json.loads,
+    ) -> None:
+        if isinstance(channels, str):
+            channels = [channels]
+        self.channels = {check_channel(c) for c in channels}
+        self._core = ConsumerCore(
+            listener_conninfo(dsn, application_name="pgherald-consumer"),
+            group=group,
+            start=start,
+            reset=reset,
+            batch_size=batch_size,
+            rebalance_interval=rebalance_interval,
+        )
+        self.poll_interval = poll_interval
+        self.linger = linger
+        self.max_attempts = max_attempts
+        self.retry_delay = retry_delay
+        self.reconnect_max_attempts = reconnect_max_attempts
+        self._loads = json_loads
+        self._handlers: dict[str | None, list[_Entry]] = {}
+        self._stopping = False
+        self.stats = {"received": 0, "handler_errors": 0, "skipped": 0, "reconnects": 0}
+
+    @property
+    def group(self) -> str:
+        return self._core.group
+
+    @property
+    def partitions(self) -> list[int]:
+        """The partitions this consumer holds now (out of 16)."""
+        return list(self._core.owned)
+
+    @property
+    def backend_pid(self) -> int | None:
+        conn = self._core.conn
+        return conn.pgconn.backend_pid if conn is not None else None
+
+    def on(self, *channels: str, transactional: bool = False) -> Callable[[H], H]:
+        """
+        Decorator: handle events of *channels* (all subscribed channels when none is given).
+
+        With ``transactional=True`` the handler is called as ``handler(event, conn)`` inside a
+        transaction on the consumer's connection that also acknowledges the event: its writes
+        through *conn* and the acknowledgement commit together, or not at all (exactly-once
+        effects). Transactional handlers must be plain functions.
+        """
+
+        def register(func: H) -> H:
+            is_async = inspect.iscoroutinefunction(func)
+            if transactional and is_async:
+                raise UsageError("transactional handlers must be plain functions (not async)")
+            for ch in channels or (None,):
+                if ch is not None:
+                    self.channels.add(check_channel(ch))
+                self._handlers.setdefault(ch, []).append((func, is_async, transactional))
+            return func
+
+        return register
+
+    def stop(self) -> None:
+        """Return from `run` (or end iteration) after the current event; any thread."""
+        self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        raise NotImplementedError
+
+    def _entries(self, event: Event) -> list[_Entry]:
+        return self._handlers.get(event.channel, []) + self._handlers.get(None, [])
+
+    def _wanted(self, events: list[Event]) -> list[Event]:
+        self.stats["received"] += len(events)
+        channels = self.channels
+        return [e for e in events if e.channel in channels] if channels else events
+
+    def _failed(self, event: Event, attempt: int) -> bool:
+        """Log a handler failure; True when the event should be tried again."""
+        self.stats["handler_errors"] += 1
+        if attempt < self.max_attempts:
+            logger.warning(
+                "handler failed on event %d (%s), attempt %d of %d; retrying",
+                event.id,
+                event.channel,
+                attempt,
+                self.max_attempts,
+                exc_info=True,
+            )
+            return True
+        self.stats["skipped"] += 1
+        logger.error(
+            "handler failed on event %d (%s) %d times; skipping it",
+            event.id,
+            event.channel,
+            attempt,
+            exc_info=True,
+        )
+        return False
+
+    def _reconnect_delay(self, attempt: int, error: str) -> float:
+        if self.reconnect_max_attempts is not None and attempt > self.reconnect_max_attempts:
+            raise ConnectionLost(f"could not reconnect after {attempt - 1} attempts: {error}")
+        return backoff_delay(attempt, initial=0.1, cap=5.0)
+
+
+class Consumer(_ConsumerBase):
+    """
+    Consume a group's events, sync: ``with Consumer(dsn, group="billing") as c: ...``.
+
+    Delivery is at least once, in (commit-safe) log order; the group's position advances after
+    the handler returns (or, iterating, once you ask for the next event). Several consumers of
+    one group share its 16 partitions; events with the same key stay in order.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, **kwargs)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+
+    def __enter__(self) -> Consumer:
+        self.connect()
+        return self
+
+    def __exit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def connect(self) -> None:
+        if self._core.conn is None:
+            self._core.connect()
+
+    def close(self) -> None:
+        self._core.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _wait(self, timeout: float) -> bool:
+        """Wait for a wake-up notification, a stop, or the timeout; True if woken by the server."""
+        try:
+            waitables: list[Any] = [self._core.socket, self._wake_r]
+            r, _, _ = select.select(waitables, [], [], max(0.0, timeout))
+        except (ValueError, OSError):
+            return False
+        if self._wake_r in r:
+            with contextlib.suppress(OSError):
+                while self._wake_r.recv(4096):
+                    pass
+        if self._core.socket in r:
+            self._core.drain_wakes()
+            return True
+        return False
+
+    def _batches(self) -> Iterator[list[Event]]:
+        """Batches of wanted events until stopped; reconnects on connection loss."""
+        core = self._core
+        self.connect()
+        linger_until = 0.0
+        attempt = 0
+        while not self._stopping:
+            try:
+                core.rebalance()
+                events = core.fetch(self._loads)
+                attempt = 0
+                if events:
+                    batch = self._wanted(events)
+                    yield batch if batch else []
+                    if not batch:
+                        core.ack(events)  # nothing for us in there: just move past it
+                    linger_until = time.monotonic() + self.linger
+                    continue
+                now = time.monotonic()
+                if now < linger_until:
+                    # Writers that did not send a wake-up may commit just after one that did.
+                    self._wait(min(0.002, linger_until - now))
+                    continue
+                if self._wait(self.poll_interval):
+                    linger_until = time.monotonic() + self.linger
+            except CoreLost as exc:
+                attempt += 1
+                core.close()
+                delay = self._reconnect_delay(attempt, str(exc))
+                logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
+                self._wait_stop(delay)
+                try:
+                    core.connect()
+                    self.stats["reconnects"] += 1
+                except Exception as exc2:  # retried at the next turn
+                    logger.warning("reconnect failed: %s", exc2)
+
+    def _wait_stop(self, delay: float) -> None:
+        select.select([self._wake_r], [], [], delay)
+
+    def run(self) -> None:
+        """Handle events until `stop`."""
+        if not self._handlers:
+            raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
+        self._stopping = False
+        core = self._core
+        for batch in self._batches():
+            done: list[Event] = []
+            for event in batch:
+                self._handle(event)
+                done.append(event)
+                if self._stopping:
+                    break
+            core.ack(done)
+
+    def _handle(self, event: Event) -> None:
+        for handler, _, transactional in self._entries(event):
+            attempt = 1
+            while True:
+                try:
+                    if transactional:
+                        self._core.in_transaction(event, handler)
+                    else:
+                        handler(event)
+                    break
+                except CoreLost:
+                    raise
+                except Exception:
+                    if not self._failed(event, attempt):
+                        break
+                    attempt += 1
+                    self._wait_stop(self.retry_delay)
+
+    def __iter__(self) -> Iterator[Event]:
+        return self.events()
+
+    def events(self) -> Iterator[Event]:
+        """
+        Yield events until `stop`; each is acknowledged once you ask for the next one (or the
+        iteration ends normally), so a crash redelivers what was not finished.
+        """
+        if self._handlers:
+            raise UsageError("this consumer has handlers: call run(), or iterate one without")
+        self._stopping = False
+        core = self._core
+        for batch in self._batches():
+            done: list[Event] = []
+            try:
+                for event in batch:
+                    yield event
+                    done.append(event)
+                    if self._stopping:
+                        break
+            finally:
+                if done:
+                    with contextlib.suppress(CoreLost):
+                        core.ack(done)
+
+
+class AsyncConsumer(_ConsumerBase):
+    """
+    The async `Consumer`, for asyncio and trio: queries run in a worker thread (psycopg's
+    async connection is asyncio-only), all waiting happens on the event loop.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
+        super().__init__(dsn, **kwargs)
+        self._scope: anyio.CancelScope | None = None
+
+    async def __aenter__(self) -> AsyncConsumer:
+        await self.connect()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self._core.close)
+
+    async def connect(self) -> None:
+        if self._core.conn is None:
+            await anyio.to_thread.run_sync(self._core.connect)
+
+    def _wake(self) -> None:
+        if self._scope is not None:
+            self._scope.cancel()
+
+    async def _wait(self, seconds: float) -> bool:
+        with anyio.move_on_after(seconds) as scope:
+            self._scope = scope
+            try:
+                await anyio.wait_readable(self._core.socket)
+            finally:
+                self._scope = None
+            await anyio.to_thread.run_sync(self._core.drain_wakes)
+            return True
+        return False
+
+    async def _batches(self) -> AsyncIterator[list[Event]]:
+        core = self._core
+        await self.connect()
+        linger_until = 0.0
+        attempt = 0
+        while not self._stopping:
+            try:
+                events = await anyio.to_thread.run_sync(self._fetch)
+                attempt = 0
+                if events:
+                    batch = self._wanted(events)
+                    yield batch
+                    if not batch:
+                        await anyio.to_thread.run_sync(core.ack, events)
+                    linger_until = time.monotonic() + self.linger
+                    continue
+                now = time.monotonic()
+                if now < linger_until:
+                    await anyio.sleep(min(0.002, linger_until - now))
+                    continue
+                if await self._wait(self.poll_interval):
+                    linger_until = time.monotonic() + self.linger
+            except CoreLost as exc:
+                attempt += 1
+                await anyio.to_thread.run_sync(core.close)
+                delay = self._reconnect_delay(attempt, str(exc))
+                logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
+                await anyio.sleep(delay)
+                try:
+                    await anyio.to_thread.run_sync(core.connect)
+                    self.stats["reconnects"] += 1
+                except Exception as exc2:
+                    logger.warning("reconnect failed: %s", exc2)
+
+    def _fetch(self) -> list[Event]:
+        self._core.rebalance()
+        return self._core.fetch(self._loads)
+
+    async def run(self) -> None:
+        """Handle events until `stop` (or cancellation)."""
+        if not self._handlers:
+            raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
+        self._stopping = False
+        async for batch in self._batches():
+            done: list[Event] = []
+            for event in batch:
+                await self._handle(event)
+                done.append(event)
+                if self._stopping:
+                    break
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._core.ack, done)
+
+    async def _handle(self, event: Event) -> None:
+        for handler, is_async, transactional in self._entries(event):
+            attempt = 1
+            while True:
+                try:
+                    if transactional:
+                        await anyio.to_thread.run_sync(self._core.in_transaction, event, handler)
+                    elif is_async:
+                        await handler(event)
+                    else:
+                        handler(event)
+                    break
+                except CoreLost:
+                    raise
+                except Exception:
+                    if not self._failed(event, attempt):
+                        break
+                    attempt += 1
+                    await anyio.sleep(self.retry_delay)
+
+    def __aiter__(self) -> AsyncIterator[Event]:
+        return self.events()
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Yield events until `stop`; acknowledged as in `Consumer.events`."""
+        if self._handlers:
+            raise UsageError("this consumer has handlers: call run(), or iterate one without")
+        self._stopping = False
+        async for batch in self._batches():
+            done: list[Event] = []
+            try:
+                for event in batch:
+                    yield event
+                    done.append(event)
+                    if self._stopping:
+                        break
+            finally:
+                if done:
+                    with anyio.CancelScope(shield=True), contextlib.suppress(CoreLost):
+                        await anyio.to_thread.run_sync(self._core.ack, done)

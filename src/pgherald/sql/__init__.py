@@ -1,0 +1,43 @@
+"""
+pgherald's SQL, kept in ``.sql`` files: ``schema.sql`` (the current schema), ``queries.sql``
+(named queries) and ``migrations/`` (every schema change since the first release, in order).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from importlib import resources
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from typing_extensions import LiteralString
+
+_NAME = re.compile(r"^-- name: (\w+) --$", re.MULTILINE)
+
+
+def read(name: str) -> str:
+    """A file of this package, as text."""
+    return resources.files(__name__).joinpath(name).read_text(encoding="utf-8")
+
+
+@functools.cache
+def queries() -> dict[str, LiteralString]:
+    """Every named query of ``queries.sql``."""
+    text = read("queries.sql")
+    parts = _NAME.split(text)[1:]
+    return {
+        name: cast("LiteralString", body.strip())
+        for name, body in zip(parts[::2], parts[1::2], strict=True)
+    }
+
+
+def query(name: str) -> LiteralString:
+    return queries()[name]
+
+
+def migrations() -> list[tuple[str, str]]:
+    """``(name, sql)`` of every migration, oldest first (file names sort in order)."""
+    folder = resources.files(__name__).joinpath("migrations")
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith(".sql"))
+    return [(n[: -len(".sql")], folder.joinpath(n).read_text(encoding="utf-8")) for n in names]
