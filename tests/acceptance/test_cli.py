@@ -146,3 +146,8 @@ def test_demo_runs_end_to_end(dsn: str) -> None:
     assert "InvalidChannel" in out
     assert "after the reconnect" in out
     assert "received 5 notifications, 1 reconnect" in out
+    # The durable part: two consumed, then three caught up after a restart, none twice.
+    consumed = [line for line in out.splitlines() if "<- consumed" in line]
+    assert len(consumed) == 5
+    assert len(set(consumed)) == 5
+    assert "invoice\": 2" not in out  # rolled back

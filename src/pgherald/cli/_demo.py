@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import threading
 import time
@@ -143,6 +144,7 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
 
         listener.stop()
         thread.join(5)
+    _durable_tour(conninfo, step=step, show=show, style=style)
     step("Done")
     show(
         "..",
@@ -151,3 +153,53 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
     echo(
         "\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another."
     )
+
+
+def _durable_tour(
+    conninfo: str, *, step: Callable[[str], None], show: Callable[..., None], style: Style
+) -> None:
+    from .._consumer import Consumer
+    from .._publish import publish
+    from .._schema import install
+
+    def take(consumer: Consumer, count: int) -> list[str]:
+        seen: list[str] = []
+        for e in consumer:
+            seen.append(f"#{e.id} {e.channel} {json.dumps(e.payload)[:60]}")
+            show("<- consumed", seen[-1], "green")
+            if len(seen) == count:
+                consumer.stop()  # ends the loop after this event, which is acknowledged
+        return seen
+
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        step("The durable event log: nothing is lost while a consumer is down")
+        applied = install(conn)
+        show("..", f"pgherald install: {', '.join(applied) or 'already up to date'}")
+        group = f"demo-{os.getpid()}"
+        consumer = Consumer(
+            conninfo, group=group, channels=["invoices"], start="now", poll_interval=0.1
+        )
+        with consumer:
+            show("..", f"consumer group {group!r} holds partitions {consumer.partitions}")
+            with conn.transaction():
+                publish(conn, "invoices", {"invoice": 1, "total": 9.5}, key="alice")
+            try:
+                with conn.transaction():
+                    publish(conn, "invoices", {"invoice": 2, "total": 0})
+                    raise RuntimeError("rolled back")
+            except RuntimeError:
+                show("->", "published invoice 2 in a transaction that rolled back", "yellow")
+            publish(conn, "invoices", {"invoice": 3, "total": 12.0}, key="bob")
+            take(consumer, 2)
+        show(
+            "..",
+            "consumer stopped; three events are published while it is down, one of "
+            "them 20 KB (too big for NOTIFY)",
+        )
+        for n, payload in enumerate(
+            [{"invoice": 4}, {"invoice": 5, "pdf": "x" * 20_000}, {"invoice": 6}], start=4
+        ):
+            publish(conn, "invoices", payload, key=f"customer-{n}")
+        with Consumer(conninfo, group=group, channels=["invoices"], poll_interval=0.1) as again:
+            show("..", "consumer restarted: it continues where its group left off")
+            take(again, 3)
