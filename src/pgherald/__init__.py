@@ -19,6 +19,14 @@ from ._models import Gap, ListenerStats, Notification
 from ._notify import anotify, notify
 from ._publish import apublish, publish
 from ._schema import install, uninstall
+from ._triggers import (
+    TableTrigger,
+    add_table_trigger,
+    disable_ddl_events,
+    enable_ddl_events,
+    list_table_triggers,
+    remove_table_trigger,
+)
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -31,6 +39,7 @@ from .errors import (
     PayloadNotJSON,
     PayloadNotSerializable,
     PayloadTooLarge,
+    PrivilegeError,
     PublishError,
     SchemaMissing,
     TransactionStateError,
@@ -59,15 +68,22 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PrivilegeError",
     "PublishError",
     "SchemaMissing",
+    "TableTrigger",
     "TransactionStateError",
     "UsageError",
+    "add_table_trigger",
     "anotify",
     "apublish",
+    "disable_ddl_events",
+    "enable_ddl_events",
     "install",
+    "list_table_triggers",
     "notify",
     "publish",
+    "remove_table_trigger",
     "uninstall",
 ]
 

@@ -14,6 +14,7 @@ Every error pgherald raises derives from :class:`HeraldError`.
     ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
     ├── ListenError             the database refused a LISTEN (for example on a standby)
     ├── SchemaMissing           the durable log is used before `pgherald install`
+    ├── PrivilegeError          the role lacks a privilege (DDL event triggers need a superuser)
     ├── PublishError            the database refused a publish (the driver error is chained)
     └── DatabaseConnectionError
         ├── ConnectError        could not connect (bad DSN, server down, auth)
@@ -36,6 +37,7 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PrivilegeError",
     "PublishError",
     "SchemaMissing",
     "TransactionStateError",
@@ -89,6 +91,10 @@ class ListenError(HeraldError):
 
 class SchemaMissing(HeraldError):
     """pgherald's schema is not installed: run `pgherald install`."""
+
+
+class PrivilegeError(HeraldError):
+    """The current role lacks a privilege this needs."""
 
 
 class PublishError(HeraldError):

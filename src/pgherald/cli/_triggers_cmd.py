@@ -1,0 +1,249 @@
+"""Commands for change events: trigger add|list|remove, ddl enable|disable, watch, sql trigger."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+
+from .._listener import Listener
+from .._models import Notification
+from .._triggers import (
+    EVENTS,
+    TableTrigger,
+    add_table_trigger,
+    disable_ddl_events,
+    enable_ddl_events,
+    list_table_triggers,
+    remove_table_trigger,
+    resolve_table,
+    trigger_sql,
+)
+from ..errors import UsageError
+from ._commands import cli, dsn_option, format_notification, friendly, stop_on_signals
+from ._durable import connection, sql_cmd
+
+
+def _split(text: str | None) -> list[str]:
+    return [p.strip() for p in (text or "").split(",") if p.strip()]
+
+
+def trigger_options(func: Any) -> Any:
+    func = click.option(
+        "--durable",
+        is_flag=True,
+        help="Store full events in the durable log (NOTIFY only wakes readers).",
+    )(func)
+    func = click.option(
+        "--columns", default=None, help="Comma-separated columns to include (default: all)."
+    )(func)
+    func = click.option(
+        "--events",
+        default=",".join(EVENTS),
+        show_default=True,
+        help="Comma-separated: insert,update,delete,truncate.",
+    )(func)
+    return click.option(
+        "--channel",
+        default=None,
+        help="Channel to send on (default: schema.table, e.g. public.orders).",
+    )(func)
+
+
+@cli.group("trigger")
+def trigger_group() -> None:
+    """Add, list and remove change-event triggers on tables."""
+
+
+@trigger_group.command("add")
+@dsn_option
+@trigger_options
+@click.argument("table")
+@friendly
+def trigger_add(
+    dsn: str | None,
+    table: str,
+    channel: str | None,
+    events: str,
+    columns: str | None,
+    durable: bool,
+) -> None:
+    """Send a JSON event for every change of TABLE (schema-qualified and quoted names work)."""
+    with connection(dsn) as conn:
+        t = add_table_trigger(
+            conn,
+            table,
+            channel=channel,
+            events=_split(events),
+            columns=_split(columns),
+            durable=durable,
+        )
+    where = "the durable log" if t.durable else "NOTIFY"
+    click.echo(f"{t.schema}.{t.table}: {','.join(t.events)} -> channel {t.channel!r} via {where}")
+
+
+@trigger_group.command("list")
+@dsn_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per table.")
+@friendly
+def trigger_list(dsn: str | None, as_json: bool) -> None:
+    """Tables with pgherald triggers and their options."""
+    with connection(dsn) as conn:
+        triggers = list_table_triggers(conn)
+    for t in triggers:
+        if as_json:
+            click.echo(json.dumps(t.__dict__))
+        else:
+            cols = ",".join(t.columns) or "all columns"
+            click.echo(
+                f"{t.schema}.{t.table}: {','.join(t.events)}; {cols}; channel "
+                f"{t.channel!r}{' (durable)' if t.durable else ''}"
+            )
+    if not triggers and not as_json:
+        click.echo("no pgherald triggers")
+
+
+@trigger_group.command("remove")
+@dsn_option
+@click.argument("table")
+@friendly
+def trigger_remove(dsn: str | None, table: str) -> None:
+    """Remove pgherald's triggers from TABLE."""
+    with connection(dsn) as conn:
+        existed = remove_table_trigger(conn, table)
+    click.echo("removed" if existed else f"{table} had no pgherald trigger")
+
+
+@cli.group("ddl")
+def ddl_group() -> None:
+    """DDL event triggers: schema changes as JSON on channel 'pgherald_ddl' (superuser)."""
+
+
+@ddl_group.command("enable")
+@dsn_option
+@friendly
+def ddl_enable(dsn: str | None) -> None:
+    """Send {command_tag, object_type, schema, object_identity} for every DDL command."""
+    with connection(dsn) as conn:
+        enable_ddl_events(conn)
+    click.echo("DDL events enabled on channel 'pgherald_ddl'")
+
+
+@ddl_group.command("disable")
+@dsn_option
+@friendly
+def ddl_disable(dsn: str | None) -> None:
+    """Remove the DDL event triggers."""
+    with connection(dsn) as conn:
+        disable_ddl_events(conn)
+    click.echo("DDL events disabled")
+
+
+@sql_cmd.group("trigger")
+def sql_trigger() -> None:
+    """Print trigger DDL without connecting."""
+
+
+@sql_trigger.command("add")
+@trigger_options
+@click.argument("table")
+@friendly
+def sql_trigger_add(
+    table: str, channel: str | None, events: str, columns: str | None, durable: bool
+) -> None:
+    """The DDL of `pgherald trigger add TABLE` (needs `pgherald install` applied first)."""
+    click.echo(
+        trigger_sql(
+            table, channel=channel, events=_split(events), columns=_split(columns), durable=durable
+        ),
+        nl=False,
+    )
+
+
+def format_change(n: Notification) -> str:
+    """One readable line per change; UPDATE shows the changed columns old -> new."""
+    try:
+        e = n.json()
+        op, table = e["op"], f"{e['schema']}.{e['table']}"
+    except (ValueError, KeyError, TypeError):
+        return format_notification(n)
+    head = f"{click.style(op, fg={'INSERT': 'green', 'UPDATE': 'yellow', 'DELETE': 'red'}.get(op, 'magenta'), bold=True)} {click.style(table, fg='cyan')}"
+    if e.get("truncated"):
+        return f"{head} key {json.dumps(e.get('key'))} (row too wide for NOTIFY: fetch it)"
+    if op == "UPDATE":
+        new, old = e.get("new") or {}, e.get("old") or {}
+        changes = ", ".join(
+            f"{c}: {json.dumps(old.get(c))} -> {json.dumps(new.get(c))}"
+            for c in e.get("changed") or []
+        )
+        return f"{head} {changes}"
+    row = e.get("new") if op == "INSERT" else e.get("old")
+    return f"{head} {json.dumps(row)}" if row is not None else head
+
+
+@cli.command("watch")
+@dsn_option
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    envvar="PGHERALD_JSON",
+    show_envvar=True,
+    help="Print each change event as one JSON line.",
+)
+@click.option(
+    "--temporary",
+    is_flag=True,
+    help="Add a trigger to tables that have none, and remove it on exit.",
+)
+@click.option("--yes", is_flag=True, help="Add missing triggers without asking (kept on exit).")
+@click.argument("tables", nargs=-1, required=True)
+@friendly
+def watch(
+    dsn: str | None, as_json: bool, temporary: bool, yes: bool, tables: tuple[str, ...]
+) -> None:
+    """Live tail of row changes of TABLES, until Ctrl-C or SIGTERM."""
+    with connection(dsn) as conn:
+        existing = {(t.schema, t.table): t for t in list_table_triggers(conn)}
+        channels: list[str] = []
+        added: list[str] = []
+        for table in tables:
+            trigger = _find(conn, existing, table)
+            if trigger is None:
+                if not (temporary or yes) and not (
+                    sys.stdin.isatty()
+                    and click.confirm(f"{table} has no pgherald trigger. Add one?", default=True)
+                ):
+                    raise UsageError(
+                        f"{table} has no pgherald trigger: run `pgherald trigger add {table}`, "
+                        "or pass --temporary (removed on exit) or --yes"
+                    )
+                trigger = add_table_trigger(conn, table)
+                if temporary:
+                    added.append(table)
+            if trigger.durable:
+                raise UsageError(
+                    f"{table}'s trigger is durable: read it with `pgherald consume "
+                    f"--group NAME {trigger.channel}`"
+                )
+            channels.append(trigger.channel)
+        try:
+            listener = Listener(dsn, channels=channels)
+            with listener, stop_on_signals(listener.stop):
+                click.echo(f"watching {', '.join(tables)} (Ctrl-C to stop)", err=True)
+                for n in listener:
+                    click.echo(n.payload if as_json else format_change(n))
+                    sys.stdout.flush()
+        finally:
+            for table in added:
+                remove_table_trigger(conn, table)
+
+
+def _find(
+    conn: Any, existing: dict[tuple[str, str], TableTrigger], table: str
+) -> TableTrigger | None:
+    schema, name = resolve_table(conn, table)
+
+    return existing.get((schema, name))

@@ -1,0 +1,87 @@
+-- 0.1.0: table-change and DDL event trigger functions.
+
+-- Row changes as JSON events, for triggers added by `pgherald trigger add`.
+-- Arguments (TG_ARGV): channel ('' = schema.table), columns (JSON array; '[]' = all), durable
+-- ('t' = store the full event in pgherald.events_v1; the NOTIFY then only wakes consumers).
+-- A row too wide for NOTIFY (8000 bytes) never fails the write: without durable, the event is
+-- reduced to the primary key with "truncated": true, for the reader to fetch the row.
+CREATE FUNCTION pgherald.notify_change_v1() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_channel text := coalesce(nullif(TG_ARGV[0], ''), TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+    v_columns text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(TG_ARGV[1], '[]')::jsonb));
+    v_durable boolean := coalesce(TG_ARGV[2], 'f') = 't';
+    v_new jsonb;
+    v_old jsonb;
+    v_changed text[];
+    v_event jsonb;
+    v_text text;
+    v_pk text[];
+BEGIN
+    IF TG_LEVEL = 'ROW' THEN
+        IF TG_OP IN ('INSERT', 'UPDATE') THEN v_new := to_jsonb(NEW); END IF;
+        IF TG_OP IN ('UPDATE', 'DELETE') THEN v_old := to_jsonb(OLD); END IF;
+        IF cardinality(v_columns) > 0 THEN
+            v_new := (SELECT jsonb_object_agg(k, v) FROM jsonb_each(v_new) AS e(k, v)
+                      WHERE k = ANY (v_columns));
+            v_old := (SELECT jsonb_object_agg(k, v) FROM jsonb_each(v_old) AS e(k, v)
+                      WHERE k = ANY (v_columns));
+        END IF;
+        IF TG_OP = 'UPDATE' THEN
+            v_changed := ARRAY(
+                SELECT k FROM jsonb_each(v_new) AS e(k, v)
+                WHERE v IS DISTINCT FROM v_old -> k ORDER BY k);
+            IF cardinality(v_changed) = 0 THEN
+                RETURN NULL;  -- nothing (that we watch) changed: no event
+            END IF;
+        END IF;
+    END IF;
+    v_event := jsonb_build_object(
+        'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
+        'new', v_new, 'old', v_old, 'changed', to_jsonb(v_changed),
+        'tx', pg_current_xact_id()::text, 'ts', clock_timestamp());
+    IF v_durable THEN
+        PERFORM pgherald.publish_v1(v_channel, v_event, NULL, NULL);
+        RETURN NULL;
+    END IF;
+    v_text := v_event::text;
+    IF octet_length(v_text) >= 8000 THEN
+        v_pk := ARRAY(
+            SELECT a.attname FROM pg_index AS i
+            JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)
+            WHERE i.indrelid = TG_RELID AND i.indisprimary);
+        v_event := v_event - 'new' - 'old' || jsonb_build_object(
+            'truncated', true,
+            'key', (SELECT jsonb_object_agg(k, v) FROM jsonb_each(coalesce(to_jsonb(NEW), to_jsonb(OLD))) AS e(k, v)
+                    WHERE k = ANY (v_pk)));
+        v_text := v_event::text;
+        IF octet_length(v_text) >= 8000 THEN  -- a huge key, or changed-column list
+            v_text := (v_event - 'key' - 'changed')::text;
+        END IF;
+    END IF;
+    PERFORM pg_notify(v_channel, v_text);
+    RETURN NULL;
+END
+$$;
+
+-- DDL events, for `pgherald ddl enable` (event triggers need a superuser).
+CREATE FUNCTION pgherald.notify_ddl_v1() RETURNS event_trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    r record;
+BEGIN
+    IF TG_EVENT = 'sql_drop' THEN
+        FOR r IN SELECT * FROM pg_event_trigger_dropped_objects() LOOP
+            PERFORM pg_notify('pgherald_ddl', jsonb_build_object(
+                'event', TG_EVENT, 'command_tag', TG_TAG, 'object_type', r.object_type,
+                'schema', r.schema_name, 'object_identity', r.object_identity)::text);
+        END LOOP;
+    ELSE
+        FOR r IN SELECT * FROM pg_event_trigger_ddl_commands() LOOP
+            PERFORM pg_notify('pgherald_ddl', jsonb_build_object(
+                'event', TG_EVENT, 'command_tag', r.command_tag, 'object_type', r.object_type,
+                'schema', r.schema_name, 'object_identity', r.object_identity)::text);
+        END LOOP;
+    END IF;
+END
+$$;
