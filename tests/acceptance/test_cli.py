@@ -151,3 +151,8 @@ def test_demo_runs_end_to_end(dsn: str) -> None:
     assert len(consumed) == 5
     assert len(set(consumed)) == 5
     assert "invoice\": 2" not in out  # rolled back
+    # Table changes: the no-op UPDATE sends nothing, the too-wide row is reduced to its key.
+    changes = [line for line in out.splitlines() if "<- change" in line]
+    assert len(changes) == 5
+    assert "qty: 2 -> 3" in out
+    assert "row too wide for NOTIFY" in out

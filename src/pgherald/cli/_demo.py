@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 import psycopg
+from psycopg import sql as psql
 
 from .. import notify
 from .._conninfo import connect_error, listener_conninfo
@@ -145,6 +146,7 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
         listener.stop()
         thread.join(5)
     _durable_tour(conninfo, step=step, show=show, style=style)
+    _changes_tour(conninfo, step=step, show=show)
     step("Done")
     show(
         "..",
@@ -203,3 +205,32 @@ def _durable_tour(
         with Consumer(conninfo, group=group, channels=["invoices"], poll_interval=0.1) as again:
             show("..", "consumer restarted: it continues where its group left off")
             take(again, 3)
+
+
+def _changes_tour(conninfo: str, *, step: Callable[[str], None], show: Callable[..., None]) -> None:
+    from .._triggers import add_table_trigger, remove_table_trigger
+    from ._triggers_cmd import format_change
+
+    ident = psql.Identifier(f"Demo Orders {os.getpid()}")
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+
+        def run(query: str, *params: object) -> None:
+            conn.execute(psql.SQL(query).format(ident), params)
+
+        table = ident.as_string(conn)
+        step("Table changes as events: a trigger pgherald generates (no plpgsql to write)")
+        run("CREATE TABLE {} (id int PRIMARY KEY, item text, qty int)")
+        try:
+            trigger = add_table_trigger(conn, table)
+            show("..", f"pgherald trigger add {table}: events on channel {trigger.channel!r}")
+            with Listener(conninfo, channels=[trigger.channel]) as listener:
+                run("INSERT INTO {} VALUES (1, 'tea', 2), (2, 'cake', 1)")
+                run("UPDATE {} SET qty = 3 WHERE id = 1")
+                run("UPDATE {} SET qty = 3 WHERE id = 1")  # no change: no event
+                run("UPDATE {} SET item = %s WHERE id = 2", "x" * 9000)  # too wide for NOTIFY
+                run("DELETE FROM {} WHERE id = 1")
+                for n in listener.notifications(timeout=1.0):
+                    show("<- change", format_change(n), "green")
+        finally:
+            remove_table_trigger(conn, table)
+            run("DROP TABLE {}")
