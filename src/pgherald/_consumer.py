@@ -6,8 +6,6 @@ import contextlib
 import inspect
 import json
 import logging
-import select
-import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from types import TracebackType
@@ -20,6 +18,9 @@ from ._conninfo import listener_conninfo
 from ._consumer_core import ConsumerCore, CoreLost, Event, Start
 from ._protocol.backoff import backoff_delay
 from ._protocol.channels import check_channel
+from ._protocol.pgwire import READ
+from ._waiting import Waiter
+from ._waiting_async import AsyncWaiter
 from .errors import ConnectionLost, UsageError
 
 logger = logging.getLogger("pgherald.consumer")
@@ -163,9 +164,8 @@ class Consumer(_ConsumerBase):
 
     def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, **kwargs)
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
+        self._waiter = Waiter()
+        self._waiter.open()  # now, so that a stop() from another thread is never lost
 
     def __enter__(self) -> Consumer:
         self.connect()
@@ -182,28 +182,17 @@ class Consumer(_ConsumerBase):
 
     def close(self) -> None:
         self._core.close()
-        self._wake_r.close()
-        self._wake_w.close()
+        self._waiter.close()
 
     def _wake(self) -> None:
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._waiter.wake()
 
-    def _wait(self, timeout: float) -> bool:
+    def _wait(self, seconds: float) -> bool:
         """Wait for a wake-up notification, a stop, or the timeout; True if woken by the server."""
-        try:
-            waitables: list[Any] = [self._core.socket, self._wake_r]
-            r, _, _ = select.select(waitables, [], [], max(0.0, timeout))
-        except (ValueError, OSError):
+        if not self._waiter.wait(self._core.socket, READ, time.monotonic() + seconds):
             return False
-        if self._wake_r in r:
-            with contextlib.suppress(OSError):
-                while self._wake_r.recv(4096):
-                    pass
-        if self._core.socket in r:
-            self._core.drain_wakes()
-            return True
-        return False
+        self._core.drain_wakes()
+        return True
 
     def _batches(self) -> Iterator[list[Event]]:
         """Batches of wanted events until stopped; reconnects on connection loss."""
@@ -243,7 +232,7 @@ class Consumer(_ConsumerBase):
                     logger.warning("reconnect failed: %s", exc2)
 
     def _wait_stop(self, delay: float) -> None:
-        select.select([self._wake_r], [], [], delay)
+        self._waiter.sleep(time.monotonic() + delay)
 
     def run(self) -> None:
         """Handle events until `stop`."""
@@ -314,7 +303,7 @@ class AsyncConsumer(_ConsumerBase):
 
     def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, **kwargs)
-        self._scope: anyio.CancelScope | None = None
+        self._waiter = AsyncWaiter()
 
     async def __aenter__(self) -> AsyncConsumer:
         await self.connect()
@@ -327,23 +316,18 @@ class AsyncConsumer(_ConsumerBase):
             await anyio.to_thread.run_sync(self._core.close)
 
     async def connect(self) -> None:
+        self._waiter.bind()
         if self._core.conn is None:
             await anyio.to_thread.run_sync(self._core.connect)
 
     def _wake(self) -> None:
-        if self._scope is not None:
-            self._scope.cancel()
+        self._waiter.wake()
 
     async def _wait(self, seconds: float) -> bool:
-        with anyio.move_on_after(seconds) as scope:
-            self._scope = scope
-            try:
-                await anyio.wait_readable(self._core.socket)
-            finally:
-                self._scope = None
-            await anyio.to_thread.run_sync(self._core.drain_wakes)
-            return True
-        return False
+        if not await self._waiter.wait(self._core.socket, READ, time.monotonic() + seconds):
+            return False
+        await anyio.to_thread.run_sync(self._core.drain_wakes)
+        return True
 
     async def _batches(self) -> AsyncIterator[list[Event]]:
         core = self._core
@@ -363,7 +347,7 @@ class AsyncConsumer(_ConsumerBase):
                     continue
                 now = time.monotonic()
                 if now < linger_until:
-                    await anyio.sleep(min(0.002, linger_until - now))
+                    await self._waiter.sleep(min(now + 0.002, linger_until))
                     continue
                 if await self._wait(self.poll_interval):
                     linger_until = time.monotonic() + self.linger
@@ -372,7 +356,7 @@ class AsyncConsumer(_ConsumerBase):
                 await anyio.to_thread.run_sync(core.close)
                 delay = self._reconnect_delay(attempt, str(exc))
                 logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
-                await anyio.sleep(delay)
+                await self._waiter.sleep(time.monotonic() + delay)
                 try:
                     await anyio.to_thread.run_sync(core.connect)
                     self.stats["reconnects"] += 1
@@ -416,7 +400,7 @@ class AsyncConsumer(_ConsumerBase):
                     if not self._failed(event, attempt):
                         break
                     attempt += 1
-                    await anyio.sleep(self.retry_delay)
+                    await self._waiter.sleep(time.monotonic() + self.retry_delay)
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self.events()
