@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Iterator
 from types import TracebackType
@@ -38,6 +39,7 @@ class Listener(ListenerBase):
     def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, **kwargs)
         self._waiter = Waiter()
+        self._loop_thread: int | None = None  # the thread running run() or the iteration
 
     # -- connection --
 
@@ -73,8 +75,9 @@ class Listener(ListenerBase):
         """
         LISTEN to more *channels*.
 
-        Outside `run` it returns once the server listens; inside (from a handler or another
-        thread) it takes effect before the next notification is read.
+        Returns once the server listens, also from another thread while `run` goes on; from
+        inside a handler it cannot wait (the loop is running the handler), so it returns at
+        once and the LISTEN is sent right after the handler.
         """
         self._request_channels(add=channels)
         self._sync_now()
@@ -85,8 +88,16 @@ class Listener(ListenerBase):
         self._sync_now()
 
     def _sync_now(self) -> None:
-        if self._mode is None and self._engine.connected:
-            self._waiter.run(self._engine.sync_channels())
+        engine = self._engine
+        if self._mode is None:
+            if engine.connected:
+                self._waiter.run(engine.sync_channels())
+        elif threading.get_ident() != self._loop_thread:
+            # Running in another thread: it applies the change; wait until the server has it.
+            done = threading.Event()
+            engine.after_sync(done.set)
+            self._wake()
+            done.wait(engine.config.health_check_timeout + 10.0)
 
     def _wake(self) -> None:
         self._waiter.wake()
@@ -99,6 +110,7 @@ class Listener(ListenerBase):
     def run(self) -> None:
         """Dispatch notifications to handlers until `stop` is called."""
         self._begin("run")
+        self._loop_thread = threading.get_ident()
         try:
             self.connect()
             self._waiter.run(self._engine.run(), self._on_request)
@@ -146,6 +158,7 @@ class Listener(ListenerBase):
         Reading pauses while your loop body runs: nothing piles up in memory.
         """
         self._begin("iterate")
+        self._loop_thread = threading.get_ident()
         gen = self._engine.run()
         engine = self._engine
         clock = time.monotonic

@@ -42,6 +42,7 @@ class AsyncListener(ListenerBase):
     def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
         super().__init__(dsn, **kwargs)
         self._waiter = AsyncWaiter()
+        self._dispatching = False  # handlers are running: the loop cannot serve a subscribe
 
     # -- connection --
 
@@ -73,18 +74,32 @@ class AsyncListener(ListenerBase):
         await self.aclose()
 
     async def subscribe(self, *channels: str) -> None:
-        """LISTEN to more *channels* (see `Listener.subscribe` for the timing)."""
+        """
+        LISTEN to more *channels*; returns once the server listens.
+
+        While `run` is going in another task, the running loop applies it and this waits for
+        that; from inside a handler of this listener it cannot wait (the loop is busy running
+        the handler), so it returns at once and the LISTEN follows right after the handler.
+        """
         self._request_channels(add=channels)
         await self._sync_now()
 
     async def unsubscribe(self, *channels: str) -> None:
-        """UNLISTEN *channels*."""
+        """UNLISTEN *channels* (same timing as `subscribe`)."""
         self._request_channels(remove=channels)
         await self._sync_now()
 
     async def _sync_now(self) -> None:
-        if self._mode is None and self._engine.connected:
-            await self._waiter.run(self._engine.sync_channels())
+        engine = self._engine
+        if self._mode is None:
+            if engine.connected:
+                await self._waiter.run(engine.sync_channels())
+        elif not self._dispatching:
+            done = anyio.Event()
+            engine.after_sync(done.set)
+            self._wake()
+            with anyio.fail_after(engine.config.health_check_timeout + 10.0):
+                await done.wait()
 
     def _wake(self) -> None:
         self._waiter.wake()
@@ -102,7 +117,11 @@ class AsyncListener(ListenerBase):
 
     async def _on_request(self, req: Request) -> None:
         if req[0] == DELIVER:
-            await self._deliver()
+            self._dispatching = True
+            try:
+                await self._deliver()
+            finally:
+                self._dispatching = False
         elif req[0] == REPORT:
             await self._report(req[1])
 

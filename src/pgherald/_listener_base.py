@@ -80,6 +80,11 @@ class ListenerBase:
         return self._engine.channels
 
     @property
+    def listening(self) -> frozenset[str]:
+        """The channels the server is LISTENing to right now (empty while disconnected)."""
+        return self._engine.listening
+
+    @property
     def connected(self) -> bool:
         return self._engine.connected
 

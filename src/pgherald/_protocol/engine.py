@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,7 @@ class ListenerEngine:
         self._broken = False
         self._pending: deque[Notification] = deque()
         self._input = False  # libpq may hold unread notifications
+        self._synced_callbacks: list[Callable[[], object]] = []
         self._lost: _Lost | None = None  # found by `dispatch`, raised by the state machine
         self._names: dict[bytes, str] = {}
         self._next_queue_check = 0.0
@@ -285,6 +286,15 @@ class ListenerEngine:
         self._pending.clear()
         self._outage = None
 
+    @property
+    def listening(self) -> frozenset[str]:
+        """The channels the server is LISTENing to for us right now."""
+        return frozenset(self._active) if self.pgconn is not None else frozenset()
+
+    def after_sync(self, callback: Callable[[], object]) -> None:
+        """Call *callback* (no I/O: setting an event) once the server matches `channels`."""
+        self._synced_callbacks.append(callback)
+
     def sync_channels(self) -> PQGen:
         """Issue the LISTEN/UNLISTEN statements that make the server match `channels`."""
         assert self.pgconn is not None
@@ -293,6 +303,7 @@ class ListenerEngine:
         add = [ch for ch in self._wanted if ch not in self._active]
         drop = [ch for ch in self._active if ch not in wanted]
         if not add and not drop:
+            self._synced()
             return
         query = b";".join([*(listen_query(c) for c in add), *(unlisten_query(c) for c in drop)])
         try:
@@ -304,6 +315,12 @@ class ListenerEngine:
                 "server, not a read-only standby"
             ) from None
         self._active = wanted
+        self._synced()
+
+    def _synced(self) -> None:
+        callbacks, self._synced_callbacks = self._synced_callbacks, []
+        for callback in callbacks:
+            callback()
 
     def run(self) -> PQGen:
         """Serve notifications until `stopping`, reconnecting whenever the connection is lost."""

@@ -7,7 +7,7 @@ import sys
 
 def main() -> None:
     try:
-        from . import _durable, _triggers_cmd  # register their commands
+        from . import _durable, _serve, _triggers_cmd  # register their commands
         from ._commands import cli
     except ImportError as exc:  # click missing: say how to get it, no traceback
         if getattr(exc, "name", None) != "click":
@@ -16,5 +16,5 @@ def main() -> None:
             "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n"
         )
         raise SystemExit(2) from None
-    _ = _durable, _triggers_cmd
+    _ = _durable, _serve, _triggers_cmd
     cli(prog_name="pgherald")

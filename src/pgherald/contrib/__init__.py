@@ -1,0 +1,3 @@
+"""Optional add-ons built on pgherald's public API (each needs its own extra)."""
+
+from __future__ import annotations

@@ -1,0 +1,118 @@
+"""`create_app`: the gateway as a Starlette app (mount it, or run it with ``pgherald serve``)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+
+from .auth import Authenticator, AuthError, bearer_token
+from .fanout import Hub
+from .publishing import PublishRefused, publish_checked
+from .sse import SseEndpoint
+from .ws import WsEndpoint
+
+
+class Gateway:
+    """What a running gateway holds; ``app.state.gateway`` (for tests and shutdown hooks)."""
+
+    def __init__(self, hub: Hub, auth: Authenticator) -> None:
+        self.hub = hub
+        self.auth = auth
+
+    def close_streams(self, reason: str = "server shutting down") -> None:
+        """End every client stream now (call before a server waits for connections to end)."""
+        self.hub.close_all(reason)
+
+    async def publish(self, request: Request) -> Response:
+        channel = request.path_params["channel"]
+        try:
+            principal = self.auth.authenticate(bearer_token(request.headers, request.query_params))
+            principal.check_write(channel)
+            try:
+                payload = json.loads(await request.body())
+            except ValueError:
+                return JSONResponse({"error": "the body must be JSON"}, 400)
+            event_id = await publish_checked(self.hub, principal, channel, payload)
+        except AuthError as exc:
+            return JSONResponse({"error": exc.message}, exc.status)
+        except PublishRefused as exc:
+            return JSONResponse({"error": str(exc)}, exc.status)
+        if event_id is None:
+            return JSONResponse({"ok": True})
+        return JSONResponse({"id": event_id})
+
+    async def healthz(self, request: Request) -> Response:
+        state = {"database": await self.hub.database_ok(), "listener": self.hub.healthy_listener}
+        return JSONResponse(state, 200 if all(state.values()) else 503)
+
+    async def metrics(self, request: Request) -> Response:
+        with contextlib.suppress(Exception):  # a scrape must not fail when the DB is down
+            self.hub.metrics.queue_usage.set(await self.hub.queue_usage())
+        return Response(
+            self.hub.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8"
+        )
+
+    async def page(self, request: Request) -> Response:
+        return HTMLResponse(_page())
+
+
+def _page() -> str:
+    return resources.files(__package__).joinpath("static/index.html").read_text("utf-8")
+
+
+def create_app(
+    dsn: str,
+    *,
+    jwt_secret: str | None = None,
+    jwt_public_key: str | bytes | Path | None = None,
+    allow_anonymous: Iterable[str] = (),
+    durable_channels: Iterable[str] = (),
+    heartbeat: float = 15.0,
+    client_buffer: int = 1000,
+    poll_interval: float = 0.25,
+) -> Starlette:
+    """
+    The real-time gateway: SSE, WebSocket and HTTP publish over one LISTEN connection.
+
+    *jwt_public_key* is PEM text or bytes, or a `Path` to a PEM file. See docs/gateway.md.
+    """
+    if isinstance(jwt_public_key, Path):
+        jwt_public_key = jwt_public_key.read_bytes()
+    auth = Authenticator(
+        jwt_secret=jwt_secret, jwt_public_key=jwt_public_key, allow_anonymous=allow_anonymous
+    )
+    hub = Hub(
+        dsn,
+        durable_channels=durable_channels,
+        client_buffer=client_buffer,
+        poll_interval=poll_interval,
+    )
+    gateway = Gateway(hub, auth)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with hub.running():
+            yield
+
+    app = Starlette(
+        routes=[
+            Route("/", gateway.page, methods=["GET"]),
+            Route("/sse", SseEndpoint(hub, auth, heartbeat), methods=["GET"]),
+            WebSocketRoute("/ws", WsEndpoint(hub, auth).handle),
+            Route("/publish/{channel}", gateway.publish, methods=["POST"]),
+            Route("/healthz", gateway.healthz, methods=["GET"]),
+            Route("/metrics", gateway.metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.gateway = gateway
+    return app

@@ -1,0 +1,362 @@
+"""
+The hub: one listening connection for every client, bounded per-client buffers, the log tail.
+
+Plain channels: LISTEN when the first client wants a channel, UNLISTEN when the last one
+leaves; each notification becomes one `Frame`, offered to every subscriber without waiting.
+
+Durable channels: one task tails the event log in commit-safe order, (tx, id), woken by
+``pgherald_wake_v1`` and by a short poll. `Hub.position` is where the tail is; a client that
+registers gets every later event live, and reads anything before that from the log itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
+
+import anyio
+import psycopg
+
+from ... import sql as _sql
+from ..._listener_async import AsyncListener
+from ..._models import Gap, Notification
+from ..._notify import notify
+from ..._publish import publish
+from ..._schema import MISSING
+from ...errors import SchemaMissing
+from .db import Db
+from .frames import Frame, Position
+from .metrics import Metrics
+
+logger = logging.getLogger("pgherald.gateway")
+
+WAKE_CHANNEL = "pgherald_wake_v1"
+
+_READ = """
+SELECT id, tx::text, channel, payload::text FROM pgherald.events_v1
+WHERE channel = ANY(%(channels)s)
+  AND (tx, id) > (%(tx)s::xid8, %(id)s)
+  AND tx < pg_snapshot_xmin(pg_current_snapshot())
+ORDER BY tx, id
+LIMIT %(limit)s
+"""
+
+_REPLAY = """
+SELECT id, tx::text, channel, payload::text FROM pgherald.events_v1
+WHERE channel = ANY(%(channels)s)
+  AND (tx, id) > (%(tx)s::xid8, %(id)s)
+  AND (tx, id) <= (%(upto_tx)s::xid8, %(upto_id)s)
+ORDER BY tx, id
+LIMIT %(limit)s
+"""
+
+
+class UnknownEventId(Exception):
+    """A client resumes after an event the log does not have (never stored, or pruned)."""
+
+
+class Client:
+    """One connected client: its channels and a bounded buffer of frames to send it."""
+
+    def __init__(self, hub: Hub, kind: str, buffer: int) -> None:
+        self.hub = hub
+        self.kind = kind
+        self.channels: set[str] = set()
+        self._send, self.frames = anyio.create_memory_object_stream[Frame](buffer)
+        self.reason: str | None = None
+        """Why the gateway ends this client's stream (None while it is not ending)."""
+        self.close_code = 1000
+        self.scope: anyio.CancelScope | None = None
+        """The writer's scope: given a deadline when the client is ended."""
+
+    def offer(self, frame: Frame) -> None:
+        """Queue *frame* without waiting; a full buffer ends the client (it is too slow)."""
+        try:
+            self._send.send_nowait(frame)
+        except anyio.WouldBlock:
+            self.hub.metrics.drops.inc()
+            self.end(
+                f"too slow: more than {self.hub.client_buffer} events waiting to be sent; "
+                "disconnected (reconnect to continue; durable channels resume by Last-Event-ID)",
+                1013,
+            )
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def close(self) -> None:
+        """Release the buffer (the client is gone)."""
+        self._send.close()
+        self.frames.close()
+
+    def end(self, reason: str, code: int = 1000) -> None:
+        """Stop feeding this client; its writer sends *reason* and closes (within a grace)."""
+        if self.reason is not None:
+            return
+        self.reason, self.close_code = reason, code
+        self._send.close()
+        if self.scope is not None:
+            # A writer stuck on a client that does not read gets a little time, then goes.
+            self.scope.deadline = min(self.scope.deadline, anyio.current_time() + self.hub.grace)
+
+
+class Hub:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        durable_channels: Iterable[str] = (),
+        client_buffer: int = 1000,
+        poll_interval: float = 0.25,
+        batch_size: int = 500,
+        grace: float = 5.0,
+        listen_timeout: float = 10.0,
+    ) -> None:
+        self.dsn = dsn
+        self.durable = frozenset(durable_channels)
+        self.client_buffer = client_buffer
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.grace = grace
+        self.listen_timeout = listen_timeout
+        self.listener = AsyncListener(dsn, application_name="pgherald-gateway", on_gap=self._gap)
+        self.listener.add_handler(None, self._on_notification)
+        self.db = Db(dsn, application_name="pgherald-gateway-db")
+        self._tail_db = Db(dsn, application_name="pgherald-gateway-tail")
+        self.metrics = Metrics(lambda: self.listener.stats.reconnects)
+        self.clients: set[Client] = set()
+        self._subs: dict[str, set[Client]] = {}
+        self.position: Position = (0, 0)
+        self._wake = anyio.Event()
+        self._running = False
+
+    # -- lifetime --
+
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[Hub]:
+        """Connect, start listening (and tailing), and on exit end every stream."""
+        async with self.listener:
+            if self.durable:
+                await self._tail_db.call(_check_schema)
+                await self.listener.subscribe(WAKE_CHANNEL)
+                self.position = await self._tail_db.call(_position_now)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.listener.run)
+                if self.durable:
+                    tg.start_soon(self._tail)
+                self._running = True
+                try:
+                    yield self
+                finally:
+                    self._running = False
+                    self.close_all("server shutting down")
+                    self.listener.stop()
+                    tg.cancel_scope.cancel()
+        self.db.close()
+        self._tail_db.close()
+
+    def close_all(self, reason: str) -> None:
+        """End every client's stream with *reason* (at shutdown)."""
+        for client in list(self.clients):
+            client.end(reason, 1001)
+
+    @property
+    def healthy_listener(self) -> bool:
+        return self._running and self.listener.connected
+
+    @property
+    def listening(self) -> set[str]:
+        """The channels the shared connection is LISTENing to right now (server side)."""
+        return set(self.listener.listening)
+
+    # -- clients --
+
+    def new_client(self, kind: str) -> Client:
+        return Client(self, kind, self.client_buffer)
+
+    async def add(self, client: Client, channels: Iterable[str]) -> Position:
+        """
+        Subscribe *client* to *channels*; return the log position it gets live events after.
+
+        Returns once the LISTENs are in effect, so nothing sent afterwards is missed.
+        """
+        channels = list(dict.fromkeys(channels))
+        if client not in self.clients:
+            self.clients.add(client)
+            self.metrics.clients.labels(client.kind).inc()
+        for ch in channels:
+            subs = self._subs.setdefault(ch, set())
+            subs.add(client)
+            client.channels.add(ch)
+        position = self.position  # with the registration above: no await in between
+        plain = [ch for ch in channels if ch not in self.durable]
+        if plain:
+            # Returns once the server listens (also when another client's subscribe to the same
+            # channel is still in flight): nothing sent afterwards is missed.
+            await self.listener.subscribe(*plain)
+        return position
+
+    async def remove(self, client: Client, channels: Iterable[str] | None = None) -> None:
+        """Unsubscribe *client* from *channels* (None: all, and forget it)."""
+        gone: list[str] = []
+        for ch in list(client.channels) if channels is None else list(channels):
+            client.channels.discard(ch)
+            subs = self._subs.get(ch)
+            if subs is None:
+                continue
+            subs.discard(client)
+            if not subs:
+                del self._subs[ch]
+                if ch not in self.durable:
+                    gone.append(ch)
+        if channels is None:
+            client.close()
+            if client in self.clients:
+                self.clients.discard(client)
+                self.metrics.clients.labels(client.kind).dec()
+        if gone:
+            with anyio.CancelScope(shield=True):
+                await self.listener.unsubscribe(*gone)
+
+    # -- plain channels --
+
+    def _on_notification(self, n: Notification) -> None:
+        if n.channel == WAKE_CHANNEL and self.durable:
+            self._wake.set()
+            return
+        self.metrics.events_in.inc()
+        subs = self._subs.get(n.channel)
+        if subs and n.channel not in self.durable:
+            frame = Frame(n.channel, n.payload)
+            for client in list(subs):
+                client.offer(frame)
+
+    def _gap(self, gap: Gap) -> None:
+        logger.warning(
+            "the listener was not listening for %.2fs (%s); plain-channel notifications sent "
+            "meanwhile were missed",
+            gap.ended - gap.started,
+            gap.reason,
+        )
+        self._wake.set()
+
+    # -- durable channels --
+
+    async def _tail(self) -> None:
+        channels = sorted(self.durable)
+        while True:
+            self._wake = wake = anyio.Event()
+            try:
+                rows = await self._tail_db.call(
+                    lambda conn: _fetch(conn, _READ, channels, self.position, None, self.batch_size)
+                )
+            except psycopg.Error as exc:
+                logger.warning("reading the event log failed (%s); retrying", _one_line(exc))
+                await anyio.sleep(1.0)
+                continue
+            for frame in rows:
+                self.position = frame.pos  # type: ignore[assignment]
+                subs = self._subs.get(frame.channel)
+                if subs:
+                    for client in list(subs):
+                        client.offer(frame)
+            self.metrics.events_in.inc(len(rows))
+            if len(rows) >= self.batch_size:
+                continue
+            with anyio.move_on_after(self.poll_interval):
+                await wake.wait()
+
+    async def publish(self, channel: str, payload: Any) -> int | None:
+        """Publish to the log (durable channel: returns the id) or NOTIFY (returns None)."""
+        if channel in self.durable:
+            return await self.db.call(lambda conn: publish(conn, channel, payload))
+        await self.db.call(lambda conn: notify(conn, channel, payload))
+        return None
+
+    async def queue_usage(self) -> float:
+        def read(conn: psycopg.Connection[Any]) -> float:
+            row = conn.execute("SELECT pg_notification_queue_usage()").fetchone()
+            return float(row[0]) if row else 0.0
+
+        return await self.db.call(read)
+
+    async def database_ok(self) -> bool:
+        try:
+            with anyio.fail_after(3.0):
+                await self.db.call(lambda conn: conn.execute("SELECT 1").fetchone())
+        except (psycopg.Error, TimeoutError):
+            return False
+        return True
+
+    async def resume_from(self, event_id: int) -> Position:
+        """The log position of *event_id* (`UnknownEventId` when the log lacks it)."""
+
+        def find(conn: psycopg.Connection[Any]) -> Position | None:
+            row = conn.execute(
+                "SELECT tx::text FROM pgherald.events_v1 WHERE id = %s", (event_id,)
+            ).fetchone()
+            return None if row is None else (int(row[0]), event_id)
+
+        pos = await self.db.call(find)
+        if pos is None:
+            raise UnknownEventId(f"event {event_id} is not in the log (never stored, or pruned)")
+        return pos
+
+    async def replay(
+        self, channels: list[str], after: Position, upto: Position
+    ) -> AsyncIterator[Frame]:
+        """Events of *channels* in ``(after, upto]``, from the log, in order."""
+        while after < upto:
+            frames = await self.db.call(
+                partial(
+                    _fetch,
+                    query=_REPLAY,
+                    channels=channels,
+                    after=after,
+                    upto=upto,
+                    limit=self.batch_size,
+                )
+            )
+            for frame in frames:
+                yield frame
+            if len(frames) < self.batch_size:
+                return
+            after = frames[-1].pos  # type: ignore[assignment]
+
+
+def _fetch(
+    conn: psycopg.Connection[Any],
+    query: str,
+    channels: list[str],
+    after: Position,
+    upto: Position | None,
+    limit: int,
+) -> list[Frame]:
+    params: dict[str, Any] = {
+        "channels": channels,
+        "tx": str(after[0]),
+        "id": after[1],
+        "limit": limit,
+    }
+    if upto is not None:
+        params["upto_tx"], params["upto_id"] = str(upto[0]), upto[1]
+    rows = conn.execute(query, params).fetchall()
+    return [Frame(ch, payload, (int(tx), event_id)) for event_id, tx, ch, payload in rows]
+
+
+def _check_schema(conn: psycopg.Connection[Any]) -> None:
+    row = conn.execute(_sql.query("schema_installed")).fetchone()
+    if not row or not row[0]:
+        raise SchemaMissing(MISSING)
+
+
+def _position_now(conn: psycopg.Connection[Any]) -> Position:
+    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
+    assert row is not None
+    return (int(row[0]), 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

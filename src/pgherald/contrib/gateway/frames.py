@@ -1,0 +1,56 @@
+"""One event as it goes out: encoded once, shared by every client that receives it."""
+
+from __future__ import annotations
+
+import json
+import re
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+Position = tuple[int, int]
+"""A place in the durable log: (transaction id, event id), the log's commit-safe order."""
+
+
+class Frame:
+    """An event for the clients of one channel; the SSE and WebSocket encodings are cached."""
+
+    __slots__ = ("_sse", "_ws", "channel", "id", "payload", "pos")
+
+    def __init__(self, channel: str, payload: str, pos: Position | None = None) -> None:
+        self.channel = channel
+        self.payload = payload
+        self.pos = pos
+        self.id = None if pos is None else pos[1]
+        self._sse: bytes | None = None
+        self._ws: str | None = None
+
+    @property
+    def sse(self) -> bytes:
+        """``event: <channel>`` [``id: <id>``] ``data: <line>``... as bytes, built once."""
+        if self._sse is None:
+            parts = [f"event: {self.channel}\n"]
+            if self.id is not None:
+                parts.append(f"id: {self.id}\n")
+            parts.extend(f"data: {line}\n" for line in _LINE_BREAK.split(self.payload))
+            parts.append("\n")
+            self._sse = "".join(parts).encode()
+        return self._sse
+
+    @property
+    def ws(self) -> str:
+        """``{"type": "event", "channel", "payload", ["id"]}``: a JSON payload stays JSON."""
+        if self._ws is None:
+            try:
+                json.loads(self.payload)
+                payload = self.payload
+            except ValueError:
+                payload = json.dumps(self.payload)
+            extra = "" if self.id is None else f',"id":{self.id}'
+            self._ws = f'{{"type":"event","channel":{json.dumps(self.channel)},"payload":{payload}{extra}}}'
+        return self._ws
+
+
+def sse_error(message: str) -> bytes:
+    """The last frame of a stream the gateway ends: ``event: error`` with the reason."""
+    data = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(message))
+    return f"event: error\n{data}\n".encode()

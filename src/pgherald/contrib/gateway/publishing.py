@@ -1,0 +1,30 @@
+"""Publishing on behalf of a client: permission, then the log or NOTIFY."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+
+from ...errors import HeraldError, PayloadTooLarge
+from .auth import Principal
+from .fanout import Hub
+
+
+class PublishRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+async def publish_checked(hub: Hub, principal: Principal, channel: str, payload: Any) -> int | None:
+    """Publish *payload* if *principal* may write *channel*; the event id for durable ones."""
+    principal.check_write(channel)  # AuthError 401/403
+    try:
+        return await hub.publish(channel, payload)
+    except PayloadTooLarge as exc:
+        raise PublishRefused(413, str(exc)) from None
+    except HeraldError as exc:
+        raise PublishRefused(400, str(exc)) from None
+    except psycopg.Error:
+        raise PublishRefused(503, "the database is not available") from None

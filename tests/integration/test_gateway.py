@@ -1,0 +1,480 @@
+"""
+The real-time gateway (``pgherald serve``), over real HTTP against a real PostgreSQL.
+
+Each test runs uvicorn in a background thread on a socket bound beforehand (connections wait in
+its backlog until the app has started: no start-up polling), and talks to it with httpx,
+websockets, raw sockets or a headless browser.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import psycopg
+import pytest
+from starlette.applications import Starlette
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect as ws_connect
+
+import pgherald
+from pgherald.contrib.gateway import create_app
+from pgherald.contrib.gateway.fanout import Hub
+from pgherald.contrib.gateway.server import GatewayServer
+
+SECRET = "test-secret-not-for-production-0123456789"
+
+
+def token(channels: list[str], mode: str = "r", *, ttl: float = 600.0) -> str:
+    claims = {"channels": channels, "mode": mode, "exp": int(time.time() + ttl)}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@contextlib.contextmanager
+def serve(app: Starlette) -> Iterator[str]:
+    """Run *app* under uvicorn in a thread; yield its base URL; shut it down cleanly."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    server = GatewayServer(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+        assert not thread.is_alive(), "the gateway did not shut down"
+
+
+def hub_of(app: Starlette) -> Hub:
+    hub: Hub = app.state.gateway.hub
+    return hub
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Poll a condition (state owned by another thread) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.01)
+
+
+class Sse:
+    """A minimal EventSource: parses frames from a streaming httpx response."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.response = response
+        self.lines = response.iter_lines()
+        self.comments: list[str] = []
+
+    def ready(self) -> None:
+        """Wait for the gateway's ': ready' comment: LISTEN is in effect from here on."""
+        for line in self.lines:
+            if line == ": ready":
+                return
+        raise AssertionError("stream ended before ': ready'")
+
+    def next(self) -> dict[str, str] | None:
+        """The next event (``event``, ``data``, ``id``), or None at the end of the stream."""
+        event: dict[str, str] = {}
+        data: list[str] = []
+        for line in self.lines:
+            if line == "":
+                if event or data:
+                    event["data"] = "\n".join(data)
+                    return event
+                continue
+            if line.startswith(":"):
+                self.comments.append(line)
+                continue
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "data":
+                data.append(value)
+            else:
+                event[field] = value
+        return None
+
+
+@contextlib.contextmanager
+def sse(
+    base: str,
+    *channels: str,
+    tok: str | None = None,
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> Iterator[Sse]:
+    query = [("channel", c) for c in channels] + list((params or {}).items())
+    hdrs = dict(headers or {})
+    if tok:
+        hdrs["Authorization"] = f"Bearer {tok}"
+    with (
+        httpx.Client(timeout=httpx.Timeout(5.0)) as client,
+        client.stream("GET", f"{base}/sse", params=query, headers=hdrs) as resp,
+    ):
+        assert resp.status_code == 200, resp.read()
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        yield Sse(resp)
+
+
+def test_sse_receives_events(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, jwt_secret=SECRET)
+    with (
+        serve(app) as base,
+        sse(base, "orders", "chat.lobby", tok=token(["orders", "chat.*"])) as s,
+    ):
+        s.ready()
+        pgherald.notify(conn, "orders", {"id": 42})
+        pgherald.notify(conn, "chat.lobby", "first line\nsecond line")
+        pgherald.notify(conn, "unrelated", "not for us")
+        pgherald.notify(conn, "orders", {"id": 43})
+        assert s.next() == {"event": "orders", "data": '{"id":42}'}
+        assert s.next() == {"event": "chat.lobby", "data": "first line\nsecond line"}
+        assert s.next() == {"event": "orders", "data": '{"id":43}'}
+
+
+def test_sse_heartbeat(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, allow_anonymous=["beat"], heartbeat=0.2)
+    with serve(app) as base, sse(base, "beat") as s:
+        s.ready()
+        assert next(line for line in s.lines if line) == ": ping"
+        pgherald.notify(conn, "beat", "x")
+        assert s.next() == {"event": "beat", "data": "x"}
+
+
+def test_ws_subscribe_receive_publish(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, jwt_secret=SECRET)
+    with serve(app) as base:
+        url = base.replace("http", "ws") + "/ws?token=" + token(["chat.*"], "rw")
+        with ws_connect(url) as ws:
+            ws.send(json.dumps({"type": "subscribe", "channels": ["chat.a", "chat.b"]}))
+            assert json.loads(ws.recv(5)) == {
+                "type": "subscribed",
+                "channels": ["chat.a", "chat.b"],
+            }
+            pgherald.notify(conn, "chat.a", {"text": "hi"})
+            assert json.loads(ws.recv(5)) == {
+                "type": "event",
+                "channel": "chat.a",
+                "payload": {"text": "hi"},
+            }
+            ws.send(json.dumps({"type": "publish", "channel": "chat.b", "payload": [1, 2]}))
+            replies = [json.loads(ws.recv(5)) for _ in range(2)]
+            assert {"type": "published", "channel": "chat.b", "id": None} in replies
+            assert {"type": "event", "channel": "chat.b", "payload": [1, 2]} in replies
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"]}))
+            error = json.loads(ws.recv(5))
+            assert error["type"] == "error"
+            assert "orders" in error["message"]
+            ws.send(json.dumps({"type": "unsubscribe", "channels": ["chat.a"]}))
+            assert json.loads(ws.recv(5))["type"] == "unsubscribed"
+            pgherald.notify(conn, "chat.a", "dropped")
+            pgherald.notify(conn, "chat.b", "kept")
+            assert json.loads(ws.recv(5))["payload"] == "kept"
+
+        read_only = base.replace("http", "ws") + "/ws"
+        with ws_connect(
+            read_only, additional_headers={"Authorization": "Bearer " + token(["chat.*"])}
+        ) as ws:
+            ws.send(json.dumps({"type": "publish", "channel": "chat.a", "payload": 1}))
+            error = json.loads(ws.recv(5))
+            assert error["type"] == "error"
+            assert "publishing" in error["message"]
+
+        with pytest.raises(InvalidStatus) as denied:
+            ws_connect(base.replace("http", "ws") + "/ws").close()
+        assert denied.value.response.status_code == 401
+
+
+def test_auth_denies_by_default(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, jwt_secret=SECRET)
+    with serve(app) as base, httpx.Client(base_url=base, timeout=5.0) as http:
+        assert http.get("/sse", params={"channel": "orders"}).status_code == 401
+        bad = http.get("/sse", params={"channel": "orders", "token": "not-a-jwt"})
+        assert bad.status_code == 401
+        forged = jwt.encode({"channels": ["*"], "mode": "rw"}, "another-secret-of-32-bytes-length!")
+        assert http.get("/sse", params={"channel": "orders", "token": forged}).status_code == 401
+        expired = token(["orders"], ttl=-10)
+        assert http.get("/sse", params={"channel": "orders", "token": expired}).status_code == 401
+        outside = http.get("/sse", params={"channel": "orders", "token": token(["chat.*"])})
+        assert outside.status_code == 403
+        assert "orders" in outside.json()["error"]
+
+        assert http.post("/publish/orders", json={"id": 1}).status_code == 401
+        read_only = {"Authorization": "Bearer " + token(["orders"], "r")}
+        assert http.post("/publish/orders", json={"id": 1}, headers=read_only).status_code == 403
+        other = {"Authorization": "Bearer " + token(["chat.*"], "rw")}
+        assert http.post("/publish/orders", json={"id": 1}, headers=other).status_code == 403
+
+        with sse(base, "orders", tok=token(["orders"])) as s:
+            s.ready()
+            writer = {"Authorization": "Bearer " + token(["orders"], "w")}
+            published = http.post("/publish/orders", json={"id": 7}, headers=writer)
+            assert published.status_code == 200, published.text
+            assert s.next() == {"event": "orders", "data": '{"id":7}'}
+
+
+def test_stream_ends_at_token_expiry(dsn: str) -> None:
+    app = create_app(dsn, jwt_secret=SECRET)
+    with serve(app) as base:
+        short = token(["orders"], ttl=1.5)
+        started = time.monotonic()
+        with sse(base, "orders", tok=short) as s:
+            s.ready()
+            assert s.next() == {"event": "error", "data": "token expired"}
+            assert s.next() is None  # closed by the server
+        assert time.monotonic() - started < 4.0
+
+        url = base.replace("http", "ws") + "/ws?token=" + token(["orders"], ttl=1.5)
+        with ws_connect(url) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                ws.recv(5)
+            assert closed.value.rcvd is not None
+            assert closed.value.rcvd.code == 1008
+            assert closed.value.rcvd.reason == "token expired"
+
+
+def test_anonymous_channels(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, jwt_secret=SECRET, allow_anonymous=["public.*"])
+    with serve(app) as base:
+        with sse(base, "public.news") as s:
+            s.ready()
+            pgherald.notify(conn, "public.news", "hello")
+            assert s.next() == {"event": "public.news", "data": "hello"}
+        with httpx.Client(base_url=base, timeout=5.0) as http:
+            assert http.get("/sse", params={"channel": "private"}).status_code == 401
+            mixed = http.get("/sse", params=[("channel", "public.news"), ("channel", "private")])
+            assert mixed.status_code == 401
+            assert http.post("/publish/public.news", json=1).status_code == 401
+
+
+def test_durable_resume_across_restart(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    pgherald.install(conn)
+
+    def app() -> Starlette:
+        return create_app(dsn, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+
+    tok = token(["orders", "chat"])
+    server = contextlib.ExitStack()
+    base = server.enter_context(serve(app()))
+    with server, sse(base, "orders", "chat", tok=tok) as s:
+        s.ready()
+        first = pgherald.publish(conn, "orders", {"n": 1})
+        assert s.next() == {"event": "orders", "id": str(first), "data": '{"n": 1}'}
+        pgherald.notify(conn, "chat", "plain and durable channels mix")
+        assert s.next() == {"event": "chat", "data": "plain and durable channels mix"}
+        server.close()  # the gateway stops while the stream is open: it is ended, with a reason
+        assert s.next() == {"event": "error", "data": "server shutting down"}
+        assert s.next() is None
+
+    missed = [pgherald.publish(conn, "orders", {"n": n}) for n in (2, 3)]
+    pgherald.publish(conn, "elsewhere", {"n": "not ours"})
+    with serve(app()) as base:
+        racing = pgherald.publish(conn, "orders", {"n": 4})  # tail or replay: either way, once
+        with sse(base, "orders", tok=tok, headers={"Last-Event-ID": str(first)}) as s:
+            s.ready()
+            live = [pgherald.publish(conn, "orders", {"n": n}) for n in (5, 6)]
+            got = [s.next() for _ in range(5)]
+            assert [e["id"] for e in got if e] == [str(i) for i in [*missed, racing, *live]]
+            assert [json.loads(e["data"])["n"] for e in got if e] == [2, 3, 4, 5, 6]
+            last = pgherald.publish(conn, "orders", {"n": 7})
+            assert s.next() == {"event": "orders", "id": str(last), "data": '{"n": 7}'}
+        # The query-string form, as a page can send it on its first connection.
+        with sse(base, "orders", tok=tok, params={"last_event_id": str(live[-1])}) as s:
+            s.ready()
+            assert s.next() == {"event": "orders", "id": str(last), "data": '{"n": 7}'}
+        unknown = httpx.get(
+            f"{base}/sse",
+            params={"channel": "orders", "last_event_id": "999999999", "token": tok},
+            timeout=5.0,
+        )
+        assert unknown.status_code == 400
+
+
+def test_slow_client_is_cut_off(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, allow_anonymous=["feed"], client_buffer=64)
+    hub = hub_of(app)
+    with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(5.0)
+        slow.connect((host, int(port)))
+        slow.sendall(b"GET /sse?channel=feed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        head = b""
+        while b": ready" not in head:
+            head += slow.recv(4096)
+        with sse(base, "feed") as fast:
+            fast.ready()
+            filler = "x" * 6000
+            sent = 0
+            for _ in range(400):  # until the slow one is cut off (a few MB of socket buffers)
+                started = time.monotonic()
+                with conn.transaction():
+                    for i in range(sent, sent + 16):
+                        pgherald.notify(conn, "feed", f"{i} {filler}")
+                for i in range(sent, sent + 16):
+                    event = fast.next()
+                    assert event is not None
+                    assert event["data"].startswith(f"{i} ")
+                assert time.monotonic() - started < 2.0, "the fast client was held up"
+                sent += 16
+                if hub.metrics.registry.get_sample_value("pgherald_gateway_drops_total"):
+                    break
+            else:
+                raise AssertionError("the slow client was never cut off")
+            pgherald.notify(conn, "feed", "still flowing")
+            assert fast.next() == {"event": "feed", "data": "still flowing"}
+            ended = [c.reason for c in hub.clients if c.reason]
+            assert len(ended) == 1
+            assert ended[0].startswith("too slow")
+
+        received = bytearray()
+        with slow:
+            while chunk := slow.recv(65536):
+                received += chunk
+        tail = bytes(received[-400:])
+        assert b"event: error\ndata: too slow" in tail
+        assert tail.endswith(b"0\r\n\r\n")  # the response was ended properly, then closed
+
+
+def test_one_listen_and_unlisten_after_last_client(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, allow_anonymous=["room", "other"])
+    hub = hub_of(app)
+    with serve(app) as base:
+        with sse(base, "room") as a:
+            a.ready()
+            with sse(base, "room", "other") as b:
+                b.ready()
+                assert hub.listening == {"room", "other"}
+                listeners = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                    "AND application_name LIKE 'pgherald-gateway%%' "
+                    "AND application_name NOT LIKE 'pgherald-gateway-%%'"
+                ).fetchone()
+                assert listeners == (1,)
+            wait_until(lambda: hub.listening == {"room"})
+            assert hub.listener.channels == ["room"]
+            pgherald.notify(conn, "room", "still here")
+            assert a.next() == {"event": "room", "data": "still here"}
+        wait_until(lambda: hub.listening == set())
+        assert hub.listener.channels == []
+        assert hub.clients == set()
+
+
+def test_healthz_and_metrics(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    app = create_app(dsn, allow_anonymous=["m"])
+    with serve(app) as base, httpx.Client(base_url=base, timeout=5.0) as http:
+        health = http.get("/healthz")
+        assert health.status_code == 200
+        assert health.json() == {"database": True, "listener": True}
+        with sse(base, "m") as s:
+            s.ready()
+            pgherald.notify(conn, "m", "1")
+            assert s.next() is not None
+            text = http.get("/metrics").text
+        assert 'pgherald_gateway_clients{kind="sse"} 1.0' in text
+        assert 'pgherald_gateway_clients{kind="ws"} 0.0' in text
+        assert "pgherald_gateway_events_in_total 1.0" in text
+        assert "pgherald_gateway_frames_out_total 1.0" in text
+        assert "pgherald_gateway_drops_total 0.0" in text
+        assert "pgherald_gateway_listener_reconnects_total 0.0" in text
+        # Cluster-wide, and other tests fill the queue too: a reading, not a value.
+        assert re.search(r"^pgherald_gateway_notify_queue_usage [0-9.e-]+$", text, re.MULTILINE)
+
+
+def test_live_page_in_a_browser(dsn: str, tmp_path: Path) -> None:
+    chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver_path):
+        if os.environ.get("CI"):  # on CI a skipped test is a failure: scripts/dev.py installs them
+            pytest.fail("chromium/chromedriver missing on CI: scripts/dev.py should install them")
+        pytest.skip(
+            "chromium/chromedriver not installed (apt-get install chromium chromium-driver)"
+        )
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    app = create_app(dsn, jwt_secret=SECRET, allow_anonymous=["demo"])
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        options.add_argument(arg)
+    with serve(app) as base:
+        browser = webdriver.Chrome(service=Service(driver_path), options=options)
+        try:
+            browser.get(base + "/")
+            browser.find_element(By.ID, "channels").send_keys("demo")
+            browser.find_element(By.ID, "token").send_keys(token(["demo"], "rw"))
+            browser.find_element(By.ID, "connect").click()
+            wait = WebDriverWait(browser, 10)
+            wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("connected"))
+            payload = browser.find_element(By.ID, "pub-payload")
+            payload.clear()
+            payload.send_keys('{"from": "the browser"}')
+            browser.find_element(By.ID, "publish").click()
+            wait.until(lambda b: "the browser" in b.find_element(By.ID, "events").text)
+            row = browser.find_element(By.CSS_SELECTOR, "#events li")
+            assert "demo" in row.text
+            assert browser.find_element(By.ID, "pub-result").text == "published"
+            shot = tmp_path / "gateway-page.png"  # kept by pytest for a look after a failure
+            assert browser.save_screenshot(str(shot))
+            assert shot.stat().st_size > 0
+        finally:
+            browser.quit()
+
+
+def test_tokens_are_redacted_from_access_logs() -> None:
+    import logging
+
+    from pgherald.contrib.gateway.server import RedactTokens
+
+    record = logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        "",
+        0,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:1", "GET", "/sse?channel=a&token=eyJhbGciOi.secret.sig", "1.1", 200),
+        None,
+    )
+    assert RedactTokens().filter(record)
+    assert record.args is not None
+    assert record.args[2] == "/sse?channel=a&token=[redacted]"
+
+
+def test_public_key_tokens(dsn: str, conn: psycopg.Connection[Any], tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = tmp_path / "gateway.pub.pem"
+    pem.write_bytes(
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    signed = jwt.encode({"channels": ["orders"], "mode": "r"}, key, algorithm="ES256")
+    hs256 = token(["orders"])  # a shared-secret token is not accepted by a public-key gateway
+    app = create_app(dsn, jwt_public_key=pem)
+    with serve(app) as base:
+        assert httpx.get(f"{base}/sse?channel=orders&token={hs256}", timeout=5).status_code == 401
+        with sse(base, "orders", tok=signed) as s:
+            s.ready()
+            pgherald.notify(conn, "orders", "signed")
+            assert s.next() == {"event": "orders", "data": "signed"}
