@@ -153,7 +153,8 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
         f"received {listener.stats.received} notifications, {listener.stats.reconnects} reconnect",
     )
     echo(
-        "\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another."
+        "\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another;"
+        "\nor `pgherald serve --allow-anonymous orders` and open http://127.0.0.1:8080/"
     )
 
 
