@@ -68,6 +68,7 @@ class _ConsumerBase:
         self._loads = json_loads
         self._handlers: dict[str | None, list[_Entry]] = {}
         self._stopping = False
+        self._done: list[Event] = []  # handled events of the current batch, to acknowledge
         self.stats = {"received": 0, "handler_errors": 0, "skipped": 0, "reconnects": 0}
 
     @property
@@ -145,6 +146,12 @@ class _ConsumerBase:
         )
         return False
 
+    def _ack_done(self, batch: list[Event], events: list[Event]) -> None:
+        done = self._done
+        self._done = []
+        # All we wanted was handled: move past the whole read, other channels' events too.
+        self._core.ack(events if len(done) == len(batch) else done)
+
     def _reconnect_delay(self, attempt: int, error: str) -> float:
         if self.reconnect_max_attempts is not None and attempt > self.reconnect_max_attempts:
             raise ConnectionLost(f"could not reconnect after {attempt - 1} attempts: {error}")
@@ -168,7 +175,11 @@ class Consumer(_ConsumerBase):
         self._waiter.open()  # now, so that a stop() from another thread is never lost
 
     def __enter__(self) -> Consumer:
-        self.connect()
+        try:
+            self.connect()
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def __exit__(
@@ -207,9 +218,9 @@ class Consumer(_ConsumerBase):
                 attempt = 0
                 if events:
                     batch = self._wanted(events)
-                    yield batch if batch else []
-                    if not batch:
-                        core.ack(events)  # nothing for us in there: just move past it
+                    self._done = []
+                    yield batch
+                    self._ack_done(batch, events)
                     linger_until = time.monotonic() + self.linger
                     continue
                 now = time.monotonic()
@@ -239,15 +250,18 @@ class Consumer(_ConsumerBase):
         if not self._handlers:
             raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
         self._stopping = False
-        core = self._core
         for batch in self._batches():
-            done: list[Event] = []
-            for event in batch:
-                self._handle(event)
-                done.append(event)
-                if self._stopping:
-                    break
-            core.ack(done)
+            try:
+                for event in batch:
+                    self._handle(event)
+                    self._done.append(event)
+                    if self._stopping:
+                        break
+            except CoreLost:
+                # Lost mid-batch: what was handled cannot be acknowledged, so it comes again
+                # (at least once); the batches loop reconnects at its next turn.
+                self._done = []
+                self._core.close()
 
     def _handle(self, event: Event) -> None:
         for handler, _, transactional in self._entries(event):
@@ -272,25 +286,27 @@ class Consumer(_ConsumerBase):
 
     def events(self) -> Iterator[Event]:
         """
-        Yield events until `stop`; each is acknowledged once you ask for the next one (or the
-        iteration ends normally), so a crash redelivers what was not finished.
+        Yield events until `stop`. An event is acknowledged once you ask for the next one, or
+        when the loop ends after `stop()`; leaving the loop by ``break`` or an exception does
+        not acknowledge the event in hand (it comes again: at least once). Acknowledgements
+        are written once per batch, so a crash redelivers at most one batch.
         """
         if self._handlers:
             raise UsageError("this consumer has handlers: call run(), or iterate one without")
         self._stopping = False
-        core = self._core
-        for batch in self._batches():
-            done: list[Event] = []
-            try:
+        try:
+            for batch in self._batches():
                 for event in batch:
                     yield event
-                    done.append(event)
+                    self._done.append(event)
                     if self._stopping:
                         break
-            finally:
-                if done:
-                    with contextlib.suppress(CoreLost):
-                        core.ack(done)
+        finally:
+            # Left early (break, exception, close): acknowledge what was finished.
+            if self._done:
+                with contextlib.suppress(CoreLost):
+                    self._core.ack(self._done)
+                self._done = []
 
 
 class AsyncConsumer(_ConsumerBase):
@@ -340,9 +356,10 @@ class AsyncConsumer(_ConsumerBase):
                 attempt = 0
                 if events:
                     batch = self._wanted(events)
+                    self._done = []
                     yield batch
-                    if not batch:
-                        await anyio.to_thread.run_sync(core.ack, events)
+                    with anyio.CancelScope(shield=True):
+                        await anyio.to_thread.run_sync(self._ack_done, batch, events)
                     linger_until = time.monotonic() + self.linger
                     continue
                 now = time.monotonic()
@@ -373,14 +390,15 @@ class AsyncConsumer(_ConsumerBase):
             raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
         self._stopping = False
         async for batch in self._batches():
-            done: list[Event] = []
-            for event in batch:
-                await self._handle(event)
-                done.append(event)
-                if self._stopping:
-                    break
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(self._core.ack, done)
+            try:
+                for event in batch:
+                    await self._handle(event)
+                    self._done.append(event)
+                    if self._stopping:
+                        break
+            except CoreLost:
+                self._done = []  # see Consumer.run
+                await anyio.to_thread.run_sync(self._core.close)
 
     async def _handle(self, event: Event) -> None:
         for handler, is_async, transactional in self._entries(event):
@@ -410,15 +428,15 @@ class AsyncConsumer(_ConsumerBase):
         if self._handlers:
             raise UsageError("this consumer has handlers: call run(), or iterate one without")
         self._stopping = False
-        async for batch in self._batches():
-            done: list[Event] = []
-            try:
+        try:
+            async for batch in self._batches():
                 for event in batch:
                     yield event
-                    done.append(event)
+                    self._done.append(event)
                     if self._stopping:
                         break
-            finally:
-                if done:
-                    with anyio.CancelScope(shield=True), contextlib.suppress(CoreLost):
-                        await anyio.to_thread.run_sync(self._core.ack, done)
+        finally:
+            if self._done:
+                with anyio.CancelScope(shield=True), contextlib.suppress(CoreLost):
+                    await anyio.to_thread.run_sync(self._core.ack, self._done)
+                self._done = []

@@ -127,21 +127,19 @@ class ConsumerCore:
         return self.conn.pgconn.socket
 
     def _create_group(self, conn: psycopg.Connection[Any]) -> None:
-        tx, event_id = self._start_position(conn)
-        conn.execute(
-            sql.query("create_group"), {"group": self.group, "tx": tx, "event_id": event_id}
-        )
+        tx, event_id, skip = self._start_position(conn)
+        params = {"group": self.group, "tx": tx, "event_id": event_id, "skip": skip}
+        conn.execute(sql.query("create_group"), params)
         if self.reset:
-            conn.execute(
-                sql.query("reset_group"), {"group": self.group, "tx": tx, "event_id": event_id}
-            )
+            conn.execute(sql.query("reset_group"), params)
             self.reset = False  # once, not again at every reconnect
 
-    def _start_position(self, conn: psycopg.Connection[Any]) -> tuple[str, int]:
+    def _start_position(self, conn: psycopg.Connection[Any]) -> tuple[str, int, str | None]:
+        """(tx, event id, snapshot of events to skip) where the group starts."""
         start = self.start
         row: Any
         if start == "beginning":
-            return "0", 0
+            return "0", 0, None
         if start == "now":
             row = conn.execute(sql.query("position_now")).fetchone()
         elif isinstance(start, int):
@@ -157,7 +155,7 @@ class ConsumerCore:
                 f"start must be 'beginning', 'now', an event id or a datetime, not {start!r}"
             )
         assert row is not None
-        return str(row[0]), int(row[1])
+        return str(row[0]), int(row[1]), (row[2] if len(row) > 2 else None)
 
     # -- partitions --
 

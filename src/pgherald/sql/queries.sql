@@ -2,7 +2,8 @@
 -- Values are always bound parameters (%(name)s); no identifier is ever formatted in.
 
 -- name: publish --
-SELECT pgherald.publish_v1(%(channel)s, %(payload)s::jsonb, %(key)s, %(headers)s::jsonb)
+SELECT pgherald.publish_v1(%(channel)s, CAST(%(payload)s AS jsonb), %(key)s,
+                           CAST(%(headers)s AS jsonb))
 
 -- name: schema_installed --
 SELECT to_regclass('pgherald.events_v1') IS NOT NULL
@@ -19,18 +20,21 @@ DROP SCHEMA IF EXISTS pgherald CASCADE
 
 -- name: create_group --
 -- A new group starts at the given position in every partition; an existing one is untouched.
-INSERT INTO pgherald.positions_v1 (group_name, partition, tx, event_id)
-SELECT %(group)s, p, %(tx)s::xid8, %(event_id)s FROM generate_series(0, 15) AS p
+INSERT INTO pgherald.positions_v1 (group_name, partition, tx, event_id, skip)
+SELECT %(group)s, p, CAST(%(tx)s AS xid8), %(event_id)s, CAST(%(skip)s AS pg_snapshot)
+FROM generate_series(0, 15) AS p
 ON CONFLICT (group_name, partition) DO NOTHING
 
 -- name: reset_group --
-UPDATE pgherald.positions_v1 SET tx = %(tx)s::xid8, event_id = %(event_id)s, updated_at = now()
+UPDATE pgherald.positions_v1
+SET tx = CAST(%(tx)s AS xid8), event_id = %(event_id)s, skip = CAST(%(skip)s AS pg_snapshot),
+    updated_at = now()
 WHERE group_name = %(group)s
 
 -- name: position_now --
 -- Everything committed before now is behind us: older transactions than the snapshot's xmin
 -- are all finished; anything newer is still to come.
-SELECT pg_snapshot_xmin(pg_current_snapshot())::text, 0::bigint
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text, 0::bigint, pg_current_snapshot()::text
 
 -- name: position_before_id --
 SELECT tx::text, id - 1 FROM pgherald.events_v1 WHERE id = %(id)s
@@ -50,6 +54,7 @@ CROSS JOIN LATERAL (
     WHERE e.partition = p.partition
       AND (e.tx, e.id) > (p.tx, p.event_id)
       AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
+      AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
     ORDER BY e.tx, e.id
     LIMIT %(limit)s
 ) AS e
@@ -80,6 +85,7 @@ SELECT p.group_name,
 FROM pgherald.positions_v1 AS p
 LEFT JOIN pgherald.events_v1 AS e
        ON e.partition = p.partition AND (e.tx, e.id) > (p.tx, p.event_id)
+      AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
 GROUP BY p.group_name
 ORDER BY p.group_name
 
@@ -93,4 +99,5 @@ DELETE FROM pgherald.events_v1 AS e
 WHERE e.created_at < %(before)s
   AND (%(force)s OR NOT EXISTS (
         SELECT 1 FROM pgherald.positions_v1 AS p
-        WHERE p.partition = e.partition AND (e.tx, e.id) > (p.tx, p.event_id)))
+        WHERE p.partition = e.partition AND (e.tx, e.id) > (p.tx, p.event_id)
+          AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))))

@@ -35,6 +35,9 @@ CREATE TABLE pgherald.positions_v1 (
     partition smallint NOT NULL CHECK (partition BETWEEN 0 AND 15),
     tx xid8 NOT NULL,
     event_id bigint NOT NULL,
+    -- A group started "now" skips what had committed by then, although older transactions
+    -- (anywhere on the server) may still run: the snapshot taken at its creation says what.
+    skip pg_snapshot,
     updated_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (group_name, partition)
 );

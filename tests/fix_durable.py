@@ -1,0 +1,116 @@
+"""Fixtures and helpers for the durable event log: an installed schema, a consumer in a thread."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgherald
+
+FAST = {"poll_interval": 0.1, "rebalance_interval": 0.2}
+
+
+def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
+    """Poll *cond* until truthy (bounded); fail with *what* otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)  # polling a condition, bounded by the deadline
+
+
+def uncovered(conn: psycopg.Connection, group: str, channel: str | None = None) -> int:
+    """Events the group's position has not passed yet (0: the position covers them all)."""
+    row = conn.execute(
+        "SELECT count(*) FROM pgherald.events_v1 e "
+        "LEFT JOIN pgherald.positions_v1 p ON p.group_name = %s AND p.partition = e.partition "
+        "WHERE (p.group_name IS NULL OR (e.tx, e.id) > (p.tx, p.event_id))"
+        " AND (%s::text IS NULL OR e.channel = %s)",
+        (group, channel, channel),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class Running:
+    """A sync `Consumer` running handlers in a thread; records what it handled."""
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        group: str = "g",
+        channels: tuple[str, ...] = ("ch",),
+        handler: Callable[[pgherald.Event], None] | None = None,
+        **options: Any,
+    ) -> None:
+        self.consumer = pgherald.Consumer(
+            dsn, group=group, channels=channels, **{**FAST, **options}
+        )
+        self.seen: list[pgherald.Event] = []
+        self.error: BaseException | None = None
+        self._extra = handler
+
+        @self.consumer.on()
+        def record(event: pgherald.Event) -> None:
+            if self._extra is not None:
+                self._extra(event)
+            self.seen.append(event)
+
+        self.consumer.connect()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.consumer.run()
+        except BaseException as exc:  # reported by the test, not as a thread warning
+            self.error = exc
+
+    @property
+    def ids(self) -> list[int]:
+        return [e.id for e in self.seen]
+
+    def wait_count(self, n: int, timeout: float = 5.0) -> None:
+        wait_until(lambda: len(self.seen) >= n or self.error, timeout, f"{n} events")
+        assert self.error is None, repr(self.error)
+
+    def stop(self) -> None:
+        self.consumer.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "consumer did not stop"
+        self.consumer.close()
+        assert self.error is None, repr(self.error)
+
+
+@pytest.fixture
+def installed(dsn: str, conn: psycopg.Connection) -> str:
+    """The test database with pgherald's schema installed; returns its DSN."""
+    pgherald.install(conn)
+    return dsn
+
+
+@pytest.fixture
+def running(installed: str) -> Iterator[Callable[..., Running]]:
+    """Start consumers in threads; all stopped (and closed) at the end of the test."""
+    started: list[Running] = []
+
+    def start(**kwargs: Any) -> Running:
+        r = Running(installed, **kwargs)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        if r.thread.is_alive():
+            r.consumer.stop()
+            r.thread.join(10)
+        r.consumer.close()

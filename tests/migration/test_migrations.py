@@ -1,0 +1,83 @@
+"""schema.sql (a fresh install) equals every migration applied in order, object by object."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql as psql
+
+import pgherald
+from pgherald import sql
+
+CATALOG = {
+    "columns": """
+        SELECT table_name, column_name, ordinal_position, data_type, is_nullable,
+               column_default, is_identity, identity_generation, is_generated,
+               generation_expression
+        FROM information_schema.columns WHERE table_schema = 'pgherald' ORDER BY 1, 3""",
+    "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgherald' ORDER BY 1",
+    "functions": """
+        SELECT p.proname, pg_get_function_identity_arguments(p.oid),
+               pg_get_function_result(p.oid), p.prosrc, p.provolatile, l.lanname
+        FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+        JOIN pg_language l ON l.oid = p.prolang
+        WHERE n.nspname = 'pgherald' ORDER BY 1, 2""",
+    "constraints": """
+        SELECT c.conrelid::regclass::text, c.conname, c.contype, pg_get_constraintdef(c.oid)
+        FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
+        WHERE n.nspname = 'pgherald' ORDER BY 1, 2""",
+    "relations": """
+        SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = 'pgherald' ORDER BY 1""",
+    "migrations": "SELECT name FROM pgherald.migrations ORDER BY 1",
+}
+
+
+def catalog(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {name: conn.execute(q).fetchall() for name, q in CATALOG.items()}
+
+
+@pytest.fixture
+def second_db(dsn: str) -> Any:
+    from tests.fix_db import with_dbname
+
+    name = "pgherald_migr_" + dsn.split("pgherald_test_")[-1].split()[0][:12]
+    with psycopg.connect(dsn, autocommit=True) as admin:
+        admin.execute(psql.SQL("CREATE DATABASE {}").format(psql.Identifier(name)))
+    try:
+        yield with_dbname(dsn, name)
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as admin:
+            admin.execute(
+                psql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(psql.Identifier(name))
+            )
+
+
+def test_schema_sql_equals_all_migrations_in_order(
+    conn: psycopg.Connection, second_db: str
+) -> None:
+    migrations = sql.migrations()
+    assert migrations, "there is at least the first migration"
+    assert [n for n, _ in migrations] == sorted(n for n, _ in migrations)
+    assert pgherald.install(conn) == [n for n, _ in migrations]
+    fresh = catalog(conn)
+    with psycopg.connect(second_db, autocommit=True) as migrated:
+        with migrated.transaction():
+            for name, text in migrations:
+                migrated.execute(text)
+                migrated.execute(sql.query("record_migration"), {"name": name})
+        upgraded = catalog(migrated)
+        # and install() on the migrated database has nothing left to do
+        assert pgherald.install(migrated) == []
+    assert fresh["relations"], "the install created objects"
+    for part in CATALOG:
+        assert fresh[part] == upgraded[part], part
+
+
+def test_install_sql_text_equals_install(conn: psycopg.Connection, second_db: str) -> None:
+    pgherald.install(conn)
+    with psycopg.connect(second_db, autocommit=True) as other:
+        other.execute(pgherald._schema.install_sql())
+        assert catalog(other) == catalog(conn)
