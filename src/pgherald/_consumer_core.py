@@ -88,6 +88,7 @@ class ConsumerCore:
         self.owned: list[int] = []
         self._lock_key = lock_name(group)
         self._next_rebalance = 0.0
+        self._busy_partitions = 0  # partitions that had events at the last read (see fetch)
 
     # -- connection --
 
@@ -202,10 +203,16 @@ class ConsumerCore:
         try:
             rows = conn.execute(
                 sql.query("read_batch"),
-                {"group": self.group, "partitions": self.owned, "limit": self.batch_size},
+                {
+                    "group": self.group,
+                    "partitions": self.owned,
+                    "limit": self.batch_size,
+                    "per_partition": self._per_partition(),
+                },
             ).fetchall()
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
+        rows = self._adapt(rows)
         return [
             Event(
                 r[0],
@@ -219,6 +226,40 @@ class ConsumerCore:
             )
             for r in rows
         ]
+
+    def _per_partition(self) -> int:
+        """How many rows each partition may give: about batch_size in all, spread over the
+        partitions that had events last time (all of ours at first)."""
+        busy = self._busy_partitions or len(self.owned) or 1
+        return max(1, math.ceil(self.batch_size / busy))
+
+    def _adapt(self, rows: list[Any]) -> list[Any]:
+        """
+        Keep the log order across partitions, and tune the next read.
+
+        A partition that gave its whole share may have more rows that sort before other
+        partitions' later rows: so deliver only up to the smallest last row of such
+        partitions (the rest comes next time, in order). Then give those partitions the
+        share of the idle ones, so one hot key does not mean tiny batches.
+        """
+        if not rows:
+            self._busy_partitions = 0
+            return rows
+        share = self._per_partition()
+        counts: dict[int, int] = {}
+        last: dict[int, tuple[int, int]] = {}
+        for r in rows:
+            counts[r[7]] = counts.get(r[7], 0) + 1
+            last[r[7]] = (int(r[1]), r[0])
+        full = [p for p, n in counts.items() if n >= share]
+        self._busy_partitions = len(full) if full else len(counts)
+        if not full:
+            return rows
+        boundary = min(last[p] for p in full)
+        cut = len(rows)
+        while cut and (int(rows[cut - 1][1]), rows[cut - 1][0]) > boundary:
+            cut -= 1
+        return rows[:cut]
 
     def ack(self, events: Sequence[Event]) -> None:
         """Move the group past *events* (the last of each partition counts)."""

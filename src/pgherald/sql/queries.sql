@@ -46,6 +46,8 @@ ORDER BY tx, id LIMIT 1
 -- name: read_batch --
 -- The next events of a group in the partitions it holds, in (tx, id) order, only from
 -- transactions older than every running one: nothing committed later can sort before them.
+-- per_partition keeps each partition's index scan short (the caller adapts it, so that about
+-- `limit` rows are read in all, not `limit` per partition).
 SELECT e.id, e.tx::text, e.channel, e.key, e.payload::text, e.headers::text, e.created_at,
        e.partition
 FROM pgherald.positions_v1 AS p
@@ -56,7 +58,7 @@ CROSS JOIN LATERAL (
       AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
       AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
     ORDER BY e.tx, e.id
-    LIMIT %(limit)s
+    LIMIT %(per_partition)s
 ) AS e
 WHERE p.group_name = %(group)s AND p.partition = ANY(%(partitions)s)
 ORDER BY e.tx, e.id
