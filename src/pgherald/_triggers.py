@@ -101,7 +101,7 @@ def trigger_statements(
     args = sql.SQL(", ").join(
         [
             sql.Literal(channel or ""),
-            sql.Literal(json.dumps(list(columns))),
+            sql.Literal(json.dumps(list(columns), ensure_ascii=False)),
             sql.Literal("t" if durable else "f"),
         ]
     )
@@ -234,15 +234,17 @@ def remove_table_trigger(conn: psycopg.Connection[Any], table: str) -> bool:
 def list_table_triggers(conn: psycopg.Connection[Any]) -> list[TableTrigger]:
     """Every table with pgherald triggers, with their options."""
     rows = conn.execute(
-        "SELECT n.nspname, c.relname, t.tgname, t.tgtype, encode(t.tgargs, 'escape') "
+        "SELECT n.nspname, c.relname, t.tgname, t.tgtype, t.tgargs "
         "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE t.tgname IN (%s, %s) AND NOT t.tgisinternal ORDER BY 1, 2, 3",
+        # tgparentid: the copies PostgreSQL makes on each partition are not triggers of ours.
+        "WHERE t.tgname IN (%s, %s) AND NOT t.tgisinternal AND t.tgparentid = 0 "
+        "ORDER BY 1, 2, 3",
         (ROW_TRIGGER, TRUNCATE_TRIGGER),
     ).fetchall()
     found: dict[tuple[str, str], TableTrigger] = {}
     for schema, table, _tgname, tgtype, raw in rows:
-        args = (raw or "").split("\\000")
+        args = bytes(raw or b"").decode("utf-8").split("\0")
         channel = args[0] or default_channel(schema, table)
         columns = tuple(json.loads(args[1])) if len(args) > 1 and args[1] else ()
         durable = len(args) > 2 and args[2] == "t"
@@ -275,8 +277,8 @@ def enable_ddl_events(conn: psycopg.Connection[Any]) -> None:
 
     .. versionadded:: 0.1
     """
+    _require_superuser(conn)  # first: a role without it may not even see our schema
     _require_functions(conn)
-    _require_superuser(conn)
     with conn.transaction():
         for name, event in DDL_TRIGGERS.items():
             conn.execute(sql.SQL("DROP EVENT TRIGGER IF EXISTS {}").format(sql.Identifier(name)))

@@ -77,7 +77,11 @@ $$;
 CREATE FUNCTION pgherald.notify_change_v1() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    v_channel text := coalesce(nullif(TG_ARGV[0], ''), TG_TABLE_SCHEMA || '.' || TG_TABLE_NAME);
+    -- The default channel names the table the trigger was added to: for a partition, its root.
+    v_channel text := coalesce(nullif(TG_ARGV[0], ''), (
+        SELECT n.nspname || '.' || c.relname FROM pg_class AS c
+        JOIN pg_namespace AS n ON n.oid = c.relnamespace
+        WHERE c.oid = coalesce(pg_partition_root(TG_RELID), TG_RELID)));
     v_columns text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(TG_ARGV[1], '[]')::jsonb));
     v_durable boolean := coalesce(TG_ARGV[2], 'f') = 't';
     v_new jsonb;

@@ -1,0 +1,598 @@
+"""Gateway fan-out benchmark: ``pgherald serve`` pushing NOTIFY events to thousands of SSE clients.
+
+Usage::
+
+    python bench/gateway_bench.py [--dsn DSN] [--quick] [--output docs/benchmarks.md]
+                                  [--profile]
+
+Method.  The gateway runs in its own process (``python -m pgherald.cli serve --allow-anonymous
+ch0,...,ch99``: anonymous read, so no JWT is verified per connection; the measurement is the
+fan-out, not auth).  The client load is two other processes (``bench/gateway_workers.py
+clients``), each holding half of the connections as real HTTP/1.1 SSE streams on loopback
+(raw asyncio protocols, no HTTP library).  A publisher process (``gateway_workers.py
+publish``) sends NOTIFY at a fixed rate with ``time.time_ns()`` in every payload (~100 B).
+
+Two shapes: (A) N clients over 100 channels (N/100 per channel), (B) N clients on one hot
+channel; N = 5,000 (1,000 with ``--quick``).  For each shape the event rate is stepped up so
+that the target deliveries/s (= events/s x subscribers per channel) goes 2.5k, 5k, 10k, 25k, 50k, 100k,
+150k, ... for 5 s per step (2 s with ``--quick``), stopping after the first step that fails.
+Per step: deliveries/s actually received (frames / first-to-last arrival), commit-to-client
+latency p50/p99 (exact for every event received by every 10th client), drops (clients the
+gateway disconnected, and events a client got fewer of than were published on its channel),
+and the gateway's peak RSS (``VmRSS`` from ``/proc``, sampled every 0.2 s).  A step passes with
+p99 < 100 ms, no drops, RSS < 500 MB and >= 95% of the offered deliveries/s.  Shape B is also
+run over WebSocket (JSON ``subscribe``) at two rates.
+
+Everything shares one machine: gateway, PostgreSQL, publisher and client processes compete
+for the same cores, so the figures are a lower bound for a gateway with cores of its own.
+``--profile`` adds one shape-A step at 100k deliveries/s with the gateway under cProfile and
+prints its top functions.  Every process has a deadline; the orchestrator kills only the
+processes it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import io
+import json
+import os
+import platform
+import pstats
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from gateway_workers import raise_nofile  # noqa: E402
+
+WORKERS = str(HERE / "gateway_workers.py")
+SRC = HERE.parent / "src"
+START, END = "<!-- gateway-bench:start -->", "<!-- gateway-bench:end -->"
+LADDER = [2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000]
+TARGET = 100_000
+P99_LIMIT_MS, RSS_LIMIT_MB = 100.0, 500.0
+Result = dict[str, Any]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_s(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of *pid* so far."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return (0.0, 0.0)
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) / tick, int(fields[12]) / tick)
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+class Proc:
+    """A child process with its stdout lines on a queue (stdin kept open for commands)."""
+
+    def __init__(self, args: list[str], env: dict[str, str], stdin: bool = False) -> None:
+        self.err = tempfile.TemporaryFile("w+")
+        self.p = subprocess.Popen(
+            args,
+            env=env,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            preexec_fn=raise_nofile,
+        )
+        self.lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.put(line.strip())
+        self.lines.put(None)
+
+    def line(self, wait: float) -> str | None:
+        try:
+            return self.lines.get(timeout=wait)
+        except queue.Empty:
+            return None
+
+    def send(self, text: str) -> None:
+        assert self.p.stdin is not None
+        self.p.stdin.write(text + "\n")
+        self.p.stdin.flush()
+
+    def stderr_tail(self, n: int = 3) -> str:
+        self.err.seek(0)
+        return " | ".join(self.err.read().strip().splitlines()[-n:])
+
+    def stop(self, sig: int = signal.SIGINT, wait: float = 10.0) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(wait)
+            except subprocess.TimeoutExpired:
+                self.p.kill()  # only the process this object started
+                self.p.wait()
+
+
+def start_gateway(dsn: str, port: int, env: dict[str, str], profile: str | None = None) -> Proc:
+    chans = ",".join(f"ch{i}" for i in range(100))
+    pre = ["-m", "cProfile", "-o", profile] if profile else []
+    args = [sys.executable, *pre, "-m", "pgherald.cli", "serve", "--dsn", dsn]
+    args += ["--port", str(port), "--allow-anonymous", chans]
+    g = Proc(args, env)
+    deadline = time.monotonic() + 30.0
+    while time.monotonic() < deadline:
+        if g.p.poll() is not None:
+            raise RuntimeError(f"gateway exited: {g.stderr_tail()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return g
+        except OSError:
+            time.sleep(0.2)
+    g.stop(signal.SIGKILL)
+    raise RuntimeError("gateway did not become healthy within 30 s")
+
+
+def start_clients(
+    port: int, proto: str, n: int, channels: int, procs: int, env: dict[str, str]
+) -> tuple[list[Proc], float]:
+    per = n // procs
+    out = []
+    t0 = time.monotonic()
+    for k in range(procs):
+        args = [sys.executable, WORKERS, "clients", "--port", str(port), "--proto", proto]
+        args += ["--channels", str(channels), "--start", str(k * per), "--count", str(per)]
+        out.append(Proc(args, env, stdin=True))
+    for c in out:
+        first = c.line(180.0)
+        if not first or not first.startswith("READY"):
+            for x in out:
+                x.stop(signal.SIGKILL)
+            raise RuntimeError(f"clients not ready: {first} {c.stderr_tail()}")
+    return out, time.monotonic() - t0
+
+
+def merge_pct(parts: list[Result], q: float) -> float | None:
+    pts: list[tuple[float, float]] = []
+    for r in parts:
+        qs, n = r.get("quantiles") or [], r.get("lat_n", 0)
+        pts += [(v, n / len(qs)) for v in qs] if qs else []
+    if not pts:
+        return None
+    pts.sort()
+    total = sum(w for _, w in pts)
+    acc = 0.0
+    for v, w in pts:
+        acc += w
+        if acc >= q * total:
+            return v
+    return pts[-1][0]
+
+
+def run_step(
+    dsn: str,
+    gw: Proc,
+    clients: list[Proc],
+    channels: int,
+    per_channel: int,
+    deliveries: int,
+    seconds: float,
+    env: dict[str, str],
+) -> Result:
+    rate = deliveries / per_channel
+    peak = [rss_mb(gw.p.pid)]
+    cpu0 = cpu_s(gw.p.pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.2):
+            peak.append(rss_mb(gw.p.pid))
+
+    threading.Thread(target=sample, daemon=True).start()
+    args = [sys.executable, WORKERS, "publish", "--dsn", dsn, "--rate", str(rate)]
+    args += ["--seconds", str(seconds), "--channels", str(channels)]
+    try:
+        p = subprocess.run(args, env=env, capture_output=True, text=True, timeout=seconds + 60)
+        pub: Result = json.loads(p.stdout.strip().splitlines()[-1])
+    except (subprocess.TimeoutExpired, IndexError, ValueError) as exc:
+        done.set()
+        return {"ok": False, "error": f"publisher failed: {exc}"}
+    for c in clients:
+        c.send("REPORT " + json.dumps(pub["counts"]))
+    parts = []
+    for c in clients:
+        line = c.line(30.0)
+        parts.append(json.loads(line) if line else {"ok": False})
+    done.set()
+    peak.append(rss_mb(gw.p.pid))
+    cpu1 = cpu_s(gw.p.pid)
+    if not all(r.get("ok") for r in parts):
+        return {"ok": False, "error": f"client report missing: {clients[0].stderr_tail()}"}
+    frames = sum(r["frames"] for r in parts)
+    firsts = [r["first_ns"] for r in parts if r["first_ns"]]
+    lasts = [r["last_ns"] for r in parts if r["last_ns"]]
+    span = (max(lasts) - min(firsts)) / 1e9 if firsts and lasts else 0.0
+    expected = sum(pub["counts"].values()) * per_channel
+    res: Result = {
+        "ok": True,
+        "target": deliveries,
+        "events_per_s": pub["rate"],
+        "pub_lag_ms": pub["max_lag_ms"],
+        "offered": pub["rate"] * per_channel,
+        "expected": expected,
+        "frames": frames,
+        "received_per_s": frames / span if span > 0 else 0.0,
+        "p50_ms": merge_pct(parts, 0.50),
+        "p99_ms": merge_pct(parts, 0.99),
+        "missing": sum(r["missing"] for r in parts),
+        "short_clients": sum(r["short_clients"] for r in parts),
+        "closed": sum(r["closed"] for r in parts),
+        "errors": sum(r["errors"] for r in parts),
+        "open": sum(r["open"] for r in parts),
+        "rss_mb": max(peak),
+        "cpu_user_us": (cpu1[0] - cpu0[0]) / max(frames, 1) * 1e6,
+        "cpu_sys_us": (cpu1[1] - cpu0[1]) / max(frames, 1) * 1e6,
+    }
+    res["drops"] = res["missing"] > 0 or res["closed"] > 0 or res["errors"] > 0
+    res["pass"] = (
+        res["p99_ms"] is not None
+        and res["p99_ms"] < P99_LIMIT_MS
+        and not res["drops"]
+        and res["rss_mb"] < RSS_LIMIT_MB
+        and res["received_per_s"] >= 0.95 * res["offered"]
+    )
+    return res
+
+
+def show(label: str, r: Result) -> None:
+    if not r.get("ok"):
+        print(f"{label}: FAILED {r.get('error')}", flush=True)
+        return
+    print(
+        f"{label}: target {r['target']:>7,} offered {r['offered']:>9,.0f} received "
+        f"{r['received_per_s']:>9,.0f}/s p50 {fmt(r['p50_ms'])} p99 {fmt(r['p99_ms'])} ms "
+        f"missing {r['missing']:,} (clients {r['short_clients']}) closed {r['closed']} "
+        f"rss {r['rss_mb']:.0f} MB cpu {r['cpu_user_us']:.0f}+{r['cpu_sys_us']:.0f} us/dlv pub-lag {r['pub_lag_ms']:.0f} ms "
+        f"{'PASS' if r['pass'] else 'FAIL'}",
+        flush=True,
+    )
+
+
+def fmt(v: float | None, f: str = "{:.1f}") -> str:
+    return "-" if v is None else f.format(v)
+
+
+def run_shape(
+    a: argparse.Namespace, name: str, channels: int, env: dict[str, str], ws_rates: list[int]
+) -> Result:
+    port = free_port()
+    per_channel = a.clients // channels
+    out: Result = {"name": name, "channels": channels, "per_channel": per_channel, "steps": []}
+    gw = start_gateway(a.dsn, port, env)
+    clients: list[Proc] = []
+    try:
+        out["rss_idle"] = rss_mb(gw.p.pid)
+        clients, out["connect_s"] = start_clients(port, "sse", a.clients, channels, 2, env)
+        out["rss_connected"] = rss_mb(gw.p.pid)
+        print(
+            f"shape {name}: {a.clients} SSE clients connected in {out['connect_s']:.1f}s, "
+            f"gateway RSS {out['rss_connected']:.0f} MB",
+            flush=True,
+        )
+        for d in LADDER:
+            r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
+            out["steps"].append(r)
+            show(f"  {name} sse", r)
+            if not r.get("ok") or not r["pass"] or r["open"] < a.clients:
+                break
+        for c in clients:
+            c.send("QUIT")
+            c.stop(signal.SIGTERM, 10.0)
+        clients = []
+        if ws_rates:
+            time.sleep(1.0)
+            clients, out["ws_connect_s"] = start_clients(port, "ws", a.clients, channels, 2, env)
+            out["ws"] = []
+            for d in ws_rates:
+                r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
+                out["ws"].append(r)
+                show(f"  {name} ws ", r)
+    except RuntimeError as exc:
+        out["error"] = str(exc)
+        print(f"shape {name}: {exc}", flush=True)
+    finally:
+        for c in clients:
+            c.stop(signal.SIGKILL)
+        gw.stop(signal.SIGINT, 15.0)
+    return out
+
+
+def headline(steps: list[Result]) -> float | None:
+    ok = [r["received_per_s"] for r in steps if r.get("ok") and r["pass"]]
+    return max(ok) if ok else None
+
+
+def profile_step(a: argparse.Namespace, env: dict[str, str]) -> str:
+    """One shape-A step at 100k deliveries/s with the gateway under cProfile: top functions."""
+    port = free_port()
+    path = os.path.join(tempfile.gettempdir(), f"gateway-bench-{os.getpid()}.prof")
+    gw = start_gateway(a.dsn, port, env, profile=path)
+    clients: list[Proc] = []
+    try:
+        clients, _ = start_clients(port, "sse", a.clients, 100, 2, env)
+        r = run_step(a.dsn, gw, clients, 100, a.clients // 100, TARGET, a.seconds, env)
+        show("  profile A sse", r)
+    finally:
+        for c in clients:
+            c.stop(signal.SIGKILL)
+        gw.stop(signal.SIGINT, 30.0)
+    if not os.path.exists(path):
+        return "(no profile written)"
+    buf = io.StringIO()
+    st = pstats.Stats(path, stream=buf)
+    st.sort_stats("tottime").print_stats(25)
+    st.sort_stats("cumulative").print_stats(30)
+    buf.write(by_package(st))
+    os.unlink(path)
+    return buf.getvalue()
+
+
+def by_package(st: pstats.Stats) -> str:
+    """Own time (tottime) of the profiled gateway grouped by where the code lives."""
+    groups: dict[str, float] = {}
+    for (file, _line, func), (_cc, _nc, tt, _ct, _callers) in st.stats.items():  # type: ignore[attr-defined]
+        if "socket" in func and ("send" in func or "recv" in func):
+            key = "socket send/recv (kernel)"
+        elif "epoll" in func or "select" in func:
+            key = "epoll (idle/wait)"
+        elif "site-packages/" in file:
+            key = file.split("site-packages/", 1)[1].split("/", 1)[0]
+        elif "/pgherald/" in file:
+            key = "pgherald/" + file.rsplit("/pgherald/", 1)[1]
+        elif file == "~":
+            key = "builtins: " + func.split(" of ")[0].strip("{<>")[:40]
+        else:
+            key = "stdlib: " + Path(file).name
+        groups[key] = groups.get(key, 0.0) + tt
+    total = sum(groups.values())
+    lines = ["", f"Own time by package (total {total:.2f} s):"]
+    for k, v in sorted(groups.items(), key=lambda kv: -kv[1])[:20]:
+        lines.append(f"  {v:7.2f} s {100 * v / total:5.1f}%  {k}")
+    return "\n".join(lines) + "\n"
+
+
+def machine(dsn: str) -> dict[str, str]:
+    import psycopg
+
+    cpu = next(
+        (
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        ),
+        platform.processor() or "?",
+    )
+    with psycopg.connect(dsn) as conn:
+        server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
+
+    def ver(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    mem = next(
+        (ln.split()[1] for ln in Path("/proc/meminfo").read_text().splitlines()
+         if ln.startswith("MemTotal")),
+        "0",
+    )
+    return {
+        "CPU": cpu,
+        "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))}), "
+        f"RAM {int(mem) / 1024 / 1024:.0f} GB",
+        "OS": platform.platform(),
+        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "Python": platform.python_version(),
+        "PostgreSQL server": server,
+        "uvicorn / starlette / anyio": f"{ver('uvicorn')} / {ver('starlette')} / {ver('anyio')}",
+        "HTTP / WS implementation": f"h11 {ver('h11')} (httptools: {ver('httptools')}), "
+        f"websockets {ver('websockets')} (sansio); event loop: asyncio (uvloop: {ver('uvloop')})",
+    }
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    fmt_ = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([f"| {fmt_[0]} |", sep, *(f"| {line} |" for line in fmt_[1:])])
+
+
+def step_rows(steps: list[Result]) -> list[list[str]]:
+    rows = [
+        [
+            "Target deliveries/s",
+            "Events/s sent",
+            "Deliveries/s received",
+            "p50 (ms)",
+            "p99 (ms)",
+            "Missed events (clients)",
+            "Disconnected",
+            "Gateway RSS (MB)",
+            "Gateway CPU µs/delivery (user+sys)",
+            "Step",
+        ]
+    ]
+    for r in steps:
+        if not r.get("ok"):
+            rows.append(["?", "-", "-", "-", "-", "-", "-", "-", "-", f"error: {r.get('error')}"])
+            continue
+        rows.append(
+            [
+                f"{r['target']:,}",
+                f"{r['events_per_s']:,.0f}",
+                f"{r['received_per_s']:,.0f}",
+                fmt(r["p50_ms"]),
+                fmt(r["p99_ms"]),
+                f"{r['missing']:,} ({r['short_clients']:,})",
+                f"{r['closed']:,}",
+                f"{r['rss_mb']:.0f}",
+                f"{r['cpu_user_us']:.0f}+{r['cpu_sys_us']:.0f}",
+                "pass" if r["pass"] else "fail",
+            ]
+        )
+    return rows
+
+
+def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], prof: str) -> str:
+    out = [
+        "## Gateway fan-out benchmark (`pgherald serve`)",
+        "",
+        f"Command: `{a.command}`  ",
+        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        f"Method: the gateway (`python -m pgherald.cli serve --allow-anonymous ch0,...,ch99`, "
+        "default settings: client buffer 1,000 events) runs in its own process; the channels "
+        "are anonymous-read, so no JWT is verified (the measurement is the fan-out, not auth). "
+        f"{a.clients:,} real SSE connections (HTTP/1.1 on loopback) are held by two client "
+        "processes with a lean asyncio client (raw protocol, frames counted with "
+        "`bytes.count`); a third process publishes NOTIFY on a fixed schedule (one "
+        "transaction per ms or per event, whichever is longer), ~100 B JSON payloads carrying "
+        "`time.time_ns()` taken just before the statement that notifies and commits. "
+        f"Each step runs {a.seconds:g} s; the step ladder stops after the first failing step. "
+        "Deliveries/s received = frames received by all clients / first-to-last arrival. "
+        "Latency = client receive time - payload timestamp (same machine clock), for every "
+        "event received by every 10th client. Missed events = events published on a client's "
+        "channel during the step minus the events it received (after the streams have been quiet for 1 s, at most 5 s after the publisher stops: under overload, events still queued then count as missed); "
+        "Disconnected = streams the gateway ended (cumulative). RSS = peak `VmRSS` of the "
+        "gateway process, sampled every 0.2 s; gateway CPU = its user + system CPU time during "
+        "the step (publish + drain) / deliveries received. A step passes with p99 < "
+        f"{P99_LIMIT_MS:g} ms, no missed event, no disconnect, RSS < {RSS_LIMIT_MB:g} MB and "
+        ">= 95% of the offered deliveries/s received. All processes (gateway, PostgreSQL, "
+        "publisher, clients) share the same cores: the client processes' own CPU use is part "
+        "of the load, so these are lower bounds for a gateway running on its own cores.",
+    ]
+    targets = [["Target", "Measured", "Result"]]
+    for s in shapes:
+        desc = (
+            f"Shape {s['name']}: {a.clients:,} clients over {s['channels']} channel(s), "
+            f"{s['per_channel']:,} per channel"
+        )
+        out += ["", f"### {desc}", ""]
+        if "connect_s" in s:
+            out.append(
+                f"Connect: {s['connect_s']:.1f} s for all clients; gateway RSS "
+                f"{s.get('rss_idle', 0):.0f} MB idle, {s.get('rss_connected', 0):.0f} MB with "
+                "every client connected."
+            )
+            out.append("")
+        if s.get("error"):
+            out += [f"Error: {s['error']}", ""]
+        if s["steps"]:
+            out.append(table(step_rows(s["steps"])))
+        if s.get("ws"):
+            out += ["", f"WebSocket, same shape (JSON subscribe), connect {s['ws_connect_s']:.1f} s:", ""]
+            out.append(table(step_rows(s["ws"])))
+        h = headline(s["steps"])
+        targets.append(
+            [
+                f"Shape {s['name']} (SSE): sustained deliveries/s with p99 < {P99_LIMIT_MS:g} ms, "
+                f"no drops, RSS < {RSS_LIMIT_MB:g} MB >= {TARGET:,}",
+                fmt(h, "{:,.0f}/s") if h else "none passed",
+                "PASS" if h and h >= TARGET else "FAIL",
+            ]
+        )
+    out += ["", "Targets:", "", table(targets)]
+    if prof:
+        out += ["", "Profile: see the benchmark's console output (`--profile`)."]
+    return "\n".join(out)
+
+
+def write_section(path: Path, body: str) -> None:
+    section = f"{START}\n{body}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + section + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--dsn",
+        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
+    )
+    ap.add_argument("--quick", action="store_true", help="1,000 clients, 2 s steps")
+    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
+    ap.add_argument("--clients", type=int, help="connections per shape (default 5,000)")
+    ap.add_argument("--seconds", type=float, help="seconds per step (default 5)")
+    ap.add_argument("--shapes", default="A,B", help="A, B or A,B")
+    ap.add_argument("--profile", action="store_true", help="also profile one step (cProfile)")
+    a = ap.parse_args()
+    a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    a.clients = a.clients or (1000 if a.quick else 5000)
+    a.seconds = a.seconds or (2.0 if a.quick else 5.0)
+    raise_nofile()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SRC), env.get("PYTHONPATH")]))
+    try:
+        info = machine(a.dsn)
+    except Exception as exc:
+        sys.exit(f"cannot query the server at {a.dsn!r}: {exc}")
+    shapes = []
+    for name in a.shapes.split(","):
+        channels = 100 if name == "A" else 1
+        ws = [10_000, 100_000] if name == "B" else []
+        shapes.append(run_shape(a, name, channels, env, ws))
+    prof = ""
+    if a.profile:
+        prof = profile_step(a, env)
+        print(prof)
+    info["Load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["Note"] = (
+        "other work on the machine raises the load average above the core count; the CPU "
+        "figures then include time lost to contention"
+        if max(os.getloadavg()) > (os.cpu_count() or 1)
+        else "machine otherwise idle"
+    )
+    body = report(a, info, shapes, prof)
+    print("\n" + body)
+    if a.output:
+        write_section(a.output, body)
+        print(f"\nwrote section to {a.output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,650 @@
+"""Table-change and DDL event triggers through a real server, read by a real Listener/Consumer.
+
+"Sends nothing" is always proven with a sentinel: the change that must be silent is followed by
+one that must be heard, and the sentinel has to be the *next* event; no sleeps, no guesses.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import uuid
+from collections.abc import Iterator
+from datetime import datetime
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+import pgherald
+from tests.fix_durable import FAST
+
+_SENTINELS = itertools.count(-1, -1)
+EVENT_KEYS = {"op", "schema", "table", "new", "old", "changed", "tx", "ts"}
+
+
+def take(listener: pgherald.Listener, n: int, timeout: float = 5.0) -> list[dict[str, Any]]:
+    """The next *n* events (decoded), failing if they do not arrive within *timeout* idle."""
+    got: list[dict[str, Any]] = []
+    if n:
+        for note in listener.notifications(timeout=timeout):
+            got.append({"channel": note.channel, **note.json()})
+            if len(got) == n:
+                break
+    assert len(got) == n, f"expected {n} events, got {got}"
+    return got
+
+
+def strip(event: dict[str, Any]) -> dict[str, Any]:
+    """The event without its variable fields (after checking they are well-formed)."""
+    assert int(event["tx"]) > 0
+    datetime.fromisoformat(event["ts"])
+    return {k: v for k, v in event.items() if k not in ("tx", "ts")}
+
+
+def nothing_then_sentinel(
+    listener: pgherald.Listener, conn: psycopg.Connection, table: str
+) -> None:
+    """Insert a sentinel row; it must be the very next event (so the previous change was silent)."""
+    key = next(_SENTINELS)
+    conn.execute(sql.SQL("INSERT INTO {} (id) VALUES (%s)").format(sql.Identifier(table)), (key,))
+    (event,) = take(listener, 1)
+    assert (event["op"], event["new"]["id"]) == ("INSERT", key), event
+
+
+@pytest.fixture
+def installed(conn: psycopg.Connection) -> psycopg.Connection:
+    pgherald.install(conn)
+    return conn
+
+
+# -- 1. every operation, exact payloads --
+
+
+def test_insert_update_delete_truncate_exact_payloads(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)")
+    t = pgherald.add_table_trigger(conn, "orders")
+    assert (t.schema, t.table, t.channel, t.durable) == ("public", "orders", "public.orders", False)
+    assert t.events == ("insert", "update", "delete", "truncate")
+    with pgherald.Listener(dsn, channels=["public.orders"]) as listener:
+        conn.execute("INSERT INTO orders VALUES (1, 'apple', 3)")
+        conn.execute("UPDATE orders SET qty = 5 WHERE id = 1")
+        conn.execute("DELETE FROM orders WHERE id = 1")
+        conn.execute("TRUNCATE orders")
+        ins, upd, dele, trunc = take(listener, 4)
+    base = {"channel": "public.orders", "schema": "public", "table": "orders"}
+    assert strip(ins) == base | {
+        "op": "INSERT",
+        "new": {"id": 1, "item": "apple", "qty": 3},
+        "old": None,
+        "changed": None,
+    }
+    assert strip(upd) == base | {
+        "op": "UPDATE",
+        "new": {"id": 1, "item": "apple", "qty": 5},
+        "old": {"id": 1, "item": "apple", "qty": 3},
+        "changed": ["qty"],
+    }
+    assert strip(dele) == base | {
+        "op": "DELETE",
+        "new": None,
+        "old": {"id": 1, "item": "apple", "qty": 5},
+        "changed": None,
+    }
+    assert strip(trunc) == base | {"op": "TRUNCATE", "new": None, "old": None, "changed": None}
+    for e in (ins, upd, dele, trunc):
+        assert set(e) == EVENT_KEYS | {"channel"}
+    assert len({e["tx"] for e in (ins, upd, dele, trunc)}) == 4  # autocommit: one tx each
+
+
+def test_events_of_one_transaction_share_tx_and_rollback_sends_nothing(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    installed.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgherald.add_table_trigger(installed, "t")
+    with pgherald.Listener(dsn, channels=["public.t"]) as listener, psycopg.connect(dsn) as w:
+        w.execute("INSERT INTO t VALUES (1, 'a')")
+        w.rollback()
+        w.execute("INSERT INTO t VALUES (2, 'b'), (3, 'c')")
+        w.execute("UPDATE t SET v = 'B', id = 20 WHERE id = 2")
+        w.commit()
+        a, b, c = take(listener, 3)
+        nothing_then_sentinel(listener, installed, "t")
+    assert [e["op"] for e in (a, b, c)] == ["INSERT", "INSERT", "UPDATE"]
+    assert [e["new"]["id"] for e in (a, b, c)] == [2, 3, 20]
+    assert (c["changed"], c["old"]) == (["id", "v"], {"id": 2, "v": "b"})
+    assert a["tx"] == b["tx"] == c["tx"]
+
+
+# -- 2. names --
+
+
+def test_mixed_case_and_schema_qualified_names_default_channel(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute('CREATE TABLE "Orders" (id int PRIMARY KEY)')
+    conn.execute("CREATE TABLE orders (id int PRIMARY KEY)")  # the case-folded twin: not ours
+    conn.execute("CREATE SCHEMA sales")
+    conn.execute('CREATE TABLE sales."Line Items" (id int PRIMARY KEY, "Unit Price" numeric)')
+    a = pgherald.add_table_trigger(conn, '"Orders"')
+    b = pgherald.add_table_trigger(conn, 'sales."Line Items"')
+    assert (a.schema, a.table, a.channel) == ("public", "Orders", "public.Orders")
+    assert (b.schema, b.table, b.channel) == ("sales", "Line Items", "sales.Line Items")
+    channels = ["public.Orders", "sales.Line Items", "public.orders"]
+    with pgherald.Listener(dsn, channels=channels) as listener:
+        conn.execute("INSERT INTO orders VALUES (99)")  # no trigger: silent
+        conn.execute('INSERT INTO "Orders" VALUES (1)')
+        conn.execute('INSERT INTO sales."Line Items" VALUES (2, 1.50)')
+        e1, e2 = take(listener, 2)
+    assert (e1["channel"], e1["schema"], e1["table"], e1["new"]) == (
+        "public.Orders",
+        "public",
+        "Orders",
+        {"id": 1},
+    )
+    assert (e2["channel"], e2["schema"], e2["table"], e2["new"]) == (
+        "sales.Line Items",
+        "sales",
+        "Line Items",
+        {"id": 2, "Unit Price": 1.50},
+    )
+    # Unquoted names fold to lower case, like SQL: this is the twin.
+    assert pgherald.add_table_trigger(conn, "Orders").table == "orders"
+    with pytest.raises(pgherald.UsageError, match="does not exist"):
+        pgherald.add_table_trigger(conn, 'sales."line items"')
+
+
+def test_custom_channel(dsn: str, installed: psycopg.Connection) -> None:
+    installed.execute('CREATE TABLE "Orders" (id int PRIMARY KEY)')
+    t = pgherald.add_table_trigger(installed, '"Orders"', channel="Order Feed")
+    assert t.channel == "Order Feed"
+    with pgherald.Listener(dsn, channels=["Order Feed", "public.Orders"]) as listener:
+        installed.execute('INSERT INTO "Orders" VALUES (7)')
+        (e,) = take(listener, 1)
+        installed.execute("SELECT pg_notify('public.Orders', '{\"sentinel\": 1}')")
+        (s,) = take(listener, 1)
+    assert (e["channel"], e["table"], e["new"]) == ("Order Feed", "Orders", {"id": 7})
+    assert s == {"channel": "public.Orders", "sentinel": 1}  # nothing went to the default
+
+
+# -- 3. wide rows --
+
+
+def test_50kb_row_is_written_and_sent_as_key_with_truncated(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text, n int)")
+    pgherald.add_table_trigger(conn, "docs")
+    body = (uuid.uuid4().hex * 1600)[:50_000]
+    with pgherald.Listener(dsn, channels=["public.docs"]) as listener:
+        conn.execute("INSERT INTO docs VALUES (42, %s, 1)", (body,))  # no "payload string too long"
+        conn.execute("UPDATE docs SET n = 2 WHERE id = 42")
+        conn.execute("DELETE FROM docs WHERE id = 42")
+        ins, upd, dele = take(listener, 3)
+    for e, op in ((ins, "INSERT"), (upd, "UPDATE"), (dele, "DELETE")):
+        assert (e["op"], e["truncated"], e["key"]) == (op, True, {"id": 42}), e
+        assert not {"new", "old"} & set(e)
+        assert (e["schema"], e["table"]) == ("public", "docs")
+    assert upd["changed"] == ["n"]
+    # The reader fetches the row by the key (here: before the delete, in a fresh write).
+    conn.execute("INSERT INTO docs VALUES (43, %s, 1)", (body,))
+    row = conn.execute("SELECT body FROM docs WHERE id = %(id)s", {"id": 43}).fetchone()
+    assert row == (body,)
+
+
+def test_50kb_row_durable_arrives_whole_through_a_consumer(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    t = pgherald.add_table_trigger(conn, "docs", durable=True)
+    assert t.durable
+    body = (uuid.uuid4().hex * 1600)[:50_000]
+    conn.execute("INSERT INTO docs VALUES (1, %s)", (body,))
+    conn.execute("DELETE FROM docs")
+    with pgherald.Consumer(dsn, group="g", channels=["public.docs"], **FAST) as consumer:
+        got: list[pgherald.Event] = []
+        for ev in consumer:
+            got.append(ev)
+            if len(got) == 2:
+                consumer.stop()
+    assert [e.channel for e in got] == ["public.docs", "public.docs"]
+    ins, dele = (e.payload for e in got)
+    assert (ins["op"], ins["new"]) == ("INSERT", {"id": 1, "body": body})
+    assert (dele["op"], dele["old"]) == ("DELETE", {"id": 1, "body": body})
+    assert "truncated" not in ins
+    assert (ins["table"], ins["tx"]) == ("docs", got[0].tx)
+
+
+# -- 4. column filtering --
+
+
+def test_columns_filter_images_and_silence_unwatched_and_noop_updates(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE acct (id int PRIMARY KEY, balance int, secret text, note text)")
+    pgherald.add_table_trigger(conn, "acct", columns=["id", "balance"])
+    with pgherald.Listener(dsn, channels=["public.acct"]) as listener:
+        conn.execute("INSERT INTO acct VALUES (1, 10, 'pw', 'hi')")
+        (ins,) = take(listener, 1)
+        conn.execute("UPDATE acct SET secret = 'pw2', note = 'x' WHERE id = 1")  # unlisted only
+        nothing_then_sentinel(listener, conn, "acct")
+        conn.execute("UPDATE acct SET balance = balance WHERE id = 1")  # same values
+        nothing_then_sentinel(listener, conn, "acct")
+        conn.execute("UPDATE acct SET balance = 11, note = 'y' WHERE id = 1")
+        (upd,) = take(listener, 1)
+        conn.execute("DELETE FROM acct WHERE id = 1")
+        (dele,) = take(listener, 1)
+    assert ins["new"] == {"id": 1, "balance": 10}
+    assert (upd["new"], upd["old"], upd["changed"]) == (
+        {"id": 1, "balance": 11},
+        {"id": 1, "balance": 10},
+        ["balance"],
+    )
+    assert dele["old"] == {"id": 1, "balance": 11}
+
+
+def test_noop_update_without_column_list_sends_nothing(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    installed.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    installed.execute("INSERT INTO t VALUES (1, 'a')")
+    pgherald.add_table_trigger(installed, "t")
+    with pgherald.Listener(dsn, channels=["public.t"]) as listener:
+        installed.execute("UPDATE t SET v = 'a'")
+        nothing_then_sentinel(listener, installed, "t")
+
+
+def test_unknown_column_is_refused(installed: psycopg.Connection) -> None:
+    installed.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    with pytest.raises(pgherald.UsageError, match="nope"):
+        pgherald.add_table_trigger(installed, "t", columns=["id", "nope"])
+    assert pgherald.list_table_triggers(installed) == []
+
+
+# -- 5. partitioned tables --
+
+
+@pytest.fixture
+def partitioned(installed: psycopg.Connection) -> psycopg.Connection:
+    installed.execute(
+        "CREATE TABLE m (id int, day date, v text, PRIMARY KEY (id, day)) PARTITION BY RANGE (day)"
+    )
+    installed.execute(
+        "CREATE TABLE m_2025 PARTITION OF m FOR VALUES FROM ('2025-01-01') TO ('2026-01-01')"
+    )
+    installed.execute(
+        "CREATE TABLE m_2026 PARTITION OF m FOR VALUES FROM ('2026-01-01') TO ('2027-01-01')"
+    )
+    return installed
+
+
+def test_partitioned_table_events_name_the_partition_on_the_parents_channel(
+    dsn: str, partitioned: psycopg.Connection
+) -> None:
+    conn = partitioned
+    t = pgherald.add_table_trigger(conn, "m")
+    assert (t.table, t.channel) == ("m", "public.m")
+    with pgherald.Listener(dsn, channels=["public.m", "public.m_2025", "public.m_2026"]) as lst:
+        conn.execute("INSERT INTO m VALUES (1, '2025-06-01', 'a'), (2, '2026-06-01', 'b')")
+        conn.execute("UPDATE m SET day = '2026-02-01' WHERE id = 1")  # moves partitions
+        conn.execute("TRUNCATE m")
+        events = take(lst, 5)
+    # What happens (PostgreSQL's TG_TABLE_NAME in a cloned row trigger): "table" is the
+    # partition the row is in; the channel is the parent's (fixed when the trigger is added).
+    # A row moved between partitions is a DELETE from one and an INSERT into the other.
+    # TRUNCATE is a statement trigger on the parent only.
+    assert [(e["channel"], e["op"], e["table"]) for e in events] == [
+        ("public.m", "INSERT", "m_2025"),
+        ("public.m", "INSERT", "m_2026"),
+        ("public.m", "DELETE", "m_2025"),
+        ("public.m", "INSERT", "m_2026"),
+        ("public.m", "TRUNCATE", "m"),
+    ]
+    assert events[3]["new"] == {"id": 1, "day": "2026-02-01", "v": "a"}
+
+
+def test_partitioned_table_is_listed_once(partitioned: psycopg.Connection) -> None:
+    pgherald.add_table_trigger(partitioned, "m", columns=["id"])
+    assert [(t.table, t.columns) for t in pgherald.list_table_triggers(partitioned)] == [
+        ("m", ("id",))
+    ]
+
+
+def test_partitioned_table_via_sql_trigger_add_sends_on_the_parents_channel(
+    dsn: str, partitioned: psycopg.Connection
+) -> None:
+    from pgherald._triggers import trigger_sql
+
+    partitioned.execute(trigger_sql("m"))
+    [listed] = [t for t in pgherald.list_table_triggers(partitioned) if t.table == "m"]
+    assert listed.channel == "public.m"
+    with pgherald.Listener(dsn, channels=["public.m", "public.m_2025"]) as lst:
+        partitioned.execute("INSERT INTO m VALUES (1, '2025-06-01', 'a')")
+        (e,) = take(lst, 1)
+    assert (e["channel"], e["table"]) == ("public.m", "m_2025")
+
+
+def test_partitioned_table_options_change_and_remove(
+    dsn: str, partitioned: psycopg.Connection
+) -> None:
+    conn = partitioned
+    pgherald.add_table_trigger(conn, "m")
+    pgherald.add_table_trigger(conn, "m", channel="m2", columns=["id"])  # replaces on clones too
+    with pgherald.Listener(dsn, channels=["public.m", "m2"]) as lst:
+        conn.execute("INSERT INTO m VALUES (1, '2025-06-01', 'a')")
+        (e,) = take(lst, 1)
+        assert (e["channel"], e["new"]) == ("m2", {"id": 1})
+        assert pgherald.remove_table_trigger(conn, "m") is True
+        conn.execute("INSERT INTO m VALUES (2, '2026-06-01', 'a')")
+        conn.execute("SELECT pg_notify('m2', '{\"sentinel\": 1}')")
+        assert take(lst, 1) == [{"channel": "m2", "sentinel": 1}]
+    assert pgherald.list_table_triggers(conn) == []
+
+
+# -- 6. idempotency, list, remove --
+
+
+def test_adding_twice_changes_options_never_doubles_events(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, a int, b int)")
+    pgherald.add_table_trigger(conn, "t")
+    pgherald.add_table_trigger(conn, "t")  # same options again
+    [listed] = pgherald.list_table_triggers(conn)
+    assert listed == pgherald.TableTrigger(
+        "public", "t", "public.t", ("insert", "update", "delete", "truncate"), (), False
+    )
+    with pgherald.Listener(dsn, channels=["public.t", "c2"]) as lst:
+        conn.execute("INSERT INTO t VALUES (1, 1, 1)")
+        (e,) = take(lst, 1)
+        nothing_then_sentinel(lst, conn, "t")  # not two events for the one insert
+        assert e["new"] == {"id": 1, "a": 1, "b": 1}
+
+        t2 = pgherald.add_table_trigger(
+            conn, "t", channel="c2", events=["insert", "update"], columns=["id", "a"], durable=False
+        )
+        [listed] = pgherald.list_table_triggers(conn)
+        assert (
+            listed
+            == t2
+            == pgherald.TableTrigger("public", "t", "c2", ("insert", "update"), ("id", "a"), False)
+        )
+        conn.execute("INSERT INTO t VALUES (2, 2, 2)")
+        conn.execute("UPDATE t SET a = 5 WHERE id = 1")
+        conn.execute("UPDATE t SET b = 5 WHERE id = 1")  # b is no longer watched
+        conn.execute("DELETE FROM t WHERE id = 2")  # delete no longer watched
+        conn.execute("TRUNCATE t")  # neither is truncate
+        conn.execute("SELECT pg_notify('c2', '{\"sentinel\": 1}')")
+        got = take(lst, 3)
+        assert [(e["channel"], e.get("op"), e.get("new")) for e in got] == [
+            ("c2", "INSERT", {"id": 2, "a": 2}),
+            ("c2", "UPDATE", {"id": 1, "a": 5}),
+            ("c2", None, None),
+        ]
+        conn.execute("SELECT pg_notify('public.t', '{\"sentinel\": 2}')")
+        assert take(lst, 1) == [{"channel": "public.t", "sentinel": 2}]  # old channel silent
+    assert pgherald.remove_table_trigger(conn, "t") is True
+    assert pgherald.list_table_triggers(conn) == []
+    assert pgherald.remove_table_trigger(conn, "t") is False
+    left = conn.execute(
+        "SELECT count(*) FROM pg_trigger WHERE tgrelid = 't'::regclass AND NOT tgisinternal"
+    ).fetchone()
+    assert left == (0,)
+
+
+def test_durable_option_is_listed_and_switches_back(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pgherald.add_table_trigger(conn, "t", durable=True)
+    assert [t.durable for t in pgherald.list_table_triggers(conn)] == [True]
+    conn.execute("INSERT INTO t VALUES (1)")
+    pgherald.add_table_trigger(conn, "t")
+    assert [t.durable for t in pgherald.list_table_triggers(conn)] == [False]
+    with pgherald.Listener(dsn, channels=["public.t"]) as lst:
+        conn.execute("INSERT INTO t VALUES (2)")
+        (e,) = take(lst, 1)
+    assert e["new"] == {"id": 2}
+    rows = conn.execute("SELECT payload->'new' FROM pgherald.events_v1 ORDER BY id").fetchall()
+    assert rows == [({"id": 1},)]  # one durable event, from before the switch
+
+
+def test_list_shows_non_ascii_channel_and_columns(installed: psycopg.Connection) -> None:
+    installed.execute('CREATE TABLE "Größe" (id int PRIMARY KEY, "Maß" int)')
+    pgherald.add_table_trigger(installed, '"Größe"', channel="Kanäle", columns=["Maß"])
+    [t] = pgherald.list_table_triggers(installed)
+    assert (t.table, t.channel, t.columns) == ("Größe", "Kanäle", ("Maß",))
+
+
+def test_non_ascii_names_deliver(dsn: str, installed: psycopg.Connection) -> None:
+    installed.execute('CREATE TABLE "Größe" (id int PRIMARY KEY, "Maß" int, x int)')
+    pgherald.add_table_trigger(installed, '"Größe"', columns=["Maß"])
+    with pgherald.Listener(dsn, channels=["public.Größe"]) as lst:
+        installed.execute('INSERT INTO "Größe" VALUES (1, 2, 3)')
+        (e,) = take(lst, 1)
+    assert (e["table"], e["new"]) == ("Größe", {"Maß": 2})
+
+
+# -- 7. no stray objects --
+
+
+def snapshot(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
+    return {
+        "triggers": conn.execute(
+            "SELECT tgrelid::regclass::text, tgname FROM pg_trigger WHERE NOT tgisinternal "
+            "ORDER BY 1, 2"
+        ).fetchall(),
+        "event_triggers": conn.execute(
+            "SELECT evtname FROM pg_event_trigger ORDER BY 1"
+        ).fetchall(),
+        "pgherald_functions": conn.execute(
+            "SELECT p.oid::regprocedure::text FROM pg_proc p "
+            "JOIN pg_namespace n ON n.oid = p.pronamespace WHERE n.nspname = 'pgherald' ORDER BY 1"
+        ).fetchall(),
+        "namespaces": conn.execute("SELECT nspname FROM pg_namespace ORDER BY 1").fetchall(),
+    }
+
+
+def test_install_triggers_ddl_uninstall_remove_leaves_no_stray_objects(
+    conn: psycopg.Connection,
+) -> None:
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    conn.execute("CREATE SCHEMA sales")
+    conn.execute('CREATE TABLE sales."Line Items" (id int PRIMARY KEY)')
+    before = snapshot(conn)
+    pgherald.install(conn)
+    pgherald.add_table_trigger(conn, "a")
+    pgherald.add_table_trigger(conn, 'sales."Line Items"', durable=True, events=["truncate"])
+    pgherald.enable_ddl_events(conn)
+    during = snapshot(conn)
+    assert (len(during["triggers"]), len(during["event_triggers"])) == (3, 2)
+    assert {"notify_change_v1()", "notify_ddl_v1()"} <= {
+        f[0].removeprefix("pgherald.") for f in during["pgherald_functions"]
+    }
+    pgherald.uninstall(conn)
+    pgherald.remove_table_trigger(conn, "a")
+    pgherald.remove_table_trigger(conn, 'sales."Line Items"')
+    assert snapshot(conn) == before
+    conn.execute("INSERT INTO a VALUES (1)")  # the table still works
+    conn.execute("CREATE TABLE b (id int)")  # so does DDL
+
+
+def test_remove_and_disable_before_uninstall_leave_no_stray_objects(
+    conn: psycopg.Connection,
+) -> None:
+    conn.execute("CREATE TABLE a (id int PRIMARY KEY)")
+    before = snapshot(conn)
+    pgherald.install(conn)
+    pgherald.add_table_trigger(conn, "a")
+    pgherald.enable_ddl_events(conn)
+    pgherald.enable_ddl_events(conn)  # twice: still two event triggers
+    assert len(snapshot(conn)["event_triggers"]) == 2
+    assert pgherald.remove_table_trigger(conn, "a") is True
+    pgherald.disable_ddl_events(conn)
+    after = snapshot(conn)
+    assert (after["event_triggers"], after["triggers"]) == ([], [])
+    pgherald.uninstall(conn)
+    assert snapshot(conn) == before
+
+
+def test_add_before_install_says_install(installed: psycopg.Connection) -> None:
+    pgherald.uninstall(installed)
+    installed.execute("CREATE TABLE a (id int)")
+    with pytest.raises(pgherald.SchemaMissing, match="pgherald install"):
+        pgherald.add_table_trigger(installed, "a")
+
+
+# -- 8. DDL events --
+
+
+def test_ddl_events_create_alter_drop(dsn: str, installed: psycopg.Connection) -> None:
+    conn = installed
+    pgherald.enable_ddl_events(conn)
+    with pgherald.Listener(dsn, channels=["pgherald_ddl"]) as lst:
+        conn.execute('CREATE TABLE "Audit Log" (id int)')
+        (created,) = take(lst, 1)
+        conn.execute('ALTER TABLE "Audit Log" ADD COLUMN note text')
+        (altered,) = take(lst, 1)
+        conn.execute('DROP TABLE "Audit Log"')
+        conn.execute("SELECT pg_notify('pgherald_ddl', '{\"sentinel\": 1}')")
+        dropped: list[dict[str, Any]] = []
+        for note in lst.notifications(timeout=5):
+            dropped.append(note.json())
+            if dropped[-1].get("sentinel"):
+                break
+    assert created == {
+        "channel": "pgherald_ddl",
+        "event": "ddl_command_end",
+        "command_tag": "CREATE TABLE",
+        "object_type": "table",
+        "schema": "public",
+        "object_identity": 'public."Audit Log"',
+    }
+    assert altered == created | {"command_tag": "ALTER TABLE"}
+    assert dropped[-1] == {"sentinel": 1}
+    assert {
+        "event": "sql_drop",
+        "command_tag": "DROP TABLE",
+        "object_type": "table",
+        "schema": "public",
+        "object_identity": 'public."Audit Log"',
+    } in dropped
+    assert {e.get("command_tag") for e in dropped[:-1]} == {"DROP TABLE"}
+
+
+def test_ddl_disable_stops_events(dsn: str, installed: psycopg.Connection) -> None:
+    pgherald.enable_ddl_events(installed)
+    pgherald.disable_ddl_events(installed)
+    with pgherald.Listener(dsn, channels=["pgherald_ddl"]) as lst:
+        installed.execute("CREATE TABLE x (id int)")
+        installed.execute("SELECT pg_notify('pgherald_ddl', '{\"sentinel\": 1}')")
+        assert [n.json() for n in lst.notifications(timeout=5)][:1] == [{"sentinel": 1}]
+
+
+@pytest.fixture
+def plain_role_dsn(dsn: str, conn: psycopg.Connection) -> Iterator[str]:
+    """A LOGIN role without superuser, and a DSN connecting as it to the test database."""
+    role = f"pgherald_plain_{uuid.uuid4().hex[:8]}"
+    conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+    try:
+        yield make_conninfo(dsn, user=role)
+    finally:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,)
+        )
+        conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))  # its grants
+        conn.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
+
+
+def test_ddl_enable_as_non_superuser_raises_privilege_error(
+    plain_role_dsn: str, installed: psycopg.Connection
+) -> None:
+    role = str(conninfo_to_dict(plain_role_dsn)["user"])
+    installed.execute(sql.SQL("GRANT USAGE ON SCHEMA pgherald TO {}").format(sql.Identifier(role)))
+    with psycopg.connect(plain_role_dsn, autocommit=True) as plain:
+        su = plain.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+        assert su.fetchone() == (False,)
+        with pytest.raises(pgherald.PrivilegeError, match="superuser"):
+            pgherald.enable_ddl_events(plain)
+        with pytest.raises(pgherald.PrivilegeError, match="superuser"):
+            pgherald.disable_ddl_events(plain)
+    assert installed.execute("SELECT count(*) FROM pg_event_trigger").fetchone() == (0,)
+
+
+def test_ddl_enable_as_non_superuser_without_schema_usage_raises_privilege_error(
+    plain_role_dsn: str, installed: psycopg.Connection
+) -> None:
+    with (
+        psycopg.connect(plain_role_dsn, autocommit=True) as plain,
+        pytest.raises(pgherald.PrivilegeError, match="superuser"),
+    ):
+        pgherald.enable_ddl_events(plain)
+
+
+# -- 9. the user's write never breaks --
+
+
+def test_table_without_primary_key(dsn: str, installed: psycopg.Connection) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE log (line text, n int)")
+    pgherald.add_table_trigger(conn, "log")
+    wide = "y" * 20_000
+    with pgherald.Listener(dsn, channels=["public.log"]) as lst:
+        conn.execute("INSERT INTO log VALUES ('short', 1), (%s, 2)", (wide,))
+        conn.execute("UPDATE log SET n = n + 10")
+        conn.execute("DELETE FROM log")
+        events = take(lst, 6)
+    assert [e["op"] for e in events] == ["INSERT", "INSERT", "UPDATE", "UPDATE", "DELETE", "DELETE"]
+    small = [e for e in events if not e.get("truncated")]
+    big = [e for e in events if e.get("truncated")]
+    assert len(small) == len(big) == 3
+    assert small[0]["new"] == {"line": "short", "n": 1}
+    for e in big:  # no primary key: nothing to fetch by, but the write and the event go through
+        assert e["key"] is None
+        assert "new" not in e
+
+
+def test_very_wide_row_and_huge_key_never_fail_the_write(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE big (k text PRIMARY KEY, body text, j jsonb)")
+    pgherald.add_table_trigger(conn, "big")
+    body = uuid.uuid4().hex * 125_000  # 4 MB
+    huge_key = "k" * 9000  # alone over NOTIFY's limit (compressible, so the btree accepts it)
+    with pgherald.Listener(dsn, channels=["public.big"]) as lst:
+        conn.execute(
+            "INSERT INTO big VALUES ('a', %s, %s)",
+            (body, json.dumps({"list": list(range(10_000))})),
+        )
+        conn.execute("INSERT INTO big VALUES (%s, 'x', NULL)", (huge_key,))
+        wide, huge = take(lst, 2)
+    assert (wide["truncated"], wide["key"]) == (True, {"k": "a"})
+    assert (huge["truncated"], huge["op"]) == (True, "INSERT")
+    assert "key" not in huge
+    assert conn.execute("SELECT count(*) FROM big").fetchone() == (2,)
+
+
+def test_durable_trigger_write_rolls_back_with_the_transaction(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    installed.execute("CREATE TABLE t (id int PRIMARY KEY)")
+    pgherald.add_table_trigger(installed, "t", durable=True)
+    with psycopg.connect(dsn) as w:
+        w.execute("INSERT INTO t VALUES (1)")
+        w.rollback()
+        w.execute("INSERT INTO t VALUES (2)")
+        w.commit()
+    rows = installed.execute("SELECT channel, payload->'new' FROM pgherald.events_v1").fetchall()
+    assert rows == [("public.t", {"id": 2})]
