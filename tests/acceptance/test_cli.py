@@ -150,7 +150,7 @@ def test_demo_runs_end_to_end(dsn: str) -> None:
     consumed = [line for line in out.splitlines() if "<- consumed" in line]
     assert len(consumed) == 5
     assert len(set(consumed)) == 5
-    assert "invoice\": 2" not in out  # rolled back
+    assert 'invoice": 2' not in out  # rolled back
     # Table changes: the no-op UPDATE sends nothing, the too-wide row is reduced to its key.
     changes = [line for line in out.splitlines() if "<- change" in line]
     assert len(changes) == 5
