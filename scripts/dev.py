@@ -4,7 +4,7 @@ One entry point for developers and CI; needs only Python 3.10+.
 
     python3 scripts/dev.py demo [ARGS]   # pgherald demo (embedded PostgreSQL when no DSN)
     python3 scripts/dev.py test [ARGS]   # lint, types, the whole test suite
-    python3 scripts/dev.py bench [ARGS]  # benchmarks, results in docs/benchmarks.md
+    python3 scripts/dev.py bench [--quick]  # all benchmarks, results in docs/benchmarks.md
     python3 scripts/dev.py shell         # print how to activate the virtualenv
 
 It creates ``.venv`` beside it on first use and reinstalls the project there whenever
@@ -79,7 +79,9 @@ def main(argv: list[str]) -> None:
         run(BIN / "lint-imports")
         run(PY, "-m", "pytest", *args)
     elif command == "bench":
-        run(PY, "bench/listen_bench.py", "--output", "docs/benchmarks.md", *args)
+        # One at a time: each measures a machine that nothing else is loading.
+        for name in ("listen", "durable", "trigger", "gateway"):
+            run(PY, f"bench/{name}_bench.py", "--output", "docs/benchmarks.md", *args)
     else:
         print(f"source {BIN / 'activate'}")
 
