@@ -18,9 +18,8 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 from psycopg import sql as psql
@@ -39,9 +38,8 @@ WAKE_CHANNEL = "pgherald_wake_v1"
 Start = str | int | datetime
 
 
-@dataclass(frozen=True, slots=True)
-class Event:
-    """An event read from the durable log."""
+class Event(NamedTuple):
+    """An event read from the durable log (a small immutable value, like `Notification`)."""
 
     id: int
     """Its id (ascending with insertion, not with commit order)."""
@@ -213,16 +211,20 @@ class ConsumerCore:
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
         rows = self._adapt(rows)
+        make = tuple.__new__  # skips NamedTuple's Python-level __new__: this is per event
         return [
-            Event(
-                r[0],
-                r[2],
-                loads(r[4]),
-                r[3],
-                None if r[5] is None else loads(r[5]),
-                r[6],
-                r[7],
-                r[1],
+            make(
+                Event,
+                (
+                    r[0],
+                    r[2],
+                    loads(r[4]),
+                    r[3],
+                    None if r[5] is None else loads(r[5]),
+                    r[6],
+                    r[7],
+                    r[1],
+                ),
             )
             for r in rows
         ]
