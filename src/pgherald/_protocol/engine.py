@@ -161,6 +161,9 @@ class ListenerEngine:
         clock = time.monotonic
         result = None
         reread = self.pgconn is not None
+        last_relname: bytes | None = None
+        name = ""
+        handler: Any = None
         while True:
             raw = notifies()
             if raw is None:
@@ -177,17 +180,19 @@ class ListenerEngine:
                     break
                 continue
             relname, pid, extra = raw  # psycopg.pq.PGnotify; unpacking beats 3 attribute reads
-            try:
-                name = names[relname]
-            except KeyError:
-                name = names[relname] = relname.decode("utf-8", "replace")
+            if relname != last_relname:  # bursts come on one channel: look up once per run
+                try:
+                    name = names[relname]
+                except KeyError:
+                    name = names[relname] = relname.decode("utf-8", "replace")
+                handler = get(name)
+                last_relname = relname
             try:
                 payload = extra.decode()  # the fast path of bytes.decode takes no arguments
             except UnicodeDecodeError:
                 payload = extra.decode("utf-8", "replace")
             n = make(cls, (name, payload, pid))
             count += 1
-            handler = get(name)
             if handler is not None:
                 try:
                     handler(n)
