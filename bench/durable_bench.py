@@ -45,10 +45,10 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import _report  # bench/_report.py: shared by every benchmark
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
@@ -317,14 +317,7 @@ def watch_xids(dsn: str, seconds: float, out: Result) -> None:
 
 
 def machine(dsn: str) -> dict[str, str]:
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor() or "?",
-    )
+    cpu = _report.cpu_model()
     with psycopg.connect(dsn) as conn:
         server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
         settings = {
@@ -332,11 +325,7 @@ def machine(dsn: str) -> dict[str, str]:
             for name in ("synchronous_commit", "fsync", "shared_buffers", "wal_level")
         }
 
-    def ver(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+    ver = _report.version
 
     libpq = psycopg.pq.version()
     return {
@@ -646,15 +635,7 @@ def report(
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    _report.write_section(path, START, END, body)
 
 
 def main() -> None:

@@ -49,12 +49,12 @@ import tempfile
 import threading
 import time
 import urllib.request
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+import _report  # noqa: E402 - bench/_report.py, shared by every benchmark
 from gateway_workers import raise_nofile  # noqa: E402
 
 WORKERS = str(HERE / "gateway_workers.py")
@@ -391,22 +391,11 @@ def by_package(st: pstats.Stats) -> str:
 def machine(dsn: str) -> dict[str, str]:
     import psycopg
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor() or "?",
-    )
+    cpu = _report.cpu_model()
     with psycopg.connect(dsn) as conn:
         server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
 
-    def ver(dist: str) -> str:
-        try:
-            return metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            return "not installed"
+    ver = _report.version
 
     mem = next(
         (
@@ -560,15 +549,7 @@ def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], pr
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    _report.write_section(path, START, END, body)
 
 
 def main() -> None:

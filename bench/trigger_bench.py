@@ -42,6 +42,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _report  # bench/_report.py: shared by every benchmark
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 START, END = "<!-- trigger-bench:start -->", "<!-- trigger-bench:end -->"
@@ -259,14 +261,7 @@ def trial(
 def machine(dsn: str) -> dict[str, str]:
     import psycopg
 
-    cpu = next(
-        (
-            ln.split(":", 1)[1].strip()
-            for ln in Path("/proc/cpuinfo").read_text().splitlines()
-            if ln.startswith("model name")
-        ),
-        platform.processor() or "?",
-    )
+    cpu = _report.cpu_model()
     with psycopg.connect(dsn) as conn:
 
         def show(name: str) -> str:
@@ -447,15 +442,7 @@ def report(
 
 
 def write_section(path: Path, body: str) -> None:
-    section = f"{START}\n{body}\n{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + section + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    _report.write_section(path, START, END, body)
 
 
 def main() -> None:
