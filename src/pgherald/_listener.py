@@ -40,6 +40,8 @@ class Listener(ListenerBase):
         super().__init__(dsn, **kwargs)
         self._waiter = Waiter()
         self._loop_thread: int | None = None  # the thread running run() or the iteration
+        # One thread at a time drives the connection: a run/iteration, or a subscribe outside.
+        self._io_lock = threading.Lock()
 
     # -- connection --
 
@@ -90,9 +92,12 @@ class Listener(ListenerBase):
     def _sync_now(self) -> None:
         engine = self._engine
         if self._mode is None:
-            if engine.connected:
-                self._waiter.run(engine.sync_channels())
-        elif threading.get_ident() != self._loop_thread:
+            with self._io_lock:
+                if self._mode is None:  # still nobody running: do it here
+                    if engine.connected:
+                        self._waiter.run(engine.sync_channels())
+                    return
+        if threading.get_ident() != self._loop_thread:
             # Running in another thread: it applies the change; wait until the server has it.
             done = threading.Event()
             engine.after_sync(done.set)
@@ -112,8 +117,9 @@ class Listener(ListenerBase):
         self._begin("run")
         self._loop_thread = threading.get_ident()
         try:
-            self.connect()
-            self._waiter.run(self._engine.run(), self._on_request)
+            with self._io_lock:
+                self.connect()
+                self._waiter.run(self._engine.run(), self._on_request)
         finally:
             self._end()
 
@@ -164,6 +170,8 @@ class Listener(ListenerBase):
         clock = time.monotonic
         waiter = self._waiter
         try:
+            with self._io_lock:
+                pass  # a subscribe that began before this iteration finishes first
             self.connect()
             idle_until = None if timeout is None else clock() + timeout
             send: Any = None

@@ -43,6 +43,8 @@ class AsyncListener(ListenerBase):
         super().__init__(dsn, **kwargs)
         self._waiter = AsyncWaiter()
         self._dispatching = False  # handlers are running: the loop cannot serve a subscribe
+        # One task at a time drives the connection: a run/iteration, or a subscribe outside one.
+        self._io_lock = anyio.Lock()
 
     # -- connection --
 
@@ -92,9 +94,12 @@ class AsyncListener(ListenerBase):
     async def _sync_now(self) -> None:
         engine = self._engine
         if self._mode is None:
-            if engine.connected:
-                await self._waiter.run(engine.sync_channels())
-        elif not self._dispatching:
+            async with self._io_lock:
+                if self._mode is None:  # still nobody running: do it here
+                    if engine.connected:
+                        await self._waiter.run(engine.sync_channels())
+                    return
+        if not self._dispatching:
             done = anyio.Event()
             engine.after_sync(done.set)
             self._wake()
@@ -110,8 +115,9 @@ class AsyncListener(ListenerBase):
         """Dispatch notifications to handlers until `stop` is called (or the task is cancelled)."""
         self._begin("run")
         try:
-            await self.connect()
-            await self._waiter.run(self._engine.run(), self._on_request)
+            async with self._io_lock:
+                await self.connect()
+                await self._waiter.run(self._engine.run(), self._on_request)
         finally:
             self._end()
 
@@ -188,6 +194,8 @@ class AsyncListener(ListenerBase):
         clock = time.monotonic
         waiter = self._waiter
         try:
+            async with self._io_lock:
+                pass  # a subscribe that began before this iteration finishes first
             await self.connect()
             idle_until = None if timeout is None else clock() + timeout
             send: Any = None
@@ -209,7 +217,13 @@ class AsyncListener(ListenerBase):
                     budget = clock() + engine.config.delivery_budget
                     while (n := engine.pop()) is not None:
                         self.stats.received += 1
-                        yield n
+                        # The loop body runs now, not the engine: a subscribe from it must
+                        # not wait for the engine (see _sync_now).
+                        self._dispatching = True
+                        try:
+                            yield n
+                        finally:
+                            self._dispatching = False
                         if engine.stopping or clock() > budget:
                             break
                     if idle_until is not None:

@@ -361,3 +361,51 @@ def test_lent_connection_lost_then_pgherald_reconnects_on_its_own(
             pgherald.notify(conn, "L", "after")
             got = [n.payload for n in listener.notifications(timeout=1.0)]
         assert got == ["after"]
+
+
+def test_subscribe_from_another_thread_returns_once_listening(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    got: list[str] = []
+    done = threading.Event()
+    with pgherald.Listener(dsn, channels=["first"]) as listener:
+
+        @listener.on()
+        def every(n: pgherald.Notification) -> None:
+            got.append(n.channel)
+            if n.channel == "late":
+                done.set()
+
+        runner = threading.Thread(target=listener.run)
+        runner.start()
+        try:
+            listener.subscribe("late")  # from this thread while run() goes on in the other
+            assert "late" in listener.listening
+            pgherald.notify(conn, "late", "sent right after subscribe returned")
+            assert done.wait(5), "a notification sent after subscribe() returned was missed"
+        finally:
+            listener.stop()
+            runner.join(5)
+    assert got == ["late"]
+
+
+@pytest.mark.anyio
+async def test_async_subscribe_from_another_task_returns_once_listening(dsn: str) -> None:
+    got: list[str] = []
+    arrived = anyio.Event()
+    async with pgherald.AsyncListener(dsn, channels=["first"]) as listener:
+
+        @listener.on()
+        def every(n: pgherald.Notification) -> None:
+            got.append(n.channel)
+            arrived.set()
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.run)
+            await listener.subscribe("late")
+            assert "late" in listener.listening
+            await anyio.to_thread.run_sync(_send_in_thread, dsn, "late", ["x"])
+            with anyio.fail_after(5):
+                await arrived.wait()
+            listener.stop()
+    assert got == ["late"]
