@@ -107,10 +107,6 @@ class ListenerEngine:
     def connected(self) -> bool:
         return self.pgconn is not None
 
-    @property
-    def in_sync(self) -> bool:
-        return not self._dirty
-
     # -- the hot path --
 
     def pop(self) -> Notification | None:

@@ -11,6 +11,7 @@ import click
 from .._listener import Listener
 from .._models import Notification
 from .._triggers import (
+    DDL_CHANNEL,
     EVENTS,
     TableTrigger,
     add_table_trigger,
@@ -128,7 +129,7 @@ def ddl_enable(dsn: str | None) -> None:
     """Send {command_tag, object_type, schema, object_identity} for every DDL command."""
     with connection(dsn) as conn:
         enable_ddl_events(conn)
-    click.echo("DDL events enabled on channel 'pgherald_ddl'")
+    click.echo(f"DDL events enabled on channel {DDL_CHANNEL!r}")
 
 
 @ddl_group.command("disable")
