@@ -37,7 +37,6 @@ import contextlib
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -317,38 +316,14 @@ def watch_xids(dsn: str, seconds: float, out: Result) -> None:
 
 
 def machine(dsn: str) -> dict[str, str]:
-    cpu = _report.cpu_model()
-    with psycopg.connect(dsn) as conn:
-        server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-        settings = {
-            name: str(conn.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
-            for name in ("synchronous_commit", "fsync", "shared_buffers", "wal_level")
-        }
-
-    ver = _report.version
-
-    libpq = psycopg.pq.version()
-    return {
-        "CPU": cpu,
-        "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
-        "OS": platform.platform(),
-        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "Python": platform.python_version(),
-        "PostgreSQL server": server
-        + " ("
-        + ", ".join(f"{k}={v}" for k, v in settings.items())
-        + "; server defaults, not changed by the benchmark)",
-        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {libpq // 10000}"
-        f".{libpq % 100})",
-        "pgherald": ver("pgherald"),
-    }
+    return _report.machine(
+        dsn,
+        settings=("synchronous_commit", "fsync", "shared_buffers", "wal_level"),
+        extra={"pgherald": _report.version("pgherald")},
+    )
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([f"| {fmt[0]} |", sep, *(f"| {line} |" for line in fmt[1:])])
+table = _report.table
 
 
 def med(results: list[Result], key: str) -> float | None:

@@ -37,7 +37,6 @@ import datetime as dt
 import io
 import json
 import os
-import platform
 import pstats
 import queue
 import shlex
@@ -389,41 +388,18 @@ def by_package(st: pstats.Stats) -> str:
 
 
 def machine(dsn: str) -> dict[str, str]:
-    import psycopg
-
-    cpu = _report.cpu_model()
-    with psycopg.connect(dsn) as conn:
-        server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-
     ver = _report.version
-
-    mem = next(
-        (
-            ln.split()[1]
-            for ln in Path("/proc/meminfo").read_text().splitlines()
-            if ln.startswith("MemTotal")
-        ),
-        "0",
+    return _report.machine(
+        dsn,
+        extra={
+            "uvicorn / starlette / anyio": f"{ver('uvicorn')} / {ver('starlette')} / {ver('anyio')}",
+            "HTTP / WS implementation": f"h11 {ver('h11')} (httptools: {ver('httptools')}), "
+            f"websockets {ver('websockets')} (sansio); event loop: asyncio (uvloop: {ver('uvloop')})",
+        },
     )
-    return {
-        "CPU": cpu,
-        "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))}), "
-        f"RAM {int(mem) / 1024 / 1024:.0f} GB",
-        "OS": platform.platform(),
-        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "Python": platform.python_version(),
-        "PostgreSQL server": server,
-        "uvicorn / starlette / anyio": f"{ver('uvicorn')} / {ver('starlette')} / {ver('anyio')}",
-        "HTTP / WS implementation": f"h11 {ver('h11')} (httptools: {ver('httptools')}), "
-        f"websockets {ver('websockets')} (sansio); event loop: asyncio (uvloop: {ver('uvloop')})",
-    }
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt_ = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([f"| {fmt_[0]} |", sep, *(f"| {line} |" for line in fmt_[1:])])
+table = _report.table
 
 
 def step_rows(steps: list[Result]) -> list[list[str]]:

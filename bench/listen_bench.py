@@ -34,7 +34,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import queue
 import shlex
 import statistics
@@ -140,35 +139,18 @@ def probe_pgherald(env: dict[str, str]) -> tuple[dict[str, str] | None, str]:
 
 
 def machine(dsn: str) -> dict[str, str]:
-    import psycopg
-
-    cpu = _report.cpu_model()
-    with psycopg.connect(dsn) as conn:
-        server = str(conn.execute("SHOW server_version").fetchone()[0])  # type: ignore[index]
-
     ver = _report.version
-
-    libpq = psycopg.pq.version()
-    return {
-        "CPU": cpu,
-        "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
-        "OS": platform.platform(),
-        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "Python": platform.python_version(),
-        "PostgreSQL server": server,
-        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {libpq // 10000}"
-        f".{libpq % 100})",
-        "psycopg2-binary": ver("psycopg2-binary"),
-        "asyncpg": ver("asyncpg"),
-        "anyio / trio": f"{ver('anyio')} / {ver('trio')}",
-    }
+    return _report.machine(
+        dsn,
+        extra={
+            "psycopg2-binary": ver("psycopg2-binary"),
+            "asyncpg": ver("asyncpg"),
+            "anyio / trio": f"{ver('anyio')} / {ver('trio')}",
+        },
+    )
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([f"| {fmt[0]} |", sep, *(f"| {line} |" for line in fmt[1:])])
+table = _report.table
 
 
 def report(

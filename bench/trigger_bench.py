@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -259,37 +258,15 @@ def trial(
 
 
 def machine(dsn: str) -> dict[str, str]:
-    import psycopg
-
-    cpu = _report.cpu_model()
-    with psycopg.connect(dsn) as conn:
-
-        def show(name: str) -> str:
-            row = conn.execute(f"SHOW {name}").fetchone()
-            return str(row[0]) if row else "?"
-
-        server = show("server_version")
-        settings = ", ".join(
-            f"{s}={show(s)}" for s in ("synchronous_commit", "fsync", "shared_buffers")
-        )
     pgherald = _import_pgherald()
-    return {
-        "CPU": cpu,
-        "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))})",
-        "OS": platform.platform(),
-        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
-        "Python": platform.python_version(),
-        "PostgreSQL server": f"{server} ({settings})",
-        "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__})",
-        "pgherald": f"{pgherald.__version__} ({Path(pgherald.__file__).parent})",
-    }
+    return _report.machine(
+        dsn,
+        settings=("synchronous_commit", "fsync", "shared_buffers"),
+        extra={"pgherald": f"{pgherald.__version__} ({Path(pgherald.__file__).parent})"},
+    )
 
 
-def table(rows: list[list[str]]) -> str:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    fmt = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([f"| {fmt[0]} |", sep, *(f"| {line} |" for line in fmt[1:])])
+table = _report.table
 
 
 def report(
