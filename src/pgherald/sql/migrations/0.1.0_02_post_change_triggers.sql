@@ -13,7 +13,9 @@ DECLARE
         SELECT n.nspname || '.' || c.relname FROM pg_class AS c
         JOIN pg_namespace AS n ON n.oid = c.relnamespace
         WHERE c.oid = coalesce(pg_partition_root(TG_RELID), TG_RELID)));
-    v_columns text[] := ARRAY(SELECT jsonb_array_elements_text(coalesce(TG_ARGV[1], '[]')::jsonb));
+    -- Parsed only when there is a column list: this runs for every changed row.
+    v_columns text[] := CASE WHEN coalesce(TG_ARGV[1], '[]') = '[]' THEN '{}'::text[]
+        ELSE ARRAY(SELECT jsonb_array_elements_text(TG_ARGV[1]::jsonb)) END;
     v_durable boolean := coalesce(TG_ARGV[2], 'f') = 't';
     v_new jsonb;
     v_old jsonb;
