@@ -113,6 +113,10 @@ class ListenerEngine:
         """The next notification already received, or None: never touches the network."""
         if self._pending:
             return self._pending.popleft()
+        return self._take()
+
+    def _take(self) -> Notification | None:
+        """The next notification libpq holds, as a `Notification` (None: libpq has none)."""
         n = self._notifies()
         if n is None:
             self._input = False
@@ -217,11 +221,6 @@ class ListenerEngine:
         except Exception:
             on_error(handler, n)
         return None
-
-    def _convert(self, n: Any) -> Notification:
-        return Notification(
-            n.relname.decode("utf-8", "replace"), n.extra.decode("utf-8", "replace"), n.be_pid
-        )
 
     # -- lifecycle --
 
@@ -527,8 +526,8 @@ class ListenerEngine:
         pgconn, self.pgconn = self.pgconn, None
         if pgconn is not None:
             # Notifications libpq already parsed are good: keep them for delivery.
-            while (n := self._notifies()) is not None:
-                self._pending.append(self._convert(n))
+            while (n := self._take()) is not None:
+                self._pending.append(n)
             if pgconn is self._adopted:
                 self._adopted = None  # lost: it is the application's to close, not ours
             else:
