@@ -94,6 +94,7 @@ def create_app(
         dsn,
         durable_channels=durable_channels,
         client_buffer=client_buffer,
+        heartbeat=heartbeat,
         poll_interval=poll_interval,
     )
     gateway = Gateway(hub, auth)
@@ -106,7 +107,7 @@ def create_app(
     app = Starlette(
         routes=[
             Route("/", gateway.page, methods=["GET"]),
-            Route("/sse", SseEndpoint(hub, auth, heartbeat), methods=["GET"]),
+            Route("/sse", SseEndpoint(hub, auth), methods=["GET"]),
             WebSocketRoute("/ws", WsEndpoint(hub, auth).handle),
             Route("/publish/{channel}", gateway.publish, methods=["POST"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -116,7 +115,3 @@ def bearer_token(headers: Any, query: Any) -> str | None:
             return str(value.strip())
     token = query.get("token")
     return str(token) if token else None
-
-
-def seconds_left(principal: Principal) -> float | None:
-    return None if principal.exp is None else principal.exp - time.time()

@@ -12,6 +12,7 @@ registers gets every later event live, and reads anything before that from the l
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from functools import partial
@@ -28,7 +29,7 @@ from ..._publish import publish
 from ..._schema import MISSING
 from ...errors import SchemaMissing
 from .db import Db
-from .frames import Frame, Position
+from .frames import PING, Frame, Position
 from .metrics import Metrics
 
 logger = logging.getLogger("pgherald.gateway")
@@ -59,44 +60,79 @@ class UnknownEventId(Exception):
 
 
 class Client:
-    """One connected client: its channels and a bounded buffer of frames to send it."""
+    """
+    One connected client: its channels and a bounded list of frames waiting to be written.
 
-    def __init__(self, hub: Hub, kind: str, buffer: int) -> None:
+    The hub appends to `pending` without waiting and wakes the client's writer on the first
+    frame only; the writer then takes everything at once (one write for a burst). So a
+    notification batch costs each subscriber one wake-up and one write, however many frames.
+    """
+
+    __slots__ = (
+        "_ready",
+        "channels",
+        "close_code",
+        "expires",
+        "hub",
+        "kind",
+        "last_write",
+        "pending",
+        "reason",
+        "scope",
+    )
+
+    def __init__(self, hub: Hub, kind: str) -> None:
         self.hub = hub
         self.kind = kind
         self.channels: set[str] = set()
-        self._send, self.frames = anyio.create_memory_object_stream[Frame](buffer)
+        self.pending: list[Frame] = []
+        self._ready = anyio.Event()
         self.reason: str | None = None
         """Why the gateway ends this client's stream (None while it is not ending)."""
         self.close_code = 1000
         self.scope: anyio.CancelScope | None = None
         """The writer's scope: given a deadline when the client is ended."""
+        self.expires: float | None = None
+        """`time.time()` at which the client's token expires: the hub ends it then."""
+        self.last_write = time.monotonic()
 
     def offer(self, frame: Frame) -> None:
         """Queue *frame* without waiting; a full buffer ends the client (it is too slow)."""
-        try:
-            self._send.send_nowait(frame)
-        except anyio.WouldBlock:
-            self.hub.metrics.drops.inc()
-            self.end(
-                f"too slow: more than {self.hub.client_buffer} events waiting to be sent; "
-                "disconnected (reconnect to continue; durable channels resume by Last-Event-ID)",
-                1013,
-            )
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
+        pending = self.pending
+        if len(pending) >= self.hub.client_buffer:
+            if self.reason is None:
+                self.hub.metrics.drops.inc()
+                self.end(
+                    f"too slow: more than {self.hub.client_buffer} events waiting to be sent; "
+                    "disconnected (reconnect to continue; durable channels resume by "
+                    "Last-Event-ID)",
+                    1013,
+                )
+            return
+        pending.append(frame)
+        if len(pending) == 1:
+            self._ready.set()
 
-    def close(self) -> None:
-        """Release the buffer (the client is gone)."""
-        self._send.close()
-        self.frames.close()
+    async def take(self) -> list[Frame]:
+        """Wait until frames are pending (or the client is ended); return and clear them."""
+        if not self.pending and self.reason is None:
+            await self._ready.wait()
+        self._ready = anyio.Event()
+        frames, self.pending = self.pending, []
+        return frames
+
+    def sent(self, count: int) -> None:
+        """The writer wrote *count* frames (for heartbeats and metrics)."""
+        self.last_write = time.monotonic()
+        self.hub.frames_out += count
 
     def end(self, reason: str, code: int = 1000) -> None:
         """Stop feeding this client; its writer sends *reason* and closes (within a grace)."""
         if self.reason is not None:
             return
         self.reason, self.close_code = reason, code
-        self._send.close()
+        self.pending = []
+        self._ready.set()
         if self.scope is not None:
             # A writer stuck on a client that does not read gets a little time, then goes.
             self.scope.deadline = min(self.scope.deadline, anyio.current_time() + self.hub.grace)
@@ -109,6 +145,7 @@ class Hub:
         *,
         durable_channels: Iterable[str] = (),
         client_buffer: int = 1000,
+        heartbeat: float = 15.0,
         poll_interval: float = 0.25,
         batch_size: int = 500,
         grace: float = 5.0,
@@ -117,6 +154,7 @@ class Hub:
         self.dsn = dsn
         self.durable = frozenset(durable_channels)
         self.client_buffer = client_buffer
+        self.heartbeat = heartbeat
         self.poll_interval = poll_interval
         self.batch_size = batch_size
         self.grace = grace
@@ -125,7 +163,10 @@ class Hub:
         self.listener.add_handler(None, self._on_notification)
         self.db = Db(dsn, application_name="pgherald-gateway-db")
         self._tail_db = Db(dsn, application_name="pgherald-gateway-tail")
-        self.metrics = Metrics(lambda: self.listener.stats.reconnects)
+        self.frames_out = 0
+        self.metrics = Metrics(
+            reconnects=lambda: self.listener.stats.reconnects, frames_out=lambda: self.frames_out
+        )
         self.clients: set[Client] = set()
         self._subs: dict[str, set[Client]] = {}
         self.position: Position = (0, 0)
@@ -144,6 +185,7 @@ class Hub:
                 self.position = await self._tail_db.call(_position_now)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.listener.run)
+                tg.start_soon(self._housekeeping)
                 if self.durable:
                     tg.start_soon(self._tail)
                 self._running = True
@@ -173,8 +215,13 @@ class Hub:
 
     # -- clients --
 
-    def new_client(self, kind: str) -> Client:
-        return Client(self, kind, self.client_buffer)
+    def new_client(self, kind: str, expires: float | None = None) -> Client:
+        """A client of *kind* (``sse``, ``ws``) whose token expires at *expires* (`time.time`)."""
+        client = Client(self, kind)
+        client.expires = expires
+        self.clients.add(client)
+        self.metrics.clients.labels(kind).inc()
+        return client
 
     async def add(self, client: Client, channels: Iterable[str]) -> Position:
         """
@@ -183,9 +230,6 @@ class Hub:
         Returns once the LISTENs are in effect, so nothing sent afterwards is missed.
         """
         channels = list(dict.fromkeys(channels))
-        if client not in self.clients:
-            self.clients.add(client)
-            self.metrics.clients.labels(client.kind).inc()
         for ch in channels:
             subs = self._subs.setdefault(ch, set())
             subs.add(client)
@@ -212,13 +256,27 @@ class Hub:
                 if ch not in self.durable:
                     gone.append(ch)
         if channels is None:
-            client.close()
+            client.end("gone")
             if client in self.clients:
                 self.clients.discard(client)
                 self.metrics.clients.labels(client.kind).dec()
         if gone:
             with anyio.CancelScope(shield=True):
                 await self.listener.unsubscribe(*gone)
+
+    async def _housekeeping(self) -> None:
+        """End clients whose token expired; send SSE heartbeats on streams idle too long."""
+        tick = max(0.05, min(1.0, self.heartbeat / 2))
+        while True:
+            now = time.time()
+            soonest = min((c.expires for c in self.clients if c.expires is not None), default=None)
+            await anyio.sleep(tick if soonest is None else max(0.0, min(tick, soonest - now)))
+            now, idle_since = time.time(), time.monotonic() - self.heartbeat
+            for client in list(self.clients):
+                if client.expires is not None and client.expires <= now:
+                    client.end("token expired", 1008)
+                elif client.kind == "sse" and client.last_write <= idle_since:
+                    client.offer(PING)
 
     # -- plain channels --
 

@@ -50,6 +50,16 @@ class Frame:
         return self._ws
 
 
+def _comment(text: str) -> Frame:
+    frame = Frame("", "")
+    frame._sse = f": {text}\n\n".encode()
+    return frame
+
+
+PING = _comment("ping")
+"""The SSE heartbeat: a comment line, ignored by EventSource, that keeps proxies from timing out."""
+
+
 def sse_error(message: str) -> bytes:
     """The last frame of a stream the gateway ends: ``event: error`` with the reason."""
     data = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(message))

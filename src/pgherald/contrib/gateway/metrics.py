@@ -9,20 +9,18 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 
-class _Reconnects(Collector):
-    def __init__(self, read: Callable[[], int]) -> None:
-        self._read = read
+class _ReadCounter(Collector):
+    """A counter kept as a plain int by its owner (hot paths), read at each scrape."""
+
+    def __init__(self, name: str, documentation: str, read: Callable[[], int]) -> None:
+        self._name, self._doc, self._read = name, documentation, read
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        yield CounterMetricFamily(
-            "pgherald_gateway_listener_reconnects",
-            "Times the shared listening connection was re-established.",
-            value=self._read(),
-        )
+        yield CounterMetricFamily(self._name, self._doc, value=self._read())
 
 
 class Metrics:
-    def __init__(self, reconnects: Callable[[], int]) -> None:
+    def __init__(self, *, reconnects: Callable[[], int], frames_out: Callable[[], int]) -> None:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.clients = Gauge(
             "pgherald_gateway_clients", "Connected clients.", ["kind"], registry=registry
@@ -34,9 +32,6 @@ class Metrics:
             "Events received from PostgreSQL (notifications and durable log events).",
             registry=registry,
         )
-        self.frames_out = Counter(
-            "pgherald_gateway_frames_out", "Event frames written to clients.", registry=registry
-        )
         self.drops = Counter(
             "pgherald_gateway_drops",
             "Slow clients disconnected because their buffer overflowed.",
@@ -47,7 +42,18 @@ class Metrics:
             "pg_notification_queue_usage() (0 to 1), read at each scrape.",
             registry=registry,
         )
-        registry.register(_Reconnects(reconnects))
+        registry.register(
+            _ReadCounter(
+                "pgherald_gateway_listener_reconnects",
+                "Times the shared listening connection was re-established.",
+                reconnects,
+            )
+        )
+        registry.register(
+            _ReadCounter(
+                "pgherald_gateway_frames_out", "Event frames written to clients.", frames_out
+            )
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

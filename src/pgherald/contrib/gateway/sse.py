@@ -10,9 +10,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
-from .auth import Authenticator, AuthError, Principal, bearer_token, seconds_left
+from .auth import Authenticator, AuthError, bearer_token
 from .fanout import Client, Hub, UnknownEventId
-from .frames import Frame, Position, sse_error
+from .frames import PING, Position, sse_error
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -37,10 +37,9 @@ def parse_channels(values: list[str]) -> list[str]:
 
 
 class SseEndpoint:
-    def __init__(self, hub: Hub, auth: Authenticator, heartbeat: float) -> None:
+    def __init__(self, hub: Hub, auth: Authenticator) -> None:
         self.hub = hub
         self.auth = auth
-        self.heartbeat = heartbeat
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
@@ -65,7 +64,7 @@ class SseEndpoint:
         except psycopg.Error:
             return await _error(scope, receive, send, 503, "the database is not available")
 
-        client = self.hub.new_client("sse")
+        client = self.hub.new_client("sse", principal.exp)
         try:
             try:
                 upto = await self.hub.add(client, channels)
@@ -74,7 +73,7 @@ class SseEndpoint:
             await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-                await self._stream(client, send, principal, durable, after, upto)
+                await self._stream(client, send, durable, after, upto)
                 tg.cancel_scope.cancel()
         finally:
             await self.hub.remove(client)
@@ -83,13 +82,10 @@ class SseEndpoint:
         self,
         client: Client,
         send: Send,
-        principal: Principal,
         durable: list[str],
         after: Position | None,
         upto: Position,
     ) -> None:
-        frames_out = self.hub.metrics.frames_out
-
         async def body(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
@@ -102,37 +98,18 @@ class SseEndpoint:
                         if client.reason is not None:
                             break
                         await body(old.sse)
-                        frames_out.inc()
+                        client.sent(1)
                 while client.reason is None:
-                    left = seconds_left(principal)
-                    if left is not None and left <= 0:
-                        client.end("token expired", 1008)
-                        break
-                    wait = self.heartbeat if left is None else min(self.heartbeat, left)
-                    frame: Frame | None = None
-                    with anyio.move_on_after(wait):
-                        frame = await client.frames.receive()
+                    # Everything pending goes out in one write: one ASGI send and one
+                    # syscall for a burst of frames.
+                    frames = await client.take()
                     if client.reason is not None:
                         break
-                    if frame is None:
-                        if left is None or left > self.heartbeat:
-                            await body(b": ping\n\n")
-                        continue
-                    chunk = [frame]
-                    # Whatever else is already waiting goes out in the same write: one ASGI
-                    # send and one syscall for many frames when events come fast.
-                    while len(chunk) < 64:
-                        try:
-                            chunk.append(client.frames.receive_nowait())
-                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                            break
                     if after is not None:  # already sent from the log
-                        chunk = [f for f in chunk if f.pos is None or f.pos > after]
-                    if chunk:
-                        await body(b"".join(f.sse for f in chunk))
-                        frames_out.inc(len(chunk))
-        except anyio.EndOfStream:
-            pass  # ended by the hub: client.reason says why
+                        frames = [f for f in frames if f.pos is None or f.pos > after]
+                    if frames:
+                        await body(b"".join([f.sse for f in frames]))
+                        client.sent(len(frames) - frames.count(PING))
         except OSError:
             return  # the client went away
         if client.reason is not None:

@@ -9,7 +9,7 @@ import anyio
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from .auth import Authenticator, AuthError, Principal, bearer_token, seconds_left
+from .auth import Authenticator, AuthError, Principal, bearer_token
 from .fanout import Client, Hub
 from .publishing import PublishRefused, publish_checked
 from .sse import BadRequest, parse_channels
@@ -29,7 +29,7 @@ class WsEndpoint:
             await _deny(ws, exc)
             return
         await ws.accept()
-        client = self.hub.new_client("ws")
+        client = self.hub.new_client("ws", principal.exp)
         lock = anyio.Lock()
 
         async def say(text: str) -> None:
@@ -38,7 +38,7 @@ class WsEndpoint:
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._writer, ws, client, principal, say, tg.cancel_scope)
+                tg.start_soon(self._writer, ws, client, say, tg.cancel_scope)
                 await self._reader(ws, client, principal, say)
                 tg.cancel_scope.cancel()
         except (WebSocketDisconnect, OSError):
@@ -89,38 +89,17 @@ class WsEndpoint:
                 await say(_error("the listener is not connected; try again"))
 
     async def _writer(
-        self,
-        ws: WebSocket,
-        client: Client,
-        principal: Principal,
-        say: Any,
-        done: anyio.CancelScope,
+        self, ws: WebSocket, client: Client, say: Any, done: anyio.CancelScope
     ) -> None:
-        frames_out = self.hub.metrics.frames_out
-        try:
-            with anyio.CancelScope() as scope:
-                client.scope = scope
-                while client.reason is None:
-                    left = seconds_left(principal)
-                    if left is not None and left <= 0:
-                        client.end("token expired", 1008)
+        with anyio.CancelScope() as scope:
+            client.scope = scope
+            while client.reason is None:
+                frames = await client.take()
+                for frame in frames:
+                    if client.reason is not None:
                         break
-                    frame = None
-                    with anyio.move_on_after(60.0 if left is None else min(60.0, left)):
-                        frame = await client.frames.receive()
-                    sent = 0
-                    while frame is not None and client.reason is None:
-                        await say(frame.ws)
-                        sent += 1
-                        # Frames already waiting go out without a new timeout scope each.
-                        try:
-                            frame = client.frames.receive_nowait() if sent < 64 else None
-                        except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
-                            frame = None
-                    if sent:
-                        frames_out.inc(sent)
-        except anyio.EndOfStream:
-            pass
+                    await say(frame.ws)
+                client.sent(len(frames))
         if client.reason is not None:
             with anyio.move_on_after(1.0):
                 await ws.close(client.close_code, client.reason[:120])
