@@ -37,7 +37,9 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +54,14 @@ CHANNEL = f"public.{TABLE}"
 ROWS_PER_WRITER = 100
 MAX_WRITERS = 4
 MODES = ["plain", "notify", "durable"]
+# Diagnostics, no trigger: each write statement also sends a bare pg_notify of an event-sized
+# payload (listener attached), or calls publish_v1 with it, in the same transaction. They are
+# the floor any trigger that must deliver the event that way can reach.
+FLOORS = ["notify-floor", "durable-floor"]
+LISTENED = ("notify", "notify-floor")
 OPS = ["insert", "update"]
+APP_NAME = "pgherald-bench-writer"
+SAMPLE_EVERY = 0.05  # seconds between pg_stat_activity samples of the writers
 WRITERS = [1, 4]
 TARGETS = {"notify": 1.3, "durable": 1.6}
 Result = dict[str, Any]
@@ -70,19 +79,42 @@ def _import_pgherald() -> Any:
 # -- workers (this script, re-invoked) --
 
 
-def worker_write(dsn: str, op: str, slot: int, start: float, seconds: float) -> None:
+def sample_event(op: str, slot: int) -> str:
+    """An event like the trigger's for this writer's rows (for the floor's bare NOTIFY)."""
+    row = {"id": slot * ROWS_PER_WRITER + 1, "note": f"writer {slot} " + "x" * 40}
+    row |= {"amount": 1.5, "status": "new", "account": 1}
+    row["updated_at"] = "2026-11-25T08:00:00.123456+00:00"
+    event = {"op": op.upper(), "ts": row["updated_at"], "tx": "123456"}
+    event |= {"new": row, "old": dict(row, amount=0.5) if op == "update" else None}
+    event |= {"table": TABLE, "schema": "public"}
+    event["changed"] = ["amount", "updated_at"] if op == "update" else None
+    return json.dumps(event)
+
+
+def write_query(op: str, mode: str) -> str:
+    if op == "insert":
+        write = (
+            f"INSERT INTO {TABLE} (account, amount, status, note, updated_at) "
+            "VALUES (%s, %s, %s, %s, now())"
+        )
+    else:
+        write = f"UPDATE {TABLE} SET amount = amount + 1, updated_at = now() WHERE id = %s"
+    if mode == "notify-floor":  # one statement: the write and a NOTIFY, as a trigger would
+        return f"WITH w AS ({write} RETURNING 1) SELECT pg_notify(%s, %s) FROM w"
+    if mode == "durable-floor":
+        return f"WITH w AS ({write} RETURNING 1) SELECT pgherald.publish_v1(%s, %s::jsonb) FROM w"
+    return write
+
+
+def worker_write(dsn: str, op: str, mode: str, slot: int, start: float, seconds: float) -> None:
     import psycopg
 
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        if op == "insert":
-            query = (
-                f"INSERT INTO {TABLE} (account, amount, status, note, updated_at) "
-                "VALUES (%s, %s, %s, %s, now())"
-            )
-        else:
-            query = f"UPDATE {TABLE} SET amount = amount + 1, updated_at = now() WHERE id = %s"
+    with psycopg.connect(dsn, autocommit=True, application_name=APP_NAME) as conn:
+        query = write_query(op, mode)
+        extra: tuple[str, ...] = (CHANNEL, sample_event(op, slot)) if mode in FLOORS else ()
         base = slot * ROWS_PER_WRITER + 1
-        conn.execute(query, *[(1, 1.5, "new", "warm-up")] if op == "insert" else [(base,)])
+        warm = (1, 1.5, "new", "warm-up") if op == "insert" else (base,)
+        conn.execute(query, warm + extra)
         late = time.time() > start
         while time.time() < start:
             time.sleep(min(0.01, max(0.0, start - time.time())))  # wait for the common start
@@ -92,11 +124,11 @@ def worker_write(dsn: str, op: str, slot: int, start: float, seconds: float) -> 
         if op == "insert":
             note = f"writer {slot} " + "x" * 40
             while time.perf_counter() < end:
-                conn.execute(query, (count % 1000, count * 0.01, "new", note), prepare=True)
+                conn.execute(query, (count % 1000, count * 0.01, "new", note, *extra), prepare=True)
                 count += 1
         else:
             while time.perf_counter() < end:
-                conn.execute(query, (base + count % ROWS_PER_WRITER,), prepare=True)
+                conn.execute(query, (base + count % ROWS_PER_WRITER, *extra), prepare=True)
                 count += 1
         elapsed = time.perf_counter() - t0
     print(json.dumps({"count": count, "elapsed": elapsed, "late": late}), flush=True)
@@ -162,7 +194,7 @@ def prepare(dsn: str, mode: str) -> None:
         conn.execute(f"VACUUM ANALYZE {TABLE}")
         conn.execute("VACUUM ANALYZE pgherald.events_v1")
         conn.execute("CHECKPOINT")
-        if mode != "plain":
+        if mode in ("notify", "durable"):
             pgherald.add_table_trigger(conn, TABLE, durable=mode == "durable")
 
 
@@ -207,19 +239,58 @@ def stop_listener(dsn: str, proc: subprocess.Popen[str], timeout: float) -> int 
     return int(json.loads(lines[-1])["received"]) if lines else None
 
 
+# What a writer's backend is doing, from pg_stat_activity: the notify lock is the heavyweight
+# lock "object" (PreCommit_Notify locks database 0 until the transaction ends).
+WAITS = {
+    "Lock:object": "notify lock",
+    "IO:WALSync": "WAL flush",
+    "LWLock:WALWrite": "WAL flush",
+    "Client:ClientRead": "client",
+    None: "CPU",
+}
+
+
+class WaitSampler(threading.Thread):
+    """Counts the writers' wait events between *start* and *end* (wall clock)."""
+
+    def __init__(self, dsn: str, start: float, end: float) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.start_at, self.end_at = dsn, start, end
+        self.counts: dict[str, int] = {}
+
+    def run(self) -> None:
+        import psycopg
+
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while (now := time.time()) < self.end_at:
+                if now >= self.start_at:
+                    for event, n in conn.execute(
+                        "SELECT wait_event_type || ':' || wait_event, count(*) "
+                        "FROM pg_stat_activity WHERE application_name = %s "
+                        "AND datname = current_database() GROUP BY 1",
+                        (APP_NAME,),
+                    ):
+                        kind = WAITS.get(event, "other")
+                        self.counts[kind] = self.counts.get(kind, 0) + n
+                time.sleep(SAMPLE_EVERY)
+
+
 def trial(
     dsn: str, env: dict[str, str], mode: str, op: str, writers: int, seconds: float
 ) -> Result:
     import psycopg
 
     prepare(dsn, mode)
-    listener = start_listener(dsn, env) if mode == "notify" else None
+    listener = start_listener(dsn, env) if mode in LISTENED else None
     procs: list[subprocess.Popen[str]] = []
     try:
         start = time.time() + 1.5 + 0.3 * writers
+        sampler = WaitSampler(dsn, start + 0.2, start + seconds - 0.2)
+        sampler.start()
         for slot in range(writers):
             args = [sys.executable, __file__, "--worker", "write", "--dsn", dsn, "--op", op]
-            args += ["--slot", str(slot), "--start", repr(start), "--seconds", str(seconds)]
+            args += ["--mode", mode, "--slot", str(slot), "--start", repr(start)]
+            args += ["--seconds", str(seconds)]
             procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True))
         results = []
         for proc in procs:
@@ -227,6 +298,7 @@ def trial(
             if proc.returncode or not out.strip():
                 return {"ok": False, "error": f"writer exited {proc.returncode}"}
             results.append(json.loads(out.strip().splitlines()[-1]))
+        sampler.join(timeout=10)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": "a writer overstayed its deadline"}
     finally:
@@ -240,6 +312,7 @@ def trial(
         "writes": writes,
         "tps": sum(r["count"] / r["elapsed"] for r in results),
         "late": any(r["late"] for r in results),
+        "waits": sampler.counts,
     }
     warmup = writers  # each writer's warm-up statement is a change too
     if listener is not None:
@@ -247,7 +320,7 @@ def trial(
         res["delivered"] = received
         if received != writes + warmup:
             res |= {"ok": False, "error": f"listener got {received} of {writes + warmup}"}
-    if mode == "durable":
+    if mode in ("durable", "durable-floor"):
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute("SELECT count(*) FROM pgherald.events_v1").fetchone()
         stored = int(row[0]) if row else 0
@@ -269,6 +342,35 @@ def machine(dsn: str) -> dict[str, str]:
 table = _report.table
 
 
+def miss_notes(
+    failed: dict[str, list[tuple[str, int]]],
+    ratio: Callable[[str, int, str], float | None],
+    waits: Callable[[str, str, int], dict[str, float]],
+) -> list[str]:
+    """Why each missed target was missed, from this run's own diagnostic setups."""
+    notes = []
+    for mode, floor in (("notify", "notify-floor"), ("durable", "durable-floor")):
+        for op, w in failed.get(mode, []):
+            cost, base = ratio(op, w, mode), ratio(op, w, floor)
+            lock = waits(op, mode, w).get("notify lock", 0)
+            what = "a bare pg_notify" if mode == "notify" else "a publish_v1 call"
+            text = f"{mode} {op.upper()} x{w} missed ({cost:.2f}x)" if cost else f"{mode} failed"
+            if cost and base:
+                text += (
+                    f": the write plus {what} in the same transaction, no trigger at all, "
+                    f"already costs {base:.2f}x; the trigger's own work is the remaining "
+                    f"{cost / base:.2f}x"
+                )
+            if lock >= 5:
+                text += (
+                    f"; its writers spent {lock:.0f}% of the samples waiting for the notify "
+                    "lock, which each notifying transaction holds through its commit's WAL "
+                    "flush, so those commits run one at a time (no group commit)"
+                )
+            notes.append(text + ".")
+    return notes
+
+
 def report(
     a: argparse.Namespace, info: dict[str, str], res: dict[tuple[str, str, int], list[Result]]
 ) -> str:
@@ -286,7 +388,20 @@ def report(
     def x(v: float | None) -> str:
         return f"{v:.2f}x" if v is not None else "-"
 
+    def waits(op: str, mode: str, w: int) -> dict[str, float]:
+        total: dict[str, int] = {}
+        for r in res.get((op, mode, w), []):
+            for kind, count in r.get("waits", {}).items() if r.get("ok") else ():
+                total[kind] = total.get(kind, 0) + count
+        all_ = sum(total.values())
+        return {k: 100 * v / all_ for k, v in total.items()} if all_ else {}
+
+    def pct(op: str, mode: str, w: int, kind: str) -> str:
+        share = waits(op, mode, w)
+        return f"{share.get(kind, 0):.0f}%" if share else "-"
+
     runs = a.runs
+    ops, writers = a.ops, [int(w) for w in a.writers]
     rows = [
         [
             "Write",
@@ -299,8 +414,8 @@ def report(
             "Runs ok",
         ]
     ]
-    for op in OPS:
-        for w in WRITERS:
+    for op in ops:
+        for w in writers:
             ok = sum(r.get("ok", False) for m in MODES for r in res.get((op, m, w), []))
             rows.append(
                 [
@@ -315,16 +430,35 @@ def report(
                 ]
             )
     targets = [["Target", "Measured", "Result"]]
-    failed: dict[str, list[str]] = {}
+    failed: dict[str, list[tuple[str, int]]] = {}
     for mode, limit in TARGETS.items():
-        for op in OPS:
-            for w in WRITERS:
+        for op in ops:
+            for w in writers:
                 r = ratio(op, w, mode)
                 passed = r is not None and r <= limit
-                name = f"{'durable' if mode == 'durable' else 'NOTIFY'} trigger cost, {op.upper()}, {w} writer{'s' if w > 1 else ''}"
+                kind = "durable" if mode == "durable" else "NOTIFY"
+                name = f"{kind} trigger cost, {op.upper()}, {w} writer{'s' if w > 1 else ''}"
                 targets.append([f"{name} <= {limit}x", x(r), "PASS" if passed else "FAIL"])
                 if not passed:
-                    failed.setdefault(mode, []).append(f"{op.upper()} x{w}")
+                    failed.setdefault(mode, []).append((op, w))
+    kinds = ["notify lock", "WAL flush", "CPU", "client", "other"]
+    diag = [["Write", "Writers", "Setup", "tx/s", "Cost", *(f"{k} %" for k in kinds)]]
+    labels = {
+        "plain": "no trigger",
+        "notify": "trigger, NOTIFY",
+        "notify-floor": "no trigger + bare pg_notify",
+        "durable": "trigger, durable",
+        "durable-floor": "no trigger + publish_v1",
+    }
+    for op in ops:
+        for w in writers:
+            for mode in ["plain", "notify", "notify-floor", "durable", "durable-floor"]:
+                if (op, mode, w) in res:
+                    diag.append(
+                        [op.upper(), str(w), labels[mode], n(median((op, mode, w)))]
+                        + [x(ratio(op, w, mode))]
+                        + [pct(op, mode, w, k) for k in kinds]
+                    )
     lines = [
         "## Table-change trigger benchmark",
         "",
@@ -351,32 +485,20 @@ def report(
         "Targets:",
         "",
         table(targets),
+        "",
+        "Diagnostics: the same runs, plus two setups without any trigger whose write statement "
+        "also calls, in the same transaction, a bare `pg_notify` of an event-sized payload "
+        "(listener attached, count checked), or `pgherald.publish_v1` with it (count checked). "
+        "They are the floor for a trigger that must deliver the event that way. The % columns "
+        "are what the writers' server processes were doing, sampled from `pg_stat_activity` "
+        f"every {SAMPLE_EVERY * 1000:.0f} ms: waiting for the notify lock (`Lock:object`: "
+        "PostgreSQL's PreCommit_Notify locks it and holds it until the commit record is "
+        "flushed), for a WAL flush (`IO:WALSync`, `LWLock:WALWrite`), running (CPU), waiting "
+        "for the client's next statement (`Client:ClientRead`), or other.",
+        "",
+        table(diag),
     ]
-    notes = []
-    if "notify" in failed:
-        notes.append(
-            f"NOTIFY target missed ({', '.join(failed['notify'])}): "
-            + (
-                "a notifying transaction takes PostgreSQL's global notify lock from pre-commit "
-                "until its commit record is flushed, so concurrent writers' commits are "
-                "serialised (one WAL flush each, no group commit), on top of the trigger's "
-                "per-row to_jsonb/jsonb_build_object work."
-                if any("x4" in f for f in failed["notify"])
-                else "the per-row PL/pgSQL work (to_jsonb, jsonb_build_object, pg_notify's "
-                "queue write) is large next to a one-row transaction."
-            )
-        )
-    if "durable" in failed:
-        notes.append(
-            f"Durable target missed ({', '.join(failed['durable'])}): every write also inserts "
-            "an event row (heap, 3 indexes, more WAL) and `publish_v1` sends a wake-up NOTIFY "
-            "whenever no other transaction holds its advisory lock"
-            + (
-                ", so with several writers the same commit serialisation applies."
-                if any("x4" in f for f in failed["durable"])
-                else "."
-            )
-        )
+    notes = [*miss_notes(failed, ratio, waits)]
     spreads = {
         key: max(ok) / min(ok)
         for key, rs in res.items()
@@ -400,7 +522,7 @@ def report(
                 )
                 for op in OPS
                 for w in WRITERS
-                for mode in MODES
+                for mode in MODES + FLOORS
                 if (op, mode, w) in res
             )
             + "."
@@ -415,11 +537,21 @@ def report(
         notes.append("Some writer connected after the common start (its time is still its own).")
     if bad:
         notes.append("Failed runs: " + "; ".join(bad))
-    return "\n".join(lines + (["", *notes] if notes else []))
+    return "\n".join(lines + (["", *(f"- {note}" for note in notes)] if notes else []))
 
 
 def write_section(path: Path, body: str) -> None:
     _report.write_section(path, START, END, body)
+
+
+def _choices(allowed: list[str]) -> Any:
+    def parse(text: str) -> list[str]:
+        chosen = [c.strip() for c in text.split(",") if c.strip()]
+        if not chosen or set(chosen) - set(allowed):
+            raise argparse.ArgumentTypeError(f"choose from {','.join(allowed)}")
+        return chosen
+
+    return parse
 
 
 def main() -> None:
@@ -431,22 +563,33 @@ def main() -> None:
     )
     ap.add_argument("--quick", action="store_true", help="1 run of 2 s per setup")
     ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
+    ap.add_argument("--runs", type=int, help="repetitions (default 3, 1 with --quick)")
+    ap.add_argument("--ops", type=_choices(OPS), default=OPS, help="e.g. update (default: all)")
+    ap.add_argument("--writers", type=_choices(["1", "4"]), default=["1", "4"], help="e.g. 4")
+    ap.add_argument(
+        "--modes",
+        type=_choices(MODES + FLOORS),
+        default=MODES + FLOORS,
+        help=f"some of {','.join(MODES + FLOORS)} (default: all)",
+    )
     ap.add_argument("--worker", choices=["write", "listen"], help=argparse.SUPPRESS)
+    ap.add_argument("--mode", choices=MODES + FLOORS, help=argparse.SUPPRESS)
     ap.add_argument("--op", choices=OPS, help=argparse.SUPPRESS)
     ap.add_argument("--slot", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--start", type=float, default=0.0, help=argparse.SUPPRESS)
-    ap.add_argument("--seconds", type=float, default=5.0, help=argparse.SUPPRESS)
+    ap.add_argument("--seconds", type=float, help="per run (default 5, 2 with --quick)")
     ap.add_argument("--channel", default=CHANNEL, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "write":
-        worker_write(a.dsn, a.op, a.slot, a.start, a.seconds)
+        worker_write(a.dsn, a.op, a.mode, a.slot, a.start, a.seconds)
         return
     if a.worker == "listen":
         worker_listen(a.dsn, a.channel, timeout=300.0)
         return
 
     a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
-    a.runs, a.seconds = (1, 2.0) if a.quick else (3, 5.0)
+    a.runs = a.runs or (1 if a.quick else 3)
+    a.seconds = a.seconds or (2.0 if a.quick else 5.0)
     env = dict(os.environ)
     env.setdefault("PYTHONPATH", str(SRC))
     try:
@@ -457,9 +600,9 @@ def main() -> None:
 
     res: dict[tuple[str, str, int], list[Result]] = {}
     for run in range(a.runs):
-        for w in WRITERS:
-            for op in OPS:
-                for mode in MODES:
+        for w in map(int, a.writers):
+            for op in a.ops:
+                for mode in a.modes:
                     r = trial(dsn, env, mode, op, w, a.seconds)
                     res.setdefault((op, mode, w), []).append(r)
                     print(
