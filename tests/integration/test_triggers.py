@@ -648,3 +648,178 @@ def test_durable_trigger_write_rolls_back_with_the_transaction(
         w.commit()
     rows = installed.execute("SELECT channel, payload->'new' FROM pgherald.events_v1").fetchall()
     assert rows == [("public.t", {"id": 2})]
+
+
+# -- 10. the per-row function's shortcuts change nothing --
+
+
+def raw_payloads(listener: pgherald.Listener, n: int) -> list[str]:
+    got = [note.payload for note in itertools.islice(listener.notifications(timeout=5), n)]
+    assert len(got) == n, got
+    return got
+
+
+def test_payload_text_is_jsonbs_own_text_for_every_operation_and_odd_names(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    # The NOTIFY text is assembled without building a jsonb first: it must stay byte for byte
+    # what jsonb_build_object(...)::text gave (keys in jsonb's order, jsonb's spacing).
+    conn = installed
+    conn.execute('CREATE SCHEMA "Sch""ema ü"')
+    conn.execute(
+        'CREATE TABLE "Sch""ema ü"."T\\able ""x"" ö" (id int PRIMARY KEY, "Unit Price" numeric, '
+        "f float8, t text, j jsonb, a int[], at timestamptz, b bytea)"
+    )
+    table = '"Sch""ema ü"."T\\able ""x"" ö"'
+    pgherald.add_table_trigger(conn, table, channel="odd")
+    with pgherald.Listener(dsn, channels=["odd"]) as listener:
+        conn.execute(
+            f"INSERT INTO {table} VALUES (1, 1.50, 0.1, %s, %s, '{{1,NULL}}', "
+            "'2024-01-02 03:04:05.678+02', '\\x00ff')",
+            ('he said "hi"\n\ttab ✓ \\', json.dumps({"b": [1, 2.0, None], "a": "x"})),
+        )
+        conn.execute(f'UPDATE {table} SET f = 1e300, "Unit Price" = 1.500 WHERE id = 1')
+        conn.execute(f"UPDATE {table} SET t = NULL, id = 2")
+        conn.execute(f"DELETE FROM {table}")
+        conn.execute(f"TRUNCATE {table}")
+        payloads = raw_payloads(listener, 5)
+    for payload in payloads:
+        assert conn.execute("SELECT %s::jsonb::text", (payload,)).fetchone() == (payload,)
+    events = [json.loads(p) for p in payloads]
+    assert [e["op"] for e in events] == ["INSERT", "UPDATE", "UPDATE", "DELETE", "TRUNCATE"]
+    assert {(e["schema"], e["table"]) for e in events} == {('Sch"ema ü', 'T\\able "x" ö')}
+    assert events[0]["new"]["t"] == 'he said "hi"\n\ttab ✓ \\'
+    assert events[1]["changed"] == ["f"]  # 1.50 -> 1.500 is no change, as numeric says
+    assert events[2]["changed"] == ["id", "t"]
+    assert list(events[0]) == ["op", "ts", "tx", "new", "old", "table", "schema", "changed"]
+
+
+def test_changed_columns_follow_the_databases_sort_order(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    installed.execute('CREATE TABLE t (id int PRIMARY KEY, "Zeta" int, alpha int, "Beta" int)')
+    installed.execute("INSERT INTO t VALUES (1, 1, 1, 1)")
+    pgherald.add_table_trigger(installed, "t")
+    expected = installed.execute(
+        "SELECT array_agg(k ORDER BY k) FROM unnest(ARRAY['Zeta', 'alpha', 'Beta']) AS k"
+    ).fetchone()
+    with pgherald.Listener(dsn, channels=["public.t"]) as listener:
+        installed.execute('UPDATE t SET "Zeta" = 2, alpha = 2, "Beta" = 2')
+        (e,) = take(listener, 1)
+    assert expected is not None
+    assert e["changed"] == expected[0]
+
+
+def test_trigger_add_stores_the_resolved_channel(partitioned: psycopg.Connection) -> None:
+    # The function then needs no catalog lookup per row.
+    partitioned.execute("CREATE TABLE plain_t (id int PRIMARY KEY)")
+    pgherald.add_table_trigger(partitioned, "plain_t")
+    pgherald.add_table_trigger(partitioned, "m")
+    args = partitioned.execute(
+        "SELECT tgrelid::regclass::text, tgname, tgargs FROM pg_trigger "
+        "WHERE tgname LIKE 'pgherald_%%' AND tgparentid = 0 ORDER BY 1, 2"
+    ).fetchall()
+    assert [(rel, name, bytes(a).split(b"\0")[0].decode()) for rel, name, a in args] == [
+        ("m", "pgherald_change_v1", "public.m"),
+        ("m", "pgherald_truncate_v1", "public.m"),
+        ("plain_t", "pgherald_change_v1", "public.plain_t"),
+        ("plain_t", "pgherald_truncate_v1", "public.plain_t"),
+    ]
+
+
+@pytest.mark.parametrize("args", ["'', '[]', 'f'", ""], ids=["empty-channel", "no-arguments"])
+def test_triggers_without_a_channel_still_send_on_the_default_channel(
+    dsn: str, partitioned: psycopg.Connection, args: str
+) -> None:
+    # Triggers made by `sql trigger add` (or by hand, or by older versions) name no channel:
+    # the function finds the table's (for a partition, its root's) name itself.
+    conn = partitioned
+    conn.execute('CREATE SCHEMA "Big Sales"')
+    conn.execute('CREATE TABLE "Big Sales"."Orders" (id int PRIMARY KEY, v text)')
+    for table in ('"Big Sales"."Orders"', "m"):
+        conn.execute(
+            f"CREATE TRIGGER pgherald_change_v1 AFTER INSERT OR UPDATE OR DELETE ON {table} "
+            f"FOR EACH ROW EXECUTE FUNCTION pgherald.notify_change_v1({args})"
+        )
+    with pgherald.Listener(dsn, channels=["Big Sales.Orders", "public.m"]) as listener:
+        conn.execute("""INSERT INTO "Big Sales"."Orders" VALUES (1, 'a')""")
+        conn.execute("""UPDATE "Big Sales"."Orders" SET v = 'b'""")
+        conn.execute("INSERT INTO m VALUES (1, '2026-06-01', 'a')")
+        events = take(listener, 3)
+    assert [(e["channel"], e["op"], e["table"]) for e in events] == [
+        ("Big Sales.Orders", "INSERT", "Orders"),
+        ("Big Sales.Orders", "UPDATE", "Orders"),
+        ("public.m", "INSERT", "m_2026"),
+    ]
+    assert (events[1]["changed"], events[1]["new"]) == (["v"], {"id": 1, "v": "b"})
+
+
+def test_wide_row_key_comes_from_the_whole_row_even_with_a_column_list(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    installed.execute("CREATE TABLE docs (id int PRIMARY KEY, body text)")
+    pgherald.add_table_trigger(installed, "docs", columns=["body"])
+    with pgherald.Listener(dsn, channels=["public.docs"]) as listener:
+        installed.execute("INSERT INTO docs VALUES (7, %s)", (uuid.uuid4().hex * 600,))
+        (e,) = take(listener, 1)
+    assert (e["truncated"], e["key"]) == (True, {"id": 7})
+
+
+def test_durable_trigger_stores_the_event_and_wakes_consumers_like_publish(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    # The durable path inserts into the log itself (not through publish_v1): same row, same
+    # gated wake-up on pgherald_wake_v1.
+    conn = installed
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgherald.add_table_trigger(conn, "t", durable=True)
+    gate = "SELECT pg_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)"
+    sentinel = "SELECT pg_notify('pgherald_wake_v1', 'sentinel')"
+    with (
+        pgherald.Listener(dsn, channels=["pgherald_wake_v1"]) as listener,
+        psycopg.connect(dsn) as other,
+    ):
+        conn.execute("INSERT INTO t VALUES (1, 'a')")
+        assert [n.payload for n in itertools.islice(listener.notifications(timeout=5), 1)] == [""]
+        other.execute(gate)  # another writer holds the gate: it is the one that notifies
+        conn.execute("INSERT INTO t VALUES (2, 'b')")
+        other.rollback()
+        conn.execute("SET pgherald.wake_max_queue_usage = 0")  # queue "too full": no wake-up
+        conn.execute("UPDATE t SET v = 'c' WHERE id = 1")
+        conn.execute("RESET pgherald.wake_max_queue_usage")
+        conn.execute(sentinel)
+        got = [n.payload for n in itertools.islice(listener.notifications(timeout=5), 1)]
+        assert got == ["sentinel"]  # neither of the two changes in between woke anyone
+    rows = conn.execute(
+        "SELECT channel, key, headers, payload, tx = (payload->>'tx')::xid8 "
+        "FROM pgherald.events_v1 ORDER BY id"
+    ).fetchall()
+    assert [(ch, key, headers, same_tx) for ch, key, headers, _, same_tx in rows] == [
+        ("public.t", None, None, True)
+    ] * 3
+    assert [strip(payload) for *_, payload, _ in rows] == [
+        {
+            "op": "INSERT",
+            "schema": "public",
+            "table": "t",
+            "new": {"id": 1, "v": "a"},
+            "old": None,
+            "changed": None,
+        },
+        {
+            "op": "INSERT",
+            "schema": "public",
+            "table": "t",
+            "new": {"id": 2, "v": "b"},
+            "old": None,
+            "changed": None,
+        },
+        {
+            "op": "UPDATE",
+            "schema": "public",
+            "table": "t",
+            "new": {"id": 1, "v": "c"},
+            "old": {"id": 1, "v": "a"},
+            "changed": ["v"],
+        },
+    ]
