@@ -361,6 +361,11 @@ def miss_notes(
                     f"already costs {base:.2f}x; the trigger's own work is the remaining "
                     f"{cost / base:.2f}x"
                 )
+                if base > TARGETS[mode]:
+                    text += (
+                        f" (the floor alone is over the {TARGETS[mode]}x target: no trigger "
+                        "that delivers this way can meet it on this machine)"
+                    )
             if lock >= 5:
                 text += (
                     f"; its writers spent {lock:.0f}% of the samples waiting for the notify "
