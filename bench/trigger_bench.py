@@ -240,7 +240,7 @@ def stop_listener(dsn: str, proc: subprocess.Popen[str], timeout: float) -> int 
 
 
 # What a writer's backend is doing, from pg_stat_activity: the notify lock is the heavyweight
-# lock "object" (PreCommit_Notify locks database 0 until the transaction ends).
+# lock "object" (async.c's PreCommit_Notify locks "database 0" until the transaction ends).
 WAITS = {
     "Lock:object": "notify lock",
     "IO:WALSync": "WAL flush",
@@ -497,8 +497,10 @@ def report(
         "They are the floor for a trigger that must deliver the event that way. The % columns "
         "are what the writers' server processes were doing, sampled from `pg_stat_activity` "
         f"every {SAMPLE_EVERY * 1000:.0f} ms: waiting for the notify lock (`Lock:object`: "
-        "PostgreSQL's PreCommit_Notify locks it and holds it until the commit record is "
-        "flushed), for a WAL flush (`IO:WALSync`, `LWLock:WALWrite`), running (CPU), waiting "
+        "PostgreSQL's PreCommit_Notify locks object 0 of database 0, cluster-wide, to keep the "
+        "queue in commit order, and holds it until the transaction ends, after its commit "
+        "record is flushed), for a WAL flush (`IO:WALSync`, `LWLock:WALWrite`), running (CPU), "
+        "waiting "
         "for the client's next statement (`Client:ClientRead`), or other.",
         "",
         table(diag),
