@@ -22,8 +22,8 @@ DECLARE
     v_pk text[];
 BEGIN
     IF v_channel IS NULL THEN
-        -- `sql trigger add` cannot know the table's schema: the default channel names the table
-        -- the trigger was added to, for a partition its root. `trigger add` passes the name.
+        -- Only triggers from `sql trigger add` (written without a connection) name no channel;
+        -- the default names the table the trigger was added to, for a partition its root.
         v_channel := (
             SELECT n.nspname || '.' || c.relname FROM pg_class AS c
             JOIN pg_namespace AS n ON n.oid = c.relnamespace
