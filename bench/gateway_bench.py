@@ -57,6 +57,7 @@ import _report  # noqa: E402 - bench/_report.py, shared by every benchmark
 from gateway_workers import raise_nofile  # noqa: E402
 
 WORKERS = str(HERE / "gateway_workers.py")
+RAW = str(HERE / "gateway_raw.py")
 SRC = HERE.parent / "src"
 START, END = "<!-- gateway-bench:start -->", "<!-- gateway-bench:end -->"
 LADDER = [2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 150_000, 200_000, 300_000, 400_000]
@@ -139,11 +140,16 @@ class Proc:
                 self.p.wait()
 
 
-def start_gateway(dsn: str, port: int, env: dict[str, str], profile: str | None = None) -> Proc:
+def start_gateway(
+    dsn: str, port: int, env: dict[str, str], profile: str | None = None, raw: bool = False
+) -> Proc:
+    """``pgherald serve`` (or, with *raw*, the floor server `gateway_raw.py`) on *port*."""
     chans = ",".join(f"ch{i}" for i in range(100))
     pre = ["-m", "cProfile", "-o", profile] if profile else []
     args = [sys.executable, *pre, "-m", "pgherald.cli", "serve", "--dsn", dsn]
     args += ["--port", str(port), "--allow-anonymous", chans]
+    if raw:
+        args = [sys.executable, RAW, "--dsn", dsn, "--port", str(port), "--channels", "100"]
     g = Proc(args, env)
     deadline = time.monotonic() + 30.0
     while time.monotonic() < deadline:
@@ -289,12 +295,17 @@ def fmt(v: float | None, f: str = "{:.1f}") -> str:
 
 
 def run_shape(
-    a: argparse.Namespace, name: str, channels: int, env: dict[str, str], ws_rates: list[int]
+    a: argparse.Namespace,
+    name: str,
+    channels: int,
+    env: dict[str, str],
+    ws_rates: list[int],
+    raw: bool = False,
 ) -> Result:
     port = free_port()
     per_channel = a.clients // channels
     out: Result = {"name": name, "channels": channels, "per_channel": per_channel, "steps": []}
-    gw = start_gateway(a.dsn, port, env)
+    gw = start_gateway(a.dsn, port, env, raw=raw)
     clients: list[Proc] = []
     try:
         out["rss_idle"] = rss_mb(gw.p.pid)
@@ -308,7 +319,7 @@ def run_shape(
         for d in LADDER:
             r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
             out["steps"].append(r)
-            show(f"  {name} sse", r)
+            show(f"  {name} {'raw' if raw else 'sse'}", r)
             if not r.get("ok") or not r["pass"] or r["open"] < a.clients:
                 break
         for c in clients:
@@ -453,7 +464,7 @@ def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], pr
         "default settings: client buffer 1,000 events) runs in its own process; the channels "
         "are anonymous-read, so no JWT is verified (the measurement is the fan-out, not auth). "
         f"{a.clients:,} real SSE connections (HTTP/1.1 on loopback) are held by two client "
-        "processes with a lean asyncio client (raw protocol, frames counted with "
+        "processes with a lean asyncio client on uvloop when installed (raw protocol, frames counted with "
         "`bytes.count`); a third process publishes NOTIFY on a fixed schedule (one "
         "transaction per ms or per event, whichever is longer), ~100 B JSON payloads carrying "
         "`time.time_ns()` taken just before the statement that notifies and commits. "
@@ -461,7 +472,7 @@ def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], pr
         "Deliveries/s received = frames received by all clients / first-to-last arrival. "
         "Latency = client receive time - payload timestamp (same machine clock), for every "
         "event received by every 10th client. Missed events = events published on a client's "
-        "channel during the step minus the events it received (after the streams have been quiet for 1 s, at most 5 s after the publisher stops: under overload, events still queued then count as missed); "
+        "channel during the step minus the events it received (counted once every client has all its events and the streams have been quiet for 0.5 s, at most 5 s after the publisher stops: under overload, events still queued then count as missed); "
         "Disconnected = streams the gateway ended (cumulative). RSS = peak `VmRSS` of the "
         "gateway process, sampled every 0.2 s; gateway CPU = its user + system CPU time during "
         "the step (publish + drain) / deliveries received. A step passes with p99 < "
@@ -502,6 +513,23 @@ def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], pr
                     f"{TARGET:,} deliveries/s needs < {1e6 / TARGET:.0f} µs per delivery on one "
                     "core.",
                 ]
+        floor = s.get("floor")
+        if floor and floor["steps"]:
+            out += [
+                "",
+                "Floor, same clients and ladder: `bench/gateway_raw.py` (asyncpg on uvloop, a "
+                "hand-written HTTP response, one `transport.write` per event per client; no "
+                "framework, auth, buffer or backpressure):",
+                "",
+                table(step_rows(floor["steps"])),
+            ]
+            fh, gh = headline(floor["steps"]), headline(s["steps"])
+            out += [
+                "",
+                f"Sustained deliveries/s at p99 < {P99_LIMIT_MS:g} ms: gateway "
+                f"{fmt(gh, '{:,.0f}') if gh else 'none'}, floor {fmt(fh, '{:,.0f}') if fh else 'none'}"
+                + (f" (gateway / floor = {gh / fh:.2f}x)." if gh and fh else "."),
+            ]
         if s.get("ws"):
             out += [
                 "",
@@ -540,6 +568,9 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, help="seconds per step (default 5)")
     ap.add_argument("--shapes", default="A,B", help="A, B or A,B")
     ap.add_argument("--profile", action="store_true", help="also profile one step (cProfile)")
+    ap.add_argument(
+        "--no-floor", action="store_true", help="skip the raw floor server (gateway_raw.py)"
+    )
     a = ap.parse_args()
     a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     a.clients = a.clients or (1000 if a.quick else 5000)
@@ -555,7 +586,10 @@ def main() -> None:
     for name in a.shapes.split(","):
         channels = 100 if name == "A" else 1
         ws = [10_000, 100_000] if name == "B" else []
-        shapes.append(run_shape(a, name, channels, env, ws))
+        shape = run_shape(a, name, channels, env, ws)
+        if not a.no_floor:
+            shape["floor"] = run_shape(a, name, channels, env, [], raw=True)
+        shapes.append(shape)
     prof = ""
     if a.profile:
         prof = profile_step(a, env)

@@ -28,9 +28,11 @@ from ..._notify import notify
 from ..._publish import publish
 from ..._schema import MISSING
 from ...errors import SchemaMissing
+from .client import Client
 from .db import Db
 from .frames import PING, Frame, Position
 from .metrics import Metrics
+from .wakeup import Signal, new_signal, on_asyncio
 
 logger = logging.getLogger("pgherald.gateway")
 
@@ -57,85 +59,6 @@ LIMIT %(limit)s
 
 class UnknownEventId(Exception):
     """A client resumes after an event the log does not have (never stored, or pruned)."""
-
-
-class Client:
-    """
-    One connected client: its channels and a bounded list of frames waiting to be written.
-
-    The hub appends to `pending` without waiting and wakes the client's writer on the first
-    frame only; the writer then takes everything at once (one write for a burst). So a
-    notification batch costs each subscriber one wake-up and one write, however many frames.
-    """
-
-    __slots__ = (
-        "_ready",
-        "channels",
-        "close_code",
-        "expires",
-        "hub",
-        "kind",
-        "last_write",
-        "pending",
-        "reason",
-        "scope",
-    )
-
-    def __init__(self, hub: Hub, kind: str) -> None:
-        self.hub = hub
-        self.kind = kind
-        self.channels: set[str] = set()
-        self.pending: list[Frame] = []
-        self._ready = anyio.Event()
-        self.reason: str | None = None
-        """Why the gateway ends this client's stream (None while it is not ending)."""
-        self.close_code = 1000
-        self.scope: anyio.CancelScope | None = None
-        """The writer's scope: given a deadline when the client is ended."""
-        self.expires: float | None = None
-        """`time.time()` at which the client's token expires: the hub ends it then."""
-        self.last_write = time.monotonic()
-
-    def offer(self, frame: Frame) -> None:
-        """Queue *frame* without waiting; a full buffer ends the client (it is too slow)."""
-        pending = self.pending
-        if len(pending) >= self.hub.client_buffer:
-            if self.reason is None:
-                self.hub.metrics.drops.inc()
-                self.end(
-                    f"too slow: more than {self.hub.client_buffer} events waiting to be sent; "
-                    "disconnected (reconnect to continue; durable channels resume by "
-                    "Last-Event-ID)",
-                    1013,
-                )
-            return
-        pending.append(frame)
-        if len(pending) == 1:
-            self._ready.set()
-
-    async def take(self) -> list[Frame]:
-        """Wait until frames are pending (or the client is ended); return and clear them."""
-        if not self.pending and self.reason is None:
-            await self._ready.wait()
-        self._ready = anyio.Event()
-        frames, self.pending = self.pending, []
-        return frames
-
-    def sent(self, count: int) -> None:
-        """The writer wrote *count* frames (for heartbeats and metrics)."""
-        self.last_write = time.monotonic()
-        self.hub.frames_out += count
-
-    def end(self, reason: str, code: int = 1000) -> None:
-        """Stop feeding this client; its writer sends *reason* and closes (within a grace)."""
-        if self.reason is not None:
-            return
-        self.reason, self.close_code = reason, code
-        self.pending = []
-        self._ready.set()
-        if self.scope is not None:
-            # A writer stuck on a client that does not read gets a little time, then goes.
-            self.scope.deadline = min(self.scope.deadline, anyio.current_time() + self.hub.grace)
 
 
 class Hub:
@@ -170,6 +93,10 @@ class Hub:
         self.clients: set[Client] = set()
         self._subs: dict[str, set[Client]] = {}
         self.position: Position = (0, 0)
+        self.inline = False
+        """Clients' writes are started by hand in `flush` (asyncio; see `client`)."""
+        self._dirty: list[Client] = []
+        self._flush: Signal | None = None
         self._wake = anyio.Event()
         self._running = False
 
@@ -186,6 +113,9 @@ class Hub:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.listener.run)
                 tg.start_soon(self._housekeeping)
+                self._flush = new_signal()
+                self.inline = on_asyncio()
+                tg.start_soon(self._flusher)
                 if self.durable:
                     tg.start_soon(self._tail)
                 self._running = True
@@ -217,8 +147,7 @@ class Hub:
 
     def new_client(self, kind: str, expires: float | None = None) -> Client:
         """A client of *kind* (``sse``, ``ws``) whose token expires at *expires* (`time.time`)."""
-        client = Client(self, kind)
-        client.expires = expires
+        client = Client(self, kind, expires)
         self.clients.add(client)
         self.metrics.clients.labels(kind).inc()
         return client
@@ -263,6 +192,22 @@ class Hub:
         if gone:
             with anyio.CancelScope(shield=True):
                 await self.listener.unsubscribe(*gone)
+
+    def dirty(self, client: Client) -> None:
+        """*client* gained pending frames: flush it once the current batch is dispatched."""
+        self._dirty.append(client)
+        if self._flush is not None:
+            self._flush.set()
+
+    async def _flusher(self) -> None:
+        # Runs when the task that offered frames yields, i.e. after the whole batch: each
+        # client then gets one write for all the frames the batch gave it.
+        assert self._flush is not None
+        while True:
+            await self._flush.wait()
+            dirty, self._dirty = self._dirty, []
+            for client in dirty:
+                client.flush()
 
     async def _housekeeping(self) -> None:
         """End clients whose token expired; send SSE heartbeats on streams idle too long."""

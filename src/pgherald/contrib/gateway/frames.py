@@ -60,6 +60,13 @@ PING = _comment("ping")
 """The SSE heartbeat: a comment line, ignored by EventSource, that keeps proxies from timing out."""
 
 
+def ws_reply(message: str) -> Frame:
+    """A WebSocket message that is not an event (a reply): queued like events, so one writer."""
+    frame = Frame("", "")
+    frame._ws = message
+    return frame
+
+
 def sse_error(message: str) -> bytes:
     """The last frame of a stream the gateway ends: ``event: error`` with the reason."""
     data = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(message))

@@ -11,8 +11,9 @@ from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
 from .auth import Authenticator, AuthError, bearer_token
-from .fanout import Client, Hub, UnknownEventId
-from .frames import PING, Position, sse_error
+from .client import Client
+from .fanout import Hub, UnknownEventId
+from .frames import PING, Frame, Position, sse_error
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -89,6 +90,14 @@ class SseEndpoint:
         async def body(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        async def write(frames: list[Frame]) -> None:
+            if after is not None:  # already sent from the log
+                frames = [f for f in frames if f.pos is None or f.pos > after]
+            if frames:
+                data = b"".join([f.sse for f in frames])
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+                client.sent(len(frames) - frames.count(PING))
+
         try:
             with anyio.CancelScope() as scope:
                 client.scope = scope
@@ -99,17 +108,7 @@ class SseEndpoint:
                             break
                         await body(old.sse)
                         client.sent(1)
-                while client.reason is None:
-                    # Everything pending goes out in one write: one ASGI send and one
-                    # syscall for a burst of frames.
-                    frames = await client.take()
-                    if client.reason is not None:
-                        break
-                    if after is not None:  # already sent from the log
-                        frames = [f for f in frames if f.pos is None or f.pos > after]
-                    if frames:
-                        await body(b"".join([f.sse for f in frames]))
-                        client.sent(len(frames) - frames.count(PING))
+                await client.pump(write)
         except OSError:
             return  # the client went away
         if client.reason is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from typing import Any
 
 import anyio
@@ -10,7 +11,9 @@ from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .auth import Authenticator, AuthError, Principal, bearer_token
-from .fanout import Client, Hub
+from .client import Client
+from .fanout import Hub
+from .frames import Frame, ws_reply
 from .publishing import PublishRefused, publish_checked
 from .sse import BadRequest, parse_channels
 
@@ -30,15 +33,14 @@ class WsEndpoint:
             return
         await ws.accept()
         client = self.hub.new_client("ws", principal.exp)
-        lock = anyio.Lock()
 
-        async def say(text: str) -> None:
-            async with lock:
-                await ws.send_text(text)
+        def say(text: str) -> None:
+            # Replies queue behind events: the writer is the only task that sends.
+            client.offer(ws_reply(text))
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._writer, ws, client, say, tg.cancel_scope)
+                tg.start_soon(self._writer, ws, client, tg.cancel_scope)
                 await self._reader(ws, client, principal, say)
                 tg.cancel_scope.cancel()
         except (WebSocketDisconnect, OSError):
@@ -57,7 +59,7 @@ class WsEndpoint:
                 if not isinstance(msg, dict):
                     raise ValueError("not an object")
             except ValueError:
-                await say(_error("messages are JSON objects with a 'type'"))
+                say(_error("messages are JSON objects with a 'type'"))
                 continue
             kind = msg.get("type")
             try:
@@ -69,41 +71,44 @@ class WsEndpoint:
                     if kind == "subscribe":
                         principal.check_read(channels)
                         await self.hub.add(client, channels)
-                        await say(json.dumps({"type": "subscribed", "channels": channels}))
+                        say(json.dumps({"type": "subscribed", "channels": channels}))
                     else:
                         await self.hub.remove(client, channels)
-                        await say(json.dumps({"type": "unsubscribed", "channels": channels}))
+                        say(json.dumps({"type": "unsubscribed", "channels": channels}))
                 elif kind == "publish":
                     channel = msg.get("channel")
                     if not isinstance(channel, str) or "payload" not in msg:
                         raise BadRequest("publish needs 'channel' (a name) and 'payload'")
                     event_id = await publish_checked(self.hub, principal, channel, msg["payload"])
-                    await say(json.dumps({"type": "published", "channel": channel, "id": event_id}))
+                    say(json.dumps({"type": "published", "channel": channel, "id": event_id}))
                 else:
                     raise BadRequest("'type' must be subscribe, unsubscribe or publish")
             except AuthError as exc:
-                await say(_error(exc.message))
+                say(_error(exc.message))
             except (BadRequest, PublishRefused) as exc:
-                await say(_error(str(exc)))
+                say(_error(str(exc)))
             except TimeoutError:
-                await say(_error("the listener is not connected; try again"))
+                say(_error("the listener is not connected; try again"))
 
-    async def _writer(
-        self, ws: WebSocket, client: Client, say: Any, done: anyio.CancelScope
-    ) -> None:
+    async def _writer(self, ws: WebSocket, client: Client, done: anyio.CancelScope) -> None:
         with anyio.CancelScope() as scope:
             client.scope = scope
-            while client.reason is None:
-                frames = await client.take()
-                for frame in frames:
-                    if client.reason is not None:
-                        break
-                    await say(frame.ws)
-                client.sent(len(frames))
+            await client.pump(partial(_send_frames, ws, client))
         if client.reason is not None:
             with anyio.move_on_after(1.0):
                 await ws.close(client.close_code, client.reason[:120])
         done.cancel()
+
+
+async def _send_frames(ws: WebSocket, client: Client, frames: list[Frame]) -> None:
+    """One WebSocket message per frame (an event, or a reply to the client)."""
+    events = 0
+    for frame in frames:
+        if client.reason is not None:
+            break
+        await ws.send_text(frame.ws)
+        events += frame.channel != ""
+    client.sent(events)
 
 
 def _error(message: str) -> str:
