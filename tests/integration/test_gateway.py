@@ -262,6 +262,37 @@ def test_anonymous_channels(dsn: str, conn: psycopg.Connection[Any]) -> None:
             assert http.post("/publish/public.news", json=1).status_code == 401
 
 
+def test_ws_resume_after_an_event_id(dsn: str, conn: psycopg.Connection[Any]) -> None:
+    pgherald.install(conn)
+    app = create_app(dsn, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+    first = pgherald.publish(conn, "orders", {"n": 1})
+    missed = [pgherald.publish(conn, "orders", {"n": n}) for n in (2, 3)]
+    with serve(app) as base:
+        url = base.replace("http", "ws") + "/ws?token=" + token(["orders", "chat"])
+        with ws_connect(url) as ws:
+            subscribe = {"type": "subscribe", "channels": ["orders", "chat"], "after": first}
+            ws.send(json.dumps(subscribe))
+            assert json.loads(ws.recv(5)) == {"type": "subscribed", "channels": ["orders", "chat"]}
+            got = [json.loads(ws.recv(5)) for _ in missed]
+            assert [(e["id"], e["payload"]["n"]) for e in got] == [(missed[0], 2), (missed[1], 3)]
+            live = pgherald.publish(conn, "orders", {"n": 4})
+            assert json.loads(ws.recv(5)) == {
+                "type": "event",
+                "channel": "orders",
+                "payload": {"n": 4},
+                "id": live,
+            }
+            pgherald.notify(conn, "chat", "next")  # nothing repeated before it
+            assert json.loads(ws.recv(5))["payload"] == "next"
+
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": 10**12}))
+            error = json.loads(ws.recv(5))
+            assert error["type"] == "error"
+            assert "not in the log" in error["message"]
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": "7"}))
+            assert "'after' must be an event id" in json.loads(ws.recv(5))["message"]
+
+
 def test_durable_resume_across_restart(dsn: str, conn: psycopg.Connection[Any]) -> None:
     pgherald.install(conn)
 

@@ -34,6 +34,7 @@ class Client:
     __slots__ = (
         "_busy",
         "_failure",
+        "_in_task",
         "_ready",
         "_suspended",
         "_write",
@@ -68,9 +69,16 @@ class Client:
         self._busy = True
         self._suspended: tuple[Coroutine[Any, Any, None], Any] | None = None
         self._failure: Exception | None = None
+        self._in_task = False
 
-    def offer(self, frame: Frame) -> None:
-        """Queue *frame* without waiting; a full buffer ends the client (it is too slow)."""
+    def offer(self, frame: Frame, *, in_task: bool = False) -> None:
+        """
+        Queue *frame* without waiting; a full buffer ends the client (it is too slow).
+
+        *in_task*: the write of this frame needs the client's own task (it reads the database,
+        say), so it is never started by hand.
+        """
+        self._in_task |= in_task
         pending = self.pending
         if len(pending) >= self.hub.client_buffer or self.reason is not None:
             if self.reason is None:
@@ -91,7 +99,7 @@ class Client:
         if self._busy or not self.pending or self.reason is not None or self._write is None:
             return
         self._busy = True
-        if not self.hub.inline:
+        if not self.hub.inline or self._in_task:
             self._ready.set()  # `pump` writes them
             return
         frames, self.pending = self.pending, []
@@ -119,6 +127,7 @@ class Client:
             while True:
                 while self.pending and self.reason is None:
                     frames, self.pending = self.pending, []
+                    self._in_task = False
                     await write(frames)
                 if self.reason is not None:
                     return

@@ -12,8 +12,8 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .auth import Authenticator, AuthError, Principal, bearer_token
 from .client import Client
-from .fanout import Hub
-from .frames import Frame, ws_reply
+from .fanout import Hub, UnknownEventId
+from .frames import Frame, Position, ws_reply
 from .publishing import PublishRefused, publish_checked
 from .sse import BadRequest, parse_channels
 
@@ -34,21 +34,30 @@ class WsEndpoint:
         await ws.accept()
         client = self.hub.new_client("ws", principal.exp)
 
+        resumed: dict[str, Position] = {}  # durable channel -> resumed after (dedupe)
+
         def say(text: str) -> None:
             # Replies queue behind events: the writer is the only task that sends.
             client.offer(ws_reply(text))
 
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._writer, ws, client, tg.cancel_scope)
-                await self._reader(ws, client, principal, say)
+                tg.start_soon(self._writer, ws, client, resumed, tg.cancel_scope)
+                await self._reader(ws, client, principal, say, resumed)
                 tg.cancel_scope.cancel()
         except (WebSocketDisconnect, OSError):
             pass
         finally:
             await self.hub.remove(client)
 
-    async def _reader(self, ws: WebSocket, client: Client, principal: Principal, say: Any) -> None:
+    async def _reader(
+        self,
+        ws: WebSocket,
+        client: Client,
+        principal: Principal,
+        say: Any,
+        resumed: dict[str, Position],
+    ) -> None:
         while True:
             try:
                 text = await ws.receive_text()
@@ -70,8 +79,7 @@ class WsEndpoint:
                     channels = parse_channels(raw)
                     if kind == "subscribe":
                         principal.check_read(channels)
-                        await self.hub.add(client, channels)
-                        say(json.dumps({"type": "subscribed", "channels": channels}))
+                        await self._subscribe(client, channels, msg.get("after"), resumed, say)
                     else:
                         await self.hub.remove(client, channels)
                         say(json.dumps({"type": "unsubscribed", "channels": channels}))
@@ -90,25 +98,103 @@ class WsEndpoint:
             except TimeoutError:
                 say(_error("the listener is not connected; try again"))
 
-    async def _writer(self, ws: WebSocket, client: Client, done: anyio.CancelScope) -> None:
+    async def _subscribe(
+        self,
+        client: Client,
+        channels: list[str],
+        after_id: Any,
+        resumed: dict[str, Position],
+        say: Any,
+    ) -> None:
+        reply = json.dumps({"type": "subscribed", "channels": channels})
+        durable = [ch for ch in channels if ch in self.hub.durable]
+        if after_id is None or not durable:
+            await self.hub.add(client, channels)
+            say(reply)
+            return
+        if not isinstance(after_id, int) or isinstance(after_id, bool):
+            raise BadRequest("'after' must be an event id (an integer)")
+        try:
+            after = await self.hub.resume_from(after_id)
+        except UnknownEventId as exc:
+            raise BadRequest(str(exc)) from None
+        # Queued before the LISTENs so that it goes out before any live event of these
+        # channels; the writer waits until the position the live events start after is known.
+        resume = _Resume(reply, durable, after)
+        client.offer(resume, in_task=True)
+        try:
+            resume.upto = await self.hub.add(client, channels)
+            for ch in durable:
+                resumed[ch] = after
+        finally:
+            resume.known.set()
+
+    async def _writer(
+        self,
+        ws: WebSocket,
+        client: Client,
+        resumed: dict[str, Position],
+        done: anyio.CancelScope,
+    ) -> None:
         with anyio.CancelScope() as scope:
             client.scope = scope
-            await client.pump(partial(_send_frames, ws, client))
+            await client.pump(partial(self._send_frames, ws, client, resumed))
         if client.reason is not None:
             with anyio.move_on_after(1.0):
                 await ws.close(client.close_code, client.reason[:120])
         done.cancel()
 
+    async def _send_frames(
+        self, ws: WebSocket, client: Client, resumed: dict[str, Position], frames: list[Frame]
+    ) -> None:
+        """One WebSocket message per frame (an event, or a reply to the client)."""
+        events = 0
+        for frame in frames:
+            if client.reason is not None:
+                break
+            if isinstance(frame, _Resume):
+                events += await self._replay(ws, client, frame)
+                continue
+            if (
+                frame.pos is not None
+                and resumed
+                and frame.pos <= resumed.get(frame.channel, _START)
+            ):
+                continue  # sent from the log already
+            await ws.send_text(frame.ws)
+            events += frame.channel != ""
+        client.sent(events)
 
-async def _send_frames(ws: WebSocket, client: Client, frames: list[Frame]) -> None:
-    """One WebSocket message per frame (an event, or a reply to the client)."""
-    events = 0
-    for frame in frames:
-        if client.reason is not None:
-            break
-        await ws.send_text(frame.ws)
-        events += frame.channel != ""
-    client.sent(events)
+    async def _replay(self, ws: WebSocket, client: Client, resume: _Resume) -> int:
+        """The `subscribed` reply, then the events after the resume point, from the log."""
+        await resume.known.wait()
+        if resume.upto is None:  # the subscribe failed; the reader said why
+            return 0
+        await ws.send_text(resume.ws)
+        sent = 0
+        async for old in self.hub.replay(resume.durable, resume.after, resume.upto):
+            if client.reason is not None:
+                break
+            await ws.send_text(old.ws)
+            sent += 1
+        return sent
+
+
+_START: Position = (0, 0)
+
+
+class _Resume(Frame):
+    """Stands for a subscribe that resumes after an event id, in the client's queue."""
+
+    __slots__ = ("after", "durable", "known", "upto")
+
+    def __init__(self, reply: str, durable: list[str], after: Position) -> None:
+        super().__init__("", "")
+        self._ws = reply
+        self.durable = durable
+        self.after = after
+        self.upto: Position | None = None
+        self.known = anyio.Event()
 
 
 def _error(message: str) -> str:
