@@ -67,18 +67,19 @@ class Recorder:
             self.finished.append(batch[-1].payload)
 
 
-async def started(client: Client, write: Recorder) -> asyncio.Task[None]:
+async def running(inline: bool = True) -> tuple[FakeHub, Client, Recorder, asyncio.Task[None]]:
+    """A client whose own task (`pump`) runs, with a recording write function."""
+    hub = FakeHub(inline=inline)
+    client = Client(hub, "sse")  # type: ignore[arg-type]
+    write = Recorder()
     task = asyncio.create_task(client.pump(write))
     await asyncio.sleep(0)  # let pump reach its wait
-    return task
+    return hub, client, write, task
 
 
 def test_flush_writes_a_burst_at_once_without_the_clients_task() -> None:
     async def main() -> None:
-        hub = FakeHub()
-        client = Client(hub, "sse")  # type: ignore[arg-type]
-        write = Recorder()
-        task = await started(client, write)
+        hub, client, write, task = await running()
         for f in frames("a", "b", "c"):
             client.offer(f)
         assert hub.dirty_clients == [client]  # marked once, for the first frame
@@ -94,10 +95,7 @@ def test_flush_writes_a_burst_at_once_without_the_clients_task() -> None:
 
 def test_a_write_that_waits_is_finished_by_the_clients_task_in_order() -> None:
     async def main() -> None:
-        hub = FakeHub()
-        client = Client(hub, "sse")  # type: ignore[arg-type]
-        write = Recorder()
-        task = await started(client, write)
+        hub, client, write, task = await running()
         write.gate = asyncio.get_running_loop().create_future()
         client.offer(frames("a")[0])
         hub.flush()
@@ -126,10 +124,7 @@ def test_a_write_that_waits_is_finished_by_the_clients_task_in_order() -> None:
 
 def test_a_hand_started_write_that_fails_raises_in_the_clients_task() -> None:
     async def main() -> None:
-        hub = FakeHub()
-        client = Client(hub, "sse")  # type: ignore[arg-type]
-        write = Recorder()
-        task = await started(client, write)
+        hub, client, write, task = await running()
         write.fail = OSError("gone")
         client.offer(frames("a")[0])
         hub.flush()
@@ -141,10 +136,7 @@ def test_a_hand_started_write_that_fails_raises_in_the_clients_task() -> None:
 
 def test_cancelling_the_client_task_reaches_a_suspended_write() -> None:
     async def main() -> None:
-        hub = FakeHub()
-        client = Client(hub, "sse")  # type: ignore[arg-type]
-        write = Recorder()
-        task = await started(client, write)
+        hub, client, write, task = await running()
         write.gate = asyncio.get_running_loop().create_future()
         client.offer(frames("a")[0])
         hub.flush()
@@ -160,16 +152,31 @@ def test_cancelling_the_client_task_reaches_a_suspended_write() -> None:
 
 def test_without_inline_writes_the_clients_task_does_them() -> None:
     async def main() -> None:
-        hub = FakeHub(inline=False)
-        client = Client(hub, "ws")  # type: ignore[arg-type]
-        write = Recorder()
-        task = await started(client, write)
+        hub, client, write, task = await running(inline=False)
         for f in frames("a", "b"):
             client.offer(f)
         hub.flush()
         assert write.writes == []  # not by hand
         await asyncio.sleep(0)
         assert write.writes == [["a", "b"]]
+        client.end("bye")
+        await task
+
+    asyncio.run(main())
+
+
+def test_a_frame_offered_in_task_is_never_written_by_hand() -> None:
+    async def main() -> None:
+        hub, client, write, task = await running()
+        client.offer(frames("a")[0])
+        client.offer(frames("b")[0], in_task=True)  # e.g. a write that reads the database
+        hub.flush()
+        assert write.writes == []
+        await asyncio.sleep(0)
+        assert write.writes == [["a", "b"]]
+        client.offer(frames("c")[0])  # back to writes started by hand
+        hub.flush()
+        assert write.writes[-1] == ["c"]
         client.end("bye")
         await task
 
