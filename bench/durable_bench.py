@@ -219,7 +219,9 @@ def explain_read(dsn: str, batch: int) -> Result:
         )
         params = {
             "group": group,
-            "partitions": list(range(16)),
+            "partitions": "{" + ",".join(map(str, range(16))) + "}",
+            "txs": "{" + ",".join(["NULL"] * 16) + "}",  # from the stored positions
+            "ids": "{" + ",".join(["NULL"] * 16) + "}",
             "limit": batch,
             "per_partition": -(-batch // 16),  # what ConsumerCore asks for at first
         }

@@ -9,6 +9,13 @@ Consumer groups: the log has 16 fixed partitions; a consumer owns a partition wh
 session advisory lock on (group, partition), on this very connection. Membership is a shared
 advisory lock, so the number of live members is read from ``pg_locks`` and a dead consumer's
 locks vanish with its session: the others take its partitions at their next rebalance.
+
+Read-ahead: while the caller decodes and handles a large batch, the server already runs the
+read of the next one (sent with libpq's asynchronous API on the same connection, after the last
+event handed out in each partition: our cursor). The group's stored position still moves only
+with `ack`. Whatever could make the cursor wrong drops it, with any read in flight, so that the
+next read starts from the stored positions again: events handed out but not all acknowledged,
+a change of the partitions held, a reconnect.
 """
 
 from __future__ import annotations
@@ -16,13 +23,18 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+import select
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, NamedTuple
 
 import psycopg
+from psycopg import abc, pq
 from psycopg import sql as psql
+from psycopg.adapt import Transformer
 
 from . import sql
 from ._conninfo import connect_error
@@ -34,6 +46,8 @@ logger = logging.getLogger("pgherald.consumer")
 PARTITIONS = 16
 MEMBERSHIP = 1000  # second key of the shared membership lock (partitions use 0..15)
 WAKE_CHANNEL = "pgherald_wake_v1"
+READ_STATEMENT = b"pgherald_read_batch_v1"  # prepared on each consumer connection
+_PARAM = re.compile(r"%\((\w+)\)s")
 
 Start = str | int | datetime
 
@@ -87,6 +101,17 @@ class ConsumerCore:
         self._lock_key = lock_name(group)
         self._next_rebalance = 0.0
         self._busy_partitions = 0  # partitions that had events at the last read (see fetch)
+        self._read_params: list[str] = []  # read_batch's parameters, in $n order
+        self._rows: abc.Transformer | None = None  # decodes read results (binary format)
+        self._forget_reads()
+
+    def _forget_reads(self) -> None:
+        """Drop the cursor and any read ahead: the next read starts from the stored positions."""
+        self._cursor: dict[int, tuple[str, int]] = {}  # partition -> (tx, id) last handed out
+        self._in_flight: int | None = None  # per-partition share of the read sent, not received
+        self._ready: tuple[pq.abc.PGresult, int] | None = None  # a read received, not used yet
+        self._handed_out: dict[int, tuple[str, int]] = {}  # last of the batch not yet acked
+        self._saturated = False  # the last read may have left events behind (see _adapt)
 
     # -- connection --
 
@@ -106,17 +131,36 @@ class ConsumerCore:
                 "SELECT pg_advisory_lock_shared(hashtext(%s), %s)", (self._lock_key, MEMBERSHIP)
             )
             self._create_group(conn)
+            self._prepare_read(conn)
         except BaseException:
             conn.close()
             raise
         self.conn = conn
         self.owned = []
         self._next_rebalance = 0.0
+        self._forget_reads()
         self.rebalance()
+
+    def _prepare_read(self, conn: psycopg.Connection[Any]) -> None:
+        """Prepare read_batch for the asynchronous sends of `fetch` (results in binary)."""
+        names: list[str] = []
+
+        def number(m: re.Match[str]) -> str:
+            if m.group(1) not in names:
+                names.append(m.group(1))
+            return f"${names.index(m.group(1)) + 1}"
+
+        text = _PARAM.sub(number, sql.query("read_batch"))
+        res = conn.pgconn.prepare(READ_STATEMENT, text.encode())
+        if res.status != pq.ExecStatus.COMMAND_OK:
+            raise psycopg.errors.error_from_result(res, encoding=conn.info.encoding)
+        self._read_params = names
+        self._rows = Transformer(conn)
 
     def close(self) -> None:
         conn, self.conn = self.conn, None
         self.owned = []
+        self._forget_reads()
         if conn is not None:
             conn.close()  # the session's advisory locks go with it
 
@@ -165,6 +209,8 @@ class ConsumerCore:
             return
         self._next_rebalance = now + self.rebalance_interval
         conn = self._conn()
+        self._settle()
+        held = set(self.owned)
         try:
             members = conn.execute(
                 sql.query("group_members"), {"lock_name": self._lock_key}
@@ -190,6 +236,10 @@ class ConsumerCore:
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
         self.owned.sort()
+        if set(self.owned) != held:
+            # A read ahead covers the old partitions; a released one may move on without us.
+            self._ready = None
+            self._cursor = {p: c for p, c in self._cursor.items() if p in self.owned}
 
     # -- reading and acknowledging --
 
@@ -197,33 +247,78 @@ class ConsumerCore:
         """The next events of our partitions, oldest first (no waiting)."""
         if not self.owned:
             return []
+        if self._handed_out:
+            # The last batch was not all acknowledged: what was not must come again.
+            self._settle()
+            self._forget_reads()
+        res, share = self._take_read()
+        n, batch_last = self._deliverable(res, share)
+        if not n:
+            return []
+        self._cursor.update(batch_last)
+        self._handed_out = batch_last
+        if self._saturated:
+            self._send_read()  # more is waiting: the server reads it while we decode and handle
+        assert self._rows is not None
+        self._rows.set_pgresult(res, set_loaders=True, format=pq.Format.BINARY)
+        return _events(self._rows.load_rows(0, n, tuple), loads)
+
+    def _take_read(self) -> tuple[pq.abc.PGresult, int]:
+        """The result of the read ahead if there is one, else of a read sent now."""
+        if self._in_flight is None and self._ready is None:
+            self._send_read()
+        self._settle()
+        assert self._ready is not None
+        (res, share), self._ready = self._ready, None
+        if res.status != pq.ExecStatus.TUPLES_OK:
+            assert self.conn is not None
+            if self.conn.pgconn.status != pq.ConnStatus.OK:
+                raise CoreLost(res.get_error_message())
+            raise psycopg.errors.error_from_result(res, encoding=self.conn.info.encoding)
+        return res, share
+
+    def _send_read(self) -> None:
+        """Send read_batch without waiting for its result (see `_settle`)."""
         conn = self._conn()
+        share = self._per_partition()
+        cursors = [self._cursor.get(p) for p in self.owned]
+        values = {
+            "group": self.group,
+            "partitions": _array(self.owned),
+            "txs": _array(c and c[0] for c in cursors),
+            "ids": _array(c and c[1] for c in cursors),
+            "limit": str(self.batch_size),
+            "per_partition": str(share),
+        }
+        params: list[bytes | None] = [values[n].encode() for n in self._read_params]
         try:
-            rows = conn.execute(
-                sql.query("read_batch"),
-                {
-                    "group": self.group,
-                    "partitions": self.owned,
-                    "limit": self.batch_size,
-                    "per_partition": self._per_partition(),
-                },
-            ).fetchall()
+            conn.pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
-        rows = self._adapt(rows)
-        if not rows:
-            return []
-        # One parse for the whole batch: payloads are jsonb as text, always valid JSON, so they
-        # join into an array; per call, json.loads costs more than the parsing itself.
-        payloads = loads("[" + ",".join([r[4] for r in rows]) + "]")
-        make = tuple.__new__  # skips NamedTuple's Python-level __new__: this is per event
-        return [
-            make(
-                Event,
-                (r[0], r[2], p, r[3], None if r[5] is None else loads(r[5]), r[6], r[7], r[1]),
-            )
-            for r, p in zip(rows, payloads, strict=True)
-        ]
+        self._in_flight = share
+
+    def _settle(self) -> None:
+        """Receive the read in flight, if any (the connection is free for other queries then)."""
+        share, self._in_flight = self._in_flight, None
+        if share is None:
+            return
+        pgconn = self._conn().pgconn
+        try:
+            while True:
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    break
+                select.select([pgconn.socket], [], [])
+            first = None
+            while (res := pgconn.get_result()) is not None:
+                first = res if first is None else first
+        except psycopg.OperationalError as exc:
+            raise CoreLost(str(exc)) from None
+        while pgconn.notifies() is not None:
+            pass  # wake-ups read meanwhile: hints only (see connect)
+        if first is None:
+            raise CoreLost("the server sent no result")
+        self._ready = (first, share)
 
     def _per_partition(self) -> int:
         """How many rows each partition may give: about batch_size in all, spread over the
@@ -231,33 +326,45 @@ class ConsumerCore:
         busy = self._busy_partitions or len(self.owned) or 1
         return max(1, math.ceil(self.batch_size / busy))
 
-    def _adapt(self, rows: list[Any]) -> list[Any]:
+    def _deliverable(
+        self, res: pq.abc.PGresult, share: int
+    ) -> tuple[int, dict[int, tuple[str, int]]]:
         """
-        Keep the log order across partitions, and tune the next read.
+        How many rows of a read to hand out, and the (tx, id) of the last of each partition
+        among them; tunes the next read. Works on the raw result (three columns, no decoding),
+        so that the read ahead is sent before the batch is decoded.
 
         A partition that gave its whole share may have more rows that sort before other
         partitions' later rows: so deliver only up to the smallest last row of such
         partitions (the rest comes next time, in order). Then give those partitions the
         share of the idle ones, so one hot key does not mean tiny batches.
         """
-        if not rows:
+        n = res.ntuples
+        self._saturated = n >= self.batch_size
+        if not n:
             self._busy_partitions = 0
-            return rows
-        share = self._per_partition()
-        counts: dict[int, int] = {}
-        last: dict[int, tuple[int, int]] = {}
-        for r in rows:
-            counts[r[7]] = counts.get(r[7], 0) + 1
-            last[r[7]] = (int(r[1]), r[0])
-        full = [p for p, n in counts.items() if n >= share]
-        self._busy_partitions = len(full) if full else len(counts)
-        if not full:
-            return rows
-        boundary = min(last[p] for p in full)
-        cut = len(rows)
-        while cut and (int(rows[cut - 1][1]), rows[cut - 1][0]) > boundary:
-            cut -= 1
-        return rows[:cut]
+            return 0, {}
+        get = res.get_value
+        parts = [get(i, 7) for i in range(n)]  # binary int2: the bytes serve as keys
+
+        def position(i: int) -> tuple[int, int]:
+            return int(get(i, 1) or b"0"), int.from_bytes(get(i, 0) or b"", "big", signed=True)
+
+        counts = Counter(parts)
+        full = [p for p, k in counts.items() if k >= share]
+        self._busy_partitions = len(full) or len(counts)
+        last = {p: i for i, p in enumerate(parts)}
+        if full:
+            self._saturated = True
+            boundary = min(position(last[p]) for p in full)
+            while n and position(n - 1) > boundary:
+                n -= 1
+            last = {p: i for i, p in enumerate(parts[:n])}
+        cursors = {}
+        for p, i in last.items():
+            tx, event_id = position(i)
+            cursors[int.from_bytes(p or b"", "big")] = (str(tx), event_id)
+        return n, cursors
 
     def ack(self, events: Sequence[Event]) -> None:
         """Move the group past *events* (the last of each partition counts)."""
@@ -266,6 +373,7 @@ class ConsumerCore:
         last: dict[int, Event] = {}
         for e in events:
             last[e.partition] = e
+        self._settle()
         params = {
             "group": self.group,
             "partitions": list(last),
@@ -276,10 +384,16 @@ class ConsumerCore:
             self._conn().execute(sql.query("ack"), params)
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
+        if all(
+            (last[p].tx, last[p].id) == at if p in last else False
+            for p, at in self._handed_out.items()
+        ):
+            self._handed_out = {}  # all acknowledged: the cursor is the stored position
 
     def in_transaction(self, event: Event, handler: Callable[[Event, Any], Any]) -> None:
         """Run *handler* and the ack of *event* in one transaction: both happen, or neither."""
         conn = self._conn()
+        self._settle()
         try:
             with conn.transaction():
                 handler(event, conn)
@@ -298,6 +412,7 @@ class ConsumerCore:
     def drain_wakes(self) -> None:
         """Read and drop pending wake-up notifications (they are hints, not data)."""
         conn = self._conn()
+        self._settle()
         try:
             conn.pgconn.consume_input()
         except psycopg.OperationalError as exc:
@@ -309,6 +424,22 @@ class ConsumerCore:
         if self.conn is None:
             raise CoreLost("not connected")
         return self.conn
+
+
+def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
+    # One parse for the whole batch: payloads are jsonb as text, always valid JSON, so they
+    # join into an array; per call, json.loads costs more than the parsing itself.
+    payloads = loads("[" + ",".join([r[4] for r in rows]) + "]")
+    make = tuple.__new__  # skips NamedTuple's Python-level __new__: this is per event
+    return [
+        make(Event, (r[0], r[2], p, r[3], None if r[5] is None else loads(r[5]), r[6], r[7], r[1]))
+        for r, p in zip(rows, payloads, strict=True)
+    ]
+
+
+def _array(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal of ints, or digit strings, or NULLs."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
 
 
 def _drop(_: object) -> None:
