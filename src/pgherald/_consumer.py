@@ -41,6 +41,7 @@ class _ConsumerBase:
         start: Start = "beginning",
         reset: bool = False,
         batch_size: int = 1000,
+        max_batch_size: int | None = None,
         poll_interval: float = 0.5,
         linger: float = 0.02,
         rebalance_interval: float = 1.0,
@@ -58,6 +59,7 @@ class _ConsumerBase:
             start=start,
             reset=reset,
             batch_size=batch_size,
+            max_batch_size=max_batch_size,
             rebalance_interval=rebalance_interval,
         )
         self.poll_interval = poll_interval
@@ -79,6 +81,14 @@ class _ConsumerBase:
     def partitions(self) -> list[int]:
         """The partitions this consumer holds now (out of 16)."""
         return list(self._core.owned)
+
+    @property
+    def read_size(self) -> int:
+        """
+        How many events the next read asks for: ``batch_size`` when caught up; while reads come
+        back full (a backlog), twice the last one's, up to ``max_batch_size``.
+        """
+        return self._core.read_size
 
     @property
     def backend_pid(self) -> int | None:
@@ -165,6 +175,13 @@ class Consumer(_ConsumerBase):
     Delivery is at least once, in (commit-safe) log order; the group's position advances after
     the handler returns (or, iterating, once you ask for the next event). Several consumers of
     one group share its 16 partitions; events with the same key stay in order.
+
+    Events are read ``batch_size`` (1000) at a time; while a read comes back full (a backlog),
+    the next asks for twice as many, up to ``max_batch_size`` (default 20,000, or
+    ``batch_size`` if larger; equal to ``batch_size``: no growth), and the first read that is
+    not full brings it back to ``batch_size``. Positions are acknowledged once per read, so a
+    crash (even SIGKILL) delivers again at most one read: up to ``max_batch_size`` events.
+    Transactional handlers (``on(..., transactional=True)``) are exactly-once regardless.
 
     .. versionadded:: 0.1
     """
@@ -289,7 +306,8 @@ class Consumer(_ConsumerBase):
         Yield events until `stop`. An event is acknowledged once you ask for the next one, or
         when the loop ends after `stop()`; leaving the loop by ``break`` or an exception does
         not acknowledge the event in hand (it comes again: at least once). Acknowledgements
-        are written once per batch, so a crash redelivers at most one batch.
+        are written once per read, so a crash redelivers at most one read (at most
+        ``max_batch_size`` events, see the class docstring).
         """
         if self._handlers:
             raise UsageError("this consumer has handlers: call run(), or iterate one without")

@@ -16,6 +16,12 @@ event handed out in each partition: our cursor). The group's stored position sti
 with `ack`. Whatever could make the cursor wrong drops it, with any read in flight, so that the
 next read starts from the stored positions again: events handed out but not all acknowledged,
 a change of the partitions held, a reconnect.
+
+Read size: a read asks for `batch_size` events. While reads come back full (the consumer is
+behind), each next read asks for twice as many, up to `max_batch_size`, so that a backlog is read
+in large reads and their fixed costs (a round trip, the query's start, an ack) are shared by many
+events; a read that is not full (caught up) brings it back to `batch_size`. The price: the events
+handed out but not yet acknowledged, which a crash delivers again, are up to one read.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from .errors import SchemaMissing, UsageError
 logger = logging.getLogger("pgherald.consumer")
 
 PARTITIONS = 16
+DEFAULT_MAX_BATCH_SIZE = 20_000
 MEMBERSHIP = 1000  # second key of the shared membership lock (partitions use 0..15)
 WAKE_CHANNEL = "pgherald_wake_v1"
 READ_STATEMENT = b"pgherald_read_batch_v1"  # prepared on each consumer connection
@@ -69,6 +76,13 @@ class Event(NamedTuple):
     """The publishing transaction's id (``xid8``, as text): with `id`, the log position."""
 
 
+class _Read(NamedTuple):
+    """A read sent: how many rows it asked for in all, and per partition."""
+
+    limit: int
+    share: int
+
+
 class CoreLost(Exception):
     """The consumer's connection failed (internal: the runtime reconnects)."""
 
@@ -86,15 +100,31 @@ class ConsumerCore:
         start: Start = "beginning",
         reset: bool = False,
         batch_size: int = 1000,
+        max_batch_size: int | None = None,
         rebalance_interval: float = 1.0,
     ) -> None:
         if not isinstance(group, str) or not group:
             raise UsageError("group must be a non-empty str: the consumer group's name")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        if max_batch_size is None:
+            max_batch_size = max(batch_size, DEFAULT_MAX_BATCH_SIZE)
+        elif (
+            isinstance(max_batch_size, bool)
+            or not isinstance(max_batch_size, int)
+            or max_batch_size < batch_size
+        ):
+            raise UsageError(
+                f"max_batch_size must be an int >= batch_size ({batch_size}), not "
+                f"{max_batch_size!r}: it caps how far reads grow while the consumer is behind"
+            )
         self.conninfo = conninfo
         self.group = group
         self.start = start
         self.reset = reset
         self.batch_size = batch_size
+        self.max_batch_size = max_batch_size
+        self.read_size = batch_size  # events the next read asks for (see the module docstring)
         self.rebalance_interval = rebalance_interval
         self.conn: psycopg.Connection[Any] | None = None
         self.owned: list[int] = []
@@ -108,10 +138,11 @@ class ConsumerCore:
     def _forget_reads(self) -> None:
         """Drop the cursor and any read ahead: the next read starts from the stored positions."""
         self._cursor: dict[int, tuple[str, int]] = {}  # partition -> (tx, id) last handed out
-        self._in_flight: int | None = None  # per-partition share of the read sent, not received
-        self._ready: tuple[pq.abc.PGresult, int] | None = None  # a read received, not used yet
+        self._in_flight: _Read | None = None  # the read sent, not received yet
+        self._ready: tuple[pq.abc.PGresult, _Read] | None = None  # received, not used yet
         self._handed_out: dict[int, tuple[str, int]] = {}  # last of the batch not yet acked
-        self._saturated = False  # the last read may have left events behind (see _adapt)
+        self._saturated = False  # the last read may have left events behind (see _deliverable)
+        self.read_size = self.batch_size  # start small again: we may be caught up by now
 
     # -- connection --
 
@@ -251,8 +282,14 @@ class ConsumerCore:
             # The last batch was not all acknowledged: what was not must come again.
             self._settle()
             self._forget_reads()
-        res, share = self._take_read()
-        n, batch_last = self._deliverable(res, share)
+        res, read = self._take_read()
+        n, batch_last = self._deliverable(res, read)
+        # Behind (the read came back full): read twice as much next time, up to the maximum;
+        # caught up: back to the normal size.
+        if self._saturated:
+            self.read_size = min(self.max_batch_size, read.limit * 2)
+        else:
+            self.read_size = self.batch_size
         if not n:
             return []
         self._cursor.update(batch_last)
@@ -263,31 +300,32 @@ class ConsumerCore:
         self._rows.set_pgresult(res, set_loaders=True, format=pq.Format.BINARY)
         return _events(self._rows.load_rows(0, n, tuple), loads)
 
-    def _take_read(self) -> tuple[pq.abc.PGresult, int]:
+    def _take_read(self) -> tuple[pq.abc.PGresult, _Read]:
         """The result of the read ahead if there is one, else of a read sent now."""
         if self._in_flight is None and self._ready is None:
             self._send_read()
         self._settle()
         assert self._ready is not None
-        (res, share), self._ready = self._ready, None
+        (res, read), self._ready = self._ready, None
         if res.status != pq.ExecStatus.TUPLES_OK:
             assert self.conn is not None
             if self.conn.pgconn.status != pq.ConnStatus.OK:
                 raise CoreLost(res.get_error_message())
             raise psycopg.errors.error_from_result(res, encoding=self.conn.info.encoding)
-        return res, share
+        return res, read
 
     def _send_read(self) -> None:
         """Send read_batch without waiting for its result (see `_settle`)."""
         conn = self._conn()
-        share = self._per_partition()
+        limit = self.read_size
+        share = self._per_partition(limit)
         cursors = [self._cursor.get(p) for p in self.owned]
         values = {
             "group": self.group,
             "partitions": _array(self.owned),
             "txs": _array(c and c[0] for c in cursors),
             "ids": _array(c and c[1] for c in cursors),
-            "limit": str(self.batch_size),
+            "limit": str(limit),
             "per_partition": str(share),
         }
         params: list[bytes | None] = [values[n].encode() for n in self._read_params]
@@ -295,12 +333,12 @@ class ConsumerCore:
             conn.pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
-        self._in_flight = share
+        self._in_flight = _Read(limit, share)
 
     def _settle(self) -> None:
         """Receive the read in flight, if any (the connection is free for other queries then)."""
-        share, self._in_flight = self._in_flight, None
-        if share is None:
+        read, self._in_flight = self._in_flight, None
+        if read is None:
             return
         pgconn = self._conn().pgconn
         try:
@@ -318,16 +356,16 @@ class ConsumerCore:
             pass  # wake-ups read meanwhile: hints only (see connect)
         if first is None:
             raise CoreLost("the server sent no result")
-        self._ready = (first, share)
+        self._ready = (first, read)
 
-    def _per_partition(self) -> int:
-        """How many rows each partition may give: about batch_size in all, spread over the
+    def _per_partition(self, limit: int) -> int:
+        """How many rows each partition may give: about *limit* in all, spread over the
         partitions that had events last time (all of ours at first)."""
         busy = self._busy_partitions or len(self.owned) or 1
-        return max(1, math.ceil(self.batch_size / busy))
+        return max(1, math.ceil(limit / busy))
 
     def _deliverable(
-        self, res: pq.abc.PGresult, share: int
+        self, res: pq.abc.PGresult, read: _Read
     ) -> tuple[int, dict[int, tuple[str, int]]]:
         """
         How many rows of a read to hand out, and the (tx, id) of the last of each partition
@@ -340,7 +378,8 @@ class ConsumerCore:
         share of the idle ones, so one hot key does not mean tiny batches.
         """
         n = res.ntuples
-        self._saturated = n >= self.batch_size
+        share = read.share
+        self._saturated = n >= read.limit
         if not n:
             self._busy_partitions = 0
             return 0, {}

@@ -3,6 +3,9 @@ server. None of this may skip, reorder or (beyond at-least-once) repeat an event
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -99,7 +102,9 @@ def test_terminated_backend_with_a_read_ahead_in_flight(
 ) -> None:
     ids = backlog(conn, 1000)
     got: list[int] = []
-    with pgherald.Consumer(installed, group="g", channels=["ch"], batch_size=50, **FAST) as c:
+    with pgherald.Consumer(
+        installed, group="g", channels=["ch"], batch_size=50, max_batch_size=200, **FAST
+    ) as c:
         for e in c:
             got.append(e.id)
             if len(got) == 75:
@@ -110,7 +115,7 @@ def test_terminated_backend_with_a_read_ahead_in_flight(
                 c.stop()
     assert c.stats["reconnects"] >= 1
     assert set(got) == set(ids)
-    assert len(got) - len(ids) <= 50  # at most the unacknowledged batch again
+    assert len(got) - len(ids) <= 200  # at most the unacknowledged read again (max_batch_size)
     assert list(dict.fromkeys(got)) == ids  # first deliveries in log order
     assert uncovered(conn, "g") == 0
 
@@ -178,3 +183,179 @@ async def test_async_consumer_reads_a_backlog_ahead(installed: str) -> None:
                 if len(got) == len(ids):
                     c.stop()
     assert got == ids
+
+
+# -- reads grow while behind, shrink once caught up --
+
+
+def test_reads_grow_over_a_backlog_and_shrink_once_caught_up(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    ids = backlog(conn, 5000)
+    got: list[pgherald.Event] = []
+    sizes: list[int] = []  # the next read's size, seen at each event
+    with pgherald.Consumer(
+        installed, group="g", channels=["ch"], batch_size=100, max_batch_size=800, **FAST
+    ) as c:
+        assert c.read_size == 100
+        for e in c:
+            got.append(e)
+            sizes.append(c.read_size)
+            if len(got) == len(ids):
+                c.stop()
+        assert max(sizes) == 800, "reads over a backlog should grow to max_batch_size"
+        last_full = len(sizes) - sizes[::-1].index(800)
+        assert sizes[:last_full] == sorted(sizes[:last_full]), "only growth while behind"
+        assert sizes[-1] == 100, "the backlog's last read was not full: back to batch_size"
+        more = [pgherald.publish(conn, "ch", {"k": 0, "s": 10_000 + i}) for i in range(5)]
+        for e in c:  # caught up: a read that is not full brings the size back
+            got.append(e)
+            assert c.read_size == 100
+            if len(got) == len(ids) + len(more):
+                c.stop()
+    assert [e.id for e in got] == ids + more
+    assert_key_order(got)
+    assert uncovered(conn, "g") == 0
+
+
+def test_fixed_read_size_when_max_equals_batch_size(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    ids = backlog(conn, 1000)
+    got: list[int] = []
+    with pgherald.Consumer(
+        installed, group="g", channels=["ch"], batch_size=100, max_batch_size=100, **FAST
+    ) as c:
+        for e in c:
+            got.append(e.id)
+            assert c.read_size == 100
+            if len(got) == len(ids):
+                c.stop()
+    assert got == ids
+
+
+def test_max_batch_size_below_batch_size_is_refused(installed: str) -> None:
+    with pytest.raises(pgherald.UsageError, match="max_batch_size"):
+        pgherald.Consumer(installed, group="g", batch_size=100, max_batch_size=50)
+    with pytest.raises(pgherald.UsageError, match="batch_size"):
+        pgherald.AsyncConsumer(installed, group="g", batch_size=0)
+    # The default never caps below batch_size.
+    c = pgherald.Consumer(installed, group="g", batch_size=50_000)
+    try:
+        assert c._core.max_batch_size == 50_000
+    finally:
+        c.close()
+
+
+KILLED_CONSUMER = """
+import sys, pgherald
+with pgherald.Consumer(sys.argv[1], group="g", channels=["ch"], batch_size=100,
+                       max_batch_size=800, poll_interval=0.1) as c:
+    for e in c:
+        print(e.id, c.read_size, flush=True)
+"""
+
+
+def test_killed_mid_grown_backlog_redelivers_at_most_one_read(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    ids = backlog(conn, 6000)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", KILLED_CONSUMER, installed],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    first: list[int] = []
+    try:
+        assert proc.stdout is not None
+        grown = 0
+        # Well into the backlog, with reads grown to their maximum: then SIGKILL, mid-read.
+        while len(first) < 3000 or grown < 800:
+            line = proc.stdout.readline()
+            assert line, "the consumer exited early"
+            event_id, size = map(int, line.split())
+            first.append(event_id)
+            grown = max(grown, size)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()  # only the process this test started
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+    assert first == ids[: len(first)]
+    acked = {
+        r[0]
+        for r in conn.execute(
+            "SELECT e.id FROM pgherald.events_v1 e JOIN pgherald.positions_v1 p "
+            "ON p.group_name = 'g' AND p.partition = e.partition "
+            "WHERE (e.tx, e.id) <= (p.tx, p.event_id)"
+        )
+    }
+    assert acked, "some reads should have been acknowledged before the kill"
+    second: list[pgherald.Event] = []
+    with pgherald.Consumer(
+        installed, group="g", channels=["ch"], batch_size=100, max_batch_size=800, **FAST
+    ) as c:
+        for e in c:
+            second.append(e)
+            if e.id == ids[-1]:
+                c.stop()
+    again = set(first) & {e.id for e in second}
+    assert not again & acked, "an acknowledged event was delivered again"
+    assert 0 < len(again) <= 800  # the read in hand at the kill, at most max_batch_size
+    assert [e.id for e in second] == [i for i in ids if i not in acked]  # in log order, once
+    assert_key_order(second)
+    assert uncovered(conn, "g") == 0
+
+
+def test_partition_handover_with_grown_reads(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    ids = backlog(conn, 4000)
+
+    def slow(_: pgherald.Event) -> None:
+        sum(range(20_000))  # keep the backlog long enough for the second member to join
+
+    r1 = running(handler=slow, batch_size=20, max_batch_size=640)
+    wait_until(lambda: r1.consumer.read_size == 640 or r1.error, 10, "r1's reads to grow")
+    r2 = running(handler=slow, batch_size=20, max_batch_size=640)
+    wait_until(lambda: len(r1.seen) + len(r2.seen) >= len(ids), 60, "the whole backlog")
+    assert r1.error is None
+    assert r2.error is None
+    assert r2.seen, "the second member should have taken partitions mid-backlog"
+    assert Counter(r1.ids + r2.ids) == Counter(ids)  # each event once, by one member
+    assert_key_order(r1.seen)
+    assert_key_order(r2.seen)
+    wait_until(lambda: uncovered(conn, "g") == 0, what="the group position to cover all")
+
+
+@pytest.mark.anyio
+async def test_async_consumer_grows_and_shrinks_its_reads(installed: str) -> None:
+    def load() -> list[int]:
+        with psycopg.connect(installed, autocommit=True) as c:
+            return backlog(c, 3000)
+
+    ids = await anyio.to_thread.run_sync(load)
+    got: list[int] = []
+    sizes: list[int] = []
+    async with pgherald.AsyncConsumer(
+        installed, group="g", channels=["ch"], batch_size=100, max_batch_size=400, **FAST
+    ) as c:
+        with anyio.fail_after(20):
+            async for e in c:
+                got.append(e.id)
+                sizes.append(c.read_size)
+                if len(got) == len(ids):
+                    c.stop()
+            assert max(sizes) == 400
+
+            def one() -> int:
+                with psycopg.connect(installed, autocommit=True) as conn:
+                    return pgherald.publish(conn, "ch", {"k": 0, "s": -1})
+
+            extra = await anyio.to_thread.run_sync(one)
+            async for e in c:
+                got.append(e.id)
+                assert c.read_size == 100
+                c.stop()
+    assert got == [*ids, extra]
