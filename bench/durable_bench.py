@@ -63,6 +63,16 @@ KIND_LABEL = {
     "publish-nowake": "publish, wake NOTIFY off (diagnostic)",
 }
 WRITERS = [1, 16]
+PARTS = ["publish", "consume", "latency"]
+# Consume sweep: (batch_size, max_batch_size); max = batch_size means fixed-size reads, None the
+# Consumer's default (reads grow while they come back full).
+SWEEP: list[tuple[int, int | None]] = [
+    (1000, 1000),
+    (5000, 5000),
+    (20000, 20000),
+    (1000, None),
+    (5000, None),
+]
 Result = dict[str, Any]
 
 PLAIN_DDL = """
@@ -194,12 +204,16 @@ def load_backlog(dsn: str, n: int) -> float:
     return time.perf_counter() - t0
 
 
-def consume_trial(dsn: str, style: str, group: str, count: int, batch: int, cap: float) -> Result:
+def consume_trial(
+    dsn: str, style: str, group: str, count: int, batch: int, max_batch: int | None, cap: float
+) -> Result:
     timeout = cap
     args = worker(
         "consume", "--dsn", dsn, "--style", style, "--group", group,
         "--count", str(count), "--batch", str(batch), "--timeout", str(timeout),
     )  # fmt: skip
+    if max_batch is not None:
+        args += ["--max-batch", str(max_batch)]
     try:
         p = subprocess.run(args, capture_output=True, text=True, timeout=timeout + 60)
     except subprocess.TimeoutExpired:
@@ -619,7 +633,25 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 run, 2 s trials, 100,000 backlog")
     ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
     ap.add_argument("--batch", type=int, default=5000, help="Consumer batch_size (backlog)")
+    ap.add_argument(
+        "--max-batch",
+        type=int,
+        default=None,
+        help="Consumer max_batch_size (backlog; default: the Consumer's default)",
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (partial runs print no report "
+        "and cannot use --output)",
+    )
     a = ap.parse_args()
+    a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    if unknown := set(a.parts) - set(PARTS):
+        ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    partial = set(a.parts) != set(PARTS)
+    if partial and a.output:
+        ap.error("--output needs every part (the report section is written whole)")
     a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
     if a.quick:
         a.runs, a.seconds, a.backlog, a.lat_seconds = 1, 2.0, 100_000, 2.0
@@ -640,7 +672,7 @@ def main() -> None:
     log(f"database {DBNAME} created and installed")
 
     writes: dict[tuple[str, int], list[Result]] = {(k, w): [] for k in KINDS for w in WRITERS}
-    for run in range(a.runs):
+    for run in range(a.runs if "publish" in a.parts else 0):
         for w in WRITERS:
             for k in KINDS:
                 r = write_trial(dsn, k, w, a.seconds)
@@ -650,43 +682,57 @@ def main() -> None:
                     f"{r.get('error') or ''}"
                 )
 
-    load_s = load_backlog(dsn, a.backlog)
-    log(f"backlog of {a.backlog:,} loaded in {load_s:.1f} s")
-    explain = explain_read(dsn, a.batch)
-    log(f"read_batch: {explain}")
+    load_s = 0.0
+    explain: Result = {}
     consumes: dict[str, list[Result]] = {"handler": [], "iterator": []}
-    g = 0
-    for run in range(a.consume_runs):
-        for style in ("handler", "iterator"):
+    sweep: dict[tuple[int, int | None], Result] = {}
+    if "consume" in a.parts:
+        load_s = load_backlog(dsn, a.backlog)
+        log(f"backlog of {a.backlog:,} loaded in {load_s:.1f} s")
+        explain = explain_read(dsn, a.batch)
+        log(f"read_batch: {explain}")
+        g = 0
+        for run in range(a.consume_runs):
+            for style in ("handler", "iterator"):
+                g += 1
+                r = consume_trial(
+                    dsn,
+                    "handler" if style == "handler" else "iter",
+                    f"g{g}",
+                    a.backlog,
+                    a.batch,
+                    a.max_batch,
+                    a.cap,
+                )
+                consumes[style].append(r)
+                log(
+                    f"consume run {run + 1} {style:8} {r.get('rate', 0):>9,.0f} ev/s "
+                    f"(fetch {r.get('fetch_s', 0):.2f} s, ack {r.get('ack_s', 0):.2f} s, "
+                    f"wall {r.get('wall', 0):.2f} s, {r.get('count', 0):,} events, "
+                    f"{r.get('fetches', 0):,} reads, largest {r.get('max_read', 0):,}) "
+                    f"{r.get('error') or ''}"
+                )
+        # (batch_size, max_batch_size): fixed sizes (max = batch: no growth), then growth.
+        for b, mb in SWEEP:
             g += 1
-            r = consume_trial(
-                dsn,
-                "handler" if style == "handler" else "iter",
-                f"g{g}",
-                a.backlog,
-                a.batch,
-                a.cap,
-            )
-            consumes[style].append(r)
+            r = consume_trial(dsn, "handler", f"g{g}", a.sweep_count, b, mb, a.cap / 3)
+            sweep[(b, mb)] = r
             log(
-                f"consume run {run + 1} {style:8} {r.get('rate', 0):>9,.0f} ev/s "
-                f"(fetch {r.get('fetch_s', 0):.2f} s, ack {r.get('ack_s', 0):.2f} s, "
-                f"wall {r.get('wall', 0):.2f} s, {r.get('count', 0):,} events) {r.get('error') or ''}"
+                f"sweep batch_size={b:6} max_batch_size={mb or 'default':>7} "
+                f"{r.get('rate', 0):>9,.0f} ev/s ({r.get('fetches', 0):,} reads) "
+                f"{r.get('error') or ''}"
             )
-    sweep: dict[int, Result] = {}
-    for b in (1000, 5000, 20000):
-        g += 1
-        sweep[b] = consume_trial(dsn, "handler", f"g{g}", a.sweep_count, b, a.cap / 3)
-        log(
-            f"sweep batch_size={b:6} {sweep[b].get('rate', 0):>9,.0f} ev/s "
-            f"{sweep[b].get('error') or ''}"
-        )
 
-    lat = latency_trial(dsn, a.rate, a.lat_seconds)
-    log(
-        f"latency p50 {lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms "
-        f"max {lat.get('max_ms', 0):.3f} ms {lat.get('error') or ''}"
-    )
+    lat: Result = {}
+    if "latency" in a.parts:
+        lat = latency_trial(dsn, a.rate, a.lat_seconds)
+        log(
+            f"latency p50 {lat.get('p50_ms', 0):.3f} ms p99 {lat.get('p99_ms', 0):.3f} ms "
+            f"max {lat.get('max_ms', 0):.3f} ms {lat.get('error') or ''}"
+        )
+    if partial:
+        log("partial run: no report")
+        return
 
     info["Load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
     with psycopg.connect(dsn, autocommit=True) as conn:

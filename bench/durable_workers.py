@@ -100,22 +100,30 @@ def write(dsn: str, kind: str, seconds: float) -> dict[str, Any]:
 # -- backlog consumer ----------------------------------------------------------------------
 
 
-def consume(dsn: str, style: str, group: str, count: int, batch: int, timeout: float) -> dict:
+def consume(
+    dsn: str, style: str, group: str, count: int, batch: int, max_batch: int | None, timeout: float
+) -> dict:
     import pgherald
 
     kwargs: dict[str, Any] = {"group": group, "channels": ["bench"], "batch_size": batch}
+    if max_batch is not None:
+        kwargs["max_batch_size"] = max_batch
     consumer = pgherald.Consumer(dsn, **kwargs)
     core = consumer._core  # instrumentation only: time the core's steps from the outside
-    spent = {"fetch": 0.0, "ack": 0.0, "fetches": 0}
+    spent = {"fetch": 0.0, "ack": 0.0, "fetches": 0, "max_read": 0}
     fetch, ack = core.fetch, core.ack
 
     def timed_fetch(*a: Any, **k: Any) -> Any:
         s = time.perf_counter()
+        events = None
         try:
-            return fetch(*a, **k)
+            events = fetch(*a, **k)
+            return events
         finally:
             spent["fetch"] += time.perf_counter() - s
-            spent["fetches"] += 1
+            if events:  # reads that returned events (empty polls are not counted)
+                spent["fetches"] += 1
+                spent["max_read"] = max(spent["max_read"], len(events))
 
     def timed_ack(*a: Any, **k: Any) -> Any:
         s = time.perf_counter()
@@ -164,6 +172,7 @@ def consume(dsn: str, style: str, group: str, count: int, batch: int, timeout: f
         "fetch_s": spent["fetch"],
         "ack_s": spent["ack"],
         "fetches": spent["fetches"],
+        "max_read": spent["max_read"],
     }
 
 
@@ -228,6 +237,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--count", type=int, default=0)
     ap.add_argument("--batch", type=int, default=5000)
+    ap.add_argument("--max-batch", type=int, default=None)
     ap.add_argument("--rate", type=float, default=1000.0)
     ap.add_argument("--timeout", type=float, default=120.0)
     a = ap.parse_args()
@@ -235,7 +245,7 @@ def main() -> None:
         if a.mode == "write":
             res = write(a.dsn, a.kind, a.seconds)
         elif a.mode == "consume":
-            res = consume(a.dsn, a.style, a.group, a.count, a.batch, a.timeout)
+            res = consume(a.dsn, a.style, a.group, a.count, a.batch, a.max_batch, a.timeout)
         elif a.mode == "lat-recv":
             res = lat_recv(a.dsn, a.group, a.count, a.timeout)
         else:
