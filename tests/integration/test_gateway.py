@@ -509,3 +509,53 @@ def test_public_key_tokens(dsn: str, conn: psycopg.Connection[Any], tmp_path: Pa
             s.ready()
             pgherald.notify(conn, "orders", "signed")
             assert s.next() == {"event": "orders", "data": "signed"}
+
+
+class _CountingSet(set[Any]):
+    """`Hub.clients`, counting the passes over it (the housekeeping makes one per round)."""
+
+    passes = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        self.passes += 1
+        return super().__iter__()
+
+
+def _fill_until_stuck(conn: psycopg.Connection[Any], hub: Hub, channel: str) -> None:
+    """Notify big payloads until a client that does not read has frames waiting (stuck)."""
+    filler = "x" * 6000
+    for n in range(400):
+        with conn.transaction():
+            for i in range(16):
+                pgherald.notify(conn, channel, f"{n} {i} {filler}")
+        with contextlib.suppress(RuntimeError):  # the set changed size: look again
+            if any(len(c.pending) > 64 for c in list(hub.clients)):  # several bursts: stuck
+                return
+    raise AssertionError("the client's socket never filled up")
+
+
+def test_an_expired_client_that_does_not_read_does_not_spin_the_housekeeping(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    app = create_app(dsn, jwt_secret=SECRET, client_buffer=100_000)
+    hub = hub_of(app)
+    hub.grace = 1.0
+    hub.clients = clients = _CountingSet()
+    with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(5.0)
+        slow.connect((host, int(port)))
+        with slow:
+            request = f"GET /sse?channel=feed&token={token(['feed'], ttl=4.0)} HTTP/1.1\r\n"
+            slow.sendall(request.encode() + b"Host: x\r\nConnection: close\r\n\r\n")
+            head = b""
+            while b": ready" not in head:
+                head += slow.recv(4096)
+            _fill_until_stuck(conn, hub, "feed")
+            wait_until(lambda: any(c.reason == "token expired" for c in list(clients)), 10.0)
+            before = clients.passes
+            wait_until(lambda: not clients, 10.0)  # it leaves after the grace
+            # One pass per housekeeping round (at most a second apart), not a busy loop.
+            assert clients.passes - before < 50

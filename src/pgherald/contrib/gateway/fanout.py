@@ -214,10 +214,16 @@ class Hub:
         tick = max(0.05, min(1.0, self.heartbeat / 2))
         while True:
             now = time.time()
-            soonest = min((c.expires for c in self.clients if c.expires is not None), default=None)
+            # A client ended already (it may take the grace to leave) is not waited for again.
+            soonest = min(
+                (c.expires for c in self.clients if c.expires is not None and c.reason is None),
+                default=None,
+            )
             await anyio.sleep(tick if soonest is None else max(0.0, min(tick, soonest - now)))
             now, idle_since = time.time(), time.monotonic() - self.heartbeat
             for client in list(self.clients):
+                if client.reason is not None:
+                    continue
                 if client.expires is not None and client.expires <= now:
                     client.end("token expired", 1008)
                 elif client.kind == "sse" and client.last_write <= idle_since:
