@@ -559,3 +559,27 @@ def test_an_expired_client_that_does_not_read_does_not_spin_the_housekeeping(
             wait_until(lambda: not clients, 10.0)  # it leaves after the grace
             # One pass per housekeeping round (at most a second apart), not a busy loop.
             assert clients.passes - before < 50
+
+
+def test_ws_resume_while_the_database_is_unavailable_is_an_error_message(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    pgherald.install(conn)
+    app = create_app(dsn, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+    first = pgherald.publish(conn, "orders", {"n": 1})
+    with serve(app) as base, httpx.Client(base_url=base, timeout=5.0) as http:
+        assert http.get("/healthz").status_code == 200  # the gateway's database connection is up
+        url = base.replace("http", "ws") + "/ws?token=" + token(["orders"])
+        with ws_connect(url) as ws:
+            # The connection breaks under the gateway: its next statement fails.
+            conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND application_name = 'pgherald-gateway-db'"
+            )
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": first}))
+            error = json.loads(ws.recv(5))
+            assert error == {"type": "error", "message": "the database is not available; try again"}
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": first}))
+            assert json.loads(ws.recv(5)) == {"type": "subscribed", "channels": ["orders"]}
+            live = pgherald.publish(conn, "orders", {"n": 2})
+            assert json.loads(ws.recv(5))["id"] == live

@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 import anyio
+import psycopg
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -97,6 +98,8 @@ class WsEndpoint:
                 say(_error(str(exc)))
             except TimeoutError:
                 say(_error("the listener is not connected; try again"))
+            except psycopg.Error:  # finding the resume point
+                say(_error("the database is not available; try again"))
 
     async def _subscribe(
         self,
