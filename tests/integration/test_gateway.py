@@ -583,3 +583,30 @@ def test_ws_resume_while_the_database_is_unavailable_is_an_error_message(
             assert json.loads(ws.recv(5)) == {"type": "subscribed", "channels": ["orders"]}
             live = pgherald.publish(conn, "orders", {"n": 2})
             assert json.loads(ws.recv(5))["id"] == live
+
+
+def test_heartbeats_do_not_pile_up_for_a_client_that_does_not_read(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    from pgherald.contrib.gateway.frames import PING
+
+    app = create_app(dsn, allow_anonymous=["feed"], heartbeat=0.1, client_buffer=100_000)
+    hub = hub_of(app)
+    hub.clients = clients = _CountingSet()
+    with serve(app) as base:
+        host, port = base.removeprefix("http://").split(":")
+        slow = socket.socket()
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(5.0)
+        slow.connect((host, int(port)))
+        with slow:
+            slow.sendall(b"GET /sse?channel=feed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            head = b""
+            while b": ready" not in head:
+                head += slow.recv(4096)
+            _fill_until_stuck(conn, hub, "feed")
+            before = clients.passes
+            wait_until(lambda: clients.passes > before + 40)  # 20 rounds, 0.05 s apart
+            (client,) = list(clients)
+            # Its stream is not idle, it is blocked: no ping is owed, let alone 20.
+            assert client.pending.count(PING) <= 1

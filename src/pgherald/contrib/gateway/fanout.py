@@ -226,8 +226,10 @@ class Hub:
                     continue
                 if client.expires is not None and client.expires <= now:
                     client.end("token expired", 1008)
-                elif client.kind == "sse" and client.last_write <= idle_since:
-                    client.offer(PING)
+                elif (
+                    client.kind == "sse" and client.last_write <= idle_since and not client.pending
+                ):
+                    client.offer(PING)  # (frames waiting: the stream is blocked, not idle)
 
     # -- plain channels --
 
