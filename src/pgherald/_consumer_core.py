@@ -391,7 +391,10 @@ class ConsumerCore:
 
         counts = Counter(parts)
         full = [p for p, k in counts.items() if k >= share]
-        self._busy_partitions = len(full) or len(counts)
+        # Busy: partitions that may have more. When the read's overall limit cut the result,
+        # that is every partition in it (counting only the full ones would leave out those the
+        # limit cut, and the next read would give the few counted a huge share each).
+        self._busy_partitions = len(counts) if n >= read.limit else (len(full) or len(counts))
         last = {p: i for i, p in enumerate(parts)}
         if full:
             self._saturated = True
