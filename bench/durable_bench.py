@@ -4,6 +4,7 @@ from a backlog, and commit-to-handler latency.
 Usage::
 
     python bench/durable_bench.py [--dsn DSN] [--quick] [--output docs/benchmarks.md]
+    python bench/durable_bench.py --parts consume [--batch N] [--max-batch N]   # partial run
 
 Method.  The run creates a fresh database (``pgherald_bench_durable``, dropped and recreated
 on the server of ``--dsn``) and installs pgherald's schema with ``pgherald.install``.  Every
@@ -20,8 +21,10 @@ client is its own process (``bench/durable_workers.py``); measurements run one a
   interleaved; medians over 3 runs (1 with ``--quick``).
 * Consume throughput: a backlog of 1,000,000 events (100,000 with ``--quick``) is loaded with
   ``INSERT ... SELECT generate_series`` (100,000 per transaction) and VACUUM ANALYZEd; then a
-  `Consumer` with a fresh group (start "beginning") consumes all of it, handler style and
-  iterator style, the handler/loop body only counting.  Wall time from ``run()`` (or the first
+  `Consumer` with a fresh group (start "beginning", ``--batch`` 5000, ``--max-batch`` the
+  Consumer's default: reads grow while they come back full) consumes all of it, handler style
+  and iterator style, the handler/loop body only counting.  A sweep over the first 200,000
+  events compares fixed read sizes (max_batch_size = batch_size) with growth.  Wall time from ``run()`` (or the first
   ``next``) to the last event; the time spent in the core's fetch and ack is measured by
   wrapping them, and one ``read_batch`` query is EXPLAIN ANALYZEd.
 * Latency: a publisher process commits one event per transaction at 1,000 events/s for 5 s
@@ -64,6 +67,7 @@ KIND_LABEL = {
 }
 WRITERS = [1, 16]
 PARTS = ["publish", "consume", "latency"]
+DEFAULT_MAX = 20_000  # Consumer's default max_batch_size (pgherald._consumer_core)
 # Consume sweep: (batch_size, max_batch_size); max = batch_size means fixed-size reads, None the
 # Consumer's default (reads grow while they come back full).
 SWEEP: list[tuple[int, int | None]] = [
@@ -347,6 +351,10 @@ def med(results: list[Result], key: str) -> float | None:
     return statistics.median(ok) if ok else None
 
 
+def max_label(a: argparse.Namespace) -> str:
+    return str(a.max_batch) if a.max_batch is not None else f"{max(a.batch, DEFAULT_MAX)} (default)"
+
+
 def fx(v: float | None, f: str = "{:.2f}x") -> str:
     return f.format(v) if v is not None else "-"
 
@@ -361,7 +369,7 @@ def report(
     writes: dict[tuple[str, int], list[Result]],
     load_s: float,
     consumes: dict[str, list[Result]],
-    sweep: dict[int, Result],
+    sweep: dict[tuple[int, int | None], Result],
     explain: Result,
     lat: Result,
 ) -> str:
@@ -386,9 +394,12 @@ def report(
         "waits for its WAL flush. "
         f"**Consume**: a backlog of {a.backlog:,} events (`INSERT ... SELECT "
         "generate_series`, 100,000 per transaction, then VACUUM ANALYZE), consumed by one "
-        f'`Consumer` (fresh group, start "beginning", batch_size={a.batch}) whose handler '
+        f'`Consumer` (fresh group, start "beginning", batch_size={a.batch}, '
+        f"max_batch_size={max_label(a)}: reads double while they come back full, so over the "
+        "backlog they grow to max_batch_size) whose handler "
         "(or loop body) only counts (the consumer reads the next batch ahead while one is "
-        'handled: "In ack" includes waiting for that read); wall time from `run()` / first `next()` to the last '
+        'handled: "In ack" includes waiting for that read); wall time from `run()` / first '
+        "`next()` to the last "
         f"event, capped at {a.cap:g} s per run (then events/s over what was consumed, marked "
         f"partial); {a.consume_runs} run(s) per style. "
         f"**Latency**: one publisher at {a.rate:,}/s (one event per autocommit transaction, "
@@ -430,11 +441,13 @@ def report(
         [
             "Style",
             "batch_size",
+            "max_batch_size",
             "Median events/s",
             "Consumer CPU (s)",
             "In fetch (s)",
             "In ack (s)",
             "Wall (s)",
+            "Reads (largest)",
             "Runs",
         ]
     ]
@@ -445,11 +458,13 @@ def report(
             [
                 style,
                 str(a.batch),
+                max_label(a),
                 fx(med(rs, "rate"), "{:,.0f}"),
                 fx(mid.get("cpu_s"), "{:.2f}"),
                 fx(mid.get("fetch_s"), "{:.2f}"),
                 fx(mid.get("ack_s"), "{:.2f}"),
                 fx(mid.get("wall"), "{:.2f}"),
+                f"{fx(mid.get('fetches'), '{:,}')} ({fx(mid.get('max_read'), '{:,}')})",
                 f"{len(best)}/{len(rs)} ("
                 + ", ".join(fx(x.get("rate"), "{:,.0f}") for x in rs)
                 + ")"
@@ -463,19 +478,33 @@ def report(
     out += [table(rows), ""]
     if sweep:
         rows = [
-            ["batch_size (handler style, 1 run)", "events/s", "In fetch (s)", "Wall (s)", "Events"]
+            [
+                "batch_size (handler style, 1 run)",
+                "max_batch_size",
+                "events/s",
+                "In fetch (s)",
+                "Wall (s)",
+                "Reads (largest)",
+                "Events",
+            ]
         ]
-        for b, r in sweep.items():
+        for (b, mb), r in sweep.items():
             rows.append(
                 [
                     str(b),
+                    f"{mb} (fixed reads)" if mb == b else f"{mb or DEFAULT_MAX} (default)",
                     fx(r.get("rate"), "{:,.0f}"),
                     fx(r.get("fetch_s"), "{:.2f}"),
                     fx(r.get("wall"), "{:.2f}"),
+                    f"{fx(r.get('fetches'), '{:,}')} ({fx(r.get('max_read'), '{:,}')})",
                     fx(r.get("count"), "{:,}") + (" (capped)" if r.get("partial") else ""),
                 ]
             )
-        out += [f"batch_size sweep, first {a.sweep_count:,} events of the backlog each:", ""]
+        out += [
+            f"Read-size sweep, first {a.sweep_count:,} events of the backlog each (fixed "
+            "reads: max_batch_size = batch_size, no growth):",
+            "",
+        ]
         out += [table(rows), ""]
     if explain:
         out += [
@@ -658,9 +687,9 @@ def main() -> None:
     else:
         a.runs, a.seconds, a.backlog, a.lat_seconds = 3, 5.0, 1_000_000, 5.0
     a.rate = 1000
-    # Consume runs are capped in time (events/s so far is reported, marked partial): the
-    # read query's cost grows with the remaining backlog (see the notes in the output).
-    a.consume_runs, a.cap = (1, 60.0) if a.quick else (1, 90.0)
+    # Consume runs are capped in time (events/s so far is reported, marked partial); 3 runs per
+    # style, interleaved: single runs spread by +-15% on the shared 2-core machine.
+    a.consume_runs, a.cap = (1, 60.0) if a.quick else (3, 90.0)
     a.sweep_count = min(a.backlog, 200_000)
     a.findings = []
 
