@@ -131,13 +131,15 @@ def sse(
         yield Sse(resp)
 
 
-def test_sse_receives_events(dsn: str, conn: psycopg.Connection[Any]) -> None:
-    app = create_app(dsn, jwt_secret=SECRET)
+@pytest.mark.parametrize("inline_writes", [True, False], ids=["inline", "task-writes"])
+def test_sse_receives_events(dsn: str, conn: psycopg.Connection[Any], inline_writes: bool) -> None:
+    app = create_app(dsn, jwt_secret=SECRET, inline_writes=inline_writes)
     with (
         serve(app) as base,
         sse(base, "orders", "chat.lobby", tok=token(["orders", "chat.*"])) as s,
     ):
         s.ready()
+        assert app.state.gateway.hub.inline is inline_writes  # uvicorn runs asyncio
         pgherald.notify(conn, "orders", {"id": 42})
         pgherald.notify(conn, "chat.lobby", "first line\nsecond line")
         pgherald.notify(conn, "unrelated", "not for us")
@@ -156,8 +158,11 @@ def test_sse_heartbeat(dsn: str, conn: psycopg.Connection[Any]) -> None:
         assert s.next() == {"event": "beat", "data": "x"}
 
 
-def test_ws_subscribe_receive_publish(dsn: str, conn: psycopg.Connection[Any]) -> None:
-    app = create_app(dsn, jwt_secret=SECRET)
+@pytest.mark.parametrize("inline_writes", [True, False], ids=["inline", "task-writes"])
+def test_ws_subscribe_receive_publish(
+    dsn: str, conn: psycopg.Connection[Any], inline_writes: bool
+) -> None:
+    app = create_app(dsn, jwt_secret=SECRET, inline_writes=inline_writes)
     with serve(app) as base:
         url = base.replace("http", "ws") + "/ws?token=" + token(["chat.*"], "rw")
         with ws_connect(url) as ws:

@@ -79,11 +79,14 @@ def create_app(
     heartbeat: float = 15.0,
     client_buffer: int = 1000,
     poll_interval: float = 0.25,
+    inline_writes: bool = True,
 ) -> Starlette:
     """
     The real-time gateway: SSE, WebSocket and HTTP publish over one LISTEN connection.
 
-    *jwt_public_key* is PEM text or bytes, or a `Path` to a PEM file. See docs/gateway.md.
+    *jwt_public_key* is PEM text or bytes, or a `Path` to a PEM file. *inline_writes*: let
+    the fan-out start client writes itself (asyncio); turn it off when mounting the app behind
+    middleware whose ``send`` enters cancel scopes. See docs/gateway.md.
     """
     if isinstance(jwt_public_key, Path):
         jwt_public_key = jwt_public_key.read_bytes()
@@ -96,6 +99,7 @@ def create_app(
         client_buffer=client_buffer,
         heartbeat=heartbeat,
         poll_interval=poll_interval,
+        inline_writes=inline_writes,
     )
     gateway = Gateway(hub, auth)
 

@@ -68,7 +68,7 @@ class Client:
         # write that had to wait): `flush` then leaves the frames to it, keeping the order.
         self._busy = True
         self._suspended: tuple[Coroutine[Any, Any, None], Any] | None = None
-        self._failure: Exception | None = None
+        self._failure: BaseException | None = None
         self._in_task = False
 
     def offer(self, frame: Frame, *, in_task: bool = False) -> None:
@@ -109,7 +109,10 @@ class Client:
         except StopIteration:
             self._busy = False
             return
-        except Exception as exc:  # e.g. the socket is gone: the client's task raises it
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # e.g. the socket is gone: the client's task raises it
+            # (whatever it is, it must not escape into the hub, which serves every client)
             self._failure = exc
         else:
             self._suspended = (coro, waiting_on)

@@ -73,6 +73,7 @@ class Hub:
         batch_size: int = 500,
         grace: float = 5.0,
         listen_timeout: float = 10.0,
+        inline_writes: bool = True,
     ) -> None:
         self.dsn = dsn
         self.durable = frozenset(durable_channels)
@@ -93,6 +94,7 @@ class Hub:
         self.clients: set[Client] = set()
         self._subs: dict[str, set[Client]] = {}
         self.position: Position = (0, 0)
+        self.inline_writes = inline_writes
         self.inline = False
         """Clients' writes are started by hand in `flush` (asyncio; see `client`)."""
         self._dirty: list[Client] = []
@@ -114,7 +116,7 @@ class Hub:
                 tg.start_soon(self.listener.run)
                 tg.start_soon(self._housekeeping)
                 self._flush = new_signal()
-                self.inline = on_asyncio()
+                self.inline = self.inline_writes and on_asyncio()
                 tg.start_soon(self._flusher)
                 if self.durable:
                     tg.start_soon(self._tail)

@@ -112,7 +112,7 @@ class WsEndpoint:
         reply = json.dumps({"type": "subscribed", "channels": channels})
         durable = [ch for ch in channels if ch in self.hub.durable]
         if after_id is None or not durable:
-            await self.hub.add(client, channels)
+            await self._add(client, channels)
             say(reply)
             return
         if not isinstance(after_id, int) or isinstance(after_id, bool):
@@ -126,11 +126,20 @@ class WsEndpoint:
         resume = _Resume(reply, durable, after)
         client.offer(resume, in_task=True)
         try:
-            resume.upto = await self.hub.add(client, channels)
+            resume.upto = await self._add(client, channels)
             for ch in durable:
                 resumed[ch] = after
         finally:
             resume.known.set()
+
+    async def _add(self, client: Client, channels: list[str]) -> Position:
+        """`Hub.add`, undone when it fails: a refused subscribe leaves no half subscription."""
+        try:
+            return await self.hub.add(client, channels)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await self.hub.remove(client, channels)
+            raise
 
     async def _writer(
         self,
@@ -139,9 +148,15 @@ class WsEndpoint:
         resumed: dict[str, Position],
         done: anyio.CancelScope,
     ) -> None:
-        with anyio.CancelScope() as scope:
-            client.scope = scope
-            await client.pump(partial(self._send_frames, ws, client, resumed))
+        try:
+            with anyio.CancelScope() as scope:
+                client.scope = scope
+                await client.pump(partial(self._send_frames, ws, client, resumed))
+        except (WebSocketDisconnect, OSError):
+            # The client went away mid-write: end quietly (raised from this task, the error
+            # would reach the server wrapped in an exception group, as a crash).
+            done.cancel()
+            return
         if client.reason is not None:
             with anyio.move_on_after(1.0):
                 await ws.close(client.close_code, client.reason[:120])
