@@ -192,7 +192,9 @@ def test_sigkill_then_restart_loses_nothing(
     assert set(more) <= set(seen2)
     again = set(seen1) & set(seen2)
     assert not again & acked, "an acknowledged event was delivered again"
-    assert len(again) <= 1000  # at most the one batch (batch_size) not yet acknowledged
+    # At most the one read not yet acknowledged: reads grow while behind, 1000 then 2000
+    # (batch_size, doubling up to max_batch_size), and the first was acknowledged.
+    assert len(again) <= 2000
     assert len(seen2) == len(set(seen2)), "duplicates within one run"
     assert set(seen1) | set(seen2) == set(ids)
     assert uncovered(conn, "g") == 0
