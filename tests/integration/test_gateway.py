@@ -539,6 +539,22 @@ def _fill_until_stuck(conn: psycopg.Connection[Any], hub: Hub, channel: str) -> 
     raise AssertionError("the client's socket never filled up")
 
 
+@contextlib.contextmanager
+def _unread_sse(base: str, target: str) -> Iterator[socket.socket]:
+    """An SSE client with a tiny receive buffer that reads nothing after ``: ready``."""
+    host, port = base.removeprefix("http://").split(":")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(5.0)
+    slow.connect((host, int(port)))
+    with slow:
+        slow.sendall(f"GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+        head = b""
+        while b": ready" not in head:
+            head += slow.recv(4096)
+        yield slow
+
+
 def test_an_expired_client_that_does_not_read_does_not_spin_the_housekeeping(
     dsn: str, conn: psycopg.Connection[Any]
 ) -> None:
@@ -546,24 +562,14 @@ def test_an_expired_client_that_does_not_read_does_not_spin_the_housekeeping(
     hub = hub_of(app)
     hub.grace = 1.0
     hub.clients = clients = _CountingSet()
-    with serve(app) as base:
-        host, port = base.removeprefix("http://").split(":")
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.settimeout(5.0)
-        slow.connect((host, int(port)))
-        with slow:
-            request = f"GET /sse?channel=feed&token={token(['feed'], ttl=4.0)} HTTP/1.1\r\n"
-            slow.sendall(request.encode() + b"Host: x\r\nConnection: close\r\n\r\n")
-            head = b""
-            while b": ready" not in head:
-                head += slow.recv(4096)
-            _fill_until_stuck(conn, hub, "feed")
-            wait_until(lambda: any(c.reason == "token expired" for c in list(clients)), 10.0)
-            before = clients.passes
-            wait_until(lambda: not clients, 10.0)  # it leaves after the grace
-            # One pass per housekeeping round (at most a second apart), not a busy loop.
-            assert clients.passes - before < 50
+    target = f"/sse?channel=feed&token={token(['feed'], ttl=4.0)}"
+    with serve(app) as base, _unread_sse(base, target):
+        _fill_until_stuck(conn, hub, "feed")
+        wait_until(lambda: any(c.reason == "token expired" for c in list(clients)), 10.0)
+        before = clients.passes
+        wait_until(lambda: not clients, 10.0)  # it leaves after the grace
+        # One pass per housekeeping round (at most a second apart), not a busy loop.
+        assert clients.passes - before < 50
 
 
 def test_ws_resume_while_the_database_is_unavailable_is_an_error_message(
@@ -598,20 +604,10 @@ def test_heartbeats_do_not_pile_up_for_a_client_that_does_not_read(
     app = create_app(dsn, allow_anonymous=["feed"], heartbeat=0.1, client_buffer=100_000)
     hub = hub_of(app)
     hub.clients = clients = _CountingSet()
-    with serve(app) as base:
-        host, port = base.removeprefix("http://").split(":")
-        slow = socket.socket()
-        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        slow.settimeout(5.0)
-        slow.connect((host, int(port)))
-        with slow:
-            slow.sendall(b"GET /sse?channel=feed HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            head = b""
-            while b": ready" not in head:
-                head += slow.recv(4096)
-            _fill_until_stuck(conn, hub, "feed")
-            before = clients.passes
-            wait_until(lambda: clients.passes > before + 40)  # 20 rounds, 0.05 s apart
-            (client,) = list(clients)
-            # Its stream is not idle, it is blocked: no ping is owed, let alone 20.
-            assert client.pending.count(PING) <= 1
+    with serve(app) as base, _unread_sse(base, "/sse?channel=feed"):
+        _fill_until_stuck(conn, hub, "feed")
+        before = clients.passes
+        wait_until(lambda: clients.passes > before + 40)  # 20 rounds, 0.05 s apart
+        (client,) = list(clients)
+        # Its stream is not idle, it is blocked: no ping is owed, let alone 20.
+        assert client.pending.count(PING) <= 1
