@@ -12,6 +12,9 @@ from ._protocol.payload import JsonDumps
 from ._schema import missing_schema_error
 from .errors import PayloadNotSerializable, PublishError
 
+# Made once (json.dumps with options builds an encoder per call); NaN/Infinity are not JSON.
+_strict_dumps: JsonDumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
+
 
 def _params(
     channel: str,
@@ -20,7 +23,7 @@ def _params(
     headers: Mapping[str, Any] | None,
     dumps: JsonDumps | None,
 ) -> dict[str, Any]:
-    encode = dumps or (lambda v: json.dumps(v, separators=(",", ":"), allow_nan=False))
+    encode = dumps or _strict_dumps
     try:
         text = encode(payload)
         header_text = None if headers is None else encode(dict(headers))

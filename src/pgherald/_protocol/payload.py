@@ -15,8 +15,8 @@ JsonDumps = Callable[[Any], str]
 JsonLoads = Callable[[str | bytes], Any]
 
 
-def _compact_dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+# One encoder, made once: json.dumps with options builds a new one on every call.
+_compact_dumps: JsonDumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def encode_payload(payload: object, *, dumps: JsonDumps | None = None) -> str:
