@@ -40,6 +40,17 @@ def uncovered(conn: psycopg.Connection, group: str, channel: str | None = None) 
     return int(row[0])
 
 
+def acknowledged(conn: psycopg.Connection, group: str) -> set[int]:
+    """Ids of the events the group's position has passed (acknowledged)."""
+    rows = conn.execute(
+        "SELECT e.id FROM pgherald.events_v1 e JOIN pgherald.positions_v1 p "
+        "ON p.group_name = %s AND p.partition = e.partition "
+        "WHERE (e.tx, e.id) <= (p.tx, p.event_id)",
+        (group,),
+    )
+    return {r[0] for r in rows}
+
+
 class Running:
     """A sync `Consumer` running handlers in a thread; records what it handled."""
 

@@ -15,7 +15,7 @@ import pytest
 
 import pgherald
 from tests.acceptance.test_cli import cli_env, pgherald_cmd
-from tests.fix_durable import uncovered
+from tests.fix_durable import acknowledged, uncovered
 
 
 def run(dsn: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -170,14 +170,7 @@ def test_sigkill_then_restart_loses_nothing(
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
     seen1 += [json.loads(line)["id"] for line in proc.stdout.read().splitlines() if line.strip()]
-    acked = {
-        r[0]
-        for r in conn.execute(
-            "SELECT e.id FROM pgherald.events_v1 e JOIN pgherald.positions_v1 p "
-            "ON p.group_name = 'g' AND p.partition = e.partition "
-            "WHERE (e.tx, e.id) <= (p.tx, p.event_id)"
-        )
-    }
+    acked = acknowledged(conn, "g")
     more = [pgherald.publish(conn, "ch", i) for i in range(20)]
     ids = [r[0] for r in conn.execute("SELECT id FROM pgherald.events_v1 ORDER BY id")]
     proc2 = consume(dsn, "ch")
@@ -227,14 +220,7 @@ def test_prune_deletes_only_consumed_old_events(dsn: str, conn: psycopg.Connecti
         for e in c:
             if e.id == ids[2]:
                 c.stop()  # acks ids[0..2]... in their partitions
-    consumed = {
-        r[0]
-        for r in conn.execute(
-            "SELECT e.id FROM pgherald.events_v1 e JOIN pgherald.positions_v1 p "
-            "ON p.group_name = 'g' AND p.partition = e.partition "
-            "WHERE (e.tx, e.id) <= (p.tx, p.event_id)"
-        )
-    }
+    consumed = acknowledged(conn, "g")
     assert set(ids[:3]) <= consumed
     kept = run(dsn, "prune", "--older-than", "1h")
     assert kept.returncode == 0, kept.stderr

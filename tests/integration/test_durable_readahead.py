@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import FAST, Running, uncovered, wait_until
+from tests.fix_durable import FAST, Running, acknowledged, uncovered, wait_until
 
 KEYS = 7
 
@@ -286,14 +286,7 @@ def test_killed_mid_grown_backlog_redelivers_at_most_one_read(
         if proc.stdout is not None:
             proc.stdout.close()
     assert first == ids[: len(first)]
-    acked = {
-        r[0]
-        for r in conn.execute(
-            "SELECT e.id FROM pgherald.events_v1 e JOIN pgherald.positions_v1 p "
-            "ON p.group_name = 'g' AND p.partition = e.partition "
-            "WHERE (e.tx, e.id) <= (p.tx, p.event_id)"
-        )
-    }
+    acked = acknowledged(conn, "g")
     assert acked, "some reads should have been acknowledged before the kill"
     second: list[pgherald.Event] = []
     with pgherald.Consumer(
