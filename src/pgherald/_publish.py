@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 from . import _drivers, sql
@@ -57,12 +58,8 @@ def publish(
     .. versionadded:: 0.1
     """
     params = _params(channel, payload, key, headers, dumps)
-    try:
+    with _driver_errors():
         return int(_drivers.execute(conn, sql.query("publish"), params, what="publish"))
-    except Exception as exc:
-        if _drivers.is_driver_error(exc):
-            raise _error(exc) from exc
-        raise
 
 
 async def apublish(
@@ -80,15 +77,18 @@ async def apublish(
     .. versionadded:: 0.1
     """
     params = _params(channel, payload, key, headers, dumps)
-    try:
+    with _driver_errors():
         return int(await _drivers.aexecute(conn, sql.query("publish"), params, what="publish"))
+
+
+@contextmanager
+def _driver_errors() -> Iterator[None]:
+    """A driver's error becomes SchemaMissing or PublishError; anything else passes through."""
+    try:
+        yield
     except Exception as exc:
-        if _drivers.is_driver_error(exc):
-            raise _error(exc) from exc
-        raise
-
-
-def _error(exc: Exception) -> Exception:
-    return missing_schema_error(exc) or _drivers.wrap(
-        exc, lambda m: PublishError(f"publish failed: {m}")
-    )
+        if not _drivers.is_driver_error(exc):
+            raise
+        raise missing_schema_error(exc) or _drivers.wrap(
+            exc, lambda m: PublishError(f"publish failed: {m}")
+        ) from exc
