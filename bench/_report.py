@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
+import os
 import platform
+import shlex
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -35,12 +39,45 @@ def write_section(path: Path, start: str, end: str, body: str) -> None:
     path.write_text(text)
 
 
+def parser(doc: str | None, quick: str, dsn_help: str | None = None) -> argparse.ArgumentParser:
+    """The options every benchmark takes: --dsn, --quick (help *quick*) and --output."""
+    ap = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    ap.add_argument(
+        "--dsn",
+        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
+        help=dsn_help,
+    )
+    ap.add_argument("--quick", action="store_true", help=quick)
+    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
+    return ap
+
+
+def command() -> str:
+    """The command line this benchmark was started with, as the report shows it."""
+    return "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+
+
+def load_average() -> str:
+    return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def overloaded() -> bool:
+    """Whether the load average exceeds the core count (other work shares the cores)."""
+    return max(os.getloadavg()) > (os.cpu_count() or 1)
+
+
+def publish(body: str, output: Path | None, start: str, end: str) -> None:
+    """Print the report *body*; with *output*, also write it as the section between markers."""
+    print("\n" + body)
+    if output:
+        write_section(output, start, end, body)
+        print(f"\nwrote section to {output}")
+
+
 def machine(
     dsn: str, *, settings: tuple[str, ...] = (), extra: dict[str, str] | None = None
 ) -> dict[str, str]:
     """The machine and server a benchmark ran on; *settings* are server settings to show."""
-    import os
-
     import psycopg
 
     with psycopg.connect(dsn) as conn:
@@ -68,7 +105,7 @@ def machine(
         "Cores": f"{os.cpu_count()} (usable: {len(os.sched_getaffinity(0))}), "
         f"RAM {int(mem_kb) / 1024 / 1024:.0f} GB",
         "OS": platform.platform(),
-        "Load average at start": " / ".join(f"{x:.2f}" for x in os.getloadavg()),
+        "Load average at start": load_average(),
         "Python": platform.python_version(),
         "PostgreSQL server": server,
         "psycopg": f"{psycopg.__version__} ({psycopg.pq.__impl__}, libpq {libpq // 10000}"

@@ -39,8 +39,6 @@ import argparse
 import contextlib
 import datetime as dt
 import json
-import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -648,19 +646,12 @@ def report(
     return "\n".join(out)
 
 
-def write_section(path: Path, body: str) -> None:
-    _report.write_section(path, START, END, body)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--dsn",
-        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
-        help="server to use (a database on it is only used to create the bench database)",
+    ap = _report.parser(
+        __doc__,
+        "1 run, 2 s trials, 100,000 backlog",
+        "server to use (a database on it is only used to create the bench database)",
     )
-    ap.add_argument("--quick", action="store_true", help="1 run, 2 s trials, 100,000 backlog")
-    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
     ap.add_argument("--batch", type=int, default=5000, help="Consumer batch_size (backlog)")
     ap.add_argument(
         "--max-batch",
@@ -681,7 +672,7 @@ def main() -> None:
     partial = set(a.parts) != set(PARTS)
     if partial and a.output:
         ap.error("--output needs every part (the report section is written whole)")
-    a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    a.command = _report.command()
     if a.quick:
         a.runs, a.seconds, a.backlog, a.lat_seconds = 1, 2.0, 100_000, 2.0
     else:
@@ -763,14 +754,14 @@ def main() -> None:
         log("partial run: no report")
         return
 
-    info["Load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["Load average at end"] = _report.load_average()
     with psycopg.connect(dsn, autocommit=True) as conn:
         others = conn.execute(
             "SELECT count(DISTINCT datname) FROM pg_stat_activity "
             "WHERE datname IS NOT NULL AND datname <> current_database()"
         ).fetchone()[0]  # type: ignore[index]
     info["Other databases with sessions at end"] = str(others)
-    if max(os.getloadavg()) > (os.cpu_count() or 1):
+    if _report.overloaded():
         a.findings.append(
             "The machine was not idle: its load average exceeded its core count during the "
             "run (other work shares the cores and the PostgreSQL server), so expect wide "
@@ -778,10 +769,7 @@ def main() -> None:
             "medians."
         )
     body = report(a, info, writes, load_s, consumes, sweep, explain, lat)
-    print("\n" + body)
-    if a.output:
-        write_section(a.output, body)
-        print(f"\nwrote section to {a.output}")
+    _report.publish(body, a.output, START, END)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,6 @@ import json
 import os
 import pstats
 import queue
-import shlex
 import signal
 import socket
 import subprocess
@@ -587,18 +586,8 @@ def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], pr
     return "\n".join(out)
 
 
-def write_section(path: Path, body: str) -> None:
-    _report.write_section(path, START, END, body)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--dsn",
-        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
-    )
-    ap.add_argument("--quick", action="store_true", help="1,000 clients, 2 s steps")
-    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
+    ap = _report.parser(__doc__, "1,000 clients, 2 s steps")
     ap.add_argument("--clients", type=int, help="connections per shape (default 5,000)")
     ap.add_argument("--seconds", type=float, help="seconds per step (default 5)")
     ap.add_argument("--shapes", default="A,B", help="A, B or A,B")
@@ -607,7 +596,7 @@ def main() -> None:
         "--no-floor", action="store_true", help="skip the raw floor server (gateway_raw.py)"
     )
     a = ap.parse_args()
-    a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    a.command = _report.command()
     a.clients = a.clients or (1000 if a.quick else 5000)
     a.seconds = a.seconds or (2.0 if a.quick else 5.0)
     raise_nofile()
@@ -628,18 +617,15 @@ def main() -> None:
     if a.profile:
         prof = profile_step(a, env)
         print(prof)
-    info["Load average at end"] = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    info["Load average at end"] = _report.load_average()
     info["Note"] = (
         "other work on the machine raises the load average above the core count; the CPU "
         "figures then include time lost to contention"
-        if max(os.getloadavg()) > (os.cpu_count() or 1)
+        if _report.overloaded()
         else "machine otherwise idle"
     )
     body = report(a, info, shapes, prof)
-    print("\n" + body)
-    if a.output:
-        write_section(a.output, body)
-        print(f"\nwrote section to {a.output}")
+    _report.publish(body, a.output, START, END)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,6 @@ import datetime as dt
 import json
 import os
 import queue
-import shlex
 import statistics
 import subprocess
 import sys
@@ -269,21 +268,11 @@ def report(
     return "\n".join(out + (["", *notes] if notes else []))
 
 
-def write_section(path: Path, body: str) -> None:
-    _report.write_section(path, START, END, body)
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--dsn",
-        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
-    )
-    ap.add_argument("--quick", action="store_true", help="1 run, 50,000 notifications, 1.5 s")
-    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
+    ap = _report.parser(__doc__, "1 run, 50,000 notifications, 1.5 s")
     ap.add_argument("--clients", help="comma-separated subset of clients (default: all)")
     a = ap.parse_args()
-    a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    a.command = _report.command()
     a.runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
     clients = a.clients.split(",") if a.clients else RAW + HERALD
     if unknown := set(clients) - {*RAW, *HERALD, *OPT_IN}:
@@ -329,10 +318,7 @@ def main() -> None:
             )
 
     body = report(a, shown, info, tput, lat, sender_alone, skipped, herald_note)
-    print("\n" + body)
-    if a.output:
-        write_section(a.output, body)
-        print(f"\nwrote section to {a.output}")
+    _report.publish(body, a.output, START, END)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ import argparse
 import datetime as dt
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -544,10 +543,6 @@ def report(
     return "\n".join(lines + (["", *(f"- {note}" for note in notes)] if notes else []))
 
 
-def write_section(path: Path, body: str) -> None:
-    _report.write_section(path, START, END, body)
-
-
 def _choices(allowed: list[str]) -> Any:
     def parse(text: str) -> list[str]:
         chosen = [c.strip() for c in text.split(",") if c.strip()]
@@ -559,14 +554,9 @@ def _choices(allowed: list[str]) -> Any:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    ap.add_argument(
-        "--dsn",
-        default=os.environ.get("PGHERALD_DSN", "host=127.0.0.1 user=postgres dbname=postgres"),
-        help="admin DSN; the benchmark database is created next to it",
+    ap = _report.parser(
+        __doc__, "1 run of 2 s per setup", "admin DSN; the benchmark database is created next to it"
     )
-    ap.add_argument("--quick", action="store_true", help="1 run of 2 s per setup")
-    ap.add_argument("--output", type=Path, help="markdown file whose bench section to replace")
     ap.add_argument("--runs", type=int, help="repetitions (default 3, 1 with --quick)")
     ap.add_argument("--ops", type=_choices(OPS), default=OPS, help="e.g. update (default: all)")
     ap.add_argument("--writers", type=_choices(["1", "4"]), default=["1", "4"], help="e.g. 4")
@@ -591,7 +581,7 @@ def main() -> None:
         worker_listen(a.dsn, a.channel, timeout=300.0)
         return
 
-    a.command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    a.command = _report.command()
     a.runs = a.runs or (1 if a.quick else 3)
     a.seconds = a.seconds or (2.0 if a.quick else 5.0)
     env = dict(os.environ)
@@ -615,10 +605,7 @@ def main() -> None:
                         flush=True,
                     )
     body = report(a, info, res)
-    print("\n" + body)
-    if a.output:
-        write_section(a.output, body)
-        print(f"\nwrote section to {a.output}")
+    _report.publish(body, a.output, START, END)
 
 
 if __name__ == "__main__":
