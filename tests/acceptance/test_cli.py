@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
@@ -14,17 +12,7 @@ import psycopg
 import pytest
 
 import pgherald
-
-
-def pgherald_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pgherald.cli", *args]
-
-
-def cli_env(dsn: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGHERALD_DSN"] = dsn
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+from tests.fix_cli import cli_env, pgherald_cmd
 
 
 @pytest.fixture

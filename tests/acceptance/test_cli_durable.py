@@ -14,19 +14,8 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.acceptance.test_cli import cli_env, pgherald_cmd
+from tests.fix_cli import cli_env, pgherald_cmd, run
 from tests.fix_durable import acknowledged, uncovered
-
-
-def run(dsn: str, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        pgherald_cmd(*args),
-        env=cli_env(dsn),
-        input=input,
-        capture_output=True,
-        text=True,
-        timeout=30,
-    )
 
 
 class Lines:

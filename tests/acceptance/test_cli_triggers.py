@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -17,29 +15,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import pgherald
-
-
-def pgherald_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pgherald.cli", *args]
-
-
-def cli_env(dsn: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGHERALD_DSN"] = dsn
-    env["PYTHONUNBUFFERED"] = "1"
-    env["NO_COLOR"] = "1"
-    return env
-
-
-def run(dsn: str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        pgherald_cmd(*args),
-        env=cli_env(dsn),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-    )
+from tests.fix_cli import cli_env, pgherald_cmd, run
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:

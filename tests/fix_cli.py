@@ -1,0 +1,35 @@
+"""Running the ``pgherald`` command in a subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+
+def pgherald_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pgherald.cli", *args]
+
+
+def cli_env(dsn: str) -> dict[str, str]:
+    """The caller's environment without libpq's ``PG*`` variables, pointed at ``dsn``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGHERALD_DSN"] = dsn
+    env["PYTHONUNBUFFERED"] = "1"
+    env["NO_COLOR"] = "1"
+    return env
+
+
+def run(
+    dsn: str, *args: str, input: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
+    """``pgherald ARGS`` to completion; stdin is ``input``, or empty (never the terminal)."""
+    return subprocess.run(
+        pgherald_cmd(*args),
+        env=cli_env(dsn),
+        input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
