@@ -325,6 +325,16 @@ def run_shape(
     out: Result = {"name": name, "channels": channels, "per_channel": per_channel, "steps": []}
     gw = start_gateway(a.dsn, port, env, raw=raw)
     clients: list[Proc] = []
+
+    def climb(steps: list[Result], rates: list[int], label: str) -> None:
+        """Run the steps at *rates* in order, stopping after the first that fails."""
+        for d in rates:
+            r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
+            steps.append(r)
+            show(label, r)
+            if not r.get("ok") or not r["pass"] or r["open"] < a.clients:
+                break
+
     try:
         out["rss_idle"] = rss_mb(gw.p.pid)
         clients, out["connect_s"] = start_clients(port, "sse", a.clients, channels, 2, env)
@@ -334,12 +344,7 @@ def run_shape(
             f"gateway RSS {out['rss_connected']:.0f} MB",
             flush=True,
         )
-        for d in LADDER:
-            r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
-            out["steps"].append(r)
-            show(f"  {name} {'raw' if raw else 'sse'}", r)
-            if not r.get("ok") or not r["pass"] or r["open"] < a.clients:
-                break
+        climb(out["steps"], LADDER, f"  {name} {'raw' if raw else 'sse'}")
         for c in clients:
             c.send("QUIT")
             c.stop(signal.SIGTERM, 10.0)
@@ -348,12 +353,7 @@ def run_shape(
             time.sleep(1.0)
             clients, out["ws_connect_s"] = start_clients(port, "ws", a.clients, channels, 2, env)
             out["ws"] = []
-            for d in ws_rates:
-                r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
-                out["ws"].append(r)
-                show(f"  {name} ws ", r)
-                if not r.get("ok") or not r["pass"] or r["open"] < a.clients:
-                    break
+            climb(out["ws"], ws_rates, f"  {name} ws ")
     except RuntimeError as exc:
         out["error"] = str(exc)
         print(f"shape {name}: {exc}", flush=True)
