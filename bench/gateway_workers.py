@@ -67,7 +67,11 @@ class Stats:
         self.lat: list[int] = []
 
 
-class SseConn(asyncio.Protocol):
+class _Conn(asyncio.Protocol):
+    """What the SSE and WebSocket clients share: state, the HTTP response head, the close."""
+
+    STATUS = b""  # the response status line that accepts the connection
+
     def __init__(self, stats: Stats, channel: str, sample: bool, ready: asyncio.Future) -> None:
         self.stats, self.channel, self.sample, self.ready = stats, channel, sample, ready
         self.buf = b""
@@ -75,6 +79,29 @@ class SseConn(asyncio.Protocol):
         self.got = 0
         self.alive = True
         self.transport: asyncio.Transport | None = None
+
+    def _handshake(self, buf: bytes) -> bytes | None:
+        """The bytes after the response head once it is complete and accepted, else None."""
+        i = buf.find(b"\r\n\r\n")
+        if i < 0:
+            self.buf = buf
+            return None
+        if not buf.startswith(self.STATUS):
+            if not self.ready.done():
+                self.ready.set_exception(RuntimeError(buf[:200].decode("latin-1")))
+            return None
+        self.headers_done = True
+        return buf[i + 4 :]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        self.stats.closed += 1
+        if not self.ready.done():
+            self.ready.set_exception(RuntimeError(f"connection lost before ready: {exc}"))
+
+
+class SseConn(_Conn):
+    STATUS = b"HTTP/1.1 200"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -89,16 +116,10 @@ class SseConn(asyncio.Protocol):
         st = self.stats
         buf = self.buf + data if self.buf else data
         if not self.headers_done:
-            i = buf.find(b"\r\n\r\n")
-            if i < 0:
-                self.buf = buf
+            rest = self._handshake(buf)
+            if rest is None:
                 return
-            if not buf.startswith(b"HTTP/1.1 200"):
-                if not self.ready.done():
-                    self.ready.set_exception(RuntimeError(buf[:200].decode("latin-1")))
-                return
-            self.headers_done = True
-            buf = buf[i + 4 :]
+            buf = rest
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             self.buf = buf
@@ -120,23 +141,11 @@ class SseConn(asyncio.Protocol):
                 st.lat.extend(now - int(t) for t in _TS.findall(done))
         st.last_byte = time.monotonic()
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.alive = False
-        self.stats.closed += 1
-        if not self.ready.done():
-            self.ready.set_exception(RuntimeError(f"connection lost before ready: {exc}"))
 
-
-class WsConn(asyncio.Protocol):
+class WsConn(_Conn):
     """Minimal RFC 6455 client: handshake, one masked text frame out, unmasked frames in."""
 
-    def __init__(self, stats: Stats, channel: str, sample: bool, ready: asyncio.Future) -> None:
-        self.stats, self.channel, self.sample, self.ready = stats, channel, sample, ready
-        self.buf = b""
-        self.headers_done = False
-        self.got = 0
-        self.alive = True
-        self.transport: asyncio.Transport | None = None
+    STATUS = b"HTTP/1.1 101"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -160,16 +169,10 @@ class WsConn(asyncio.Protocol):
         st = self.stats
         buf = self.buf + data if self.buf else data
         if not self.headers_done:
-            i = buf.find(b"\r\n\r\n")
-            if i < 0:
-                self.buf = buf
+            rest = self._handshake(buf)
+            if rest is None:
                 return
-            if not buf.startswith(b"HTTP/1.1 101"):
-                if not self.ready.done():
-                    self.ready.set_exception(RuntimeError(buf[:200].decode("latin-1")))
-                return
-            self.headers_done = True
-            buf = buf[i + 4 :]
+            buf = rest
             self._send_text(json.dumps({"type": "subscribe", "channels": [self.channel]}))
         pos, end, n = 0, len(buf), 0
         texts = []
@@ -212,12 +215,6 @@ class WsConn(asyncio.Protocol):
                 if m:
                     st.lat.append(now - int(m.group(1)))
         st.last_byte = time.monotonic()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.alive = False
-        self.stats.closed += 1
-        if not self.ready.done():
-            self.ready.set_exception(RuntimeError(f"connection lost before ready: {exc}"))
 
 
 def pct(values: list[int], q: float) -> float | None:
