@@ -17,11 +17,15 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
@@ -68,6 +72,22 @@ def with_dbname(dsn: str, dbname: str) -> str:
     params = conninfo_to_dict(dsn)
     params["dbname"] = dbname
     return make_conninfo(**params)
+
+
+def sqlalchemy_engine(dsn: str) -> sa.Engine:
+    """A SQLAlchemy engine (psycopg2 driver) on the database of ``dsn``; the caller disposes it."""
+    import sqlalchemy as sa
+
+    url = conninfo_to_dict(dsn)
+    return sa.create_engine(
+        sa.URL.create(
+            "postgresql+psycopg2",
+            username=str(url.get("user") or ""),
+            host=str(url.get("host") or ""),
+            port=int(str(url.get("port") or 5432)),
+            database=str(url["dbname"]),
+        )
+    )
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 
 import pgherald
+from tests.fix_db import sqlalchemy_engine
 from tests.fix_durable import FAST, Running, uncovered, wait_until
 
 
@@ -134,18 +135,7 @@ def test_publish_through_psycopg2(installed: str, running: Callable[..., Running
 
 
 def test_publish_through_sqlalchemy(installed: str, running: Callable[..., Running]) -> None:
-    import sqlalchemy as sa
-
-    url = psycopg.conninfo.conninfo_to_dict(installed)
-    engine = sa.create_engine(
-        sa.URL.create(
-            "postgresql+psycopg2",
-            username=str(url.get("user") or ""),
-            host=str(url.get("host") or ""),
-            port=int(str(url.get("port") or 5432)),
-            database=str(url["dbname"]),
-        )
-    )
+    engine = sqlalchemy_engine(installed)
     r = running()
     try:
         with engine.connect() as sa_conn:

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 import pgherald
+from tests.fix_db import sqlalchemy_engine
 
 AWKWARD = ["MyChan", 'we"ird', "with space", "ünïcode", "a;DROP TABLE x", "x" * 63]
 
@@ -71,19 +72,9 @@ def test_json_payload_and_decode(dsn: str, conn: psycopg.Connection) -> None:
 
 def test_notify_through_psycopg2_and_sqlalchemy(dsn: str) -> None:
     import psycopg2
-    import sqlalchemy as sa
 
-    url = psycopg.conninfo.conninfo_to_dict(dsn)
     pg2 = psycopg2.connect(dsn)
-    engine = sa.create_engine(
-        sa.URL.create(
-            "postgresql+psycopg2",
-            username=str(url.get("user") or ""),
-            host=str(url.get("host") or ""),
-            port=int(str(url.get("port") or 5432)),
-            database=str(url["dbname"]),
-        )
-    )
+    engine = sqlalchemy_engine(dsn)
     try:
         with pgherald.Listener(dsn, channels=["drivers"]) as listener:
             pgherald.notify(pg2, "drivers", {"from": "psycopg2"})
