@@ -162,10 +162,23 @@ class _ConsumerBase:
         # All we wanted was handled: move past the whole read, other channels' events too.
         self._core.ack(events if len(done) == len(batch) else done)
 
-    def _reconnect_delay(self, attempt: int, error: str) -> float:
+    def _reconnect_delay(self, attempt: int, exc: CoreLost) -> float:
+        """The wait before reconnect *attempt*, logged; ConnectionLost past the last one."""
         if self.reconnect_max_attempts is not None and attempt > self.reconnect_max_attempts:
-            raise ConnectionLost(f"could not reconnect after {attempt - 1} attempts: {error}")
-        return backoff_delay(attempt, initial=0.1, cap=5.0)
+            raise ConnectionLost(f"could not reconnect after {attempt - 1} attempts: {exc}")
+        delay = backoff_delay(attempt, initial=0.1, cap=5.0)
+        logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
+        return delay
+
+    def _begin_run(self) -> None:
+        if not self._handlers:
+            raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
+        self._stopping = False
+
+    def _begin_events(self) -> None:
+        if self._handlers:
+            raise UsageError("this consumer has handlers: call run(), or iterate one without")
+        self._stopping = False
 
 
 class Consumer(_ConsumerBase):
@@ -250,8 +263,7 @@ class Consumer(_ConsumerBase):
             except CoreLost as exc:
                 attempt += 1
                 core.close()
-                delay = self._reconnect_delay(attempt, str(exc))
-                logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
+                delay = self._reconnect_delay(attempt, exc)
                 self._wait_stop(delay)
                 try:
                     core.connect()
@@ -264,9 +276,7 @@ class Consumer(_ConsumerBase):
 
     def run(self) -> None:
         """Handle events until `stop`."""
-        if not self._handlers:
-            raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
-        self._stopping = False
+        self._begin_run()
         for batch in self._batches():
             try:
                 for event in batch:
@@ -309,9 +319,7 @@ class Consumer(_ConsumerBase):
         are written once per read, so a crash redelivers at most one read (at most
         ``max_batch_size`` events, see the class docstring).
         """
-        if self._handlers:
-            raise UsageError("this consumer has handlers: call run(), or iterate one without")
-        self._stopping = False
+        self._begin_events()
         try:
             for batch in self._batches():
                 for event in batch:
@@ -389,8 +397,7 @@ class AsyncConsumer(_ConsumerBase):
             except CoreLost as exc:
                 attempt += 1
                 await anyio.to_thread.run_sync(core.close)
-                delay = self._reconnect_delay(attempt, str(exc))
-                logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
+                delay = self._reconnect_delay(attempt, exc)
                 await self._waiter.sleep(time.monotonic() + delay)
                 try:
                     await anyio.to_thread.run_sync(core.connect)
@@ -404,9 +411,7 @@ class AsyncConsumer(_ConsumerBase):
 
     async def run(self) -> None:
         """Handle events until `stop` (or cancellation)."""
-        if not self._handlers:
-            raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
-        self._stopping = False
+        self._begin_run()
         async for batch in self._batches():
             try:
                 for event in batch:
@@ -443,9 +448,7 @@ class AsyncConsumer(_ConsumerBase):
 
     async def events(self) -> AsyncIterator[Event]:
         """Yield events until `stop`; acknowledged as in `Consumer.events`."""
-        if self._handlers:
-            raise UsageError("this consumer has handlers: call run(), or iterate one without")
-        self._stopping = False
+        self._begin_events()
         try:
             async for batch in self._batches():
                 for event in batch:
