@@ -9,13 +9,16 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from .._listener import Listener
 from .._models import Gap, Notification
 from ..errors import HeraldError
+
+if TYPE_CHECKING:
+    import psycopg
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -26,6 +29,28 @@ dsn_option = click.option(
     default=None,
     help="PostgreSQL connection string; default: libpq's own environment (PGHOST, ...).",
 )
+
+
+def json_option(help: str) -> Callable[[F], F]:
+    """``--json`` (or ``PGHERALD_JSON``): print one JSON object per line."""
+    return click.option(
+        "--json", "as_json", is_flag=True, envvar="PGHERALD_JSON", show_envvar=True, help=help
+    )
+
+
+@contextlib.contextmanager
+def connection(dsn: str | None, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
+    import psycopg
+
+    from .._conninfo import connect_error, listener_conninfo
+
+    conninfo = listener_conninfo(dsn, application_name="pgherald-cli")
+    try:
+        conn = psycopg.connect(conninfo, autocommit=autocommit)
+    except psycopg.OperationalError as exc:
+        raise connect_error(conninfo, " ".join(str(exc).split())) from None
+    with conn:
+        yield conn
 
 
 def fail(message: str, code: int = 1) -> None:
@@ -73,14 +98,7 @@ def cli() -> None:
 
 @cli.command()
 @dsn_option
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar="PGHERALD_JSON",
-    show_envvar=True,
-    help="One JSON object per line: channel, payload, pid.",
-)
+@json_option("One JSON object per line: channel, payload, pid.")
 @click.argument("channels", nargs=-1, required=True)
 @friendly
 def listen(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
@@ -128,19 +146,11 @@ def format_notification(n: Notification) -> str:
 @friendly
 def notify(dsn: str | None, channel: str, payload: str) -> None:
     """Send PAYLOAD (text as given; '-' reads stdin) on CHANNEL."""
-    import psycopg
-
-    from .._conninfo import connect_error, listener_conninfo
     from .._notify import notify as do_notify
 
     if payload == "-":
         payload = sys.stdin.read()
-    conninfo = listener_conninfo(dsn, application_name="pgherald-cli")
-    try:
-        conn = psycopg.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise connect_error(conninfo, " ".join(str(exc).split())) from None
-    with conn:
+    with connection(dsn) as conn:
         do_notify(conn, channel, payload)
 
 

@@ -5,33 +5,19 @@ from __future__ import annotations
 import json
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import click
 import psycopg
 
-from .._conninfo import connect_error, listener_conninfo
 from .._consumer import Consumer
 from .._consumer_core import Start
 from .._publish import publish as do_publish
 from .._schema import MISSING, install, install_sql, is_installed, uninstall, uninstall_sql
 from ..errors import SchemaMissing, UsageError
 from ..sql import query
-from ._commands import cli, dsn_option, friendly, stop_on_signals
-
-
-@contextmanager
-def connection(dsn: str | None, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
-    conninfo = listener_conninfo(dsn, application_name="pgherald-cli")
-    try:
-        conn = psycopg.connect(conninfo, autocommit=autocommit)
-    except psycopg.OperationalError as exc:
-        raise connect_error(conninfo, " ".join(str(exc).split())) from None
-    with conn:
-        yield conn
+from ._commands import cli, connection, dsn_option, friendly, json_option, stop_on_signals
 
 
 def require_schema(conn: psycopg.Connection[Any]) -> None:
@@ -130,14 +116,7 @@ def parse_start(text: str) -> Start:
     show_default=True,
     help="Where a new group starts: beginning, now, an event id or an ISO timestamp.",
 )
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar="PGHERALD_JSON",
-    show_envvar=True,
-    help="One JSON object per line: id, channel, payload, key, created_at.",
-)
+@json_option("One JSON object per line: id, channel, payload, key, created_at.")
 @click.argument("channels", nargs=-1, required=True)
 @friendly
 def consume_cmd(

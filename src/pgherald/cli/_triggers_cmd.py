@@ -23,8 +23,16 @@ from .._triggers import (
     trigger_sql,
 )
 from ..errors import UsageError
-from ._commands import cli, dsn_option, format_notification, friendly, stop_on_signals
-from ._durable import connection, sql_cmd
+from ._commands import (
+    cli,
+    connection,
+    dsn_option,
+    format_notification,
+    friendly,
+    json_option,
+    stop_on_signals,
+)
+from ._durable import sql_cmd
 
 
 def _split(text: str | None) -> list[str]:
@@ -186,14 +194,7 @@ def format_change(n: Notification) -> str:
 
 @cli.command("watch")
 @dsn_option
-@click.option(
-    "--json",
-    "as_json",
-    is_flag=True,
-    envvar="PGHERALD_JSON",
-    show_envvar=True,
-    help="Print each change event as one JSON line.",
-)
+@json_option("Print each change event as one JSON line.")
 @click.option(
     "--temporary",
     is_flag=True,
