@@ -125,7 +125,11 @@ class ListenerEngine:
             name = self._names[n.relname]
         except KeyError:
             name = self._names[n.relname] = n.relname.decode("utf-8", "replace")
-        return tuple.__new__(Notification, (name, n.extra.decode("utf-8", "replace"), n.be_pid))
+        try:
+            payload = n.extra.decode()  # as in dispatch: the no-argument decode is the fast one
+        except UnicodeDecodeError:
+            payload = n.extra.decode("utf-8", "replace")
+        return tuple.__new__(Notification, (name, payload, n.be_pid))
 
     def dispatch(
         self,
