@@ -497,22 +497,22 @@ def _publish_in_thread(dsn: str, payloads: list[Any], channel: str = "ch") -> li
         return [pgherald.publish(c, channel, p) for p in payloads]
 
 
+async def _aconsume_until(dsn: str, got: list[int], n: int) -> None:
+    """A new AsyncConsumer of group "g" appends event ids to ``got`` until it holds ``n``."""
+    async with pgherald.AsyncConsumer(dsn, group="g", channels=["ch"], **FAST) as c:
+        with anyio.fail_after(5):
+            async for e in c:
+                got.append(e.id)
+                if len(got) == n:
+                    c.stop()
+
+
 @pytest.mark.anyio
 async def test_async_consumer_iterates_and_resumes(installed: str) -> None:
     ids = await anyio.to_thread.run_sync(_publish_in_thread, installed, list(range(10)))
     got: list[int] = []
-    async with pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **FAST) as c:
-        with anyio.fail_after(5):
-            async for e in c:
-                got.append(e.id)
-                if len(got) == 5:
-                    c.stop()
-    async with pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **FAST) as c:
-        with anyio.fail_after(5):
-            async for e in c:
-                got.append(e.id)
-                if len(got) == 10:
-                    c.stop()
+    await _aconsume_until(installed, got, 5)
+    await _aconsume_until(installed, got, 10)
     assert got == ids
 
 
