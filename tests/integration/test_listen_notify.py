@@ -11,6 +11,7 @@ import pytest
 
 import pgherald
 from tests.fix_db import sqlalchemy_engine
+from tests.fix_faults import wait_until
 
 AWKWARD = ["MyChan", 'we"ird', "with space", "ünïcode", "a;DROP TABLE x", "x" * 63]
 
@@ -152,17 +153,21 @@ def test_subscribe_and_unsubscribe_while_running(dsn: str, conn: psycopg.Connect
 
         def send_second_round() -> None:
             with psycopg.connect(dsn, autocommit=True) as c:
-                # Wait until the listener's backend really listens on "b".
-                for _ in range(200):
+
+                def listening_on_b() -> bool:
                     row = c.execute(
                         "SELECT count(*) FROM pg_stat_activity WHERE pid = %s AND state = 'idle'",
                         (listener.backend_pid,),
                     ).fetchone()
-                    if row and row[0] and "b" in listener._engine._active:
-                        break
-                    anyio.run(anyio.sleep, 0.01)
-                pgherald.notify(c, "a", "unheard")
-                pgherald.notify(c, "b", "end")
+                    return bool(row and row[0] and "b" in listener._engine._active)
+
+                try:
+                    # Wait until the listener's backend really listens on "b"; a timeout fails
+                    # the test (an exception in a thread), after the sends that end listener.run().
+                    wait_until(listening_on_b, 5.0, 'the listener LISTENing on "b"')
+                finally:
+                    pgherald.notify(c, "a", "unheard")
+                    pgherald.notify(c, "b", "end")
 
         listener.subscribe("a")
         pgherald.notify(conn, "a", "first")
