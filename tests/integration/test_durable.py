@@ -297,18 +297,19 @@ def test_start_positions(installed: str, conn: psycopg.Connection) -> None:
         return got
 
     e1, e2 = (pgherald.publish(conn, "ch", p) for p in ("e1", "e2"))
+
     # "now": existing events are skipped, later ones delivered.
     # Creates the group at the current end of the log. "now" is the oldest running transaction
     # of the whole cluster (see test_start_now_with_an_older_open_transaction): retry until no
     # other test's transaction on this server held it back.
-    for _ in range(100):
+    def created_at_the_end() -> bool:
         with pgherald.Consumer(
             installed, group="now", channels=["ch"], start="now", reset=True, **FAST
         ):
             pass
-        if uncovered(conn, "now") == 0:
-            break
-        time.sleep(0.05)  # bounded: another workload's transaction should end soon
+        return uncovered(conn, "now") == 0
+
+    wait_until(created_at_the_end, 10.0, 'group "now" created at the end of the log')
     e3 = pgherald.publish(conn, "ch", "e3")
     at = conn.execute("SELECT clock_timestamp()").fetchone()[0]  # type: ignore[index]
     e4 = pgherald.publish(conn, "ch", "e4")
