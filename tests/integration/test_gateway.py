@@ -16,7 +16,7 @@ import shutil
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pgherald
 from pgherald.contrib.gateway import create_app
 from pgherald.contrib.gateway.fanout import Hub
 from pgherald.contrib.gateway.server import GatewayServer
+from tests.fix_durable import wait_until
 
 SECRET = "test-secret-not-for-production-0123456789"
 
@@ -63,14 +64,6 @@ def serve(app: Starlette) -> Iterator[str]:
 def hub_of(app: Starlette) -> Hub:
     hub: Hub = app.state.gateway.hub
     return hub
-
-
-def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll a condition (state owned by another thread) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.01)
 
 
 class Sse:
