@@ -187,6 +187,53 @@ def test_publish_refuses_bad_input(installed: str, conn: psycopg.Connection) -> 
     assert conn.execute("SELECT count(*) FROM pgherald.events_v1").fetchone() == (0,)
 
 
+def test_publish_and_notify_ignore_the_connections_row_factory(installed: str) -> None:
+    from psycopg.rows import dict_row
+
+    with psycopg.connect(installed, autocommit=True, row_factory=dict_row) as c:
+        first = pgherald.publish(c, "ch", {"n": 1})
+        pgherald.notify(c, "ch", "x")
+        second = pgherald.publish(c, "ch", {"n": 2})
+        assert second == first + 1
+        # The application's own statements keep its row factory.
+        assert c.execute("SELECT 1 AS one").fetchone() == {"one": 1}
+    import psycopg2.extras
+
+    pg2 = psycopg2.connect(installed, cursor_factory=psycopg2.extras.RealDictCursor)
+    try:
+        assert pgherald.publish(pg2, "ch", {"n": 3}) == second + 1
+        pgherald.notify(pg2, "ch", "x")
+        pg2.commit()
+    finally:
+        pg2.close()
+
+
+def test_threads_sharing_one_connection_get_their_own_event_ids(installed: str) -> None:
+    """psycopg connections are thread-safe: publish from several threads must stay correct."""
+    results: dict[int, list[tuple[int, int]]] = {t: [] for t in range(4)}
+    with psycopg.connect(installed, autocommit=True) as c:
+
+        def work(t: int) -> None:
+            for i in range(150):
+                results[t].append((pgherald.publish(c, "ch", {"t": t, "i": i}), i))
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join(30)
+        stored = {
+            row[0]: (row[1], row[2])
+            for row in c.execute(
+                "SELECT id, (payload->>'t')::int, (payload->>'i')::int FROM pgherald.events_v1"
+            )
+        }
+    assert sum(map(len, results.values())) == 600
+    for t, got in results.items():
+        # Each id returned to a thread is the event that thread wrote, not another thread's.
+        assert [stored[event_id] for event_id, _ in got] == [(t, i) for _, i in got]
+
+
 # -- 3. the ordering trap --
 
 

@@ -17,6 +17,8 @@ def check_channel(channel: object) -> str:
 
     Any text is allowed (quotes, spaces, upper case, non-ASCII): it is always quoted.
     """
+    if type(channel) is str and channel in _CHECKED:  # publishers reuse a few names: skip
+        return channel
     if not isinstance(channel, str):
         raise InvalidChannel(
             f"channel must be a str, got {type(channel).__name__}: pass the channel name as text"
@@ -31,7 +33,12 @@ def check_channel(channel: object) -> str:
             f"channel name {channel[:20]!r}... is {size} bytes; PostgreSQL allows at most "
             f"{MAX_CHANNEL_BYTES} bytes (it would silently truncate it): use a shorter name"
         )
+    if type(channel) is str and len(_CHECKED) < 1024:
+        _CHECKED[channel] = None
     return channel
+
+
+_CHECKED: dict[str, None] = {}  # names already found valid (bounded: a per-call hit, no growth)
 
 
 def listen_query(channel: str) -> bytes:
