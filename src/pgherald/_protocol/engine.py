@@ -169,8 +169,35 @@ class ListenerEngine:
         name = ""
         handler: Any = None
         while True:
-            raw = notifies()
-            if raw is None:
+            # iter() calls notifies() from C until it returns None: no test per notification.
+            for relname, pid, extra in iter(notifies, None):  # psycopg.pq.PGnotify tuples
+                if relname != last_relname:  # bursts come on one channel: look up once per run
+                    try:
+                        name = names[relname]
+                    except KeyError:
+                        name = names[relname] = relname.decode("utf-8", "replace")
+                    handler = get(name)
+                    last_relname = relname
+                try:
+                    payload = extra.decode()  # the fast path of bytes.decode takes no arguments
+                except UnicodeDecodeError:
+                    payload = extra.decode("utf-8", "replace")
+                n = make(cls, (name, payload, pid))
+                count += 1
+                if handler is not None:
+                    try:
+                        handler(n)
+                    except Exception:
+                        on_error(handler, n)
+                else:
+                    result = slow_path(n)
+                    if result is not None:
+                        break
+                # A handler may have called stop(): honour it before the next notification.
+                # The clock is read every 8th time only: it is a tenth of the cost of this loop.
+                if self.stopping or (not count & 7 and clock() > budget):
+                    break
+            else:  # libpq holds no more
                 if not reread:
                     self._input = False
                     break
@@ -183,33 +210,7 @@ class ListenerEngine:
                     self._lost = lost
                     break
                 continue
-            relname, pid, extra = raw  # psycopg.pq.PGnotify; unpacking beats 3 attribute reads
-            if relname != last_relname:  # bursts come on one channel: look up once per run
-                try:
-                    name = names[relname]
-                except KeyError:
-                    name = names[relname] = relname.decode("utf-8", "replace")
-                handler = get(name)
-                last_relname = relname
-            try:
-                payload = extra.decode()  # the fast path of bytes.decode takes no arguments
-            except UnicodeDecodeError:
-                payload = extra.decode("utf-8", "replace")
-            n = make(cls, (name, payload, pid))
-            count += 1
-            if handler is not None:
-                try:
-                    handler(n)
-                except Exception:
-                    on_error(handler, n)
-            else:
-                result = slow_path(n)
-                if result is not None:
-                    break
-            # A handler may have called stop(): honour it before the next notification. The
-            # clock is read every 8th time only: it is a tenth of the cost of this loop.
-            if self.stopping or (not count & 7 and clock() > budget):
-                break
+            break  # stopped, out of budget, or an awaitable to hand back
         self.stats.received += count
         return result
 
