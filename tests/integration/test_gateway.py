@@ -8,8 +8,10 @@ websockets, raw sockets or a headless browser.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -43,13 +45,13 @@ def token(channels: list[str], mode: str = "r", *, ttl: float = 600.0) -> str:
 
 
 @contextlib.contextmanager
-def serve(app: Starlette) -> Iterator[str]:
+def serve(app: Starlette, **config: Any) -> Iterator[str]:
     """Run *app* under uvicorn in a thread; yield its base URL; shut it down cleanly."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
-    server = GatewayServer(app, log_level="warning")
+    server = GatewayServer(app, **({"log_level": "warning"} | config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     try:
@@ -604,3 +606,81 @@ def test_heartbeats_do_not_pile_up_for_a_client_that_does_not_read(
         (client,) = list(clients)
         # Its stream is not idle, it is blocked: no ping is owed, let alone 20.
         assert client.pending.count(PING) <= 1
+
+
+class _RecordErrors(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def _ws_that_never_pongs(base: str, channel: str) -> socket.socket:
+    """A raw WebSocket client: handshake, subscribe, then it reads but never answers pings."""
+    host, port = base.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=5.0)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall(
+        f"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    seen = b""
+    while b"\r\n\r\n" not in seen:  # the subscribe goes after the handshake's answer
+        data = sock.recv(65536)
+        assert data, f"closed during the handshake: {seen!r}"
+        seen += data
+    text = json.dumps({"type": "subscribe", "channels": [channel]}).encode()
+    mask = os.urandom(4)
+    sock.sendall(
+        bytes([0x81, 0x80 | len(text)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(text))
+    )
+    while b'"subscribed"' not in seen:
+        data = sock.recv(65536)
+        assert data, f"closed before the subscribe was confirmed: {seen!r}"
+        seen += data
+    return sock
+
+
+def test_ws_closed_by_the_servers_keepalive_ends_quietly(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """
+    uvicorn closes a WebSocket whose client leaves its pings unanswered, without telling the
+    app first: the hub must drop those clients, with no error logged. (A write that comes
+    before the disconnect is refused by uvicorn with a RuntimeError: see
+    tests/unit/test_gateway_ws.py; under load it ended every benchmark client with a
+    traceback.)
+    """
+    app = create_app(dsn, allow_anonymous=["feed"])
+    hub = hub_of(app)
+    errors = _RecordErrors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    clients: list[socket.socket] = []
+    try:
+        with serve(app, ws_ping_interval=1.0, ws_ping_timeout=0.5) as base:
+            clients += [_ws_that_never_pongs(base, "feed") for _ in range(20)]
+            assert len(hub.clients) == 20
+
+            def drain(c: socket.socket) -> None:  # reads everything, answers nothing
+                with contextlib.suppress(OSError):
+                    while c.recv(65536):
+                        pass
+
+            readers = [threading.Thread(target=drain, args=(c,), daemon=True) for c in clients]
+            for r in readers:
+                r.start()
+            with psycopg.connect(dsn, autocommit=True) as sender:
+                deadline = time.monotonic() + 10.0
+                while hub.clients and time.monotonic() < deadline:
+                    pgherald.notify(sender, "feed", "x" * 200)  # keeps the writers busy
+            assert not hub.clients, "the keepalive closed every client: the hub drops them"
+            for r in readers:
+                r.join(5.0)
+            assert [r.is_alive() for r in readers] == [False] * 20  # every socket closed
+    finally:
+        for c in clients:
+            c.close()
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+    assert [r.getMessage() for r in errors.records] == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from functools import partial
 from typing import Any
@@ -158,7 +159,8 @@ class WsEndpoint:
             done.cancel()
             return
         if client.reason is not None:
-            with anyio.move_on_after(1.0):
+            with anyio.move_on_after(1.0), contextlib.suppress(RuntimeError, OSError):
+                # (RuntimeError: the server closed the connection already; see _send_text)
                 await ws.close(client.close_code, client.reason[:120])
         done.cancel()
 
@@ -179,7 +181,7 @@ class WsEndpoint:
                 and frame.pos <= resumed.get(frame.channel, _START)
             ):
                 continue  # sent from the log already
-            await ws.send_text(frame.ws)
+            await _send_text(ws, frame.ws)
             events += frame.channel != ""
         client.sent(events)
 
@@ -188,12 +190,12 @@ class WsEndpoint:
         await resume.known.wait()
         if resume.upto is None:  # the subscribe failed; the reader said why
             return 0
-        await ws.send_text(resume.ws)
+        await _send_text(ws, resume.ws)
         sent = 0
         async for old in self.hub.replay(resume.durable, resume.after, resume.upto):
             if client.reason is not None:
                 break
-            await ws.send_text(old.ws)
+            await _send_text(ws, old.ws)
             sent += 1
         return sent
 
@@ -213,6 +215,16 @@ class _Resume(Frame):
         self.after = after
         self.upto: Position | None = None
         self.known = anyio.Event()
+
+
+async def _send_text(ws: WebSocket, text: str) -> None:
+    try:
+        await ws.send_text(text)
+    except RuntimeError as exc:
+        # The server closed the connection on its own (uvicorn does when the client leaves
+        # its keepalive pings unanswered) and refuses any further message, before the
+        # disconnect reaches the reader: the client is gone, as after a reset.
+        raise WebSocketDisconnect(1006) from exc
 
 
 def _error(message: str) -> str:
