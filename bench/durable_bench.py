@@ -660,6 +660,9 @@ def main() -> None:
         help="Consumer max_batch_size (backlog; default: the Consumer's default)",
     )
     ap.add_argument(
+        "--runs", type=int, help="publish repetitions (default 3, 1 with --quick; median shown)"
+    )
+    ap.add_argument(
         "--parts",
         default=",".join(PARTS),
         help=f"comma-separated subset of {','.join(PARTS)} (partial runs print no report "
@@ -674,9 +677,10 @@ def main() -> None:
         ap.error("--output needs every part (the report section is written whole)")
     a.command = _report.command()
     if a.quick:
-        a.runs, a.seconds, a.backlog, a.lat_seconds = 1, 2.0, 100_000, 2.0
+        runs, a.seconds, a.backlog, a.lat_seconds = 1, 2.0, 100_000, 2.0
     else:
-        a.runs, a.seconds, a.backlog, a.lat_seconds = 3, 5.0, 1_000_000, 5.0
+        runs, a.seconds, a.backlog, a.lat_seconds = 3, 5.0, 1_000_000, 5.0
+    a.runs = a.runs or runs
     a.rate = 1000
     # Consume runs are capped in time (events/s so far is reported, marked partial); 3 runs per
     # style, interleaved: single runs spread by +-15% on the shared 2-core machine.

@@ -332,6 +332,9 @@ def run_shape(
             r = run_step(a.dsn, gw, clients, channels, per_channel, d, a.seconds, env)
             steps.append(r)
             show(label, r)
+            if r.get("ok") and r["open"] < a.clients:
+                # Connections were lost: the gateway's log says whether it cut them, and why.
+                print(f"{label} connections lost; gateway log: {gw.stderr_tail(60)}", flush=True)
             if not r.get("ok") or not r["pass"] or r["open"] < a.clients:
                 break
 

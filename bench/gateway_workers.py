@@ -143,7 +143,8 @@ class SseConn(_Conn):
 
 
 class WsConn(_Conn):
-    """Minimal RFC 6455 client: handshake, one masked text frame out, unmasked frames in."""
+    """Minimal RFC 6455 client: handshake, one masked text frame out, unmasked frames in,
+    pings answered (uvicorn closes a connection whose pings go unanswered for 40 s)."""
 
     STATUS = b"HTTP/1.1 101"
 
@@ -157,10 +158,13 @@ class WsConn(_Conn):
         self.transport.write(req.encode())  # type: ignore[union-attr]
 
     def _send_text(self, text: str) -> None:
-        data = text.encode()
+        self._send(0x81, text.encode())
+
+    def _send(self, first: int, data: bytes) -> None:
+        """One masked frame (*first*: FIN and opcode), as a client must send it."""
         mask = os.urandom(4)
         n = len(data)
-        head = bytes([0x81, 0x80 | n]) if n < 126 else bytes([0x81, 0xFE]) + n.to_bytes(2, "big")
+        head = bytes([first, 0x80 | n]) if n < 126 else bytes([first, 0xFE]) + n.to_bytes(2, "big")
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(data))
         self.transport.write(head + mask + masked)  # type: ignore[union-attr]
 
@@ -201,6 +205,8 @@ class WsConn(_Conn):
                     self.ready.set_result(None)
                 elif b'"error"' in payload:
                     st.errors += 1
+            elif op == 9:  # ping: a client that does not answer is closed by the server
+                self._send(0x8A, bytes(payload))
             elif op == 8:
                 st.errors += 1
         self.buf = buf[pos:]
