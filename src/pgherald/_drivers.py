@@ -28,6 +28,8 @@ def kind_of(conn: Any, supported: tuple[str, ...], what: str) -> tuple[str, Any]
         kind = type(conn).__module__.split(".", 1)[0]
         if kind == "psycopg2" and not hasattr(conn, "cursor"):
             kind = "a psycopg2 cursor"  # we take the connection, whose transaction we join
+        elif kind == "psycopg" and not hasattr(conn, "cursor"):
+            kind = "a psycopg cursor"
         elif kind in ("psycopg", "psycopg2") and len(_KINDS) < 64:
             _KINDS[type(conn)] = kind  # the common types, remembered: a dict hit per call
     if kind not in supported:
@@ -42,56 +44,37 @@ def kind_of(conn: Any, supported: tuple[str, ...], what: str) -> tuple[str, Any]
 _KINDS: dict[type, str] = {}
 
 
-def _take_cursor(conn: Any) -> Any:
+def _tuple_cursor(conn: Any) -> Any:
     """
-    A cursor of *conn* that returns tuples, whatever the connection's own row factory.
-
-    Making a psycopg cursor costs about a fifth of a one-row publish on the client, so each
-    connection keeps one spare, stored on the connection itself (it dies with it; a cache
-    keyed by the connection would keep it alive, since a cursor refers to its connection).
-    Taking and returning are single list operations, atomic under the GIL: threads and
-    tasks sharing a connection each get a cursor of their own.
+    A new cursor of psycopg connection *conn* that returns tuples, whatever the connection's
+    row factory (``dict_row``...). Not kept for the next call: a spare cursor stored on the
+    connection would form a reference cycle with it (an unclosed connection would then wait
+    for the garbage collector to close), and would miss adapters registered later.
     """
-    spare: list[Any] | None = getattr(conn, _SPARE, None)
-    if spare:
-        try:
-            return spare.pop()
-        except IndexError:  # another thread took it first
-            pass
     from psycopg.rows import tuple_row
 
     return conn.cursor(row_factory=tuple_row)
 
 
-def _give_back(conn: Any, cur: Any) -> None:
-    spare: list[Any] | None = getattr(conn, _SPARE, None)
-    if spare is None:
-        spare = []
-        try:
-            setattr(conn, _SPARE, spare)
-        except AttributeError:  # a connection class without a __dict__: no reuse
-            return
-    if not spare:
-        spare.append(cur)
-
-
-_SPARE = "_pgherald_spare_cursor"
+def _first(row: Any) -> Any:
+    """The first value of a row from any psycopg2 cursor factory (tuple, list or dict rows)."""
+    if isinstance(row, Mapping):  # RealDictCursor
+        return next(iter(row.values()), None)
+    return row[0]
 
 
 def execute(conn: Any, query: str, params: Mapping[str, Any], *, what: str) -> Any:
     """Run *query* on *conn* and return the first column of the first row (or None)."""
     kind, conn = kind_of(conn, DRIVERS, what)
     if kind == "psycopg":
-        cur = _take_cursor(conn)
-        cur.execute(query, params)
-        row = cur.fetchone()
-        _give_back(conn, cur)  # not after an error: a fresh cursor is cheap next time
+        with _tuple_cursor(conn) as cur:
+            row = cur.execute(query, params).fetchone()
     elif kind == "psycopg2":
-        from psycopg2.extensions import cursor as plain_cursor  # tuples, whatever the factory
-
-        with conn.cursor(cursor_factory=plain_cursor) as cur:
+        # The connection's own cursor factory: logging and tracing connections see the call.
+        with conn.cursor() as cur:
             cur.execute(query, params)
             row = cur.fetchone() if cur.description else None
+        return _first(row) if row else None
     else:
         from sqlalchemy import text
 
@@ -103,10 +86,9 @@ async def aexecute(conn: Any, query: str, params: Mapping[str, Any], *, what: st
     """`execute` for psycopg's AsyncConnection and SQLAlchemy's async connections."""
     kind, conn = kind_of(conn, ("psycopg", "sqlalchemy"), what)
     if kind == "psycopg":
-        cur = _take_cursor(conn)
-        await cur.execute(query, params)
-        row = await cur.fetchone()
-        _give_back(conn, cur)
+        async with _tuple_cursor(conn) as cur:
+            await cur.execute(query, params)
+            row = await cur.fetchone()
     else:
         from sqlalchemy import text
 

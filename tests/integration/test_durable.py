@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import io
 import math
 import random
 import threading
@@ -206,6 +207,16 @@ def test_publish_and_notify_ignore_the_connections_row_factory(installed: str) -
         pg2.commit()
     finally:
         pg2.close()
+    # The connection's own cursors are used: a logging connection sees our statements.
+    log = io.StringIO()
+    pg2 = psycopg2.connect(installed, connection_factory=psycopg2.extras.LoggingConnection)
+    try:
+        pg2.initialize(log)
+        assert pgherald.publish(pg2, "ch", {"n": 4}) == second + 2
+        pg2.commit()
+    finally:
+        pg2.close()
+    assert "pgherald.events_v1" in log.getvalue()
 
 
 def test_threads_sharing_one_connection_get_their_own_event_ids(installed: str) -> None:

@@ -108,6 +108,8 @@ def test_bad_input_is_refused_before_the_database(conn: psycopg.Connection) -> N
         pgherald.notify(conn, "ok", {"when": object()})
     with pytest.raises(pgherald.UsageError, match="psycopg 3, psycopg2 or SQLAlchemy"):
         pgherald.notify(object(), "ok", "x")
+    with pytest.raises(pgherald.UsageError, match=r"psycopg\.Cursor"):
+        pgherald.notify(conn.cursor(), "ok", "x")  # the connection is what we need
     pgherald.notify(conn, "ok", "x" * 7999)  # the largest payload PostgreSQL accepts
 
 

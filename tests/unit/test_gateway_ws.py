@@ -25,3 +25,13 @@ def test_a_send_refused_after_the_servers_close_is_a_disconnect() -> None:
         asyncio.run(ws._send_text(ClosedByServer(), "{}"))  # type: ignore[arg-type]
     assert info.value.code == 1006
     assert isinstance(info.value.__cause__, RuntimeError)
+
+
+class Broken:
+    async def send_text(self, text: str) -> None:
+        raise RuntimeError("something else went wrong")
+
+
+def test_other_runtime_errors_are_not_taken_for_a_disconnect() -> None:
+    with pytest.raises(RuntimeError, match="something else"):
+        asyncio.run(ws._send_text(Broken(), "{}"))  # type: ignore[arg-type]

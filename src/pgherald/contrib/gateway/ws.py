@@ -159,8 +159,11 @@ class WsEndpoint:
             done.cancel()
             return
         if client.reason is not None:
-            with anyio.move_on_after(1.0), contextlib.suppress(RuntimeError, OSError):
-                # (RuntimeError: the server closed the connection already; see _send_text)
+            with (
+                anyio.move_on_after(1.0),
+                contextlib.suppress(WebSocketDisconnect, OSError, RuntimeError),
+            ):
+                # The connection may be gone by now, or closed by the server (see _send_text).
                 await ws.close(client.close_code, client.reason[:120])
         done.cancel()
 
@@ -223,7 +226,10 @@ async def _send_text(ws: WebSocket, text: str) -> None:
     except RuntimeError as exc:
         # The server closed the connection on its own (uvicorn does when the client leaves
         # its keepalive pings unanswered) and refuses any further message, before the
-        # disconnect reaches the reader: the client is gone, as after a reset.
+        # disconnect reaches the reader: the client is gone, as after a reset. Any other
+        # RuntimeError is a bug, and stays one.
+        if "close" not in str(exc):
+            raise
         raise WebSocketDisconnect(1006) from exc
 
 
