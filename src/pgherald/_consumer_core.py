@@ -54,7 +54,6 @@ DEFAULT_MAX_BATCH_SIZE = 20_000
 MEMBERSHIP = 1000  # second key of the shared membership lock (partitions use 0..15)
 WAKE_CHANNEL = "pgherald_wake_v1"
 READ_STATEMENT = b"pgherald_read_batch_v1"  # prepared on each consumer connection
-_PARAM = re.compile(r"%\((\w+)\)s")
 
 Start = str | int | datetime
 
@@ -181,7 +180,7 @@ class ConsumerCore:
                 names.append(m.group(1))
             return f"${names.index(m.group(1)) + 1}"
 
-        text = _PARAM.sub(number, sql.query("read_batch"))
+        text = sql.PLACEHOLDER.sub(number, sql.query("read_batch"))
         res = conn.pgconn.prepare(READ_STATEMENT, text.encode())
         if res.status != pq.ExecStatus.COMMAND_OK:
             raise psycopg.errors.error_from_result(res, encoding=conn.info.encoding)
@@ -426,10 +425,7 @@ class ConsumerCore:
             self._conn().execute(sql.query("ack"), params)
         except psycopg.OperationalError as exc:
             raise CoreLost(str(exc)) from None
-        if all(
-            (last[p].tx, last[p].id) == at if p in last else False
-            for p, at in self._handed_out.items()
-        ):
+        if all(p in last and (last[p].tx, last[p].id) == at for p, at in self._handed_out.items()):
             self._handed_out = {}  # all acknowledged: the cursor is the stored position
 
     def in_transaction(self, event: Event, handler: Callable[[Event, Any], Any]) -> None:

@@ -9,14 +9,13 @@ errors come out as `pgherald` errors (see `wrap`).
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import HeraldError, UsageError
+from .sql import PLACEHOLDER
 
 DRIVERS = ("psycopg", "psycopg2", "sqlalchemy")
-_PYFORMAT = re.compile(r"%\((\w+)\)s")
 
 
 def kind_of(conn: Any, supported: tuple[str, ...], what: str) -> tuple[str, Any]:
@@ -107,7 +106,7 @@ def execute(conn: Any, query: str, params: Mapping[str, Any], *, what: str) -> A
     else:
         from sqlalchemy import text
 
-        row = conn.execute(text(_PYFORMAT.sub(r":\1", query)), dict(params)).first()
+        row = conn.execute(text(PLACEHOLDER.sub(r":\1", query)), dict(params)).first()
     return row[0] if row else None
 
 
@@ -122,7 +121,7 @@ async def aexecute(conn: Any, query: str, params: Mapping[str, Any], *, what: st
     else:
         from sqlalchemy import text
 
-        result = await conn.execute(text(_PYFORMAT.sub(r":\1", query)), dict(params))
+        result = await conn.execute(text(PLACEHOLDER.sub(r":\1", query)), dict(params))
         row = result.first()
     return row[0] if row else None
 

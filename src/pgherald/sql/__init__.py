@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 _NAME = re.compile(r"^-- name: (\w+) --$", re.MULTILINE)
 
+PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+"""A ``%(name)s`` parameter of the named queries (for drivers that spell them otherwise)."""
+
 
 def read(name: str) -> str:
     """A file of this package, as text."""

@@ -17,9 +17,6 @@ class Signal(Protocol):
     def set(self) -> None:
         """Wake the waiter (or let its next `wait` return at once)."""
 
-    def clear(self) -> None:
-        """Forget a `set` that has not been waited for."""
-
     async def wait(self) -> None:
         """Return once set (at once if set already), and clear."""
 
@@ -54,9 +51,6 @@ class _FutureSignal:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def clear(self) -> None:
-        self._flag = False
-
     async def wait(self) -> None:
         if not self._flag:
             self._waiter = waiter = self._loop.create_future()
@@ -75,10 +69,6 @@ class _AnyioSignal:
 
     def set(self) -> None:
         self._event.set()
-
-    def clear(self) -> None:
-        if self._event.is_set():
-            self._event = anyio.Event()
 
     async def wait(self) -> None:
         await self._event.wait()
