@@ -43,6 +43,11 @@ class FakeHub:
             client.flush()
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # hand-started writes are asyncio's (trio clients always use their task)
+
+
 def frames(*names: str) -> list[Frame]:
     return [Frame("ch", name) for name in names]
 
@@ -77,122 +82,108 @@ async def running(inline: bool = True) -> tuple[FakeHub, Client, Recorder, async
     return hub, client, write, task
 
 
-def test_flush_writes_a_burst_at_once_without_the_clients_task() -> None:
-    async def main() -> None:
-        hub, client, write, task = await running()
-        for f in frames("a", "b", "c"):
-            client.offer(f)
-        assert hub.dirty_clients == [client]  # marked once, for the first frame
-        hub.flush()
-        # Written synchronously inside flush: no task switch was needed.
-        assert write.writes == [["a", "b", "c"]]
-        assert client.pending == []
-        client.end("bye")
-        await task
-
-    asyncio.run(main())
+@pytest.mark.anyio
+async def test_flush_writes_a_burst_at_once_without_the_clients_task() -> None:
+    hub, client, write, task = await running()
+    for f in frames("a", "b", "c"):
+        client.offer(f)
+    assert hub.dirty_clients == [client]  # marked once, for the first frame
+    hub.flush()
+    # Written synchronously inside flush: no task switch was needed.
+    assert write.writes == [["a", "b", "c"]]
+    assert client.pending == []
+    client.end("bye")
+    await task
 
 
-def test_a_write_that_waits_is_finished_by_the_clients_task_in_order() -> None:
-    async def main() -> None:
-        hub, client, write, task = await running()
-        write.gate = asyncio.get_running_loop().create_future()
-        client.offer(frames("a")[0])
-        hub.flush()
-        assert write.writes == [["a"]]
-        assert write.finished == []
-        # Frames offered meanwhile wait: flush leaves them to the busy client's task.
-        for f in frames("b", "c"):
-            client.offer(f)
-        hub.flush()
-        assert write.writes == [["a"]]
-        write.gate.set_result(None)
-        write.gate = None
-        for _ in range(5):
-            await asyncio.sleep(0)
-        assert write.writes == [["a"], ["b", "c"]]
-        assert write.finished == ["a", "c"]
-        # Back to hand-started writes.
-        client.offer(frames("d")[0])
-        hub.flush()
-        assert write.writes[-1] == ["d"]
-        client.end("bye")
-        await task
-
-    asyncio.run(main())
-
-
-def test_a_hand_started_write_that_fails_raises_in_the_clients_task() -> None:
-    async def main() -> None:
-        hub, client, write, task = await running()
-        write.fail = OSError("gone")
-        client.offer(frames("a")[0])
-        hub.flush()
-        with pytest.raises(OSError, match="gone"):
-            await task
-
-    asyncio.run(main())
-
-
-def test_cancelling_the_client_task_reaches_a_suspended_write() -> None:
-    async def main() -> None:
-        hub, client, write, task = await running()
-        write.gate = asyncio.get_running_loop().create_future()
-        client.offer(frames("a")[0])
-        hub.flush()
+@pytest.mark.anyio
+async def test_a_write_that_waits_is_finished_by_the_clients_task_in_order() -> None:
+    hub, client, write, task = await running()
+    write.gate = asyncio.get_running_loop().create_future()
+    client.offer(frames("a")[0])
+    hub.flush()
+    assert write.writes == [["a"]]
+    assert write.finished == []
+    # Frames offered meanwhile wait: flush leaves them to the busy client's task.
+    for f in frames("b", "c"):
+        client.offer(f)
+    hub.flush()
+    assert write.writes == [["a"]]
+    write.gate.set_result(None)
+    write.gate = None
+    for _ in range(5):
         await asyncio.sleep(0)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert write.finished == ["a"]  # the write's own cleanup ran
-        assert write.gate.cancelled()
+    assert write.writes == [["a"], ["b", "c"]]
+    assert write.finished == ["a", "c"]
+    # Back to hand-started writes.
+    client.offer(frames("d")[0])
+    hub.flush()
+    assert write.writes[-1] == ["d"]
+    client.end("bye")
+    await task
 
-    asyncio.run(main())
 
-
-def test_without_inline_writes_the_clients_task_does_them() -> None:
-    async def main() -> None:
-        hub, client, write, task = await running(inline=False)
-        for f in frames("a", "b"):
-            client.offer(f)
-        hub.flush()
-        assert write.writes == []  # not by hand
-        await asyncio.sleep(0)
-        assert write.writes == [["a", "b"]]
-        client.end("bye")
+@pytest.mark.anyio
+async def test_a_hand_started_write_that_fails_raises_in_the_clients_task() -> None:
+    hub, client, write, task = await running()
+    write.fail = OSError("gone")
+    client.offer(frames("a")[0])
+    hub.flush()
+    with pytest.raises(OSError, match="gone"):
         await task
 
-    asyncio.run(main())
 
-
-def test_a_frame_offered_in_task_is_never_written_by_hand() -> None:
-    async def main() -> None:
-        hub, client, write, task = await running()
-        client.offer(frames("a")[0])
-        client.offer(frames("b")[0], in_task=True)  # e.g. a write that reads the database
-        hub.flush()
-        assert write.writes == []
-        await asyncio.sleep(0)
-        assert write.writes == [["a", "b"]]
-        client.offer(frames("c")[0])  # back to writes started by hand
-        hub.flush()
-        assert write.writes[-1] == ["c"]
-        client.end("bye")
+@pytest.mark.anyio
+async def test_cancelling_the_client_task_reaches_a_suspended_write() -> None:
+    hub, client, write, task = await running()
+    write.gate = asyncio.get_running_loop().create_future()
+    client.offer(frames("a")[0])
+    hub.flush()
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
         await task
+    assert write.finished == ["a"]  # the write's own cleanup ran
+    assert write.gate.cancelled()
 
-    asyncio.run(main())
+
+@pytest.mark.anyio
+async def test_without_inline_writes_the_clients_task_does_them() -> None:
+    hub, client, write, task = await running(inline=False)
+    for f in frames("a", "b"):
+        client.offer(f)
+    hub.flush()
+    assert write.writes == []  # not by hand
+    await asyncio.sleep(0)
+    assert write.writes == [["a", "b"]]
+    client.end("bye")
+    await task
 
 
-def test_overflow_ends_the_client_once() -> None:
-    async def main() -> None:
-        hub = FakeHub(client_buffer=2)
-        client = Client(hub, "sse")  # type: ignore[arg-type]
-        for f in frames("a", "b", "c", "d"):
-            client.offer(f)  # no pump yet: everything stays pending
-        assert client.reason is not None
-        assert client.reason.startswith("too slow")
-        assert client.close_code == 1013
-        assert hub.metrics.drops.count == 1
-        assert client.pending == []  # dropped with the client
+@pytest.mark.anyio
+async def test_a_frame_offered_in_task_is_never_written_by_hand() -> None:
+    hub, client, write, task = await running()
+    client.offer(frames("a")[0])
+    client.offer(frames("b")[0], in_task=True)  # e.g. a write that reads the database
+    hub.flush()
+    assert write.writes == []
+    await asyncio.sleep(0)
+    assert write.writes == [["a", "b"]]
+    client.offer(frames("c")[0])  # back to writes started by hand
+    hub.flush()
+    assert write.writes[-1] == ["c"]
+    client.end("bye")
+    await task
 
-    asyncio.run(main())
+
+@pytest.mark.anyio
+async def test_overflow_ends_the_client_once() -> None:
+    hub = FakeHub(client_buffer=2)
+    client = Client(hub, "sse")  # type: ignore[arg-type]
+    for f in frames("a", "b", "c", "d"):
+        client.offer(f)  # no pump yet: everything stays pending
+    assert client.reason is not None
+    assert client.reason.startswith("too slow")
+    assert client.close_code == 1013
+    assert hub.metrics.drops.count == 1
+    assert client.pending == []  # dropped with the client

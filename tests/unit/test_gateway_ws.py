@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 import pytest
 from starlette.websockets import WebSocketDisconnect
 
@@ -20,9 +18,10 @@ class ClosedByServer:
         )
 
 
-def test_a_send_refused_after_the_servers_close_is_a_disconnect() -> None:
+@pytest.mark.anyio
+async def test_a_send_refused_after_the_servers_close_is_a_disconnect() -> None:
     with pytest.raises(WebSocketDisconnect) as info:
-        asyncio.run(ws._send_text(ClosedByServer(), "{}"))  # type: ignore[arg-type]
+        await ws._send_text(ClosedByServer(), "{}")  # type: ignore[arg-type]
     assert info.value.code == 1006
     assert isinstance(info.value.__cause__, RuntimeError)
 
@@ -32,6 +31,7 @@ class Broken:
         raise RuntimeError("something else went wrong")
 
 
-def test_other_runtime_errors_are_not_taken_for_a_disconnect() -> None:
+@pytest.mark.anyio
+async def test_other_runtime_errors_are_not_taken_for_a_disconnect() -> None:
     with pytest.raises(RuntimeError, match="something else"):
-        asyncio.run(ws._send_text(Broken(), "{}"))  # type: ignore[arg-type]
+        await ws._send_text(Broken(), "{}")  # type: ignore[arg-type]
