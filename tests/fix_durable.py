@@ -15,6 +15,26 @@ import pgherald
 FAST = {"poll_interval": 0.1, "rebalance_interval": 0.2}
 
 
+def drain(
+    consumer: pgherald.Consumer,
+    n: int,
+    each: Callable[[pgherald.Event], object] | None = None,
+) -> list[pgherald.Event]:
+    """
+    Iterate *consumer* until it has given *n* events, stopping it cleanly (so the last one is
+    acknowledged); *each*, when given, sees every event as it comes (to check the consumer's
+    state mid-stream).
+    """
+    got: list[pgherald.Event] = []
+    for e in consumer:
+        got.append(e)
+        if each is not None:
+            each(e)
+        if len(got) >= n:
+            consumer.stop()
+    return got
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
     """Poll *cond* until truthy (bounded); fail with *what* otherwise."""
     deadline = time.monotonic() + timeout

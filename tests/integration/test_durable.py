@@ -20,7 +20,7 @@ import pytest
 
 import pgherald
 from tests.fix_db import sqlalchemy_engine
-from tests.fix_durable import FAST, Running, uncovered, wait_until
+from tests.fix_durable import FAST, Running, drain, uncovered, wait_until
 
 
 def catalog(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -35,16 +35,6 @@ def catalog(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
             "JOIN pg_namespace n ON n.oid = p.pronamespace ORDER BY 1, 2"
         ).fetchall(),
     }
-
-
-def drain(consumer: pgherald.Consumer, n: int) -> list[pgherald.Event]:
-    """Iterate *consumer* until *n* events (stopping it cleanly so the last one is acked)."""
-    got: list[pgherald.Event] = []
-    for e in consumer:
-        got.append(e)
-        if len(got) >= n:
-            consumer.stop()
-    return got
 
 
 def quiet(r: Running, seconds: float = 1.0) -> list[int]:

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import FAST, Running, acknowledged, uncovered, wait_until
+from tests.fix_durable import FAST, Running, acknowledged, drain, uncovered, wait_until
 
 KEYS = 7
 
@@ -46,15 +46,10 @@ def test_backlog_is_read_ahead_exactly_once_in_log_order(
     installed: str, conn: psycopg.Connection
 ) -> None:
     ids = backlog(conn, 1500)
-    got: list[pgherald.Event] = []
-    ahead = False
+    ahead: list[bool] = []
     with pgherald.Consumer(installed, group="g", channels=["ch"], batch_size=100, **FAST) as c:
-        for e in c:
-            got.append(e)
-            ahead = ahead or reading_ahead(c)
-            if len(got) == len(ids):
-                c.stop()
-    assert ahead, "a backlog should be read ahead"
+        got = drain(c, len(ids), lambda _: ahead.append(reading_ahead(c)))
+    assert any(ahead), "a backlog should be read ahead"
     assert [e.id for e in got] == ids
     assert uncovered(conn, "g") == 0
 
@@ -192,27 +187,22 @@ def test_reads_grow_over_a_backlog_and_shrink_once_caught_up(
     installed: str, conn: psycopg.Connection
 ) -> None:
     ids = backlog(conn, 5000)
-    got: list[pgherald.Event] = []
     sizes: list[int] = []  # the next read's size, seen at each event
     with pgherald.Consumer(
         installed, group="g", channels=["ch"], batch_size=100, max_batch_size=800, **FAST
     ) as c:
         assert c.read_size == 100
-        for e in c:
-            got.append(e)
-            sizes.append(c.read_size)
-            if len(got) == len(ids):
-                c.stop()
+        got = drain(c, len(ids), lambda _: sizes.append(c.read_size))
         assert max(sizes) == 800, "reads over a backlog should grow to max_batch_size"
         last_full = len(sizes) - sizes[::-1].index(800)
         assert sizes[:last_full] == sorted(sizes[:last_full]), "only growth while behind"
         assert sizes[-1] == 100, "the backlog's last read was not full: back to batch_size"
         more = [pgherald.publish(conn, "ch", {"k": 0, "s": 10_000 + i}) for i in range(5)]
-        for e in c:  # caught up: a read that is not full brings the size back
-            got.append(e)
-            assert c.read_size == 100
-            if len(got) == len(ids) + len(more):
-                c.stop()
+
+        def back_to_batch_size(_: pgherald.Event) -> None:
+            assert c.read_size == 100  # caught up: a read that is not full brings it back
+
+        got += drain(c, len(more), back_to_batch_size)
     assert [e.id for e in got] == ids + more
     assert_key_order(got)
     assert uncovered(conn, "g") == 0
@@ -222,15 +212,14 @@ def test_fixed_read_size_when_max_equals_batch_size(
     installed: str, conn: psycopg.Connection
 ) -> None:
     ids = backlog(conn, 1000)
-    got: list[int] = []
     with pgherald.Consumer(
         installed, group="g", channels=["ch"], batch_size=100, max_batch_size=100, **FAST
     ) as c:
-        for e in c:
-            got.append(e.id)
+
+        def fixed(_: pgherald.Event) -> None:
             assert c.read_size == 100
-            if len(got) == len(ids):
-                c.stop()
+
+        got = [e.id for e in drain(c, len(ids), fixed)]
     assert got == ids
 
 
