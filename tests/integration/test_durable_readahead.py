@@ -115,20 +115,26 @@ def test_terminated_backend_with_a_read_ahead_in_flight(
     assert uncovered(conn, "g") == 0
 
 
-def test_partition_handover_during_a_backlog(
-    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+def _handover(
+    conn: psycopg.Connection,
+    running: Callable[..., Running],
+    ids: list[int],
+    work: int,
+    first_ready: Callable[[Running], object],
+    **options: Any,
 ) -> None:
-    ids = backlog(conn, 2000)
+    """
+    A second member joins the group while the first works through *ids*: every event is
+    handled once, by one of them, in key order; the group's position ends past them all.
+    """
 
     def slow(_: pgherald.Event) -> None:
-        sum(
-            range(50_000)
-        )  # ~1 ms of work: keep the backlog long enough for the second member to join
+        sum(range(work))  # keep the backlog long enough for the second member to join
 
-    r1 = running(handler=slow, batch_size=50)
-    r1.wait_count(200)
-    r2 = running(handler=slow, batch_size=50)
-    wait_until(lambda: len(r1.seen) + len(r2.seen) >= len(ids), 30, "the whole backlog")
+    r1 = running(handler=slow, **options)
+    first_ready(r1)
+    r2 = running(handler=slow, **options)
+    wait_until(lambda: len(r1.seen) + len(r2.seen) >= len(ids), 60, "the whole backlog")
     assert r1.error is None
     assert r2.error is None
     assert r2.seen, "the second member should have taken partitions mid-backlog"
@@ -136,6 +142,13 @@ def test_partition_handover_during_a_backlog(
     assert_key_order(r1.seen)
     assert_key_order(r2.seen)
     wait_until(lambda: uncovered(conn, "g") == 0, what="the group position to cover all")
+
+
+def test_partition_handover_during_a_backlog(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    ids = backlog(conn, 2000)
+    _handover(conn, running, ids, 50_000, lambda r1: r1.wait_count(200), batch_size=50)
 
 
 def test_transactional_handler_over_a_read_ahead(installed: str, conn: psycopg.Connection) -> None:
@@ -300,20 +313,10 @@ def test_partition_handover_with_grown_reads(
 ) -> None:
     ids = backlog(conn, 4000)
 
-    def slow(_: pgherald.Event) -> None:
-        sum(range(20_000))  # keep the backlog long enough for the second member to join
+    def grown(r1: Running) -> None:
+        wait_until(lambda: r1.consumer.read_size == 640 or r1.error, 10, "r1's reads to grow")
 
-    r1 = running(handler=slow, batch_size=20, max_batch_size=640)
-    wait_until(lambda: r1.consumer.read_size == 640 or r1.error, 10, "r1's reads to grow")
-    r2 = running(handler=slow, batch_size=20, max_batch_size=640)
-    wait_until(lambda: len(r1.seen) + len(r2.seen) >= len(ids), 60, "the whole backlog")
-    assert r1.error is None
-    assert r2.error is None
-    assert r2.seen, "the second member should have taken partitions mid-backlog"
-    assert Counter(r1.ids + r2.ids) == Counter(ids)  # each event once, by one member
-    assert_key_order(r1.seen)
-    assert_key_order(r2.seen)
-    wait_until(lambda: uncovered(conn, "g") == 0, what="the group position to cover all")
+    _handover(conn, running, ids, 20_000, grown, batch_size=20, max_batch_size=640)
 
 
 @pytest.mark.anyio
