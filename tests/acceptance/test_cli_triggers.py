@@ -221,7 +221,7 @@ def test_watch_prints_one_readable_line_per_change(
     heads = [line.split(" {", 1)[0] for line in lines]
     assert heads == [
         "INSERT public.orders",
-        'UPDATE public.orders item: "apple" -> "pear", qty: 3 -> 5',
+        'UPDATE public.orders qty: 3 -> 5, item: "apple" -> "pear"',
         "DELETE public.orders",
         "TRUNCATE public.orders",
     ]
