@@ -317,7 +317,12 @@ RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
 }
 
 
-def receive(client: str, dsn: str, expected: int, latency: bool, timeout: float) -> None:
+def receive(
+    client: str, dsn: str, expected: int, latency: bool, timeout: float, cpu: int | None = None
+) -> None:
+    if cpu is not None:
+        # The receiver alone on one core; sender and server processes keep the other(s).
+        os.sched_setaffinity(0, {cpu})
     tally = Tally(expected, latency)
 
     def watchdog() -> None:  # last resort so that the process always exits by itself
@@ -344,11 +349,12 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0.0, help="0 = as fast as possible")
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--timeout", type=float, default=60.0)
+    ap.add_argument("--cpu", type=int, help="pin the receiver to this CPU")
     a = ap.parse_args()
     if a.role == "send":
         emit(send(a.dsn, a.count, a.per_tx, a.rate))
     else:
-        receive(a.client, a.dsn, a.count, a.latency, a.timeout)
+        receive(a.client, a.dsn, a.count, a.latency, a.timeout, a.cpu)
 
 
 if __name__ == "__main__":

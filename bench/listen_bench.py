@@ -8,8 +8,10 @@ Method.  Each client runs in its own receiver process (``bench/_workers.py recv 
 a separate sender process (``bench/_workers.py send``) produces the notifications; clients
 run one after the other, never concurrently, and throughput repetitions are interleaved
 across clients.  A receiver LISTENs on channel ``bench``, reports ``READY``, and only then is
-the sender started.  Each payload is ~100 bytes of JSON; every client decodes it and calls a
-plain Python handler, which counts (and, for latency, records ``time.time_ns() - ts``).
+the sender started. Receivers run pinned to one CPU of their own (the last usable one;
+``--no-pin`` to leave it to the scheduler), so that runs of one client agree. Each payload is
+~100 bytes of JSON; every client decodes it and calls a plain Python handler, which counts
+(and, for latency, records ``time.time_ns() - ts``).
 
 * Throughput: the sender sends N notifications (200,000; 50,000 with ``--quick``) as fast as
   it can, 1,000 per transaction (one autocommit ``SELECT count(pg_notify(...)) FROM
@@ -69,13 +71,23 @@ def _run_json(args: list[str], env: dict[str, str], timeout: float) -> Result:
     return res
 
 
-def trial(client: str, dsn: str, env: dict[str, str], count: int, rate: int = 0) -> Result:
+def receiver_cpu() -> int | None:
+    """The CPU receivers are pinned to: the last usable one, when there are two or more."""
+    usable = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return usable[-1] if len(usable) >= 2 else None
+
+
+def trial(
+    client: str, dsn: str, env: dict[str, str], count: int, rate: int = 0, cpu: int | None = None
+) -> Result:
     """One receiver process for ``client`` plus one sender process; returns the receiver's
     result with the sender's under ``"sender"``."""
     per_tx = RATES.get(rate, 1000)
     timeout = 60.0 + count / 20000 if rate == 0 else count / rate + 30.0
     common = ["--dsn", dsn, "--count", str(count), "--per-tx", str(per_tx)]
     recv_args = [sys.executable, WORKERS, "recv", client, *common, "--timeout", str(timeout)]
+    if cpu is not None:
+        recv_args += ["--cpu", str(cpu)]
     if rate:
         recv_args.append("--latency")
     lines: queue.Queue[str | None] = queue.Queue()
@@ -241,7 +253,14 @@ def report(
         "the receiver process's own CPU time over the same span (steadier than wall time on a "
         "small machine, where sender, receiver and their two backends share the cores). "
         f"Latency: commit-to-handler, one transaction per ms for {a.lat_seconds:g} s per rate, "
-        "first 5% dropped. Each client runs alone in its own process; the sender is another.",
+        "first 5% dropped. Each client runs alone in its own process; the sender is another. "
+        + (
+            f"Every receiver is pinned to CPU {a.cpu} (`os.sched_setaffinity`); the sender and "
+            "the server processes are not pinned: without it, the scheduler moving the receiver "
+            "between the cores spread one client's runs by up to 25%."
+            if a.cpu is not None
+            else "No process is pinned to a CPU (`--no-pin`, or a single usable core)."
+        ),
         "",
         f"Sender alone (no listener): {fx(sender_alone.get('rate'), '{:,.0f}')} notif/s; "
         f"while a listener is attached (median): "
@@ -271,7 +290,11 @@ def report(
 def main() -> None:
     ap = _report.parser(__doc__, "1 run, 50,000 notifications, 1.5 s")
     ap.add_argument("--clients", help="comma-separated subset of clients (default: all)")
+    ap.add_argument(
+        "--no-pin", action="store_true", help="do not pin receivers to a CPU of their own"
+    )
     a = ap.parse_args()
+    a.cpu = None if a.no_pin else receiver_cpu()
     a.command = _report.command()
     a.runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
     clients = a.clients.split(",") if a.clients else RAW + HERALD
@@ -300,7 +323,7 @@ def main() -> None:
     tput: dict[str, list[Result]] = {c: [] for c in todo}
     for run in range(a.runs):
         for c in todo:
-            r = trial(c, a.dsn, envs[c], a.count)
+            r = trial(c, a.dsn, envs[c], a.count, cpu=a.cpu)
             tput[c].append(r)
             print(
                 f"throughput run {run + 1} {c:24} {r.get('rate', 0):>10,.0f} notif/s "
@@ -310,7 +333,7 @@ def main() -> None:
     lat: dict[tuple[str, int], Result] = {}
     for rate in RATES:
         for c in todo:
-            r = lat[c, rate] = trial(c, a.dsn, envs[c], int(rate * a.lat_seconds), rate)
+            r = lat[c, rate] = trial(c, a.dsn, envs[c], int(rate * a.lat_seconds), rate, a.cpu)
             print(
                 f"latency {rate:>6,}/s {c:24} p50 {r.get('p50_ms', 0):7.3f} ms  "
                 f"p99 {r.get('p99_ms', 0):7.3f} ms {r.get('error', '')}",
