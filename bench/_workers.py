@@ -177,6 +177,37 @@ def recv_pq_loop(dsn: str, handler: Handler, deadline: float) -> None:
                     return
 
 
+def recv_pq_loop_handler(dsn: str, handler: Handler, deadline: float) -> None:
+    """The pq loop plus the least a handler API costs: one `pgherald.Notification` built and
+    one function called per notification (the same handler as pgherald's clients), with no
+    reconnection, budget or stop checks.  A diagnostic: the floor for any handler API."""
+    import psycopg
+
+    from pgherald import Notification
+
+    make = tuple.__new__
+
+    class Done(Exception):
+        pass
+
+    def on_notify(n: Notification) -> None:
+        if n.payload == STOP or handler(loads(n.payload)):
+            raise Done
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("LISTEN bench")
+        pgconn = conn.pgconn
+        sock, notifies = pgconn.socket, pgconn.notifies
+        emit("READY")
+        with contextlib.suppress(Done):
+            while True:
+                if not select.select([sock], [], [], remaining(deadline))[0]:
+                    continue
+                pgconn.consume_input()
+                for relname, pid, extra in iter(notifies, None):
+                    on_notify(make(Notification, (relname.decode(), extra.decode(), pid)))
+
+
 def recv_psycopg2_poll(dsn: str, handler: Handler, deadline: float) -> None:
     import psycopg2
 
@@ -306,6 +337,7 @@ def recv_pgherald_asyncio_iter(dsn: str, handler: Handler, deadline: float) -> N
 RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
     "psycopg3-notifies": recv_psycopg3_notifies,
     "pq-loop": recv_pq_loop,
+    "pq-loop-handler": recv_pq_loop_handler,
     "psycopg2-poll": recv_psycopg2_poll,
     "asyncpg": recv_asyncpg,
     "pgherald-sync": recv_pgherald_sync,

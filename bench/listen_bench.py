@@ -52,6 +52,7 @@ WORKERS = str(HERE / "_workers.py")
 SRC = HERE.parent / "src"
 START, END = "<!-- listen-bench:start -->", "<!-- listen-bench:end -->"
 RAW = ["psycopg3-notifies", "pq-loop", "psycopg2-poll", "asyncpg"]
+FLOOR = ["pq-loop-handler"]  # the pq loop + one Notification and one call: a handler API's floor
 HERALD = ["pgherald-sync", "pgherald-async-asyncio", "pgherald-async-trio"]
 OPT_IN = ["pgherald-sync-iter", "pgherald-asyncio-iter"]  # iterator style; only via --clients
 RATES = {1000: 1, 20000: 20}  # notifications/s -> notifications per transaction (1 tx/ms)
@@ -69,6 +70,10 @@ def _run_json(args: list[str], env: dict[str, str], timeout: float) -> Result:
         return {"ok": False, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
     res: Result = {"ok": True} | json.loads(lines[-1])
     return res
+
+
+def uses_herald(client: str) -> bool:
+    return "herald" in client or client in FLOOR
 
 
 def receiver_cpu() -> int | None:
@@ -262,6 +267,12 @@ def report(
             else "No process is pinned to a CPU (`--no-pin`, or a single usable core)."
         ),
         "",
+        "`pq-loop-handler` is a diagnostic, not a driver: the pq loop plus the least any "
+        "handler API costs, one `pgherald.Notification` built and one function called per "
+        "notification, with no reconnection, budget or stop checks. "
+        f"pgherald-sync / pq-loop-handler: {fx(ratio('pgherald-sync', 'pq-loop-handler'))}; "
+        f"pq-loop-handler / pq-loop: {fx(ratio('pq-loop-handler', 'pq-loop'))}.",
+        "",
         f"Sender alone (no listener): {fx(sender_alone.get('rate'), '{:,.0f}')} notif/s; "
         f"while a listener is attached (median): "
         f"{fx(statistics.median(attached) if attached else None, '{:,.0f}')} notif/s.",
@@ -291,16 +302,20 @@ def main() -> None:
     ap = _report.parser(__doc__, "1 run, 50,000 notifications, 1.5 s")
     ap.add_argument("--clients", help="comma-separated subset of clients (default: all)")
     ap.add_argument(
+        "--runs", type=int, help="throughput runs per client (default 3, 1 with --quick)"
+    )
+    ap.add_argument(
         "--no-pin", action="store_true", help="do not pin receivers to a CPU of their own"
     )
     a = ap.parse_args()
     a.cpu = None if a.no_pin else receiver_cpu()
     a.command = _report.command()
-    a.runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
-    clients = a.clients.split(",") if a.clients else RAW + HERALD
-    if unknown := set(clients) - {*RAW, *HERALD, *OPT_IN}:
+    runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
+    a.runs = a.runs or runs
+    clients = a.clients.split(",") if a.clients else RAW + FLOOR + HERALD
+    if unknown := set(clients) - {*RAW, *FLOOR, *HERALD, *OPT_IN}:
         ap.error(f"unknown clients: {', '.join(sorted(unknown))}")
-    shown = RAW + HERALD + [c for c in OPT_IN if c in clients]
+    shown = RAW + FLOOR + HERALD + [c for c in OPT_IN if c in clients]
     env = dict(os.environ)
 
     try:
@@ -310,9 +325,9 @@ def main() -> None:
     herald_env, herald_note = probe_pgherald(env)
     skipped = {c: "not selected (--clients)" for c in shown if c not in clients}
     if herald_env is None:
-        skipped |= {c: f"`import pgherald` failed: {herald_note}" for c in shown if "herald" in c}
+        skipped |= {c: f"`import pgherald` failed: {herald_note}" for c in shown if uses_herald(c)}
     todo = [c for c in shown if c not in skipped]
-    envs = {c: herald_env if herald_env and "herald" in c else env for c in todo}
+    envs = {c: herald_env if herald_env and uses_herald(c) else env for c in todo}
     print(f"clients: {', '.join(todo)}; {herald_note}", flush=True)
 
     sender_alone = _run_json(
