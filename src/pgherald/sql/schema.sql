@@ -117,7 +117,7 @@ BEGIN
                       WHERE k = ANY (v_columns));
         END IF;
     END IF;
-    IF TG_OP = 'UPDATE' THEN
+    IF TG_OP = 'UPDATE' AND TG_LEVEL = 'ROW' THEN
         -- The changed columns, in the order of the keys of "new" and "old" (jsonb's order).
         v_keys := jsonb_path_query_array(v_new, '$.keyvalue().key');
         FOR i IN 0 .. coalesce(jsonb_array_length(v_keys), 0) - 1 LOOP

@@ -1,5 +1,5 @@
--- 0.1.0: an UPDATE's changed columns come from a loop instead of a query (about a fifth less
--- time per one-row transaction); "changed" now lists them in the order of new's keys.
+-- 0.1.0: an UPDATE's changed columns come from a loop instead of a query over
+-- jsonb_object_keys; "changed" lists them in the order of the keys of "new" and "old".
 
 -- Row changes as JSON events, for triggers added by `pgherald trigger add`.
 -- Arguments (TG_ARGV): channel ('' = schema.table), columns (JSON array; '[]' = all), durable
@@ -49,7 +49,7 @@ BEGIN
                       WHERE k = ANY (v_columns));
         END IF;
     END IF;
-    IF TG_OP = 'UPDATE' THEN
+    IF TG_OP = 'UPDATE' AND TG_LEVEL = 'ROW' THEN
         -- The changed columns, in the order of the keys of "new" and "old" (jsonb's order).
         v_keys := jsonb_path_query_array(v_new, '$.keyvalue().key');
         FOR i IN 0 .. coalesce(jsonb_array_length(v_keys), 0) - 1 LOOP
