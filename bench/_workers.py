@@ -178,9 +178,9 @@ def recv_pq_loop(dsn: str, handler: Handler, deadline: float) -> None:
 
 
 def recv_pq_loop_handler(dsn: str, handler: Handler, deadline: float) -> None:
-    """The pq loop plus the least a handler API costs: one `pgherald.Notification` built and
-    one function called per notification (the same handler as pgherald's clients), with no
-    reconnection, budget or stop checks.  A diagnostic: the floor for any handler API."""
+    """A diagnostic: the pq loop plus what a handler API adds per notification, one
+    `pgherald.Notification` built and one function called (the same handler as pgherald's
+    clients), with no reconnection, budget or stop checks."""
     import psycopg
 
     from pgherald import Notification
@@ -353,7 +353,8 @@ def receive(
     client: str, dsn: str, expected: int, latency: bool, timeout: float, cpu: int | None = None
 ) -> None:
     if cpu is not None:
-        # The receiver alone on one core; sender and server processes keep the other(s).
+        # Only this process is pinned: the sender and the server processes may still run on
+        # this CPU, but the receiver no longer moves between cores.
         os.sched_setaffinity(0, {cpu})
     tally = Tally(expected, latency)
 

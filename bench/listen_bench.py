@@ -2,14 +2,16 @@
 
 Usage::
 
-    python bench/listen_bench.py [--dsn DSN] [--quick] [--output docs/benchmarks.md]
+    python bench/listen_bench.py [--dsn DSN] [--quick] [--runs N] [--no-pin] [--clients A,B]
+                                 [--output docs/benchmarks.md]
 
 Method.  Each client runs in its own receiver process (``bench/_workers.py recv CLIENT``) and
 a separate sender process (``bench/_workers.py send``) produces the notifications; clients
 run one after the other, never concurrently, and throughput repetitions are interleaved
 across clients.  A receiver LISTENs on channel ``bench``, reports ``READY``, and only then is
-the sender started. Receivers run pinned to one CPU of their own (the last usable one;
-``--no-pin`` to leave it to the scheduler), so that runs of one client agree. Each payload is
+the sender started. Each receiver is pinned to one CPU (the last usable one; ``--no-pin`` to
+leave it to the scheduler; the other processes are not pinned): unpinned, one client's runs
+spread by up to 25% on the 2-core machine of 2026-11-25, pinned by about 3%. Each payload is
 ~100 bytes of JSON; every client decodes it and calls a plain Python handler, which counts
 (and, for latency, records ``time.time_ns() - ts``).
 
@@ -17,7 +19,7 @@ the sender started. Receivers run pinned to one CPU of their own (the last usabl
   it can, 1,000 per transaction (one autocommit ``SELECT count(pg_notify(...)) FROM
   unnest($1::text[])`` statement, binary array parameter).  The receiver times first to last
   notification, in wall time and in its own CPU time (``time.process_time``); the reported
-  figures are medians over the runs (3; 1 with ``--quick``).
+  figures are medians over the runs (3, or ``--runs``; 1 with ``--quick``).
   The sender's rate alone (no listener) is measured first, to show it is not the bottleneck.
 * Latency: the sender commits on a fixed schedule, one transaction every 1 ms (1 notification
   per tx at 1,000/s, 20 per tx at 20,000/s) for 5 s (1.5 s with ``--quick``).  The payload
@@ -52,7 +54,7 @@ WORKERS = str(HERE / "_workers.py")
 SRC = HERE.parent / "src"
 START, END = "<!-- listen-bench:start -->", "<!-- listen-bench:end -->"
 RAW = ["psycopg3-notifies", "pq-loop", "psycopg2-poll", "asyncpg"]
-FLOOR = ["pq-loop-handler"]  # the pq loop + one Notification and one call: a handler API's floor
+FLOOR = ["pq-loop-handler"]  # diagnostic: the pq loop + one Notification and one call each
 HERALD = ["pgherald-sync", "pgherald-async-asyncio", "pgherald-async-trio"]
 OPT_IN = ["pgherald-sync-iter", "pgherald-asyncio-iter"]  # iterator style; only via --clients
 RATES = {1000: 1, 20000: 20}  # notifications/s -> notifications per transaction (1 tx/ms)
@@ -260,16 +262,16 @@ def report(
         f"Latency: commit-to-handler, one transaction per ms for {a.lat_seconds:g} s per rate, "
         "first 5% dropped. Each client runs alone in its own process; the sender is another. "
         + (
-            f"Every receiver is pinned to CPU {a.cpu} (`os.sched_setaffinity`); the sender and "
-            "the server processes are not pinned: without it, the scheduler moving the receiver "
-            "between the cores spread one client's runs by up to 25%."
+            f"Every receiver is pinned to CPU {a.cpu} (`os.sched_setaffinity`), so that the "
+            "scheduler does not move it between cores; the sender and the server processes "
+            "are not pinned and may share that CPU."
             if a.cpu is not None
             else "No process is pinned to a CPU (`--no-pin`, or a single usable core)."
         ),
         "",
-        "`pq-loop-handler` is a diagnostic, not a driver: the pq loop plus the least any "
-        "handler API costs, one `pgherald.Notification` built and one function called per "
-        "notification, with no reconnection, budget or stop checks. "
+        "`pq-loop-handler` is a diagnostic, not a driver: the pq loop plus one "
+        "`pgherald.Notification` built and one function called per notification, with no "
+        "reconnection, budget or stop checks. "
         f"pgherald-sync / pq-loop-handler: {fx(ratio('pgherald-sync', 'pq-loop-handler'))}; "
         f"pq-loop-handler / pq-loop: {fx(ratio('pq-loop-handler', 'pq-loop'))}.",
         "",
@@ -311,6 +313,8 @@ def main() -> None:
     a.cpu = None if a.no_pin else receiver_cpu()
     a.command = _report.command()
     runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
+    if a.runs is not None and a.runs < 1:
+        ap.error("--runs must be at least 1")
     a.runs = a.runs or runs
     clients = a.clients.split(",") if a.clients else RAW + FLOOR + HERALD
     if unknown := set(clients) - {*RAW, *FLOOR, *HERALD, *OPT_IN}:
