@@ -141,7 +141,9 @@ BEGIN
            AND pg_notification_queue_usage()
                < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
         THEN
-            PERFORM pg_notify('pgherald_wake_v1', '');
+            IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
+                NULL;  -- as below: no PERFORM, which would go through the executor
+            END IF;
         END IF;
         RETURN NULL;
     END IF;

@@ -1,5 +1,6 @@
 -- 0.1.0: an UPDATE's changed columns come from a loop instead of a query over
--- jsonb_object_keys; "changed" lists them in the order of the keys of "new" and "old".
+-- jsonb_object_keys; "changed" lists them in the order of the keys of "new" and "old"; the
+-- durable wake-up NOTIFY is no PERFORM.
 
 -- Row changes as JSON events, for triggers added by `pgherald trigger add`.
 -- Arguments (TG_ARGV): channel ('' = schema.table), columns (JSON array; '[]' = all), durable
@@ -73,7 +74,9 @@ BEGIN
            AND pg_notification_queue_usage()
                < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
         THEN
-            PERFORM pg_notify('pgherald_wake_v1', '');
+            IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
+                NULL;  -- as below: no PERFORM, which would go through the executor
+            END IF;
         END IF;
         RETURN NULL;
     END IF;
