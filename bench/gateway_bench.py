@@ -15,7 +15,7 @@ publish``) sends NOTIFY at a fixed rate with ``time.time_ns()`` in every payload
 Two shapes: (A) N clients over 100 channels (N/100 per channel), (B) N clients on one hot
 channel; N = 5,000 (1,000 with ``--quick``).  For each shape the event rate is stepped up so
 that the target deliveries/s (= events/s x subscribers per channel) follows ``LADDER`` (2.5k,
-5k, 10k, 15k, ... 150k) for 5 s per step (2 s with ``--quick``), stopping after the first step
+5k, 10k, 15k, ... 100k, 110k, 125k, 150k) for 5 s per step (2 s with ``--quick``), stopping after the first step
 that fails.  Per step: deliveries/s actually received (frames / first-to-last arrival),
 commit-to-client latency p50/p99 (exact for every event received by every 10th client), drops
 (clients the gateway disconnected, and events a client got fewer of than were published on its
@@ -77,6 +77,8 @@ LADDER = [
     50_000,
     75_000,
     100_000,
+    110_000,
+    125_000,
     150_000,
 ]
 TARGET = 100_000

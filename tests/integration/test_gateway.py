@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
 
 import pgherald
-from pgherald.contrib.gateway import create_app
+from pgherald.contrib.gateway import create_app, direct
 from pgherald.contrib.gateway.fanout import Hub
 from pgherald.contrib.gateway.server import GatewayServer
 from tests.fix_durable import wait_until
@@ -379,6 +379,11 @@ def test_slow_client_is_cut_off(dsn: str, conn: psycopg.Connection[Any]) -> None
             while chunk := slow.recv(65536):
                 received += chunk
         tail = bytes(received[-400:])
+        # What the slow client got before the cut is in order, with no gap and no repeat
+        # (its writes went straight to the socket, then, once it stalled, through the server).
+        got = [int(i) for i in re.findall(rb"data: (\d+) ", head + received)]
+        assert got == list(range(len(got)))
+        assert got, "the slow client got nothing before it was cut off"
         assert b"event: error\ndata: too slow" in tail
         assert tail.endswith(b"0\r\n\r\n")  # the response was ended properly, then closed
 
@@ -684,3 +689,92 @@ def test_ws_closed_by_the_servers_keepalive_ends_quietly(
             c.close()
         logging.getLogger("uvicorn.error").removeHandler(errors)
     assert [r.getMessage() for r in errors.records] == []
+
+
+class _CountDirect:
+    """Counts the writes that went straight to uvicorn's transport (see gateway/direct.py)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.writes = 0
+        for cls in (direct.DirectBody, direct.DirectWebSocket):
+            monkeypatch.setattr(cls, "write", self._counting(cls.write))
+
+    def _counting(self, write: Any) -> Any:
+        def counted(obj: Any, data: bytes) -> bool:
+            done: bool = write(obj, data)
+            self.writes += done
+            return done
+
+        return counted
+
+
+def test_sse_events_go_straight_to_the_socket_under_uvicorn(
+    dsn: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = _CountDirect(monkeypatch)
+    app = create_app(dsn, allow_anonymous=["feed"])
+    with serve(app) as base, sse(base, "feed") as s:
+        s.ready()
+        for i in range(50):
+            pgherald.notify(conn, "feed", f"{i}\nline two of {i}")
+        assert [s.next() for _ in range(50)] == [
+            {"event": "feed", "data": f"{i}\nline two of {i}"} for i in range(50)
+        ]
+    assert count.writes >= 1  # the fast path is in use (a uvicorn upgrade can break it)
+
+
+class _SeesEveryByte:
+    """Middleware that wraps ``send``: the gateway must not write past it."""
+
+    def __init__(self, app: Any, seen: list[bytes]) -> None:
+        self.app, self.seen = app, seen
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def spy(message: Any) -> None:
+            if message["type"] == "http.response.body":
+                self.seen.append(message.get("body", b""))
+            await send(message)
+
+        await self.app(scope, receive, spy)
+
+
+def test_middleware_that_wraps_send_sees_every_event(
+    dsn: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    count = _CountDirect(monkeypatch)
+    seen: list[bytes] = []
+    app = create_app(dsn, allow_anonymous=["feed"])
+    app.add_middleware(_SeesEveryByte, seen=seen)
+    with serve(app) as base, sse(base, "feed") as s:
+        s.ready()
+        for i in range(5):
+            pgherald.notify(conn, "feed", str(i))
+        assert [s.next() for _ in range(5)] == [{"event": "feed", "data": str(i)} for i in range(5)]
+    assert count.writes == 0
+    assert b"".join(seen).count(b"event: feed\n") == 5
+
+
+@pytest.mark.parametrize("server_deflate", [False, True], ids=["serve-default", "deflate"])
+def test_ws_events_go_straight_to_the_socket_unless_compressed(
+    dsn: str,
+    conn: psycopg.Connection[Any],
+    monkeypatch: pytest.MonkeyPatch,
+    server_deflate: bool,
+) -> None:
+    count = _CountDirect(monkeypatch)
+    app = create_app(dsn, allow_anonymous=["feed"])
+    sizes = [1, 200, 7000]  # two of the WebSocket length encodings (7 and 16 bits; < 8000 B)
+    config = {"ws_per_message_deflate": True} if server_deflate else {}
+    # The client offers permessage-deflate (as browsers do); `pgherald serve` declines it.
+    with serve(app, **config) as base, ws_connect(base.replace("http", "ws") + "/ws") as ws:
+        assert bool(ws.protocol.extensions) is server_deflate
+        ws.send(json.dumps({"type": "subscribe", "channels": ["feed"]}))
+        assert json.loads(ws.recv(5))["type"] == "subscribed"
+        for n in sizes * 10:
+            pgherald.notify(conn, "feed", "x" * n)
+        got = [json.loads(ws.recv(5)) for _ in range(len(sizes) * 10)]
+        assert got == [{"type": "event", "channel": "feed", "payload": "x" * n} for n in sizes * 10]
+    if server_deflate:  # every client has its own compressor: frames cannot be shared
+        assert count.writes == 0
+    else:
+        assert count.writes >= 1

@@ -72,12 +72,30 @@ class Recorder:
             self.finished.append(batch[-1].payload)
 
 
-async def running(inline: bool = True) -> tuple[FakeHub, Client, Recorder, asyncio.Task[None]]:
+class DirectRecorder:
+    """A direct write function: takes the frames at once while `open`, raises `fail`."""
+
+    def __init__(self) -> None:
+        self.writes: list[list[str]] = []
+        self.open = True
+        self.fail: Exception | None = None
+
+    def __call__(self, batch: list[Frame]) -> bool:
+        if self.fail is not None:
+            raise self.fail
+        if self.open:
+            self.writes.append([f.payload for f in batch])
+        return self.open
+
+
+async def running(
+    inline: bool = True, direct: DirectRecorder | None = None
+) -> tuple[FakeHub, Client, Recorder, asyncio.Task[None]]:
     """A client whose own task (`pump`) runs, with a recording write function."""
     hub = FakeHub(inline=inline)
     client = Client(hub, "sse")  # type: ignore[arg-type]
     write = Recorder()
-    task = asyncio.create_task(client.pump(write))
+    task = asyncio.create_task(client.pump(write, direct))
     await asyncio.sleep(0)  # let pump reach its wait
     return hub, client, write, task
 
@@ -187,3 +205,45 @@ async def test_overflow_ends_the_client_once() -> None:
     assert client.close_code == 1013
     assert hub.metrics.drops.count == 1
     assert client.pending == []  # dropped with the client
+
+
+@pytest.mark.anyio
+async def test_direct_writes_are_tried_first_and_fall_back_in_order() -> None:
+    direct = DirectRecorder()
+    hub, client, write, task = await running(direct=direct)
+    client.offer(frames("a")[0])
+    hub.flush()
+    assert direct.writes == [["a"]]
+    assert write.writes == []
+    # The socket cannot take more now (a slow reader): the write goes through the task's
+    # (waiting) path, and what comes meanwhile waits behind it, in order.
+    direct.open = False
+    write.gate = asyncio.get_running_loop().create_future()
+    client.offer(frames("b")[0])
+    hub.flush()
+    assert write.writes == [["b"]]
+    direct.open = True
+    client.offer(frames("c")[0])
+    hub.flush()
+    assert direct.writes == [["a"]]  # not past the unfinished write of "b"
+    write.gate.set_result(None)
+    write.gate = None
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert write.writes == [["b"], ["c"]]
+    client.offer(frames("d")[0])
+    hub.flush()
+    assert direct.writes == [["a"], ["d"]]
+    client.end("bye")
+    await task
+
+
+@pytest.mark.anyio
+async def test_a_direct_write_that_fails_raises_in_the_clients_task_not_the_hub() -> None:
+    direct = DirectRecorder()
+    hub, client, _write, task = await running(direct=direct)
+    direct.fail = RuntimeError("transport closed")
+    client.offer(frames("a")[0])
+    hub.flush()  # must not raise: the hub serves every client
+    with pytest.raises(RuntimeError, match="transport closed"):
+        await task

@@ -13,8 +13,10 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
 
 from .auth import Authenticator, AuthError, bearer_token
+from .direct import SERVER_SEND
 from .fanout import Hub
 from .publishing import PublishRefused, publish_checked
 from .sse import SseEndpoint
@@ -65,6 +67,15 @@ class Gateway:
         return HTMLResponse(_page())
 
 
+class _GatewayApp(Starlette):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan" and not self.user_middleware:
+            # The server's own send: streams write to its transport directly when they can
+            # (see direct.py). Not past middleware added to this app: it sees every byte.
+            scope[SERVER_SEND] = send
+        await super().__call__(scope, receive, send)
+
+
 def _page() -> str:
     return resources.files(__package__).joinpath("static/index.html").read_text("utf-8")
 
@@ -108,7 +119,7 @@ def create_app(
         async with hub.running():
             yield
 
-    app = Starlette(
+    app = _GatewayApp(
         routes=[
             Route("/", gateway.page, methods=["GET"]),
             Route("/sse", SseEndpoint(hub, auth), methods=["GET"]),

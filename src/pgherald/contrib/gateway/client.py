@@ -29,10 +29,14 @@ if TYPE_CHECKING:
 Write = Callable[[list[Frame]], Coroutine[Any, Any, None]]
 """The endpoint's way to write frames to its client (an SSE chunk, WebSocket messages)."""
 
+DirectWrite = Callable[[list[Frame]], bool]
+"""Write frames at once, synchronously, or return False to leave them to `Write`."""
+
 
 class Client:
     __slots__ = (
         "_busy",
+        "_direct",
         "_failure",
         "_in_task",
         "_ready",
@@ -64,6 +68,7 @@ class Client:
         self.last_write = time.monotonic()
         self._ready = new_signal()
         self._write: Write | None = None
+        self._direct: DirectWrite | None = None
         # True while the client's own task writes (before `pump`, and while it finishes a
         # write that had to wait): `flush` then leaves the frames to it, keeping the order.
         self._busy = True
@@ -98,13 +103,18 @@ class Client:
         """Write what is pending now, by hand where the loop allows (see the module doc)."""
         if self._busy or not self.pending or self.reason is not None or self._write is None:
             return
-        self._busy = True
         if not self.hub.inline or self._in_task:
+            self._busy = True
             self._ready.set()  # `pump` writes them
             return
         frames, self.pending = self.pending, []
-        coro = self._write(frames)
+        direct = self._direct
+        self._busy = True
         try:
+            if direct is not None and direct(frames):
+                self._busy = False
+                return
+            coro = self._write(frames)
             waiting_on = coro.send(None)
         except StopIteration:
             self._busy = False
@@ -118,14 +128,16 @@ class Client:
             self._suspended = (coro, waiting_on)
         self._ready.set()
 
-    async def pump(self, write: Write) -> None:
+    async def pump(self, write: Write, direct: DirectWrite | None = None) -> None:
         """
         The client's own writing task: returns when the client is ended.
 
         Writes what queued before it started, then finishes writes that `flush` could not
-        complete at once (and what queued meanwhile), until `end`.
+        complete at once (and what queued meanwhile), until `end`. *direct*, when given, is
+        tried first by `flush` (see `DirectWrite`).
         """
         self._write = write
+        self._direct = direct
         try:
             while True:
                 while self.pending and self.reason is None:

@@ -197,9 +197,10 @@ class Hub:
 
     def dirty(self, client: Client) -> None:
         """*client* gained pending frames: flush it once the current batch is dispatched."""
-        self._dirty.append(client)
-        if self._flush is not None:
-            self._flush.set()
+        dirty = self._dirty
+        dirty.append(client)
+        if len(dirty) == 1 and self._flush is not None:
+            self._flush.set()  # once per batch (the flusher takes the whole list)
 
     async def _flusher(self) -> None:
         # Runs when the task that offered frames yields, i.e. after the whole batch: each

@@ -14,7 +14,7 @@ Position = tuple[int, int]
 class Frame:
     """An event for the clients of one channel; the SSE and WebSocket encodings are cached."""
 
-    __slots__ = ("_sse", "_ws", "channel", "id", "payload", "pos")
+    __slots__ = ("_chunk", "_sse", "_ws", "_ws_frame", "channel", "id", "payload", "pos")
 
     def __init__(self, channel: str, payload: str, pos: Position | None = None) -> None:
         self.channel = channel
@@ -22,7 +22,9 @@ class Frame:
         self.pos = pos
         self.id = None if pos is None else pos[1]
         self._sse: bytes | None = None
+        self._chunk: bytes | None = None
         self._ws: str | None = None
+        self._ws_frame: bytes | None = None
 
     @property
     def sse(self) -> bytes:
@@ -37,6 +39,14 @@ class Frame:
         return self._sse
 
     @property
+    def sse_chunk(self) -> bytes:
+        """`sse` as one HTTP/1.1 chunk (``<size>CRLF<data>CRLF``), for direct writes."""
+        if self._chunk is None:
+            sse = self.sse
+            self._chunk = b"%x\r\n%b\r\n" % (len(sse), sse)
+        return self._chunk
+
+    @property
     def ws(self) -> str:
         """``{"type": "event", "channel", "payload", ["id"]}``: a JSON payload stays JSON."""
         if self._ws is None:
@@ -48,6 +58,21 @@ class Frame:
             extra = "" if self.id is None else f',"id":{self.id}'
             self._ws = f'{{"type":"event","channel":{json.dumps(self.channel)},"payload":{payload}{extra}}}'
         return self._ws
+
+    @property
+    def ws_frame(self) -> bytes:
+        """`ws` as a complete, unmasked WebSocket text frame (server to client), for direct writes."""
+        if self._ws_frame is None:
+            data = self.ws.encode()
+            n = len(data)
+            if n < 126:
+                head = bytes((0x81, n))
+            elif n < 65536:
+                head = bytes((0x81, 126)) + n.to_bytes(2, "big")
+            else:
+                head = bytes((0x81, 127)) + n.to_bytes(8, "big")
+            self._ws_frame = head + data
+        return self._ws_frame
 
 
 def _comment(text: str) -> Frame:

@@ -32,6 +32,9 @@ class GatewayServer(uvicorn.Server):
     def __init__(self, app: Starlette, **config: Any) -> None:
         config.setdefault("log_level", "info")
         config.setdefault("ws", "websockets-sansio")
+        # No permessage-deflate: an event's WebSocket frame is then built once and written as
+        # is to every subscriber (see direct.py); compression would cost a zlib pass per client.
+        config.setdefault("ws_per_message_deflate", False)
         config.setdefault("lifespan", "on")
         # A client that stopped reading can hold its connection open: do not wait forever.
         config.setdefault("timeout_graceful_shutdown", 5)

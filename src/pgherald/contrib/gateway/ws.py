@@ -14,6 +14,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from .auth import Authenticator, AuthError, Principal, bearer_token
 from .client import Client
+from .direct import DirectWebSocket
 from .fanout import Hub, UnknownEventId
 from .frames import Frame, Position, ws_reply
 from .publishing import PublishRefused, publish_checked
@@ -149,10 +150,14 @@ class WsEndpoint:
         resumed: dict[str, Position],
         done: anyio.CancelScope,
     ) -> None:
+        direct = DirectWebSocket.of(ws.scope)
         try:
             with anyio.CancelScope() as scope:
                 client.scope = scope
-                await client.pump(partial(self._send_frames, ws, client, resumed))
+                await client.pump(
+                    partial(self._send_frames, ws, client, resumed),
+                    None if direct is None else partial(_write_now, direct, client, resumed),
+                )
         except (WebSocketDisconnect, OSError):
             # The client went away mid-write: end quietly (raised from this task, the error
             # would reach the server wrapped in an exception group, as a crash).
@@ -204,6 +209,25 @@ class WsEndpoint:
 
 
 _START: Position = (0, 0)
+
+
+def _write_now(
+    direct: DirectWebSocket, client: Client, resumed: dict[str, Position], frames: list[Frame]
+) -> bool:
+    """`WsEndpoint._send_frames` straight to the socket, if it can be done now (see direct.py)."""
+    data: list[bytes] = []
+    events = 0
+    for frame in frames:
+        if isinstance(frame, _Resume):
+            return False  # reads the log: the client's own task does it
+        if frame.pos is not None and resumed and frame.pos <= resumed.get(frame.channel, _START):
+            continue  # sent from the log already
+        data.append(frame.ws_frame)
+        events += frame.channel != ""
+    if data and not direct.write(data[0] if len(data) == 1 else b"".join(data)):
+        return False
+    client.sent(events)
+    return True
 
 
 class _Resume(Frame):

@@ -1,0 +1,42 @@
+"""An event's shared encodings: the SSE chunk and the WebSocket frame written as they are."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from websockets.frames import Frame as WsFrame
+from websockets.frames import Opcode
+from websockets.streams import StreamReader
+
+from pgherald.contrib.gateway.frames import Frame
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
+def test_ws_frame_is_a_valid_unmasked_text_frame(size: int) -> None:
+    frame = Frame("chan", json.dumps({"x": "y" * size}), (7, 42))
+    reader = StreamReader()
+    reader.feed_data(frame.ws_frame)
+    reader.feed_eof()
+    parser = WsFrame.parse(reader.read_exact, mask=False)
+    with pytest.raises(StopIteration) as done:
+        next(parser)
+    parsed: WsFrame = done.value.value
+    assert parsed.opcode is Opcode.TEXT
+    assert parsed.fin
+    assert parsed.data.decode() == frame.ws
+    assert json.loads(parsed.data) == {
+        "type": "event",
+        "channel": "chan",
+        "payload": {"x": "y" * size},
+        "id": 42,
+    }
+    assert reader.at_eof()  # nothing after the frame
+
+
+def test_sse_chunk_is_one_http_chunk_of_the_sse_frame() -> None:
+    frame = Frame("orders", "line one\nline two ünï")
+    size, _, rest = frame.sse_chunk.partition(b"\r\n")
+    assert int(size, 16) == len(frame.sse)
+    assert rest == frame.sse + b"\r\n"
+    assert frame.sse == "event: orders\ndata: line one\ndata: line two ünï\n\n".encode()
