@@ -22,6 +22,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
+import anyio.lowlevel
 import httpx
 import jwt
 import psycopg
@@ -33,6 +35,7 @@ from websockets.sync.client import connect as ws_connect
 import pgherald
 from pgherald.contrib.gateway import create_app, direct
 from pgherald.contrib.gateway.fanout import Hub
+from pgherald.contrib.gateway.frames import Frame
 from pgherald.contrib.gateway.server import GatewayServer
 from tests.fix_durable import wait_until
 
@@ -778,3 +781,61 @@ def test_ws_events_go_straight_to_the_socket_unless_compressed(
         assert count.writes == 0
     else:
         assert count.writes >= 1
+
+
+def test_resume_from_an_event_the_tail_has_not_reached_is_not_repeated(
+    dsn: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A client resumes after an event that the log tail will only reach later (an open
+    transaction holds the tail back): when the tail does reach it, it is live for the others,
+    but this client has it already, and the direct writes must skip it too.
+    """
+    pgherald.install(conn)
+    count = _CountDirect(monkeypatch)
+    app = create_app(
+        dsn, allow_anonymous=["orders"], durable_channels=["orders"], poll_interval=0.1
+    )
+    with serve(app) as base, psycopg.connect(dsn) as blocker:
+        blocker.execute("SELECT pg_current_xact_id()")  # an open transaction: the tail waits
+        seen = pgherald.publish(conn, "orders", {"n": 1})
+        with sse(base, "orders", params={"last_event_id": str(seen)}) as s:
+            s.ready()
+            blocker.commit()  # the tail now reads `seen`, then `after`
+            after = pgherald.publish(conn, "orders", {"n": 2})
+            got = s.next()
+            assert got is not None
+            assert got["id"] == str(after)
+
+        blocker.execute("SELECT pg_current_xact_id()")
+        seen = pgherald.publish(conn, "orders", {"n": 3})
+        with ws_connect(base.replace("http", "ws") + "/ws") as ws:
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": seen}))
+            assert json.loads(ws.recv(5))["type"] == "subscribed"
+            blocker.commit()
+            after = pgherald.publish(conn, "orders", {"n": 4})
+            assert json.loads(ws.recv(5))["id"] == after
+    assert count.writes >= 2  # both went through the direct path
+
+
+@pytest.mark.anyio
+async def test_a_hub_run_again_delivers_despite_frames_left_by_the_last_run(dsn: str) -> None:
+    """(A lifespan entered twice, e.g. a test client used twice on one app.)"""
+    hub = Hub(dsn)
+    async with hub.running():
+        pass
+    hub.new_client("ws").offer(Frame("", "a reply racing the shutdown"))  # left dirty
+    async with hub.running(), anyio.create_task_group() as tg:
+        client = hub.new_client("sse")
+        written = anyio.Event()
+
+        async def write(frames: list[Frame]) -> None:
+            assert [f.payload for f in frames] == ["second run"]
+            written.set()
+
+        tg.start_soon(client.pump, write)
+        await anyio.lowlevel.checkpoint()
+        client.offer(Frame("x", "second run"))
+        with anyio.fail_after(5):
+            await written.wait()
+        client.end("bye")

@@ -11,10 +11,15 @@ from websockets.streams import StreamReader
 
 from pgherald.contrib.gateway.frames import Frame
 
+_OVERHEAD = len(Frame("chan", json.dumps({"x": ""}), (7, 42)).ws.encode())
 
-@pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536, 200_000])
-def test_ws_frame_is_a_valid_unmasked_text_frame(size: int) -> None:
+
+# Encoded lengths at the edges of WebSocket's three length encodings (7, 16 and 64 bits).
+@pytest.mark.parametrize("length", [_OVERHEAD, 125, 126, 127, 65535, 65536, 200_000])
+def test_ws_frame_is_a_valid_unmasked_text_frame(length: int) -> None:
+    size = length - _OVERHEAD
     frame = Frame("chan", json.dumps({"x": "y" * size}), (7, 42))
+    assert len(frame.ws.encode()) == length
     reader = StreamReader()
     reader.feed_data(frame.ws_frame)
     reader.feed_eof()

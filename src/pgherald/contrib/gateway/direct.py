@@ -63,7 +63,9 @@ class DirectBody(_Direct):
 
     @staticmethod
     def _usable(cycle: Any) -> bool:
-        # Once the head is sent, and with a chunked body (not for HTTP/1.0, nor HEAD).
+        # Once the head is sent, and with a chunked body (not for HEAD). Every attribute that
+        # `write` reads is read here too: a uvicorn without one is an AttributeError in `of`.
+        cycle.disconnected, cycle.response_complete, cycle.flow.write_paused  # noqa: B018
         return cycle.response_started is True and cycle.chunked_encoding is True
 
     def write(self, chunks: bytes) -> bool:
@@ -99,6 +101,8 @@ class DirectWebSocket(_Direct):
     @staticmethod
     def _usable(protocol: Any) -> bool:
         # Once accepted, and without permessage-deflate (every client has its own compressor).
+        # Every attribute that `write` reads is read here too (see DirectBody._usable).
+        protocol.disconnected, protocol.close_sent, protocol.writable.is_set  # noqa: B018
         return protocol.handshake_complete is True and not protocol.conn.extensions
 
     def write(self, frames: bytes) -> bool:

@@ -116,6 +116,7 @@ class Hub:
                 tg.start_soon(self.listener.run)
                 tg.start_soon(self._housekeeping)
                 self._flush = new_signal()
+                self._dirty = []  # (a hub run again: what an earlier run left is gone)
                 self.inline = self.inline_writes and on_asyncio()
                 tg.start_soon(self._flusher)
                 if self.durable:
