@@ -575,10 +575,11 @@ def report(a: argparse.Namespace, info: dict[str, str], shapes: list[Result], pr
                 + (f" (gateway / floor = {gh / fh:.2f}x)." if gh and fh else "."),
             ]
         if len(s.get("runs", [])) > 1:
-            per_run = lambda runs: " / ".join(  # noqa: E731
-                fmt(headline(r["steps"]), "{:,.0f}") if headline(r["steps"]) else "none"
-                for r in runs
-            )
+
+            def per_run(runs: list[Result]) -> str:
+                rates = [headline(r["steps"]) for r in runs]
+                return " / ".join(f"{h:,.0f}" if h else "none" for h in rates)
+
             out += [
                 "",
                 f"All {len(s['runs'])} runs (the tables above are the first): sustained "

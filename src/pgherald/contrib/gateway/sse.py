@@ -92,12 +92,16 @@ class SseEndpoint:
         async def body(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        def unsent(frames: list[Frame]) -> list[Frame]:
+            if after is None:
+                return frames
+            return [f for f in frames if f.pos is None or f.pos > after]  # else: from the log
+
         def write_now(frames: list[Frame]) -> bool:
             # The hot path: the frames' chunks, encoded once per event, straight to the socket.
-            if after is not None:  # already sent from the log
-                frames = [f for f in frames if f.pos is None or f.pos > after]
-                if not frames:
-                    return True
+            frames = unsent(frames)
+            if not frames:
+                return True
             assert direct is not None
             chunks = (
                 frames[0].sse_chunk if len(frames) == 1 else b"".join([f.sse_chunk for f in frames])
@@ -108,8 +112,7 @@ class SseEndpoint:
             return True
 
         async def write(frames: list[Frame]) -> None:
-            if after is not None:  # already sent from the log
-                frames = [f for f in frames if f.pos is None or f.pos > after]
+            frames = unsent(frames)
             if frames:
                 data = b"".join([f.sse for f in frames])
                 await send({"type": "http.response.body", "body": data, "more_body": True})

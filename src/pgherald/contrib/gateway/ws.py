@@ -183,12 +183,8 @@ class WsEndpoint:
             if isinstance(frame, _Resume):
                 events += await self._replay(ws, client, frame)
                 continue
-            if (
-                frame.pos is not None
-                and resumed
-                and frame.pos <= resumed.get(frame.channel, _START)
-            ):
-                continue  # sent from the log already
+            if _from_the_log(frame, resumed):
+                continue
             await _send_text(ws, frame.ws)
             events += frame.channel != ""
         client.sent(events)
@@ -211,6 +207,13 @@ class WsEndpoint:
 _START: Position = (0, 0)
 
 
+def _from_the_log(frame: Frame, resumed: dict[str, Position]) -> bool:
+    """Whether *frame* was sent already, by the replay of a resumed durable channel."""
+    return (
+        frame.pos is not None and bool(resumed) and frame.pos <= resumed.get(frame.channel, _START)
+    )
+
+
 def _write_now(
     direct: DirectWebSocket, client: Client, resumed: dict[str, Position], frames: list[Frame]
 ) -> bool:
@@ -220,8 +223,8 @@ def _write_now(
     for frame in frames:
         if isinstance(frame, _Resume):
             return False  # reads the log: the client's own task does it
-        if frame.pos is not None and resumed and frame.pos <= resumed.get(frame.channel, _START):
-            continue  # sent from the log already
+        if _from_the_log(frame, resumed):
+            continue
         data.append(frame.ws_frame)
         events += frame.channel != ""
     if data and not direct.write(data[0] if len(data) == 1 else b"".join(data)):
