@@ -34,8 +34,10 @@ _PAD = "x" * 23  # brings a payload to ~100 bytes
 Handler = Callable[[dict[str, Any]], bool]
 
 
-def make_payload(i: int, ts: int) -> str:
-    return f'{{"id": {i}, "kind": "order.created", "ts": {ts}, "pad": "{_PAD}"}}'
+def make_payload(i: int, ts: int, size: int = 0) -> str:
+    """A JSON payload of ~100 bytes, or of *size* bytes (padded) when larger."""
+    text = f'{{"id": {i}, "kind": "order.created", "ts": {ts}, "pad": "{_PAD}"}}'
+    return text if size <= len(text) else text.replace(_PAD, "x" * (size - len(text) + 23))
 
 
 def emit(obj: object) -> None:
@@ -46,7 +48,7 @@ def emit(obj: object) -> None:
 # -- sender --------------------------------------------------------------------------------
 
 
-def send(dsn: str, total: int, per_tx: int, rate: float) -> dict[str, Any]:
+def send(dsn: str, total: int, per_tx: int, rate: float, size: int = 0) -> dict[str, Any]:
     """Send ``total`` notifications, ``per_tx`` per autocommit statement (= one transaction).
 
     ``rate == 0``: as fast as possible, payloads built up front.  Otherwise paced on a fixed
@@ -61,7 +63,7 @@ def send(dsn: str, total: int, per_tx: int, rate: float) -> dict[str, Any]:
         if rate <= 0:
             ts = time.time_ns()
             batches = [
-                [make_payload(i, ts) for i in range(s, min(s + per_tx, total))]
+                [make_payload(i, ts, size) for i in range(s, min(s + per_tx, total))]
                 for s in range(0, total, per_tx)
             ]
             t0 = time.perf_counter()
@@ -77,7 +79,7 @@ def send(dsn: str, total: int, per_tx: int, rate: float) -> dict[str, Any]:
                 else:
                     max_lag = max(max_lag, -delay)
                 ts = time.time_ns()
-                cur.execute(TX_SQL, ([make_payload(i, ts) for i in range(s, s + per_tx)],))
+                cur.execute(TX_SQL, ([make_payload(i, ts, size) for i in range(s, s + per_tx)],))
         elapsed = time.perf_counter() - t0
         cur.execute("SELECT pg_notify('bench', %s)", (STOP,))
     return {"sent": total, "seconds": elapsed, "rate": total / elapsed, "max_lag_ms": max_lag * 1e3}
@@ -318,20 +320,23 @@ def _recv_pgherald_async(backend: str) -> Callable[[str, Handler, float], None]:
     return recv
 
 
-def recv_pgherald_asyncio_iter(dsn: str, handler: Handler, deadline: float) -> None:
-    import anyio
+def _recv_pgherald_async_iter(backend: str) -> Callable[[str, Handler, float], None]:
+    def recv(dsn: str, handler: Handler, deadline: float) -> None:
+        import anyio
 
-    import pgherald
+        import pgherald
 
-    async def main() -> None:
-        async with pgherald.AsyncListener(dsn, channels=[CHANNEL]) as listener:
-            emit("READY")
-            with anyio.fail_after(remaining(deadline)):
-                async for n in listener:
-                    if n.payload == STOP or handler(loads(n.payload)):
-                        break
+        async def main() -> None:
+            async with pgherald.AsyncListener(dsn, channels=[CHANNEL]) as listener:
+                emit("READY")
+                with anyio.fail_after(remaining(deadline)):
+                    async for n in listener:
+                        if n.payload == STOP or handler(loads(n.payload)):
+                            break
 
-    anyio.run(main, backend="asyncio")
+        anyio.run(main, backend=backend)
+
+    return recv
 
 
 RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
@@ -343,9 +348,10 @@ RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
     "pgherald-sync": recv_pgherald_sync,
     "pgherald-async-asyncio": _recv_pgherald_async("asyncio"),
     "pgherald-async-trio": _recv_pgherald_async("trio"),
-    # opt-in (--clients): iterator style instead of handlers
+    # iterator style instead of handlers
     "pgherald-sync-iter": recv_pgherald_sync_iter,
-    "pgherald-asyncio-iter": recv_pgherald_asyncio_iter,
+    "pgherald-asyncio-iter": _recv_pgherald_async_iter("asyncio"),
+    "pgherald-trio-iter": _recv_pgherald_async_iter("trio"),
 }
 
 
@@ -383,9 +389,10 @@ def main() -> None:
     ap.add_argument("--latency", action="store_true")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--cpu", type=int, help="pin the receiver to this CPU")
+    ap.add_argument("--payload-bytes", type=int, default=0, help="payload size (default ~100)")
     a = ap.parse_args()
     if a.role == "send":
-        emit(send(a.dsn, a.count, a.per_tx, a.rate))
+        emit(send(a.dsn, a.count, a.per_tx, a.rate, a.payload_bytes))
     else:
         receive(a.client, a.dsn, a.count, a.latency, a.timeout, a.cpu)
 

@@ -103,21 +103,26 @@ def write(dsn: str, kind: str, seconds: float) -> dict[str, Any]:
 def consume(
     dsn: str, style: str, group: str, count: int, batch: int, max_batch: int | None, timeout: float
 ) -> dict:
+    """Drain *count* events. Styles: handler, iter (Consumer), async-handler, async-iter
+    (AsyncConsumer on asyncio)."""
     import pgherald
 
     kwargs: dict[str, Any] = {"group": group, "channels": ["bench"], "batch_size": batch}
     if max_batch is not None:
         kwargs["max_batch_size"] = max_batch
-    consumer = pgherald.Consumer(dsn, **kwargs)
-    core = consumer._core  # instrumentation only: time the core's steps from the outside
+    is_async = style.startswith("async")
+    consumer: Any = (pgherald.AsyncConsumer if is_async else pgherald.Consumer)(dsn, **kwargs)
+    # Instrumentation only: time the engine's read and ack steps from the outside (each is a
+    # generator driven by the runtime: the time includes waiting for the server).
+    engine = consumer._engine
     spent = {"fetch": 0.0, "ack": 0.0, "fetches": 0, "max_read": 0}
-    fetch, ack = core.fetch, core.ack
+    fetch, ack = engine.fetch, engine.ack
 
     def timed_fetch(*a: Any, **k: Any) -> Any:
         s = time.perf_counter()
         events = None
         try:
-            events = fetch(*a, **k)
+            events = yield from fetch(*a, **k)
             return events
         finally:
             spent["fetch"] += time.perf_counter() - s
@@ -128,38 +133,57 @@ def consume(
     def timed_ack(*a: Any, **k: Any) -> Any:
         s = time.perf_counter()
         try:
-            return ack(*a, **k)
+            return (yield from ack(*a, **k))
         finally:
             spent["ack"] += time.perf_counter() - s
 
-    core.fetch = timed_fetch  # type: ignore[method-assign]
-    core.ack = timed_ack  # type: ignore[method-assign]
+    engine.fetch = timed_fetch
+    engine.ack = timed_ack
     n = 0
     timer = threading.Timer(timeout, consumer.stop)
     timer.daemon = True
-    with consumer:
-        emit("READY")
-        timer.start()
-        t0 = time.perf_counter()
-        c0 = time.process_time()
-        if style == "handler":
 
-            @consumer.on("bench")
-            def handle(event: Any) -> None:
-                nonlocal n
-                n += 1
-                if n >= count:
-                    consumer.stop()
+    def handle(event: Any) -> None:
+        nonlocal n
+        n += 1
+        if n >= count:
+            consumer.stop()
 
-            consumer.run()
-        else:
-            for _event in consumer:
-                n += 1
-                if n >= count:
-                    break
-        wall = time.perf_counter() - t0
-        cpu = time.process_time() - c0
-        timer.cancel()
+    async def amain() -> tuple[float, float]:
+        nonlocal n
+        async with consumer:
+            emit("READY")
+            timer.start()
+            t0, c0 = time.perf_counter(), time.process_time()
+            if style == "async-handler":
+                consumer.on("bench")(handle)
+                await consumer.run()
+            else:
+                async for _event in consumer:
+                    n += 1
+                    if n >= count:
+                        break
+            return time.perf_counter() - t0, time.process_time() - c0
+
+    if is_async:
+        import asyncio
+
+        wall, cpu = asyncio.run(amain())
+    else:
+        with consumer:
+            emit("READY")
+            timer.start()
+            t0, c0 = time.perf_counter(), time.process_time()
+            if style == "handler":
+                consumer.on("bench")(handle)
+                consumer.run()
+            else:
+                for _event in consumer:
+                    n += 1
+                    if n >= count:
+                        break
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    timer.cancel()
     return {
         # Stopped by the time cap: still a measurement (events/s so far), marked partial.
         "ok": n > 0,

@@ -3,7 +3,7 @@
 Usage::
 
     python bench/listen_bench.py [--dsn DSN] [--quick] [--runs N] [--no-pin] [--clients A,B]
-                                 [--output docs/benchmarks.md]
+                                 [--big-bytes 4096] [--output docs/benchmarks.md]
 
 Method.  Each client runs in its own receiver process (``bench/_workers.py recv CLIENT``) and
 a separate sender process (``bench/_workers.py send``) produces the notifications; clients
@@ -26,6 +26,11 @@ spread by up to 25% on the 2-core machine of 2026-11-25, pinned by about 3%. Eac
   carries ``time.time_ns()`` taken right before the statement that notifies and commits is
   sent; the handler computes commit-to-handler latency.  The first 5% are dropped as warm-up;
   p50 and p99 are reported.
+* Large payloads: the throughput trial again with 4 KB payloads (``--big-bytes``; 0 skips it),
+  40,000 notifications (10,000 with ``--quick``), for pgherald's clients beside asyncpg,
+  psycopg 3 and the pq loop in the same run.  The figure is CPU per notification (the
+  receiver's process CPU time, first to last notification): with 4 KB payloads the cost of
+  getting bytes off the socket, not of building a notification, dominates.
 
 Every process has a deadline: receivers stop at the expected count, at a ``STOP`` sentinel
 sent after the data, or at their timeout (then the run counts as failed), and the
@@ -55,8 +60,17 @@ SRC = HERE.parent / "src"
 START, END = "<!-- listen-bench:start -->", "<!-- listen-bench:end -->"
 RAW = ["psycopg3-notifies", "pq-loop", "psycopg2-poll", "asyncpg"]
 FLOOR = ["pq-loop-handler"]  # diagnostic: the pq loop + one Notification and one call each
-HERALD = ["pgherald-sync", "pgherald-async-asyncio", "pgherald-async-trio"]
-OPT_IN = ["pgherald-sync-iter", "pgherald-asyncio-iter"]  # iterator style; only via --clients
+# Handler style and iterator style (``-iter``), sync and async on both event loops.
+HERALD = [
+    "pgherald-sync",
+    "pgherald-sync-iter",
+    "pgherald-async-asyncio",
+    "pgherald-asyncio-iter",
+    "pgherald-async-trio",
+    "pgherald-trio-iter",
+]
+ASYNC_HERALD = [c for c in HERALD if "-sync" not in c]
+BIG_RAW = ["psycopg3-notifies", "pq-loop", "asyncpg"]  # beside pgherald in the 4 KB case
 RATES = {1000: 1, 20000: 20}  # notifications/s -> notifications per transaction (1 tx/ms)
 Result = dict[str, Any]
 
@@ -85,13 +99,20 @@ def receiver_cpu() -> int | None:
 
 
 def trial(
-    client: str, dsn: str, env: dict[str, str], count: int, rate: int = 0, cpu: int | None = None
+    client: str,
+    dsn: str,
+    env: dict[str, str],
+    count: int,
+    rate: int = 0,
+    cpu: int | None = None,
+    size: int = 0,
 ) -> Result:
     """One receiver process for ``client`` plus one sender process; returns the receiver's
-    result with the sender's under ``"sender"``."""
+    result with the sender's under ``"sender"``. *size*: payload bytes (0: ~100)."""
     per_tx = RATES.get(rate, 1000)
     timeout = 60.0 + count / 20000 if rate == 0 else count / rate + 30.0
     common = ["--dsn", dsn, "--count", str(count), "--per-tx", str(per_tx)]
+    common += ["--payload-bytes", str(size)]
     recv_args = [sys.executable, WORKERS, "recv", client, *common, "--timeout", str(timeout)]
     if cpu is not None:
         recv_args += ["--cpu", str(cpu)]
@@ -180,6 +201,7 @@ def report(
     sender_alone: Result,
     skipped: dict[str, str],
     herald_note: str,
+    big: dict[str, list[Result]],
 ) -> str:
     def median(c: str, key: str) -> float | None:
         ok = [r[key] for r in tput.get(c, []) if r.get("ok") and key in r]
@@ -223,13 +245,40 @@ def report(
         return "n/a" if v is None else ("PASS" if ok else "FAIL")
 
     targets = [["Target", "Measured", "Result"]]
-    for c, ref, want in [
-        ("pgherald-sync", "asyncpg", 1.2),
-        ("pgherald-sync", "pq-loop", 0.9),
-        ("pgherald-async-asyncio", "asyncpg", 1.0),
-    ]:
+    wanted = [("pgherald-sync", "pq-loop", 0.9)]
+    wanted += [(c, "asyncpg", 1.2) for c in HERALD if c in shown and c not in skipped]
+    for c, ref, want in wanted:
         v = ratio(c, ref)
         targets.append([f"{c} >= {want}x {ref}", fx(v), verdict(v, v is not None and v >= want)])
+
+    def big_median(c: str, key: str) -> float | None:
+        ok = [r[key] for r in big.get(c, []) if r.get("ok") and key in r]
+        return statistics.median(ok) if ok else None
+
+    big_cpu = {c: big_median(c, "cpu_us") for c in big}
+    big_ref = big_cpu.get("asyncpg")
+    big_rows = [["Client", "CPU µs/notif", "vs asyncpg (CPU)", "Throughput (notif/s)", "Runs"]]
+    for c in big:
+        cpu, runs = big_cpu[c], big[c]
+        vs = cpu / big_ref if cpu and big_ref else None
+        per_run = ", ".join(f"{r['cpu_us']:.1f}" if r.get("ok") else "fail" for r in runs)
+        big_rows.append(
+            [
+                c,
+                fx(cpu, "{:.2f}"),
+                fx(vs),
+                fx(big_median(c, "rate"), "{:,.0f}"),
+                f"{sum(bool(r.get('ok')) for r in runs)}/{len(runs)} ({per_run})",
+            ]
+        )
+        if c in ASYNC_HERALD:
+            targets.append(
+                [
+                    f"{c} CPU/notif <= 1.1x asyncpg at {a.big_bytes:,} B",
+                    fx(vs),
+                    verdict(vs, vs is not None and vs <= 1.1),
+                ]
+            )
     for c in [c for c in shown if c.startswith("pgherald")]:
         for rate, limit in ((1000, 1.0), (20000, 5.0)):
             r = lat.get((c, rate), {})
@@ -281,6 +330,19 @@ def report(
         "",
         table(rows),
         "",
+        *(
+            [
+                f"Large payloads: {a.big_count:,} notifications of {a.big_bytes:,} B, 1,000 per "
+                "transaction, sent as fast as possible; CPU µs/notif is the receiver process's "
+                f"CPU time first to last notification, median of {a.runs} run(s) (each run's "
+                "figure in brackets).",
+                "",
+                table(big_rows),
+                "",
+            ]
+            if big
+            else []
+        ),
         "Targets:",
         "",
         table(targets),
@@ -297,6 +359,12 @@ def report(
         for (c, k), r in lat.items()
         if not r.get("ok")
     ]
+    notes += [
+        f"- {c} {a.big_bytes:,} B run failed: {r.get('error')}"
+        for c, rs in big.items()
+        for r in rs
+        if not r.get("ok")
+    ]
     return "\n".join(out + (["", *notes] if notes else []))
 
 
@@ -309,17 +377,25 @@ def main() -> None:
     ap.add_argument(
         "--no-pin", action="store_true", help="do not pin receivers to a CPU of their own"
     )
+    ap.add_argument(
+        "--big-bytes",
+        type=int,
+        default=4096,
+        help="payload size of the large-payload CPU case (default 4096; 0 skips it)",
+    )
+    ap.add_argument("--skip-latency", action="store_true", help="throughput runs only")
     a = ap.parse_args()
     a.cpu = None if a.no_pin else receiver_cpu()
     a.command = _report.command()
     runs, a.count, a.lat_seconds = (1, 50_000, 1.5) if a.quick else (3, 200_000, 5.0)
+    a.big_count = 10_000 if a.quick else 40_000
     if a.runs is not None and a.runs < 1:
         ap.error("--runs must be at least 1")
     a.runs = a.runs or runs
     clients = a.clients.split(",") if a.clients else RAW + FLOOR + HERALD
-    if unknown := set(clients) - {*RAW, *FLOOR, *HERALD, *OPT_IN}:
+    if unknown := set(clients) - {*RAW, *FLOOR, *HERALD}:
         ap.error(f"unknown clients: {', '.join(sorted(unknown))}")
-    shown = RAW + FLOOR + HERALD + [c for c in OPT_IN if c in clients]
+    shown = RAW + FLOOR + HERALD
     env = dict(os.environ)
 
     try:
@@ -349,8 +425,20 @@ def main() -> None:
                 f"(sender {r['sender'].get('rate', 0):,.0f}/s) {r.get('error', '')}",
                 flush=True,
             )
+    big: dict[str, list[Result]] = {}
+    if a.big_bytes:
+        big = {c: [] for c in todo if c in BIG_RAW or c in HERALD}
+    for run in range(a.runs if big else 0):
+        for c in big:
+            r = trial(c, a.dsn, envs[c], a.big_count, cpu=a.cpu, size=a.big_bytes)
+            big[c].append(r)
+            print(
+                f"{a.big_bytes} B run {run + 1} {c:24} {r.get('cpu_us', 0):7.2f} µs/notif "
+                f"{r.get('rate', 0):>10,.0f} notif/s {r.get('error', '')}",
+                flush=True,
+            )
     lat: dict[tuple[str, int], Result] = {}
-    for rate in RATES:
+    for rate in RATES if not a.skip_latency else ():
         for c in todo:
             r = lat[c, rate] = trial(c, a.dsn, envs[c], int(rate * a.lat_seconds), rate, a.cpu)
             print(
@@ -359,7 +447,7 @@ def main() -> None:
                 flush=True,
             )
 
-    body = report(a, shown, info, tput, lat, sender_alone, skipped, herald_note)
+    body = report(a, shown, info, tput, lat, sender_alone, skipped, herald_note, big)
     _report.publish(body, a.output, START, END)
 
 

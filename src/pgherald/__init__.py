@@ -5,19 +5,22 @@ pgherald: PostgreSQL LISTEN/NOTIFY as a dependable real-time event system.
 - `Listener` / `AsyncListener`: LISTEN on a dedicated connection, with handlers or iteration,
   reconnection, dead-connection detection and backpressure; `AsyncListener` runs on asyncio and
   trio.
-- `publish` / `apublish`, `Consumer` / `AsyncConsumer`: the durable event log (after
-  `install`): nothing lost while consumers are down, consumer groups, replay.
+- `publish` / `apublish` (`publish_many` / `apublish_many`), `Consumer` / `AsyncConsumer`: the
+  durable event log (after `install`): nothing lost while consumers are down, consumer groups,
+  replay.
 """
 
 from __future__ import annotations
 
 from ._consumer import AsyncConsumer, Consumer
-from ._consumer_core import Event
+from ._dead import DeadLetter, dead_letters, purge_dead_letters, redeliver
+from ._groups import GroupInfo, GroupMember, delete_group, list_groups, reset_group
 from ._listener import Listener
 from ._listener_async import AsyncListener
-from ._models import Gap, ListenerStats, Notification
+from ._log import aread_log, read_log
+from ._models import Event, Gap, ListenerStats, Notification, Stats
 from ._notify import anotify, notify
-from ._publish import apublish, publish
+from ._publish import apublish, apublish_many, publish, publish_many
 from ._schema import install, uninstall
 from ._triggers import (
     TableTrigger,
@@ -39,6 +42,7 @@ from .errors import (
     PayloadNotJSON,
     PayloadNotSerializable,
     PayloadTooLarge,
+    PoolerError,
     PrivilegeError,
     PublishError,
     SchemaMissing,
@@ -55,8 +59,11 @@ __all__ = [
     "ConnectionLost",
     "Consumer",
     "DatabaseConnectionError",
+    "DeadLetter",
     "Event",
     "Gap",
+    "GroupInfo",
+    "GroupMember",
     "HeraldError",
     "InvalidChannel",
     "ListenError",
@@ -68,22 +75,34 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PoolerError",
     "PrivilegeError",
     "PublishError",
     "SchemaMissing",
+    "Stats",
     "TableTrigger",
     "TransactionStateError",
     "UsageError",
     "add_table_trigger",
     "anotify",
     "apublish",
+    "apublish_many",
+    "aread_log",
+    "dead_letters",
+    "delete_group",
     "disable_ddl_events",
     "enable_ddl_events",
     "install",
+    "list_groups",
     "list_table_triggers",
     "notify",
     "publish",
+    "publish_many",
+    "purge_dead_letters",
+    "read_log",
+    "redeliver",
     "remove_table_trigger",
+    "reset_group",
     "uninstall",
 ]
 

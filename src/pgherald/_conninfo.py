@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
-from typing import Any
+import re
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeAlias
+from urllib.parse import parse_qsl, urlencode
 
 import psycopg
+from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from .errors import ConnectError
+from .errors import ConnectError, TransactionStateError, UsageError
+
+logger = logging.getLogger("pgherald")
 
 ENV_DSN = "PGHERALD_DSN"
 
@@ -70,3 +78,166 @@ def connect_error(conninfo: str, message: str) -> ConnectError:
         "Check the DSN "
         f"(--dsn or ${ENV_DSN}) and that the server is running and reachable"
     )
+
+
+# -- sources: what a listener or consumer can be given to connect with --
+
+
+class _URL(Protocol):
+    def render_as_string(self, hide_password: bool = ...) -> str: ...
+
+
+class SQLAlchemyEngine(Protocol):
+    """A SQLAlchemy ``Engine`` or ``AsyncEngine`` (anything with a ``url``)."""
+
+    @property
+    def url(self) -> _URL: ...
+
+
+class SQLAlchemyConnection(Protocol):
+    """A SQLAlchemy ``Connection`` or ``AsyncConnection`` (anything with an ``engine``)."""
+
+    @property
+    def engine(self) -> SQLAlchemyEngine: ...
+
+
+class Psycopg2Connection(Protocol):
+    """A psycopg2 connection."""
+
+    def get_dsn_parameters(self) -> Mapping[str, str]: ...
+
+
+Source: TypeAlias = (
+    str
+    | psycopg.Connection[Any]
+    | psycopg.AsyncConnection[Any]
+    | Psycopg2Connection
+    | SQLAlchemyEngine
+    | SQLAlchemyConnection
+    | None
+)
+"""What `Listener`, `AsyncListener`, `Consumer` and `AsyncConsumer` connect with."""
+
+_ACCEPTED = (
+    "pass a DSN or URL string ('postgresql://user@host/db', 'postgresql+psycopg2://...', "
+    "'host=... dbname=...'), a psycopg 3 connection, a psycopg2 connection, a SQLAlchemy "
+    f"Engine/AsyncEngine/Connection, or None to read ${ENV_DSN}"
+)
+
+# postgres:// and postgresql:// URLs, with SQLAlchemy's +driver suffix (which libpq refuses).
+_URL_SCHEME = re.compile(r"^(postgres(?:ql)?)(\+[A-Za-z0-9_]+)?://", re.IGNORECASE)
+
+
+def resolve_source(
+    source: Source, *, application_name: str, lend: bool = True
+) -> tuple[str, pq.abc.PGconn | None]:
+    """
+    The conninfo for the connections pgherald opens itself (see `listener_conninfo`), and the
+    psycopg 3 connection to lend, if *source* is one and *lend* (else None).
+
+    Only a psycopg 3 connection is lent: from psycopg2 and SQLAlchemy objects pgherald takes
+    the connection parameters (password included) and opens a connection of its own; so it
+    does from a psycopg 3 connection when not *lend* (a consumer, which must own its session).
+    """
+    lent: pq.abc.PGconn | None = None
+    if source is None or isinstance(source, str):
+        dsn = _libpq_dsn(resolve_dsn(source))
+    elif isinstance(source, psycopg.Connection | psycopg.AsyncConnection) and not lend:
+        if source.closed:
+            raise UsageError("the connection is closed: pass an open connection, or a DSN")
+        dsn = _params_dsn(source)
+    elif isinstance(source, psycopg.Connection | psycopg.AsyncConnection):
+        lent, dsn = source.pgconn, _lendable_dsn(source)
+    else:
+        dsn = _foreign_dsn(source)
+    return listener_conninfo(dsn, application_name=application_name), lent
+
+
+def _libpq_dsn(dsn: str) -> str:
+    """*dsn* as libpq takes it: a SQLAlchemy URL loses its ``+driver`` and driver-only options."""
+    m = _URL_SCHEME.match(dsn)
+    if m is None or m.group(2) is None:
+        return dsn
+    scheme, rest = "postgresql://", dsn[m.end() :]
+    base, sep, query = rest.partition("?")
+    if not sep:
+        return scheme + base
+    kept: list[tuple[str, str]] = []
+    dropped: list[tuple[str, str]] = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name == "ssl" and value in _SSLMODES:  # asyncpg's spelling of sslmode
+            name = "sslmode"
+        (kept if name in _libpq_keywords() else dropped).append((name, value))
+    if dropped:
+        # Options of the Python driver (prepared_statement_cache_size...), not of the server.
+        logger.info(
+            "ignoring URL options libpq does not know: %s", ", ".join(n for n, _ in dropped)
+        )
+    return scheme + base + (f"?{urlencode(kept)}" if kept else "")
+
+
+_SSLMODES = frozenset({"disable", "allow", "prefer", "require", "verify-ca", "verify-full"})
+
+
+@functools.cache
+def _libpq_keywords() -> frozenset[str]:
+    return frozenset(o.keyword.decode() for o in pq.Conninfo.get_defaults())
+
+
+def _foreign_dsn(source: object) -> str:
+    """The parameters of a psycopg2 connection or a SQLAlchemy engine/connection, as a DSN."""
+    package = type(source).__module__.split(".", 1)[0]
+    if package == "psycopg2" and hasattr(source, "get_dsn_parameters"):
+        if getattr(source, "closed", 0):
+            raise UsageError("the psycopg2 connection is closed: pass an open one, or a DSN")
+        # get_dsn_parameters() leaves the password out; conn.info has it (psycopg2 >= 2.8).
+        params: dict[str, Any] = dict(source.get_dsn_parameters())
+        params["password"] = getattr(getattr(source, "info", None), "password", None)
+        # psycopg2 may link another libpq: keep what ours knows, and what is set.
+        known = _libpq_keywords()
+        return make_conninfo(**{k: v for k, v in params.items() if v and k in known})
+    if package == "sqlalchemy":
+        engine = getattr(source, "engine", source)  # Connection.engine; an Engine is its own
+        url = getattr(engine, "url", None)
+        if url is not None and hasattr(url, "render_as_string"):
+            dsn = str(url.render_as_string(hide_password=False))
+            if _URL_SCHEME.match(dsn) is None:
+                raise UsageError(
+                    f"this SQLAlchemy engine is for {getattr(url, 'drivername', 'another database')}"
+                    ", not PostgreSQL: pass a PostgreSQL engine or a DSN"
+                )
+            return _libpq_dsn(dsn)
+    kind = f"{type(source).__module__}.{type(source).__qualname__}"
+    raise UsageError(f"cannot connect with a {kind}: {_ACCEPTED}")
+
+
+def _lendable_dsn(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    """
+    Check that *conn* can listen right now, and return a DSN to reconnect with after a loss.
+
+    LISTEN inside a transaction only takes effect at COMMIT, and a listening connection must
+    stay idle: so the connection must be in autocommit mode and not in a transaction.
+    """
+    status = conn.info.transaction_status
+    if conn.closed:
+        raise UsageError("the connection is closed: pass an open connection, or a DSN")
+    if not conn.autocommit or status != pq.TransactionStatus.IDLE:
+        state = "not in autocommit mode" if conn.autocommit is False else ""
+        if status != pq.TransactionStatus.IDLE:
+            state = f"in a transaction ({status.name})"
+        raise TransactionStateError(
+            f"the connection is {state}: a listener needs an idle connection in autocommit "
+            "mode (commit or roll back, then set conn.autocommit = True), or pass a DSN and "
+            "let pgherald open a dedicated connection"
+        )
+    return _params_dsn(conn)
+
+
+def _params_dsn(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
+    # pgconn.info, unlike conn.info.dsn, keeps the password: needed to reconnect on our own.
+    params = {
+        o.keyword.decode(): o.val.decode()
+        for o in conn.pgconn.info
+        if o.val is not None and o.keyword.decode() not in {"application_name"}
+    }
+    return make_conninfo(**params)

@@ -1,40 +1,64 @@
-"""`Consumer` and `AsyncConsumer`: read a consumer group's events from the durable log."""
+"""
+`Consumer` and `AsyncConsumer`: read a consumer group's events from the durable log.
+
+Both are thin runtimes over one `ConsumerEngine` (``_protocol/consumer.py``), which holds every
+decision: reads, read-ahead, retries and their backoff, acknowledgements, rebalancing, probes
+and reconnects. A runtime only carries out the engine's requests: wait on a socket or a clock
+(`Waiter` on a thread, `AsyncWaiter` on asyncio or trio), call handlers, hand events to an
+iteration. The two classes are written side by side so that they read line for line alike;
+``tests/unit/test_front_ends.py`` checks that their public surfaces stay identical.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
-import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from datetime import datetime
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 import anyio
-import anyio.to_thread
+import psycopg
+import sniffio
 
-from ._conninfo import listener_conninfo
-from ._consumer_core import ConsumerCore, CoreLost, Event, Start
-from ._protocol.backoff import backoff_delay
+from ._conninfo import Source, connect_error, resolve_source
+from ._models import Event, Gap, Stats
 from ._protocol.channels import check_channel
-from ._protocol.pgwire import READ
+from ._protocol.consumer import (
+    BATCH,
+    DEFAULT_MAX_BATCH_SIZE,
+    NEEDS_TX,
+    TX,
+    ConsumerConfig,
+    ConsumerEngine,
+    Entry,
+    Start,
+    _Stopped,
+)
+from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
-from .errors import ConnectionLost, UsageError
+from .errors import ConnectError, UsageError
 
 logger = logging.getLogger("pgherald.consumer")
 
 H = TypeVar("H", bound=Callable[..., Any])
-_Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
+Mode = Literal["run", "iterate"]
+BatchAnswer = tuple[int, "int | None", "BaseException | object | None"]
+
+__all__ = ["AsyncConsumer", "Consumer", "Start"]
 
 
 class _ConsumerBase:
-    """Options, handlers and the retry policy shared by both runtimes."""
+    """Options, handlers, lifecycle bookkeeping: everything but the I/O."""
+
+    _is_async: ClassVar[bool]
 
     def __init__(
         self,
-        dsn: str | None = None,
+        dsn: Source | None = None,
         *,
         group: str,
         channels: Iterable[str] = (),
@@ -47,40 +71,92 @@ class _ConsumerBase:
         rebalance_interval: float = 1.0,
         max_attempts: int = 3,
         retry_delay: float = 0.2,
+        retry_max_delay: float = 30.0,
+        connect_timeout: float = 10.0,
+        health_check_interval: float = 15.0,
+        health_check_timeout: float = 5.0,
+        reconnect_initial_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
+        on_reconnect: Callable[[Gap], Any] | None = None,
+        application_name: str = "pgherald-consumer",
         json_loads: Callable[[str], Any] = json.loads,
     ) -> None:
+        if not isinstance(group, str) or not group:
+            raise UsageError("group must be a non-empty str: the consumer group's name")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise UsageError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        if max_batch_size is None:
+            max_batch_size = max(batch_size, DEFAULT_MAX_BATCH_SIZE)
+        elif (
+            isinstance(max_batch_size, bool)
+            or not isinstance(max_batch_size, int)
+            or max_batch_size < batch_size
+        ):
+            raise UsageError(
+                f"max_batch_size must be an int >= batch_size ({batch_size}), not "
+                f"{max_batch_size!r}: it caps how far reads grow while the consumer is behind"
+            )
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise UsageError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        if not (isinstance(start, (str, int, datetime)) and not isinstance(start, bool)) or (
+            isinstance(start, str) and start not in ("beginning", "now")
+        ):
+            raise UsageError(
+                f"start must be 'beginning', 'now', an event id or a datetime, not {start!r}"
+            )
         if isinstance(channels, str):
-            channels = [channels]
-        self.channels = {check_channel(c) for c in channels}
-        self._core = ConsumerCore(
-            listener_conninfo(dsn, application_name="pgherald-consumer"),
+            channels = [channels]  # a lone name, not its characters
+        # A consumer always owns its connection (it holds session locks on it): from a lent
+        # connection or engine it takes the parameters and opens its own.
+        conninfo, _ = resolve_source(dsn, application_name=application_name, lend=False)
+        self.stats = Stats()
+        """Counters: received, handler errors, skipped, acknowledged, reconnects, gaps..."""
+        self.on_reconnect = on_reconnect
+        """Called with a `Gap` (the outage: nothing is lost) after each reconnection."""
+        self._config = ConsumerConfig(
+            conninfo=conninfo,
             group=group,
+            channels=frozenset(check_channel(c) for c in channels),
             start=start,
             reset=reset,
             batch_size=batch_size,
             max_batch_size=max_batch_size,
+            poll_interval=poll_interval,
+            linger=linger,
             rebalance_interval=rebalance_interval,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+            retry_max_delay=retry_max_delay,
+            connect_timeout=connect_timeout,
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
+            reconnect_max_attempts=reconnect_max_attempts,
+            loads=json_loads,
         )
-        self.poll_interval = poll_interval
-        self.linger = linger
-        self.max_attempts = max_attempts
-        self.retry_delay = retry_delay
-        self.reconnect_max_attempts = reconnect_max_attempts
-        self._loads = json_loads
-        self._handlers: dict[str | None, list[_Entry]] = {}
-        self._stopping = False
-        self._done: list[Event] = []  # handled events of the current batch, to acknowledge
-        self.stats = {"received": 0, "handler_errors": 0, "skipped": 0, "reconnects": 0}
+        self._by_channel: dict[str | None, list[Entry]] = {}
+        self._merged: dict[str, tuple[Entry, ...]] = {}
+        self._engine = ConsumerEngine(self._config, self.stats, self._lookup)
+        self._mode: Mode | None = None
+        self._setup()
+
+    # -- public, runtime-independent --
 
     @property
     def group(self) -> str:
-        return self._core.group
+        return self._config.group
+
+    @property
+    def channels(self) -> frozenset[str]:
+        """The channels whose events reach handlers or the iteration (empty: all of them)."""
+        return self._config.channels
 
     @property
     def partitions(self) -> list[int]:
         """The partitions this consumer holds now (out of 16)."""
-        return list(self._core.owned)
+        return list(self._engine.owned)
 
     @property
     def read_size(self) -> int:
@@ -88,97 +164,123 @@ class _ConsumerBase:
         How many events the next read asks for: ``batch_size`` when caught up; while reads come
         back full (a backlog), twice the last one's, up to ``max_batch_size``.
         """
-        return self._core.read_size
+        return self._engine.read_size
+
+    @property
+    def connected(self) -> bool:
+        return self._engine.connected
 
     @property
     def backend_pid(self) -> int | None:
-        conn = self._core.conn
-        return conn.pgconn.backend_pid if conn is not None else None
+        """The server process of the consumer's connection (for `pg_terminate_backend`)."""
+        pgconn = self._engine.pgconn
+        return pgconn.backend_pid if pgconn is not None else None
 
     def on(self, *channels: str, transactional: bool = False) -> Callable[[H], H]:
         """
-        Decorator: handle events of *channels* (all subscribed channels when none is given).
+        Decorator: handle events of *channels* (every channel the consumer reads when none is
+        given).
 
         With ``transactional=True`` the handler is called as ``handler(event, conn)`` inside a
         transaction on the consumer's connection that also acknowledges the event: its writes
         through *conn* and the acknowledgement commit together, or not at all (exactly-once
-        effects). Transactional handlers must be plain functions.
+        effects). *conn* is a ``psycopg.Connection`` for `Consumer`, a
+        ``psycopg.AsyncConnection`` for `AsyncConsumer` (asyncio only: psycopg's async
+        connection does not run on trio). Do not commit or roll back *conn* yourself.
         """
 
         def register(func: H) -> H:
-            is_async = inspect.iscoroutinefunction(func)
-            if transactional and is_async:
-                raise UsageError("transactional handlers must be plain functions (not async)")
-            for ch in channels or (None,):
-                if ch is not None:
-                    self.channels.add(check_channel(ch))
-                self._handlers.setdefault(ch, []).append((func, is_async, transactional))
+            self.add_handler(channels, func, transactional=transactional)
             return func
 
         return register
 
+    def add_handler(
+        self, channels: Iterable[str], handler: Callable[..., Any], *, transactional: bool = False
+    ) -> None:
+        """Register *handler* for *channels* (empty: every channel); see `on`."""
+        if self._mode == "iterate":
+            raise UsageError("this consumer is being iterated: handlers and iteration do not mix")
+        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - an async __call__ counts too
+        )
+        name = getattr(handler, "__name__", repr(handler))
+        if is_async and not self._is_async:
+            raise UsageError(
+                f"handler {name!r} is async: use pgherald.AsyncConsumer for async handlers, or "
+                "make it a plain function (a sync Consumer would never await it)"
+            )
+        if transactional and self._is_async and not is_async:
+            raise UsageError(
+                f"transactional handler {name!r} of an AsyncConsumer must be async: it gets a "
+                "psycopg.AsyncConnection (a plain function would block the event loop)"
+            )
+        names = [channels] if isinstance(channels, str) else list(channels)
+        added = {check_channel(c) for c in names}
+        if added:  # a handler's channels are read too (no channels at all: every channel)
+            self._config.channels = self._config.channels | added
+        keys: list[str | None] = [*names] or [None]
+        for ch in keys:
+            self._by_channel.setdefault(ch, []).append((handler, is_async, transactional))
+        self._merged.clear()
+
     def stop(self) -> None:
-        """Return from `run` (or end iteration) after the current event; any thread."""
-        self._stopping = True
+        """
+        Make `run` return (or iteration end) after the current handler; any thread, a signal
+        handler too. A `stop` before `run` makes the next `run` return at once.
+        """
+        self._engine.stop()
         self._wake()
+
+    def _setup(self) -> None:
+        """The runtime's own state (its waiter)."""
+        raise NotImplementedError
+
+    def _lookup(self, channel: str) -> tuple[Entry, ...]:
+        try:
+            return self._merged[channel]
+        except KeyError:
+            merged = (*self._by_channel.get(channel, ()), *self._by_channel.get(None, ()))
+            self._merged[channel] = merged
+            return merged
 
     def _wake(self) -> None:
         raise NotImplementedError
 
-    def _entries(self, event: Event) -> list[_Entry]:
-        return self._handlers.get(event.channel, []) + self._handlers.get(None, [])
-
-    def _wanted(self, events: list[Event]) -> list[Event]:
-        self.stats["received"] += len(events)
-        channels = self.channels
-        return [e for e in events if e.channel in channels] if channels else events
-
-    def _failed(self, event: Event, attempt: int) -> bool:
-        """Log a handler failure; True when the event should be tried again."""
-        self.stats["handler_errors"] += 1
-        if attempt < self.max_attempts:
-            logger.warning(
-                "handler failed on event %d (%s), attempt %d of %d; retrying",
-                event.id,
-                event.channel,
-                attempt,
-                self.max_attempts,
-                exc_info=True,
+    def _begin(self, mode: Mode) -> None:
+        if self._mode is not None:
+            raise UsageError(
+                f"this consumer is already in use ({self._mode}); one run or one iteration at a "
+                "time per consumer"
             )
-            return True
-        self.stats["skipped"] += 1
-        logger.error(
-            "handler failed on event %d (%s) %d times; skipping it",
-            event.id,
-            event.channel,
-            attempt,
-            exc_info=True,
-        )
-        return False
-
-    def _ack_done(self, batch: list[Event], events: list[Event]) -> None:
-        done = self._done
-        self._done = []
-        # All we wanted was handled: move past the whole read, other channels' events too.
-        self._core.ack(events if len(done) == len(batch) else done)
-
-    def _reconnect_delay(self, attempt: int, exc: CoreLost) -> float:
-        """The wait before reconnect *attempt*, logged; ConnectionLost past the last one."""
-        if self.reconnect_max_attempts is not None and attempt > self.reconnect_max_attempts:
-            raise ConnectionLost(f"could not reconnect after {attempt - 1} attempts: {exc}")
-        delay = backoff_delay(attempt, initial=0.1, cap=5.0)
-        logger.warning("consumer connection lost (%s); reconnecting in %.2fs", exc, delay)
-        return delay
-
-    def _begin_run(self) -> None:
-        if not self._handlers:
+        if mode == "run" and not self._by_channel:
             raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
-        self._stopping = False
-
-    def _begin_events(self) -> None:
-        if self._handlers:
+        if mode == "iterate" and self._by_channel:
             raise UsageError("this consumer has handlers: call run(), or iterate one without")
-        self._stopping = False
+        self._mode = mode
+
+    def _end(self) -> None:
+        # Cleared on the way out: a stop() that comes before run() still stops it.
+        self._engine.stopping = False
+        self._mode = None
+
+    def _connect_error(self, exc: ConnectError) -> ConnectError:
+        if type(exc) is not ConnectError:
+            return exc  # a more specific error (PoolerError) says it all already
+        return connect_error(self._config.conninfo, str(exc))
+
+    def _reported(self, gap: Gap) -> Any:
+        if self.on_reconnect is None:
+            return None
+        try:
+            return self.on_reconnect(gap)
+        except Exception:
+            logger.exception("on_reconnect hook failed")
+            return None
+
+    def __repr__(self) -> str:
+        state = "connected" if self.connected else "not connected"
+        return f"<{type(self).__name__} group={self.group!r} {state}>"
 
 
 class Consumer(_ConsumerBase):
@@ -199,10 +301,31 @@ class Consumer(_ConsumerBase):
     .. versionadded:: 0.1
     """
 
-    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
-        super().__init__(dsn, **kwargs)
+    _is_async = False
+
+    def _setup(self) -> None:
+        self._config.connection_class = psycopg.Connection
         self._waiter = Waiter()
-        self._waiter.open()  # now, so that a stop() from another thread is never lost
+
+    def connect(self) -> None:
+        """Connect, join the group and take partitions now (done by ``with`` and `run`)."""
+        # The wake-up socket exists before any wait; a stop() before it sets only the flag,
+        # which the engine reads before it waits.
+        self._waiter.open()
+        if self._engine.connected:
+            return
+        try:
+            self._waiter.run(self._engine.open())
+        except ConnectError as exc:
+            raise self._connect_error(exc) from None
+        except _Stopped:
+            return
+
+    def close(self) -> None:
+        """Stop, and close the connection (the group's partitions go to the other members)."""
+        self.stop()
+        self._engine.close()
+        self._waiter.close()
 
     def __enter__(self) -> Consumer:
         try:
@@ -217,96 +340,57 @@ class Consumer(_ConsumerBase):
     ) -> None:
         self.close()
 
-    def connect(self) -> None:
-        if self._core.conn is None:
-            self._core.connect()
-
-    def close(self) -> None:
-        self._core.close()
-        self._waiter.close()
-
     def _wake(self) -> None:
         self._waiter.wake()
 
-    def _wait(self, seconds: float) -> bool:
-        """Wait for a wake-up notification, a stop, or the timeout; True if woken by the server."""
-        if not self._waiter.wait(self._core.socket, READ, time.monotonic() + seconds):
-            return False
-        self._core.drain_wakes()
-        return True
-
-    def _batches(self) -> Iterator[list[Event]]:
-        """Batches of wanted events until stopped; reconnects on connection loss."""
-        core = self._core
-        self.connect()
-        linger_until = 0.0
-        attempt = 0
-        while not self._stopping:
-            try:
-                core.rebalance()
-                events = core.fetch(self._loads)
-                attempt = 0
-                if events:
-                    batch = self._wanted(events)
-                    self._done = []
-                    yield batch
-                    self._ack_done(batch, events)
-                    linger_until = time.monotonic() + self.linger
-                    continue
-                now = time.monotonic()
-                if now < linger_until:
-                    # Writers that did not send a wake-up may commit just after one that did.
-                    self._wait(min(0.002, linger_until - now))
-                    continue
-                if self._wait(self.poll_interval):
-                    linger_until = time.monotonic() + self.linger
-            except CoreLost as exc:
-                attempt += 1
-                core.close()
-                delay = self._reconnect_delay(attempt, exc)
-                self._wait_stop(delay)
-                try:
-                    core.connect()
-                    self.stats["reconnects"] += 1
-                except Exception as exc2:  # retried at the next turn
-                    logger.warning("reconnect failed: %s", exc2)
-
-    def _wait_stop(self, delay: float) -> None:
-        self._waiter.sleep(time.monotonic() + delay)
+    # -- handler style --
 
     def run(self) -> None:
         """Handle events until `stop`."""
-        self._begin_run()
-        for batch in self._batches():
-            try:
-                for event in batch:
-                    self._handle(event)
-                    self._done.append(event)
-                    if self._stopping:
-                        break
-            except CoreLost:
-                # Lost mid-batch: what was handled cannot be acknowledged, so it comes again
-                # (at least once); the batches loop reconnects at its next turn.
-                self._done = []
-                self._core.close()
+        self._begin("run")
+        try:
+            self.connect()
+            self._waiter.run(self._engine.run(), self._on_request)
+        finally:
+            self._end()
 
-    def _handle(self, event: Event) -> None:
-        for handler, _, transactional in self._entries(event):
-            attempt = 1
-            while True:
+    def _on_request(self, req: Request) -> Any:
+        kind = req[0]
+        if kind == BATCH:
+            return self._handle(req[1], req[2], req[3])
+        if kind == TX:
+            try:
+                req[2](req[1], req[3])
+            except Exception as exc:
+                return exc
+            return None
+        if kind == REPORT:
+            self._reported(req[1])
+        return None
+
+    def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
+        """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""
+        lookup = self._lookup
+        engine = self._engine
+        for i in range(first, len(events)):
+            event = events[i]
+            entries = lookup(event.channel)
+            if not entries:
+                self.stats.unhandled += 1
+            for h in range(handler, len(entries)):
+                func, _, transactional = entries[h]
+                if transactional:
+                    return i, h, NEEDS_TX
                 try:
-                    if transactional:
-                        self._core.in_transaction(event, handler)
-                    else:
-                        handler(event)
-                    break
-                except CoreLost:
-                    raise
-                except Exception:
-                    if not self._failed(event, attempt):
-                        break
-                    attempt += 1
-                    self._wait_stop(self.retry_delay)
+                    func(event)
+                except Exception as exc:
+                    return i, h, exc
+            handler = 0
+            if engine.stopping:
+                return i + 1, None, None
+        return len(events), None, None
+
+    # -- iterator style --
 
     def __iter__(self) -> Iterator[Event]:
         return self.events()
@@ -319,145 +403,201 @@ class Consumer(_ConsumerBase):
         are written once per read, so a crash redelivers at most one read (at most
         ``max_batch_size`` events, see the class docstring).
         """
-        self._begin_events()
+        self._begin("iterate")
+        engine = self._engine
+        waiter = self._waiter
+        gen = engine.run()
+        batch: list[Event] | None = None
+        done = 0
         try:
-            for batch in self._batches():
-                for event in batch:
-                    yield event
-                    self._done.append(event)
-                    if self._stopping:
-                        break
+            self.connect()
+            send: Any = None
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                send = None
+                kind = req[0]
+                if kind == WAIT:
+                    send = waiter.wait(req[1], req[2], req[3])
+                elif kind == BATCH:
+                    batch, done = req[1], req[2]
+                    while done < len(batch) and not engine.stopping:
+                        yield batch[done]
+                        done += 1
+                    send, batch = (done, None, None), None
+                elif kind == SLEEP:
+                    waiter.sleep(req[1])
+                elif kind == REPORT:
+                    self._reported(req[1])
         finally:
-            # Left early (break, exception, close): acknowledge what was finished.
-            if self._done:
-                with contextlib.suppress(CoreLost):
-                    self._core.ack(self._done)
-                self._done = []
+            gen.close()
+            if batch is not None and done:  # left early: acknowledge what was finished
+                waiter.run(engine.ack_handed_out(batch[:done]))
+            self._end()
 
 
 class AsyncConsumer(_ConsumerBase):
     """
-    The async `Consumer`, for asyncio and trio: queries run in a worker thread (psycopg's
-    async connection is asyncio-only), all waiting happens on the event loop.
+    The async `Consumer`: same options, same behaviour, on asyncio or trio.
+
+    Handlers may be plain functions or coroutine functions; transactional handlers are
+    coroutine functions that get a ``psycopg.AsyncConnection`` (asyncio only). No worker
+    threads: every wait is on the event loop.
 
     .. versionadded:: 0.1
     """
 
-    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
-        super().__init__(dsn, **kwargs)
+    _is_async = True
+
+    def _setup(self) -> None:
         self._waiter = AsyncWaiter()
 
+    async def connect(self) -> None:
+        """Connect, join the group and take partitions now (done by ``async with`` and `run`)."""
+        self._waiter.bind()
+        if self._engine.connected:
+            return
+        self._config.connection_class = _async_connection_class()
+        try:
+            await self._waiter.run(self._engine.open())
+        except ConnectError as exc:
+            raise self._connect_error(exc) from None
+        except _Stopped:
+            return
+
+    async def aclose(self) -> None:
+        """Stop, and close the connection (the group's partitions go to the other members)."""
+        self.stop()
+        self._engine.close()
+
     async def __aenter__(self) -> AsyncConsumer:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:
+            await self.aclose()
+            raise
         return self
 
     async def __aexit__(
         self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None
     ) -> None:
-        with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self._core.close)
-
-    async def connect(self) -> None:
-        self._waiter.bind()
-        if self._core.conn is None:
-            await anyio.to_thread.run_sync(self._core.connect)
+        await self.aclose()
 
     def _wake(self) -> None:
         self._waiter.wake()
 
-    async def _wait(self, seconds: float) -> bool:
-        if not await self._waiter.wait(self._core.socket, READ, time.monotonic() + seconds):
-            return False
-        await anyio.to_thread.run_sync(self._core.drain_wakes)
-        return True
-
-    async def _batches(self) -> AsyncIterator[list[Event]]:
-        core = self._core
-        await self.connect()
-        linger_until = 0.0
-        attempt = 0
-        while not self._stopping:
-            try:
-                events = await anyio.to_thread.run_sync(self._fetch)
-                attempt = 0
-                if events:
-                    batch = self._wanted(events)
-                    self._done = []
-                    yield batch
-                    with anyio.CancelScope(shield=True):
-                        await anyio.to_thread.run_sync(self._ack_done, batch, events)
-                    linger_until = time.monotonic() + self.linger
-                    continue
-                now = time.monotonic()
-                if now < linger_until:
-                    await self._waiter.sleep(min(now + 0.002, linger_until))
-                    continue
-                if await self._wait(self.poll_interval):
-                    linger_until = time.monotonic() + self.linger
-            except CoreLost as exc:
-                attempt += 1
-                await anyio.to_thread.run_sync(core.close)
-                delay = self._reconnect_delay(attempt, exc)
-                await self._waiter.sleep(time.monotonic() + delay)
-                try:
-                    await anyio.to_thread.run_sync(core.connect)
-                    self.stats["reconnects"] += 1
-                except Exception as exc2:
-                    logger.warning("reconnect failed: %s", exc2)
-
-    def _fetch(self) -> list[Event]:
-        self._core.rebalance()
-        return self._core.fetch(self._loads)
+    # -- handler style --
 
     async def run(self) -> None:
         """Handle events until `stop` (or cancellation)."""
-        self._begin_run()
-        async for batch in self._batches():
-            try:
-                for event in batch:
-                    await self._handle(event)
-                    self._done.append(event)
-                    if self._stopping:
-                        break
-            except CoreLost:
-                self._done = []  # see Consumer.run
-                await anyio.to_thread.run_sync(self._core.close)
+        self._begin("run")
+        try:
+            await self.connect()
+            if self._has_transactional() and self._config.connection_class is psycopg.Connection:
+                raise UsageError(
+                    "transactional handlers need asyncio: psycopg's AsyncConnection, which they "
+                    "receive, does not run on trio"
+                )
+            await self._waiter.run(self._engine.run(), self._on_request)
+        finally:
+            self._end()
 
-    async def _handle(self, event: Event) -> None:
-        for handler, is_async, transactional in self._entries(event):
-            attempt = 1
-            while True:
+    async def _on_request(self, req: Request) -> Any:
+        kind = req[0]
+        if kind == BATCH:
+            return await self._handle(req[1], req[2], req[3])
+        if kind == TX:
+            try:
+                await req[2](req[1], req[3])
+            except Exception as exc:
+                return exc
+            return None
+        if kind == REPORT:
+            result = self._reported(req[1])
+            if inspect.isawaitable(result):
                 try:
-                    if transactional:
-                        await anyio.to_thread.run_sync(self._core.in_transaction, event, handler)
-                    elif is_async:
-                        await handler(event)
-                    else:
-                        handler(event)
-                    break
-                except CoreLost:
-                    raise
+                    await result
                 except Exception:
-                    if not self._failed(event, attempt):
-                        break
-                    attempt += 1
-                    await self._waiter.sleep(time.monotonic() + self.retry_delay)
+                    logger.exception("on_reconnect hook failed")
+        return None
+
+    async def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
+        """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""
+        lookup = self._lookup
+        engine = self._engine
+        for i in range(first, len(events)):
+            event = events[i]
+            entries = lookup(event.channel)
+            if not entries:
+                self.stats.unhandled += 1
+            for h in range(handler, len(entries)):
+                func, is_async, transactional = entries[h]
+                if transactional:
+                    return i, h, NEEDS_TX
+                try:
+                    if is_async:
+                        await func(event)
+                    else:
+                        func(event)
+                except Exception as exc:
+                    return i, h, exc
+            handler = 0
+            if engine.stopping:
+                return i + 1, None, None
+        return len(events), None, None
+
+    def _has_transactional(self) -> bool:
+        return any(tx for entries in self._by_channel.values() for _, _, tx in entries)
+
+    # -- iterator style --
 
     def __aiter__(self) -> AsyncIterator[Event]:
         return self.events()
 
     async def events(self) -> AsyncIterator[Event]:
         """Yield events until `stop`; acknowledged as in `Consumer.events`."""
-        self._begin_events()
+        self._begin("iterate")
+        engine = self._engine
+        waiter = self._waiter
+        gen = engine.run()
+        batch: list[Event] | None = None
+        done = 0
         try:
-            async for batch in self._batches():
-                for event in batch:
-                    yield event
-                    self._done.append(event)
-                    if self._stopping:
-                        break
+            await self.connect()
+            send: Any = None
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                send = None
+                kind = req[0]
+                if kind == WAIT:
+                    send = await waiter.wait(req[1], req[2], req[3])
+                elif kind == BATCH:
+                    batch, done = req[1], req[2]
+                    while done < len(batch) and not engine.stopping:
+                        yield batch[done]
+                        done += 1
+                    send, batch = (done, None, None), None
+                elif kind == SLEEP:
+                    await waiter.sleep(req[1])
+                elif kind == REPORT:
+                    await self._on_request(req)
         finally:
-            if self._done:
-                with anyio.CancelScope(shield=True), contextlib.suppress(CoreLost):
-                    await anyio.to_thread.run_sync(self._core.ack, self._done)
-                self._done = []
+            gen.close()
+            if batch is not None and done:  # left early: acknowledge what was finished
+                with anyio.CancelScope(shield=True):
+                    await waiter.run(engine.ack_handed_out(batch[:done]))
+            self._end()
+
+
+def _async_connection_class() -> type[Any]:
+    """psycopg's AsyncConnection on asyncio; on trio a plain wrapper, for decoding only."""
+    return (
+        psycopg.AsyncConnection
+        if sniffio.current_async_library() == "asyncio"
+        else psycopg.Connection
+    )

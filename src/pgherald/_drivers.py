@@ -3,16 +3,16 @@ Run one statement through whatever connection the application has: psycopg 3, ps
 SQLAlchemy (``Connection``, ``Session``, a raw pool connection), sync or async.
 
 Queries use ``%(name)s`` placeholders; values are always bound, never formatted in. Driver
-errors come out as `pgherald` errors (see `wrap`).
+errors are mapped to `pgherald` errors by the callers, through `_errormap`.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-from .errors import HeraldError, UsageError
+from .errors import UsageError
 from .sql import PLACEHOLDER
 
 DRIVERS = ("psycopg", "psycopg2", "sqlalchemy")
@@ -125,16 +125,3 @@ async def aexecute(conn: Any, query: str, params: Mapping[str, Any], *, what: st
         row = result.first()
     return row[0] if row else None
 
-
-def is_driver_error(exc: BaseException) -> bool:
-    return type(exc).__module__.split(".", 1)[0] in DRIVERS
-
-
-def wrap(exc: Exception, make: Callable[[str], HeraldError]) -> HeraldError:
-    """A driver error as a pgherald error, with the usual fixes named."""
-    message = " ".join(str(exc).split()) or type(exc).__name__
-    if "current transaction is aborted" in message or "InFailedSqlTransaction" in repr(exc):
-        message += ": the transaction already failed; roll it back first"
-    elif "closed" in message:
-        message += ": the connection is closed; open a new one"
-    return make(message)

@@ -13,7 +13,7 @@ from ._listener_base import ListenerBase
 from ._models import Gap, Notification
 from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
 from ._waiting import Waiter
-from .errors import ConnectError
+from .errors import ConnectError, ListenError, PoolerError
 
 logger = logging.getLogger("pgherald.listener")
 
@@ -36,8 +36,7 @@ class Listener(ListenerBase):
 
     _allow_async_handlers = False
 
-    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
-        super().__init__(dsn, **kwargs)
+    def _setup(self) -> None:  # called by ListenerBase.__init__, whose signature users see
         self._waiter = Waiter()
         self._loop_thread: int | None = None  # the thread running run() or the iteration
         # One thread at a time drives the connection: a run/iteration, or a subscribe outside.
@@ -52,6 +51,9 @@ class Listener(ListenerBase):
         self._waiter.open()
         try:
             self._waiter.run(self._engine.open())
+        except PoolerError:
+            self._waiter.close()
+            raise  # its message already names the cause and the fix
         except ConnectError as exc:
             self._waiter.close()
             raise self._connect_error(exc) from None
@@ -98,11 +100,19 @@ class Listener(ListenerBase):
                         self._waiter.run(engine.sync_channels())
                     return
         if threading.get_ident() != self._loop_thread:
-            # Running in another thread: it applies the change; wait until the server has it.
+            # Running in another thread: it applies the change; wait until the server has it
+            # (only a sync that starts after this request counts: see engine.after_sync).
             done = threading.Event()
             engine.after_sync(done.set)
             self._wake()
-            done.wait(engine.config.health_check_timeout + 10.0)
+            timeout = engine.config.health_check_timeout + 10.0
+            if not done.wait(timeout):
+                raise ListenError(
+                    f"LISTEN/UNLISTEN not confirmed within {timeout:g}s: the listener's loop "
+                    "did not get to it (connection down and reconnecting, or a handler "
+                    "blocking the loop); the change stays requested and is applied when the "
+                    "loop resumes"
+                )
 
     def _wake(self) -> None:
         self._waiter.wake()
@@ -191,12 +201,13 @@ class Listener(ListenerBase):
                         return
                 elif kind == DELIVER:
                     budget = clock() + engine.config.delivery_budget
+                    before = self.stats.received
                     while (n := engine.pop()) is not None:
                         self.stats.received += 1
                         yield n
                         if engine.stopping or clock() > budget:
                             break
-                    if idle_until is not None:
+                    if idle_until is not None and self.stats.received != before:
                         idle_until = clock() + timeout  # type: ignore[operator]
                 elif kind == SLEEP:
                     deadline = req[1]

@@ -10,15 +10,24 @@ from types import TracebackType
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 
 from ._listener_base import ListenerBase
 from ._models import Gap, Notification
 from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
 from ._protocol.routing import Entry
 from ._waiting_async import AsyncWaiter
-from .errors import ConnectError
+from .errors import ConnectError, ListenError, PoolerError
 
 logger = logging.getLogger("pgherald.listener")
+
+# Socket reads a delivery may do on its own while a burst streams in (see engine.dispatch)
+# before going back through the event loop; 16 libpq reads are ~256 KB, what asyncio's own
+# transports read at once.
+_REREADS = 16
+# An iteration whose data keeps coming never waits: it lets the loop run other tasks (and
+# deliver a cancellation) once per this many batches (a batch: one libpq read, ~16 KB).
+_BATCHES_PER_CHECKPOINT = 10**9
 
 
 class AsyncListener(ListenerBase):
@@ -38,10 +47,10 @@ class AsyncListener(ListenerBase):
     """
 
     _allow_async_handlers = True
+    _loop_task: int | None = None  # the task running run() or the iteration
 
-    def __init__(self, dsn: str | None = None, **kwargs: Any) -> None:
-        super().__init__(dsn, **kwargs)
-        self._waiter = AsyncWaiter()
+    def _setup(self) -> None:  # called by ListenerBase.__init__, whose signature users see
+        self._waiter = AsyncWaiter(keep_reader=True)
         self._dispatching = False  # handlers are running: the loop cannot serve a subscribe
         # One task at a time drives the connection: a run/iteration, or a subscribe outside one.
         self._io_lock = anyio.Lock()
@@ -55,12 +64,15 @@ class AsyncListener(ListenerBase):
             return
         try:
             await self._waiter.run(self._engine.open())
+        except PoolerError:
+            raise  # its message already names the cause and the fix
         except ConnectError as exc:
             raise self._connect_error(exc) from None
 
     async def aclose(self) -> None:
         """Stop and close the connection (a lent connection is handed back, UNLISTENed)."""
         self.stop()
+        self._waiter.release()
         if self._engine.adopted_in_use:
             with anyio.CancelScope(shield=True):
                 await self._waiter.run(self._engine.release())
@@ -99,12 +111,21 @@ class AsyncListener(ListenerBase):
                     if engine.connected:
                         await self._waiter.run(engine.sync_channels())
                     return
-        if not self._dispatching:
-            done = anyio.Event()
-            engine.after_sync(done.set)
-            self._wake()
-            with anyio.fail_after(engine.config.health_check_timeout + 10.0):
-                await done.wait()
+        if self._dispatching and anyio.get_current_task().id == self._loop_task:
+            return  # called by a handler or the loop body: the loop applies it right after
+        # Only a sync that starts after this request counts: see engine.after_sync.
+        done = anyio.Event()
+        engine.after_sync(done.set)
+        self._wake()
+        timeout = engine.config.health_check_timeout + 10.0
+        with anyio.move_on_after(timeout):
+            await done.wait()
+        if not done.is_set():
+            raise ListenError(
+                f"LISTEN/UNLISTEN not confirmed within {timeout:g}s: the listener's loop did "
+                "not get to it (connection down and reconnecting, or a handler blocking the "
+                "loop); the change stays requested and is applied when the loop resumes"
+            )
 
     def _wake(self) -> None:
         self._waiter.wake()
@@ -114,11 +135,13 @@ class AsyncListener(ListenerBase):
     async def run(self) -> None:
         """Dispatch notifications to handlers until `stop` is called (or the task is cancelled)."""
         self._begin("run")
+        self._loop_task = anyio.get_current_task().id
         try:
             async with self._io_lock:
                 await self.connect()
                 await self._waiter.run(self._engine.run(), self._on_request)
         finally:
+            self._waiter.release()
             self._end()
 
     async def _on_request(self, req: Request) -> None:
@@ -136,7 +159,9 @@ class AsyncListener(ListenerBase):
         budget = time.monotonic() + engine.config.delivery_budget
         single = self._handlers.single
         while True:
-            pending = engine.dispatch(single, self._dispatch_slow, self._handler_failed, budget)
+            pending = engine.dispatch(
+                single, self._dispatch_slow, self._handler_failed, budget, _REREADS
+            )
             if pending is None:
                 return
             await pending
@@ -189,10 +214,12 @@ class AsyncListener(ListenerBase):
     ) -> AsyncIterator[Notification]:
         """Yield notifications until `stop`, or until none arrives for *timeout* seconds."""
         self._begin("iterate")
+        self._loop_task = anyio.get_current_task().id
         gen = self._engine.run()
         engine = self._engine
         clock = time.monotonic
         waiter = self._waiter
+        stats = self.stats
         try:
             async with self._io_lock:
                 pass  # a subscribe that began before this iteration finishes first
@@ -215,18 +242,33 @@ class AsyncListener(ListenerBase):
                         return
                 elif kind == DELIVER:
                     budget = clock() + engine.config.delivery_budget
-                    while (n := engine.pop()) is not None:
-                        self.stats.received += 1
+                    before = stats.received
+                    batches = 0
+                    # A batch at a time (engine.take): no await and no engine call per
+                    # notification; what the loop body does not take goes back (unread).
+                    while batch := engine.take():
                         # The loop body runs now, not the engine: a subscribe from it must
                         # not wait for the engine (see _sync_now).
                         self._dispatching = True
+                        k = 0
                         try:
-                            yield n
+                            for n in batch:
+                                k += 1
+                                stats.received += 1
+                                yield n
+                                if engine.stopping or (not k & 7 and clock() > budget):
+                                    break
                         finally:
                             self._dispatching = False
+                            if k < len(batch):
+                                engine.unread(batch[k:])
                         if engine.stopping or clock() > budget:
                             break
-                    if idle_until is not None:
+                        batches += 1
+                        if batches == _BATCHES_PER_CHECKPOINT:
+                            batches = 0
+                            await anyio.lowlevel.checkpoint()
+                    if idle_until is not None and stats.received != before:
                         idle_until = clock() + timeout  # type: ignore[operator]
                 elif kind == SLEEP:
                     deadline = req[1]
@@ -239,4 +281,5 @@ class AsyncListener(ListenerBase):
                     await self._report(req[1])
         finally:
             gen.close()
+            waiter.release()
             self._end()

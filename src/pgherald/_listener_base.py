@@ -6,15 +6,11 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal, TypeVar
 
-import psycopg
-from psycopg import pq
-from psycopg.conninfo import make_conninfo
-
-from ._conninfo import connect_error, listener_conninfo
+from ._conninfo import Source, connect_error, resolve_source
 from ._models import Gap, ListenerStats, Notification
 from ._protocol.engine import ListenerConfig, ListenerEngine
 from ._protocol.routing import Handler, HandlerRegistry
-from .errors import ConnectError, TransactionStateError, UsageError
+from .errors import ConnectError, UsageError
 
 logger = logging.getLogger("pgherald.listener")
 
@@ -29,7 +25,7 @@ class ListenerBase:
 
     def __init__(
         self,
-        dsn: str | psycopg.Connection[Any] | psycopg.AsyncConnection[Any] | None = None,
+        dsn: Source = None,
         *,
         channels: Iterable[str] = (),
         on_gap: Callable[[Gap], Any] | None = None,
@@ -46,11 +42,9 @@ class ListenerBase:
     ) -> None:
         if isinstance(channels, str):
             channels = [channels]  # a lone name, not its characters
-        lent = None
-        if isinstance(dsn, psycopg.Connection | psycopg.AsyncConnection):
-            lent, dsn = dsn.pgconn, _lendable_dsn(dsn)
+        conninfo, lent = resolve_source(dsn, application_name=application_name)
         config = ListenerConfig(
-            conninfo=listener_conninfo(dsn, application_name=application_name),
+            conninfo=conninfo,
             connect_timeout=connect_timeout,
             health_check_interval=health_check_interval,
             health_check_timeout=health_check_timeout,
@@ -71,6 +65,10 @@ class ListenerBase:
             self._engine.adopt(lent)
         self._handlers = HandlerRegistry(allow_async=self._allow_async_handlers)
         self._mode: Mode | None = None
+        self._setup()
+
+    def _setup(self) -> None:
+        """The runtime's own state (the subclasses' signature is this one, typed, not theirs)."""
 
     # -- public, runtime-independent --
 
@@ -191,30 +189,3 @@ class ListenerBase:
         state = "connected" if self.connected else "not connected"
         return f"<{type(self).__name__} {state} channels={self.channels!r}>"
 
-
-def _lendable_dsn(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> str:
-    """
-    Check that *conn* can listen right now, and return a DSN to reconnect with after a loss.
-
-    LISTEN inside a transaction only takes effect at COMMIT, and a listening connection must
-    stay idle: so the connection must be in autocommit mode and not in a transaction.
-    """
-    status = conn.info.transaction_status
-    if conn.closed:
-        raise UsageError("the connection is closed: pass an open connection, or a DSN")
-    if not conn.autocommit or status != pq.TransactionStatus.IDLE:
-        state = "not in autocommit mode" if conn.autocommit is False else ""
-        if status != pq.TransactionStatus.IDLE:
-            state = f"in a transaction ({status.name})"
-        raise TransactionStateError(
-            f"the connection is {state}: a listener needs an idle connection in autocommit "
-            "mode (commit or roll back, then set conn.autocommit = True), or pass a DSN and "
-            "let pgherald open a dedicated connection"
-        )
-    # pgconn.info, unlike conn.info.dsn, keeps the password: needed to reconnect on our own.
-    params = {
-        o.keyword.decode(): o.val.decode()
-        for o in conn.pgconn.info
-        if o.val is not None and o.keyword.decode() not in {"application_name"}
-    }
-    return make_conninfo(**params)

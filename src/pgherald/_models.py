@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Literal, NamedTuple
 
 from ._protocol.payload import JsonLoads
@@ -62,17 +63,19 @@ class Gap:
 
 
 @dataclass
-class ListenerStats:
-    """Counters a listener keeps; cheap to read at any time."""
+class Stats:
+    """Counters a listener or consumer keeps; cheap to read at any time."""
 
     received: int = 0
     """Notifications handed to a handler or an iterator."""
     handler_errors: int = 0
     """Handler calls that raised (logged, not propagated)."""
     unhandled: int = 0
-    """Notifications on a channel with no handler (run mode only)."""
+    """Notifications (or events) on a channel with no handler (run mode only)."""
     reconnects: int = 0
     """Times the connection was re-established."""
+    connect_failures: int = 0
+    """Connection attempts that failed while reconnecting (refused, timed out, ...)."""
     gaps: list[Gap] = field(default_factory=list)
     """Every gap so far, oldest first."""
     health_checks: int = 0
@@ -81,3 +84,34 @@ class ListenerStats:
     """Times `pg_notification_queue_usage()` was read while behind."""
     last_queue_usage: float | None = None
     """The last reading of `pg_notification_queue_usage()` (0.0 to 1.0)."""
+    reads: int = 0
+    """Consumers: reads of the durable log sent."""
+    acknowledged: int = 0
+    """Consumers: events whose position was stored (handled, or not of the wanted channels)."""
+    skipped: int = 0
+    """Consumers: events given up after their handler failed ``max_attempts`` times."""
+    dead_lettered: int = 0
+    """Consumers: dead letters written (events undecodable, or given up; see `skipped`)."""
+    redelivered: int = 0
+    """Consumers: dead letters redelivered and handled (see `pgherald.redeliver`)."""
+
+
+ListenerStats = Stats
+"""The name `Stats` had before consumers shared it (kept for compatibility)."""
+
+
+class Event(NamedTuple):
+    """An event read from the durable log (a small immutable value, like `Notification`)."""
+
+    id: int
+    """Its id (ascending with insertion, not with commit order)."""
+    channel: str
+    payload: Any
+    """The JSON value published, decoded."""
+    key: str | None
+    headers: dict[str, Any] | None
+    created_at: datetime
+    """When the publishing transaction started."""
+    partition: int
+    tx: str
+    """The publishing transaction's id (``xid8``, as text): with `id`, the log position."""

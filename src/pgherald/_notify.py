@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _drivers
+from . import _drivers, _errormap
 from ._protocol.channels import check_channel
 from ._protocol.payload import JsonDumps, encode_payload
-from .errors import NotifyError
 
 _QUERY = "SELECT pg_notify(%(channel)s, %(payload)s)"
 
@@ -34,8 +33,8 @@ def notify(
     try:
         _drivers.execute(conn, _QUERY, params, what="NOTIFY")
     except Exception as exc:
-        if _drivers.is_driver_error(exc):
-            raise _error(exc, channel) from exc
+        if _errormap.is_driver_error(exc):
+            raise _errormap.from_driver(exc, doing=f"NOTIFY on channel {channel!r}") from exc
         raise
 
 
@@ -52,10 +51,7 @@ async def anotify(
     try:
         await _drivers.aexecute(conn, _QUERY, params, what="NOTIFY")
     except Exception as exc:
-        if _drivers.is_driver_error(exc):
-            raise _error(exc, channel) from exc
+        if _errormap.is_driver_error(exc):
+            raise _errormap.from_driver(exc, doing=f"NOTIFY on channel {channel!r}") from exc
         raise
 
-
-def _error(exc: Exception, channel: str) -> NotifyError:
-    return _drivers.wrap(exc, lambda m: NotifyError(f"NOTIFY on channel {channel!r} failed: {m}"))  # type: ignore[return-value]

@@ -265,8 +265,8 @@ def _require_superuser(conn: psycopg.Connection[Any]) -> None:
     row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
     if not (row and row[0]):
         raise PrivilegeError(
-            "DDL event triggers need a superuser: run `pgherald ddl enable` as one (for "
-            "example --dsn with user=postgres), or ask your DBA to"
+            "DDL event triggers need a superuser: run `pgherald ddl enable` (or `ddl disable`) "
+            "as one (for example --dsn with user=postgres), or ask your DBA to run it"
         )
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Generator
@@ -16,20 +19,38 @@ from ._protocol.pgwire import READ, SLEEP, WAIT, Request
 
 T = TypeVar("T")
 
+_running_loop = asyncio._get_running_loop  # None outside asyncio; a C call, no exception
+
 
 class AsyncWaiter:
     """
-    Waits on a connection socket with `anyio.wait_readable`, cancellable by `wake`.
+    Waits on a connection socket, cancellable by `wake`, on asyncio or trio.
 
     `wake` may be called from the event loop's thread (a handler, another task) or from any
     other thread; it interrupts the current wait so the engine can look at its flags.
+
+    A wait is the listener's per-read cost, so each event loop gets its own path rather than
+    `anyio.wait_readable` inside an `anyio.CancelScope` (28 µs a wait on asyncio, 21 on trio,
+    measured on the benchmark machine): on asyncio a future resolved by `loop.add_reader`
+    and one timer re-armed only when a deadline comes earlier (7 µs; with *keep_reader*, the
+    reader stays registered between reads of a stream); on trio `trio.lowlevel.wait_readable`
+    in a `trio.CancelScope` (17 µs). Any other loop (or asyncio without `add_reader`) takes
+    the anyio path. Cancellation works as for any await: the future or the trio wait is
+    cancelled with the task.
     """
 
-    def __init__(self) -> None:
-        self._scope: anyio.CancelScope | None = None
+    def __init__(self, *, keep_reader: bool = False) -> None:
+        self._scope: Any = None  # the anyio or trio cancel scope of the current wait
         self._woken = False
         self._token: Any = None
         self._thread: int | None = None
+        # asyncio path: the wait's future, its deadline (time.monotonic) and a lazy timer.
+        self._keep = keep_reader
+        self._fut: asyncio.Future[bool] | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # time.monotonic() the timer fires at
+        self._reader: tuple[asyncio.AbstractEventLoop, int, int] | None = None  # (loop, fd, ino)
 
     def bind(self) -> None:
         """Remember the running event loop, so other threads can reach it."""
@@ -47,12 +68,128 @@ class AsyncWaiter:
         self._woken = True
         if self._scope is not None:
             self._scope.cancel()
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(False)
 
     async def wait(self, fd: int, events: int, deadline: float | None) -> bool:
         if self._woken:
             self._woken = False
             await anyio.lowlevel.checkpoint()
             return False
+        loop = _running_loop()
+        if loop is not None:
+            try:
+                return await self._wait_asyncio(loop, fd, events, deadline)
+            except NotImplementedError:  # a loop without add_reader (Windows' proactor)
+                self._fut = None
+        else:
+            trio = sys.modules.get("trio")
+            if trio is not None and trio.lowlevel.in_trio_run():
+                return await self._wait_trio(trio, fd, events, deadline)
+        return await self._wait_anyio(fd, events, deadline)
+
+    # -- asyncio --
+
+    async def _wait_asyncio(
+        self, loop: asyncio.AbstractEventLoop, fd: int, events: int, deadline: float | None
+    ) -> bool:
+        fut: asyncio.Future[bool] = loop.create_future()
+        self._fut = fut
+        self._deadline = deadline
+        if deadline is not None and (self._timer is None or self._timer_at > deadline):
+            self._arm(loop, deadline)
+        if events & READ:
+            kept = self._keep
+            reader = self._reader
+            if reader is None or reader[0] is not loop or reader[1] != fd:
+                self.release()
+                loop.add_reader(fd, self._on_readable)
+                self._reader = (loop, fd, os.fstat(fd).st_ino if kept else 0)
+            elif os.fstat(fd).st_ino != reader[2]:
+                # The same number, another socket (reconnected): epoll forgot the old one.
+                self.release()
+                loop.add_reader(fd, self._on_readable)
+                self._reader = (loop, fd, os.fstat(fd).st_ino)
+        else:
+            self.release()
+            loop.add_writer(fd, self._on_writable)
+            kept = False
+        try:
+            ready = await fut
+        finally:
+            self._fut = None
+            if not events & READ:
+                loop.remove_writer(fd)
+            if not kept:
+                self.release()
+        if not ready:  # woken or timed out
+            self._woken = False
+        return ready
+
+    def _on_readable(self) -> None:
+        fut = self._fut
+        if fut is None:
+            # Nobody waits (the task is busy elsewhere): stop watching, or a level-triggered
+            # reader would spin the loop until the data is read.
+            self.release()
+        elif not fut.done():
+            fut.set_result(True)
+
+    def _on_writable(self) -> None:
+        fut = self._fut
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
+    def _arm(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = deadline
+        self._timer = loop.call_at(
+            loop.time() + max(0.0, deadline - time.monotonic()), self._on_timer, loop
+        )
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        fut, deadline = self._fut, self._deadline
+        if fut is None or fut.done() or deadline is None:
+            return
+        if time.monotonic() < deadline:  # armed for an earlier wait: wait on
+            self._arm(loop, deadline)
+        else:
+            fut.set_result(False)
+
+    def release(self) -> None:
+        """Stop watching the socket (the listener's loop ends, or its socket changes)."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to remove
+                reader[0].remove_reader(reader[1])
+        if self._fut is None and self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # -- trio --
+
+    async def _wait_trio(self, trio: Any, fd: int, events: int, deadline: float | None) -> bool:
+        with trio.CancelScope() as scope:
+            if deadline is not None:
+                scope.deadline = trio.current_time() + max(0.0, deadline - time.monotonic())
+            self._scope = scope
+            try:
+                if events & READ:
+                    await trio.lowlevel.wait_readable(fd)
+                else:
+                    await trio.lowlevel.wait_writable(fd)
+            finally:
+                self._scope = None
+            return True
+        self._woken = False
+        return False
+
+    # -- any other anyio backend --
+
+    async def _wait_anyio(self, fd: int, events: int, deadline: float | None) -> bool:
         with anyio.CancelScope() as scope:
             if deadline is not None:
                 # Our deadlines are time.monotonic(); trio's clock has its own origin.

@@ -10,7 +10,7 @@ Every error pgherald raises derives from :class:`HeraldError`.
     │   ├── PayloadTooLarge     8000 bytes or more for a plain NOTIFY
     │   ├── PayloadNotSerializable   the value cannot be encoded as JSON
     │   └── PayloadNotJSON      Notification.json() on a payload that is not JSON
-    ├── TransactionStateError   a lent connection is in a transaction, not idle in autocommit
+    ├── TransactionStateError   a lent connection is not idle in autocommit; a failed transaction
     ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
     ├── ListenError             the database refused a LISTEN (for example on a standby)
     ├── SchemaMissing           the durable log is used before `pgherald install`
@@ -18,6 +18,7 @@ Every error pgherald raises derives from :class:`HeraldError`.
     ├── PublishError            the database refused a publish (the driver error is chained)
     └── DatabaseConnectionError
         ├── ConnectError        could not connect (bad DSN, server down, auth)
+        │   └── PoolerError     notifications do not come back (a transaction-mode pooler)
         └── ConnectionLost      an established connection died and could not be recovered
 
 Driver exceptions never escape: they are chained as ``__cause__``.
@@ -37,6 +38,7 @@ __all__ = [
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
+    "PoolerError",
     "PrivilegeError",
     "PublishError",
     "SchemaMissing",
@@ -78,7 +80,7 @@ class PayloadNotJSON(PayloadError):
 
 
 class TransactionStateError(HeraldError):
-    """The connection is inside a transaction where autocommit is needed."""
+    """The connection's transaction state does not allow this (not idle, or failed)."""
 
 
 class NotifyError(HeraldError):
@@ -107,6 +109,14 @@ class DatabaseConnectionError(HeraldError):
 
 class ConnectError(DatabaseConnectionError):
     """Could not connect to PostgreSQL."""
+
+
+class PoolerError(ConnectError):
+    """
+    Notifications sent to this connection never reach it: it goes through a transaction- or
+    statement-mode pooler (such as PgBouncer ``pool_mode=transaction``). Use a session-mode
+    pool or a direct DSN for listeners and consumers.
+    """
 
 
 class ConnectionLost(DatabaseConnectionError):

@@ -219,6 +219,6 @@ def test_prune_deletes_only_consumed_old_events(dsn: str, conn: psycopg.Connecti
     assert f"deleted {len(consumed)} events" in out.stdout
     left = {r[0] for r in conn.execute("SELECT id FROM pgherald.events_v1")}
     assert left == set(ids) - consumed
-    forced = run(dsn, "prune", "--older-than", "0s", "--force")
+    forced = run(dsn, "prune", "--older-than", "0s", "--force", "--yes")
     assert forced.returncode == 0, forced.stderr
     assert conn.execute("SELECT count(*) FROM pgherald.events_v1").fetchone() == (0,)

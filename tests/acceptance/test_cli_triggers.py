@@ -231,6 +231,25 @@ def test_watch_prints_one_readable_line_per_change(
     assert "Traceback" not in err
 
 
+def test_watch_survives_hostile_notifications_on_its_channel(
+    start_watch: object, db: psycopg.Connection
+) -> None:
+    pgherald.add_table_trigger(db, "orders")
+    proc = start_watch("orders")  # type: ignore[operator]
+    deep = "[" * 3999 + "]" * 3999  # any role may NOTIFY this on the trigger's channel
+    pgherald.notify(db, "public.orders", deep)
+    pgherald.notify(db, "public.orders", "NaN")
+    db.execute("INSERT INTO orders VALUES (1, 'apple', 3)")
+    assert proc.stdout is not None
+    lines = [proc.stdout.readline() for _ in range(3)]
+    code, _, err = stop(proc)
+    assert deep in lines[0]
+    assert " NaN " in lines[1]
+    assert lines[2].startswith("INSERT public.orders ")
+    assert code == 0
+    assert "Traceback" not in err
+
+
 def test_watch_json_prints_the_event(start_watch: object, db: psycopg.Connection) -> None:
     pgherald.add_table_trigger(db, 'sales."Line Items"')
     proc = start_watch("--json", 'sales."Line Items"')  # type: ignore[operator]

@@ -403,7 +403,7 @@ def test_terminated_backend_reconnects_without_loss_iterating(
                 ids += [pgherald.publish(conn, "ch", i) for i in range(30, 40)]
             if set(ids) <= set(got):
                 c.stop()
-    assert c.stats["reconnects"] >= 1
+    assert c.stats.reconnects >= 1
     assert set(got) == set(ids)  # at least once: a redelivery of the unacked read is allowed
     assert len(got) - len(ids) <= 20  # one read: reads grow from 10 to max_batch_size=20
 
@@ -415,7 +415,7 @@ def test_terminated_backend_reconnects_without_loss_with_handlers(
     holder: list[Running] = []
 
     def on_event(e: pgherald.Event) -> None:
-        if e.payload == 15 and not holder[0].consumer.stats["reconnects"]:
+        if e.payload == 15 and not holder[0].consumer.stats.reconnects:
             _terminate(conn, holder[0].consumer.backend_pid)  # while a handler runs
 
     r = running(handler=on_event, batch_size=10)
@@ -424,7 +424,7 @@ def test_terminated_backend_reconnects_without_loss_with_handlers(
     ids += [pgherald.publish(conn, "ch", i) for i in range(30, 40)]
     wait_until(lambda: set(ids) <= set(r.ids) or r.error, what="every event")
     assert r.error is None, repr(r.error)
-    assert r.consumer.stats["reconnects"] >= 1
+    assert r.consumer.stats.reconnects >= 1
 
 
 # -- 9. consumer groups --
@@ -508,7 +508,7 @@ def test_transactional_handler_has_exactly_once_effects(
     with c:
         c.run()
     assert failed == [ids[4]]
-    assert c.stats["handler_errors"] == 1
+    assert c.stats.handler_errors == 1
     rows = conn.execute("SELECT event_id, count(*) FROM effects GROUP BY 1 ORDER BY 1").fetchall()
     assert rows == [(i, 1) for i in ids]
     assert uncovered(conn, "g") == 0
@@ -566,7 +566,9 @@ async def test_async_consumer_iterates_and_resumes(installed: str) -> None:
 
 
 @pytest.mark.anyio
-async def test_async_consumer_handlers_sync_async_and_transactional(installed: str) -> None:
+async def test_async_consumer_handlers_sync_async_and_transactional(
+    installed: str, anyio_backend: str
+) -> None:
     ids = await anyio.to_thread.run_sync(_publish_in_thread, installed, list(range(6)))
     seen: list[tuple[str, int]] = []
     c = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], retry_delay=0.01, **FAST)
@@ -584,14 +586,18 @@ async def test_async_consumer_handlers_sync_async_and_transactional(installed: s
             raise ValueError("retried")
 
     @c.on("ch", transactional=True)
-    def t(e: pgherald.Event, tx: psycopg.Connection) -> None:
-        tx.execute("SELECT 1")
+    async def t(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+        await tx.execute("SELECT 1")
         if e.id == ids[-1]:
             c.stop()
 
-    with pytest.raises(pgherald.UsageError):
-        c.on("ch", transactional=True)(a)
+    with pytest.raises(pgherald.UsageError, match="must be async"):
+        c.on("ch", transactional=True)(s)  # a plain function would block the event loop
     async with c:
+        if anyio_backend == "trio":
+            with pytest.raises(pgherald.UsageError, match="trio"):
+                await c.run()
+            return
         with anyio.fail_after(5):
             await c.run()
     expected: list[tuple[str, int]] = []
@@ -600,7 +606,7 @@ async def test_async_consumer_handlers_sync_async_and_transactional(installed: s
         if p == 2:
             expected += [("fail", 2), ("sync", 2)]
     assert seen == expected
-    assert c.stats["handler_errors"] == 1
+    assert c.stats.handler_errors == 1
 
 
 @pytest.mark.anyio

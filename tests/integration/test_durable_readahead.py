@@ -32,7 +32,7 @@ def backlog(conn: psycopg.Connection, n: int, channel: str = "ch") -> list[int]:
 
 
 def reading_ahead(consumer: pgherald.Consumer | pgherald.AsyncConsumer) -> bool:
-    core = consumer._core
+    core = consumer._engine
     return core._in_flight is not None or core._ready is not None
 
 
@@ -108,7 +108,7 @@ def test_terminated_backend_with_a_read_ahead_in_flight(
                 assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
             if set(ids) <= set(got):
                 c.stop()
-    assert c.stats["reconnects"] >= 1
+    assert c.stats.reconnects >= 1
     assert set(got) == set(ids)
     assert len(got) - len(ids) <= 200  # at most the unacknowledged read again (max_batch_size)
     assert list(dict.fromkeys(got)) == ids  # first deliveries in log order
@@ -244,7 +244,7 @@ def test_max_batch_size_below_batch_size_is_refused(installed: str) -> None:
     # The default never caps below batch_size.
     c = pgherald.Consumer(installed, group="g", batch_size=50_000)
     try:
-        assert c._core.max_batch_size == 50_000
+        assert c._config.max_batch_size == 50_000
     finally:
         c.close()
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 import httpx
 import jwt
 import psycopg
@@ -838,4 +839,85 @@ async def test_a_hub_run_again_delivers_despite_frames_left_by_the_last_run(dsn:
         client.offer(Frame("x", "second run"))
         with anyio.fail_after(5):
             await written.wait()
+        client.end("bye")
+
+
+@pytest.mark.anyio
+async def test_the_log_tail_reads_on_the_event_loop_and_passes_other_channels_once(
+    dsn: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The tail, the replays and the other statements run on the loop itself (asyncio and trio:
+    never in a worker thread); a caught-up tail moves past events of channels it does not
+    serve, so they are not read again at every poll.
+    """
+    pgherald.install(conn)
+
+    def no_worker_threads(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the gateway ran something in a worker thread")
+
+    monkeypatch.setattr(anyio.to_thread, "run_sync", no_worker_threads)
+    hub = Hub(dsn, durable_channels=["orders"], poll_interval=0.05)
+    async with hub.running(), anyio.create_task_group() as tg:
+        client = hub.new_client("sse")
+        start = await hub.add(client, ["orders"])
+        got: list[Frame] = []
+        arrived = anyio.Event()
+
+        async def write(frames: list[Frame]) -> None:
+            got.extend(frames)
+            arrived.set()
+
+        tg.start_soon(client.pump, write)
+        mine = pgherald.publish(conn, "orders", {"n": 1})
+        other = pgherald.publish(conn, "elsewhere", {"n": 2})
+        with anyio.fail_after(30):  # (the horizon is server-wide: other sessions may hold it)
+            await arrived.wait()
+        assert [(f.channel, f.id, f.payload) for f in got] == [("orders", mine, '{"n": 1}')]
+        row = conn.execute("SELECT tx::text FROM pgherald.events_v1 WHERE id = %s", (other,))
+        other_pos = (int(row.fetchone()[0]), other)  # type: ignore[index]
+        with anyio.fail_after(30):
+            while True:  # bounded polling: the tail has no hook to wait on
+                if hub.position > other_pos:
+                    break
+                await anyio.sleep(0.02)
+        replayed = [f.id async for f in hub.replay(["orders"], start, hub.position)]
+        assert replayed == [mine]
+        assert [f.id async for f in hub.replay(["elsewhere"], start, hub.position)] == [other]
+        assert await hub.resume_from(mine) == got[0].pos
+        assert await hub.database_ok()
+        assert await hub.publish("orders", {"n": 3}) == other + 1
+        client.end("bye")
+
+
+@pytest.mark.anyio
+async def test_the_gateway_reconnects_its_own_connections_after_they_are_killed(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    pgherald.install(conn)
+    hub = Hub(dsn, durable_channels=["orders"], poll_interval=0.05)
+    async with hub.running(), anyio.create_task_group() as tg:
+        client = hub.new_client("sse")
+        await hub.add(client, ["orders"])
+        got: list[Frame] = []
+        arrived = anyio.Event()
+
+        async def write(frames: list[Frame]) -> None:
+            got.extend(frames)
+            arrived.set()
+
+        tg.start_soon(client.pump, write)
+        assert await hub.database_ok()
+        killed = conn.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() "
+            "AND application_name IN ('pgherald-gateway-tail', 'pgherald-gateway-db')"
+        ).fetchone()
+        assert killed == (2,)
+        assert await hub.database_ok()  # a connection found broken is replaced at once
+        event = pgherald.publish(conn, "orders", {"n": 1})
+        with anyio.fail_after(30):  # the tail retries after a second (and the horizon)
+            await arrived.wait()
+        assert [f.id for f in got] == [event]
+        assert await hub.publish("orders", {"n": 2}) == event + 1
         client.end("bye")

@@ -117,7 +117,7 @@ def test_notify_in_failed_transaction_is_a_clear_error(dsn: str) -> None:
     with psycopg.connect(dsn) as c:
         with pytest.raises(psycopg.errors.DivisionByZero):
             c.execute("SELECT 1/0")
-        with pytest.raises(pgherald.NotifyError, match="roll it back") as info:
+        with pytest.raises(pgherald.TransactionStateError, match="roll it back") as info:
             pgherald.notify(c, "x", "y")
         assert isinstance(info.value.__cause__, psycopg.Error)
 

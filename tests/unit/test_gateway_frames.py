@@ -9,7 +9,7 @@ from websockets.frames import Frame as WsFrame
 from websockets.frames import Opcode
 from websockets.streams import StreamReader
 
-from pgherald.contrib.gateway.frames import Frame
+from pgherald.contrib.gateway.frames import MAX_JSON_DEPTH, Frame, json_or_text
 
 _OVERHEAD = len(Frame("chan", json.dumps({"x": ""}), (7, 42)).ws.encode())
 
@@ -45,3 +45,44 @@ def test_sse_chunk_is_one_http_chunk_of_the_sse_frame() -> None:
     assert int(size, 16) == len(frame.sse)
     assert rest == frame.sse + b"\r\n"
     assert frame.sse == "event: orders\ndata: line one\ndata: line two ünï\n\n".encode()
+
+
+def _strict(text: str) -> object:
+    def refuse(name: str) -> None:
+        raise ValueError(name)
+
+    return json.loads(text, parse_constant=refuse)
+
+
+@pytest.mark.parametrize(
+    ("payload", "kept_as_json"),
+    [
+        ('{"a": [1, 2.5e3, "x"]}', True),
+        ("1e999", True),  # strict JSON; its value is the reader's business
+        ('"text"', True),
+        (" [1] ", True),
+        ("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH, True),
+        ("[" * (MAX_JSON_DEPTH + 1) + "]" * (MAX_JSON_DEPTH + 1), False),
+        ("[" * 3999 + "]" * 3999, False),  # a RecursionError for a naive json.loads
+        ('["' + "[" * 3000 + '"]', True),  # brackets inside a string do not nest
+        ("NaN", False),
+        ("-Infinity", False),
+        ('{"a": Infinity}', False),
+        ("{'a': 1}", False),
+        ("plain text", False),
+        ("", False),
+    ],
+)
+def test_every_payload_becomes_strict_json(payload: str, kept_as_json: bool) -> None:
+    frame = Frame("ch", payload)
+    message = _strict(frame.ws)  # never raises, and a browser's JSON.parse reads it
+    assert isinstance(message, dict)
+    if kept_as_json:
+        assert frame.ws == f'{{"type":"event","channel":"ch","payload":{payload}}}'
+    else:
+        assert message["payload"] == payload  # as text
+
+
+def test_json_or_text_is_cheap_for_ordinary_payloads() -> None:
+    assert json_or_text('{"id": 42}') == '{"id": 42}'
+    assert json_or_text("NaN") == '"NaN"'

@@ -11,6 +11,7 @@ tells us when waiting longer would start to hurt other sessions.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from collections import deque
@@ -21,8 +22,8 @@ from typing import Any
 from psycopg import pq
 
 from .._models import Gap, GapReason, ListenerStats, Notification
-from ..errors import ConnectError, ConnectionLost, ListenError
-from . import pgwire
+from ..errors import ConnectError, ConnectionLost, ListenError, PoolerError
+from . import liveness, pgwire
 from .backoff import backoff_delay
 from .channels import check_channel, listen_query, unlisten_query
 from .pgwire import DELIVER, READ, REPORT, SLEEP, WAIT, PQGen
@@ -38,7 +39,7 @@ class ListenerConfig:
     connect_timeout: float = 10.0
     """Seconds to establish a connection (each attempt)."""
     health_check_interval: float = 15.0
-    """Idle seconds after which a liveness probe (``SELECT 1``) is sent."""
+    """Idle seconds after which a liveness probe (a NOTIFY that must come back) is sent."""
     health_check_timeout: float = 5.0
     """Seconds the probe may take before the connection is declared dead."""
     reconnect_initial_delay: float = 0.1
@@ -53,6 +54,10 @@ class ListenerConfig:
     """Give up our queue position (reconnect, report a gap) past this usage while behind."""
     delivery_budget: float = 1.0
     """Seconds a runtime may spend delivering before handing control back (for the checks)."""
+
+
+STOP_GRACE = 0.5
+"""Seconds a statement may still take after `stop()`, before it is abandoned (see `run`)."""
 
 
 class _Lost(Exception):
@@ -76,7 +81,14 @@ class ListenerEngine:
         self._broken = False
         self._pending: deque[Notification] = deque()
         self._input = False  # libpq may hold unread notifications
-        self._synced_callbacks: list[Callable[[], object]] = []
+        # (ticket, callback): fired by the first sync whose ticket is larger, i.e. a sync that
+        # read `_wanted` after the callback's request was recorded (see `after_sync`).
+        self._synced_callbacks: deque[tuple[int, Callable[[], object]]] = deque()
+        self._tickets = itertools.count(1)  # next() is atomic: safe from any thread
+        self._ping = ""  # this connection's private liveness channel
+        self._ping_listening = False
+        self._delivery_checked = False  # the start-up check ran once: not on every reconnect
+        self._probing = False  # a probe was under way (its answer may still be on its way)
         self._lost: _Lost | None = None  # found by `dispatch`, raised by the state machine
         self._names: dict[bytes, str] = {}
         self._next_queue_check = 0.0
@@ -131,16 +143,84 @@ class ListenerEngine:
             payload = n.extra.decode("utf-8", "replace")
         return tuple.__new__(Notification, (name, payload, n.be_pid))
 
+    def take(self) -> list[Notification]:
+        """
+        Every notification already received, converted: what libpq holds, or, when it holds
+        none, what one more non-blocking read of the socket brings. Empty: nothing has
+        arrived (`_input` is cleared, the runtime waits on the socket).
+
+        The iterators' batch `pop`: no call per notification, and while a burst streams in,
+        the next read happens here rather than after a trip through the runtime's wait.
+        Bounded by what libpq reads at once (~16 KB).
+        """
+        if self._pending:
+            out = list(self._pending)
+            self._pending.clear()
+            return out
+        out = []
+        append = out.append
+        notifies = self._notifies
+        names = self._names
+        make = tuple.__new__
+        cls = Notification
+        last_relname: bytes | None = None
+        name = ""
+        for attempt in (0, 1):
+            for relname, pid, extra in iter(notifies, None):  # as in dispatch
+                if relname != last_relname:
+                    try:
+                        name = names[relname]
+                    except KeyError:
+                        name = names[relname] = relname.decode("utf-8", "replace")
+                    last_relname = relname
+                try:
+                    payload = extra.decode()
+                except UnicodeDecodeError:
+                    payload = extra.decode("utf-8", "replace")
+                append(make(cls, (name, payload, pid)))
+            if out:
+                return out  # `_input` stays set: the next call reads the socket again
+            if attempt or self.pgconn is None:
+                break
+            try:
+                self._consume(self.pgconn)
+            except _Lost as lost:
+                self._lost = lost
+                return out
+        self._input = False
+        return out
+
+    def unread(self, notifications: list[Notification]) -> None:
+        """Put back notifications taken but not delivered (an iteration ended): next in line."""
+        self._pending.extendleft(reversed(notifications))
+
+    def _convert(self, n: pq.PGnotify) -> Notification:
+        """`_take` for one notification in hand (off the hot path, which inlines this)."""
+        try:
+            name = self._names[n.relname]
+        except KeyError:
+            name = self._names[n.relname] = n.relname.decode("utf-8", "replace")
+        try:
+            payload = n.extra.decode()  # as in dispatch: the no-argument decode is the fast one
+        except UnicodeDecodeError:
+            payload = n.extra.decode("utf-8", "replace")
+        return tuple.__new__(Notification, (name, payload, n.be_pid))
+
     def dispatch(
         self,
         single: dict[str, Any],
         slow_path: Any,
         on_error: Any,
         budget: float,
+        rereads: int = 1,
     ) -> Any:
         """
         Pull notifications and hand each to its handler until none is left, the budget (a
         `time.monotonic` deadline) is spent, or `stopping`.
+
+        When libpq runs dry, the socket is read again (non-blocking) up to *rereads* times,
+        as long as each read brings notifications: a burst is then served without a trip
+        through the runtime's wait per libpq read (~16 KB, four 4 KB payloads).
 
         This is `pop` and the dispatch fused into one loop with everything in locals: it is
         the listener's hot path. Channels whose only handler is a plain function are called
@@ -164,7 +244,8 @@ class ListenerEngine:
         get = single.get
         clock = time.monotonic
         result = None
-        reread = self.pgconn is not None
+        reread = rereads if self.pgconn is not None else 0
+        mark = -1  # `count` at the last reread
         last_relname: bytes | None = None
         name = ""
         handler: Any = None
@@ -198,12 +279,13 @@ class ListenerEngine:
                 if self.stopping or (not count & 7 and clock() > budget):
                     break
             else:  # libpq holds no more
-                if not reread:
+                if not reread or count == mark:  # no reads left, or the last brought nothing
                     self._input = False
                     break
                 # Still streaming? Read what has arrived meanwhile right here (a non-blocking
                 # recv, cheap when empty) rather than going round through the waiter.
-                reread = False
+                reread -= 1
+                mark = count
                 try:
                     self._consume(self.pgconn)  # type: ignore[arg-type]
                 except _Lost as lost:
@@ -279,11 +361,65 @@ class ListenerEngine:
         self._alive_at = time.time()
         self._active = set()
         self._dirty = True
+        self._ping = liveness.new_ping_channel()
+        self._ping_listening = False
         try:
             yield from self.sync_channels()
         except (_Lost, ListenError) as exc:
             self._reset_connection()
             raise ConnectError(f"connected, but LISTEN failed: {exc}") from None
+        if not self._delivery_checked:
+            try:
+                yield from self._check_delivery()
+            except BaseException:
+                # Failed or abandoned: a late answer must not reach the application, and an
+                # unchecked connection must not be served. The next open() checks again.
+                self._reset_connection()
+                raise
+
+    def _check_delivery(self) -> PQGen:
+        """Prove once, at the first connection, that notifications reach us (no pooler)."""
+        assert self.pgconn is not None
+        cfg = self.config
+        deadline = time.monotonic() + min(5.0, cfg.connect_timeout)
+        try:
+            yield from liveness.check_delivery(
+                cfg.conninfo, self.pgconn, self._ping, deadline, self._keep
+            )
+        except PoolerError:
+            raise
+        except ConnectError as exc:
+            raise ConnectError(f"connected, but the delivery check failed: {exc}") from None
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise ConnectError(
+                    f"connected, but the connection failed during the delivery check: "
+                    f"{_one_line(exc)}"
+                ) from None
+            raise
+        finally:
+            self._collect()  # notifications may have come with the check's traffic
+        self._delivery_checked = True
+
+    def _collect(self) -> None:
+        """
+        Move the notifications libpq read along with a statement's answer to `_pending`.
+
+        Nothing else would make us look at libpq's queue (no data left on the socket), so on a
+        quiet channel they would wait for unrelated traffic. Only statements of ours pass
+        here, never the hot path.
+        """
+        pgconn = self.pgconn
+        if pgconn is None:
+            return
+        notifies = pgconn.notifies
+        while (n := notifies()) is not None:
+            if not liveness.is_ping(n.relname):  # a stale answer to one of our probes
+                self._pending.append(self._convert(n))
+
+    def _keep(self, n: pq.PGnotify) -> None:
+        """A notification read while we waited for our own: deliver it next, in order."""
+        self._pending.append(self._convert(n))
 
     def close(self) -> None:
         """Drop both connections (idempotent)."""
@@ -297,22 +433,32 @@ class ListenerEngine:
         return frozenset(self._active) if self.pgconn is not None else frozenset()
 
     def after_sync(self, callback: Callable[[], object]) -> None:
-        """Call *callback* (no I/O: setting an event) once the server matches `channels`."""
-        self._synced_callbacks.append(callback)
+        """
+        Call *callback* (no I/O: setting an event) once the server matches `channels` as
+        they are now, from any thread.
+
+        Only a sync that starts after this call fires it: one already under way may have read
+        the channels before the caller's `want`/`unwant`, and firing then would be too early.
+        """
+        self._synced_callbacks.append((next(self._tickets), callback))
+        self._dirty = True  # after the ticket: makes sure such a sync follows
 
     def sync_channels(self) -> PQGen:
         """Issue the LISTEN/UNLISTEN statements that make the server match `channels`."""
         assert self.pgconn is not None
         self._dirty = False
+        ticket = next(self._tickets)  # taken before reading `_wanted` (see `after_sync`)
         wanted = set(self._wanted)
         add = [ch for ch in self._wanted if ch not in self._active]
         drop = [ch for ch in self._active if ch not in wanted]
-        if not add and not drop:
-            self._synced()
+        statements = [*(listen_query(c) for c in add), *(unlisten_query(c) for c in drop)]
+        if not self._ping_listening:
+            statements.append(listen_query(self._ping))
+        if not statements:
+            self._synced(ticket)
             return
-        query = b";".join([*(listen_query(c) for c in add), *(unlisten_query(c) for c in drop)])
         try:
-            yield from self._execute(query, self.config.health_check_timeout + 5.0)
+            yield from self._execute(b";".join(statements), self.config.health_check_timeout + 5.0)
         except pgwire.QueryFailed as exc:
             # e.g. LISTEN on a hot standby: not something a reconnect would fix.
             raise ListenError(
@@ -320,15 +466,54 @@ class ListenerEngine:
                 "server, not a read-only standby"
             ) from None
         self._active = wanted
-        self._synced()
+        self._ping_listening = True
+        self._synced(ticket)
 
-    def _synced(self) -> None:
-        callbacks, self._synced_callbacks = self._synced_callbacks, []
-        for callback in callbacks:
-            callback()
+    def _synced(self, ticket: int) -> None:
+        callbacks = self._synced_callbacks
+        # Look at the entries present now only; others may append meanwhile (deque ops are
+        # atomic), and entries from requests newer than this sync wait for the next one.
+        for _ in range(len(callbacks)):
+            entry = callbacks.popleft()
+            if entry[0] < ticket:
+                entry[1]()
+            else:
+                callbacks.append(entry)
 
     def run(self) -> PQGen:
-        """Serve notifications until `stopping`, reconnecting whenever the connection is lost."""
+        """
+        Serve notifications until `stopping`, reconnecting whenever the connection is lost.
+
+        Once `stopping` is set, every wait is cut to `STOP_GRACE` seconds after the stop was
+        seen; a statement still unanswered then (a frozen connection, a server that never
+        answers a connection attempt) is abandoned, and with it the connection (`_broken`):
+        so `stop()` ends `run()` within a second in every state.
+        """
+        gen = self._run()
+        stop_seen: float | None = None
+        send: Any = None
+        while True:
+            try:
+                req = gen.send(send)
+            except StopIteration:
+                return
+            if req[0] == WAIT and self.stopping:
+                now = time.monotonic()
+                if stop_seen is None:
+                    stop_seen = now
+                limit = stop_seen + STOP_GRACE
+                if now >= limit:
+                    gen.close()  # GeneratorExit inside a statement marks the connection broken
+                    return
+                deadline = req[3]
+                req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
+            try:
+                send = yield req
+            except GeneratorExit:
+                gen.close()
+                raise
+
+    def _run(self) -> PQGen:
         while not self.stopping:
             try:
                 if self.pgconn is not None and self._broken:
@@ -360,6 +545,9 @@ class ListenerEngine:
         while not self.stopping:
             if self._dirty:
                 yield from self.sync_channels()
+                # Look at every flag again: a request that came during the statement set
+                # `_dirty` and its wake-up was spent on the statement's wait.
+                continue
             if self._input or self._pending:
                 # The runtime pulls until libpq is empty (`pop` / `dispatch` clear `_input`)
                 # or its budget is spent (then `_input` stays set and we come back here).
@@ -425,10 +613,40 @@ class ListenerEngine:
             if pgwire.is_connection_error(exc):
                 raise _Lost("reconnect", _one_line(exc)) from None
             raise
+        finally:
+            # libpq may have read notifications with the answer: have them delivered now,
+            # not when unrelated traffic next wakes us.
+            self._collect()
 
     def _health_check(self) -> PQGen:
+        """Prove delivery: a NOTIFY to our ping channel must come back within the timeout."""
+        assert self.pgconn is not None
         self.stats.health_checks += 1
-        yield from self._execute(b"SELECT 1", self.config.health_check_timeout)
+        timeout = self.config.health_check_timeout
+        self._probing = True
+        try:
+            yield from liveness.probe(
+                self.pgconn, self._ping, time.monotonic() + timeout, self._keep
+            )
+        except pgwire.QueryTimeout:
+            raise _Lost(
+                "reconnect",
+                f"a liveness probe got no answer within {timeout:g}s (half-open connection?)",
+            ) from None
+        except pgwire.QueryFailed as exc:
+            # The server answered (say, a full NOTIFY queue): the connection itself is alive.
+            logger.warning("liveness probe refused by the server: %s", exc)
+        except GeneratorExit:
+            # Abandoned (cancelled): `_salvage` finishes the statement and the probe.
+            self._broken = True
+            raise
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost("reconnect", _one_line(exc)) from None
+            raise
+        finally:
+            self._collect()  # notifications that followed our ping
+        self._probing = False
         self._alive_at = time.time()
 
     def _check_queue(self) -> PQGen:
@@ -494,8 +712,14 @@ class ListenerEngine:
             if pgwire.is_connection_error(exc):
                 raise _Lost("reconnect", _one_line(exc)) from None
             raise
+        finally:
+            self._collect()
         self._broken = False
         self._alive_at = time.time()
+        if self._probing:
+            # The abandoned probe's ping may still be on its way: a new probe collects it
+            # (as a stale answer), so it never reaches the application.
+            yield from self._health_check()
 
     def _recover(self, lost: _Lost) -> PQGen:
         cfg = self.config
@@ -512,6 +736,8 @@ class ListenerEngine:
             try:
                 yield from self.open()
                 break
+            except PoolerError:
+                raise  # not something a retry fixes
             except ConnectError as exc:
                 error = str(exc)
                 if cfg.reconnect_max_attempts is not None and attempt >= cfg.reconnect_max_attempts:
@@ -530,15 +756,19 @@ class ListenerEngine:
     def _reset_connection(self) -> None:
         pgconn, self.pgconn = self.pgconn, None
         if pgconn is not None:
-            # Notifications libpq already parsed are good: keep them for delivery.
+            # Notifications libpq already parsed are good: keep them for delivery (all but
+            # our own pings).
             while (n := self._take()) is not None:
-                self._pending.append(n)
+                if not n.channel.startswith(liveness.PING_PREFIX):
+                    self._pending.append(n)
             if pgconn is self._adopted:
                 self._adopted = None  # lost: it is the application's to close, not ours
             else:
                 pgconn.finish()
         self._notifies = _no_notifies
         self._active = set()
+        self._ping_listening = False
+        self._probing = False
         self._close_monitor()
 
     def _close_monitor(self) -> None:

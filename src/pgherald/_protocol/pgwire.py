@@ -85,6 +85,24 @@ def execute(
     return (yield from finish(pgconn, deadline))
 
 
+def execute_params(
+    pgconn: pq.abc.PGconn,
+    query: bytes,
+    params: list[bytes | None],
+    deadline: float,
+    *,
+    binary: bool = False,
+) -> Generator[Request, bool, list[pq.abc.PGresult]]:
+    """
+    Send one statement with ``$n`` parameters (text values, None for NULL) and collect its
+    results; results in binary when *binary*. Same errors as `execute`.
+    """
+    pgconn.send_query_params(
+        query, params, result_format=pq.Format.BINARY if binary else pq.Format.TEXT
+    )
+    return (yield from finish(pgconn, deadline))
+
+
 def finish(
     pgconn: pq.abc.PGconn, deadline: float
 ) -> Generator[Request, bool, list[pq.abc.PGresult]]:

@@ -7,8 +7,17 @@ import sys
 
 def main() -> None:
     try:
-        from . import _durable, _serve, _triggers_cmd  # register their commands
-        from ._commands import cli
+        import click
+
+        from . import (  # register their commands
+            _dead,
+            _dev,
+            _durable,
+            _groups,
+            _serve,
+            _triggers_cmd,
+        )
+        from ._commands import EXIT_USAGE, cli, fail
     except ImportError as exc:  # click missing: say how to get it, no traceback
         if getattr(exc, "name", None) != "click":
             raise
@@ -16,5 +25,19 @@ def main() -> None:
             "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n"
         )
         raise SystemExit(2) from None
-    _ = _durable, _serve, _triggers_cmd
-    cli(prog_name="pgherald")
+    _ = _dead, _dev, _durable, _groups, _serve, _triggers_cmd
+    # click 8.2+: a bare group shows its help through this UsageError (absent in 8.1).
+    no_args: type[click.UsageError] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
+    try:
+        status = cli.main(prog_name="pgherald", standalone_mode=False)
+    except no_args as exc:  # bare `pgherald` or `pgherald sql`: the help, as click prints it
+        click.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message(), err=True)
+        sys.exit(EXIT_USAGE)
+    except click.UsageError as exc:  # bad option or argument: one line, like every other error
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        fail(f"{exc.format_message().rstrip('.')}{where}", EXIT_USAGE)
+    except click.ClickException as exc:
+        fail(exc.format_message(), exc.exit_code)
+    except click.Abort:  # Ctrl-C or end of input at a prompt
+        fail("aborted: nothing was changed")
+    sys.exit(status if isinstance(status, int) else 0)

@@ -9,25 +9,38 @@ import signal
 import sys
 from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import click
+import psycopg
 
+from .._errormap import from_driver
 from .._listener import Listener
 from .._models import Gap, Notification
 from ..errors import HeraldError
 
-if TYPE_CHECKING:
-    import psycopg
-
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def dsn_or_dev_server(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """No --dsn, $PGHERALD_DSN, $PGHOST or $PGSERVICE: the `pgherald dev start` server if it runs."""
+    import os
+
+    if value is not None or os.environ.get("PGHOST") or os.environ.get("PGSERVICE"):
+        return value
+    from ..embedded import running_dsn
+
+    return running_dsn()
+
 
 dsn_option = click.option(
     "--dsn",
     envvar="PGHERALD_DSN",
     show_envvar=True,
     default=None,
-    help="PostgreSQL connection string; default: libpq's own environment (PGHOST, ...).",
+    callback=dsn_or_dev_server,
+    help="PostgreSQL connection string; default: the `pgherald dev` server when it runs, "
+    "else libpq's own environment (PGHOST, ...).",
 )
 
 
@@ -40,8 +53,6 @@ def json_option(help: str) -> Callable[[F], F]:
 
 @contextlib.contextmanager
 def connection(dsn: str | None, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
-    import psycopg
-
     from .._conninfo import connect_error, listener_conninfo
 
     conninfo = listener_conninfo(dsn, application_name="pgherald-cli")
@@ -53,13 +64,48 @@ def connection(dsn: str | None, *, autocommit: bool = True) -> Iterator[psycopg.
         yield conn
 
 
-def fail(message: str, code: int = 1) -> None:
-    click.echo(f"pgherald: error: {message}", err=True)
+EXIT_ERROR = 1
+"""A pgherald error: the database refused or cannot be reached, bad input, and so on."""
+EXIT_USAGE = 2
+"""Wrong usage, a missing extra, or a destructive command without --yes and no terminal."""
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    click.echo(f"pgherald: error: {' '.join(message.split())}", err=True)
     sys.exit(code)
 
 
+def confirm_destructive(question: str, *, yes: bool, what: str) -> None:
+    """Ask on a terminal; without one, refuse unless ``--yes`` was given (never read a pipe)."""
+    if yes:
+        return
+    if not sys.stdin.isatty():
+        fail(
+            f"refusing to {what} without confirmation, and stdin is not a terminal to ask on: "
+            "nothing was changed; pass --yes to confirm",
+            EXIT_USAGE,
+        )
+    if not click.confirm(question, default=False):
+        fail("not confirmed: nothing was changed", EXIT_ERROR)
+
+
+_EXTRAS = {
+    "starlette": "gateway",
+    "uvicorn": "gateway",
+    "jwt": "gateway",
+    "prometheus_client": "gateway",
+    "websockets": "gateway",
+    "pgserver": "embedded",
+}
+
+
+def _doing() -> str:
+    ctx = click.get_current_context(silent=True)
+    return ctx.command_path if ctx is not None else "pgherald"
+
+
 def friendly(func: F) -> F:
-    """Turn pgherald errors into one line on stderr and a non-zero exit: no traceback."""
+    """Turn every failure a user can cause into one line on stderr and a documented exit status."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
@@ -68,10 +114,37 @@ def friendly(func: F) -> F:
             fail(str(exc))
         except KeyboardInterrupt:
             sys.exit(0)
+        except ModuleNotFoundError as exc:
+            root = (exc.name or "").partition(".")[0]
+            extra = _EXTRAS.get(root)
+            if extra is None:
+                raise
+            fail(
+                f"{_doing()} needs the '{extra}' extra ({root} is not installed): "
+                f"pip install 'pgherald[{extra}]'",
+                EXIT_USAGE,
+            )
+        except UnicodeError as exc:
+            fail(
+                f"{_doing()}: the input is not valid UTF-8 ({exc}): PostgreSQL channels "
+                "and payloads are UTF-8 text; convert it first (for example with iconv)"
+            )
+        except psycopg.Error as exc:
+            fail(str(from_driver(exc, doing=_doing())))
+        except RecursionError:  # json on a hostile payload (any role can write one)
+            fail(
+                f"{_doing()}: a JSON value is nested too deeply for Python to decode or encode "
+                "(about 1,000 levels): flatten it, or remove the event that holds it"
+            )
 
     wrapper.__name__ = func.__name__
     wrapper.__doc__ = func.__doc__
     return wrapper  # type: ignore[return-value]
+
+
+def read_stdin() -> str:
+    """All of stdin as UTF-8 text; invalid bytes are a `UnicodeError` (one line, via friendly)."""
+    return sys.stdin.buffer.read().decode("utf-8")
 
 
 @contextlib.contextmanager
@@ -118,8 +191,17 @@ def listen(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
             err=True,
         )
 
+    from .._conninfo import describe, listener_conninfo
+
     listener = Listener(dsn, channels=list(channels), on_gap=on_gap)
-    with listener, stop_on_signals(listener.stop):
+    with stop_on_signals(listener.stop), listener:  # handler first: no SIGTERM race
+        # stderr: says where it listens (nothing else shows until a notification) and keeps
+        # stdout for the notifications alone.
+        click.echo(
+            f"listening on {', '.join(map(repr, channels))} at "
+            f"{describe(listener_conninfo(dsn))} (Ctrl-C to stop)",
+            err=True,
+        )
         for n in listener:
             if as_json:
                 out.write(
@@ -149,7 +231,7 @@ def notify(dsn: str | None, channel: str, payload: str) -> None:
     from .._notify import notify as do_notify
 
     if payload == "-":
-        payload = sys.stdin.read()
+        payload = read_stdin()
     with connection(dsn) as conn:
         do_notify(conn, channel, payload)
 

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 from psycopg import sql as psql
@@ -34,7 +35,7 @@ def database(dsn: str | None, echo: Echo) -> Iterator[str]:
 
     echo("No DSN given: starting an embedded PostgreSQL (pgserver)...")
     with EmbeddedPostgres() as server:
-        echo(f"  running in {server.datadir}\n")
+        echo(f"  running in {server.datadir}\n  DSN (while this runs): {server.dsn}\n")
         yield server.dsn
 
 
@@ -145,8 +146,13 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
 
         listener.stop()
         thread.join(5)
-    _durable_tour(conninfo, step=step, show=show, style=style)
-    _changes_tour(conninfo, step=step, show=show)
+    _durable_tour(
+        conninfo,
+        step=step,
+        show=show,
+        style=style,
+        then=lambda: _changes_tour(conninfo, step=step, show=show),  # needs the schema too
+    )
     step("Done")
     show(
         "..",
@@ -155,15 +161,22 @@ def _tour(dsn: str, *, pause: float, echo: Echo, style: Style) -> None:
     echo(
         "\nNext: `pgherald listen orders` in one terminal, `pgherald notify orders hi` in another;"
         "\nor `pgherald serve --allow-anonymous orders` and open http://127.0.0.1:8080/"
+        "\n(no server of your own? `pgherald dev start` keeps an embedded one running for them)"
     )
 
 
 def _durable_tour(
-    conninfo: str, *, step: Callable[[str], None], show: Callable[..., None], style: Style
+    conninfo: str,
+    *,
+    step: Callable[[str], None],
+    show: Callable[..., None],
+    style: Style,
+    then: Callable[[], None],
 ) -> None:
+    """The durable log's steps, then *then*; the demo's schema, events and group go after."""
     from .._consumer import Consumer
-    from .._publish import publish
-    from .._schema import install
+    from .._publish import publish as do_publish
+    from .._schema import install, is_installed
 
     def take(consumer: Consumer, count: int) -> list[str]:
         seen: list[str] = []
@@ -174,38 +187,85 @@ def _durable_tour(
                 consumer.stop()  # ends the loop after this event, which is acknowledged
         return seen
 
+    published: list[int] = []
+
+    def publish(conn: psycopg.Connection[Any], *args: Any, **kwargs: Any) -> None:
+        published.append(do_publish(conn, *args, **kwargs))
+
     with psycopg.connect(conninfo, autocommit=True) as conn:
         step("The durable event log: nothing is lost while a consumer is down")
+        existed = is_installed(conn)
         applied = install(conn)
         show("..", f"pgherald install: {', '.join(applied) or 'already up to date'}")
         group = f"demo-{os.getpid()}"
-        consumer = Consumer(
-            conninfo, group=group, channels=["invoices"], start="now", poll_interval=0.1
-        )
-        with consumer:
-            show("..", f"consumer group {group!r} holds partitions {consumer.partitions}")
+        try:
+            _durable_steps(conn, conninfo, group, publish, take, show)
+            then()
+        finally:
+            _clean_up(conn, existed=existed, group=group, events=published, show=show)
+
+
+def _clean_up(
+    conn: psycopg.Connection[Any],
+    *,
+    existed: bool,
+    group: str,
+    events: list[int],
+    show: Callable[..., None],
+) -> None:
+    """Leave the database as the demo found it: on a server of yours, nothing stays behind."""
+    from .._schema import uninstall
+
+    try:
+        if not existed:
+            uninstall(conn)
+            show("..", "cleaned up: the demo installed pgherald's schema, and dropped it again")
+            return
+        with conn.transaction():
+            conn.execute("DELETE FROM pgherald.events_v1 WHERE id = ANY(%s)", (events,))
+            conn.execute("DELETE FROM pgherald.positions_v1 WHERE group_name = %s", (group,))
+        show("..", f"cleaned up: the demo's {len(events)} events and group {group!r} removed")
+    except psycopg.Error as exc:
+        show("..", f"could not clean up ({' '.join(str(exc).split())}); group {group!r} stays")
+
+
+def _durable_steps(
+    conn: psycopg.Connection[Any],
+    conninfo: str,
+    group: str,
+    publish: Callable[..., None],
+    take: Callable[..., list[str]],
+    show: Callable[..., None],
+) -> None:
+    from .._consumer import Consumer
+
+    consumer = Consumer(
+        conninfo, group=group, channels=["invoices"], start="now", poll_interval=0.1
+    )
+    with consumer:
+        show("..", f"consumer group {group!r} holds partitions {consumer.partitions}")
+        with conn.transaction():
+            publish(conn, "invoices", {"invoice": 1, "total": 9.5}, key="alice")
+        try:
             with conn.transaction():
-                publish(conn, "invoices", {"invoice": 1, "total": 9.5}, key="alice")
-            try:
-                with conn.transaction():
-                    publish(conn, "invoices", {"invoice": 2, "total": 0})
-                    raise RuntimeError("rolled back")
-            except RuntimeError:
-                show("->", "published invoice 2 in a transaction that rolled back", "yellow")
-            publish(conn, "invoices", {"invoice": 3, "total": 12.0}, key="bob")
-            take(consumer, 2)
-        show(
-            "..",
-            "consumer stopped; three events are published while it is down, one of "
-            "them 20 KB (too big for NOTIFY)",
-        )
-        for n, payload in enumerate(
-            [{"invoice": 4}, {"invoice": 5, "pdf": "x" * 20_000}, {"invoice": 6}], start=4
-        ):
-            publish(conn, "invoices", payload, key=f"customer-{n}")
-        with Consumer(conninfo, group=group, channels=["invoices"], poll_interval=0.1) as again:
-            show("..", "consumer restarted: it continues where its group left off")
-            take(again, 3)
+                publish(conn, "invoices", {"invoice": 2, "total": 0})
+                raise RuntimeError("rolled back")
+        except RuntimeError:
+            show("->", "published invoice 2 in a transaction that rolled back", "yellow")
+        publish(conn, "invoices", {"invoice": 3, "total": 12.0}, key="bob")
+        take(consumer, 2)
+    show(
+        "..",
+        "consumer stopped; three events are published while it is down, one of "
+        "them 20 KB (too big for NOTIFY)",
+    )
+    for n, payload in enumerate(
+        [{"invoice": 4}, {"invoice": 5, "pdf": "x" * 20_000}, {"invoice": 6}], start=4
+    ):
+        publish(conn, "invoices", payload, key=f"customer-{n}")
+    with Consumer(conninfo, group=group, channels=["invoices"], poll_interval=0.1) as again:
+        show("..", "consumer restarted: it continues where its group left off")
+        take(again, 3)
 
 
 def _changes_tour(conninfo: str, *, step: Callable[[str], None], show: Callable[..., None]) -> None:

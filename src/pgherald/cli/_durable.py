@@ -11,13 +11,23 @@ from typing import Any
 import click
 import psycopg
 
-from .._consumer import Consumer
-from .._consumer_core import Start
+from .._consumer import Consumer, Start
+from .._dead import dead_letter_counts
+from .._groups import abandoned_groups, list_groups, log_size
 from .._publish import publish as do_publish
 from .._schema import MISSING, install, install_sql, is_installed, uninstall, uninstall_sql
 from ..errors import SchemaMissing, UsageError
 from ..sql import query
-from ._commands import cli, connection, dsn_option, friendly, json_option, stop_on_signals
+from ._commands import (
+    cli,
+    confirm_destructive,
+    connection,
+    dsn_option,
+    friendly,
+    json_option,
+    read_stdin,
+    stop_on_signals,
+)
 
 
 def require_schema(conn: psycopg.Connection[Any]) -> None:
@@ -37,12 +47,20 @@ def install_cmd(dsn: str | None) -> None:
 
 @cli.command("uninstall")
 @dsn_option
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option(
+    "--yes", is_flag=True, help="Confirm: needed when stdin is not a terminal (scripts, CI)."
+)
 @friendly
 def uninstall_cmd(dsn: str | None, yes: bool) -> None:
-    """Drop pgherald's schema, with every stored event and consumer position."""
-    if not yes and sys.stdin.isatty():
-        click.confirm("Drop the pgherald schema and every event in it?", abort=True)
+    """Drop pgherald's schema, with every stored event and consumer position.
+
+    Asks first on a terminal; without one it refuses (exit status 2) unless --yes is given.
+    """
+    confirm_destructive(
+        "Drop the pgherald schema with every event and consumer position in it?",
+        yes=yes,
+        what="drop the pgherald schema with every stored event and consumer position",
+    )
     with connection(dsn) as conn:
         uninstall(conn)
     click.echo("uninstalled")
@@ -74,16 +92,26 @@ def sql_uninstall() -> None:
 def publish_cmd(dsn: str | None, key: str | None, channel: str, payload: str) -> None:
     """Store PAYLOAD (a JSON value; '-' reads stdin) on CHANNEL; print the event id."""
     if payload == "-":
-        payload = sys.stdin.read()
+        payload = read_stdin()
     try:
         value = json.loads(payload)
     except ValueError as exc:
         raise UsageError(
             f"PAYLOAD is not JSON ({exc}); quote text as a JSON string, e.g. '\"hello\"'"
         ) from None
+    except RecursionError:
+        raise UsageError(_TOO_DEEP) from None
     with connection(dsn) as conn:
-        event_id = do_publish(conn, channel, value, key=key)
+        try:
+            event_id = do_publish(conn, channel, value, key=key)
+        except RecursionError:
+            raise UsageError(_TOO_DEEP) from None
     click.echo(event_id)
+
+
+_TOO_DEEP = (
+    "PAYLOAD is JSON nested too deeply to encode (Python's limit is about 1,000 levels): flatten it"
+)
 
 
 def parse_start(text: str) -> Start:
@@ -146,45 +174,64 @@ def consume_cmd(
                     f"{click.style(e.channel, fg='cyan', bold=True)} "
                     f"{json.dumps(e.payload)}" + (f" (key {e.key})" if e.key else "")
                 )
-            out.write(line + "\n")
+            click.echo(line, file=out)  # strips the colours unless out is a terminal
             out.flush()
 
 
 @cli.command("status")
 @dsn_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--channel",
+    "channels",
+    multiple=True,
+    help="Count lag on this channel only (repeat for more); default: every channel.",
+)
 @friendly
-def status_cmd(dsn: str | None, as_json: bool) -> None:
-    """Each consumer group's position and lag, and the NOTIFY queue usage."""
+def status_cmd(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
+    """Each consumer group's position and lag, and the NOTIFY queue usage.
+
+    A group's lag counts every channel's events after its position unless --channel is
+    given. "~" marks an estimate: large counts are not made event by event, so this answers
+    quickly at any lag.
+    """
     with connection(dsn) as conn:
         require_schema(conn)
-        groups = conn.execute(query("status")).fetchall()
-        usage, events, last_id = conn.execute(query("queue_usage")).fetchone()  # type: ignore[misc]
+        groups = list_groups(conn, channels=channels or None)
+        usage, events, events_estimated, last_id = log_size(conn)
+        dead = dead_letter_counts(conn)
     report: dict[str, Any] = {
         "notify_queue_usage": usage,
         "events": events,
+        "events_estimated": events_estimated,
         "last_event_id": last_id,
         "groups": [
             {
-                "group": g,
-                "lag_events": lag,
-                "lag_seconds": float(secs or 0),
-                "position": pos,
-                "updated_at": upd.isoformat(),
+                "group": g.name,
+                "members": len(g.members),
+                "lag_events": g.lag_events,
+                "lag_estimated": g.lag_estimated,
+                "lag_seconds": g.lag_seconds,
+                "position": g.position,
+                "updated_at": g.last_activity.isoformat(),
+                "dead_letters": dead.get(g.name, (0, 0))[0],
             }
-            for g, lag, secs, upd, pos in groups
+            for g in groups
         ],
     }
     if as_json:
         click.echo(json.dumps(report))
         return
-    click.echo(f"events stored: {events} (last id {last_id}); NOTIFY queue {usage:.2%} full")
+    stored = f"~{events:,}" if events_estimated else str(events)
+    click.echo(f"events stored: {stored} (last id {last_id}); NOTIFY queue {usage:.2%} full")
     if not groups:
         click.echo("no consumer groups yet")
     for g in report["groups"]:
+        lag = f"~{g['lag_events']:,}" if g["lag_estimated"] else str(g["lag_events"])
         click.echo(
-            f"group {g['group']!r}: {g['lag_events']} events behind "
-            f"({g['lag_seconds']:.1f}s), position {g['position']}"
+            f"group {g['group']!r}: {lag} events behind "
+            f"({g['lag_seconds']:.1f}s), position {g['position']}, {g['members']} live"
+            + (f", {g['dead_letters']} dead letters" if g["dead_letters"] else "")
         )
 
 
@@ -207,13 +254,48 @@ def parse_age(text: str) -> timedelta:
     show_default=True,
     help="Age of the events to delete: 30s, 15m, 12h, 7d, 2w.",
 )
+@click.option(
+    "--abandoned-after",
+    default=None,
+    help="Stop waiting for a group with no live member and no activity for this long "
+    "(30s, 15m, 12h, 7d, 2w): it is named, then its unconsumed events are pruned too. "
+    "Default: wait for every group.",
+)
 @click.option("--force", is_flag=True, help="Also delete events some group has not consumed.")
+@click.option(
+    "--yes",
+    is_flag=True,
+    help="Confirm --force: needed when stdin is not a terminal (scripts, CI).",
+)
 @friendly
-def prune_cmd(dsn: str | None, older_than: str, force: bool) -> None:
-    """Delete old events that every consumer group has already consumed."""
+def prune_cmd(
+    dsn: str | None, older_than: str, abandoned_after: str | None, force: bool, yes: bool
+) -> None:
+    """Delete old events that every consumer group has already consumed.
+
+    --abandoned-after stops waiting for groups that nobody consumes any more (each is named
+    on stderr first). --force deletes unconsumed events too: it asks first on a terminal,
+    and without one it refuses (exit status 2) unless --yes is given.
+    """
     age = parse_age(older_than)
+    idle = None if abandoned_after is None else parse_age(abandoned_after)
+    if force:
+        confirm_destructive(
+            f"Delete every event older than {older_than}, even those a group has not consumed?",
+            yes=yes,
+            what="delete events that a consumer group has not consumed yet (--force)",
+        )
     with connection(dsn) as conn:
         require_schema(conn)
         before = conn.execute("SELECT now() - %s::interval", (age,)).fetchone()[0]  # type: ignore[index]
-        deleted = conn.execute(query("prune"), {"before": before, "force": force}).rowcount
+        ignore = [] if idle is None or force else abandoned_groups(conn, idle)
+        for group, last in ignore:
+            click.echo(
+                f"pgherald: warning: consumer group {group!r} has no live member and no "
+                f"activity since {last:%Y-%m-%d %H:%M:%S%z} (over {abandoned_after}): "
+                "pruning its unconsumed events too; `pgherald groups delete` removes it",
+                err=True,
+            )
+        params = {"before": before, "force": force, "ignore": [g for g, _ in ignore]}
+        deleted = conn.execute(query("prune"), params).rowcount
     click.echo(f"deleted {deleted} events older than {older_than}")

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import errno
+import socket
 from pathlib import Path
 
 import click
 
-from ._commands import cli, dsn_option, friendly
+from ..errors import UsageError
+from ._commands import cli, dsn_option, fail, friendly
+
+MIN_SECRET_BYTES = 32
+"""HS256 wants a key of at least 256 bits (RFC 7518, 3.2): a short one can be brute-forced."""
 
 
 def _names(values: tuple[str, ...]) -> list[str]:
@@ -17,13 +23,20 @@ def _names(values: tuple[str, ...]) -> list[str]:
 @cli.command()
 @dsn_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8080, show_default=True, type=int, help="Port to listen on.")
+@click.option(
+    "--port",
+    default=8080,
+    show_default=True,
+    type=click.IntRange(1, 65535),
+    help="Port to listen on (1-65535).",
+)
 @click.option(
     "--jwt-secret",
     envvar="PGHERALD_JWT_SECRET",
     show_envvar=True,
     default=None,
-    help="Verify HS256 tokens with this shared secret (prefer the environment variable).",
+    help="Verify HS256 tokens with this shared secret, at least 32 bytes (prefer the "
+    "environment variable).",
 )
 @click.option(
     "--jwt-public-key",
@@ -65,13 +78,20 @@ def serve(
     whose claims name the channels they may read or write; --allow-anonymous opens channels
     for reading. With no DSN it starts an embedded PostgreSQL.
     """
-    from .._conninfo import listener_conninfo
+    # The gateway extra first: without it, say so before starting anything (see friendly).
+    from .._conninfo import describe, listener_conninfo
     from ..contrib.gateway import create_app
     from ..contrib.gateway.server import GatewayServer
     from ._demo import database
 
     if jwt_secret and jwt_public_key:
         raise click.UsageError("give --jwt-secret or --jwt-public-key, not both")
+    if jwt_secret and len(jwt_secret.encode()) < MIN_SECRET_BYTES:
+        raise click.BadParameter(
+            f"is {len(jwt_secret.encode())} bytes; HS256 needs at least {MIN_SECRET_BYTES}: "
+            "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(32))'",
+            param_hint="'--jwt-secret' / PGHERALD_JWT_SECRET",
+        )
     anonymous, durable = _names(allow_anonymous), _names(durable_channels)
     if not (jwt_secret or jwt_public_key or anonymous):
         click.echo(
@@ -79,39 +99,86 @@ def serve(
             "request will be refused",
             err=True,
         )
-    with database(dsn, click.echo) as real_dsn:
-        if durable:
-            _ensure_schema(listener_conninfo(real_dsn), install=real_dsn != (dsn or ""))
-        app = create_app(
-            real_dsn,
-            jwt_secret=jwt_secret,
-            jwt_public_key=jwt_public_key,
-            allow_anonymous=anonymous,
-            durable_channels=durable,
-            heartbeat=heartbeat,
-        )
-        click.echo(f"pgherald gateway on http://{host}:{port}/ (Ctrl-C to stop)")
-        GatewayServer(app, host=host, port=port).run()
+    key = jwt_public_key.read_bytes() if jwt_public_key else None
+    sock = _bind(host, port)  # before the database: a taken port fails at once
+    with sock, database(dsn, click.echo) as real_dsn:
+        _check_database(real_dsn, durable=bool(durable), install=real_dsn != (dsn or ""))
+        try:
+            app = create_app(
+                real_dsn,
+                jwt_secret=jwt_secret,
+                jwt_public_key=key,
+                allow_anonymous=anonymous,
+                durable_channels=durable,
+                heartbeat=heartbeat,
+            )
+        except ValueError as exc:  # a key that is not one: refuse now, not 500 on every token
+            raise UsageError(f"--jwt-public-key {jwt_public_key}: {exc}") from None
+        where = describe(listener_conninfo(real_dsn))
+        click.echo(f"pgherald gateway on http://{host}:{port}/, database {where} (Ctrl-C to stop)")
+        GatewayServer(app, host=host, port=port).run(sockets=[sock])
 
 
-def _ensure_schema(conninfo: str, *, install: bool) -> None:
-    """Durable channels need the schema: install it on an embedded server, else check it."""
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound here so that a taken port is one line with the fix."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        fail(f"--host {host}: cannot resolve it ({exc}): give an IP address or a local host name")
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail(
+                f"port {port} on {host} is already in use (another pgherald serve?): stop "
+                "that server, or pick a free port with --port"
+            )
+        if exc.errno == errno.EACCES:
+            fail(f"no permission to listen on port {port}: use a port above 1023 with --port")
+        fail(f"cannot listen on {host}:{port} ({exc.strerror}): check --host and --port")
+    sock.set_inheritable(True)
+    return sock
+
+
+def _check_database(dsn: str, *, durable: bool, install: bool) -> None:
+    """Connect once before serving: an unreachable database or a missing schema is one line.
+
+    Durable channels need the schema: installed on an embedded server (*install*), else checked.
+    """
     import psycopg
 
     from .. import install as do_install
     from .. import sql
-    from .._conninfo import connect_error
+    from .._conninfo import connect_error, listener_conninfo
     from .._schema import MISSING
-    from ..errors import SchemaMissing
+    from ..errors import PrivilegeError, SchemaMissing
 
+    conninfo = listener_conninfo(dsn, application_name="pgherald-gateway")
     try:
         conn = psycopg.connect(conninfo, autocommit=True)
     except psycopg.OperationalError as exc:
         raise connect_error(conninfo, " ".join(str(exc).split())) from None
     with conn:
+        if not durable:
+            return
         if install:
             do_install(conn)
             return
         row = conn.execute(sql.query("schema_installed")).fetchone()
         if not row or not row[0]:
+            usable = conn.execute(
+                "SELECT has_schema_privilege(oid, 'USAGE') FROM pg_namespace "
+                "WHERE nspname = 'pgherald'"
+            ).fetchone()
+            if usable is not None and not usable[0]:  # there, but this role may not see it
+                raise PrivilegeError(
+                    "pgherald serve --durable-channel: the database role has no USAGE on "
+                    "schema pgherald: use the role that owns it, or ask your DBA for the "
+                    "grants in docs/cli.md#privileges"
+                )
             raise SchemaMissing(MISSING)

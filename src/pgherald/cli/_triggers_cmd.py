@@ -176,7 +176,7 @@ def format_change(n: Notification) -> str:
     try:
         e = n.json()
         op, table = e["op"], f"{e['schema']}.{e['table']}"
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):  # anyone may NOTIFY anything
         return format_notification(n)
     head = f"{click.style(op, fg={'INSERT': 'green', 'UPDATE': 'yellow', 'DELETE': 'red'}.get(op, 'magenta'), bold=True)} {click.style(table, fg='cyan')}"
     if e.get("truncated"):
@@ -233,7 +233,7 @@ def watch(
             channels.append(trigger.channel)
         try:
             listener = Listener(dsn, channels=channels)
-            with listener, stop_on_signals(listener.stop):
+            with stop_on_signals(listener.stop), listener:  # handler first: no SIGTERM race
                 click.echo(f"watching {', '.join(tables)} (Ctrl-C to stop)", err=True)
                 for n in listener:
                     click.echo(n.payload if as_json else format_change(n))

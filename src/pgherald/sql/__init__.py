@@ -39,6 +39,24 @@ def query(name: str) -> LiteralString:
     return queries()[name]
 
 
+@functools.cache
+def numbered(name: str) -> tuple[bytes, tuple[str, ...]]:
+    """
+    Named query *name* with its ``%(name)s`` placeholders as libpq's ``$1, $2...`` (each name
+    one number, however often it appears), and the names in number order: for the
+    sans-I/O engines, which send parameters themselves (`pgwire.execute_params`).
+    """
+    names: list[str] = []
+
+    def number(m: re.Match[str]) -> str:
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    text = PLACEHOLDER.sub(number, query(name))
+    return text.encode(), tuple(names)
+
+
 def migrations() -> list[tuple[str, str]]:
     """``(name, sql)`` of every migration, oldest first (file names sort in order)."""
     folder = resources.files(__name__).joinpath("migrations")

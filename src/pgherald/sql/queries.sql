@@ -19,6 +19,36 @@ SELECT e.id,
        END
 FROM e
 
+-- name: publish_many --
+-- `publish` for many events in one statement: the same insert and the same wake-up gate (keep
+-- them in step with publish), tried once for the whole batch. The payloads come as one JSON
+-- array (a text[] of JSON costs twice the whole statement in quoting), the keys (one per
+-- payload, else NULL) as another; rows go in payload order (ORDER BY n), so the identity ids
+-- follow it: ids sorted = payload order. An array of another length than count (a custom
+-- dumps that wrote two values) inserts nothing.
+-- MATERIALIZED: the array is parsed once, also under a generic plan.
+WITH d AS MATERIALIZED (SELECT CAST(%(payloads)s AS jsonb) AS doc),
+e AS (
+    INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
+    SELECT %(channel)s, coalesce(v.k, CAST(%(key)s AS text)), v.p, CAST(%(headers)s AS jsonb)
+    FROM d,
+         ROWS FROM (jsonb_array_elements(d.doc),
+                    jsonb_array_elements_text(CAST(%(keys)s AS jsonb)))
+         WITH ORDINALITY AS v(p, k, n)
+    WHERE jsonb_array_length(d.doc) = %(count)s
+    ORDER BY v.n
+    RETURNING id
+)
+SELECT ids.ids,
+       CASE WHEN ids.ids IS NOT NULL THEN
+           CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
+               CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
+                        current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
+               THEN pg_notify('pgherald_wake_v1', '') END
+           END
+       END
+FROM (SELECT array_agg(id ORDER BY id) AS ids FROM e) AS ids
+
 -- name: schema_installed --
 SELECT to_regclass('pgherald.events_v1') IS NOT NULL
    AND to_regprocedure('pgherald.publish_v1(text, jsonb, text, jsonb)') IS NOT NULL
@@ -95,28 +125,272 @@ WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE da
   AND classid = (hashtext(%(lock_name)s)::bigint & 4294967295)::oid
   AND objid = 1000 AND objsubid = 2 AND granted
 
--- name: status --
-SELECT p.group_name,
-       count(*) FILTER (WHERE e.id IS NOT NULL) AS lag_events,
-       extract(epoch FROM now() - min(e.created_at)) AS lag_seconds,
-       max(p.updated_at) AS updated_at,
-       max(p.event_id) AS last_event_id
-FROM pgherald.positions_v1 AS p
-LEFT JOIN pgherald.events_v1 AS e
-       ON e.partition = p.partition AND (e.tx, e.id) > (p.tx, p.event_id)
-      AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
-GROUP BY p.group_name
-ORDER BY p.group_name
+-- name: join_group --
+-- Membership: a shared session lock (second key 1000; partitions use 0..15), so the number of
+-- live members is read from pg_locks, and a dead member's locks vanish with its session.
+SELECT pg_advisory_lock_shared(hashtext(%(lock_name)s), 1000)
+
+-- name: end_previous_session --
+-- After a connection was given up (half-open: the server may not know yet), end its session,
+-- so that its partition locks go now rather than when the server's TCP keepalive notices.
+-- Only a session of ours: same pid, same role, same application name. Waits up to 1 s.
+SELECT pg_terminate_backend(a.pid, 1000) FROM pg_stat_activity AS a
+WHERE a.pid = %(pid)s AND a.pid <> pg_backend_pid() AND a.usename = current_user
+  AND a.application_name = %(application_name)s
+
+-- name: try_lock_partition --
+SELECT pg_try_advisory_lock(hashtext(%(lock_name)s), %(partition)s)
+
+-- name: unlock_partition --
+SELECT pg_advisory_unlock(hashtext(%(lock_name)s), %(partition)s)
 
 -- name: queue_usage --
 SELECT pg_notification_queue_usage(), (SELECT count(*) FROM pgherald.events_v1),
        (SELECT max(id) FROM pgherald.events_v1)
 
 -- name: prune --
--- Events older than the cutoff that every group has passed (unless forced).
+-- Events older than the cutoff that every group has passed (unless forced), but the groups
+-- in `ignore` (abandoned ones: see abandoned_groups).
 DELETE FROM pgherald.events_v1 AS e
 WHERE e.created_at < %(before)s
   AND (%(force)s OR NOT EXISTS (
         SELECT 1 FROM pgherald.positions_v1 AS p
         WHERE p.partition = e.partition AND (e.tx, e.id) > (p.tx, p.event_id)
-          AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))))
+          AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
+          AND p.group_name <> ALL (CAST(%(ignore)s AS text[]))))
+
+-- name: read_log --
+-- The log after position (after_tx, after_id), in (tx, id) order, and only from transactions
+-- older than every running one (as read_batch): nothing committed later can sort before what
+-- this returns. Optional: up to (upto_tx, upto_id) inclusive, only some channels. Read per
+-- partition over events_v1_read, (partition, tx, id): each LATERAL is one short index range,
+-- so a read that finds nothing costs 16 index probes however long the log. The position is
+-- given as values, not looked up here: the planner then sees how little lies after it (from
+-- the column statistics), and does not JIT-compile a poll that finds nothing (10 ms at 10 M
+-- events). Each partition gives at most per_partition rows (the caller stops at the first
+-- partition cut short, see logread.read). The casts sit above the LIMIT: computed for the
+-- rows returned only. horizon is the snapshot's xmin: a read that returns fewer than `limit`
+-- events, no partition cut short, has seen everything before (horizon, 0). No events: one
+-- row, its event columns NULL.
+WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon)
+SELECT h.horizon::text, r.id, r.tx::text, r.channel, r.key, r.payload::text, r.headers::text,
+       r.created_at, r.partition
+FROM h
+LEFT JOIN LATERAL (
+    SELECT e.* FROM generate_series(0, 15) AS p(partition)
+    CROSS JOIN LATERAL (
+        SELECT * FROM pgherald.events_v1 AS e
+        WHERE e.partition = CAST(p.partition AS smallint)
+          AND (e.tx, e.id) > (CAST(%(after_tx)s AS xid8), CAST(%(after_id)s AS bigint))
+          AND e.tx < h.horizon
+          AND (CAST(%(upto_tx)s AS xid8) IS NULL
+               OR (e.tx, e.id) <= (CAST(%(upto_tx)s AS xid8), CAST(%(upto_id)s AS bigint)))
+          AND (CAST(%(channels)s AS text[]) IS NULL
+               OR e.channel = ANY (CAST(%(channels)s AS text[])))
+        ORDER BY e.tx, e.id
+        LIMIT CAST(%(per_partition)s AS integer)
+    ) AS e
+    ORDER BY e.tx, e.id
+    LIMIT CAST(%(limit)s AS integer)
+) AS r ON true
+ORDER BY r.tx, r.id
+
+-- name: event_position --
+-- Where event `id` is in the log's (tx, id) order (no row when the log lacks it).
+SELECT tx::text FROM pgherald.events_v1 WHERE id = %(id)s
+
+-- name: log_horizon --
+-- Where a reader of the log that starts now starts: everything before (horizon, 0) has ended.
+SELECT pg_snapshot_xmin(pg_current_snapshot())::text
+
+-- name: notify --
+SELECT pg_notify(%(channel)s, %(payload)s)
+
+-- name: notify_queue_usage --
+SELECT pg_notification_queue_usage()
+
+-- name: ping --
+SELECT 1
+
+-- name: dead_letter --
+-- A consumer gives up on an event: store (or, for a redelivered one, update) its dead letter
+-- and move the group's position in its partition past it, in one statement: both or neither.
+-- The position only moves forward (a redelivered event lies behind it already).
+WITH dead AS (
+    INSERT INTO pgherald.dead_letters_v1 AS d
+        (group_name, event_id, tx, channel, partition, error, attempts, first_failed_at,
+         last_failed_at)
+    VALUES (%(group)s, CAST(%(event_id)s AS bigint), CAST(%(tx)s AS xid8), %(channel)s,
+            CAST(%(partition)s AS smallint), %(error)s, CAST(%(attempts)s AS integer),
+            to_timestamp(CAST(%(first_failed_at)s AS float8)), now())
+    ON CONFLICT (group_name, event_id) DO UPDATE
+    SET attempts = d.attempts + excluded.attempts, error = excluded.error,
+        last_failed_at = excluded.last_failed_at, dead_at = now(), redeliver_at = NULL
+)
+UPDATE pgherald.positions_v1 AS p
+SET tx = CAST(%(tx)s AS xid8), event_id = CAST(%(event_id)s AS bigint), updated_at = now()
+WHERE p.group_name = %(group)s AND p.partition = CAST(%(partition)s AS smallint)
+  AND (p.tx, p.event_id) < (CAST(%(tx)s AS xid8), CAST(%(event_id)s AS bigint))
+
+-- name: pending_redeliveries --
+-- Dead letters of a group asked to be redelivered, in the partitions this consumer holds, in
+-- the group's (tx, id) order; the columns of read_batch. An event no longer in the log is left
+-- out (redeliver_dead_letters only marks events still there).
+SELECT e.id, e.tx::text, e.channel, e.key, e.payload::text, e.headers::text, e.created_at,
+       e.partition
+FROM pgherald.dead_letters_v1 AS d
+JOIN pgherald.events_v1 AS e ON e.id = d.event_id
+WHERE d.group_name = %(group)s AND d.redeliver_at IS NOT NULL
+  AND d.partition = ANY (CAST(%(partitions)s AS smallint[]))
+ORDER BY d.tx, d.event_id
+LIMIT CAST(%(limit)s AS integer)
+
+-- name: redelivered --
+-- Redelivered events that were handled: no longer dead.
+DELETE FROM pgherald.dead_letters_v1
+WHERE group_name = %(group)s AND event_id = ANY (CAST(%(ids)s AS bigint[]))
+  AND redeliver_at IS NOT NULL
+
+-- name: dead_letters --
+-- Dead letters (of one group, or all: group NULL; some ids, or all: ids NULL), oldest first;
+-- in_log: whether the event is still in the log (retention may have removed it).
+SELECT d.group_name, d.event_id, d.channel, d.partition, d.tx::text, d.error, d.attempts,
+       d.first_failed_at, d.last_failed_at, d.dead_at, d.redeliver_at, d.redeliveries,
+       e.key, e.created_at, e.id IS NOT NULL AS in_log
+FROM pgherald.dead_letters_v1 AS d
+LEFT JOIN pgherald.events_v1 AS e ON e.id = d.event_id
+WHERE (CAST(%(group)s AS text) IS NULL OR d.group_name = %(group)s)
+  AND (CAST(%(ids)s AS bigint[]) IS NULL OR d.event_id = ANY (CAST(%(ids)s AS bigint[])))
+ORDER BY d.group_name, d.tx, d.event_id
+LIMIT CAST(%(limit)s AS bigint)
+
+-- name: dead_letter_event --
+-- The stored event behind a dead letter, as text (it may be what Python cannot decode).
+SELECT payload::text, headers::text FROM pgherald.events_v1 WHERE id = %(id)s
+
+-- name: redeliver_dead_letters --
+-- Ask for a redelivery: the group's consumers hand these events out again before their next
+-- read. Only events still in the log; a redelivery already pending is left as it is.
+UPDATE pgherald.dead_letters_v1 AS d
+SET redeliver_at = now(), redeliveries = d.redeliveries + 1
+WHERE d.group_name = %(group)s AND d.redeliver_at IS NULL
+  AND (CAST(%(ids)s AS bigint[]) IS NULL OR d.event_id = ANY (CAST(%(ids)s AS bigint[])))
+  AND EXISTS (SELECT 1 FROM pgherald.events_v1 AS e WHERE e.id = d.event_id)
+RETURNING d.event_id
+
+-- name: purge_dead_letters --
+DELETE FROM pgherald.dead_letters_v1
+WHERE group_name = %(group)s
+  AND (CAST(%(ids)s AS bigint[]) IS NULL OR event_id = ANY (CAST(%(ids)s AS bigint[])))
+RETURNING event_id
+
+-- name: dead_letter_counts --
+-- Per group: dead letters, and how many of them wait for a redelivery.
+SELECT group_name, count(*), count(*) FILTER (WHERE redeliver_at IS NOT NULL)
+FROM pgherald.dead_letters_v1
+GROUP BY group_name
+ORDER BY group_name
+
+-- name: group_sessions --
+-- The live sessions of every group, from the advisory locks its consumers hold (see
+-- join_group): the shared membership lock (second key 1000) and an exclusive lock per
+-- partition held (second key: the partition). Who they are comes from pg_stat_activity
+-- (application_name and client address are NULL for sessions this role may not see).
+WITH g AS (
+    SELECT DISTINCT group_name,
+           CAST(hashtext('pgherald.group:' || group_name)::bigint & 4294967295 AS oid) AS classid
+    FROM pgherald.positions_v1
+)
+SELECT g.group_name, l.pid, CAST(l.objid AS integer), l.mode = 'ShareLock' AS member,
+       a.application_name, host(a.client_addr), a.backend_start
+FROM g
+JOIN pg_locks AS l
+  ON l.locktype = 'advisory' AND l.classid = g.classid AND l.objsubid = 2 AND l.granted
+ AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
+ORDER BY g.group_name, l.pid, l.objid
+
+-- name: group_activity --
+-- Each group's last acknowledgement (or creation, or reset) and the highest event id passed.
+SELECT group_name, max(updated_at), max(event_id)
+FROM pgherald.positions_v1
+WHERE CAST(%(groups)s AS text[]) IS NULL OR group_name = ANY (CAST(%(groups)s AS text[]))
+GROUP BY group_name
+ORDER BY group_name
+
+-- name: group_lag --
+-- The first `scan` events after each group's position in each partition, counted by channel:
+-- at most `scan` rows per (group, partition) whatever the lag, each found by the read index.
+-- A partition with fewer than `scan` is counted exactly; one cut short is estimated by the
+-- caller from the ids its first events span (ids are dense: an identity). Per (group,
+-- partition) also: rows seen, their lowest and highest id, the oldest event's time.
+SELECT p.group_name, p.partition, s.channel, count(*),
+       sum(count(*)) OVER w, min(min(s.id)) OVER w, max(max(s.id)) OVER w,
+       min(min(s.created_at)) OVER w
+FROM pgherald.positions_v1 AS p
+CROSS JOIN LATERAL (
+    SELECT e.id, e.channel, e.created_at FROM pgherald.events_v1 AS e
+    WHERE e.partition = p.partition AND (e.tx, e.id) > (p.tx, p.event_id)
+      AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
+    ORDER BY e.tx, e.id
+    LIMIT CAST(%(scan)s AS integer)
+) AS s
+WHERE CAST(%(groups)s AS text[]) IS NULL OR p.group_name = ANY (CAST(%(groups)s AS text[]))
+GROUP BY p.group_name, p.partition, s.channel
+WINDOW w AS (PARTITION BY p.group_name, p.partition)
+
+-- name: plan_group_lag --
+-- For group_lag, in a transaction: walk the read index in order. Without this, stale or
+-- missing statistics (a freshly loaded log) make the planner fetch and sort a partition's
+-- whole lag (a bitmap scan: seconds at millions of events) to keep its first rows; and JIT
+-- compiling costs more than the query.
+SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', 'off', true),
+       set_config('jit', 'off', true)
+
+-- name: partition_heads --
+-- The last event id of each partition in (tx, id) order: one backward index probe each.
+SELECT q.partition, (
+    SELECT e.id FROM pgherald.events_v1 AS e WHERE e.partition = q.partition
+    ORDER BY e.tx DESC, e.id DESC LIMIT 1)
+FROM (SELECT DISTINCT partition FROM pgherald.positions_v1) AS q
+
+-- name: log_size --
+-- How many events the log holds without counting them all: exact up to `exact` rows, and
+-- beyond that the planner's estimate (rows per page, times the pages now) capped by the id
+-- span (ids are an identity: a rolled-back insert leaves a hole, never a duplicate).
+SELECT pg_notification_queue_usage(),
+       (SELECT count(*) FROM (SELECT FROM pgherald.events_v1
+                              LIMIT CAST(%(exact)s AS integer) + 1) AS c),
+       (SELECT CASE WHEN c.reltuples > 0 AND c.relpages > 0 THEN
+               c.reltuples / c.relpages
+               * (pg_relation_size(c.oid) / current_setting('block_size')::float8) END
+        FROM pg_class AS c WHERE c.oid = CAST('pgherald.events_v1' AS regclass)),
+       (SELECT max(id) FROM pgherald.events_v1), (SELECT min(id) FROM pgherald.events_v1)
+
+-- name: abandoned_groups --
+-- Groups with no live member (no session holds the membership lock) and no acknowledgement
+-- for longer than `idle`: what prune may stop waiting for.
+SELECT p.group_name, max(p.updated_at)
+FROM pgherald.positions_v1 AS p
+GROUP BY p.group_name
+HAVING max(p.updated_at) < now() - CAST(%(idle)s AS interval)
+   AND NOT EXISTS (
+        SELECT FROM pg_locks AS l
+        WHERE l.locktype = 'advisory' AND l.objid = 1000 AND l.objsubid = 2 AND l.granted
+          AND l.mode = 'ShareLock'
+          AND l.classid = CAST(hashtext('pgherald.group:' || p.group_name)::bigint
+                               & 4294967295 AS oid)
+          AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()))
+ORDER BY p.group_name
+
+-- name: lock_out_group --
+-- Keep consumers out of a group until this transaction ends: its membership lock, taken
+-- exclusive, conflicts with the shared one every member holds (and join_group waits on it).
+-- False while a member is connected.
+SELECT pg_try_advisory_xact_lock(hashtext(%(lock_name)s), 1000)
+
+-- name: group_exists --
+SELECT EXISTS (SELECT FROM pgherald.positions_v1 WHERE group_name = %(group)s)
+
+-- name: delete_group --
+DELETE FROM pgherald.positions_v1 WHERE group_name = %(group)s

@@ -9,8 +9,10 @@ from typing import Any
 
 import jwt
 
+from ...errors import HeraldError
 
-class AuthError(Exception):
+
+class AuthError(HeraldError):
     """A request is refused: *status* is 401 (who are you?) or 403 (not allowed)."""
 
     def __init__(self, status: int, message: str) -> None:
@@ -72,7 +74,7 @@ class Authenticator:
         if jwt_secret:
             self._key, self._algorithms = jwt_secret, ["HS256"]
         elif jwt_public_key:
-            self._key, self._algorithms = jwt_public_key, ["RS256", "ES256"]
+            self._key, self._algorithms = _public_key(jwt_public_key)
         self.anonymous = tuple(allow_anonymous)
 
     def __repr__(self) -> str:  # never show the key
@@ -88,7 +90,7 @@ class Authenticator:
             claims = jwt.decode(token, self._key, algorithms=self._algorithms)
         except jwt.ExpiredSignatureError:
             raise AuthError(401, "token expired") from None
-        except jwt.InvalidTokenError as exc:
+        except jwt.PyJWTError as exc:  # InvalidKeyError too: a token's problem, never a 500
             raise AuthError(401, f"invalid token ({type(exc).__name__})") from None
         channels = claims.get("channels")
         mode = claims.get("mode", "r")
@@ -96,14 +98,49 @@ class Authenticator:
             raise AuthError(401, "invalid token: 'channels' must be a list of channel patterns")
         if mode not in ("r", "w", "rw"):
             raise AuthError(401, "invalid token: 'mode' must be 'r', 'w' or 'rw'")
-        exp = claims.get("exp")
         patterns = tuple(channels)
         return Principal(
             read=(patterns + self.anonymous) if "r" in mode else self.anonymous,
             write=patterns if "w" in mode else (),
-            exp=float(exp) if isinstance(exp, int | float) else None,
+            exp=_expiry(claims.get("exp")),
             anonymous=False,
         )
+
+
+def _expiry(exp: Any) -> float | None:
+    """The ``exp`` claim as PyJWT validated it: a number, or a string of digits (``int(exp)``)."""
+    if isinstance(exp, bool) or exp is None:
+        return None
+    if isinstance(exp, int | float):
+        return float(exp)
+    try:
+        return float(int(exp))  # PyJWT accepted it via int(): so must the stream's deadline
+    except (TypeError, ValueError):
+        return None
+
+
+def _public_key(pem: str | bytes) -> tuple[Any, list[str]]:
+    """The loaded key and its one algorithm; `ValueError` (naming the fix) if it is not one."""
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    data = pem.encode() if isinstance(pem, str) else pem
+    try:
+        key = load_pem_public_key(data)
+    except (ValueError, TypeError) as exc:
+        hint = " (this is a private key: give its public half)" if b"PRIVATE KEY" in data else ""
+        raise ValueError(
+            f"the JWT public key is not a PEM public key{hint} ({exc}): give a file that starts "
+            "with '-----BEGIN PUBLIC KEY-----' (openssl pkey -in private.pem -pubout)"
+        ) from None
+    if isinstance(key, rsa.RSAPublicKey):
+        return key, ["RS256"]
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        return key, ["ES256"]
+    raise ValueError(
+        f"the JWT public key is a {type(key).__name__}: the gateway verifies RS256 (RSA) or "
+        "ES256 (EC P-256) tokens; give an RSA or EC public key"
+    )
 
 
 def bearer_token(headers: Any, query: Any) -> str | None:

@@ -1,50 +1,96 @@
-"""One database connection used from a worker thread, one call at a time."""
+"""
+The gateway's own database connections: one statement at a time, on the event loop.
+
+Statements are sans-I/O generators (`pgherald._protocol`) driven by `AsyncWaiter`, so they
+wait on the loop itself, asyncio or trio, with a deadline: no worker thread, and a cancelled
+request costs the connection (it is dropped), never a blocked thread.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+import time
+from collections.abc import Callable, Generator
+from typing import TypeVar
 
 import anyio
-import anyio.to_thread
-import psycopg
+from psycopg import pq
 
-from ..._conninfo import listener_conninfo
+from ..._conninfo import connect_error, listener_conninfo
+from ..._protocol import pgwire, session
+from ..._protocol.pgwire import Request
+from ..._waiting_async import AsyncWaiter
+from ...errors import ConnectError
 
 T = TypeVar("T")
 
+Statement = Callable[[pq.abc.PGconn, float], Generator[Request, bool, T]]
+"""A statement to run: called with the connection and the deadline, returns the generator."""
+
 
 class Db:
-    """A lazily (re)connected autocommit connection; calls run in a thread, serialised."""
+    """A lazily (re)connected connection of the gateway's: calls are serialised."""
 
-    def __init__(self, dsn: str, *, application_name: str, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        application_name: str,
+        connect_timeout: float = 5.0,
+        statement_timeout: float = 10.0,
+    ) -> None:
         self._conninfo = listener_conninfo(dsn, application_name=application_name)
-        self._timeout = connect_timeout
-        self._conn: psycopg.Connection[Any] | None = None
+        self.connect_timeout = connect_timeout
+        self.statement_timeout = statement_timeout
+        self._pgconn: pq.abc.PGconn | None = None
         self._lock = anyio.Lock()
 
-    async def call(self, func: Callable[[psycopg.Connection[Any]], T]) -> T:
+    async def run(self, statement: Statement[T], *, seconds: float | None = None) -> T:
+        """
+        Run *statement*, connecting first if needed. Raises the statement's `HeraldError`;
+        `ConnectError` when no connection can be made. After any failure but a plain error
+        answer (the connection idle and sound), the connection is dropped: the next call opens
+        a new one.
+        """
         async with self._lock:
-            return await anyio.to_thread.run_sync(self._call, func)
+            pgconn = self._pgconn
+            if pgconn is None or pgconn.status != pq.ConnStatus.OK:
+                self.close()
+                pgconn = await self._connect()
+            deadline = time.monotonic() + (seconds or self.statement_timeout)
+            done = False
+            try:
+                result = await AsyncWaiter().run(statement(pgconn, deadline))
+                done = True
+                return result
+            finally:
+                if not done and (
+                    pgconn.status != pq.ConnStatus.OK
+                    or pgconn.transaction_status != pq.TransactionStatus.IDLE
+                ):
+                    self.close()
 
-    def _call(self, func: Callable[[psycopg.Connection[Any]], T]) -> T:
-        conn = self._conn
-        if conn is None or conn.closed or conn.broken:
-            if conn is not None:
-                conn.close()
-            self._conn = None
-            conn = psycopg.connect(
-                self._conninfo, autocommit=True, connect_timeout=int(self._timeout)
-            )
-            self._conn = conn
+    async def named(
+        self, name: str, params: session.Params, *, doing: str, seconds: float | None = None
+    ) -> pq.abc.PGresult:
+        """Named query *name* (``queries.sql``) with *params*: its result (text format)."""
+
+        def statement(
+            pgconn: pq.abc.PGconn, deadline: float
+        ) -> Generator[Request, bool, pq.abc.PGresult]:
+            return session.named(pgconn, name, params, deadline, doing=doing)
+
+        return await self.run(statement, seconds=seconds)
+
+    async def _connect(self) -> pq.abc.PGconn:
+        deadline = time.monotonic() + self.connect_timeout
         try:
-            return func(conn)
-        except psycopg.OperationalError:
-            conn.close()
-            self._conn = None
-            raise
+            pgconn = await AsyncWaiter().run(pgwire.connect(self._conninfo, deadline))
+        except ConnectError as exc:
+            raise connect_error(self._conninfo, str(exc)) from None
+        self._pgconn = pgconn
+        return pgconn
 
     def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            conn.close()
+        pgconn, self._pgconn = self._pgconn, None
+        if pgconn is not None:
+            pgconn.finish()

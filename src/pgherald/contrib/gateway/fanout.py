@@ -5,31 +5,34 @@ Plain channels: LISTEN when the first client wants a channel, UNLISTEN when the 
 leaves; each notification becomes one `Frame`, offered to every subscriber without waiting.
 
 Durable channels: one task tails the event log in commit-safe order, (tx, id), woken by
-``pgherald_wake_v1`` and by a short poll. `Hub.position` is where the tail is; a client that
-registers gets every later event live, and reads anything before that from the log itself.
+``pgherald_wake_v1`` and by a short poll, with the reader of `pgherald.read_log` (per partition:
+an idle poll costs the same however long the log). `Hub.position` is where the tail is; a
+client that registers gets every later event live, and reads anything before that from the log
+itself. Every statement runs on the event loop (`Db`): no worker threads.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Generator, Iterable
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any
 
 import anyio
-import psycopg
+from psycopg import pq
 
-from ... import sql as _sql
 from ..._listener_async import AsyncListener
 from ..._models import Gap, Notification
-from ..._notify import notify
-from ..._publish import publish
+from ..._protocol import logread
+from ..._protocol.channels import check_channel
+from ..._protocol.payload import encode_payload
+from ..._protocol.pgwire import Request
+from ..._publish import _params as publish_params
 from ..._schema import MISSING
-from ...errors import SchemaMissing
+from ...errors import ConnectionLost, HeraldError, SchemaMissing
 from .client import Client
-from .db import Db
+from .db import Db, Statement
 from .frames import PING, Frame, Position
 from .metrics import Metrics
 from .wakeup import Signal, new_signal, on_asyncio
@@ -38,26 +41,8 @@ logger = logging.getLogger("pgherald.gateway")
 
 WAKE_CHANNEL = "pgherald_wake_v1"
 
-_READ = """
-SELECT id, tx::text, channel, payload::text FROM pgherald.events_v1
-WHERE channel = ANY(%(channels)s)
-  AND (tx, id) > (%(tx)s::xid8, %(id)s)
-  AND tx < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY tx, id
-LIMIT %(limit)s
-"""
 
-_REPLAY = """
-SELECT id, tx::text, channel, payload::text FROM pgherald.events_v1
-WHERE channel = ANY(%(channels)s)
-  AND (tx, id) > (%(tx)s::xid8, %(id)s)
-  AND (tx, id) <= (%(upto_tx)s::xid8, %(upto_id)s)
-ORDER BY tx, id
-LIMIT %(limit)s
-"""
-
-
-class UnknownEventId(Exception):
+class UnknownEventId(HeraldError):
     """A client resumes after an event the log does not have (never stored, or pruned)."""
 
 
@@ -109,9 +94,10 @@ class Hub:
         """Connect, start listening (and tailing), and on exit end every stream."""
         async with self.listener:
             if self.durable:
-                await self._tail_db.call(_check_schema)
+                await self._check_schema()
                 await self.listener.subscribe(WAKE_CHANNEL)
-                self.position = await self._tail_db.call(_position_now)
+                horizon = await self._tail_db.named("log_horizon", {}, doing="read the log")
+                self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.listener.run)
                 tg.start_soon(self._housekeeping)
@@ -261,24 +247,27 @@ class Hub:
 
     async def _tail(self) -> None:
         channels = sorted(self.durable)
+        limit = self.batch_size
         while True:
             self._wake = wake = anyio.Event()
+            query = logread.LogQuery(after=self.position, limit=limit, channels=channels)
             try:
-                rows = await self._tail_db.call(
-                    lambda conn: _fetch(conn, _READ, channels, self.position, None, self.batch_size)
-                )
-            except psycopg.Error as exc:
+                read = await self._tail_db.run(_reader(query))
+            except HeraldError as exc:
                 logger.warning("reading the event log failed (%s); retrying", _one_line(exc))
                 await anyio.sleep(1.0)
                 continue
-            for frame in rows:
-                self.position = frame.pos  # type: ignore[assignment]
-                subs = self._subs.get(frame.channel)
+            for tx, event_id, channel, payload in logread.frame_rows(read):
+                frame = Frame(channel, payload, (tx, event_id))
+                subs = self._subs.get(channel)
                 if subs:
                     for client in list(subs):
                         client.offer(frame)
-            self.metrics.events_in.inc(len(rows))
-            if len(rows) >= self.batch_size:
+            # Past the last event, or, when caught up, to the horizon: events of other
+            # channels that the read skipped are not scanned again.
+            self.position = logread.next_position(read, limit, self.position)
+            self.metrics.events_in.inc(read.n)
+            if read.n >= limit:
                 continue
             with anyio.move_on_after(self.poll_interval):
                 await wake.wait()
@@ -286,91 +275,71 @@ class Hub:
     async def publish(self, channel: str, payload: Any) -> int | None:
         """Publish to the log (durable channel: returns the id) or NOTIFY (returns None)."""
         if channel in self.durable:
-            return await self.db.call(lambda conn: publish(conn, channel, payload))
-        await self.db.call(lambda conn: notify(conn, channel, payload))
+            res = await self.db.named(
+                "publish", publish_params(channel, payload, None, None, None), doing="publish"
+            )
+            return int(res.get_value(0, 0) or b"0")
+        params = {"channel": check_channel(channel), "payload": encode_payload(payload)}
+        await self.db.named("notify", params, doing=f"NOTIFY on channel {channel!r}")
         return None
 
     async def queue_usage(self) -> float:
-        def read(conn: psycopg.Connection[Any]) -> float:
-            row = conn.execute("SELECT pg_notification_queue_usage()").fetchone()
-            return float(row[0]) if row else 0.0
-
-        return await self.db.call(read)
+        res = await self.db.named("notify_queue_usage", {}, doing="read the NOTIFY queue usage")
+        return float(res.get_value(0, 0) or b"0")
 
     async def database_ok(self) -> bool:
-        try:
-            with anyio.fail_after(3.0):
-                await self.db.call(lambda conn: conn.execute("SELECT 1").fetchone())
-        except (psycopg.Error, TimeoutError):
-            return False
-        return True
+        with anyio.move_on_after(3.0):  # (waiting for the connection included)
+            for attempt in (1, 2):
+                try:
+                    await self.db.named("ping", {}, doing="check the database", seconds=3.0)
+                except ConnectionLost:
+                    if attempt == 1:
+                        continue  # a connection that broke while idle: try a new one
+                    return False
+                except HeraldError:
+                    return False
+                return True
+        return False
 
     async def resume_from(self, event_id: int) -> Position:
         """The log position of *event_id* (`UnknownEventId` when the log lacks it)."""
-
-        def find(conn: psycopg.Connection[Any]) -> Position | None:
-            row = conn.execute(
-                "SELECT tx::text FROM pgherald.events_v1 WHERE id = %s", (event_id,)
-            ).fetchone()
-            return None if row is None else (int(row[0]), event_id)
-
-        pos = await self.db.call(find)
-        if pos is None:
+        res = await self.db.named(
+            "event_position", {"id": str(event_id)}, doing="find the resume position"
+        )
+        if not res.ntuples:
             raise UnknownEventId(f"event {event_id} is not in the log (never stored, or pruned)")
-        return pos
+        return (int(res.get_value(0, 0) or b"0"), event_id)
 
     async def replay(
         self, channels: list[str], after: Position, upto: Position
     ) -> AsyncIterator[Frame]:
         """Events of *channels* in ``(after, upto]``, from the log, in order."""
+        limit = self.batch_size
         while after < upto:
-            frames = await self.db.call(
-                partial(
-                    _fetch,
-                    query=_REPLAY,
-                    channels=channels,
-                    after=after,
-                    upto=upto,
-                    limit=self.batch_size,
-                )
-            )
-            for frame in frames:
-                yield frame
-            if len(frames) < self.batch_size:
+            query = logread.LogQuery(after=after, limit=limit, channels=channels, upto=upto)
+            read = await self.db.run(_reader(query))
+            rows = logread.frame_rows(read)
+            for tx, event_id, channel, payload in rows:
+                yield Frame(channel, payload, (tx, event_id))
+            if read.n < limit:
                 return
-            after = frames[-1].pos  # type: ignore[assignment]
+            after = rows[-1][:2]
+
+    async def _check_schema(self) -> None:
+        res = await self._tail_db.named("schema_installed", {}, doing="check the schema")
+        if res.get_value(0, 0) != b"t":
+            raise SchemaMissing(MISSING)
 
 
-def _fetch(
-    conn: psycopg.Connection[Any],
-    query: str,
-    channels: list[str],
-    after: Position,
-    upto: Position | None,
-    limit: int,
-) -> list[Frame]:
-    params: dict[str, Any] = {
-        "channels": channels,
-        "tx": str(after[0]),
-        "id": after[1],
-        "limit": limit,
-    }
-    if upto is not None:
-        params["upto_tx"], params["upto_id"] = str(upto[0]), upto[1]
-    rows = conn.execute(query, params).fetchall()
-    return [Frame(ch, payload, (int(tx), event_id)) for event_id, tx, ch, payload in rows]
+def _reader(query: logread.LogQuery) -> Statement[logread.LogRead]:
+    """One read of the log, as a statement for `Db.run`."""
 
+    def statement(
+        pgconn: pq.abc.PGconn, deadline: float
+    ) -> Generator[Request, bool, logread.LogRead]:
+        return logread.read(pgconn, query, deadline)
 
-def _check_schema(conn: psycopg.Connection[Any]) -> None:
-    row = conn.execute(_sql.query("schema_installed")).fetchone()
-    if not row or not row[0]:
-        raise SchemaMissing(MISSING)
-
-
-def _position_now(conn: psycopg.Connection[Any]) -> Position:
-    row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
-    assert row is not None
-    return (int(row[0]), 0)
+    return statement
 
 
 def _one_line(exc: BaseException) -> str:

@@ -6,6 +6,11 @@ import json
 import re
 
 _LINE_BREAK = re.compile(r"\r\n|\r|\n")
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+MAX_JSON_DEPTH = 500
+"""A JSON payload nested deeper than this is sent as text: clients' parsers (and Python's
+json, whose limit is the recursion limit) must never choke on an event."""
 
 Position = tuple[int, int]
 """A place in the durable log: (transaction id, event id), the log's commit-safe order."""
@@ -48,13 +53,12 @@ class Frame:
 
     @property
     def ws(self) -> str:
-        """``{"type": "event", "channel", "payload", ["id"]}``: a JSON payload stays JSON."""
+        """``{"type": "event", "channel", "payload", ["id"]}``: a JSON payload stays JSON.
+
+        Payloads are untrusted (any role may NOTIFY): see `json_or_text`.
+        """
         if self._ws is None:
-            try:
-                json.loads(self.payload)
-                payload = self.payload
-            except ValueError:
-                payload = json.dumps(self.payload)
+            payload = json_or_text(self.payload)
             extra = "" if self.id is None else f',"id":{self.id}'
             self._ws = f'{{"type":"event","channel":{json.dumps(self.channel)},"payload":{payload}{extra}}}'
         return self._ws
@@ -73,6 +77,38 @@ class Frame:
                 head = bytes((0x81, 127)) + n.to_bytes(8, "big")
             self._ws_frame = head + data
         return self._ws_frame
+
+
+def json_or_text(payload: str) -> str:
+    """*payload* itself if it is strict JSON nested at most `MAX_JSON_DEPTH` deep, else the
+    payload as a JSON string. Never raises: ``NaN``/``Infinity`` (which browsers' ``JSON.parse``
+    rejects) and a 4,000-deep array (a `RecursionError`) are text like any other."""
+    if (
+        payload.count("[") + payload.count("{") > MAX_JSON_DEPTH
+        and _depth(payload) > MAX_JSON_DEPTH
+    ):
+        return json.dumps(payload)
+    try:
+        json.loads(payload, parse_constant=_not_json)
+    except (ValueError, RecursionError):
+        return json.dumps(payload)
+    return payload
+
+
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _depth(text: str) -> int:
+    """The deepest nesting of brackets outside strings (only for payloads with many brackets)."""
+    depth = deepest = 0
+    for ch in _STRING.sub("", text):
+        if ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
 
 
 def _comment(text: str) -> Frame:

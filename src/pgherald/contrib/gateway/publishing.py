@@ -4,14 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import psycopg
-
-from ...errors import HeraldError, PayloadTooLarge
+from ...errors import DatabaseConnectionError, HeraldError, PayloadTooLarge
 from .auth import Principal
 from .fanout import Hub
 
 
-class PublishRefused(Exception):
+class PublishRefused(HeraldError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
@@ -24,7 +22,7 @@ async def publish_checked(hub: Hub, principal: Principal, channel: str, payload:
         return await hub.publish(channel, payload)
     except PayloadTooLarge as exc:
         raise PublishRefused(413, str(exc)) from None
+    except DatabaseConnectionError:
+        raise PublishRefused(503, "the database is not available") from None
     except HeraldError as exc:
         raise PublishRefused(400, str(exc)) from None
-    except psycopg.Error:
-        raise PublishRefused(503, "the database is not available") from None

@@ -5,11 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
-import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import Message, Receive, Scope, Send
 
+from ...errors import HeraldError
 from .auth import Authenticator, AuthError, bearer_token
 from .client import Client
 from .direct import DirectBody
@@ -23,7 +23,7 @@ _HEADERS = [
 ]
 
 
-class BadRequest(Exception):
+class BadRequest(HeraldError):
     pass
 
 
@@ -63,7 +63,7 @@ class SseEndpoint:
             return await _error(scope, receive, send, exc.status, exc.message)
         except (BadRequest, UnknownEventId) as exc:
             return await _error(scope, receive, send, 400, str(exc))
-        except psycopg.Error:
+        except HeraldError:  # finding the resume point: the database is down or refuses
             return await _error(scope, receive, send, 503, "the database is not available")
 
         client = self.hub.new_client("sse", principal.exp)

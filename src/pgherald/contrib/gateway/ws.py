@@ -8,10 +8,10 @@ from functools import partial
 from typing import Any
 
 import anyio
-import psycopg
 from starlette.responses import JSONResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
+from ...errors import HeraldError
 from .auth import Authenticator, AuthError, Principal, bearer_token
 from .client import Client
 from .direct import DirectWebSocket
@@ -100,7 +100,7 @@ class WsEndpoint:
                 say(_error(str(exc)))
             except TimeoutError:
                 say(_error("the listener is not connected; try again"))
-            except psycopg.Error:  # finding the resume point
+            except HeraldError:  # finding the resume point: the database is down or refuses
                 say(_error("the database is not available; try again"))
 
     async def _subscribe(

@@ -1,0 +1,982 @@
+"""
+The durable consumer's state machine: connect, join the group, hold partitions, read, hand
+out, retry, acknowledge, wait for wake-ups, probe, reconnect.
+
+`ConsumerEngine.run` is a generator that never blocks, like `ListenerEngine.run`: it yields
+requests (see `pgwire`) and a thin runtime (a thread, asyncio or trio) carries them out. Every
+statement has a deadline, every wait ends at a deadline or a wake-up, so `stop()` and
+cancellation work in every state: connecting, backing off, reading, waiting, retrying.
+
+Consumer groups: the log has 16 fixed partitions; a consumer owns a partition while it holds a
+session advisory lock on (group, partition), on this very connection. Membership is a shared
+advisory lock, so the number of live members is read from ``pg_locks`` and a dead consumer's
+locks vanish with its session: the others take its partitions at their next rebalance.
+
+Read-ahead: while the runtime hands a large batch to handlers, the server already runs the read
+of the next one (sent with libpq's asynchronous API, after the last event handed out in each
+partition: our cursor). The group's stored position still moves only with the acknowledgement.
+Whatever could make the cursor wrong drops it, with any read in flight, so that the next read
+starts from the stored positions again: events handed out but not all acknowledged, a change of
+the partitions held, a reconnect.
+
+Read size: a read asks for `batch_size` events. While reads come back full (a backlog), each
+next read asks for twice as many, up to `max_batch_size`; a read that is not full brings it back
+to `batch_size`. The price: the events handed out but not yet acknowledged, which a crash
+delivers again, are up to one read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NamedTuple
+
+import psycopg
+from psycopg import pq
+from psycopg.adapt import Transformer
+
+from .. import _errormap, sql
+from .._models import Event, Gap, Stats
+from ..errors import ConnectError, ConnectionLost, HeraldError, SchemaMissing, UsageError
+from . import liveness, pgwire
+from .backoff import backoff_delay
+from .channels import listen_query
+from .pgwire import REPORT, SLEEP, WAIT, PQGen
+
+logger = logging.getLogger("pgherald.consumer")
+
+PARTITIONS = 16
+DEFAULT_MAX_BATCH_SIZE = 20_000
+WAKE_CHANNEL = "pgherald_wake_v1"
+_WAKE = WAKE_CHANNEL.encode()
+READ_STATEMENT = b"pgherald_read_batch_v1"  # prepared on each consumer connection
+
+# Requests of the consumer engine, beside pgwire's WAIT / SLEEP / REPORT.
+BATCH = 4
+"""(BATCH, events, first, handler) -> (done, failed_handler | None, error | None).
+
+Run the handlers of ``events[first:]``, starting at handler index *handler* of the first event.
+The runtime answers how many events it finished; when a handler raised, also which one and
+the exception; when it reached a transactional handler, which one and `NEEDS_TX`. Iterating
+runtimes hand the events to the application and answer (done, None, None)."""
+TX = 5
+"""(TX, event, handler, connection) -> exception | None: call ``handler(event, connection)``
+inside the transaction the engine opened; the engine then acknowledges and commits."""
+
+NEEDS_TX = object()
+"""The answer to BATCH that asks the engine for a transaction around a transactional handler."""
+
+# Connection errors that a retry cannot fix: give up after this many in a row.
+_PERMANENT_CONNECT_TRIES = 3
+_PERMANENT_MARKERS = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # role or database
+    "invalid connection option",
+    "invalid dsn",
+)
+
+Start = str | int | datetime
+Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
+
+
+@dataclass
+class ConsumerConfig:
+    """A consumer's settings, checked once; every default is what a production service wants."""
+
+    conninfo: str
+    group: str
+    channels: frozenset[str] = frozenset()
+    """Only events of these channels go to handlers (empty: every channel)."""
+    start: Start = "beginning"
+    reset: bool = False
+    batch_size: int = 1000
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    poll_interval: float = 0.5
+    linger: float = 0.02
+    rebalance_interval: float = 1.0
+    max_attempts: int = 3
+    retry_delay: float = 0.2
+    retry_max_delay: float = 30.0
+    connect_timeout: float = 10.0
+    health_check_interval: float = 15.0
+    health_check_timeout: float = 5.0
+    reconnect_initial_delay: float = 0.1
+    reconnect_max_delay: float = 10.0
+    reconnect_max_attempts: int | None = None
+    loads: Callable[[str], Any] = json.loads
+    connection_class: type[Any] = psycopg.Connection
+    """Wraps our libpq connection for transactional handlers and result decoding."""
+    check_delivery: bool = True
+    """At the first connection, prove that notifications reach it (no transaction pooler)."""
+    lent: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _Lost(Exception):
+    """The connection failed (internal: the engine reconnects)."""
+
+
+class _Stopped(Exception):
+    """`stop()` came during a statement that did not finish in time: abandon it (internal)."""
+
+
+STOP_GRACE = 0.5
+"""Seconds a statement may still take after `stop()` (an ack about to finish, say), before it
+is abandoned with its connection: `stop()` must end `run()` within a second in every state."""
+
+
+class _Read(NamedTuple):
+    """A read sent: how many rows it asked for in all, and per partition."""
+
+    limit: int
+    share: int
+
+
+def lock_name(group: str) -> str:
+    return f"pgherald.group:{group}"
+
+
+class ConsumerEngine:
+    """The state of one consumer connection, independent of any runtime."""
+
+    def __init__(
+        self,
+        config: ConsumerConfig,
+        stats: Stats,
+        entries: Callable[[str], tuple[Entry, ...]],
+    ) -> None:
+        self.config = config
+        self.stats = stats
+        self._entries = entries
+        self.stopping = False
+        self.stopped_at = 0.0
+        self.pgconn: pq.abc.PGconn | None = None
+        self.conn: Any = None  # config.connection_class around pgconn
+        self.owned: list[int] = []
+        self.read_size = config.batch_size
+        self._lock_key = lock_name(config.group)
+        self._ping = liveness.new_ping_channel()
+        self._delivery_checked = not config.check_delivery
+        self._reset = config.reset
+        self._broken = False
+        self._woken = False  # a wake-up arrived: something may have committed since our read
+        self._next_rebalance = 0.0
+        self._next_probe = 0.0
+        self._busy_partitions = 0
+        self._read_params: tuple[str, ...] = ()
+        self._rows: Any = None  # a psycopg Transformer: decodes read results (binary)
+        self._alive_at = time.time()
+        self._outage: tuple[float, str] | None = None
+        self._previous: tuple[int, str] | None = None  # (pid, application_name) given up
+        self._undecodable: dict[int, str] = {}  # event id -> error, for the batch in hand
+        self._redelivering = False  # the batch in hand is dead letters redelivered
+        self._next_redelivery = 0.0
+        self._forget_reads()
+
+    def _forget_reads(self) -> None:
+        """Drop the cursor and any read ahead: the next read starts from the stored positions."""
+        self._cursor: dict[int, tuple[str, int]] = {}  # partition -> (tx, id) last handed out
+        self._in_flight: _Read | None = None
+        self._ready: tuple[pq.abc.PGresult, _Read] | None = None
+        self._handed_out: dict[int, tuple[str, int]] = {}  # last of each partition, not acked
+        self._saturated = False
+        self.read_size = self.config.batch_size
+
+    @property
+    def connected(self) -> bool:
+        return self.pgconn is not None
+
+    def stop(self) -> None:
+        """Ask `run` to return (the runtime then wakes whatever it waits on)."""
+        if not self.stopping:
+            self.stopped_at = time.monotonic()
+        self.stopping = True
+
+    # -- connecting --
+
+    def open(self) -> PQGen:
+        """Connect, check the schema, join the group and take partitions."""
+        self.close()
+        cfg = self.config
+        deadline = time.monotonic() + cfg.connect_timeout
+        pgconn = yield from self._guard(pgwire.connect(cfg.conninfo, deadline))
+        self.pgconn = pgconn
+        self._broken = False
+        try:
+            self.conn = cfg.connection_class(pgconn)
+            self.conn.prepare_threshold = None  # no DEALLOCATE ALL after a handler's rollback
+            self.conn.add_notify_handler(self._heard)
+            self._rows = Transformer(self.conn)
+            (res,) = yield from self._query("schema_installed", {})
+            if res.get_value(0, 0) != b"t":
+                raise SchemaMissing(
+                    "pgherald's schema is not installed in this database: run `pgherald install` "
+                    "(or pgherald.install(conn)) once, as a role that may create a schema"
+                )
+            listen = listen_query(WAKE_CHANNEL) + b";" + listen_query(self._ping)
+            yield from self._run(pgwire.execute(pgconn, listen, self._deadline()))
+            yield from self._end_previous_session()
+            yield from self._query("join_group", {"lock_name": self._lock_key})
+            yield from self._create_group()
+            yield from self._prepare_read()
+            if not self._delivery_checked:
+                check_deadline = time.monotonic() + min(5.0, cfg.connect_timeout)
+                yield from self._run(
+                    liveness.check_delivery(
+                        cfg.conninfo, pgconn, self._ping, check_deadline, self._heard
+                    )
+                )
+                self._delivery_checked = True
+            self.owned = []
+            self._forget_reads()
+            self._next_rebalance = 0.0
+            self._next_probe = time.monotonic() + cfg.health_check_interval
+            self._alive_at = time.time()
+            yield from self.rebalance()
+        except _Lost as exc:
+            self.close()
+            raise ConnectError(f"connected, then lost the connection: {exc}") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def _end_previous_session(self) -> PQGen:
+        previous, self._previous = self._previous, None
+        if previous is None:
+            return
+        pid, name = previous
+        try:
+            yield from self._query("end_previous_session", {"pid": pid, "application_name": name})
+        except HeraldError as exc:  # not allowed, say: its locks go when the server notices
+            logger.info("could not end the previous session %d: %s", pid, exc)
+
+    def close(self) -> None:
+        """Drop the connection (its advisory locks go with the session); idempotent."""
+        pgconn, self.pgconn = self.pgconn, None
+        self.conn = None
+        self.owned = []
+        self._forget_reads()
+        if pgconn is not None:
+            pgconn.finish()
+
+    def _deadline(self) -> float:
+        return time.monotonic() + self.config.health_check_timeout
+
+    def _create_group(self) -> PQGen:
+        tx, event_id, skip = yield from self._start_position()
+        params = {"group": self.config.group, "tx": tx, "event_id": str(event_id), "skip": skip}
+        yield from self._query("create_group", params)
+        if self._reset:
+            yield from self._query("reset_group", params)
+            self._reset = False  # once, not again at every reconnect
+
+    def _start_position(self) -> PQGen:
+        """(tx, event id, snapshot of events to skip) where the group starts."""
+        start = self.config.start
+        if start == "beginning":
+            return "0", 0, None
+        if start == "now":
+            (res,) = yield from self._query("position_now", {})
+        elif isinstance(start, int) and not isinstance(start, bool):
+            (res,) = yield from self._query("position_before_id", {"id": str(start)})
+            if not res.ntuples:
+                raise UsageError(f"no event with id {start} in the log: start from another one")
+        elif isinstance(start, datetime):
+            (res,) = yield from self._query("position_before_time", {"at": start.isoformat()})
+            if not res.ntuples:  # nothing that recent: start at the end
+                (res,) = yield from self._query("position_now", {})
+        else:
+            raise UsageError(
+                f"start must be 'beginning', 'now', an event id or a datetime, not {start!r}"
+            )
+        values = [res.get_value(0, i) for i in range(res.nfields)]
+        text = [None if v is None else v.decode() for v in values]
+        return text[0], int(text[1] or 0), (text[2] if len(text) > 2 else None)
+
+    def _prepare_read(self) -> PQGen:
+        pgconn = self.pgconn
+        assert pgconn is not None
+        text, self._read_params = sql.numbered("read_batch")
+        pgconn.send_prepare(READ_STATEMENT, text)
+        yield from self._run(pgwire.finish(pgconn, self._deadline()))
+
+    # -- statements --
+
+    def _guard(self, gen: PQGen) -> PQGen:
+        """
+        Drive *gen*, but once `stop()` was asked for, give it only `STOP_GRACE` seconds more:
+        then abandon it, and the connection with it (`_Stopped`).
+        """
+        send: Any = None
+        while True:
+            try:
+                req = gen.send(send)
+            except StopIteration as done:
+                return done.value
+            if req[0] == WAIT and self.stopping:
+                limit = self.stopped_at + STOP_GRACE
+                if time.monotonic() >= limit:
+                    gen.close()
+                    self._broken = True
+                    raise _Stopped()
+                deadline = req[3]
+                req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
+            try:
+                send = yield req
+            except GeneratorExit:
+                gen.close()
+                raise
+
+    def _run(self, gen: PQGen) -> PQGen:
+        """Drive a pgwire generator: connection trouble and timeouts become `_Lost`."""
+        try:
+            return (yield from self._guard(gen))
+        except pgwire.QueryTimeout:
+            raise _Lost(
+                f"no answer from the server within {self.config.health_check_timeout:g}s "
+                "(half-open connection?)"
+            ) from None
+        except pgwire.QueryFailed as exc:
+            pgconn = self.pgconn
+            if pgconn is None or pgconn.status == pq.ConnStatus.BAD or _is_connection_state(exc):
+                raise _Lost(str(exc)) from None
+            raise _failed(exc) from None
+        except GeneratorExit:
+            self._broken = True  # abandoned mid-statement: the connection's state is unknown
+            raise
+        except psycopg.OperationalError as exc:
+            raise _Lost(_one_line(exc)) from None
+
+    def _query(self, name: str, params: dict[str, Any]) -> PQGen:
+        """Run named query *name* (text parameters and results) with the usual deadline."""
+        pgconn = self.pgconn
+        if pgconn is None:
+            raise _Lost("not connected")
+        text, names = sql.numbered(name)
+        values: list[bytes | None] = [
+            None if params[n] is None else str(params[n]).encode() for n in names
+        ]
+        return (yield from self._run(pgwire.execute_params(pgconn, text, values, self._deadline())))
+
+    def _heard(self, n: Any) -> None:
+        """
+        A notification read with a statement's answer (libpq's, or psycopg's during a
+        transactional handler): a wake-up counts, anything else (a ping) is done with.
+        """
+        if getattr(n, "relname", None) == _WAKE or getattr(n, "channel", None) == WAKE_CHANNEL:
+            self._woken = True
+
+    def _drain(self) -> None:
+        pgconn = self.pgconn
+        if pgconn is None:
+            return
+        heard = False
+        while (n := pgconn.notifies()) is not None:
+            if n.relname == _WAKE:
+                heard = True
+        if heard:
+            self._woken = True
+
+    # -- partitions --
+
+    def rebalance(self, *, force: bool = False) -> PQGen:
+        """Hold our fair share of partitions: ceil(16 / live members)."""
+        now = time.monotonic()
+        if not force and now < self._next_rebalance:
+            return
+        self._next_rebalance = now + self.config.rebalance_interval
+        pgconn = self.pgconn
+        if pgconn is None:
+            raise _Lost("not connected")
+        yield from self._settle()
+        held = set(self.owned)
+        (res,) = yield from self._query("group_members", {"lock_name": self._lock_key})
+        members = int(res.get_value(0, 0) or b"1")
+        target = math.ceil(PARTITIONS / max(1, members))
+        while len(self.owned) > target:
+            p = self.owned.pop()
+            yield from self._query(
+                "unlock_partition", {"lock_name": self._lock_key, "partition": p}
+            )
+        if len(self.owned) < target:
+            # Start the search at a place of our own, so members do not all race for 0, 1...
+            offset = pgconn.backend_pid % PARTITIONS
+            for i in range(PARTITIONS):
+                p = (offset + i) % PARTITIONS
+                if p in self.owned:
+                    continue
+                (res,) = yield from self._query(
+                    "try_lock_partition", {"lock_name": self._lock_key, "partition": p}
+                )
+                if res.get_value(0, 0) == b"t":
+                    self.owned.append(p)
+                    if len(self.owned) >= target:
+                        break
+        self.owned.sort()
+        logger.debug("rebalanced: %d members, holding %s", members, self.owned)
+        if set(self.owned) != held:
+            # A read ahead covers the old partitions; a released one may move on without us.
+            self._ready = None
+            self._cursor = {p: c for p, c in self._cursor.items() if p in self.owned}
+
+    # -- reading --
+
+    def fetch(self) -> PQGen:
+        """The next events of our partitions, oldest first (decoded), or []."""
+        if not self.owned:
+            return []
+        if self._handed_out:
+            # The last batch was not all acknowledged: what was not must come again.
+            yield from self._settle()
+            self._forget_reads()
+        res, read = yield from self._take_read()
+        n, batch_last = self._deliverable(res, read)
+        logger.debug("read %d rows, delivering %d", res.ntuples, n)
+        if self._saturated:
+            self.read_size = min(self.config.max_batch_size, read.limit * 2)
+        else:
+            self.read_size = self.config.batch_size
+        if not n:
+            return []
+        self._cursor.update(batch_last)
+        self._handed_out = batch_last
+        if self._saturated:
+            self._send_read()  # more is waiting: the server reads it while we hand this out
+        assert self._rows is not None
+        self._rows.set_pgresult(res, set_loaders=True, format=pq.Format.BINARY)
+        return self._decode(self._rows.load_rows(0, n, tuple))
+
+    def _decode(self, rows: list[Any]) -> list[Event]:
+        """
+        Events from read rows: one parse for the batch; if that fails, event by event, and an
+        event that cannot be decoded (jsonb accepts what Python's json refuses: 3,000 nested
+        arrays, a 5,000-digit number) is noted in `_undecodable`, for `_deliver` to dead-letter.
+        """
+        self._undecodable = {}
+        loads = self.config.loads
+        try:
+            return _events(rows, loads)
+        except Exception:  # RecursionError, ValueError, a custom loads' own: one by one
+            pass
+        events = []
+        for r in rows:
+            try:
+                payload, headers = loads(r[4]), None if r[5] is None else loads(r[5])
+            except Exception as exc:  # as above
+                self._undecodable[r[0]] = f"cannot decode the event: {_error_text(exc)}"
+                payload = headers = None
+            events.append(Event(r[0], r[2], payload, r[3], headers, r[6], r[7], r[1]))
+        return events
+
+    def _take_read(self) -> PQGen:
+        if self._in_flight is None and self._ready is None:
+            self._send_read()
+        yield from self._settle()
+        assert self._ready is not None
+        (res, read), self._ready = self._ready, None
+        if res.status != pq.ExecStatus.TUPLES_OK:
+            pgconn = self.pgconn
+            if pgconn is None or pgconn.status != pq.ConnStatus.OK:
+                raise _Lost(res.get_error_message() or "connection lost during a read")
+            state = res.error_field(pq.DiagnosticField.SQLSTATE)
+            if state == b"26000":  # our prepared read is gone (a handler ran DEALLOCATE ALL)
+                yield from self._prepare_read()
+                self._send_read()
+                return (yield from self._take_read())
+            raise _failed(_result_error(res))
+        return res, read
+
+    def _send_read(self) -> None:
+        pgconn = self.pgconn
+        if pgconn is None:
+            raise _Lost("not connected")
+        limit = self.read_size
+        share = self._per_partition(limit)
+        cursors = [self._cursor.get(p) for p in self.owned]
+        values = {
+            "group": self.config.group,
+            "partitions": _array(self.owned),
+            "txs": _array(c and c[0] for c in cursors),
+            "ids": _array(c and c[1] for c in cursors),
+            "limit": str(limit),
+            "per_partition": str(share),
+        }
+        params: list[bytes | None] = [values[n].encode() for n in self._read_params]
+        try:
+            pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
+        except psycopg.OperationalError as exc:
+            raise _Lost(_one_line(exc)) from None
+        self._in_flight = _Read(limit, share)
+        self.stats.reads += 1
+
+    def _settle(self) -> PQGen:
+        """Receive the read in flight, if any (the connection is free for other statements)."""
+        read, self._in_flight = self._in_flight, None
+        if read is not None:
+            yield from self._guard(self._receive(read))
+
+    def _receive(self, read: _Read) -> PQGen:
+        pgconn = self.pgconn
+        assert pgconn is not None
+        timeout = self.config.health_check_timeout
+        deadline = time.monotonic() + timeout
+        try:
+            while pgconn.flush():
+                ready = yield (WAIT, pgconn.socket, pgwire.WRITE, deadline)
+                if not ready and time.monotonic() >= deadline:
+                    raise _Lost(f"could not send a read within {timeout:g}s")
+            while True:
+                pgconn.consume_input()
+                if not pgconn.is_busy():
+                    break
+                ready = yield (WAIT, pgconn.socket, pgwire.READ, deadline)
+                now = time.monotonic()
+                if ready:
+                    deadline = now + timeout  # data is flowing: the deadline is for silence
+                elif now >= deadline:
+                    raise _Lost(f"no answer to a read within {timeout:g}s (half-open connection?)")
+            first = None
+            while (res := pgconn.get_result()) is not None:
+                first = res if first is None else first
+        except GeneratorExit:
+            self._broken = True
+            raise
+        except psycopg.OperationalError as exc:
+            raise _Lost(_one_line(exc)) from None
+        self._drain()
+        if first is None:
+            raise _Lost("the server sent no result")
+        self._ready = (first, read)
+        self._alive_at = time.time()
+
+    def _per_partition(self, limit: int) -> int:
+        busy = self._busy_partitions or len(self.owned) or 1
+        return max(1, math.ceil(limit / busy))
+
+    def _deliverable(
+        self, res: pq.abc.PGresult, read: _Read
+    ) -> tuple[int, dict[int, tuple[str, int]]]:
+        """
+        How many rows of a read to hand out, and the (tx, id) of the last of each partition
+        among them; tunes the next read. Works on the raw result (no decoding), so that the
+        read ahead is sent before the batch is decoded.
+
+        A partition that gave its whole share may have more rows that sort before other
+        partitions' later rows: so deliver only up to the smallest last row of such
+        partitions (the rest comes next time, in order).
+        """
+        n = res.ntuples
+        share = read.share
+        self._saturated = n >= read.limit
+        if not n:
+            self._busy_partitions = 0
+            return 0, {}
+        get = res.get_value
+        parts = [get(i, 7) for i in range(n)]  # binary int2: the bytes serve as keys
+
+        def position(i: int) -> tuple[int, int]:
+            return int(get(i, 1) or b"0"), int.from_bytes(get(i, 0) or b"", "big", signed=True)
+
+        counts = Counter(parts)
+        full = [p for p, k in counts.items() if k >= share]
+        self._busy_partitions = len(counts) if n >= read.limit else (len(full) or len(counts))
+        last = {p: i for i, p in enumerate(parts)}
+        if full:
+            self._saturated = True
+            boundary = min(position(last[p]) for p in full)
+            while n and position(n - 1) > boundary:
+                n -= 1
+            last = {p: i for i, p in enumerate(parts[:n])}
+        cursors = {}
+        for p, i in last.items():
+            tx, event_id = position(i)
+            cursors[int.from_bytes(p or b"", "big")] = (str(tx), event_id)
+        return n, cursors
+
+    # -- acknowledging --
+
+    def ack(self, events: Sequence[Event]) -> PQGen:
+        """Move the group past *events* (the last of each partition counts)."""
+        if not events:
+            return
+        last: dict[int, Event] = {}
+        for e in events:
+            last[e.partition] = e
+        yield from self._settle()
+        yield from self._query("ack", _ack_params(self.config.group, last.values()))
+        self.stats.acknowledged += len(events)
+        if all(p in last and (last[p].tx, last[p].id) == at for p, at in self._handed_out.items()):
+            self._handed_out = {}  # all acknowledged: the cursor is the stored position
+
+    def ack_handed_out(self, events: Sequence[Event]) -> PQGen:
+        """After the application left an iteration early: acknowledge what it finished."""
+        if self.pgconn is None or self._broken or not events:
+            return
+        try:
+            if self._redelivering:  # dead letters: no position to move (it is past them)
+                yield from self._settle()
+                params = _redelivered_params(self.config.group, events)
+                yield from self._query("redelivered", params)
+            else:
+                yield from self.ack(events)
+        except _Lost as exc:
+            logger.info("could not acknowledge on the way out (%s): they come again", exc)
+
+    # -- the loop --
+
+    def run(self) -> PQGen:
+        """Read, hand out and acknowledge until `stopping`, reconnecting whenever needed."""
+        linger_until = 0.0
+        while not self.stopping:
+            try:
+                if self.pgconn is None or self._broken:
+                    yield from self._recover(_Lost("not connected"))
+                    continue
+                yield from self.rebalance()
+                if (yield from self._redeliver()):
+                    continue
+                events = yield from self.fetch()
+                if events:
+                    yield from self._deliver(events)
+                    linger_until = time.monotonic() + self.config.linger
+                    continue
+                if self._woken:  # a commit was announced while we read: read again now
+                    self._woken = False
+                    linger_until = time.monotonic() + self.config.linger
+                    continue
+                now = time.monotonic()
+                if now < linger_until:
+                    # Writers that did not send a wake-up may commit just after one that did.
+                    yield from self._wait(min(now + 0.002, linger_until))
+                    continue
+                if (yield from self._wait(now + self.config.poll_interval)):
+                    linger_until = time.monotonic() + self.config.linger
+            except _Stopped:
+                return
+            except _Lost as lost:
+                if self.stopping:
+                    return
+                yield from self._recover(lost)
+
+    def _wait(self, until: float) -> PQGen:
+        """Wait for a wake-up until *until*; probe the connection when it has been quiet."""
+        pgconn = self.pgconn
+        assert pgconn is not None
+        yield from self._settle()
+        if self._next_probe <= until:
+            until = max(time.monotonic(), self._next_probe)
+        ready = yield (WAIT, pgconn.socket, pgwire.READ, until)
+        if ready:
+            try:
+                pgconn.consume_input()
+            except psycopg.OperationalError as exc:
+                raise _Lost(_one_line(exc)) from None
+            if pgconn.status == pq.ConnStatus.BAD:
+                raise _Lost(pgwire.error_text(pgconn))
+            self._alive_at = time.time()
+            self._drain()
+        elif time.monotonic() >= self._next_probe and not self.stopping:
+            yield from self._probe()
+        woken, self._woken = self._woken, False
+        return woken
+
+    def _probe(self) -> PQGen:
+        pgconn = self.pgconn
+        assert pgconn is not None
+        self.stats.health_checks += 1
+        deadline = self._deadline()
+        yield from self._run(liveness.probe(pgconn, self._ping, deadline, self._heard))
+        self._alive_at = time.time()
+        self._next_probe = time.monotonic() + self.config.health_check_interval
+
+    def _deliver(self, events: list[Event], *, redelivery: bool = False) -> PQGen:
+        """
+        Hand *events* to the runtime; retry failed handlers with backoff; dead-letter what
+        cannot be decoded or keeps failing; acknowledge what is done (for a *redelivery*:
+        delete its dead letters).
+        """
+        self._redelivering = redelivery
+        channels = self.config.channels
+        if channels and not redelivery:  # a dead letter is the group's whatever its channel
+            wanted = [e for e in events if e.channel in channels]
+        else:
+            wanted = events
+        poison = self._undecodable
+        self.stats.received += len(wanted) - len(poison)
+        cfg = self.config
+        first, handler = 0, 0
+        attempts, failed_at, at = 0, 0.0, (-1, -1)
+        while first < len(wanted):
+            if poison and wanted[first].id in poison:
+                if self.stopping:
+                    break
+                event = wanted[first]
+                logger.error(
+                    "event %d (%s) cannot be decoded; dead-lettered (%s)",
+                    event.id,
+                    event.channel,
+                    poison[event.id],
+                )
+                yield from self._dead_letter(event, poison[event.id], 1, time.time())
+                first, handler = first + 1, 0
+                continue
+            end = len(wanted)
+            if poison:  # hand out up to the next event that cannot be decoded
+                end = next((i for i in range(first, end) if wanted[i].id in poison), end)
+            batch = wanted if end == len(wanted) else wanted[:end]
+            done, failed, error = yield (BATCH, batch, first, handler)
+            if failed is None:
+                first, handler = done, 0
+                if done < end:
+                    break  # stopping
+                continue
+            first, handler = done, failed
+            event = wanted[first]
+            if (first, handler) != at:  # another handler, or event, fails: count afresh
+                attempts, failed_at, at = 0, time.time(), (first, handler)
+            entry = self._entries(event.channel)[failed][0]
+            if error is NEEDS_TX:
+                error = yield from self._transaction(event, entry)
+                if error is None:
+                    handler += 1
+                    attempts, at = 0, (-1, -1)
+                    continue
+            attempts += 1
+            self.stats.handler_errors += 1
+            if attempts < cfg.max_attempts and not self.stopping:
+                delay = backoff_delay(attempts, initial=cfg.retry_delay, cap=cfg.retry_max_delay)
+                logger.warning(
+                    "handler failed on event %d (%s), attempt %d of %d (%s); retrying in %.2fs",
+                    event.id,
+                    event.channel,
+                    attempts,
+                    cfg.max_attempts,
+                    _one_line(error),
+                    delay,
+                    exc_info=error,
+                )
+                yield (SLEEP, time.monotonic() + delay)
+                if self.stopping:
+                    break  # not acknowledged: it comes again
+                continue
+            if self.stopping:
+                break
+            self.stats.skipped += 1
+            logger.error(
+                "handler failed on event %d (%s) %d times; dead-lettered",
+                event.id,
+                event.channel,
+                attempts,
+                exc_info=error,
+            )
+            name = getattr(entry, "__qualname__", None) or repr(entry)
+            text = f"handler {name} failed {attempts} times: {_error_text(error)}"
+            yield from self._dead_letter(event, text, attempts, failed_at)
+            handler += 1
+            attempts, at = 0, (-1, -1)
+        if redelivery:
+            if first:
+                yield from self._settle()
+                params = _redelivered_params(cfg.group, wanted[:first])
+                (res,) = yield from self._query("redelivered", params)
+                self.stats.redelivered += res.command_tuples or 0  # not those dead again
+        elif first >= len(wanted):
+            # Everything we wanted is done: move past the whole read, other channels' too.
+            yield from self.ack(events)
+        else:
+            yield from self.ack(wanted[:first])
+
+    def _dead_letter(
+        self, event: Event, error: str, attempts: int, first_failed_at: float
+    ) -> PQGen:
+        """Store *event*'s dead letter and move the group past it: one statement, both or none."""
+        yield from self._settle()
+        params = {
+            "group": self.config.group,
+            "event_id": event.id,
+            "tx": event.tx,
+            "channel": event.channel,
+            "partition": event.partition,
+            "error": error[:_MAX_ERROR],
+            "attempts": attempts,
+            "first_failed_at": repr(first_failed_at),
+        }
+        yield from self._query("dead_letter", params)
+        self.stats.dead_lettered += 1
+
+    def _redeliver(self) -> PQGen:
+        """
+        Hand out again the group's dead letters asked to be redelivered (`pgherald.redeliver`),
+        in our partitions, in the group's order: checked once per ``rebalance_interval``, before
+        the next read. Only the member holding an event's partition hands it out, so each one is
+        handled once more (at least once across a crash, like every event).
+        """
+        now = time.monotonic()
+        if now < self._next_redelivery or not self.owned:
+            return False
+        self._next_redelivery = now + self.config.rebalance_interval
+        yield from self._settle()
+        limit = self.config.batch_size
+        params = {"group": self.config.group, "partitions": _array(self.owned), "limit": limit}
+        (res,) = yield from self._query("pending_redeliveries", params)
+        if not res.ntuples:
+            return False
+        if res.ntuples >= limit:
+            self._next_redelivery = 0.0  # more are waiting: next turn
+        assert self._rows is not None
+        self._rows.set_pgresult(res, set_loaders=True, format=pq.Format.TEXT)
+        events = self._decode(self._rows.load_rows(0, res.ntuples, tuple))
+        logger.info("redelivering %d dead letters", len(events))
+        yield from self._deliver(events, redelivery=True)
+        return True
+
+    def _transaction(self, event: Event, handler: Callable[..., Any]) -> PQGen:
+        """BEGIN, the handler, the acknowledgement, COMMIT: all of it, or none of it."""
+        pgconn = self.pgconn
+        assert pgconn is not None
+        yield from self._settle()
+        yield from self._run(pgwire.execute(pgconn, b"BEGIN", self._deadline()))
+        error = yield (TX, event, handler, self.conn)
+        if self.pgconn is not pgconn or pgconn.status == pq.ConnStatus.BAD:
+            raise _Lost("connection lost in a transactional handler")
+        if error is None:
+            try:
+                gone = 0
+                if self._redelivering:  # a dead letter: done with it, exactly once
+                    params = _redelivered_params(self.config.group, [event])
+                    (res,) = yield from self._query("redelivered", params)
+                    gone = res.command_tuples or 0
+                else:
+                    yield from self._query("ack", _ack_params(self.config.group, [event]))
+                yield from self._run(pgwire.execute(pgconn, b"COMMIT", self._deadline()))
+                self.stats.redelivered += gone
+            except HeraldError as exc:
+                error = exc
+        if error is not None and pgconn.transaction_status != pq.TransactionStatus.IDLE:
+            yield from self._run(pgwire.execute(pgconn, b"ROLLBACK", self._deadline()))
+        self._drain()
+        return error
+
+    def _recover(self, lost: _Lost) -> PQGen:
+        cfg = self.config
+        if self._outage is None:
+            self._outage = (self._alive_at, str(lost))
+        logger.warning("consumer connection lost (%s); reconnecting", lost)
+        pgconn = self.pgconn
+        if pgconn is not None and pgconn.status == pq.ConnStatus.OK:
+            # Maybe half-open: the server may keep the session, and its locks, for a long time.
+            name = pgconn.parameter_status(b"application_name") or b""
+            self._previous = (pgconn.backend_pid, name.decode("utf-8", "replace"))
+        self.close()
+        error = str(lost)
+        attempt = 0
+        permanent = 0
+        while True:
+            if self.stopping:
+                return
+            if cfg.reconnect_max_attempts is not None and attempt >= cfg.reconnect_max_attempts:
+                raise ConnectionLost(
+                    f"consumer connection lost and not recovered after {attempt} reconnect "
+                    f"attempts (reconnect_max_attempts={cfg.reconnect_max_attempts}): {error}"
+                )
+            attempt += 1
+            delay = backoff_delay(
+                attempt, initial=cfg.reconnect_initial_delay, cap=cfg.reconnect_max_delay
+            )
+            yield (SLEEP, time.monotonic() + delay)
+            if self.stopping:
+                return
+            try:
+                yield from self.open()
+                break
+            except (ConnectError, _Lost) as exc:
+                error = str(exc)
+                self.stats.connect_failures += 1
+                permanent = permanent + 1 if _looks_permanent(error) else 0
+                if permanent >= _PERMANENT_CONNECT_TRIES:
+                    raise ConnectionLost(
+                        f"could not reconnect after {attempt} attempts: {error}"
+                    ) from None
+                logger.info("reconnect attempt %d failed (%s)", attempt, error)
+        started, first_error = self._outage
+        self._outage = None
+        gap = Gap("reconnect", started, time.time(), first_error, attempt)
+        self.stats.reconnects += 1
+        self.stats.gaps.append(gap)
+        logger.info("consumer reconnected after %.2fs", gap.ended - gap.started)
+        yield (REPORT, gap)
+
+
+def _ack_params(group: str, events: Iterable[Event]) -> dict[str, Any]:
+    events = list(events)
+    return {
+        "group": group,
+        "partitions": _array(e.partition for e in events),
+        "txs": _array(e.tx for e in events),
+        "ids": _array(e.id for e in events),
+    }
+
+
+def _redelivered_params(group: str, events: Iterable[Event]) -> dict[str, Any]:
+    return {"group": group, "ids": _array(e.id for e in events)}
+
+
+_MAX_ERROR = 4000
+"""Characters of an error kept in a dead letter."""
+
+
+def _error_text(exc: BaseException | object | None) -> str:
+    if not isinstance(exc, BaseException):
+        return repr(exc)
+    return f"{type(exc).__name__}: {_one_line(exc)}"[:_MAX_ERROR]
+
+
+def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
+    # One parse for the whole batch: payloads are jsonb as text, always valid JSON, so they
+    # join into an array; per call, json.loads costs more than the parsing itself.
+    payloads = loads("[" + ",".join([r[4] for r in rows]) + "]")
+    make = tuple.__new__  # skips NamedTuple's Python-level __new__: this is per event
+    return [
+        make(Event, (r[0], r[2], p, r[3], None if r[5] is None else loads(r[5]), r[6], r[7], r[1]))
+        for r, p in zip(rows, payloads, strict=True)
+    ]
+
+
+def _array(values: Iterable[object]) -> str:
+    """A PostgreSQL array literal of ints, or digit strings, or NULLs."""
+    return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+def _result_error(res: pq.abc.PGresult) -> pgwire.QueryFailed:
+    raw = res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
+    state = res.error_field(pq.DiagnosticField.SQLSTATE)
+    return pgwire.QueryFailed(raw.decode("utf-8", "replace"), state.decode() if state else None)
+
+
+def _is_connection_state(exc: pgwire.QueryFailed) -> bool:
+    """Errors after which the session is gone or going (shutdown, terminated, crash)."""
+    return bool(exc.sqlstate and (exc.sqlstate.startswith("08") or exc.sqlstate.startswith("57P")))
+
+
+def _failed(exc: pgwire.QueryFailed) -> HeraldError:
+    """A statement of ours refused by the server: a HeraldError that says what to do."""
+    return _errormap.from_sqlstate(exc.sqlstate, str(exc), doing="consume")
+
+
+def _looks_permanent(message: str) -> bool:
+    lowered = message.lower()
+    return any(marker in lowered for marker in _PERMANENT_MARKERS)
+
+
+def _one_line(exc: BaseException | None) -> str:
+    if exc is None:
+        return ""
+    return " ".join(str(exc).split()) or type(exc).__name__

@@ -1,0 +1,492 @@
+"""
+Consumers under real faults, on every runtime: a frozen (half-open) connection, refused
+reconnections, a terminated backend, a restarted server, a stop in every state.
+
+Each consumer runs on a thread of its own: `Consumer.run()` there directly, `AsyncConsumer.run()`
+inside ``anyio.run`` on asyncio or trio. The test thread injects the fault and calls `stop()`,
+which is documented as safe from any thread.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import pgherald
+from tests.fix_faults import FaultProxy, wait_until
+from tests.fix_server import OwnServer
+
+RUNTIMES = ["sync", "asyncio", "trio"]
+
+
+class ConsumerRun:
+    """A consumer of one runtime on a thread; the ids (and payloads) its handler saw."""
+
+    def __init__(
+        self,
+        runtime: str,
+        dsn: str,
+        *,
+        handler: Callable[[pgherald.Event], Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self.runtime = runtime
+        self.seen: list[int] = []
+        self.payloads: list[Any] = []
+        self.gaps: list[pgherald.Gap] = []
+        self.error: BaseException | None = None
+        self.returned_at: float | None = None
+        options.setdefault("group", "g")
+        options.setdefault("channels", ["ch"])
+        cls = pgherald.Consumer if runtime == "sync" else pgherald.AsyncConsumer
+        self.consumer: Any = cls(dsn, on_reconnect=self.gaps.append, **options)
+        extra = handler
+
+        def record(e: pgherald.Event) -> None:
+            if extra is not None:
+                extra(e)
+            self.seen.append(e.id)
+            self.payloads.append(e.payload)
+
+        self.consumer.on()(record)
+        self.thread = threading.Thread(target=self._main, name=f"consumer-{runtime}", daemon=True)
+        self.thread.start()
+        # Its first read is sent once it is connected, in the group, holding partitions.
+        wait_until(
+            lambda: self.consumer.stats.reads or not self.thread.is_alive(),
+            10,
+            "run() to connect and read",
+        )
+
+    def _main(self) -> None:
+        try:
+            if self.runtime == "sync":
+                self.consumer.run()
+            else:
+                anyio.run(self.consumer.run, backend=self.runtime)
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+        finally:
+            self.returned_at = time.monotonic()
+
+    def stop(self, within: float = 1.0) -> float:
+        """Stop it; assert that run() returned within *within* seconds; return the time."""
+        started = time.monotonic()
+        self.consumer.stop()
+        self.thread.join(within + 5)
+        assert not self.thread.is_alive(), "run() did not return after stop()"
+        took = (self.returned_at or time.monotonic()) - started
+        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
+        return took
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.consumer.stop()
+            self.thread.join(10)
+        if self.runtime == "sync":
+            self.consumer.close()
+        else:
+            anyio.run(self.consumer.aclose, backend="asyncio")
+
+
+@pytest.fixture
+def consumers() -> Iterator[Callable[..., ConsumerRun]]:
+    started: list[ConsumerRun] = []
+
+    def start(runtime: str, dsn: str, **options: Any) -> ConsumerRun:
+        run = ConsumerRun(runtime, dsn, **options)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.close()
+
+
+def publish(dsn: str, values: list[Any], channel: str = "ch") -> list[int]:
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        return [pgherald.publish(conn, channel, v) for v in values]
+
+
+FAST = {"poll_interval": 0.2, "rebalance_interval": 0.2}
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_frozen_connection_is_detected_and_nothing_is_lost(
+    runtime: str, installed: str, fault_proxy: FaultProxy, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(
+        runtime,
+        fault_proxy.dsn_for(installed),
+        health_check_interval=1.0,
+        health_check_timeout=1.0,
+        reconnect_initial_delay=0.05,
+        **FAST,
+    )
+    first = publish(installed, list(range(5)))
+    wait_until(lambda: len(run.seen) >= 5, 5, "the first events")
+    assert fault_proxy.freeze() >= 1
+    second = publish(installed, list(range(5, 10)))
+    # The read after the freeze gets no answer: found within poll_interval + timeout (+ slack).
+    took = wait_until(lambda: len(run.seen) >= 10, 6, "the events published after the freeze")
+    assert took < 0.2 + 1.0 + 3.0, f"found the frozen connection after {took:.2f}s"
+    assert sorted(set(run.seen)) == sorted(first + second)
+    assert run.consumer.stats.reconnects >= 1
+    assert run.gaps
+    assert run.gaps[0].started <= time.time()
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_three_rounds_of_refused_reconnects(
+    runtime: str, installed: str, fault_proxy: FaultProxy, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(
+        runtime,
+        fault_proxy.dsn_for(installed),
+        reconnect_initial_delay=0.05,
+        reconnect_max_delay=0.2,
+        **FAST,
+    )
+    expected: list[int] = []
+    for round_ in range(3):
+        failures = run.consumer.stats.connect_failures
+        fault_proxy.refuse()
+        fault_proxy.sever()
+        expected += publish(installed, [round_])
+        # Refused for a while: several attempts fail, none of them fatal.
+        wait_until(
+            lambda f=failures: run.consumer.stats.connect_failures >= f + 3,
+            5,
+            f"3 refusals in round {round_} ({run.consumer.stats})",
+        )
+        assert run.thread.is_alive(), f"run() ended: {run.error!r}"
+        assert run.consumer.stats.reconnects == round_
+        fault_proxy.allow()
+        wanted = len(expected)
+        wait_until(lambda n=wanted: len(set(run.seen)) == n, 10, f"round {round_}'s event")
+    assert run.consumer.stats.reconnects == 3
+    assert [g.attempts > 1 for g in run.gaps] == [True, True, True]
+    run.stop()
+    assert run.error is None
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_terminated_backend_reconnects(
+    runtime: str, installed: str, conn: psycopg.Connection, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(runtime, installed, reconnect_initial_delay=0.05, **FAST)
+    ids = publish(installed, [1, 2])
+    wait_until(lambda: len(run.seen) >= 2, 5, "the first events")
+    conn.execute("SELECT pg_terminate_backend(%s)", (run.consumer.backend_pid,))
+    ids += publish(installed, [3, 4])
+    wait_until(lambda: set(ids) <= set(run.seen), 10, "the events after the termination")
+    assert run.consumer.stats.reconnects == 1
+    run.stop()
+
+
+# -- stop() within a second, in every state --
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a server hung at start-up)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        server.settimeout(0.1)
+        while not done.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield server.getsockname()[1]
+    done.set()
+    t.join(2)
+    for s in accepted:
+        s.close()
+    server.close()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_reading_a_frozen_connection(
+    runtime: str, installed: str, fault_proxy: FaultProxy, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(
+        runtime, fault_proxy.dsn_for(installed), health_check_timeout=30, poll_interval=0.1
+    )
+    publish(installed, [1])
+    wait_until(lambda: run.seen, 5, "an event")
+    fault_proxy.freeze()
+    # Its acknowledgement or its next poll (0.1 s later) now waits on the frozen connection,
+    # for up to 30 s: no event marks that moment from outside, so give it the time.
+    time.sleep(0.5)
+    assert run.consumer.stats.reconnects == 0
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_backing_off(
+    runtime: str, installed: str, fault_proxy: FaultProxy, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(runtime, fault_proxy.dsn_for(installed), reconnect_initial_delay=60, **FAST)
+    fault_proxy.refuse()
+    fault_proxy.sever()
+    wait_until(lambda: not run.consumer.connected, 5, "the consumer to lose its connection")
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_connecting_to_a_server_that_never_answers(
+    runtime: str,
+    installed: str,
+    fault_proxy: FaultProxy,
+    silent_server: int,
+    consumers: Callable[..., ConsumerRun],
+) -> None:
+    # Connected through the proxy first; then its reconnections go to a hung server.
+    run = consumers(
+        runtime, fault_proxy.dsn_for(installed), connect_timeout=60, reconnect_initial_delay=0.01
+    )
+    fault_proxy._target = ("127.0.0.1", silent_server)
+    fault_proxy.sever()
+    wait_until(lambda: not run.consumer.connected, 5, "the consumer to lose its connection")
+    time.sleep(0.3)  # let it get into the (60 s) connection attempt: nothing to wait on
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_waiting_for_events(
+    runtime: str, installed: str, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(runtime, installed, poll_interval=60)
+    publish(installed, [1])
+    wait_until(lambda: run.seen, 5, "an event")
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_during_a_retry_delay(
+    runtime: str, installed: str, consumers: Callable[..., ConsumerRun]
+) -> None:
+    attempts: list[int] = []
+
+    def fail(e: pgherald.Event) -> None:
+        attempts.append(e.id)
+        raise RuntimeError("always fails")
+
+    run = consumers(runtime, installed, handler=fail, retry_delay=60, max_attempts=5, **FAST)
+    (event_id,) = publish(installed, [1])
+    wait_until(lambda: attempts, 5, "the first attempt")
+    run.stop()
+    assert attempts == [event_id]
+    run.close()  # its session (and partitions) gone
+    # Not acknowledged: it comes again.
+    with pgherald.Consumer(installed, group="g", channels=["ch"]) as c:
+        assert next(iter(c)).id == event_id
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_cancellation_inside_a_frozen_connection(
+    runtime: str, installed: str, fault_proxy: FaultProxy
+) -> None:
+    publish(installed, [1])
+
+    async def main() -> float:
+        seen: list[int] = []
+        async with pgherald.AsyncConsumer(
+            fault_proxy.dsn_for(installed),
+            group="g",
+            channels=["ch"],
+            health_check_timeout=30,
+            poll_interval=0.1,
+        ) as c:
+            c.on("ch")(lambda e: seen.append(e.id))
+            with anyio.move_on_after(0.5):
+                await c.run()
+            assert seen
+            fault_proxy.freeze()
+            started = time.monotonic()
+            with anyio.move_on_after(1.0):
+                await c.run()  # blocked on the frozen connection after 0.1 s
+            return time.monotonic() - started
+
+    took = anyio.run(main, backend=runtime)
+    assert took < 2.0, f"cancellation took {took:.2f}s"
+
+
+def test_stop_before_run_is_honoured(installed: str) -> None:
+    c = pgherald.Consumer(installed, group="g", channels=["ch"], poll_interval=60)
+    c.on("ch")(lambda e: None)
+    c.stop()
+    started = time.monotonic()
+    c.run()
+    c.close()
+    assert time.monotonic() - started < 1
+
+
+@pytest.mark.anyio
+async def test_async_stop_before_run_and_one_run_at_a_time(installed: str) -> None:
+    c = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], poll_interval=60)
+    c.on("ch")(lambda e: None)
+    c.stop()
+    with anyio.fail_after(2):
+        await c.run()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(c.run)
+        await anyio.sleep(0.2)  # let the first run begin: nothing to wait on from outside
+        with pytest.raises(pgherald.UsageError, match="already in use"):
+            await c.run()
+        c.stop()
+    await c.aclose()
+
+
+def test_sync_consumer_refuses_an_async_handler(installed: str) -> None:
+    c = pgherald.Consumer(installed, group="g")
+
+    async def handler(e: pgherald.Event) -> None:
+        pass
+
+    with pytest.raises(pgherald.UsageError, match="AsyncConsumer"):
+        c.on("ch")(handler)
+
+
+# -- transactional handlers --
+
+
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_transactional_handler_that_fails_once_keeps_reading(
+    runtime: str, installed: str, conn: psycopg.Connection
+) -> None:
+    """After a rollback, psycopg used to DEALLOCATE ALL, and the next read failed."""
+    conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+    failed: list[int] = []
+    options: dict[str, Any] = {"group": "g", "channels": ["ch"], "retry_delay": 0.01, **FAST}
+
+    def check(e: pgherald.Event) -> None:
+        if e.payload == 1 and not failed:
+            failed.append(e.id)
+            raise RuntimeError("fails once")
+
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            check(e)
+            if e.payload == 4:
+                c.stop()
+
+        target: Callable[[], None] = c.run
+    else:
+        c = pgherald.AsyncConsumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            check(e)
+            if e.payload == 4:
+                c.stop()
+
+        def target() -> None:
+            anyio.run(c.run, backend="asyncio")
+
+    first = publish(installed, [1, 2])
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+
+    def effects() -> list[int]:
+        return [r[0] for r in conn.execute("SELECT id FROM effects ORDER BY id")]
+
+    wait_until(lambda: effects() == first, 5, "the first two events' effects")
+    later = publish(installed, [3, 4])  # read after the rollback: the read must still work
+    thread.join(10)
+    assert not thread.is_alive()
+    assert effects() == first + later
+    assert failed == [first[0]]
+    assert c.stats.handler_errors == 1
+    if runtime == "sync":
+        c.close()
+    else:
+        anyio.run(c.aclose, backend="asyncio")
+
+
+# -- a server that restarts under a stream of 20,000 events --
+
+
+def _publisher(dsn: str, total: int, batch: int, done: threading.Event) -> None:
+    """Publish 0..total-1 in transactions of *batch*, surviving restarts, each value once."""
+    conn: psycopg.Connection | None = None
+    b = 0
+    while b * batch < total:
+        try:
+            if conn is None or conn.closed or conn.broken:
+                conn = psycopg.connect(dsn, autocommit=True, connect_timeout=2)
+            with conn.transaction():
+                for v in range(b * batch, min(total, (b + 1) * batch)):
+                    pgherald.publish(conn, "ch", v)
+            b += 1
+        except (psycopg.OperationalError, pgherald.DatabaseConnectionError):
+            conn = None
+            # Did the batch commit before the connection went? Then do not publish it again.
+            while True:
+                try:
+                    with psycopg.connect(dsn, autocommit=True, connect_timeout=2) as check:
+                        row = check.execute(
+                            "SELECT count(*) FROM pgherald.events_v1 WHERE payload = %s::jsonb",
+                            (str(b * batch),),
+                        ).fetchone()
+                    break
+                except psycopg.OperationalError:
+                    time.sleep(0.05)  # the server is restarting: nothing to wait on but time
+            if row and row[0]:
+                b += 1
+    if conn is not None:
+        conn.close()
+    done.set()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_twenty_thousand_events_across_two_server_restarts(
+    runtime: str, server: OwnServer, consumers: Callable[..., ConsumerRun]
+) -> None:
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+    total, max_read = 20_000, 500
+    run = consumers(
+        runtime,
+        server.dsn,
+        batch_size=100,
+        max_batch_size=max_read,
+        reconnect_initial_delay=0.05,
+        reconnect_max_delay=0.5,
+        **FAST,
+    )
+    done = threading.Event()
+    publisher = threading.Thread(target=_publisher, args=(server.dsn, total, 200, done))
+    publisher.start()
+    for at in (total // 4, total // 2):
+        wait_until(lambda at=at: len(run.payloads) >= at, 60, f"{at} events")
+        server.restart()
+    publisher.join(120)
+    assert done.is_set()
+    wait_until(lambda: len(set(run.payloads)) >= total, 60, "every event")
+    run.stop()
+    assert sorted(set(run.payloads)) == list(range(total))  # none lost
+    duplicates = len(run.payloads) - total
+    assert duplicates <= 2 * max_read, f"{duplicates} events delivered twice"
+    assert run.consumer.stats.reconnects >= 2
