@@ -213,6 +213,11 @@ def report(
         x, y = rates[c], rates[ref]
         return x / y if x and y else None
 
+    def cpu_ratio(c: str, ref: str) -> float | None:
+        """How many times fewer CPU µs per notification than *ref* (higher is better)."""
+        x, y = median(c, "cpu_us"), median(ref, "cpu_us")
+        return y / x if x and y else None
+
     def fx(v: float | None, f: str = "{:.2f}x") -> str:
         return f.format(v) if v is not None else "-"
 
@@ -221,6 +226,7 @@ def report(
         return f"{r[key]:.3f}" if r.get("ok") and key in r else ("fail" if r else "-")
 
     head = ["Client", "Throughput (notif/s)", "CPU µs/notif", "Runs ok", "vs asyncpg", "vs pq-loop"]
+    head += ["vs asyncpg (CPU)"]
     head += [f"p{q} @{k // 1000}k/s (ms)" for k in RATES for q in (50, 99)]
     rows = [head]
     for c in shown:
@@ -237,6 +243,7 @@ def report(
                 f"{n_ok}/{len(runs)}",
                 fx(ratio(c, "asyncpg")),
                 fx(ratio(c, "pq-loop")),
+                fx(cpu_ratio(c, "asyncpg")),
                 *[latcell(c, k, f"p{q}_ms") for k in RATES for q in (50, 99)],
             ]
         )
@@ -307,7 +314,8 @@ def report(
         "fast as possible; receiver wall time first to last notification, including "
         f"`json.loads` and a handler call; median of {a.runs} run(s) per client. CPU µs/notif is "
         "the receiver process's own CPU time over the same span (steadier than wall time on a "
-        "small machine, where sender, receiver and their two backends share the cores). "
+        "small machine, where sender, receiver and their two backends share the cores); "
+        "`vs asyncpg (CPU)` is asyncpg's CPU µs/notif over the client's (higher is better). "
         f"Latency: commit-to-handler, one transaction per ms for {a.lat_seconds:g} s per rate, "
         "first 5% dropped. Each client runs alone in its own process; the sender is another. "
         + (

@@ -19,7 +19,8 @@ Each is measured with 1 and with 4 concurrent writers, for three setups: no trig
 pgherald trigger (NOTIFY, all columns, default channel) with a `pgherald.Listener` process
 attached that decodes every event (its count is checked against the writes, so notifications
 are really delivered); and the trigger with ``durable=True`` (events go to
-``pgherald.events_v1``; their count is checked too; no consumer runs).  Before every run the
+``pgherald.events_v1``, keyed by the primary key ``id``; their count is checked too; no
+consumer runs).  Before every run the
 table and the event log are emptied and re-seeded (400 rows), vacuumed and checkpointed.
 Setups are interleaved within each repetition; the reported figure is the median tx/s over 3
 runs (1 with ``--quick``), and the cost ratio is plain tx/s / with-trigger tx/s.
@@ -512,7 +513,8 @@ def report(
         "`amount` and `updated_at` of one of its own 100 rows (no row-lock waits). Setups: no "
         "trigger; `pgherald trigger add` (NOTIFY, all columns, with a `pgherald.Listener` "
         "process attached that decodes every event; its count is checked against the writes); "
-        "`--durable` (events stored in `pgherald.events_v1`, count checked; no consumer). The "
+        "`--durable` (events stored in `pgherald.events_v1`, keyed by `id`, count checked; no "
+        "consumer). The "
         "table and the log are emptied, re-seeded, vacuumed and checkpointed before each run; "
         f"setups are interleaved; figures are the median of {runs} run(s). Cost = no-trigger "
         "tx/s / with-trigger tx/s (1.00x = free).",

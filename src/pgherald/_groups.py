@@ -6,21 +6,22 @@ the sessions holding its advisory locks (see `_protocol.consumer`): nothing else
 them, so ``pg_locks`` is the truth and a crashed consumer drops out with its session.
 
 Lag is counted from each group's position along the read index, at most `SCAN` events per
-partition: exact below that, above it estimated from the ids the first events span, so that
-listing groups costs the same at any lag (``status`` answers in well under a second with a
-group millions of events behind).
+partition (fewer with many groups: `SCAN_BUDGET`): exact below that, above it estimated from
+the ids the first events span, so that listing groups costs the same at any lag (``status``
+answers in well under a second with a group millions of events behind).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from . import sql
+from . import _errormap, sql
 from ._protocol.consumer import Start, lock_name
 from .errors import UsageError
 
@@ -36,6 +37,13 @@ __all__ = [
 
 SCAN = 1000
 """Events counted one by one per (group, partition); past that the lag is estimated."""
+
+SCAN_BUDGET = 200_000
+"""Events counted one by one in all, at most: with many groups, each gets fewer (down to 100)."""
+
+LEAVING = "1s"
+"""How long a reset or delete waits for members to go: a consumer that has just closed its
+connection holds its locks until the server has ended its session."""
 
 EXACT_LOG_SIZE = 100_000
 """Events counted one by one for the log's size; past that, estimated."""
@@ -99,10 +107,18 @@ def list_groups(
     Every consumer group (or those named in *groups*), by name: live members with the
     partitions they hold, lag (on *channels* only, when given) and last activity.
 
-    Cost is bounded whatever the lag (see `GroupInfo.lag_estimated`).
+    Cost is bounded whatever the lag (see `GroupInfo.lag_estimated`). Reads only: in a
+    caller's transaction it leaves nothing behind.
 
     .. versionadded:: 0.1
     """
+    with _mapped("list consumer groups"):
+        return _list_groups(conn, channels, groups)
+
+
+def _list_groups(
+    conn: psycopg.Connection[Any], channels: Iterable[str] | None, groups: Iterable[str] | None
+) -> list[GroupInfo]:
     wanted = None if groups is None else list(groups)
     only = None if channels is None else set(channels)
     params = {"groups": wanted}
@@ -113,16 +129,16 @@ def list_groups(
     heads = dict(conn.execute(sql.query("partition_heads")).fetchall())
     with conn.transaction():
         conn.execute(sql.query("plan_group_lag"))
-        lag_rows = conn.execute(sql.query("group_lag"), {**params, "scan": SCAN}).fetchall()
+        scan = max(100, min(SCAN, SCAN_BUDGET // max(1, len(activity) * len(heads))))
+        lag_rows = conn.execute(sql.query("group_lag"), {**params, "scan": scan}).fetchall()
         raise psycopg.Rollback  # undoes the planner settings, in a caller's transaction too
-    now = conn.execute("SELECT now()").fetchone()[0]
 
     lags: dict[str, _Lag] = {}
     for group, partition, channel, n, seen, lo, hi, oldest in lag_rows:
         lag = lags.setdefault(group, _Lag())
         if only is not None and channel not in only:
             continue
-        if seen < SCAN:  # the partition's whole lag was read
+        if seen < scan:  # the partition's whole lag was read
             count, estimated = float(n), False
         else:
             head = max(hi, heads.get(partition) or hi)
@@ -131,7 +147,8 @@ def list_groups(
         lag.add(channel, count, estimated, oldest)
 
     out = []
-    for group, last_activity, position in activity:
+    now = activity[0][3]
+    for group, last_activity, position, _ in activity:
         lag = lags.get(group, _Lag())
         by_channel = {
             ch: round(v) for ch, v in sorted(lag.by_channel.items(), key=lambda kv: (-kv[1], kv[0]))
@@ -188,10 +205,12 @@ def reset_group(conn: psycopg.Connection[Any], group: str, *, to: Start = "begin
 
     Refuses (`UsageError`) while the group has a live member, whose acknowledgements would
     overwrite the reset, and when no such group exists. Consumers cannot join while it runs.
+    Done when this returns on an autocommit connection; else when the caller commits (until
+    then, consumers of the group wait to join).
 
     .. versionadded:: 0.1
     """
-    with conn.transaction():
+    with _mapped(f"reset consumer group {group!r}"), conn.transaction():
         _lock_out(conn, group, "reset")
         tx, event_id, skip = _start_position(conn, to)
         conn.execute(
@@ -206,10 +225,11 @@ def delete_group(conn: psycopg.Connection[Any], group: str) -> None:
     group later starts it again at its ``start``.
 
     Refuses (`UsageError`) while the group has a live member, and when no such group exists.
+    Committed as `reset_group` is.
 
     .. versionadded:: 0.1
     """
-    with conn.transaction():
+    with _mapped(f"delete consumer group {group!r}"), conn.transaction():
         _lock_out(conn, group, "delete")
         conn.execute(sql.query("delete_group"), {"group": group})
 
@@ -223,7 +243,12 @@ def _lock_out(conn: psycopg.Connection[Any], group: str, doing: str) -> None:
             + (f"the groups are {', '.join(map(repr, known))}" if known else "there is none yet")
             + " (see `pgherald groups`)"
         )
-    if not _scalar(conn, "lock_out_group", {"lock_name": lock_name(group)}):
+    try:
+        with conn.transaction():  # a savepoint: what a lock timeout rolls back
+            old = _scalar(conn, "set_lock_timeout", {"timeout": LEAVING})
+            conn.execute(sql.query("lock_out_group"), {"lock_name": lock_name(group)})
+            conn.execute(sql.query("set_lock_timeout"), {"timeout": old})
+    except psycopg.errors.LockNotAvailable:
         pids = [
             m.pid for m in _members(group, conn.execute(sql.query("group_sessions")).fetchall())
         ]
@@ -231,7 +256,7 @@ def _lock_out(conn: psycopg.Connection[Any], group: str, doing: str) -> None:
             f"cannot {doing} consumer group {group!r} while it has live members "
             f"(server pids {', '.join(map(str, pids)) or 'unknown'}): their acknowledgements "
             "would undo it; stop its consumers first, then run this again"
-        )
+        ) from None
 
 
 def _start_position(conn: psycopg.Connection[Any], start: Start) -> tuple[str, int, str | None]:
@@ -271,6 +296,15 @@ def log_size(conn: psycopg.Connection[Any]) -> tuple[float, int, bool, int | Non
     span = last_id - first_id + 1
     estimate = span if stats is None else min(span, stats)
     return usage, max(int(estimate), EXACT_LOG_SIZE), True, last_id
+
+
+@contextlib.contextmanager
+def _mapped(doing: str) -> Iterator[None]:
+    """Driver errors as the `HeraldError` that names the fix (SchemaMissing, PrivilegeError...)."""
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _errormap.from_driver(exc, doing=doing) from exc
 
 
 def _scalar(conn: psycopg.Connection[Any], name: str, params: dict[str, Any]) -> Any:

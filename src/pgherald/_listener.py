@@ -179,6 +179,7 @@ class Listener(ListenerBase):
         engine = self._engine
         clock = time.monotonic
         waiter = self._waiter
+        stats = self.stats
         try:
             with self._io_lock:
                 pass  # a subscribe that began before this iteration finishes first
@@ -201,13 +202,26 @@ class Listener(ListenerBase):
                         return
                 elif kind == DELIVER:
                     budget = clock() + engine.config.delivery_budget
-                    before = self.stats.received
-                    while (n := engine.pop()) is not None:
-                        self.stats.received += 1
-                        yield n
-                        if engine.stopping or clock() > budget:
-                            break
-                    if idle_until is not None and self.stats.received != before:
+                    before = stats.received
+                    batches = 0
+                    # A batch at a time (engine.take), as in AsyncListener.notifications: what
+                    # the loop body does not take goes back (unread).
+                    while batch := engine.take():
+                        k = 0
+                        try:
+                            for n in batch:
+                                k += 1
+                                stats.received += 1
+                                yield n
+                                if engine.stopping or (not k & 7 and clock() > budget):
+                                    break
+                        finally:
+                            if k < len(batch):
+                                engine.unread(batch[k:])
+                        batches += 1
+                        if engine.stopping or clock() > budget or batches == 16:
+                            break  # back to the engine now and then: a subscribe may wait
+                    if idle_until is not None and stats.received != before:
                         idle_until = clock() + timeout  # type: ignore[operator]
                 elif kind == SLEEP:
                     deadline = req[1]

@@ -25,9 +25,10 @@ logger = logging.getLogger("pgherald.listener")
 # before going back through the event loop; 16 libpq reads are ~256 KB, what asyncio's own
 # transports read at once.
 _REREADS = 16
-# An iteration whose data keeps coming never waits: it lets the loop run other tasks (and
-# deliver a cancellation) once per this many batches (a batch: one libpq read, ~16 KB).
-_BATCHES_PER_CHECKPOINT = 10**9
+# An iteration whose data keeps coming never waits: once per this many batches (a batch: one
+# libpq read, ~16 KB) it lets the loop run other tasks (and deliver a cancellation), and the
+# engine look at its flags (a subscribe).
+_BATCHES_PER_CHECKPOINT = 16
 
 
 class AsyncListener(ListenerBase):
@@ -266,8 +267,8 @@ class AsyncListener(ListenerBase):
                             break
                         batches += 1
                         if batches == _BATCHES_PER_CHECKPOINT:
-                            batches = 0
                             await anyio.lowlevel.checkpoint()
+                            break  # back to the engine: a subscribe may have come meanwhile
                     if idle_until is not None and stats.received != before:
                         idle_until = clock() + timeout  # type: ignore[operator]
                 elif kind == SLEEP:

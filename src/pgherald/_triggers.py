@@ -41,6 +41,8 @@ class TableTrigger:
     events: tuple[str, ...]
     columns: tuple[str, ...]
     durable: bool
+    key_columns: tuple[str, ...] = ()
+    """The columns whose values make each event's key (empty: events have no key)."""
 
 
 def parse_table(name: str) -> tuple[str | None, str]:
@@ -92,8 +94,14 @@ def trigger_statements(
     events: Iterable[str] = EVENTS,
     columns: Sequence[str] = (),
     durable: bool = False,
+    key_columns: Sequence[str] = (),
 ) -> list[sql.Composed]:
-    """The DDL that makes the table's pgherald triggers match these options (idempotent)."""
+    """
+    The DDL that makes the table's pgherald triggers match these options (idempotent).
+
+    The key columns follow the three fixed arguments, one argument each: the function reads
+    them from the row without looking anything up.
+    """
     chosen = _events(events)
     if channel is not None:
         check_channel(channel)
@@ -103,6 +111,7 @@ def trigger_statements(
             sql.Literal(channel or ""),
             sql.Literal(json.dumps(list(columns), ensure_ascii=False)),
             sql.Literal("t" if durable else "f"),
+            *map(sql.Literal, _key_columns(key_columns)),
         ]
     )
     row_events = [e.upper() for e in chosen if e != "truncate"]
@@ -134,10 +143,24 @@ def trigger_statements(
     return statements
 
 
+def _key_columns(columns: Iterable[str]) -> tuple[str, ...]:
+    chosen = tuple(dict.fromkeys(columns))
+    if any(not c for c in chosen):
+        raise UsageError("a key column name is empty: pass --key col1,col2")
+    return chosen
+
+
 def trigger_sql(table: str, **options: Any) -> str:
     """`trigger_statements` as text, for ``pgherald sql trigger add`` (no connection)."""
     schema, name = parse_table(table)
-    return "".join(f"{s.as_string(None)};\n" for s in trigger_statements(schema, name, **options))
+    text = "".join(f"{s.as_string(None)};\n" for s in trigger_statements(schema, name, **options))
+    if not options.get("key_columns"):
+        # Without a connection the primary key is unknown: say what that means for consumers.
+        text = (
+            "-- No key columns (pass --key): events carry no key, so a consumer group with\n"
+            "-- several members may handle one row's changes out of order.\n" + text
+        )
+    return text
 
 
 def resolve_table(conn: psycopg.Connection[Any], table: str) -> tuple[str, str]:
@@ -160,6 +183,18 @@ def resolve_table(conn: psycopg.Connection[Any], table: str) -> tuple[str, str]:
     return row[0], row[1]
 
 
+def primary_key(conn: psycopg.Connection[Any], schema: str, table: str) -> tuple[str, ...]:
+    """The table's primary key columns, in the key's order (empty: it has none)."""
+    rows = conn.execute(
+        "SELECT a.attname FROM pg_index AS i "
+        "CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n) "
+        "JOIN pg_attribute AS a ON a.attrelid = i.indrelid AND a.attnum = k.attnum "
+        "WHERE i.indrelid = to_regclass(%s) AND i.indisprimary ORDER BY k.n",
+        (sql.Identifier(schema, table).as_string(conn),),
+    ).fetchall()
+    return tuple(r[0] for r in rows)
+
+
 def _require_functions(conn: psycopg.Connection[Any]) -> None:
     row = conn.execute(
         "SELECT to_regprocedure('pgherald.notify_change_v1()') IS NOT NULL"
@@ -176,6 +211,7 @@ def add_table_trigger(
     events: Iterable[str] = EVENTS,
     columns: Sequence[str] = (),
     durable: bool = False,
+    key_columns: Sequence[str] | None = None,
 ) -> TableTrigger:
     """
     Send a JSON event for every change of *table* (adding twice changes the options, never
@@ -183,7 +219,9 @@ def add_table_trigger(
 
     Events go to *channel* (default ``schema.table``) as NOTIFY, or with *durable* into the
     event log. *columns* limits the row images to those columns; an UPDATE that changes none
-    of them (or nothing at all) sends nothing.
+    of them (or nothing at all) sends nothing. *key_columns* (default: the primary key; ``()``
+    or a table without one: no key) make a durable event's key, so that one row's events stay
+    in order within a consumer group; see docs/triggers.md for its text.
 
     .. versionadded:: 0.1
     """
@@ -197,7 +235,8 @@ def add_table_trigger(
             raise InvalidChannel(
                 f"the default channel {channel!r} is over 63 bytes: pass a channel name"
             ) from None
-    if columns:
+    key = primary_key(conn, schema, name) if key_columns is None else _key_columns(key_columns)
+    if columns or key_columns:
         known = {
             r[0]
             for r in conn.execute(
@@ -206,16 +245,24 @@ def add_table_trigger(
                 (sql.Identifier(schema, name).as_string(conn),),
             )
         }
-        unknown = [c for c in columns if c not in known]
+        unknown = [c for c in (*columns, *key) if c not in known]
         if unknown:
-            raise UsageError(f"{schema}.{name} has no column {', '.join(map(repr, unknown))}")
+            raise UsageError(
+                f"{schema}.{name} has no column {', '.join(map(repr, dict.fromkeys(unknown)))}"
+            )
     statements = trigger_statements(
-        schema, name, channel=channel, events=events, columns=columns, durable=durable
+        schema,
+        name,
+        channel=channel,
+        events=events,
+        columns=columns,
+        durable=durable,
+        key_columns=key,
     )
     with conn.transaction():
         for statement in statements:
             conn.execute(statement)
-    return TableTrigger(schema, name, channel, _events(events), tuple(columns), durable)
+    return TableTrigger(schema, name, channel, _events(events), tuple(columns), durable, key)
 
 
 def remove_table_trigger(conn: psycopg.Connection[Any], table: str) -> bool:
@@ -234,7 +281,7 @@ def remove_table_trigger(conn: psycopg.Connection[Any], table: str) -> bool:
 def list_table_triggers(conn: psycopg.Connection[Any]) -> list[TableTrigger]:
     """Every table with pgherald triggers, with their options."""
     rows = conn.execute(
-        "SELECT n.nspname, c.relname, t.tgname, t.tgtype, t.tgargs "
+        "SELECT n.nspname, c.relname, t.tgname, t.tgtype, t.tgnargs, t.tgargs "
         "FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
         # tgparentid: the copies PostgreSQL makes on each partition are not triggers of ours.
@@ -243,11 +290,12 @@ def list_table_triggers(conn: psycopg.Connection[Any]) -> list[TableTrigger]:
         (ROW_TRIGGER, TRUNCATE_TRIGGER),
     ).fetchall()
     found: dict[tuple[str, str], TableTrigger] = {}
-    for schema, table, _tgname, tgtype, raw in rows:
-        args = bytes(raw or b"").decode("utf-8").split("\0")
+    for schema, table, _tgname, tgtype, nargs, raw in rows:
+        args = bytes(raw or b"").decode("utf-8").split("\0")[:nargs]  # each ends in a NUL
         channel = args[0] or default_channel(schema, table)
         columns = tuple(json.loads(args[1])) if len(args) > 1 and args[1] else ()
         durable = len(args) > 2 and args[2] == "t"
+        key = tuple(args[3:])
         # tgtype bits (pg_trigger.h): 4 insert, 8 delete, 16 update, 32 truncate
         events = tuple(
             e
@@ -257,7 +305,7 @@ def list_table_triggers(conn: psycopg.Connection[Any]) -> list[TableTrigger]:
         old = found.get((schema, table))
         if old is not None:
             events = old.events + events
-        found[(schema, table)] = TableTrigger(schema, table, channel, events, columns, durable)
+        found[(schema, table)] = TableTrigger(schema, table, channel, events, columns, durable, key)
     return list(found.values())
 
 

@@ -17,7 +17,8 @@ from tests.fix_durable import Running, wait_until
 def one_line_error(proc: subprocess.CompletedProcess[str], status: int) -> str:
     assert "Traceback" not in proc.stderr, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pgherald: error: "), proc.stderr
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pgherald: error: "), proc.stderr
     assert proc.returncode == status, (proc.returncode, proc.stderr)
     return lines[0]
 
@@ -36,7 +37,10 @@ class Handler:
 @pytest.fixture
 def dead(installed: str, conn: psycopg.Connection) -> tuple[Running, Handler, list[int]]:
     """A running group "g" with two dead letters: a failing handler's and a poison event's."""
-    ids = [pgherald.publish(conn, "orders", {"n": 1}), pgherald.publish(conn, "orders", {"fail": 1})]
+    ids = [
+        pgherald.publish(conn, "orders", {"n": 1}),
+        pgherald.publish(conn, "orders", {"fail": 1}),
+    ]
     row = conn.execute(
         "SELECT pgherald.publish_v1('orders', (repeat('[', 3000) || repeat(']', 3000))::jsonb)"
     ).fetchone()
@@ -61,7 +65,8 @@ def test_list_show_status(installed: str, dead: tuple[Running, Handler, list[int
     assert "ValueError: no such customer" in rows[0]["error"]
     assert "RecursionError" in rows[1]["error"]
     text = run(installed, "dead", "list", "--group", "g")
-    assert text.returncode == 0 and f"g {failing} orders: 2 attempts" in text.stdout, text
+    assert text.returncode == 0, text.stderr
+    assert f"g {failing} orders: 2 attempts" in text.stdout
     assert run(installed, "dead", "list", "--group", "other").stdout == (
         "no dead letters in group 'other'\n"
     )
@@ -69,7 +74,8 @@ def test_list_show_status(installed: str, dead: tuple[Running, Handler, list[int
     shown = run(installed, "dead", "show", "g", str(poison), "--json")
     assert shown.returncode == 0, shown.stderr
     report = json.loads(shown.stdout)
-    assert report["payload_text"].startswith("[[[[") and report["in_log"] is True
+    assert report["payload_text"].startswith("[[[[")
+    assert report["in_log"] is True
     missing = run(installed, "dead", "show", "g", str(ok))
     assert "no dead letter for event" in one_line_error(missing, 1)
 
@@ -95,7 +101,8 @@ def test_redeliver_is_handled_once(
         5,
         "its dead letter deleted",
     )
-    assert handler.handled[failing] == 1 and r.consumer.stats.redelivered == 1
+    assert handler.handled[failing] == 1
+    assert r.consumer.stats.redelivered == 1
 
 
 def test_purge_needs_yes_without_a_terminal(
@@ -110,4 +117,6 @@ def test_purge_needs_yes_without_a_terminal(
     rest = run(installed, "dead", "purge", "g", "--all", "--yes", "--json")
     assert json.loads(rest.stdout) == {"group": "g", "purged": 1}
     assert pgherald.dead_letters(conn) == []
-    assert conn.execute("SELECT count(*) FROM pgherald.events_v1 WHERE id = %s", (poison,)).fetchone() == (1,)
+    assert conn.execute(
+        "SELECT count(*) FROM pgherald.events_v1 WHERE id = %s", (poison,)
+    ).fetchone() == (1,)

@@ -88,8 +88,8 @@ def test_reset_and_delete_need_consent_and_no_live_member(
 
     r = running(group="g")
     wait_until(lambda: pgherald.list_groups(conn)[0].members, 5, "a live member")
-    for args in (("reset", "g", "--to", "now", "--yes"), ("delete", "g", "--yes")):
-        busy = run(dsn, "groups", *args)
+    for busy_args in (["reset", "g", "--to", "now", "--yes"], ["delete", "g", "--yes"]):
+        busy = run(dsn, "groups", *busy_args)
         assert busy.returncode == 1, busy.stderr
         assert "while it has live members" in busy.stderr
         assert "stop its consumers first" in busy.stderr

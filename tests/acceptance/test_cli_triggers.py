@@ -51,7 +51,8 @@ def test_trigger_add_list_remove_output(dsn: str, db: psycopg.Connection) -> Non
     added = run(dsn, "trigger", "add", "orders")
     assert added.returncode == 0, added.stderr
     assert added.stdout == (
-        "public.orders: insert,update,delete,truncate -> channel 'public.orders' via NOTIFY\n"
+        "public.orders: insert,update,delete,truncate -> channel 'public.orders' via NOTIFY; "
+        "key id\n"
     )
     added = run(
         dsn,
@@ -67,14 +68,15 @@ def test_trigger_add_list_remove_output(dsn: str, db: psycopg.Connection) -> Non
         "--durable",
     )
     assert added.returncode == 0, added.stderr
-    assert (
-        added.stdout == "sales.Line Items: insert,update -> channel 'items' via the durable log\n"
+    assert added.stdout == (
+        "sales.Line Items: insert,update -> channel 'items' via the durable log; key id\n"
     )
     listed = run(dsn, "trigger", "list")
     assert listed.returncode == 0, listed.stderr
     assert listed.stdout.splitlines() == [
-        "public.orders: insert,update,delete,truncate; all columns; channel 'public.orders'",
-        "sales.Line Items: insert,update; id; channel 'items' (durable)",
+        "public.orders: insert,update,delete,truncate; all columns; key id; channel "
+        "'public.orders'",
+        "sales.Line Items: insert,update; id; key id; channel 'items' (durable)",
     ]
     as_json = run(dsn, "trigger", "list", "--json")
     assert [json.loads(line) for line in as_json.stdout.splitlines()] == [
@@ -85,6 +87,7 @@ def test_trigger_add_list_remove_output(dsn: str, db: psycopg.Connection) -> Non
             "events": ["insert", "update", "delete", "truncate"],
             "columns": [],
             "durable": False,
+            "key_columns": ["id"],
         },
         {
             "schema": "sales",
@@ -93,6 +96,7 @@ def test_trigger_add_list_remove_output(dsn: str, db: psycopg.Connection) -> Non
             "events": ["insert", "update"],
             "columns": ["id"],
             "durable": True,
+            "key_columns": ["id"],
         },
     ]
     removed = run(dsn, "trigger", "remove", "orders")
@@ -111,6 +115,46 @@ def test_trigger_add_errors_are_one_line(dsn: str, db: psycopg.Connection) -> No
         run(dsn, "trigger", "add", "orders", "--events", "upsert")
     )
     assert pgherald_triggers(db, "orders") == []
+
+
+def test_trigger_add_key_option_and_a_table_without_primary_key(
+    dsn: str, db: psycopg.Connection
+) -> None:
+    added = run(dsn, "trigger", "add", "orders", "--durable", "--key", "item")
+    assert added.returncode == 0, added.stderr
+    assert added.stdout.endswith("via the durable log; key item\n")
+    assert added.stderr == ""
+    db.execute("INSERT INTO orders VALUES (1, 'tea', 1), (2, 'tea', 1), (3, 'jam', 1)")
+    keys = db.execute("SELECT key FROM pgherald.events_v1 ORDER BY id").fetchall()
+    assert keys == [("tea",), ("tea",), ("jam",)]
+    assert "no column 'nope'" in one_line_error(
+        run(dsn, "trigger", "add", "orders", "--durable", "--key", "item,nope")
+    )
+    db.execute("CREATE TABLE notes (body text)")
+    keyless = run(dsn, "trigger", "add", "notes", "--durable")
+    assert keyless.returncode == 0, keyless.stderr
+    assert keyless.stdout.endswith("via the durable log; no key\n")
+    assert "has no primary key" in keyless.stderr
+    assert "--key col1,col2" in keyless.stderr
+    listed = run(dsn, "trigger", "list").stdout.splitlines()
+    assert listed[0].startswith("public.notes: insert,update,delete,truncate; all columns; no key;")
+    assert "; key item; " in listed[1]
+
+
+def test_sql_trigger_add_key_option(dsn: str, db: psycopg.Connection) -> None:
+    unreachable = "host=127.0.0.1 port=1 user=postgres dbname=postgres connect_timeout=2"
+    plain = run(unreachable, "sql", "trigger", "add", "orders", "--durable")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stdout.startswith("-- No key columns (pass --key)")
+    out = run(unreachable, "sql", "trigger", "add", "orders", "--durable", "--key", "id,item")
+    assert out.returncode == 0, out.stderr
+    assert "notify_change_v1('', '[]', 't', 'id', 'item')" in out.stdout
+    assert "No key columns" not in out.stdout
+    db.execute(out.stdout)
+    [t] = pgherald.list_table_triggers(db)
+    assert t.key_columns == ("id", "item")
+    db.execute("INSERT INTO orders VALUES (1, 'tea', 1)")
+    assert db.execute("SELECT key FROM pgherald.events_v1").fetchall() == [('[1, "tea"]',)]
 
 
 def test_ddl_enable_disable(dsn: str, db: psycopg.Connection) -> None:

@@ -647,16 +647,41 @@ def test_embedded_as_root_names_every_directory_it_opens(caplog: pytest.LogCaptu
         shutil.rmtree(base, ignore_errors=True)
 
 
-def test_consume_of_an_event_nested_too_deep_is_one_line(
+def test_consume_passes_an_event_nested_too_deep_to_the_dead_letters(
     dsn: str, conn: psycopg.Connection
 ) -> None:
+    import signal
+
     pgherald.install(conn)
     # Written with SQL, as any role with INSERT can: jsonb takes it, Python's json cannot.
-    conn.execute(
+    (poison,) = conn.execute(
         "SELECT pgherald.publish_v1('orders', (repeat('[', 3000) || repeat(']', 3000))::jsonb)"
+    ).fetchone()  # type: ignore[misc]
+    good = pgherald.publish(conn, "orders", {"n": 1})
+    proc = subprocess.Popen(
+        pgherald_cmd("consume", "--json", "--group", "g", "orders"),
+        env=cli_env(dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    line = one_line_error(run(dsn, "consume", "--group", "g", "orders"))
-    assert "nested too deeply" in line
+    try:
+        assert proc.stdout is not None
+        line = json.loads(proc.stdout.readline())  # the stream goes on past the poison
+        assert line["id"] == good
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+        assert proc.stderr is not None
+        assert "Traceback" not in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+    (dead,) = pgherald.dead_letters(conn, group="g")
+    assert dead.event_id == poison
 
 
 def test_live_page_keeps_lines_shows_ids_only_on_durable_events_and_says_why_refused(

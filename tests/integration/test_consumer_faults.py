@@ -490,3 +490,37 @@ def test_twenty_thousand_events_across_two_server_restarts(
     duplicates = len(run.payloads) - total
     assert duplicates <= 2 * max_read, f"{duplicates} events delivered twice"
     assert run.consumer.stats.reconnects >= 2
+
+
+# -- what ends run(): only what retrying cannot fix --
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_dropped_database_ends_run_after_three_attempts(
+    runtime: str, server: OwnServer, consumers: Callable[..., ConsumerRun]
+) -> None:
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE doomed")
+    dsn = server.dsn.rsplit("/", 1)[0] + "/doomed"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+    run = consumers(runtime, dsn, reconnect_initial_delay=0.05, reconnect_max_delay=0.1, **FAST)
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute("DROP DATABASE doomed WITH (FORCE)")
+    run.thread.join(10)
+    assert not run.thread.is_alive()
+    assert isinstance(run.error, pgherald.ConnectionLost), repr(run.error)
+    assert 'database "doomed" does not exist' in str(run.error)
+    assert run.consumer.stats.connect_failures == 3
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_schema_dropped_under_a_running_consumer_says_install(
+    runtime: str, installed: str, conn: psycopg.Connection, consumers: Callable[..., ConsumerRun]
+) -> None:
+    run = consumers(runtime, installed, **FAST)
+    pgherald.uninstall(conn)
+    run.thread.join(10)
+    assert not run.thread.is_alive()
+    assert isinstance(run.error, pgherald.SchemaMissing), repr(run.error)
+    assert "pgherald install" in str(run.error)

@@ -6,11 +6,13 @@ the asyncio reader kept between waits. Each must keep what the slow path guarant
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 import time
 from contextlib import aclosing
 
 import anyio
+import anyio.lowlevel
 import psycopg
 import pytest
 
@@ -95,50 +97,99 @@ async def test_asyncio_reader_is_released_when_the_loop_ends(dsn: str) -> None:
     async with pgherald.AsyncListener(dsn, channels=["r"]) as listener:
         assert listener._engine.pgconn is not None
         fd = listener._engine.pgconn.socket
-        await anyio.to_thread.run_sync(_burst, dsn, "r", ["1", "2"])
         with anyio.fail_after(5):
-            async with aclosing(listener.notifications()) as it:
-                async for _n in it:
-                    break
-        assert not loop.remove_reader(fd), "the iteration left its reader registered"
+            async with anyio.create_task_group() as tg:
+                # Sent while the iteration waits on the socket, so that it registers a reader.
+                tg.start_soon(anyio.to_thread.run_sync, _burst, dsn, "r", ["1", "2"])
+                async with aclosing(listener.notifications()) as it:
+                    async for _n in it:
+                        break
+                # At once: a later loop turn could see the socket readable and drop it.
+                assert not loop.remove_reader(fd), "the iteration left its reader registered"
 
         listener.on("r")(lambda n: listener.stop())
-        await anyio.to_thread.run_sync(_burst, dsn, "r", ["3"])
         with anyio.fail_after(5):
-            await listener.run()
-        assert not loop.remove_reader(fd), "run() left its reader registered"
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, _burst, dsn, "r", ["3"])
+                await listener.run()
+                assert not loop.remove_reader(fd), "run() left its reader registered"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_kept_reader_is_not_taken_for_a_new_socket_with_the_same_number() -> None:
+    # What a reconnection can do: the old socket closes with its reader kept, and the new
+    # one gets the same descriptor number. epoll forgot the old one; asyncio did not.
+    from pgherald._protocol.pgwire import READ
+    from pgherald._waiting_async import AsyncWaiter
+
+    waiter = AsyncWaiter(keep_reader=True)
+    a, b = socket.socketpair()
+    b.send(b"x")
+    assert await waiter.wait(a.fileno(), READ, time.monotonic() + 5)
+    a.recv(1)
+    await anyio.lowlevel.checkpoint()  # no readiness of the old socket left to be reported
+    fd = a.fileno()
+    a.close()
+    b.close()
+    c, d = socket.socketpair()
+    try:
+        new = c if c.fileno() == fd else d
+        assert new.fileno() == fd, "the descriptor number was not reused: nothing to test"
+        (d if new is c else c).send(b"y")
+        started = time.monotonic()
+        assert await waiter.wait(fd, READ, time.monotonic() + 2), "never saw the new socket"
+        assert time.monotonic() - started < 1.0
+    finally:
+        waiter.release()
+        c.close()
+        d.close()
 
 
 @pytest.mark.anyio
-async def test_iteration_hears_at_once_after_a_reconnect(dsn: str, conn: psycopg.Connection) -> None:
-    # The new socket often gets the old one's descriptor number: a reader kept for the old
-    # socket must not be taken for one on the new (it would hear nothing until the health
-    # check, 30 s here).
+async def test_iteration_hears_at_once_after_a_reconnect(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    # A reconnection inside one iteration: the old socket goes away while its reader is
+    # kept; the new connection must be heard at once (not at the health check, 30 s here).
     async with pgherald.AsyncListener(
         dsn, channels=["re"], health_check_interval=30.0, reconnect_initial_delay=0.01
     ) as listener:
         got: list[str] = []
-        await anyio.to_thread.run_sync(_burst, dsn, "re", ["before"])
+        old_pid = listener.backend_pid
+
+        async def terminate_then_send() -> None:
+            await anyio.to_thread.run_sync(_burst, dsn, "re", ["before"])
+            await await_until(lambda: got, 5.0, "the first notification")
+            await anyio.to_thread.run_sync(
+                lambda: conn.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
+            )
+            await await_until(
+                lambda: listener.backend_pid not in (None, old_pid), 5.0, "a reconnection"
+            )
+            await anyio.to_thread.run_sync(_burst, dsn, "re", ["after"])
+
         with anyio.fail_after(5):
-            async with aclosing(listener.notifications()) as it:
-                async for n in it:
-                    got.append(n.payload)
-                    old_pid = listener.backend_pid
-                    conn.execute("SELECT pg_terminate_backend(%s)", (old_pid,))
-                    break
-        async with anyio.create_task_group() as tg:
-
-            async def send_after_reconnect() -> None:
-                await await_until(
-                    lambda: listener.backend_pid not in (None, old_pid), 5.0, "a reconnection"
-                )
-                await anyio.to_thread.run_sync(_burst, dsn, "re", ["after"])
-
-            tg.start_soon(send_after_reconnect)
-            with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(terminate_then_send)
                 async with aclosing(listener.notifications()) as it:
                     async for n in it:
                         got.append(n.payload)
-                        break
+                        if len(got) == 2:
+                            break
     assert got == ["before", "after"]
     assert listener.stats.reconnects == 1
+
+
+def test_sync_breaking_out_of_a_batch_keeps_the_rest_in_order(dsn: str) -> None:
+    sent = [str(i) for i in range(50)]
+    with pgherald.Listener(dsn, channels=["b"]) as listener:
+        _burst(dsn, "b", sent)
+        first: list[str] = []
+        for n in listener.notifications(timeout=5.0):
+            first.append(n.payload)
+            if len(first) == 3:
+                break  # the generator closes here: the other 47 go back
+        rest = [n.payload for n in listener.notifications(timeout=0.5)]
+    assert first + rest == sent
+    assert listener.stats.received == len(sent)

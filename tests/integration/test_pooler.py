@@ -111,9 +111,11 @@ def _notify(dsn: str, channel: str, payload: str) -> None:
 def test_consumer_behind_transaction_pooler_fails_at_once(installed: str) -> None:
     with start_pgbouncer(installed, "transaction") as bouncer:
         t0 = time.monotonic()
-        with pytest.raises(pgherald.PoolerError, match=POOLER_MESSAGE):
-            with pgherald.Consumer(bouncer.dsn, group="g", channels=["ch"]):
-                pass
+        with (
+            pytest.raises(pgherald.PoolerError, match=POOLER_MESSAGE),
+            pgherald.Consumer(bouncer.dsn, group="g", channels=["ch"]),
+        ):
+            pass
         elapsed = time.monotonic() - t0
     assert elapsed < 5.5, f"the pooler was found after {elapsed:.2f}s"
 

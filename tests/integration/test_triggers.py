@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 import pgherald
-from tests.fix_durable import FAST
+from tests.fix_durable import FAST, Running, wait_until
 
 _SENTINELS = itertools.count(-1, -1)
 EVENT_KEYS = {"op", "schema", "table", "new", "old", "changed", "tx", "ts"}
@@ -363,7 +364,7 @@ def test_adding_twice_changes_options_never_doubles_events(
     pgherald.add_table_trigger(conn, "t")  # same options again
     [listed] = pgherald.list_table_triggers(conn)
     assert listed == pgherald.TableTrigger(
-        "public", "t", "public.t", ("insert", "update", "delete", "truncate"), (), False
+        "public", "t", "public.t", ("insert", "update", "delete", "truncate"), (), False, ("id",)
     )
     with pgherald.Listener(dsn, channels=["public.t", "c2"]) as lst:
         conn.execute("INSERT INTO t VALUES (1, 1, 1)")
@@ -378,7 +379,9 @@ def test_adding_twice_changes_options_never_doubles_events(
         assert (
             listed
             == t2
-            == pgherald.TableTrigger("public", "t", "c2", ("insert", "update"), ("id", "a"), False)
+            == pgherald.TableTrigger(
+                "public", "t", "c2", ("insert", "update"), ("id", "a"), False, ("id",)
+            )
         )
         conn.execute("INSERT INTO t VALUES (2, 2, 2)")
         conn.execute("UPDATE t SET a = 5 WHERE id = 1")
@@ -797,8 +800,10 @@ def test_durable_trigger_stores_the_event_and_wakes_consumers_like_publish(
         "FROM pgherald.events_v1 ORDER BY id"
     ).fetchall()
     assert [(ch, key, headers, same_tx) for ch, key, headers, _, same_tx in rows] == [
-        ("public.t", None, None, True)
-    ] * 3
+        ("public.t", "1", None, True),
+        ("public.t", "2", None, True),
+        ("public.t", "1", None, True),
+    ]  # keyed by the primary key
     assert [strip(payload) for *_, payload, _ in rows] == [
         {
             "op": "INSERT",
@@ -825,3 +830,162 @@ def test_durable_trigger_stores_the_event_and_wakes_consumers_like_publish(
             "changed": ["v"],
         },
     ]
+
+
+# -- keys: durable change events carry the row's key --
+
+
+def log_keys(conn: psycopg.Connection) -> list[tuple[str, str | None]]:
+    """(op, key) of every event in the log, in insertion order."""
+    rows = conn.execute("SELECT payload->>'op', key FROM pgherald.events_v1 ORDER BY id")
+    return [(op, key) for op, key in rows]
+
+
+def test_two_members_handle_one_rows_1000_updates_in_order(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    pgherald.install(conn)
+    conn.execute("CREATE TABLE counter (id int PRIMARY KEY, n int NOT NULL)")
+    t = pgherald.add_table_trigger(conn, "counter", durable=True)
+    assert t.key_columns == ("id",)
+    handled: list[tuple[str, pgherald.Event]] = []
+    lock = threading.Lock()
+
+    def recorder(name: str) -> Callable[[pgherald.Event], None]:
+        def record(event: pgherald.Event) -> None:
+            with lock:  # one list in the order events were handled, by either member
+                handled.append((name, event))
+
+        return record
+
+    members = [Running(dsn, channels=("public.counter",), handler=recorder(name)) for name in "ab"]
+    try:
+        a, b = (m.consumer for m in members)
+        wait_until(
+            lambda: a.partitions and b.partitions and not set(a.partitions) & set(b.partitions),
+            10,
+            "both members to hold partitions",
+        )
+        conn.execute("INSERT INTO counter VALUES (1, 0)")
+        for _ in range(1000):  # 1,000 transactions, one update each
+            conn.execute("UPDATE counter SET n = n + 1 WHERE id = 1")
+        # Other rows, keyed elsewhere: both members have events to handle meanwhile.
+        conn.execute("INSERT INTO counter SELECT g, 0 FROM generate_series(2, 61) g")
+        wait_until(lambda: len(handled) >= 1061, 60, "1,061 events handled")
+        assert all(len(m.consumer.partitions) > 0 for m in members)
+    finally:
+        for m in members:
+            m.stop()
+    row = [(name, e) for name, e in handled if e.payload["new"]["id"] == 1]
+    assert [e.payload["new"]["n"] for _, e in row] == list(range(1001))  # handled in order
+    assert {e.key for _, e in row} == {"1"}
+    assert len({e.partition for _, e in row}) == 1  # one partition...
+    assert len({name for name, _ in row}) == 1  # ...so one member handled them all
+    assert {name for name, _ in handled} == {"a", "b"}  # while the other had work too
+    assert len(handled) == 1061
+
+
+def test_key_is_the_primary_key_for_every_operation(installed: psycopg.Connection) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE t (id text PRIMARY KEY, v int)")
+    pgherald.add_table_trigger(conn, "t", durable=True)
+    conn.execute("INSERT INTO t VALUES ('a b', 1), ('é', 1)")
+    conn.execute("UPDATE t SET v = 2 WHERE id = 'a b'")
+    conn.execute("UPDATE t SET id = 'c' WHERE id = 'é'")  # a new key: the new row's
+    conn.execute("DELETE FROM t WHERE id = 'a b'")
+    conn.execute("TRUNCATE t")  # a statement: no row, no key
+    assert log_keys(conn) == [
+        ("INSERT", "a b"),
+        ("INSERT", "é"),
+        ("UPDATE", "a b"),
+        ("UPDATE", "c"),
+        ("DELETE", "a b"),
+        ("TRUNCATE", None),
+    ]
+    # The partition is the key's, as for publish(key=...).
+    same = conn.execute(
+        "SELECT bool_and(partition = (SELECT partition FROM pgherald.events_v1 e2 "
+        "WHERE e2.key = 'a b' ORDER BY id LIMIT 1)) FROM pgherald.events_v1 WHERE key = 'a b'"
+    ).fetchone()
+    assert same == (True,)
+
+
+def test_key_columns_option_and_the_column_list(dsn: str, installed: psycopg.Connection) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, account int, v int, doc text)")
+    t = pgherald.add_table_trigger(conn, "t", durable=True, key_columns=["account"], columns=["v"])
+    assert t.key_columns == ("account",)
+    [listed] = pgherald.list_table_triggers(conn)
+    assert listed == t
+    conn.execute("INSERT INTO t VALUES (1, 7, 1), (2, NULL, 1)")
+    conn.execute("UPDATE t SET v = 2 WHERE id = 1")
+    # The key comes from the whole row, though "new" only has v; a NULL key: no key.
+    assert log_keys(conn) == [("INSERT", "7"), ("INSERT", None), ("UPDATE", "7")]
+    assert conn.execute("SELECT payload->'new' FROM pgherald.events_v1").fetchall()[0] == (
+        {"v": 1},
+    )
+    with pytest.raises(pgherald.UsageError, match="no column 'nope'"):
+        pgherald.add_table_trigger(conn, "t", durable=True, key_columns=["id", "nope"])
+    # Without durable, a row too wide for NOTIFY is sent as its key columns.
+    pgherald.add_table_trigger(conn, "t", key_columns=["account"])
+    with pgherald.Listener(dsn, channels=["public.t"]) as listener:
+        conn.execute("INSERT INTO t VALUES (3, 9, 1, %s)", (uuid.uuid4().hex * 600,))
+        (e,) = take(listener, 1)
+    assert (e["truncated"], e["key"]) == (True, {"account": 9})
+
+
+def test_composite_key_is_a_json_array_in_key_order(installed: psycopg.Connection) -> None:
+    conn = installed
+    conn.execute(
+        "CREATE TABLE t (id int, region text, v int, PRIMARY KEY (region, id))"
+    )  # the key's order differs from the table's
+    t = pgherald.add_table_trigger(conn, "t", durable=True)
+    assert t.key_columns == ("region", "id")
+    conn.execute("INSERT INTO t VALUES (1, 'eu \"west\"', 0)")
+    conn.execute("DELETE FROM t")
+    pgherald.add_table_trigger(conn, "t", durable=True, key_columns=["id", "region"])
+    conn.execute("INSERT INTO t VALUES (2, 'us', 0)")
+    conn.execute("TRUNCATE t")
+    assert log_keys(conn) == [
+        ("INSERT", '["eu \\"west\\"", 1]'),
+        ("DELETE", '["eu \\"west\\"", 1]'),
+        ("INSERT", '[2, "us"]'),
+        ("TRUNCATE", None),
+    ]
+    assert [json.loads(k) for _, k in log_keys(conn)[:3]] == [['eu "west"', 1]] * 2 + [[2, "us"]]
+
+
+def test_table_without_primary_key_has_no_key_unless_given(
+    installed: psycopg.Connection,
+) -> None:
+    conn = installed
+    conn.execute("CREATE TABLE t (a int, b int)")
+    t = pgherald.add_table_trigger(conn, "t", durable=True)
+    assert t.key_columns == ()
+    assert pgherald.list_table_triggers(conn)[0].key_columns == ()
+    conn.execute("INSERT INTO t VALUES (1, 1)")
+    pgherald.add_table_trigger(conn, "t", durable=True, key_columns=["b"])
+    conn.execute("INSERT INTO t VALUES (2, 2)")
+    pgherald.add_table_trigger(conn, "t", durable=True, key_columns=[])  # explicitly none
+    conn.execute("INSERT INTO t VALUES (3, 3)")
+    assert log_keys(conn) == [("INSERT", None), ("INSERT", "2"), ("INSERT", None)]
+
+
+def test_triggers_added_before_keys_keep_working_without_a_key(
+    installed: psycopg.Connection,
+) -> None:
+    # What `trigger add --durable` created before 0.1.0_09: three arguments, no key.
+    conn = installed
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v int)")
+    conn.execute(
+        "CREATE TRIGGER pgherald_change_v1 AFTER INSERT OR UPDATE OR DELETE ON t FOR EACH ROW "
+        "EXECUTE FUNCTION pgherald.notify_change_v1('public.t', '[]', 't')"
+    )
+    conn.execute("INSERT INTO t VALUES (1, 1)")
+    conn.execute("UPDATE t SET v = 2")
+    assert log_keys(conn) == [("INSERT", None), ("UPDATE", None)]
+    [listed] = pgherald.list_table_triggers(conn)
+    assert (listed.durable, listed.key_columns) == (True, ())
+    pgherald.add_table_trigger(conn, "t", durable=True)  # adding again gives it the key
+    conn.execute("UPDATE t SET v = 3")
+    assert log_keys(conn)[-1] == ("UPDATE", "1")

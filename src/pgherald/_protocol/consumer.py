@@ -72,17 +72,6 @@ inside the transaction the engine opened; the engine then acknowledges and commi
 NEEDS_TX = object()
 """The answer to BATCH that asks the engine for a transaction around a transactional handler."""
 
-# Connection errors that a retry cannot fix: give up after this many in a row.
-_PERMANENT_CONNECT_TRIES = 3
-_PERMANENT_MARKERS = (
-    "password authentication failed",
-    "authentication failed",
-    "no pg_hba.conf entry",
-    "does not exist",  # role or database
-    "invalid connection option",
-    "invalid dsn",
-)
-
 Start = str | int | datetime
 Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
 
@@ -179,6 +168,7 @@ class ConsumerEngine:
         self._undecodable: dict[int, str] = {}  # event id -> error, for the batch in hand
         self._redelivering = False  # the batch in hand is dead letters redelivered
         self._next_redelivery = 0.0
+        self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._forget_reads()
 
     def _forget_reads(self) -> None:
@@ -354,6 +344,10 @@ class ConsumerEngine:
             raise
         except psycopg.OperationalError as exc:
             raise _Lost(_one_line(exc)) from None
+        finally:
+            # A wake-up read with the statement's answer sits in libpq's queue, and no more
+            # data would make us look there: note it now, or it waits for poll_interval.
+            self._drain()
 
     def _query(self, name: str, params: dict[str, Any]) -> PQGen:
         """Run named query *name* (text parameters and results) with the usual deadline."""
@@ -671,6 +665,9 @@ class ConsumerEngine:
         pgconn = self.pgconn
         assert pgconn is not None
         yield from self._settle()
+        if self._woken:  # heard while settling: no need to wait
+            self._woken = False
+            return True
         if self._next_probe <= until:
             until = max(time.monotonic(), self._next_probe)
         ready = yield (WAIT, pgconn.socket, pgwire.READ, until)
@@ -705,12 +702,11 @@ class ConsumerEngine:
         """
         self._redelivering = redelivery
         channels = self.config.channels
-        if channels and not redelivery:  # a dead letter is the group's whatever its channel
-            wanted = [e for e in events if e.channel in channels]
-        else:
-            wanted = events
+        wanted = [e for e in events if e.channel in channels] if channels else events
         poison = self._undecodable
-        self.stats.received += len(wanted) - len(poison)
+        self.stats.received += (
+            len(wanted) - sum(e.id in poison for e in wanted) if poison else len(wanted)
+        )
         cfg = self.config
         first, handler = 0, 0
         attempts, failed_at, at = 0, 0.0, (-1, -1)
@@ -809,8 +805,21 @@ class ConsumerEngine:
             "attempts": attempts,
             "first_failed_at": repr(first_failed_at),
         }
-        yield from self._query("dead_letter", params)
+        if self._no_dead_letters:  # an older schema: give up as before, with the log line
+            yield from self.ack([event])
+            return
+        try:
+            yield from self._query("dead_letter", params)
+        except SchemaMissing as exc:
+            self._schema_too_old(exc)
+            yield from self.ack([event])
+            return
         self.stats.dead_lettered += 1
+
+    def _schema_too_old(self, exc: SchemaMissing) -> None:
+        """No dead-letter table (the schema predates it): keep consuming, say how to upgrade."""
+        self._no_dead_letters = True
+        logger.warning("dead letters are off: %s (until then, events given up are logged)", exc)
 
     def _redeliver(self) -> PQGen:
         """
@@ -820,13 +829,22 @@ class ConsumerEngine:
         handled once more (at least once across a crash, like every event).
         """
         now = time.monotonic()
-        if now < self._next_redelivery or not self.owned:
+        if now < self._next_redelivery or not self.owned or self._no_dead_letters:
             return False
         self._next_redelivery = now + self.config.rebalance_interval
         yield from self._settle()
         limit = self.config.batch_size
-        params = {"group": self.config.group, "partitions": _array(self.owned), "limit": limit}
-        (res,) = yield from self._query("pending_redeliveries", params)
+        params = {
+            "group": self.config.group,
+            "partitions": _array(self.owned),
+            "channels": _text_array(self.config.channels) if self.config.channels else None,
+            "limit": limit,
+        }
+        try:
+            (res,) = yield from self._query("pending_redeliveries", params)
+        except SchemaMissing as exc:
+            self._schema_too_old(exc)
+            return False
         if not res.ntuples:
             return False
         if res.ntuples >= limit:
@@ -900,8 +918,8 @@ class ConsumerEngine:
             except (ConnectError, _Lost) as exc:
                 error = str(exc)
                 self.stats.connect_failures += 1
-                permanent = permanent + 1 if _looks_permanent(error) else 0
-                if permanent >= _PERMANENT_CONNECT_TRIES:
+                permanent = permanent + 1 if pgwire.is_permanent_connect_error(error) else 0
+                if permanent >= pgwire.PERMANENT_CONNECT_TRIES:
                     raise ConnectionLost(
                         f"could not reconnect after {attempt} attempts: {error}"
                     ) from None
@@ -950,6 +968,12 @@ def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
     ]
 
 
+def _text_array(values: Iterable[str]) -> str:
+    """A PostgreSQL array literal of strings (each quoted)."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"
+
+
 def _array(values: Iterable[object]) -> str:
     """A PostgreSQL array literal of ints, or digit strings, or NULLs."""
     return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
@@ -969,11 +993,6 @@ def _is_connection_state(exc: pgwire.QueryFailed) -> bool:
 def _failed(exc: pgwire.QueryFailed) -> HeraldError:
     """A statement of ours refused by the server: a HeraldError that says what to do."""
     return _errormap.from_sqlstate(exc.sqlstate, str(exc), doing="consume")
-
-
-def _looks_permanent(message: str) -> bool:
-    lowered = message.lower()
-    return any(marker in lowered for marker in _PERMANENT_MARKERS)
 
 
 def _one_line(exc: BaseException | None) -> str:

@@ -729,6 +729,7 @@ class ListenerEngine:
         self._reset_connection()
         error = str(lost)
         attempt = 0
+        permanent = 0  # failures in a row that a retry will not fix (a dropped database...)
         while True:
             attempt += 1
             if self.stopping:
@@ -740,7 +741,12 @@ class ListenerEngine:
                 raise  # not something a retry fixes
             except ConnectError as exc:
                 error = str(exc)
-                if cfg.reconnect_max_attempts is not None and attempt >= cfg.reconnect_max_attempts:
+                self.stats.connect_failures += 1
+                permanent = permanent + 1 if pgwire.is_permanent_connect_error(error) else 0
+                if permanent >= pgwire.PERMANENT_CONNECT_TRIES or (
+                    cfg.reconnect_max_attempts is not None
+                    and attempt >= cfg.reconnect_max_attempts
+                ):
                     raise ConnectionLost(
                         f"could not reconnect after {attempt} attempts: {error}"
                     ) from None

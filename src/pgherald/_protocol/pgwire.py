@@ -136,3 +136,22 @@ def finish(
 def is_connection_error(exc: BaseException) -> bool:
     """True for the driver errors that mean the connection itself is gone."""
     return isinstance(exc, pg_errors.OperationalError)
+
+
+# Connection failures that retrying cannot fix (libpq gives no SQLSTATE for them: its message).
+_PERMANENT_MARKERS = (
+    "password authentication failed",
+    "authentication failed",
+    "no pg_hba.conf entry",
+    "does not exist",  # the role or the database
+    "invalid connection option",
+    "invalid dsn",
+)
+PERMANENT_CONNECT_TRIES = 3
+"""Reconnecting gives up after this many such failures in a row."""
+
+
+def is_permanent_connect_error(message: str) -> bool:
+    """True when a failed connection attempt says something a retry will not change."""
+    lowered = message.lower()
+    return any(marker in lowered for marker in _PERMANENT_MARKERS)

@@ -90,8 +90,7 @@ def show_cmd(dsn: str | None, group: str, event_id: int, as_json: bool) -> None:
         found = dead_letters(conn, group, ids=[event_id], limit=1)
         if not found:
             raise UsageError(
-                f"group {group!r} has no dead letter for event {event_id}: see `pgherald dead "
-                "list`"
+                f"group {group!r} has no dead letter for event {event_id}: see `pgherald dead list`"
             )
         stored = dead_event_text(conn, event_id)
     report = as_dict(found[0])

@@ -230,7 +230,8 @@ def status_cmd(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> Non
         lag = f"~{g['lag_events']:,}" if g["lag_estimated"] else str(g["lag_events"])
         click.echo(
             f"group {g['group']!r}: {lag} events behind "
-            f"({g['lag_seconds']:.1f}s), position {g['position']}, {g['members']} live"
+            f"({g['lag_seconds']:.1f}s), position {g['position']}, "
+            f"{g['members']} live member{'' if g['members'] == 1 else 's'}"
             + (f", {g['dead_letters']} dead letters" if g["dead_letters"] else "")
         )
 

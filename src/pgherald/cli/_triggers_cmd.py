@@ -41,6 +41,12 @@ def _split(text: str | None) -> list[str]:
 
 def trigger_options(func: Any) -> Any:
     func = click.option(
+        "--key",
+        default=None,
+        help="Comma-separated columns whose values key each event, keeping one row's events "
+        "in order within a consumer group (default: the primary key).",
+    )(func)
+    func = click.option(
         "--durable",
         is_flag=True,
         help="Store full events in the durable log (NOTIFY only wakes readers).",
@@ -78,6 +84,7 @@ def trigger_add(
     events: str,
     columns: str | None,
     durable: bool,
+    key: str | None,
 ) -> None:
     """Send a JSON event for every change of TABLE (schema-qualified and quoted names work)."""
     with connection(dsn) as conn:
@@ -88,9 +95,20 @@ def trigger_add(
             events=_split(events),
             columns=_split(columns),
             durable=durable,
+            key_columns=None if key is None else _split(key),
         )
     where = "the durable log" if t.durable else "NOTIFY"
-    click.echo(f"{t.schema}.{t.table}: {','.join(t.events)} -> channel {t.channel!r} via {where}")
+    click.echo(
+        f"{t.schema}.{t.table}: {','.join(t.events)} -> channel {t.channel!r} via {where}; "
+        + (f"key {','.join(t.key_columns)}" if t.key_columns else "no key")
+    )
+    if t.durable and not t.key_columns and key is None:
+        click.echo(
+            f"note: {t.schema}.{t.table} has no primary key, so its events have no key and a "
+            "consumer group with several members may handle one row's changes out of order; "
+            "pass --key col1,col2 to key them",
+            err=True,
+        )
 
 
 @trigger_group.command("list")
@@ -106,8 +124,9 @@ def trigger_list(dsn: str | None, as_json: bool) -> None:
             click.echo(json.dumps(t.__dict__))
         else:
             cols = ",".join(t.columns) or "all columns"
+            key = f"key {','.join(t.key_columns)}" if t.key_columns else "no key"
             click.echo(
-                f"{t.schema}.{t.table}: {','.join(t.events)}; {cols}; channel "
+                f"{t.schema}.{t.table}: {','.join(t.events)}; {cols}; {key}; channel "
                 f"{t.channel!r}{' (durable)' if t.durable else ''}"
             )
     if not triggers and not as_json:
@@ -160,12 +179,23 @@ def sql_trigger() -> None:
 @click.argument("table")
 @friendly
 def sql_trigger_add(
-    table: str, channel: str | None, events: str, columns: str | None, durable: bool
+    table: str,
+    channel: str | None,
+    events: str,
+    columns: str | None,
+    durable: bool,
+    key: str | None,
 ) -> None:
-    """The DDL of `pgherald trigger add TABLE` (needs `pgherald install` applied first)."""
+    """The DDL of `pgherald trigger add TABLE` (needs `pgherald install` applied first;
+    without a connection the primary key is unknown: pass --key to key the events)."""
     click.echo(
         trigger_sql(
-            table, channel=channel, events=_split(events), columns=_split(columns), durable=durable
+            table,
+            channel=channel,
+            events=_split(events),
+            columns=_split(columns),
+            durable=durable,
+            key_columns=_split(key),
         ),
         nl=False,
     )

@@ -233,8 +233,8 @@ WHERE p.group_name = %(group)s AND p.partition = CAST(%(partition)s AS smallint)
   AND (p.tx, p.event_id) < (CAST(%(tx)s AS xid8), CAST(%(event_id)s AS bigint))
 
 -- name: pending_redeliveries --
--- Dead letters of a group asked to be redelivered, in the partitions this consumer holds, in
--- the group's (tx, id) order; the columns of read_batch. An event no longer in the log is left
+-- Dead letters of a group asked to be redelivered, in the partitions this consumer holds and
+-- on the channels it reads (NULL: all), in the group's (tx, id) order; read_batch's columns. An event no longer in the log is left
 -- out (redeliver_dead_letters only marks events still there).
 SELECT e.id, e.tx::text, e.channel, e.key, e.payload::text, e.headers::text, e.created_at,
        e.partition
@@ -242,6 +242,7 @@ FROM pgherald.dead_letters_v1 AS d
 JOIN pgherald.events_v1 AS e ON e.id = d.event_id
 WHERE d.group_name = %(group)s AND d.redeliver_at IS NOT NULL
   AND d.partition = ANY (CAST(%(partitions)s AS smallint[]))
+  AND (CAST(%(channels)s AS text[]) IS NULL OR d.channel = ANY (CAST(%(channels)s AS text[])))
 ORDER BY d.tx, d.event_id
 LIMIT CAST(%(limit)s AS integer)
 
@@ -311,8 +312,9 @@ LEFT JOIN pg_stat_activity AS a ON a.pid = l.pid
 ORDER BY g.group_name, l.pid, l.objid
 
 -- name: group_activity --
--- Each group's last acknowledgement (or creation, or reset) and the highest event id passed.
-SELECT group_name, max(updated_at), max(event_id)
+-- Each group's last acknowledgement (or creation, or reset), the highest event id passed, and
+-- the time now (to age the lag by).
+SELECT group_name, max(updated_at), max(event_id), now()
 FROM pgherald.positions_v1
 WHERE CAST(%(groups)s AS text[]) IS NULL OR group_name = ANY (CAST(%(groups)s AS text[]))
 GROUP BY group_name
@@ -386,8 +388,13 @@ ORDER BY p.group_name
 -- name: lock_out_group --
 -- Keep consumers out of a group until this transaction ends: its membership lock, taken
 -- exclusive, conflicts with the shared one every member holds (and join_group waits on it).
--- False while a member is connected.
-SELECT pg_try_advisory_xact_lock(hashtext(%(lock_name)s), 1000)
+-- Waits up to lock_timeout (see set_lock_timeout): a consumer that has just closed its
+-- connection may hold it until the server has ended its session.
+SELECT pg_advisory_xact_lock(hashtext(%(lock_name)s), 1000)
+
+-- name: set_lock_timeout --
+-- For this transaction (or savepoint); returns the setting it replaces.
+SELECT current_setting('lock_timeout'), set_config('lock_timeout', %(timeout)s, true)
 
 -- name: group_exists --
 SELECT EXISTS (SELECT FROM pgherald.positions_v1 WHERE group_name = %(group)s)
