@@ -171,6 +171,7 @@ def start_gateway(
     pre = ["-m", "cProfile", "-o", profile] if profile else []
     args = [sys.executable, *pre, "-m", "pgherald.cli", "serve", "--dsn", dsn]
     args += ["--port", str(port), "--allow-anonymous", chans]
+    args += ["--max-connections-per-client", "0"]  # every benchmark client is on 127.0.0.1
     if raw:
         args = [sys.executable, RAW, "--dsn", dsn, "--port", str(port), "--channels", "100"]
     g = Proc(args, env)

@@ -21,6 +21,15 @@ from ._log import aread_log, read_log
 from ._models import Event, Gap, ListenerStats, Notification, Stats
 from ._notify import anotify, notify
 from ._publish import apublish, apublish_many, publish, publish_many
+from ._schedule import (
+    Schedule,
+    add_schedule,
+    list_schedules,
+    release_due_events,
+    remove_schedule,
+    run_scheduler,
+    tick_schedules,
+)
 from ._schema import install, uninstall
 from ._triggers import (
     TableTrigger,
@@ -78,11 +87,13 @@ __all__ = [
     "PoolerError",
     "PrivilegeError",
     "PublishError",
+    "Schedule",
     "SchemaMissing",
     "Stats",
     "TableTrigger",
     "TransactionStateError",
     "UsageError",
+    "add_schedule",
     "add_table_trigger",
     "anotify",
     "apublish",
@@ -94,6 +105,7 @@ __all__ = [
     "enable_ddl_events",
     "install",
     "list_groups",
+    "list_schedules",
     "list_table_triggers",
     "notify",
     "publish",
@@ -101,8 +113,12 @@ __all__ = [
     "purge_dead_letters",
     "read_log",
     "redeliver",
+    "release_due_events",
+    "remove_schedule",
     "remove_table_trigger",
     "reset_group",
+    "run_scheduler",
+    "tick_schedules",
     "uninstall",
 ]
 

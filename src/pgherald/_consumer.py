@@ -66,6 +66,7 @@ class _ConsumerBase:
         reset: bool = False,
         batch_size: int = 1000,
         max_batch_size: int | None = None,
+        max_batch_bytes: int = 16 * 1024 * 1024,
         poll_interval: float = 0.5,
         linger: float = 0.02,
         rebalance_interval: float = 1.0,
@@ -97,6 +98,13 @@ class _ConsumerBase:
                 f"max_batch_size must be an int >= batch_size ({batch_size}), not "
                 f"{max_batch_size!r}: it caps how far reads grow while the consumer is behind"
             )
+        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int) or (
+            max_batch_bytes < 1
+        ):
+            raise UsageError(
+                f"max_batch_bytes must be an int >= 1, not {max_batch_bytes!r}: it bounds the "
+                "memory a read of large events takes"
+            )
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise UsageError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
         if not (isinstance(start, (str, int, datetime)) and not isinstance(start, bool)) or (
@@ -122,6 +130,7 @@ class _ConsumerBase:
             reset=reset,
             batch_size=batch_size,
             max_batch_size=max_batch_size,
+            max_batch_bytes=max_batch_bytes,
             poll_interval=poll_interval,
             linger=linger,
             rebalance_interval=rebalance_interval,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from . import _drivers, _errormap, sql
@@ -17,6 +18,7 @@ from .errors import PayloadNotSerializable, PublishError
 # Made once (json.dumps with options builds an encoder per call); NaN/Infinity are not JSON.
 _QUERY = sql.query("publish")
 _MANY = sql.query("publish_many")
+_LATER = sql.query("publish_later")
 _strict_dumps: JsonDumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
@@ -49,6 +51,8 @@ def publish(
     key: str | None = None,
     headers: Mapping[str, Any] | None = None,
     dumps: JsonDumps | None = None,
+    deliver_at: datetime | None = None,
+    deliver_after: timedelta | None = None,
 ) -> int:
     """
     Store an event in the durable log through *conn*; return its id.
@@ -58,9 +62,22 @@ def publish(
     are woken without a NOTIFY in every transaction (see docs/durable.md), and a full NOTIFY
     queue never makes this fail. Same connection types as `notify`.
 
+    *deliver_at* (a timezone-aware datetime, by the server's clock) or *deliver_after* (from
+    now): the event waits outside the log and enters it when due, released by any running
+    consumer or `pgherald schedule run`; it then gets its log id (this returns the id of the
+    waiting entry, in ``pgherald.scheduled_v1``). See docs/durable.md.
+
     .. versionadded:: 0.1
     """
     params = _params(channel, payload, key, headers, dumps)
+    if deliver_at is not None or deliver_after is not None:
+        params.update(_when(deliver_at, deliver_after))
+        try:
+            return int(_drivers.execute(conn, _LATER, params, what="publish"))
+        except Exception as exc:
+            if not _errormap.is_driver_error(exc):
+                raise
+            raise _errormap.from_driver(exc, doing="publish") from exc
     try:  # not a context manager: this runs once per event and try costs nothing
         return int(_drivers.execute(conn, _QUERY, params, what="publish"))
     except Exception as exc:
@@ -77,6 +94,8 @@ async def apublish(
     key: str | None = None,
     headers: Mapping[str, Any] | None = None,
     dumps: JsonDumps | None = None,
+    deliver_at: datetime | None = None,
+    deliver_after: timedelta | None = None,
 ) -> int:
     """
     Async `publish` for psycopg's ``AsyncConnection`` and SQLAlchemy's async connections.
@@ -84,12 +103,46 @@ async def apublish(
     .. versionadded:: 0.1
     """
     params = _params(channel, payload, key, headers, dumps)
+    if deliver_at is not None or deliver_after is not None:
+        params.update(_when(deliver_at, deliver_after))
+        try:
+            return int(await _drivers.aexecute(conn, _LATER, params, what="publish"))
+        except Exception as exc:
+            if not _errormap.is_driver_error(exc):
+                raise
+            raise _errormap.from_driver(exc, doing="publish") from exc
     try:
         return int(await _drivers.aexecute(conn, _QUERY, params, what="publish"))
     except Exception as exc:
         if not _errormap.is_driver_error(exc):
             raise
         raise _errormap.from_driver(exc, doing="publish") from exc
+
+
+def _when(deliver_at: object, deliver_after: object) -> dict[str, Any]:
+    """The due time of a delayed event, checked: an absolute time, or seconds from now."""
+    if deliver_at is not None and deliver_after is not None:
+        raise PublishError("pass deliver_at or deliver_after, not both")
+    if deliver_at is not None:
+        if not isinstance(deliver_at, datetime):
+            raise PublishError(
+                f"deliver_at must be a datetime, got {type(deliver_at).__name__}: for a delay, "
+                "use deliver_after=timedelta(...)"
+            )
+        if deliver_at.tzinfo is None or deliver_at.utcoffset() is None:
+            raise PublishError(
+                "deliver_at must be timezone-aware (a naive datetime has no single meaning): "
+                "use datetime.now(timezone.utc) + ..., or deliver_after=timedelta(...)"
+            )
+        return {"deliver_at": deliver_at.isoformat(), "deliver_after": None}
+    if not isinstance(deliver_after, timedelta):
+        raise PublishError(
+            f"deliver_after must be a timedelta, got {type(deliver_after).__name__}: "
+            "for example timedelta(seconds=30)"
+        )
+    if deliver_after < timedelta(0):
+        raise PublishError(f"deliver_after must not be negative, got {deliver_after}")
+    return {"deliver_at": None, "deliver_after": repr(deliver_after.total_seconds())}
 
 
 def _many_params(

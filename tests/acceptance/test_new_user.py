@@ -131,7 +131,7 @@ def _leaf_commands() -> list[str]:
     """Every runnable command path below ``pgherald``, from the click tree itself."""
     import click
 
-    from pgherald.cli import _dev, _durable, _groups, _serve, _triggers_cmd  # noqa: F401  (register them)
+    from pgherald.cli import _dev, _durable, _groups, _schedule, _serve, _triggers_cmd  # noqa: F401  (register them)
     from pgherald.cli._commands import cli
 
     paths: list[str] = []
@@ -172,6 +172,10 @@ SAMPLES: dict[str, list[str]] = {
     "notify": ["orders", "x"],
     "prune": ["--force", "--yes"],
     "publish": ["orders", "1"],
+    "schedule add": ["--cron", "* * * * *", "--channel", "orders", "s"],
+    "schedule list": [],
+    "schedule remove": ["s"],
+    "schedule run": [],
     "serve": ["--allow-anonymous", "orders", "--durable-channel", "orders"],
     "sql install": [],
     "sql trigger add": ["orders"],
@@ -261,6 +265,10 @@ PRIVILEGED = {
     "install",
     "prune",
     "publish",
+    "schedule add",
+    "schedule list",
+    "schedule remove",
+    "schedule run",
     "serve",
     "status",
     "trigger add",

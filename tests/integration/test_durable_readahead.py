@@ -349,3 +349,21 @@ async def test_async_consumer_grows_and_shrinks_its_reads(installed: str) -> Non
                 assert c.read_size == 100
                 c.stop()
     assert got == [*ids, extra]
+
+
+def test_reads_of_large_events_stay_under_max_batch_bytes(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    """A backlog of 100 KB events is read a few at a time, not 20,000 (gigabytes) at a time."""
+    big = "x" * 100_000
+    with conn.transaction():
+        ids = [pgherald.publish(conn, "ch", {"i": i, "pad": big}) for i in range(120)]
+    sizes: list[int] = []
+    with pgherald.Consumer(
+        installed, group="g", channels=["ch"], batch_size=10, max_batch_bytes=1_000_000, **FAST
+    ) as c:
+        got = drain(c, len(ids), lambda _: sizes.append(c.read_size))
+    assert [e.id for e in got] == ids
+    # After the first read (batch_size), each read holds about 1 MB: 9 events of ~100 KB.
+    assert max(sizes) <= 10
+    assert set(sizes[10:]) <= {9}, sizes

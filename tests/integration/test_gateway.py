@@ -921,3 +921,44 @@ async def test_the_gateway_reconnects_its_own_connections_after_they_are_killed(
         assert [f.id for f in got] == [event]
         assert await hub.publish("orders", {"n": 2}) == event + 1
         client.end("bye")
+
+
+def test_ws_message_nested_too_deep_is_an_error_message(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    app = create_app(dsn, jwt_secret=SECRET)
+    with serve(app) as base:
+        url = base.replace("http", "ws") + "/ws?token=" + token(["chat.*"], "rw")
+        with ws_connect(url) as ws:
+            ws.send("[" * 100_000 + "]" * 100_000)  # past Python's parser: a RecursionError
+            error = json.loads(ws.recv(5))
+            assert error == {"type": "error", "message": "the message is JSON nested too deeply"}
+            deep = "[" * 900 + "]" * 900  # parses: published, or refused, as any payload
+            ws.send('{"type": "publish", "channel": "chat.a", "payload": ' + deep + "}")
+            assert json.loads(ws.recv(5))["type"] in ("published", "error")
+            # The connection is still served.
+            ws.send(json.dumps({"type": "subscribe", "channels": ["chat.a"]}))
+            assert json.loads(ws.recv(5))["type"] == "subscribed"
+            pgherald.notify(conn, "chat.a", "still here")
+            assert json.loads(ws.recv(5))["payload"] == "still here"
+
+
+def test_shutdown_while_the_database_is_down_is_quick_and_quiet(
+    dsn: str, fault_proxy: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Streams that end while the listener cannot reach the database do not wait for it."""
+    app = create_app(fault_proxy.dsn_for(dsn), allow_anonymous=["news"])
+    hub = hub_of(app)
+    with caplog.at_level(logging.ERROR), serve(app) as base:
+        with sse(base, "news") as stream:
+            stream.ready()
+            fault_proxy.refuse()
+            fault_proxy.sever()
+            started = time.monotonic()
+        # The client left: its stream ends without waiting for the UNLISTEN.
+        wait_until(lambda: hub.clients == set(), what="the stream to end")
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+    assert time.monotonic() - started < 3  # uvicorn's graceful timeout is 5 s
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not [e for e in errors if "ASGI" in e or "graceful" in e], errors

@@ -44,7 +44,7 @@ from psycopg.adapt import Transformer
 from .. import _errormap, sql
 from .._models import Event, Gap, Stats
 from ..errors import ConnectError, ConnectionLost, HeraldError, SchemaMissing, UsageError
-from . import liveness, pgwire
+from . import liveness, pgwire, scheduled
 from .backoff import backoff_delay
 from .channels import listen_query
 from .pgwire import REPORT, SLEEP, WAIT, PQGen
@@ -88,6 +88,8 @@ class ConsumerConfig:
     reset: bool = False
     batch_size: int = 1000
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
+    max_batch_bytes: int = 16 * 1024 * 1024
+    """Reads are sized to hold about this many bytes of events (after the first read)."""
     poll_interval: float = 0.5
     linger: float = 0.02
     rebalance_interval: float = 1.0
@@ -160,6 +162,7 @@ class ConsumerEngine:
         self._next_rebalance = 0.0
         self._next_probe = 0.0
         self._busy_partitions = 0
+        self._fitting = config.max_batch_size  # events of the last read's size that fit
         self._read_params: tuple[str, ...] = ()
         self._rows: Any = None  # a psycopg Transformer: decodes read results (binary)
         self._alive_at = time.time()
@@ -169,6 +172,8 @@ class ConsumerEngine:
         self._redelivering = False  # the batch in hand is dead letters redelivered
         self._next_redelivery = 0.0
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
+        self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
+        self._releases = scheduled.Releases()
         self._forget_reads()
 
     def _forget_reads(self) -> None:
@@ -178,7 +183,7 @@ class ConsumerEngine:
         self._ready: tuple[pq.abc.PGresult, _Read] | None = None
         self._handed_out: dict[int, tuple[str, int]] = {}  # last of each partition, not acked
         self._saturated = False
-        self.read_size = self.config.batch_size
+        self.read_size = max(1, min(self.config.batch_size, self._fitting))
 
     @property
     def connected(self) -> bool:
@@ -228,6 +233,7 @@ class ConsumerEngine:
             self.owned = []
             self._forget_reads()
             self._next_rebalance = 0.0
+            self._release_at = 0.0  # wake-ups were missed while away
             self._next_probe = time.monotonic() + cfg.health_check_interval
             self._alive_at = time.time()
             yield from self.rebalance()
@@ -367,6 +373,10 @@ class ConsumerEngine:
         """
         if getattr(n, "relname", None) == _WAKE or getattr(n, "channel", None) == WAKE_CHANNEL:
             self._woken = True
+            if getattr(n, "extra", None) == scheduled.WAKE_PAYLOAD or (
+                getattr(n, "payload", None) == scheduled.WAKE_PAYLOAD.decode()
+            ):
+                self._release_at = 0.0
 
     def _drain(self) -> None:
         pgconn = self.pgconn
@@ -376,6 +386,8 @@ class ConsumerEngine:
         while (n := pgconn.notifies()) is not None:
             if n.relname == _WAKE:
                 heard = True
+                if n.extra == scheduled.WAKE_PAYLOAD:  # a delayed event: when is it due?
+                    self._release_at = 0.0
         if heard:
             self._woken = True
 
@@ -438,6 +450,8 @@ class ConsumerEngine:
             self.read_size = min(self.config.max_batch_size, read.limit * 2)
         else:
             self.read_size = self.config.batch_size
+        # Large events: as many as fit in max_batch_bytes at the last read's average size.
+        self.read_size = max(1, min(self.read_size, self._fitting))
         if not n:
             return []
         self._cursor.update(batch_last)
@@ -575,6 +589,10 @@ class ConsumerEngine:
             return 0, {}
         get = res.get_value
         parts = [get(i, 7) for i in range(n)]  # binary int2: the bytes serve as keys
+        # The average event size, from up to 64 rows of the read (a copy of each sampled payload).
+        sample = range(0, n, max(1, n // 64))
+        average = sum([len(get(i, 4) or b"") for i in sample]) // len(sample) + 200
+        self._fitting = max(1, self.config.max_batch_bytes // average)
 
         def position(i: int) -> tuple[int, int]:
             return int(get(i, 1) or b"0"), int.from_bytes(get(i, 0) or b"", "big", signed=True)
@@ -635,6 +653,8 @@ class ConsumerEngine:
                     yield from self._recover(_Lost("not connected"))
                     continue
                 yield from self.rebalance()
+                if time.monotonic() >= self._release_at:
+                    yield from self._release()
                 if (yield from self._redeliver()):
                     continue
                 events = yield from self.fetch()
@@ -670,6 +690,8 @@ class ConsumerEngine:
             return True
         if self._next_probe <= until:
             until = max(time.monotonic(), self._next_probe)
+        if self._release_at < until:  # a delayed event falls due
+            until = max(time.monotonic(), self._release_at)
         ready = yield (WAIT, pgconn.socket, pgwire.READ, until)
         if ready:
             try:
@@ -684,6 +706,24 @@ class ConsumerEngine:
             yield from self._probe()
         woken, self._woken = self._woken, False
         return woken
+
+    def _release(self) -> PQGen:
+        """Move due delayed events into the log (any consumer may: each moves exactly once)."""
+        yield from self._settle()
+        try:
+            (res,) = yield from self._query(
+                "release_scheduled", {"limit": scheduled.RELEASE_LIMIT}
+            )
+        except HeraldError as exc:  # an older schema, no privilege: `schedule run` can do it
+            self._release_at = math.inf
+            logger.warning("this consumer does not release delayed events: %s", exc)
+            return
+        row = [res.get_value(0, i) for i in range(4)]
+        self._release_at = self._releases.next(time.monotonic(), row)
+        released = int(row[0] or b"0")
+        if released:
+            self._woken = True  # our own wake-up is on its way: read now
+            logger.debug("released %d delayed events", released)
 
     def _probe(self) -> PQGen:
         pgconn = self.pgconn

@@ -14,6 +14,7 @@ def main() -> None:
             _dev,
             _durable,
             _groups,
+            _schedule,
             _serve,
             _triggers_cmd,
         )
@@ -25,7 +26,7 @@ def main() -> None:
             "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n"
         )
         raise SystemExit(2) from None
-    _ = _dead, _dev, _durable, _groups, _serve, _triggers_cmd
+    _ = _dead, _dev, _durable, _groups, _schedule, _serve, _triggers_cmd
     # click 8.2+: a bare group shows its help through this UsageError (absent in 8.1).
     no_args: type[click.UsageError] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import socket
 from pathlib import Path
@@ -61,6 +62,35 @@ def _names(values: tuple[str, ...]) -> list[str]:
 @click.option(
     "--heartbeat", default=15.0, show_default=True, help="Seconds between SSE ': ping' comments."
 )
+@click.option(
+    "--header-timeout",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a connection has to send a request's headers.",
+)
+@click.option(
+    "--keep-alive-timeout",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds an idle connection stays open between requests.",
+)
+@click.option(
+    "--max-body",
+    default=1024 * 1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Bytes of a POST /publish body or WebSocket message, at most (413 beyond).",
+)
+@click.option(
+    "--max-connections-per-client",
+    default=100,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Open connections from one client address, at most (429 beyond; 0: no limit). "
+    "Behind a reverse proxy every client has its address: use 0 and limit at the proxy.",
+)
 @friendly
 def serve(
     dsn: str | None,
@@ -71,6 +101,10 @@ def serve(
     allow_anonymous: tuple[str, ...],
     durable_channels: tuple[str, ...],
     heartbeat: float,
+    header_timeout: float,
+    keep_alive_timeout: float,
+    max_body: int,
+    max_connections_per_client: int,
 ) -> None:
     """Serve events to browsers and services: GET /sse, /ws, POST /publish/CHANNEL, GET /.
 
@@ -111,12 +145,33 @@ def serve(
                 allow_anonymous=anonymous,
                 durable_channels=durable,
                 heartbeat=heartbeat,
+                max_body=max_body,
             )
         except ValueError as exc:  # a key that is not one: refuse now, not 500 on every token
             raise UsageError(f"--jwt-public-key {jwt_public_key}: {exc}") from None
         where = describe(listener_conninfo(real_dsn))
         click.echo(f"pgherald gateway on http://{host}:{port}/, database {where} (Ctrl-C to stop)")
-        GatewayServer(app, host=host, port=port).run(sockets=[sock])
+        _raise_file_limit()
+        GatewayServer(
+            app,
+            host=host,
+            port=port,
+            header_timeout=header_timeout,
+            timeout_keep_alive=keep_alive_timeout,
+            max_connections_per_client=max_connections_per_client,
+        ).run(sockets=[sock])
+
+
+def _raise_file_limit() -> None:
+    """Every connection is a file: take the hard limit, not the 1,024 soft default."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _bind(host: str, port: int) -> socket.socket:

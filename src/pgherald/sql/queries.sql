@@ -401,3 +401,113 @@ SELECT EXISTS (SELECT FROM pgherald.positions_v1 WHERE group_name = %(group)s)
 
 -- name: delete_group --
 DELETE FROM pgherald.positions_v1 WHERE group_name = %(group)s
+
+-- name: publish_later --
+-- publish(..., deliver_at | deliver_after): the event waits in scheduled_v1 until due (never in
+-- the log early: a group's position would pass it). deliver_after counts from the call
+-- (clock_timestamp(), not the transaction's start). The wake-up says 'scheduled': consumers
+-- then ask release_scheduled when the next one is due. Not gated like publish's: a consumer
+-- must learn of every new due time, and delayed events are rare next to the rest.
+WITH s AS (
+    INSERT INTO pgherald.scheduled_v1 (deliver_at, channel, key, payload, headers)
+    VALUES (coalesce(CAST(%(deliver_at)s AS timestamptz),
+                     clock_timestamp() + CAST(%(deliver_after)s AS float8) * interval '1 second'),
+            %(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
+    RETURNING id
+)
+SELECT s.id,
+       CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
+                current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
+       THEN pg_notify('pgherald_wake_v1', 'scheduled') END
+FROM s
+
+-- name: release_scheduled --
+-- Move due delayed events into the log, exactly once: the DELETE and the INSERT are one
+-- statement, so one transaction; SKIP LOCKED lets several releasers (consumers, `schedule
+-- run`) run at once, each taking other rows. The events get this transaction's id, newer than
+-- every group's position. Returns how many moved, the seconds until the next one is due
+-- (server clock; NULL: none waiting), this transaction's id and the log's read horizon (the
+-- snapshot's xmin: a consumer reads the events once the horizon is past that id), and wakes
+-- consumers when some moved.
+WITH due AS (
+    DELETE FROM pgherald.scheduled_v1
+    WHERE id IN (SELECT id FROM pgherald.scheduled_v1
+                 WHERE deliver_at <= now()
+                 ORDER BY deliver_at, id
+                 LIMIT CAST(%(limit)s AS integer)
+                 FOR UPDATE SKIP LOCKED)
+    RETURNING deliver_at, id, channel, key, payload, headers
+), e AS (
+    INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
+    SELECT channel, key, payload, headers FROM due ORDER BY deliver_at, id
+    RETURNING id
+), n AS (SELECT count(*) AS released FROM e)
+SELECT n.released,
+       (SELECT extract(epoch FROM min(s.deliver_at) - now()) FROM pgherald.scheduled_v1 AS s
+        WHERE s.deliver_at > now()),
+       pg_current_xact_id()::text, pg_snapshot_xmin(pg_current_snapshot())::text,
+       CASE WHEN n.released > 0 THEN
+           CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
+                    current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
+           THEN pg_notify('pgherald_wake_v1', '') END
+       END
+FROM n
+
+-- name: scheduled_pending --
+SELECT count(*), min(deliver_at) FROM pgherald.scheduled_v1
+
+-- name: schedule_add --
+-- Wakes `schedule run` processes (and consumers, which only check for due delayed events).
+WITH s AS (
+    INSERT INTO pgherald.schedules_v1 (name, cron, timezone, channel, key, payload, headers,
+                                       next_tick)
+    VALUES (%(name)s, %(cron)s, %(timezone)s, %(channel)s, %(key)s, CAST(%(payload)s AS jsonb),
+            CAST(%(headers)s AS jsonb), CAST(%(next_tick)s AS timestamptz))
+    ON CONFLICT (name) DO UPDATE SET
+        cron = EXCLUDED.cron, timezone = EXCLUDED.timezone, channel = EXCLUDED.channel,
+        key = EXCLUDED.key, payload = EXCLUDED.payload, headers = EXCLUDED.headers,
+        next_tick = EXCLUDED.next_tick
+    WHERE CAST(%(replace)s AS boolean)
+    RETURNING name
+)
+SELECT count(*), pg_notify('pgherald_wake_v1', 'scheduled') FROM s
+
+-- name: schedule_remove --
+DELETE FROM pgherald.schedules_v1 WHERE name = %(name)s RETURNING name
+
+-- name: schedules --
+SELECT name, cron, timezone, channel, key, payload::text, headers::text, next_tick, last_tick,
+       created_at
+FROM pgherald.schedules_v1 ORDER BY name
+
+-- name: schedules_due --
+SELECT name, cron, timezone, next_tick
+FROM pgherald.schedules_v1
+WHERE next_tick <= coalesce(CAST(%(now)s AS timestamptz), now())
+ORDER BY next_tick, name
+
+-- name: schedule_tick --
+-- Publish one tick of a schedule, exactly once: only the statement that moves next_tick on
+-- from the tick it saw (the row lock makes any other wait, then find next_tick changed)
+-- inserts the event, in the same statement. Headers: the schedule's, plus its name and tick.
+WITH s AS (
+    UPDATE pgherald.schedules_v1
+    SET next_tick = CAST(%(following)s AS timestamptz), last_tick = next_tick
+    WHERE name = %(name)s AND next_tick = CAST(%(tick)s AS timestamptz)
+    RETURNING name, channel, key, payload, headers, last_tick
+), e AS (
+    INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
+    SELECT channel, key, payload, coalesce(headers, '{}') || jsonb_build_object(
+               'pgherald_schedule', name, 'pgherald_tick', last_tick)
+    FROM s
+    RETURNING id
+)
+SELECT e.id,
+       CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
+                current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
+       THEN pg_notify('pgherald_wake_v1', '') END
+FROM e
+
+-- name: schedules_next --
+-- Seconds until the next tick of any schedule (server clock; NULL: no schedule).
+SELECT extract(epoch FROM min(next_tick) - now()) FROM pgherald.schedules_v1

@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
 
+import anyio
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
@@ -22,13 +23,26 @@ from .publishing import PublishRefused, publish_checked
 from .sse import SseEndpoint
 from .ws import WsEndpoint
 
+MAX_BODY = 1024 * 1024
+"""Bytes of a ``POST /publish`` body, at most (a 413 beyond)."""
+BODY_TIMEOUT = 30.0
+"""Seconds a ``POST /publish`` body has to arrive (a 408 beyond)."""
+
 
 class Gateway:
     """What a running gateway holds; ``app.state.gateway`` (for tests and shutdown hooks)."""
 
-    def __init__(self, hub: Hub, auth: Authenticator) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        auth: Authenticator,
+        max_body: int = MAX_BODY,
+        body_timeout: float = BODY_TIMEOUT,
+    ) -> None:
         self.hub = hub
         self.auth = auth
+        self.max_body = max_body
+        self.body_timeout = body_timeout
 
     def close_streams(self, reason: str = "server shutting down") -> None:
         """End every client stream now (call before a server waits for connections to end)."""
@@ -39,9 +53,12 @@ class Gateway:
         try:
             principal = self.auth.authenticate(bearer_token(request.headers, request.query_params))
             principal.check_write(channel)
+            body = await self._body(request)
+            if isinstance(body, Response):
+                return body
             try:
-                payload = json.loads(await request.body())
-            except ValueError:
+                payload = json.loads(body)
+            except (ValueError, RecursionError):
                 return JSONResponse({"error": "the body must be JSON"}, 400)
             event_id = await publish_checked(self.hub, principal, channel, payload)
         except AuthError as exc:
@@ -51,6 +68,30 @@ class Gateway:
         if event_id is None:
             return JSONResponse({"ok": True})
         return JSONResponse({"id": event_id})
+
+    async def _body(self, request: Request) -> bytes | Response:
+        """The request body, or the error response when it is too large or too slow."""
+        too_large = JSONResponse(
+            {"error": f"the body is larger than {self.max_body} bytes (the gateway's --max-body)"},
+            413,
+        )
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_body:
+            return too_large  # refused before reading any of it
+        chunks: list[bytes] = []
+        size = 0
+        with anyio.move_on_after(self.body_timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body:
+                    return too_large
+                chunks.append(chunk)
+            return b"".join(chunks)
+        return JSONResponse(
+            {"error": f"the body did not arrive within {self.body_timeout:g} s"},
+            408,
+            headers={"connection": "close"},
+        )
 
     async def healthz(self, request: Request) -> Response:
         state = {"database": await self.hub.database_ok(), "listener": self.hub.healthy_listener}
@@ -91,13 +132,17 @@ def create_app(
     client_buffer: int = 1000,
     poll_interval: float = 0.25,
     inline_writes: bool = True,
+    max_body: int = MAX_BODY,
+    body_timeout: float = BODY_TIMEOUT,
 ) -> Starlette:
     """
     The real-time gateway: SSE, WebSocket and HTTP publish over one LISTEN connection.
 
     *jwt_public_key* is PEM text or bytes, or a `Path` to a PEM file. *inline_writes*: let
     the fan-out start client writes itself (asyncio); turn it off when mounting the app behind
-    middleware whose ``send`` enters cancel scopes. See docs/gateway.md.
+    middleware whose ``send`` enters cancel scopes. *max_body*: bytes of a publish body (a
+    WebSocket message under `GatewayServer`), *body_timeout*: seconds it may take to arrive.
+    See docs/gateway.md.
     """
     if isinstance(jwt_public_key, Path):
         jwt_public_key = jwt_public_key.read_bytes()
@@ -112,7 +157,7 @@ def create_app(
         poll_interval=poll_interval,
         inline_writes=inline_writes,
     )
-    gateway = Gateway(hub, auth)
+    gateway = Gateway(hub, auth, max_body, body_timeout)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

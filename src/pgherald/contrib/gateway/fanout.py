@@ -179,7 +179,12 @@ class Hub:
                 self.clients.discard(client)
                 self.metrics.clients.labels(client.kind).dec()
         if gone:
-            with anyio.CancelScope(shield=True):
+            with anyio.CancelScope(shield=True) as scope:
+                if channels is None:
+                    # A client leaving does not wait for the UNLISTEN: requested now, applied
+                    # by the listener's loop (after it reconnects while the database is down,
+                    # when waiting would hold the stream's end and the server's shutdown).
+                    scope.cancel()
                 await self.listener.unsubscribe(*gone)
 
     def dirty(self, client: Client) -> None:

@@ -70,6 +70,9 @@ class WsEndpoint:
                 msg = json.loads(text)
                 if not isinstance(msg, dict):
                     raise ValueError("not an object")
+            except RecursionError:  # hostile input is an error message, never a dead socket
+                say(_error("the message is JSON nested too deeply"))
+                continue
             except ValueError:
                 say(_error("messages are JSON objects with a 'type'"))
                 continue
@@ -102,6 +105,8 @@ class WsEndpoint:
                 say(_error("the listener is not connected; try again"))
             except HeraldError:  # finding the resume point: the database is down or refuses
                 say(_error("the database is not available; try again"))
+            except RecursionError:  # a payload that parsed but cannot be encoded again
+                say(_error("the payload is nested too deeply"))
 
     async def _subscribe(
         self,
