@@ -216,6 +216,14 @@ def tick_schedules(conn: psycopg.Connection[Any], *, now: datetime | None = None
     return ids
 
 
+def delayed_pending(conn: psycopg.Connection[Any]) -> tuple[int, datetime | None]:
+    """Delayed events waiting (not yet in the log), and when the first is due."""
+    with _errors("count delayed events"):
+        row = conn.execute(query("scheduled_pending")).fetchone()
+    assert row is not None
+    return int(row[0]), row[1]
+
+
 def release_due_events(conn: psycopg.Connection[Any]) -> tuple[int, float | None]:
     """
     Move due delayed events into the log, each exactly once whoever else does it at the same
@@ -273,10 +281,11 @@ def _serve(conn: psycopg.Connection[Any], stop: threading.Event, max_wait: float
         with _errors("run schedules"):
             row = conn.execute(query("schedules_next")).fetchone()
         tick_in = None if row is None or row[0] is None else float(row[0])
-        wait = min(x for x in (max_wait, event_in, tick_in) if x is not None)
-        if wait > 0:
-            for _ in conn.notifies(timeout=wait + 0.001, stop_after=1):
-                pass
+        # Not below 10 ms: a tick that stays due (a schedule skipped, another runner's lock)
+        # must not spin.
+        wait = max(0.01, min(x for x in (max_wait, event_in, tick_in) if x is not None))
+        for _ in conn.notifies(timeout=wait + 0.001, stop_after=1):
+            pass
 
 
 class _errors:

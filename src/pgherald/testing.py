@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 import psycopg
@@ -49,6 +49,7 @@ from .errors import ConnectError, HeraldError
 __all__ = [
     "ANY",
     "Capture",
+    "CaptureFactory",
     "WaitTimeout",
     "await_for",
     "create_database",
@@ -504,6 +505,14 @@ class Capture:
         )
 
 
+class CaptureFactory(Protocol):
+    """The type of the ``herald_capture`` fixture, to annotate tests with."""
+
+    def __call__(
+        self, *channels: str, dsn: str | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> Capture: ...
+
+
 # -- waiting --
 
 
@@ -627,15 +636,16 @@ def _wait_consumer(
     timer.daemon = True
     timer.start()
     try:
-        it = consumer.events()
-        for event in it:
-            if _item_matches(event, channel, payload, key):
-                # stop, then ask for the next one: that acknowledges this one (Consumer.events).
-                consumer.stop()
-                for _ in it:
-                    pass
-                return event
-            seen.append(event)
+        with contextlib.closing(consumer.events()) as it:
+            for event in it:
+                if _item_matches(event, channel, payload, key):
+                    # stop, then ask for the next one: that acknowledges this one (see
+                    # Consumer.events) and ends the iteration.
+                    consumer.stop()
+                    for _ in it:
+                        pass
+                    return event
+                seen.append(event)
     finally:
         timer.cancel()
     raise _timed_out(timeout, what, seen)
@@ -790,7 +800,7 @@ def herald_installed(herald_db: str) -> str:
 
 
 @pytest.fixture
-def herald_capture(request: pytest.FixtureRequest) -> Iterator[Callable[..., Capture]]:
+def herald_capture(request: pytest.FixtureRequest) -> Iterator[CaptureFactory]:
     """
     ``herald_capture(*channels, dsn=None, timeout=5.0)``: a `Capture` of the test's database
     (``herald_db``, or *dsn*), to use as ``with herald_capture("orders") as cap: ...``.

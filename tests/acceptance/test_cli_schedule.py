@@ -28,7 +28,8 @@ def test_add_list_remove(installed: str, conn: psycopg.Connection) -> None:
         "r",
         "UTC",
     )
-    assert s.next_tick.minute % 5 == 0 and s.next_tick.second == 0
+    assert s.next_tick.minute % 5 == 0
+    assert s.next_tick.second == 0
 
     text = run(installed, "schedule", "list").stdout
     assert text.startswith("every5: '*/5 * * * *' (UTC) -> reports, next ")
@@ -50,9 +51,19 @@ def test_add_list_remove(installed: str, conn: psycopg.Connection) -> None:
     assert (out.returncode, out.stdout) == (0, "schedule 'every5' removed\n")
     assert pgherald.list_schedules(conn) == []
     assert run(installed, "schedule", "list").stdout == "no schedules\n"
+    pgherald.publish(conn, "ch", 1, deliver_after=timedelta(hours=1))
+    assert run(installed, "schedule", "list").stdout.startswith(
+        "no schedules\n1 delayed events waiting, the first due "
+    )
     gone = run(installed, "schedule", "remove", "every5")
     assert gone.returncode == 1
     assert gone.stderr.startswith("pgherald: error: no schedule named 'every5'")
+
+
+def ticks(conn: psycopg.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'ticks'").fetchone()
+    assert row is not None
+    return int(row[0])
 
 
 def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
@@ -96,11 +107,13 @@ def test_two_runners_publish_each_tick_once_and_release_delayed_events(
     ]
     try:
         wait_until(
-            lambda: conn.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
-                "'pgherald-schedule'"
-            ).fetchone()
-            == (2,),
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = "
+                    "'pgherald-schedule'"
+                ).fetchone()
+                == (2,)
+            ),
             20,
             "both runners to connect",
         )
@@ -108,19 +121,18 @@ def test_two_runners_publish_each_tick_once_and_release_delayed_events(
             conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now()")
             conn.execute("SELECT pg_notify('pgherald_wake_v1', 'scheduled')")
             wait_until(
-                lambda n=20 * round_: conn.execute(  # type: ignore[misc]
-                    "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'ticks'"
-                ).fetchone()
-                == (n,),
+                lambda n=20 * round_: ticks(conn) == n,
                 10,
                 f"round {round_} of ticks",
             )
         pgherald.publish(conn, "later", 1, deliver_after=timedelta(seconds=0.2))
         wait_until(
-            lambda: conn.execute(
-                "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'later'"
-            ).fetchone()
-            == (1,),
+            lambda: (
+                conn.execute(
+                    "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'later'"
+                ).fetchone()
+                == (1,)
+            ),
             5,
             "the delayed event, with no consumer running",
         )

@@ -127,7 +127,8 @@ def test_due_events_are_released_once_by_concurrent_releasers(
         with psycopg.connect(installed, autocommit=True) as c:
             barrier.wait()
             n, next_in = pgherald.release_due_events(c)
-            assert next_in is not None and 3500 < next_in <= 3600
+            assert next_in is not None
+            assert 3500 < next_in <= 3600
             released.append(n)
 
     threads = [threading.Thread(target=release) for _ in range(3)]
@@ -143,7 +144,7 @@ def test_due_events_are_released_once_by_concurrent_releasers(
 
 def test_bad_due_times_are_clear_errors(installed: str, conn: psycopg.Connection) -> None:
     with pytest.raises(pgherald.PublishError, match="timezone-aware"):
-        pgherald.publish(conn, "ch", 1, deliver_at=datetime.now())  # noqa: DTZ005
+        pgherald.publish(conn, "ch", 1, deliver_at=datetime.now())
     with pytest.raises(pgherald.PublishError, match="not both"):
         pgherald.publish(
             conn,
@@ -168,25 +169,23 @@ async def test_async_consumer_gets_a_delayed_event_on_time(installed: str) -> No
     async def handle(event: pgherald.Event) -> None:
         handled.append((event, time.time()))
 
-    async def until(pred: Callable[[], bool], what: str, timeout: float = 5) -> None:
-        deadline = time.monotonic() + timeout
+    async def until(pred: Callable[[], bool], what: str, within: float = 5) -> None:
+        deadline = time.monotonic() + within
         while not pred():
             assert time.monotonic() < deadline, f"timed out waiting for {what}"
             await anyio.sleep(0.01)  # polling, bounded by the deadline
 
     def publish(**when: Any) -> float:
         with psycopg.connect(installed, autocommit=True) as c:
-            sid = pgherald.publish(c, "ch", when and "delayed" or "now", **when)
+            sid = pgherald.publish(c, "ch", "delayed" if when else "now", **when)
             return due_time(c, sid) if when else 0.0
 
     async with consumer, anyio.create_task_group() as tg:
         tg.start_soon(consumer.run)
         await anyio.to_thread.run_sync(publish)
         await until(lambda: len(handled) == 1, "the first event")
-        due = await anyio.to_thread.run_sync(
-            lambda: publish(deliver_after=timedelta(seconds=0.5))
-        )
-        await until(lambda: len(handled) == 2, "the delayed event", timeout=8)
+        due = await anyio.to_thread.run_sync(lambda: publish(deliver_after=timedelta(seconds=0.5)))
+        await until(lambda: len(handled) == 2, "the delayed event", within=8)
         consumer.stop()
     event, at = handled[1]
     assert event.payload == "delayed"
@@ -305,7 +304,8 @@ def test_run_scheduler_ticks_and_releases_without_a_consumer(
         row = conn.execute(
             "SELECT extract(epoch FROM created_at) FROM pgherald.events_v1"
         ).fetchone()
-        assert row is not None and due <= float(row[0]) < due + LATE
+        assert row is not None
+        assert due <= float(row[0]) < due + LATE
         pgherald.add_schedule(conn, "s", "* * * * *", "ticks")
         conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() + interval '0.2 s'")
         conn.execute("SELECT pg_notify('pgherald_wake_v1', 'scheduled')")
@@ -315,3 +315,18 @@ def test_run_scheduler_ticks_and_releases_without_a_consumer(
         thread.join(5)
     assert not thread.is_alive()
     assert errors == []
+
+
+def test_consumer_on_a_schema_without_delayed_events_keeps_consuming(
+    installed: str,
+    conn: psycopg.Connection,
+    running: Callable[..., Running],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    conn.execute("DROP TABLE pgherald.scheduled_v1")  # as before migration 0.1.0_10
+    with caplog.at_level("WARNING", logger="pgherald.consumer"):
+        consumer = running()
+        pgherald.publish(conn, "ch", 1)
+        consumer.wait_count(1)
+    assert "does not release delayed events" in caplog.text
+    assert "pgherald install" in caplog.text

@@ -17,9 +17,7 @@ import psycopg
 import pytest
 
 import pgherald
-from pgherald.testing import ANY, Capture, WaitTimeout
-
-CaptureFactory = Callable[..., Capture]
+from pgherald.testing import ANY, Capture, CaptureFactory, WaitTimeout
 
 
 def test_only_committed_work_is_captured(

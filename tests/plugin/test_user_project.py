@@ -17,6 +17,7 @@ USER_TESTS = """
 import threading
 
 import psycopg
+import pytest
 import pgherald
 
 SEEN = []  # databases of the tests that ran, in order
@@ -75,10 +76,14 @@ def test_waits_for_a_listener(herald_conn, herald_db, herald_wait):
 def test_waits_for_a_consumer(herald_installed, herald_wait):
     with psycopg.connect(herald_installed, autocommit=True) as conn:
         pgherald.publish(conn, "orders", {"id": 1}, key="a")
-        pgherald.publish(conn, "orders", {"id": 2}, key="b")
+        pgherald.publish(conn, "orders", {"id": 2}, key="a")
     with pgherald.Consumer(herald_installed, group="billing") as consumer:
-        event = herald_wait(consumer, channel="orders", key="b", timeout=10)
-    assert event.payload == {"id": 2}
+        event = herald_wait(consumer, channel="orders", payload={"id": 2}, timeout=10)
+    assert (event.payload, event.key) == ({"id": 2}, "a")
+    # Both were acknowledged (the one passed over too): nothing is left for the group.
+    with pgherald.Consumer(herald_installed, group="billing") as consumer:
+        with pytest.raises(AssertionError, match="nothing arrived"):
+            herald_wait(consumer, timeout=0.5)
 
 
 def test_fails_missing_notification(herald_conn, herald_capture):

@@ -711,9 +711,7 @@ class ConsumerEngine:
         """Move due delayed events into the log (any consumer may: each moves exactly once)."""
         yield from self._settle()
         try:
-            (res,) = yield from self._query(
-                "release_scheduled", {"limit": scheduled.RELEASE_LIMIT}
-            )
+            (res,) = yield from self._query("release_scheduled", {"limit": scheduled.RELEASE_LIMIT})
         except HeraldError as exc:  # an older schema, no privilege: `schedule run` can do it
             self._release_at = math.inf
             logger.warning("this consumer does not release delayed events: %s", exc)

@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from .._schedule import Schedule, add_schedule, list_schedules, remove_schedule, run_scheduler
+from .._schedule import (
+    Schedule,
+    add_schedule,
+    delayed_pending,
+    list_schedules,
+    remove_schedule,
+    run_scheduler,
+)
 from ..errors import UsageError
 from ._commands import cli, connection, dsn_option, friendly, json_option, stop_on_signals
 from ._durable import require_schema
@@ -66,9 +73,7 @@ def add_cmd(
         ) from None
     with connection(dsn) as conn:
         require_schema(conn)
-        s = add_schedule(
-            conn, name, cron, channel, value, key=key, timezone=tz, replace=replace
-        )
+        s = add_schedule(conn, name, cron, channel, value, key=key, timezone=tz, replace=replace)
     click.echo(f"schedule {s.name!r} added: next tick {s.next_tick.isoformat()}")
 
 
@@ -77,10 +82,11 @@ def add_cmd(
 @json_option("One JSON object per schedule.")
 @friendly
 def list_cmd(dsn: str | None, as_json: bool) -> None:
-    """List schedules and their next tick."""
+    """List schedules and their next tick; and delayed events waiting, if any."""
     with connection(dsn) as conn:
         require_schema(conn)
         found = list_schedules(conn)
+        waiting, first_due = delayed_pending(conn)
     if as_json:
         for s in found:
             click.echo(json.dumps(as_dict(s)))
@@ -93,6 +99,8 @@ def list_cmd(dsn: str | None, as_json: bool) -> None:
             f"{s.name}: '{s.cron}' ({s.timezone}) -> {s.channel}, next {s.next_tick.isoformat()}"
             f", last {last}"
         )
+    if waiting and first_due is not None:
+        click.echo(f"{waiting:,} delayed events waiting, the first due {first_due.isoformat()}")
 
 
 @schedule_cmd.command("remove")

@@ -70,9 +70,8 @@ class _GuardedHttp(HttpToolsProtocol):
     and *max_header_bytes* for its headers, and one address holds at most *per_client*
     connections (WebSockets included); the next ones are answered a 429 as soon as their
     request's head is in, and closed within a second anyway, so that a flood from one address
-    holds no more. Requests
-    themselves go through uvicorn's code unchanged (the direct writes of direct.py see
-    uvicorn's own `RequestResponseCycle`).
+    holds no more. Requests themselves go through uvicorn's code unchanged (the direct writes
+    of direct.py see uvicorn's own `RequestResponseCycle`).
     """
 
     limits: _Limits  # set on the subclass `GatewayServer` makes
@@ -85,6 +84,7 @@ class _GuardedHttp(HttpToolsProtocol):
         self._refused: str | None = None  # the address, once over its limit
         self._seen = b""  # the last bytes of a refused connection's request (see data_received)
         self._address: str | None = None
+        self._upgraded = False
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -139,6 +139,8 @@ class _GuardedHttp(HttpToolsProtocol):
         if self._in_headers or not self._in_message:
             self._header_bytes += len(data)
         super().data_received(data)
+        if self._upgraded:
+            return
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
             # Still no end of headers after that many bytes: stop reading them.
             self._headers_done()
@@ -173,6 +175,7 @@ class _GuardedHttp(HttpToolsProtocol):
         super().on_message_complete()
 
     def handle_websocket_upgrade(self) -> None:
+        self._upgraded = True  # no more requests on this connection: no more header timeout
         super().handle_websocket_upgrade()
         if self._address is None:
             return
