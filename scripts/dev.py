@@ -97,7 +97,9 @@ def main(argv: list[str]) -> None:
         run(PY, "-m", "pytest", *args)
     elif command == "bench":
         # One at a time: each measures a machine that nothing else is loading.
-        for name in ("listen", "durable", "trigger", "gateway", "gateway_tail", "publish_many"):
+        for name in (
+            "listen", "durable", "trigger", "gateway", "gateway_tail", "publish_many", "scheduled"
+        ):
             run(PY, f"bench/{name}_bench.py", "--output", "docs/benchmarks.md", *args)
     else:
         print(f"source {BIN / 'activate'}")

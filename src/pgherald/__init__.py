@@ -24,6 +24,7 @@ from ._publish import apublish, apublish_many, publish, publish_many
 from ._schedule import (
     Schedule,
     add_schedule,
+    cancel_delayed,
     list_schedules,
     release_due_events,
     remove_schedule,
@@ -99,6 +100,7 @@ __all__ = [
     "apublish",
     "apublish_many",
     "aread_log",
+    "cancel_delayed",
     "dead_letters",
     "delete_group",
     "disable_ddl_events",

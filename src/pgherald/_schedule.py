@@ -216,6 +216,24 @@ def tick_schedules(conn: psycopg.Connection[Any], *, now: datetime | None = None
     return ids
 
 
+def cancel_delayed(conn: psycopg.Connection[Any], scheduled_id: int) -> bool:
+    """
+    Withdraw a delayed event: *scheduled_id* is what `publish(..., deliver_at=...)` returned.
+    True if it was still waiting (it will never be delivered); False if it was released
+    already (or never existed). Runs in the caller's transaction.
+
+    .. versionadded:: 0.1
+    """
+    if isinstance(scheduled_id, bool) or not isinstance(scheduled_id, int):
+        raise UsageError(
+            f"scheduled_id must be the int that publish(..., deliver_at=...) returned, not "
+            f"{scheduled_id!r}"
+        )
+    with _errors("cancel a delayed event"):
+        row = conn.execute(query("cancel_delayed"), {"id": scheduled_id}).fetchone()
+    return row is not None
+
+
 def delayed_pending(conn: psycopg.Connection[Any]) -> tuple[int, datetime | None]:
     """Delayed events waiting (not yet in the log), and when the first is due."""
     with _errors("count delayed events"):
@@ -281,9 +299,9 @@ def _serve(conn: psycopg.Connection[Any], stop: threading.Event, max_wait: float
         with _errors("run schedules"):
             row = conn.execute(query("schedules_next")).fetchone()
         tick_in = None if row is None or row[0] is None else float(row[0])
-        # Not below 10 ms: a tick that stays due (a schedule skipped, another runner's lock)
-        # must not spin.
-        wait = max(0.01, min(x for x in (max_wait, event_in, tick_in) if x is not None))
+        if tick_in is not None and tick_in <= 0:
+            tick_in = max_wait  # still due after ticking: skipped (bad cron), or another's
+        wait = max(0.001, min(x for x in (max_wait, event_in, tick_in) if x is not None))
         for _ in conn.notifies(timeout=wait + 0.001, stop_after=1):
             pass
 

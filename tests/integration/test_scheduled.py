@@ -113,6 +113,44 @@ def test_rollback_schedules_nothing(installed: str, conn: psycopg.Connection) ->
     assert counts(conn) == (0, 0)
 
 
+def test_cancel_a_delayed_event(installed: str, conn: psycopg.Connection) -> None:
+    keep = pgherald.publish(conn, "ch", "keep", deliver_after=timedelta(0))
+    drop = pgherald.publish(conn, "ch", "drop", deliver_after=timedelta(0))
+    assert pgherald.cancel_delayed(conn, drop)
+    assert not pgherald.cancel_delayed(conn, drop)
+    assert pgherald.release_due_events(conn) == (1, None)
+    assert not pgherald.cancel_delayed(conn, keep)  # released: too late
+    assert conn.execute("SELECT payload FROM pgherald.events_v1").fetchall() == [("keep",)]
+    with pytest.raises(pgherald.UsageError, match="publish"):
+        pgherald.cancel_delayed(conn, "1")  # type: ignore[arg-type]
+
+
+def test_delayed_through_psycopg2_and_sqlalchemy(installed: str, conn: psycopg.Connection) -> None:
+    import psycopg2
+
+    from tests.fix_db import sqlalchemy_engine
+
+    pg2 = psycopg2.connect(installed)
+    try:
+        pgherald.publish(pg2, "ch", "pg2", deliver_after=timedelta(seconds=30))
+        pg2.commit()
+    finally:
+        pg2.close()
+    engine = sqlalchemy_engine(installed)
+    try:
+        with engine.begin() as sa_conn:
+            at = datetime.now(timezone(timedelta(hours=2))) + timedelta(seconds=30)
+            pgherald.publish(sa_conn, "ch", "sa", deliver_at=at)
+    finally:
+        engine.dispose()
+    rows = conn.execute(
+        "SELECT payload, extract(epoch FROM deliver_at - created_at) FROM pgherald.scheduled_v1 "
+        "ORDER BY id"
+    ).fetchall()
+    assert [p for p, _ in rows] == ["pg2", "sa"]
+    assert all(29 < float(d) < 31 for _, d in rows), rows
+
+
 def test_due_events_are_released_once_by_concurrent_releasers(
     installed: str, conn: psycopg.Connection
 ) -> None:

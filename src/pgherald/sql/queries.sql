@@ -453,6 +453,10 @@ SELECT n.released,
        END
 FROM n
 
+-- name: cancel_delayed --
+-- A delayed event not yet released: gone, as if never published (a released one stays).
+DELETE FROM pgherald.scheduled_v1 WHERE id = %(id)s RETURNING id
+
 -- name: scheduled_pending --
 SELECT count(*), min(deliver_at) FROM pgherald.scheduled_v1
 

@@ -80,6 +80,9 @@ $$;
 -- A row too wide for NOTIFY (8000 bytes) never fails the write: without durable, the event is
 -- reduced to the key columns (or, for a trigger without any, the primary key's) with
 -- "truncated": true, for the reader to fetch the row.
+-- Nor does a full NOTIFY queue (one listener idle in a transaction anywhere in the cluster
+-- fills it, and then every COMMIT that notifies fails): without durable, past
+-- pgherald.change_max_queue_usage (default 0.9) the event is not sent; listeners miss it.
 -- This runs for every changed row, and mostly in one-row transactions, where PL/pgSQL sets up
 -- again, in each transaction, every expression it meets and every query it runs: so the usual
 -- paths run as few statements as they can, and a single query, the UPDATE diff ("IF
@@ -154,6 +157,11 @@ BEGIN
             END IF;
         END IF;
         RETURN NULL;
+    END IF;
+    IF pg_notification_queue_usage()
+       >= coalesce(nullif(current_setting('pgherald.change_max_queue_usage', true), '')::float8, 0.9)
+    THEN
+        RETURN NULL;  -- the queue is nearly full: the write goes on, without its event
     END IF;
     -- Byte for byte the text of jsonb_build_object(...)::text (keys in jsonb's order), without
     -- copying new and old into a second jsonb first. format(), not concat(), which looks up
