@@ -27,7 +27,8 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PY = BIN / "python"
 STAMP = VENV / ".pgherald-installed"
-EXTRAS = "all,test,lint,bench"
+EXTRAS = "all,test,lint,bench"  # everything: tests, linters, benchmarks
+DEMO_EXTRAS = "binary,cli,embedded"  # what the demo needs, and nothing more (a fast first run)
 
 
 def run(*cmd: str | Path) -> None:
@@ -37,18 +38,24 @@ def run(*cmd: str | Path) -> None:
         sys.exit(result.returncode)
 
 
-def ensure_venv() -> None:
+def ensure_venv(extras: str = EXTRAS) -> None:
+    """
+    ``.venv`` with pgherald installed (editable) with *extras*; again whenever pyproject.toml
+    changes. The stamp records what was installed: the full set serves the demo too.
+    """
     if sys.version_info < (3, 10):
         sys.exit(f"pgherald needs Python 3.10 or newer; this is {sys.version.split()[0]}")
     if not PY.exists():
         print(f"creating {VENV}", flush=True)
         venv.create(VENV, with_pip=True)
-    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
-    if STAMP.exists() and STAMP.read_text() == wanted:
+    digest = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    done = STAMP.read_text().split() if STAMP.exists() else []
+    if done[:1] == [digest] and (extras in done[1:] or EXTRAS in done[1:]):
         return
-    run(PY, "-m", "pip", "install", "-q", "--upgrade", "pip")
-    run(PY, "-m", "pip", "install", "-q", "-e", f".[{EXTRAS}]")
-    STAMP.write_text(wanted)
+    what = "everything the tests, linters and benchmarks use" if extras == EXTRAS else "the demo"
+    print(f"installing pgherald[{extras}] into {VENV} ({what})", flush=True)
+    run(PY, "-m", "pip", "install", "-q", "--disable-pip-version-check", "-e", f".[{extras}]")
+    STAMP.write_text(f"{digest} {extras}")
 
 
 def ensure_browser() -> None:
@@ -58,6 +65,7 @@ def ensure_browser() -> None:
     if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
         print("note: chromium/chromedriver not found; the browser test will say so", flush=True)
         return
+    print("installing Debian's chromium and chromium-driver: the gateway's browser test", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
     if subprocess.run(cmd, env=env).returncode:
@@ -72,6 +80,7 @@ def ensure_pgbouncer() -> None:
     if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
         print("note: pgbouncer not found; the pooler test will say so", flush=True)
         return
+    print("installing Debian's pgbouncer: the pooler tests start one", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     cmd = ["apt-get", "install", "-y", "-q", "pgbouncer"]
     if subprocess.run(cmd, env=env).returncode:
@@ -83,7 +92,7 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
         sys.exit(__doc__)
     command, args = argv[0], argv[1:]
-    ensure_venv()
+    ensure_venv(DEMO_EXTRAS if command == "demo" else EXTRAS)
     if command == "demo":
         run(BIN / "pgherald", "demo", *args)
     elif command == "test":

@@ -255,12 +255,12 @@ class AsyncListener(ListenerBase):
                         try:
                             for n in batch:
                                 k += 1
-                                stats.received += 1
                                 yield n
                                 if engine.stopping or (not k & 7 and clock() > budget):
                                     break
                         finally:
                             self._dispatching = False
+                            stats.received += k  # once per batch, not per notification
                             if k < len(batch):
                                 engine.unread(batch[k:])
                         if engine.stopping or clock() > budget:

@@ -78,6 +78,19 @@ def default_channel(schema: str, table: str) -> str:
     return f"{schema}.{table}"
 
 
+def checked_default_channel(schema: str, table: str) -> str:
+    """`default_channel`, refused when over NOTIFY's 63 bytes: every write would then fail."""
+    channel = default_channel(schema, table)
+    try:
+        check_channel(channel)
+    except InvalidChannel:
+        raise InvalidChannel(
+            f"the default channel {channel!r} is over 63 bytes, and every write to the table "
+            "would fail: pass a channel name (--channel, or channel=)"
+        ) from None
+    return channel
+
+
 def _events(events: Iterable[str]) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(e.strip().lower() for e in events if e.strip()))
     bad = [e for e in chosen if e not in EVENTS]
@@ -153,6 +166,10 @@ def _key_columns(columns: Iterable[str]) -> tuple[str, ...]:
 def trigger_sql(table: str, **options: Any) -> str:
     """`trigger_statements` as text, for ``pgherald sql trigger add`` (no connection)."""
     schema, name = parse_table(table)
+    if options.get("channel") is None:
+        # As `add_table_trigger` checks. Unqualified, the table is found on the search_path
+        # when the DDL runs: check it as public's, the usual (docs/triggers.md says so).
+        checked_default_channel("public" if schema is None else schema, name)
     text = "".join(f"{s.as_string(None)};\n" for s in trigger_statements(schema, name, **options))
     if not options.get("key_columns"):
         # Without a connection the primary key is unknown: say what that means for consumers.
@@ -228,13 +245,7 @@ def add_table_trigger(
     _require_functions(conn)
     schema, name = resolve_table(conn, table)
     if channel is None:
-        channel = default_channel(schema, name)
-        try:
-            check_channel(channel)
-        except InvalidChannel:
-            raise InvalidChannel(
-                f"the default channel {channel!r} is over 63 bytes: pass a channel name"
-            ) from None
+        channel = checked_default_channel(schema, name)
     key = primary_key(conn, schema, name) if key_columns is None else _key_columns(key_columns)
     if columns or key_columns:
         known = {

@@ -206,6 +206,31 @@ def test_sql_trigger_add_needs_no_database_and_the_sql_works(
     assert n.json()["new"] == {"sku": "A-1"}
 
 
+def test_sql_trigger_add_refuses_a_default_channel_over_63_bytes_as_trigger_add_does(
+    dsn: str, db: psycopg.Connection
+) -> None:
+    """The printed DDL would make every write to the table fail ("channel name too long")."""
+    unreachable = "host=127.0.0.1 port=1 user=postgres dbname=postgres connect_timeout=2"
+    name = "t" * 58  # sales. + 58 = 64 bytes
+    db.execute(sql.SQL("CREATE TABLE sales.{} (id int PRIMARY KEY)").format(sql.Identifier(name)))
+    offline = run(unreachable, "sql", "trigger", "add", f"sales.{name}")
+    connected = run(dsn, "trigger", "add", f"sales.{name}")
+    assert one_line_error(offline) == one_line_error(connected)
+    assert offline.returncode == connected.returncode
+    assert f"'sales.{name}' is over 63 bytes" in one_line_error(offline)
+    assert "--channel" in one_line_error(offline)
+    assert offline.stdout == ""
+    # Unqualified, it is checked as public's (public. + 57 = 64 bytes).
+    assert "over 63 bytes" in one_line_error(run(unreachable, "sql", "trigger", "add", "u" * 57))
+    # One byte less fits; with a channel of its own any table does, and its writes work.
+    assert run(unreachable, "sql", "trigger", "add", "sales." + "t" * 57).returncode == 0
+    out = run(unreachable, "sql", "trigger", "add", f"sales.{name}", "--channel", "long")
+    assert out.returncode == 0, out.stderr
+    db.execute(out.stdout)
+    db.execute(sql.SQL("INSERT INTO sales.{} VALUES (1)").format(sql.Identifier(name)))
+    assert pgherald_triggers(db, f"sales.{name}") == ["pgherald_change_v1", "pgherald_truncate_v1"]
+
+
 # -- watch --
 
 

@@ -989,3 +989,30 @@ def test_triggers_added_before_keys_keep_working_without_a_key(
     pgherald.add_table_trigger(conn, "t", durable=True)  # adding again gives it the key
     conn.execute("UPDATE t SET v = 3")
     assert log_keys(conn)[-1] == ("UPDATE", "1")
+
+
+def test_plain_trigger_skips_its_event_past_the_queue_threshold_and_the_write_commits(
+    dsn: str, installed: psycopg.Connection
+) -> None:
+    """Past pgherald.change_max_queue_usage the write commits without its event (a full queue
+    would fail the COMMIT); a threshold of 0 stands in for a full queue. The default notifies."""
+    conn = installed
+    conn.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+    pgherald.add_table_trigger(conn, "t")
+    conn.execute("CREATE TABLE d (id int PRIMARY KEY)")
+    pgherald.add_table_trigger(conn, "d", durable=True)
+    with pgherald.Listener(dsn, channels=["public.t"]) as listener:
+        conn.execute("SET pgherald.change_max_queue_usage = 0")
+        with conn.transaction():
+            conn.execute("INSERT INTO t VALUES (1, 'a')")
+            conn.execute("UPDATE t SET v = 'b'")
+        conn.execute("DELETE FROM t")
+        conn.execute("INSERT INTO d VALUES (1)")  # the durable log does not depend on it
+        conn.execute("RESET pgherald.change_max_queue_usage")
+        nothing_then_sentinel(listener, conn, "t")
+        conn.execute("SET pgherald.change_max_queue_usage = ''")  # empty: the default too
+        conn.execute("INSERT INTO t VALUES (2, 'c')")
+        (event,) = take(listener, 1)
+    assert (event["op"], event["new"]) == ("INSERT", {"id": 2, "v": "c"})
+    stored = conn.execute("SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'public.d'")
+    assert stored.fetchone() == (1,)
