@@ -60,6 +60,11 @@ STOP_GRACE = 0.5
 """Seconds a statement may still take after `stop()`, before it is abandoned (see `run`)."""
 
 
+class _Stopped(BaseException):
+    """`stop()` came during a statement that did not finish in time (internal; a
+    BaseException, so that no ``except Exception`` on the way swallows it)."""
+
+
 class _Lost(Exception):
     def __init__(self, reason: GapReason, message: str) -> None:
         super().__init__(message)
@@ -96,6 +101,7 @@ class ListenerEngine:
         self._outage: tuple[GapReason, float, str] | None = None  # lost, not yet reported
         # A connection the application lent us (see `adopt`): used first, never closed by us.
         self._adopted: pq.abc.PGconn | None = None
+        self._in_run = False  # `_guard` abandons statements after stop() only inside run()
         # The bound pgconn.notifies, looked up once per connection rather than per notification.
         self._notifies: Any = _no_notifies
 
@@ -355,7 +361,7 @@ class ListenerEngine:
         else:
             self._adopted = None
             deadline = time.monotonic() + self.config.connect_timeout
-            self.pgconn = yield from pgwire.connect(self.config.conninfo, deadline)
+            self.pgconn = yield from self._guard(pgwire.connect(self.config.conninfo, deadline))
         self._notifies = self.pgconn.notifies
         self._broken = False
         self._alive_at = time.time()
@@ -383,8 +389,8 @@ class ListenerEngine:
         cfg = self.config
         deadline = time.monotonic() + min(5.0, cfg.connect_timeout)
         try:
-            yield from liveness.check_delivery(
-                cfg.conninfo, self.pgconn, self._ping, deadline, self._keep
+            yield from self._guard(
+                liveness.check_delivery(cfg.conninfo, self.pgconn, self._ping, deadline, self._keep)
             )
         except PoolerError:
             raise
@@ -484,27 +490,38 @@ class ListenerEngine:
         """
         Serve notifications until `stopping`, reconnecting whenever the connection is lost.
 
-        Once `stopping` is set, every wait is cut to `STOP_GRACE` seconds after the stop was
-        seen; a statement still unanswered then (a frozen connection, a server that never
-        answers a connection attempt) is abandoned, and with it the connection (`_broken`):
-        so `stop()` ends `run()` within a second in every state.
+        Once `stopping` is set, a statement of ours (LISTEN, a probe, a connection attempt)
+        gets `STOP_GRACE` seconds more; still unanswered then (a frozen connection, a server
+        that never answers), it is abandoned with its connection (see `_guard`): so `stop()`
+        ends `run()` within a second in every state. The idle wait needs no guard: `stop()`
+        wakes it, and the loop looks at `stopping` first.
         """
-        gen = self._run()
-        stop_seen: float | None = None
+        self._in_run = True
+        try:
+            yield from self._run()
+        except _Stopped:
+            return
+        finally:
+            self._in_run = False
+
+    def _guard(self, gen: PQGen) -> PQGen:
+        """Drive *gen* (statement waits only, never the hot path): see `run`."""
         send: Any = None
+        stop_seen: float | None = None
         while True:
             try:
                 req = gen.send(send)
-            except StopIteration:
-                return
-            if req[0] == WAIT and self.stopping:
+            except StopIteration as done:
+                return done.value
+            if req[0] == WAIT and self.stopping and self._in_run:
                 now = time.monotonic()
                 if stop_seen is None:
                     stop_seen = now
                 limit = stop_seen + STOP_GRACE
                 if now >= limit:
-                    gen.close()  # GeneratorExit inside a statement marks the connection broken
-                    return
+                    gen.close()
+                    self._broken = True  # abandoned mid-statement: its state is unknown
+                    raise _Stopped()
                 deadline = req[3]
                 req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
             try:
@@ -597,7 +614,11 @@ class ListenerEngine:
         """Run a statement on the listening connection; any failure means the connection is lost."""
         assert self.pgconn is not None
         try:
-            return (yield from pgwire.execute(self.pgconn, query, time.monotonic() + timeout))
+            return (
+                yield from self._guard(
+                    pgwire.execute(self.pgconn, query, time.monotonic() + timeout)
+                )
+            )
         except pgwire.QueryTimeout:
             raise _Lost(
                 "reconnect",
@@ -625,8 +646,8 @@ class ListenerEngine:
         timeout = self.config.health_check_timeout
         self._probing = True
         try:
-            yield from liveness.probe(
-                self.pgconn, self._ping, time.monotonic() + timeout, self._keep
+            yield from self._guard(
+                liveness.probe(self.pgconn, self._ping, time.monotonic() + timeout, self._keep)
             )
         except pgwire.QueryTimeout:
             raise _Lost(
@@ -657,10 +678,10 @@ class ListenerEngine:
             if self._monitor is None:
                 deadline = time.monotonic() + cfg.connect_timeout
                 conninfo = cfg.conninfo + " application_name=pgherald-monitor"
-                self._monitor = yield from pgwire.connect(conninfo, deadline)
+                self._monitor = yield from self._guard(pgwire.connect(conninfo, deadline))
             deadline = time.monotonic() + cfg.health_check_timeout
-            (res,) = yield from pgwire.execute(
-                self._monitor, b"SELECT pg_notification_queue_usage()", deadline
+            (res,) = yield from self._guard(
+                pgwire.execute(self._monitor, b"SELECT pg_notification_queue_usage()", deadline)
             )
             raw = res.get_value(0, 0)
             usage = float(raw) if raw is not None else 0.0
@@ -703,7 +724,7 @@ class ListenerEngine:
         assert pgconn is not None
         deadline = time.monotonic() + self.config.health_check_timeout
         try:
-            yield from pgwire.finish(pgconn, deadline)
+            yield from self._guard(pgwire.finish(pgconn, deadline))
         except pgwire.QueryTimeout:
             raise _Lost("reconnect", "no answer to an abandoned statement") from None
         except pgwire.QueryFailed:
@@ -744,8 +765,7 @@ class ListenerEngine:
                 self.stats.connect_failures += 1
                 permanent = permanent + 1 if pgwire.is_permanent_connect_error(error) else 0
                 if permanent >= pgwire.PERMANENT_CONNECT_TRIES or (
-                    cfg.reconnect_max_attempts is not None
-                    and attempt >= cfg.reconnect_max_attempts
+                    cfg.reconnect_max_attempts is not None and attempt >= cfg.reconnect_max_attempts
                 ):
                     raise ConnectionLost(
                         f"could not reconnect after {attempt} attempts: {error}"
