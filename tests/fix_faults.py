@@ -266,3 +266,28 @@ def listener_log() -> Iterator[LogWatch]:
     finally:
         logger.removeHandler(watch)
         logger.setLevel(old_level)
+
+
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers (a server hung at start-up)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(0.1)
+    accepted: list[socket.socket] = []
+    done = threading.Event()
+
+    def accept() -> None:
+        while not done.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    yield server.getsockname()[1]
+    done.set()
+    t.join(2)
+    for s in accepted:
+        s.close()
+    server.close()

@@ -9,7 +9,6 @@ which is documented as safe from any thread.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -195,31 +194,6 @@ def test_terminated_backend_reconnects(
 # -- stop() within a second, in every state --
 
 
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers (a server hung at start-up)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    accepted: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        server.settimeout(0.1)
-        while not done.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield server.getsockname()[1]
-    done.set()
-    t.join(2)
-    for s in accepted:
-        s.close()
-    server.close()
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_stop_while_reading_a_frozen_connection(
     runtime: str, installed: str, fault_proxy: FaultProxy, consumers: Callable[..., ConsumerRun]
@@ -253,14 +227,14 @@ def test_stop_while_connecting_to_a_server_that_never_answers(
     runtime: str,
     installed: str,
     fault_proxy: FaultProxy,
-    silent_server: int,
+    silent_port: int,
     consumers: Callable[..., ConsumerRun],
 ) -> None:
     # Connected through the proxy first; then its reconnections go to a hung server.
     run = consumers(
         runtime, fault_proxy.dsn_for(installed), connect_timeout=60, reconnect_initial_delay=0.01
     )
-    fault_proxy._target = ("127.0.0.1", silent_server)
+    fault_proxy._target = ("127.0.0.1", silent_port)
     fault_proxy.sever()
     wait_until(lambda: not run.consumer.connected, 5, "the consumer to lose its connection")
     time.sleep(0.3)  # let it get into the (60 s) connection attempt: nothing to wait on

@@ -5,7 +5,6 @@ rounds of refused reconnections never end it (consumers: test_consumer_faults.py
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -127,31 +126,6 @@ def test_stop_while_backing_off(
     fault_proxy.sever()
     wait_until(lambda: not run.listener.connected, 5, "the listener to lose its connection")
     run.stop()
-
-
-@pytest.fixture
-def silent_port() -> Iterator[int]:
-    """A TCP port that accepts connections and never answers (a server hung at start-up)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    accepted: list[socket.socket] = []
-    done = threading.Event()
-
-    def accept() -> None:
-        while not done.is_set():
-            try:
-                accepted.append(server.accept()[0])
-            except OSError:
-                continue
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield server.getsockname()[1]
-    done.set()
-    t.join(2)
-    for s in accepted:
-        s.close()
-    server.close()
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
