@@ -24,11 +24,11 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from pgherald import ConnectError
+from pgherald.testing import find_server
+
 if TYPE_CHECKING:
     import sqlalchemy as sa
-
-LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
-
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
@@ -39,33 +39,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     )
 
 
-def _answers(dsn: str) -> bool:
-    try:
-        with psycopg.connect(dsn, connect_timeout=3):
-            return True
-    except psycopg.OperationalError:
-        return False
-
-
 @pytest.fixture(scope="session")
 def server_dsn(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     """An admin DSN of the server the tests use (see the module docstring)."""
-    dsn = request.config.getoption("--test-dsn")
-    if dsn:
-        if not _answers(dsn):
-            pytest.fail(f"the test DSN does not connect: {dsn!r}")
-        yield dsn
-        return
-    if _answers(LOCAL_DSN):
-        yield LOCAL_DSN
-        return
-    from pgherald.embedded import EmbeddedPostgres
-
-    datadir = tmp_path_factory.mktemp("pgdata")
-    with EmbeddedPostgres(datadir) as server:
-        yield server.dsn
+    # The same lookup as the pytest plugin users get (pgherald.testing), not a copy of it.
+    try:
+        with find_server(
+            request.config.getoption("--test-dsn"), tmp_path_factory.mktemp("pgdata")
+        ) as dsn:
+            yield dsn
+    except ConnectError as exc:
+        pytest.fail(f"{exc} (--test-dsn)", pytrace=False)
 
 
 def with_dbname(dsn: str, dbname: str) -> str:

@@ -115,13 +115,7 @@ class _Lost(Exception):
     """The connection failed (internal: the engine reconnects)."""
 
 
-class _Stopped(Exception):
-    """`stop()` came during a statement that did not finish in time: abandon it (internal)."""
-
-
-STOP_GRACE = 0.5
-"""Seconds a statement may still take after `stop()` (an ack about to finish, say), before it
-is abandoned with its connection: `stop()` must end `run()` within a second in every state."""
+_Stopped = pgwire.Abandoned  # a statement abandoned after stop(): run() returns
 
 
 class _Read(NamedTuple):
@@ -148,7 +142,6 @@ class ConsumerEngine:
         self.stats = stats
         self._entries = entries
         self.stopping = False
-        self.stopped_at = 0.0
         self.pgconn: pq.abc.PGconn | None = None
         self.conn: Any = None  # config.connection_class around pgconn
         self.owned: list[int] = []
@@ -191,8 +184,6 @@ class ConsumerEngine:
 
     def stop(self) -> None:
         """Ask `run` to return (the runtime then wakes whatever it waits on)."""
-        if not self.stopping:
-            self.stopped_at = time.monotonic()
         self.stopping = True
 
     # -- connecting --
@@ -307,29 +298,15 @@ class ConsumerEngine:
     # -- statements --
 
     def _guard(self, gen: PQGen) -> PQGen:
-        """
-        Drive *gen*, but once `stop()` was asked for, give it only `STOP_GRACE` seconds more:
-        then abandon it, and the connection with it (`_Stopped`).
-        """
-        send: Any = None
-        while True:
-            try:
-                req = gen.send(send)
-            except StopIteration as done:
-                return done.value
-            if req[0] == WAIT and self.stopping:
-                limit = self.stopped_at + STOP_GRACE
-                if time.monotonic() >= limit:
-                    gen.close()
-                    self._broken = True
-                    raise _Stopped()
-                deadline = req[3]
-                req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
-            try:
-                send = yield req
-            except GeneratorExit:
-                gen.close()
-                raise
+        """Drive *gen*; after `stop()`, abandon it (and the connection) past the grace time."""
+        try:
+            return (yield from pgwire.until_stopped(gen, self._is_stopping))
+        except pgwire.Abandoned:
+            self._broken = True
+            raise
+
+    def _is_stopping(self) -> bool:
+        return self.stopping
 
     def _run(self, gen: PQGen) -> PQGen:
         """Drive a pgwire generator: connection trouble and timeouts become `_Lost`."""
@@ -639,8 +616,8 @@ class ConsumerEngine:
                 yield from self._query("redelivered", params)
             else:
                 yield from self.ack(events)
-        except _Lost as exc:
-            logger.info("could not acknowledge on the way out (%s): they come again", exc)
+        except (_Lost, _Stopped) as exc:
+            logger.info("could not acknowledge on the way out (%r): they come again", exc)
 
     # -- the loop --
 

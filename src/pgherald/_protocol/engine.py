@@ -56,13 +56,7 @@ class ListenerConfig:
     """Seconds a runtime may spend delivering before handing control back (for the checks)."""
 
 
-STOP_GRACE = 0.5
-"""Seconds a statement may still take after `stop()`, before it is abandoned (see `run`)."""
-
-
-class _Stopped(BaseException):
-    """`stop()` came during a statement that did not finish in time (internal; a
-    BaseException, so that no ``except Exception`` on the way swallows it)."""
+_Stopped = pgwire.Abandoned  # a statement abandoned after stop() (see `run`)
 
 
 class _Lost(Exception):
@@ -491,7 +485,7 @@ class ListenerEngine:
         Serve notifications until `stopping`, reconnecting whenever the connection is lost.
 
         Once `stopping` is set, a statement of ours (LISTEN, a probe, a connection attempt)
-        gets `STOP_GRACE` seconds more; still unanswered then (a frozen connection, a server
+        gets `pgwire.STOP_GRACE` seconds more; still unanswered then (a frozen connection, a server
         that never answers), it is abandoned with its connection (see `_guard`): so `stop()`
         ends `run()` within a second in every state. The idle wait needs no guard: `stop()`
         wakes it, and the loop looks at `stopping` first.
@@ -505,30 +499,15 @@ class ListenerEngine:
             self._in_run = False
 
     def _guard(self, gen: PQGen) -> PQGen:
-        """Drive *gen* (statement waits only, never the hot path): see `run`."""
-        send: Any = None
-        stop_seen: float | None = None
-        while True:
-            try:
-                req = gen.send(send)
-            except StopIteration as done:
-                return done.value
-            if req[0] == WAIT and self.stopping and self._in_run:
-                now = time.monotonic()
-                if stop_seen is None:
-                    stop_seen = now
-                limit = stop_seen + STOP_GRACE
-                if now >= limit:
-                    gen.close()
-                    self._broken = True  # abandoned mid-statement: its state is unknown
-                    raise _Stopped()
-                deadline = req[3]
-                req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
-            try:
-                send = yield req
-            except GeneratorExit:
-                gen.close()
-                raise
+        """Drive statement *gen*; after `stop()` in `run`, abandon it past the grace time."""
+        try:
+            return (yield from pgwire.until_stopped(gen, self._stop_requested))
+        except pgwire.Abandoned:
+            self._broken = True  # abandoned mid-statement: its state is unknown
+            raise
+
+    def _stop_requested(self) -> bool:
+        return self.stopping and self._in_run
 
     def _run(self) -> PQGen:
         while not self.stopping:

@@ -9,7 +9,7 @@ documented ``psycopg.pq`` API, so the same code serves threads, asyncio and trio
 from __future__ import annotations
 
 import time
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, TypeAlias
 
 from psycopg import errors as pg_errors
@@ -131,6 +131,47 @@ def finish(
     if error is not None:
         raise error
     return results
+
+
+STOP_GRACE = 0.5
+"""Seconds a statement may still take once its engine is stopping, before it is abandoned:
+`stop()` must end `run()` within a second in every state (a frozen connection included)."""
+
+
+class Abandoned(BaseException):
+    """
+    A statement abandoned by `until_stopped` (internal). A BaseException, so that no
+    ``except Exception`` on the way swallows it; the connection's state is unknown after it.
+    """
+
+
+def until_stopped(gen: PQGen, stopping: Callable[[], bool]) -> PQGen:
+    """
+    Drive statement generator *gen*; once *stopping()* is true, cut its waits to `STOP_GRACE`
+    seconds from then, and past that close it and raise `Abandoned`. Statement waits only:
+    an engine's idle wait needs no guard (`stop()` wakes it, and the loop looks first).
+    """
+    send: Any = None
+    limit: float | None = None
+    while True:
+        try:
+            req = gen.send(send)
+        except StopIteration as done:
+            return done.value
+        if req[0] == WAIT and stopping():
+            now = time.monotonic()
+            if limit is None:
+                limit = now + STOP_GRACE
+            if now >= limit:
+                gen.close()
+                raise Abandoned()
+            deadline = req[3]
+            req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
+        try:
+            send = yield req
+        except GeneratorExit:
+            gen.close()
+            raise
 
 
 def is_connection_error(exc: BaseException) -> bool:
