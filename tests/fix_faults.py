@@ -268,26 +268,35 @@ def listener_log() -> Iterator[LogWatch]:
         logger.setLevel(old_level)
 
 
-@pytest.fixture
-def silent_port() -> Iterator[int]:
+class SilentServer:
     """A TCP port that accepts connections and never answers (a server hung at start-up)."""
-    server = socket.create_server(("127.0.0.1", 0))
-    server.settimeout(0.1)
-    accepted: list[socket.socket] = []
-    done = threading.Event()
 
-    def accept() -> None:
-        while not done.is_set():
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self.port: int = self._server.getsockname()[1]
+        self.accepted: list[socket.socket] = []  # a client is inside its connection attempt
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        while not self._done.is_set():
             try:
-                accepted.append(server.accept()[0])
+                self.accepted.append(self._server.accept()[0])
             except OSError:
                 continue
 
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    yield server.getsockname()[1]
-    done.set()
-    t.join(2)
-    for s in accepted:
-        s.close()
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(2)
+        for s in self.accepted:
+            s.close()
+        self._server.close()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[SilentServer]:
+    server = SilentServer()
+    yield server
     server.close()

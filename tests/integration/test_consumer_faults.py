@@ -19,7 +19,8 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_faults import FaultProxy, wait_until
+from tests.fix_durable import uncovered
+from tests.fix_faults import FaultProxy, SilentServer, wait_until
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
@@ -202,10 +203,12 @@ def test_stop_while_reading_a_frozen_connection(
         runtime, fault_proxy.dsn_for(installed), health_check_timeout=30, poll_interval=0.1
     )
     publish(installed, [1])
-    wait_until(lambda: run.seen, 5, "an event")
+    with psycopg.connect(installed, autocommit=True) as conn:
+        wait_until(lambda: uncovered(conn, "g") == 0, 5, "the event to be acknowledged")
     fault_proxy.freeze()
-    # Its acknowledgement or its next poll (0.1 s later) now waits on the frozen connection,
-    # for up to 30 s: no event marks that moment from outside, so give it the time.
+    # Within 0.1 s its next poll (or a rebalance query) waits on the frozen connection, for up
+    # to 30 s. No counter marks every kind of statement it may be stuck in (a read in flight, a
+    # rebalance query), so give it that time rather than wait on one of them.
     time.sleep(0.5)
     assert run.consumer.stats.reconnects == 0
     run.stop()
@@ -227,17 +230,18 @@ def test_stop_while_connecting_to_a_server_that_never_answers(
     runtime: str,
     installed: str,
     fault_proxy: FaultProxy,
-    silent_port: int,
+    silent_server: SilentServer,
     consumers: Callable[..., ConsumerRun],
 ) -> None:
     # Connected through the proxy first; then its reconnections go to a hung server.
     run = consumers(
         runtime, fault_proxy.dsn_for(installed), connect_timeout=60, reconnect_initial_delay=0.01
     )
-    fault_proxy._target = ("127.0.0.1", silent_port)
+    fault_proxy._target = ("127.0.0.1", silent_server.port)
     fault_proxy.sever()
     wait_until(lambda: not run.consumer.connected, 5, "the consumer to lose its connection")
-    time.sleep(0.3)  # let it get into the (60 s) connection attempt: nothing to wait on
+    # Inside its (60 s) connection attempt once the hung server has accepted it.
+    wait_until(lambda: silent_server.accepted, 5, "a connection attempt to the hung server")
     run.stop()
 
 

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_faults import FaultProxy, wait_until
+from tests.fix_faults import FaultProxy, SilentServer, wait_until
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 
@@ -133,7 +133,7 @@ def test_stop_while_connecting_to_a_server_that_never_answers(
     runtime: str,
     dsn: str,
     fault_proxy: FaultProxy,
-    silent_port: int,
+    silent_server: SilentServer,
     listeners: Callable[..., ListenerRun],
 ) -> None:
     run = listeners(
@@ -143,10 +143,11 @@ def test_stop_while_connecting_to_a_server_that_never_answers(
         connect_timeout=60,
         reconnect_initial_delay=0.01,
     )
-    fault_proxy._target = ("127.0.0.1", silent_port)  # its reconnections go to a hung server
+    fault_proxy._target = ("127.0.0.1", silent_server.port)  # its reconnections go to a hung server
     fault_proxy.sever()
     wait_until(lambda: not run.listener.connected, 5, "the listener to lose its connection")
-    time.sleep(0.3)  # let it get into the (60 s) connection attempt: nothing to wait on
+    # Inside its (60 s) connection attempt once the hung server has accepted it.
+    wait_until(lambda: silent_server.accepted, 5, "a connection attempt to the hung server")
     run.stop()
 
 
@@ -162,10 +163,10 @@ def test_three_rounds_of_refused_reconnects(
         reconnect_max_delay=0.2,
     )
     for round_ in range(3):
+        failures = run.listener.stats.connect_failures
         fault_proxy.refuse()
         fault_proxy.sever()
-        wait_until(lambda: not run.listener.connected, 5, "the listener to lose its connection")
-        time.sleep(0.5)  # refused for a while: several attempts fail (nothing marks each one)
+        wait_until(lambda f=failures: run.listener.stats.connect_failures >= f + 3, 5, "3 refusals")
         assert run.thread.is_alive(), f"run() ended: {run.error!r}"
         fault_proxy.allow()
         wait_until(lambda n=round_: len(run.gaps) == n + 1, 10, f"round {round_}'s recovery")
