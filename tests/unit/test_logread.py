@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from pgherald._protocol import logread
+from pgherald._protocol import channels, logread
 
 CREATED = datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=timezone.utc)
 
@@ -41,7 +41,7 @@ def _read(rows: list[list[bytes | None]], horizon: int = 100) -> logread.LogRead
 
 
 def test_channel_names_are_quoted_in_the_array_literal() -> None:
-    assert logread._text_array(["a", 'b"c', "d\\e", "x,y", "{z}"]) == (
+    assert channels.text_array(["a", 'b"c', "d\\e", "x,y", "{z}"]) == (
         '{"a","b\\"c","d\\\\e","x,y","{z}"}'
     )
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from psycopg import sql
 
 from ..errors import InvalidChannel
@@ -49,3 +51,9 @@ def listen_query(channel: str) -> bytes:
 def unlisten_query(channel: str) -> bytes:
     """``UNLISTEN "channel"``."""
     return sql.SQL("UNLISTEN {}").format(sql.Identifier(channel)).as_bytes(None)
+
+
+def text_array(values: Iterable[str]) -> str:
+    """A PostgreSQL text[] literal; every element quoted, so any channel name goes through."""
+    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+    return "{" + ",".join(quoted) + "}"

@@ -46,7 +46,7 @@ from .._models import Event, Gap, Stats
 from ..errors import ConnectError, ConnectionLost, HeraldError, SchemaMissing, UsageError
 from . import liveness, pgwire, scheduled
 from .backoff import backoff_delay
-from .channels import listen_query
+from .channels import listen_query, text_array
 from .pgwire import REPORT, SLEEP, WAIT, PQGen
 
 logger = logging.getLogger("pgherald.consumer")
@@ -326,7 +326,7 @@ class ConsumerEngine:
             self._broken = True  # abandoned mid-statement: the connection's state is unknown
             raise
         except psycopg.OperationalError as exc:
-            raise _Lost(_one_line(exc)) from None
+            raise _Lost(pgwire.one_line(exc)) from None
         finally:
             # A wake-up read with the statement's answer sits in libpq's queue, and no more
             # data would make us look there: note it now, or it waits for poll_interval.
@@ -476,7 +476,7 @@ class ConsumerEngine:
                 yield from self._prepare_read()
                 self._send_read()
                 return (yield from self._take_read())
-            raise _failed(_result_error(res))
+            raise _failed(pgwire.result_error(res))
         return res, read
 
     def _send_read(self) -> None:
@@ -498,7 +498,7 @@ class ConsumerEngine:
         try:
             pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
         except psycopg.OperationalError as exc:
-            raise _Lost(_one_line(exc)) from None
+            raise _Lost(pgwire.one_line(exc)) from None
         self._in_flight = _Read(limit, share)
         self.stats.reads += 1
 
@@ -535,7 +535,7 @@ class ConsumerEngine:
             self._broken = True
             raise
         except psycopg.OperationalError as exc:
-            raise _Lost(_one_line(exc)) from None
+            raise _Lost(pgwire.one_line(exc)) from None
         self._drain()
         if first is None:
             raise _Lost("the server sent no result")
@@ -674,7 +674,7 @@ class ConsumerEngine:
             try:
                 pgconn.consume_input()
             except psycopg.OperationalError as exc:
-                raise _Lost(_one_line(exc)) from None
+                raise _Lost(pgwire.one_line(exc)) from None
             if pgconn.status == pq.ConnStatus.BAD:
                 raise _Lost(pgwire.error_text(pgconn))
             self._alive_at = time.time()
@@ -770,7 +770,7 @@ class ConsumerEngine:
                     event.channel,
                     attempts,
                     cfg.max_attempts,
-                    _one_line(error),
+                    pgwire.one_line(error),
                     delay,
                     exc_info=error,
                 )
@@ -852,7 +852,7 @@ class ConsumerEngine:
         params = {
             "group": self.config.group,
             "partitions": _array(self.owned),
-            "channels": _text_array(self.config.channels) if self.config.channels else None,
+            "channels": text_array(self.config.channels) if self.config.channels else None,
             "limit": limit,
         }
         try:
@@ -969,7 +969,7 @@ _MAX_ERROR = 4000
 def _error_text(exc: BaseException | object | None) -> str:
     if not isinstance(exc, BaseException):
         return repr(exc)
-    return f"{type(exc).__name__}: {_one_line(exc)}"[:_MAX_ERROR]
+    return f"{type(exc).__name__}: {pgwire.one_line(exc)}"[:_MAX_ERROR]
 
 
 def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
@@ -983,21 +983,9 @@ def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
     ]
 
 
-def _text_array(values: Iterable[str]) -> str:
-    """A PostgreSQL array literal of strings (each quoted)."""
-    quoted = ('"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
-    return "{" + ",".join(quoted) + "}"
-
-
 def _array(values: Iterable[object]) -> str:
     """A PostgreSQL array literal of ints, or digit strings, or NULLs."""
     return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
-
-
-def _result_error(res: pq.abc.PGresult) -> pgwire.QueryFailed:
-    raw = res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
-    state = res.error_field(pq.DiagnosticField.SQLSTATE)
-    return pgwire.QueryFailed(raw.decode("utf-8", "replace"), state.decode() if state else None)
 
 
 def _is_connection_state(exc: pgwire.QueryFailed) -> bool:
@@ -1008,9 +996,3 @@ def _is_connection_state(exc: pgwire.QueryFailed) -> bool:
 def _failed(exc: pgwire.QueryFailed) -> HeraldError:
     """A statement of ours refused by the server: a HeraldError that says what to do."""
     return _errormap.from_sqlstate(exc.sqlstate, str(exc), doing="consume")
-
-
-def _one_line(exc: BaseException | None) -> str:
-    if exc is None:
-        return ""
-    return " ".join(str(exc).split()) or type(exc).__name__

@@ -133,15 +133,7 @@ class ListenerEngine:
         if n is None:
             self._input = False
             return None
-        try:
-            name = self._names[n.relname]
-        except KeyError:
-            name = self._names[n.relname] = n.relname.decode("utf-8", "replace")
-        try:
-            payload = n.extra.decode()  # as in dispatch: the no-argument decode is the fast one
-        except UnicodeDecodeError:
-            payload = n.extra.decode("utf-8", "replace")
-        return tuple.__new__(Notification, (name, payload, n.be_pid))
+        return self._convert(n)
 
     def take(self) -> list[Notification]:
         """
@@ -195,7 +187,7 @@ class ListenerEngine:
         self._pending.extendleft(reversed(notifications))
 
     def _convert(self, n: pq.PGnotify) -> Notification:
-        """`_take` for one notification in hand (off the hot path, which inlines this)."""
+        """One libpq notification as a `Notification` (the hot paths inline this)."""
         try:
             name = self._names[n.relname]
         except KeyError:
@@ -337,7 +329,7 @@ class ListenerEngine:
                 while pgconn.notifies() is not None:
                     pass  # heard before UNLISTEN, after the application stopped listening
         except Exception as exc:  # the application will find its connection broken
-            logger.warning("could not UNLISTEN on the adopted connection: %s", _one_line(exc))
+            logger.warning("could not UNLISTEN on the adopted connection: %s", pgwire.one_line(exc))
         finally:
             pgconn.nonblocking = 0
             self._adopted = None
@@ -394,7 +386,7 @@ class ListenerEngine:
             if pgwire.is_connection_error(exc):
                 raise ConnectError(
                     f"connected, but the connection failed during the delivery check: "
-                    f"{_one_line(exc)}"
+                    f"{pgwire.one_line(exc)}"
                 ) from None
             raise
         finally:
@@ -584,7 +576,7 @@ class ListenerEngine:
             pgconn.consume_input()
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise _Lost("reconnect", _one_line(exc)) from None
+                raise _Lost("reconnect", pgwire.one_line(exc)) from None
             raise
         if pgconn.status == pq.ConnStatus.BAD:
             raise _Lost("reconnect", pgwire.error_text(pgconn))
@@ -611,7 +603,7 @@ class ListenerEngine:
             raise
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise _Lost("reconnect", _one_line(exc)) from None
+                raise _Lost("reconnect", pgwire.one_line(exc)) from None
             raise
         finally:
             # libpq may have read notifications with the answer: have them delivered now,
@@ -642,7 +634,7 @@ class ListenerEngine:
             raise
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise _Lost("reconnect", _one_line(exc)) from None
+                raise _Lost("reconnect", pgwire.one_line(exc)) from None
             raise
         finally:
             self._collect()  # notifications that followed our ping
@@ -710,7 +702,7 @@ class ListenerEngine:
             pass  # the statement's own error: the connection itself is fine
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise _Lost("reconnect", _one_line(exc)) from None
+                raise _Lost("reconnect", pgwire.one_line(exc)) from None
             raise
         finally:
             self._collect()
@@ -784,7 +776,3 @@ class ListenerEngine:
 
 def _no_notifies() -> None:
     return None
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__

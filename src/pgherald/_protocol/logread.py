@@ -21,6 +21,7 @@ from psycopg import pq
 
 from .._models import Event
 from . import session
+from .channels import text_array
 from .pgwire import Request
 
 Position = tuple[int, int]
@@ -99,7 +100,7 @@ def read(
     params = {
         "upto_tx": None if upto is None else str(upto[0]),
         "upto_id": None if upto is None else str(upto[1]),
-        "channels": None if query.channels is None else _text_array(query.channels),
+        "channels": None if query.channels is None else text_array(query.channels),
     }
     remaining = query.limit
     share = -(-2 * remaining // PARTITIONS)
@@ -206,12 +207,6 @@ def next_position(read: LogRead, limit: int, current: Position) -> Position:
     if read.n >= limit:
         return last
     return max(last, (read.horizon, 0))
-
-
-def _text_array(values: Sequence[str]) -> str:
-    """A PostgreSQL text[] literal; every element quoted, so any name goes through."""
-    quoted = (v.replace("\\", "\\\\").replace('"', '\\"') for v in values)
-    return "{" + ",".join(f'"{v}"' for v in quoted) + "}"
 
 
 def _int(value: bytes | None) -> int:

@@ -124,9 +124,7 @@ def finish(
         if res is None:
             break
         if res.status == pq.ExecStatus.FATAL_ERROR and error is None:
-            raw = res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
-            state = res.error_field(pq.DiagnosticField.SQLSTATE)
-            error = QueryFailed(raw.decode("utf-8", "replace"), state.decode() if state else None)
+            error = result_error(res)
         results.append(res)
     if error is not None:
         raise error
@@ -172,6 +170,20 @@ def until_stopped(gen: PQGen, stopping: Callable[[], bool]) -> PQGen:
         except GeneratorExit:
             gen.close()
             raise
+
+
+def result_error(res: pq.abc.PGresult) -> QueryFailed:
+    """The server's error in *res* as `QueryFailed` (its primary message and SQLSTATE)."""
+    raw = res.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b""
+    state = res.error_field(pq.DiagnosticField.SQLSTATE)
+    return QueryFailed(raw.decode("utf-8", "replace"), state.decode() if state else None)
+
+
+def one_line(exc: BaseException | None) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    if exc is None:
+        return ""
+    return " ".join(str(exc).split()) or type(exc).__name__
 
 
 def is_connection_error(exc: BaseException) -> bool:

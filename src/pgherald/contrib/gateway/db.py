@@ -56,7 +56,7 @@ class Db:
             if pgconn is None or pgconn.status != pq.ConnStatus.OK:
                 self.close()
                 pgconn = await self._connect()
-            deadline = time.monotonic() + (seconds or self.statement_timeout)
+            deadline = time.monotonic() + (self.statement_timeout if seconds is None else seconds)
             done = False
             try:
                 result = await AsyncWaiter().run(statement(pgconn, deadline))

@@ -27,7 +27,7 @@ from ..._models import Gap, Notification
 from ..._protocol import logread
 from ..._protocol.channels import check_channel
 from ..._protocol.payload import encode_payload
-from ..._protocol.pgwire import Request
+from ..._protocol.pgwire import Request, one_line
 from ..._publish import _params as publish_params
 from ..._schema import MISSING
 from ...errors import ConnectionLost, HeraldError, SchemaMissing
@@ -259,7 +259,7 @@ class Hub:
             try:
                 read = await self._tail_db.run(_reader(query))
             except HeraldError as exc:
-                logger.warning("reading the event log failed (%s); retrying", _one_line(exc))
+                logger.warning("reading the event log failed (%s); retrying", one_line(exc))
                 await anyio.sleep(1.0)
                 continue
             for tx, event_id, channel, payload in logread.frame_rows(read):
@@ -345,7 +345,3 @@ def _reader(query: logread.LogQuery) -> Statement[logread.LogRead]:
         return logread.read(pgconn, query, deadline)
 
     return statement
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())
