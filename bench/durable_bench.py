@@ -139,7 +139,7 @@ def create_database(admin_dsn: str) -> str:
 
 def reset_tables(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE bench_plain, pgherald.events_v1, pgherald.positions_v1")
+        conn.execute("TRUNCATE bench_plain, pgherald.events_v1, pgherald.positions_v2")
         conn.execute("CHECKPOINT")
 
 
@@ -255,7 +255,7 @@ def explain_read(dsn: str, batch: int) -> Result:
         row = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q, params).fetchone()
         assert row is not None
         plan = row[0][0]
-        conn.execute("DELETE FROM pgherald.positions_v1 WHERE group_name = %s", (group,))
+        conn.execute("DELETE FROM pgherald.positions_v2 WHERE group_name = %s", (group,))
 
     def walk(node: dict[str, Any]) -> int:
         """Rows produced by the per-partition index scans (all loops)."""

@@ -7,4 +7,5 @@ pytest_plugins = (
     "tests.fix_faults",
     "tests.fix_durable",
     "tests.fix_server",
+    "tests.fix_brokers",
 )

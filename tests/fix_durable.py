@@ -48,13 +48,16 @@ def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condi
 
 
 def uncovered(conn: psycopg.Connection, group: str, channel: str | None = None) -> int:
-    """Events the group's position has not passed yet (0: the position covers them all)."""
+    """
+    Events the group's position has not passed yet (0: the position covers them all): a
+    channel's own position, else (a channel the group has not read) the group's start.
+    """
     row = conn.execute(
-        "SELECT count(*) FROM pgherald.events_v1 e "
-        "LEFT JOIN pgherald.positions_v1 p ON p.group_name = %s AND p.partition = e.partition "
-        "WHERE (p.group_name IS NULL OR (e.tx, e.id) > (p.tx, p.event_id))"
+        "SELECT count(*) FROM pgherald.events_v1 e " + _POSITION + " WHERE"
+        " (coalesce(p.tx, s.tx) IS NULL"
+        "  OR (e.tx, e.id) > (coalesce(p.tx, s.tx), coalesce(p.event_id, s.event_id)))"
         " AND (%s::text IS NULL OR e.channel = %s)",
-        (group, channel, channel),
+        (group, group, channel, channel),
     ).fetchone()
     assert row is not None
     return int(row[0])
@@ -63,12 +66,19 @@ def uncovered(conn: psycopg.Connection, group: str, channel: str | None = None) 
 def acknowledged(conn: psycopg.Connection, group: str) -> set[int]:
     """Ids of the events the group's position has passed (acknowledged)."""
     rows = conn.execute(
-        "SELECT e.id FROM pgherald.events_v1 e JOIN pgherald.positions_v1 p "
-        "ON p.group_name = %s AND p.partition = e.partition "
-        "WHERE (e.tx, e.id) <= (p.tx, p.event_id)",
-        (group,),
+        "SELECT e.id FROM pgherald.events_v1 e " + _POSITION + " WHERE"
+        " (e.tx, e.id) <= (coalesce(p.tx, s.tx), coalesce(p.event_id, s.event_id))",
+        (group, group),
     )
     return {r[0] for r in rows}
+
+
+_POSITION = (
+    "LEFT JOIN pgherald.positions_v2 p ON p.group_name = %s AND p.channel = e.channel"
+    " AND p.partition = e.partition "
+    "LEFT JOIN pgherald.positions_v2 s ON s.group_name = %s AND s.channel = ''"
+    " AND s.partition = e.partition"
+)
 
 
 class Running:

@@ -49,7 +49,7 @@ def _free_port() -> int:
 class OwnServer:
     """A private PostgreSQL: `dsn`, `stop`, `start`, `restart`, `kill`."""
 
-    def __init__(self) -> None:
+    def __init__(self, wal_level: str = "logical") -> None:
         self.bindir = _bindir()
         self.port = _free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgherald-server-"))
@@ -75,7 +75,7 @@ class OwnServer:
         with conf.open("a") as f:
             f.write(
                 f"\nport = {self.port}\nlisten_addresses = '127.0.0.1'\n"
-                f"unix_socket_directories = '{self.dir}'\nwal_level = logical\n"
+                f"unix_socket_directories = '{self.dir}'\nwal_level = {wal_level}\n"
                 "fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n"
                 "max_connections = 50\nshared_buffers = 32MB\n"
             )
@@ -114,8 +114,8 @@ class OwnServer:
 
 
 @contextlib.contextmanager
-def own_server() -> Iterator[OwnServer]:
-    server = OwnServer()
+def own_server(wal_level: str = "logical") -> Iterator[OwnServer]:
+    server = OwnServer(wal_level)
     try:
         server.start()
         deadline = time.monotonic() + 30

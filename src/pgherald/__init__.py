@@ -12,15 +12,19 @@ pgherald: PostgreSQL LISTEN/NOTIFY as a dependable real-time event system.
 
 from __future__ import annotations
 
+from ._cdc import AsyncChangeStream, ChangeStream
 from ._consumer import AsyncConsumer, Consumer
 from ._dead import DeadLetter, dead_letters, purge_dead_letters, redeliver
 from ._groups import GroupInfo, GroupMember, delete_group, list_groups, reset_group
 from ._listener import Listener
 from ._listener_async import AsyncListener
 from ._log import aread_log, read_log
+from ._maintain import Maintenance, Retention, maintain, retention, set_retention
 from ._models import Event, Gap, ListenerStats, Notification, Stats
 from ._notify import anotify, notify
+from ._protocol.pgoutput import ChangeEvent
 from ._publish import apublish, apublish_many, publish, publish_many
+from ._relay import AsyncRelay, Relay, RelayStats
 from ._schedule import (
     Schedule,
     add_schedule,
@@ -63,8 +67,12 @@ from .errors import (
 __version__ = "0.1.0.dev0"
 
 __all__ = [
+    "AsyncChangeStream",
     "AsyncConsumer",
     "AsyncListener",
+    "AsyncRelay",
+    "ChangeEvent",
+    "ChangeStream",
     "ConnectError",
     "ConnectionLost",
     "Consumer",
@@ -79,6 +87,7 @@ __all__ = [
     "ListenError",
     "Listener",
     "ListenerStats",
+    "Maintenance",
     "Notification",
     "NotifyError",
     "PayloadError",
@@ -88,6 +97,9 @@ __all__ = [
     "PoolerError",
     "PrivilegeError",
     "PublishError",
+    "Relay",
+    "RelayStats",
+    "Retention",
     "Schedule",
     "SchemaMissing",
     "Stats",
@@ -109,6 +121,7 @@ __all__ = [
     "list_groups",
     "list_schedules",
     "list_table_triggers",
+    "maintain",
     "notify",
     "publish",
     "publish_many",
@@ -119,7 +132,9 @@ __all__ = [
     "remove_schedule",
     "remove_table_trigger",
     "reset_group",
+    "retention",
     "run_scheduler",
+    "set_retention",
     "tick_schedules",
     "uninstall",
 ]

@@ -70,6 +70,7 @@ class _ConsumerBase:
         poll_interval: float = 0.5,
         linger: float = 0.02,
         rebalance_interval: float = 1.0,
+        maintain_interval: float | None = 3600.0,
         max_attempts: int = 3,
         retry_delay: float = 0.2,
         retry_max_delay: float = 30.0,
@@ -134,6 +135,7 @@ class _ConsumerBase:
             poll_interval=poll_interval,
             linger=linger,
             rebalance_interval=rebalance_interval,
+            maintain_interval=maintain_interval,
             max_attempts=max_attempts,
             retry_delay=retry_delay,
             retry_max_delay=retry_max_delay,
@@ -147,6 +149,7 @@ class _ConsumerBase:
         )
         self._by_channel: dict[str | None, list[Entry]] = {}
         self._merged: dict[str, tuple[Entry, ...]] = {}
+        self._batch: tuple[Callable[[list[Event]], Any], bool] | None = None
         self._engine = ConsumerEngine(self._config, self.stats, self._lookup)
         self._mode: Mode | None = None
         self._setup()
@@ -208,17 +211,13 @@ class _ConsumerBase:
         self, channels: Iterable[str], handler: Callable[..., Any], *, transactional: bool = False
     ) -> None:
         """Register *handler* for *channels* (empty: every channel); see `on`."""
-        if self._mode == "iterate":
-            raise UsageError("this consumer is being iterated: handlers and iteration do not mix")
-        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
-            getattr(handler, "__call__", None)  # noqa: B004 - an async __call__ counts too
-        )
-        name = getattr(handler, "__name__", repr(handler))
-        if is_async and not self._is_async:
+        if self._batch is not None:
             raise UsageError(
-                f"handler {name!r} is async: use pgherald.AsyncConsumer for async handlers, or "
-                "make it a plain function (a sync Consumer would never await it)"
+                "this consumer has a batch handler, which takes every event it reads: use "
+                "another consumer (another group) for per-event handlers"
             )
+        is_async = self._check_handler(handler)
+        name = getattr(handler, "__name__", repr(handler))
         if transactional and self._is_async and not is_async:
             raise UsageError(
                 f"transactional handler {name!r} of an AsyncConsumer must be async: it gets a "
@@ -232,6 +231,52 @@ class _ConsumerBase:
         for ch in keys:
             self._by_channel.setdefault(ch, []).append((handler, is_async, transactional))
         self._merged.clear()
+
+    def add_batch_handler(self, func: Callable[[list[Event]], Any], *channels: str) -> None:
+        """
+        Register *func* to handle the events of *channels* (none: every channel) a read at a
+        time: ``func(events)`` gets the events of one read in log order (up to
+        ``max_batch_size``) and its return means they are all handled; the group's position
+        then moves past them in one acknowledgement. For work that is cheaper in bulk:
+        publishing a read to a broker and waiting for all its acknowledgements at once (see
+        `pgherald.Relay`).
+
+        - Return ``None`` (or ``len(events)``): all are handled.
+        - Return an int *n* below ``len(events)``: the first *n* are handled, the others are
+          not and come again in a later read (no failure is counted). Meant for stopping: a
+          batch handler that sees `stop` should return what it finished.
+        - Raise: a failure of ``events[n]``, where *n* is the exception's ``done`` attribute
+          when it has an int one (the first *n* were handled), else 0. It is retried from that
+          event like a failing handler (``max_attempts``, backoff), and dead-lettered after
+          the last attempt; the next call starts after it.
+
+        A batch handler takes every event its consumer reads: it cannot share a consumer with
+        other handlers, and a consumer has one at most. With `AsyncConsumer` it may be a
+        coroutine function.
+        """
+        if self._by_channel:
+            raise UsageError(
+                "this consumer already has handlers: a batch handler takes every event it "
+                "reads; use another consumer (another group) for it"
+            )
+        is_async = self._check_handler(func)
+        self.add_handler(channels, func)
+        self._batch = (func, is_async)
+
+    def _check_handler(self, handler: Callable[..., Any]) -> bool:
+        """Whether *handler* is async; refused where it would never be awaited."""
+        if self._mode == "iterate":
+            raise UsageError("this consumer is being iterated: handlers and iteration do not mix")
+        is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+            getattr(handler, "__call__", None)  # noqa: B004 - an async __call__ counts too
+        )
+        name = getattr(handler, "__name__", repr(handler))
+        if is_async and not self._is_async:
+            raise UsageError(
+                f"handler {name!r} is async: use pgherald.AsyncConsumer for async handlers, or "
+                "make it a plain function (a sync Consumer would never await it)"
+            )
+        return is_async
 
     def stop(self) -> None:
         """
@@ -379,6 +424,16 @@ class Consumer(_ConsumerBase):
 
     def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
         """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""
+        if self._batch is not None:
+            start = first + handler  # handler 1: events[first] was given up already
+            if start >= len(events):
+                return len(events), None, None
+            part = events[start:] if start else events
+            try:
+                result = self._batch[0](part)
+            except Exception as exc:
+                return start + _failed_at(exc, len(part)), 0, exc
+            return _batch_answer(start, result, len(part))
         lookup = self._lookup
         engine = self._engine
         for i in range(first, len(events)):
@@ -534,6 +589,18 @@ class AsyncConsumer(_ConsumerBase):
 
     async def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
         """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""
+        if self._batch is not None:
+            start = first + handler  # handler 1: events[first] was given up already
+            if start >= len(events):
+                return len(events), None, None
+            part = events[start:] if start else events
+            try:
+                result = self._batch[0](part)
+                if self._batch[1]:
+                    result = await result
+            except Exception as exc:
+                return start + _failed_at(exc, len(part)), 0, exc
+            return _batch_answer(start, result, len(part))
         lookup = self._lookup
         engine = self._engine
         for i in range(first, len(events)):
@@ -601,6 +668,27 @@ class AsyncConsumer(_ConsumerBase):
                 with anyio.CancelScope(shield=True):
                     await waiter.run(engine.ack_handed_out(batch[:done]))
             self._end()
+
+
+def _failed_at(exc: BaseException, count: int) -> int:
+    """The index of the event a batch handler's exception fails: its ``done``, else 0."""
+    done = getattr(exc, "done", 0)
+    if isinstance(done, bool) or not isinstance(done, int):
+        return 0
+    return min(max(done, 0), count - 1)
+
+
+def _batch_answer(start: int, result: object, count: int) -> BatchAnswer:
+    """A batch handler's return value as the engine's answer (see `add_batch_handler`)."""
+    if result is None:
+        return start + count, None, None
+    if isinstance(result, bool) or not isinstance(result, int) or not 0 <= result <= count:
+        error = UsageError(
+            f"a batch handler returned {result!r}: return None (all handled) or how many of "
+            f"the {count} events it handled"
+        )
+        return start, 0, error
+    return start + result, None, None
 
 
 def _async_connection_class() -> type[Any]:

@@ -48,7 +48,7 @@ _PERMISSION = re.compile(r"permission denied for (schema|table|sequence|function
 _GRANTS = {
     ("table", "events_v1", "publish"): "SELECT, INSERT",  # INSERT ... RETURNING id reads
     ("table", "events_v1", None): "SELECT",
-    ("table", "positions_v1", None): "SELECT, INSERT, UPDATE, DELETE",
+    ("table", "positions_v2", None): "SELECT, INSERT, UPDATE, DELETE",
     ("sequence", "events_v1_id_seq", None): "USAGE",
 }
 

@@ -1,14 +1,16 @@
 """
 Consumer groups as an operator sees them: `list_groups`, `reset_group`, `delete_group`.
 
-A group is its rows in ``pgherald.positions_v1`` (one per partition). Its live members are
+A group is its rows in ``pgherald.positions_v2``: one per channel it reads and partition, and
+its start (channel '') per partition. Its live members are
 the sessions holding its advisory locks (see `_protocol.consumer`): nothing else records
 them, so ``pg_locks`` is the truth and a crashed consumer drops out with its session.
 
 Lag is counted from each group's position along the read index, at most `SCAN` events per
-partition (fewer with many groups: `SCAN_BUDGET`): exact below that, above it estimated from
-the ids the first events span, so that listing groups costs the same at any lag (``status``
-answers in well under a second with a group millions of events behind).
+channel and partition (fewer with many groups: `SCAN_BUDGET`): exact below that, above it
+estimated from the ids the first events span, so that listing groups costs the same at any lag
+(``status`` answers in well under a second with a group millions of events behind). Only the
+group's own channels are scanned: other channels' events cost nothing.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ __all__ = [
 ]
 
 SCAN = 1000
-"""Events counted one by one per (group, partition); past that the lag is estimated."""
+"""Events counted one by one per (group, channel, partition); past that the lag is estimated."""
 
 SCAN_BUDGET = 200_000
 """Events counted one by one in all, at most: with many groups, each gets fewer (down to 100)."""
@@ -74,11 +76,10 @@ class GroupInfo:
     """
     A consumer group: who consumes it, how far behind it is, when it last moved.
 
-    *lag_events* counts the events after the group's position on every channel (or only
-    *channels*, when `list_groups` was given some): positions are per partition, not per
-    channel, so a group's lag includes channels it does not read unless filtered. When
-    *lag_estimated* is true, *lag_events* and *lag_by_channel* are estimates (a group far
-    behind is not counted event by event).
+    *lag_events* counts the events after the group's position on the channels it reads (or
+    only *channels*, when `list_groups` was given some): positions are per channel, so other
+    channels' events never count. When *lag_estimated* is true, *lag_events* and
+    *lag_by_channel* are estimates (a group far behind is not counted event by event).
 
     .. versionadded:: 0.1
     """
@@ -126,7 +127,7 @@ def _list_groups(
     if not activity:
         return []
     sessions = conn.execute(sql.query("group_sessions")).fetchall()
-    heads = dict(conn.execute(sql.query("partition_heads")).fetchall())
+    heads = {(c, p): head for c, p, head in conn.execute(sql.query("partition_heads"))}
     with conn.transaction():
         conn.execute(sql.query("plan_group_lag"))
         scan = max(100, min(SCAN, SCAN_BUDGET // max(1, len(activity) * len(heads))))
@@ -134,15 +135,15 @@ def _list_groups(
         raise psycopg.Rollback  # undoes the planner settings, in a caller's transaction too
 
     lags: dict[str, _Lag] = {}
-    for group, partition, channel, n, seen, lo, hi, oldest in lag_rows:
+    for group, channel, partition, n, lo, hi, oldest in lag_rows:
         lag = lags.setdefault(group, _Lag())
         if only is not None and channel not in only:
             continue
-        if seen < scan:  # the partition's whole lag was read
+        if n < scan:  # the range's whole lag was read
             count, estimated = float(n), False
         else:
-            head = max(hi, heads.get(partition) or hi)
-            # The partition's events after the position, at the density of its first ones.
+            head = max(hi, heads.get((channel, partition)) or hi)
+            # The range's events after the position, at the density of its first ones.
             count, estimated = n * (head - lo + 1) / (hi - lo + 1), True
         lag.add(channel, count, estimated, oldest)
 

@@ -20,7 +20,7 @@ def create(dsn: str, name: str, start: str = "beginning") -> None:
 
 
 def positions(conn: psycopg.Connection) -> list[tuple[object, ...]]:
-    return conn.execute("SELECT * FROM pgherald.positions_v1 ORDER BY 1, 2").fetchall()
+    return conn.execute("SELECT * FROM pgherald.positions_v2 ORDER BY 1, 2").fetchall()
 
 
 def test_groups_lists_members_partitions_lag_and_activity(
@@ -128,14 +128,14 @@ def test_prune_stops_waiting_for_abandoned_groups_after_a_warning(
     create(dsn, "abandoned")
     create(dsn, "recent")
     conn.execute(
-        "UPDATE pgherald.positions_v1 SET updated_at = now() - interval '8 days' "
+        "UPDATE pgherald.positions_v2 SET updated_at = now() - interval '8 days' "
         "WHERE group_name = 'abandoned'"
     )
     kept = run(dsn, "prune", "--older-than", "0s", "--abandoned-after", "7d")
     assert "deleted 0 events" in kept.stdout, kept.stderr  # 'recent' still pins them
     assert "consumer group 'abandoned' has no live member" in kept.stderr
 
-    conn.execute("UPDATE pgherald.positions_v1 SET updated_at = now() - interval '8 days'")
+    conn.execute("UPDATE pgherald.positions_v2 SET updated_at = now() - interval '8 days'")
     default = run(dsn, "prune", "--older-than", "0s")
     assert "deleted 0 events" in default.stdout  # off by default: every group pins
     assert default.stderr == ""

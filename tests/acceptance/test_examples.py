@@ -21,6 +21,12 @@ EXPECTED: dict[str, list[str]] = {
         "-> 400 empty message (rolled back: nothing sent)",
         "received 3 notifications, handler errors 0",
     ],
+    "fastapi_app.py": [
+        "POST /orders teapot x40 -> 409",
+        "GET /healthz -> 200",
+        "shutdown: listener and consumer stopped",
+        "heard ['scone', 'jam'], billed [1, 3]; 'teapot' was never sent",
+    ],
     "notification_events_trigger.py": [
         "read back: orders.insert customer=linus",
         "3 events received, 3 stored",

@@ -818,7 +818,7 @@ def test_demo_where_pgherald_is_installed_removes_only_its_own(
     out = run(dsn, "demo", "--pause", "0", timeout=90)
     assert out.returncode == 0, out.stderr
     assert event_count(installed) == 1  # the fixture's event, not the demo's
-    groups = installed.execute("SELECT count(*) FROM pgherald.positions_v1").fetchone()
+    groups = installed.execute("SELECT count(*) FROM pgherald.positions_v2").fetchone()
     assert groups == (0,)
 
 

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 
 import pgherald
+from pgherald import sql
 from tests.fix_db import sqlalchemy_engine
 from tests.fix_durable import FAST, Running, drain, uncovered, wait_until
 
@@ -59,7 +60,7 @@ def test_install_is_idempotent_and_uninstall_removes_everything(
     after = catalog(conn)
     assert ("pgherald",) in after["namespaces"]
     rels = {r[1] for r in after["relations"] if r[0] == "pgherald"}
-    assert {"events_v1", "positions_v1", "migrations", "events_v1_read"} <= rels
+    assert {"events_v1", "positions_v2", "migrations", "events_v1_read"} <= rels
     assert ("pgherald", "publish_v1") in after["functions"]
     assert conn.execute("SELECT count(*) FROM pgherald.migrations").fetchone() == (len(applied),)
     pgherald.uninstall(conn)
@@ -522,6 +523,7 @@ def test_publish_without_notify_still_reaches_polling_consumer(
 ) -> None:
     with psycopg.connect(installed, autocommit=True) as listen:
         listen.execute("LISTEN pgherald_wake_v1")
+        listen.execute(sql.query("wait_for_wakeups"))  # waits, as a consumer does
         # control: a normal publish does wake consumers
         with psycopg.connect(installed) as pub:
             pgherald.publish(pub, "other", "woken")
@@ -536,6 +538,30 @@ def test_publish_without_notify_still_reaches_polling_consumer(
         assert list(listen.notifies(timeout=0.5)) == []
         r.wait_count(1, timeout=3)
     assert r.ids == [event_id]
+
+
+def test_wake_ups_only_while_a_consumer_waits(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    with psycopg.connect(installed, autocommit=True) as listen:
+        listen.execute("LISTEN pgherald_wake_v1")
+        pgherald.publish(conn, "ch", "nobody waits")
+        pgherald.publish_many(conn, "ch", ["nor", "now"])
+        assert list(listen.notifies(timeout=0.3)) == []  # no consumer: the row, nothing more
+        r = running(poll_interval=30)  # waits: only a wake-up can bring the next event soon
+        r.wait_count(3)
+        wait_until(
+            lambda: conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 1"
+                " AND mode = 'ShareLock' AND granted"
+            ).fetchone()[0],  # type: ignore[index]
+            5,
+            "the consumer to ask for wake-ups",
+        )
+        event_id = pgherald.publish(conn, "ch", "woken")
+        assert len(list(listen.notifies(timeout=1.0, stop_after=1))) == 1
+        r.wait_count(4, timeout=5)  # far sooner than the 30 s poll
+    assert r.ids[-1] == event_id
 
 
 # -- 12. AsyncConsumer on asyncio and trio --
@@ -652,7 +678,9 @@ async def test_async_consumer_stop_from_another_thread(installed: str) -> None:
 # -- channel filtering --
 
 
-def test_clean_stop_acknowledges_filtered_events(installed: str, conn: psycopg.Connection) -> None:
+def test_a_group_reads_and_acknowledges_its_own_channels_only(
+    installed: str, conn: psycopg.Connection
+) -> None:
     def partition(key: str) -> int:
         return int(conn.execute("SELECT hashtext(%s) & 15", (key,)).fetchone()[0])  # type: ignore[index]
 
@@ -665,7 +693,12 @@ def test_clean_stop_acknowledges_filtered_events(installed: str, conn: psycopg.C
     with pgherald.Consumer(installed, group="g", channels=["orders"], **FAST) as c:
         assert [e.id for e in drain(c, 2)] == [first, last]
     assert uncovered(conn, "g", "orders") == 0
-    assert uncovered(conn, "g") == 0
+    # "other" is not the group's: never read, and no position of the group's moved past it.
+    assert uncovered(conn, "g", "other") == 1
+    channels = conn.execute(
+        "SELECT DISTINCT channel FROM pgherald.positions_v2 WHERE group_name = 'g'"
+    ).fetchall()
+    assert sorted(c for (c,) in channels) == ["", "orders"]
 
 
 def test_start_now_with_an_older_open_transaction(installed: str, conn: psycopg.Connection) -> None:

@@ -459,10 +459,12 @@ def test_live_page_in_a_browser(dsn: str, tmp_path: Path) -> None:
         browser = webdriver.Chrome(service=Service(driver_path), options=options)
         try:
             browser.get(base + "/")
-            browser.find_element(By.ID, "channels").send_keys("demo")
+            wait = WebDriverWait(browser, 10)
+            # Prefilled with the channels the server allows (here: anonymously).
+            channels = browser.find_element(By.ID, "channels")
+            wait.until(lambda b: channels.get_attribute("value") == "demo")
             browser.find_element(By.ID, "token").send_keys(token(["demo"], "rw"))
             browser.find_element(By.ID, "connect").click()
-            wait = WebDriverWait(browser, 10)
             wait.until(lambda b: b.find_element(By.ID, "status").text.startswith("connected"))
             payload = browser.find_element(By.ID, "pub-payload")
             payload.clear()

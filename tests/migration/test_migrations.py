@@ -11,26 +11,41 @@ from psycopg import sql as psql
 import pgherald
 from pgherald import sql
 
+# The log's partitions are data, not schema: which days exist depends on when and how the
+# database was made (an upgrade turns the old log into one), so they are left out, but the
+# default partition, which both must have.
+PARTITIONS = """
+    SELECT c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'pgherald' AND c.relispartition AND c.relname <> 'events_v1_default'
+    UNION ALL
+    SELECT i.relname FROM pg_index x JOIN pg_class i ON i.oid = x.indexrelid
+    JOIN pg_class c ON c.oid = x.indrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE n.nspname = 'pgherald' AND c.relispartition AND c.relname <> 'events_v1_default'"""
+
 CATALOG = {
-    "columns": """
+    "columns": f"""
         SELECT table_name, column_name, ordinal_position, data_type, is_nullable,
                column_default, is_identity, identity_generation, is_generated,
                generation_expression
-        FROM information_schema.columns WHERE table_schema = 'pgherald' ORDER BY 1, 3""",
-    "indexes": "SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgherald' ORDER BY 1",
+        FROM information_schema.columns WHERE table_schema = 'pgherald'
+          AND table_name NOT IN ({PARTITIONS}) ORDER BY 1, 3""",
+    "indexes": f"""
+        SELECT indexname, indexdef FROM pg_indexes WHERE schemaname = 'pgherald'
+          AND tablename NOT IN ({PARTITIONS}) ORDER BY 1""",
     "functions": """
         SELECT p.proname, pg_get_function_identity_arguments(p.oid),
                pg_get_function_result(p.oid), p.prosrc, p.provolatile, l.lanname
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         JOIN pg_language l ON l.oid = p.prolang
         WHERE n.nspname = 'pgherald' ORDER BY 1, 2""",
-    "constraints": """
+    "constraints": f"""
         SELECT c.conrelid::regclass::text, c.conname, c.contype, pg_get_constraintdef(c.oid)
         FROM pg_constraint c JOIN pg_namespace n ON n.oid = c.connamespace
-        WHERE n.nspname = 'pgherald' ORDER BY 1, 2""",
-    "relations": """
+        JOIN pg_class r ON r.oid = c.conrelid
+        WHERE n.nspname = 'pgherald' AND r.relname NOT IN ({PARTITIONS}) ORDER BY 1, 2""",
+    "relations": f"""
         SELECT c.relname, c.relkind FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-        WHERE n.nspname = 'pgherald' ORDER BY 1""",
+        WHERE n.nspname = 'pgherald' AND c.relname NOT IN ({PARTITIONS}) ORDER BY 1""",
     "migrations": "SELECT name FROM pgherald.migrations ORDER BY 1",
 }
 

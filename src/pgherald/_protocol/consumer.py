@@ -8,13 +8,17 @@ statement has a deadline, every wait ends at a deadline or a wake-up, so `stop()
 cancellation work in every state: connecting, backing off, reading, waiting, retrying.
 
 Consumer groups: the log has 16 fixed partitions; a consumer owns a partition while it holds a
-session advisory lock on (group, partition), on this very connection. Membership is a shared
+session advisory lock on (group, partition), on this very connection. Positions are per
+(group, channel, partition): a read covers the group's channels in the partitions held, one
+index range each, and a channel new to the group starts at the group's start (its rows are
+registered from the group's start rows, channel '', before the first read of it). A consumer
+of every channel learns the log's channels once per rebalance. Membership is a shared
 advisory lock, so the number of live members is read from ``pg_locks`` and a dead consumer's
 locks vanish with its session: the others take its partitions at their next rebalance.
 
 Read-ahead: while the runtime hands a large batch to handlers, the server already runs the read
 of the next one (sent with libpq's asynchronous API, after the last event handed out in each
-partition: our cursor). The group's stored position still moves only with the acknowledgement.
+channel and partition: our cursor). The group's stored position still moves only with the acknowledgement.
 Whatever could make the cursor wrong drops it, with any read in flight, so that the next read
 starts from the stored positions again: events handed out but not all acknowledged, a change of
 the partitions held, a reconnect.
@@ -56,6 +60,7 @@ DEFAULT_MAX_BATCH_SIZE = 20_000
 WAKE_CHANNEL = "pgherald_wake_v1"
 _WAKE = WAKE_CHANNEL.encode()
 READ_STATEMENT = b"pgherald_read_batch_v1"  # prepared on each consumer connection
+MAINTAIN_TIMEOUT = 60.0  # moving a day of events out of the default partition takes a while
 
 # Requests of the consumer engine, beside pgwire's WAIT / SLEEP / REPORT.
 BATCH = 4
@@ -93,6 +98,8 @@ class ConsumerConfig:
     poll_interval: float = 0.5
     linger: float = 0.02
     rebalance_interval: float = 1.0
+    maintain_interval: float | None = 3600.0
+    """How often to run the log's maintenance (`pgherald.maintain`); None: never."""
     max_attempts: int = 3
     retry_delay: float = 0.2
     retry_max_delay: float = 30.0
@@ -152,6 +159,7 @@ class ConsumerEngine:
         self._reset = config.reset
         self._broken = False
         self._woken = False  # a wake-up arrived: something may have committed since our read
+        self._waiting = False  # we hold the lock that asks publishers for wake-ups
         self._next_rebalance = 0.0
         self._next_probe = 0.0
         self._busy_partitions = 0
@@ -166,15 +174,19 @@ class ConsumerEngine:
         self._next_redelivery = 0.0
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
+        self._maintain_at = 0.0 if config.maintain_interval is not None else math.inf
         self._releases = scheduled.Releases()
+        self._registered: frozenset[str] = frozenset()  # channels with rows of their own
+        self._every: tuple[str, ...] = ()  # the log's channels, for a consumer of every channel
         self._forget_reads()
 
     def _forget_reads(self) -> None:
         """Drop the cursor and any read ahead: the next read starts from the stored positions."""
-        self._cursor: dict[int, tuple[str, int]] = {}  # partition -> (tx, id) last handed out
+        # (channel, partition) -> (tx, id) of the last event handed out
+        self._cursor: dict[tuple[str, int], tuple[str, int]] = {}
         self._in_flight: _Read | None = None
         self._ready: tuple[pq.abc.PGresult, _Read] | None = None
-        self._handed_out: dict[int, tuple[str, int]] = {}  # last of each partition, not acked
+        self._handed_out: dict[tuple[str, int], tuple[str, int]] = {}  # last of each, not acked
         self._saturated = False
         self.read_size = max(1, min(self.config.batch_size, self._fitting))
 
@@ -212,6 +224,9 @@ class ConsumerEngine:
             yield from self._end_previous_session()
             yield from self._query("join_group", {"lock_name": self._lock_key})
             yield from self._create_group()
+            every = "false" if cfg.channels else "true"
+            yield from self._query("every_channel", {"group": cfg.group, "every": every})
+            self._registered = frozenset()
             yield from self._prepare_read()
             if not self._delivery_checked:
                 check_deadline = time.monotonic() + min(5.0, cfg.connect_timeout)
@@ -250,6 +265,7 @@ class ConsumerEngine:
         pgconn, self.pgconn = self.pgconn, None
         self.conn = None
         self.owned = []
+        self._waiting = False  # a session lock: it goes with the session
         self._forget_reads()
         if pgconn is not None:
             pgconn.finish()
@@ -332,7 +348,7 @@ class ConsumerEngine:
             # data would make us look there: note it now, or it waits for poll_interval.
             self._drain()
 
-    def _query(self, name: str, params: dict[str, Any]) -> PQGen:
+    def _query(self, name: str, params: dict[str, Any], *, timeout: float | None = None) -> PQGen:
         """Run named query *name* (text parameters and results) with the usual deadline."""
         pgconn = self.pgconn
         if pgconn is None:
@@ -341,7 +357,8 @@ class ConsumerEngine:
         values: list[bytes | None] = [
             None if params[n] is None else str(params[n]).encode() for n in names
         ]
-        return (yield from self._run(pgwire.execute_params(pgconn, text, values, self._deadline())))
+        deadline = self._deadline() if timeout is None else time.monotonic() + timeout
+        return (yield from self._run(pgwire.execute_params(pgconn, text, values, deadline)))
 
     def _heard(self, n: Any) -> None:
         """
@@ -408,19 +425,48 @@ class ConsumerEngine:
         if set(self.owned) != held:
             # A read ahead covers the old partitions; a released one may move on without us.
             self._ready = None
-            self._cursor = {p: c for p, c in self._cursor.items() if p in self.owned}
+            self._cursor = {k: c for k, c in self._cursor.items() if k[1] in self.owned}
+        if not self.config.channels:
+            yield from self._learn_channels()
+        yield from self._channels()  # registered at once: `status` shows the group's lag
+
+    # -- channels --
+
+    def _channels(self) -> PQGen:
+        """The channels to read, each registered (a position of its own) before it is read."""
+        wanted = self.config.channels or frozenset(self._every)
+        if not wanted <= self._registered:
+            new = wanted - self._registered
+            yield from self._settle()
+            params = {"group": self.config.group, "channels": text_array(sorted(new))}
+            yield from self._query("register_channels", params)
+            self._registered = self._registered | new
+            self._ready = None  # a read ahead would not cover them
+        return sorted(wanted)
+
+    def _learn_channels(self) -> PQGen:
+        """A consumer of every channel: the log's channels now (and those the group read)."""
+        yield from self._settle()
+        (res,) = yield from self._query("log_channels", {"group": self.config.group})
+        every = tuple(sorted(v.decode() for i in range(res.ntuples) if (v := res.get_value(i, 0))))
+        if every != self._every:
+            self._every = every
+            self._ready = None
 
     # -- reading --
 
     def fetch(self) -> PQGen:
-        """The next events of our partitions, oldest first (decoded), or []."""
+        """The next events of our channels and partitions, oldest first (decoded), or []."""
         if not self.owned:
             return []
         if self._handed_out:
             # The last batch was not all acknowledged: what was not must come again.
             yield from self._settle()
             self._forget_reads()
-        res, read = yield from self._take_read()
+        channels = yield from self._channels()
+        if not channels:
+            return []
+        res, read = yield from self._take_read(channels)
         n, batch_last = self._deliverable(res, read)
         logger.debug("read %d rows, delivering %d", res.ntuples, n)
         if self._saturated:
@@ -434,7 +480,7 @@ class ConsumerEngine:
         self._cursor.update(batch_last)
         self._handed_out = batch_last
         if self._saturated:
-            self._send_read()  # more is waiting: the server reads it while we hand this out
+            self._send_read(channels)  # more is waiting: the server reads it meanwhile
         assert self._rows is not None
         self._rows.set_pgresult(res, set_loaders=True, format=pq.Format.BINARY)
         return self._decode(self._rows.load_rows(0, n, tuple))
@@ -461,9 +507,9 @@ class ConsumerEngine:
             events.append(Event(r[0], r[2], payload, r[3], headers, r[6], r[7], r[1]))
         return events
 
-    def _take_read(self) -> PQGen:
+    def _take_read(self, channels: list[str]) -> PQGen:
         if self._in_flight is None and self._ready is None:
-            self._send_read()
+            self._send_read(channels)
         yield from self._settle()
         assert self._ready is not None
         (res, read), self._ready = self._ready, None
@@ -474,21 +520,23 @@ class ConsumerEngine:
             state = res.error_field(pq.DiagnosticField.SQLSTATE)
             if state == b"26000":  # our prepared read is gone (a handler ran DEALLOCATE ALL)
                 yield from self._prepare_read()
-                self._send_read()
-                return (yield from self._take_read())
+                self._send_read(channels)
+                return (yield from self._take_read(channels))
             raise _failed(pgwire.result_error(res))
         return res, read
 
-    def _send_read(self) -> None:
+    def _send_read(self, channels: list[str]) -> None:
         pgconn = self.pgconn
         if pgconn is None:
             raise _Lost("not connected")
         limit = self.read_size
-        share = self._per_partition(limit)
-        cursors = [self._cursor.get(p) for p in self.owned]
+        keys = [(c, p) for c in channels for p in self.owned]
+        share = self._per_partition(limit, len(keys))
+        cursors = [self._cursor.get(k) for k in keys]
         values = {
             "group": self.config.group,
-            "partitions": _array(self.owned),
+            "channels": text_array(c for c, _ in keys),
+            "partitions": _array(p for _, p in keys),
             "txs": _array(c and c[0] for c in cursors),
             "ids": _array(c and c[1] for c in cursors),
             "limit": str(limit),
@@ -542,21 +590,21 @@ class ConsumerEngine:
         self._ready = (first, read)
         self._alive_at = time.time()
 
-    def _per_partition(self, limit: int) -> int:
-        busy = self._busy_partitions or len(self.owned) or 1
+    def _per_partition(self, limit: int, ranges: int) -> int:
+        busy = self._busy_partitions or ranges or 1
         return max(1, math.ceil(limit / busy))
 
     def _deliverable(
         self, res: pq.abc.PGresult, read: _Read
-    ) -> tuple[int, dict[int, tuple[str, int]]]:
+    ) -> tuple[int, dict[tuple[str, int], tuple[str, int]]]:
         """
-        How many rows of a read to hand out, and the (tx, id) of the last of each partition
-        among them; tunes the next read. Works on the raw result (no decoding), so that the
-        read ahead is sent before the batch is decoded.
+        How many rows of a read to hand out, and the (tx, id) of the last of each (channel,
+        partition) among them; tunes the next read. Works on the raw result (no decoding), so
+        that the read ahead is sent before the batch is decoded.
 
-        A partition that gave its whole share may have more rows that sort before other
-        partitions' later rows: so deliver only up to the smallest last row of such
-        partitions (the rest comes next time, in order).
+        A range that gave its whole share may have more rows that sort before other ranges'
+        later rows: so deliver only up to the smallest last row of such ranges (the rest comes
+        next time, in order).
         """
         n = res.ntuples
         share = read.share
@@ -565,7 +613,8 @@ class ConsumerEngine:
             self._busy_partitions = 0
             return 0, {}
         get = res.get_value
-        parts = [get(i, 7) for i in range(n)]  # binary int2: the bytes serve as keys
+        # (channel, binary int2 partition): the bytes serve as keys
+        parts = [(get(i, 2), get(i, 7)) for i in range(n)]
         # The average event size, from up to 64 rows of the read (a copy of each sampled payload).
         sample = range(0, n, max(1, n // 64))
         average = sum([len(get(i, 4) or b"") for i in sample]) // len(sample) + 200
@@ -585,24 +634,24 @@ class ConsumerEngine:
                 n -= 1
             last = {p: i for i, p in enumerate(parts[:n])}
         cursors = {}
-        for p, i in last.items():
+        for (c, p), i in last.items():
             tx, event_id = position(i)
-            cursors[int.from_bytes(p or b"", "big")] = (str(tx), event_id)
+            cursors[(c or b"").decode(), int.from_bytes(p or b"", "big")] = (str(tx), event_id)
         return n, cursors
 
     # -- acknowledging --
 
     def ack(self, events: Sequence[Event]) -> PQGen:
-        """Move the group past *events* (the last of each partition counts)."""
+        """Move the group past *events* (the last of each channel and partition counts)."""
         if not events:
             return
-        last: dict[int, Event] = {}
+        last: dict[tuple[str, int], Event] = {}
         for e in events:
-            last[e.partition] = e
+            last[e.channel, e.partition] = e
         yield from self._settle()
         yield from self._query("ack", _ack_params(self.config.group, last.values()))
         self.stats.acknowledged += len(events)
-        if all(p in last and (last[p].tx, last[p].id) == at for p, at in self._handed_out.items()):
+        if all(k in last and (last[k].tx, last[k].id) == at for k, at in self._handed_out.items()):
             self._handed_out = {}  # all acknowledged: the cursor is the stored position
 
     def ack_handed_out(self, events: Sequence[Event]) -> PQGen:
@@ -632,10 +681,14 @@ class ConsumerEngine:
                 yield from self.rebalance()
                 if time.monotonic() >= self._release_at:
                     yield from self._release()
+                if time.monotonic() >= self._maintain_at:
+                    yield from self._maintain()
                 if (yield from self._redeliver()):
                     continue
                 events = yield from self.fetch()
                 if events:
+                    if self._waiting and self._saturated:
+                        yield from self._busy()  # behind: no wake-ups needed for a while
                     yield from self._deliver(events)
                     linger_until = time.monotonic() + self.config.linger
                     continue
@@ -647,6 +700,12 @@ class ConsumerEngine:
                 if now < linger_until:
                     # Writers that did not send a wake-up may commit just after one that did.
                     yield from self._wait(min(now + 0.002, linger_until))
+                    continue
+                if not self._waiting:
+                    # Ask publishers for wake-ups, then read once more: one that committed
+                    # before we asked sent none.
+                    if not (yield from self._ask_for_wakeups()):
+                        yield from self._wait(now + 0.002)  # a publisher's probe: retry
                     continue
                 if (yield from self._wait(now + self.config.poll_interval)):
                     linger_until = time.monotonic() + self.config.linger
@@ -684,6 +743,17 @@ class ConsumerEngine:
         woken, self._woken = self._woken, False
         return woken
 
+    def _ask_for_wakeups(self) -> PQGen:
+        yield from self._settle()
+        (res,) = yield from self._query("wait_for_wakeups", {})
+        self._waiting = res.get_value(0, 0) == b"t"
+        return self._waiting
+
+    def _busy(self) -> PQGen:
+        yield from self._settle()
+        yield from self._query("busy", {})
+        self._waiting = False
+
     def _release(self) -> PQGen:
         """Move due delayed events into the log (any consumer may: each moves exactly once)."""
         yield from self._settle()
@@ -699,6 +769,27 @@ class ConsumerEngine:
         if released:
             self._woken = True  # our own wake-up is on its way: read now
             logger.debug("released %d delayed events", released)
+
+    def _maintain(self) -> PQGen:
+        """
+        The log's maintenance (partitions ahead, retention: see ``_maintain.py``), by any
+        consumer once per ``maintain_interval`` (the server runs one at a time).
+        """
+        interval = self.config.maintain_interval
+        self._maintain_at = math.inf if interval is None else time.monotonic() + interval
+        yield from self._settle()
+        try:
+            (res,) = yield from self._query("maintain", {"now": None}, timeout=MAINTAIN_TIMEOUT)
+        except HeraldError as exc:  # no privilege, say: `pgherald maintain` from cron can
+            self._maintain_at = math.inf
+            logger.warning("this consumer does not maintain the log: %s", exc)
+            return
+        for i in range(res.ntuples):
+            action, target, detail = (
+                (res.get_value(i, j) or b"").decode("utf-8", "replace") for j in range(3)
+            )
+            level = logging.WARNING if action in {"pinned", "abandoned", "idle"} else logging.INFO
+            logger.log(level, "maintain: %s %s: %s", action, target, detail)
 
     def _probe(self) -> PQGen:
         pgconn = self.pgconn
@@ -800,7 +891,7 @@ class ConsumerEngine:
                 (res,) = yield from self._query("redelivered", params)
                 self.stats.redelivered += res.command_tuples or 0  # not those dead again
         elif first >= len(wanted):
-            # Everything we wanted is done: move past the whole read, other channels' too.
+            # Everything we wanted is done (a read holds the channels we read only).
             yield from self.ack(events)
         else:
             yield from self.ack(wanted[:first])
@@ -952,6 +1043,7 @@ def _ack_params(group: str, events: Iterable[Event]) -> dict[str, Any]:
     events = list(events)
     return {
         "group": group,
+        "channels": text_array(e.channel for e in events),
         "partitions": _array(e.partition for e in events),
         "txs": _array(e.tx for e in events),
         "ids": _array(e.id for e in events),

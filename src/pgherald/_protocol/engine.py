@@ -58,6 +58,14 @@ class ListenerConfig:
 
 _Stopped = pgwire.Abandoned  # a statement abandoned after stop() (see `run`)
 
+# libpq reads at most what its input buffer has room for (16 KB at first: three 4 KB
+# notifications per read) and grows the buffer only for a message that does not fit. One row
+# of 128 KB, answered with a new connection's LISTEN, leaves it at 256 KB for the life of the
+# connection: a read then takes what a burst has brought, as asyncio's transports do (with
+# 4 KB payloads, 1.5 µs less CPU per notification on the benchmark machine, for 240 KB more
+# memory per listening connection).
+_GROW_INPUT_BUFFER = b"SELECT repeat('x', 131072)"
+
 
 class _Lost(Exception):
     def __init__(self, reason: GapReason, message: str) -> None:
@@ -444,8 +452,9 @@ class ListenerEngine:
         add = [ch for ch in self._wanted if ch not in self._active]
         drop = [ch for ch in self._active if ch not in wanted]
         statements = [*(listen_query(c) for c in add), *(unlisten_query(c) for c in drop)]
-        if not self._ping_listening:
+        if not self._ping_listening:  # a new connection
             statements.append(listen_query(self._ping))
+            statements.append(_GROW_INPUT_BUFFER)
         if not statements:
             self._synced(ticket)
             return

@@ -5,9 +5,10 @@ gateway's log tail and ``Last-Event-ID`` replay (sans-I/O: one generator, any ru
 The log's order is (tx, id): the writing transaction's id, then the event id. A read returns
 only events of transactions older than every transaction still running (the snapshot's xmin,
 the *horizon*), so nothing that commits later can ever sort before what was returned: reading
-on from the last event returned misses nothing. The query reads each of the 16 partitions over
-its index (see ``read_log`` in ``queries.sql``): a read that finds nothing costs 16 short index
-probes, however long the log.
+on from the last event returned misses nothing. The query reads each of the 16 partitions of
+each channel over the read index (see ``read_log`` in ``queries.sql``): a read that finds
+nothing costs 16 short index probes per channel, however long the log, and other channels'
+events cost nothing.
 """
 
 from __future__ import annotations
@@ -77,12 +78,12 @@ def read(
     them. After an event id, its position is looked up first, in a statement of its own: the
     read then names its position as values, which the planner can estimate (see ``read_log``).
 
-    Each partition gives at most a share of the limit (about twice its even part), so that a
-    read of a long backlog does not fetch 16 times what it returns. A partition that gives its
-    whole share may have more that sorts before other partitions' later events: the answer
-    stops at the earliest last event of such partitions (everything up to there is complete)
-    and the read goes on from there, with twice the share, until it has `limit` events or no
-    partition was cut.
+    Each (channel, partition) range gives at most a share of the limit (about twice its even
+    part), so that a read of a long backlog does not fetch many times what it returns. A range
+    that gives its whole share may have more that sorts before other ranges' later events: the
+    answer stops at the earliest last event of such ranges (everything up to there is
+    complete) and the read goes on from there, with twice the share, until it has `limit`
+    events or no range was cut.
     """
     after = query.after
     if isinstance(after, tuple):
@@ -103,7 +104,8 @@ def read(
         "channels": None if query.channels is None else text_array(query.channels),
     }
     remaining = query.limit
-    share = -(-2 * remaining // PARTITIONS)
+    ranges = PARTITIONS * (len(query.channels) if query.channels else 1)
+    share = -(-2 * remaining // ranges)
     parts: list[tuple[pq.abc.PGresult, int]] = []
     while True:
         k = min(share, remaining)
@@ -124,22 +126,22 @@ def read(
             position = _position(res, n - 1)
         if not cut or not remaining:
             return LogRead(tuple(parts), query.limit - remaining, horizon, True)
-        share *= 2  # events are not spread evenly: the next read asks more of each partition
+        share *= 2  # events are not spread evenly: the next read asks more of each range
 
 
 def _complete(res: pq.abc.PGresult, k: int) -> tuple[int, bool]:
     """
     How many of the first rows of *res* are certainly the log's next events, and whether a
-    partition was cut (gave its whole share *k*, so may have more).
+    (channel, partition) range was cut (gave its whole share *k*, so may have more).
     """
     get = res.get_value
     n = res.ntuples
     if n == 1 and get(0, _ID) is None:
         return 0, False
-    counts: dict[bytes | None, int] = {}
-    last: dict[bytes | None, int] = {}
+    counts: dict[tuple[bytes | None, bytes | None], int] = {}
+    last: dict[tuple[bytes | None, bytes | None], int] = {}
     for i in range(n):
-        p = get(i, _PARTITION)
+        p = (get(i, _CHANNEL), get(i, _PARTITION))
         counts[p] = counts.get(p, 0) + 1
         last[p] = i
     full = [last[p] for p, c in counts.items() if c >= k]

@@ -14,9 +14,11 @@ def main() -> None:
             _dev,
             _durable,
             _groups,
+            _relay,
             _schedule,
             _serve,
             _triggers_cmd,
+            cdc,
         )
         from ._commands import EXIT_USAGE, cli, fail
     except ImportError as exc:  # click missing: say how to get it, no traceback
@@ -26,7 +28,7 @@ def main() -> None:
             "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n"
         )
         raise SystemExit(2) from None
-    _ = _dead, _dev, _durable, _groups, _schedule, _serve, _triggers_cmd
+    _ = _dead, _dev, _durable, _groups, _relay, _schedule, _serve, _triggers_cmd, cdc
     # click 8.2+: a bare group shows its help through this UsageError (absent in 8.1).
     no_args: type[click.UsageError] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
     try:

@@ -223,7 +223,7 @@ def _clean_up(
             return
         with conn.transaction():
             conn.execute("DELETE FROM pgherald.events_v1 WHERE id = ANY(%s)", (events,))
-            conn.execute("DELETE FROM pgherald.positions_v1 WHERE group_name = %s", (group,))
+            conn.execute("DELETE FROM pgherald.positions_v2 WHERE group_name = %s", (group,))
         show("..", f"cleaned up: the demo's {len(events)} events and group {group!r} removed")
     except psycopg.Error as exc:
         show("..", f"could not clean up ({' '.join(str(exc).split())}); group {group!r} stays")

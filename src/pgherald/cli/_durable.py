@@ -1,4 +1,5 @@
-"""Commands of the durable log: install, uninstall, sql, publish, consume, status, prune."""
+"""Commands of the durable log: install, uninstall, sql, publish, consume, status, prune,
+maintain, retention."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import psycopg
 from .._consumer import Consumer, Start
 from .._dead import dead_letter_counts
 from .._groups import abandoned_groups, list_groups, log_size
+from .._maintain import maintain, retention, set_retention
 from .._publish import publish as do_publish
 from .._schema import MISSING, install, install_sql, is_installed, uninstall, uninstall_sql
 from ..errors import SchemaMissing, UsageError
@@ -37,12 +39,24 @@ def require_schema(conn: psycopg.Connection[Any]) -> None:
 
 @cli.command("install")
 @dsn_option
+@click.option(
+    "--retention",
+    "keep",
+    default=None,
+    help="Keep events this long (30s, 15m, 12h, 7d, 2w), then `maintain` drops them by the "
+    "day; default: forever (see `pgherald retention`).",
+)
 @friendly
-def install_cmd(dsn: str | None) -> None:
+def install_cmd(dsn: str | None, keep: str | None) -> None:
     """Create pgherald's schema (event log), or upgrade it; safe to run again."""
+    age = None if keep is None else parse_age(keep)
     with connection(dsn) as conn:
         applied = install(conn)
+        if age is not None:
+            set_retention(conn, age)
     click.echo(f"installed: {', '.join(applied)}" if applied else "already up to date")
+    if age is not None:
+        click.echo(f"retention: {keep}")
 
 
 @cli.command("uninstall")
@@ -300,3 +314,83 @@ def prune_cmd(
         params = {"before": before, "force": force, "ignore": [g for g, _ in ignore]}
         deleted = conn.execute(query("prune"), params).rowcount
     click.echo(f"deleted {deleted} events older than {older_than}")
+
+
+@cli.command("maintain")
+@dsn_option
+@json_option("One JSON object per action: action, target, detail.")
+@friendly
+def maintain_cmd(dsn: str | None, as_json: bool) -> None:
+    """Create the log's next days' partitions; drop days past retention (cron-friendly).
+
+    Days a consumer group has not consumed yet are kept and named on stderr ("pinned"), unless
+    the group has had no member and no acknowledgement for abandon_after (see `pgherald
+    retention`). Consumers run this on their own once an hour; run it from cron when none
+    runs. Exit status 0 whatever it found.
+    """
+    with connection(dsn) as conn:
+        require_schema(conn)
+        done = maintain(conn)
+    for m in done:
+        if as_json:
+            click.echo(json.dumps({"action": m.action, "target": m.target, "detail": m.detail}))
+        elif m.warning:
+            click.echo(f"pgherald: warning: {m.action} {m.target}: {m.detail}", err=True)
+        else:
+            click.echo(f"{m.action} {m.target}: {m.detail}")
+    if not done and not as_json:
+        click.echo("nothing to do")
+
+
+@cli.group("retention", invoke_without_command=True)
+@dsn_option
+@click.pass_context
+@friendly
+def retention_cmd(ctx: click.Context, dsn: str | None) -> None:
+    """Show how long the log keeps events (`retention set 7d` / `retention off` change it)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    with connection(dsn) as conn:
+        require_schema(conn)
+        r = retention(conn)
+    click.echo(f"retention: {_human(r.keep) if r.keep else 'forever (none set)'}")
+    click.echo(f"abandon after: {_human(r.abandon_after)}")
+
+
+@retention_cmd.command("set")
+@dsn_option
+@click.argument("keep")
+@click.option(
+    "--abandon-after",
+    default=None,
+    help="A group with no member and no acknowledgement for this long (30s ... 2w) no longer "
+    "holds back retention (default 7d).",
+)
+@friendly
+def retention_set_cmd(dsn: str | None, keep: str, abandon_after: str | None) -> None:
+    """Keep events for KEEP (30s, 15m, 12h, 7d, 2w); `maintain` drops older days."""
+    age = parse_age(keep)
+    idle = None if abandon_after is None else parse_age(abandon_after)
+    with connection(dsn) as conn:
+        require_schema(conn)
+        set_retention(conn, age, abandon_after=idle)
+    click.echo(f"retention: {keep} (applied by the next `pgherald maintain`)")
+
+
+@retention_cmd.command("off")
+@dsn_option
+@friendly
+def retention_off_cmd(dsn: str | None) -> None:
+    """Keep events forever (`prune` can still delete consumed ones)."""
+    with connection(dsn) as conn:
+        require_schema(conn)
+        set_retention(conn, None)
+    click.echo("retention: forever")
+
+
+def _human(age: timedelta) -> str:
+    seconds = age.total_seconds()
+    for unit, size in (("w", 604800), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{int(seconds // size)}{unit}"
+    return f"{seconds:g}s"

@@ -60,6 +60,23 @@ def _names(values: tuple[str, ...]) -> list[str]:
     help="Channels served from the durable event log, resumable by Last-Event-ID (repeat).",
 )
 @click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    metavar="ORIGIN",
+    help="Web pages of this origin may use the gateway from the browser (repeat, or "
+    "comma-separate; exact, https://app.example.com, or a pattern, https://*.example.com). "
+    "Without it, browser requests from other origins are refused.",
+)
+@click.option(
+    "--channel",
+    "channels",
+    multiple=True,
+    metavar="CHANNEL",
+    help="A plain channel wildcard subscriptions may match (repeat, or comma-separate); change "
+    "triggers' and durable channels are known without it.",
+)
+@click.option(
     "--heartbeat", default=15.0, show_default=True, help="Seconds between SSE ': ping' comments."
 )
 @click.option(
@@ -100,6 +117,8 @@ def serve(
     jwt_public_key: Path | None,
     allow_anonymous: tuple[str, ...],
     durable_channels: tuple[str, ...],
+    cors_origins: tuple[str, ...],
+    channels: tuple[str, ...],
     heartbeat: float,
     header_timeout: float,
     keep_alive_timeout: float,
@@ -115,6 +134,7 @@ def serve(
     # The gateway extra first: without it, say so before starting anything (see friendly).
     from .._conninfo import describe, listener_conninfo
     from ..contrib.gateway import create_app
+    from ..contrib.gateway.cors import CorsPolicy
     from ..contrib.gateway.server import GatewayServer
     from ._demo import database
 
@@ -127,6 +147,17 @@ def serve(
             param_hint="'--jwt-secret' / PGHERALD_JWT_SECRET",
         )
     anonymous, durable = _names(allow_anonymous), _names(durable_channels)
+    origins, known = _names(cors_origins), _names(channels)
+    try:
+        CorsPolicy(origins)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--cors-origin'") from None
+    patterns = [ch for ch in known if any(c in ch for c in "*?[")]
+    if patterns:
+        raise click.BadParameter(
+            f"{patterns[0]!r} is a pattern: name plain channels here (subscriptions take patterns)",
+            param_hint="'--channel'",
+        )
     if not (jwt_secret or jwt_public_key or anonymous):
         click.echo(
             "pgherald: warning: no --jwt-secret, --jwt-public-key or --allow-anonymous: every "
@@ -144,6 +175,8 @@ def serve(
                 jwt_public_key=key,
                 allow_anonymous=anonymous,
                 durable_channels=durable,
+                cors_origins=origins,
+                channels=known,
                 heartbeat=heartbeat,
                 max_body=max_body,
             )

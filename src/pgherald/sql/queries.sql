@@ -3,16 +3,18 @@
 
 -- name: publish --
 -- pgherald.publish_v1 as one plain statement: no PL/pgSQL call, no INSERT through SPI (a
--- tenth of a one-event transaction's server time). Same insert, same wake-up gate (one
--- notifying transaction at a time; none when the NOTIFY queue is over the configured usage;
--- CASE fixes the order): keep both in step, publish_v1 stays the reference (triggers call it).
+-- tenth of a one-event transaction's server time). Same insert, same wake-up gate (only when
+-- a consumer waits; one notifying transaction at a time; none when the NOTIFY queue is over
+-- the configured usage; CASE fixes the order): keep both in step, publish_v1 stays the reference (triggers call it).
 WITH e AS (
     INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
     VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
     RETURNING id
 )
 SELECT e.id,
-       CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
+       CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
+           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN CAST(NULL AS void) END
+       WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
            CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
                     current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
            THEN pg_notify('pgherald_wake_v1', '') END
@@ -40,7 +42,10 @@ e AS (
     RETURNING id
 )
 SELECT ids.ids,
-       CASE WHEN ids.ids IS NOT NULL THEN
+       CASE WHEN ids.ids IS NULL THEN CAST(NULL AS void)
+       WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
+           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN CAST(NULL AS void) END
+       ELSE
            CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
                CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
                         current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
@@ -63,14 +68,46 @@ INSERT INTO pgherald.migrations (name) VALUES (%(name)s) ON CONFLICT (name) DO N
 DROP SCHEMA IF EXISTS pgherald CASCADE
 
 -- name: create_group --
--- A new group starts at the given position in every partition; an existing one is untouched.
-INSERT INTO pgherald.positions_v1 (group_name, partition, tx, event_id, skip)
-SELECT %(group)s, p, CAST(%(tx)s AS xid8), %(event_id)s, CAST(%(skip)s AS pg_snapshot)
+-- A new group starts at the given position in every partition (its start rows, channel ''); an
+-- existing one is untouched.
+INSERT INTO pgherald.positions_v2 (group_name, channel, partition, tx, event_id, skip)
+SELECT %(group)s, '', p, CAST(%(tx)s AS xid8), %(event_id)s, CAST(%(skip)s AS pg_snapshot)
 FROM generate_series(0, 15) AS p
-ON CONFLICT (group_name, partition) DO NOTHING
+ON CONFLICT (group_name, channel, partition) DO NOTHING
+
+-- name: register_channels --
+-- Channels a consumer of the group reads: those it has not read before begin at the group's
+-- start (a channel added to a group gets its whole backlog, from the start on).
+INSERT INTO pgherald.positions_v2 (group_name, channel, partition, tx, event_id, skip)
+SELECT s.group_name, c.channel, s.partition, s.tx, s.event_id, s.skip
+FROM pgherald.positions_v2 AS s
+CROSS JOIN unnest(CAST(%(channels)s AS text[])) AS c(channel)
+WHERE s.group_name = %(group)s AND s.channel = ''
+ON CONFLICT (group_name, channel, partition) DO NOTHING
+
+-- name: every_channel --
+-- Whether the group's consumers read every channel (see positions_v2.every_channel).
+UPDATE pgherald.positions_v2 SET every_channel = CAST(%(every)s AS boolean)
+WHERE group_name = %(group)s AND channel = '' AND every_channel <> CAST(%(every)s AS boolean)
+
+-- name: log_channels --
+-- The channels the log holds events of, and those the group has read (NULL group: none): one
+-- index probe per channel (a loose scan of events_v1_read), however many events.
+WITH RECURSIVE c(channel) AS (
+    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > c.channel
+            ORDER BY e.channel LIMIT 1)
+    FROM c WHERE c.channel IS NOT NULL
+)
+SELECT channel FROM c WHERE channel IS NOT NULL
+UNION
+SELECT DISTINCT channel FROM pgherald.positions_v2
+WHERE group_name = %(group)s AND channel <> ''
 
 -- name: reset_group --
-UPDATE pgherald.positions_v1
+-- Every channel of the group, and its start, to the given position.
+UPDATE pgherald.positions_v2
 SET tx = CAST(%(tx)s AS xid8), event_id = %(event_id)s, skip = CAST(%(skip)s AS pg_snapshot),
     updated_at = now()
 WHERE group_name = %(group)s
@@ -88,20 +125,23 @@ SELECT tx::text, id - 1 FROM pgherald.events_v1 WHERE created_at >= %(at)s
 ORDER BY tx, id LIMIT 1
 
 -- name: read_batch --
--- The next events of a group in the partitions it holds, in (tx, id) order, only from
--- transactions older than every running one: nothing committed later can sort before them.
--- Each partition is read after the consumer's own cursor when it passes one (txs/ids, so that
--- it can read the next batch before acknowledging this one), else after the stored position
--- (NULL). per_partition keeps each partition's index scan short (the caller adapts it, so that
--- about `limit` rows are read in all, not `limit` per partition).
+-- The next events of a group on its channels in the partitions it holds, in (tx, id) order,
+-- only from transactions older than every running one: nothing committed later can sort
+-- before them. One index range per (channel, partition) (events_v1_read), so other channels'
+-- events cost nothing. Each is read after the consumer's own cursor when it passes one
+-- (txs/ids, so that it can read the next batch before acknowledging this one), else after the
+-- stored position (NULL). per_partition keeps each range short (the caller adapts it, so that
+-- about `limit` rows are read in all, not `limit` per range).
 SELECT e.id, e.tx::text, e.channel, e.key, e.payload::text, e.headers::text, e.created_at,
        e.partition
-FROM unnest(CAST(%(partitions)s AS smallint[]), CAST(%(txs)s AS xid8[]),
-            CAST(%(ids)s AS bigint[])) AS c(partition, tx, event_id)
-JOIN pgherald.positions_v1 AS p ON p.group_name = %(group)s AND p.partition = c.partition
+FROM unnest(CAST(%(channels)s AS text[]), CAST(%(partitions)s AS smallint[]),
+            CAST(%(txs)s AS xid8[]), CAST(%(ids)s AS bigint[]))
+     AS c(channel, partition, tx, event_id)
+JOIN pgherald.positions_v2 AS p
+  ON p.group_name = %(group)s AND p.channel = c.channel AND p.partition = c.partition
 CROSS JOIN LATERAL (
     SELECT * FROM pgherald.events_v1 AS e
-    WHERE e.partition = p.partition
+    WHERE e.channel = c.channel AND e.partition = p.partition
       AND (e.tx, e.id) > (coalesce(c.tx, p.tx), coalesce(c.event_id, p.event_id))
       AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
       AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
@@ -112,11 +152,11 @@ ORDER BY e.tx, e.id
 LIMIT CAST(%(limit)s AS integer)
 
 -- name: ack --
-UPDATE pgherald.positions_v1 AS p
+UPDATE pgherald.positions_v2 AS p
 SET tx = v.tx::xid8, event_id = v.event_id, updated_at = now()
-FROM unnest(%(partitions)s::smallint[], %(txs)s::text[], %(ids)s::bigint[])
-     AS v(partition, tx, event_id)
-WHERE p.group_name = %(group)s AND p.partition = v.partition
+FROM unnest(%(channels)s::text[], %(partitions)s::smallint[], %(txs)s::text[],
+            %(ids)s::bigint[]) AS v(channel, partition, tx, event_id)
+WHERE p.group_name = %(group)s AND p.channel = v.channel AND p.partition = v.partition
 
 -- name: group_members --
 -- Live consumers of a group: sessions holding its shared membership lock.
@@ -149,44 +189,57 @@ SELECT pg_notification_queue_usage(), (SELECT count(*) FROM pgherald.events_v1),
        (SELECT max(id) FROM pgherald.events_v1)
 
 -- name: prune --
--- Events older than the cutoff that every group has passed (unless forced), but the groups
--- in `ignore` (abandoned ones: see abandoned_groups).
+-- Events older than the cutoff that every group reading their channel has passed (unless
+-- forced), but the groups in `ignore` (abandoned ones: see abandoned_groups).
 DELETE FROM pgherald.events_v1 AS e
 WHERE e.created_at < %(before)s
   AND (%(force)s OR NOT EXISTS (
-        SELECT 1 FROM pgherald.positions_v1 AS p
-        WHERE p.partition = e.partition AND (e.tx, e.id) > (p.tx, p.event_id)
+        SELECT 1 FROM pgherald.positions_v2 AS p
+        WHERE p.channel = e.channel AND p.partition = e.partition
+          AND (e.tx, e.id) > (p.tx, p.event_id)
           AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
           AND p.group_name <> ALL (CAST(%(ignore)s AS text[]))))
 
 -- name: read_log --
 -- The log after position (after_tx, after_id), in (tx, id) order, and only from transactions
 -- older than every running one (as read_batch): nothing committed later can sort before what
--- this returns. Optional: up to (upto_tx, upto_id) inclusive, only some channels. Read per
--- partition over events_v1_read, (partition, tx, id): each LATERAL is one short index range,
--- so a read that finds nothing costs 16 index probes however long the log. The position is
--- given as values, not looked up here: the planner then sees how little lies after it (from
--- the column statistics), and does not JIT-compile a poll that finds nothing (10 ms at 10 M
--- events). Each partition gives at most per_partition rows (the caller stops at the first
--- partition cut short, see logread.read). The casts sit above the LIMIT: computed for the
+-- this returns. Optional: up to (upto_tx, upto_id) inclusive, only some channels (NULL: every
+-- channel the log holds, found by a loose scan of the read index: one probe per channel).
+-- Read per (channel, partition) over events_v1_read: each LATERAL is one short index range,
+-- so a read that finds nothing costs 16 index probes per channel however long the log. The
+-- position is given as values, not looked up here: the planner then sees how little lies
+-- after it (from the column statistics), and does not JIT-compile a poll that finds nothing
+-- (10 ms at 10 M events). Each range gives at most per_partition rows (the caller stops at the
+-- first range cut short, see logread.read). The casts sit above the LIMIT: computed for the
 -- rows returned only. horizon is the snapshot's xmin: a read that returns fewer than `limit`
--- events, no partition cut short, has seen everything before (horizon, 0). No events: one
--- row, its event columns NULL.
-WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon)
+-- events, no range cut short, has seen everything before (horizon, 0). No events: one row,
+-- its event columns NULL.
+WITH RECURSIVE h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon),
+every(channel) AS (
+    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > every.channel
+            ORDER BY e.channel LIMIT 1)
+    FROM every WHERE every.channel IS NOT NULL
+),
+c AS MATERIALIZED (
+    SELECT unnest(CAST(%(channels)s AS text[])) AS channel
+    UNION ALL
+    SELECT channel FROM every
+    WHERE CAST(%(channels)s AS text[]) IS NULL AND channel IS NOT NULL
+)
 SELECT h.horizon::text, r.id, r.tx::text, r.channel, r.key, r.payload::text, r.headers::text,
        r.created_at, r.partition
 FROM h
 LEFT JOIN LATERAL (
-    SELECT e.* FROM generate_series(0, 15) AS p(partition)
+    SELECT e.* FROM c CROSS JOIN generate_series(0, 15) AS p(partition)
     CROSS JOIN LATERAL (
         SELECT * FROM pgherald.events_v1 AS e
-        WHERE e.partition = CAST(p.partition AS smallint)
+        WHERE e.channel = c.channel AND e.partition = CAST(p.partition AS smallint)
           AND (e.tx, e.id) > (CAST(%(after_tx)s AS xid8), CAST(%(after_id)s AS bigint))
           AND e.tx < h.horizon
           AND (CAST(%(upto_tx)s AS xid8) IS NULL
                OR (e.tx, e.id) <= (CAST(%(upto_tx)s AS xid8), CAST(%(upto_id)s AS bigint)))
-          AND (CAST(%(channels)s AS text[]) IS NULL
-               OR e.channel = ANY (CAST(%(channels)s AS text[])))
         ORDER BY e.tx, e.id
         LIMIT CAST(%(per_partition)s AS integer)
     ) AS e
@@ -209,12 +262,35 @@ SELECT pg_notify(%(channel)s, %(payload)s)
 -- name: notify_queue_usage --
 SELECT pg_notification_queue_usage()
 
+-- name: change_guard --
+-- The gateway's watch on the change triggers' queue guard (schema.sql, notify_change_v1):
+-- past this usage they skip their notification.
+SELECT pg_notification_queue_usage(),
+       coalesce(CAST(nullif(current_setting('pgherald.change_max_queue_usage', true), '')
+                     AS float8), 0.9)
+
+-- name: change_trigger_channels --
+-- The channels pgherald's change triggers notify on (the gateway matches wildcard
+-- subscriptions against them): the first trigger argument, else the table's name, as
+-- notify_change_v1 defaults it. Catalogs only: works without the pgherald schema.
+SELECT DISTINCT coalesce(
+           nullif(CASE WHEN t.tgnargs > 0 AND position('\x00'::bytea IN t.tgargs) > 1
+                       THEN convert_from(substring(t.tgargs FROM 1
+                                                   FOR position('\x00'::bytea IN t.tgargs) - 1),
+                                         'UTF8') END, ''),
+           n.nspname || '.' || c.relname)
+FROM pg_trigger AS t
+JOIN pg_class AS c ON c.oid = t.tgrelid
+JOIN pg_namespace AS n ON n.oid = c.relnamespace
+WHERE t.tgname IN ('pgherald_change_v1', 'pgherald_truncate_v1')
+  AND NOT t.tgisinternal AND t.tgparentid = 0
+
 -- name: ping --
 SELECT 1
 
 -- name: dead_letter --
 -- A consumer gives up on an event: store (or, for a redelivered one, update) its dead letter
--- and move the group's position in its partition past it, in one statement: both or neither.
+-- and move the group's position in its channel and partition past it, in one statement: both or neither.
 -- The position only moves forward (a redelivered event lies behind it already).
 WITH dead AS (
     INSERT INTO pgherald.dead_letters_v1 AS d
@@ -227,9 +303,10 @@ WITH dead AS (
     SET attempts = d.attempts + excluded.attempts, error = excluded.error,
         last_failed_at = excluded.last_failed_at, dead_at = now(), redeliver_at = NULL
 )
-UPDATE pgherald.positions_v1 AS p
+UPDATE pgherald.positions_v2 AS p
 SET tx = CAST(%(tx)s AS xid8), event_id = CAST(%(event_id)s AS bigint), updated_at = now()
-WHERE p.group_name = %(group)s AND p.partition = CAST(%(partition)s AS smallint)
+WHERE p.group_name = %(group)s AND p.channel = %(channel)s
+  AND p.partition = CAST(%(partition)s AS smallint)
   AND (p.tx, p.event_id) < (CAST(%(tx)s AS xid8), CAST(%(event_id)s AS bigint))
 
 -- name: pending_redeliveries --
@@ -300,7 +377,7 @@ ORDER BY group_name
 WITH g AS (
     SELECT DISTINCT group_name,
            CAST(hashtext('pgherald.group:' || group_name)::bigint & 4294967295 AS oid) AS classid
-    FROM pgherald.positions_v1
+    FROM pgherald.positions_v2
 )
 SELECT g.group_name, l.pid, CAST(l.objid AS integer), l.mode = 'ShareLock' AS member,
        a.application_name, host(a.client_addr), a.backend_start
@@ -315,31 +392,49 @@ ORDER BY g.group_name, l.pid, l.objid
 -- Each group's last acknowledgement (or creation, or reset), the highest event id passed, and
 -- the time now (to age the lag by).
 SELECT group_name, max(updated_at), max(event_id), now()
-FROM pgherald.positions_v1
+FROM pgherald.positions_v2
 WHERE CAST(%(groups)s AS text[]) IS NULL OR group_name = ANY (CAST(%(groups)s AS text[]))
 GROUP BY group_name
 ORDER BY group_name
 
 -- name: group_lag --
--- The first `scan` events after each group's position in each partition, counted by channel:
--- at most `scan` rows per (group, partition) whatever the lag, each found by the read index.
--- A partition with fewer than `scan` is counted exactly; one cut short is estimated by the
--- caller from the ids its first events span (ids are dense: an identity). Per (group,
--- partition) also: rows seen, their lowest and highest id, the oldest event's time.
-SELECT p.group_name, p.partition, s.channel, count(*),
-       sum(count(*)) OVER w, min(min(s.id)) OVER w, max(max(s.id)) OVER w,
-       min(min(s.created_at)) OVER w
-FROM pgherald.positions_v1 AS p
+-- The first `scan` events after each group's position in each channel and partition it reads:
+-- at most `scan` rows per (group, channel, partition) whatever the lag, each range found by
+-- the read index (other channels' events are never scanned). A group of every channel also
+-- lags on the log's channels it has not read yet, from its start. A range with fewer than
+-- `scan` is counted exactly; one cut short is estimated by the caller from the ids its first
+-- events span and the range's last id (partition_heads). Also: the oldest event's time.
+WITH RECURSIVE every(channel) AS (
+    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > every.channel
+            ORDER BY e.channel LIMIT 1)
+    FROM every WHERE every.channel IS NOT NULL
+), p AS (
+    SELECT group_name, channel, partition, tx, event_id, skip FROM pgherald.positions_v2
+    WHERE channel <> ''
+    UNION ALL
+    SELECT s.group_name, c.channel, s.partition, s.tx, s.event_id, s.skip
+    FROM pgherald.positions_v2 AS s
+    CROSS JOIN (SELECT channel FROM every WHERE channel IS NOT NULL) AS c
+    WHERE s.channel = '' AND s.every_channel
+      AND NOT EXISTS (SELECT FROM pgherald.positions_v2 AS r
+                      WHERE r.group_name = s.group_name AND r.channel = c.channel
+                        AND r.partition = s.partition)
+)
+SELECT p.group_name, p.channel, p.partition, count(s.id), min(s.id), max(s.id),
+       min(s.created_at)
+FROM p
 CROSS JOIN LATERAL (
-    SELECT e.id, e.channel, e.created_at FROM pgherald.events_v1 AS e
-    WHERE e.partition = p.partition AND (e.tx, e.id) > (p.tx, p.event_id)
+    SELECT e.id, e.created_at FROM pgherald.events_v1 AS e
+    WHERE e.channel = p.channel AND e.partition = p.partition
+      AND (e.tx, e.id) > (p.tx, p.event_id)
       AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
     ORDER BY e.tx, e.id
     LIMIT CAST(%(scan)s AS integer)
 ) AS s
 WHERE CAST(%(groups)s AS text[]) IS NULL OR p.group_name = ANY (CAST(%(groups)s AS text[]))
-GROUP BY p.group_name, p.partition, s.channel
-WINDOW w AS (PARTITION BY p.group_name, p.partition)
+GROUP BY p.group_name, p.channel, p.partition
 
 -- name: plan_group_lag --
 -- For group_lag, in a transaction: walk the read index in order. Without this, stale or
@@ -350,11 +445,21 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
        set_config('jit', 'off', true)
 
 -- name: partition_heads --
--- The last event id of each partition in (tx, id) order: one backward index probe each.
-SELECT q.partition, (
-    SELECT e.id FROM pgherald.events_v1 AS e WHERE e.partition = q.partition
+-- The last event id of each (channel, partition) of the log, in (tx, id) order: one backward
+-- index probe each (channels by a loose scan).
+WITH RECURSIVE every(channel) AS (
+    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
+    UNION ALL
+    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > every.channel
+            ORDER BY e.channel LIMIT 1)
+    FROM every WHERE every.channel IS NOT NULL
+)
+SELECT c.channel, q.partition, (
+    SELECT e.id FROM pgherald.events_v1 AS e
+    WHERE e.channel = c.channel AND e.partition = q.partition
     ORDER BY e.tx DESC, e.id DESC LIMIT 1)
-FROM (SELECT DISTINCT partition FROM pgherald.positions_v1) AS q
+FROM every AS c CROSS JOIN generate_series(0, 15) AS q(partition)
+WHERE c.channel IS NOT NULL
 
 -- name: log_size --
 -- How many events the log holds without counting them all: exact up to `exact` rows, and
@@ -373,7 +478,7 @@ SELECT pg_notification_queue_usage(),
 -- Groups with no live member (no session holds the membership lock) and no acknowledgement
 -- for longer than `idle`: what prune may stop waiting for.
 SELECT p.group_name, max(p.updated_at)
-FROM pgherald.positions_v1 AS p
+FROM pgherald.positions_v2 AS p
 GROUP BY p.group_name
 HAVING max(p.updated_at) < now() - CAST(%(idle)s AS interval)
    AND NOT EXISTS (
@@ -397,10 +502,10 @@ SELECT pg_advisory_xact_lock(hashtext(%(lock_name)s), 1000)
 SELECT current_setting('lock_timeout'), set_config('lock_timeout', %(timeout)s, true)
 
 -- name: group_exists --
-SELECT EXISTS (SELECT FROM pgherald.positions_v1 WHERE group_name = %(group)s)
+SELECT EXISTS (SELECT FROM pgherald.positions_v2 WHERE group_name = %(group)s)
 
 -- name: delete_group --
-DELETE FROM pgherald.positions_v1 WHERE group_name = %(group)s
+DELETE FROM pgherald.positions_v2 WHERE group_name = %(group)s
 
 -- name: publish_later --
 -- publish(..., deliver_at | deliver_after): the event waits in scheduled_v1 until due (never in
@@ -515,3 +620,77 @@ FROM e
 -- name: schedules_next --
 -- Seconds until the next tick of any schedule (server clock; NULL: no schedule).
 SELECT extract(epoch FROM min(next_tick) - now()) FROM pgherald.schedules_v1
+
+-- name: cdc_server_state --
+-- Change data capture: what the server allows and what exists of a slot and its publication.
+SELECT current_setting('wal_level'),
+       (SELECT plugin FROM pg_replication_slots WHERE slot_name = %(slot)s),
+       EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s),
+       current_setting('server_version_num')::int
+
+-- name: cdc_resolve_table --
+-- A table named as SQL writes it (schema.table, quoted parts) as its schema and name.
+SELECT n.nspname, c.relname, c.relkind
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.oid = to_regclass(%(name)s)
+
+-- name: cdc_publication_tables --
+-- The tables of a publication, their published columns and primary key columns (in the key's
+-- order; empty: no primary key).
+SELECT p.schemaname, p.tablename, p.attnames::text[],
+       ARRAY(SELECT a.attname::text FROM pg_index i
+             CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE i.indrelid = (quote_ident(p.schemaname) || '.' || quote_ident(p.tablename))::regclass
+               AND i.indisprimary
+             ORDER BY k.n)
+FROM pg_publication_tables p
+WHERE p.pubname = %(publication)s
+ORDER BY 1, 2
+
+-- name: cdc_status --
+-- Every pgoutput slot of this database: how far its reader is behind (bytes of WAL written
+-- since it acknowledged) and how much WAL it keeps the server from removing.
+SELECT s.slot_name::text, s.active, s.active_pid,
+       s.confirmed_flush_lsn::text, s.restart_lsn::text,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), s.confirmed_flush_lsn)::bigint,
+       pg_wal_lsn_diff(pg_current_wal_lsn(), s.restart_lsn)::bigint,
+       s.wal_status, s.safe_wal_size
+FROM pg_replication_slots s
+WHERE s.plugin = 'pgoutput' AND s.database = current_database()
+  AND (%(slot)s::text IS NULL OR s.slot_name = %(slot)s)
+ORDER BY 1
+
+-- name: cdc_last_lsn --
+-- The commit LSN of the last transaction `cdc run --into-log` stored for a slot (see
+-- docs/cdc.md): the newest such event, found by walking the log back from its newest id.
+SELECT headers->>'cdc_lsn'
+FROM pgherald.events_v1
+WHERE headers->>'cdc_slot' = %(slot)s
+ORDER BY id DESC
+LIMIT 1
+
+-- name: retention_get --
+SELECT name, CAST(value AS interval) FROM pgherald.settings_v1
+WHERE name IN ('retention', 'abandon_after')
+
+-- name: retention_set --
+INSERT INTO pgherald.settings_v1 (name, value)
+VALUES (%(name)s, CAST(CAST(%(value)s AS interval) AS text))
+ON CONFLICT (name) DO UPDATE SET value = excluded.value
+
+-- name: retention_delete --
+DELETE FROM pgherald.settings_v1 WHERE name = %(name)s
+
+-- name: maintain --
+SELECT action, target, detail
+FROM pgherald.maintain_v1(coalesce(CAST(%(now)s AS timestamptz), now()))
+
+-- name: wait_for_wakeups --
+-- A consumer about to wait: publishers send wake-ups only while some session holds this shared
+-- lock (see publish_v1). False when a publisher holds it this instant (try again shortly).
+SELECT pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)
+
+-- name: busy --
+-- A consumer behind on the log needs no wake-ups: publishers stop sending them.
+SELECT pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), 1)

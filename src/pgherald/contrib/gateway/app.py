@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import anyio
 from starlette.applications import Starlette
@@ -17,6 +18,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
 from .auth import Authenticator, AuthError, bearer_token
+from .cors import CorsPolicy
 from .direct import SERVER_SEND
 from .fanout import Hub
 from .publishing import PublishRefused, publish_checked
@@ -38,17 +40,59 @@ class Gateway:
         auth: Authenticator,
         max_body: int = MAX_BODY,
         body_timeout: float = BODY_TIMEOUT,
+        cors: CorsPolicy | None = None,
     ) -> None:
         self.hub = hub
         self.auth = auth
         self.max_body = max_body
         self.body_timeout = body_timeout
+        self.cors = cors or CorsPolicy()
 
     def close_streams(self, reason: str = "server shutting down") -> None:
         """End every client stream now (call before a server waits for connections to end)."""
         self.hub.close_all(reason)
 
+    async def _cross_origin(
+        self, request: Request, methods: tuple[str, ...], handler: Any
+    ) -> Response:
+        """*handler*'s answer with CORS headers; preflights and refused origins answered here."""
+        if request.method == "OPTIONS":
+            status, headers, why = self.cors.preflight(request.headers, methods)
+            if why is None:
+                return Response(None, status, headers=dict(headers))
+            return JSONResponse({"error": why}, status, headers=dict(headers))
+        refused = self.cors.check(request.headers)
+        response: Response = (
+            JSONResponse({"error": refused}, 403) if refused is not None else await handler(request)
+        )
+        for name, value in self.cors.headers(request.headers):
+            response.headers[name] = value
+        return response
+
     async def publish(self, request: Request) -> Response:
+        return await self._cross_origin(request, ("POST",), self._publish)
+
+    async def channels(self, request: Request) -> Response:
+        return await self._cross_origin(request, ("GET",), self._channels)
+
+    async def _channels(self, request: Request) -> Response:
+        """What the caller (its token, or none) may read and write, and the channels known."""
+        try:
+            principal = self.auth.authenticate(bearer_token(request.headers, request.query_params))
+        except AuthError as exc:
+            return JSONResponse({"error": exc.message}, exc.status)
+        with anyio.move_on_after(3.0):
+            await self.hub.discover(at_most_every=5.0)
+        return JSONResponse(
+            {
+                "read": list(dict.fromkeys(principal.read)),
+                "write": list(dict.fromkeys(principal.write)),
+                "durable": sorted(self.hub.durable),
+                "channels": sorted(ch for ch in self.hub.known if principal.can_read(ch)),
+            }
+        )
+
+    async def _publish(self, request: Request) -> Response:
         channel = request.path_params["channel"]
         try:
             principal = self.auth.authenticate(bearer_token(request.headers, request.query_params))
@@ -134,6 +178,9 @@ def create_app(
     inline_writes: bool = True,
     max_body: int = MAX_BODY,
     body_timeout: float = BODY_TIMEOUT,
+    cors_origins: Iterable[str] = (),
+    channels: Iterable[str] = (),
+    queue_check_interval: float = 1.0,
 ) -> Starlette:
     """
     The real-time gateway: SSE, WebSocket and HTTP publish over one LISTEN connection.
@@ -142,8 +189,13 @@ def create_app(
     the fan-out start client writes itself (asyncio); turn it off when mounting the app behind
     middleware whose ``send`` enters cancel scopes. *max_body*: bytes of a publish body (a
     WebSocket message under `GatewayServer`), *body_timeout*: seconds it may take to arrive.
-    See docs/gateway.md.
+    *cors_origins*: origins (``https://app.example.com``, or patterns) whose pages may use the
+    gateway; other origins' browser requests are refused. *channels*: plain channels wildcard
+    subscriptions may match (besides change triggers' and durable ones). *queue_check_interval*:
+    seconds between reads of the NOTIFY queue usage (a ``gap`` when change triggers skip
+    notifications; 0: never). See docs/gateway.md.
     """
+    cors = CorsPolicy(cors_origins)  # ValueError for an origin without a scheme
     if isinstance(jwt_public_key, Path):
         jwt_public_key = jwt_public_key.read_bytes()
     auth = Authenticator(
@@ -156,8 +208,10 @@ def create_app(
         heartbeat=heartbeat,
         poll_interval=poll_interval,
         inline_writes=inline_writes,
+        channels=channels,
+        queue_check_interval=queue_check_interval,
     )
-    gateway = Gateway(hub, auth, max_body, body_timeout)
+    gateway = Gateway(hub, auth, max_body, body_timeout, cors)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -167,9 +221,10 @@ def create_app(
     app = _GatewayApp(
         routes=[
             Route("/", gateway.page, methods=["GET"]),
-            Route("/sse", SseEndpoint(hub, auth), methods=["GET"]),
-            WebSocketRoute("/ws", WsEndpoint(hub, auth).handle),
-            Route("/publish/{channel}", gateway.publish, methods=["POST"]),
+            Route("/sse", SseEndpoint(hub, auth, cors), methods=["GET", "OPTIONS"]),
+            WebSocketRoute("/ws", WsEndpoint(hub, auth, cors).handle),
+            Route("/publish/{channel}", gateway.publish, methods=["POST", "OPTIONS"]),
+            Route("/channels", gateway.channels, methods=["GET", "OPTIONS"]),
             Route("/healthz", gateway.healthz, methods=["GET"]),
             Route("/metrics", gateway.metrics, methods=["GET"]),
         ],

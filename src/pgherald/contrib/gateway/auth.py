@@ -54,7 +54,9 @@ class Principal:
 
 
 def _matches(channel: str, patterns: tuple[str, ...]) -> bool:
-    return any(fnmatch.fnmatchcase(channel, p) for p in patterns)
+    """Whether a claim pattern covers *channel*, or *channel* as a pattern (``chat.*``): as a
+    name (its ``*`` only matches a claim's wildcard), or being the claim itself."""
+    return channel in patterns or any(fnmatch.fnmatchcase(channel, p) for p in patterns)
 
 
 class Authenticator:

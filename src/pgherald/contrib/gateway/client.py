@@ -25,6 +25,7 @@ from .wakeup import new_signal
 
 if TYPE_CHECKING:
     from .fanout import Hub
+    from .filters import Filter
 
 Write = Callable[[list[Frame]], Coroutine[Any, Any, None]]
 """The endpoint's way to write frames to its client (an SSE chunk, WebSocket messages)."""
@@ -42,12 +43,15 @@ class Client:
         "_ready",
         "_suspended",
         "_write",
+        "can_read",
         "channels",
         "close_code",
         "expires",
         "hub",
         "kind",
         "last_write",
+        "named",
+        "patterns",
         "pending",
         "reason",
         "scope",
@@ -57,6 +61,13 @@ class Client:
         self.hub = hub
         self.kind = kind
         self.channels: set[str] = set()
+        """The channels it gets events of (named, or matched by one of its patterns)."""
+        self.named: set[str] = set()
+        """The channels it subscribed to by name."""
+        self.patterns: dict[str, Filter | None] = {}
+        """Its wildcard subscriptions (``public.*``), each with its filter."""
+        self.can_read: Callable[[str], bool] = _anything
+        """Whether its token lets it read a channel (what a pattern may match)."""
         self.pending: list[Frame] = []
         self.reason: str | None = None
         """Why the gateway ends this client's stream (None while it is not ending)."""
@@ -176,6 +187,10 @@ class Client:
         if self.scope is not None:
             # A writer stuck on a client that does not read gets a little time, then goes.
             self.scope.deadline = min(self.scope.deadline, anyio.current_time() + self.hub.grace)
+
+
+def _anything(channel: str) -> bool:
+    return True
 
 
 @types.coroutine

@@ -4,6 +4,17 @@ The hub: one listening connection for every client, bounded per-client buffers, 
 Plain channels: LISTEN when the first client wants a channel, UNLISTEN when the last one
 leaves; each notification becomes one `Frame`, offered to every subscriber without waiting.
 
+Wildcard subscriptions (``public.*``, fnmatch patterns as in tokens' claims): PostgreSQL has no
+wildcard LISTEN, so a pattern matches the channels the gateway knows (`Hub.known`): declared ones,
+durable ones, those of pgherald's change triggers in the database, and those subscribed to by
+name or published to through the gateway; a channel that becomes known later joins every
+pattern that matches it. Filters (filters.py) are kept apart from the plain subscribers, so an
+event to unfiltered clients costs what it did.
+
+Gaps: whenever subscribers of plain channels may have missed notifications (the listener
+reconnected or gave up its queue position, or the change triggers' queue guard skipped
+notifications), each of them gets a ``gap`` message in its stream, to resync.
+
 Durable channels: one task tails the event log in commit-safe order, (tx, id), woken by
 ``pgherald_wake_v1`` and by a short poll, with the reader of `pgherald.read_log` (per partition:
 an idle poll costs the same however long the log). `Hub.position` is where the tail is; a
@@ -13,6 +24,7 @@ itself. Every statement runs on the event loop (`Db`): no worker threads.
 
 from __future__ import annotations
 
+import fnmatch
 import logging
 import time
 from collections.abc import AsyncIterator, Generator, Iterable
@@ -33,13 +45,21 @@ from ..._schema import MISSING
 from ...errors import ConnectionLost, HeraldError, SchemaMissing
 from .client import Client
 from .db import Db, Statement
-from .frames import PING, Frame, Position
+from .filters import Filter, decode
+from .frames import PING, Frame, Position, control
 from .metrics import Metrics
 from .wakeup import Signal, new_signal, on_asyncio
 
 logger = logging.getLogger("pgherald.gateway")
 
 WAKE_CHANNEL = "pgherald_wake_v1"
+MAX_LEARNED = 10_000
+"""Channels remembered from subscriptions and publishes for patterns to match, at most."""
+
+
+def is_pattern(channel: str) -> bool:
+    """Whether a subscription names a pattern (``*``, ``?``, ``[...]``) rather than a channel."""
+    return "*" in channel or "?" in channel or "[" in channel
 
 
 class UnknownEventId(HeraldError):
@@ -59,9 +79,16 @@ class Hub:
         grace: float = 5.0,
         listen_timeout: float = 10.0,
         inline_writes: bool = True,
+        channels: Iterable[str] = (),
+        queue_check_interval: float = 1.0,
+        discover_interval: float = 30.0,
     ) -> None:
         self.dsn = dsn
         self.durable = frozenset(durable_channels)
+        self.declared = frozenset(channels)
+        """Plain channels given to the gateway for patterns to match (``--channel``)."""
+        self.queue_check_interval = queue_check_interval
+        self.discover_interval = discover_interval
         self.client_buffer = client_buffer
         self.heartbeat = heartbeat
         self.poll_interval = poll_interval
@@ -78,6 +105,12 @@ class Hub:
         )
         self.clients: set[Client] = set()
         self._subs: dict[str, set[Client]] = {}
+        self._filtered: dict[str, dict[Client, Filter]] = {}  # subscribers with a filter
+        self._pattern_clients: set[Client] = set()
+        self._learned: dict[str, None] = {}  # an ordered set, oldest first
+        self._discovered: frozenset[str] = frozenset()
+        self._discovered_at = -1e9
+        self._guard_since: float | None = None  # the queue guard skips notifications
         self.position: Position = (0, 0)
         self.inline_writes = inline_writes
         self.inline = False
@@ -105,6 +138,8 @@ class Hub:
                 self._dirty = []  # (a hub run again: what an earlier run left is gone)
                 self.inline = self.inline_writes and on_asyncio()
                 tg.start_soon(self._flusher)
+                tg.start_soon(self._watch_queue_guard)
+                tg.start_soon(self._rediscover)
                 if self.durable:
                     tg.start_soon(self._tail)
                 self._running = True
@@ -141,38 +176,179 @@ class Hub:
         self.metrics.clients.labels(kind).inc()
         return client
 
-    async def add(self, client: Client, channels: Iterable[str]) -> Position:
+    @property
+    def known(self) -> set[str]:
+        """The channels patterns match: declared, durable, change triggers', learned."""
+        return set(self.declared) | self.durable | self._discovered | set(self._learned)
+
+    def _is_known(self, channel: str) -> bool:
+        return (
+            channel in self._learned
+            or channel in self.declared
+            or channel in self.durable
+            or channel in self._discovered
+        )
+
+    def durable_matching(self, channels: Iterable[str], can_read: Any = None) -> list[str]:
+        """The durable channels among *channels*, patterns expanded (those *can_read* allows)."""
+        found: dict[str, None] = {}
+        for ch in channels:
+            if not is_pattern(ch):
+                if ch in self.durable:
+                    found[ch] = None
+                continue
+            for d in sorted(self.durable):
+                if fnmatch.fnmatchcase(d, ch) and (can_read is None or can_read(d)):
+                    found[d] = None
+        return list(found)
+
+    async def add(
+        self, client: Client, channels: Iterable[str], filter: Filter | None = None
+    ) -> Position:
         """
-        Subscribe *client* to *channels*; return the log position it gets live events after.
+        Subscribe *client* to *channels* (names or patterns), each with *filter* (None: every
+        event); return the log position it gets live events after.
 
         Returns once the LISTENs are in effect, so nothing sent afterwards is missed.
         """
         channels = list(dict.fromkeys(channels))
-        for ch in channels:
-            subs = self._subs.setdefault(ch, set())
-            subs.add(client)
-            client.channels.add(ch)
+        names = [ch for ch in channels if not is_pattern(ch)]
+        patterns = [ch for ch in channels if is_pattern(ch)]
+        # Channels new to the gateway join other clients' patterns that match them (listen).
+        listen = await self.discover(at_most_every=1.0) if patterns else []
+        for p in patterns:
+            client.patterns[p] = filter
+        if client.patterns:
+            self._pattern_clients.add(client)
+        client.named.update(names)
+        listen += self._learn(names)
+        matched = (
+            [
+                ch
+                for ch in sorted(self.known)
+                if any(fnmatch.fnmatchcase(ch, p) for p in patterns) and client.can_read(ch)
+            ]
+            if patterns
+            else []
+        )
+        for ch in names:
+            self._register(client, ch, filter)
+        for ch in matched:
+            if ch not in names:
+                self._register(client, ch, filter)
         position = self.position  # with the registration above: no await in between
-        plain = [ch for ch in channels if ch not in self.durable]
+        plain = [ch for ch in dict.fromkeys(names + matched + listen) if ch not in self.durable]
         if plain:
             # Returns once the server listens (also when another client's subscribe to the same
             # channel is still in flight): nothing sent afterwards is missed.
             await self.listener.subscribe(*plain)
         return position
 
+    def _register(self, client: Client, channel: str, filter: Filter | None) -> None:
+        """*client* gets *channel*'s events (those *filter* passes); replaces an earlier filter."""
+        if filter is None:
+            self._subs.setdefault(channel, set()).add(client)
+            self._unfilter(client, channel)
+        else:
+            self._filtered.setdefault(channel, {})[client] = filter
+            subs = self._subs.get(channel)
+            if subs is not None:
+                subs.discard(client)
+                if not subs:
+                    del self._subs[channel]
+        client.channels.add(channel)
+
+    def _unfilter(self, client: Client, channel: str) -> None:
+        filtered = self._filtered.get(channel)
+        if filtered is not None:
+            filtered.pop(client, None)
+            if not filtered:
+                del self._filtered[channel]
+
+    def _subscribed(self, channel: str) -> bool:
+        return channel in self._subs or channel in self._filtered
+
+    def _learn(self, channels: Iterable[str]) -> list[str]:
+        """
+        Remember *channels* for patterns to match, and subscribe the clients whose patterns
+        match those that are new; returns those that gained subscribers (to LISTEN to).
+        """
+        new = [ch for ch in channels if not self._is_known(ch)]
+        for ch in new:
+            self._learned[ch] = None
+            if len(self._learned) > MAX_LEARNED:
+                del self._learned[next(iter(self._learned))]
+        return self._join_patterns(new)
+
+    def _join_patterns(self, channels: list[str]) -> list[str]:
+        """Subscribe the clients whose patterns match *channels*; those that gained any."""
+        gained: list[str] = []
+        if not self._pattern_clients:
+            return gained
+        for ch in channels:
+            for client in list(self._pattern_clients):
+                if ch in client.channels or client.reason is not None or not client.can_read(ch):
+                    continue
+                for p, filter in client.patterns.items():
+                    if fnmatch.fnmatchcase(ch, p):
+                        if client.kind == "sse":  # (before any event: the LISTEN comes after)
+                            client.offer(control("subscribed", {"channels": [ch], "pattern": p}))
+                        self._register(client, ch, filter)
+                        gained.append(ch)
+                        break
+        return gained
+
+    async def discover(self, *, at_most_every: float) -> list[str]:
+        """Read the change triggers' channels again; `_learn` the new ones (returned)."""
+        now = time.monotonic()
+        if now - self._discovered_at < at_most_every:
+            return []
+        self._discovered_at = now
+        try:
+            res = await self.db.named(
+                "change_trigger_channels", {}, doing="list the change triggers' channels"
+            )
+        except HeraldError as exc:
+            logger.warning("listing the change triggers' channels failed (%s)", one_line(exc))
+            return []
+        found = frozenset((res.get_value(i, 0) or b"").decode() for i in range(res.ntuples)) - {""}
+        new = [ch for ch in sorted(found) if not self._is_known(ch)]
+        self._discovered = found
+        return self._join_patterns(new)
+
     async def remove(self, client: Client, channels: Iterable[str] | None = None) -> None:
-        """Unsubscribe *client* from *channels* (None: all, and forget it)."""
+        """Unsubscribe *client* from *channels*, names or patterns (None: all, and forget it)."""
+        if channels is None:
+            dropped = list(client.channels)
+            client.patterns.clear()
+            client.named.clear()
+        else:
+            given = list(channels)
+            for ch in given:
+                if is_pattern(ch):
+                    client.patterns.pop(ch, None)
+                else:
+                    client.named.discard(ch)
+            dropped = [
+                ch
+                for ch in client.channels
+                if (ch in given or any(fnmatch.fnmatchcase(ch, p) for p in given if is_pattern(p)))
+                and ch not in client.named
+                and not any(fnmatch.fnmatchcase(ch, p) for p in client.patterns)
+            ]
+        if not client.patterns:
+            self._pattern_clients.discard(client)
         gone: list[str] = []
-        for ch in list(client.channels) if channels is None else list(channels):
+        for ch in dropped:
             client.channels.discard(ch)
+            self._unfilter(client, ch)
             subs = self._subs.get(ch)
-            if subs is None:
-                continue
-            subs.discard(client)
-            if not subs:
-                del self._subs[ch]
-                if ch not in self.durable:
-                    gone.append(ch)
+            if subs is not None:
+                subs.discard(client)
+                if not subs:
+                    del self._subs[ch]
+            if not self._subscribed(ch) and ch not in self.durable:
+                gone.append(ch)
         if channels is None:
             client.end("gone")
             if client in self.clients:
@@ -226,6 +402,57 @@ class Hub:
                 ):
                     client.offer(PING)  # (frames waiting: the stream is blocked, not idle)
 
+    async def _rediscover(self) -> None:
+        """While patterns are subscribed, pick up change triggers added since."""
+        while True:
+            await anyio.sleep(self.discover_interval)
+            if self._pattern_clients:
+                gained = await self.discover(at_most_every=0.0)
+                plain = [ch for ch in gained if ch not in self.durable]
+                if plain:
+                    with anyio.move_on_after(self.listen_timeout):
+                        await self.listener.subscribe(*plain)
+
+    async def _watch_queue_guard(self) -> None:
+        """
+        Send a gap while the change triggers skip their notifications (the NOTIFY queue is
+        past ``pgherald.change_max_queue_usage``), and another, with its end, once they send
+        again. Read every `queue_check_interval` while plain channels are subscribed.
+        """
+        if self.queue_check_interval <= 0:
+            return
+        below_at = time.time()
+        while True:
+            await anyio.sleep(self.queue_check_interval)
+            subscribed = self._subs.keys() | self._filtered.keys()
+            if not self._pattern_clients and subscribed <= self.durable:
+                continue  # no plain channel: nothing to miss
+            try:
+                res = await self.db.named("change_guard", {}, doing="read the NOTIFY queue usage")
+                usage = float(res.get_value(0, 0) or b"0")
+                limit = float(res.get_value(0, 1) or b"0.9")
+            except (HeraldError, ValueError):
+                continue  # the database is away: the listener reports that gap
+            now = time.time()
+            if usage < limit:
+                if self._guard_since is not None:
+                    logger.warning(
+                        "the NOTIFY queue is below pgherald.change_max_queue_usage again: "
+                        "change triggers notify again"
+                    )
+                    self.send_gap("queue_guard", self._guard_since, now)
+                    self._guard_since = None
+                below_at = now
+            elif self._guard_since is None:
+                logger.warning(
+                    "the NOTIFY queue is %.0f%% full, past pgherald.change_max_queue_usage "
+                    "(%.2f): change triggers skip their notifications; clients are told (gap)",
+                    usage * 100,
+                    limit,
+                )
+                self._guard_since = below_at
+                self.send_gap("queue_guard", below_at, None)
+
     # -- plain channels --
 
     def _on_notification(self, n: Notification) -> None:
@@ -238,6 +465,10 @@ class Hub:
             frame = Frame(n.channel, n.payload)
             for client in list(subs):
                 client.offer(frame)
+        if self._filtered:
+            filtered = self._filtered.get(n.channel)
+            if filtered and n.channel not in self.durable:
+                _offer_filtered(filtered, Frame(n.channel, n.payload))
 
     def _gap(self, gap: Gap) -> None:
         logger.warning(
@@ -247,6 +478,30 @@ class Hub:
             gap.reason,
         )
         self._wake.set()
+        self.send_gap(gap.reason, gap.started, gap.ended)
+
+    def send_gap(self, reason: str, started: float, ended: float | None) -> int:
+        """
+        Tell every client of a plain channel (or a pattern) that it may have missed events
+        between *started* and *ended* (`time.time`; None: still going on). Returns how many.
+        """
+        told = 0
+        for client in list(self.clients):
+            if client.reason is not None:
+                continue
+            plain = sorted(ch for ch in client.channels if ch not in self.durable)
+            if not plain and not client.patterns:
+                continue
+            fields: dict[str, object] = {
+                "reason": reason,
+                "channels": plain + sorted(client.patterns),
+                "started": round(started, 3),
+                "ended": None if ended is None else round(ended, 3),
+            }
+            client.offer(control("gap", fields))
+            told += 1
+        self.metrics.gaps.labels(reason).inc()
+        return told
 
     # -- durable channels --
 
@@ -268,6 +523,9 @@ class Hub:
                 if subs:
                     for client in list(subs):
                         client.offer(frame)
+                filtered = self._filtered.get(channel)
+                if filtered:
+                    _offer_filtered(filtered, frame)
             # Past the last event, or, when caught up, to the horizon: events of other
             # channels that the read skipped are not scanned again.
             self.position = logread.next_position(read, limit, self.position)
@@ -285,6 +543,10 @@ class Hub:
             )
             return int(res.get_value(0, 0) or b"0")
         params = {"channel": check_channel(channel), "payload": encode_payload(payload)}
+        gained = self._learn([channel])  # clients whose patterns match a channel new to us
+        if gained:
+            with anyio.move_on_after(self.listen_timeout):
+                await self.listener.subscribe(*gained)  # listening before it is sent
         await self.db.named("notify", params, doing=f"NOTIFY on channel {channel!r}")
         return None
 
@@ -316,16 +578,17 @@ class Hub:
         return (int(res.get_value(0, 0) or b"0"), event_id)
 
     async def replay(
-        self, channels: list[str], after: Position, upto: Position
+        self, channels: list[str], after: Position, upto: Position, filter: Filter | None = None
     ) -> AsyncIterator[Frame]:
-        """Events of *channels* in ``(after, upto]``, from the log, in order."""
+        """Events of *channels* in ``(after, upto]``, from the log, in order (*filter* passes)."""
         limit = self.batch_size
         while after < upto:
             query = logread.LogQuery(after=after, limit=limit, channels=channels, upto=upto)
             read = await self.db.run(_reader(query))
             rows = logread.frame_rows(read)
             for tx, event_id, channel, payload in rows:
-                yield Frame(channel, payload, (tx, event_id))
+                if filter is None or filter(decode(payload)):
+                    yield Frame(channel, payload, (tx, event_id))
             if read.n < limit:
                 return
             after = rows[-1][:2]
@@ -334,6 +597,14 @@ class Hub:
         res = await self._tail_db.named("schema_installed", {}, doing="check the schema")
         if res.get_value(0, 0) != b"t":
             raise SchemaMissing(MISSING)
+
+
+def _offer_filtered(filtered: dict[Client, Filter], frame: Frame) -> None:
+    """*frame* to the clients whose filter its payload passes (decoded once for all)."""
+    value = decode(frame.payload)
+    for client, filter in list(filtered.items()):
+        if filter(value):
+            client.offer(frame)
 
 
 def _reader(query: logread.LogQuery) -> Statement[logread.LogRead]:

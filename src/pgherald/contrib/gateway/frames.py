@@ -132,3 +132,15 @@ def sse_error(message: str) -> bytes:
     """The last frame of a stream the gateway ends: ``event: error`` with the reason."""
     data = "".join(f"data: {line}\n" for line in _LINE_BREAK.split(message))
     return f"event: error\n{data}\n".encode()
+
+
+def control(event: str, fields: dict[str, object]) -> Frame:
+    """
+    A message of the gateway's own, queued like events (so it keeps its place among them):
+    SSE ``event: <event>`` with *fields* as JSON data, WebSocket ``{"type": <event>, ...}``.
+    """
+    frame = Frame("", "")
+    data = json.dumps(fields, separators=(",", ":"))
+    frame._sse = f"event: {event}\ndata: {data}\n\n".encode()
+    frame._ws = json.dumps({"type": event} | fields, separators=(",", ":"))
+    return frame

@@ -37,6 +37,13 @@ class Metrics:
             "Slow clients disconnected because their buffer overflowed.",
             registry=registry,
         )
+        self.gaps = Counter(
+            "pgherald_gateway_gaps",
+            "Gap messages sent to clients of plain channels (once per gap, whatever the number "
+            "of clients), by reason: reconnect, queue_limit, queue_guard.",
+            ["reason"],
+            registry=registry,
+        )
         self.queue_usage = Gauge(
             "pgherald_gateway_notify_queue_usage",
             "pg_notification_queue_usage() (0 to 1), read at each scrape.",

@@ -6,15 +6,17 @@ from typing import Any
 
 import anyio
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
 from ...errors import HeraldError
 from .auth import Authenticator, AuthError, bearer_token
 from .client import Client
+from .cors import CorsPolicy
 from .direct import DirectBody
 from .fanout import Hub, UnknownEventId
-from .frames import PING, Frame, Position, sse_error
+from .filters import Filter, FilterError, parse_filters
+from .frames import PING, Frame, Position, control, sse_error
 
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -28,7 +30,10 @@ class BadRequest(HeraldError):
 
 
 def parse_channels(values: list[str]) -> list[str]:
-    """``?channel=a&channel=b`` (``a,b`` works too); names are checked, never altered."""
+    """``?channel=a&channel=b`` (``a,b`` works too); names are checked, never altered.
+
+    A name with ``*``, ``?`` or ``[`` is a pattern (fnmatch, as in tokens' claims).
+    """
     channels = [c for v in values for c in v.split(",") if c]
     if not channels:
         raise BadRequest("name at least one channel: ?channel=NAME")
@@ -39,20 +44,29 @@ def parse_channels(values: list[str]) -> list[str]:
 
 
 class SseEndpoint:
-    def __init__(self, hub: Hub, auth: Authenticator) -> None:
+    def __init__(self, hub: Hub, auth: Authenticator, cors: CorsPolicy | None = None) -> None:
         self.hub = hub
         self.auth = auth
+        self.cors = cors or CorsPolicy()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
+        cors = self.cors.headers(request.headers)
+        if request.method == "OPTIONS":
+            status, headers, why = self.cors.preflight(request.headers, ("GET",))
+            return await _error(scope, receive, send, status, why, headers)
+        refused = self.cors.check(request.headers)
+        if refused is not None:
+            return await _error(scope, receive, send, 403, refused, cors)
         try:
             channels = parse_channels(request.query_params.getlist("channel"))
+            filter = parse_filters(request.query_params.getlist("filter"))
             principal = self.auth.authenticate(bearer_token(request.headers, request.query_params))
             principal.check_read(channels)
             last_id = request.headers.get("last-event-id") or request.query_params.get(
                 "last_event_id"
             )
-            durable = [ch for ch in channels if ch in self.hub.durable]
+            durable = self.hub.durable_matching(channels, principal.can_read)
             after: Position | None = None
             if last_id and durable:
                 try:
@@ -60,22 +74,26 @@ class SseEndpoint:
                 except ValueError:
                     raise BadRequest("Last-Event-ID must be an event id (an integer)") from None
         except AuthError as exc:
-            return await _error(scope, receive, send, exc.status, exc.message)
-        except (BadRequest, UnknownEventId) as exc:
-            return await _error(scope, receive, send, 400, str(exc))
+            return await _error(scope, receive, send, exc.status, exc.message, cors)
+        except (BadRequest, UnknownEventId, FilterError) as exc:
+            return await _error(scope, receive, send, 400, str(exc), cors)
         except HeraldError:  # finding the resume point: the database is down or refuses
-            return await _error(scope, receive, send, 503, "the database is not available")
+            return await _error(scope, receive, send, 503, "the database is not available", cors)
 
         client = self.hub.new_client("sse", principal.exp)
+        client.can_read = principal.can_read
         try:
             try:
-                upto = await self.hub.add(client, channels)
+                upto = await self.hub.add(client, channels, filter)
             except TimeoutError:
-                return await _error(scope, receive, send, 503, "the listener is not connected")
-            await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+                return await _error(
+                    scope, receive, send, 503, "the listener is not connected", cors
+                )
+            head = _HEADERS + [(k.encode(), v.encode()) for k, v in cors]
+            await send({"type": "http.response.start", "status": 200, "headers": head})
             async with anyio.create_task_group() as tg:
                 tg.start_soon(_watch_disconnect, receive, tg.cancel_scope)
-                await self._stream(client, send, DirectBody.of(scope), durable, after, upto)
+                await self._stream(client, send, DirectBody.of(scope), durable, after, upto, filter)
                 tg.cancel_scope.cancel()
         finally:
             await self.hub.remove(client)
@@ -88,6 +106,7 @@ class SseEndpoint:
         durable: list[str],
         after: Position | None,
         upto: Position,
+        filter: Filter | None = None,
     ) -> None:
         async def body(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -121,9 +140,12 @@ class SseEndpoint:
         try:
             with anyio.CancelScope() as scope:
                 client.scope = scope
-                await body(b": ready\n\n")
+                # Then the channels the patterns matched (see Hub.add), before any event.
+                matched = sorted(client.channels - client.named)
+                announce = control("subscribed", {"channels": matched}).sse if matched else b""
+                await body(b": ready\n\n" + announce)
                 if after is not None:
-                    async for old in self.hub.replay(durable, after, upto):
+                    async for old in self.hub.replay(durable, after, upto, filter):
                         if client.reason is not None:
                             break
                         await body(old.sse)
@@ -145,8 +167,19 @@ async def _watch_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
             return
 
 
-async def _error(scope: Scope, receive: Receive, send: Send, status: int, message: str) -> None:
-    headers: dict[str, Any] = {}
+async def _error(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    status: int,
+    message: str | None,
+    extra: list[tuple[str, str]] = [],  # noqa: B006 (never changed)
+) -> None:
+    """A JSON ``{"error": message}`` answer (*message* None: an empty one, for a preflight)."""
+    headers: dict[str, Any] = dict(extra)
     if status == 401:
         headers["www-authenticate"] = "Bearer"
+    if message is None:
+        await Response(None, status, headers=headers)(scope, receive, send)
+        return
     await JSONResponse({"error": message}, status, headers=headers)(scope, receive, send)

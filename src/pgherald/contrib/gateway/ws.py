@@ -14,20 +14,28 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from ...errors import HeraldError
 from .auth import Authenticator, AuthError, Principal, bearer_token
 from .client import Client
+from .cors import CorsPolicy
 from .direct import DirectWebSocket
 from .fanout import Hub, UnknownEventId
+from .filters import Filter, FilterError, parse_filters
 from .frames import Frame, Position, ws_reply
 from .publishing import PublishRefused, publish_checked
 from .sse import BadRequest, parse_channels
 
 
 class WsEndpoint:
-    def __init__(self, hub: Hub, auth: Authenticator) -> None:
+    def __init__(self, hub: Hub, auth: Authenticator, cors: CorsPolicy | None = None) -> None:
         self.hub = hub
         self.auth = auth
+        self.cors = cors or CorsPolicy()
 
     async def handle(self, ws: WebSocket) -> None:
         try:
+            # Browsers send Origin on every handshake and WebSockets have no CORS: a page of any
+            # site could open one (with the user's cookies, were there any), so check it here.
+            refused = self.cors.check(ws.headers)
+            if refused is not None:
+                raise AuthError(403, refused)
             principal = self.auth.authenticate(bearer_token(ws.headers, ws.query_params))
             if principal.anonymous and not principal.read:
                 raise AuthError(401, "a token is needed (?token= or Authorization: Bearer)")
@@ -36,6 +44,7 @@ class WsEndpoint:
             return
         await ws.accept()
         client = self.hub.new_client("ws", principal.exp)
+        client.can_read = principal.can_read
 
         resumed: dict[str, Position] = {}  # durable channel -> resumed after (dedupe)
 
@@ -85,7 +94,10 @@ class WsEndpoint:
                     channels = parse_channels(raw)
                     if kind == "subscribe":
                         principal.check_read(channels)
-                        await self._subscribe(client, channels, msg.get("after"), resumed, say)
+                        filter = parse_filters(_filters(msg.get("filter")))
+                        await self._subscribe(
+                            client, channels, filter, msg.get("after"), resumed, say
+                        )
                     else:
                         await self.hub.remove(client, channels)
                         say(json.dumps({"type": "unsubscribed", "channels": channels}))
@@ -99,7 +111,7 @@ class WsEndpoint:
                     raise BadRequest("'type' must be subscribe, unsubscribe or publish")
             except AuthError as exc:
                 say(_error(exc.message))
-            except (BadRequest, PublishRefused) as exc:
+            except (BadRequest, PublishRefused, FilterError) as exc:
                 say(_error(str(exc)))
             except TimeoutError:
                 say(_error("the listener is not connected; try again"))
@@ -112,14 +124,15 @@ class WsEndpoint:
         self,
         client: Client,
         channels: list[str],
+        filter: Filter | None,
         after_id: Any,
         resumed: dict[str, Position],
         say: Any,
     ) -> None:
         reply = json.dumps({"type": "subscribed", "channels": channels})
-        durable = [ch for ch in channels if ch in self.hub.durable]
+        durable = self.hub.durable_matching(channels, client.can_read)
         if after_id is None or not durable:
-            await self._add(client, channels)
+            await self._add(client, channels, filter)
             say(reply)
             return
         if not isinstance(after_id, int) or isinstance(after_id, bool):
@@ -130,19 +143,19 @@ class WsEndpoint:
             raise BadRequest(str(exc)) from None
         # Queued before the LISTENs so that it goes out before any live event of these
         # channels; the writer waits until the position the live events start after is known.
-        resume = _Resume(reply, durable, after)
+        resume = _Resume(reply, durable, after, filter)
         client.offer(resume, in_task=True)
         try:
-            resume.upto = await self._add(client, channels)
+            resume.upto = await self._add(client, channels, filter)
             for ch in durable:
                 resumed[ch] = after
         finally:
             resume.known.set()
 
-    async def _add(self, client: Client, channels: list[str]) -> Position:
+    async def _add(self, client: Client, channels: list[str], filter: Filter | None) -> Position:
         """`Hub.add`, undone when it fails: a refused subscribe leaves no half subscription."""
         try:
-            return await self.hub.add(client, channels)
+            return await self.hub.add(client, channels, filter)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await self.hub.remove(client, channels)
@@ -201,7 +214,7 @@ class WsEndpoint:
             return 0
         await _send_text(ws, resume.ws)
         sent = 0
-        async for old in self.hub.replay(resume.durable, resume.after, resume.upto):
+        async for old in self.hub.replay(resume.durable, resume.after, resume.upto, resume.filter):
             if client.reason is not None:
                 break
             await _send_text(ws, old.ws)
@@ -241,13 +254,16 @@ def _write_now(
 class _Resume(Frame):
     """Stands for a subscribe that resumes after an event id, in the client's queue."""
 
-    __slots__ = ("after", "durable", "known", "upto")
+    __slots__ = ("after", "durable", "filter", "known", "upto")
 
-    def __init__(self, reply: str, durable: list[str], after: Position) -> None:
+    def __init__(
+        self, reply: str, durable: list[str], after: Position, filter: Filter | None
+    ) -> None:
         super().__init__("", "")
         self._ws = reply
         self.durable = durable
         self.after = after
+        self.filter = filter
         self.upto: Position | None = None
         self.known = anyio.Event()
 
@@ -263,6 +279,17 @@ async def _send_text(ws: WebSocket, text: str) -> None:
         if "close" not in str(exc):
             raise
         raise WebSocketDisconnect(1006) from exc
+
+
+def _filters(raw: Any) -> list[str]:
+    """The subscribe message's ``filter``: one ``FIELD=OP.VALUE`` string, or a list of them."""
+    if raw is None:
+        return []
+    if isinstance(raw, str):
+        return [raw]
+    if isinstance(raw, list) and all(isinstance(f, str) for f in raw):
+        return raw
+    raise BadRequest("'filter' must be a string (status=eq.paid) or a list of them")
 
 
 def _error(message: str) -> str:

@@ -1,0 +1,514 @@
+"""
+Change data capture from the WAL: `ChangeStream` / `AsyncChangeStream`, thin runtimes over
+`_protocol.replication`, plus what ``pgherald cdc`` needs (publication and slot management,
+status, and `ChangeStream.into_log`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg import sql as psql
+
+from . import _errormap, sql
+from ._conninfo import connect_error, listener_conninfo
+from ._protocol import pgwire
+from ._protocol.pgoutput import ChangeEvent, Commit, dumps_value, lsn_to_int
+from ._protocol.replication import (
+    ABORT,
+    CHANGE,
+    COMMIT,
+    WAL_LEVEL_HINT,
+    ReplicationConfig,
+    ReplicationEngine,
+    check_name,
+    publication_statements,
+)
+from ._publish import publish_many
+from ._triggers import checked_default_channel, resolve_table
+from ._waiting import Waiter
+from ._waiting_async import AsyncWaiter
+from .errors import UsageError
+
+logger = logging.getLogger("pgherald.cdc")
+
+Handler = Callable[[ChangeEvent], object]
+AsyncHandler = Callable[[ChangeEvent], Awaitable[object] | object]
+
+_REPORT = pgwire.REPORT
+
+
+class _Base:
+    def __init__(
+        self,
+        dsn: str | None,
+        *,
+        slot: str,
+        tables: Iterable[str],
+        publication: str | None,
+        create: bool,
+        backfill: bool,
+        status_interval: float,
+        connect_timeout: float,
+        reconnect_max_attempts: int | None,
+    ) -> None:
+        if isinstance(tables, str):
+            raise UsageError(f"tables must be a list of table names, got the str {tables!r}")
+        self.dsn = dsn
+        self.config = ReplicationConfig(
+            conninfo=listener_conninfo(dsn, application_name="pgherald-cdc"),
+            slot=slot,
+            publication=publication,
+            tables=tuple(tables),
+            create=create,
+            backfill=backfill,
+            status_interval=status_interval,
+            connect_timeout=connect_timeout,
+            reconnect_max_attempts=reconnect_max_attempts,
+        )
+        self._engine = ReplicationEngine(self.config)
+        self._busy = False
+
+    @property
+    def slot(self) -> str:
+        return self.config.slot
+
+    @property
+    def flushed_lsn(self) -> str:
+        """The position acknowledged to the server: every transaction before it was handled."""
+        return self._engine.flushed_lsn
+
+    @property
+    def changes(self) -> int:
+        """Changes delivered so far."""
+        return self._engine.changes
+
+    @property
+    def transactions(self) -> int:
+        """Transactions whose changes were all delivered so far."""
+        return self._engine.transactions
+
+    def _claim(self) -> ReplicationEngine:
+        if self._busy:
+            raise UsageError("this change stream is already running: one reader per stream")
+        self._busy = True
+        if self._engine.stopping:  # a stream may run again after stop()
+            self._engine.stopping = False
+        return self._engine
+
+
+class ChangeStream(_Base):
+    """
+    Row changes read from a logical replication slot (``pgoutput``), in commit order.
+
+    ``for event in stream`` or ``stream.run(handler)``: every change of a transaction, then the
+    next transaction. The slot's position is acknowledged only once the handler returned (the
+    iteration asked for the next change) for every change of a transaction, so a crash
+    redelivers from the last acknowledged transaction and never skips one. A handler that
+    raises stops the stream (its transaction is not acknowledged) and the error propagates.
+
+    *tables* are added to the publication (named like the slot unless *publication*) when
+    missing; with *create* (default) the publication and the slot are created when missing.
+    *backfill*: when this creates the slot, every existing row is delivered first, as a
+    ``READ`` event, from the slot's own snapshot. Reconnects by itself (a restarted server, a
+    dropped connection) and resumes from the slot.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        slot: str = "pgherald",
+        tables: Iterable[str] = (),
+        publication: str | None = None,
+        create: bool = True,
+        backfill: bool = False,
+        status_interval: float = 10.0,
+        connect_timeout: float = 10.0,
+        reconnect_max_attempts: int | None = None,
+    ) -> None:
+        super().__init__(
+            dsn,
+            slot=slot,
+            tables=tables,
+            publication=publication,
+            create=create,
+            backfill=backfill,
+            status_interval=status_interval,
+            connect_timeout=connect_timeout,
+            reconnect_max_attempts=reconnect_max_attempts,
+        )
+        self._waiter = Waiter()
+
+    def __enter__(self) -> ChangeStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End `run` or the iteration soon (from any thread or a signal handler)."""
+        self._engine.stopping = True
+        self._waiter.wake()
+
+    def __iter__(self) -> Iterator[ChangeEvent]:
+        engine = self._claim()
+        waiter = self._waiter
+        waiter.open()
+        gen = engine.run()
+        send: Any = None
+        try:
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                kind = req[0]
+                send = None
+                if kind == CHANGE:
+                    yield req[1]
+                elif kind == pgwire.WAIT:
+                    send = waiter.wait(req[1], req[2], req[3])
+                elif kind == pgwire.SLEEP:
+                    waiter.sleep(req[1])
+                elif kind == _REPORT:
+                    logger.info("%s", req[1])
+        finally:
+            gen.close()
+            waiter.close()
+            self._busy = False
+
+    def run(self, handler: Handler) -> None:
+        """Call *handler* with every change until `stop`."""
+        for event in self:
+            handler(event)
+
+    def into_log(self, dsn: str | None = None, *, batch: int = 1000) -> None:
+        """
+        Store every change in the durable log (`publish_many`, one database transaction per
+        source transaction) until `stop`: on channel ``schema.table``, keyed by the primary
+        key, with headers ``cdc_slot``, ``cdc_lsn`` and ``cdc_xid``. A transaction already
+        stored (a crash after storing it, before acknowledging it) is not stored again: on
+        start, the last ``cdc_lsn`` stored for this slot is read, and transactions that
+        committed at or before it are skipped.
+        """
+        store = _LogWriter(dsn if dsn is not None else self.dsn, self.slot, batch)
+        try:
+            self._engine.skip_through = store.last_lsn()
+            engine = self._claim()
+            self._waiter.open()
+            try:
+                self._waiter.run(engine.run(), lambda req: store.on_request(engine, req))
+            finally:
+                self._waiter.close()
+                self._busy = False
+        finally:
+            store.close()
+
+
+class AsyncChangeStream(_Base):
+    """
+    `ChangeStream` for asyncio and trio: ``async for event in stream`` or
+    ``await stream.run(handler)`` (the handler may be async).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        slot: str = "pgherald",
+        tables: Iterable[str] = (),
+        publication: str | None = None,
+        create: bool = True,
+        backfill: bool = False,
+        status_interval: float = 10.0,
+        connect_timeout: float = 10.0,
+        reconnect_max_attempts: int | None = None,
+    ) -> None:
+        super().__init__(
+            dsn,
+            slot=slot,
+            tables=tables,
+            publication=publication,
+            create=create,
+            backfill=backfill,
+            status_interval=status_interval,
+            connect_timeout=connect_timeout,
+            reconnect_max_attempts=reconnect_max_attempts,
+        )
+        self._waiter = AsyncWaiter()
+
+    async def __aenter__(self) -> AsyncChangeStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """End `run` or the iteration soon (from any task or thread)."""
+        self._engine.stopping = True
+        self._waiter.wake()
+
+    async def __aiter__(self) -> AsyncIterator[ChangeEvent]:
+        engine = self._claim()
+        waiter = self._waiter
+        waiter.bind()
+        gen = engine.run()
+        send: Any = None
+        try:
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                kind = req[0]
+                send = None
+                if kind == CHANGE:
+                    yield req[1]
+                elif kind == pgwire.WAIT:
+                    send = await waiter.wait(req[1], req[2], req[3])
+                elif kind == pgwire.SLEEP:
+                    await waiter.sleep(req[1])
+                elif kind == _REPORT:
+                    logger.info("%s", req[1])
+        finally:
+            gen.close()
+            waiter.release()
+            self._busy = False
+
+    async def run(self, handler: AsyncHandler) -> None:
+        """Call (and await, when async) *handler* with every change until `stop`."""
+        events = self.__aiter__()
+        try:
+            async for event in events:
+                result = handler(event)
+                if inspect.isawaitable(result):
+                    await result
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+class _LogWriter:
+    """Stores a change stream's transactions in the durable log (see `ChangeStream.into_log`)."""
+
+    def __init__(self, dsn: str | None, slot: str, batch: int) -> None:
+        conninfo = listener_conninfo(dsn, application_name="pgherald-cdc-log")
+        try:
+            self.conn = psycopg.connect(conninfo, autocommit=False)
+        except psycopg.OperationalError as exc:
+            raise connect_error(conninfo, " ".join(str(exc).split())) from None
+        self.slot = slot
+        self.batch = max(1, batch)
+        self.pending: list[ChangeEvent] = []
+
+    def last_lsn(self) -> int:
+        try:
+            row = self.conn.execute(sql.query("cdc_last_lsn"), {"slot": self.slot}).fetchone()
+            self.conn.commit()
+        except psycopg.Error as exc:
+            self.conn.rollback()
+            raise _errormap.from_driver(exc, doing="read the log") from exc
+        return 0 if row is None or row[0] is None else lsn_to_int(row[0])
+
+    def on_request(self, engine: ReplicationEngine, req: tuple[Any, ...]) -> None:
+        kind = req[0]
+        try:
+            if kind == CHANGE:
+                self.pending.append(req[1])
+                if len(self.pending) >= self.batch:
+                    self._flush()
+            elif kind == COMMIT:
+                self._flush()
+                self.conn.commit()
+                commit: Commit = req[1]
+                engine.skip_through = max(engine.skip_through, commit.commit_lsn)
+            elif kind == ABORT:
+                self.pending.clear()
+                self.conn.rollback()
+            elif kind == _REPORT:
+                logger.info("%s", req[1])
+        except psycopg.Error as exc:
+            raise _errormap.from_driver(exc, doing="publish the changes") from exc
+
+    def _flush(self) -> None:
+        """Publish the pending changes, one `publish_many` per run of one table (order kept)."""
+        pending, self.pending = self.pending, []
+        start = 0
+        while start < len(pending):
+            first = pending[start]
+            end = start + 1
+            while (
+                end < len(pending)
+                and pending[end].table == first.table
+                and pending[end].schema == first.schema
+            ):
+                end += 1
+            run = pending[start:end]
+            publish_many(
+                self.conn,
+                checked_default_channel(first.schema, first.table),
+                [e.as_dict() for e in run],
+                key=[e.key for e in run],
+                headers={"cdc_slot": self.slot, "cdc_lsn": first.lsn, "cdc_xid": first.xid},
+                dumps=dumps_value,
+            )
+            start = end
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+# -- management: ``pgherald cdc add | remove | status | drop`` --
+
+
+@dataclass(frozen=True)
+class SlotStatus:
+    """A pgoutput replication slot of the database, as ``pgherald cdc status`` shows it."""
+
+    slot: str
+    active: bool
+    pid: int | None
+    confirmed_flush_lsn: str | None
+    restart_lsn: str | None
+    lag_bytes: int | None
+    """WAL written since the reader acknowledged (how far behind it is)."""
+    retained_bytes: int | None
+    """WAL the server keeps for this slot (disk it cannot free)."""
+    wal_status: str | None
+    safe_wal_size: int | None
+    tables: tuple[str, ...]
+
+
+def _check_logical(conn: psycopg.Connection[Any]) -> None:
+    level = conn.execute("SELECT current_setting('wal_level')").fetchone()
+    if level is None or level[0] != "logical":
+        raise UsageError(WAL_LEVEL_HINT.format(level=level[0] if level else "unknown"))
+
+
+def add_tables(
+    conn: psycopg.Connection[Any],
+    tables: Sequence[str],
+    *,
+    slot: str = "pgherald",
+    publication: str | None = None,
+    columns: Sequence[str] = (),
+    create_slot: bool = True,
+) -> list[tuple[str, str]]:
+    """Add *tables* to the publication (created if missing) and create the slot if missing."""
+    check_name(slot, "slot")
+    pub = check_name(publication or slot, "publication")
+    _check_logical(conn)
+    resolved = [resolve_table(conn, t) for t in tables]
+    state = conn.execute(
+        sql.query("cdc_server_state"), {"slot": slot, "publication": pub}
+    ).fetchone()
+    assert state is not None
+    if state[1] is not None and state[1] != "pgoutput":
+        raise UsageError(
+            f"replication slot {slot!r} uses the plugin {state[1]!r}, not pgoutput: pick "
+            "another slot name (--slot)"
+        )
+    present = {
+        (r[0], r[1])
+        for r in conn.execute(sql.query("cdc_publication_tables"), {"publication": pub})
+    }
+    if columns:
+        # A table already published gets its column list replaced (SET TABLE would drop others).
+        for s, t in resolved:
+            if (s, t) in present:
+                conn.execute(
+                    psql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                        psql.Identifier(pub), psql.Identifier(s, t)
+                    )
+                )
+                present.discard((s, t))
+    missing = [t for t in dict.fromkeys(resolved) if t not in present]
+    for statement in publication_statements(pub, bool(state[2]), missing, tuple(columns)):
+        conn.execute(statement.encode())
+    if state[1] is None and create_slot:
+        conn.execute(
+            "SELECT pg_create_logical_replication_slot(%(slot)s, 'pgoutput')", {"slot": slot}
+        )
+    return resolved
+
+
+def remove_tables(
+    conn: psycopg.Connection[Any], tables: Sequence[str], *, publication: str = "pgherald"
+) -> list[tuple[str, str]]:
+    """Take *tables* out of the publication (their changes stop; the slot stays)."""
+    pub = check_name(publication, "publication")
+    present = {
+        (r[0], r[1])
+        for r in conn.execute(sql.query("cdc_publication_tables"), {"publication": pub})
+    }
+    removed = []
+    for name in tables:
+        s, t = resolve_table(conn, name)
+        if (s, t) in present:
+            conn.execute(
+                psql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                    psql.Identifier(pub), psql.Identifier(s, t)
+                )
+            )
+            removed.append((s, t))
+    return removed
+
+
+def slot_status(conn: psycopg.Connection[Any], slot: str | None = None) -> list[SlotStatus]:
+    """Every pgoutput slot of the database (or one), with its lag and retained WAL."""
+    out = []
+    for row in conn.execute(sql.query("cdc_status"), {"slot": slot}).fetchall():
+        tables = tuple(
+            f"{r[0]}.{r[1]}"
+            for r in conn.execute(sql.query("cdc_publication_tables"), {"publication": row[0]})
+        )
+        out.append(
+            SlotStatus(
+                row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8], tables
+            )
+        )
+    return out
+
+
+def drop(
+    conn: psycopg.Connection[Any], *, slot: str = "pgherald", publication: str | None = None
+) -> bool:
+    """Drop the slot (the server frees its WAL) and its publication; False: neither existed."""
+    check_name(slot, "slot")
+    pub = check_name(publication or slot, "publication")
+    found = False
+    row = conn.execute(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %(slot)s", {"slot": slot}
+    ).fetchone()
+    if row is not None:
+        if row[0] is not None:
+            raise UsageError(f"slot {slot!r} is being read (pid {row[0]}): stop its reader first")
+        conn.execute("SELECT pg_drop_replication_slot(%(slot)s)", {"slot": slot})
+        found = True
+    exists = conn.execute(
+        "SELECT EXISTS (SELECT FROM pg_publication WHERE pubname = %(p)s)", {"p": pub}
+    ).fetchone()
+    if exists and exists[0]:
+        conn.execute(psql.SQL("DROP PUBLICATION {}").format(psql.Identifier(pub)))
+        found = True
+    return found
+
+
+def format_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if abs(size) < 1024 or unit == "TB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"  # pragma: no cover

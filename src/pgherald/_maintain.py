@@ -1,0 +1,123 @@
+"""
+Retention of the durable log: `set_retention`, `retention`, `maintain`.
+
+The log (``pgherald.events_v1``) is partitioned by day (UTC). `maintain` (``pgherald
+maintain``, and consumers once per ``maintain_interval``) runs ``pgherald.maintain_v1()``:
+it creates the partitions of the next days and, past the retention setting, drops whole days
+(no row ``DELETE``: nothing to vacuum, no bloat). A day a consumer group has not consumed yet
+is kept ("pinned") unless the group is abandoned: no live member and no acknowledgement for
+``abandon_after``. Without a retention setting nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from . import _errormap
+from .errors import UsageError
+from .sql import query
+
+__all__ = ["Maintenance", "Retention", "maintain", "retention", "set_retention"]
+
+DEFAULT_ABANDON_AFTER = timedelta(days=7)
+
+
+@dataclass(frozen=True)
+class Maintenance:
+    """
+    One thing `maintain` did or found: *action* is ``created`` (a partition for a coming
+    day), ``dropped`` (a day past retention), ``deleted`` (old events of the default
+    partition), ``pinned`` (a day past retention kept: a group has not consumed it),
+    ``abandoned`` (a group that no longer holds back retention), ``idle`` (a group that will
+    be abandoned: a warning), ``busy`` (a drop that could not get its lock in time: next run)
+    or ``skipped`` (another maintain was running).
+
+    .. versionadded:: 0.1
+    """
+
+    action: str
+    target: str
+    """The partition (``pgherald.events_v1_p20261206``) or the consumer group."""
+    detail: str
+
+    @property
+    def warning(self) -> bool:
+        """Whether an operator should look at it (pinned, abandoned, idle)."""
+        return self.action in {"pinned", "abandoned", "idle"}
+
+
+@dataclass(frozen=True)
+class Retention:
+    """The log's retention settings (see `set_retention`)."""
+
+    keep: timedelta | None
+    """How long events are kept; None: forever."""
+    abandon_after: timedelta
+    """A group with no member and no acknowledgement for this long no longer holds back
+    retention."""
+
+
+def set_retention(
+    conn: psycopg.Connection[Any],
+    keep: timedelta | None,
+    *,
+    abandon_after: timedelta | None = None,
+) -> None:
+    """
+    Keep events for *keep* (at least a day's partition's worth: whole days are dropped, so an
+    event may live up to a day longer), or forever (None). *abandon_after*, when given, sets
+    how long a group without members holds back retention (default 7 days). Takes effect at
+    the next `maintain`.
+
+    .. versionadded:: 0.1
+    """
+    for name, value in (("keep", keep), ("abandon_after", abandon_after)):
+        if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
+            raise UsageError(f"{name} must be a positive timedelta, not {value!r}")
+    with _mapped("set the log's retention"), conn.transaction():
+        if keep is None:
+            conn.execute(query("retention_delete"), {"name": "retention"})
+        else:
+            conn.execute(query("retention_set"), {"name": "retention", "value": keep})
+        if abandon_after is not None:
+            conn.execute(
+                query("retention_set"), {"name": "abandon_after", "value": abandon_after}
+            )
+
+
+def retention(conn: psycopg.Connection[Any]) -> Retention:
+    """The log's retention settings.
+
+    .. versionadded:: 0.1
+    """
+    with _mapped("read the log's retention"):
+        rows = dict(conn.execute(query("retention_get")).fetchall())
+    return Retention(rows.get("retention"), rows.get("abandon_after") or DEFAULT_ABANDON_AFTER)
+
+
+def maintain(conn: psycopg.Connection[Any], *, now: datetime | None = None) -> list[Maintenance]:
+    """
+    Create the log's coming days' partitions and drop the days past retention (see the module
+    docstring); returns what it did and found. Safe to run at any time, from anywhere: one
+    run at a time (another returns ``skipped``). *now* (for tests and backfills) stands for
+    the current time.
+
+    .. versionadded:: 0.1
+    """
+    with _mapped("maintain the log"), conn.transaction():
+        rows = conn.execute(query("maintain"), {"now": now}).fetchall()
+    return [Maintenance(*row) for row in rows]
+
+
+@contextlib.contextmanager
+def _mapped(doing: str) -> Iterator[None]:
+    try:
+        yield
+    except psycopg.Error as exc:
+        raise _errormap.from_driver(exc, doing=doing) from exc

@@ -1,0 +1,513 @@
+"""
+Decoding PostgreSQL's built-in ``pgoutput`` logical decoding messages (protocol version 1).
+
+Pure: bytes in, `ChangeEvent` values out. Values come in pgoutput's text format and are
+converted the way ``to_jsonb`` renders them (the trigger events' shape): integers and floats as
+numbers, ``numeric`` as `decimal.Decimal` (exact), booleans, ``json``/``jsonb`` parsed, arrays as
+lists, timestamps as ISO 8601 text (``2026-11-25T08:00:00.123+00:00``), ``bytea`` as ``\\x...``
+text, everything else as its text. See docs/cdc.md.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from typing import Any, NamedTuple
+
+# -- LSNs --
+
+
+def lsn_to_int(text: str) -> int:
+    """``'16/B374D848'`` -> an integer (PostgreSQL's pg_lsn text form)."""
+    high, _, low = text.partition("/")
+    return (int(high, 16) << 32) | int(low, 16)
+
+
+def lsn_to_str(lsn: int) -> str:
+    """An integer LSN as PostgreSQL writes it, ``'16/B374D848'``."""
+    return f"{lsn >> 32:X}/{lsn & 0xFFFFFFFF:X}"
+
+
+_EPOCH = datetime(2000, 1, 1, tzinfo=timezone.utc)  # PostgreSQL's timestamps count from here
+
+
+def pg_time(micros: int) -> datetime:
+    """Microseconds since 2000-01-01 UTC (the protocol's timestamps) as an aware datetime."""
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+def pg_micros(when: datetime) -> int:
+    """An aware datetime as the protocol's microseconds since 2000-01-01 UTC."""
+    delta = when - _EPOCH
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+# -- the events --
+
+
+class ChangeEvent(NamedTuple):
+    """
+    One row change (or one table's TRUNCATE, or one row of a backfill) read from the WAL.
+
+    The fields of a trigger event, plus where the change is in the WAL.
+
+    .. versionadded:: 0.1
+    """
+
+    op: str
+    """``INSERT``, ``UPDATE``, ``DELETE``, ``TRUNCATE``, or ``READ`` (a row of the backfill)."""
+    schema: str
+    table: str
+    new: dict[str, Any] | None
+    """The row after the change (INSERT, UPDATE, READ); None for DELETE and TRUNCATE. A
+    TOASTed value an UPDATE left unchanged is absent unless the old row has it (REPLICA
+    IDENTITY FULL)."""
+    old: dict[str, Any] | None
+    """The row before: all columns with REPLICA IDENTITY FULL; the key columns for a DELETE, or
+    an UPDATE that changed the key, with the default identity; else None."""
+    changed: list[str] | None
+    """UPDATE: the columns whose value changed, when the old row is known (REPLICA IDENTITY
+    FULL); else None."""
+    key: str | None
+    """The primary key as text, as a trigger event's key: one column: its value as text;
+    several: the JSON array of their values. None for TRUNCATE and tables without one."""
+    lsn: str
+    """The commit LSN of the transaction (``'0/1517350'``); for READ, the slot's start."""
+    xid: int
+    """The transaction id (0 for READ events)."""
+    commit_time: datetime
+    """When the transaction committed (READ: when the snapshot was taken)."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """The event as a trigger event's JSON object, plus ``lsn``."""
+        return {
+            "op": self.op,
+            "schema": self.schema,
+            "table": self.table,
+            "new": self.new,
+            "old": self.old,
+            "changed": self.changed,
+            "tx": str(self.xid),
+            "ts": self.commit_time.isoformat(),
+            "lsn": self.lsn,
+        }
+
+
+class Begin(NamedTuple):
+    final_lsn: int
+    commit_time: datetime
+    xid: int
+
+
+class Commit(NamedTuple):
+    commit_lsn: int
+    end_lsn: int
+    commit_time: datetime
+
+
+# -- values --
+
+Converter = Callable[[bytes], Any]
+
+
+def _text(raw: bytes) -> Any:
+    return raw.decode()
+
+
+def _bool(raw: bytes) -> Any:
+    return raw == b"t"
+
+
+def _float(raw: bytes) -> Any:
+    return float(raw)  # 'NaN', 'Infinity' and '-Infinity' parse too
+
+
+def _numeric(raw: bytes) -> Any:
+    return Decimal(raw.decode())
+
+
+def _timestamp(raw: bytes) -> Any:
+    # '2026-11-25 08:00:00.123+00' -> '2026-11-25T08:00:00.123+00:00', as to_jsonb writes it.
+    s = raw.decode()
+    if len(s) > 10 and s[10] == " ":
+        s = s[:10] + "T" + s[11:]
+        if len(s) > 3 and s[-3] in "+-" and s[-2:].isdigit():
+            s += ":00"
+    return s
+
+
+def _time(raw: bytes) -> Any:
+    s = raw.decode()
+    if len(s) > 3 and s[-3] in "+-" and s[-2:].isdigit():
+        s += ":00"
+    return s
+
+
+_SCALARS: dict[int, Converter] = {
+    16: _bool,
+    20: int,
+    21: int,
+    23: int,
+    26: int,
+    700: _float,
+    701: _float,
+    1700: _numeric,
+    114: json.loads,
+    3802: json.loads,
+    1114: _timestamp,
+    1184: _timestamp,
+    1266: _time,
+}
+
+# Array type OID -> element type OID (the built-in ones; others come through as text).
+_ARRAYS: dict[int, int] = {
+    1000: 16,
+    1016: 20,
+    1005: 21,
+    1007: 23,
+    1028: 26,
+    1021: 700,
+    1022: 701,
+    1231: 1700,
+    199: 114,
+    3807: 3802,
+    1115: 1114,
+    1185: 1184,
+    1270: 1266,
+    1009: 25,
+    1015: 1043,
+    1014: 1042,
+    1001: 17,
+    2951: 2950,
+    1182: 1082,
+    1183: 1083,
+    1187: 1186,
+    1040: 829,
+    1041: 869,
+    651: 650,
+    1019: 19,
+}
+
+_ARRAY_BOUNDS = re.compile(r"^(\[[-0-9:]+\])+=")
+
+
+def parse_array(text: str, element: Converter) -> list[Any]:
+    """A PostgreSQL array literal (``{1,2,NULL}``, nested, quoted) as nested lists."""
+    m = _ARRAY_BOUNDS.match(text)
+    if m:
+        text = text[m.end() :]
+    pos = 0
+    n = len(text)
+
+    def parse_level() -> list[Any]:
+        nonlocal pos
+        assert text[pos] == "{"
+        pos += 1
+        out: list[Any] = []
+        if text[pos] == "}":
+            pos += 1
+            return out
+        while True:
+            c = text[pos]
+            if c == "{":
+                out.append(parse_level())
+            elif c == '"':
+                pos += 1
+                buf = []
+                while True:
+                    c = text[pos]
+                    if c == "\\":
+                        buf.append(text[pos + 1])
+                        pos += 2
+                    elif c == '"':
+                        pos += 1
+                        break
+                    else:
+                        buf.append(c)
+                        pos += 1
+                out.append(element("".join(buf).encode()))
+            else:
+                start = pos
+                while pos < n and text[pos] not in ",}":
+                    pos += 1
+                item = text[start:pos].strip()
+                out.append(None if item == "NULL" else element(item.encode()))
+            if text[pos] == ",":
+                pos += 1
+                continue
+            pos += 1  # "}"
+            return out
+
+    return parse_level()
+
+
+def converter(type_oid: int) -> Converter:
+    """How a column's text value becomes the event's value."""
+    scalar = _SCALARS.get(type_oid)
+    if scalar is not None:
+        return scalar
+    element_oid = _ARRAYS.get(type_oid)
+    if element_oid is not None:
+        element = _SCALARS.get(element_oid, _text)
+        return lambda raw: parse_array(raw.decode(), element)
+    return _text
+
+
+# -- relations --
+
+
+@dataclass
+class Relation:
+    """A table as the last Relation message described it."""
+
+    oid: int
+    schema: str
+    table: str
+    identity: str  # d(efault), n(othing), f(ull), i(ndex)
+    columns: list[str]
+    types: list[int]
+    converters: list[Converter]
+    key_columns: tuple[str, ...]
+    """The primary key (from the catalog when known, else the replica identity's columns)."""
+    key_index: tuple[int, ...] = field(default=())
+
+
+def decode_key(values: dict[str, Any], names: tuple[str, ...]) -> str | None:
+    """The key text of a row, as the trigger function writes it."""
+    if not names:
+        return None
+    if len(names) == 1:
+        value = values.get(names[0])
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return value
+        return dumps_value(value)
+    if any(n not in values for n in names):
+        return None
+    return dumps_value([values[n] for n in names])
+
+
+# -- JSON with exact numerics --
+
+# PostgreSQL text never holds a NUL character, so a NUL-delimited marker cannot meet user data.
+_NUM_MARK = re.compile(r'"\\u0000n(-?[0-9.eE+-]+)\\u0000"')
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, Decimal):
+        if value.is_finite():
+            return f"\0n{value}\0"
+        return str(value)  # 'NaN', 'Infinity': to_jsonb writes them as strings
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+_encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=True)
+
+
+def dumps_value(value: Any) -> str:
+    """*value* as JSON text; a `Decimal` as a JSON number with exactly its digits."""
+    text = _encoder.encode(value)
+    if "\\u0000n" in text:
+        text = _NUM_MARK.sub(r"\1", text)
+    if "NaN" in text or "Infinity" in text:  # float NaN/inf: not JSON; to_jsonb writes strings
+        text = json.dumps(json.loads(text, parse_constant=str), separators=(",", ":"))
+    return text
+
+
+# -- the decoder --
+
+
+class DecodeError(Exception):
+    """A pgoutput message this decoder cannot read (internal)."""
+
+
+class Decoder:
+    """
+    Turns pgoutput messages into `Begin`, `Commit` and `ChangeEvent` values.
+
+    Keeps the relations (tables) the stream described, and the current transaction's
+    begin. *primary_keys* maps (schema, table) to the primary key columns, read from the
+    catalog when the stream started; a table missing from it is keyed by its replica identity
+    (the primary key, unless the identity is FULL or an index).
+    """
+
+    def __init__(self, primary_keys: dict[tuple[str, str], tuple[str, ...]] | None = None) -> None:
+        self.relations: dict[int, Relation] = {}
+        self.primary_keys = dict(primary_keys or {})
+        self.begin: Begin | None = None
+        self._lsn_text = ""
+
+    def decode(self, msg: bytes | memoryview) -> Iterator[Any]:
+        """The values one message gives (none for Relation, Type, Origin, Message)."""
+        kind = msg[0]
+        if kind == 0x49:  # I
+            yield self._insert(msg)
+        elif kind == 0x55:  # U
+            yield self._update(msg)
+        elif kind == 0x44:  # D
+            yield self._delete(msg)
+        elif kind == 0x42:  # B
+            final_lsn = int.from_bytes(msg[1:9], "big")
+            ts = int.from_bytes(msg[9:17], "big", signed=True)
+            xid = int.from_bytes(msg[17:21], "big")
+            self.begin = Begin(final_lsn, pg_time(ts), xid)
+            self._lsn_text = lsn_to_str(final_lsn)
+            yield self.begin
+        elif kind == 0x43:  # C
+            commit_lsn = int.from_bytes(msg[2:10], "big")
+            end_lsn = int.from_bytes(msg[10:18], "big")
+            ts = int.from_bytes(msg[18:26], "big", signed=True)
+            self.begin = None
+            yield Commit(commit_lsn, end_lsn, pg_time(ts))
+        elif kind == 0x52:  # R
+            self._relation(bytes(msg))
+        elif kind == 0x54:  # T
+            yield from self._truncate(msg)
+        elif kind in (0x59, 0x4F, 0x4D):  # Y(type), O(origin), M(message): nothing to deliver
+            return
+        else:
+            raise DecodeError(f"unknown pgoutput message {chr(kind)!r}")
+
+    # -- messages --
+
+    def _relation(self, msg: bytes) -> None:
+        oid = int.from_bytes(msg[1:5], "big")
+        pos = 5
+        end = msg.index(b"\0", pos)
+        schema = msg[pos:end].decode() or "pg_catalog"
+        pos = end + 1
+        end = msg.index(b"\0", pos)
+        table = msg[pos:end].decode()
+        pos = end + 1
+        identity = chr(msg[pos])
+        ncols = int.from_bytes(msg[pos + 1 : pos + 3], "big")
+        pos += 3
+        columns: list[str] = []
+        types: list[int] = []
+        flagged: list[str] = []
+        for _ in range(ncols):
+            flags = msg[pos]
+            end = msg.index(b"\0", pos + 1)
+            name = msg[pos + 1 : end].decode()
+            type_oid = int.from_bytes(msg[end + 1 : end + 5], "big")
+            pos = end + 9  # the type's oid and typmod
+            columns.append(name)
+            types.append(type_oid)
+            if flags & 1:
+                flagged.append(name)
+        key = self.primary_keys.get((schema, table))
+        if key is None:
+            key = tuple(flagged) if identity in ("d", "i") else ()
+        self.relations[oid] = Relation(
+            oid, schema, table, identity, columns, types, [converter(t) for t in types], key
+        )
+
+    def _tuple(
+        self, rel: Relation, msg: bytes | memoryview, pos: int
+    ) -> tuple[dict[str, Any], int]:
+        """One TupleData at *pos*: the row (unchanged TOAST values left out) and the next pos."""
+        ncols = int.from_bytes(msg[pos : pos + 2], "big")
+        pos += 2
+        row: dict[str, Any] = {}
+        columns = rel.columns
+        convs = rel.converters
+        for i in range(ncols):
+            kind = msg[pos]
+            pos += 1
+            if kind == 0x74:  # t: text
+                length = int.from_bytes(msg[pos : pos + 4], "big")
+                pos += 4
+                row[columns[i]] = convs[i](bytes(msg[pos : pos + length]))
+                pos += length
+            elif kind == 0x6E:  # n: NULL
+                row[columns[i]] = None
+            elif kind == 0x75:  # u: unchanged TOASTed value, not in the WAL
+                pass
+            else:  # b: binary, only sent when asked for
+                raise DecodeError(f"unexpected tuple value kind {chr(kind)!r}")
+        return row, pos
+
+    def _relation_of(self, msg: bytes | memoryview) -> Relation:
+        oid = int.from_bytes(msg[1:5], "big")
+        try:
+            return self.relations[oid]
+        except KeyError:
+            raise DecodeError(f"a change to relation {oid} before its Relation message") from None
+
+    def _event(
+        self,
+        op: str,
+        rel: Relation,
+        new: dict[str, Any] | None,
+        old: dict[str, Any] | None,
+        changed: list[str] | None,
+        key: str | None,
+    ) -> ChangeEvent:
+        begin = self.begin
+        if begin is None:
+            raise DecodeError("a change outside a transaction")
+        return ChangeEvent(
+            op,
+            rel.schema,
+            rel.table,
+            new,
+            old,
+            changed,
+            key,
+            self._lsn_text,
+            begin.xid,
+            begin.commit_time,
+        )
+
+    def _insert(self, msg: bytes | memoryview) -> ChangeEvent:
+        rel = self._relation_of(msg)
+        new, _ = self._tuple(rel, msg, 6)
+        return self._event("INSERT", rel, new, None, None, decode_key(new, rel.key_columns))
+
+    def _update(self, msg: bytes | memoryview) -> ChangeEvent:
+        rel = self._relation_of(msg)
+        pos = 5
+        old: dict[str, Any] | None = None
+        if msg[pos] in (0x4B, 0x4F):  # K (key columns) or O (old row)
+            old, pos = self._tuple(rel, msg, pos + 1)
+        new, _ = self._tuple(rel, msg, pos + 1)
+        changed: list[str] | None = None
+        if old is not None and len(old) > 0 and rel.identity == "f":
+            for name, value in old.items():
+                if name not in new:
+                    new[name] = value  # an unchanged TOASTed value: the old row has it
+            changed = [c for c in rel.columns if c in new and c in old and new[c] != old[c]]
+        elif old is not None:
+            old = {k: v for k, v in old.items() if k in rel.key_columns or v is not None}
+        return self._event("UPDATE", rel, new, old, changed, decode_key(new, rel.key_columns))
+
+    def _delete(self, msg: bytes | memoryview) -> ChangeEvent:
+        rel = self._relation_of(msg)
+        old, _ = self._tuple(rel, msg, 6)
+        if rel.identity != "f":  # only the identity's columns are sent; the rest are NULLs
+            flagged = set(rel.key_columns)
+            old = {k: v for k, v in old.items() if k in flagged or v is not None}
+        return self._event("DELETE", rel, None, old, None, decode_key(old, rel.key_columns))
+
+    def _truncate(self, msg: bytes | memoryview) -> Iterator[ChangeEvent]:
+        count = int.from_bytes(msg[1:5], "big")
+        pos = 6
+        for _ in range(count):
+            oid = int.from_bytes(msg[pos : pos + 4], "big")
+            pos += 4
+            rel = self.relations.get(oid)
+            if rel is not None:
+                yield self._event("TRUNCATE", rel, None, None, None, None)
+
+
+def read_row(names: list[str], types: list[int], values: list[bytes | None]) -> dict[str, Any]:
+    """A row read by SQL in text format (the backfill), converted as the stream's rows are."""
+    return {
+        name: None if raw is None else converter(oid)(raw)
+        for name, oid, raw in zip(names, types, values, strict=True)
+    }

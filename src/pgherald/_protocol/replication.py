@@ -1,0 +1,590 @@
+"""
+The change-data-capture state machine: a logical replication slot read with ``pgoutput``.
+
+`ReplicationEngine.run` is a generator that never blocks, like the listener's engine: it yields
+`pgwire` requests (WAIT, SLEEP) and its own (CHANGE, COMMIT, ABORT, REPORT), and a runtime
+(`_cdc.ChangeStream` on a thread, `_cdc.AsyncChangeStream` on asyncio or trio) carries them
+out. Over libpq through ``psycopg.pq``: a ``replication=database`` connection,
+``START_REPLICATION ... LOGICAL``, then the COPY BOTH stream read with ``get_copy_data`` and
+answered with ``put_copy_data`` (standby status updates).
+
+The one guarantee: the flush position acknowledged to the server only moves past a
+transaction once the runtime has returned from its COMMIT request, that is, after every change
+of it was handled. A crash therefore redelivers from the last acknowledged transaction and never
+skips one. While nothing is in flight, the positions of keepalives are acknowledged too, so a
+slot whose tables are quiet does not hold back the server's WAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Generator
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from psycopg import pq
+from psycopg import sql as psql
+
+from .. import sql
+from ..errors import ConnectError, ConnectionLost, UsageError
+from . import pgwire
+from .backoff import backoff_delay
+from .pgoutput import (
+    Begin,
+    ChangeEvent,
+    Commit,
+    DecodeError,
+    Decoder,
+    decode_key,
+    lsn_to_int,
+    lsn_to_str,
+    pg_micros,
+    read_row,
+)
+from .pgwire import READ, SLEEP, WAIT, WRITE, PQGen
+
+logger = logging.getLogger("pgherald.cdc")
+
+CHANGE = 10  # (CHANGE, ChangeEvent) -> None: hand the change to the application
+COMMIT = 11  # (COMMIT, Commit) -> None: the transaction's changes were all handed over
+ABORT = 12  # (ABORT,) -> None: the transaction under way will come again; forget its changes
+REPORT = pgwire.REPORT  # (REPORT, str) -> None: the stream was lost and is back (a message)
+
+_NAME = re.compile(r"^[a-z0-9_]{1,63}$")
+
+WAL_LEVEL_HINT = (
+    "change data capture needs wal_level = logical, and this server has wal_level = {level}: "
+    "set it (ALTER SYSTEM SET wal_level = logical, or in postgresql.conf; on a managed "
+    "service, its logical replication setting) and restart the server, which it needs for "
+    "this setting to take effect"
+)
+
+
+def check_name(name: str, what: str) -> str:
+    """A slot or publication name: lower-case letters, digits and underscores (as slots need)."""
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise UsageError(
+            f"invalid {what} name {name!r}: use 1 to 63 lower-case letters, digits and "
+            "underscores (PostgreSQL's rule for replication slots)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class ReplicationConfig:
+    """What to read and how; every default is what a production service wants."""
+
+    conninfo: str
+    slot: str = "pgherald"
+    publication: str | None = None
+    """Default: the slot's name."""
+    tables: tuple[str, ...] = ()
+    """Tables (``schema.table`` as SQL writes them) to add to the publication when missing."""
+    create: bool = True
+    """Create the publication and the slot when they are missing."""
+    backfill: bool = False
+    """When this creates the slot: first deliver every existing row as a READ event."""
+    status_interval: float = 10.0
+    """Seconds between standby status updates when nothing else prompts one."""
+    connect_timeout: float = 10.0
+    statement_timeout: float = 30.0
+    reconnect_initial_delay: float = 0.1
+    reconnect_max_delay: float = 10.0
+    reconnect_max_attempts: int | None = None
+    """Give up (raise `ConnectionLost`) after this many failed attempts in a row; None: never."""
+    backfill_batch: int = 1000
+
+    @property
+    def publication_name(self) -> str:
+        return self.publication or self.slot
+
+
+class _Lost(Exception):
+    """The replication connection failed; reconnect (internal)."""
+
+
+class ReplicationEngine:
+    """The state of one change stream, independent of any runtime."""
+
+    def __init__(self, config: ReplicationConfig) -> None:
+        check_name(config.slot, "slot")
+        check_name(config.publication_name, "publication")
+        self.config = config
+        self.stopping = False
+        self.pgconn: pq.abc.PGconn | None = None
+        self.flushed = 0
+        """The LSN acknowledged to the server (or about to be: see `_acknowledge`)."""
+        self.skip_through = 0
+        """Transactions that commit at or before this LSN are acknowledged, not delivered."""
+        self.primary_keys: dict[tuple[str, str], tuple[str, ...]] = {}
+        self.changes = 0
+        self.transactions = 0
+        self.reconnects = 0
+        self._sent_flush = 0
+        self._received = 0
+        self._in_tx = False
+        self._skipping = False
+        self._slot_known = False
+        self._tables: list[tuple[str, str, list[str]]] = []
+
+    # -- the state machine --
+
+    def run(self) -> PQGen:
+        """Connect, set up, stream; reconnect after a loss; return once `stopping`."""
+        try:
+            yield from self._run()
+        except pgwire.Abandoned:
+            pass  # stopped while a statement was in flight
+        finally:
+            self._close()
+
+    def _run(self) -> PQGen:
+        attempt = 0
+        first = True
+        while not self.stopping:
+            try:
+                yield from pgwire.until_stopped(self._open(first), lambda: self.stopping)
+                if attempt:
+                    self.reconnects += 1
+                    yield (REPORT, f"change stream back after {attempt} attempt(s)")
+                attempt = 0
+                first = False
+                yield from self._stream()
+            except _Lost as lost:
+                self._close()
+                if self._in_tx:
+                    self._in_tx = False
+                    yield (ABORT,)
+                if self.stopping:
+                    break
+                attempt += 1
+                cfg = self.config
+                if cfg.reconnect_max_attempts is not None and attempt > cfg.reconnect_max_attempts:
+                    raise ConnectionLost(
+                        f"the change stream was lost and could not be resumed after "
+                        f"{attempt - 1} attempts: {lost}"
+                    ) from None
+                delay = backoff_delay(
+                    attempt, initial=cfg.reconnect_initial_delay, cap=cfg.reconnect_max_delay
+                )
+                logger.warning("change stream lost (%s); again in %.2fs", lost, delay)
+                yield (SLEEP, time.monotonic() + delay)
+
+    def _open(self, first: bool) -> PQGen:
+        """Set up (publication, slot, backfill) and start streaming from the slot."""
+        cfg = self.config
+        try:
+            ctl = yield from self._connect(cfg.conninfo)
+        except ConnectError as exc:
+            if first:
+                raise
+            raise _Lost(str(exc)) from None
+        try:
+            backfill = yield from self._prepare(ctl)
+            repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
+            self.pgconn = repl
+            if backfill is not None:
+                yield from self._create_slot_and_backfill(repl, ctl)
+            elif not self._slot_known:
+                yield from self._create_slot(repl)
+        except ConnectError as exc:
+            if first:
+                raise
+            raise _Lost(str(exc)) from None
+        except pgwire.QueryFailed as exc:
+            if exc.sqlstate is not None and exc.sqlstate.startswith("08"):
+                raise _Lost(str(exc)) from None
+            raise _failed(exc) from None
+        except pgwire.QueryTimeout:
+            raise _Lost("no answer to a statement in time") from None
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost(pgwire.one_line(exc)) from None
+            raise
+        finally:
+            ctl.finish()
+        publication = psql.Literal(cfg.publication_name).as_string(None)
+        start = (
+            f"START_REPLICATION SLOT {cfg.slot} LOGICAL 0/0 "
+            f"(proto_version '1', publication_names {publication})"
+        )
+        try:
+            repl.send_query(start.encode())
+            while repl.flush():
+                yield (WAIT, repl.socket, WRITE, time.monotonic() + cfg.statement_timeout)
+            deadline = time.monotonic() + cfg.statement_timeout
+            while repl.is_busy():
+                ready = yield (WAIT, repl.socket, READ, deadline)
+                if ready:
+                    repl.consume_input()
+                elif time.monotonic() >= deadline:
+                    raise _Lost("START_REPLICATION got no answer in time")
+            res = repl.get_result()
+        except pgwire.Abandoned:
+            raise
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost(pgwire.one_line(exc)) from None
+            raise
+        if res is None or res.status != pq.ExecStatus.COPY_BOTH:
+            error = pgwire.result_error(res) if res is not None else None
+            if error is not None and error.sqlstate == "55006":  # the slot is in use
+                raise _Lost(f"{error}: another reader holds slot {cfg.slot!r}")
+            if error is not None:
+                raise _failed(error)
+            raise _Lost("START_REPLICATION did not start streaming")
+        self._received = 0
+        self._sent_flush = 0  # tell the new session where we are at the first chance
+
+    def _prepare(self, ctl: pq.abc.PGconn) -> Generator[Any, Any, str | None]:
+        """Check the server, make the publication; returns "backfill" when the slot is new."""
+        cfg = self.config
+        pub = cfg.publication_name
+        (res,) = yield from self._query(ctl, "cdc_server_state", slot=cfg.slot, publication=pub)
+        level = _text(res.get_value(0, 0))
+        if level != "logical":
+            raise UsageError(WAL_LEVEL_HINT.format(level=level))
+        plugin = res.get_value(0, 1)
+        if plugin is not None and plugin != b"pgoutput":
+            raise UsageError(
+                f"replication slot {cfg.slot!r} uses the plugin {_text(plugin)!r}, not pgoutput: "
+                "pick another slot name (slot=..., --slot)"
+            )
+        self._slot_known = plugin is not None
+        pub_exists = res.get_value(0, 2) == b"t"
+        if cfg.tables:
+            wanted = []
+            for name in cfg.tables:
+                (r,) = yield from self._query(ctl, "cdc_resolve_table", name=_sql_name(name))
+                if r.ntuples == 0:
+                    raise UsageError(
+                        f"table {name!r} does not exist; check the name and quote mixed case: "
+                        "'\"Orders\"'"
+                    )
+                wanted.append((_text(r.get_value(0, 0)), _text(r.get_value(0, 1))))
+            present: set[tuple[str, str]] = set()
+            if pub_exists:
+                (r,) = yield from self._query(ctl, "cdc_publication_tables", publication=pub)
+                present = {
+                    (_text(r.get_value(i, 0)), _text(r.get_value(i, 1))) for i in range(r.ntuples)
+                }
+            missing = [t for t in wanted if t not in present]
+            if missing and not cfg.create:
+                raise UsageError(
+                    f"publication {pub!r} lacks {', '.join('.'.join(t) for t in missing)}: run "
+                    "`pgherald cdc add TABLE...`, or pass create=True"
+                )
+            for statement in publication_statements(pub, pub_exists, missing):
+                yield from pgwire.execute(
+                    ctl, statement.encode(), time.monotonic() + cfg.statement_timeout
+                )
+                pub_exists = True
+        if not pub_exists:
+            raise UsageError(
+                f"publication {pub!r} does not exist: run `pgherald cdc add TABLE... --slot "
+                f"{cfg.slot}`, or pass tables=[...]"
+            )
+        (r,) = yield from self._query(ctl, "cdc_publication_tables", publication=pub)
+        self.primary_keys = {
+            (_text(r.get_value(i, 0)), _text(r.get_value(i, 1))): tuple(
+                _text_array(r.get_value(i, 3))
+            )
+            for i in range(r.ntuples)
+        }
+        self._tables = [
+            (_text(r.get_value(i, 0)), _text(r.get_value(i, 1)), _text_array(r.get_value(i, 2)))
+            for i in range(r.ntuples)
+        ]
+        if not self._slot_known:
+            if not cfg.create:
+                raise UsageError(
+                    f"replication slot {cfg.slot!r} does not exist: run `pgherald cdc add "
+                    f"TABLE... --slot {cfg.slot}`, or pass create=True"
+                )
+            if cfg.backfill:
+                return "backfill"
+        return None
+
+    def _create_slot(self, repl: pq.abc.PGconn) -> PQGen:
+        yield from pgwire.execute(
+            repl,
+            f"CREATE_REPLICATION_SLOT {self.config.slot} LOGICAL pgoutput NOEXPORT_SNAPSHOT".encode(),
+            time.monotonic() + self.config.statement_timeout,
+        )
+        self._slot_known = True
+        logger.info("created replication slot %r", self.config.slot)
+
+    def _create_slot_and_backfill(self, repl: pq.abc.PGconn, ctl: pq.abc.PGconn) -> PQGen:
+        """
+        Create the slot with an exported snapshot and deliver every row it sees as READ events,
+        before the stream (which starts where the snapshot ends) delivers anything.
+        """
+        cfg = self.config
+        deadline = time.monotonic() + cfg.statement_timeout
+        (res,) = yield from pgwire.execute(
+            repl,
+            f"CREATE_REPLICATION_SLOT {cfg.slot} LOGICAL pgoutput EXPORT_SNAPSHOT".encode(),
+            deadline,
+        )
+        self._slot_known = True
+        consistent = _text(res.get_value(0, 1))
+        snapshot = _text(res.get_value(0, 2))
+        logger.info("created replication slot %r; backfilling from snapshot %s", cfg.slot, snapshot)
+        when = datetime.now(timezone.utc)
+        yield from pgwire.execute(
+            ctl,
+            b"BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SET TRANSACTION SNAPSHOT "
+            + psql.Literal(snapshot).as_string(None).encode(),
+            time.monotonic() + cfg.statement_timeout,
+        )
+        self._in_tx = True
+        for schema, table, columns in self._tables:
+            key = self.primary_keys.get((schema, table), ())
+            select = psql.SQL(
+                "DECLARE pgherald_backfill NO SCROLL CURSOR FOR SELECT {} FROM {}"
+            ).format(
+                psql.SQL(", ").join(map(psql.Identifier, columns)) if columns else psql.SQL("*"),
+                psql.Identifier(schema, table),
+            )
+            yield from pgwire.execute(
+                ctl, select.as_string(None).encode(), time.monotonic() + cfg.statement_timeout
+            )
+            fetch = f"FETCH {int(cfg.backfill_batch)} FROM pgherald_backfill".encode()
+            while True:
+                (rows,) = yield from pgwire.execute(
+                    ctl, fetch, time.monotonic() + cfg.statement_timeout
+                )
+                if rows.ntuples == 0:
+                    break
+                names = [_text(rows.fname(c)) for c in range(rows.nfields)]
+                types = [rows.ftype(c) for c in range(rows.nfields)]
+                for i in range(rows.ntuples):
+                    values = [rows.get_value(i, c) for c in range(rows.nfields)]
+                    row = read_row(names, types, values)
+                    event = ChangeEvent(
+                        "READ",
+                        schema,
+                        table,
+                        row,
+                        None,
+                        None,
+                        decode_key(row, key),
+                        consistent,
+                        0,
+                        when,
+                    )
+                    self.changes += 1
+                    yield (CHANGE, event)
+                    if self.stopping:
+                        # Unfinished: the next start cannot backfill from this slot again.
+                        raise UsageError(
+                            f"stopped during the backfill of slot {cfg.slot!r}: drop it "
+                            "(`pgherald cdc drop`) and start again to backfill"
+                        )
+            yield from pgwire.execute(
+                ctl, b"CLOSE pgherald_backfill", time.monotonic() + cfg.statement_timeout
+            )
+        yield from pgwire.execute(ctl, b"COMMIT", time.monotonic() + cfg.statement_timeout)
+        self._in_tx = False
+        end = lsn_to_int(consistent)
+        yield (COMMIT, Commit(end, end, when))
+        self.flushed = max(self.flushed, end)
+
+    # -- streaming --
+
+    def _stream(self) -> PQGen:
+        pgconn = self.pgconn
+        assert pgconn is not None
+        cfg = self.config
+        decoder = Decoder(self.primary_keys)
+        decode = decoder.decode
+        next_status = time.monotonic() + cfg.status_interval
+        get = pgconn.get_copy_data
+        while True:
+            if self.stopping:
+                yield from self._send_status(pgconn)
+                return
+            try:
+                n, data = get(1)
+            except Exception as exc:
+                raise _Lost(pgwire.one_line(exc)) from None
+            if n > 0:
+                kind = data[0]
+                if kind == 0x77:  # w: XLogData
+                    msg = bytes(data[25:])
+                    tag = msg[0]
+                    if tag == 0x42:  # Begin
+                        (begin,) = decode(msg)
+                        assert isinstance(begin, Begin)
+                        self._in_tx = True
+                        self._skipping = begin.final_lsn <= self.skip_through
+                    elif tag == 0x43:  # Commit
+                        (commit,) = decode(msg)
+                        assert isinstance(commit, Commit)
+                        if not self._skipping:
+                            self.transactions += 1
+                            yield (COMMIT, commit)
+                        self._in_tx = False
+                        self._skipping = False
+                        self._acknowledge(commit.end_lsn)
+                        if self.stopping:
+                            continue
+                    else:
+                        try:
+                            for event in decode(msg):
+                                if self._skipping:
+                                    continue
+                                self.changes += 1
+                                yield (CHANGE, event)
+                        except DecodeError as exc:
+                            raise UsageError(f"cannot read the change stream: {exc}") from None
+                        if self.stopping and self._in_tx:
+                            self._in_tx = False
+                            yield (ABORT,)
+                    self._received = max(self._received, int.from_bytes(data[9:17], "big"))
+                elif kind == 0x6B:  # k: keepalive
+                    wal_end = int.from_bytes(data[1:9], "big")
+                    self._received = max(self._received, wal_end)
+                    if not self._in_tx:
+                        self._acknowledge(wal_end)
+                    if data[17]:
+                        yield from self._send_status(pgconn)
+                        next_status = time.monotonic() + cfg.status_interval
+                continue
+            if n < 0:  # the server ended the stream (shutting down) or an error
+                message = "the server ended the change stream"
+                res = pgconn.get_result()
+                if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
+                    message = str(pgwire.result_error(res))
+                raise _Lost(message)
+            # Nothing buffered: acknowledge what was handled, then wait for the socket.
+            now = time.monotonic()
+            if self.flushed > self._sent_flush or now >= next_status:
+                yield from self._send_status(pgconn)
+                next_status = now + cfg.status_interval
+            ready = yield (WAIT, pgconn.socket, READ, next_status)
+            if ready:
+                try:
+                    pgconn.consume_input()
+                except Exception as exc:
+                    raise _Lost(pgwire.one_line(exc)) from None
+
+    def _acknowledge(self, lsn: int) -> None:
+        if lsn > self.flushed:
+            self.flushed = lsn
+
+    def _send_status(self, pgconn: pq.abc.PGconn) -> PQGen:
+        """A standby status update: written and flushed = what was handled (`flushed`)."""
+        flushed = self.flushed
+        written = max(self._received, flushed)
+        now = pg_micros(datetime.now(timezone.utc))
+        msg = (
+            b"r"
+            + written.to_bytes(8, "big")
+            + flushed.to_bytes(8, "big")
+            + flushed.to_bytes(8, "big")
+            + now.to_bytes(8, "big", signed=True)
+            + b"\0"
+        )
+        try:
+            if pgconn.put_copy_data(msg) != 1:
+                return  # libpq's buffer is full: the next update says the same, later
+            deadline = time.monotonic() + self.config.statement_timeout
+            while pgconn.flush():
+                ready = yield (WAIT, pgconn.socket, WRITE, deadline)
+                if not ready and time.monotonic() >= deadline:
+                    raise _Lost("could not send a status update in time")
+        except _Lost:
+            raise
+        except Exception as exc:
+            raise _Lost(pgwire.one_line(exc)) from None
+        self._sent_flush = flushed
+
+    # -- helpers --
+
+    def _connect(self, conninfo: str) -> Generator[Any, Any, pq.abc.PGconn]:
+        deadline = time.monotonic() + self.config.connect_timeout
+        return (yield from pgwire.connect(conninfo, deadline))
+
+    def _query(self, pgconn: pq.abc.PGconn, query: str, /, **params: Any) -> PQGen:
+        text, names = sql.numbered(query)
+        values = [None if params[n] is None else str(params[n]).encode() for n in names]
+        return (
+            yield from pgwire.execute_params(
+                pgconn, text, values, time.monotonic() + self.config.statement_timeout
+            )
+        )
+
+    def _close(self) -> None:
+        pgconn, self.pgconn = self.pgconn, None
+        if pgconn is not None:
+            pgconn.finish()
+
+    @property
+    def flushed_lsn(self) -> str:
+        return lsn_to_str(self.flushed)
+
+
+def publication_statements(
+    publication: str, exists: bool, tables: list[tuple[str, str]], columns: tuple[str, ...] = ()
+) -> list[str]:
+    """The DDL that adds *tables* (schema, name) to *publication*, creating it if need be."""
+    if not tables:
+        return []
+    targets = psql.SQL(", ").join(
+        psql.SQL("{} ({})").format(
+            psql.Identifier(s, t), psql.SQL(", ").join(map(psql.Identifier, columns))
+        )
+        if columns
+        else psql.Identifier(s, t)
+        for s, t in tables
+    )
+    if exists:
+        q = psql.SQL("ALTER PUBLICATION {} ADD TABLE {}")
+    else:
+        q = psql.SQL("CREATE PUBLICATION {} FOR TABLE {}")
+    return [q.format(psql.Identifier(publication), targets).as_string(None)]
+
+
+def _replication_conninfo(conninfo: str) -> str:
+    return f"{conninfo} replication=database"
+
+
+def _sql_name(name: str) -> str:
+    """A table name as SQL writes it, quoted part by part (for to_regclass)."""
+    from .._triggers import parse_table
+
+    schema, table = parse_table(name)
+    ident = psql.Identifier(table) if schema is None else psql.Identifier(schema, table)
+    return ident.as_string(None)
+
+
+def _text(raw: bytes | None) -> str:
+    return "" if raw is None else raw.decode()
+
+
+def _text_array(raw: bytes | None) -> list[str]:
+    from .pgoutput import parse_array
+
+    return [] if raw is None else [str(x) for x in parse_array(raw.decode(), bytes.decode)]
+
+
+def _failed(exc: pgwire.QueryFailed) -> Exception:
+    """A server error met while setting up, as a `HeraldError` that names the fix."""
+    from .._errormap import from_sqlstate
+
+    if exc.sqlstate == "42501" or "must be superuser or replication role" in str(exc):
+        return UsageError(
+            f"the server refused ({exc}): change data capture needs a role with the "
+            "REPLICATION attribute (ALTER ROLE ... REPLICATION) that owns the tables, or a "
+            "superuser"
+        )
+    if exc.sqlstate == "53400":  # all replication slots are in use
+        return UsageError(
+            f"the server refused ({exc}): raise max_replication_slots (needs a restart), or "
+            "drop a slot no longer read (`pgherald cdc status`, `pgherald cdc drop`)"
+        )
+    return from_sqlstate(exc.sqlstate, str(exc), doing="start the change stream")

@@ -1,0 +1,450 @@
+"""
+`Relay` and `AsyncRelay`: move a consumer group's events from the durable log into a broker.
+
+A relay is a consumer group of the log (`AsyncConsumer` with a batch handler): each read is
+handed to a *sink* (NATS JetStream, Redis Streams, webhooks), which publishes the whole read
+pipelined and returns once the broker acknowledged all of it; only then does the consumer move
+the group's position. A crash (even SIGKILL) therefore redelivers at most one read, which the
+broker's de-duplication (JetStream's ``Nats-Msg-Id``, the Redis script's per-partition
+positions) turns into effectively once. See docs/relay.md.
+
+The broker clients (nats-py, redis-py's asyncio client) run on asyncio only: `AsyncRelay.run`
+refuses trio with a `UsageError`; `Relay` runs its own asyncio loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+import sniffio
+
+from ._conninfo import Source
+from ._consumer import AsyncConsumer, Start
+from ._models import Event
+from ._protocol.backoff import backoff_delay
+from ._protocol.channels import check_channel
+from .errors import UsageError
+
+logger = logging.getLogger("pgherald.relay")
+
+__all__ = ["AsyncRelay", "Relay", "RelayStats"]
+
+DEFAULT_NATS_STREAM = "PGHERALD"
+DEFAULT_SUBJECT = "pgherald.{channel}"
+DEFAULT_REDIS_STREAM = "pgherald:{channel}"
+
+
+@dataclass
+class RelayStats:
+    """Counters a relay keeps; cheap to read at any time (also from another thread)."""
+
+    relayed: int = 0
+    """Events the broker acknowledged (de-duplicated re-sends included)."""
+    batches: int = 0
+    """Reads handed to the sink and fully acknowledged."""
+    retries: int = 0
+    """Times a batch (or its rest) was sent again: broker unreachable or refusing."""
+    dead_lettered: int = 0
+    """Events given up (refused by the broker ``max_attempts`` times): see dead letters."""
+    connects: int = 0
+    """Connections made to the broker."""
+    started_at: float = 0.0
+    """When `run` started (``time.time()``)."""
+    last_relayed_at: float | None = None
+    """When the last batch was acknowledged (``time.time()``)."""
+    rate: float = 0.0
+    """Events per second, smoothed over about the last 10 seconds."""
+
+    def _count(self, n: int) -> None:
+        now = time.time()
+        last = self.last_relayed_at or self.started_at
+        self.relayed += n
+        self.batches += 1
+        dt = max(now - last, 1e-3)
+        weight = min(dt / 10.0, 1.0)
+        self.rate = (1 - weight) * self.rate + weight * (n / dt)
+        self.last_relayed_at = now
+
+
+class Refused(Exception):
+    """A sink gives up an event for good (too large, refused too often): it is dead-lettered."""
+
+    def __init__(self, done: int, message: str) -> None:
+        super().__init__(message)
+        self.done = done
+        """How many events before it were published (see `AsyncConsumer.add_batch_handler`)."""
+
+
+class Sink(Protocol):
+    """What a relay publishes through: one broker connection, opened lazily."""
+
+    target: str
+
+    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+        """Publish *events* in order; return None when all are acknowledged, or how many are
+        when stopping; raise `Refused` for an event the broker will never take."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _RelayState:
+    """What sinks share with their relay: the stop flag, the counters, the backoff."""
+
+    def __init__(self, stats: RelayStats, *, retry_delay: float, retry_max_delay: float) -> None:
+        self.stats = stats
+        self.stopping = asyncio.Event()
+        self.retry_delay = retry_delay
+        self.retry_max_delay = retry_max_delay
+
+    async def pause(self, attempt: int, why: str, *, at_least: float = 0.0) -> bool:
+        """Wait the backoff of *attempt* (1-based); False when stopped meanwhile."""
+        delay = max(
+            at_least,
+            backoff_delay(attempt, initial=self.retry_delay, cap=self.retry_max_delay),
+        )
+        self.stats.retries += 1
+        log = logger.warning if attempt == 1 or attempt % 10 == 0 else logger.info
+        log("%s; retrying in %.2fs (attempt %d)", why, delay, attempt)
+        try:
+            await asyncio.wait_for(self.stopping.wait(), delay)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+
+def _sink_for(
+    to: str,
+    *,
+    channels: frozenset[str],
+    group: str,
+    stream: str | None,
+    subject: str,
+    stream_config: Mapping[str, Any] | None,
+    maxlen: int | None,
+    secret: str | None,
+    webhook_batch: int,
+    max_attempts: int,
+    timeout: float,
+) -> Sink:
+    scheme = urlsplit(to).scheme.lower()
+    if scheme in ("nats", "tls"):
+        from ._relay_nats import NatsSink
+
+        return NatsSink(
+            to,
+            channels=channels,
+            stream=stream or DEFAULT_NATS_STREAM,
+            subject=subject,
+            stream_config=dict(stream_config or {}),
+            max_attempts=max_attempts,
+            timeout=timeout,
+        )
+    if scheme in ("redis", "rediss", "unix"):
+        from ._relay_redis import RedisSink
+
+        return RedisSink(
+            to,
+            group=group,
+            stream=stream or DEFAULT_REDIS_STREAM,
+            maxlen=maxlen,
+            max_attempts=max_attempts,
+            timeout=timeout,
+        )
+    if scheme in ("http", "https"):
+        from ._relay_webhook import WebhookSink
+
+        return WebhookSink(
+            to,
+            secret=secret,
+            batch=webhook_batch,
+            max_attempts=max_attempts,
+            timeout=timeout,
+        )
+    raise UsageError(
+        f"relay target {to!r} is not supported: use nats://HOST:PORT (JetStream), "
+        "redis://HOST:PORT/DB (Redis Streams) or https://... (webhooks); Kafka is not "
+        "supported yet"
+    )
+
+
+class AsyncRelay:
+    """
+    Relay a consumer group's events into NATS JetStream, Redis Streams or webhooks (asyncio).
+
+    ``AsyncRelay(dsn, to="nats://127.0.0.1:4222", channels=["orders"])``; ``await
+    relay.run()`` until `stop` (or cancellation). Each read of the log is published as a whole,
+    pipelined, and the group's position moves only after the broker acknowledged every event
+    of it: a crash delivers at most one read again, which the broker's de-duplication absorbs.
+    Several relays with the same ``group`` share the log's 16 partitions; events with one key
+    stay in order.
+
+    Args:
+        dsn: the PostgreSQL source, as for `Consumer`.
+        to: ``nats://`` (JetStream), ``redis://`` (Redis Streams), ``https://`` or loopback
+            ``http://`` (webhooks).
+        channels: the channels to relay.
+        group: the consumer group (its position is the relay's progress).
+        stream: JetStream stream name (default ``PGHERALD``, created if missing) or Redis
+            stream key (default ``pgherald:{channel}``; without ``{channel}``: one stream).
+        subject: JetStream subject per channel (``{channel}`` is replaced).
+        stream_config: JetStream stream settings for a stream created by the relay
+            (``nats.js.api.StreamConfig`` fields: ``max_age``, ``duplicate_window``, ...).
+        maxlen: Redis ``XADD MAXLEN ~`` (None: unbounded).
+        secret: webhooks: the HMAC-SHA256 key of the ``Pgherald-Signature`` header.
+        webhook_batch: webhooks: events per POST (1: one JSON object per request; more: a
+            JSON array).
+        max_attempts: an event the broker refuses (or a webhook that keeps failing) is tried
+            this many times, then dead-lettered; an unreachable broker is retried for ever.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(
+        self,
+        dsn: Source | None = None,
+        *,
+        to: str,
+        channels: Iterable[str],
+        group: str = "relay",
+        start: Start = "beginning",
+        stream: str | None = None,
+        subject: str = DEFAULT_SUBJECT,
+        stream_config: Mapping[str, Any] | None = None,
+        maxlen: int | None = None,
+        secret: str | None = None,
+        webhook_batch: int = 1,
+        max_attempts: int = 8,
+        retry_delay: float = 0.2,
+        retry_max_delay: float = 30.0,
+        timeout: float = 10.0,
+        batch_size: int = 1000,
+        max_batch_size: int | None = None,
+        application_name: str = "pgherald-relay",
+    ) -> None:
+        names = [channels] if isinstance(channels, str) else list(channels)
+        if not names:
+            raise UsageError("a relay needs at least one channel to relay")
+        chans = frozenset(check_channel(c) for c in names)
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
+            raise UsageError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        if maxlen is not None and (
+            isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1
+        ):
+            raise UsageError(f"maxlen must be an int >= 1 or None, not {maxlen!r}")
+        if isinstance(webhook_batch, bool) or not isinstance(webhook_batch, int) or (
+            webhook_batch < 1
+        ):
+            raise UsageError(f"webhook_batch must be an int >= 1, not {webhook_batch!r}")
+        self.stats = RelayStats()
+        """Counters: relayed, batches, retries, dead-lettered, rate."""
+        self._sink = _sink_for(
+            to,
+            channels=chans,
+            group=group,
+            stream=stream,
+            subject=subject,
+            stream_config=stream_config,
+            maxlen=maxlen,
+            secret=secret,
+            webhook_batch=webhook_batch,
+            max_attempts=max_attempts,
+            timeout=timeout,
+        )
+        # The sink retries and dead-letters by itself (it knows transient from permanent):
+        # the consumer dead-letters at the first failure a sink reports.
+        self._consumer = AsyncConsumer(
+            dsn,
+            group=group,
+            channels=chans,
+            start=start,
+            batch_size=batch_size,
+            max_batch_size=max_batch_size,
+            max_attempts=1,
+            application_name=application_name,
+        )
+        self._consumer.add_batch_handler(self._send)
+        self._retry = (retry_delay, retry_max_delay)
+        self._state: _RelayState | None = None
+        self._stop_requested = False
+
+    @property
+    def group(self) -> str:
+        return self._consumer.group
+
+    @property
+    def channels(self) -> frozenset[str]:
+        return self._consumer.channels
+
+    @property
+    def target(self) -> str:
+        """Where events go (the URL given as ``to``, without a password)."""
+        return self._sink.target
+
+    @property
+    def partitions(self) -> list[int]:
+        """The log partitions this relay holds now (out of 16)."""
+        return self._consumer.partitions
+
+    def stop(self) -> None:
+        """Make `run` return: the batch in hand is finished or left for the next run."""
+        self._stop_requested = True
+        self._consumer.stop()
+        if self._state is not None:
+            self._state.stopping.set()
+
+    async def run(self) -> None:
+        """Relay events until `stop` (or cancellation)."""
+        if sniffio.current_async_library() != "asyncio":
+            raise UsageError(
+                "AsyncRelay runs on asyncio only (the NATS and Redis clients do): run it "
+                "under asyncio, or use pgherald.Relay from a thread"
+            )
+        self._state = _RelayState(
+            self.stats, retry_delay=self._retry[0], retry_max_delay=self._retry[1]
+        )
+        if self._stop_requested:
+            self._state.stopping.set()
+        self.stats.started_at = time.time()
+        try:
+            async with self._consumer:
+                if not self._stop_requested:
+                    await self._consumer.run()
+        finally:
+            self._stop_requested = False
+            self._state = None
+            await self._sink.aclose()
+
+    async def _send(self, events: list[Event]) -> int | None:
+        state = self._state
+        assert state is not None
+        try:
+            done = await self._sink.send(events, state)
+        except Refused as exc:
+            self.stats.dead_lettered += 1
+            if exc.done:
+                self.stats._count(exc.done)
+            raise
+        if done is None:
+            self.stats._count(len(events))
+        elif done:
+            self.stats._count(done)
+        return done
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} group={self.group!r} to={self.target!r}>"
+
+
+class Relay:
+    """
+    The blocking `AsyncRelay`: same options; `run` blocks (on an asyncio loop of its own) until
+    `stop`, which any thread or a signal handler may call.
+
+    .. versionadded:: 0.3
+    """
+
+    def __init__(
+        self,
+        dsn: Source | None = None,
+        *,
+        to: str,
+        channels: Iterable[str],
+        group: str = "relay",
+        start: Start = "beginning",
+        stream: str | None = None,
+        subject: str = DEFAULT_SUBJECT,
+        stream_config: Mapping[str, Any] | None = None,
+        maxlen: int | None = None,
+        secret: str | None = None,
+        webhook_batch: int = 1,
+        max_attempts: int = 8,
+        retry_delay: float = 0.2,
+        retry_max_delay: float = 30.0,
+        timeout: float = 10.0,
+        batch_size: int = 1000,
+        max_batch_size: int | None = None,
+        application_name: str = "pgherald-relay",
+    ) -> None:
+        self._relay = AsyncRelay(
+            dsn,
+            to=to,
+            channels=channels,
+            group=group,
+            start=start,
+            stream=stream,
+            subject=subject,
+            stream_config=stream_config,
+            maxlen=maxlen,
+            secret=secret,
+            webhook_batch=webhook_batch,
+            max_attempts=max_attempts,
+            retry_delay=retry_delay,
+            retry_max_delay=retry_max_delay,
+            timeout=timeout,
+            batch_size=batch_size,
+            max_batch_size=max_batch_size,
+            application_name=application_name,
+        )
+        self.stats = self._relay.stats
+        """Counters: relayed, batches, retries, dead-lettered, rate."""
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def group(self) -> str:
+        return self._relay.group
+
+    @property
+    def channels(self) -> frozenset[str]:
+        return self._relay.channels
+
+    @property
+    def target(self) -> str:
+        """Where events go (the URL given as ``to``, without a password)."""
+        return self._relay.target
+
+    @property
+    def partitions(self) -> list[int]:
+        """The log partitions this relay holds now (out of 16)."""
+        return self._relay.partitions
+
+    def stop(self) -> None:
+        """Make `run` return; any thread, a signal handler too."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(self._relay.stop)
+            except RuntimeError:  # closed meanwhile: run() has returned
+                pass
+            else:
+                return
+        self._relay.stop()
+
+    def run(self) -> None:
+        """Relay events until `stop`."""
+        asyncio.run(self._run())
+
+    async def _run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        try:
+            await self._relay.run()
+        finally:
+            self._loop = None
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} group={self.group!r} to={self.target!r}>"
+
+
+def safe_url(url: str) -> str:
+    """*url* without its password (for logs and `target`)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = (parts.username or "") + ":***"
+    return parts._replace(netloc=f"{user}@{netloc[2]}").geturl()

@@ -1,0 +1,3 @@
+"""Django management commands of pgherald (``pgherald_run``)."""
+
+from __future__ import annotations

@@ -1,0 +1,270 @@
+"""
+Brokers for the relay tests: the machine's NATS (JetStream) and Redis, and private ones.
+
+``nats_url`` / ``redis_url`` are the machine's servers on 127.0.0.1 (4222 / 6379); each test
+uses names of its own (streams, keys), so tests never see each other's messages. Where they do
+not answer, the test skips and says why, except on CI (``CI=true``), where it fails: CI has them.
+
+``own_nats`` / ``own_redis`` start a private ``nats-server -js`` / ``redis-server`` on a free
+port in a temporary directory, which the test may kill and restart (the machine's servers are
+never touched). Without the binaries the test skips (fails on CI) naming the Debian package.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+def _unavailable(why: str) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(f"{why} (CI must run the relay tests)", pytrace=False)
+    pytest.skip(why)
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        if _answers(port):
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"server did not listen on {port} within {timeout}s")
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """The machine's NATS server (JetStream enabled) on 127.0.0.1:4222."""
+    if not _answers(4222):
+        _unavailable("no NATS server on 127.0.0.1:4222 (Debian: apt-get install nats-server)")
+    return "nats://127.0.0.1:4222"
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis on 127.0.0.1:6379, database 0."""
+    if not _answers(6379):
+        _unavailable("no Redis server on 127.0.0.1:6379 (Debian: apt-get install redis-server)")
+    return "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def unique() -> str:
+    """A name of this test's own (stream, subject, key prefix)."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+class OwnBroker:
+    """A private broker process: `url`, `start`, `stop`, `kill`, `restart`."""
+
+    scheme = ""
+    binary = ""
+    package = ""
+
+    def __init__(self) -> None:
+        path = shutil.which(self.binary)
+        if path is None:
+            _unavailable(f"{self.binary} is not installed (Debian: apt-get install {self.package})")
+        self.path = str(path)
+        self.port = _free_port()
+        self.dir = Path(tempfile.mkdtemp(prefix=f"pgherald-{self.binary}-"))
+        self.log = self.dir / "server.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                self.command(), stdout=log, stderr=subprocess.STDOUT, cwd=self.dir
+            )
+        _wait_port(self.port, self.proc, self.log)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def close(self) -> None:
+        self.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class OwnNats(OwnBroker):
+    scheme = "nats"
+    binary = "nats-server"
+    package = "nats-server"
+
+    def command(self) -> list[str]:
+        return [
+            self.path,
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            str(self.port),
+            "-sd",
+            str(self.dir / "jetstream"),
+        ]
+
+
+class OwnRedis(OwnBroker):
+    scheme = "redis"
+    binary = "redis-server"
+    package = "redis-server"
+
+    def command(self) -> list[str]:
+        # appendonly + fsync always: an entry Redis acknowledged survives a kill, as the
+        # relay's guarantee assumes (docs/relay.md).
+        return [
+            self.path,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.dir),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+        ]
+
+
+@pytest.fixture
+def own_nats() -> Iterator[OwnNats]:
+    """A private ``nats-server -js`` the test may kill and restart."""
+    server = OwnNats()
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.close()
+
+
+@pytest.fixture
+def own_redis() -> Iterator[OwnRedis]:
+    """A private ``redis-server`` (append-only file, fsync always) the test may restart."""
+    server = OwnRedis()
+    server.start()
+    try:
+        yield server
+    finally:
+        with contextlib.suppress(Exception):
+            server.close()
+
+
+# -- the relay in a subprocess, and a paced publisher --
+
+
+def publish_paced(
+    dsn: str, channel: str, total: int, chunk: int, pause: float, keys: int = 50
+) -> list[int]:
+    """Publish *total* events in transactions of *chunk*, *pause* s apart; their ids.
+
+    Event ``i`` has key ``k{i % keys}`` and payload ``{"i": i}``: per key, ids ascend.
+    """
+    import psycopg
+
+    import pgherald
+
+    ids: list[int] = []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for start in range(0, total, chunk):
+            n = min(chunk, total - start)
+            with conn.transaction():
+                ids += pgherald.publish_many(
+                    conn,
+                    channel,
+                    [{"i": i} for i in range(start, start + n)],
+                    key=[f"k{i % keys}" for i in range(start, start + n)],
+                )
+            if pause:
+                time.sleep(pause)  # pacing the load, not synchronisation
+    return ids
+
+
+class RelayProcess:
+    """``pgherald relay ARGS`` in a subprocess, which the test may SIGKILL and start again."""
+
+    def __init__(self, dsn: str, *args: str) -> None:
+        from tests.fix_cli import cli_env, pgherald_cmd
+
+        self.cmd = pgherald_cmd("relay", *args)
+        self.env = cli_env(dsn)
+        self.proc: subprocess.Popen[str] | None = None
+        self.log = Path(tempfile.mkdtemp(prefix="pgherald-relay-")) / "relay.log"
+
+    def start(self) -> RelayProcess:
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def output(self) -> str:
+        return self.log.read_text()

@@ -1,0 +1,499 @@
+"""
+Change data capture from the WAL (`pgherald.ChangeStream`), on a private server with
+``wal_level=logical`` shared by this module (each test has its own slot and tables).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from decimal import Decimal
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import pgherald
+from pgherald import ChangeEvent, ChangeStream
+from pgherald._protocol.pgoutput import lsn_to_int
+from tests.fix_faults import wait_until
+from tests.fix_server import OwnServer, own_server
+
+
+@pytest.fixture(scope="module")
+def pg() -> Iterator[OwnServer]:
+    with own_server() as server:
+        yield server
+
+
+@pytest.fixture
+def cdc_dsn(pg: OwnServer) -> Iterator[str]:
+    """A fresh database on the private server (slots are per database)."""
+    name = f"cdc_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(pg.dsn, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    dsn = pg.dsn.rsplit("/", 1)[0] + "/" + name
+    yield dsn
+    with psycopg.connect(pg.dsn, autocommit=True) as c:
+        for (slot,) in c.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+        ).fetchall():
+            c.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND active_pid IS NOT NULL",
+                (slot,),
+            )
+            wait_until(
+                lambda s=slot: (
+                    not c.execute(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (s,)
+                    ).fetchone()[0]
+                ),
+                10,
+                "the slot's reader to end",
+            )
+            c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def sql(dsn: str, *statements: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for s in statements:
+            c.execute(s.encode())
+
+
+class Reader:
+    """A ChangeStream run by a thread, recording every change."""
+
+    def __init__(self, stream: ChangeStream, handler: Callable[[ChangeEvent], None] | None = None):
+        self.stream = stream
+        self.events: list[ChangeEvent] = []
+        self.error: BaseException | None = None
+        self._handler = handler
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for e in self.stream:
+                if self._handler is not None:
+                    self._handler(e)
+                self.events.append(e)
+        except BaseException as exc:  # reported by the test
+            self.error = exc
+
+    def wait(self, n: int, timeout: float = 10) -> list[ChangeEvent]:
+        wait_until(lambda: len(self.events) >= n or self.error, timeout, f"{n} changes")
+        assert self.error is None, self.error
+        return self.events
+
+    def stop(self) -> None:
+        self.stream.stop()
+        self.thread.join(5)
+        assert not self.thread.is_alive(), "stop() did not end the stream"
+        assert self.error is None, self.error
+
+
+@pytest.fixture
+def reader() -> Iterator[Callable[..., Reader]]:
+    started: list[Reader] = []
+
+    def start(stream: ChangeStream, handler: Any = None) -> Reader:
+        r = Reader(stream, handler)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        r.stream.stop()
+        r.thread.join(5)
+
+
+def slot_ready(dsn: str, slot: str) -> bool:
+    with psycopg.connect(dsn) as c:
+        row = c.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def confirmed(dsn: str, slot: str) -> int:
+    with psycopg.connect(dsn) as c:
+        row = c.execute(
+            "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+            (slot,),
+        ).fetchone()
+    assert row is not None
+    return lsn_to_int(row[0])
+
+
+def capture(dsn: str, slot: str, *tables: str) -> None:
+    """Publication and slot now (as `pgherald cdc add`): changes from here on are kept."""
+    from pgherald._cdc import add_tables
+
+    with psycopg.connect(dsn, autocommit=True) as c:
+        add_tables(c, tables, slot=slot)
+
+
+def current_lsn(dsn: str) -> int:
+    with psycopg.connect(dsn) as c:
+        # The insert position: with synchronous_commit = off the write position lags behind.
+        row = c.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return lsn_to_int(row[0])
+
+
+# -- the event shape --
+
+
+def test_insert_update_delete_truncate(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(cdc_dsn, "CREATE TABLE orders (id int PRIMARY KEY, item text, qty int)")
+    r = reader(ChangeStream(cdc_dsn, slot="s_basic", tables=["orders"]))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_basic"), 10, "the stream to start")
+    sql(
+        cdc_dsn,
+        "INSERT INTO orders VALUES (1, 'tea', 2)",
+        "UPDATE orders SET qty = 3 WHERE id = 1",
+        "DELETE FROM orders WHERE id = 1",
+        "TRUNCATE orders",
+    )
+    ins, upd, dele, trunc = r.wait(4)
+    assert [e.op for e in (ins, upd, dele, trunc)] == ["INSERT", "UPDATE", "DELETE", "TRUNCATE"]
+    assert (ins.schema, ins.table, ins.key) == ("public", "orders", "1")
+    assert ins.new == {"id": 1, "item": "tea", "qty": 2} and ins.old is None
+    assert upd.new == {"id": 1, "item": "tea", "qty": 3}
+    assert upd.old is None and upd.changed is None  # default replica identity: no old row
+    assert dele.new is None and dele.old == {"id": 1} and dele.key == "1"
+    assert trunc.new is None and trunc.old is None and trunc.key is None
+    # One transaction each, in commit order, with ids and commit times.
+    lsns = [lsn_to_int(e.lsn) for e in (ins, upd, dele, trunc)]
+    assert lsns == sorted(lsns) and len(set(lsns)) == 4
+    assert len({e.xid for e in (ins, upd, dele, trunc)}) == 4
+    assert ins.commit_time.tzinfo is not None
+    assert ins.as_dict()["tx"] == str(ins.xid)
+    r.stop()
+    # Everything handled was acknowledged at stop: the slot starts after it next time.
+    assert confirmed(cdc_dsn, "s_basic") >= lsns[-1]
+
+
+def test_replica_identity_full_old_rows(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(
+        cdc_dsn,
+        "CREATE TABLE items (a int, b int, note text, PRIMARY KEY (a, b))",
+        "ALTER TABLE items REPLICA IDENTITY FULL",
+    )
+    r = reader(ChangeStream(cdc_dsn, slot="s_full", tables=["items"]))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_full"), 10, "the stream to start")
+    sql(
+        cdc_dsn,
+        "INSERT INTO items VALUES (1, 2, 'x')",
+        "UPDATE items SET note = 'y'",
+        "DELETE FROM items",
+    )
+    _, upd, dele = r.wait(3)
+    assert upd.old == {"a": 1, "b": 2, "note": "x"} and upd.changed == ["note"]
+    assert upd.key == "[1,2]"  # several key columns: the JSON array, as triggers write it
+    assert dele.old == {"a": 1, "b": 2, "note": "y"}
+
+
+def test_types_and_wide_rows(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(
+        cdc_dsn,
+        "CREATE TABLE t (id bigint PRIMARY KEY, n numeric, ts timestamptz, ints int[], "
+        "texts text[], nested int[], j jsonb, b bytea, f float8, ok bool, body text, u uuid)",
+    )
+    r = reader(ChangeStream(cdc_dsn, slot="s_types", tables=["t"]))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_types"), 10, "the stream to start")
+    big = "x" * (1024 * 1024)
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("SET TIME ZONE 'UTC'")
+        c.execute(
+            "INSERT INTO t VALUES (1, 12345678901234567890.000000001, "
+            "'2026-11-25 08:00:00.123+00', '{1,2,NULL}', '{\"a b\",\"c\\\"d\",NULL}', "
+            "'{{1,2},{3,4}}', '{\"k\": [1, 2.5, null]}', '\\x0102ff', 1.5, true, %s, "
+            "'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11')",
+            (big,),
+        )
+        c.execute("INSERT INTO t (id) VALUES (2)")
+        c.execute("UPDATE t SET ok = false WHERE id = 1")  # body is TOASTed and unchanged
+    ins, nulls, upd = r.wait(3)
+    assert ins.new is not None and nulls.new is not None and upd.new is not None
+    assert ins.new["n"] == Decimal("12345678901234567890.000000001")
+    assert ins.new["ts"] == "2026-11-25T08:00:00.123+00:00"
+    assert ins.new["ints"] == [1, 2, None]
+    assert ins.new["texts"] == ["a b", 'c"d', None]
+    assert ins.new["nested"] == [[1, 2], [3, 4]]
+    assert ins.new["j"] == {"k": [1, 2.5, None]}
+    assert ins.new["b"] == "\\x0102ff"
+    assert ins.new["f"] == 1.5 and ins.new["ok"] is True
+    assert ins.new["body"] == big
+    assert ins.new["u"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+    assert nulls.new == {k: (2 if k == "id" else None) for k in ins.new}
+    # An unchanged TOASTed value is not in the WAL: absent, not wrongly null.
+    assert upd.new["ok"] is False and "body" not in upd.new
+    # Exact numerics survive the trip to JSON.
+    assert '"n":12345678901234567890.000000001' in pgherald._protocol.pgoutput.dumps_value(
+        ins.as_dict()
+    ).replace(" ", "").replace('"new":{', "")
+
+
+def test_column_added_mid_stream(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY, a text)")
+    r = reader(ChangeStream(cdc_dsn, slot="s_ddl", tables=["t"]))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_ddl"), 10, "the stream to start")
+    sql(
+        cdc_dsn,
+        "INSERT INTO t VALUES (1, 'x')",
+        "ALTER TABLE t ADD COLUMN b int DEFAULT 7",
+        "INSERT INTO t VALUES (2, 'y', 8)",
+        "ALTER TABLE t DROP COLUMN a",
+        "INSERT INTO t VALUES (3, 9)",
+    )
+    first, second, third = r.wait(3)
+    assert first.new == {"id": 1, "a": "x"}
+    assert second.new == {"id": 2, "a": "y", "b": 8}
+    assert third.new == {"id": 3, "b": 9}
+
+
+def test_backfill_then_stream(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(
+        cdc_dsn,
+        "CREATE TABLE t (id int PRIMARY KEY, v text)",
+        "INSERT INTO t SELECT g, 'old' FROM generate_series(1, 2500) g",
+    )
+    r = reader(ChangeStream(cdc_dsn, slot="s_fill", tables=["t"], backfill=True))
+    r.wait(2500)
+    sql(cdc_dsn, "INSERT INTO t VALUES (9999, 'new')")
+    events = r.wait(2501)
+    assert [e.op for e in events[:2500]] == ["READ"] * 2500
+    assert sorted(int(e.key or 0) for e in events[:2500]) == list(range(1, 2501))
+    assert events[2500].op == "INSERT" and events[2500].key == "9999"
+    assert lsn_to_int(events[2500].lsn) > lsn_to_int(events[0].lsn)
+
+
+# -- guarantees --
+
+
+def test_ack_only_after_the_whole_transaction(cdc_dsn: str) -> None:
+    """An iteration that ends mid-transaction leaves it unacknowledged: it comes again."""
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    capture(cdc_dsn, "s_ack", "t")
+    with ChangeStream(cdc_dsn, slot="s_ack") as s:
+        ev = iter(s)
+        sql(cdc_dsn, "INSERT INTO t VALUES (1)")
+        assert next(ev).key == "1"
+        sql(cdc_dsn, "BEGIN; INSERT INTO t VALUES (2); INSERT INTO t VALUES (3); COMMIT")
+        assert next(ev).key == "2"  # handled 2, not 3: the transaction is not done
+        ev.close()  # type: ignore[attr-defined]
+    with ChangeStream(cdc_dsn, slot="s_ack") as s:
+        ev = iter(s)
+        assert [next(ev).key, next(ev).key] == ["2", "3"]
+        ev.close()  # type: ignore[attr-defined]
+
+
+def test_handler_error_stops_without_ack(cdc_dsn: str) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+
+    def handler(e: ChangeEvent) -> None:
+        raise ValueError(f"cannot handle {e.key}")
+
+    capture(cdc_dsn, "s_err", "t")
+    sql(cdc_dsn, "INSERT INTO t VALUES (5)")
+    with ChangeStream(cdc_dsn, slot="s_err") as s:
+        with pytest.raises(ValueError, match="cannot handle 5"):
+            s.run(handler)
+    with ChangeStream(cdc_dsn, slot="s_err") as s:
+        assert next(iter(s)).key == "5"
+
+
+CONSUMER = """
+import sys, pgherald
+dsn, slot, out = sys.argv[1:4]
+with open(out, "a") as f, pgherald.ChangeStream(dsn, slot=slot, status_interval=0.2) as s:
+    for e in s:
+        f.write(e.lsn + " " + (e.key or "") + "\\n"); f.flush()
+        if e.key == "block":
+            print("blocked", flush=True)
+            sys.stdin.read()  # until killed, mid-transaction
+"""
+
+
+def test_sigkill_mid_transaction_redelivers_from_last_ack(cdc_dsn: str, tmp_path: Any) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id text PRIMARY KEY)")
+    capture(cdc_dsn, "s_kill", "t")
+    sql(cdc_dsn, "INSERT INTO t VALUES ('start')")
+    out = tmp_path / "seen.txt"
+    with subprocess.Popen(
+        [sys.executable, "-c", CONSUMER, cdc_dsn, "s_kill", str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    ) as proc:
+        try:
+            sql(cdc_dsn, "INSERT INTO t VALUES ('tx1-a')")
+            end_of_tx1 = current_lsn(cdc_dsn)
+            wait_until(lambda: confirmed(cdc_dsn, "s_kill") >= end_of_tx1, 10, "tx1 acknowledged")
+            sql(
+                cdc_dsn,
+                "BEGIN; INSERT INTO t VALUES ('tx2-a'); INSERT INTO t VALUES ('block'); "
+                "INSERT INTO t VALUES ('tx2-c'); COMMIT",
+            )
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "blocked"
+            acked = confirmed(cdc_dsn, "s_kill")
+            os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.kill()
+    seen = [line.split()[1] for line in out.read_text().splitlines()]
+    assert seen == ["start", "tx1-a", "tx2-a", "block"]
+    assert acked >= end_of_tx1
+    wait_until(lambda: not slot_ready(cdc_dsn, "s_kill"), 10, "the killed reader's session")
+    # Restarted: tx2 again, whole, and nothing before it (tx1 was acknowledged).
+    with ChangeStream(cdc_dsn, slot="s_kill") as s:
+        it = iter(s)
+        got = [next(it).key for _ in range(3)]
+        it.close()  # type: ignore[attr-defined]
+    assert got == ["tx2-a", "block", "tx2-c"]
+
+
+def test_server_restart(cdc_dsn: str, pg: OwnServer, reader: Callable[..., Reader]) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    r = reader(ChangeStream(cdc_dsn, slot="s_restart", tables=["t"], status_interval=0.5))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_restart"), 10, "the stream to start")
+    sql(cdc_dsn, "INSERT INTO t VALUES (1)")
+    r.wait(1)
+    pg.restart()
+    sql(cdc_dsn, "INSERT INTO t VALUES (2)")
+    events = r.wait(2, timeout=30)
+    wait_until(lambda: r.events[-1].key == "2", 30, "the change after the restart")
+    # Nothing lost, in order. PostgreSQL before 17 may not write an acknowledgement to disk at
+    # shutdown, so the last acknowledged transaction may come again (at least once).
+    assert [e.key for e in r.events] in (["1", "2"], ["1", "1", "2"])
+    assert len({e.lsn for e in r.events}) == 2
+    assert r.stream._engine.reconnects >= 1
+    r.stop()
+
+
+def test_wal_level_not_logical_says_what_to_set() -> None:
+    with own_server(wal_level="replica") as server:
+        with pytest.raises(pgherald.UsageError) as info:
+            for _ in ChangeStream(server.dsn, slot="s_never", tables=()):
+                pass
+    message = str(info.value)
+    assert "wal_level = logical" in message and "wal_level = replica" in message
+    assert "restart" in message
+
+
+def test_stop_from_another_thread_while_idle(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    r = reader(ChangeStream(cdc_dsn, slot="s_stop", tables=["t"]))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_stop"), 10, "the stream to start")
+    r.stop()
+
+
+# -- into the durable log --
+
+
+def test_20000_changes_from_4_writers_into_the_log_exactly_once(cdc_dsn: str) -> None:
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        pgherald.install(c)
+        c.execute("CREATE TABLE w (writer int, seq int, PRIMARY KEY (writer, seq))")
+        c.execute("CREATE PUBLICATION s_log FOR TABLE w")
+        c.execute("SELECT pg_create_logical_replication_slot('s_log', 'pgoutput')")
+        # A copy at the same position: to replay everything again afterwards.
+        c.execute("SELECT pg_copy_logical_replication_slot('s_log', 's_log_copy')")
+
+    def writer(n: int) -> None:
+        with psycopg.connect(cdc_dsn, autocommit=True) as c:
+            for start in range(0, 5000, 25):
+                with c.transaction():
+                    c.execute(
+                        "INSERT INTO w SELECT %s, g FROM generate_series(%s, %s) g",
+                        (n, start, start + 24),
+                    )
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    end = current_lsn(cdc_dsn)
+
+    def run_until_caught_up() -> None:
+        stream = ChangeStream(cdc_dsn, slot="s_log", create=False, status_interval=0.2)
+        runner = threading.Thread(target=stream.into_log)
+        runner.start()
+        try:
+            wait_until(lambda: confirmed(cdc_dsn, "s_log") >= end, 60, "the log to catch up")
+        finally:
+            stream.stop()
+            runner.join(10)
+
+    run_until_caught_up()
+    # Replay from the start: the slot forgets, the log remembers (cdc_lsn): nothing twice.
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("SELECT pg_drop_replication_slot('s_log')")
+        c.execute("SELECT pg_copy_logical_replication_slot('s_log_copy', 's_log')")
+    run_until_caught_up()
+
+    with psycopg.connect(cdc_dsn) as c:
+        rows = c.execute(
+            "SELECT payload, key, headers FROM pgherald.events_v1 WHERE channel = 'public.w' "
+            "ORDER BY id"
+        ).fetchall()
+        commits = c.execute(
+            "SELECT count(DISTINCT headers->>'cdc_lsn') FROM pgherald.events_v1"
+        ).fetchone()
+    assert len(rows) == 20000
+    seen = {(r[0]["new"]["writer"], r[0]["new"]["seq"]) for r in rows}
+    assert len(seen) == 20000
+    # Commit order: the LSN never goes back, and each writer's rows come in its order.
+    lsns = [lsn_to_int(r[2]["cdc_lsn"]) for r in rows]
+    assert lsns == sorted(lsns)
+    for n in range(4):
+        seqs = [r[0]["new"]["seq"] for r in rows if r[0]["new"]["writer"] == n]
+        assert seqs == list(range(5000))
+    assert rows[0][1] == json.dumps(
+        [rows[0][0]["new"]["writer"], rows[0][0]["new"]["seq"]]
+    ).replace(" ", "")
+    assert commits is not None and commits[0] == 800  # 4 writers x 200 transactions
+
+
+# -- async --
+
+
+@pytest.mark.anyio
+async def test_async_stream(cdc_dsn: str) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    got: list[ChangeEvent] = []
+    stream = pgherald.AsyncChangeStream(cdc_dsn, slot="s_async", tables=["t"])
+
+    async def handler(e: ChangeEvent) -> None:
+        got.append(e)
+        if len(got) == 2:
+            stream.stop()
+
+    async def write() -> None:
+        with anyio.fail_after(10):
+            while not slot_ready(cdc_dsn, "s_async"):
+                await anyio.sleep(0.05)  # polling the catalog: nothing to wait on
+        sql(cdc_dsn, "INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (2)")
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(write)
+            await stream.run(handler)
+    assert [e.key for e in got] == ["1", "2"]
+    sql(cdc_dsn, "INSERT INTO t VALUES (3)")
+    with anyio.fail_after(10):
+        async for e in pgherald.AsyncChangeStream(cdc_dsn, slot="s_async"):
+            assert e.key == "3"  # 1 and 2 were acknowledged
+            break

@@ -1,0 +1,246 @@
+"""`pgherald relay` / `Relay` into NATS JetStream, against real servers (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgherald
+from tests.fix_brokers import OwnNats, RelayProcess, publish_paced
+from tests.fix_durable import uncovered
+from tests.fix_faults import wait_until
+
+nats = pytest.importorskip("nats", reason="the relay tests need the 'relay' extra (nats-py)")
+
+
+async def _messages(url: str, stream: str) -> list[Any]:
+    """Every message of *stream*, in stream order."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        total = info.state.messages
+        from nats.js.api import AckPolicy, ConsumerConfig
+
+        # No acknowledgements: the default (explicit) stops at 1,000 pending.
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE)
+        sub = await js.pull_subscribe("", stream=stream, config=config)
+        out: list[Any] = []
+        while len(out) < total:
+            out += await sub.fetch(min(5000, total - len(out)), timeout=5)
+        return out
+    finally:
+        await nc.close()
+
+
+def messages(url: str, stream: str) -> list[Any]:
+    return asyncio.run(_messages(url, stream))
+
+
+def stream_count(url: str, stream: str) -> int:
+    async def count() -> int:
+        nc = await nats.connect(url, allow_reconnect=False, connect_timeout=1)
+        try:
+            return int((await nc.jetstream().stream_info(stream)).state.messages)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(count())
+    except Exception:  # down (restarting) or the stream not there yet
+        return -1
+
+
+async def _delete_stream(url: str, stream: str) -> None:
+    nc = await nats.connect(url)
+    try:
+        await nc.jetstream().delete_stream(stream)
+    except Exception:
+        pass
+    finally:
+        await nc.close()
+
+
+def delete_stream(url: str, stream: str) -> None:
+    asyncio.run(_delete_stream(url, stream))
+
+
+def check_exactly_once_in_key_order(msgs: list[Any], ids: list[int]) -> None:
+    seen = [int(m.headers["Pgherald-Event-Id"]) for m in msgs]
+    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} events twice"
+    assert sorted(seen) == sorted(ids), "events lost or foreign"
+    last: dict[str, int] = {}
+    for m, event_id in zip(msgs, seen, strict=True):
+        key = m.headers["Pgherald-Key"]
+        assert last.get(key, 0) < event_id, f"key {key}: {event_id} after {last[key]}"
+        last[key] = event_id
+
+
+@pytest.mark.slow
+def test_twenty_thousand_events_through_two_relay_kills_and_a_nats_restart(
+    installed: str, conn: psycopg.Connection, own_nats: OwnNats
+) -> None:
+    total = 20_000
+    stream = "FAULTS"
+    relay = RelayProcess(
+        installed, "--to", own_nats.url, "--stream", stream, "--subject", "ev.{channel}", "orders"
+    ).start()
+    ids: list[int] = []
+    publisher = threading.Thread(
+        target=lambda: ids.extend(publish_paced(installed, "orders", total, 500, 0.05))
+    )
+    publisher.start()
+    try:
+        wait_until(lambda: stream_count(own_nats.url, stream) >= 3000, 20, "3,000 relayed")
+        relay.kill()  # SIGKILL, mid-stream
+        relay.start()
+        wait_until(lambda: stream_count(own_nats.url, stream) >= 8000, 20, "8,000 relayed")
+        own_nats.restart()  # the relay loses its connection and reconnects
+        wait_until(lambda: stream_count(own_nats.url, stream) >= 12000, 20, "12,000 relayed")
+        relay.kill()
+        relay.start()
+        publisher.join(60)
+        assert len(ids) == total
+        wait_until(lambda: uncovered(conn, "relay") == 0, 20, "the relay to catch up")
+        assert relay.stop() == 0, relay.output()
+    finally:
+        relay.kill()
+        publisher.join(60)
+    msgs = messages(own_nats.url, stream)
+    check_exactly_once_in_key_order(msgs, ids)
+    # Three relay processes, and one connected again after the restart.
+    assert relay.output().count("connected to JetStream") >= 4, relay.output()
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_headers_subjects_and_a_stream_created_with_overrides(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    stream = unique.upper()
+    first = pgherald.publish(conn, "orders", {"id": 1}, key="customer-7", headers={"h": 1})
+    second = pgherald.publish(conn, "refunds", [1, "two"])
+    relay = pgherald.AsyncRelay(
+        installed,
+        to=nats_url,
+        channels=["orders", "refunds"],
+        stream=stream,
+        subject=f"{unique}.{{channel}}",
+        stream_config={"max_msgs": 1000, "duplicate_window": 60},
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        for _ in range(500):
+            if relay.stats.relayed >= 2:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.stats.relayed == 2
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+    try:
+        msgs = await _messages(nats_url, stream)
+        nc = await nats.connect(nats_url)
+        info = await nc.jetstream().stream_info(stream)
+        await nc.close()
+        assert info.config.max_msgs == 1000
+        assert info.config.duplicate_window == 60
+        assert sorted(info.config.subjects or []) == [f"{unique}.orders", f"{unique}.refunds"]
+        by_id = {int(m.headers["Nats-Msg-Id"]): m for m in msgs}
+        m = by_id[first]
+        assert m.subject == f"{unique}.orders"
+        assert json.loads(m.data) == {"id": 1}
+        assert m.headers["Pgherald-Channel"] == "orders"
+        assert m.headers["Pgherald-Key"] == "customer-7"
+        assert m.headers["Pgherald-Event-Id"] == str(first)
+        assert json.loads(m.headers["Pgherald-Headers"]) == {"h": 1}
+        assert m.headers["Pgherald-Created-At"].startswith("20")
+        assert json.loads(by_id[second].data) == [1, "two"]
+        assert "Pgherald-Key" not in (by_id[second].headers or {})
+    finally:
+        await _delete_stream(nats_url, stream)
+    assert uncovered(conn, "relay") == 0
+
+
+def test_two_relays_share_the_partitions_and_a_stopped_one_hands_over(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    stream = unique.upper()
+    options: dict[str, Any] = {
+        "to": nats_url,
+        "channels": ["orders"],
+        "stream": stream,
+        "subject": f"{unique}.{{channel}}",
+    }
+    a = pgherald.Relay(installed, **options)
+    b = pgherald.Relay(installed, **options)
+    threads = [threading.Thread(target=r.run) for r in (a, b)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(a.partitions) + len(b.partitions) == 16, 10, "16 partitions held")
+        wait_until(lambda: a.partitions and b.partitions, 10, "both relays to hold partitions")
+        ids = publish_paced(installed, "orders", 2000, 500, 0)
+        wait_until(lambda: uncovered(conn, "relay") == 0, 10, "both relays to catch up")
+        assert a.stats.relayed > 0 and b.stats.relayed > 0
+        a.stop()
+        threads[0].join(10)
+        assert not threads[0].is_alive()
+        wait_until(lambda: len(b.partitions) == 16, 10, "b to take a's partitions")
+        ids += publish_paced(installed, "orders", 1000, 500, 0)
+        wait_until(lambda: uncovered(conn, "relay") == 0, 10, "b to relay the rest")
+    finally:
+        a.stop()
+        b.stop()
+        for t in threads:
+            t.join(10)
+    try:
+        check_exactly_once_in_key_order(messages(nats_url, stream), ids)
+    finally:
+        delete_stream(nats_url, stream)
+
+
+def test_stop_before_run_returns_at_once(installed: str, nats_url: str) -> None:
+    relay = pgherald.Relay(installed, to=nats_url, channels=["orders"], stream="UNUSED")
+    relay.stop()
+    relay.run()  # returns: nothing relayed, no stream created
+    assert relay.stats.relayed == 0
+
+
+def test_an_unreachable_broker_is_retried_until_stop(installed: str, conn: psycopg.Connection) -> None:
+    pgherald.publish(conn, "orders", {"id": 1})
+    relay = pgherald.Relay(
+        installed, to="nats://127.0.0.1:1", channels=["orders"], retry_delay=0.01,
+        retry_max_delay=0.05,
+    )
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.retries >= 3, 10, "three retries")
+    finally:
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
+    assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again
+
+
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+@pytest.mark.anyio
+async def test_async_relay_on_trio_says_asyncio_only(installed: str, nats_url: str) -> None:
+    relay = pgherald.AsyncRelay(installed, to=nats_url, channels=["orders"])
+    with pytest.raises(pgherald.UsageError, match="asyncio only"):
+        await relay.run()
+
+
+def test_bad_targets_and_subjects_are_usage_errors(installed: str) -> None:
+    with pytest.raises(pgherald.UsageError, match="Kafka is not supported"):
+        pgherald.Relay(installed, to="kafka://127.0.0.1:9092", channels=["orders"])
+    with pytest.raises(pgherald.UsageError, match="not a valid NATS subject"):
+        pgherald.Relay(installed, to="nats://x", channels=["orders"], subject="a b.{channel}")
+    with pytest.raises(pgherald.UsageError, match="at least one channel"):
+        pgherald.Relay(installed, to="nats://x", channels=[])
