@@ -241,13 +241,18 @@ def explain_read(dsn: str, batch: int) -> Result:
         conn.execute(
             sql.query("create_group"), {"group": group, "tx": "0", "event_id": 0, "skip": None}
         )
+        # Positions are per (group, channel, partition): the channel's rows begin at the start.
+        conn.execute(sql.query("register_channels"), {"group": group, "channels": ["bench"]})
+        parts = int(conn.execute("SELECT pgherald.partition_count_v1()").fetchone()[0])  # type: ignore[index]
         params = {
             "group": group,
-            "partitions": "{" + ",".join(map(str, range(16))) + "}",
-            "txs": "{" + ",".join(["NULL"] * 16) + "}",  # from the stored positions
-            "ids": "{" + ",".join(["NULL"] * 16) + "}",
+            # One entry per (channel, partition) range read: here one channel, every partition.
+            "channels": "{" + ",".join(["bench"] * parts) + "}",
+            "partitions": "{" + ",".join(map(str, range(parts))) + "}",
+            "txs": "{" + ",".join(["NULL"] * parts) + "}",  # from the stored positions
+            "ids": "{" + ",".join(["NULL"] * parts) + "}",
             "limit": batch,
-            "per_partition": -(-batch // 16),  # what ConsumerCore asks for at first
+            "per_partition": -(-batch // parts),  # what ConsumerCore asks for at first
         }
         t0 = time.perf_counter()
         rows = conn.execute(q, params).fetchall()
@@ -260,7 +265,10 @@ def explain_read(dsn: str, batch: int) -> Result:
     def walk(node: dict[str, Any]) -> int:
         """Rows produced by the per-partition index scans (all loops)."""
         own = 0
-        if "Scan" in node.get("Node Type", "") and node.get("Relation Name") == "events_v1":
+        # The log is partitioned by day: its scans are on events_v1_pYYYYMMDD / _default.
+        if "Scan" in node.get("Node Type", "") and str(node.get("Relation Name", "")).startswith(
+            "events_v1"
+        ):
             own = int(node.get("Actual Rows", 0) * node.get("Actual Loops", 1))
             heap[0] += int(node.get("Exact Heap Blocks", 0))
         return own + sum(walk(c) for c in node.get("Plans", []))

@@ -19,7 +19,15 @@ from ._groups import GroupInfo, GroupMember, delete_group, list_groups, reset_gr
 from ._listener import Listener
 from ._listener_async import AsyncListener
 from ._log import aread_log, read_log
-from ._maintain import Maintenance, Retention, maintain, retention, set_retention
+from ._maintain import (
+    Maintenance,
+    Retention,
+    maintain,
+    partition_count,
+    repartition,
+    retention,
+    set_retention,
+)
 from ._models import Event, Gap, ListenerStats, Notification, Stats
 from ._notify import anotify, notify
 from ._protocol.pgoutput import ChangeEvent
@@ -123,6 +131,7 @@ __all__ = [
     "list_table_triggers",
     "maintain",
     "notify",
+    "partition_count",
     "publish",
     "publish_many",
     "purge_dead_letters",
@@ -131,6 +140,7 @@ __all__ = [
     "release_due_events",
     "remove_schedule",
     "remove_table_trigger",
+    "repartition",
     "reset_group",
     "retention",
     "run_scheduler",

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Generator
 from types import TracebackType
 from typing import Any
 
@@ -20,6 +21,8 @@ from ._waiting_async import AsyncWaiter
 from .errors import ConnectError, ListenError, PoolerError
 
 logger = logging.getLogger("pgherald.listener")
+
+_clock = time.monotonic
 
 # Socket reads a delivery may do on its own while a burst streams in (see engine.dispatch)
 # before going back through the event loop; 16 libpq reads are ~256 KB, what asyncio's own
@@ -208,79 +211,209 @@ class AsyncListener(ListenerBase):
     def __aiter__(self) -> AsyncIterator[Notification]:
         return self.notifications()
 
-    async def notifications(
+    def notifications(
         self,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109 - an idle timeout, not a deadline
+        timeout: float | None = None,
     ) -> AsyncIterator[Notification]:
-        """Yield notifications until `stop`, or until none arrives for *timeout* seconds."""
-        self._begin("iterate")
-        self._loop_task = anyio.get_current_task().id
-        gen = self._engine.run()
-        engine = self._engine
-        clock = time.monotonic
-        waiter = self._waiter
-        stats = self.stats
+        """
+        Yield notifications until `stop`, or until none arrives for *timeout* seconds.
+
+        Reading pauses while your loop body runs: nothing piles up in memory. Close an
+        iteration you leave early with ``aclose()`` (``contextlib.aclosing``) or by dropping
+        it: either hands the notifications it had read back to the listener.
+        """
+        return _Notifications(self, timeout)
+
+
+class _Notifications:
+    """
+    `AsyncListener.notifications()`: an async iterator class rather than an async generator.
+
+    ``async for`` costs one ``__anext__`` per notification, and an async generator's is the
+    dearer one (an ``asend`` object, a wrapped value and a ``StopIteration`` per item). Here
+    ``__anext__`` hands out the next notification of the batch taken from libpq (`take`) in
+    a few bytecodes, and goes to `_next` (the engine, the waiter, the checks) once per batch.
+    The behaviour is the generator's: a batch at a time, what the loop body does not take
+    goes back (unread), a checkpoint every `_BATCHES_PER_CHECKPOINT` batches of a stream that
+    never lets it wait, stop() and the delivery budget looked at every 8 notifications, and
+    any exception (cancellation) or ``aclose()`` ends the iteration and releases the listener.
+    """
+
+    __slots__ = (
+        "_batch",
+        "_batches",
+        "_before",
+        "_budget",
+        "_delivering",
+        "_engine",
+        "_gen",
+        "_i",
+        "_idle_until",
+        "_listener",
+        "_send",
+        "_state",
+        "_timeout",
+    )
+
+    def __init__(self, listener: AsyncListener, timeout: float | None) -> None:
+        self._listener = listener
+        self._engine = listener._engine
+        self._timeout = timeout
+        self._gen: Generator[Request, Any, Any] | None = None
+        self._state = 0  # 0: not started, 1: iterating, 2: finished
+        self._batch: list[Notification] = []  # taken from the engine; handed out up to _i
+        self._i = 0
+        self._budget = 0.0  # time.monotonic() deadline of the current delivery
+        self._delivering = False  # inside a DELIVER request: batches until none is left
+        self._batches = 0
+        self._before = 0  # stats.received when the delivery began
+        self._idle_until: float | None = None
+        self._send: Any = None  # what the engine gets for its last request
+
+    def __aiter__(self) -> _Notifications:
+        return self
+
+    async def __anext__(self) -> Notification:
+        # The hot path: the next notification of the batch, unless stop() was called or the
+        # delivery budget is spent (looked at every 8th time: the clock costs more than this).
+        i = self._i
+        batch = self._batch
+        if i < len(batch) and not self._engine.stopping and (i & 7 or _clock() <= self._budget):
+            self._i = i + 1
+            return batch[i]
+        return await self._next()
+
+    async def _next(self) -> Notification:
+        if self._state != 1:
+            if self._state == 2:
+                raise StopAsyncIteration
+            await self._start()
         try:
-            async with self._io_lock:
+            n = await self._advance()
+        except BaseException:
+            self._finish()  # an error, a cancellation, or the end (StopAsyncIteration)
+            raise
+        return n
+
+    async def _start(self) -> None:
+        listener = self._listener
+        listener._begin("iterate")
+        self._state = 1
+        try:
+            listener._loop_task = anyio.get_current_task().id
+            self._gen = self._engine.run()
+            async with listener._io_lock:
                 pass  # a subscribe that began before this iteration finishes first
-            await self.connect()
-            idle_until = None if timeout is None else clock() + timeout
-            send: Any = None
-            while True:
-                try:
-                    req = gen.send(send)
-                except StopIteration:
-                    return
-                send = None
-                kind = req[0]
-                if kind == WAIT:
-                    deadline = req[3]
-                    if idle_until is not None and (deadline is None or idle_until < deadline):
-                        deadline = idle_until
-                    send = await waiter.wait(req[1], req[2], deadline)
-                    if not send and idle_until is not None and clock() >= idle_until:
-                        return
-                elif kind == DELIVER:
-                    budget = clock() + engine.config.delivery_budget
-                    before = stats.received
-                    batches = 0
-                    # A batch at a time (engine.take): no await and no engine call per
-                    # notification; what the loop body does not take goes back (unread).
-                    while batch := engine.take():
-                        # The loop body runs now, not the engine: a subscribe from it must
-                        # not wait for the engine (see _sync_now).
-                        self._dispatching = True
-                        k = 0
-                        try:
-                            for n in batch:
-                                k += 1
-                                yield n
-                                if engine.stopping or (not k & 7 and clock() > budget):
-                                    break
-                        finally:
-                            self._dispatching = False
-                            stats.received += k  # once per batch, not per notification
-                            if k < len(batch):
-                                engine.unread(batch[k:])
-                        if engine.stopping or clock() > budget:
-                            break
-                        batches += 1
-                        if batches == _BATCHES_PER_CHECKPOINT:
-                            await anyio.lowlevel.checkpoint()
-                            break  # back to the engine: a subscribe may have come meanwhile
-                    if idle_until is not None and stats.received != before:
-                        idle_until = clock() + timeout  # type: ignore[operator]
-                elif kind == SLEEP:
-                    deadline = req[1]
-                    if idle_until is not None and idle_until < deadline:
-                        deadline = idle_until
-                    await waiter.sleep(deadline)
-                    if idle_until is not None and clock() >= idle_until:
-                        return
-                elif kind == REPORT:
-                    await self._report(req[1])
+            await listener.connect()
+            if self._timeout is not None:
+                self._idle_until = _clock() + self._timeout
+        except BaseException:
+            self._finish()
+            raise
+
+    async def _advance(self) -> Notification:
+        """The end of the current batch, then the engine's requests until the next batch."""
+        listener = self._listener
+        engine = self._engine
+        stats = listener.stats
+        if self._delivering:
+            batch = self._batch
+            if batch:  # done with it: count what was handed out, put back the rest
+                i = self._i
+                listener._dispatching = False
+                stats.received += i
+                if i < len(batch):
+                    engine.unread(batch[i:])
+                self._batch = []
+                self._i = 0
+                if engine.stopping or _clock() > self._budget:
+                    self._end_delivery()
+                else:
+                    self._batches += 1
+                    if self._batches == _BATCHES_PER_CHECKPOINT:
+                        await anyio.lowlevel.checkpoint()
+                        self._end_delivery()  # back to the engine: a subscribe may wait
+        gen = self._gen
+        assert gen is not None
+        waiter = listener._waiter
+        idle_until = self._idle_until
+        while True:
+            if self._delivering:
+                # A batch at a time (engine.take): no engine call per notification.
+                batch = engine.take()
+                if batch:
+                    # The loop body runs now, not the engine: a subscribe from it must not
+                    # wait for the engine (see _sync_now).
+                    listener._dispatching = True
+                    self._batch = batch
+                    self._i = 1
+                    return batch[0]
+                self._end_delivery()
+                idle_until = self._idle_until
+            try:
+                req = gen.send(self._send)
+            except StopIteration:
+                raise StopAsyncIteration from None
+            self._send = None
+            kind = req[0]
+            if kind == WAIT:
+                deadline = req[3]
+                if idle_until is not None and (deadline is None or idle_until < deadline):
+                    deadline = idle_until
+                ready = await waiter.wait(req[1], req[2], deadline)
+                self._send = ready
+                if not ready and idle_until is not None and _clock() >= idle_until:
+                    raise StopAsyncIteration
+            elif kind == DELIVER:
+                self._delivering = True
+                self._budget = _clock() + engine.config.delivery_budget
+                self._before = stats.received
+                self._batches = 0
+            elif kind == SLEEP:
+                deadline = req[1]
+                if idle_until is not None and idle_until < deadline:
+                    deadline = idle_until
+                await waiter.sleep(deadline)
+                if idle_until is not None and _clock() >= idle_until:
+                    raise StopAsyncIteration
+            elif kind == REPORT:
+                await listener._report(req[1])
+
+    def _end_delivery(self) -> None:
+        self._delivering = False
+        if self._idle_until is not None and self._listener.stats.received != self._before:
+            self._idle_until = _clock() + self._timeout  # type: ignore[operator]
+
+    def _finish(self) -> None:
+        """End the iteration: put back what was not handed out, release the listener."""
+        if self._state != 1:
+            self._state = 2
+            return
+        self._state = 2
+        listener = self._listener
+        batch, i = self._batch, self._i
+        self._batch = []
+        if batch:
+            listener._dispatching = False
+            listener.stats.received += i
+            if i < len(batch):
+                self._engine.unread(batch[i:])
+        gen, self._gen = self._gen, None
+        try:
+            if gen is not None:
+                gen.close()
+            listener._waiter.release()
         finally:
-            gen.close()
-            waiter.release()
-            self._end()
+            listener._end()
+
+    async def aclose(self) -> None:
+        """End the iteration now (what ``contextlib.aclosing`` calls)."""
+        self._finish()
+
+    def __del__(self) -> None:
+        # Dropped without aclose() (a `break` out of ``async for``): release the listener
+        # now, rather than when a garbage-collection hook would have closed a generator.
+        if self._state == 1:
+            with contextlib.suppress(Exception):
+                self._finish()

@@ -1,5 +1,6 @@
 """
-Retention of the durable log: `set_retention`, `retention`, `maintain`.
+The durable log's upkeep: retention (`set_retention`, `retention`, `maintain`) and its
+partition count (`repartition`).
 
 The log (``pgherald.events_v1``) is partitioned by day (UTC). `maintain` (``pgherald
 maintain``, and consumers once per ``maintain_interval``) runs ``pgherald.maintain_v1()``:
@@ -20,10 +21,18 @@ from typing import Any
 import psycopg
 
 from . import _errormap
-from .errors import UsageError
+from .errors import HeraldError, UsageError
 from .sql import query
 
-__all__ = ["Maintenance", "Retention", "maintain", "retention", "set_retention"]
+__all__ = [
+    "Maintenance",
+    "Retention",
+    "maintain",
+    "partition_count",
+    "repartition",
+    "retention",
+    "set_retention",
+]
 
 DEFAULT_ABANDON_AFTER = timedelta(days=7)
 
@@ -86,9 +95,7 @@ def set_retention(
         else:
             conn.execute(query("retention_set"), {"name": "retention", "value": keep})
         if abandon_after is not None:
-            conn.execute(
-                query("retention_set"), {"name": "abandon_after", "value": abandon_after}
-            )
+            conn.execute(query("retention_set"), {"name": "abandon_after", "value": abandon_after})
 
 
 def retention(conn: psycopg.Connection[Any]) -> Retention:
@@ -113,6 +120,44 @@ def maintain(conn: psycopg.Connection[Any], *, now: datetime | None = None) -> l
     with _mapped("maintain the log"), conn.transaction():
         rows = conn.execute(query("maintain"), {"now": now}).fetchall()
     return [Maintenance(*row) for row in rows]
+
+
+def partition_count(conn: psycopg.Connection[Any]) -> int:
+    """How many partitions the log has: a consumer group has up to that many members at work.
+
+    .. versionadded:: 0.1
+    """
+    with _mapped("read the log's partition count"):
+        row = conn.execute(query("partition_count")).fetchone()
+    return int(row[0]) if row else 16
+
+
+def repartition(conn: psycopg.Connection[Any], count: int) -> int:
+    """
+    Spread the log over *count* partitions (1 to 256) from now on; returns the count before.
+
+    Rewrites the log in one transaction (publishers wait until it commits) and needs every
+    consumer stopped: `UsageError` while one runs. Each group's position in a channel becomes
+    the earliest of its old partitions': events already handled in some partition but not in
+    another may be delivered again; none is skipped.
+
+    .. versionadded:: 0.1
+    """
+    from ._schema import _check_partitions
+
+    _check_partitions(count)
+    try:
+        with _mapped("repartition the log"), conn.transaction():
+            row = conn.execute(query("repartition"), {"count": count}).fetchone()
+    except HeraldError as exc:
+        if isinstance(exc.__cause__, psycopg.errors.LockNotAvailable):
+            raise UsageError(
+                "cannot repartition the log while consumers run (their groups are locked): "
+                "stop every consumer first, then run this again"
+            ) from None
+        raise
+    assert row is not None
+    return int(row[0])
 
 
 @contextlib.contextmanager

@@ -15,11 +15,12 @@ refuses trio with a `UsageError`; `Relay` runs its own asyncio loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Coroutine, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
 import sniffio
@@ -34,6 +35,8 @@ from .errors import UsageError
 logger = logging.getLogger("pgherald.relay")
 
 __all__ = ["AsyncRelay", "Relay", "RelayStats"]
+
+T = TypeVar("T")
 
 DEFAULT_NATS_STREAM = "PGHERALD"
 DEFAULT_SUBJECT = "pgherald.{channel}"
@@ -102,6 +105,21 @@ class _RelayState:
         self.stopping = asyncio.Event()
         self.retry_delay = retry_delay
         self.retry_max_delay = retry_max_delay
+
+    async def unless_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
+        """Await *coro*, or cancel it when the relay stops first (then None)."""
+        task = asyncio.ensure_future(coro)
+        stopped = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        return None
 
     async def pause(self, attempt: int, why: str, *, at_least: float = 0.0) -> bool:
         """Wait the backoff of *attempt* (1-based); False when stopped meanwhile."""

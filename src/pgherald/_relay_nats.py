@@ -88,9 +88,13 @@ class NatsSink:
             attempt += 1
             nc: Any = None
             try:
-                nc = await nats.connect(
+                connecting = nats.connect(
                     servers=[self.url],
                     allow_reconnect=False,
+                    # nats-py tries a server up to max_reconnect_attempts + 1 times, waiting
+                    # reconnect_time_wait between: the relay's own backoff does that.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0,
                     connect_timeout=min(self.timeout, 5.0),
                     name="pgherald-relay",
                     error_cb=self._on_error,
@@ -98,6 +102,9 @@ class NatsSink:
                     closed_cb=self._on_disconnect,
                     pending_size=0,  # no buffering while disconnected: never out of order
                 )
+                nc = await relay.unless_stopped(connecting)
+                if nc is None:
+                    return False
                 js = nc.jetstream(timeout=self.timeout)
                 try:
                     await js.stream_info(self.stream)
@@ -173,7 +180,7 @@ class NatsSink:
                 await self._drop()
                 if not await self._connect(relay):
                     return first
-            done, error = await self._publish(events, first)
+            done, error = await self._publish(events, first, relay)
             if done == len(events):
                 return None
             if done > first:
@@ -200,7 +207,9 @@ class NatsSink:
                 return first
         return None
 
-    async def _publish(self, events: list[Event], first: int) -> tuple[int, str | None]:
+    async def _publish(
+        self, events: list[Event], first: int, relay: _RelayState
+    ) -> tuple[int, str | None]:
         """Publish ``events[first:]``; the index of the first not acknowledged, and the
         error JetStream gave for it (None: no answer, the connection broke)."""
         nc = self.nc
@@ -228,7 +237,9 @@ class NatsSink:
             self._progress.clear()
             before = self._acked
             try:
-                await asyncio.wait_for(self._progress.wait(), self.timeout)
+                waited = asyncio.wait_for(self._progress.wait(), self.timeout)
+                if await relay.unless_stopped(waited) is None:
+                    break  # stopping: what is acknowledged is done, the rest comes again
             except asyncio.TimeoutError:
                 if self._acked == before:
                     break
@@ -267,7 +278,7 @@ class NatsSink:
         chunk: list[bytes] = []
         for i in range(count):
             e = events[first + i]
-            if e.created_at is not last_created:
+            if e.created_at != last_created:
                 last_created = e.created_at
                 created = last_created.isoformat().encode()
             ident = str(e.id).encode()

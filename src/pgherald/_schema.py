@@ -7,7 +7,7 @@ from typing import Any
 import psycopg
 
 from . import sql
-from .errors import SchemaMissing
+from .errors import SchemaMissing, UsageError
 
 SCHEMA = "pgherald"
 
@@ -24,15 +24,32 @@ def uninstall_sql() -> str:
     return f"{sql.query('uninstall')};\n"
 
 
-def install(conn: psycopg.Connection[Any]) -> list[str]:
+def install(conn: psycopg.Connection[Any], *, partitions: int | None = None) -> list[str]:
     """
     Create pgherald's schema, or bring it up to date: idempotent, in one transaction.
 
     Returns the migrations applied (all of them on a fresh database, none when up to date).
-    Concurrent installs are serialised by an advisory lock.
+    Concurrent installs are serialised by an advisory lock. *partitions* (1 to 256; default
+    16) spreads the log over that many partitions: a consumer group has up to that many
+    members at work. On a log that already has another count, that is `repartition`.
 
     .. versionadded:: 0.1
     """
+    if partitions is not None:
+        _check_partitions(partitions)
+    with conn.transaction():
+        applied = _install(conn)
+        if partitions is not None:
+            conn.execute(sql.query("repartition"), {"count": partitions})
+        return applied
+
+
+def _check_partitions(count: int) -> None:
+    if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 256:
+        raise UsageError(f"partitions must be an int from 1 to 256, not {count!r}")
+
+
+def _install(conn: psycopg.Connection[Any]) -> list[str]:
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext('pgherald.install'), 0)")
         row = conn.execute("SELECT to_regclass('pgherald.migrations') IS NOT NULL").fetchone()

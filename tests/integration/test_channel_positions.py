@@ -107,9 +107,7 @@ def test_positions_survive_the_move_to_per_channel_positions(dsn: str) -> None:
                 conn.execute(text)
                 conn.execute(sql.query("record_migration"), {"name": name})
         ids = [
-            conn.execute(
-                "SELECT pgherald.publish_v1(%s, %s::jsonb)", (ch, str(i))
-            ).fetchone()[0]  # type: ignore[index]
+            conn.execute("SELECT pgherald.publish_v1(%s, %s::jsonb)", (ch, str(i))).fetchone()[0]  # type: ignore[index]
             for i in range(40)
             for ch in ("x", "y")
         ]

@@ -553,7 +553,8 @@ def test_wake_ups_only_while_a_consumer_waits(
         wait_until(
             lambda: conn.execute(
                 "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 1"
-                " AND mode = 'ShareLock' AND granted"
+                " AND mode = 'ShareLock' AND granted AND database ="
+                " (SELECT oid FROM pg_database WHERE datname = current_database())"
             ).fetchone()[0],  # type: ignore[index]
             5,
             "the consumer to ask for wake-ups",
@@ -562,6 +563,20 @@ def test_wake_ups_only_while_a_consumer_waits(
         assert len(list(listen.notifies(timeout=1.0, stop_after=1))) == 1
         r.wait_count(4, timeout=5)  # far sooner than the 30 s poll
     assert r.ids[-1] == event_id
+
+
+def test_a_publisher_that_looked_before_the_consumer_waited_is_not_missed(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    # It found nobody waiting (so sent no wake-up), then committed after the consumer had
+    # read and begun to wait: the consumer reads on until such writers have ended.
+    with psycopg.connect(installed) as slow:
+        event_id = pgherald.publish(slow, "ch", "late")  # no consumer yet: no wake-up
+        r = running(poll_interval=30)
+        wait_until(lambda: r.consumer.stats.reads >= 2, 5, "the consumer to read and wait")
+        slow.commit()
+    r.wait_count(1, timeout=2)  # long before the 30 s poll (or any 5 s housekeeping)
+    assert r.ids == [event_id]
 
 
 # -- 12. AsyncConsumer on asyncio and trio --

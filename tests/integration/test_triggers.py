@@ -780,10 +780,18 @@ def test_durable_trigger_stores_the_event_and_wakes_consumers_like_publish(
     pgherald.add_table_trigger(conn, "t", durable=True)
     gate = "SELECT pg_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)"
     sentinel = "SELECT pg_notify('pgherald_wake_v1', 'sentinel')"
+    waiting = "SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)"
     with (
         pgherald.Listener(dsn, channels=["pgherald_wake_v1"]) as listener,
         psycopg.connect(dsn) as other,
+        psycopg.connect(dsn, autocommit=True) as consumer,
     ):
+        conn.execute("INSERT INTO t VALUES (0, 'nobody waits')")  # no wake-up: none needed
+        conn.execute(sentinel)
+        got = [n.payload for n in itertools.islice(listener.notifications(timeout=5), 1)]
+        assert got == ["sentinel"]
+        conn.execute("DELETE FROM pgherald.events_v1")  # (stored all the same: out of the way)
+        consumer.execute(waiting)  # as a consumer about to wait does
         conn.execute("INSERT INTO t VALUES (1, 'a')")
         assert [n.payload for n in itertools.islice(listener.notifications(timeout=5), 1)] == [""]
         other.execute(gate)  # another writer holds the gate: it is the one that notifies

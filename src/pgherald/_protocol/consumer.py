@@ -7,8 +7,9 @@ requests (see `pgwire`) and a thin runtime (a thread, asyncio or trio) carries t
 statement has a deadline, every wait ends at a deadline or a wake-up, so `stop()` and
 cancellation work in every state: connecting, backing off, reading, waiting, retrying.
 
-Consumer groups: the log has 16 fixed partitions; a consumer owns a partition while it holds a
-session advisory lock on (group, partition), on this very connection. Positions are per
+Consumer groups: the log has 16 partitions (or as many as set at install, up to 256); a
+consumer owns a partition while it holds a session advisory lock on (group, partition), on this
+very connection. Positions are per
 (group, channel, partition): a read covers the group's channels in the partitions held, one
 index range each, and a channel new to the group starts at the group's start (its rows are
 registered from the group's start rows, channel '', before the first read of it). A consumer
@@ -55,7 +56,7 @@ from .pgwire import REPORT, SLEEP, WAIT, PQGen
 
 logger = logging.getLogger("pgherald.consumer")
 
-PARTITIONS = 16
+PARTITIONS = 16  # the log's partitions, unless set otherwise at install (partition_count_v1)
 DEFAULT_MAX_BATCH_SIZE = 20_000
 WAKE_CHANNEL = "pgherald_wake_v1"
 _WAKE = WAKE_CHANNEL.encode()
@@ -152,6 +153,7 @@ class ConsumerEngine:
         self.pgconn: pq.abc.PGconn | None = None
         self.conn: Any = None  # config.connection_class around pgconn
         self.owned: list[int] = []
+        self.partitions = PARTITIONS
         self.read_size = config.batch_size
         self._lock_key = lock_name(config.group)
         self._ping = liveness.new_ping_channel()
@@ -160,6 +162,7 @@ class ConsumerEngine:
         self._broken = False
         self._woken = False  # a wake-up arrived: something may have committed since our read
         self._waiting = False  # we hold the lock that asks publishers for wake-ups
+        self._unsafe_before: str | None = None  # writers before this xid may not wake us
         self._next_rebalance = 0.0
         self._next_probe = 0.0
         self._busy_partitions = 0
@@ -222,6 +225,8 @@ class ConsumerEngine:
             listen = listen_query(WAKE_CHANNEL) + b";" + listen_query(self._ping)
             yield from self._run(pgwire.execute(pgconn, listen, self._deadline()))
             yield from self._end_previous_session()
+            (res,) = yield from self._query("partition_count", {})
+            self.partitions = int(res.get_value(0, 0) or PARTITIONS)
             yield from self._query("join_group", {"lock_name": self._lock_key})
             yield from self._create_group()
             every = "false" if cfg.channels else "true"
@@ -266,6 +271,7 @@ class ConsumerEngine:
         self.conn = None
         self.owned = []
         self._waiting = False  # a session lock: it goes with the session
+        self._unsafe_before = None
         self._forget_reads()
         if pgconn is not None:
             pgconn.finish()
@@ -337,6 +343,8 @@ class ConsumerEngine:
             pgconn = self.pgconn
             if pgconn is None or pgconn.status == pq.ConnStatus.BAD or _is_connection_state(exc):
                 raise _Lost(str(exc)) from None
+            if exc.sqlstate in _TRANSIENT:  # try again, from a fresh session
+                raise _Lost(f"{exc} (transient: starting over)") from None
             raise _failed(exc) from None
         except GeneratorExit:
             self._broken = True  # abandoned mid-statement: the connection's state is unknown
@@ -388,7 +396,7 @@ class ConsumerEngine:
     # -- partitions --
 
     def rebalance(self, *, force: bool = False) -> PQGen:
-        """Hold our fair share of partitions: ceil(16 / live members)."""
+        """Hold our fair share of partitions: partitions / live members, rounded by rank."""
         now = time.monotonic()
         if not force and now < self._next_rebalance:
             return
@@ -399,8 +407,12 @@ class ConsumerEngine:
         yield from self._settle()
         held = set(self.owned)
         (res,) = yield from self._query("group_members", {"lock_name": self._lock_key})
-        members = int(res.get_value(0, 0) or b"1")
-        target = math.ceil(PARTITIONS / max(1, members))
+        members = max(1, int(res.get_value(0, 0) or b"1"))
+        rank = int(res.get_value(0, 1) or b"0")
+        count = self.partitions
+        # partitions // members each, one more for the first partitions % members (by pid):
+        # every member at work, however the count divides.
+        target = count // members + (1 if rank < count % members else 0)
         while len(self.owned) > target:
             p = self.owned.pop()
             yield from self._query(
@@ -408,9 +420,9 @@ class ConsumerEngine:
             )
         if len(self.owned) < target:
             # Start the search at a place of our own, so members do not all race for 0, 1...
-            offset = pgconn.backend_pid % PARTITIONS
-            for i in range(PARTITIONS):
-                p = (offset + i) % PARTITIONS
+            offset = pgconn.backend_pid % count
+            for i in range(count):
+                p = (offset + i) % count
                 if p in self.owned:
                     continue
                 (res,) = yield from self._query(
@@ -673,6 +685,7 @@ class ConsumerEngine:
     def run(self) -> PQGen:
         """Read, hand out and acknowledge until `stopping`, reconnecting whenever needed."""
         linger_until = 0.0
+        step = 0.002
         while not self.stopping:
             try:
                 if self.pgconn is None or self._broken:
@@ -706,6 +719,15 @@ class ConsumerEngine:
                     # before we asked sent none.
                     if not (yield from self._ask_for_wakeups()):
                         yield from self._wait(now + 0.002)  # a publisher's probe: retry
+                    step = 0.002
+                    continue
+                if self._unsafe_before is not None:
+                    # A writer that looked before we asked may still commit, unannounced: read
+                    # again (at growing intervals) until every such transaction has ended.
+                    if (yield from self._wakeups_safe()):
+                        continue  # one last read, then wake-ups cover everything
+                    yield from self._wait(now + step)
+                    step = min(step * 2, self.config.poll_interval)
                     continue
                 if (yield from self._wait(now + self.config.poll_interval)):
                     linger_until = time.monotonic() + self.config.linger
@@ -747,7 +769,16 @@ class ConsumerEngine:
         yield from self._settle()
         (res,) = yield from self._query("wait_for_wakeups", {})
         self._waiting = res.get_value(0, 0) == b"t"
+        if self._waiting:
+            self._unsafe_before = (res.get_value(0, 1) or b"0").decode()
         return self._waiting
+
+    def _wakeups_safe(self) -> PQGen:
+        yield from self._settle()
+        (res,) = yield from self._query("wakeups_safe", {"xmax": self._unsafe_before})
+        if res.get_value(0, 0) == b"t":
+            self._unsafe_before = None
+        return self._unsafe_before is None
 
     def _busy(self) -> PQGen:
         yield from self._settle()
@@ -1078,6 +1109,10 @@ def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
 def _array(values: Iterable[object]) -> str:
     """A PostgreSQL array literal of ints, or digit strings, or NULLs."""
     return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
+
+
+_TRANSIENT = {"40P01", "40001"}
+"""Deadlock (DDL such as a DROP SCHEMA or a partition drop racing a read), serialization."""
 
 
 def _is_connection_state(exc: pgwire.QueryFailed) -> bool:

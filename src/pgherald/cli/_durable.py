@@ -15,7 +15,7 @@ import psycopg
 from .._consumer import Consumer, Start
 from .._dead import dead_letter_counts
 from .._groups import abandoned_groups, list_groups, log_size
-from .._maintain import maintain, retention, set_retention
+from .._maintain import maintain, partition_count, repartition, retention, set_retention
 from .._publish import publish as do_publish
 from .._schema import MISSING, install, install_sql, is_installed, uninstall, uninstall_sql
 from ..errors import SchemaMissing, UsageError
@@ -46,12 +46,24 @@ def require_schema(conn: psycopg.Connection[Any]) -> None:
     help="Keep events this long (30s, 15m, 12h, 7d, 2w), then `maintain` drops them by the "
     "day; default: forever (see `pgherald retention`).",
 )
+@click.option(
+    "--partitions",
+    type=click.IntRange(1, 256),
+    default=None,
+    help="Spread the log over this many partitions (default 16): a consumer group has up to "
+    "that many members at work.",
+)
 @friendly
-def install_cmd(dsn: str | None, keep: str | None) -> None:
+def install_cmd(dsn: str | None, keep: str | None, partitions: int | None) -> None:
     """Create pgherald's schema (event log), or upgrade it; safe to run again."""
     age = None if keep is None else parse_age(keep)
     with connection(dsn) as conn:
-        applied = install(conn)
+        if partitions is not None and is_installed(conn) and partition_count(conn) != partitions:
+            raise UsageError(
+                "the log already has another partition count: change it with "
+                f"`pgherald partitions {partitions}` (it rewrites the log)"
+            )
+        applied = install(conn, partitions=partitions)
         if age is not None:
             set_retention(conn, age)
     click.echo(f"installed: {', '.join(applied)}" if applied else "already up to date")
@@ -394,3 +406,33 @@ def _human(age: timedelta) -> str:
         if seconds >= size and seconds % size == 0:
             return f"{int(seconds // size)}{unit}"
     return f"{seconds:g}s"
+
+
+@cli.command("partitions")
+@dsn_option
+@click.argument("count", type=click.IntRange(1, 256), required=False)
+@click.option(
+    "--yes", is_flag=True, help="Confirm: needed when stdin is not a terminal (scripts, CI)."
+)
+@friendly
+def partitions_cmd(dsn: str | None, count: int | None, yes: bool) -> None:
+    """Show the log's partition count, or change it to COUNT (1 to 256).
+
+    A consumer group has up to that many members at work. Changing it rewrites the log in one
+    transaction (publishers wait) and needs every consumer stopped; events some partition of a
+    group had passed may be delivered again, none is skipped. Asks first on a terminal;
+    without one it refuses (exit status 2) unless --yes is given.
+    """
+    with connection(dsn) as conn:
+        require_schema(conn)
+        current = partition_count(conn)
+        if count is None or count == current:
+            click.echo(f"partitions: {current}")
+            return
+        confirm_destructive(
+            f"Rewrite the log from {current} to {count} partitions (consumers must be stopped)?",
+            yes=yes,
+            what=f"rewrite the log from {current} to {count} partitions",
+        )
+        repartition(conn, count)
+    click.echo(f"partitions: {count} (was {current})")

@@ -72,7 +72,7 @@ DROP SCHEMA IF EXISTS pgherald CASCADE
 -- existing one is untouched.
 INSERT INTO pgherald.positions_v2 (group_name, channel, partition, tx, event_id, skip)
 SELECT %(group)s, '', p, CAST(%(tx)s AS xid8), %(event_id)s, CAST(%(skip)s AS pg_snapshot)
-FROM generate_series(0, 15) AS p
+FROM generate_series(0, pgherald.partition_count_v1() - 1) AS p
 ON CONFLICT (group_name, channel, partition) DO NOTHING
 
 -- name: register_channels --
@@ -159,8 +159,10 @@ FROM unnest(%(channels)s::text[], %(partitions)s::smallint[], %(txs)s::text[],
 WHERE p.group_name = %(group)s AND p.channel = v.channel AND p.partition = v.partition
 
 -- name: group_members --
--- Live consumers of a group: sessions holding its shared membership lock.
-SELECT count(DISTINCT pid) FROM pg_locks
+-- Live consumers of a group: sessions holding its shared membership lock; and how many of
+-- them have a lower pid than ours (our rank: the first `partitions % members` take one more).
+SELECT count(DISTINCT pid), count(DISTINCT pid) FILTER (WHERE pid < pg_backend_pid())
+FROM pg_locks
 WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
   AND classid = (hashtext(%(lock_name)s)::bigint & 4294967295)::oid
   AND objid = 1000 AND objsubid = 2 AND granted
@@ -232,7 +234,7 @@ SELECT h.horizon::text, r.id, r.tx::text, r.channel, r.key, r.payload::text, r.h
        r.created_at, r.partition
 FROM h
 LEFT JOIN LATERAL (
-    SELECT e.* FROM c CROSS JOIN generate_series(0, 15) AS p(partition)
+    SELECT e.* FROM c CROSS JOIN generate_series(0, pgherald.partition_count_v1() - 1) AS p(partition)
     CROSS JOIN LATERAL (
         SELECT * FROM pgherald.events_v1 AS e
         WHERE e.channel = c.channel AND e.partition = CAST(p.partition AS smallint)
@@ -458,7 +460,7 @@ SELECT c.channel, q.partition, (
     SELECT e.id FROM pgherald.events_v1 AS e
     WHERE e.channel = c.channel AND e.partition = q.partition
     ORDER BY e.tx DESC, e.id DESC LIMIT 1)
-FROM every AS c CROSS JOIN generate_series(0, 15) AS q(partition)
+FROM every AS c CROSS JOIN generate_series(0, pgherald.partition_count_v1() - 1) AS q(partition)
 WHERE c.channel IS NOT NULL
 
 -- name: log_size --
@@ -689,8 +691,21 @@ FROM pgherald.maintain_v1(coalesce(CAST(%(now)s AS timestamptz), now()))
 -- name: wait_for_wakeups --
 -- A consumer about to wait: publishers send wake-ups only while some session holds this shared
 -- lock (see publish_v1). False when a publisher holds it this instant (try again shortly).
-SELECT pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)
+-- Also the next transaction id to be assigned: a publisher that looked for the lock before we
+-- took it has an older one, and sent no wake-up; once every transaction before it has ended
+-- (wakeups_safe), a read sees all their events.
+SELECT pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1),
+       pg_snapshot_xmax(pg_current_snapshot())::text
+
+-- name: wakeups_safe --
+SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(%(xmax)s AS xid8)
 
 -- name: busy --
 -- A consumer behind on the log needs no wake-ups: publishers stop sending them.
 SELECT pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), 1)
+
+-- name: partition_count --
+SELECT pgherald.partition_count_v1()
+
+-- name: repartition --
+SELECT pgherald.repartition_v1(CAST(%(count)s AS integer))

@@ -1,0 +1,898 @@
+"""Durable log, second edition: publish cost at the SQL level (pgbench) against what a user
+writes by hand, a quiet channel's read among a million others, backlog drain at 100 channels,
+retention by dropping a day, and publish-to-handler latency against the seeds' LISTEN loop.
+
+Usage::
+
+    python bench/log_bench.py [--dsn DSN] [--quick] [--output docs/benchmarks.md]
+    python bench/log_bench.py --parts publish,latency          # partial run, no report
+
+Method.  The run creates a fresh database (``pgherald_bench_log``, dropped and recreated on
+the server of ``--dsn``), installs pgherald (``pgherald.install``, then ``pgherald.maintain``
+so today's day partition of the log exists) and a minimal table ``bench_minimal`` (id
+identity primary key, channel, payload jsonb, created_at): what a user writes by hand.
+Clients are their own processes (``pgbench``, ``bench/log_workers.py``); measurements run
+one after another.
+
+1. Publish, SQL level: ``pgbench -n -M prepared -T S -c W -j W -f script`` (S = 5 s, 2 s with
+   ``--quick``) at W = 1, 4 and 16 writers, one ~100-byte event per transaction, literal
+   values: (a) INSERT into the minimal table; (b) the seeds' INSERT + ``pg_notify`` (seed
+   001), one statement; (c) the floor: a plain INSERT of the log's row into
+   ``pgherald.events_v1``; (d) ``SELECT pgherald.publish_v1(...)``; (e) the statement
+   ``pgherald.publish`` sends (queries.sql ``publish``). No consumer runs; then (d) and (e)
+   again with one idle consumer waiting (a session holding the shared wake lock and
+   LISTENing, as a waiting Consumer does). Tables truncated and CHECKPOINT before every trial;
+   kinds interleaved; medians of 3 runs (1 with ``--quick``).
+2. Quiet channel: 3 events on channel ``quiet`` among the loaded log (1,000,000 events on 100
+   channels ``c0``..``c99`` plus 200,000 on ``hot``; a tenth with ``--quick``): time from a
+   fresh ``Consumer(group, channels=["quiet"])`` to its 3 events; EXPLAIN ANALYZE of its
+   first ``read_batch``; ``pgherald.list_groups`` time and the lag it shows for a group at
+   the start of ``quiet``.
+3. Drain: a fresh Consumer (default options, handler style) of ``hot`` drains its 200,000
+   against the keyset floor (a plain psycopg loop over ``WHERE channel = %s AND (tx, id) >
+   (%s, %s) ORDER BY tx, id LIMIT 5000``, payloads decoded); then a Consumer of every channel
+   drains the whole log. Interleaved, medians of 3 runs (1 with ``--quick``).
+4. Retention: 10,000,000 events (1,000,000 with ``--quick``) in the day partition 40 days
+   old (made by ``maintain(now=now - 40 days)``, filled by ``INSERT ... SELECT
+   generate_series`` in chunks of 1,000,000), CHECKPOINT, ``set_retention(30 days)``, then
+   ``maintain`` timed; the log's and the database's size before and after.
+5. Latency: 1,000 events/s for 5 s (2 s with ``--quick``), one per autocommit transaction,
+   ``time.time_ns()`` in the payload: ``pgherald.publish`` to a default Consumer's handler,
+   against the seeds' INSERT + ``pg_notify`` (payload in the NOTIFY) to a psycopg 3 LISTEN
+   loop. First 5% dropped; interleaved, medians of 3 runs (1 with ``--quick``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _report  # bench/_report.py: shared by every benchmark
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+HERE = Path(__file__).resolve().parent
+WORKERS = str(HERE / "log_workers.py")
+START, END = "<!-- log-bench:start -->", "<!-- log-bench:end -->"
+DBNAME = "pgherald_bench_log"
+PGBENCH = "/usr/bin/pgbench"
+PARTS = ["publish", "read", "retention", "latency"]
+WRITERS = [1, 4, 16]
+Result = dict[str, Any]
+
+MINIMAL_DDL = """
+DROP TABLE IF EXISTS bench_minimal;
+CREATE TABLE bench_minimal (
+    id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    channel text NOT NULL,
+    payload jsonb NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+# ~100 bytes, as the other benches' events.
+PAYLOAD = json.dumps(
+    {"i": 123456, "kind": "order.created", "ts": 1765000000000000000, "pad": "x" * 60},
+    separators=(",", ":"),
+)
+# kind -> (label, waiting consumer?)
+KINDS: dict[str, tuple[str, bool]] = {
+    "minimal": ("(a) INSERT, minimal table", False),
+    "seed": ("(b) seeds' INSERT + pg_notify, minimal table", False),
+    "floor": ("(c) floor: INSERT of the log's row", False),
+    "publish_v1": ("(d) SELECT pgherald.publish_v1(...)", False),
+    "publish": ("(e) pgherald.publish's statement", False),
+    "publish_v1-wait": ("(d) publish_v1, one consumer waiting", True),
+    "publish-wait": ("(e) publish's statement, one consumer waiting", True),
+}
+PUBLISHERS = ["publish_v1", "publish"]
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def worker(*args: str) -> list[str]:
+    return [sys.executable, WORKERS, *args]
+
+
+def parse_last(out: str, err: str, rc: int | None) -> Result:
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
+        return {"ok": False, "error": tail}
+    res: Result = json.loads(lines[-1])
+    return res
+
+
+def run_worker(args: list[str], timeout: float) -> Result:
+    try:
+        p = subprocess.run(worker(*args), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": "worker did not exit"}
+    return parse_last(p.stdout, p.stderr, p.returncode)
+
+
+def literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def scripts() -> dict[str, str]:
+    """One pgbench script (a single statement, literal values) per kind."""
+    from pgherald import sql
+
+    p = literal(PAYLOAD)
+    stmt = " ".join(
+        ln.strip() for ln in sql.query("publish").splitlines() if not ln.strip().startswith("--")
+    )
+    values = {"channel": "'orders'", "key": "NULL", "payload": p, "headers": "NULL"}
+    stmt = sql.PLACEHOLDER.sub(lambda m: values[m.group(1)], stmt)
+    plain = f"INSERT INTO bench_minimal (channel, payload) VALUES ('orders', {p})"
+    return {
+        "minimal": plain,
+        "seed": f"WITH i AS ({plain} RETURNING id) "
+        "SELECT pg_notify('event_notification', 'orders') FROM i",
+        "floor": f"INSERT INTO pgherald.events_v1 (channel, payload) VALUES ('orders', {p})",
+        "publish_v1": f"SELECT pgherald.publish_v1('orders', {p})",
+        "publish": stmt,
+    }
+
+
+# -- setup ---------------------------------------------------------------------------------
+
+
+def create_database(admin_dsn: str) -> str:
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f"DROP DATABASE IF EXISTS {DBNAME} WITH (FORCE)")
+        conn.execute(f"CREATE DATABASE {DBNAME}")
+    params = conninfo_to_dict(admin_dsn)
+    params["dbname"] = DBNAME
+    dsn = make_conninfo(**params)
+    import pgherald
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+        pgherald.maintain(conn)  # today's partition of the log (and the next days')
+        conn.execute(MINIMAL_DDL)
+    return dsn
+
+
+def reset_tables(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE bench_minimal, pgherald.events_v1, pgherald.positions_v2")
+        conn.execute("CHECKPOINT")
+
+
+# -- 1. publish with pgbench ---------------------------------------------------------------
+
+
+def pgbench_trial(dsn: str, script: Path, writers: int, seconds: float, wait: bool) -> Result:
+    reset_tables(dsn)
+    waiter = None
+    try:
+        if wait:
+            waiter = subprocess.Popen(
+                worker("waiter", "--dsn", dsn, "--timeout", str(seconds + 120)),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+            assert waiter.stdout is not None
+            if waiter.stdout.readline().strip() != "READY":
+                return {"ok": False, "error": "waiting consumer not ready"}
+        cmd = [
+            PGBENCH, "-n", "-M", "prepared", "-T", f"{seconds:g}", "-c", str(writers),
+            "-j", str(writers), "-f", str(script), dsn,
+        ]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+        m = re.search(r"^tps = ([\d.]+)", p.stdout, re.MULTILINE)
+        if p.returncode != 0 or not m:
+            tail = (p.stderr.strip().splitlines() or [f"pgbench exit code {p.returncode}"])[-1]
+            return {"ok": False, "error": tail}
+        lat = re.search(r"^latency average = ([\d.]+) ms", p.stdout, re.MULTILINE)
+        res: Result = {"ok": True, "tps": float(m.group(1))}
+        res["lat_ms"] = float(lat.group(1)) if lat else None
+        if waiter is not None:
+            assert waiter.stdin is not None
+            waiter.stdin.write("STOP\n")
+            waiter.stdin.flush()
+            out, _ = waiter.communicate(timeout=30)
+            res["wakeups"] = parse_last(out, "", waiter.returncode).get("wakeups")
+        return res
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": "pgbench did not exit"}
+    finally:
+        if waiter is not None and waiter.poll() is None:
+            waiter.kill()  # only the process this function started
+            waiter.wait()
+
+
+# -- 2, 3. the loaded log: quiet channel, drain --------------------------------------------
+
+
+def load_log(dsn: str, others: int, hot: int) -> float:
+    """*others* events over channels c0..c99 and *hot* on "hot", interleaved in id order, in
+    transactions of 100,000; 3 events on "quiet" among them (first, middle, last)."""
+    reset_tables(dsn)
+    total = others + hot
+    every = total // hot if hot else 0  # every `every`-th event is on "hot"
+    step = 100_000
+    quiet_at = {0, total // 2, total}
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for lo in range(1, total + 1, step):
+            hi = min(total, lo + step - 1)
+            for q in sorted(quiet_at):
+                if lo - 1 <= q < hi:
+                    conn.execute(
+                        "INSERT INTO pgherald.events_v1 (channel, payload) VALUES "
+                        "('quiet', jsonb_build_object('i', %s::int, 'kind', 'order.created', "
+                        "'pad', repeat('x', 60)))",
+                        (q,),
+                    )
+            conn.execute(
+                "INSERT INTO pgherald.events_v1 (channel, payload) "
+                "SELECT CASE WHEN %(every)s > 0 AND g %% %(every)s = 0 THEN 'hot' "
+                "            ELSE 'c' || (g %% 100) END, "
+                "       jsonb_build_object('i', g, 'kind', 'order.created', "
+                "                          'ts', 1765000000000000000, 'pad', repeat('x', 60)) "
+                "FROM generate_series(%(lo)s::int, %(hi)s::int) g",
+                {"every": every, "lo": lo, "hi": hi},
+            )
+        conn.execute("VACUUM ANALYZE pgherald.events_v1")
+        conn.execute("CHECKPOINT")
+    return time.perf_counter() - t0
+
+
+def channel_counts(dsn: str) -> dict[str, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT channel, count(*) FROM pgherald.events_v1 GROUP BY channel"
+        ).fetchall()
+    return {str(c): int(n) for c, n in rows}
+
+
+def explain_quiet(dsn: str, group: str, channel: str) -> Result:
+    """EXPLAIN ANALYZE a fresh group's first read_batch of *channel* (what a Consumer with
+    default options asks first), and list_groups with the group at the channel's start."""
+    import pgherald
+    from pgherald import sql
+
+    batch = 1000  # Consumer's default batch_size
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            sql.query("create_group"), {"group": group, "tx": "0", "event_id": 0, "skip": None}
+        )
+        conn.execute(sql.query("register_channels"), {"group": group, "channels": [channel]})
+        parts = int(conn.execute("SELECT pgherald.partition_count_v1()").fetchone()[0])  # type: ignore[index]
+        params = {
+            "group": group,
+            "channels": "{" + ",".join([channel] * parts) + "}",
+            "partitions": "{" + ",".join(map(str, range(parts))) + "}",
+            "txs": "{" + ",".join(["NULL"] * parts) + "}",
+            "ids": "{" + ",".join(["NULL"] * parts) + "}",
+            "limit": batch,
+            "per_partition": math.ceil(batch / parts),  # what ConsumerCore asks at first
+        }
+        q = sql.query("read_batch")
+        t0 = time.perf_counter()
+        rows = conn.execute(q, params).fetchall()
+        query_ms = (time.perf_counter() - t0) * 1000
+        row = conn.execute("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + q, params).fetchone()
+        assert row is not None
+        plan = row[0][0]
+        times = []
+        infos: list[Any] = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            infos = pgherald.list_groups(conn)
+            times.append((time.perf_counter() - t0) * 1000)
+    info = next((g for g in infos if g.name == group), None)
+    return {
+        "rows": len(rows),
+        "query_ms": query_ms,
+        "exec_ms": plan["Execution Time"],
+        "planning_ms": plan.get("Planning Time"),
+        "list_groups_ms": statistics.median(times),
+        "list_groups_n": len(infos),
+        "lag": info.lag_events if info else None,
+        "lag_estimated": info.lag_estimated if info else None,
+        "lag_by_channel": info.lag_by_channel if info else None,
+    }
+
+
+def drain_trial(dsn: str, mode: str, group: str, channel: str | None, count: int, cap: float):
+    args = [mode, "--dsn", dsn, "--group", group, "--count", str(count), "--timeout", str(cap)]
+    if channel:
+        args += ["--channel", channel]
+    return run_worker(args, cap + 60)
+
+
+# -- 4. retention --------------------------------------------------------------------------
+
+
+def sizes(conn: psycopg.Connection[Any]) -> tuple[int, int, int]:
+    row = conn.execute(
+        "SELECT (SELECT sum(pg_total_relation_size(relid)) "
+        "        FROM pg_partition_tree('pgherald.events_v1')), "
+        "       pg_database_size(current_database()), "
+        "       (SELECT count(*) FROM pg_partition_tree('pgherald.events_v1') WHERE isleaf)"
+    ).fetchone()
+    assert row is not None
+    return int(row[0] or 0), int(row[1]), int(row[2])
+
+
+def retention_trial(dsn: str, n: int) -> Result:
+    import pgherald
+
+    chunk = 1_000_000
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        now = conn.execute("SELECT now()").fetchone()[0]  # type: ignore[index]
+        old = now - dt.timedelta(days=40)
+        pgherald.maintain(conn, now=old)
+        day = dt.datetime.combine(
+            old.astimezone(dt.timezone.utc).date(), dt.time(), dt.timezone.utc
+        )
+        name = f"events_v1_p{day:%Y%m%d}"
+        t0 = time.perf_counter()
+        for lo in range(0, n, chunk):
+            hi = min(n, lo + chunk) - 1
+            conn.execute(
+                "INSERT INTO pgherald.events_v1 (channel, payload, created_at) "
+                "SELECT 'old', jsonb_build_object('i', g, 'kind', 'order.created', "
+                "                                 'pad', repeat('x', 60)), "
+                "       %(day)s + make_interval(secs => g * 86399.0 / %(n)s) "
+                "FROM generate_series(%(lo)s::int, %(hi)s::int) g",
+                {"day": day, "n": n, "lo": lo, "hi": hi},
+            )
+        load_s = time.perf_counter() - t0
+        in_day = conn.execute(
+            f"SELECT count(*) FROM pgherald.{name}"  # our own partition name
+        ).fetchone()[0]  # type: ignore[index]
+        conn.execute(f"ANALYZE pgherald.{name}")
+        conn.execute("CHECKPOINT")
+        before = sizes(conn)
+        day_size = conn.execute(
+            "SELECT pg_total_relation_size(%s::regclass)", (f"pgherald.{name}",)
+        ).fetchone()[0]  # type: ignore[index]
+        pgherald.set_retention(conn, dt.timedelta(days=30))
+        t0 = time.perf_counter()
+        actions = pgherald.maintain(conn)
+        maintain_s = time.perf_counter() - t0
+        after = sizes(conn)
+        gone = conn.execute("SELECT to_regclass(%s) IS NULL", (f"pgherald.{name}",)).fetchone()[0]  # type: ignore[index]
+        pgherald.set_retention(conn, None)
+    return {
+        "ok": bool(gone),
+        "error": None if gone else f"{name} still there after maintain",
+        "events": int(in_day),
+        "partition": name,
+        "load_s": load_s,
+        "maintain_s": maintain_s,
+        "day_bytes": int(day_size),
+        "log_before": before[0],
+        "db_before": before[1],
+        "parts_before": before[2],
+        "log_after": after[0],
+        "db_after": after[1],
+        "parts_after": after[2],
+        "actions": [(m.action, m.target, m.detail) for m in actions],
+    }
+
+
+# -- 5. latency ----------------------------------------------------------------------------
+
+
+def latency_trial(dsn: str, kind: str, group: str, rate: int, seconds: float) -> Result:
+    count = int(rate * seconds)
+    timeout = seconds + 30.0
+    recv_args = worker(
+        "lat-recv", "--dsn", dsn, "--kind", kind, "--group", group, "--count", str(count),
+        "--timeout", str(timeout),
+    )  # fmt: skip
+    with tempfile.TemporaryFile("w+") as err:
+        recv = subprocess.Popen(recv_args, stdout=subprocess.PIPE, stderr=err, text=True)
+        sender: Result = {}
+        try:
+            assert recv.stdout is not None
+            if recv.stdout.readline().strip() != "READY":
+                raise RuntimeError("receiver not ready")
+            sender = run_worker(
+                ["lat-send", "--dsn", dsn, "--kind", kind, "--rate", str(rate),
+                 "--seconds", str(seconds)],
+                timeout,
+            )  # fmt: skip
+            out, _ = recv.communicate(timeout=timeout + 15)
+            err.seek(0)
+            res = parse_last(out, err.read(), recv.returncode)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            res = {"ok": False, "error": str(exc)}
+        finally:
+            if recv.poll() is None:
+                recv.kill()  # only the process this function started
+                recv.wait()
+    res["sender"] = sender
+    return res
+
+
+# -- report --------------------------------------------------------------------------------
+
+table = _report.table
+
+
+def med(results: list[Result], key: str) -> float | None:
+    ok = [r[key] for r in results if r.get("ok") and r.get(key) is not None]
+    return statistics.median(ok) if ok else None
+
+
+def fx(v: float | None, f: str = "{:.2f}x") -> str:
+    return f.format(v) if v is not None else "-"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("PASS" if ok else "FAIL")
+
+
+def mb(n: int | None) -> str:
+    return "-" if n is None else f"{n / 1024 / 1024:,.0f} MB"
+
+
+def runs_col(rs: list[Result], key: str, f: str) -> str:
+    return (
+        f"{sum(bool(x.get('ok')) for x in rs)}/{len(rs)} ("
+        + ", ".join(fx(x.get(key), f) for x in rs)
+        + ")"
+    )
+
+
+def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
+    out = [
+        "## Durable log, second edition",
+        "",
+        f"Command: `{a.command}`  ",
+        f"Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "",
+        *[f"- {k}: {v}" for k, v in info.items()],
+        "",
+        f"Method: a fresh database (`{DBNAME}`) with `pgherald.install` and `maintain` (today's "
+        "day partition of the log), plus `bench_minimal (id bigint GENERATED ALWAYS AS IDENTITY "
+        "PRIMARY KEY, channel text NOT NULL, payload jsonb NOT NULL, created_at timestamptz NOT "
+        "NULL DEFAULT now())`, the table a user writes by hand. Clients are their own processes "
+        "(`pgbench`, `bench/log_workers.py`), measurements one after another; synchronous_commit "
+        "is the server's (see above). Details of each part below and in the module docstring "
+        "of `bench/log_bench.py`.",
+        "",
+    ]
+    findings: list[str] = a.findings
+    targets = [["Target", "Measured", "Result"]]
+
+    # 1. publish
+    writes: dict[tuple[str, int], list[Result]] = r.get("writes", {})
+    if writes:
+        out += [
+            "### 1. Publish at the SQL level (pgbench, transactions/s)",
+            "",
+            f"`pgbench -n -M prepared -T {a.seconds:g} -c W -j W -f script`, one ~100-byte event "
+            "per transaction, literal values (the scripts are printed by `--show-scripts`): "
+            "(a) `INSERT INTO bench_minimal (channel, payload) VALUES ('orders', '{...}')`; "
+            "(b) the seeds' shape (seed 001: INSERT into the event table, then "
+            "`pg_notify('event_notification', event_name)` in the same transaction) as one "
+            "statement, `WITH i AS (INSERT ... RETURNING id) SELECT pg_notify(...) FROM i`; "
+            "(c) the floor: `INSERT INTO pgherald.events_v1 (channel, payload) VALUES (...)` "
+            "(the log's row with its defaults, generated partition, primary key (id, "
+            "created_at), read index (channel, partition, tx, id) and BRIN on created_at, "
+            "routed to today's partition; no function, no wake-up); (d) `SELECT "
+            "pgherald.publish_v1('orders', '{...}')`; (e) the statement `pgherald.publish` "
+            "sends (queries.sql `publish`). First with no consumer at all, then (d), (e) with "
+            "one idle consumer waiting (a session holding `pg_advisory_lock_shared("
+            "hashtext('pgherald.wake_v1'), 1)` and LISTENing on `pgherald_wake_v1`, reading "
+            "its wake-ups). Every table truncated and CHECKPOINT before each trial; kinds "
+            f"interleaved; median of {a.runs} run(s). Ratios against the same run's "
+            "no-consumer baselines.",
+            "",
+        ]
+        rows = [
+            ["Writers", "Kind", "Median tx/s", "/ minimal", "/ seed", "/ floor", "Latency (ms)",
+             "Wake-ups", "Runs"],
+        ]  # fmt: skip
+        for w in WRITERS:
+            base = {k: med(writes.get((k, w), []), "tps") for k in ("minimal", "seed", "floor")}
+            for k, (label, _) in KINDS.items():
+                rs = writes.get((k, w), [])
+                v = med(rs, "tps")
+                wk = med(rs, "wakeups")
+                rows.append(
+                    [
+                        str(w),
+                        label,
+                        fx(v, "{:,.0f}"),
+                        fx(v / base["minimal"] if v and base["minimal"] else None),
+                        fx(v / base["seed"] if v and base["seed"] else None),
+                        fx(v / base["floor"] if v and base["floor"] else None),
+                        fx(med(rs, "lat_ms"), "{:.3f}"),
+                        fx(wk, "{:,.0f}") if k.endswith("wait") else "",
+                        runs_col(rs, "tps", "{:,.0f}"),
+                    ]
+                )
+        out += [table(rows), ""]
+        for w in WRITERS:
+            base = {k: med(writes.get((k, w), []), "tps") for k in ("minimal", "seed", "floor")}
+            for k in ("publish", "publish_v1", "publish-wait", "publish_v1-wait"):
+                v = med(writes.get((k, w), []), "tps")
+                label = KINDS[k][0]
+                for b, goal in (("minimal", 0.9), ("seed", 1.0), ("floor", 0.95)):
+                    ratio = v / base[b] if v and base[b] else None
+                    targets.append(
+                        [
+                            f"{label} >= {goal}x {b}, {w} writer(s)",
+                            fx(ratio),
+                            verdict(None if ratio is None else ratio >= goal),
+                        ]
+                    )
+        for w in WRITERS:
+            fl = med(writes.get(("floor", w), []), "tps")
+            mn = med(writes.get(("minimal", w), []), "tps")
+            if fl and mn and fl / mn < 0.9:
+                findings.append(
+                    f"At {w} writer(s) the log's row alone (the floor, no function, no wake-up) "
+                    f"keeps {fl / mn:.2f}x of the minimal table: publish cannot reach 0.9x of "
+                    "the minimal table while the row keeps this shape (xid8 default, generated "
+                    "partition, the read index and the BRIN index, the (id, created_at) key, "
+                    "tuple routing into the day partition); the floor target applies."
+                )
+
+    # 2. quiet channel
+    quiet = r.get("quiet")
+    if quiet is not None:
+        ex = r.get("explain", {})
+        out += [
+            "### 2. A quiet channel among many",
+            "",
+            f"The log: {r['load_desc']} (loaded in {r['load_s']:.1f} s, then VACUUM ANALYZE). "
+            'A fresh `Consumer(dsn, group=..., channels=["quiet"])` (default options, '
+            "handler style): time from constructing it to its handler having the 3 events "
+            "(includes connecting), and from `run()`; median of "
+            f"{len(quiet)} run(s). Its first `read_batch` (fresh group, 16 (channel, partition) "
+            "ranges, limit 1000) under EXPLAIN ANALYZE; `pgherald.list_groups(conn)` (median of "
+            "3 calls) with a group at the start of `quiet`.",
+            "",
+        ]
+        rows = [["Measure", "Value"]]
+        rows.append(["Consumer() to 3 events (ms)", fx(med(quiet, "total_ms"), "{:.1f}")])
+        rows.append(["  of which connect and join (ms)", fx(med(quiet, "connect_ms"), "{:.1f}")])
+        rows.append(["  run() to 3 events (ms)", fx(med(quiet, "run_ms"), "{:.1f}")])
+        rows.append(["read_batch: rows", fx(ex.get("rows"), "{:,}")])
+        rows.append(["read_batch: server execution (ms)", fx(ex.get("exec_ms"), "{:.3f}")])
+        rows.append(["read_batch: planning (ms)", fx(ex.get("planning_ms"), "{:.3f}")])
+        rows.append(["read_batch: client round trip (ms)", fx(ex.get("query_ms"), "{:.2f}")])
+        rows.append(
+            [
+                f"list_groups, {ex.get('list_groups_n', '?')} groups (ms)",
+                fx(ex.get("list_groups_ms"), "{:.1f}"),
+            ]
+        )
+        rows.append(
+            [
+                "list_groups: lag of the group on quiet",
+                f"{ex.get('lag')} {'(estimated)' if ex.get('lag_estimated') else '(exact)'} "
+                f"{ex.get('lag_by_channel')}",
+            ]
+        )
+        out += [table(rows), ""]
+        v = med(quiet, "total_ms")
+        targets.append(
+            ["quiet channel: 3 events in < 50 ms", fx(v, "{:.1f} ms"),
+             verdict(None if v is None else v < 50)]
+        )  # fmt: skip
+        lg = ex.get("lag")
+        targets.append(
+            ["list_groups lag on quiet = 3", str(lg), verdict(None if lg is None else lg == 3)]
+        )
+        lgt = ex.get("list_groups_ms")
+        targets.append(
+            ["list_groups answers in < 1 s", fx(lgt, "{:.1f} ms"),
+             verdict(None if lgt is None else lgt < 1000)]
+        )  # fmt: skip
+
+    # 3. drain
+    drains: dict[str, list[Result]] = r.get("drains", {})
+    if drains:
+        out += [
+            "### 3. Drain with 100 channels in the log",
+            "",
+            f"Same log. A fresh Consumer of `hot` (default options: batch_size 1000, reads "
+            f"growing to 20,000; handler style, counting) drains its {r['hot']:,} events, "
+            "against the keyset floor: a plain psycopg loop of `SELECT id, tx::text, payload "
+            "FROM pgherald.events_v1 WHERE channel = %s AND (tx, id) > (%s, %s) ORDER BY tx, "
+            "id LIMIT 5000` (payloads decoded by psycopg's jsonb loader). Then a fresh "
+            "Consumer of every channel (no channels, no handlers; iterator) drains the whole "
+            f"log ({r['total']:,} events). Wall time from `run()` (first read) to the last "
+            f"event; interleaved, median of {a.runs} run(s).",
+            "",
+        ]
+        rows = [["Reader", "Events", "Median events/s", "vs floor", "CPU (s)", "Runs"]]
+        floor = med(drains.get("keyset", []), "rate")
+        for k, label in (
+            ("hot", "Consumer of `hot`"),
+            ("keyset", "keyset floor on `hot`"),
+            ("every", "Consumer of every channel"),
+        ):
+            rs = drains.get(k, [])
+            v = med(rs, "rate")
+            rows.append(
+                [
+                    label,
+                    fx(med(rs, "count"), "{:,.0f}"),
+                    fx(v, "{:,.0f}"),
+                    fx(v / floor if v and floor and k == "hot" else None),
+                    fx(med(rs, "cpu_s"), "{:.2f}"),
+                    runs_col(rs, "rate", "{:,.0f}"),
+                ]
+            )
+        out += [table(rows), ""]
+        v = med(drains.get("hot", []), "rate")
+        targets.append(
+            ["drain one channel >= 200,000 events/s", fx(v, "{:,.0f}/s"),
+             verdict(None if v is None else v >= 200_000)]
+        )  # fmt: skip
+        ratio = v / floor if v and floor else None
+        targets.append(
+            ["drain one channel >= 0.9x the keyset floor", fx(ratio),
+             verdict(None if ratio is None else ratio >= 0.9)]
+        )  # fmt: skip
+
+    # 4. retention
+    ret = r.get("retention")
+    if ret is not None:
+        out += [
+            "### 4. Retention: dropping a day",
+            "",
+            f"{ret.get('events', 0):,} events stored in the day partition "
+            f"`{ret.get('partition')}`, 40 days old (created by `maintain(conn, now=now - 40 "
+            "days)`, filled by `INSERT ... SELECT generate_series` in chunks of 1,000,000 "
+            f"in {ret.get('load_s', 0):.0f} s; then ANALYZE and CHECKPOINT), the rest of the "
+            "log as above, the groups of the previous parts present (maintain checks each "
+            "group's position in the day before dropping it). `set_retention(conn, "
+            "timedelta(days=30))`, then `maintain(conn)` timed from the client.",
+            "",
+        ]
+        rows = [["Measure", "Value"]]
+        rows.append(["maintain (s)", fx(ret.get("maintain_s"), "{:.3f}")])
+        rows.append(["size of the dropped day (table + indexes)", mb(ret.get("day_bytes"))])
+        rows.append(
+            ["log size before / after (every partition)",
+             f"{mb(ret.get('log_before'))} / {mb(ret.get('log_after'))}"]
+        )  # fmt: skip
+        rows.append(
+            ["database size before / after",
+             f"{mb(ret.get('db_before'))} / {mb(ret.get('db_after'))}"]
+        )  # fmt: skip
+        rows.append(
+            ["log partitions before / after",
+             f"{ret.get('parts_before')} / {ret.get('parts_after')}"]
+        )  # fmt: skip
+        out += [table(rows), ""]
+        acts = ret.get("actions") or []
+        if acts:
+            out += ["`maintain` returned:", ""]
+            out += [f"- {act} {tgt}: {det}" for act, tgt, det in acts]
+            out += [""]
+        v = ret.get("maintain_s") if ret.get("ok") else None
+        targets.append(
+            [f"drop a day of {ret.get('events', 0):,} events < 1 s", fx(v, "{:.3f} s"),
+             verdict(None if v is None else v < 1)]
+        )  # fmt: skip
+        freed = (ret.get("db_before") or 0) - (ret.get("db_after") or 0)
+        targets.append(
+            ["no bloat: the day's space is gone",
+             f"{mb(freed)} freed of {mb(ret.get('day_bytes'))}",
+             verdict(bool(ret.get("ok")) and freed >= 0.95 * (ret.get("day_bytes") or 0))]
+        )  # fmt: skip
+
+    # 5. latency
+    lats: dict[str, list[Result]] = r.get("latency", {})
+    if lats:
+        out += [
+            "### 5. Publish to handler latency",
+            "",
+            f"{a.rate:,} events/s for {a.lat_seconds:g} s, one event per autocommit "
+            "transaction, `time.time_ns()` in the payload just before the statement: "
+            "`pgherald.publish` to a fresh default Consumer (handler style), against the seeds' "
+            "INSERT + `pg_notify('event_notification', payload)` in one statement into the "
+            "minimal table, to a psycopg 3 loop over `conn.notifies()` that decodes the payload. "
+            f"First 5% dropped; interleaved, median of {a.runs} run(s).",
+            "",
+        ]
+        rows = [["Path", "p50 (ms)", "p99 (ms)", "max (ms)", "Sender achieved", "Runs p50 / p99"]]
+        for k, label in (("pgherald", "pgherald publish -> Consumer"),
+                         ("seed", "seeds' INSERT + NOTIFY -> LISTEN loop")):  # fmt: skip
+            rs = lats.get(k, [])
+            rows.append(
+                [
+                    label,
+                    fx(med(rs, "p50_ms"), "{:.3f}"),
+                    fx(med(rs, "p99_ms"), "{:.3f}"),
+                    fx(med(rs, "max_ms"), "{:.3f}"),
+                    fx(med([x.get("sender", {}) for x in rs], "rate"), "{:,.0f}/s"),
+                    f"{sum(bool(x.get('ok')) for x in rs)}/{len(rs)} ("
+                    + ", ".join(
+                        f"{fx(x.get('p50_ms'), '{:.2f}')} / {fx(x.get('p99_ms'), '{:.2f}')}"
+                        for x in rs
+                    )
+                    + ")",
+                ]
+            )
+        out += [table(rows), ""]
+        p = {k: (med(lats.get(k, []), "p50_ms"), med(lats.get(k, []), "p99_ms")) for k in lats}
+        for i, (name, goal) in enumerate((("p50", 1.2), ("p99", 1.0))):
+            mine, seed = p.get("pgherald", (None, None))[i], p.get("seed", (None, None))[i]
+            ratio = mine / seed if mine and seed else None
+            targets.append(
+                [f"latency {name} <= {goal}x the seed's", fx(ratio),
+                 verdict(None if ratio is None else ratio <= goal)]
+            )  # fmt: skip
+
+    out += ["### Targets", "", table(targets)]
+    notes = [f"- {f}" for f in findings]
+    for key in ("writes", "drains", "latency"):
+        for name, rs in (r.get(key) or {}).items():
+            notes += [f"- {key} {name} run failed: {x.get('error')}" for x in rs if not x.get("ok")]
+    if notes:
+        out += ["", "Notes:", "", *notes]
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = _report.parser(
+        __doc__,
+        "1 run, 2 s trials, a tenth of the events",
+        "server to use (a database on it is only used to create the bench database)",
+    )
+    ap.add_argument(
+        "--parts",
+        default=",".join(PARTS),
+        help=f"comma-separated subset of {','.join(PARTS)} (partial runs cannot use --output)",
+    )
+    ap.add_argument("--show-scripts", action="store_true", help="print the pgbench scripts")
+    a = ap.parse_args()
+    if a.show_scripts:
+        for k, s in scripts().items():
+            print(f"-- {k}\n{s};\n")
+        return
+    a.parts = [x.strip() for x in a.parts.split(",") if x.strip()]
+    if unknown := set(a.parts) - set(PARTS):
+        ap.error(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if set(a.parts) != set(PARTS) and a.output:
+        ap.error("--output needs every part (the report section is written whole)")
+    a.command = _report.command()
+    scale = 10 if a.quick else 1
+    a.runs = 1 if a.quick else 3
+    a.seconds = a.lat_seconds = 2.0 if a.quick else 5.0
+    a.rate = 1000
+    a.findings = []
+    others, hot, old = 1_000_000 // scale, 200_000 // scale, 10_000_000 // scale
+
+    try:
+        dsn = create_database(a.dsn)
+        info = _report.machine(
+            dsn,
+            settings=("synchronous_commit", "fsync", "shared_buffers", "wal_level"),
+            extra={"pgherald": _report.version("pgherald"), "pgbench": _pgbench_version()},
+        )
+    except Exception as exc:
+        sys.exit(f"cannot set up the bench database on {a.dsn!r}: {exc}")
+    log(f"database {DBNAME} created and installed")
+    r: Result = {}
+
+    if "publish" in a.parts:
+        writes: dict[tuple[str, int], list[Result]] = {(k, w): [] for k in KINDS for w in WRITERS}
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {}
+            for k, s in scripts().items():
+                files[k] = Path(tmp) / f"{k}.sql"
+                files[k].write_text(s + ";\n")
+            for run in range(a.runs):
+                for w in WRITERS:
+                    for k, (_, wait) in KINDS.items():
+                        res = pgbench_trial(dsn, files[k.removesuffix("-wait")], w, a.seconds, wait)
+                        writes[(k, w)].append(res)
+                        log(
+                            f"publish run {run + 1} writers={w:2} {k:16} "
+                            f"{res.get('tps', 0):>9,.0f} tx/s "
+                            f"{'wake-ups ' + str(res['wakeups']) if 'wakeups' in res else ''}"
+                            f"{res.get('error') or ''}"
+                        )
+        r["writes"] = writes
+
+    if "read" in a.parts:
+        r["load_s"] = load_log(dsn, others, hot)
+        counts = channel_counts(dsn)
+        r["hot"], r["total"] = counts.get("hot", 0), sum(counts.values())
+        r["load_desc"] = (
+            f"{sum(v for c, v in counts.items() if c.startswith('c')):,} events on 100 channels "
+            f"c0..c99 (about {others // 100:,} each), {r['hot']:,} on `hot` interleaved with "
+            f"them (every {(others + hot) // hot}th event), {counts.get('quiet', 0)} on `quiet` "
+            f"(first, middle, last): {r['total']:,} events"
+        )
+        log(f"log loaded in {r['load_s']:.1f} s: {r['load_desc']}")
+        quiet: list[Result] = []
+        for run in range(a.runs):
+            res = run_worker(
+                ["quiet", "--dsn", dsn, "--group", f"quiet{run}", "--channel", "quiet",
+                 "--count", "3", "--timeout", "30"],
+                90,
+            )  # fmt: skip
+            quiet.append(res)
+            log(f"quiet run {run + 1}: {res}")
+        r["quiet"] = quiet
+        r["explain"] = explain_quiet(dsn, "quiet-lag", "quiet")
+        log(f"quiet read_batch / list_groups: {r['explain']}")
+        drains: dict[str, list[Result]] = {"hot": [], "keyset": [], "every": []}
+        cap = 120.0
+        for run in range(a.runs):
+            for k in drains:
+                if k == "hot":
+                    res = drain_trial(dsn, "drain", f"hot{run}", "hot", r["hot"], cap)
+                elif k == "keyset":
+                    res = drain_trial(dsn, "keyset", "", "hot", r["hot"], cap)
+                else:
+                    res = drain_trial(dsn, "drain", f"every{run}", None, r["total"], cap)
+                drains[k].append(res)
+                log(
+                    f"drain run {run + 1} {k:7} {res.get('rate', 0):>9,.0f} ev/s "
+                    f"({res.get('count', 0):,} events, {res.get('wall', 0):.2f} s) "
+                    f"{res.get('error') or ''}"
+                )
+        r["drains"] = drains
+
+    if "retention" in a.parts:
+        r["retention"] = retention_trial(dsn, old)
+        log(f"retention: {r['retention']}")
+
+    if "latency" in a.parts:
+        lats: dict[str, list[Result]] = {"pgherald": [], "seed": []}
+        for run in range(a.runs):
+            for k in lats:
+                res = latency_trial(dsn, k, f"lat{run}", a.rate, a.lat_seconds)
+                lats[k].append(res)
+                log(
+                    f"latency run {run + 1} {k:8} p50 {res.get('p50_ms', 0):.3f} ms "
+                    f"p99 {res.get('p99_ms', 0):.3f} ms {res.get('error') or ''}"
+                )
+        r["latency"] = lats
+
+    info["Load average at end"] = _report.load_average()
+    if _report.overloaded():
+        a.findings.append(
+            "The machine was not idle: its load average exceeded its core count during the "
+            "run (other work shares the cores and the PostgreSQL server): compare kinds "
+            "within a run (the runs columns) as well as medians."
+        )
+    body = report(a, info, r)
+    if set(a.parts) != set(PARTS):
+        print("\n" + body)
+        log("partial run: not written")
+        return
+    _report.publish(body, a.output, START, END)
+
+
+def _pgbench_version() -> str:
+    try:
+        out = subprocess.run([PGBENCH, "--version"], capture_output=True, text=True, timeout=10)
+    except OSError as exc:
+        return f"unavailable ({exc})"
+    return out.stdout.strip()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Worker processes for ``log_bench.py`` (one job per process).
+
+Run as ``python bench/log_workers.py MODE ...``:
+
+* ``waiter``: an idle consumer waiting for a wake-up, as pgherald's consumers wait: holds the
+  shared advisory lock ``(hashtext('pgherald.wake_v1'), 1)`` and LISTENs on
+  ``pgherald_wake_v1``; prints ``READY``, then reads (and counts) wake-ups until ``STOP`` on
+  stdin, without ever reading the log; prints a JSON result.
+* ``quiet``: a fresh `Consumer` of ``--channel`` (default options, handler style); the time
+  from constructing it to having ``--count`` events.
+* ``drain``: a fresh `Consumer` (default options, handler style) of ``--channel`` (none: every
+  channel) drains ``--count`` events; events/s from ``run()``.
+* ``keyset``: the hand-written floor: a plain psycopg loop of ``SELECT ... WHERE channel = %s
+  AND (tx, id) > (%s, %s) ORDER BY tx, id LIMIT 5000``, payloads decoded, until ``--count``.
+* ``lat-recv --kind pgherald|seed``: a default `Consumer` (handler style), or a psycopg 3
+  LISTEN loop on the seeds' channel; records publish-to-handler latency of ``--count`` events.
+* ``lat-send --kind pgherald|seed``: ``--rate`` events/s for ``--seconds``, one per autocommit
+  transaction: ``pgherald.publish``, or the seeds' INSERT + ``pg_notify`` in one statement.
+
+Every worker has a deadline and exits by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import threading
+import time
+from typing import Any
+
+PAD = "x" * 60  # with the other fields, a ~100-byte JSON payload
+SEED_CHANNEL = "event_notification"  # the seeds' LISTEN channel (seed 001)
+# The seeds' shape (seed 001: INSERT into the event table, then pg_notify in the same
+# transaction), as one statement: one round trip, like publish. The NOTIFY carries the
+# payload, so the listener needs no read (the cheapest a hand-written listener can be).
+SEED_SQL = (
+    "WITH i AS (INSERT INTO bench_minimal (channel, payload) VALUES (%s, %s::jsonb) RETURNING id) "
+    "SELECT pg_notify('event_notification', %s) FROM i"
+)
+KEYSET_SQL = (
+    "SELECT id, tx::text, payload FROM pgherald.events_v1 "
+    "WHERE channel = %s AND (tx, id) > (%s::xid8, %s) ORDER BY tx, id LIMIT 5000"
+)
+
+
+def emit(obj: object) -> None:
+    sys.stdout.write((obj if isinstance(obj, str) else json.dumps(obj)) + "\n")
+    sys.stdout.flush()
+
+
+def payload(i: int, ts: int) -> dict[str, Any]:
+    return {"i": i, "kind": "order.created", "ts": ts, "pad": PAD}
+
+
+def stop_on_stdin() -> threading.Event:
+    """An event set when the orchestrator writes STOP (or closes stdin)."""
+    done = threading.Event()
+
+    def read() -> None:
+        for line in sys.stdin:
+            if line.strip() == "STOP":
+                break
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    return done
+
+
+# -- an idle waiting consumer --------------------------------------------------------------
+
+
+def waiter(dsn: str, timeout: float) -> dict[str, Any]:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("LISTEN pgherald_wake_v1")
+        conn.execute("SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)")
+        done = stop_on_stdin()
+        emit("READY")
+        n = 0
+        end = time.monotonic() + timeout
+        while not done.is_set() and time.monotonic() < end:
+            for _ in conn.notifies(timeout=0.1):
+                n += 1
+    return {"ok": True, "wakeups": n}
+
+
+# -- reads ---------------------------------------------------------------------------------
+
+
+def quiet(dsn: str, group: str, channel: str, count: int, timeout: float) -> dict[str, Any]:
+    import pgherald
+
+    got: list[float] = []
+    t0 = time.perf_counter()
+    consumer = pgherald.Consumer(dsn, group=group, channels=[channel])  # default options
+    timer = threading.Timer(timeout, consumer.stop)
+    timer.daemon = True
+
+    @consumer.on(channel)
+    def handle(event: Any) -> None:
+        got.append(time.perf_counter())
+        if len(got) >= count:
+            consumer.stop()
+
+    with consumer:
+        t_conn = time.perf_counter()
+        timer.start()
+        consumer.run()
+        timer.cancel()
+    if len(got) < count:
+        return {"ok": False, "error": f"got {len(got)} of {count} events in {timeout:g} s"}
+    return {
+        "ok": True,
+        "count": len(got),
+        "total_ms": (got[count - 1] - t0) * 1000,  # from Consumer(...) to the last event
+        "connect_ms": (t_conn - t0) * 1000,
+        "run_ms": (got[count - 1] - t_conn) * 1000,  # from run() to the last event
+    }
+
+
+def drain(dsn: str, group: str, channel: str | None, count: int, timeout: float) -> dict:
+    import pgherald
+
+    channels = [channel] if channel else []
+    consumer = pgherald.Consumer(dsn, group=group, channels=channels)  # default options
+    n = 0
+    timer = threading.Timer(timeout, consumer.stop)
+    timer.daemon = True
+
+    def handle(event: Any) -> None:
+        nonlocal n
+        n += 1
+        if n >= count:
+            consumer.stop()
+
+    if channel:
+        consumer.on(channel)(handle)
+    with consumer:
+        emit("READY")
+        timer.start()
+        t0, c0 = time.perf_counter(), time.process_time()
+        if channel:
+            consumer.run()
+        else:  # every channel: no channels and no handlers (see docs/durable.md)
+            for _event in consumer:
+                handle(_event)
+                if n >= count:
+                    break
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        timer.cancel()
+    return {
+        "ok": n > 0,
+        "partial": n < count,
+        "error": None if n else "no event consumed",
+        "count": n,
+        "wall": wall,
+        "rate": n / wall if wall else 0.0,
+        "cpu_s": cpu,
+    }
+
+
+def keyset(dsn: str, channel: str, count: int, timeout: float) -> dict[str, Any]:
+    import psycopg
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        emit("READY")
+        tx, last, n, reads = "0", 0, 0, 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        end = t0 + timeout
+        while n < count and time.perf_counter() < end:
+            rows = conn.execute(KEYSET_SQL, (channel, tx, last)).fetchall()  # payloads decoded
+            if not rows:
+                break
+            reads += 1
+            n += len(rows)
+            last, tx = rows[-1][0], rows[-1][1]
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {
+        "ok": n > 0,
+        "partial": n < count,
+        "count": n,
+        "wall": wall,
+        "rate": n / wall if wall else 0.0,
+        "cpu_s": cpu,
+        "reads": reads,
+    }
+
+
+# -- latency -------------------------------------------------------------------------------
+
+
+def summary(lats: list[int], count: int) -> dict[str, Any]:
+    if len(lats) < count:
+        return {"ok": False, "error": f"got {len(lats):,} of {count:,} events before timeout"}
+    kept = sorted(lats[len(lats) // 20 :])  # drop the first 5% (warm-up)
+    ms = [x / 1e6 for x in kept]
+    q = statistics.quantiles(ms, n=100)
+    return {"ok": True, "count": len(lats), "p50_ms": q[49], "p99_ms": q[98], "max_ms": ms[-1]}
+
+
+def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dict[str, Any]:
+    lats: list[int] = []
+    if kind == "seed":
+        import psycopg
+
+        loads = json.loads
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(f"LISTEN {SEED_CHANNEL}")  # our own constant name
+            emit("READY")
+            end = time.monotonic() + timeout
+            while len(lats) < count and time.monotonic() < end:
+                for n in conn.notifies(timeout=0.5):
+                    lats.append(time.time_ns() - loads(n.payload)["ts"])
+                    if len(lats) >= count:
+                        break
+        return summary(lats, count)
+
+    import pgherald
+
+    consumer = pgherald.Consumer(dsn, group=group, channels=["lat"])  # default options
+    timer = threading.Timer(timeout, consumer.stop)
+    timer.daemon = True
+
+    @consumer.on("lat")
+    def handle(event: Any) -> None:
+        lats.append(time.time_ns() - event.payload["ts"])
+        if len(lats) >= count:
+            consumer.stop()
+
+    with consumer:
+        emit("READY")
+        timer.start()
+        consumer.run()
+        timer.cancel()
+    return summary(lats, count)
+
+
+def lat_send(dsn: str, kind: str, rate: float, seconds: float) -> dict[str, Any]:
+    import psycopg
+
+    import pgherald
+
+    total = int(rate * seconds)
+    max_lag = 0.0
+    dumps = json.JSONEncoder(separators=(",", ":")).encode
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor()
+        t0 = time.perf_counter()
+        for i in range(total):
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            else:
+                max_lag = max(max_lag, -delay)
+            # autocommit: the statement that inserts also commits, right after this timestamp
+            if kind == "seed":
+                text = dumps(payload(i, time.time_ns()))
+                cur.execute(SEED_SQL, ("lat", text, text))
+            else:
+                pgherald.publish(conn, "lat", payload(i, time.time_ns()))
+        wall = time.perf_counter() - t0
+    return {"ok": True, "count": total, "rate": total / wall, "max_lag_ms": max_lag * 1000}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("mode", choices=["waiter", "quiet", "drain", "keyset", "lat-recv", "lat-send"])
+    ap.add_argument("--dsn", required=True)
+    ap.add_argument("--kind", default="pgherald")
+    ap.add_argument("--group", default="bench")
+    ap.add_argument("--channel", default=None)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--count", type=int, default=0)
+    ap.add_argument("--rate", type=float, default=1000.0)
+    ap.add_argument("--timeout", type=float, default=120.0)
+    a = ap.parse_args()
+    try:
+        if a.mode == "waiter":
+            res = waiter(a.dsn, a.timeout)
+        elif a.mode == "quiet":
+            res = quiet(a.dsn, a.group, a.channel, a.count, a.timeout)
+        elif a.mode == "drain":
+            res = drain(a.dsn, a.group, a.channel, a.count, a.timeout)
+        elif a.mode == "keyset":
+            res = keyset(a.dsn, a.channel, a.count, a.timeout)
+        elif a.mode == "lat-recv":
+            res = lat_recv(a.dsn, a.kind, a.group, a.count, a.timeout)
+        else:
+            res = lat_send(a.dsn, a.kind, a.rate, a.seconds)
+    except Exception as exc:  # reported, not raised: the orchestrator prints it
+        res = {"ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
+    emit(res)
+
+
+if __name__ == "__main__":
+    main()

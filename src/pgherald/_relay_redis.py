@@ -1,0 +1,231 @@
+"""
+The Redis Streams sink of `AsyncRelay`: ``XADD`` through a Lua script that skips what is there.
+
+Why a script and not explicit entry ids: an entry id must grow within a stream, but the log's
+order, ``(tx, id)``, is only monotonic within one of its 16 partitions; several partitions (and
+several relays) write into one stream in any interleaving, so no id derived from an event's
+position can be both increasing and stable across a redelivery. Instead the script keeps, per
+stream, the position of the last event relayed from each partition (a hash beside the stream,
+``<stream>:pgherald-positions``, field ``<group>:<partition>``): an event at or before that
+position is skipped, a later one is appended and the position moved, in one atomic script call.
+Within a partition a relay sends in log order, and a partition has one relay at a time, so a
+redelivered read (after a crash or a handover) is skipped event by event: effectively once, for
+ever (no window), and events with one key keep their order.
+
+A read is sent as one script call per stream per 500 events, pipelined (one round trip).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from ._models import Event
+from ._relay import Refused, _RelayState, safe_url
+from .errors import UsageError
+
+logger = logging.getLogger("pgherald.relay")
+
+CHUNK = 500
+FIELDS = 8  # per event: partition, position, id, channel, key, created_at, payload, headers
+
+# KEYS[1] the stream, KEYS[2] its positions hash. ARGV[1] the group, ARGV[2] MAXLEN ('' none),
+# then FIELDS values per event. Positions are zero-padded "tx:id", compared as strings.
+SCRIPT = """
+local group, maxlen = ARGV[1], ARGV[2]
+local last = {}
+local added = 0
+for i = 3, #ARGV, 8 do
+  local field = group .. ':' .. ARGV[i]
+  local at = last[field]
+  if at == nil then
+    at = redis.call('HGET', KEYS[2], field) or ''
+  end
+  local pos = ARGV[i + 1]
+  if pos > at then
+    local entry = {'id', ARGV[i + 2], 'channel', ARGV[i + 3]}
+    if ARGV[i + 4] ~= '' then
+      table.insert(entry, 'key'); table.insert(entry, string.sub(ARGV[i + 4], 2))
+    end
+    table.insert(entry, 'created_at'); table.insert(entry, ARGV[i + 5])
+    table.insert(entry, 'payload'); table.insert(entry, ARGV[i + 6])
+    if ARGV[i + 7] ~= '' then
+      table.insert(entry, 'headers'); table.insert(entry, ARGV[i + 7])
+    end
+    if maxlen ~= '' then
+      redis.call('XADD', KEYS[1], 'MAXLEN', '~', maxlen, '*', unpack(entry))
+    else
+      redis.call('XADD', KEYS[1], '*', unpack(entry))
+    end
+    added = added + 1
+    at = pos
+  end
+  last[field] = at
+end
+for field, at in pairs(last) do
+  redis.call('HSET', KEYS[2], field, at)
+end
+return added
+"""
+
+
+class RedisSink:
+    def __init__(
+        self,
+        url: str,
+        *,
+        group: str,
+        stream: str,
+        maxlen: int | None,
+        max_attempts: int,
+        timeout: float,
+    ) -> None:
+        try:
+            import redis.asyncio  # noqa: F401 - a missing extra is a clear error at once
+        except ImportError:
+            raise UsageError(
+                "relaying to Redis needs redis-py: pip install 'pgherald[relay]'"
+            ) from None
+        self.url = url
+        self.target = safe_url(url)
+        self.group = group
+        self.stream = stream
+        self.maxlen = "" if maxlen is None else str(maxlen)
+        self.max_attempts = max_attempts
+        self.timeout = timeout
+        self.client: Any = None
+        self.script: Any = None
+        self.added = 0
+        """Entries appended (the rest of what was sent were copies, skipped)."""
+
+    def _stream(self, channel: str) -> str:
+        return self.stream.replace("{channel}", channel)
+
+    async def _connect(self, relay: _RelayState) -> bool:
+        import redis.asyncio
+
+        attempt = 0
+        while not relay.stopping.is_set():
+            attempt += 1
+            client = redis.asyncio.Redis.from_url(
+                self.url, socket_timeout=self.timeout, socket_connect_timeout=min(self.timeout, 5)
+            )
+            try:
+                if await relay.unless_stopped(client.ping()) is None:
+                    await client.aclose()
+                    return False
+                self.client = client
+                self.script = client.register_script(SCRIPT)
+                relay.stats.connects += 1
+                logger.info("connected to Redis at %s (stream %s)", self.target, self.stream)
+                return True
+            except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out: retry
+                await _close(client)
+                why = f"cannot reach Redis at {self.target} ({type(exc).__name__}: {exc})"
+                if not await relay.pause(attempt, why):
+                    return False
+        return False
+
+    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+        import redis.exceptions
+
+        attempt = 0
+        while not relay.stopping.is_set():
+            if self.client is None and not await self._connect(relay):
+                break
+            try:
+                results = await relay.unless_stopped(self._send(events))
+                if results is None:
+                    break
+            except redis.exceptions.ResponseError as exc:
+                # Redis refused a command (out of memory, a key of another type, ...): find the
+                # event, try it max_attempts times, then give it up.
+                return await self._one_by_one(events, relay, exc)
+            except Exception as exc:  # noqa: BLE001 - connection lost or timed out: again
+                await self._drop()
+                attempt += 1
+                why = f"no answer from Redis at {self.target} ({type(exc).__name__}: {exc})"
+                if not await relay.pause(attempt, why):
+                    break
+                continue
+            self.added += sum(int(r) for r in results)
+            return None
+        return 0  # stopping: nothing counts as done; the script skips what was appended
+
+    async def _send(self, events: list[Event]) -> list[Any]:
+        """One pipelined round trip: a script call per stream per CHUNK events, in order."""
+        calls: list[tuple[str, list[str]]] = []
+        current: dict[str, list[str]] = {}
+        dumps = json.dumps
+        last_created: Any = None
+        created = ""
+        for e in events:
+            stream = self._stream(e.channel)
+            args = current.get(stream)
+            if args is None:
+                args = current[stream] = [self.group, self.maxlen]
+                calls.append((stream, args))
+            if e.created_at != last_created:
+                last_created = e.created_at
+                created = last_created.isoformat()
+            args += (
+                str(e.partition),
+                f"{int(e.tx):020d}:{e.id:020d}",
+                str(e.id),
+                e.channel,
+                "" if e.key is None else "=" + e.key,  # '' is no key; '=' + key otherwise
+                created,
+                dumps(e.payload, separators=(",", ":")),
+                "" if not e.headers else dumps(e.headers, separators=(",", ":")),
+            )
+            if len(args) >= 2 + CHUNK * FIELDS:
+                del current[stream]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for stream, args in calls:
+                await self.script(keys=[stream, f"{stream}:pgherald-positions"], args=args, client=pipe)
+            return list(await pipe.execute())
+
+    async def _one_by_one(self, events: list[Event], relay: _RelayState, error: Exception) -> int:
+        import redis.exceptions
+
+        for i, event in enumerate(events):
+            for attempt in range(1, self.max_attempts + 1):
+                try:
+                    (added,) = await self._send([event])
+                    self.added += int(added)
+                    break
+                except redis.exceptions.ResponseError as exc:
+                    error = exc
+                    if attempt == self.max_attempts:
+                        logger.error(
+                            "Redis refused event %d (%s) %d times: %s; dead-lettered",
+                            event.id,
+                            event.channel,
+                            attempt,
+                            exc,
+                        )
+                        raise Refused(i, f"Redis refused it {attempt} times: {exc}") from None
+                    if not await relay.pause(attempt, f"Redis refused event {event.id} ({exc})"):
+                        return i
+                except Exception as exc:  # noqa: BLE001 - connection lost: the rest comes again
+                    logger.warning("no answer from Redis at %s (%s)", self.target, exc)
+                    await self._drop()
+                    return i
+        logger.debug("a batch failed (%s) but each of its events went through", error)
+        return len(events)
+
+    async def _drop(self) -> None:
+        client, self.client = self.client, None
+        if client is not None:
+            await _close(client)
+
+    async def aclose(self) -> None:
+        await self._drop()
+
+
+async def _close(client: Any) -> None:
+    try:
+        await client.aclose()
+    except Exception as exc:  # noqa: BLE001 - closing a broken connection: nothing to do
+        logger.debug("closing the Redis connection: %r", exc)

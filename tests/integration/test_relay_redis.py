@@ -1,0 +1,154 @@
+"""`pgherald relay` / `Relay` into Redis Streams, against real servers (no mocks)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgherald
+from tests.fix_brokers import OwnRedis, RelayProcess, publish_paced
+from tests.fix_durable import uncovered
+from tests.fix_faults import wait_until
+
+redis = pytest.importorskip("redis", reason="the relay tests need the 'relay' extra (redis-py)")
+
+
+def entries(url: str, stream: str) -> list[dict[str, str]]:
+    client = redis.Redis.from_url(url, decode_responses=True)
+    try:
+        return [fields for _, fields in client.xrange(stream)]
+    finally:
+        client.close()
+
+
+def length(url: str, stream: str) -> int:
+    client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+    try:
+        return int(client.xlen(stream))
+    except redis.exceptions.ConnectionError:
+        return -1  # restarting
+    finally:
+        client.close()
+
+
+def delete(url: str, *keys: str) -> None:
+    client = redis.Redis.from_url(url)
+    try:
+        client.delete(*keys)
+    finally:
+        client.close()
+
+
+def check_exactly_once_in_key_order(got: list[dict[str, str]], ids: list[int]) -> None:
+    seen = [int(f["id"]) for f in got]
+    assert len(seen) == len(set(seen)), f"{len(seen) - len(set(seen))} events twice"
+    assert sorted(seen) == sorted(ids), "events lost or foreign"
+    last: dict[str, int] = {}
+    for f, event_id in zip(got, seen, strict=True):
+        key = f["key"]
+        assert last.get(key, 0) < event_id, f"key {key}: {event_id} after {last[key]}"
+        last[key] = event_id
+
+
+@pytest.mark.slow
+def test_twenty_thousand_events_through_two_relay_kills_and_a_redis_restart(
+    installed: str, conn: psycopg.Connection, own_redis: OwnRedis
+) -> None:
+    total = 20_000
+    stream = "faults"
+    relay = RelayProcess(installed, "--to", own_redis.url, "--stream", stream, "orders").start()
+    ids: list[int] = []
+    publisher = threading.Thread(
+        target=lambda: ids.extend(publish_paced(installed, "orders", total, 500, 0.05))
+    )
+    publisher.start()
+    try:
+        wait_until(lambda: length(own_redis.url, stream) >= 3000, 20, "3,000 relayed")
+        relay.kill()  # SIGKILL, mid-stream
+        relay.start()
+        wait_until(lambda: length(own_redis.url, stream) >= 8000, 20, "8,000 relayed")
+        own_redis.restart()  # SIGTERM and start: the relay loses its connection
+        wait_until(lambda: length(own_redis.url, stream) >= 12000, 20, "12,000 relayed")
+        relay.kill()
+        relay.start()
+        publisher.join(60)
+        assert len(ids) == total
+        wait_until(lambda: uncovered(conn, "relay") == 0, 20, "the relay to catch up")
+        assert relay.stop() == 0, relay.output()
+    finally:
+        relay.kill()
+        publisher.join(60)
+    check_exactly_once_in_key_order(entries(own_redis.url, stream), ids)
+    assert relay.output().count("connected to Redis") >= 3, relay.output()
+
+
+def test_a_redelivered_read_is_skipped_by_the_script(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    """The group reset to the beginning: every event comes again, none is appended twice."""
+    ids = publish_paced(installed, "orders", 300, 100, 0)
+    options: dict[str, Any] = {"to": redis_url, "channels": ["orders"], "stream": unique}
+    try:
+        for _ in range(2):
+            relay = pgherald.Relay(installed, **options)
+            t = threading.Thread(target=relay.run)
+            t.start()
+            try:
+                wait_until(lambda relay=relay: relay.stats.relayed >= 300, 10, "300 relayed")
+            finally:
+                relay.stop()
+                t.join(10)
+            pgherald.reset_group(conn, "relay", to="beginning")
+        check_exactly_once_in_key_order(entries(redis_url, unique), ids)
+    finally:
+        delete(redis_url, unique, f"{unique}:pgherald-positions")
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_fields_a_stream_per_channel_and_maxlen(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    first = pgherald.publish(conn, "orders", {"id": 1}, key="customer-7", headers={"h": 1})
+    pgherald.publish_many(conn, "refunds", [[i] for i in range(300)])
+    relay = pgherald.AsyncRelay(
+        installed,
+        to=redis_url,
+        channels=["orders", "refunds"],
+        stream=f"{unique}:{{channel}}",
+        maxlen=100,
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        for _ in range(500):
+            if relay.stats.relayed >= 301:
+                break
+            await asyncio.sleep(0.01)
+        assert relay.stats.relayed == 301
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+    try:
+        (order,) = entries(redis_url, f"{unique}:orders")
+        assert order == {
+            "id": str(first),
+            "channel": "orders",
+            "key": "customer-7",
+            "created_at": order["created_at"],
+            "payload": json.dumps({"id": 1}, separators=(",", ":")),
+            "headers": json.dumps({"h": 1}, separators=(",", ":")),
+        }
+        refunds = entries(redis_url, f"{unique}:refunds")
+        assert 100 <= len(refunds) < 300  # MAXLEN ~ trims whole nodes
+        assert "key" not in refunds[-1]
+        assert json.loads(refunds[-1]["payload"]) == [299]
+    finally:
+        delete(
+            redis_url,
+            *(f"{unique}:{c}{s}" for c in ("orders", "refunds") for s in ("", ":pgherald-positions")),
+        )

@@ -1,0 +1,187 @@
+"""The pgoutput decoder on hand-made messages (no server)."""
+
+from __future__ import annotations
+
+import json
+import struct
+from datetime import datetime, timezone
+from decimal import Decimal
+
+import pytest
+
+from pgherald._protocol.pgoutput import (
+    Begin,
+    ChangeEvent,
+    Commit,
+    DecodeError,
+    Decoder,
+    dumps_value,
+    lsn_to_int,
+    lsn_to_str,
+    parse_array,
+    pg_micros,
+    pg_time,
+)
+
+WHEN = datetime(2026, 11, 25, 8, 0, 0, 123000, tzinfo=timezone.utc)
+
+
+def relation(
+    oid: int, schema: str, table: str, identity: str, cols: list[tuple[str, int, bool]]
+) -> bytes:
+    out = b"R" + struct.pack(">I", oid) + schema.encode() + b"\0" + table.encode() + b"\0"
+    out += identity.encode() + struct.pack(">H", len(cols))
+    for name, type_oid, key in cols:
+        out += bytes([1 if key else 0]) + name.encode() + b"\0" + struct.pack(">Ii", type_oid, -1)
+    return out
+
+
+def tup(*values: bytes | None | str) -> bytes:
+    out = struct.pack(">H", len(values))
+    for v in values:
+        if v is None:
+            out += b"n"
+        elif v == "u":
+            out += b"u"
+        else:
+            assert isinstance(v, bytes)
+            out += b"t" + struct.pack(">I", len(v)) + v
+    return out
+
+
+def begin(lsn: int, xid: int) -> bytes:
+    return b"B" + struct.pack(">QqI", lsn, pg_micros(WHEN), xid)
+
+
+def commit(lsn: int, end: int) -> bytes:
+    return b"C\0" + struct.pack(">QQq", lsn, end, pg_micros(WHEN))
+
+
+COLS = [("id", 23, True), ("n", 1700, False), ("tags", 1009, False), ("at", 1184, False)]
+
+
+@pytest.fixture
+def dec() -> Decoder:
+    d = Decoder()
+    list(d.decode(relation(16400, "public", "orders", "d", COLS)))
+    (b,) = d.decode(begin(0x1_0000_0010, 742))
+    assert b == Begin(0x1_0000_0010, WHEN, 742)
+    return d
+
+
+def test_lsn_text_round_trip() -> None:
+    assert lsn_to_int("16/B374D848") == (0x16 << 32) | 0xB374D848
+    assert lsn_to_str(lsn_to_int("16/B374D848")) == "16/B374D848"
+    assert lsn_to_str(0) == "0/0"
+
+
+def test_protocol_time() -> None:
+    assert pg_time(pg_micros(WHEN)) == WHEN
+    assert pg_time(0) == datetime(2000, 1, 1, tzinfo=timezone.utc)
+
+
+def test_insert(dec: Decoder) -> None:
+    msg = b"I" + struct.pack(">I", 16400) + b"N"
+    msg += tup(b"7", b"1.10", b'{a,"b c",NULL}', b"2026-11-25 08:00:00.123+00")
+    (e,) = dec.decode(msg)
+    assert e == ChangeEvent(
+        "INSERT",
+        "public",
+        "orders",
+        {
+            "id": 7,
+            "n": Decimal("1.10"),
+            "tags": ["a", "b c", None],
+            "at": "2026-11-25T08:00:00.123+00:00",
+        },
+        None,
+        None,
+        "7",
+        "1/10",
+        742,
+        WHEN,
+    )
+
+
+def test_update_with_key_change_and_delete(dec: Decoder) -> None:
+    msg = b"U" + struct.pack(">I", 16400) + b"K" + tup(b"7", None, None, None)
+    msg += b"N" + tup(b"8", None, "u", None)
+    (e,) = dec.decode(msg)
+    assert e.op == "UPDATE" and e.old == {"id": 7} and e.key == "8"
+    assert e.new == {"id": 8, "n": None, "at": None}  # the unchanged TOAST value is absent
+    assert e.changed is None
+    (d,) = dec.decode(b"D" + struct.pack(">I", 16400) + b"K" + tup(b"8", None, None, None))
+    assert d.op == "DELETE" and d.old == {"id": 8} and d.new is None and d.key == "8"
+
+
+def test_update_full_identity_fills_toast_and_diffs() -> None:
+    d = Decoder({("public", "orders"): ("id",)})
+    list(
+        d.decode(
+            relation(
+                1, "public", "orders", "f", [("id", 23, True), ("body", 25, True), ("q", 23, True)]
+            )
+        )
+    )
+    list(d.decode(begin(5, 1)))
+    msg = (
+        b"U" + struct.pack(">I", 1) + b"O" + tup(b"1", b"long", b"2") + b"N" + tup(b"1", "u", b"3")
+    )
+    (e,) = d.decode(msg)
+    assert e.new == {"id": 1, "body": "long", "q": 3}
+    assert e.changed == ["q"] and e.key == "1"  # the catalog's primary key, not every column
+
+
+def test_truncate_and_commit(dec: Decoder) -> None:
+    list(dec.decode(relation(16401, "s", "other", "d", [("id", 23, True)])))
+    events = list(dec.decode(b"T" + struct.pack(">IB", 2, 0) + struct.pack(">II", 16400, 16401)))
+    assert [(e.op, e.table, e.key) for e in events] == [
+        ("TRUNCATE", "orders", None),
+        ("TRUNCATE", "other", None),
+    ]
+    (c,) = dec.decode(commit(0x1_0000_0010, 0x1_0000_0040))
+    assert c == Commit(0x1_0000_0010, 0x1_0000_0040, WHEN)
+    assert dec.begin is None
+
+
+def test_relation_replaced_mid_stream(dec: Decoder) -> None:
+    list(dec.decode(relation(16400, "public", "orders", "d", [*COLS, ("extra", 16, False)])))
+    msg = b"I" + struct.pack(">I", 16400) + b"N" + tup(b"1", None, None, None, b"t")
+    (e,) = dec.decode(msg)
+    assert e.new is not None and e.new["extra"] is True
+
+
+def test_unknown_relation_and_message() -> None:
+    d = Decoder()
+    list(d.decode(begin(1, 1)))
+    with pytest.raises(DecodeError, match="before its Relation"):
+        list(d.decode(b"I" + struct.pack(">I", 99) + b"N" + tup(b"1")))
+    with pytest.raises(DecodeError, match="unknown"):
+        list(d.decode(b"Z"))
+    assert list(d.decode(b"Y" + struct.pack(">I", 5) + b"public\0mood\0")) == []
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("{}", []),
+        ("{1,2,NULL}", ["1", "2", None]),
+        ('{"NULL",NULL," x "}', ["NULL", None, " x "]),
+        ('{"a\\"b","c\\\\d"}', ['a"b', "c\\d"]),
+        ("{{1,2},{3,4}}", [["1", "2"], ["3", "4"]]),
+        ("[0:1]={5,6}", ["5", "6"]),
+    ],
+)
+def test_parse_array(text: str, expected: list[object]) -> None:
+    assert parse_array(text, bytes.decode) == expected
+
+
+def test_dumps_value_keeps_numeric_digits() -> None:
+    value = {"n": Decimal("12345678901234567890.000000001"), "f": 1.5, "s": "\\u0000n1\\u0000"}
+    text = dumps_value(value)
+    assert text == '{"n":12345678901234567890.000000001,"f":1.5,"s":"\\\\u0000n1\\\\u0000"}'
+    assert json.loads(text, parse_float=Decimal)["n"] == value["n"]
+    assert json.loads(dumps_value({"n": Decimal("NaN"), "f": float("inf")})) == {
+        "n": "NaN",
+        "f": "Infinity",
+    }
