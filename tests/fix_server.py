@@ -32,8 +32,8 @@ INSTALL_HINT = (
 
 def _bindir() -> Path:
     found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).parent
+    if found:  # the directory of every server tool (/usr/local/bin may hold only links)
+        return Path(found).resolve().parent
     candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)
     if not candidates:
         pytest.fail(INSTALL_HINT, pytrace=False)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -246,55 +246,76 @@ class AsyncChangeStream(_Base):
             reconnect_max_attempts=reconnect_max_attempts,
         )
         self._waiter = AsyncWaiter()
+        self._gen: Generator[Any, Any, Any] | None = None
 
     async def __aenter__(self) -> AsyncChangeStream:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         self.stop()
+        self._finish()
 
     def stop(self) -> None:
         """End `run` or the iteration soon (from any task or thread)."""
         self._engine.stopping = True
         self._waiter.wake()
 
-    async def __aiter__(self) -> AsyncIterator[ChangeEvent]:
-        engine = self._claim()
+    def __aiter__(self) -> AsyncChangeStream:
+        return self
+
+    async def __anext__(self) -> ChangeEvent:
+        """The next change; the previous one counts as handled (see `ChangeStream`)."""
+        gen = self._gen
+        if gen is None:
+            engine = self._claim()
+            self._waiter.bind()
+            gen = self._gen = engine.run()
+            send: Any = None
+        else:
+            send = None
         waiter = self._waiter
-        waiter.bind()
-        gen = engine.run()
-        send: Any = None
         try:
             while True:
                 try:
                     req = gen.send(send)
                 except StopIteration:
-                    return
+                    self._finish()
+                    raise StopAsyncIteration from None
                 kind = req[0]
                 send = None
                 if kind == CHANGE:
-                    yield req[1]
-                elif kind == pgwire.WAIT:
+                    event: ChangeEvent = req[1]
+                    return event
+                if kind == pgwire.WAIT:
                     send = await waiter.wait(req[1], req[2], req[3])
                 elif kind == pgwire.SLEEP:
                     await waiter.sleep(req[1])
                 elif kind == _REPORT:
                     logger.info("%s", req[1])
-        finally:
+        except BaseException:
+            self._finish()
+            raise
+
+    def _finish(self) -> None:
+        gen, self._gen = self._gen, None
+        if gen is not None:
             gen.close()
-            waiter.release()
+            self._waiter.release()
             self._busy = False
+
+    async def aclose(self) -> None:
+        """End the iteration now (what it handled of a transaction is not acknowledged)."""
+        self._finish()
 
     async def run(self, handler: AsyncHandler) -> None:
         """Call (and await, when async) *handler* with every change until `stop`."""
-        events = self.__aiter__()
         try:
-            async for event in events:
+            async for event in self:
                 result = handler(event)
                 if inspect.isawaitable(result):
                     await result
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            self._finish()
 
 
 class _LogWriter:

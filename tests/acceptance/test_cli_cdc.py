@@ -43,12 +43,14 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("INSERT INTO orders VALUES (1, 'tea', 'hidden')")
 
-    status = run(dsn, "cdc", "status", "--json", "--max-retained", "1kB")
+    status = run(dsn, "cdc", "status", "--json", "--max-retained", "10")
     assert status.returncode == 0, status.stderr
     (record,) = [json.loads(line) for line in status.stdout.splitlines()]
-    assert record["slot"] == "shop" and record["active"] is False
-    assert record["tables"] == ["public.orders"] and record["retained_bytes"] > 0
-    assert "warning: slot 'shop' keeps" in status.stderr  # over the 1 kB limit
+    assert record["slot"] == "shop"
+    assert record["active"] is False
+    assert record["tables"] == ["public.orders"]
+    assert record["retained_bytes"] > 0
+    assert "warning: slot 'shop' keeps" in status.stderr  # over the 10-byte limit
 
     # run --into-log: the change lands in the durable log, once, without the unpublished column.
     with subprocess.Popen(
@@ -61,10 +63,12 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
         try:
             with psycopg.connect(dsn, autocommit=True) as c:
                 wait_until(
-                    lambda: c.execute(
-                        "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'public.orders'"
-                    ).fetchone()[0]
-                    == 1,
+                    lambda: (
+                        c.execute(
+                            "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'public.orders'"
+                        ).fetchone()[0]
+                        == 1
+                    ),
                     20,
                     "the change in the log",
                 )
@@ -73,8 +77,10 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
             proc.send_signal(signal.SIGTERM)
             _, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
-    assert row is not None and row[0] == "1"
-    assert row[1]["new"] == {"id": 1, "item": "tea"} and row[1]["op"] == "INSERT"
+    assert row is not None
+    assert row[0] == "1"
+    assert row[1]["new"] == {"id": 1, "item": "tea"}
+    assert row[1]["op"] == "INSERT"
 
     removed = run(dsn, "cdc", "remove", "orders", "--slot", "shop")
     assert removed.stdout == "removed public.orders\n", removed.stderr
@@ -95,4 +101,5 @@ def test_cdc_needs_wal_level_logical() -> None:
         with psycopg.connect(server.dsn, autocommit=True) as c:
             c.execute("CREATE TABLE t (id int PRIMARY KEY)")
         line = one_line_error(run(server.dsn, "cdc", "add", "t"))
-    assert "wal_level = logical" in line and "restart the server" in line
+    assert "wal_level = logical" in line
+    assert "restart the server" in line

@@ -167,14 +167,21 @@ def test_insert_update_delete_truncate(cdc_dsn: str, reader: Callable[..., Reade
     ins, upd, dele, trunc = r.wait(4)
     assert [e.op for e in (ins, upd, dele, trunc)] == ["INSERT", "UPDATE", "DELETE", "TRUNCATE"]
     assert (ins.schema, ins.table, ins.key) == ("public", "orders", "1")
-    assert ins.new == {"id": 1, "item": "tea", "qty": 2} and ins.old is None
+    assert ins.new == {"id": 1, "item": "tea", "qty": 2}
+    assert ins.old is None
     assert upd.new == {"id": 1, "item": "tea", "qty": 3}
-    assert upd.old is None and upd.changed is None  # default replica identity: no old row
-    assert dele.new is None and dele.old == {"id": 1} and dele.key == "1"
-    assert trunc.new is None and trunc.old is None and trunc.key is None
+    assert upd.old is None
+    assert upd.changed is None
+    assert dele.new is None
+    assert dele.old == {"id": 1}
+    assert dele.key == "1"
+    assert trunc.new is None
+    assert trunc.old is None
+    assert trunc.key is None
     # One transaction each, in commit order, with ids and commit times.
     lsns = [lsn_to_int(e.lsn) for e in (ins, upd, dele, trunc)]
-    assert lsns == sorted(lsns) and len(set(lsns)) == 4
+    assert lsns == sorted(lsns)
+    assert len(set(lsns)) == 4
     assert len({e.xid for e in (ins, upd, dele, trunc)}) == 4
     assert ins.commit_time.tzinfo is not None
     assert ins.as_dict()["tx"] == str(ins.xid)
@@ -198,7 +205,8 @@ def test_replica_identity_full_old_rows(cdc_dsn: str, reader: Callable[..., Read
         "DELETE FROM items",
     )
     _, upd, dele = r.wait(3)
-    assert upd.old == {"a": 1, "b": 2, "note": "x"} and upd.changed == ["note"]
+    assert upd.old == {"a": 1, "b": 2, "note": "x"}
+    assert upd.changed == ["note"]
     assert upd.key == "[1,2]"  # several key columns: the JSON array, as triggers write it
     assert dele.old == {"a": 1, "b": 2, "note": "y"}
 
@@ -224,7 +232,9 @@ def test_types_and_wide_rows(cdc_dsn: str, reader: Callable[..., Reader]) -> Non
         c.execute("INSERT INTO t (id) VALUES (2)")
         c.execute("UPDATE t SET ok = false WHERE id = 1")  # body is TOASTed and unchanged
     ins, nulls, upd = r.wait(3)
-    assert ins.new is not None and nulls.new is not None and upd.new is not None
+    assert ins.new is not None
+    assert nulls.new is not None
+    assert upd.new is not None
     assert ins.new["n"] == Decimal("12345678901234567890.000000001")
     assert ins.new["ts"] == "2026-11-25T08:00:00.123+00:00"
     assert ins.new["ints"] == [1, 2, None]
@@ -232,12 +242,14 @@ def test_types_and_wide_rows(cdc_dsn: str, reader: Callable[..., Reader]) -> Non
     assert ins.new["nested"] == [[1, 2], [3, 4]]
     assert ins.new["j"] == {"k": [1, 2.5, None]}
     assert ins.new["b"] == "\\x0102ff"
-    assert ins.new["f"] == 1.5 and ins.new["ok"] is True
+    assert ins.new["f"] == 1.5
+    assert ins.new["ok"] is True
     assert ins.new["body"] == big
     assert ins.new["u"] == "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
     assert nulls.new == {k: (2 if k == "id" else None) for k in ins.new}
     # An unchanged TOASTed value is not in the WAL: absent, not wrongly null.
-    assert upd.new["ok"] is False and "body" not in upd.new
+    assert upd.new["ok"] is False
+    assert "body" not in upd.new
     # Exact numerics survive the trip to JSON.
     assert '"n":12345678901234567890.000000001' in pgherald._protocol.pgoutput.dumps_value(
         ins.as_dict()
@@ -274,7 +286,8 @@ def test_backfill_then_stream(cdc_dsn: str, reader: Callable[..., Reader]) -> No
     events = r.wait(2501)
     assert [e.op for e in events[:2500]] == ["READ"] * 2500
     assert sorted(int(e.key or 0) for e in events[:2500]) == list(range(1, 2501))
-    assert events[2500].op == "INSERT" and events[2500].key == "9999"
+    assert events[2500].op == "INSERT"
+    assert events[2500].key == "9999"
     assert lsn_to_int(events[2500].lsn) > lsn_to_int(events[0].lsn)
 
 
@@ -372,7 +385,7 @@ def test_server_restart(cdc_dsn: str, pg: OwnServer, reader: Callable[..., Reade
     r.wait(1)
     pg.restart()
     sql(cdc_dsn, "INSERT INTO t VALUES (2)")
-    events = r.wait(2, timeout=30)
+    r.wait(2, timeout=30)
     wait_until(lambda: r.events[-1].key == "2", 30, "the change after the restart")
     # Nothing lost, in order. PostgreSQL before 17 may not write an acknowledgement to disk at
     # shutdown, so the last acknowledged transaction may come again (at least once).
@@ -383,12 +396,12 @@ def test_server_restart(cdc_dsn: str, pg: OwnServer, reader: Callable[..., Reade
 
 
 def test_wal_level_not_logical_says_what_to_set() -> None:
-    with own_server(wal_level="replica") as server:
-        with pytest.raises(pgherald.UsageError) as info:
-            for _ in ChangeStream(server.dsn, slot="s_never", tables=()):
-                pass
+    with own_server(wal_level="replica") as server, pytest.raises(pgherald.UsageError) as info:
+        for _ in ChangeStream(server.dsn, slot="s_never", tables=()):
+            pass
     message = str(info.value)
-    assert "wal_level = logical" in message and "wal_level = replica" in message
+    assert "wal_level = logical" in message
+    assert "wal_level = replica" in message
     assert "restart" in message
 
 
@@ -416,7 +429,7 @@ def test_20000_changes_from_4_writers_into_the_log_exactly_once(cdc_dsn: str) ->
             for start in range(0, 5000, 25):
                 with c.transaction():
                     c.execute(
-                        "INSERT INTO w SELECT %s, g FROM generate_series(%s, %s) g",
+                        "INSERT INTO w SELECT %s, g FROM generate_series(%s::int, %s::int) g",
                         (n, start, start + 24),
                     )
 
@@ -429,13 +442,25 @@ def test_20000_changes_from_4_writers_into_the_log_exactly_once(cdc_dsn: str) ->
 
     def run_until_caught_up() -> None:
         stream = ChangeStream(cdc_dsn, slot="s_log", create=False, status_interval=0.2)
-        runner = threading.Thread(target=stream.into_log)
+        errors: list[BaseException] = []
+
+        def into_log() -> None:
+            try:
+                stream.into_log()
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        runner = threading.Thread(target=into_log, daemon=True)
         runner.start()
         try:
-            wait_until(lambda: confirmed(cdc_dsn, "s_log") >= end, 60, "the log to catch up")
+            wait_until(
+                lambda: errors or confirmed(cdc_dsn, "s_log") >= end, 60, "the log to catch up"
+            )
         finally:
             stream.stop()
             runner.join(10)
+        assert not errors, errors
+        assert not runner.is_alive()
 
     run_until_caught_up()
     # Replay from the start: the slot forgets, the log remembers (cdc_lsn): nothing twice.
@@ -464,7 +489,8 @@ def test_20000_changes_from_4_writers_into_the_log_exactly_once(cdc_dsn: str) ->
     assert rows[0][1] == json.dumps(
         [rows[0][0]["new"]["writer"], rows[0][0]["new"]["seq"]]
     ).replace(" ", "")
-    assert commits is not None and commits[0] == 800  # 4 writers x 200 transactions
+    assert commits is not None
+    assert commits[0] == 800
 
 
 # -- async --
@@ -494,6 +520,7 @@ async def test_async_stream(cdc_dsn: str) -> None:
     assert [e.key for e in got] == ["1", "2"]
     sql(cdc_dsn, "INSERT INTO t VALUES (3)")
     with anyio.fail_after(10):
-        async for e in pgherald.AsyncChangeStream(cdc_dsn, slot="s_async"):
-            assert e.key == "3"  # 1 and 2 were acknowledged
-            break
+        async with pgherald.AsyncChangeStream(cdc_dsn, slot="s_async") as stream:
+            async for e in stream:
+                assert e.key == "3"  # 1 and 2 were acknowledged
+                break

@@ -36,7 +36,7 @@ def relation(
     return out
 
 
-def tup(*values: bytes | None | str) -> bytes:
+def tup(*values: bytes | str | None) -> bytes:
     out = struct.pack(">H", len(values))
     for v in values:
         if v is None:
@@ -107,11 +107,16 @@ def test_update_with_key_change_and_delete(dec: Decoder) -> None:
     msg = b"U" + struct.pack(">I", 16400) + b"K" + tup(b"7", None, None, None)
     msg += b"N" + tup(b"8", None, "u", None)
     (e,) = dec.decode(msg)
-    assert e.op == "UPDATE" and e.old == {"id": 7} and e.key == "8"
+    assert e.op == "UPDATE"
+    assert e.old == {"id": 7}
+    assert e.key == "8"
     assert e.new == {"id": 8, "n": None, "at": None}  # the unchanged TOAST value is absent
     assert e.changed is None
     (d,) = dec.decode(b"D" + struct.pack(">I", 16400) + b"K" + tup(b"8", None, None, None))
-    assert d.op == "DELETE" and d.old == {"id": 8} and d.new is None and d.key == "8"
+    assert d.op == "DELETE"
+    assert d.old == {"id": 8}
+    assert d.new is None
+    assert d.key == "8"
 
 
 def test_update_full_identity_fills_toast_and_diffs() -> None:
@@ -129,7 +134,8 @@ def test_update_full_identity_fills_toast_and_diffs() -> None:
     )
     (e,) = d.decode(msg)
     assert e.new == {"id": 1, "body": "long", "q": 3}
-    assert e.changed == ["q"] and e.key == "1"  # the catalog's primary key, not every column
+    assert e.changed == ["q"]
+    assert e.key == "1"
 
 
 def test_truncate_and_commit(dec: Decoder) -> None:
@@ -148,7 +154,8 @@ def test_relation_replaced_mid_stream(dec: Decoder) -> None:
     list(dec.decode(relation(16400, "public", "orders", "d", [*COLS, ("extra", 16, False)])))
     msg = b"I" + struct.pack(">I", 16400) + b"N" + tup(b"1", None, None, None, b"t")
     (e,) = dec.decode(msg)
-    assert e.new is not None and e.new["extra"] is True
+    assert e.new is not None
+    assert e.new["extra"] is True
 
 
 def test_unknown_relation_and_message() -> None:

@@ -442,8 +442,7 @@ class ReplicationEngine:
                         except DecodeError as exc:
                             raise UsageError(f"cannot read the change stream: {exc}") from None
                         if self.stopping and self._in_tx:
-                            self._in_tx = False
-                            yield (ABORT,)
+                            yield from self._stop_in_transaction(pgconn)
                     self._received = max(self._received, int.from_bytes(data[9:17], "big"))
                 elif kind == 0x6B:  # k: keepalive
                     wal_end = int.from_bytes(data[1:9], "big")
@@ -471,6 +470,27 @@ class ReplicationEngine:
                     pgconn.consume_input()
                 except Exception as exc:
                     raise _Lost(pgwire.one_line(exc)) from None
+
+    def _stop_in_transaction(self, pgconn: pq.abc.PGconn) -> PQGen:
+        """
+        Stopped after a change: when the transaction's Commit is already here (the change was
+        its last), finish it, so that it is acknowledged; else give the transaction up.
+        """
+        try:
+            n, data = pgconn.get_copy_data(1)
+        except Exception:
+            n, data = 0, b""
+        if n > 0 and data[0] == 0x77 and data[25] == 0x43:
+            (commit,) = Decoder().decode(bytes(data[25:]))
+            assert isinstance(commit, Commit)
+            if not self._skipping:
+                self.transactions += 1
+                yield (COMMIT, commit)
+            self._acknowledge(commit.end_lsn)
+        else:
+            yield (ABORT,)
+        self._in_tx = False
+        self._skipping = False
 
     def _acknowledge(self, lsn: int) -> None:
         if lsn > self.flushed:
