@@ -23,7 +23,7 @@ import pytest
 import pgherald
 from pgherald import ChangeEvent, ChangeStream
 from pgherald._protocol.pgoutput import lsn_to_int
-from tests.fix_faults import wait_until
+from tests.fix_faults import await_until, wait_until
 from tests.fix_server import OwnServer, own_server
 
 
@@ -319,9 +319,11 @@ def test_handler_error_stops_without_ack(cdc_dsn: str) -> None:
 
     capture(cdc_dsn, "s_err", "t")
     sql(cdc_dsn, "INSERT INTO t VALUES (5)")
-    with ChangeStream(cdc_dsn, slot="s_err") as s:
-        with pytest.raises(ValueError, match="cannot handle 5"):
-            s.run(handler)
+    with (
+        ChangeStream(cdc_dsn, slot="s_err") as s,
+        pytest.raises(ValueError, match="cannot handle 5"),
+    ):
+        s.run(handler)
     with ChangeStream(cdc_dsn, slot="s_err") as s:
         assert next(iter(s)).key == "5"
 
@@ -508,9 +510,7 @@ async def test_async_stream(cdc_dsn: str) -> None:
             stream.stop()
 
     async def write() -> None:
-        with anyio.fail_after(10):
-            while not slot_ready(cdc_dsn, "s_async"):
-                await anyio.sleep(0.05)  # polling the catalog: nothing to wait on
+        await await_until(lambda: slot_ready(cdc_dsn, "s_async"), 10, "the stream to start")
         sql(cdc_dsn, "INSERT INTO t VALUES (1)", "INSERT INTO t VALUES (2)")
 
     with anyio.fail_after(20):

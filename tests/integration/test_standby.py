@@ -54,11 +54,12 @@ def standby() -> Iterator[Standby]:
             s.start()
             deadline = time.monotonic() + 30
             while True:
-                with contextlib.suppress(psycopg.OperationalError):
-                    with psycopg.connect(s.dsn, connect_timeout=2) as c:
-                        row = c.execute("SELECT pg_is_in_recovery()").fetchone()
-                        if row == (True,):
-                            break
+                with (
+                    contextlib.suppress(psycopg.OperationalError),
+                    psycopg.connect(s.dsn, connect_timeout=2) as c,
+                ):
+                    if c.execute("SELECT pg_is_in_recovery()").fetchone() == (True,):
+                        break
                 if time.monotonic() > deadline:
                     pytest.fail("the standby did not start in 30 s")
                 time.sleep(0.05)  # polling a server that is starting: no event to wait on
@@ -87,9 +88,11 @@ async def test_an_async_consumer_on_a_standby_says_so(standby: Standby) -> None:
 
 
 def test_a_listener_on_a_standby_says_so(standby: Standby) -> None:
-    with pytest.raises(pgherald.HeraldError, match="not a read-only standby"):
-        with pgherald.Listener(standby.dsn, channels=["orders"]) as listener:
-            listener.run(timeout=5)
+    with (
+        pytest.raises(pgherald.HeraldError, match="not a read-only standby"),
+        pgherald.Listener(standby.dsn, channels=["orders"]) as listener,
+    ):
+        listener.run(timeout=5)
 
 
 def test_publish_and_read_log_on_a_standby(standby: Standby) -> None:

@@ -479,7 +479,7 @@ class ReplicationEngine:
         try:
             n, data = pgconn.get_copy_data(1)
         except Exception:
-            n, data = 0, b""
+            n = 0
         if n > 0 and data[0] == 0x77 and data[25] == 0x43:
             (commit,) = Decoder().decode(bytes(data[25:]))
             assert isinstance(commit, Commit)
