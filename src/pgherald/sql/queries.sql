@@ -465,15 +465,17 @@ WHERE c.channel IS NOT NULL
 
 -- name: log_size --
 -- How many events the log holds without counting them all: exact up to `exact` rows, and
--- beyond that the planner's estimate (rows per page, times the pages now) capped by the id
+-- beyond that the planner's estimate (rows per page, times the pages now, summed over the
+-- log's partitions) capped by the id
 -- span (ids are an identity: a rolled-back insert leaves a hole, never a duplicate).
 SELECT pg_notification_queue_usage(),
        (SELECT count(*) FROM (SELECT FROM pgherald.events_v1
                               LIMIT CAST(%(exact)s AS integer) + 1) AS c),
-       (SELECT CASE WHEN c.reltuples > 0 AND c.relpages > 0 THEN
-               c.reltuples / c.relpages
-               * (pg_relation_size(c.oid) / current_setting('block_size')::float8) END
-        FROM pg_class AS c WHERE c.oid = CAST('pgherald.events_v1' AS regclass)),
+       (SELECT sum(c.reltuples / c.relpages
+                   * (pg_relation_size(c.oid) / current_setting('block_size')::float8))
+        FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid
+        WHERE i.inhparent = CAST('pgherald.events_v1' AS regclass)
+          AND c.reltuples > 0 AND c.relpages > 0),
        (SELECT max(id) FROM pgherald.events_v1), (SELECT min(id) FROM pgherald.events_v1)
 
 -- name: abandoned_groups --

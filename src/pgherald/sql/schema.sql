@@ -31,7 +31,6 @@ CREATE TABLE pgherald.events_v1 (
 
 -- The read index leads with the channel: a group reads its own channels' events only.
 CREATE INDEX events_v1_read ON pgherald.events_v1 (channel, partition, tx, id);
-CREATE INDEX events_v1_created_at ON pgherald.events_v1 USING brin (created_at);
 
 CREATE TABLE pgherald.events_v1_default PARTITION OF pgherald.events_v1 DEFAULT;
 
