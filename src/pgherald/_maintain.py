@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from . import _errormap
+from ._protocol.channels import check_channel
 from .errors import HeraldError, UsageError
 from .sql import query
 
@@ -42,7 +43,8 @@ class Maintenance:
     """
     One thing `maintain` did or found: *action* is ``created`` (a partition for a coming
     day), ``dropped`` (a day past retention), ``deleted`` (old events of the default
-    partition), ``pinned`` (a day past retention kept: a group has not consumed it),
+    partition, or of a channel with a shorter retention), ``pinned`` (a day past retention
+    kept: a group has not consumed it), ``kept`` (kept for a channel with a longer one),
     ``abandoned`` (a group that no longer holds back retention), ``idle`` (a group that will
     be abandoned: a warning), ``busy`` (a drop that could not get its lock in time: next run)
     or ``skipped`` (another maintain was running).
@@ -70,30 +72,36 @@ class Retention:
     abandon_after: timedelta
     """A group with no member and no acknowledgement for this long no longer holds back
     retention."""
+    channels: dict[str, timedelta] = field(default_factory=dict)
+    """Channels with a retention of their own: longer ones keep the days that hold their
+    younger events; shorter ones have their older events deleted by row."""
 
 
 def set_retention(
     conn: psycopg.Connection[Any],
     keep: timedelta | None,
     *,
+    channel: str | None = None,
     abandon_after: timedelta | None = None,
 ) -> None:
     """
-    Keep events for *keep* (at least a day's partition's worth: whole days are dropped, so an
-    event may live up to a day longer), or forever (None). *abandon_after*, when given, sets
-    how long a group without members holds back retention (default 7 days). Takes effect at
-    the next `maintain`.
+    Keep events for *keep* (whole days are dropped, so an event may live up to a day longer),
+    or forever (None). With *channel*, that channel's own retention (None: the log's again):
+    longer than the log's, it keeps the days holding its younger events; shorter, its older
+    events are deleted by row. *abandon_after*, when given, sets how long a group without
+    members holds back retention (default 7 days). Takes effect at the next `maintain`.
 
     .. versionadded:: 0.1
     """
     for name, value in (("keep", keep), ("abandon_after", abandon_after)):
         if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
             raise UsageError(f"{name} must be a positive timedelta, not {value!r}")
+    setting = "retention" if channel is None else f"retention:{check_channel(channel)}"
     with _mapped("set the log's retention"), conn.transaction():
         if keep is None:
-            conn.execute(query("retention_delete"), {"name": "retention"})
+            conn.execute(query("retention_delete"), {"name": setting})
         else:
-            conn.execute(query("retention_set"), {"name": "retention", "value": keep})
+            conn.execute(query("retention_set"), {"name": setting, "value": keep})
         if abandon_after is not None:
             conn.execute(query("retention_set"), {"name": "abandon_after", "value": abandon_after})
 
@@ -105,7 +113,14 @@ def retention(conn: psycopg.Connection[Any]) -> Retention:
     """
     with _mapped("read the log's retention"):
         rows = dict(conn.execute(query("retention_get")).fetchall())
-    return Retention(rows.get("retention"), rows.get("abandon_after") or DEFAULT_ABANDON_AFTER)
+    channels = {
+        name.removeprefix("retention:"): keep
+        for name, keep in sorted(rows.items())
+        if name.startswith("retention:")
+    }
+    return Retention(
+        rows.get("retention"), rows.get("abandon_after") or DEFAULT_ABANDON_AFTER, channels
+    )
 
 
 def maintain(conn: psycopg.Connection[Any], *, now: datetime | None = None) -> list[Maintenance]:

@@ -186,8 +186,38 @@ def test_a_running_consumer_maintains_the_log(
     assert "maintain: dropped" in caplog.text
 
 
+def test_a_channel_may_keep_its_events_longer_or_shorter(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    today = now(conn)
+    pgherald.maintain(conn, now=today - 40 * DAY)
+    audit = old_events(conn, "audit", today - 40 * DAY, 3)
+    old_events(conn, "noise", today - 39 * DAY, 3)
+    chatter = old_events(conn, "chatter", today - 3 * DAY, 3)
+    fresh = pgherald.publish(conn, "chatter", "fresh")
+    pgherald.set_retention(conn, timedelta(days=30))
+    pgherald.set_retention(conn, timedelta(days=90), channel="audit")
+    pgherald.set_retention(conn, timedelta(days=1), channel="chatter")
+    assert pgherald.retention(conn).channels == {
+        "audit": timedelta(days=90),
+        "chatter": timedelta(days=1),
+    }
+    done = {(m.action, m.target) for m in pgherald.maintain(conn)}
+    assert ("kept", f"pgherald.{day_name(today - 40 * DAY)}") in done  # audit's day
+    assert ("dropped", f"pgherald.{day_name(today - 39 * DAY)}") in done
+    assert ("deleted", "chatter") in done
+    left = [r[0] for r in conn.execute("SELECT id FROM pgherald.events_v1 ORDER BY id")]
+    assert left == [*audit, fresh]
+    assert not set(chatter) & set(left)
+    pgherald.set_retention(conn, None, channel="audit")  # back to the log's 30 days
+    done = {(m.action, m.target) for m in pgherald.maintain(conn)}
+    assert ("dropped", f"pgherald.{day_name(today - 40 * DAY)}") in done
+
+
 def test_bad_retention_values_are_refused(installed: str, conn: psycopg.Connection) -> None:
     with pytest.raises(pgherald.UsageError, match="positive timedelta"):
         pgherald.set_retention(conn, timedelta(0))
     with pytest.raises(pgherald.UsageError, match="positive timedelta"):
         pgherald.set_retention(conn, "7d")  # type: ignore[arg-type]
+    with pytest.raises(pgherald.InvalidChannel):
+        pgherald.set_retention(conn, timedelta(days=1), channel="x" * 64)

@@ -366,6 +366,8 @@ def retention_cmd(ctx: click.Context, dsn: str | None) -> None:
         require_schema(conn)
         r = retention(conn)
     click.echo(f"retention: {_human(r.keep) if r.keep else 'forever (none set)'}")
+    for channel, keep in r.channels.items():
+        click.echo(f"retention of {channel!r}: {_human(keep)}")
     click.echo(f"abandon after: {_human(r.abandon_after)}")
 
 
@@ -378,26 +380,36 @@ def retention_cmd(ctx: click.Context, dsn: str | None) -> None:
     help="A group with no member and no acknowledgement for this long (30s ... 2w) no longer "
     "holds back retention (default 7d).",
 )
+@click.option(
+    "--channel",
+    default=None,
+    help="This channel's own retention: longer than the log's, it keeps the days holding its "
+    "events; shorter, its older events are deleted by row.",
+)
 @friendly
-def retention_set_cmd(dsn: str | None, keep: str, abandon_after: str | None) -> None:
+def retention_set_cmd(
+    dsn: str | None, keep: str, abandon_after: str | None, channel: str | None
+) -> None:
     """Keep events for KEEP (30s, 15m, 12h, 7d, 2w); `maintain` drops older days."""
     age = parse_age(keep)
     idle = None if abandon_after is None else parse_age(abandon_after)
     with connection(dsn) as conn:
         require_schema(conn)
-        set_retention(conn, age, abandon_after=idle)
-    click.echo(f"retention: {keep} (applied by the next `pgherald maintain`)")
+        set_retention(conn, age, channel=channel, abandon_after=idle)
+    what = "retention" if channel is None else f"retention of {channel!r}"
+    click.echo(f"{what}: {keep} (applied by the next `pgherald maintain`)")
 
 
 @retention_cmd.command("off")
 @dsn_option
+@click.option("--channel", default=None, help="Drop this channel's own retention only.")
 @friendly
-def retention_off_cmd(dsn: str | None) -> None:
+def retention_off_cmd(dsn: str | None, channel: str | None) -> None:
     """Keep events forever (`prune` can still delete consumed ones)."""
     with connection(dsn) as conn:
         require_schema(conn)
-        set_retention(conn, None)
-    click.echo("retention: forever")
+        set_retention(conn, None, channel=channel)
+    click.echo("retention: forever" if channel is None else f"retention of {channel!r}: the log's")
 
 
 def _human(age: timedelta) -> str:

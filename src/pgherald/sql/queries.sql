@@ -676,7 +676,7 @@ LIMIT 1
 
 -- name: retention_get --
 SELECT name, CAST(value AS interval) FROM pgherald.settings_v1
-WHERE name IN ('retention', 'abandon_after')
+WHERE name IN ('retention', 'abandon_after') OR name LIKE 'retention:%'
 
 -- name: retention_set --
 INSERT INTO pgherald.settings_v1 (name, value)

@@ -117,9 +117,11 @@ $$;
 -- retention setting, whole days of the log dropped (no row DELETE: no bloat, no vacuum). A day
 -- is kept while a group has not consumed it ("pinned"), unless the group is abandoned: no
 -- member and no acknowledgement for abandon_after (then said so, and it no longer counts).
--- Groups idle for half of that are warned of. Events in the default partition (stored when no
--- partition was ready) past retention go by DELETE, under the same rule. One run at a time;
--- each drop waits for its lock at most lock_timeout (dropping a partition locks the whole log
+-- Groups idle for half of that are warned of. A channel may have a retention of its own
+-- ('retention:CHANNEL'): longer, it keeps the days that hold its younger events ("kept");
+-- shorter, its older events go by row, under the same rule. Events in the default partition
+-- (stored when no partition was ready) past retention go by row too. One run at a time; each
+-- drop waits for its lock at most lock_timeout (dropping a partition locks the whole log
 -- briefly): one that cannot is left for the next run.
 CREATE FUNCTION pgherald.maintain_v1(p_now timestamptz DEFAULT now())
 RETURNS TABLE (action text, target text, detail text)
@@ -130,8 +132,11 @@ DECLARE
     v_cutoff timestamptz;
     v_ignored text[];
     v_pins text[];
+    v_keeps text[];
+    v_found boolean;
     v_rows bigint;
     r record;
+    ch record;
 BEGIN
     IF NOT pg_try_advisory_xact_lock(hashtext('pgherald.maintain_v1'), 0) THEN
         RETURN QUERY SELECT 'skipped', 'pgherald.events_v1', 'another maintain is running';
@@ -169,11 +174,31 @@ BEGIN
                        'after %s', r.last_at, r.last_at + v_abandon);
         END IF;
     END LOOP;
+    v_ignored := coalesce(v_ignored, '{}');
+    -- Channels that keep their events for less than the log does: their older events, by row.
+    FOR ch IN
+        SELECT substr(s.name, 11) AS channel, s.value::interval AS keep
+        FROM pgherald.settings_v1 AS s
+        WHERE s.name LIKE 'retention:%'
+          AND (v_retention IS NULL OR s.value::interval < v_retention)
+    LOOP
+        DELETE FROM pgherald.events_v1 AS e
+        WHERE e.channel = ch.channel AND e.created_at < p_now - ch.keep
+          AND NOT EXISTS (
+                SELECT FROM pgherald.positions_v2 AS p
+                WHERE p.channel = e.channel AND p.partition = e.partition
+                  AND (e.tx, e.id) > (p.tx, p.event_id) AND p.group_name <> ALL (v_ignored)
+                  AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip)));
+        GET DIAGNOSTICS v_rows = ROW_COUNT;
+        IF v_rows > 0 THEN
+            RETURN QUERY SELECT 'deleted', ch.channel,
+                format('%s events older than its retention, %s', v_rows, ch.keep);
+        END IF;
+    END LOOP;
     IF v_retention IS NULL THEN
         RETURN;
     END IF;
     v_cutoff := p_now - v_retention;
-    v_ignored := coalesce(v_ignored, '{}');
     FOR r IN
         SELECT c.relname,
                substring(pg_get_expr(c.relpartbound, c.oid) FROM 'TO \(''([^'']+)''\)')
@@ -200,17 +225,43 @@ BEGIN
                 'AND NOT EXISTS (SELECT FROM pgherald.positions_v2 AS p '
                 '  WHERE p.channel = e.channel AND p.partition = e.partition '
                 '    AND (e.tx, e.id) > (p.tx, p.event_id) AND p.group_name <> ALL ($2) '
-                '    AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip)))')
-                USING v_cutoff, v_ignored;
+                '    AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))) '
+                'AND NOT EXISTS (SELECT FROM pgherald.settings_v1 AS s '
+                '  WHERE s.name = ''retention:'' || e.channel '
+                '    AND e.created_at >= $3 - s.value::interval)')
+                USING v_cutoff, v_ignored, p_now;
             GET DIAGNOSTICS v_rows = ROW_COUNT;
             IF v_rows > 0 THEN
                 RETURN QUERY SELECT 'deleted', 'pgherald.events_v1_default',
                     format('%s events older than %s', v_rows, v_cutoff);
             END IF;
-        ELSIF v_pins IS NOT NULL THEN
+            CONTINUE;
+        END IF;
+        IF v_pins IS NOT NULL THEN
             RETURN QUERY SELECT 'pinned', 'pgherald.' || r.relname,
                 format('kept past retention: not consumed yet by %s',
                        array_to_string(v_pins, ', '));
+            CONTINUE;
+        END IF;
+        -- Channels that keep their events longer than the log: a day with one of theirs that
+        -- is not old enough for it stays.
+        v_keeps := NULL;
+        FOR ch IN
+            SELECT substr(s.name, 11) AS channel, s.value::interval AS keep
+            FROM pgherald.settings_v1 AS s
+            WHERE s.name LIKE 'retention:%' AND s.value::interval > v_retention
+              AND r.upper_bound > p_now - s.value::interval
+        LOOP
+            EXECUTE format('SELECT EXISTS (SELECT FROM pgherald.%I WHERE channel = $1)',
+                           r.relname) USING ch.channel INTO v_found;
+            IF v_found THEN
+                v_keeps := v_keeps || ch.channel;
+            END IF;
+        END LOOP;
+        IF v_keeps IS NOT NULL THEN
+            RETURN QUERY SELECT 'kept', 'pgherald.' || r.relname,
+                format('past the log''s retention, but %s keep their events longer',
+                       array_to_string(v_keeps, ', '));
         ELSE
             BEGIN
                 EXECUTE format('DROP TABLE pgherald.%I', r.relname);
