@@ -81,47 +81,43 @@ def worker_write(dsn: str, seconds: float, start_at: float, rate: float) -> None
 
 def worker_read(dsn: str, kind: str, expect_file: str, deadline: float) -> None:
     """Count (and time) changes until the count in *expect_file* is reached or the deadline."""
+    import threading
+
     import pgherald
 
     count = 0
     lat: list[float] = []
-    target: list[int] = []
-
-    def expected() -> int | None:
-        if not target and os.path.exists(expect_file):
-            text = Path(expect_file).read_text().strip()
-            if text:
-                target.append(int(text))
-        return target[0] if target else None
-
-    stop_at = time.monotonic() + deadline
+    stream: Any
     if kind == "cdc":
         stream = pgherald.ChangeStream(dsn, slot="bench", status_interval=1.0)
-        print("ready", flush=True)
-        for e in stream:
-            lat.append(time.time() - e.commit_time.timestamp())
-            count += 1
-            want = expected()
-            if (want is not None and count >= want) or time.monotonic() > stop_at:
-                break
     else:
-        listener = pgherald.Listener(dsn, channels=[f"public.{TABLE}"])
-        with listener:
+        stream = pgherald.Listener(dsn, channels=[f"public.{TABLE}"])
+
+    def watch() -> None:
+        """Stop the reader once it has what the writers wrote (or at the deadline)."""
+        stop_at = time.monotonic() + deadline
+        want = None
+        while time.monotonic() < stop_at:
+            if want is None:
+                text = Path(expect_file).read_text().strip() if os.path.exists(expect_file) else ""
+                want = int(text) if text else None
+            if want is not None and count >= want:
+                break
+            time.sleep(0.02)
+        stream.stop()
+
+    threading.Thread(target=watch, daemon=True).start()
+    if kind == "cdc":
+        print("ready", flush=True)
+        clock = time.time
+        for e in stream:
+            lat.append(clock() - e.commit_time.timestamp())
+            count += 1
+    else:
+        with stream:
             print("ready", flush=True)
-            it = iter(listener)
-            while time.monotonic() < stop_at:
-                want = expected()
-                if want is not None and count >= want:
-                    break
-                for _ in it:
-                    count += 1
-                    want = expected()
-                    if (want is not None and count >= want) or time.monotonic() > stop_at:
-                        break
-                    if count % 1000 == 0:
-                        break  # look at the expected count now and then
-                else:
-                    break
+            for _ in stream:
+                count += 1
     lat.sort()
     out: dict[str, Any] = {"count": count}
     if lat:
@@ -316,12 +312,12 @@ def main() -> None:
 
     body = f"""## Change data capture benchmark (`pgherald cdc`, `ChangeStream`)
 
-Command: `python bench/cdc_bench.py{' --quick' if args.quick else ''}`  
+Command: `python bench/cdc_bench.py{" --quick" if args.quick else ""}`  
 Date: {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC
 
-- CPU: {_report.cpu_model()}; cores: {os.cpu_count()}; load average at start: {' / '.join(f'{x:.2f}' for x in os.getloadavg())}
-- PostgreSQL: {version[0] if version else '?'} (private server: wal_level=logical, fsync=on, synchronous_commit=on, shared_buffers=128MB)
-- psycopg: {_report.version('psycopg')}; Python {sys.version.split()[0]}
+- CPU: {_report.cpu_model()}; cores: {os.cpu_count()}; load average at start: {" / ".join(f"{x:.2f}" for x in os.getloadavg())}
+- PostgreSQL: {version[0] if version else "?"} (private server: wal_level=logical, fsync=on, synchronous_commit=on, shared_buffers=128MB)
+- psycopg: {_report.version("psycopg")}; Python {sys.version.split()[0]}
 
 Method: see the docstring of `bench/cdc_bench.py`. One-row autocommit INSERTs into a 6-column
 table, {seconds:g} s per run, median of {reps} run(s), setups interleaved. Ratios are against
@@ -333,11 +329,11 @@ the reader got exactly as many changes as were written.
 {chr(10).join(rows)}
 
 Decode throughput (100,000 changes in 100 transactions, read by one `ChangeStream`): median
-**{dec:,.0f} changes/s** (runs: {', '.join(f'{d:,.0f}' for d in decode)}).
+**{dec:,.0f} changes/s** (runs: {", ".join(f"{d:,.0f}" for d in decode)}).
 
-Commit-to-handler latency at 1,000 changes/s ({latency.get('writes', 0):,} one-row transactions,
-{latency.get('count', 0):,} delivered): p50 {latency.get('p50', float('nan')):.1f} ms, p99
-**{p99:.1f} ms**, max {latency.get('max', float('nan')):.1f} ms.
+Commit-to-handler latency at 1,000 changes/s ({latency.get("writes", 0):,} one-row transactions,
+{latency.get("count", 0):,} delivered): p50 {latency.get("p50", float("nan")):.1f} ms, p99
+**{p99:.1f} ms**, max {latency.get("max", float("nan")):.1f} ms.
 
 | Target | Measured | Result |
 |--------|----------|--------|

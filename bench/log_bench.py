@@ -45,6 +45,7 @@ one after another.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import math
@@ -53,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,8 @@ KINDS: dict[str, tuple[str, bool]] = {
     "floor": ("(c) floor: INSERT of the log's row", False),
     "publish_v1": ("(d) SELECT pgherald.publish_v1(...)", False),
     "publish": ("(e) pgherald.publish's statement", False),
+    # Diagnostic: (c) as publish writes it (a CTE returning the id), without the wake-up probe.
+    "floor-returning": ("(f) diagnostic: (c) as WITH ... RETURNING id, no probe", False),
     "publish_v1-wait": ("(d) publish_v1, one consumer waiting", True),
     "publish-wait": ("(e) publish's statement, one consumer waiting", True),
 }
@@ -144,6 +148,9 @@ def scripts() -> dict[str, str]:
         "floor": f"INSERT INTO pgherald.events_v1 (channel, payload) VALUES ('orders', {p})",
         "publish_v1": f"SELECT pgherald.publish_v1('orders', {p})",
         "publish": stmt,
+        "floor-returning": "WITH e AS (INSERT INTO pgherald.events_v1 (channel, key, payload, "
+        f"headers) VALUES ('orders', NULL, CAST({p} AS jsonb), CAST(NULL AS jsonb)) RETURNING id) "
+        "SELECT e.id FROM e",
     }
 
 
@@ -227,19 +234,18 @@ def load_log(dsn: str, others: int, hot: int) -> float:
     total = others + hot
     every = total // hot if hot else 0  # every `every`-th event is on "hot"
     step = 100_000
-    quiet_at = {0, total // 2, total}
+    quiet_at = [0, total // 2, total]  # before the first event, in the middle, after the last
+    quiet_sql = (
+        "INSERT INTO pgherald.events_v1 (channel, payload) VALUES ('quiet', "
+        "jsonb_build_object('i', %s::int, 'kind', 'order.created', 'pad', repeat('x', 60)))"
+    )
     t0 = time.perf_counter()
     with psycopg.connect(dsn, autocommit=True) as conn:
         for lo in range(1, total + 1, step):
             hi = min(total, lo + step - 1)
-            for q in sorted(quiet_at):
+            for q in quiet_at:
                 if lo - 1 <= q < hi:
-                    conn.execute(
-                        "INSERT INTO pgherald.events_v1 (channel, payload) VALUES "
-                        "('quiet', jsonb_build_object('i', %s::int, 'kind', 'order.created', "
-                        "'pad', repeat('x', 60)))",
-                        (q,),
-                    )
+                    conn.execute(quiet_sql, (q,))
             conn.execute(
                 "INSERT INTO pgherald.events_v1 (channel, payload) "
                 "SELECT CASE WHEN %(every)s > 0 AND g %% %(every)s = 0 THEN 'hot' "
@@ -249,6 +255,7 @@ def load_log(dsn: str, others: int, hot: int) -> float:
                 "FROM generate_series(%(lo)s::int, %(hi)s::int) g",
                 {"every": every, "lo": lo, "hi": hi},
             )
+        conn.execute(quiet_sql, (total,))
         conn.execute("VACUUM ANALYZE pgherald.events_v1")
         conn.execute("CHECKPOINT")
     return time.perf_counter() - t0
@@ -403,10 +410,13 @@ def latency_trial(dsn: str, kind: str, group: str, rate: int, seconds: float) ->
     with tempfile.TemporaryFile("w+") as err:
         recv = subprocess.Popen(recv_args, stdout=subprocess.PIPE, stderr=err, text=True)
         sender: Result = {}
+        xacts: Result = {}
         try:
             assert recv.stdout is not None
             if recv.stdout.readline().strip() != "READY":
                 raise RuntimeError("receiver not ready")
+            watcher = threading.Thread(target=watch_xids, args=(dsn, seconds, xacts), daemon=True)
+            watcher.start()
             sender = run_worker(
                 ["lat-send", "--dsn", dsn, "--kind", kind, "--rate", str(rate),
                  "--seconds", str(seconds)],
@@ -422,7 +432,27 @@ def latency_trial(dsn: str, kind: str, group: str, rate: int, seconds: float) ->
                 recv.kill()  # only the process this function started
                 recv.wait()
     res["sender"] = sender
+    res["other_xact_ms"] = xacts.get("max_s", 0.0) * 1000
     return res
+
+
+def watch_xids(dsn: str, seconds: float, out: Result) -> None:
+    """Sample the oldest other transaction holding an xid on the cluster (another database
+    too): while it runs, the log's readers cannot pass it (they read below the snapshot's
+    xmin), so it delays pgherald's delivery, not a LISTEN loop's."""
+    q = (
+        "SELECT extract(epoch FROM now() - xact_start) FROM pg_stat_activity "
+        "WHERE backend_xid IS NOT NULL AND pid <> pg_backend_pid() "
+        "AND datname IS DISTINCT FROM current_database() ORDER BY xact_start LIMIT 1"
+    )
+    end = time.monotonic() + seconds
+    out["max_s"] = 0.0
+    with contextlib.suppress(Exception), psycopg.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < end:
+            row = conn.execute(q).fetchone()
+            if row and row[0] is not None:
+                out["max_s"] = max(out["max_s"], float(row[0]))
+            time.sleep(0.02)
 
 
 # -- report --------------------------------------------------------------------------------
@@ -620,7 +650,10 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
             f"event; interleaved, median of {a.runs} run(s).",
             "",
         ]
-        rows = [["Reader", "Events", "Median events/s", "vs floor", "CPU (s)", "Runs"]]
+        rows = [
+            ["Reader", "Events", "Median events/s", "vs floor", "CPU (s)", "Events per read",
+             "Runs"]
+        ]  # fmt: skip
         floor = med(drains.get("keyset", []), "rate")
         for k, label in (
             ("hot", "Consumer of `hot`"),
@@ -636,7 +669,13 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
                     fx(v, "{:,.0f}"),
                     fx(v / floor if v and floor and k == "hot" else None),
                     fx(med(rs, "cpu_s"), "{:.2f}"),
-                    runs_col(rs, "rate", "{:,.0f}"),
+                    fx(med(rs, "per_read"), "{:,.1f}"),
+                    runs_col(rs, "rate", "{:,.0f}")
+                    + "".join(
+                        f"; partial: {x['count']:,} in {x['wall']:.0f} s (capped)"
+                        for x in rs
+                        if x.get("partial")
+                    ),
                 ]
             )
         out += [table(rows), ""]
@@ -713,7 +752,10 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
             f"First 5% dropped; interleaved, median of {a.runs} run(s).",
             "",
         ]
-        rows = [["Path", "p50 (ms)", "p99 (ms)", "max (ms)", "Sender achieved", "Runs p50 / p99"]]
+        rows = [
+            ["Path", "p50 (ms)", "p99 (ms)", "max (ms)", "Sender achieved", "Reads per event",
+             "Longest other xact (ms)", "Runs p50 / p99"]
+        ]  # fmt: skip
         for k, label in (("pgherald", "pgherald publish -> Consumer"),
                          ("seed", "seeds' INSERT + NOTIFY -> LISTEN loop")):  # fmt: skip
             rs = lats.get(k, [])
@@ -724,6 +766,14 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
                     fx(med(rs, "p99_ms"), "{:.3f}"),
                     fx(med(rs, "max_ms"), "{:.3f}"),
                     fx(med([x.get("sender", {}) for x in rs], "rate"), "{:,.0f}/s"),
+                    fx(
+                        med(
+                            [{**x, "rpe": x["reads"] / x["count"]} for x in rs if x.get("reads")],
+                            "rpe",
+                        ),
+                        "{:.2f}",
+                    ),
+                    fx(med(rs, "other_xact_ms"), "{:.0f}"),
                     f"{sum(bool(x.get('ok')) for x in rs)}/{len(rs)} ("
                     + ", ".join(
                         f"{fx(x.get('p50_ms'), '{:.2f}')} / {fx(x.get('p99_ms'), '{:.2f}')}"
@@ -845,8 +895,8 @@ def main() -> None:
                     res = drain_trial(dsn, "drain", f"hot{run}", "hot", r["hot"], cap)
                 elif k == "keyset":
                     res = drain_trial(dsn, "keyset", "", "hot", r["hot"], cap)
-                else:
-                    res = drain_trial(dsn, "drain", f"every{run}", None, r["total"], cap)
+                else:  # capped shorter: a rate over what was consumed, marked partial
+                    res = drain_trial(dsn, "drain", f"every{run}", None, r["total"], cap / 4)
                 drains[k].append(res)
                 log(
                     f"drain run {run + 1} {k:7} {res.get('rate', 0):>9,.0f} ev/s "

@@ -159,6 +159,8 @@ def drain(dsn: str, group: str, channel: str | None, count: int, timeout: float)
         "wall": wall,
         "rate": n / wall if wall else 0.0,
         "cpu_s": cpu,
+        "reads": consumer.stats.reads,
+        "per_read": n / consumer.stats.reads if consumer.stats.reads else None,
     }
 
 
@@ -186,6 +188,7 @@ def keyset(dsn: str, channel: str, count: int, timeout: float) -> dict[str, Any]
         "rate": n / wall if wall else 0.0,
         "cpu_s": cpu,
         "reads": reads,
+        "per_read": n / reads if reads else None,
     }
 
 
@@ -235,7 +238,9 @@ def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dic
         timer.start()
         consumer.run()
         timer.cancel()
-    return summary(lats, count)
+    res = summary(lats, count)
+    res["reads"] = consumer.stats.reads  # reads sent (wake-ups, lingering, polls)
+    return res
 
 
 def lat_send(dsn: str, kind: str, rate: float, seconds: float) -> dict[str, Any]:

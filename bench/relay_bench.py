@@ -30,12 +30,12 @@ keys, loaded with ``publish_v1`` over ``generate_series`` and VACUUM ANALYZEd.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import statistics
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import _report  # bench/_report.py: shared by every benchmark
@@ -90,10 +90,8 @@ async def nats_reset(url: str, stream: str, subject: str) -> None:
 
     nc = await nats.connect(url)
     js = nc.jetstream()
-    try:
+    with contextlib.suppress(Exception):
         await js.delete_stream(stream)
-    except Exception:
-        pass
     await js.add_stream(name=stream, subjects=[subject])
     await nc.close()
 
@@ -329,7 +327,7 @@ async def collect(to: str, where: str, expected: int, seconds: float) -> list[fl
         await nc.subscribe(where, cb=cb)
         await nc.flush()
         ready.set()
-        while len(lat) < expected and time.monotonic() < deadline:
+        while len(lat) < expected and time.monotonic() < deadline:  # noqa: ASYNC110 - a count
             await asyncio.sleep(0.05)
         await nc.close()
     else:
@@ -411,8 +409,8 @@ def main() -> None:
     import nats as nats_mod
     import redis as redis_mod
 
-    info["nats-py"] = nats_mod.__version__ if hasattr(nats_mod, "__version__") else _report.version(
-        "nats-py"
+    info["nats-py"] = (
+        nats_mod.__version__ if hasattr(nats_mod, "__version__") else _report.version("nats-py")
     )
     info["redis-py"] = redis_mod.__version__
     import subprocess
@@ -442,7 +440,10 @@ def main() -> None:
         )
         for mode in ("hpub", "publish_async"):
             asyncio.run(nats_reset(args.nats, "BENCH", "bench.>"))
-            record(f"floor JetStream ({mode})", asyncio.run(nats_floor(args.nats, "bench.bench", msgs, mode)))
+            record(
+                f"floor JetStream ({mode})",
+                asyncio.run(nats_floor(args.nats, "bench.bench", msgs, mode)),
+            )
         asyncio.run(redis_clean(args.redis, "bench:bench", "bench:bench:pgherald-positions"))
         record(
             "relay -> Redis",
@@ -450,7 +451,10 @@ def main() -> None:
         )
         asyncio.run(redis_clean(args.redis, "bench:bench", "bench:bench:pgherald-positions"))
         for mode in ("script", "xadd"):
-            record(f"floor Redis ({mode})", asyncio.run(redis_floor(args.redis, "bench:floor", msgs, mode)))
+            record(
+                f"floor Redis ({mode})",
+                asyncio.run(redis_floor(args.redis, "bench:floor", msgs, mode)),
+            )
     asyncio.run(nats_reset(args.nats, "BENCH", "bench.>"))
     asyncio.run(redis_clean(args.redis, "bench:bench", "bench:bench:pgherald-positions"))
 
@@ -464,7 +468,10 @@ def main() -> None:
             print(f"  latency {broker} {kind}: p50 {p50:.1f} ms p99 {p99:.1f} ms", file=sys.stderr)
 
     rows = [["Kind", "Median events/s", "vs floor (HPUB / script)", "Runs (events/s)"]]
-    floor_of = {"relay -> JetStream": "floor JetStream (hpub)", "relay -> Redis": "floor Redis (script)"}
+    floor_of = {
+        "relay -> JetStream": "floor JetStream (hpub)",
+        "relay -> Redis": "floor Redis (script)",
+    }
     for kind, values in results.items():
         med = statistics.median(values)
         ref = floor_of.get(kind)

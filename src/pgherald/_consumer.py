@@ -99,8 +99,10 @@ class _ConsumerBase:
                 f"max_batch_size must be an int >= batch_size ({batch_size}), not "
                 f"{max_batch_size!r}: it caps how far reads grow while the consumer is behind"
             )
-        if isinstance(max_batch_bytes, bool) or not isinstance(max_batch_bytes, int) or (
-            max_batch_bytes < 1
+        if (
+            isinstance(max_batch_bytes, bool)
+            or not isinstance(max_batch_bytes, int)
+            or (max_batch_bytes < 1)
         ):
             raise UsageError(
                 f"max_batch_bytes must be an int >= 1, not {max_batch_bytes!r}: it bounds the "

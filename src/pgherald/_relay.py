@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine, Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
@@ -63,6 +63,9 @@ class RelayStats:
     """When the last batch was acknowledged (``time.time()``)."""
     rate: float = 0.0
     """Events per second, smoothed over about the last 10 seconds."""
+    lag_seconds: float = 0.0
+    """Age of the last event relayed when it was acknowledged (0 once the relay waits for
+    events: it has caught up)."""
 
     def _count(self, n: int) -> None:
         now = time.time()
@@ -106,7 +109,7 @@ class _RelayState:
         self.retry_delay = retry_delay
         self.retry_max_delay = retry_max_delay
 
-    async def unless_stopped(self, coro: Coroutine[Any, Any, T]) -> T | None:
+    async def unless_stopped(self, coro: Awaitable[T]) -> T | None:
         """Await *coro*, or cancel it when the relay stops first (then None)."""
         task = asyncio.ensure_future(coro)
         stopped = asyncio.ensure_future(self.stopping.wait())
@@ -220,6 +223,8 @@ class AsyncRelay:
             JSON array).
         max_attempts: an event the broker refuses (or a webhook that keeps failing) is tried
             this many times, then dead-lettered; an unreachable broker is retried for ever.
+        metrics_port: serve Prometheus metrics on ``http://metrics_host:metrics_port/metrics``
+            while `run` runs (0: a free port, see `metrics_address`).
 
     .. versionadded:: 0.3
     """
@@ -244,6 +249,8 @@ class AsyncRelay:
         timeout: float = 10.0,
         batch_size: int = 1000,
         max_batch_size: int | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         application_name: str = "pgherald-relay",
     ) -> None:
         names = [channels] if isinstance(channels, str) else list(channels)
@@ -256,8 +263,10 @@ class AsyncRelay:
             isinstance(maxlen, bool) or not isinstance(maxlen, int) or maxlen < 1
         ):
             raise UsageError(f"maxlen must be an int >= 1 or None, not {maxlen!r}")
-        if isinstance(webhook_batch, bool) or not isinstance(webhook_batch, int) or (
-            webhook_batch < 1
+        if (
+            isinstance(webhook_batch, bool)
+            or not isinstance(webhook_batch, int)
+            or (webhook_batch < 1)
         ):
             raise UsageError(f"webhook_batch must be an int >= 1, not {webhook_batch!r}")
         self.stats = RelayStats()
@@ -289,8 +298,10 @@ class AsyncRelay:
         )
         self._consumer.add_batch_handler(self._send)
         self._retry = (retry_delay, retry_max_delay)
+        self._metrics = (metrics_host, metrics_port)
         self._state: _RelayState | None = None
         self._stop_requested = False
+        self._metrics_address: tuple[str, int] | None = None
 
     @property
     def group(self) -> str:
@@ -309,6 +320,11 @@ class AsyncRelay:
     def partitions(self) -> list[int]:
         """The log partitions this relay holds now (out of 16)."""
         return self._consumer.partitions
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens, once `run` started it (host, port)."""
+        return self._metrics_address
 
     def stop(self) -> None:
         """Make `run` return: the batch in hand is finished or left for the next run."""
@@ -330,14 +346,76 @@ class AsyncRelay:
         if self._stop_requested:
             self._state.stopping.set()
         self.stats.started_at = time.time()
+        server: asyncio.Server | None = None
         try:
+            if self._metrics[1] is not None:
+                server = await asyncio.start_server(
+                    self._serve_metrics, self._metrics[0], self._metrics[1]
+                )
+                self._metrics_address = server.sockets[0].getsockname()[:2]
             async with self._consumer:
                 if not self._stop_requested:
                     await self._consumer.run()
         finally:
             self._stop_requested = False
             self._state = None
+            if server is not None:
+                server.close()
             await self._sink.aclose()
+
+    def metrics(self) -> str:
+        """The relay's counters in Prometheus' text format (what ``/metrics`` serves)."""
+        s = self.stats
+        caught_up = s.last_relayed_at is None or time.time() - s.last_relayed_at > 2.0
+        labels = f'group="{_label(self.group)}",target="{_label(self.target)}"'
+        rows = [
+            ("events_total", "counter", "Events the broker acknowledged.", s.relayed),
+            ("batches_total", "counter", "Reads published and acknowledged.", s.batches),
+            ("retries_total", "counter", "Sends retried (broker down or refusing).", s.retries),
+            ("dead_lettered_total", "counter", "Events dead-lettered.", s.dead_lettered),
+            ("connects_total", "counter", "Connections made to the broker.", s.connects),
+            ("rate", "gauge", "Events/s over about the last 10 s.", 0.0 if caught_up else s.rate),
+            (
+                "lag_seconds",
+                "gauge",
+                "Age of the last event relayed (0: caught up).",
+                0.0 if caught_up else s.lag_seconds,
+            ),
+            ("partitions", "gauge", "Log partitions held.", len(self.partitions)),
+        ]
+        out = []
+        for name, kind, doc, value in rows:
+            out += [
+                f"# HELP pgherald_relay_{name} {doc}",
+                f"# TYPE pgherald_relay_{name} {kind}",
+                f"pgherald_relay_{name}{{{labels}}} {value}",
+            ]
+        return "\n".join(out) + "\n"
+
+    async def _serve_metrics(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+            if path.split(b"?")[0] == b"/metrics":
+                body, status = self.metrics().encode(), b"200 OK"
+            else:
+                body, status = b"not found: try /metrics\n", b"404 Not Found"
+            writer.write(
+                b"HTTP/1.1 %s\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, len(body), body)
+            )
+            await writer.drain()
+        except (
+            OSError,
+            asyncio.TimeoutError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ):
+            pass
+        finally:
+            writer.close()
 
     async def _send(self, events: list[Event]) -> int | None:
         state = self._state
@@ -353,6 +431,9 @@ class AsyncRelay:
             self.stats._count(len(events))
         elif done:
             self.stats._count(done)
+        if done is None or done:
+            last = events[-1 if done is None else done - 1]
+            self.stats.lag_seconds = max(0.0, time.time() - last.created_at.timestamp())
         return done
 
     def __repr__(self) -> str:
@@ -387,6 +468,8 @@ class Relay:
         timeout: float = 10.0,
         batch_size: int = 1000,
         max_batch_size: int | None = None,
+        metrics_port: int | None = None,
+        metrics_host: str = "127.0.0.1",
         application_name: str = "pgherald-relay",
     ) -> None:
         self._relay = AsyncRelay(
@@ -407,6 +490,8 @@ class Relay:
             timeout=timeout,
             batch_size=batch_size,
             max_batch_size=max_batch_size,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
             application_name=application_name,
         )
         self.stats = self._relay.stats
@@ -430,6 +515,15 @@ class Relay:
     def partitions(self) -> list[int]:
         """The log partitions this relay holds now (out of 16)."""
         return self._relay.partitions
+
+    @property
+    def metrics_address(self) -> tuple[str, int] | None:
+        """Where the metrics endpoint listens, once `run` started it (host, port)."""
+        return self._relay.metrics_address
+
+    def metrics(self) -> str:
+        """The relay's counters in Prometheus' text format (what ``/metrics`` serves)."""
+        return self._relay.metrics()
 
     def stop(self) -> None:
         """Make `run` return; any thread, a signal handler too."""
@@ -456,6 +550,10 @@ class Relay:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} group={self.group!r} to={self.target!r}>"
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
 def safe_url(url: str) -> str:

@@ -109,13 +109,15 @@ class NatsSink:
                 try:
                     await js.stream_info(self.stream)
                 except nats.js.errors.NotFoundError:
-                    config = {"subjects": sorted(set(self.subjects.values()))}
+                    config: dict[str, Any] = {"subjects": sorted(set(self.subjects.values()))}
                     config.update(self.stream_config)
                     await js.add_stream(StreamConfig(name=self.stream, **config))
                     logger.info("created JetStream stream %s", self.stream)
                 self.inbox = nc.new_inbox()
                 await nc.subscribe(
-                    self.inbox + ".*", cb=self._on_ack, pending_msgs_limit=-1,
+                    self.inbox + ".*",
+                    cb=self._on_ack,
+                    pending_msgs_limit=-1,
                     pending_bytes_limit=-1,
                 )
                 self.nc = nc
@@ -129,7 +131,7 @@ class NatsSink:
                     f"cannot create JetStream stream {self.stream!r} with {self.stream_config!r}:"
                     f" {exc}; fix --stream-option (or create the stream yourself)"
                 ) from None
-            except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out: retry
+            except Exception as exc:
                 if nc is not None:
                     await _close(nc)
                 why = f"cannot reach JetStream at {self.target} ({type(exc).__name__}: {exc})"
@@ -224,7 +226,7 @@ class NatsSink:
         try:
             too_large = await self._write(nc, events, first, count)
             await nc.flush(timeout=self.timeout)
-        except Exception as exc:  # noqa: BLE001 - the connection broke: see what was acked
+        except Exception as exc:
             logger.debug("publishing to JetStream failed: %r", exc)
         expected = too_large
         while True:
@@ -359,5 +361,5 @@ def _prefix_ok(state: bytearray, n: int) -> int:
 async def _close(nc: Any) -> None:
     try:
         await asyncio.wait_for(nc.close(), 2.0)
-    except Exception as exc:  # noqa: BLE001 - closing a broken connection: nothing to do
+    except Exception as exc:
         logger.debug("closing the NATS connection: %r", exc)

@@ -2,15 +2,16 @@
 The Redis Streams sink of `AsyncRelay`: ``XADD`` through a Lua script that skips what is there.
 
 Why a script and not explicit entry ids: an entry id must grow within a stream, but the log's
-order, ``(tx, id)``, is only monotonic within one of its 16 partitions; several partitions (and
+order, ``(tx, id)``, is only monotonic within one channel's partition; several partitions (and
 several relays) write into one stream in any interleaving, so no id derived from an event's
 position can be both increasing and stable across a redelivery. Instead the script keeps, per
-stream, the position of the last event relayed from each partition (a hash beside the stream,
-``<stream>:pgherald-positions``, field ``<group>:<partition>``): an event at or before that
-position is skipped, a later one is appended and the position moved, in one atomic script call.
-Within a partition a relay sends in log order, and a partition has one relay at a time, so a
-redelivered read (after a crash or a handover) is skipped event by event: effectively once, for
-ever (no window), and events with one key keep their order.
+stream, the position of the last event relayed from each channel's partition (a hash beside the
+stream, ``<stream>:pgherald-positions``, field ``<group> NUL <channel> NUL <partition>``): an
+event at or before that position is skipped, a later one is appended and the position moved,
+in one atomic script call. Within a channel's partition a relay sends in log order, and a
+partition has one relay at a time, so a redelivered read (after a crash or a handover) is
+skipped event by event: effectively once, with no time window, and events with one key keep
+their order.
 
 A read is sent as one script call per stream per 500 events, pipelined (one round trip).
 """
@@ -37,7 +38,7 @@ local group, maxlen = ARGV[1], ARGV[2]
 local last = {}
 local added = 0
 for i = 3, #ARGV, 8 do
-  local field = group .. ':' .. ARGV[i]
+  local field = group .. '\0' .. ARGV[i + 3] .. '\0' .. ARGV[i]
   local at = last[field]
   if at == nil then
     at = redis.call('HGET', KEYS[2], field) or ''
@@ -120,7 +121,7 @@ class RedisSink:
                 relay.stats.connects += 1
                 logger.info("connected to Redis at %s (stream %s)", self.target, self.stream)
                 return True
-            except Exception as exc:  # noqa: BLE001 - unreachable, refused, timed out: retry
+            except Exception as exc:
                 await _close(client)
                 why = f"cannot reach Redis at {self.target} ({type(exc).__name__}: {exc})"
                 if not await relay.pause(attempt, why):
@@ -142,7 +143,7 @@ class RedisSink:
                 # Redis refused a command (out of memory, a key of another type, ...): find the
                 # event, try it max_attempts times, then give it up.
                 return await self._one_by_one(events, relay, exc)
-            except Exception as exc:  # noqa: BLE001 - connection lost or timed out: again
+            except Exception as exc:
                 await self._drop()
                 attempt += 1
                 why = f"no answer from Redis at {self.target} ({type(exc).__name__}: {exc})"
@@ -183,7 +184,9 @@ class RedisSink:
                 del current[stream]
         async with self.client.pipeline(transaction=False) as pipe:
             for stream, args in calls:
-                await self.script(keys=[stream, f"{stream}:pgherald-positions"], args=args, client=pipe)
+                await self.script(
+                    keys=[stream, f"{stream}:pgherald-positions"], args=args, client=pipe
+                )
             return list(await pipe.execute())
 
     async def _one_by_one(self, events: list[Event], relay: _RelayState, error: Exception) -> int:
@@ -208,7 +211,7 @@ class RedisSink:
                         raise Refused(i, f"Redis refused it {attempt} times: {exc}") from None
                     if not await relay.pause(attempt, f"Redis refused event {event.id} ({exc})"):
                         return i
-                except Exception as exc:  # noqa: BLE001 - connection lost: the rest comes again
+                except Exception as exc:
                     logger.warning("no answer from Redis at %s (%s)", self.target, exc)
                     await self._drop()
                     return i
@@ -227,5 +230,5 @@ class RedisSink:
 async def _close(client: Any) -> None:
     try:
         await client.aclose()
-    except Exception as exc:  # noqa: BLE001 - closing a broken connection: nothing to do
+    except Exception as exc:
         logger.debug("closing the Redis connection: %r", exc)

@@ -187,7 +187,8 @@ def test_two_relays_share_the_partitions_and_a_stopped_one_hands_over(
         wait_until(lambda: a.partitions and b.partitions, 10, "both relays to hold partitions")
         ids = publish_paced(installed, "orders", 2000, 500, 0)
         wait_until(lambda: uncovered(conn, "relay") == 0, 10, "both relays to catch up")
-        assert a.stats.relayed > 0 and b.stats.relayed > 0
+        assert a.stats.relayed > 0
+        assert b.stats.relayed > 0
         a.stop()
         threads[0].join(10)
         assert not threads[0].is_alive()
@@ -212,10 +213,15 @@ def test_stop_before_run_returns_at_once(installed: str, nats_url: str) -> None:
     assert relay.stats.relayed == 0
 
 
-def test_an_unreachable_broker_is_retried_until_stop(installed: str, conn: psycopg.Connection) -> None:
+def test_an_unreachable_broker_is_retried_until_stop(
+    installed: str, conn: psycopg.Connection
+) -> None:
     pgherald.publish(conn, "orders", {"id": 1})
     relay = pgherald.Relay(
-        installed, to="nats://127.0.0.1:1", channels=["orders"], retry_delay=0.01,
+        installed,
+        to="nats://127.0.0.1:1",
+        channels=["orders"],
+        retry_delay=0.01,
         retry_max_delay=0.05,
     )
     t = threading.Thread(target=relay.run)
@@ -244,3 +250,17 @@ def test_bad_targets_and_subjects_are_usage_errors(installed: str) -> None:
         pgherald.Relay(installed, to="nats://x", channels=["orders"], subject="a b.{channel}")
     with pytest.raises(pgherald.UsageError, match="at least one channel"):
         pgherald.Relay(installed, to="nats://x", channels=[])
+
+
+def test_relay_and_async_relay_are_twins() -> None:
+    import inspect
+
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    assert public(pgherald.Relay) == public(pgherald.AsyncRelay)
+    assert inspect.signature(pgherald.Relay.__init__) == inspect.signature(
+        pgherald.AsyncRelay.__init__
+    )
+    assert inspect.iscoroutinefunction(pgherald.AsyncRelay.run)
+    assert not inspect.iscoroutinefunction(pgherald.Relay.run)

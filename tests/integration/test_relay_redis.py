@@ -150,5 +150,36 @@ async def test_fields_a_stream_per_channel_and_maxlen(
     finally:
         delete(
             redis_url,
-            *(f"{unique}:{c}{s}" for c in ("orders", "refunds") for s in ("", ":pgherald-positions")),
+            *(
+                f"{unique}:{c}{s}"
+                for c in ("orders", "refunds")
+                for s in ("", ":pgherald-positions")
+            ),
         )
+
+
+def test_metrics_endpoint_counts_relayed_events(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    import httpx
+
+    pgherald.publish_many(conn, "orders", [{"n": n} for n in range(40)])
+    relay = pgherald.Relay(
+        installed, to=redis_url, channels=["orders"], stream=unique, metrics_port=0
+    )
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.relayed >= 40, 10, "40 relayed")
+        wait_until(lambda: relay.metrics_address is not None, 5, "the metrics endpoint")
+        host, port = relay.metrics_address  # type: ignore[misc]
+        text = httpx.get(f"http://{host}:{port}/metrics", timeout=5).text
+        labels = f'group="relay",target="{redis_url}"'
+        assert f"pgherald_relay_events_total{{{labels}}} 40" in text
+        assert f"pgherald_relay_partitions{{{labels}}} 16" in text
+        assert "# TYPE pgherald_relay_lag_seconds gauge" in text
+        assert httpx.get(f"http://{host}:{port}/other", timeout=5).status_code == 404
+    finally:
+        relay.stop()
+        t.join(10)
+        delete(redis_url, unique, f"{unique}:pgherald-positions")

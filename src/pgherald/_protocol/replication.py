@@ -89,6 +89,9 @@ class ReplicationConfig:
     """When this creates the slot: first deliver every existing row as a READ event."""
     status_interval: float = 10.0
     """Seconds between standby status updates when nothing else prompts one."""
+    ack_delay: float = 0.05
+    """Once idle, acknowledge what was handled within this many seconds (not per transaction:
+    each acknowledgement wakes the server's walsender)."""
     connect_timeout: float = 10.0
     statement_timeout: float = 30.0
     reconnect_initial_delay: float = 0.1
@@ -124,6 +127,7 @@ class ReplicationEngine:
         self.transactions = 0
         self.reconnects = 0
         self._sent_flush = 0
+        self._sent_at = 0.0
         self._received = 0
         self._in_tx = False
         self._skipping = False
@@ -459,12 +463,19 @@ class ReplicationEngine:
                 if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
                     message = str(pgwire.result_error(res))
                 raise _Lost(message)
-            # Nothing buffered: acknowledge what was handled, then wait for the socket.
+            # Nothing buffered: acknowledge what was handled (at most every `ack_delay`: each
+            # update wakes the server's walsender), then wait for the socket.
             now = time.monotonic()
-            if self.flushed > self._sent_flush or now >= next_status:
+            wake_at = next_status
+            if now >= next_status or (
+                self.flushed > self._sent_flush and now >= self._sent_at + cfg.ack_delay
+            ):
                 yield from self._send_status(pgconn)
                 next_status = now + cfg.status_interval
-            ready = yield (WAIT, pgconn.socket, READ, next_status)
+                wake_at = next_status
+            elif self.flushed > self._sent_flush:
+                wake_at = min(next_status, self._sent_at + cfg.ack_delay)
+            ready = yield (WAIT, pgconn.socket, READ, wake_at)
             if ready:
                 try:
                     pgconn.consume_input()
@@ -522,6 +533,7 @@ class ReplicationEngine:
         except Exception as exc:
             raise _Lost(pgwire.one_line(exc)) from None
         self._sent_flush = flushed
+        self._sent_at = time.monotonic()
 
     # -- helpers --
 

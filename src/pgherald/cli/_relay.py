@@ -116,6 +116,22 @@ def parse_stream_options(values: tuple[str, ...]) -> dict[str, Any]:
     show_default=True,
     help="Events per read when caught up (reads grow to 20,000 over a backlog).",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    default=None,
+    envvar="PGHERALD_RELAY_METRICS_PORT",
+    show_envvar=True,
+    help="Serve Prometheus metrics (events, rate, lag, retries) on this port at /metrics.",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="PGHERALD_RELAY_METRICS_HOST",
+    show_envvar=True,
+    help="Address of the metrics endpoint (0.0.0.0: every interface).",
+)
 @click.argument("channels", nargs=-1, required=True)
 @friendly
 def relay_cmd(
@@ -131,6 +147,8 @@ def relay_cmd(
     webhook_batch: int,
     max_attempts: int,
     batch_size: int,
+    metrics_port: int | None,
+    metrics_host: str,
     channels: tuple[str, ...],
 ) -> None:
     """Publish the events of CHANNELS into NATS JetStream, Redis Streams or webhooks.
@@ -155,6 +173,8 @@ def relay_cmd(
         webhook_batch=webhook_batch,
         max_attempts=max_attempts,
         batch_size=batch_size,
+        metrics_port=metrics_port,
+        metrics_host=metrics_host,
     )
     with stop_on_signals(relay.stop):
         click.echo(

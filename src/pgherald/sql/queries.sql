@@ -91,16 +91,8 @@ UPDATE pgherald.positions_v2 SET every_channel = CAST(%(every)s AS boolean)
 WHERE group_name = %(group)s AND channel = '' AND every_channel <> CAST(%(every)s AS boolean)
 
 -- name: log_channels --
--- The channels the log holds events of, and those the group has read (NULL group: none): one
--- index probe per channel (a loose scan of events_v1_read), however many events.
-WITH RECURSIVE c(channel) AS (
-    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > c.channel
-            ORDER BY e.channel LIMIT 1)
-    FROM c WHERE c.channel IS NOT NULL
-)
-SELECT channel FROM c WHERE channel IS NOT NULL
+-- The channels the log holds events of, and those the group has read (NULL group: none).
+SELECT channel FROM pgherald.log_channels_v1() AS channel
 UNION
 SELECT DISTINCT channel FROM pgherald.positions_v2
 WHERE group_name = %(group)s AND channel <> ''
@@ -216,25 +208,19 @@ WHERE e.created_at < %(before)s
 -- rows returned only. horizon is the snapshot's xmin: a read that returns fewer than `limit`
 -- events, no range cut short, has seen everything before (horizon, 0). No events: one row,
 -- its event columns NULL.
-WITH RECURSIVE h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon),
-every(channel) AS (
-    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > every.channel
-            ORDER BY e.channel LIMIT 1)
-    FROM every WHERE every.channel IS NOT NULL
-),
+WITH h AS MATERIALIZED (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon),
 c AS MATERIALIZED (
     SELECT unnest(CAST(%(channels)s AS text[])) AS channel
     UNION ALL
-    SELECT channel FROM every
-    WHERE CAST(%(channels)s AS text[]) IS NULL AND channel IS NOT NULL
+    SELECT channel FROM pgherald.log_channels_v1() AS channel
+    WHERE CAST(%(channels)s AS text[]) IS NULL
 )
 SELECT h.horizon::text, r.id, r.tx::text, r.channel, r.key, r.payload::text, r.headers::text,
        r.created_at, r.partition
 FROM h
 LEFT JOIN LATERAL (
-    SELECT e.* FROM c CROSS JOIN generate_series(0, pgherald.partition_count_v1() - 1) AS p(partition)
+    SELECT e.* FROM c
+    CROSS JOIN generate_series(0, pgherald.partition_count_v1() - 1) AS p(partition)
     CROSS JOIN LATERAL (
         SELECT * FROM pgherald.events_v1 AS e
         WHERE e.channel = c.channel AND e.partition = CAST(p.partition AS smallint)
@@ -406,19 +392,13 @@ ORDER BY group_name
 -- lags on the log's channels it has not read yet, from its start. A range with fewer than
 -- `scan` is counted exactly; one cut short is estimated by the caller from the ids its first
 -- events span and the range's last id (partition_heads). Also: the oldest event's time.
-WITH RECURSIVE every(channel) AS (
-    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > every.channel
-            ORDER BY e.channel LIMIT 1)
-    FROM every WHERE every.channel IS NOT NULL
-), p AS (
+WITH p AS (
     SELECT group_name, channel, partition, tx, event_id, skip FROM pgherald.positions_v2
     WHERE channel <> ''
     UNION ALL
     SELECT s.group_name, c.channel, s.partition, s.tx, s.event_id, s.skip
     FROM pgherald.positions_v2 AS s
-    CROSS JOIN (SELECT channel FROM every WHERE channel IS NOT NULL) AS c
+    CROSS JOIN pgherald.log_channels_v1() AS c(channel)
     WHERE s.channel = '' AND s.every_channel
       AND NOT EXISTS (SELECT FROM pgherald.positions_v2 AS r
                       WHERE r.group_name = s.group_name AND r.channel = c.channel
@@ -449,19 +429,12 @@ SELECT set_config('enable_bitmapscan', 'off', true), set_config('enable_sort', '
 -- name: partition_heads --
 -- The last event id of each (channel, partition) of the log, in (tx, id) order: one backward
 -- index probe each (channels by a loose scan).
-WITH RECURSIVE every(channel) AS (
-    (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
-    UNION ALL
-    SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > every.channel
-            ORDER BY e.channel LIMIT 1)
-    FROM every WHERE every.channel IS NOT NULL
-)
 SELECT c.channel, q.partition, (
     SELECT e.id FROM pgherald.events_v1 AS e
     WHERE e.channel = c.channel AND e.partition = q.partition
     ORDER BY e.tx DESC, e.id DESC LIMIT 1)
-FROM every AS c CROSS JOIN generate_series(0, pgherald.partition_count_v1() - 1) AS q(partition)
-WHERE c.channel IS NOT NULL
+FROM pgherald.log_channels_v1() AS c(channel)
+CROSS JOIN generate_series(0, pgherald.partition_count_v1() - 1) AS q(partition)
 
 -- name: log_size --
 -- How many events the log holds without counting them all: exact up to `exact` rows, and

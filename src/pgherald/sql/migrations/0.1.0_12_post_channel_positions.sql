@@ -7,6 +7,20 @@
 DROP INDEX pgherald.events_v1_read;
 CREATE INDEX events_v1_read ON pgherald.events_v1 (channel, partition, tx, id);
 
+-- The channels the log holds events of: one index probe each (a loose scan of the read index,
+-- which leads with the channel), however many events.
+CREATE FUNCTION pgherald.log_channels_v1() RETURNS SETOF text
+LANGUAGE sql STABLE ROWS 100 AS $$
+    WITH RECURSIVE c(channel) AS (
+        (SELECT channel FROM pgherald.events_v1 ORDER BY channel LIMIT 1)
+        UNION ALL
+        SELECT (SELECT e.channel FROM pgherald.events_v1 AS e WHERE e.channel > c.channel
+                ORDER BY e.channel LIMIT 1)
+        FROM c WHERE c.channel IS NOT NULL
+    )
+    SELECT channel FROM c WHERE channel IS NOT NULL
+$$;
+
 -- Where each consumer group is, per channel and partition: the last (tx, id) it acknowledged.
 -- channel '' is the group's start: where a channel the group has not read yet begins (its
 -- rows are copied from these when a consumer first reads it). Nothing is lost in the move:

@@ -1,0 +1,181 @@
+"""`Relay` into webhooks: a real HTTP receiver on loopback that fails and throttles."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgherald
+from tests.fix_brokers import publish_paced
+from tests.fix_durable import uncovered
+from tests.fix_faults import wait_until
+
+SECRET = "s3cret"
+
+
+class Receiver:
+    """An HTTP endpoint: `decide(request number, body)` gives (status, headers) per POST."""
+
+    def __init__(self, decide: Callable[[int, Any], tuple[int, dict[str, str]]]) -> None:
+        self.decide = decide
+        self.lock = threading.Lock()
+        self.accepted: list[Any] = []  # bodies answered 2xx, in arrival order
+        self.requests: list[tuple[float, int, int]] = []  # (time, first id, status)
+        self.bad_signatures = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                stamp = self.headers["Pgherald-Timestamp"]
+                mac = hmac.new(SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256)
+                good = self.headers["Pgherald-Signature"] == f"t={stamp},v1={mac.hexdigest()}"
+                value = json.loads(body)
+                with receiver.lock:
+                    n = len(receiver.requests)
+                    if not good:
+                        receiver.bad_signatures += 1
+                        status, headers = 401, {}
+                    else:
+                        status, headers = receiver.decide(n, value)
+                    first = int(self.headers["Pgherald-Event-Id"])
+                    receiver.requests.append((time.monotonic(), first, status))
+                    if 200 <= status < 300:
+                        receiver.accepted.append(value)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(decide: Callable[[int, Any], tuple[int, dict[str, str]]]) -> Receiver:
+        made.append(Receiver(decide))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()
+
+
+def running(relay: pgherald.Relay) -> threading.Thread:
+    t = threading.Thread(target=relay.run)
+    t.start()
+    return t
+
+
+def test_a_receiver_failing_30_percent_and_throttling_gets_every_event_signed(
+    installed: str, conn: psycopg.Connection, receiver_factory: Callable[..., Receiver]
+) -> None:
+    rng = random.Random(13)
+    fails_in_a_row = [0]
+    throttled_at = (20, 120)
+
+    def decide(n: int, body: Any) -> tuple[int, dict[str, str]]:
+        if n in throttled_at:
+            return 429, {"Retry-After": "1"}
+        if rng.random() < 0.3 and fails_in_a_row[0] < 3:  # never 8 in a row: none dead
+            fails_in_a_row[0] += 1
+            return 500, {}
+        fails_in_a_row[0] = 0
+        return 200, {}
+
+    receiver = receiver_factory(decide)
+    ids = publish_paced(installed, "orders", 200, 50, 0)
+    relay = pgherald.Relay(
+        installed,
+        to=receiver.url,
+        channels=["orders"],
+        secret=SECRET,
+        retry_delay=0.005,
+        retry_max_delay=0.02,
+    )
+    t = running(relay)
+    try:
+        wait_until(lambda: uncovered(conn, "relay") == 0, 30, "every event delivered")
+    finally:
+        relay.stop()
+        t.join(10)
+    assert receiver.bad_signatures == 0
+    got = [body["id"] for body in receiver.accepted]
+    assert got == ids  # every event once (each was accepted once), in log order
+    statuses = [s for _, _, s in receiver.requests]
+    assert statuses.count(500) >= 0.2 * len(ids)  # the receiver did fail a lot
+    for n in throttled_at:  # Retry-After: 1 was honoured
+        assert receiver.requests[n + 1][0] - receiver.requests[n][0] >= 0.95
+    assert receiver.accepted[0]["channel"] == "orders"
+    assert receiver.accepted[0]["payload"] == {"i": 0}
+    assert receiver.accepted[0]["key"] == "k0"
+    assert relay.stats.dead_lettered == 0
+
+
+def test_after_max_attempts_an_event_is_dead_lettered_and_the_rest_delivered_in_batches(
+    installed: str, conn: psycopg.Connection, receiver_factory: Callable[..., Receiver]
+) -> None:
+    ids = publish_paced(installed, "orders", 30, 30, 0)
+    poison = ids[12]
+
+    def decide(n: int, body: Any) -> tuple[int, dict[str, str]]:
+        events = body if isinstance(body, list) else [body]
+        return (500, {}) if any(e["id"] == poison for e in events) else (200, {})
+
+    receiver = receiver_factory(decide)
+    relay = pgherald.Relay(
+        installed,
+        to=receiver.url,
+        channels=["orders"],
+        secret=SECRET,
+        webhook_batch=5,
+        max_attempts=3,
+        retry_delay=0.005,
+        retry_max_delay=0.02,
+    )
+    t = running(relay)
+    try:
+        wait_until(lambda: uncovered(conn, "relay") == 0, 30, "every event settled")
+    finally:
+        relay.stop()
+        t.join(10)
+    delivered = [
+        e["id"] for body in receiver.accepted for e in (body if isinstance(body, list) else [body])
+    ]
+    assert delivered == [i for i in ids if i != poison]
+    (dead,) = pgherald.dead_letters(conn, "relay")
+    assert dead.event_id == poison
+    assert "failed 3 times: HTTP 500" in dead.error
+    assert relay.stats.dead_lettered == 1
+    # The batch of ids[10:15] failed 3 times, then went one by one: 10 and 11 alone, 12 three
+    # times, and the batches resumed after it.
+    firsts = [first for _, first, status in receiver.requests if status == 200]
+    assert firsts[:7] == [ids[0], ids[5], ids[10], ids[11], ids[13], ids[18], ids[23]]
+
+
+def test_plain_http_to_another_host_is_refused(installed: str) -> None:
+    with pytest.raises(pgherald.UsageError, match="use https"):
+        pgherald.Relay(installed, to="http://example.com/hook", channels=["orders"])
