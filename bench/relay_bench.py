@@ -396,6 +396,13 @@ def latency(dsn: str, to: str, kind: str, rate: int, seconds: float) -> tuple[fl
     return lat[len(lat) // 2], lat[min(len(lat) - 1, int(len(lat) * 0.99))], len(lat)
 
 
+def method() -> list[str]:
+    """The docstring's Method paragraph as markdown: its bullets kept, lines joined."""
+    text = (__doc__ or "").split("Method.")[1]
+    parts = [" ".join(p.split()) for p in text.split("\n* ")]
+    return ["Method: " + parts[0], "", *(f"- {p}" for p in parts[1:])]
+
+
 def main() -> None:
     ap = _report.parser(__doc__, "50,000 events, 1 run, 2 s latency runs")
     ap.add_argument("--nats", default="nats://127.0.0.1:4222")
@@ -485,7 +492,7 @@ def main() -> None:
         *(f"- {k}: {v}" for k, v in info.items()),
         f"- Load average at the end: {_report.load_average()}",
         "",
-        "Method: " + " ".join((__doc__ or "").split("Method.")[1].split()),
+        *method(),
         "",
         f"### Throughput ({n:,} events, backlog)",
         "",

@@ -97,9 +97,12 @@ class _Base:
         if self._busy:
             raise UsageError("this change stream is already running: one reader per stream")
         self._busy = True
-        if self._engine.stopping:  # a stream may run again after stop()
-            self._engine.stopping = False
         return self._engine
+
+    def _release(self) -> None:
+        """A run ended: the stream may run again (a stop() before a run ends it at once)."""
+        self._engine.stopping = False
+        self._busy = False
 
 
 class ChangeStream(_Base):
@@ -183,7 +186,7 @@ class ChangeStream(_Base):
         finally:
             gen.close()
             waiter.close()
-            self._busy = False
+            self._release()
 
     def run(self, handler: Handler) -> None:
         """Call *handler* with every change until `stop`."""
@@ -208,7 +211,7 @@ class ChangeStream(_Base):
                 self._waiter.run(engine.run(), lambda req: store.on_request(engine, req))
             finally:
                 self._waiter.close()
-                self._busy = False
+                self._release()
         finally:
             store.close()
 
@@ -301,7 +304,7 @@ class AsyncChangeStream(_Base):
         if gen is not None:
             gen.close()
             self._waiter.release()
-            self._busy = False
+            self._release()
 
     async def aclose(self) -> None:
         """End the iteration now (what it handled of a transaction is not acknowledged)."""
@@ -460,6 +463,21 @@ def add_tables(
             "SELECT pg_create_logical_replication_slot(%(slot)s, 'pgoutput')", {"slot": slot}
         )
     return resolved
+
+
+def without_identity(conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]]) -> list[str]:
+    """The tables whose UPDATE and DELETE PostgreSQL refuses once published (no identity)."""
+    out = []
+    for schema, table in tables:
+        row = conn.execute(
+            "SELECT c.relreplident, EXISTS (SELECT FROM pg_index i WHERE i.indrelid = c.oid "
+            "AND (i.indisprimary OR i.indisreplident)) FROM pg_class c WHERE c.oid = "
+            "to_regclass(%(name)s)",
+            {"name": psql.Identifier(schema, table).as_string(conn)},
+        ).fetchone()
+        if row is not None and (row[0] == "n" or (row[0] in ("d", "i") and not row[1])):
+            out.append(f"{schema}.{table}")
+    return out
 
 
 def remove_tables(

@@ -25,12 +25,12 @@ logger = logging.getLogger("pgherald.listener")
 _clock = time.monotonic
 
 # Socket reads a delivery may do on its own while a burst streams in (see engine.dispatch)
-# before going back through the event loop; 16 libpq reads are ~256 KB, what asyncio's own
-# transports read at once (64 measured no better at 4 KB payloads, and holds the loop longer).
-_REREADS = 16
-# An iteration whose data keeps coming never waits: once per this many batches (a batch: one
-# libpq read, ~16 KB) it lets the loop run other tasks (and deliver a cancellation), and the
-# engine look at its flags (a subscribe).
+# before going back through the event loop: with the read that woke it, 4 libpq reads of up
+# to 64 KB, about what asyncio's own transports read per turn of the loop (256 KB).
+_REREADS = 3
+# An iteration whose data keeps coming never waits: once per this many batches (a batch: at
+# most engine._TAKE_MAX notifications, or one libpq read) it lets the loop run other tasks
+# (and deliver a cancellation), and the engine look at its flags (a subscribe).
 _BATCHES_PER_CHECKPOINT = 16
 
 
@@ -298,7 +298,11 @@ class _Notifications:
 
     async def _start(self) -> None:
         listener = self._listener
-        listener._begin("iterate")
+        try:
+            listener._begin("iterate")
+        except BaseException:
+            self._state = 2  # as a generator that failed: it is over
+            raise
         self._state = 1
         try:
             listener._loop_task = anyio.get_current_task().id

@@ -188,4 +188,3 @@ class ListenerBase:
     def __repr__(self) -> str:
         state = "connected" if self.connected else "not connected"
         return f"<{type(self).__name__} {state} channels={self.channels!r}>"
-

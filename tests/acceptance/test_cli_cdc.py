@@ -43,7 +43,7 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
     with psycopg.connect(dsn, autocommit=True) as c:
         c.execute("INSERT INTO orders VALUES (1, 'tea', 'hidden')")
 
-    status = run(dsn, "cdc", "status", "--json", "--max-retained", "10")
+    status = run(dsn, "cdc", "status", "--slot", "shop", "--json", "--max-retained", "10")
     assert status.returncode == 0, status.stderr
     (record,) = [json.loads(line) for line in status.stdout.splitlines()]
     assert record["slot"] == "shop"
@@ -88,7 +88,8 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
     assert "pass --yes" in one_line_error(refused)
     dropped = run(dsn, "cdc", "drop", "--slot", "shop", "--yes")
     assert dropped.stdout == "dropped slot 'shop'\n", dropped.stderr
-    assert run(dsn, "cdc", "status").stdout == "no pgoutput replication slot\n"
+    gone = run(dsn, "cdc", "status", "--slot", "shop")
+    assert gone.stdout == "no pgoutput replication slot named 'shop'\n"
 
 
 def test_cdc_errors_are_one_line(pg: OwnServer) -> None:
@@ -103,3 +104,13 @@ def test_cdc_needs_wal_level_logical() -> None:
         line = one_line_error(run(server.dsn, "cdc", "add", "t"))
     assert "wal_level = logical" in line
     assert "restart the server" in line
+
+
+def test_cdc_add_warns_about_a_table_without_a_key(pg: OwnServer) -> None:
+    with psycopg.connect(pg.dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE nokey (a int)")
+    added = run(pg.dsn, "cdc", "add", "nokey", "--slot", "nokey")
+    assert added.returncode == 0, added.stderr
+    assert "public.nokey has no primary key" in added.stderr
+    assert "REPLICA IDENTITY FULL" in added.stderr
+    assert run(pg.dsn, "cdc", "drop", "--slot", "nokey", "--yes").returncode == 0

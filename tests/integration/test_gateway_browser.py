@@ -80,6 +80,7 @@ def test_a_page_from_another_origin_uses_the_gateway(
     options.binary_location = chromium
     for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
         options.add_argument(arg)
+    options.add_argument("--window-size=1000,1100")  # the screenshot shows the events too
     with static_site(page) as site:
         app = create_app(
             dsn,

@@ -497,3 +497,65 @@ def test_serve_refuses_bad_web_options_in_one_line(args: list[str], says: str) -
     assert done.returncode == 2, done.stderr
     assert says in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_same_origin_is_the_host_the_request_was_sent_to() -> None:
+    from pgherald.contrib.gateway.cors import CorsPolicy, same_origin
+
+    assert same_origin("http://127.0.0.1:8080", "127.0.0.1:8080")
+    assert same_origin("https://events.example.com", "events.example.com")  # TLS at a proxy
+    assert same_origin("https://events.example.com", "events.example.com:443")
+    assert same_origin("http://[::1]:8080", "[::1]:8080")
+    assert not same_origin("http://127.0.0.1:8081", "127.0.0.1:8080")
+    assert not same_origin("http://evil.test", "events.example.com")
+    assert not same_origin("null", "events.example.com")
+    assert not same_origin("http://127.0.0.1:8080", None)
+    with pytest.raises(ValueError, match="no scheme"):
+        CorsPolicy(["app.example.com"])
+    anyone = CorsPolicy(["*"])
+    assert anyone.allows("https://x.test")
+    assert not anyone.allows("null")  # never by a pattern
+
+
+@pytest.mark.anyio
+async def test_the_hub_matches_patterns_filters_and_tells_gaps_on_any_runtime(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """The hub itself (asyncio and trio): a pattern with a filter, then a gap."""
+    import anyio
+
+    from pgherald.contrib.gateway.fanout import Hub
+    from pgherald.contrib.gateway.frames import Frame
+
+    hub = Hub(dsn, channels=["shop.orders", "news"])
+    async with hub.running(), anyio.create_task_group() as tg:
+        client = hub.new_client("ws")
+        got: list[str] = []
+        more = anyio.Event()
+
+        async def write(frames: list[Frame]) -> None:
+            got.extend(f.ws for f in frames)
+            more.set()
+
+        async def next_message() -> Any:
+            nonlocal more
+            with anyio.fail_after(10):
+                while not got:
+                    await more.wait()
+                    more = anyio.Event()
+            return json.loads(got.pop(0))
+
+        tg.start_soon(client.pump, write)
+        await hub.add(client, ["shop.*"], parse_filters(["status=eq.paid"]))
+        assert "shop.orders" in hub.listening
+        assert "news" not in hub.listening  # known, but matched by no pattern
+        await anyio.to_thread.run_sync(pgherald.notify, conn, "shop.orders", {"status": "new"})
+        await anyio.to_thread.run_sync(pgherald.notify, conn, "shop.orders", {"status": "paid"})
+        event = await next_message()
+        assert event == {"type": "event", "channel": "shop.orders", "payload": {"status": "paid"}}
+        await anyio.to_thread.run_sync(_kill, conn, "pgherald-gateway")
+        gap = await next_message()
+        assert gap["type"] == "gap"
+        assert gap["reason"] == "reconnect"
+        assert gap["channels"] == ["shop.orders", "shop.*"]
+        client.end("bye")

@@ -125,10 +125,13 @@ async def test_async_batch_handler(
 ) -> None:
     ids = publish_paced(installed, "orders", 300, 300, 0)
     seen: list[int] = []
+    all_seen = anyio.Event()
 
     async def handler(events: list[pgherald.Event]) -> int | None:
         await anyio.lowlevel.checkpoint()
         seen.extend(e.id for e in events[:100])
+        if len(seen) >= len(ids):
+            all_seen.set()
         return 100 if len(events) > 100 else None
 
     async with pgherald.AsyncConsumer(installed, group="g", **FAST) as c:
@@ -136,7 +139,7 @@ async def test_async_batch_handler(
         async with anyio.create_task_group() as tg:
             tg.start_soon(c.run)
             with anyio.fail_after(10):
-                while uncovered(conn, "g"):
-                    await anyio.sleep(0.01)
+                await all_seen.wait()
             c.stop()
     assert seen == ids
+    assert uncovered(conn, "g") == 0  # the last read was acknowledged on the way out

@@ -61,15 +61,14 @@ _Stopped = pgwire.Abandoned  # a statement abandoned after stop() (see `run`)
 
 # libpq reads at most what its input buffer has room for (16 KB at first: three 4 KB
 # notifications per read) and grows the buffer only for a message that does not fit. One row
-# of 128 KB, answered with a new connection's LISTEN, leaves it at 256 KB for the life of the
-# connection: a read then takes what a burst has brought, as asyncio's transports do (with
-# 4 KB payloads, 1.5 µs less CPU per notification on the benchmark machine, for 240 KB more
-# memory per listening connection).
-_GROW_INPUT_BUFFER = b"SELECT repeat('x', 131072)"
+# of 32 KB, answered with a new connection's LISTEN, leaves it at 64 KB for the life of the
+# connection: sixteen 4 KB notifications per read (with 4 KB payloads, 1.5 µs less CPU per
+# notification on the benchmark machine, for 48 KB more memory per listening connection).
+_GROW_INPUT_BUFFER = b"SELECT repeat('x', 32768)"
 
-# At most this many notifications per `take`: a batch stays small enough for the CPU's caches
-# when libpq holds a whole 256 KB read of small payloads (2,000 of 100 bytes).
-_TAKE_MAX = 256
+# At most this many notifications per `take`: a batch stays small (cache-friendly), and an
+# iteration checkpoints after a bounded amount of work (see AsyncListener.notifications).
+_TAKE_MAX = 128
 _make = tuple.__new__  # a `Notification` from a tuple, without NamedTuple's Python __new__
 
 
@@ -233,7 +232,7 @@ class ListenerEngine:
 
         When libpq runs dry, the socket is read again (non-blocking) up to *rereads* times,
         as long as each read brings notifications: a burst is then served without a trip
-        through the runtime's wait per libpq read (~16 KB, four 4 KB payloads).
+        through the runtime's wait per libpq read (up to 64 KB: see `_GROW_INPUT_BUFFER`).
 
         This is `pop` and the dispatch fused into one loop with everything in locals: it is
         the listener's hot path. Channels whose only handler is a plain function are called

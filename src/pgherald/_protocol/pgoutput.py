@@ -284,8 +284,11 @@ def decode_key(values: dict[str, Any], names: tuple[str, ...]) -> str | None:
         value = values.get(names[0])
         if value is None:
             return None
-        if isinstance(value, str):
-            return value
+        kind = type(value)
+        if kind is str:
+            return value  # type: ignore[no-any-return]
+        if kind is int or (kind is Decimal and value.is_finite()):
+            return str(value)  # as ->> writes them; the common keys, without a JSON encoder
         return dumps_value(value)
     if any(n not in values for n in names):
         return None

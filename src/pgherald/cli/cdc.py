@@ -15,6 +15,7 @@ from .._cdc import (
     format_bytes,
     remove_tables,
     slot_status,
+    without_identity,
 )
 from .._protocol.pgoutput import ChangeEvent, dumps_value
 from ._commands import cli, confirm_destructive, connection, dsn_option, friendly, stop_on_signals
@@ -30,16 +31,12 @@ def slot_option(func: Any) -> Any:
     func = click.option(
         "--publication",
         default=None,
-        envvar="PGHERALD_CDC_PUBLICATION",
-        show_envvar=True,
         help="Publication name (default: the slot's name).",
     )(func)
     return click.option(
         "--slot",
         default="pgherald",
         show_default=True,
-        envvar="PGHERALD_CDC_SLOT",
-        show_envvar=True,
         help="Replication slot name (lower-case letters, digits, underscores).",
     )(func)
 
@@ -93,9 +90,17 @@ def cdc_add(
             columns=_split(columns),
             create_slot=not backfill,
         )
+        bare = without_identity(conn, added)
     names = ", ".join(f"{s}.{t}" for s, t in added)
     cols = f" (columns {columns})" if columns else ""
     click.echo(f"{names}{cols}: captured in publication {publication or slot!r}, slot {slot!r}")
+    for name in bare:
+        click.echo(
+            f"warning: {name} has no primary key (nor replica identity): PostgreSQL now refuses "
+            f"its UPDATE and DELETE; add a primary key, or ALTER TABLE {name} REPLICA IDENTITY "
+            "FULL",
+            err=True,
+        )
 
 
 @cdc_group.command("remove")
@@ -123,8 +128,6 @@ def cdc_remove(
     default="1GB",
     show_default=True,
     callback=_size,
-    envvar="PGHERALD_CDC_MAX_RETAINED",
-    show_envvar=True,
     help="Warn when a slot keeps more WAL than this.",
 )
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per slot.")

@@ -273,7 +273,8 @@ class Hub:
         Remember *channels* for patterns to match, and subscribe the clients whose patterns
         match those that are new; returns those that gained subscribers (to LISTEN to).
         """
-        new = [ch for ch in channels if not self._is_known(ch)]
+        # (Never the wake-up channel: a pattern leaving would UNLISTEN the log tail's wake-ups.)
+        new = [ch for ch in channels if not self._is_known(ch) and ch != WAKE_CHANNEL]
         for ch in new:
             self._learned[ch] = None
             if len(self._learned) > MAX_LEARNED:
