@@ -231,14 +231,13 @@ def change_function(
         diff = sql.SQL("v_changed := {};").format(sql.SQL(_GENERIC_DIFF))
     elif filtered:
         diff = sql.SQL("v_changed := {};").format(_diff(watched))
-    else:  # every column, as known now: a column added since takes the generic diff
+    else:  # every column, as known at `trigger add`
         diff = sql.SQL(
-            "IF (v_new - {}::text[]) = '{{}}' THEN\n"
-            "            v_changed := {};\n"
-            "        ELSE  -- a column added since `trigger add`: run it again\n"
+            "v_changed := {};\n"
+            "        IF v_changed IS NULL THEN  -- none of them: maybe a column added since\n"
             "            v_changed := {};\n"
             "        END IF;"
-        ).format(sql.Literal(list(watched)), _diff(watched), sql.SQL(_GENERIC_DIFF))
+        ).format(_diff(watched), sql.SQL(_GENERIC_DIFF))
     key = _key_columns(key_columns)
     if not key:
         key_text: sql.Composable = sql.SQL("NULL")

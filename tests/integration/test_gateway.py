@@ -917,7 +917,18 @@ async def test_the_gateway_reconnects_its_own_connections_after_they_are_killed(
         ).fetchone()
         assert killed == (2,)
         assert await hub.database_ok()  # a connection found broken is replaced at once
-        event = pgherald.publish(conn, "orders", {"n": 1})
+        with anyio.fail_after(30):  # the tail's new connection asks for wake-ups again
+            while not conn.execute(  # noqa: ASYNC110 (the server's lock table: no event)
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid"
+                " WHERE l.locktype = 'advisory' AND l.objid = 1 AND l.mode = 'ShareLock'"
+                " AND a.application_name = 'pgherald-gateway-tail'"
+                " AND a.datname = current_database()"
+            ).fetchone()[0]:  # type: ignore[index]
+                await anyio.sleep(0.05)
+        with psycopg.connect(dsn, autocommit=True) as listen:
+            listen.execute("LISTEN pgherald_wake_v1")
+            event = pgherald.publish(conn, "orders", {"n": 1})  # so it sends one
+            assert len(list(listen.notifies(timeout=2.0, stop_after=1))) == 1
         with anyio.fail_after(30):  # the tail retries after a second (and the horizon)
             await arrived.wait()
         assert [f.id for f in got] == [event]

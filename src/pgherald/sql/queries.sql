@@ -675,6 +675,10 @@ SELECT pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1),
 -- name: wakeups_safe --
 SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(%(xmax)s AS xid8)
 
+-- name: hold_wakeups --
+-- The gateway's log tail: wake-ups for as long as its session lives (as a waiting consumer).
+SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)
+
 -- name: busy --
 -- A consumer behind on the log needs no wake-ups: publishers stop sending them.
 SELECT pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), 1)

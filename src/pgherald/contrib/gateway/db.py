@@ -37,8 +37,11 @@ class Db:
         application_name: str,
         connect_timeout: float = 5.0,
         statement_timeout: float = 10.0,
+        on_connect: str | None = None,
     ) -> None:
         self._conninfo = listener_conninfo(dsn, application_name=application_name)
+        self._on_connect = on_connect
+        """A named query run on every new connection (session state, such as a lock)."""
         self.connect_timeout = connect_timeout
         self.statement_timeout = statement_timeout
         self._pgconn: pq.abc.PGconn | None = None
@@ -87,6 +90,14 @@ class Db:
             pgconn = await AsyncWaiter().run(pgwire.connect(self._conninfo, deadline))
         except ConnectError as exc:
             raise connect_error(self._conninfo, str(exc)) from None
+        if self._on_connect is not None:
+            try:
+                await AsyncWaiter().run(
+                    session.named(pgconn, self._on_connect, {}, deadline, doing="connect")
+                )
+            except BaseException:
+                pgconn.finish()
+                raise
         self._pgconn = pgconn
         return pgconn
 

@@ -98,7 +98,13 @@ class Hub:
         self.listener = AsyncListener(dsn, application_name="pgherald-gateway", on_gap=self._gap)
         self.listener.add_handler(None, self._on_notification)
         self.db = Db(dsn, application_name="pgherald-gateway-db")
-        self._tail_db = Db(dsn, application_name="pgherald-gateway-tail")
+        # The tail waits for wake-ups: publishers send them only while a session holds the
+        # waiting lock (see publish_v1), which this connection holds for as long as it lives.
+        self._tail_db = Db(
+            dsn,
+            application_name="pgherald-gateway-tail",
+            on_connect="hold_wakeups" if self.durable else None,
+        )
         self.frames_out = 0
         self.metrics = Metrics(
             reconnects=lambda: self.listener.stats.reconnects, frames_out=lambda: self.frames_out
