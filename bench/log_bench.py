@@ -164,7 +164,7 @@ def create_database(admin_dsn: str) -> str:
         conn.execute(f"CREATE DATABASE {DBNAME}")
     params = conninfo_to_dict(admin_dsn)
     params["dbname"] = DBNAME
-    dsn = make_conninfo(**params)
+    dsn = make_conninfo(**params)  # type: ignore[arg-type]
     import pgherald
 
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -364,7 +364,9 @@ def explain_every(dsn: str, group: str) -> list[Result]:
     return out
 
 
-def drain_trial(dsn: str, mode: str, group: str, channel: str | None, count: int, cap: float):
+def drain_trial(
+    dsn: str, mode: str, group: str, channel: str | None, count: int, cap: float
+) -> Result:
     args = [mode, "--dsn", dsn, "--group", group, "--count", str(count), "--timeout", str(cap)]
     if channel:
         args += ["--channel", channel]
@@ -464,8 +466,8 @@ def latency_trial(dsn: str, kind: str, group: str, rate: int, seconds: float) ->
             watcher = threading.Thread(target=watch_xids, args=(dsn, seconds, xacts), daemon=True)
             watcher.start()
             sender = run_worker(
-                ["lat-send", "--dsn", dsn, "--kind", kind, "--rate", str(rate),
-                 "--seconds", str(seconds)],
+                ["lat-send", "--dsn", dsn, "--kind", kind, "--channel", group,
+                 "--rate", str(rate), "--seconds", str(seconds)],
                 timeout,
             )  # fmt: skip
             out, _ = recv.communicate(timeout=timeout + 15)
@@ -612,7 +614,8 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
                 v = med(writes.get((k, w), []), "tps")
                 label = KINDS[k][0]
                 for b, goal in (("minimal", 0.9), ("seed", 1.0), ("floor", 0.95)):
-                    ratio = v / base[b] if v and base[b] else None
+                    div = base[b]
+                    ratio = v / div if v and div else None
                     targets.append(
                         [
                             f"{label} >= {goal}x {b}, {w} writer(s)",

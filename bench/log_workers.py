@@ -14,8 +14,9 @@ Run as ``python bench/log_workers.py MODE ...``:
   AND (tx, id) > (%s, %s) ORDER BY tx, id LIMIT 5000``, payloads decoded, until ``--count``.
 * ``lat-recv --kind pgherald|seed``: a default `Consumer` (handler style), or a psycopg 3
   LISTEN loop on the seeds' channel; records publish-to-handler latency of ``--count`` events.
-* ``lat-send --kind pgherald|seed``: ``--rate`` events/s for ``--seconds``, one per autocommit
-  transaction: ``pgherald.publish``, or the seeds' INSERT + ``pg_notify`` in one statement.
+* ``lat-send --kind pgherald|seed``: ``--rate`` events/s on ``--channel`` for ``--seconds``,
+  one per autocommit transaction: ``pgherald.publish``, or the seeds' INSERT + ``pg_notify``
+  in one statement. (``lat-recv``'s Consumer reads the channel named like its group.)
 
 Every worker has a deadline and exits by itself.
 """
@@ -121,7 +122,7 @@ def quiet(dsn: str, group: str, channel: str, count: int, timeout: float) -> dic
     }
 
 
-def drain(dsn: str, group: str, channel: str | None, count: int, timeout: float) -> dict:
+def drain(dsn: str, group: str, channel: str | None, count: int, timeout: float) -> dict[str, Any]:
     import pgherald
 
     channels = [channel] if channel else []
@@ -223,11 +224,13 @@ def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dic
 
     import pgherald
 
-    consumer = pgherald.Consumer(dsn, group=group, channels=["lat"])  # default options
+    # A fresh channel per run (the group's name): a fresh group starts at the beginning, so a
+    # channel shared with earlier runs would hand it their (old) events first.
+    consumer = pgherald.Consumer(dsn, group=group, channels=[group])  # default options
     timer = threading.Timer(timeout, consumer.stop)
     timer.daemon = True
 
-    @consumer.on("lat")
+    @consumer.on(group)
     def handle(event: Any) -> None:
         lats.append(time.time_ns() - event.payload["ts"])
         if len(lats) >= count:
@@ -243,7 +246,7 @@ def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dic
     return res
 
 
-def lat_send(dsn: str, kind: str, rate: float, seconds: float) -> dict[str, Any]:
+def lat_send(dsn: str, kind: str, channel: str, rate: float, seconds: float) -> dict[str, Any]:
     import psycopg
 
     import pgherald
@@ -263,9 +266,9 @@ def lat_send(dsn: str, kind: str, rate: float, seconds: float) -> dict[str, Any]
             # autocommit: the statement that inserts also commits, right after this timestamp
             if kind == "seed":
                 text = dumps(payload(i, time.time_ns()))
-                cur.execute(SEED_SQL, ("lat", text, text))
+                cur.execute(SEED_SQL, (channel, text, text))
             else:
-                pgherald.publish(conn, "lat", payload(i, time.time_ns()))
+                pgherald.publish(conn, channel, payload(i, time.time_ns()))
         wall = time.perf_counter() - t0
     return {"ok": True, "count": total, "rate": total / wall, "max_lag_ms": max_lag * 1000}
 
@@ -294,7 +297,7 @@ def main() -> None:
         elif a.mode == "lat-recv":
             res = lat_recv(a.dsn, a.kind, a.group, a.count, a.timeout)
         else:
-            res = lat_send(a.dsn, a.kind, a.rate, a.seconds)
+            res = lat_send(a.dsn, a.kind, a.channel or "lat", a.rate, a.seconds)
     except Exception as exc:  # reported, not raised: the orchestrator prints it
         res = {"ok": False, "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}"}
     emit(res)

@@ -124,4 +124,3 @@ async def aexecute(conn: Any, query: str, params: Mapping[str, Any], *, what: st
         result = await conn.execute(text(PLACEHOLDER.sub(r":\1", query)), dict(params))
         row = result.first()
     return row[0] if row else None
-

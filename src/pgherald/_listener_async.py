@@ -25,8 +25,9 @@ logger = logging.getLogger("pgherald.listener")
 _clock = time.monotonic
 
 # Socket reads a delivery may do on its own while a burst streams in (see engine.dispatch)
-# before going back through the event loop: with the read that woke it, 4 libpq reads of up
-# to 64 KB, about what asyncio's own transports read per turn of the loop (256 KB).
+# before going back through the event loop (a checkpoint, not a wait, while data keeps
+# coming): 4 libpq reads of up to 64 KB, about what asyncio's own transports read per turn
+# of the loop (256 KB).
 _REREADS = 3
 # An iteration whose data keeps coming never waits: once per this many batches (a batch: at
 # most engine._TAKE_MAX notifications, or one libpq read) it lets the loop run other tasks
@@ -167,6 +168,10 @@ class AsyncListener(ListenerBase):
                 single, self._dispatch_slow, self._handler_failed, budget, _REREADS
             )
             if pending is None:
+                if engine.streaming and not engine.stopping:
+                    # The engine delivers again at once, without a wait: let the loop run
+                    # other tasks (and deliver a cancellation) first.
+                    await anyio.lowlevel.checkpoint()
                 return
             await pending
             if engine.stopping or time.monotonic() > budget:

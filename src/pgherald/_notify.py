@@ -54,4 +54,3 @@ async def anotify(
         if _errormap.is_driver_error(exc):
             raise _errormap.from_driver(exc, doing=f"NOTIFY on channel {channel!r}") from exc
         raise
-

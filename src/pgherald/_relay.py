@@ -49,6 +49,8 @@ class RelayStats:
 
     relayed: int = 0
     """Events the broker acknowledged (de-duplicated re-sends included)."""
+    duplicates: int = 0
+    """Of those, re-sends the broker already had and dropped (JetStream, Redis)."""
     batches: int = 0
     """Reads handed to the sink and fully acknowledged."""
     retries: int = 0
@@ -156,8 +158,6 @@ def _sink_for(
 ) -> Sink:
     scheme = urlsplit(to).scheme.lower()
     if scheme in ("nats", "tls"):
-        from ._relay_nats import NatsSink
-
         return NatsSink(
             to,
             channels=channels,
@@ -168,8 +168,6 @@ def _sink_for(
             timeout=timeout,
         )
     if scheme in ("redis", "rediss", "unix"):
-        from ._relay_redis import RedisSink
-
         return RedisSink(
             to,
             group=group,
@@ -179,8 +177,6 @@ def _sink_for(
             timeout=timeout,
         )
     if scheme in ("http", "https"):
-        from ._relay_webhook import WebhookSink
-
         return WebhookSink(
             to,
             secret=secret,
@@ -371,6 +367,12 @@ class AsyncRelay:
         rows = [
             ("events_total", "counter", "Events the broker acknowledged.", s.relayed),
             ("batches_total", "counter", "Reads published and acknowledged.", s.batches),
+            (
+                "duplicates_total",
+                "counter",
+                "Re-sends the broker dropped as duplicates.",
+                s.duplicates,
+            ),
             ("retries_total", "counter", "Sends retried (broker down or refusing).", s.retries),
             ("dead_lettered_total", "counter", "Events dead-lettered.", s.dead_lettered),
             ("connects_total", "counter", "Connections made to the broker.", s.connects),
@@ -564,3 +566,10 @@ def safe_url(url: str) -> str:
     netloc = parts.netloc.rpartition("@")
     user = (parts.username or "") + ":***"
     return parts._replace(netloc=f"{user}@{netloc[2]}").geturl()
+
+
+# The sinks import their broker clients only when used; the modules themselves are imported
+# here, once, not in the middle of a run (they import this module's names: hence at the end).
+from ._relay_nats import NatsSink  # noqa: E402
+from ._relay_redis import RedisSink  # noqa: E402
+from ._relay_webhook import WebhookSink  # noqa: E402

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from collections.abc import Awaitable
 from typing import Any
 
 from ._models import Event
@@ -65,6 +66,8 @@ class NatsSink:
         self._errors: dict[int, str] = {}
         self._acked = 0
         self._progress = asyncio.Event()
+        self.duplicates = 0
+        """Acknowledgements that said "duplicate" (a re-send JetStream dropped)."""
 
     def _subject(self, channel: str) -> str:
         subject = self.template.replace("{channel}", channel)
@@ -79,7 +82,7 @@ class NatsSink:
 
     async def _connect(self, relay: _RelayState) -> bool:
         """Connect and make sure the stream exists; False when stopped first."""
-        import nats
+        import nats.aio.client
         import nats.js.errors
         from nats.js.api import StreamConfig
 
@@ -88,7 +91,8 @@ class NatsSink:
             attempt += 1
             nc: Any = None
             try:
-                connecting = nats.connect(
+                nc = nats.aio.client.Client()
+                connecting = nc.connect(
                     servers=[self.url],
                     allow_reconnect=False,
                     # nats-py tries a server up to max_reconnect_attempts + 1 times, waiting
@@ -102,8 +106,8 @@ class NatsSink:
                     closed_cb=self._on_disconnect,
                     pending_size=0,  # no buffering while disconnected: never out of order
                 )
-                nc = await relay.unless_stopped(connecting)
-                if nc is None:
+                if await relay.unless_stopped(_true(connecting)) is None:
+                    await _close(nc)
                     return False
                 js = nc.jetstream(timeout=self.timeout)
                 try:
@@ -156,6 +160,8 @@ class NatsSink:
         data = msg.data
         if data and b'"error"' not in data:
             state[i] = _OK
+            if b'"duplicate"' in data:
+                self.duplicates += 1
         else:
             state[i] = _FAILED
             if data:
@@ -182,7 +188,9 @@ class NatsSink:
                 await self._drop()
                 if not await self._connect(relay):
                     return first
+            before = self.duplicates
             done, error = await self._publish(events, first, relay)
+            relay.stats.duplicates += self.duplicates - before
             if done == len(events):
                 return None
             if done > first:
@@ -358,8 +366,17 @@ def _prefix_ok(state: bytearray, n: int) -> int:
     return n - len(head.lstrip(b"\x01"))
 
 
+async def _true(coro: Awaitable[Any]) -> bool:
+    await coro
+    return True
+
+
 async def _close(nc: Any) -> None:
     try:
         await asyncio.wait_for(nc.close(), 2.0)
-    except Exception as exc:
+    except Exception as exc:  # closing a broken connection: nothing to do
         logger.debug("closing the NATS connection: %r", exc)
+    # A connection abandoned in its handshake: nats-py's close leaves its socket open.
+    writer = getattr(getattr(nc, "_transport", None), "_io_writer", None)
+    if writer is not None:
+        writer.close()

@@ -114,7 +114,7 @@ class RedisSink:
             )
             try:
                 if await relay.unless_stopped(client.ping()) is None:
-                    await client.aclose()
+                    await _close(client)
                     return False
                 self.client = client
                 self.script = client.register_script(SCRIPT)
@@ -150,7 +150,9 @@ class RedisSink:
                 if not await relay.pause(attempt, why):
                     break
                 continue
-            self.added += sum(int(r) for r in results)
+            added = sum(int(r) for r in results)
+            self.added += added
+            relay.stats.duplicates += len(events) - added
             return None
         return 0  # stopping: nothing counts as done; the script skips what was appended
 
@@ -197,6 +199,7 @@ class RedisSink:
                 try:
                     (added,) = await self._send([event])
                     self.added += int(added)
+                    relay.stats.duplicates += 1 - int(added)
                     break
                 except redis.exceptions.ResponseError as exc:
                     error = exc
@@ -230,5 +233,7 @@ class RedisSink:
 async def _close(client: Any) -> None:
     try:
         await client.aclose()
+        # Also a connection cancelled while it was being made, which aclose leaves open.
+        await client.connection_pool.disconnect(inuse_connections=True)
     except Exception as exc:
         logger.debug("closing the Redis connection: %r", exc)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -119,15 +119,17 @@ _CHANGE_QUEUE_LIMIT = (
     "coalesce(nullif(current_setting('pgherald.change_max_queue_usage', true), '')::float8, 0.9)"
 )
 _WAKE = """
-    IF (CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1)
-             THEN NOT pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1)  -- no consumer waits
-             ELSE pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
-                  AND pg_notification_queue_usage() < coalesce(nullif(
-                      current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
-        END)
-       AND pg_notify('pgherald_wake_v1', '') IS NULL
+    IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
+        IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN
+            NULL;  -- no consumer waits (as in publish_v1)
+        END IF;
+    ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
+       AND pg_notification_queue_usage() < coalesce(nullif(
+           current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
     THEN
-        NULL;  -- pg_notify returns void: evaluating the condition sent the wake-up
+        IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
+            NULL;  -- pg_notify returns void, never NULL: no PERFORM, another query
+        END IF;
     END IF;"""
 # The UPDATE diff when the columns are not known (`sql trigger add` has no connection), or a
 # column was added after the function was generated: one query over the keys of "new".
@@ -170,11 +172,41 @@ def _pick(source: sql.SQL, columns: Sequence[str]) -> sql.Composed:
     )
 
 
-def _diff(columns: Sequence[str]) -> sql.Composed:
-    """The changed columns among *columns* (jsonb order), as a JSON array; NULL: none."""
+# Types whose values become jsonb strings, integers or booleans, each with one spelling: two
+# values are equal in jsonb exactly when their texts (->>) are, and comparing texts skips
+# building a jsonb per value. Not numeric (1.50 and 1.500 are one jsonb number), nor json,
+# jsonb, arrays or composites (their numbers inside, as numeric).
+TEXT_COMPARABLE = frozenset(
+    [
+        "bool",
+        "int2",
+        "int4",
+        "int8",
+        "text",
+        "varchar",
+        "bpchar",
+        "name",
+        "uuid",
+        "date",
+        "time",
+        "timetz",
+        "timestamp",
+        "timestamptz",
+        "interval",
+        "bytea",
+    ]
+)
+
+
+def _diff(columns: Sequence[str], text_columns: Collection[str] = ()) -> sql.Composed:
+    """
+    The changed columns among *columns* (jsonb order), as a JSON array; NULL: none. The
+    values of *text_columns* are compared as text (``->>``), the others as jsonb (``->``),
+    both as jsonb equality says.
+    """
     cases = sql.SQL(",\n            ").join(
-        sql.SQL("CASE WHEN v_new -> {0} IS DISTINCT FROM v_old -> {0} THEN {0} END").format(
-            sql.Literal(c)
+        sql.SQL("CASE WHEN v_new {1} {0} IS DISTINCT FROM v_old {1} {0} THEN {0} END").format(
+            sql.Literal(c), sql.SQL("->>" if c in text_columns else "->")
         )
         for c in _jsonb_order(columns)
     )
@@ -192,6 +224,7 @@ def change_function(
     durable: bool = False,
     key_columns: Sequence[str] = (),
     table_columns: Sequence[str] | None = None,
+    text_columns: Collection[str] = (),
 ) -> list[sql.Composed]:
     """
     ``CREATE OR REPLACE FUNCTION`` of *schema.table*'s trigger function, and its comment.
@@ -201,7 +234,8 @@ def change_function(
     needs), the watched *columns* (empty: all), *durable*, the *key_columns*. With
     *table_columns* (the table's columns, known with a connection) the UPDATE diff compares
     the columns one by one in a single expression; a column added later falls back to the
-    generic diff until `trigger add` runs again. The events are those of notify_change_v1.
+    generic diff until `trigger add` runs again; *text_columns* (of a type in
+    `TEXT_COMPARABLE`) are compared as text. The events are those of notify_change_v1.
     """
     filtered = bool(columns)
     # The whole row, for the key: the images themselves unless a column list cuts them.
@@ -230,14 +264,14 @@ def change_function(
     if not watched:
         diff = sql.SQL("v_changed := {};").format(sql.SQL(_GENERIC_DIFF))
     elif filtered:
-        diff = sql.SQL("v_changed := {};").format(_diff(watched))
+        diff = sql.SQL("v_changed := {};").format(_diff(watched, text_columns))
     else:  # every column, as known at `trigger add`
         diff = sql.SQL(
             "v_changed := {};\n"
             "        IF v_changed IS NULL THEN  -- none of them: maybe a column added since\n"
             "            v_changed := {};\n"
             "        END IF;"
-        ).format(_diff(watched), sql.SQL(_GENERIC_DIFF))
+        ).format(_diff(watched, text_columns), sql.SQL(_GENERIC_DIFF))
     key = _key_columns(key_columns)
     if not key:
         key_text: sql.Composable = sql.SQL("NULL")
@@ -356,6 +390,7 @@ def trigger_statements(
     durable: bool = False,
     key_columns: Sequence[str] = (),
     table_columns: Sequence[str] | None = None,
+    text_columns: Collection[str] = (),
 ) -> list[sql.Composed]:
     """
     The DDL that makes the table's pgherald triggers match these options (idempotent): its
@@ -388,6 +423,7 @@ def trigger_statements(
         durable=durable,
         key_columns=key,
         table_columns=table_columns,
+        text_columns=text_columns,
     )
     row_events = [e.upper() for e in chosen if e != "truncate"]
     if row_events:
@@ -437,6 +473,13 @@ def trigger_sql(table: str, **options: Any) -> str:
         # when the DDL runs: check it as public's, the usual (docs/triggers.md says so).
         checked_default_channel("public" if schema is None else schema, name)
     text = "".join(f"{s.as_string(None)};\n" for s in trigger_statements(schema, name, **options))
+    if not options.get("columns"):
+        text = (
+            "-- Without a connection the table's columns are unknown: the function finds an\n"
+            "-- UPDATE's changed columns with a query over the row's keys, where `pgherald\n"
+            "-- trigger add` compares the table's columns one by one (a few µs less per row).\n"
+            + text
+        )
     if not options.get("key_columns"):
         # Without a connection the primary key is unknown: say what that means for consumers.
         text = (
@@ -513,14 +556,17 @@ def add_table_trigger(
     if channel is None:
         channel = checked_default_channel(schema, name)
     key = primary_key(conn, schema, name) if key_columns is None else _key_columns(key_columns)
-    known = [
-        r[0]
-        for r in conn.execute(
-            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
-            "AND NOT attisdropped ORDER BY attnum",
+    # The table's columns, in order, with their type's name when it is a built-in one.
+    types: dict[str, str | None] = dict(
+        conn.execute(
+            "SELECT a.attname, CASE WHEN t.typnamespace = 'pg_catalog'::regnamespace "
+            "THEN t.typname::text END FROM pg_attribute AS a JOIN pg_type AS t "
+            "ON t.oid = a.atttypid WHERE a.attrelid = to_regclass(%s) AND a.attnum > 0 "
+            "AND NOT a.attisdropped ORDER BY a.attnum",
             (sql.Identifier(schema, name).as_string(conn),),
-        )
-    ]
+        ).fetchall()
+    )
+    known = list(types)
     unknown = [c for c in (*columns, *key) if c not in known]
     if unknown:
         raise UsageError(
@@ -535,12 +581,22 @@ def add_table_trigger(
         durable=durable,
         key_columns=key,
         table_columns=known,
+        text_columns={c for c, t in types.items() if t in TEXT_COMPARABLE},
     )
-    with conn.transaction():
-        before = _trigger_functions(conn, schema, name)
-        for statement in statements:
-            conn.execute(statement)
-        _drop_unused_functions(conn, before)
+    try:
+        with conn.transaction():
+            before = _trigger_functions(conn, schema, name)
+            for statement in statements:
+                conn.execute(statement)
+            _drop_unused_functions(conn, before)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        if "schema pgherald" not in str(exc):
+            raise
+        raise PrivilegeError(
+            "trigger add creates the table's trigger function in schema pgherald, which needs "
+            "CREATE on it: run GRANT CREATE ON SCHEMA pgherald TO <role> (as its owner or a "
+            "superuser), or add the trigger as the role that ran pgherald install"
+        ) from exc
     return TableTrigger(
         schema,
         name,

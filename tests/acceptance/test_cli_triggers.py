@@ -148,7 +148,7 @@ def test_sql_trigger_add_key_option(dsn: str, db: psycopg.Connection) -> None:
     assert plain.stdout.startswith("-- No key columns (pass --key)")
     out = run(unreachable, "sql", "trigger", "add", "orders", "--durable", "--key", "id,item")
     assert out.returncode == 0, out.stderr
-    assert "notify_change_v1('', '[]', 't', 'id', 'item')" in out.stdout
+    assert "\"change_v1_public.orders\"('', '[]', 't', 'id', 'item')" in out.stdout
     assert "No key columns" not in out.stdout
     db.execute(out.stdout)
     [t] = pgherald.list_table_triggers(db)

@@ -23,7 +23,7 @@ import pytest
 import pgherald
 from pgherald import ChangeEvent, ChangeStream
 from pgherald._protocol.pgoutput import lsn_to_int
-from tests.fix_faults import await_until, wait_until
+from tests.fix_faults import SilentServer, await_until, wait_until
 from tests.fix_server import OwnServer, own_server
 
 
@@ -524,3 +524,44 @@ async def test_async_stream(cdc_dsn: str) -> None:
             async for e in stream:
                 assert e.key == "3"  # 1 and 2 were acknowledged
                 break
+
+
+def test_stop_while_connecting_to_a_server_that_never_answers(
+    silent_server: SilentServer,
+) -> None:
+    stream = ChangeStream(
+        f"postgresql://postgres@127.0.0.1:{silent_server.port}/x",
+        slot="s_hung",
+        connect_timeout=60,
+    )
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            for _ in stream:
+                pass
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+        done.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    wait_until(lambda: silent_server.accepted, 5, "a connection attempt to the hung server")
+    stream.stop()
+    assert done.wait(2), "stop() did not end a connection attempt within 2 s"
+    assert errors == []
+
+
+@pytest.mark.anyio
+async def test_async_cancel_and_stop_while_connecting(silent_server: SilentServer) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{silent_server.port}/x"
+    stream = pgherald.AsyncChangeStream(dsn, slot="s_hung", connect_timeout=60)
+    with anyio.move_on_after(0.3) as scope:
+        await stream.run(lambda e: None)
+    assert scope.cancelled_caught  # cancellation reaches the connection attempt
+    stream2 = pgherald.AsyncChangeStream(dsn, slot="s_hung", connect_timeout=60)
+    with anyio.fail_after(3):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream2.run, lambda e: None)
+            await await_until(lambda: len(silent_server.accepted) >= 2, 5, "a second attempt")
+            stream2.stop()

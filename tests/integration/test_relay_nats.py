@@ -264,3 +264,51 @@ def test_relay_and_async_relay_are_twins() -> None:
     )
     assert inspect.iscoroutinefunction(pgherald.AsyncRelay.run)
     assert not inspect.iscoroutinefunction(pgherald.Relay.run)
+
+
+def test_a_redelivered_read_is_dropped_by_jetstream(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    """The group reset to the beginning: every event is sent again, none is stored twice."""
+    stream = unique.upper()
+    ids = publish_paced(installed, "orders", 300, 100, 0)
+    options: dict[str, Any] = {
+        "to": nats_url,
+        "channels": ["orders"],
+        "stream": stream,
+        "subject": f"{unique}.{{channel}}",
+    }
+    try:
+        for _ in range(2):
+            relay = pgherald.Relay(installed, **options)
+            t = threading.Thread(target=relay.run)
+            t.start()
+            try:
+                wait_until(lambda relay=relay: relay.stats.relayed >= 300, 10, "300 relayed")
+            finally:
+                relay.stop()
+                t.join(10)
+            pgherald.reset_group(conn, "relay", to="beginning")
+        assert relay.stats.duplicates == 300  # the second run: every one a duplicate
+        check_exactly_once_in_key_order(messages(nats_url, stream), ids)
+    finally:
+        delete_stream(nats_url, stream)
+
+
+@pytest.mark.parametrize("scheme", ["nats", "redis"])
+def test_stop_while_connecting_to_a_broker_that_never_answers(
+    installed: str, conn: psycopg.Connection, silent_server: Any, scheme: str
+) -> None:
+    pgherald.publish(conn, "orders", {"id": 1})
+    relay = pgherald.Relay(
+        installed, to=f"{scheme}://127.0.0.1:{silent_server.port}", channels=["orders"]
+    )
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: silent_server.accepted, 10, "the relay inside its connection attempt")
+    finally:
+        relay.stop()
+        t.join(2)  # well before the 5 s connect timeout
+    assert not t.is_alive()
+    assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again

@@ -105,6 +105,7 @@ def test_a_redelivered_read_is_skipped_by_the_script(
                 t.join(10)
             pgherald.reset_group(conn, "relay", to="beginning")
         check_exactly_once_in_key_order(entries(redis_url, unique), ids)
+        assert relay.stats.duplicates == 300  # the second run: every one skipped
     finally:
         delete(redis_url, unique, f"{unique}:pgherald-positions")
 

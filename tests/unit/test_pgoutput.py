@@ -192,3 +192,24 @@ def test_dumps_value_keeps_numeric_digits() -> None:
         "n": "NaN",
         "f": "Infinity",
     }
+
+
+def test_publication_statements_quote_every_name() -> None:
+    from pgherald._protocol.replication import publication_statements
+
+    assert publication_statements("pub", False, []) == []
+    assert publication_statements("pub", False, [("sales", "Line Items")]) == [
+        'CREATE PUBLICATION "pub" FOR TABLE "sales"."Line Items"'
+    ]
+    assert publication_statements("pub", True, [("public", "t")], ("id", "Name")) == [
+        'ALTER PUBLICATION "pub" ADD TABLE "public"."t" ("id", "Name")'
+    ]
+
+
+@pytest.mark.parametrize("name", ["", "Upper", "a-b", "x" * 64, "a b", "é"])
+def test_slot_names_are_checked(name: str) -> None:
+    from pgherald import UsageError
+    from pgherald._protocol.replication import check_name
+
+    with pytest.raises(UsageError, match="invalid slot name"):
+        check_name(name, "slot")

@@ -202,6 +202,11 @@ class ListenerEngine:
             name = self._names[relname] = relname.decode("utf-8", "replace")
             return name
 
+    @property
+    def streaming(self) -> bool:
+        """A delivery ended with data still coming in: the next one needs no wait."""
+        return self._input
+
     def unread(self, notifications: list[Notification]) -> None:
         """Put back notifications taken but not delivered (an iteration ended): next in line."""
         self._pending.extendleft(reversed(notifications))
@@ -291,15 +296,20 @@ class ListenerEngine:
                 if self.stopping or (not count & 7 and clock() > budget):
                     break
             else:  # libpq holds no more
-                if not reread or count == mark:  # no reads left, or the last brought nothing
+                if count == mark or self.pgconn is None:  # the last read brought nothing
                     self._input = False
+                    break
+                if not reread:
+                    # Out of reads while data still comes: `_input` stays set, so the engine
+                    # delivers again without a wait; the async runtime checkpoints between
+                    # (see `streaming`), the sync one needs none.
                     break
                 # Still streaming? Read what has arrived meanwhile right here (a non-blocking
                 # recv, cheap when empty) rather than going round through the waiter.
                 reread -= 1
                 mark = count
                 try:
-                    self._consume(self.pgconn)  # type: ignore[arg-type]
+                    self._consume(self.pgconn)
                 except _Lost as lost:
                     self._lost = lost
                     break

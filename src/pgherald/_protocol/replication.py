@@ -191,7 +191,14 @@ class ReplicationEngine:
             repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
             self.pgconn = repl
             if backfill is not None:
-                yield from self._create_slot_and_backfill(repl, ctl)
+                try:
+                    yield from self._create_slot_and_backfill(repl, ctl)
+                except (pgwire.QueryFailed, pgwire.QueryTimeout, OSError) as exc:
+                    raise _incomplete_backfill(cfg.slot, exc) from None
+                except Exception as exc:
+                    if pgwire.is_connection_error(exc):
+                        raise _incomplete_backfill(cfg.slot, exc) from None
+                    raise
             elif not self._slot_known:
                 yield from self._create_slot(repl)
         except ConnectError as exc:
@@ -602,6 +609,14 @@ def _text_array(raw: bytes | None) -> list[str]:
     from .pgoutput import parse_array
 
     return [] if raw is None else [str(x) for x in parse_array(raw.decode(), bytes.decode)]
+
+
+def _incomplete_backfill(slot: str, exc: BaseException) -> UsageError:
+    """The backfill broke off: the slot exists, so a retry would not backfill again."""
+    return UsageError(
+        f"the backfill of slot {slot!r} failed ({pgwire.one_line(exc)}): the slot exists but its "
+        f"backfill is incomplete; drop it (`pgherald cdc drop --slot {slot}`) and start again"
+    )
 
 
 def _failed(exc: pgwire.QueryFailed) -> Exception:

@@ -186,6 +186,7 @@ def relay_cmd(
     s = relay.stats
     click.echo(
         f"relayed {s.relayed} events in {s.batches} batches"
+        + (f" ({s.duplicates} duplicates dropped by the broker)" if s.duplicates else "")
         + (f", {s.dead_lettered} dead-lettered" if s.dead_lettered else ""),
         err=True,
     )

@@ -13,6 +13,7 @@ from .._models import Notification
 from .._triggers import (
     DDL_CHANNEL,
     EVENTS,
+    SHARED_FUNCTION,
     TableTrigger,
     add_table_trigger,
     disable_ddl_events,
@@ -120,14 +121,24 @@ def trigger_list(dsn: str | None, as_json: bool) -> None:
     with connection(dsn) as conn:
         triggers = list_table_triggers(conn)
     for t in triggers:
+        shared = t.function == f"pgherald.{SHARED_FUNCTION}"
         if as_json:
-            click.echo(json.dumps(t.__dict__))
+            # The generated function's name follows from the table: only the shared one of
+            # triggers from earlier versions is shown, as "function".
+            options = {k: v for k, v in t.__dict__.items() if k != "function"}
+            click.echo(json.dumps(options | ({"function": t.function} if shared else {})))
         else:
             cols = ",".join(t.columns) or "all columns"
             key = f"key {','.join(t.key_columns)}" if t.key_columns else "no key"
             click.echo(
                 f"{t.schema}.{t.table}: {','.join(t.events)}; {cols}; {key}; channel "
                 f"{t.channel!r}{' (durable)' if t.durable else ''}"
+                + (
+                    f"; the shared {t.function}() of an earlier version: `pgherald trigger add "
+                    "TABLE` again generates the table's own, faster function"
+                    if shared
+                    else ""
+                )
             )
     if not triggers and not as_json:
         click.echo("no pgherald triggers")
@@ -186,8 +197,9 @@ def sql_trigger_add(
     durable: bool,
     key: str | None,
 ) -> None:
-    """The DDL of `pgherald trigger add TABLE` (needs `pgherald install` applied first;
-    without a connection the primary key is unknown: pass --key to key the events)."""
+    """The DDL of `pgherald trigger add TABLE`: the table's generated function and its
+    triggers (needs `pgherald install` applied first; without a connection the primary key
+    and the columns are unknown: pass --key to key the events)."""
     click.echo(
         trigger_sql(
             table,
