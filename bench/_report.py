@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import shlex
 import sys
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -121,3 +123,13 @@ def table(rows: list[list[str]]) -> str:
     cells = [" | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([f"| {cells[0]} |", sep, *(f"| {line} |" for line in cells[1:])])
+
+
+def parse_last(out: str, err: str, rc: int | None) -> dict[str, Any]:
+    """A worker's result: the last JSON line it printed, else its last error line."""
+    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
+        return {"ok": False, "error": tail}
+    res: dict[str, Any] = json.loads(lines[-1])
+    return res

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import json
 import statistics
 import subprocess
 import sys
@@ -51,6 +50,7 @@ from typing import Any
 
 import _report  # bench/_report.py: shared by every benchmark
 import psycopg
+from _report import parse_last
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 HERE = Path(__file__).resolve().parent
@@ -108,15 +108,6 @@ def log(msg: str) -> None:
 
 def worker(*args: str) -> list[str]:
     return [sys.executable, WORKERS, *args]
-
-
-def parse_last(out: str, err: str, rc: int | None) -> Result:
-    lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
-    if not lines:
-        tail = (err.strip().splitlines() or [f"exit code {rc}"])[-1]
-        return {"ok": False, "error": tail}
-    res: Result = json.loads(lines[-1])
-    return res
 
 
 # -- setup ---------------------------------------------------------------------------------
