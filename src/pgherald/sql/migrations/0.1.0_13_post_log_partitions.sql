@@ -216,7 +216,9 @@ BEGIN
             '  SELECT FROM pgherald.%I AS e '
             '  WHERE e.channel = p.channel AND e.partition = p.partition '
             '    AND (e.tx, e.id) > (p.tx, p.event_id) AND ($2 OR e.created_at < $3)'
-            '    AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip)))',
+            '    AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip)) '
+            -- OFFSET 0: a probe of the read index per position, not a hash join over the day
+            '  OFFSET 0)',
             r.relname)
             USING v_ignored, r.upper_bound IS NOT NULL, v_cutoff INTO v_pins;
         IF r.upper_bound IS NULL THEN  -- the default partition: by row, what is old enough
