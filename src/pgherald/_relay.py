@@ -222,7 +222,7 @@ class AsyncRelay:
         metrics_port: serve Prometheus metrics on ``http://metrics_host:metrics_port/metrics``
             while `run` runs (0: a free port, see `metrics_address`).
 
-    .. versionadded:: 0.3
+    .. versionadded:: 0.1
     """
 
     def __init__(
@@ -447,7 +447,7 @@ class Relay:
     The blocking `AsyncRelay`: same options; `run` blocks (on an asyncio loop of its own) until
     `stop`, which any thread or a signal handler may call.
 
-    .. versionadded:: 0.3
+    .. versionadded:: 0.1
     """
 
     def __init__(
