@@ -51,6 +51,7 @@ logger = logging.getLogger("pgherald.cdc")
 CHANGE = 10  # (CHANGE, ChangeEvent) -> None: hand the change to the application
 COMMIT = 11  # (COMMIT, Commit) -> None: the transaction's changes were all handed over
 ABORT = 12  # (ABORT,) -> None: the transaction under way will come again; forget its changes
+STOP_GRACE = 0.5  # seconds a stop waits for the Commit of a transaction being handled
 REPORT = pgwire.REPORT  # (REPORT, str) -> None: the stream was lost and is back (a message)
 
 _NAME = re.compile(r"^[a-z0-9_]{1,63}$")
@@ -494,10 +495,22 @@ class ReplicationEngine:
         Stopped after a change: when the transaction's Commit is already here (the change was
         its last), finish it, so that it is acknowledged; else give the transaction up.
         """
-        try:
-            n, data = pgconn.get_copy_data(1)
-        except Exception:
-            n = 0
+        # The server sends a decoded transaction whole, so its Commit follows the last change
+        # at once; libpq may not have read it yet. Wait for it briefly (stop() ends in < 1 s).
+        deadline = time.monotonic() + STOP_GRACE
+        n, data = 0, b""
+        while True:
+            try:
+                n, data = pgconn.get_copy_data(1)
+            except Exception:
+                n = -1
+            if n != 0 or time.monotonic() >= deadline:
+                break
+            if (yield (WAIT, pgconn.socket, READ, deadline)):
+                try:
+                    pgconn.consume_input()
+                except Exception:
+                    break
         if n > 0 and data[0] == 0x77 and data[25] == 0x43:
             (commit,) = Decoder().decode(bytes(data[25:]))
             assert isinstance(commit, Commit)
