@@ -93,6 +93,9 @@ class Sink(Protocol):
     """What a relay publishes through: one broker connection, opened lazily."""
 
     target: str
+    raw: bool
+    """True: the sink takes each event's payload and headers as the log's JSON text (str, and
+    None for no headers), which it forwards as they are; False: decoded, as consumers get them."""
 
     async def send(self, events: list[Event], relay: _RelayState) -> int | None:
         """Publish *events* in order; return None when all are acknowledged, or how many are
@@ -292,6 +295,9 @@ class AsyncRelay:
             max_attempts=1,
             application_name=application_name,
         )
+        # NATS and Redis forward the payload's JSON text as the log holds it: no json.loads
+        # and json.dumps per event (the consumer's one private switch, for relays).
+        self._consumer._config.raw_payloads = self._sink.raw
         self._consumer.add_batch_handler(self._send)
         self._retry = (retry_delay, retry_max_delay)
         self._metrics = (metrics_host, metrics_port)

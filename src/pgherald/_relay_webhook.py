@@ -68,6 +68,8 @@ def retry_after(value: str | None, now: float) -> float:
 
 
 class WebhookSink:
+    raw = False  # the body embeds the payload as a JSON value: decoded events
+
     def __init__(
         self, url: str, *, secret: str | None, batch: int, max_attempts: int, timeout: float
     ) -> None:

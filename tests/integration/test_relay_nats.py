@@ -125,6 +125,9 @@ async def test_headers_subjects_and_a_stream_created_with_overrides(
     stream = unique.upper()
     first = pgherald.publish(conn, "orders", {"id": 1}, key="customer-7", headers={"h": 1})
     second = pgherald.publish(conn, "refunds", [1, "two"])
+    # Not ASCII: the relay writes the log's JSON text as it is, the lengths are of its bytes.
+    wide = {"name": 'Zoë ✓ "q"\n', "nested": {"a": [1, 2.5, None]}}
+    third = pgherald.publish(conn, "orders", wide, key="clé-✓", headers={"h": "ü"})
     relay = pgherald.AsyncRelay(
         installed,
         to=nats_url,
@@ -136,10 +139,10 @@ async def test_headers_subjects_and_a_stream_created_with_overrides(
     task = asyncio.create_task(relay.run())
     try:
         for _ in range(500):
-            if relay.stats.relayed >= 2:
+            if relay.stats.relayed >= 3:
                 break
             await asyncio.sleep(0.01)
-        assert relay.stats.relayed == 2
+        assert relay.stats.relayed == 3
     finally:
         relay.stop()
         await asyncio.wait_for(task, 10)
@@ -154,14 +157,20 @@ async def test_headers_subjects_and_a_stream_created_with_overrides(
         by_id = {int(m.headers["Nats-Msg-Id"]): m for m in msgs}
         m = by_id[first]
         assert m.subject == f"{unique}.orders"
-        assert json.loads(m.data) == {"id": 1}
+        assert m.data == b'{"id": 1}'  # the payload's JSON text as the log holds it
         assert m.headers["Pgherald-Channel"] == "orders"
         assert m.headers["Pgherald-Key"] == "customer-7"
         assert m.headers["Pgherald-Event-Id"] == str(first)
+        row = conn.execute("SELECT tx::text FROM pgherald.events_v1 WHERE id = %s", (first,))
+        assert m.headers["Pgherald-Tx"] == row.fetchone()[0]  # type: ignore[index]
         assert json.loads(m.headers["Pgherald-Headers"]) == {"h": 1}
         assert m.headers["Pgherald-Created-At"].startswith("20")
         assert json.loads(by_id[second].data) == [1, "two"]
         assert "Pgherald-Key" not in (by_id[second].headers or {})
+        m = by_id[third]
+        assert json.loads(m.data) == wide
+        assert m.headers["Pgherald-Key"] == "clé-✓"
+        assert json.loads(m.headers["Pgherald-Headers"]) == {"h": "ü"}
     finally:
         await _delete_stream(nats_url, stream)
     assert uncovered(conn, "relay") == 0

@@ -110,6 +110,35 @@ def test_a_redelivered_read_is_skipped_by_the_script(
         delete(redis_url, unique, f"{unique}:pgherald-positions")
 
 
+def test_a_flushed_script_cache_is_loaded_again(
+    installed: str, conn: psycopg.Connection, own_redis: OwnRedis
+) -> None:
+    """The relay calls its script by hash (EVALSHA): after SCRIPT FLUSH it loads it again."""
+    first = publish_paced(installed, "orders", 200, 200, 0)
+    relay = pgherald.Relay(
+        installed, to=own_redis.url, channels=["orders"], stream="flushed", retry_delay=0.01
+    )
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.relayed >= 200, 10, "200 relayed")
+        client = redis.Redis.from_url(own_redis.url)
+        try:
+            client.script_flush()
+        finally:
+            client.close()
+        second = publish_paced(installed, "orders", 200, 200, 0)
+        wait_until(lambda: relay.stats.relayed >= 400, 10, "400 relayed")
+    finally:
+        relay.stop()
+        t.join(10)
+    assert not t.is_alive()
+    check_exactly_once_in_key_order(entries(own_redis.url, "flushed"), first + second)
+    assert relay.stats.retries >= 1  # the NOSCRIPT answer was seen, and recovered from
+    assert relay.stats.connects == 2
+    assert relay.stats.dead_lettered == 0
+
+
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 @pytest.mark.anyio
 async def test_fields_a_stream_per_channel_and_maxlen(
@@ -117,6 +146,9 @@ async def test_fields_a_stream_per_channel_and_maxlen(
 ) -> None:
     first = pgherald.publish(conn, "orders", {"id": 1}, key="customer-7", headers={"h": 1})
     pgherald.publish_many(conn, "refunds", [[i] for i in range(300)])
+    # Not ASCII: the relay writes the log's JSON text as it is, the lengths are of its bytes.
+    wide = {"name": 'Zoë ✓ "q"\n', "nested": {"a": [1, 2.5, None]}}
+    third = pgherald.publish(conn, "orders", wide, key="clé-✓", headers={"h": "ü"})
     relay = pgherald.AsyncRelay(
         installed,
         to=redis_url,
@@ -127,23 +159,27 @@ async def test_fields_a_stream_per_channel_and_maxlen(
     task = asyncio.create_task(relay.run())
     try:
         for _ in range(500):
-            if relay.stats.relayed >= 301:
+            if relay.stats.relayed >= 302:
                 break
             await asyncio.sleep(0.01)
-        assert relay.stats.relayed == 301
+        assert relay.stats.relayed == 302
     finally:
         relay.stop()
         await asyncio.wait_for(task, 10)
     try:
-        (order,) = entries(redis_url, f"{unique}:orders")
+        order, other = entries(redis_url, f"{unique}:orders")
         assert order == {
             "id": str(first),
             "channel": "orders",
             "key": "customer-7",
             "created_at": order["created_at"],
-            "payload": json.dumps({"id": 1}, separators=(",", ":")),
-            "headers": json.dumps({"h": 1}, separators=(",", ":")),
+            "payload": '{"id": 1}',  # the JSON text as the log holds it (jsonb's text form)
+            "headers": '{"h": 1}',
         }
+        assert other["id"] == str(third)
+        assert other["key"] == "clé-✓"
+        assert json.loads(other["payload"]) == wide
+        assert json.loads(other["headers"]) == {"h": "ü"}
         refunds = entries(redis_url, f"{unique}:refunds")
         assert 100 <= len(refunds) < 300  # MAXLEN ~ trims whole nodes
         assert "key" not in refunds[-1]

@@ -60,6 +60,27 @@ def _names(values: tuple[str, ...]) -> list[str]:
     help="Channels served from the durable event log, resumable by Last-Event-ID (repeat).",
 )
 @click.option(
+    "--source",
+    envvar="PGHERALD_GATEWAY_SOURCE",
+    show_envvar=True,
+    default=None,
+    metavar="URL",
+    help="Take durable channels' live events from the JetStream stream of 'pgherald relay' "
+    "(nats://HOST:PORT) instead of tailing the log: replicas add no polling to the database.",
+)
+@click.option(
+    "--source-stream",
+    default="PGHERALD",
+    show_default=True,
+    help="With --source: the relay's JetStream stream (its --stream).",
+)
+@click.option(
+    "--source-subject",
+    default="pgherald.{channel}",
+    show_default=True,
+    help="With --source: the relay's subject per channel (its --subject).",
+)
+@click.option(
     "--cors-origin",
     "cors_origins",
     multiple=True,
@@ -117,6 +138,9 @@ def serve(
     jwt_public_key: Path | None,
     allow_anonymous: tuple[str, ...],
     durable_channels: tuple[str, ...],
+    source: str | None,
+    source_stream: str,
+    source_subject: str,
     cors_origins: tuple[str, ...],
     channels: tuple[str, ...],
     heartbeat: float,
@@ -158,6 +182,16 @@ def serve(
             f"{patterns[0]!r} is a pattern: name plain channels here (subscriptions take patterns)",
             param_hint="'--channel'",
         )
+    if source is not None and not source.lower().startswith(("nats://", "tls://")):
+        raise click.BadParameter(
+            f"{source!r}: the source is the JetStream stream of pgherald relay, nats://HOST:PORT",
+            param_hint="'--source'",
+        )
+    if source is not None and not durable:
+        raise click.BadParameter(
+            "takes durable channels' events from the relay: name them with --durable-channel",
+            param_hint="'--source'",
+        )
     if not (jwt_secret or jwt_public_key or anonymous):
         click.echo(
             "pgherald: warning: no --jwt-secret, --jwt-public-key or --allow-anonymous: every "
@@ -175,6 +209,9 @@ def serve(
                 jwt_public_key=key,
                 allow_anonymous=anonymous,
                 durable_channels=durable,
+                source=source,
+                source_stream=source_stream,
+                source_subject=source_subject,
                 cors_origins=origins,
                 channels=known,
                 heartbeat=heartbeat,

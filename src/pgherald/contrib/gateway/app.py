@@ -139,6 +139,8 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         state = {"database": await self.hub.database_ok(), "listener": self.hub.healthy_listener}
+        if self.hub.source is not None and self.hub.durable:
+            state["source"] = self.hub.source_ok
         return JSONResponse(state, 200 if all(state.values()) else 503)
 
     async def metrics(self, request: Request) -> Response:
@@ -181,6 +183,9 @@ def create_app(
     cors_origins: Iterable[str] = (),
     channels: Iterable[str] = (),
     queue_check_interval: float = 1.0,
+    source: str | None = None,
+    source_stream: str = "PGHERALD",
+    source_subject: str = "pgherald.{channel}",
 ) -> Starlette:
     """
     The real-time gateway: SSE, WebSocket and HTTP publish over one LISTEN connection.
@@ -193,7 +198,10 @@ def create_app(
     gateway; other origins' browser requests are refused. *channels*: plain channels wildcard
     subscriptions may match (besides change triggers' and durable ones). *queue_check_interval*:
     seconds between reads of the NOTIFY queue usage (a ``gap`` when change triggers skip
-    notifications; 0: never). See docs/gateway.md.
+    notifications; 0: never). *source*: ``nats://HOST:PORT`` takes the durable channels' live
+    events from the JetStream stream *source_stream* (subjects *source_subject*) that
+    `pgherald relay` fills, instead of tailing the log (resuming still reads the log). See
+    docs/gateway.md.
     """
     cors = CorsPolicy(cors_origins)  # ValueError for an origin without a scheme
     if isinstance(jwt_public_key, Path):
@@ -210,6 +218,9 @@ def create_app(
         inline_writes=inline_writes,
         channels=channels,
         queue_check_interval=queue_check_interval,
+        source=source,
+        source_stream=source_stream,
+        source_subject=source_subject,
     )
     gateway = Gateway(hub, auth, max_body, body_timeout, cors)
 

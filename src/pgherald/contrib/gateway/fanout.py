@@ -20,10 +20,17 @@ Durable channels: one task tails the event log in commit-safe order, (tx, id), w
 an idle poll costs the same however long the log). `Hub.position` is where the tail is; a
 client that registers gets every later event live, and reads anything before that from the log
 itself. Every statement runs on the event loop (`Db`): no worker threads.
+
+With a ``source`` (``nats://...``), durable channels' live events come from the JetStream
+stream `pgherald relay` fills instead (`_tail_nats`): no log tail, no wake-ups, so gateway
+replicas add no polling to the database. The relay's ``Pgherald-Tx`` and ``Pgherald-Event-Id``
+headers give each event its log position, so resuming (Last-Event-ID, read from the log) and
+the live stream meet as with the log tail.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import logging
 import time
@@ -42,7 +49,7 @@ from ..._protocol.payload import encode_payload
 from ..._protocol.pgwire import Request, one_line
 from ..._publish import _params as publish_params
 from ..._schema import MISSING
-from ...errors import ConnectionLost, HeraldError, SchemaMissing
+from ...errors import ConnectionLost, HeraldError, SchemaMissing, UsageError
 from .client import Client
 from .db import Db, Statement
 from .filters import Filter, decode
@@ -82,9 +89,23 @@ class Hub:
         channels: Iterable[str] = (),
         queue_check_interval: float = 1.0,
         discover_interval: float = 30.0,
+        source: str | None = None,
+        source_stream: str = "PGHERALD",
+        source_subject: str = "pgherald.{channel}",
     ) -> None:
         self.dsn = dsn
         self.durable = frozenset(durable_channels)
+        if source is not None and not source.lower().startswith(("nats://", "tls://")):
+            raise UsageError(
+                f"gateway source {source!r} is not supported: use nats://HOST:PORT (the "
+                "JetStream stream of pgherald relay), or none (the database)"
+            )
+        self.source = source
+        """Where durable channels' live events come from: None (the log) or a NATS URL."""
+        self.source_stream = source_stream
+        self.source_subject = source_subject
+        self.source_ok = False
+        """With a source: connected to NATS, the stream's consumers made (see /healthz)."""
         self.declared = frozenset(channels)
         """Plain channels given to the gateway for patterns to match (``--channel``)."""
         self.queue_check_interval = queue_check_interval
@@ -103,7 +124,7 @@ class Hub:
         self._tail_db = Db(
             dsn,
             application_name="pgherald-gateway-tail",
-            on_connect="hold_wakeups" if self.durable else None,
+            on_connect="hold_wakeups" if self.durable and source is None else None,
         )
         self.frames_out = 0
         self.metrics = Metrics(
@@ -131,9 +152,13 @@ class Hub:
     @asynccontextmanager
     async def running(self) -> AsyncIterator[Hub]:
         """Connect, start listening (and tailing), and on exit end every stream."""
+        if self.durable and self.source is not None and not on_asyncio():
+            raise UsageError("the gateway's NATS source runs on asyncio only (nats-py does)")
         async with self.listener:
-            if self.durable:
-                await self._check_schema()
+            if self.durable and self.source is not None:
+                await self._check_schema(self.db)  # (resuming still reads the log)
+            elif self.durable:
+                await self._check_schema(self._tail_db)
                 await self.listener.subscribe(WAKE_CHANNEL)
                 horizon = await self._tail_db.named("log_horizon", {}, doing="read the log")
                 self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
@@ -146,7 +171,9 @@ class Hub:
                 tg.start_soon(self._flusher)
                 tg.start_soon(self._watch_queue_guard)
                 tg.start_soon(self._rediscover)
-                if self.durable:
+                if self.durable and self.source is not None:
+                    tg.start_soon(self._tail_nats)
+                elif self.durable:
                     tg.start_soon(self._tail)
                 self._running = True
                 try:
@@ -463,7 +490,7 @@ class Hub:
     # -- plain channels --
 
     def _on_notification(self, n: Notification) -> None:
-        if n.channel == WAKE_CHANNEL and self.durable:
+        if n.channel == WAKE_CHANNEL and self.durable and self.source is None:
             self._wake.set()
             return
         self.metrics.events_in.inc()
@@ -542,6 +569,108 @@ class Hub:
             with anyio.move_on_after(self.poll_interval):
                 await wake.wait()
 
+    async def _tail_nats(self) -> None:
+        """Durable channels' live events from the relay's JetStream stream (``source``)."""
+        try:
+            import nats
+            from nats.js.api import DeliverPolicy
+        except ImportError:
+            raise UsageError(
+                "serve --source nats:// needs nats-py: pip install 'pgherald[relay]'"
+            ) from None
+        source = self.source
+        assert source is not None
+        attempt = 0
+        while True:  # until cancelled (the hub stops)
+            attempt += 1
+            nc: Any = None
+            try:
+                nc = await nats.connect(
+                    source,
+                    name="pgherald-gateway",
+                    connect_timeout=self.listen_timeout,
+                    max_reconnect_attempts=-1,  # once connected, nats-py reconnects for ever
+                    reconnect_time_wait=0.5,
+                    allow_reconnect=True,
+                    error_cb=_nats_error,
+                    disconnected_cb=self._source_down,
+                    reconnected_cb=self._source_up,
+                )
+                js = nc.jetstream(timeout=self.listen_timeout)
+                for channel in sorted(self.durable):
+                    # An ordered consumer: in stream order, gap-free across reconnects (it
+                    # starts again after the last message it saw), no acknowledgements.
+                    await js.subscribe(
+                        self.source_subject.replace("{channel}", channel),
+                        stream=self.source_stream,
+                        cb=self._on_relayed,
+                        ordered_consumer=True,
+                        deliver_policy=DeliverPolicy.NEW,
+                    )
+                logger.info(
+                    "durable channels from JetStream stream %s at %s",
+                    self.source_stream,
+                    self.source,
+                )
+                attempt = 0
+                self.source_ok = True
+                await anyio.sleep_forever()
+            except Exception as exc:
+                self.source_ok = False
+                delay = min(0.5 * 2 ** min(attempt - 1, 5), 10.0)
+                logger.warning(
+                    "the gateway's NATS source %s failed (%s: %s); retrying in %.1fs",
+                    self.source,
+                    type(exc).__name__,
+                    one_line(exc),
+                    delay,
+                )
+                await anyio.sleep(delay)
+            finally:
+                self.source_ok = False
+                if nc is not None:
+                    with (
+                        anyio.CancelScope(shield=True),
+                        anyio.move_on_after(2.0),
+                        contextlib.suppress(Exception),
+                    ):
+                        await nc.close()
+
+    async def _source_down(self) -> None:
+        self.source_ok = False
+        logger.warning("the gateway's NATS source %s disconnected; reconnecting", self.source)
+
+    async def _source_up(self) -> None:
+        self.source_ok = True  # (the ordered consumers resume after their last message)
+        logger.info("the gateway's NATS source %s is connected again", self.source)
+
+    async def _on_relayed(self, msg: Any) -> None:
+        """One relayed event (see `_relay_nats`): a frame for its channel's clients."""
+        headers = msg.headers or {}
+        channel = headers.get("Pgherald-Channel")
+        try:
+            pos = (int(headers.get("Pgherald-Tx", "")), int(headers.get("Pgherald-Event-Id", "")))
+        except ValueError:
+            pos = None
+        if channel not in self.durable or pos is None:
+            logger.warning(
+                "a message on %s is not an event relayed by pgherald relay (headers "
+                "Pgherald-Channel, -Tx, -Event-Id): skipped",
+                msg.subject,
+            )
+            return
+        frame = Frame(channel, msg.data.decode(errors="replace"), pos)
+        if pos > self.position:
+            self.position = pos
+        self.metrics.events_in.inc()
+        subs = self._subs.get(channel)
+        if subs:
+            for client in list(subs):
+                client.offer(frame)
+        filtered = self._filtered.get(channel)
+        if filtered:
+            _offer_filtered(filtered, frame)
+
     async def publish(self, channel: str, payload: Any) -> int | None:
         """Publish to the log (durable channel: returns the id) or NOTIFY (returns None)."""
         if channel in self.durable:
@@ -600,10 +729,14 @@ class Hub:
                 return
             after = rows[-1][:2]
 
-    async def _check_schema(self) -> None:
-        res = await self._tail_db.named("schema_installed", {}, doing="check the schema")
+    async def _check_schema(self, db: Db) -> None:
+        res = await db.named("schema_installed", {}, doing="check the schema")
         if res.get_value(0, 0) != b"t":
             raise SchemaMissing(MISSING)
+
+
+async def _nats_error(exc: Exception) -> None:
+    logger.debug("the gateway's NATS connection: %r", exc)
 
 
 def _offer_filtered(filtered: dict[Client, Filter], frame: Frame) -> None:

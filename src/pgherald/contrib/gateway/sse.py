@@ -111,10 +111,14 @@ class SseEndpoint:
         async def body(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
+        # Live events at or before this came from the log (the replay) or were sent before.
+        # (The log tail's live events all follow upto; a NATS source's may not: see Hub.)
+        seen = None if after is None else max(after, upto)
+
         def unsent(frames: list[Frame]) -> list[Frame]:
-            if after is None:
+            if seen is None:
                 return frames
-            return [f for f in frames if f.pos is None or f.pos > after]  # else: from the log
+            return [f for f in frames if f.pos is None or f.pos > seen]  # else: from the log
 
         def write_now(frames: list[Frame]) -> bool:
             # The hot path: the frames' chunks, encoded once per event, straight to the socket.

@@ -147,8 +147,8 @@ class WsEndpoint:
         client.offer(resume, in_task=True)
         try:
             resume.upto = await self._add(client, channels, filter)
-            for ch in durable:
-                resumed[ch] = after
+            for ch in durable:  # live events up to here come from the replay (see sse.py)
+                resumed[ch] = max(after, resume.upto)
         finally:
             resume.known.set()
 
