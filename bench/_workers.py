@@ -339,6 +339,49 @@ def _recv_pgherald_async_iter(backend: str) -> Callable[[str, Handler, float], N
     return recv
 
 
+def _observed(recv: Callable[[str, Handler, float], None]) -> Callable[[str, Handler, float], None]:
+    """*recv* with pgherald.tracing (an SDK tracer, spans exported to nowhere) and metrics on."""
+
+    def observed(dsn: str, handler: Handler, deadline: float) -> None:
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (
+            BatchSpanProcessor,
+            SpanExporter,
+            SpanExportResult,
+        )
+
+        import pgherald
+        import pgherald.metrics
+        import pgherald.tracing
+
+        class Discard(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Discard()))
+        pgherald.tracing.instrument(tracer_provider=provider)
+        listener_classes = (pgherald.Listener, pgherald.AsyncListener)
+        for cls in listener_classes:  # every listener made from now on exports its metrics
+            cls.__init__ = _registering(cls.__init__)  # type: ignore[method-assign]
+        try:
+            recv(dsn, handler, deadline)
+        finally:
+            provider.shutdown()
+
+    return observed
+
+
+def _registering(init: Callable[..., None]) -> Callable[..., None]:
+    def wrapped(self: Any, *args: Any, **kwargs: Any) -> None:
+        import pgherald.metrics
+
+        init(self, *args, **kwargs)
+        pgherald.metrics.register(self, name=f"bench-{id(self)}")
+
+    return wrapped
+
+
 RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
     "psycopg3-notifies": recv_psycopg3_notifies,
     "pq-loop": recv_pq_loop,
@@ -352,6 +395,9 @@ RECEIVERS: dict[str, Callable[[str, Handler, float], None]] = {
     "pgherald-sync-iter": recv_pgherald_sync_iter,
     "pgherald-asyncio-iter": _recv_pgherald_async_iter("asyncio"),
     "pgherald-trio-iter": _recv_pgherald_async_iter("trio"),
+    # tracing (a span per notification) and metrics on
+    "pgherald-sync-observed": _observed(recv_pgherald_sync),
+    "pgherald-asyncio-observed": _observed(_recv_pgherald_async("asyncio")),
 }
 
 

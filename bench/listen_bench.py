@@ -70,6 +70,12 @@ HERALD = [
     "pgherald-trio-iter",
 ]
 ASYNC_HERALD = [c for c in HERALD if "-sync" not in c]
+# pgherald.tracing (an SDK tracer: a span per notification) and pgherald.metrics on: only
+# when named in --clients; the report gives their cost beside the plain client's.
+OBSERVED = {
+    "pgherald-sync-observed": "pgherald-sync",
+    "pgherald-asyncio-observed": "pgherald-async-asyncio",
+}
 BIG_RAW = ["psycopg3-notifies", "pq-loop", "asyncpg"]  # beside pgherald in the 4 KB case
 RATES = {1000: 1, 20000: 20}  # notifications/s -> notifications per transaction (1 tx/ms)
 Result = dict[str, Any]
@@ -338,6 +344,16 @@ def report(
         "",
         table(rows),
         "",
+        *[
+            f"{c}: {fx(median(c, 'cpu_us'), '{:.2f}')} CPU µs/notif against "
+            f"{fx(median(plain, 'cpu_us'), '{:.2f}')} for {plain}: tracing (an SDK span per "
+            "notification, exported by a BatchSpanProcessor to an exporter that drops them) and "
+            f"metrics cost {fx(_diff(median(c, 'cpu_us'), median(plain, 'cpu_us')), '{:.2f}')} "
+            "µs per notification."
+            for c, plain in OBSERVED.items()
+            if c in shown and c not in skipped
+        ],
+        "",
         *(
             [
                 f"Large payloads: {a.big_count:,} notifications of {a.big_bytes:,} B, 1,000 per "
@@ -376,6 +392,10 @@ def report(
     return "\n".join(out + (["", *notes] if notes else []))
 
 
+def _diff(x: float | None, y: float | None) -> float | None:
+    return x - y if x is not None and y is not None else None
+
+
 def main() -> None:
     ap = _report.parser(__doc__, "1 run, 50,000 notifications, 1.5 s")
     ap.add_argument("--clients", help="comma-separated subset of clients (default: all)")
@@ -401,9 +421,9 @@ def main() -> None:
         ap.error("--runs must be at least 1")
     a.runs = a.runs or runs
     clients = a.clients.split(",") if a.clients else RAW + FLOOR + HERALD
-    if unknown := set(clients) - {*RAW, *FLOOR, *HERALD}:
+    if unknown := set(clients) - {*RAW, *FLOOR, *HERALD, *OBSERVED}:
         ap.error(f"unknown clients: {', '.join(sorted(unknown))}")
-    shown = RAW + FLOOR + HERALD
+    shown = RAW + FLOOR + HERALD + [c for c in OBSERVED if c in clients]
     env = dict(os.environ)
 
     try:

@@ -65,6 +65,8 @@ import psycopg
 from _report import parse_last
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+import pgherald._protocol.consumer as _consumer_engine
+
 HERE = Path(__file__).resolve().parent
 WORKERS = str(HERE / "log_workers.py")
 START, END = "<!-- log-bench:start -->", "<!-- log-bench:end -->"
@@ -73,6 +75,8 @@ PGBENCH = "/usr/bin/pgbench"
 PARTS = ["publish", "read", "retention", "latency"]
 WRITERS = [1, 4, 16]
 Result = dict[str, Any]
+
+CONSUMER_SETTINGS = _consumer_engine._SETTINGS  # a Consumer's session settings (planner)
 
 MINIMAL_DDL = """
 DROP TABLE IF EXISTS bench_minimal;
@@ -287,8 +291,9 @@ def explain_quiet(dsn: str, group: str, channel: str) -> Result:
             "txs": "{" + ",".join(["NULL"] * parts) + "}",
             "ids": "{" + ",".join(["NULL"] * parts) + "}",
             "limit": batch,
-            "per_partition": math.ceil(batch / parts),  # what ConsumerCore asks at first
+            "shares": [math.ceil(batch / parts)] * parts,  # what a Consumer asks at first
         }
+        conn.execute(CONSUMER_SETTINGS)  # the consumer's session settings (planner)
         q = sql.query("read_batch")
         t0 = time.perf_counter()
         rows = conn.execute(q, params).fetchall()
@@ -339,8 +344,9 @@ def explain_every(dsn: str, group: str) -> list[Result]:
                 "txs": [None] * len(keys),
                 "ids": [None] * len(keys),
                 "limit": limit,
-                "per_partition": share,
+                "shares": [share] * len(keys),
             }
+            conn.execute(CONSUMER_SETTINGS)  # the consumer's session settings (planner)
             row = conn.execute("EXPLAIN (ANALYZE, FORMAT JSON) " + q, params).fetchone()
             assert row is not None
             plan = row[0][0]
@@ -836,7 +842,8 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
              "Longest other xact (ms)", "Runs p50 / p99"]
         ]  # fmt: skip
         for k, label in (("pgherald", "pgherald publish -> Consumer"),
-                         ("seed", "seeds' INSERT + NOTIFY -> LISTEN loop")):  # fmt: skip
+                         ("seed", "seeds' INSERT + NOTIFY -> LISTEN loop"),
+                         ("seed-read", "seeds' INSERT + NOTIFY -> read by hand")):  # fmt: skip
             rs = lats.get(k, [])
             rows.append(
                 [
@@ -1011,7 +1018,7 @@ def main() -> None:
         log(f"retention: {r['retention']}")
 
     if "latency" in a.parts:
-        lats: dict[str, list[Result]] = {"pgherald": [], "seed": []}
+        lats: dict[str, list[Result]] = {"pgherald": [], "seed": [], "seed-read": []}
         for run in range(a.runs):
             for k in lats:
                 res = latency_trial(dsn, k, f"lat{run}", a.rate, a.lat_seconds)

@@ -222,6 +222,9 @@ def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dic
                         break
         return summary(lats, count)
 
+    if kind == "seed-read":
+        return lat_recv_by_hand(dsn, group, count, timeout)
+
     import pgherald
 
     # A fresh channel per run (the group's name): a fresh group starts at the beginning, so a
@@ -246,6 +249,46 @@ def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dic
     return res
 
 
+def lat_recv_by_hand(dsn: str, channel: str, count: int, timeout: float) -> dict[str, Any]:
+    """The durable reader a user writes by hand on the seeds' table (the floor of a consumer
+    that reads its events from a table): LISTEN; at each notification, read the rows after
+    the last one handled (prepared, on the primary key), handle them, store the position
+    (one autocommit UPDATE, as an acknowledgement). No commit-order safety (a row id can
+    commit after a larger one): a lower bound, not a design to copy."""
+    import psycopg
+
+    lats: list[int] = []
+    reads = 0
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=0) as conn:
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS bench_position (name text PRIMARY KEY, last_id bigint)"
+        )
+        conn.execute(
+            "INSERT INTO bench_position VALUES (%s, 0) ON CONFLICT (name) DO NOTHING", (channel,)
+        )
+        (last,) = conn.execute("SELECT coalesce(max(id), 0) FROM bench_minimal").fetchone() or (0,)
+        conn.execute(f"LISTEN {SEED_CHANNEL}")  # our own constant name
+        emit("READY")
+        read = "SELECT id, payload FROM bench_minimal WHERE channel = %s AND id > %s ORDER BY id"
+        ack = "UPDATE bench_position SET last_id = %s WHERE name = %s"
+        end = time.monotonic() + timeout
+        while len(lats) < count and time.monotonic() < end:
+            # (a query inside the notifies() loop would wait for the connection's lock)
+            if not list(conn.notifies(timeout=0.5, stop_after=1)):
+                continue
+            if True:
+                reads += 1
+                rows = conn.execute(read, (channel, last)).fetchall()
+                for row_id, data in rows:
+                    lats.append(time.time_ns() - data["ts"])
+                    last = row_id
+                if rows:
+                    conn.execute(ack, (last, channel))
+    res = summary(lats, count)
+    res["reads"] = reads
+    return res
+
+
 def lat_send(dsn: str, kind: str, channel: str, rate: float, seconds: float) -> dict[str, Any]:
     import psycopg
 
@@ -264,7 +307,7 @@ def lat_send(dsn: str, kind: str, channel: str, rate: float, seconds: float) -> 
             else:
                 max_lag = max(max_lag, -delay)
             # autocommit: the statement that inserts also commits, right after this timestamp
-            if kind == "seed":
+            if kind.startswith("seed"):
                 text = dumps(payload(i, time.time_ns()))
                 cur.execute(SEED_SQL, (channel, text, text))
             else:

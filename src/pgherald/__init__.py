@@ -52,6 +52,7 @@ from ._triggers import (
     list_table_triggers,
     remove_table_trigger,
 )
+from ._typed import parse_payload
 from .errors import (
     ConnectError,
     ConnectionLost,
@@ -61,6 +62,7 @@ from .errors import (
     ListenError,
     NotifyError,
     PayloadError,
+    PayloadInvalid,
     PayloadNotJSON,
     PayloadNotSerializable,
     PayloadTooLarge,
@@ -99,6 +101,7 @@ __all__ = [
     "Notification",
     "NotifyError",
     "PayloadError",
+    "PayloadInvalid",
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
@@ -131,6 +134,7 @@ __all__ = [
     "list_table_triggers",
     "maintain",
     "notify",
+    "parse_payload",
     "partition_count",
     "publish",
     "publish_many",

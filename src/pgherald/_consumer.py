@@ -23,6 +23,7 @@ import anyio
 import psycopg
 import sniffio
 
+from . import _tracing
 from ._conninfo import Source, connect_error, resolve_source
 from ._models import Event, Gap, Stats
 from ._protocol.channels import check_channel
@@ -38,6 +39,7 @@ from ._protocol.consumer import (
     _Stopped,
 )
 from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
+from ._typed import typed_consumer_handler
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
 from .errors import ConnectError, UsageError
@@ -71,6 +73,7 @@ class _ConsumerBase:
         linger: float = 0.02,
         rebalance_interval: float = 1.0,
         maintain_interval: float | None = 3600.0,
+        synchronous_acks: bool = False,
         max_attempts: int = 3,
         retry_delay: float = 0.2,
         retry_max_delay: float = 30.0,
@@ -138,6 +141,7 @@ class _ConsumerBase:
             linger=linger,
             rebalance_interval=rebalance_interval,
             maintain_interval=maintain_interval,
+            synchronous_acks=bool(synchronous_acks),
             max_attempts=max_attempts,
             retry_delay=retry_delay,
             retry_max_delay=retry_max_delay,
@@ -190,7 +194,9 @@ class _ConsumerBase:
         pgconn = self._engine.pgconn
         return pgconn.backend_pid if pgconn is not None else None
 
-    def on(self, *channels: str, transactional: bool = False) -> Callable[[H], H]:
+    def on(
+        self, *channels: str, transactional: bool = False, model: Any = None
+    ) -> Callable[[H], H]:
         """
         Decorator: handle events of *channels* (every channel the consumer reads when none is
         given).
@@ -201,16 +207,27 @@ class _ConsumerBase:
         effects). *conn* is a ``psycopg.Connection`` for `Consumer`, a
         ``psycopg.AsyncConnection`` for `AsyncConsumer` (asyncio only: psycopg's async
         connection does not run on trio). Do not commit or roll back *conn* yourself.
+
+        With *model* (a pydantic v2 model, a dataclass, a ``msgspec.Struct``), the handler is
+        called with the event's payload validated into it instead of the `Event`
+        (``handler(obj)``, or ``handler(obj, conn)`` when transactional). An event whose payload
+        does not validate never reaches it: it is dead-lettered at once (`PayloadInvalid`, no
+        retries) and counted in ``stats.invalid_payloads``.
         """
 
         def register(func: H) -> H:
-            self.add_handler(channels, func, transactional=transactional)
+            self.add_handler(channels, func, transactional=transactional, model=model)
             return func
 
         return register
 
     def add_handler(
-        self, channels: Iterable[str], handler: Callable[..., Any], *, transactional: bool = False
+        self,
+        channels: Iterable[str],
+        handler: Callable[..., Any],
+        *,
+        transactional: bool = False,
+        model: Any = None,
     ) -> None:
         """Register *handler* for *channels* (empty: every channel); see `on`."""
         if self._batch is not None:
@@ -225,6 +242,11 @@ class _ConsumerBase:
                 f"transactional handler {name!r} of an AsyncConsumer must be async: it gets a "
                 "psycopg.AsyncConnection (a plain function would block the event loop)"
             )
+        # Wrapped here, once (a model refused raises before anything changes).
+        if model is not None:
+            handler = typed_consumer_handler(handler, model, self._count_invalid)
+        if _tracing.active is not None and not _tracing.is_traced(handler):
+            handler = _tracing.active.consumer_handler(handler, is_async)
         names = [channels] if isinstance(channels, str) else list(channels)
         added = {check_channel(c) for c in names}
         if added:  # a handler's channels are read too (no channels at all: every channel)
@@ -262,8 +284,13 @@ class _ConsumerBase:
                 "reads; use another consumer (another group) for it"
             )
         is_async = self._check_handler(func)
+        if _tracing.active is not None:
+            func = _tracing.active.batch_handler(func, is_async)
         self.add_handler(channels, func)
         self._batch = (func, is_async)
+
+    def _count_invalid(self) -> None:
+        self.stats.invalid_payloads += 1
 
     def _check_handler(self, handler: Callable[..., Any]) -> bool:
         """Whether *handler* is async; refused where it would never be awaited."""

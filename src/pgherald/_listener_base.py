@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal, TypeVar
 
+from . import _tracing
 from ._conninfo import Source, connect_error, resolve_source
 from ._models import Gap, ListenerStats, Notification
 from ._protocol.engine import ListenerConfig, ListenerEngine
 from ._protocol.routing import Handler, HandlerRegistry
+from ._typed import is_async, typed_listener_handler
 from .errors import ConnectError, UsageError
 
 logger = logging.getLogger("pgherald.listener")
@@ -29,6 +33,7 @@ class ListenerBase:
         *,
         channels: Iterable[str] = (),
         on_gap: Callable[[Gap], Any] | None = None,
+        on_error: Callable[[Exception, Notification], Any] | None = None,
         application_name: str = "pgherald-listener",
         connect_timeout: float = 10.0,
         health_check_interval: float = 15.0,
@@ -59,11 +64,23 @@ class ListenerBase:
         """Counters: received, handler errors, reconnects, gaps, queue readings."""
         self.on_gap = on_gap
         """Called with a `Gap` each time the listener is listening again after missing out."""
+        if on_error is not None and inspect.iscoroutinefunction(on_error):
+            raise UsageError(
+                "on_error must be a plain function (it runs inside the delivery loop, on "
+                "AsyncListener too): hand the work to a task of yours if it must await"
+            )
+        self.on_error = on_error
+        """
+        Called as ``on_error(exc, notification)`` when a handler raises, or when a payload does
+        not validate as its handler's ``model=`` (`PayloadInvalid`); instead of the log line.
+        """
         self._engine = ListenerEngine(config, self.stats)
         self._engine.want(channels)
         if lent is not None:
             self._engine.adopt(lent)
         self._handlers = HandlerRegistry(allow_async=self._allow_async_handlers)
+        # (channel, id(handler)) -> the wrappers registered for it (a model, tracing)
+        self._wrapped: dict[tuple[str | None, int], list[Handler]] = {}
         self._mode: Mode | None = None
         self._setup()
 
@@ -92,33 +109,44 @@ class ListenerBase:
         pgconn = self._engine.pgconn
         return pgconn.backend_pid if pgconn is not None else None
 
-    def on(self, *channels: str) -> Callable[[H], H]:
+    def on(self, *channels: str, model: Any = None) -> Callable[[H], H]:
         """
         Decorator: call the function with each `Notification` on *channels*.
 
         With no channel, the function receives notifications from every channel. Registering
         a handler also subscribes to its channels: at once on a connected `Listener`; on an
         `AsyncListener` when `run` starts (``await listener.subscribe(...)`` to LISTEN sooner).
+
+        With *model* (a pydantic v2 model, a dataclass, a ``msgspec.Struct``), the function is
+        called with the payload validated into it instead of the `Notification`; a payload that
+        does not validate never reaches it: it goes to ``on_error`` as `PayloadInvalid`.
         """
 
         def register(func: H) -> H:
             if channels:
                 for ch in channels:
-                    self.add_handler(ch, func)
+                    self.add_handler(ch, func, model=model)
             else:
-                self.add_handler(None, func)
+                self.add_handler(None, func, model=model)
             return func
 
         return register
 
-    def add_handler(self, channel: str | None, handler: Handler) -> None:
+    def add_handler(self, channel: str | None, handler: Handler, *, model: Any = None) -> None:
         """Register *handler* for *channel* (None: every channel) and subscribe to it."""
         if self._mode == "iterate":
             raise UsageError(
                 "this listener is being iterated: handlers and iteration do not mix; "
                 "use one listener per style"
             )
-        self._handlers.add(channel, handler)
+        wrapped = handler  # wrapped here, once: the delivery loop calls what it is given
+        if model is not None:
+            wrapped = typed_listener_handler(wrapped, model, self._count_invalid)
+        if _tracing.active is not None:
+            wrapped = _tracing.active.listener_handler(wrapped, is_async(wrapped))
+        self._handlers.add(channel, wrapped)
+        if wrapped is not handler:
+            self._wrapped.setdefault((channel, id(handler)), []).append(wrapped)
         if channel is not None and channel not in self._engine.channels:
             self._request_channels(add=[channel])
             self._handler_channel_added()
@@ -126,6 +154,11 @@ class ListenerBase:
     def remove_handler(self, channel: str | None, handler: Handler) -> None:
         """Forget *handler*; the channel stays subscribed until `unsubscribe`."""
         self._handlers.remove(channel, handler)
+        for wrapped in self._wrapped.pop((channel, id(handler)), ()):
+            self._handlers.remove(channel, wrapped)
+
+    def _count_invalid(self) -> None:
+        self.stats.invalid_payloads += 1
 
     def stop(self) -> None:
         """
@@ -178,7 +211,15 @@ class ListenerBase:
         return connect_error(self._engine.config.conninfo, str(exc))
 
     def _handler_failed(self, handler: Handler, n: Notification) -> None:
+        # Called inside the `except` that caught the handler's exception.
         self.stats.handler_errors += 1
+        if self.on_error is not None:
+            exc = sys.exc_info()[1]
+            try:
+                self.on_error(exc, n)  # type: ignore[arg-type]
+            except Exception:
+                logger.exception("on_error hook failed")
+            return
         logger.exception(
             "handler %s failed on a notification from channel %r (the listener goes on)",
             getattr(handler, "__qualname__", handler),

@@ -94,6 +94,8 @@ class Stats:
     """Consumers: dead letters written (events undecodable, or given up; see `skipped`)."""
     redelivered: int = 0
     """Consumers: dead letters redelivered and handled (see `pgherald.redeliver`)."""
+    invalid_payloads: int = 0
+    """Payloads that did not validate as their handler's ``model=`` (handler not called)."""
 
 
 ListenerStats = Stats

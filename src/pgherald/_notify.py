@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import _drivers, _errormap
+from . import _drivers, _errormap, _tracing
 from ._protocol.channels import check_channel
 from ._protocol.payload import JsonDumps, encode_payload
 
@@ -29,6 +29,14 @@ def notify(
 
     .. versionadded:: 0.1
     """
+    if _tracing.active is not None:  # pgherald.tracing.instrument()
+        with _tracing.active.producer("notify", channel):
+            _notify(conn, channel, payload, dumps)
+        return
+    _notify(conn, channel, payload, dumps)
+
+
+def _notify(conn: Any, channel: str, payload: object, dumps: JsonDumps | None) -> None:
     params = {"channel": check_channel(channel), "payload": encode_payload(payload, dumps=dumps)}
     try:
         _drivers.execute(conn, _QUERY, params, what="NOTIFY")
@@ -47,6 +55,14 @@ async def anotify(
 
     .. versionadded:: 0.1
     """
+    if _tracing.active is not None:  # pgherald.tracing.instrument()
+        with _tracing.active.producer("notify", channel):
+            await _anotify(conn, channel, payload, dumps)
+        return
+    await _anotify(conn, channel, payload, dumps)
+
+
+async def _anotify(conn: Any, channel: str, payload: object, dumps: JsonDumps | None) -> None:
     params = {"channel": check_channel(channel), "payload": encode_payload(payload, dumps=dumps)}
     try:
         await _drivers.aexecute(conn, _QUERY, params, what="NOTIFY")

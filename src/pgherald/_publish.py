@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from . import _drivers, _errormap, sql
+from . import _drivers, _errormap, _tracing, sql
 from ._protocol.channels import check_channel
 from ._protocol.payload import JsonDumps
 from .errors import PayloadNotSerializable, PublishError
@@ -69,6 +69,22 @@ def publish(
 
     .. versionadded:: 0.1
     """
+    if _tracing.active is not None:  # pgherald.tracing.instrument()
+        with _tracing.active.producer("publish", channel, headers) as traced:
+            return _publish(conn, channel, payload, key, traced, dumps, deliver_at, deliver_after)
+    return _publish(conn, channel, payload, key, headers, dumps, deliver_at, deliver_after)
+
+
+def _publish(
+    conn: Any,
+    channel: str,
+    payload: object,
+    key: str | None,
+    headers: Mapping[str, Any] | None,
+    dumps: JsonDumps | None,
+    deliver_at: datetime | None,
+    deliver_after: timedelta | None,
+) -> int:
     params = _params(channel, payload, key, headers, dumps)
     if deliver_at is not None or deliver_after is not None:
         params.update(_when(deliver_at, deliver_after))
@@ -102,6 +118,24 @@ async def apublish(
 
     .. versionadded:: 0.1
     """
+    if _tracing.active is not None:  # pgherald.tracing.instrument()
+        with _tracing.active.producer("publish", channel, headers) as traced:
+            return await _apublish(
+                conn, channel, payload, key, traced, dumps, deliver_at, deliver_after
+            )
+    return await _apublish(conn, channel, payload, key, headers, dumps, deliver_at, deliver_after)
+
+
+async def _apublish(
+    conn: Any,
+    channel: str,
+    payload: object,
+    key: str | None,
+    headers: Mapping[str, Any] | None,
+    dumps: JsonDumps | None,
+    deliver_at: datetime | None,
+    deliver_after: timedelta | None,
+) -> int:
     params = _params(channel, payload, key, headers, dumps)
     if deliver_at is not None or deliver_after is not None:
         params.update(_when(deliver_at, deliver_after))
@@ -252,6 +286,20 @@ def publish_many(
 
     .. versionadded:: 0.1
     """
+    if _tracing.active is not None:  # pgherald.tracing.instrument()
+        with _tracing.active.producer("publish", channel, headers) as traced:
+            return _publish_many(conn, channel, payloads, key, traced, dumps)
+    return _publish_many(conn, channel, payloads, key, headers, dumps)
+
+
+def _publish_many(
+    conn: Any,
+    channel: str,
+    payloads: Iterable[object],
+    key: str | Iterable[str | None] | None,
+    headers: Mapping[str, Any] | None,
+    dumps: JsonDumps | None,
+) -> list[int]:
     params = _many_params(channel, payloads, key, headers, dumps)
     if params is None:
         return []
@@ -278,6 +326,20 @@ async def apublish_many(
 
     .. versionadded:: 0.1
     """
+    if _tracing.active is not None:  # pgherald.tracing.instrument()
+        with _tracing.active.producer("publish", channel, headers) as traced:
+            return await _apublish_many(conn, channel, payloads, key, traced, dumps)
+    return await _apublish_many(conn, channel, payloads, key, headers, dumps)
+
+
+async def _apublish_many(
+    conn: Any,
+    channel: str,
+    payloads: Iterable[object],
+    key: str | Iterable[str | None] | None,
+    headers: Mapping[str, Any] | None,
+    dumps: JsonDumps | None,
+) -> list[int]:
     params = _many_params(channel, payloads, key, headers, dumps)
     if params is None:
         return []

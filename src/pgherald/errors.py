@@ -9,7 +9,8 @@ Every error pgherald raises derives from :class:`HeraldError`.
     ├── PayloadError
     │   ├── PayloadTooLarge     8000 bytes or more for a plain NOTIFY
     │   ├── PayloadNotSerializable   the value cannot be encoded as JSON
-    │   └── PayloadNotJSON      Notification.json() on a payload that is not JSON
+    │   ├── PayloadNotJSON      Notification.json() on a payload that is not JSON
+    │   └── PayloadInvalid      the payload does not validate as a handler's ``model=``
     ├── TransactionStateError   a lent connection is not idle in autocommit; a failed transaction
     ├── NotifyError             the database refused a NOTIFY (the driver error is chained)
     ├── ListenError             the database refused a LISTEN (for example on a standby)
@@ -35,6 +36,7 @@ __all__ = [
     "ListenError",
     "NotifyError",
     "PayloadError",
+    "PayloadInvalid",
     "PayloadNotJSON",
     "PayloadNotSerializable",
     "PayloadTooLarge",
@@ -77,6 +79,14 @@ class PayloadNotSerializable(PayloadError, TypeError):
 
 class PayloadNotJSON(PayloadError):
     """The notification payload is not valid JSON."""
+
+
+class PayloadInvalid(PayloadError):
+    """
+    The payload does not validate as the handler's ``model=``: the handler is not called. A
+    listener counts it in ``stats.invalid_payloads`` and hands it to ``on_error``; a consumer
+    dead-letters the event at once (no retries: the same payload would fail again).
+    """
 
 
 class TransactionStateError(HeraldError):

@@ -7,6 +7,7 @@ import pytest
 
 import pgherald
 from pgherald import sql
+from pgherald._protocol import consumer as consumer_engine
 from tests.fix_durable import FAST, drain, uncovered
 
 
@@ -80,9 +81,10 @@ def test_a_quiet_channel_among_many_others_is_read_and_counted_alone(
             "txs": [None] * 16,
             "ids": [None] * 16,
             "limit": 1000,
-            "per_partition": 1000,
+            "shares": [1000] * 16,
         }
         with conn.cursor() as cur:
+            cur.execute(consumer_engine._SETTINGS)  # the consumer's session (its planner settings)
             cur.execute(
                 "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) " + sql.query("read_batch"), params
             )
@@ -95,6 +97,34 @@ def test_a_quiet_channel_among_many_others_is_read_and_counted_alone(
     (status,) = pgherald.list_groups(conn, groups=["q"])
     assert status.lag_events == 0
     assert uncovered(conn, "q", "quiet") == 0
+
+
+def test_a_busy_channel_beside_quiet_ones_does_not_shrink_the_reads(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    """
+    A group of every channel over a backlog where one channel has most events: each range's
+    share follows its rate, so a read delivers about what it asks for. (With even shares, the
+    busy channel's ranges fill theirs first and each read delivers only up to the earliest of
+    them: here about 190 events of 2,000, some 50 reads.)
+    """
+    conn.execute(
+        "INSERT INTO pgherald.events_v1 (channel, payload)"
+        " SELECT CASE WHEN i % 2 = 0 THEN 'hot' ELSE 'c' || (i % 20) END, to_jsonb(i)"
+        " FROM generate_series(1, 10000) AS i"
+    )
+    conn.execute("ANALYZE pgherald.events_v1")
+    with pgherald.Consumer(
+        installed, group="every", batch_size=1000, max_batch_size=2000, **FAST
+    ) as c:
+        got = drain(c, 10000)
+        assert sorted(e.payload for e in got) == list(range(1, 10001))
+        per_range: dict[tuple[str, int], list[int]] = {}
+        for e in got:
+            per_range.setdefault((e.channel, e.partition), []).append(e.id)
+        assert all(ids == sorted(ids) for ids in per_range.values())
+        assert c.stats.reads <= 20, f"{c.stats.reads} reads for 10,000 events"
+    assert uncovered(conn, "every") == 0
 
 
 def test_positions_survive_the_move_to_per_channel_positions(dsn: str) -> None:

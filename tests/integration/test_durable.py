@@ -515,6 +515,37 @@ def test_transactional_handler_has_exactly_once_effects(
     assert uncovered(conn, "g") == 0
 
 
+@pytest.mark.parametrize("synchronous_acks", [False, True])
+def test_acks_skip_the_flush_but_transactional_handlers_keep_it(
+    installed: str, conn: psycopg.Connection, synchronous_acks: bool
+) -> None:
+    """Acknowledgements commit with synchronous_commit off (a lost one only redelivers); a
+    transactional handler's transaction, which holds the user's effects, keeps the server's
+    setting."""
+    pgherald.publish(conn, "ch", 1)
+    pgherald.publish(conn, "other", 2)
+    seen: dict[str, str] = {}
+    c = pgherald.Consumer(installed, group="g", synchronous_acks=synchronous_acks, **FAST)
+
+    @c.on("ch", transactional=True)
+    def apply(e: pgherald.Event, tx: psycopg.Connection) -> None:
+        row = tx.execute("SELECT current_setting('synchronous_commit')").fetchone()
+        seen["tx"] = row[0] if row else ""
+
+    @c.on("other")
+    def other(e: pgherald.Event) -> None:
+        pgconn = c._engine.pgconn  # the consumer's own session, between its statements
+        assert pgconn is not None
+        res = pgconn.exec_(b"SHOW synchronous_commit")
+        seen["session"] = (res.get_value(0, 0) or b"").decode()
+        c.stop()
+
+    with c:
+        c.run()
+    assert seen == {"tx": "on", "session": "on" if synchronous_acks else "off"}
+    assert uncovered(conn, "g") == 0
+
+
 # -- 11. a full NOTIFY queue never makes writes fail --
 
 

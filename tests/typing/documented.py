@@ -116,3 +116,37 @@ async def async_consumer(dsn: str) -> None:
             print(event.id, event.payload)
 
         await c.run()
+
+
+def typed_payloads_metrics_tracing(dsn: str) -> None:
+    import dataclasses
+
+    import pgherald.metrics
+    import pgherald.tracing
+
+    @dataclasses.dataclass
+    class Order:
+        id: int
+        state: str
+
+    def refused(exc: Exception, n: pgherald.Notification) -> None:
+        print(n.channel, exc)
+
+    pgherald.tracing.instrument()
+    with pgherald.Listener(dsn, on_error=refused) as listener:
+        pgherald.metrics.register(listener, name="orders", port=9108)
+
+        @listener.on("orders", model=Order)
+        def paid(order: Order) -> None:
+            print(order.id, order.state)
+
+        listener.run()
+    with pgherald.Consumer(dsn, group="billing") as c:
+
+        @c.on("orders", model=Order)
+        def bill(order: Order) -> None:
+            print(order.id)
+
+        c.run()
+    order: Order = pgherald.parse_payload(Order, '{"id": 1, "state": "paid"}')
+    print(order.state)

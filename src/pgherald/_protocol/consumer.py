@@ -48,7 +48,14 @@ from psycopg.adapt import Transformer
 
 from .. import _errormap, sql
 from .._models import Event, Gap, Stats
-from ..errors import ConnectError, ConnectionLost, HeraldError, SchemaMissing, UsageError
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    HeraldError,
+    PayloadInvalid,
+    SchemaMissing,
+    UsageError,
+)
 from . import liveness, pgwire, scheduled
 from .backoff import backoff_delay
 from .channels import listen_query, text_array
@@ -110,7 +117,15 @@ class ConsumerConfig:
     reconnect_initial_delay: float = 0.1
     reconnect_max_delay: float = 10.0
     reconnect_max_attempts: int | None = None
+    synchronous_acks: bool = False
+    """False: the consumer's own statements (acknowledgements, dead letters) commit without
+    waiting for the WAL flush (synchronous_commit = off for its session): a server crash may
+    forget the last ones (up to 3 x wal_writer_delay), whose events then come again; a
+    transactional handler's transaction keeps the server's setting. True: wait for each."""
     loads: Callable[[str], Any] = json.loads
+    raw_payloads: bool = False
+    """Hand each event's payload and headers on as the JSON text the log holds (jsonb's text
+    form, headers None when absent), not decoded: for a relay that forwards them as they are."""
     connection_class: type[Any] = psycopg.Connection
     """Wraps our libpq connection for transactional handlers and result decoding."""
     check_delivery: bool = True
@@ -127,10 +142,10 @@ _Stopped = pgwire.Abandoned  # a statement abandoned after stop(): run() returns
 
 
 class _Read(NamedTuple):
-    """A read sent: how many rows it asked for in all, and per partition."""
+    """A read sent: how many rows it asked for in all, and of each (channel, partition)."""
 
     limit: int
-    share: int
+    shares: dict[tuple[str, int], int]
 
 
 def lock_name(group: str) -> str:
@@ -166,6 +181,8 @@ class ConsumerEngine:
         self._next_rebalance = 0.0
         self._next_probe = 0.0
         self._busy_partitions = 0
+        self._seen: dict[tuple[str, int], int] = {}  # rows per range in the last delivered read
+        self._seen_total = 0
         self._fitting = config.max_batch_size  # events of the last read's size that fit
         self._read_params: tuple[str, ...] = ()
         self._rows: Any = None  # a psycopg Transformer: decodes read results (binary)
@@ -222,6 +239,7 @@ class ConsumerEngine:
                     "pgherald's schema is not installed in this database: run `pgherald install` "
                     "(or pgherald.install(conn)) once, as a role that may create a schema"
                 )
+            yield from self._run(pgwire.execute(pgconn, _session_settings(cfg), self._deadline()))
             listen = listen_query(WAKE_CHANNEL) + b";" + listen_query(self._ping)
             yield from self._run(pgwire.execute(pgconn, listen, self._deadline()))
             yield from self._end_previous_session()
@@ -504,6 +522,8 @@ class ConsumerEngine:
         arrays, a 5,000-digit number) is noted in `_undecodable`, for `_deliver` to dead-letter.
         """
         self._undecodable = {}
+        if self.config.raw_payloads:
+            return _events(rows, None)
         loads = self.config.loads
         try:
             return _events(rows, loads)
@@ -543,7 +563,7 @@ class ConsumerEngine:
             raise _Lost("not connected")
         limit = self.read_size
         keys = [(c, p) for c in channels for p in self.owned]
-        share = self._per_partition(limit, len(keys))
+        shares = self._shares(limit, keys)
         cursors = [self._cursor.get(k) for k in keys]
         values = {
             "group": self.config.group,
@@ -552,14 +572,14 @@ class ConsumerEngine:
             "txs": _array(c and c[0] for c in cursors),
             "ids": _array(c and c[1] for c in cursors),
             "limit": str(limit),
-            "per_partition": str(share),
+            "shares": _array(shares.values()),
         }
         params: list[bytes | None] = [values[n].encode() for n in self._read_params]
         try:
             pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
         except psycopg.OperationalError as exc:
             raise _Lost(pgwire.one_line(exc)) from None
-        self._in_flight = _Read(limit, share)
+        self._in_flight = _Read(limit, shares)
         self.stats.reads += 1
 
     def _settle(self) -> PQGen:
@@ -602,9 +622,20 @@ class ConsumerEngine:
         self._ready = (first, read)
         self._alive_at = time.time()
 
-    def _per_partition(self, limit: int, ranges: int) -> int:
-        busy = self._busy_partitions or ranges or 1
-        return max(1, math.ceil(limit / busy))
+    def _shares(self, limit: int, keys: list[tuple[str, int]]) -> dict[tuple[str, int], int]:
+        """
+        How many rows to read at most from each (channel, partition) range: in proportion to
+        the rows each gave in the last read's delivered window (with a quarter more), at least
+        an even split. Channels differ in rate (a busy one beside quiet ones): with even
+        shares the busy ranges fill theirs first, and a read delivers only up to the earliest
+        of them (see `_deliverable`): a few hundred rows of a read of 20,000.
+        """
+        even = max(1, math.ceil(limit / (self._busy_partitions or len(keys) or 1)))
+        seen, total = self._seen, self._seen_total
+        if not total:
+            return dict.fromkeys(keys, even)
+        scale = limit * 1.25 / total
+        return {k: min(limit, max(even, math.ceil(seen.get(k, 0) * scale))) for k in keys}
 
     def _deliverable(
         self, res: pq.abc.PGresult, read: _Read
@@ -619,10 +650,10 @@ class ConsumerEngine:
         next time, in order).
         """
         n = res.ntuples
-        share = read.share
         self._saturated = n >= read.limit
         if not n:
             self._busy_partitions = 0
+            self._seen, self._seen_total = {}, 0
             return 0, {}
         get = res.get_value
         # (channel, binary int2 partition): the bytes serve as keys
@@ -635,8 +666,12 @@ class ConsumerEngine:
         def position(i: int) -> tuple[int, int]:
             return int(get(i, 1) or b"0"), int.from_bytes(get(i, 0) or b"", "big", signed=True)
 
+        def key(part: tuple[bytes | None, bytes | None]) -> tuple[str, int]:
+            return (part[0] or b"").decode(), int.from_bytes(part[1] or b"", "big")
+
         counts = Counter(parts)
-        full = [p for p, k in counts.items() if k >= share]
+        shares = read.shares
+        full = [p for p, k in counts.items() if k >= shares.get(key(p), 0)]
         self._busy_partitions = len(counts) if n >= read.limit else (len(full) or len(counts))
         last = {p: i for i, p in enumerate(parts)}
         if full:
@@ -645,10 +680,15 @@ class ConsumerEngine:
             while n and position(n - 1) > boundary:
                 n -= 1
             last = {p: i for i, p in enumerate(parts[:n])}
+            counts = Counter(parts[:n])
+        # The delivered window holds every row of every range up to its end: each range's
+        # part of it is its rate, for the next read's shares.
+        self._seen = {key(p): k for p, k in counts.items()}
+        self._seen_total = n
         cursors = {}
-        for (c, p), i in last.items():
+        for p, i in last.items():
             tx, event_id = position(i)
-            cursors[(c or b"").decode(), int.from_bytes(p or b"", "big")] = (str(tx), event_id)
+            cursors[key(p)] = (str(tx), event_id)
         return n, cursors
 
     # -- acknowledging --
@@ -884,7 +924,9 @@ class ConsumerEngine:
                     continue
             attempts += 1
             self.stats.handler_errors += 1
-            if attempts < cfg.max_attempts and not self.stopping:
+            # A payload that does not validate as the handler's model fails every time.
+            retry = not isinstance(error, PayloadInvalid)
+            if retry and attempts < cfg.max_attempts and not self.stopping:
                 delay = backoff_delay(attempts, initial=cfg.retry_delay, cap=cfg.retry_max_delay)
                 logger.warning(
                     "handler failed on event %d (%s), attempt %d of %d (%s); retrying in %.2fs",
@@ -998,7 +1040,7 @@ class ConsumerEngine:
         pgconn = self.pgconn
         assert pgconn is not None
         yield from self._settle()
-        yield from self._run(pgwire.execute(pgconn, b"BEGIN", self._deadline()))
+        yield from self._run(pgwire.execute(pgconn, _BEGIN, self._deadline()))
         error = yield (TX, event, handler, self.conn)
         if self.pgconn is not pgconn or pgconn.status == pq.ConnStatus.BAD:
             raise _Lost("connection lost in a transactional handler")
@@ -1070,6 +1112,32 @@ class ConsumerEngine:
         yield (REPORT, gap)
 
 
+# The consumer's session is tuned for its own statements (open): its read is one short range
+# per (channel, partition), each a LIMIT over an ordered index scan of every day partition.
+# Left to itself the planner takes a bitmap scan of each range's whole remaining backlog (and
+# a sequential scan of the empty day partitions ahead, which rules out a merge of ordered
+# scans), then sorts: a read of 1,000 rows from a long backlog fetches all of it, every time.
+# work_mem: the read's final sort holds up to max_batch_bytes of rows. Acknowledgements need
+# no WAL flush of their own (a lost one only redelivers; `synchronous_acks`).
+_SETTINGS = (
+    b"SET enable_bitmapscan = off; SET enable_seqscan = off; "
+    b"SELECT set_config('work_mem', CASE WHEN pg_size_bytes(current_setting('work_mem')) "
+    b"< 33554432 THEN '32MB' ELSE current_setting('work_mem') END, false)"
+)
+# A transactional handler's transaction runs the application's statements: with the settings
+# the session would have without ours (the server's, role's, database's, connection's).
+_BEGIN = (
+    b"BEGIN; SET LOCAL enable_bitmapscan TO DEFAULT; SET LOCAL enable_seqscan TO DEFAULT; "
+    b"SET LOCAL work_mem TO DEFAULT; SET LOCAL synchronous_commit TO DEFAULT"
+)
+
+
+def _session_settings(cfg: ConsumerConfig) -> bytes:
+    if cfg.synchronous_acks:
+        return _SETTINGS
+    return _SETTINGS + b"; SET synchronous_commit = off"
+
+
 def _ack_params(group: str, events: Iterable[Event]) -> dict[str, Any]:
     events = list(events)
     return {
@@ -1095,11 +1163,13 @@ def _error_text(exc: BaseException | object | None) -> str:
     return f"{type(exc).__name__}: {pgwire.one_line(exc)}"[:_MAX_ERROR]
 
 
-def _events(rows: list[Any], loads: Callable[[str], Any]) -> list[Event]:
+def _events(rows: list[Any], loads: Callable[[str], Any] | None) -> list[Event]:
+    make = tuple.__new__  # skips NamedTuple's Python-level __new__: this is per event
+    if loads is None:  # raw_payloads: the JSON text as read
+        return [make(Event, (r[0], r[2], r[4], r[3], r[5], r[6], r[7], r[1])) for r in rows]
     # One parse for the whole batch: payloads are jsonb as text, always valid JSON, so they
     # join into an array; per call, json.loads costs more than the parsing itself.
     payloads = loads("[" + ",".join([r[4] for r in rows]) + "]")
-    make = tuple.__new__  # skips NamedTuple's Python-level __new__: this is per event
     return [
         make(Event, (r[0], r[2], p, r[3], None if r[5] is None else loads(r[5]), r[6], r[7], r[1]))
         for r, p in zip(rows, payloads, strict=True)

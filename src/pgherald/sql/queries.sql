@@ -122,13 +122,15 @@ ORDER BY tx, id LIMIT 1
 -- before them. One index range per (channel, partition) (events_v1_read), so other channels'
 -- events cost nothing. Each is read after the consumer's own cursor when it passes one
 -- (txs/ids, so that it can read the next batch before acknowledging this one), else after the
--- stored position (NULL). per_partition keeps each range short (the caller adapts it, so that
--- about `limit` rows are read in all, not `limit` per range).
+-- stored position (NULL). shares keeps each range short (the caller sizes them by each
+-- range's rate, so that about `limit` rows are read in all, not `limit` per range). The
+-- consumer's session disables bitmap and sequential scans (see consumer.py _SETTINGS), so that
+-- each range is a merge of ordered index scans over the day partitions that stops at its share.
 SELECT e.id, e.tx::text, e.channel, e.key, e.payload::text, e.headers::text, e.created_at,
        e.partition
 FROM unnest(CAST(%(channels)s AS text[]), CAST(%(partitions)s AS smallint[]),
-            CAST(%(txs)s AS xid8[]), CAST(%(ids)s AS bigint[]))
-     AS c(channel, partition, tx, event_id)
+            CAST(%(txs)s AS xid8[]), CAST(%(ids)s AS bigint[]), CAST(%(shares)s AS integer[]))
+     AS c(channel, partition, tx, event_id, share)
 JOIN pgherald.positions_v2 AS p
   ON p.group_name = %(group)s AND p.channel = c.channel AND p.partition = c.partition
 CROSS JOIN LATERAL (
@@ -138,7 +140,7 @@ CROSS JOIN LATERAL (
       AND e.tx < pg_snapshot_xmin(pg_current_snapshot())
       AND (p.skip IS NULL OR NOT pg_visible_in_snapshot(e.tx, p.skip))
     ORDER BY e.tx, e.id
-    LIMIT CAST(%(per_partition)s AS integer)
+    LIMIT c.share
 ) AS e
 ORDER BY e.tx, e.id
 LIMIT CAST(%(limit)s AS integer)
@@ -604,6 +606,13 @@ SELECT current_setting('wal_level'),
        (SELECT plugin FROM pg_replication_slots WHERE slot_name = %(slot)s),
        EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s),
        current_setting('server_version_num')::int
+
+-- name: cdc_end_stale_reader --
+-- Change data capture: end the server process of a stream this reader lost (a half-open
+-- connection keeps its slot until wal_sender_timeout), only if it still holds the slot.
+SELECT pg_terminate_backend(active_pid)
+FROM pg_replication_slots
+WHERE slot_name = %(slot)s AND active_pid = CAST(%(pid)s AS int)
 
 -- name: cdc_resolve_table --
 -- A table named as SQL writes it (schema.table, quoted parts) as its schema and name.

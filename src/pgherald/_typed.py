@@ -1,0 +1,187 @@
+"""
+Typed payloads: ``model=`` on listener and consumer handlers.
+
+A handler registered with a model is wrapped once, at registration: the wrapper validates the
+payload into the model and calls the handler with the validated object, or raises
+`PayloadInvalid` (the handler is not called). Handlers without a model are not wrapped, so the
+listener's hot path (`ListenerEngine.dispatch`) and the consumer's loop cost what they did.
+
+Models: a pydantic v2 ``BaseModel`` (its own JSON parser validates a notification's text), a
+``msgspec.Struct`` when msgspec is installed, a dataclass (validated by pydantic's
+``TypeAdapter`` when pydantic is installed, else by msgspec, else built from the payload's keys
+with no type checks), or with pydantic any type a ``TypeAdapter`` takes (``TypedDict``,
+``list[int]``...). pydantic and msgspec are imported only when a model needs them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from .errors import PayloadInvalid, UsageError
+
+T = TypeVar("T")
+
+Parse = Callable[[Any], Any]
+
+
+class _Parsers:
+    """How to validate one model: from JSON text (notifications), from a decoded value (events)."""
+
+    __slots__ = ("from_text", "from_value", "model")
+
+    def __init__(self, model: Any, from_text: Parse, from_value: Parse) -> None:
+        self.model, self.from_text, self.from_value = model, from_text, from_value
+
+
+def parsers(model: Any) -> _Parsers:
+    """The validators of *model* (built once per model; UsageError when it is not a model)."""
+    try:
+        hash(model)
+    except TypeError:
+        raise _not_a_model(model) from None
+    return _parsers(model)
+
+
+@functools.lru_cache(maxsize=256)
+def _parsers(model: Any) -> _Parsers:
+    pydantic = _optional("pydantic")
+    if pydantic is not None and isinstance(model, type) and issubclass(model, pydantic.BaseModel):
+        base: Any = model
+        return _Parsers(model, base.model_validate_json, base.model_validate)
+    msgspec = _optional("msgspec")
+    if msgspec is not None and isinstance(model, type) and issubclass(model, msgspec.Struct):
+        decoder = msgspec.json.Decoder(model)
+        return _Parsers(model, decoder.decode, functools.partial(msgspec.convert, type=model))
+    if pydantic is not None:
+        try:
+            adapter = pydantic.TypeAdapter(model)
+        except pydantic.PydanticSchemaGenerationError as exc:
+            raise _not_a_model(model) from exc
+        return _Parsers(model, adapter.validate_json, adapter.validate_python)
+    if msgspec is not None and dataclasses.is_dataclass(model):
+        decoder = msgspec.json.Decoder(model)
+        return _Parsers(model, decoder.decode, functools.partial(msgspec.convert, type=model))
+    if isinstance(model, type) and dataclasses.is_dataclass(model):
+        build = functools.partial(_build_dataclass, model)
+        return _Parsers(model, lambda text: build(json.loads(text)), build)
+    raise _not_a_model(model)
+
+
+def _not_a_model(model: Any) -> UsageError:
+    return UsageError(
+        f"model={model!r} is not a model pgherald can validate: give a pydantic v2 BaseModel, "
+        "a dataclass or a msgspec.Struct (any other type needs pydantic installed: "
+        "pip install 'pgherald[pydantic]')"
+    )
+
+
+def _optional(name: str) -> Any:
+    try:
+        return __import__(name)
+    except ImportError:
+        return None
+
+
+def _build_dataclass(model: type[Any], value: Any) -> Any:
+    """A dataclass from a JSON object's keys (no pydantic nor msgspec: names only, no types)."""
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a JSON object, got {type(value).__name__}")
+    names = {f.name for f in dataclasses.fields(model) if f.init}
+    unknown = value.keys() - names
+    if unknown:
+        raise TypeError(f"unexpected fields {sorted(unknown)}")
+    return model(**value)
+
+
+def invalid(model: Any, where: str, exc: Exception) -> PayloadInvalid:
+    name = getattr(model, "__qualname__", repr(model))
+    text = " ".join(str(exc).split())
+    if len(text) > 500:
+        text = text[:500] + "..."
+    where = f" {where}" if where else ""
+    return PayloadInvalid(
+        f"payload{where} does not validate as {name}: {text} (the handler was not called)"
+    )
+
+
+def parse_payload(model: type[T], payload: Any) -> T:
+    """
+    Validate *payload* into *model* as a handler registered with ``model=`` would get it.
+
+    A ``str`` is parsed as JSON text (a `Notification`'s payload); anything else is taken as an
+    already decoded JSON value (an `Event`'s payload). Raises `PayloadInvalid` when it does
+    not validate, `UsageError` when *model* is not a model pgherald can validate. For
+    iterations, where no handler validates for you.
+
+    .. versionadded:: 0.1
+    """
+    p = parsers(model)
+    try:
+        return p.from_text(payload) if isinstance(payload, str) else p.from_value(payload)  # type: ignore[no-any-return]
+    except Exception as exc:
+        raise invalid(model, "", exc) from exc
+
+
+def typed_listener_handler(
+    handler: Callable[..., Any], model: Any, count: Callable[[], None]
+) -> Callable[..., Any]:
+    """Wrap a listener handler: validate ``n.payload`` (JSON text) and call ``handler(obj)``."""
+    from_text = parsers(model).from_text
+
+    def parse(n: Any) -> Any:
+        try:
+            return from_text(n.payload)
+        except Exception as exc:
+            count()
+            raise invalid(model, f"on channel {n.channel!r}", exc) from exc
+
+    if is_async(handler):
+
+        async def typed_async(n: Any) -> Any:
+            return await handler(parse(n))
+
+        return functools.update_wrapper(typed_async, handler)
+
+    def typed(n: Any) -> Any:
+        return handler(parse(n))
+
+    return functools.update_wrapper(typed, handler)
+
+
+def typed_consumer_handler(
+    handler: Callable[..., Any], model: Any, count: Callable[[], None]
+) -> Callable[..., Any]:
+    """Wrap a consumer handler: validate ``event.payload`` and call ``handler(obj[, conn])``."""
+    from_value = parsers(model).from_value
+
+    def parse(event: Any) -> Any:
+        try:
+            return from_value(event.payload)
+        except Exception as exc:
+            count()
+            raise invalid(model, f"of event {event.id} ({event.channel})", exc) from exc
+
+    if is_async(handler):
+
+        async def typed_async(event: Any, *conn: Any) -> Any:
+            return await handler(parse(event), *conn)
+
+        wrapper: Callable[..., Any] = typed_async
+    else:
+
+        def typed(event: Any, *conn: Any) -> Any:
+            return handler(parse(event), *conn)
+
+        wrapper = typed  # a transactional handler's connection is passed through (*conn)
+    return functools.update_wrapper(wrapper, handler)
+
+
+def is_async(handler: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        getattr(handler, "__call__", None)  # noqa: B004 - an async __call__ counts too
+    )
