@@ -39,7 +39,7 @@ from ._protocol.consumer import (
     _Stopped,
 )
 from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
-from ._typed import typed_consumer_handler
+from ._typed import parsers, typed_consumer_handler
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
 from .errors import ConnectError, UsageError
@@ -86,6 +86,7 @@ class _ConsumerBase:
         on_reconnect: Callable[[Gap], Any] | None = None,
         application_name: str = "pgherald-consumer",
         json_loads: Callable[[str], Any] = json.loads,
+        model: Any = None,
     ) -> None:
         if not isinstance(group, str) or not group:
             raise UsageError("group must be a non-empty str: the consumer group's name")
@@ -153,6 +154,10 @@ class _ConsumerBase:
             reconnect_max_attempts=reconnect_max_attempts,
             loads=json_loads,
         )
+        if model is not None:
+            parsers(model)  # not a model: UsageError now, not at the first handler
+        self._model = model
+        """The model of handlers registered without one of their own (see `on`)."""
         self._by_channel: dict[str | None, list[Entry]] = {}
         self._merged: dict[str, tuple[Entry, ...]] = {}
         self._batch: tuple[Callable[[list[Event]], Any], bool] | None = None
@@ -243,6 +248,8 @@ class _ConsumerBase:
                 "psycopg.AsyncConnection (a plain function would block the event loop)"
             )
         # Wrapped here, once (a model refused raises before anything changes).
+        if model is None:
+            model = self._model
         if model is not None:
             handler = typed_consumer_handler(handler, model, self._count_invalid)
         if _tracing.active is not None and not _tracing.is_traced(handler):
@@ -340,6 +347,11 @@ class _ConsumerBase:
             raise UsageError("run() needs handlers: register one with @consumer.on(channel)")
         if mode == "iterate" and self._by_channel:
             raise UsageError("this consumer has handlers: call run(), or iterate one without")
+        if mode == "iterate" and self._model is not None:
+            raise UsageError(
+                "model= types the payloads of handlers; an iteration yields Events: validate "
+                "each with pgherald.parse_payload(model, event.payload), or use a handler"
+            )
         self._mode = mode
 
     def _end(self) -> None:

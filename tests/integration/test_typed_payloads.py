@@ -199,6 +199,33 @@ def test_consumer_model_dead_letters_invalid_at_once(
     assert acknowledged(conn, "g") >= set(ids)
 
 
+def test_consumer_wide_model_types_handlers_without_their_own(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    """`Consumer(..., model=)`: the model of every handler registered without one."""
+    publish_all(installed, [("orders", {"id": 1, "state": "paid"}), ("points", {"x": 1, "y": 2})])
+    got: list[Any] = []
+    consumer = pgherald.Consumer(installed, group="g", model=Order, **FAST)
+
+    @consumer.on("orders")
+    def order(o: Order) -> None:
+        got.append(o)
+
+    @consumer.on("points", model=Point)  # its own model wins
+    def point(p: Point) -> None:
+        got.append(p)
+        consumer.stop()
+
+    with consumer:
+        with_timeout(consumer.run, 10)
+    assert got == [Order(id=1, state="paid"), Point(1, 2)]
+    with pytest.raises(pgherald.UsageError, match="model"):
+        pgherald.Consumer(installed, group="g", model=42)
+    iterated = pgherald.Consumer(installed, group="h", model=Order, **FAST)
+    with iterated, pytest.raises(pgherald.UsageError, match="parse_payload"):
+        next(iter(iterated))
+
+
 def test_transactional_consumer_with_model(installed: str, conn: psycopg.Connection) -> None:
     conn.execute("CREATE TABLE seen (id int PRIMARY KEY)")
     conn.commit()
