@@ -133,3 +133,18 @@ def server() -> Iterator[OwnServer]:
     """A private PostgreSQL for this test alone (it may be restarted)."""
     with own_server() as s:
         yield s
+
+
+@pytest.fixture(scope="session")
+def logical_server() -> Iterator[OwnServer]:
+    """One private ``wal_level=logical`` server for the CDC tests of the whole session (each
+    test uses its own database or slot; a test may restart it)."""
+    with own_server() as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def replica_server() -> Iterator[OwnServer]:
+    """One private server with ``wal_level=replica``: what CDC must refuse, saying why."""
+    with own_server(wal_level="replica") as s:
+        yield s

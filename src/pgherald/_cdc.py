@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,11 +30,11 @@ from ._protocol.replication import (
     check_name,
     publication_statements,
 )
-from ._publish import publish_many
+from ._publish import _many_params
 from ._triggers import checked_default_channel, resolve_table
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
-from .errors import UsageError
+from .errors import ConnectError, ConnectionLost, UsageError
 
 logger = logging.getLogger("pgherald.cdc")
 
@@ -54,7 +55,11 @@ class _Base:
         create: bool,
         backfill: bool,
         status_interval: float,
+        health_check_interval: float,
+        health_check_timeout: float,
         connect_timeout: float,
+        reconnect_initial_delay: float,
+        reconnect_max_delay: float,
         reconnect_max_attempts: int | None,
     ) -> None:
         if isinstance(tables, str):
@@ -68,7 +73,11 @@ class _Base:
             create=create,
             backfill=backfill,
             status_interval=status_interval,
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
             connect_timeout=connect_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
         )
         self._engine = ReplicationEngine(self.config)
@@ -99,6 +108,13 @@ class _Base:
         self._busy = True
         return self._engine
 
+    def _steps(self, engine: ReplicationEngine) -> Generator[Any, Any, None]:
+        """The engine's run, its first connection's failure named as every command names it."""
+        try:
+            yield from engine.run()
+        except ConnectError as exc:
+            raise connect_error(self.config.conninfo, str(exc)) from None
+
     def _release(self) -> None:
         """A run ended: the stream may run again (a stop() before a run ends it at once)."""
         self._engine.stopping = False
@@ -119,7 +135,11 @@ class ChangeStream(_Base):
     missing; with *create* (default) the publication and the slot are created when missing.
     *backfill*: when this creates the slot, every existing row is delivered first, as a
     ``READ`` event, from the slot's own snapshot. Reconnects by itself (a restarted server, a
-    dropped connection) and resumes from the slot.
+    dropped connection) and resumes from the slot. After *health_check_interval* seconds
+    without a message from the server it asks for one; no answer within
+    *health_check_timeout* seconds means a half-open connection, which is replaced (and the
+    server process that held the slot through it is ended). Reconnection attempts wait
+    *reconnect_initial_delay* seconds, doubling up to *reconnect_max_delay* (with jitter).
 
     .. versionadded:: 0.1
     """
@@ -134,7 +154,11 @@ class ChangeStream(_Base):
         create: bool = True,
         backfill: bool = False,
         status_interval: float = 10.0,
+        health_check_interval: float = 15.0,
+        health_check_timeout: float = 5.0,
         connect_timeout: float = 10.0,
+        reconnect_initial_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
     ) -> None:
         super().__init__(
@@ -145,7 +169,11 @@ class ChangeStream(_Base):
             create=create,
             backfill=backfill,
             status_interval=status_interval,
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
             connect_timeout=connect_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
         )
         self._waiter = Waiter()
@@ -165,7 +193,7 @@ class ChangeStream(_Base):
         engine = self._claim()
         waiter = self._waiter
         waiter.open()
-        gen = engine.run()
+        gen = self._steps(engine)
         send: Any = None
         try:
             while True:
@@ -202,18 +230,14 @@ class ChangeStream(_Base):
         start, the last ``cdc_lsn`` stored for this slot is read, and transactions that
         committed at or before it are skipped.
         """
-        store = _LogWriter(dsn if dsn is not None else self.dsn, self.slot, batch)
+        store = _LogStore(dsn if dsn is not None else self.dsn, self.slot, batch, self.config)
+        engine = self._claim()
+        self._waiter.open()
         try:
-            self._engine.skip_through = store.last_lsn()
-            engine = self._claim()
-            self._waiter.open()
-            try:
-                self._waiter.run(engine.run(), lambda req: store.on_request(engine, req))
-            finally:
-                self._waiter.close()
-                self._release()
+            self._waiter.run(store.run(engine, self._steps(engine)))
         finally:
-            store.close()
+            self._waiter.close()
+            self._release()
 
 
 class AsyncChangeStream(_Base):
@@ -234,7 +258,11 @@ class AsyncChangeStream(_Base):
         create: bool = True,
         backfill: bool = False,
         status_interval: float = 10.0,
+        health_check_interval: float = 15.0,
+        health_check_timeout: float = 5.0,
         connect_timeout: float = 10.0,
+        reconnect_initial_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
     ) -> None:
         super().__init__(
@@ -245,7 +273,11 @@ class AsyncChangeStream(_Base):
             create=create,
             backfill=backfill,
             status_interval=status_interval,
+            health_check_interval=health_check_interval,
+            health_check_timeout=health_check_timeout,
             connect_timeout=connect_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
         )
         self._waiter = AsyncWaiter()
@@ -272,7 +304,7 @@ class AsyncChangeStream(_Base):
         if gen is None:
             engine = self._claim()
             self._waiter.bind()
-            gen = self._gen = engine.run()
+            gen = self._gen = self._steps(engine)
             send: Any = None
         else:
             send = None
@@ -320,52 +352,131 @@ class AsyncChangeStream(_Base):
         finally:
             self._finish()
 
-
-class _LogWriter:
-    """Stores a change stream's transactions in the durable log (see `ChangeStream.into_log`)."""
-
-    def __init__(self, dsn: str | None, slot: str, batch: int) -> None:
-        conninfo = listener_conninfo(dsn, application_name="pgherald-cdc-log")
+    async def into_log(self, dsn: str | None = None, *, batch: int = 1000) -> None:
+        """`ChangeStream.into_log` on asyncio or trio: the same store, the same guarantees."""
+        store = _LogStore(dsn if dsn is not None else self.dsn, self.slot, batch, self.config)
+        engine = self._claim()
+        self._waiter.bind()
         try:
-            self.conn = psycopg.connect(conninfo, autocommit=False)
-        except psycopg.OperationalError as exc:
-            raise connect_error(conninfo, " ".join(str(exc).split())) from None
+            await self._waiter.run(store.run(engine, self._steps(engine)))
+        finally:
+            self._waiter.release()
+            self._release()
+
+
+class _LogStore:
+    """
+    Stores a change stream's transactions in the durable log (`ChangeStream.into_log`): a
+    generator over libpq like the stream's engine, so that a thread (`Waiter`) and asyncio or
+    trio (`AsyncWaiter`) drive the same code. One database transaction per source
+    transaction, committed before the engine may acknowledge the source transaction.
+    """
+
+    _MANY, _MANY_NAMES = sql.numbered("publish_many")
+    _LAST, _LAST_NAMES = sql.numbered("cdc_last_lsn")
+
+    def __init__(self, dsn: str | None, slot: str, batch: int, config: ReplicationConfig) -> None:
+        self.conninfo = listener_conninfo(dsn, application_name="pgherald-cdc-log")
         self.slot = slot
         self.batch = max(1, batch)
+        self.config = config
         self.pending: list[ChangeEvent] = []
+        self.pgconn: Any = None
+        self.in_tx = False
 
-    def last_lsn(self) -> int:
+    def run(
+        self, engine: ReplicationEngine, steps: Generator[Any, Any, None]
+    ) -> Generator[Any, Any, None]:
+        """
+        Connect, skip what the log already has, then store every change of *steps* (the
+        engine's run) until `stop`.
+        """
+        stopping = lambda: engine.stopping  # noqa: E731  (read at every wait)
+        gen = steps
         try:
-            row = self.conn.execute(sql.query("cdc_last_lsn"), {"slot": self.slot}).fetchone()
-            self.conn.commit()
-        except psycopg.Error as exc:
-            self.conn.rollback()
-            raise _errormap.from_driver(exc, doing="read the log") from exc
-        return 0 if row is None or row[0] is None else lsn_to_int(row[0])
+            try:
+                self.pgconn = yield from pgwire.until_stopped(
+                    pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
+                    stopping,
+                )
+            except ConnectError as exc:
+                raise connect_error(self.conninfo, str(exc)) from None
+            (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
+            last = res.get_value(0, 0) if res.ntuples else None
+            engine.skip_through = 0 if last is None else lsn_to_int(last.decode())
+            send: Any = None
+            while True:
+                try:
+                    req = gen.send(send)
+                except StopIteration:
+                    return
+                send = None
+                kind = req[0]
+                if kind == CHANGE:
+                    self.pending.append(req[1])
+                    if len(self.pending) >= self.batch:
+                        yield from self._flush(stopping)
+                elif kind == COMMIT:
+                    yield from self._flush(stopping)
+                    if self.in_tx:
+                        yield from self._execute(b"COMMIT", None, stopping)
+                        self.in_tx = False
+                    commit: Commit = req[1]
+                    engine.skip_through = max(engine.skip_through, commit.commit_lsn)
+                elif kind == ABORT:
+                    self.pending.clear()
+                    if self.in_tx:
+                        yield from self._execute(b"ROLLBACK", None, stopping)
+                        self.in_tx = False
+                elif kind == _REPORT:
+                    logger.info("%s", req[1])
+                else:  # WAIT, SLEEP: for the runtime
+                    send = yield req
+        except pgwire.Abandoned:
+            pass  # stopped during a statement: its transaction is not acknowledged
+        finally:
+            gen.close()
+            pgconn, self.pgconn = self.pgconn, None
+            if pgconn is not None:
+                pgconn.finish()
 
-    def on_request(self, engine: ReplicationEngine, req: tuple[Any, ...]) -> None:
-        kind = req[0]
+    def _execute(
+        self, query: bytes, params: dict[str, Any] | None, stopping: Callable[[], bool]
+    ) -> Generator[Any, Any, list[Any]]:
+        deadline = time.monotonic() + self.config.statement_timeout
         try:
-            if kind == CHANGE:
-                self.pending.append(req[1])
-                if len(self.pending) >= self.batch:
-                    self._flush()
-            elif kind == COMMIT:
-                self._flush()
-                self.conn.commit()
-                commit: Commit = req[1]
-                engine.skip_through = max(engine.skip_through, commit.commit_lsn)
-            elif kind == ABORT:
-                self.pending.clear()
-                self.conn.rollback()
-            elif kind == _REPORT:
-                logger.info("%s", req[1])
-        except psycopg.Error as exc:
-            raise _errormap.from_driver(exc, doing="publish the changes") from exc
+            if params is None:
+                statement = pgwire.execute(self.pgconn, query, deadline)
+            else:
+                names = self._MANY_NAMES if query is self._MANY else self._LAST_NAMES
+                values = [None if params[n] is None else str(params[n]).encode() for n in names]
+                statement = pgwire.execute_params(self.pgconn, query, values, deadline)
+            results: list[Any] = yield from pgwire.until_stopped(statement, stopping)
+            return results
+        except pgwire.QueryFailed as exc:
+            raise _errormap.from_sqlstate(
+                exc.sqlstate, str(exc), doing="store the changes in the log"
+            ) from None
+        except pgwire.QueryTimeout:
+            raise ConnectionLost(
+                f"the durable log's connection gave no answer in "
+                f"{self.config.statement_timeout:g}s: the changes since the last stored "
+                "transaction come again at the next start"
+            ) from None
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise ConnectionLost(
+                    f"the durable log's connection was lost ({pgwire.one_line(exc)}): the "
+                    "changes since the last stored transaction come again at the next start"
+                ) from None
+            raise
 
-    def _flush(self) -> None:
+    def _flush(self, stopping: Callable[[], bool]) -> Generator[Any, Any, None]:
         """Publish the pending changes, one `publish_many` per run of one table (order kept)."""
         pending, self.pending = self.pending, []
+        if pending and not self.in_tx:
+            yield from self._execute(b"BEGIN", None, stopping)
+            self.in_tx = True
         start = 0
         while start < len(pending):
             first = pending[start]
@@ -377,18 +488,18 @@ class _LogWriter:
             ):
                 end += 1
             run = pending[start:end]
-            publish_many(
-                self.conn,
+            params = _many_params(
                 checked_default_channel(first.schema, first.table),
                 [e.as_dict() for e in run],
-                key=[e.key for e in run],
-                headers={"cdc_slot": self.slot, "cdc_lsn": first.lsn, "cdc_xid": first.xid},
-                dumps=dumps_value,
+                [e.key for e in run],
+                {"cdc_slot": self.slot, "cdc_lsn": first.lsn, "cdc_xid": first.xid},
+                dumps_value,
             )
+            if params is not None:
+                (res,) = yield from self._execute(self._MANY, params, stopping)
+                if res.get_value(0, 0) is None:  # pragma: no cover - dumps_value writes one each
+                    raise UsageError("a change could not be stored as one JSON value")
             start = end
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 # -- management: ``pgherald cdc add | remove | status | drop`` --
@@ -412,7 +523,8 @@ class SlotStatus:
     tables: tuple[str, ...]
 
 
-def _check_logical(conn: psycopg.Connection[Any]) -> None:
+def check_logical(conn: psycopg.Connection[Any]) -> None:
+    """Raise `UsageError` saying what to set unless the server has ``wal_level = logical``."""
     level = conn.execute("SELECT current_setting('wal_level')").fetchone()
     if level is None or level[0] != "logical":
         raise UsageError(WAL_LEVEL_HINT.format(level=level[0] if level else "unknown"))
@@ -430,7 +542,7 @@ def add_tables(
     """Add *tables* to the publication (created if missing) and create the slot if missing."""
     check_name(slot, "slot")
     pub = check_name(publication or slot, "publication")
-    _check_logical(conn)
+    check_logical(conn)
     resolved = [resolve_table(conn, t) for t in tables]
     state = conn.execute(
         sql.query("cdc_server_state"), {"slot": slot, "publication": pub}
@@ -540,6 +652,50 @@ def drop(
         conn.execute(psql.SQL("DROP PUBLICATION {}").format(psql.Identifier(pub)))
         found = True
     return found
+
+
+def drop_created(
+    conn: psycopg.Connection[Any],
+    *,
+    slot: str = "pgherald",
+    publication: str | None = None,
+    wait: float = 5.0,
+) -> Callable[[psycopg.Connection[Any]], None]:
+    """
+    Note what exists now of *slot* and its publication; return a function that drops, later,
+    whichever of them did not exist (``watch --cdc --temporary``). It waits up to *wait*
+    seconds for the slot's reader to end.
+    """
+    check_name(slot, "slot")
+    pub = check_name(publication or slot, "publication")
+    state = conn.execute(
+        sql.query("cdc_server_state"), {"slot": slot, "publication": pub}
+    ).fetchone()
+    assert state is not None
+    had_slot, had_publication = state[1] is not None, bool(state[2])
+
+    def undo(c: psycopg.Connection[Any]) -> None:
+        deadline = time.monotonic() + wait
+        while not had_slot:
+            row = c.execute(
+                "SELECT active FROM pg_replication_slots WHERE slot_name = %(slot)s",
+                {"slot": slot},
+            ).fetchone()
+            if row is None:
+                break
+            if not row[0]:
+                c.execute("SELECT pg_drop_replication_slot(%(slot)s)", {"slot": slot})
+                break
+            if time.monotonic() >= deadline:
+                raise UsageError(
+                    f"slot {slot!r} is still being read, so it was not dropped: drop it with "
+                    f"`pgherald cdc drop --slot {slot}` (it keeps WAL until then)"
+                )
+            time.sleep(0.05)  # the server ends the reader's process: nothing to wait on
+        if not had_publication:
+            c.execute(psql.SQL("DROP PUBLICATION IF EXISTS {}").format(psql.Identifier(pub)))
+
+    return undo
 
 
 def format_bytes(n: int | None) -> str:

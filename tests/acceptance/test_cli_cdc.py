@@ -1,11 +1,12 @@
-"""`pgherald cdc add|status|run|remove|drop` in a subprocess, on a private logical server."""
+"""`pgherald cdc add|status|run|remove|drop` and `watch --cdc` in a subprocess, on a private
+logical server."""
 
 from __future__ import annotations
 
 import json
 import signal
 import subprocess
-from collections.abc import Iterator
+import threading
 
 import psycopg
 import pytest
@@ -13,13 +14,12 @@ import pytest
 import pgherald
 from tests.fix_cli import cli_env, pgherald_cmd, run
 from tests.fix_faults import wait_until
-from tests.fix_server import OwnServer, own_server
+from tests.fix_server import OwnServer
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[OwnServer]:
-    with own_server() as server:
-        yield server
+@pytest.fixture
+def pg(logical_server: OwnServer) -> OwnServer:
+    return logical_server
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
@@ -97,13 +97,14 @@ def test_cdc_errors_are_one_line(pg: OwnServer) -> None:
     assert "invalid slot name" in one_line_error(run(pg.dsn, "cdc", "add", "x", "--slot", "A-b"))
 
 
-def test_cdc_needs_wal_level_logical() -> None:
-    with own_server(wal_level="replica") as server:
-        with psycopg.connect(server.dsn, autocommit=True) as c:
-            c.execute("CREATE TABLE t (id int PRIMARY KEY)")
-        line = one_line_error(run(server.dsn, "cdc", "add", "t"))
+def test_cdc_needs_wal_level_logical(replica_server: OwnServer) -> None:
+    with psycopg.connect(replica_server.dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE IF NOT EXISTS t (id int PRIMARY KEY)")
+    line = one_line_error(run(replica_server.dsn, "cdc", "add", "t"))
+    watching = one_line_error(run(replica_server.dsn, "watch", "--cdc", "s", "t"))
     assert "wal_level = logical" in line
     assert "restart the server" in line
+    assert watching == line
 
 
 def test_cdc_add_warns_about_a_table_without_a_key(pg: OwnServer) -> None:
@@ -114,3 +115,87 @@ def test_cdc_add_warns_about_a_table_without_a_key(pg: OwnServer) -> None:
     assert "public.nokey has no primary key" in added.stderr
     assert "REPLICA IDENTITY FULL" in added.stderr
     assert run(pg.dsn, "cdc", "drop", "--slot", "nokey", "--yes").returncode == 0
+
+
+def _slot_active(dsn: str, slot: str) -> bool | None:
+    """None: no such slot."""
+    with psycopg.connect(dsn) as c:
+        row = c.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    return None if row is None else bool(row[0])
+
+
+def _watch(dsn: str, *args: str, writes: list[str], lines: int) -> tuple[list[str], str]:
+    """`pgherald watch ARGS` until it printed *lines* lines after *writes*, then SIGTERM."""
+    out: list[str] = []
+    with subprocess.Popen(
+        pgherald_cmd("watch", *args),
+        env=cli_env(dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        assert proc.stdout is not None
+        stdout = proc.stdout
+        reader = threading.Thread(target=lambda: out.extend(stdout), daemon=True)
+        reader.start()
+        try:
+            slot = args[args.index("--cdc") + 1]
+            wait_until(lambda: _slot_active(dsn, slot), 20, "watch to read its slot")
+            with psycopg.connect(dsn, autocommit=True) as c:
+                for w in writes:
+                    c.execute(w.encode())
+            wait_until(lambda: len(out) >= lines or proc.poll() is not None, 20, "the changes")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=10)
+            reader.join(5)
+    assert proc.returncode == 0, err
+    return out, err
+
+
+def test_watch_cdc(pg: OwnServer) -> None:
+    dsn = pg.dsn
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE pets (id int PRIMARY KEY, name text, price numeric)")
+    # --temporary: the slot and publication watch creates are gone when it ends.
+    out, err = _watch(
+        dsn,
+        "--cdc",
+        "w_tmp",
+        "--temporary",
+        "pets",
+        writes=[
+            "INSERT INTO pets VALUES (1, 'Rex', 10.50)",
+            "UPDATE pets SET name = 'Max' WHERE id = 1",
+            "DELETE FROM pets WHERE id = 1",
+        ],
+        lines=3,
+    )
+    assert "watching pets through slot 'w_tmp'" in err
+    assert out == [
+        'INSERT public.pets {"id":1,"name":"Rex","price":10.50}\n',
+        'UPDATE public.pets {"id":1,"name":"Max","price":10.50}\n',
+        'DELETE public.pets {"id":1}\n',
+    ]
+    assert _slot_active(dsn, "w_tmp") is None
+    with psycopg.connect(dsn) as c:
+        left = c.execute("SELECT count(*) FROM pg_publication WHERE pubname = 'w_tmp'").fetchone()
+    assert left == (0,)
+
+    # --json, no --temporary: one JSON object per change, and the slot stays for next time.
+    out, _ = _watch(
+        dsn,
+        "--cdc",
+        "w_kept",
+        "--json",
+        "pets",
+        writes=["INSERT INTO pets VALUES (2, 'Tom', 3)"],
+        lines=1,
+    )
+    (record,) = [json.loads(line) for line in out]
+    assert (record["op"], record["table"], record["key"]) == ("INSERT", "pets", "2")
+    assert record["new"] == {"id": 2, "name": "Tom", "price": 3}
+    assert _slot_active(dsn, "w_kept") is False
+    assert run(dsn, "cdc", "drop", "--slot", "w_kept", "--yes").returncode == 0

@@ -131,7 +131,7 @@ def _leaf_commands() -> list[str]:
     """Every runnable command path below ``pgherald``, from the click tree itself."""
     import click
 
-    from pgherald.cli import _dev, _durable, _groups, _schedule, _serve, _triggers_cmd  # noqa: F401  (register them)
+    from pgherald.cli import _dev, _durable, _groups, _schedule, _serve, _triggers_cmd, cdc  # noqa: F401  (register them)
     from pgherald.cli._commands import cli
 
     paths: list[str] = []
@@ -157,6 +157,11 @@ def _free_port() -> int:
 
 
 SAMPLES: dict[str, list[str]] = {
+    "cdc add": ["orders"],
+    "cdc drop": ["--yes"],
+    "cdc remove": ["orders"],
+    "cdc run": [],
+    "cdc status": [],
     "consume": ["--group", "g", "orders"],
     "ddl disable": [],
     "ddl enable": [],
@@ -212,7 +217,7 @@ def test_every_command_is_in_the_walk() -> None:
 
 
 @pytest.mark.parametrize("path", sorted(set(SAMPLES) - OFFLINE))
-def test_unreachable_database_is_one_line(dsn: str, path: str) -> None:
+def test_unreachable_database_is_one_line(path: str) -> None:
     line = one_line_error(run(UNREACHABLE, *_walk_args(path), timeout=60))
     assert "cannot connect to PostgreSQL at 127.0.0.1:1/" in line
     assert "Check the DSN" in line
@@ -234,8 +239,10 @@ OPTION_VARIANTS: list[list[str]] = [
     ["trigger", "add", "--durable", "--columns", "id", "--events", "insert", "orders"],
     ["trigger", "list", "--json"],
     ["watch", "--temporary", "--json", "orders"],
+    ["watch", "--cdc", "s", "--temporary", "orders"],
     ["serve", "--jwt-secret", "s" * 32, "--durable-channel", "orders", "--heartbeat", "1"],
     ["serve", "--allow-anonymous", "orders,other"],
+    ["serve", "--allow-anonymous", "o", "--durable-channel", "o", "--source", "nats://127.0.0.1:1"],
 ]
 """Each command's options, walked too (stdin gives '1' where a payload is read)."""
 
@@ -245,7 +252,7 @@ def _with_port(args: list[str]) -> list[str]:
 
 
 @pytest.mark.parametrize("args", OPTION_VARIANTS, ids=" ".join)
-def test_options_with_unreachable_database_are_one_line(dsn: str, args: list[str]) -> None:
+def test_options_with_unreachable_database_are_one_line(args: list[str]) -> None:
     line = one_line_error(run(UNREACHABLE, *_with_port(args), input="1", timeout=60))
     assert "cannot connect to PostgreSQL at 127.0.0.1:1/" in line
 
@@ -301,6 +308,7 @@ def test_role_without_privileges_is_one_line(
         if a[0] not in ("listen", "notify")
         and a[-1] != "orders,other"
         and a[:2] != ["trigger", "list"]
+        and "--cdc" not in a  # needs wal_level = logical and REPLICATION, not table privileges
     ],
     ids=" ".join,
 )

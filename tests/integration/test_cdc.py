@@ -1,18 +1,22 @@
 """
 Change data capture from the WAL (`pgherald.ChangeStream`), on a private server with
-``wal_level=logical`` shared by this module (each test has its own slot and tables).
+``wal_level=logical`` shared by the session (each test has its own database).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any
 
@@ -23,14 +27,14 @@ import pytest
 import pgherald
 from pgherald import ChangeEvent, ChangeStream
 from pgherald._protocol.pgoutput import lsn_to_int
-from tests.fix_faults import SilentServer, await_until, wait_until
-from tests.fix_server import OwnServer, own_server
+from tests.fix_faults import FaultProxy, LogWatch, SilentServer, await_until, wait_until
+from tests.fix_proxy import _target_of
+from tests.fix_server import OwnServer
 
 
-@pytest.fixture(scope="module")
-def pg() -> Iterator[OwnServer]:
-    with own_server() as server:
-        yield server
+@pytest.fixture
+def pg(logical_server: OwnServer) -> OwnServer:
+    return logical_server
 
 
 @pytest.fixture
@@ -397,9 +401,9 @@ def test_server_restart(cdc_dsn: str, pg: OwnServer, reader: Callable[..., Reade
     r.stop()
 
 
-def test_wal_level_not_logical_says_what_to_set() -> None:
-    with own_server(wal_level="replica") as server, pytest.raises(pgherald.UsageError) as info:
-        for _ in ChangeStream(server.dsn, slot="s_never", tables=()):
+def test_wal_level_not_logical_says_what_to_set(replica_server: OwnServer) -> None:
+    with pytest.raises(pgherald.UsageError) as info:
+        for _ in ChangeStream(replica_server.dsn, slot="s_never", tables=()):
             pass
     message = str(info.value)
     assert "wal_level = logical" in message
@@ -495,6 +499,59 @@ def test_20000_changes_from_4_writers_into_the_log_exactly_once(cdc_dsn: str) ->
     assert commits[0] == 800
 
 
+@pytest.mark.anyio
+async def test_async_into_log_exactly_once(cdc_dsn: str) -> None:
+    """`AsyncChangeStream.into_log`: in commit order, a replay stores nothing twice."""
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        pgherald.install(c)
+    sql(
+        cdc_dsn,
+        "CREATE TABLE a (id int PRIMARY KEY)",
+        "CREATE TABLE b (id int PRIMARY KEY)",
+        "CREATE PUBLICATION s_alog FOR TABLE a, b",
+        "SELECT pg_create_logical_replication_slot('s_alog', 'pgoutput')",
+        "SELECT pg_copy_logical_replication_slot('s_alog', 's_alog_copy')",
+        *(
+            f"BEGIN; INSERT INTO a VALUES ({i}); INSERT INTO b VALUES ({i}), ({i + 100}); COMMIT"
+            for i in range(20)
+        ),
+    )
+    end = current_lsn(cdc_dsn)
+
+    async def catch_up() -> None:
+        stream = pgherald.AsyncChangeStream(
+            cdc_dsn, slot="s_alog", create=False, status_interval=0.2
+        )
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                # batch=2: a transaction of three changes is stored in two statements.
+                tg.start_soon(functools.partial(stream.into_log, batch=2))
+                await await_until(
+                    lambda: confirmed(cdc_dsn, "s_alog") >= end, 8, "the log to catch up"
+                )
+                stream.stop()
+
+    await catch_up()
+    # Replay from the start: the slot forgets, the log remembers (cdc_lsn): nothing twice.
+    sql(
+        cdc_dsn,
+        "SELECT pg_drop_replication_slot('s_alog')",
+        "SELECT pg_copy_logical_replication_slot('s_alog_copy', 's_alog')",
+    )
+    await catch_up()
+    with psycopg.connect(cdc_dsn) as c:
+        rows = c.execute(
+            "SELECT channel, key, payload->>'op', headers FROM pgherald.events_v1 ORDER BY id"
+        ).fetchall()
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (f"public.{t}", str(k), "INSERT")
+        for i in range(20)
+        for t, k in (("a", i), ("b", i), ("b", i + 100))
+    ]
+    assert len({r[3]["cdc_lsn"] for r in rows}) == 20
+    assert {r[3]["cdc_slot"] for r in rows} == {"s_alog"}
+
+
 # -- async --
 
 
@@ -565,3 +622,214 @@ async def test_async_cancel_and_stop_while_connecting(silent_server: SilentServe
             tg.start_soon(stream2.run, lambda e: None)
             await await_until(lambda: len(silent_server.accepted) >= 2, 5, "a second attempt")
             stream2.stop()
+
+
+# -- faults: behind a proxy that freezes, severs and refuses (tests/fix_faults.py) --
+
+INTERVAL, TIMEOUT = 0.3, 0.3
+FAST: dict[str, Any] = {
+    "health_check_interval": INTERVAL,
+    "health_check_timeout": TIMEOUT,
+    "status_interval": 0.2,
+    "reconnect_initial_delay": 0.05,
+    "reconnect_max_delay": 0.15,
+}
+
+
+@pytest.fixture
+def cdc_proxy(pg: OwnServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(_target_of(pg.dsn))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def cdc_log() -> Iterator[LogWatch]:
+    """The ``pgherald.cdc`` log records (INFO and up) of this test."""
+    logger = logging.getLogger("pgherald.cdc")
+    watch = LogWatch()
+    old_level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(watch)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(old_level)
+
+
+def _losses(log: LogWatch) -> list[str]:
+    return [r.getMessage() for r in log.matching("change stream lost")]
+
+
+async def _fault_rounds(
+    dsn: str, slot: str, proxy: FaultProxy, log: LogWatch, events: list[ChangeEvent]
+) -> None:
+    """
+    Frozen, severed, then refused for three rounds: each time the stream notices, comes back
+    through the proxy and delivers what was written meanwhile, once. Every write is
+    acknowledged before the next fault, so nothing may come twice.
+    """
+
+    async def write(key: int) -> None:
+        sql(dsn, f"INSERT INTO t VALUES ({key})")
+        end = current_lsn(dsn)
+        await await_until(lambda: str(key) in [e.key for e in events], 5, f"change {key}")
+        await await_until(lambda: confirmed(dsn, slot) >= end, 5, f"change {key} acknowledged")
+
+    await await_until(lambda: slot_ready(dsn, slot), 10, "the stream to start")
+    await write(1)
+
+    # Frozen (half-open): found by the health check within interval + timeout.
+    assert proxy.freeze() >= 1  # the replication connection (and a closing control one)
+    accepted = proxy.accepted
+    t0 = time.monotonic()
+    await await_until(lambda: _losses(log), 5, "the half-open connection to be found")
+    detected = time.monotonic() - t0
+    assert detected < INTERVAL + TIMEOUT + 0.5, f"found after {detected:.2f}s"
+    assert "half-open" in _losses(log)[0]
+    await write(2)
+    assert proxy.accepted > accepted, "did not reconnect through the proxy"
+
+    # Severed (RST): reconnects at once.
+    before = len(_losses(log))
+    proxy.sever()
+    t0 = time.monotonic()
+    await write(3)
+    assert time.monotonic() - t0 < 2.0
+    assert len(_losses(log)) > before
+
+    # Refused for three rounds: the stream waits and tries again, it does not give up.
+    before = len(_losses(log))
+    proxy.refuse()
+    proxy.sever()
+    await await_until(lambda: len(_losses(log)) >= before + 4, 5, "three refused attempts")
+    assert sum("refused" in m for m in _losses(log)[before:]) >= 3, _losses(log)[before:]
+    proxy.allow()
+    await write(4)
+    assert [e.key for e in events] == ["1", "2", "3", "4"]
+
+
+def test_faults_frozen_severed_refused(
+    cdc_dsn: str, cdc_proxy: FaultProxy, cdc_log: LogWatch, reader: Callable[..., Reader]
+) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    stream = ChangeStream(cdc_proxy.dsn_for(cdc_dsn), slot="s_faults", tables=["t"], **FAST)
+    r = reader(stream)
+    anyio.run(_fault_rounds, cdc_dsn, "s_faults", cdc_proxy, cdc_log, r.events)
+    assert stream._engine.reconnects >= 3
+    r.stop()
+
+
+@pytest.mark.anyio
+async def test_async_faults_frozen_severed_refused(
+    cdc_dsn: str, cdc_proxy: FaultProxy, cdc_log: LogWatch
+) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    events: list[ChangeEvent] = []
+    stream = pgherald.AsyncChangeStream(
+        cdc_proxy.dsn_for(cdc_dsn), slot="s_faults", tables=["t"], **FAST
+    )
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.run, events.append)
+            await _fault_rounds(cdc_dsn, "s_faults", cdc_proxy, cdc_log, events)
+            stream.stop()
+    assert stream._engine.reconnects >= 3
+
+
+# -- stop() ends the stream within 1 s, whatever it is doing --
+
+STATES = ("idle", "in_transaction", "frozen", "backing_off")
+
+
+async def _enter(state: str, dsn: str, slot: str, proxy: FaultProxy, stream: Any) -> None:
+    """Bring *stream* (started, reading through *proxy*) into *state*."""
+    await await_until(lambda: slot_ready(dsn, slot), 10, "the stream to start")
+    if state == "in_transaction":
+        # The handler stops the stream at the first change of a two-row transaction.
+        sql(dsn, "BEGIN; INSERT INTO t VALUES (1); INSERT INTO t VALUES (2); COMMIT")
+    elif state == "frozen":
+        assert proxy.freeze() >= 1
+    elif state == "backing_off":
+        stream._engine.config = replace(
+            stream._engine.config, reconnect_initial_delay=60.0, reconnect_max_delay=60.0
+        )
+        log = LogWatch()
+        logger = logging.getLogger("pgherald.cdc")
+        logger.addHandler(log)
+        try:
+            proxy.refuse()
+            proxy.sever()
+            await await_until(lambda: log.matching("again in"), 5, "a reconnection delay")
+        finally:
+            logger.removeHandler(log)
+
+
+@pytest.mark.parametrize("state", STATES)
+def test_stop_within_1s(
+    state: str, cdc_dsn: str, cdc_proxy: FaultProxy, reader: Callable[..., Reader]
+) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    stream = ChangeStream(cdc_proxy.dsn_for(cdc_dsn), slot="s_stop1", tables=["t"], **FAST)
+    stopped_at: list[float] = []
+
+    def handler(e: ChangeEvent) -> None:
+        stopped_at.append(time.monotonic())
+        stream.stop()
+
+    r = reader(stream, handler if state == "in_transaction" else None)
+    anyio.run(_enter, state, cdc_dsn, "s_stop1", cdc_proxy, stream)
+    if state == "in_transaction":
+        wait_until(lambda: stopped_at, 5, "the handler to stop the stream")
+    else:
+        stopped_at.append(time.monotonic())
+        stream.stop()
+    r.thread.join(1.0)
+    assert not r.thread.is_alive(), f"stop() did not end the stream within 1 s ({state})"
+    assert time.monotonic() - stopped_at[0] < 1.0
+    assert r.error is None, r.error
+    if state == "in_transaction":
+        # Stopped after the first change: the transaction is given up, not acknowledged.
+        assert [e.key for e in r.events] == ["1"]
+        with ChangeStream(cdc_dsn, slot="s_stop1") as again:
+            it = iter(again)
+            assert [next(it).key, next(it).key] == ["1", "2"]
+            it.close()  # type: ignore[attr-defined]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("state", STATES)
+async def test_async_stop_within_1s(state: str, cdc_dsn: str, cdc_proxy: FaultProxy) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    stream = pgherald.AsyncChangeStream(
+        cdc_proxy.dsn_for(cdc_dsn), slot="s_stop1", tables=["t"], **FAST
+    )
+    events: list[ChangeEvent] = []
+    stopped_at: list[float] = []
+
+    def handler(e: ChangeEvent) -> None:
+        events.append(e)
+        if state == "in_transaction":
+            stopped_at.append(time.monotonic())
+            stream.stop()
+
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await stream.run(handler)
+                stopped_at.append(time.monotonic())
+
+            tg.start_soon(run)
+            await _enter(state, cdc_dsn, "s_stop1", cdc_proxy, stream)
+            if state != "in_transaction":
+                stopped_at.append(time.monotonic())
+                stream.stop()
+            with anyio.fail_after(1.0):
+                await await_until(lambda: len(stopped_at) == 2, 1.0, "run() to return")
+    assert stopped_at[1] - stopped_at[0] < 1.0, f"stop() took too long ({state})"
+    if state == "in_transaction":
+        assert [e.key for e in events] == ["1"]

@@ -90,6 +90,11 @@ class ReplicationConfig:
     """When this creates the slot: first deliver every existing row as a READ event."""
     status_interval: float = 10.0
     """Seconds between standby status updates when nothing else prompts one."""
+    health_check_interval: float = 15.0
+    """After this many seconds without a message from the server, ask it for one (a status
+    update with its reply flag set), to find out whether the connection still works."""
+    health_check_timeout: float = 5.0
+    """No answer within this many seconds: the connection is half-open; reconnect."""
     ack_delay: float = 0.05
     """Once idle, acknowledge what was handled within this many seconds (not per transaction:
     each acknowledgement wakes the server's walsender)."""
@@ -134,6 +139,11 @@ class ReplicationEngine:
         self._skipping = False
         self._slot_known = False
         self._tables: list[tuple[str, str, list[str]]] = []
+        self._streaming_pid: int | None = None
+        """The server process of the replication connection, once it streams."""
+        self._stale_pid: int | None = None
+        """The server process of a stream we lost: it may hold the slot until the server
+        notices (a half-open connection: wal_sender_timeout, 60 s by default)."""
 
     # -- the state machine --
 
@@ -159,6 +169,8 @@ class ReplicationEngine:
                 first = False
                 yield from self._stream()
             except _Lost as lost:
+                if self._streaming_pid is not None:
+                    self._stale_pid = self._streaming_pid
                 self._close()
                 if self._in_tx:
                     self._in_tx = False
@@ -188,6 +200,15 @@ class ReplicationEngine:
                 raise
             raise _Lost(str(exc)) from None
         try:
+            if self._stale_pid is not None:
+                # Our lost session may still hold the slot: end it (it is ours, and dead to us).
+                try:
+                    yield from self._query(
+                        ctl, "cdc_end_stale_reader", slot=cfg.slot, pid=self._stale_pid
+                    )
+                except pgwire.QueryFailed as exc:  # not allowed: the server ends it in time
+                    logger.warning("could not end the lost session's process: %s", exc)
+                    self._stale_pid = None
             backfill = yield from self._prepare(ctl)
             repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
             self.pgconn = repl
@@ -250,6 +271,8 @@ class ReplicationEngine:
             raise _Lost("START_REPLICATION did not start streaming")
         self._received = 0
         self._sent_flush = 0  # tell the new session where we are at the first chance
+        self._streaming_pid = repl.backend_pid
+        self._stale_pid = None
 
     def _prepare(self, ctl: pq.abc.PGconn) -> Generator[Any, Any, str | None]:
         """Check the server, make the publication; returns "backfill" when the slot is new."""
@@ -414,6 +437,9 @@ class ReplicationEngine:
         decoder = Decoder(self.primary_keys)
         decode = decoder.decode
         next_status = time.monotonic() + cfg.status_interval
+        quiet_since = time.monotonic()  # when the server was last heard from (about)
+        probe_deadline = 0.0  # a health check awaits an answer until then (0: none)
+        heard = False
         get = pgconn.get_copy_data
         while True:
             if self.stopping:
@@ -424,6 +450,7 @@ class ReplicationEngine:
             except Exception as exc:
                 raise _Lost(pgwire.one_line(exc)) from None
             if n > 0:
+                heard = True
                 kind = data[0]
                 if kind == 0x77:  # w: XLogData
                     msg = bytes(data[25:])
@@ -474,15 +501,29 @@ class ReplicationEngine:
             # Nothing buffered: acknowledge what was handled (at most every `ack_delay`: each
             # update wakes the server's walsender), then wait for the socket.
             now = time.monotonic()
-            wake_at = next_status
+            if heard:
+                heard = False
+                quiet_since = now
+                probe_deadline = 0.0
+            if probe_deadline:
+                if now >= probe_deadline:
+                    raise _Lost(
+                        "half-open connection: the server did not answer a health check "
+                        f"within {cfg.health_check_timeout:g}s"
+                    )
+            elif now >= quiet_since + cfg.health_check_interval:
+                # Quiet for a while: ask the server for a keepalive (the reply flag).
+                yield from self._send_status(pgconn, reply=True)
+                probe_deadline = now + cfg.health_check_timeout
+            wake_at = min(next_status, probe_deadline or quiet_since + cfg.health_check_interval)
             if now >= next_status or (
                 self.flushed > self._sent_flush and now >= self._sent_at + cfg.ack_delay
             ):
                 yield from self._send_status(pgconn)
                 next_status = now + cfg.status_interval
-                wake_at = next_status
+                wake_at = min(wake_at, next_status)
             elif self.flushed > self._sent_flush:
-                wake_at = min(next_status, self._sent_at + cfg.ack_delay)
+                wake_at = min(wake_at, self._sent_at + cfg.ack_delay)
             ready = yield (WAIT, pgconn.socket, READ, wake_at)
             if ready:
                 try:
@@ -498,7 +539,7 @@ class ReplicationEngine:
         # The server sends a decoded transaction whole, so its Commit follows the last change
         # at once; libpq may not have read it yet. Wait for it briefly (stop() ends in < 1 s).
         deadline = time.monotonic() + STOP_GRACE
-        n, data = 0, b""
+        n, data = 0, memoryview(b"")
         while True:
             try:
                 n, data = pgconn.get_copy_data(1)
@@ -527,8 +568,11 @@ class ReplicationEngine:
         if lsn > self.flushed:
             self.flushed = lsn
 
-    def _send_status(self, pgconn: pq.abc.PGconn) -> PQGen:
-        """A standby status update: written and flushed = what was handled (`flushed`)."""
+    def _send_status(self, pgconn: pq.abc.PGconn, *, reply: bool = False) -> PQGen:
+        """
+        A standby status update: written and flushed = what was handled (`flushed`); with
+        *reply*, the server answers at once with a keepalive (a health check).
+        """
         flushed = self.flushed
         written = max(self._received, flushed)
         now = pg_micros(datetime.now(timezone.utc))
@@ -538,7 +582,7 @@ class ReplicationEngine:
             + flushed.to_bytes(8, "big")
             + flushed.to_bytes(8, "big")
             + now.to_bytes(8, "big", signed=True)
-            + b"\0"
+            + (b"\1" if reply else b"\0")
         )
         try:
             if pgconn.put_copy_data(msg) != 1:
@@ -571,6 +615,7 @@ class ReplicationEngine:
         )
 
     def _close(self) -> None:
+        self._streaming_pid = None
         pgconn, self.pgconn = self.pgconn, None
         if pgconn is not None:
             pgconn.finish()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -217,21 +218,27 @@ def format_change(n: Notification) -> str:
     """One readable line per change; UPDATE shows the changed columns old -> new."""
     try:
         e = n.json()
-        op, table = e["op"], f"{e['schema']}.{e['table']}"
+        return format_event(e)
     except (ValueError, KeyError, TypeError, RecursionError):  # anyone may NOTIFY anything
         return format_notification(n)
+
+
+def format_event(e: dict[str, Any], dumps: Callable[[Any], str] = json.dumps) -> str:
+    """A change event (a trigger's, or a `ChangeEvent.as_dict`) as one readable line."""
+    op, table = e["op"], f"{e['schema']}.{e['table']}"
     head = f"{click.style(op, fg={'INSERT': 'green', 'UPDATE': 'yellow', 'DELETE': 'red'}.get(op, 'magenta'), bold=True)} {click.style(table, fg='cyan')}"
     if e.get("truncated"):
-        return f"{head} key {json.dumps(e.get('key'))} (row too wide for NOTIFY: fetch it)"
+        return f"{head} key {dumps(e.get('key'))} (row too wide for NOTIFY: fetch it)"
     if op == "UPDATE":
         new, old = e.get("new") or {}, e.get("old") or {}
+        if e.get("changed") is None:  # CDC without REPLICA IDENTITY FULL: the new row only
+            return f"{head} {dumps(new)}"
         changes = ", ".join(
-            f"{c}: {json.dumps(old.get(c))} -> {json.dumps(new.get(c))}"
-            for c in e.get("changed") or []
+            f"{c}: {dumps(old.get(c))} -> {dumps(new.get(c))}" for c in e.get("changed") or []
         )
         return f"{head} {changes}"
-    row = e.get("new") if op == "INSERT" else e.get("old")
-    return f"{head} {json.dumps(row)}" if row is not None else head
+    row = e.get("new") if op in ("INSERT", "READ") else e.get("old")
+    return f"{head} {dumps(row)}" if row is not None else head
 
 
 @cli.command("watch")
@@ -243,12 +250,30 @@ def format_change(n: Notification) -> str:
     help="Add a trigger to tables that have none, and remove it on exit.",
 )
 @click.option("--yes", is_flag=True, help="Add missing triggers without asking (kept on exit).")
+@click.option(
+    "--cdc",
+    "slot",
+    metavar="SLOT",
+    default=None,
+    help="Read the changes from the WAL through the logical replication slot SLOT instead of "
+    "triggers (see `pgherald cdc`): TABLES are added to its publication, and the slot and "
+    "publication are created when missing. With --temporary, what this creates is dropped "
+    "on exit.",
+)
 @click.argument("tables", nargs=-1, required=True)
 @friendly
 def watch(
-    dsn: str | None, as_json: bool, temporary: bool, yes: bool, tables: tuple[str, ...]
+    dsn: str | None,
+    as_json: bool,
+    temporary: bool,
+    yes: bool,
+    slot: str | None,
+    tables: tuple[str, ...],
 ) -> None:
     """Live tail of row changes of TABLES, until Ctrl-C or SIGTERM."""
+    if slot is not None:
+        _watch_cdc(dsn, slot, tables, as_json=as_json, temporary=temporary)
+        return
     with connection(dsn) as conn:
         existing = {(t.schema, t.table): t for t in list_table_triggers(conn)}
         channels: list[str] = []
@@ -283,6 +308,37 @@ def watch(
         finally:
             for table in added:
                 remove_table_trigger(conn, table)
+
+
+def _watch_cdc(
+    dsn: str | None, slot: str, tables: tuple[str, ...], *, as_json: bool, temporary: bool
+) -> None:
+    """`watch --cdc SLOT`: the changes of TABLES read from a logical replication slot."""
+    from .._cdc import ChangeStream, check_logical, drop_created
+    from .._protocol.pgoutput import dumps_value
+    from .cdc import cdc_line
+
+    stream = ChangeStream(dsn, slot=slot, tables=tables)
+    created = None
+    with connection(dsn) as conn:  # fail before saying "watching" when it cannot work
+        check_logical(conn)
+        if temporary:
+            created = drop_created(conn, slot=slot)  # what exists now stays on exit
+    try:
+        with stop_on_signals(stream.stop), stream:
+            click.echo(
+                f"watching {', '.join(tables)} through slot {slot!r} (Ctrl-C to stop)", err=True
+            )
+            for event in stream:
+                if as_json:
+                    sys.stdout.write(cdc_line(event))
+                else:
+                    click.echo(format_event(event.as_dict(), dumps_value))
+                sys.stdout.flush()
+    finally:
+        if created is not None:
+            with connection(dsn) as conn:
+                created(conn)
 
 
 def _find(

@@ -11,6 +11,7 @@ import click
 from .._cdc import (
     ChangeStream,
     add_tables,
+    check_logical,
     drop,
     format_bytes,
     remove_tables,
@@ -205,6 +206,8 @@ def cdc_run(
     TABLES, when given, are added to the publication first (as `cdc add`).
     """
     stream = ChangeStream(dsn, slot=slot, publication=publication, tables=tables, backfill=backfill)
+    with connection(dsn) as conn:  # fail before saying "reading" when it cannot work
+        check_logical(conn)
     where = "into the durable log" if into_log else "to stdout"
     with stop_on_signals(stream.stop), stream:
         click.echo(f"reading slot {slot!r} {where} (Ctrl-C to stop)", err=True)
@@ -213,11 +216,12 @@ def cdc_run(
             return
         out = sys.stdout
         for event in stream:
-            out.write(_line(event))
+            out.write(cdc_line(event))
             out.flush()
 
 
-def _line(event: ChangeEvent) -> str:
+def cdc_line(event: ChangeEvent) -> str:
+    """A change as one JSON line: its `ChangeEvent.as_dict` plus its key."""
     record = event.as_dict()
     record["key"] = event.key
     return dumps_value(record) + "\n"

@@ -668,6 +668,40 @@ ON CONFLICT (name) DO UPDATE SET value = excluded.value
 -- name: retention_delete --
 DELETE FROM pgherald.settings_v1 WHERE name = %(name)s
 
+-- name: status_row_set --
+-- A relay's row for `pgherald status` (see docs/relay.md, "Watch it"; the consumer engine's
+-- StatusRow): its numbers as a JSON object, stamped with the server's clock ("at", epoch
+-- seconds). Rows left by relays that were killed (no report for an hour, or three of their
+-- intervals if longer) go at the same time; SKIP LOCKED: relays reporting at once never wait
+-- for each other.
+WITH gone AS (
+    DELETE FROM pgherald.settings_v1
+    WHERE name IN (
+        SELECT s.name FROM pgherald.settings_v1 AS s
+        WHERE starts_with(s.name, 'relay:') AND s.name <> %(name)s
+          -- jsonb's text of numbers, read without a cast of the row that a stray one fails
+          AND CAST(substring(s.value FROM '"at": ([0-9]+(?:\.[0-9]+)?)[,}]') AS float8)
+              < CAST(extract(epoch FROM now()) AS float8) - greatest(3600, 3 * coalesce(
+                  CAST(substring(s.value FROM '"interval": ([0-9]+(?:\.[0-9]+)?)[,}]')
+                       AS float8), 0))
+        FOR UPDATE SKIP LOCKED
+    )
+)
+INSERT INTO pgherald.settings_v1 (name, value)
+VALUES (%(name)s, CAST(jsonb_set(CAST(%(value)s AS jsonb), '{at}',
+                                 to_jsonb(CAST(extract(epoch FROM now()) AS float8))) AS text))
+ON CONFLICT (name) DO UPDATE SET value = excluded.value
+
+-- name: status_row_delete --
+DELETE FROM pgherald.settings_v1 WHERE name = %(name)s
+
+-- name: relay_rows --
+-- The relays' rows (status_row_set), with the server's clock to age them by.
+SELECT value, CAST(extract(epoch FROM now()) AS float8)
+FROM pgherald.settings_v1
+WHERE starts_with(name, 'relay:')
+ORDER BY name
+
 -- name: maintain --
 SELECT action, target, detail
 FROM pgherald.maintain_v1(coalesce(CAST(%(now)s AS timestamptz), now()))
