@@ -15,7 +15,14 @@ from __future__ import annotations
 from ._cdc import AsyncChangeStream, ChangeStream
 from ._consumer import AsyncConsumer, Consumer
 from ._dead import DeadLetter, dead_letters, purge_dead_letters, redeliver
-from ._groups import GroupInfo, GroupMember, delete_group, list_groups, reset_group
+from ._groups import (
+    GroupInfo,
+    GroupMember,
+    RelayInfo,
+    delete_group,
+    list_groups,
+    reset_group,
+)
 from ._listener import Listener
 from ._listener_async import AsyncListener
 from ._log import aread_log, read_log
@@ -109,6 +116,7 @@ __all__ = [
     "PrivilegeError",
     "PublishError",
     "Relay",
+    "RelayInfo",
     "RelayStats",
     "Retention",
     "Schedule",

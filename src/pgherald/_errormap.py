@@ -50,6 +50,9 @@ _GRANTS = {
     ("table", "events_v1", None): "SELECT",
     ("table", "positions_v2", None): "SELECT, INSERT, UPDATE, DELETE",
     ("sequence", "events_v1_id_seq", None): "USAGE",
+    # `status` reads the relays' rows; a relay writes its own (a consumer's "consume").
+    ("table", "settings_v1", "list"): "SELECT",
+    ("table", "settings_v1", None): "SELECT, INSERT, UPDATE, DELETE",
 }
 
 

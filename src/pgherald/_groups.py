@@ -6,6 +6,10 @@ its start (channel '') per partition. Its live members are
 the sessions holding its advisory locks (see `_protocol.consumer`): nothing else records
 them, so ``pg_locks`` is the truth and a crashed consumer drops out with its session.
 
+Relays (`pgherald.Relay`) are consumer groups too; each running relay also keeps a row in
+``pgherald.settings_v1`` (``relay:...``, written by its consumer between reads every
+``stats_interval``) with its rate and lag, listed as `GroupInfo.relays`.
+
 Lag is counted from each group's position along the read index, at most `SCAN` events per
 channel and partition (fewer with many groups: `SCAN_BUDGET`): exact below that, above it
 estimated from the ids the first events span, so that listing groups costs the same at any lag
@@ -16,9 +20,11 @@ group's own channels are scanned: other channels' events cost nothing.
 from __future__ import annotations
 
 import contextlib
+import json
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -30,6 +36,7 @@ from .errors import UsageError
 __all__ = [
     "GroupInfo",
     "GroupMember",
+    "RelayInfo",
     "abandoned_groups",
     "delete_group",
     "list_groups",
@@ -46,6 +53,13 @@ SCAN_BUDGET = 200_000
 LEAVING = "1s"
 """How long a reset or delete waits for members to go: a consumer that has just closed its
 connection holds its locks until the server has ended its session."""
+
+STALE_AFTER = 3
+"""A relay's row older than this many of its ``stats_interval`` (plus `STALE_SLACK`) is stale:
+not `RelayInfo.live`."""
+
+STALE_SLACK = 2.0
+"""Seconds a relay's report may come late (a busy machine, a slow statement) and still count."""
 
 EXACT_LOG_SIZE = 100_000
 """Events counted one by one for the log's size; past that, estimated."""
@@ -69,6 +83,47 @@ class GroupMember:
     application_name: str | None = None
     client_addr: str | None = None
     connected_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RelayInfo:
+    """
+    A relay of a group, as it last reported itself (every ``stats_interval``, 10 s by default):
+    its throughput and lag, for ``pgherald status``.
+
+    *live* is false for a relay that has stopped reporting (three intervals and 2 s without a
+    report) or whose database session is no longer a member of the group: one killed without a
+    chance to remove its row. Such rows go after an hour (the next report of any relay removes
+    them).
+
+    .. versionadded:: 0.1
+    """
+
+    group: str
+    target: str
+    """Where it relays to (the URL without a password)."""
+    host: str
+    pid: int
+    """The relay's process id on *host*."""
+    rate: float
+    """Events per second relayed over its last interval (0: caught up, or stuck)."""
+    lag_seconds: float
+    """Age of the last event it relayed, when it was acknowledged (0: caught up)."""
+    relayed: int
+    """Events relayed since it started."""
+    dead_lettered: int
+    retries: int
+    partitions: int
+    """Log partitions it held."""
+    channels: tuple[str, ...]
+    backend_pid: int | None
+    """Its consumer's server process (see `GroupMember.pid`)."""
+    started_at: datetime
+    reported_at: datetime
+    """When it wrote these numbers (the server's clock)."""
+    interval: float
+    """Its ``stats_interval``: seconds between reports."""
+    live: bool
 
 
 @dataclass(frozen=True)
@@ -96,6 +151,9 @@ class GroupInfo:
     """The group's last acknowledgement (or its creation or reset)."""
     position: int
     """The highest event id the group has passed, in any partition."""
+    relays: tuple[RelayInfo, ...] = ()
+    """The group's relays (live and stale, by target, host and pid): empty for a group that no
+    `Relay` consumes."""
 
 
 def list_groups(
@@ -106,7 +164,8 @@ def list_groups(
 ) -> list[GroupInfo]:
     """
     Every consumer group (or those named in *groups*), by name: live members with the
-    partitions they hold, lag (on *channels* only, when given) and last activity.
+    partitions they hold, lag (on *channels* only, when given), last activity, and the relays
+    that consume it with their rate (`GroupInfo.relays`).
 
     Cost is bounded whatever the lag (see `GroupInfo.lag_estimated`). Reads only: in a
     caller's transaction it leaves nothing behind.
@@ -127,6 +186,7 @@ def _list_groups(
     if not activity:
         return []
     sessions = conn.execute(sql.query("group_sessions")).fetchall()
+    relay_rows = conn.execute(sql.query("relay_rows")).fetchall()
     heads = {(c, p): head for c, p, head in conn.execute(sql.query("partition_heads"))}
     with conn.transaction():
         conn.execute(sql.query("plan_group_lag"))
@@ -164,9 +224,47 @@ def _list_groups(
                 lag_seconds=max(0.0, (now - lag.oldest).total_seconds()) if lag.oldest else 0.0,
                 last_activity=last_activity,
                 position=int(position),
+                relays=_relays(group, relay_rows, sessions),
             )
         )
     return out
+
+
+def _relays(group: str, rows: Sequence[Any], sessions: Sequence[Any]) -> tuple[RelayInfo, ...]:
+    """*group*'s relays from their status rows (text of JSON objects; see ``status_row_set``)."""
+    members = {pid for g, pid, _, member, *_ in sessions if g == group and member}
+    out = []
+    for value, now in rows:
+        try:
+            r = json.loads(value)
+            if r.get("group") != group:
+                continue
+            interval, at = float(r["interval"]), float(r["at"])
+            backend = r.get("backend_pid")
+            info = RelayInfo(
+                group=group,
+                target=str(r["target"]),
+                host=str(r["host"]),
+                pid=int(r["pid"]),
+                rate=float(r["rate"]),
+                lag_seconds=float(r["lag_seconds"]),
+                relayed=int(r["relayed"]),
+                dead_lettered=int(r.get("dead_lettered", 0)),
+                retries=int(r.get("retries", 0)),
+                partitions=int(r.get("partitions", 0)),
+                channels=tuple(r.get("channels", ())),
+                backend_pid=None if backend is None else int(backend),
+                started_at=datetime.fromtimestamp(float(r["started_at"]), timezone.utc),
+                reported_at=datetime.fromtimestamp(at, timezone.utc),
+                interval=interval,
+                live=now - at <= STALE_AFTER * interval + STALE_SLACK
+                and (backend is None or backend in members),
+            )
+        except (ValueError, TypeError, KeyError, AttributeError, OverflowError):
+            continue  # not a row a relay wrote: nothing to show
+        if math.isfinite(info.rate):
+            out.append(info)
+    return tuple(sorted(out, key=lambda i: (not i.live, i.target, i.host, i.pid)))
 
 
 class _Lag:

@@ -16,7 +16,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import logging
+import math
+import os
+import socket
 import time
 from collections.abc import Awaitable, Iterable, Mapping
 from dataclasses import dataclass
@@ -30,6 +35,7 @@ from ._consumer import AsyncConsumer, Start
 from ._models import Event
 from ._protocol.backoff import backoff_delay
 from ._protocol.channels import check_channel
+from ._protocol.consumer import StatusRow
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
@@ -41,6 +47,10 @@ T = TypeVar("T")
 DEFAULT_NATS_STREAM = "PGHERALD"
 DEFAULT_SUBJECT = "pgherald.{channel}"
 DEFAULT_REDIS_STREAM = "pgherald:{channel}"
+CAUGHT_UP_AFTER = 2.0
+"""A relay that acknowledged nothing for this long has caught up: rate and lag read 0."""
+
+_instances = itertools.count(1)  # relays made in this process: part of each one's status row
 
 
 @dataclass
@@ -224,6 +234,9 @@ class AsyncRelay:
             this many times, then dead-lettered; an unreachable broker is retried for ever.
         metrics_port: serve Prometheus metrics on ``http://metrics_host:metrics_port/metrics``
             while `run` runs (0: a free port, see `metrics_address`).
+        stats_interval: every this many seconds (and at once after each connection) the relay
+            writes its rate, lag and totals to the database, for ``pgherald status`` and
+            `list_groups` (`GroupInfo.relays`); removed when it stops. None: never.
 
     .. versionadded:: 0.1
     """
@@ -250,6 +263,7 @@ class AsyncRelay:
         max_batch_size: int | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        stats_interval: float | None = 10.0,
         application_name: str = "pgherald-relay",
     ) -> None:
         names = [channels] if isinstance(channels, str) else list(channels)
@@ -268,6 +282,14 @@ class AsyncRelay:
             or (webhook_batch < 1)
         ):
             raise UsageError(f"webhook_batch must be an int >= 1, not {webhook_batch!r}")
+        if stats_interval is not None and (
+            isinstance(stats_interval, bool)
+            or not isinstance(stats_interval, (int, float))
+            or not 0 < stats_interval < math.inf
+        ):
+            raise UsageError(
+                f"stats_interval must be a number of seconds > 0 or None, not {stats_interval!r}"
+            )
         self.stats = RelayStats()
         """Counters: relayed, batches, retries, dead-lettered, rate."""
         self._sink = _sink_for(
@@ -298,6 +320,16 @@ class AsyncRelay:
         # NATS and Redis forward the payload's JSON text as the log holds it: no json.loads
         # and json.dumps per event (the consumer's one private switch, for relays).
         self._consumer._config.raw_payloads = self._sink.raw
+        # The relay's row for `pgherald status`, written by the consumer between reads.
+        self._reported = (0.0, 0)  # (time.time(), relayed) at the last status row
+        if stats_interval is not None:
+            name = (
+                f"relay:{group}:{self._sink.target}:{socket.gethostname()}:{os.getpid()}"
+                f":{next(_instances)}"
+            )
+            self._consumer._config.status_row = StatusRow(
+                name, float(stats_interval), self._status_value
+            )
         self._consumer.add_batch_handler(self._send)
         self._retry = (retry_delay, retry_max_delay)
         self._metrics = (metrics_host, metrics_port)
@@ -348,6 +380,7 @@ class AsyncRelay:
         if self._stop_requested:
             self._state.stopping.set()
         self.stats.started_at = time.time()
+        self._reported = (self.stats.started_at, self.stats.relayed)
         server: asyncio.Server | None = None
         try:
             if self._metrics[1] is not None:
@@ -368,7 +401,7 @@ class AsyncRelay:
     def metrics(self) -> str:
         """The relay's counters in Prometheus' text format (what ``/metrics`` serves)."""
         s = self.stats
-        caught_up = s.last_relayed_at is None or time.time() - s.last_relayed_at > 2.0
+        caught_up = _caught_up(s)
         labels = f'group="{_label(self.group)}",target="{_label(self.target)}"'
         rows = [
             ("events_total", "counter", "Events the broker acknowledged.", s.relayed),
@@ -425,6 +458,34 @@ class AsyncRelay:
         finally:
             writer.close()
 
+    def _status_value(self, backend_pid: int) -> str:
+        """The status row's JSON (see `RelayInfo`): the rate is over the time since the last."""
+        s = self.stats
+        now = time.time()
+        then, relayed = self._reported
+        self._reported = (now, s.relayed)
+        rate = (s.relayed - relayed) / (now - then) if now > then else 0.0
+        config = self._consumer._config
+        assert config.status_row is not None
+        return json.dumps(
+            {
+                "group": self.group,
+                "target": self.target,
+                "channels": sorted(self.channels),
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "backend_pid": backend_pid,
+                "rate": round(rate, 3),
+                "relayed": s.relayed,
+                "lag_seconds": 0.0 if _caught_up(s) else round(s.lag_seconds, 3),
+                "dead_lettered": s.dead_lettered,
+                "retries": s.retries,
+                "partitions": len(self.partitions),
+                "started_at": s.started_at,
+                "interval": config.status_row.interval,
+            }
+        )
+
     async def _send(self, events: list[Event]) -> int | None:
         state = self._state
         assert state is not None
@@ -478,6 +539,7 @@ class Relay:
         max_batch_size: int | None = None,
         metrics_port: int | None = None,
         metrics_host: str = "127.0.0.1",
+        stats_interval: float | None = 10.0,
         application_name: str = "pgherald-relay",
     ) -> None:
         self._relay = AsyncRelay(
@@ -500,6 +562,7 @@ class Relay:
             max_batch_size=max_batch_size,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
+            stats_interval=stats_interval,
             application_name=application_name,
         )
         self.stats = self._relay.stats
@@ -558,6 +621,10 @@ class Relay:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} group={self.group!r} to={self.target!r}>"
+
+
+def _caught_up(s: RelayStats) -> bool:
+    return s.last_relayed_at is None or time.time() - s.last_relayed_at > CAUGHT_UP_AFTER
 
 
 def _label(value: str) -> str:

@@ -141,14 +141,16 @@ def test_reset_and_delete_refuse_live_members_and_unknown_groups(
     r = running(group="g")
     r.wait_count(1)
     pid = wait_until(lambda: group(conn, "g").members, 5, "a member")[0].pid
-    before = conn.execute("SELECT * FROM pgherald.positions_v2 ORDER BY channel, partition").fetchall()
+    before = conn.execute(
+        "SELECT * FROM pgherald.positions_v2 ORDER BY channel, partition"
+    ).fetchall()
     with pytest.raises(pgherald.UsageError, match=rf"live members \(server pids {pid}\)"):
         pgherald.reset_group(conn, "g", to="beginning")
     with pytest.raises(pgherald.UsageError, match="stop its consumers first"):
         pgherald.delete_group(conn, "g")
-    assert conn.execute("SELECT * FROM pgherald.positions_v2 ORDER BY channel, partition").fetchall() == (
-        before
-    )
+    assert conn.execute(
+        "SELECT * FROM pgherald.positions_v2 ORDER BY channel, partition"
+    ).fetchall() == (before)
     r.stop()
     pgherald.delete_group(conn, "g")
     assert pgherald.list_groups(conn) == []
@@ -194,6 +196,9 @@ def test_abandoned_groups_have_no_member_and_old_activity(
         create(installed, name)
     r = running(group="busy")
     wait_until(lambda: group(conn, "busy").members, 5, "a member")
+    # Its channels' positions are registered at its first read (after it joins): wait for them,
+    # or they would be written after the UPDATE below, with a fresh updated_at.
+    wait_until(lambda: r.consumer.stats.reads > 0, 5, "a first read")
     conn.execute(
         "UPDATE pgherald.positions_v2 SET updated_at = now() - interval '8 days' "
         "WHERE group_name IN ('old', 'busy')"

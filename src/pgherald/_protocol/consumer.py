@@ -89,6 +89,21 @@ Start = str | int | datetime
 Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
 
 
+@dataclass(frozen=True)
+class StatusRow:
+    """
+    A row the consumer keeps in ``pgherald.settings_v1`` while it runs, for ``pgherald
+    status`` (a relay's throughput): written between reads right after each (re)connection and
+    every *interval* seconds, removed when `ConsumerEngine.run` returns after a stop.
+    """
+
+    name: str
+    interval: float
+    value: Callable[[int], str]
+    """The row's JSON object (text), given the connection's backend pid; the statement adds
+    ``"at"``, the server's clock (epoch seconds)."""
+
+
 @dataclass
 class ConsumerConfig:
     """A consumer's settings, checked once; every default is what a production service wants."""
@@ -131,6 +146,8 @@ class ConsumerConfig:
     check_delivery: bool = True
     """At the first connection, prove that notifications reach it (no transaction pooler)."""
     lent: Any = None
+    status_row: StatusRow | None = None
+    """A relay's row for ``pgherald status`` (see `StatusRow`); None: none."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -195,6 +212,8 @@ class ConsumerEngine:
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
         self._maintain_at = 0.0 if config.maintain_interval is not None else math.inf
+        self._status_at = math.inf  # when to write config.status_row (after connecting)
+        self._status_off = False  # it could not be written (no privilege, say)
         self._releases = scheduled.Releases()
         self._registered: frozenset[str] = frozenset()  # channels with rows of their own
         self._every: tuple[str, ...] = ()  # the log's channels, for a consumer of every channel
@@ -263,6 +282,9 @@ class ConsumerEngine:
             self._forget_reads()
             self._next_rebalance = 0.0
             self._release_at = 0.0  # wake-ups were missed while away
+            # The status row at the first turn: a new backend pid, and `status` waits for it.
+            off = cfg.status_row is None or self._status_off
+            self._status_at = math.inf if off else 0.0
             self._next_probe = time.monotonic() + cfg.health_check_interval
             self._alive_at = time.time()
             yield from self.rebalance()
@@ -736,6 +758,8 @@ class ConsumerEngine:
                     yield from self._release()
                 if time.monotonic() >= self._maintain_at:
                     yield from self._maintain()
+                if time.monotonic() >= self._status_at:
+                    yield from self._write_status()
                 if (yield from self._redeliver()):
                     continue
                 events = yield from self.fetch()
@@ -772,11 +796,12 @@ class ConsumerEngine:
                 if (yield from self._wait(now + self.config.poll_interval)):
                     linger_until = time.monotonic() + self.config.linger
             except _Stopped:
-                return
+                break
             except _Lost as lost:
                 if self.stopping:
-                    return
+                    break
                 yield from self._recover(lost)
+        yield from self._remove_status()
 
     def _wait(self, until: float) -> PQGen:
         """Wait for a wake-up until *until*; probe the connection when it has been quiet."""
@@ -790,6 +815,8 @@ class ConsumerEngine:
             until = max(time.monotonic(), self._next_probe)
         if self._release_at < until:  # a delayed event falls due
             until = max(time.monotonic(), self._release_at)
+        if self._status_at < until:  # the status row is due
+            until = max(time.monotonic(), self._status_at)
         ready = yield (WAIT, pgconn.socket, pgwire.READ, until)
         if ready:
             try:
@@ -861,6 +888,32 @@ class ConsumerEngine:
             )
             level = logging.WARNING if action in {"pinned", "abandoned", "idle"} else logging.INFO
             logger.log(level, "maintain: %s %s: %s", action, target, detail)
+
+    def _write_status(self) -> PQGen:
+        """Write our `StatusRow` (between reads; a statement of well under a millisecond)."""
+        row = self.config.status_row
+        pgconn = self.pgconn
+        assert row is not None
+        assert pgconn is not None
+        self._status_at = time.monotonic() + row.interval
+        yield from self._settle()
+        params = {"name": row.name, "value": row.value(pgconn.backend_pid)}
+        try:
+            yield from self._query("status_row_set", params)
+        except HeraldError as exc:  # no privilege on settings_v1, say: relaying goes on
+            self._status_at, self._status_off = math.inf, True
+            logger.warning("`pgherald status` will not show this relay's rate: %s", exc)
+
+    def _remove_status(self) -> PQGen:
+        """On the way out of `run`: remove our `StatusRow` (within the stop's grace time)."""
+        row = self.config.status_row
+        if row is None or self._status_off or self.pgconn is None or self._broken:
+            return
+        try:
+            yield from self._settle()
+            yield from self._query("status_row_delete", {"name": row.name})
+        except (_Lost, _Stopped, HeraldError) as exc:
+            logger.info("could not remove the status row %r (%s): it goes stale", row.name, exc)
 
     def _probe(self) -> PQGen:
         pgconn = self.pgconn

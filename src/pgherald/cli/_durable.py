@@ -14,7 +14,7 @@ import psycopg
 
 from .._consumer import Consumer, Start
 from .._dead import dead_letter_counts
-from .._groups import abandoned_groups, list_groups, log_size
+from .._groups import RelayInfo, abandoned_groups, list_groups, log_size
 from .._maintain import maintain, partition_count, repartition, retention, set_retention
 from .._publish import publish as do_publish
 from .._schema import MISSING, install, install_sql, is_installed, uninstall, uninstall_sql
@@ -215,11 +215,11 @@ def consume_cmd(
 )
 @friendly
 def status_cmd(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
-    """Each consumer group's position and lag, and the NOTIFY queue usage.
+    """Each consumer group's position and lag, each relay's rate, the NOTIFY queue usage.
 
     A group's lag counts every channel's events after its position unless --channel is
     given. "~" marks an estimate: large counts are not made event by event, so this answers
-    quickly at any lag.
+    quickly at any lag. A relay (`pgherald relay`) reports its events/s and lag every 10 s.
     """
     with connection(dsn) as conn:
         require_schema(conn)
@@ -241,6 +241,7 @@ def status_cmd(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> Non
                 "position": g.position,
                 "updated_at": g.last_activity.isoformat(),
                 "dead_letters": dead.get(g.name, (0, 0))[0],
+                "relays": [relay_json(r) for r in g.relays],
             }
             for g in groups
         ],
@@ -260,6 +261,42 @@ def status_cmd(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> Non
             f"{g['members']} live member{'' if g['members'] == 1 else 's'}"
             + (f", {g['dead_letters']} dead letters" if g["dead_letters"] else "")
         )
+        for r in g["relays"]:
+            click.echo(describe_relay(r))
+
+
+def relay_json(r: RelayInfo) -> dict[str, Any]:
+    return {
+        "target": r.target,
+        "host": r.host,
+        "pid": r.pid,
+        "live": r.live,
+        "rate": r.rate,
+        "lag_seconds": r.lag_seconds,
+        "relayed": r.relayed,
+        "dead_lettered": r.dead_lettered,
+        "retries": r.retries,
+        "partitions": r.partitions,
+        "channels": list(r.channels),
+        "backend_pid": r.backend_pid,
+        "started_at": r.started_at.isoformat(),
+        "reported_at": r.reported_at.isoformat(),
+        "interval": r.interval,
+    }
+
+
+def describe_relay(r: dict[str, Any]) -> str:
+    where = f"  relay {r['host']}:{r['pid']} -> {r['target']}: "
+    if not r["live"]:
+        age = datetime.now(timezone.utc) - datetime.fromisoformat(r["reported_at"])
+        return where + (
+            f"stale: no report for {max(age.total_seconds(), 0):.0f}s (killed, or its session gone)"
+        )
+    return where + (
+        f"{r['rate']:,.1f} events/s, lag {r['lag_seconds']:.1f}s, {r['relayed']:,} relayed, "
+        f"{r['partitions']} partition{'' if r['partitions'] == 1 else 's'}"
+        + (f", {r['dead_lettered']} dead-lettered" if r["dead_lettered"] else "")
+    )
 
 
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
