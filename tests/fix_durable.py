@@ -47,6 +47,22 @@ def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condi
         time.sleep(0.02)  # polling a condition, bounded by the deadline
 
 
+def wait_readable(conn: psycopg.Connection, timeout: float = 10.0) -> None:
+    """
+    Wait until every stored event is readable: a log reader sees events only below its
+    snapshot's xmin, and any transaction that writes on the server (another database: other
+    tests, run side by side) holds that back while it runs.
+    """
+    wait_until(
+        lambda: conn.execute(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) > "
+            "coalesce((SELECT max(tx) FROM pgherald.events_v1), '0')"
+        ).fetchone()[0],  # type: ignore[index]
+        timeout,
+        "the server's other transactions to end (the log's readers wait for them)",
+    )
+
+
 def uncovered(conn: psycopg.Connection, group: str, channel: str | None = None) -> int:
     """
     Events the group's position has not passed yet (0: the position covers them all): a

@@ -767,7 +767,13 @@ class ConsumerEngine:
                     if self._waiting and self._saturated:
                         yield from self._busy()  # behind: no wake-ups needed for a while
                     yield from self._deliver(events)
-                    linger_until = time.monotonic() + self.config.linger
+                    now = time.monotonic()
+                    linger_until = now + self.config.linger
+                    if not self._saturated and self._waiting and not self._woken:
+                        # Caught up, and publishers announce commits: the next read comes with
+                        # a wake-up, or the linger's next step, not at once (an empty round
+                        # trip that a wake-up arriving meanwhile would wait behind).
+                        yield from self._wait(min(now + 0.002, linger_until))
                     continue
                 if self._woken:  # a commit was announced while we read: read again now
                     self._woken = False
