@@ -193,3 +193,90 @@ def test_sync_breaking_out_of_a_batch_keeps_the_rest_in_order(dsn: str) -> None:
         rest = [n.payload for n in listener.notifications(timeout=0.5)]
     assert first + rest == sent
     assert listener.stats.received == len(sent)
+
+
+SEND_MIXED = "SELECT count(pg_notify(c, p)) FROM unnest(%s::text[], %s::text[]) AS t(c, p)"
+
+
+def _mixed(dsn: str, rows: list[tuple[str, str]]) -> None:
+    """One transaction of notifications on several channels, in this order."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        c.execute(SEND_MIXED, ([ch for ch, _ in rows], [p for _, p in rows]))
+
+
+def _interleaved(mixed: bool, count: int) -> list[tuple[str, str]]:
+    if not mixed:
+        return [("a", str(i)) for i in range(count)]
+    # Two handled channels and, every 7th, one without a handler (the slow path).
+    return [("c" if i % 7 == 6 else "ab"[i % 2], str(i)) for i in range(count)]
+
+
+# 20: below engine._CONVERT_MIN (converted item by item); 60: converted as a batch.
+@pytest.mark.parametrize("count", [20, 60])
+@pytest.mark.parametrize("mixed", [False, True], ids=["one-channel", "mixed"])
+def test_sync_handler_stop_inside_a_batch_keeps_the_rest_in_order(
+    dsn: str, mixed: bool, count: int
+) -> None:
+    # The handler path takes notifications from libpq a batch at a time: a stop() inside one
+    # must leave the rest for the next run(), in order, none lost or delivered twice.
+    rows = _interleaved(mixed, count)
+    handled = [r for r in rows if r[0] != "c"]
+    got: list[tuple[str, str]] = []
+    want = [3]
+    with pgherald.Listener(dsn, channels=["a", "b", "c"]) as listener:
+
+        def handler(n: pgherald.Notification) -> None:
+            got.append((n.channel, n.payload))
+            if len(got) >= want[0]:
+                listener.stop()
+
+        listener.on("a")(handler)
+        listener.on("b")(handler)
+        _mixed(dsn, rows)
+        safety = threading.Timer(5.0, listener.stop)
+        safety.start()
+        try:
+            listener.run()
+            assert got == handled[:3]
+            want[0] = len(handled)
+            listener.run()
+        finally:
+            safety.cancel()
+    assert got == handled
+    assert listener.stats.received == len(rows)
+    assert listener.stats.unhandled == len(rows) - len(handled)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("count", [20, 60])
+async def test_async_handler_inside_a_batch_keeps_the_order(dsn: str, count: int) -> None:
+    # An async handler hands the batch back to the runtime at each of its notifications (to
+    # be awaited): the rest of the batch waits, in order, also across a stop() and a new run.
+    rows = _interleaved(True, count)
+    handled = [r for r in rows if r[0] != "c"]
+    got: list[tuple[str, str]] = []
+    want = [5]
+    async with pgherald.AsyncListener(dsn, channels=["a", "b", "c"]) as listener:
+
+        @listener.on("a")
+        def on_a(n: pgherald.Notification) -> None:
+            got.append((n.channel, n.payload))
+            if len(got) >= want[0]:
+                listener.stop()
+
+        @listener.on("b")
+        async def on_b(n: pgherald.Notification) -> None:
+            await anyio.lowlevel.checkpoint()
+            got.append((n.channel, n.payload))
+            if len(got) >= want[0]:
+                listener.stop()
+
+        await anyio.to_thread.run_sync(_mixed, dsn, rows)
+        with anyio.fail_after(5):
+            await listener.run()
+            assert got == handled[:5]
+            want[0] = len(handled)
+            await listener.run()
+    assert got == handled
+    assert listener.stats.received == len(rows)
+    assert listener.stats.unhandled == len(rows) - len(handled)
