@@ -107,7 +107,8 @@ def main(argv: list[str]) -> None:
         run(BIN / "lint-imports")
         # Three workers on two cores: most tests wait (for servers, timeouts, other processes),
         # so the suite takes about half the time of one worker. `-n 0` runs it in one process.
-        run(PY, "-m", "pytest", "-n", "3", *args)
+        # A file's tests stay on one worker (its module fixtures, its own servers).
+        run(PY, "-m", "pytest", "-n", "3", "--dist", "loadfile", *args)
     elif command == "bench":
         # One at a time: each measures a machine that nothing else is loading.
         for name in (
