@@ -634,7 +634,11 @@ async def test_async_consumer_iterates_and_resumes(installed: str) -> None:
     got: list[int] = []
     await _aconsume_until(installed, got, 5)
     await _aconsume_until(installed, got, 10)
-    assert got == ids
+    # Each event once. The first five in order (one consumer, one read); the second consumer
+    # may start while the server still ends the first one's session (it then holds half the
+    # partitions for a moment), so across partitions the rest may come in another order.
+    assert got[:5] == ids[:5]
+    assert sorted(got) == ids
 
 
 @pytest.mark.anyio
