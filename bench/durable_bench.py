@@ -243,8 +243,12 @@ def explain_read(dsn: str, batch: int) -> Result:
             "txs": "{" + ",".join(["NULL"] * parts) + "}",  # from the stored positions
             "ids": "{" + ",".join(["NULL"] * parts) + "}",
             "limit": batch,
-            "per_partition": -(-batch // parts),  # what ConsumerCore asks for at first
+            "shares": [-(-batch // parts)] * parts,  # what a Consumer asks for at first
         }
+        # The consumer's session settings (its planner: ordered index scans, see consumer.py).
+        from pgherald._protocol.consumer import _SETTINGS
+
+        conn.execute(_SETTINGS)
         t0 = time.perf_counter()
         rows = conn.execute(q, params).fetchall()
         query_s = time.perf_counter() - t0

@@ -566,7 +566,7 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
             "statement, `WITH i AS (INSERT ... RETURNING id) SELECT pg_notify(...) FROM i`; "
             "(c) the floor: `INSERT INTO pgherald.events_v1 (channel, payload) VALUES (...)` "
             "(the log's row with its defaults, generated partition, primary key (id, "
-            "created_at), read index (channel, partition, tx, id) and BRIN on created_at, "
+            "created_at) and read index (channel, partition, tx, id), "
             "routed to today's partition; no function, no wake-up); (d) `SELECT "
             "pgherald.publish_v1('orders', '{...}')`; (e) the statement `pgherald.publish` "
             "sends (queries.sql `publish`). First with no consumer at all, then (d), (e) with "
@@ -629,7 +629,7 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
                     f"At {w} writer(s) the log's row alone (the floor, no function, no wake-up) "
                     f"keeps {fl / mn:.2f}x of the minimal table: publish cannot reach 0.9x of "
                     "the minimal table while the row keeps this shape (xid8 default, generated "
-                    "partition, the read index and the BRIN index, the (id, created_at) key, "
+                    "partition, the read index, the (id, created_at) key, "
                     "tuple routing into the day partition); the floor target applies."
                 )
 
