@@ -19,12 +19,15 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+import pgherald
 
 
 def _unavailable(why: str) -> None:
@@ -214,8 +217,6 @@ def publish_paced(
     """
     import psycopg
 
-    import pgherald
-
     ids: list[int] = []
     with psycopg.connect(dsn, autocommit=True) as conn:
         for start in range(0, total, chunk):
@@ -268,3 +269,16 @@ class RelayProcess:
 
     def output(self) -> str:
         return self.log.read_text()
+
+
+@contextlib.contextmanager
+def relay_thread(relay: pgherald.Relay, join: float = 10.0) -> Iterator[threading.Thread]:
+    """*relay* running on a thread of its own while the block runs; then stopped and joined
+    (up to *join* seconds: the caller asserts the thread ended where that is the point)."""
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        yield t
+    finally:
+        relay.stop()
+        t.join(join)

@@ -253,10 +253,10 @@ class LogWatch(logging.Handler):
                 self._cond.wait(left)
 
 
-@pytest.fixture
-def listener_log() -> Iterator[LogWatch]:
-    """Every ``pgherald.listener`` record at INFO and above, during this test."""
-    logger = logging.getLogger("pgherald.listener")
+@contextlib.contextmanager
+def watching(name: str) -> Iterator[LogWatch]:
+    """Every record of logger *name* at INFO and above, while the block runs."""
+    logger = logging.getLogger(name)
     watch = LogWatch()
     old_level = logger.level
     logger.setLevel(logging.INFO)
@@ -266,6 +266,13 @@ def listener_log() -> Iterator[LogWatch]:
     finally:
         logger.removeHandler(watch)
         logger.setLevel(old_level)
+
+
+@pytest.fixture
+def listener_log() -> Iterator[LogWatch]:
+    """Every ``pgherald.listener`` record at INFO and above, during this test."""
+    with watching("pgherald.listener") as watch:
+        yield watch
 
 
 class SilentServer:

@@ -86,16 +86,12 @@ def _publish(
     deliver_after: timedelta | None,
 ) -> int:
     params = _params(channel, payload, key, headers, dumps)
+    query = _QUERY
     if deliver_at is not None or deliver_after is not None:
         params.update(_when(deliver_at, deliver_after))
-        try:
-            return int(_drivers.execute(conn, _LATER, params, what="publish"))
-        except Exception as exc:
-            if not _errormap.is_driver_error(exc):
-                raise
-            raise _errormap.from_driver(exc, doing="publish") from exc
+        query = _LATER
     try:  # not a context manager: this runs once per event and try costs nothing
-        return int(_drivers.execute(conn, _QUERY, params, what="publish"))
+        return int(_drivers.execute(conn, query, params, what="publish"))
     except Exception as exc:
         if not _errormap.is_driver_error(exc):
             raise
@@ -137,16 +133,12 @@ async def _apublish(
     deliver_after: timedelta | None,
 ) -> int:
     params = _params(channel, payload, key, headers, dumps)
+    query = _QUERY
     if deliver_at is not None or deliver_after is not None:
         params.update(_when(deliver_at, deliver_after))
-        try:
-            return int(await _drivers.aexecute(conn, _LATER, params, what="publish"))
-        except Exception as exc:
-            if not _errormap.is_driver_error(exc):
-                raise
-            raise _errormap.from_driver(exc, doing="publish") from exc
+        query = _LATER
     try:
-        return int(await _drivers.aexecute(conn, _QUERY, params, what="publish"))
+        return int(await _drivers.aexecute(conn, query, params, what="publish"))
     except Exception as exc:
         if not _errormap.is_driver_error(exc):
             raise

@@ -140,17 +140,7 @@ def typed_listener_handler(
             count()
             raise invalid(model, f"on channel {n.channel!r}", exc) from exc
 
-    if is_async(handler):
-
-        async def typed_async(n: Any) -> Any:
-            return await handler(parse(n))
-
-        return functools.update_wrapper(typed_async, handler)
-
-    def typed(n: Any) -> Any:
-        return handler(parse(n))
-
-    return functools.update_wrapper(typed, handler)
+    return _calling_with(handler, parse)
 
 
 def typed_consumer_handler(
@@ -166,19 +156,23 @@ def typed_consumer_handler(
             count()
             raise invalid(model, f"of event {event.id} ({event.channel})", exc) from exc
 
+    return _calling_with(handler, parse)
+
+
+def _calling_with(handler: Callable[..., Any], parse: Callable[[Any], Any]) -> Callable[..., Any]:
+    """*handler* called with ``parse(first)`` instead of its first argument, the rest passed
+    through (a transactional handler's connection); async when *handler* is."""
     if is_async(handler):
 
-        async def typed_async(event: Any, *conn: Any) -> Any:
-            return await handler(parse(event), *conn)
+        async def typed_async(first: Any, *rest: Any) -> Any:
+            return await handler(parse(first), *rest)
 
-        wrapper: Callable[..., Any] = typed_async
-    else:
+        return functools.update_wrapper(typed_async, handler)
 
-        def typed(event: Any, *conn: Any) -> Any:
-            return handler(parse(event), *conn)
+    def typed(first: Any, *rest: Any) -> Any:
+        return handler(parse(first), *rest)
 
-        wrapper = typed  # a transactional handler's connection is passed through (*conn)
-    return functools.update_wrapper(wrapper, handler)
+    return functools.update_wrapper(typed, handler)
 
 
 def is_async(handler: Callable[..., Any]) -> bool:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -27,7 +26,14 @@ import pytest
 import pgherald
 from pgherald import ChangeEvent, ChangeStream
 from pgherald._protocol.pgoutput import lsn_to_int
-from tests.fix_faults import FaultProxy, LogWatch, SilentServer, await_until, wait_until
+from tests.fix_faults import (
+    FaultProxy,
+    LogWatch,
+    SilentServer,
+    await_until,
+    wait_until,
+    watching,
+)
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
 
@@ -648,16 +654,8 @@ def cdc_proxy(pg: OwnServer) -> Iterator[FaultProxy]:
 @pytest.fixture
 def cdc_log() -> Iterator[LogWatch]:
     """The ``pgherald.cdc`` log records (INFO and up) of this test."""
-    logger = logging.getLogger("pgherald.cdc")
-    watch = LogWatch()
-    old_level = logger.level
-    logger.setLevel(logging.INFO)
-    logger.addHandler(watch)
-    try:
+    with watching("pgherald.cdc") as watch:
         yield watch
-    finally:
-        logger.removeHandler(watch)
-        logger.setLevel(old_level)
 
 
 def _losses(log: LogWatch) -> list[str]:
@@ -757,15 +755,10 @@ async def _enter(state: str, dsn: str, slot: str, proxy: FaultProxy, stream: Any
         stream._engine.config = replace(
             stream._engine.config, reconnect_initial_delay=60.0, reconnect_max_delay=60.0
         )
-        log = LogWatch()
-        logger = logging.getLogger("pgherald.cdc")
-        logger.addHandler(log)
-        try:
+        with watching("pgherald.cdc") as log:
             proxy.refuse()
             proxy.sever()
             await await_until(lambda: log.matching("again in"), 5, "a reconnection delay")
-        finally:
-            logger.removeHandler(log)
 
 
 @pytest.mark.parametrize("state", STATES)

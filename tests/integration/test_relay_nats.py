@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import OwnNats, RelayProcess, publish_paced
+from tests.fix_brokers import OwnNats, RelayProcess, publish_paced, relay_thread
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
 
@@ -233,13 +233,8 @@ def test_an_unreachable_broker_is_retried_until_stop(
         retry_delay=0.01,
         retry_max_delay=0.05,
     )
-    t = threading.Thread(target=relay.run)
-    t.start()
-    try:
+    with relay_thread(relay) as t:
         wait_until(lambda: relay.stats.retries >= 3, 10, "three retries")
-    finally:
-        relay.stop()
-        t.join(10)
     assert not t.is_alive()
     assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again
 
@@ -290,13 +285,8 @@ def test_a_redelivered_read_is_dropped_by_jetstream(
     try:
         for _ in range(2):
             relay = pgherald.Relay(installed, **options)
-            t = threading.Thread(target=relay.run)
-            t.start()
-            try:
+            with relay_thread(relay):
                 wait_until(lambda relay=relay: relay.stats.relayed >= 300, 10, "300 relayed")
-            finally:
-                relay.stop()
-                t.join(10)
             pgherald.reset_group(conn, "relay", to="beginning")
         assert relay.stats.duplicates == 300  # the second run: every one a duplicate
         check_exactly_once_in_key_order(messages(nats_url, stream), ids)
@@ -312,12 +302,7 @@ def test_stop_while_connecting_to_a_broker_that_never_answers(
     relay = pgherald.Relay(
         installed, to=f"{scheme}://127.0.0.1:{silent_server.port}", channels=["orders"]
     )
-    t = threading.Thread(target=relay.run)
-    t.start()
-    try:
+    with relay_thread(relay, join=2) as t:  # well before the 5 s connect timeout
         wait_until(lambda: silent_server.accepted, 10, "the relay inside its connection attempt")
-    finally:
-        relay.stop()
-        t.join(2)  # well before the 5 s connect timeout
     assert not t.is_alive()
     assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again

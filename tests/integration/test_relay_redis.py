@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import OwnRedis, RelayProcess, publish_paced
+from tests.fix_brokers import OwnRedis, RelayProcess, publish_paced, relay_thread
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
 
@@ -96,13 +96,8 @@ def test_a_redelivered_read_is_skipped_by_the_script(
     try:
         for _ in range(2):
             relay = pgherald.Relay(installed, **options)
-            t = threading.Thread(target=relay.run)
-            t.start()
-            try:
+            with relay_thread(relay):
                 wait_until(lambda relay=relay: relay.stats.relayed >= 300, 10, "300 relayed")
-            finally:
-                relay.stop()
-                t.join(10)
             pgherald.reset_group(conn, "relay", to="beginning")
         check_exactly_once_in_key_order(entries(redis_url, unique), ids)
         assert relay.stats.duplicates == 300  # the second run: every one skipped

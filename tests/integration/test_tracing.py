@@ -20,6 +20,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 import pgherald
 import pgherald.tracing
+from tests.fix_brokers import relay_thread
 from tests.fix_durable import FAST, uncovered, wait_until
 from tests.integration.test_relay_webhook import SECRET, Receiver
 
@@ -114,13 +115,8 @@ def test_a_trace_crosses_publish_consume_and_relay(
         # relay: a batch span linked to the publishing spans; the headers travel on
         spans.clear()
         relay = pgherald.Relay(installed, to=receiver.url, channels=["orders"], secret=SECRET)
-        t = threading.Thread(target=relay.run)
-        t.start()
-        try:
+        with relay_thread(relay):
             wait_until(lambda: uncovered(conn, "relay") == 0, 10, "every event relayed")
-        finally:
-            relay.stop()
-            t.join(10)
         relayed = [s for s in named(spans, "process orders") if s.links]
         assert relayed, [s.name for s in spans.get_finished_spans()]
         linked = {link.context.span_id for s in relayed for link in s.links}
