@@ -552,14 +552,7 @@ class Hub:
                 await anyio.sleep(1.0)
                 continue
             for tx, event_id, channel, payload in logread.frame_rows(read):
-                frame = Frame(channel, payload, (tx, event_id))
-                subs = self._subs.get(channel)
-                if subs:
-                    for client in list(subs):
-                        client.offer(frame)
-                filtered = self._filtered.get(channel)
-                if filtered:
-                    _offer_filtered(filtered, frame)
+                self._fan_out(Frame(channel, payload, (tx, event_id)))
             # Past the last event, or, when caught up, to the horizon: events of other
             # channels that the read skipped are not scanned again.
             self.position = logread.next_position(read, limit, self.position)
@@ -663,11 +656,15 @@ class Hub:
         if pos > self.position:
             self.position = pos
         self.metrics.events_in.inc()
-        subs = self._subs.get(channel)
+        self._fan_out(frame)
+
+    def _fan_out(self, frame: Frame) -> None:
+        """A durable event to its channel's subscribers, and to those whose filter it passes."""
+        subs = self._subs.get(frame.channel)
         if subs:
             for client in list(subs):
                 client.offer(frame)
-        filtered = self._filtered.get(channel)
+        filtered = self._filtered.get(frame.channel)
         if filtered:
             _offer_filtered(filtered, frame)
 
