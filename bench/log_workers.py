@@ -3,7 +3,7 @@
 Run as ``python bench/log_workers.py MODE ...``:
 
 * ``waiter``: an idle consumer waiting for a wake-up, as pgherald's consumers wait: holds the
-  shared advisory lock ``(hashtext('pgherald.wake_v1'), 1)`` and LISTENs on
+  shared advisory locks of queries.sql ``hold_wakeups`` and LISTENs on
   ``pgherald_wake_v1``; prints ``READY``, then reads (and counts) wake-ups until ``STOP`` on
   stdin, without ever reading the log; prints a JSON result.
 * ``quiet``: a fresh `Consumer` of ``--channel`` (default options, handler style); the time
@@ -75,9 +75,11 @@ def stop_on_stdin() -> threading.Event:
 def waiter(dsn: str, timeout: float) -> dict[str, Any]:
     import psycopg
 
+    from pgherald import sql as pgherald_sql
+
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("LISTEN pgherald_wake_v1")
-        conn.execute("SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)")
+        conn.execute(pgherald_sql.query("hold_wakeups"))  # as a waiting consumer holds them
         done = stop_on_stdin()
         emit("READY")
         n = 0

@@ -24,8 +24,8 @@ with ``json_build_object``; ``AFTER INSERT OR UPDATE OR DELETE FOR EACH ROW``, l
 attached); ``pgherald trigger add`` (NOTIFY, all columns, default channel, with a
 `pgherald.Listener` process attached that decodes every event, count checked); ``--durable``
 (events in ``pgherald.events_v1``, keyed by ``id``, count checked) with no consumer; and
-``--durable`` with one idle waiting consumer (a session holding the shared lock
-``(pgherald.wake_v1, 1)`` and LISTENing on ``pgherald_wake_v1``, so wake-ups are sent).
+``--durable`` with one idle waiting consumer (a session holding the shared
+wake-up locks of queries.sql ``hold_wakeups``, LISTENing on ``pgherald_wake_v1``: wake-ups are sent).
 Before every run the table and the event logs are emptied and re-seeded (400 rows), vacuumed
 and checkpointed.  Setups are interleaved within each repetition; the reported figure is the
 median tx/s over 3 runs (1 with ``--quick``); "vs seed" is ours tx/s / seed tx/s (>= 1.00x:
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import importlib
 import json
 import os
 import re
@@ -227,7 +228,9 @@ def worker_listen(dsn: str, channel: str, timeout: float, wait: bool) -> None:
     count = 0
     with psycopg.connect(dsn, autocommit=True) as lock:
         if wait:
-            lock.execute("SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)")
+            lock.execute(
+                importlib.import_module("pgherald.sql").query("hold_wakeups")
+            )  # as a waiting consumer
         with pgherald.Listener(dsn, channels=[channel]) as listener:
             for n in listener.notifications(timeout=timeout):
                 if n.payload == "PING":
@@ -652,7 +655,7 @@ def report(
         "add` (NOTIFY, all columns, with a `pgherald.Listener` process attached that decodes "
         "every event, count checked); `--durable` (events stored in `pgherald.events_v1`, keyed "
         "by `id`, count checked) with no consumer; and `--durable` with one idle consumer "
-        "waiting (a session holding the shared lock `(pgherald.wake_v1, 1)` and LISTENing on "
+        "waiting (a session holding the shared wake-up locks, queries.sql `hold_wakeups`, and LISTENing on "
         "`pgherald_wake_v1`: the trigger then sends wake-ups). The table and the logs are "
         "emptied, re-seeded, vacuumed and checkpointed before each run; setups are interleaved; "
         f"figures are the median of {runs} run(s). vs seed = ours tx/s / seed trigger tx/s "

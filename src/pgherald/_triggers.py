@@ -119,8 +119,8 @@ _CHANGE_QUEUE_LIMIT = (
     "coalesce(nullif(current_setting('pgherald.change_max_queue_usage', true), '')::float8, 0.9)"
 )
 _WAKE = """
-    IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
-        IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN
+    IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
+        IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             NULL;  -- no consumer waits (as in publish_v1)
         END IF;
     ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)

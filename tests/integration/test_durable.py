@@ -596,6 +596,66 @@ def test_wake_ups_only_while_a_consumer_waits(
     assert r.ids[-1] == event_id
 
 
+def _wake_key(c: psycopg.Connection) -> int:
+    """The wake-up key a publishing session tries (publish_v1: 2 + its pid mod 16)."""
+    return 2 + c.info.backend_pid % 16
+
+
+def test_every_publishing_session_wakes_a_waiting_consumer(installed: str) -> None:
+    # Publishers spread their tries over 16 keys by backend pid; a waiting consumer holds all.
+    with psycopg.connect(installed, autocommit=True) as waiting:
+        waiting.execute("LISTEN pgherald_wake_v1")
+        publishers: dict[int, psycopg.Connection] = {}
+        try:
+            while len(publishers) < 16:  # one session per key (pids come in sequence)
+                c = psycopg.connect(installed, autocommit=True)
+                if _wake_key(c) in publishers:
+                    c.close()
+                else:
+                    publishers[_wake_key(c)] = c
+            for c in publishers.values():  # nobody waits: no wake-up from any key
+                pgherald.publish(c, "ch", "unheard")
+            assert list(waiting.notifies(timeout=0.3)) == []
+            (ok, xid) = waiting.execute(sql.query("wait_for_wakeups")).fetchone()  # type: ignore[misc]
+            assert ok
+            assert int(xid) > 0
+            for key, c in sorted(publishers.items()):
+                pgherald.publish(c, "ch", key)
+                heard = list(waiting.notifies(timeout=2.0, stop_after=1))
+                assert len(heard) == 1, f"no wake-up from the publisher of key {key}"
+            waiting.execute(sql.query("busy"))  # busy: none needed any more
+            for c in publishers.values():
+                pgherald.publish(c, "ch", "unheard again")
+            assert list(waiting.notifies(timeout=0.3)) == []
+        finally:
+            for c in publishers.values():
+                c.close()
+
+
+def test_asking_for_wake_ups_while_a_publisher_looks_keeps_no_lock(installed: str) -> None:
+    # A publisher holds its key exclusively for an instant: the consumer's try fails then, and
+    # it must not keep the other 16 (it would count twice when it asks again).
+    held = (
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND pid = %s"
+        " AND classid = (hashtext('pgherald.wake_v1')::bigint & 4294967295)::oid"
+    )
+    with (
+        psycopg.connect(installed, autocommit=True) as publisher,
+        psycopg.connect(installed, autocommit=True) as waiting,
+    ):
+        publisher.execute("SELECT pg_advisory_lock(hashtext('pgherald.wake_v1'), 9)")
+        (ok, xid) = waiting.execute(sql.query("wait_for_wakeups")).fetchone()  # type: ignore[misc]
+        assert (ok, xid) == (False, None)
+        pid = waiting.info.backend_pid
+        assert publisher.execute(held, (pid,)).fetchone() == (0,)
+        publisher.execute("SELECT pg_advisory_unlock(hashtext('pgherald.wake_v1'), 9)")
+        (ok, xid) = waiting.execute(sql.query("wait_for_wakeups")).fetchone()  # type: ignore[misc]
+        assert ok is True
+        assert publisher.execute(held, (pid,)).fetchone() == (17,)
+        waiting.execute(sql.query("busy"))
+        assert publisher.execute(held, (pid,)).fetchone() == (0,)
+
+
 def test_a_publisher_that_looked_before_the_consumer_waited_is_not_missed(
     installed: str, conn: psycopg.Connection, running: Callable[..., Running]
 ) -> None:

@@ -97,7 +97,8 @@ def test_deliver_at_and_a_consumer_started_later(
     assert due_time(conn, past) < at.timestamp()
     consumer = running(**SLOW_POLL)  # releases what is overdue at once, then waits for "later"
     consumer.wait_count(1, timeout=8)
-    assert [e.payload for e in consumer.seen] == ["overdue"]
+    # (on a loaded machine the consumer may start after "later" fell due too: first all the same)
+    assert consumer.seen[0].payload == "overdue"
     consumer.wait_count(2, timeout=8)
     later = consumer.seen[1]
     assert (later.payload, later.key, later.headers) == ("later", "k", {"h": 1})

@@ -780,7 +780,7 @@ def test_durable_trigger_stores_the_event_and_wakes_consumers_like_publish(
     pgherald.add_table_trigger(conn, "t", durable=True)
     gate = "SELECT pg_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)"
     sentinel = "SELECT pg_notify('pgherald_wake_v1', 'sentinel')"
-    waiting = "SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)"
+    waiting = pgherald.sql.query("hold_wakeups")
     with (
         pgherald.Listener(dsn, channels=["pgherald_wake_v1"]) as listener,
         psycopg.connect(dsn) as other,

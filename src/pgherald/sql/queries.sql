@@ -12,8 +12,8 @@ WITH e AS (
     RETURNING id
 )
 SELECT e.id,
-       CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
-           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN CAST(NULL AS void) END
+       CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
+           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
        WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
            CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
                     current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
@@ -43,8 +43,8 @@ e AS (
 )
 SELECT ids.ids,
        CASE WHEN ids.ids IS NULL THEN CAST(NULL AS void)
-       WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
-           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN CAST(NULL AS void) END
+       WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
+           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
        ELSE
            CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
                CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
@@ -707,24 +707,36 @@ SELECT action, target, detail
 FROM pgherald.maintain_v1(coalesce(CAST(%(now)s AS timestamptz), now()))
 
 -- name: wait_for_wakeups --
--- A consumer about to wait: publishers send wake-ups only while some session holds this shared
--- lock (see publish_v1). False when a publisher holds it this instant (try again shortly).
--- Also the next transaction id to be assigned: a publisher that looked for the lock before we
--- took it has an older one, and sent no wake-up; once every transaction before it has ended
+-- A consumer about to wait: publishers send wake-ups only while some session holds these
+-- shared locks, (wake_v1, 1) to (wake_v1, 17) (see publish_v1: each publisher tries one).
+-- False when a publisher holds one this instant (try again shortly); then none is kept.
+-- Also a transaction id taken after the locks: a publisher that looked before we held them
+-- has an older one, and sent no wake-up; once every transaction before it has ended
 -- (wakeups_safe), a read sees all their events.
-SELECT pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1),
-       pg_snapshot_xmax(pg_current_snapshot())::text
+WITH t AS MATERIALIZED (
+    SELECT s, pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), s) AS ok
+    FROM generate_series(1, 17) AS s
+), held AS (SELECT bool_and(ok) AS ok FROM t)
+SELECT CASE WHEN held.ok THEN true
+       ELSE (SELECT count(pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), t.s))
+             FROM t WHERE t.ok) < 0
+       END,
+       CASE WHEN held.ok THEN pg_current_xact_id()::text END
+FROM held
 
 -- name: wakeups_safe --
 SELECT pg_snapshot_xmin(pg_current_snapshot()) >= CAST(%(xmax)s AS xid8)
 
 -- name: hold_wakeups --
 -- The gateway's log tail: wake-ups for as long as its session lives (as a waiting consumer).
-SELECT pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), 1)
+-- Also what benchmarks and tests run to stand for a waiting consumer.
+SELECT count(pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), s))
+FROM generate_series(1, 17) AS s
 
 -- name: busy --
 -- A consumer behind on the log needs no wake-ups: publishers stop sending them.
-SELECT pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), 1)
+SELECT count(pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), s))
+FROM generate_series(1, 17) AS s
 
 -- name: partition_count --
 SELECT pgherald.partition_count_v1()

@@ -353,9 +353,13 @@ CREATE TABLE pgherald.positions_v2 (
 -- publish: store the event in the caller's transaction and wake consumers, cheaply.
 -- A NOTIFY in every writer's transaction would serialise all their commits on PostgreSQL's
 -- global notify lock; instead only when a consumer waits for a wake-up (waiting consumers hold
--- the shared session lock (wake_v1, 1), so our exclusive try fails; a busy one needs none), and
--- then at most one publishing transaction at a time notifies (whoever holds the advisory lock
--- (wake_v1, 0)), and consumers that wake keep reading briefly to catch the others.
+-- the shared session locks (wake_v1, 1) to (wake_v1, 17), so our exclusive try of one of them
+-- fails; a busy one needs none), and then at most one publishing transaction at a time
+-- notifies (whoever holds the advisory lock (wake_v1, 0)), and consumers that wake keep reading
+-- briefly to catch the others. Each publishing session tries its own one of 16 keys (2 to 17,
+-- by backend pid), so that concurrent publishers' tries do not meet on one lock (and do not
+-- take each other's try for a waiting consumer); (wake_v1, 1) is for earlier versions'
+-- triggers, which try that one.
 -- No NOTIFY at all when the cluster's NOTIFY queue is half full (a stuck listener elsewhere):
 -- a full queue would make this commit fail. Consumers also poll, so nothing waits forever.
 CREATE FUNCTION pgherald.publish_v1(
@@ -368,8 +372,8 @@ BEGIN
     INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
     VALUES (p_channel, p_key, p_payload, p_headers)
     RETURNING id INTO v_id;
-    IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
-        IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN
+    IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
+        IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             NULL;  -- no consumer waits: none needs a wake-up
         END IF;
     ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
@@ -462,8 +466,8 @@ BEGIN
                 'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
                 'new', v_new, 'old', v_old, 'changed', v_changed,
                 'tx', pg_current_xact_id()::text, 'ts', clock_timestamp()));
-        IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 1) THEN
-            IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 1) THEN
+        IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
+            IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
                 NULL;  -- no consumer waits (as in publish_v1)
             END IF;
         ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
