@@ -36,6 +36,7 @@ from ._protocol.consumer import (
     ConsumerEngine,
     Entry,
     Start,
+    StatusRow,
     _Stopped,
 )
 from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
@@ -709,6 +710,26 @@ class AsyncConsumer(_ConsumerBase):
                 with anyio.CancelScope(shield=True):
                     await waiter.run(engine.ack_handed_out(batch[:done]))
             self._end()
+
+
+def relay_consumer(
+    dsn: Source | None,
+    *,
+    raw_payloads: bool,
+    status_row: StatusRow | None,
+    **options: Any,
+) -> AsyncConsumer:
+    """
+    An `AsyncConsumer` (*options*: its public ones) with the two engine options only a relay
+    sets, which are deliberately no constructor parameters (`Consumer` and `AsyncConsumer`
+    keep their documented, twin signatures): *raw_payloads* hands each payload and headers
+    on as the log's JSON text, not decoded; *status_row* is the relay's row for ``pgherald
+    status`` (None: none). The engine reads both only once it runs.
+    """
+    consumer = AsyncConsumer(dsn, **options)
+    consumer._config.raw_payloads = raw_payloads
+    consumer._config.status_row = status_row
+    return consumer
 
 
 def _failed_at(exc: BaseException, count: int) -> int:

@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 import sniffio
 
 from ._conninfo import Source
-from ._consumer import AsyncConsumer, Start
+from ._consumer import Start, relay_consumer
 from ._models import Event
 from ._protocol.backoff import backoff_delay
 from ._protocol.channels import check_channel
@@ -305,10 +305,23 @@ class AsyncRelay:
             max_attempts=max_attempts,
             timeout=timeout,
         )
+        # The relay's row for `pgherald status`, written by the consumer between reads.
+        self._reported = (0.0, 0)  # (time.time(), relayed) at the last status row
+        self._status_row: StatusRow | None = None
+        if stats_interval is not None:
+            name = (
+                f"relay:{group}:{self._sink.target}:{socket.gethostname()}:{os.getpid()}"
+                f":{next(_instances)}"
+            )
+            self._status_row = StatusRow(name, float(stats_interval), self._status_value)
         # The sink retries and dead-letters by itself (it knows transient from permanent):
-        # the consumer dead-letters at the first failure a sink reports.
-        self._consumer = AsyncConsumer(
+        # the consumer dead-letters at the first failure a sink reports. NATS and Redis
+        # forward the payload's JSON text as the log holds it (raw_payloads): no json.loads
+        # and json.dumps per event.
+        self._consumer = relay_consumer(
             dsn,
+            raw_payloads=self._sink.raw,
+            status_row=self._status_row,
             group=group,
             channels=chans,
             start=start,
@@ -317,19 +330,6 @@ class AsyncRelay:
             max_attempts=1,
             application_name=application_name,
         )
-        # NATS and Redis forward the payload's JSON text as the log holds it: no json.loads
-        # and json.dumps per event (the consumer's one private switch, for relays).
-        self._consumer._config.raw_payloads = self._sink.raw
-        # The relay's row for `pgherald status`, written by the consumer between reads.
-        self._reported = (0.0, 0)  # (time.time(), relayed) at the last status row
-        if stats_interval is not None:
-            name = (
-                f"relay:{group}:{self._sink.target}:{socket.gethostname()}:{os.getpid()}"
-                f":{next(_instances)}"
-            )
-            self._consumer._config.status_row = StatusRow(
-                name, float(stats_interval), self._status_value
-            )
         self._consumer.add_batch_handler(self._send)
         self._retry = (retry_delay, retry_max_delay)
         self._metrics = (metrics_host, metrics_port)
@@ -465,8 +465,7 @@ class AsyncRelay:
         then, relayed = self._reported
         self._reported = (now, s.relayed)
         rate = (s.relayed - relayed) / (now - then) if now > then else 0.0
-        config = self._consumer._config
-        assert config.status_row is not None
+        assert self._status_row is not None
         return json.dumps(
             {
                 "group": self.group,
@@ -482,7 +481,7 @@ class AsyncRelay:
                 "retries": s.retries,
                 "partitions": len(self.partitions),
                 "started_at": s.started_at,
-                "interval": config.status_row.interval,
+                "interval": self._status_row.interval,
             }
         )
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import json
+from datetime import datetime
+
 import psycopg
 import pytest
 
@@ -17,9 +21,18 @@ redis = pytest.importorskip("redis", reason="the relay tests need the 'relay' ex
 def test_help_names_the_targets_and_options(installed: str) -> None:
     r = run(installed, "relay", "--help")
     assert r.returncode == 0
-    for option in ("--to", "--stream", "--subject", "--group", "--maxlen", "--secret"):
+    for option in (
+        "--to",
+        "--stream",
+        "--subject",
+        "--group",
+        "--maxlen",
+        "--secret",
+        "--stats-interval",
+    ):
         assert option in r.stdout
     assert "PGHERALD_WEBHOOK_SECRET" in r.stdout
+    assert "PGHERALD_RELAY_STATS_INTERVAL" in r.stdout
 
 
 def test_relays_into_redis_until_sigterm(
@@ -53,3 +66,83 @@ def test_errors_are_one_line(installed: str) -> None:
     r = run(installed, "relay", "--to", "http://example.com/x", "orders")
     assert r.returncode == 1
     assert "use https://" in r.stderr
+
+
+# -- --stats-interval: how often the relay reports to `pgherald status` --
+
+
+def relay_rows(conn: psycopg.Connection, pid: int) -> list[pgherald.RelayInfo]:
+    """The status rows of the relay process *pid* (its group: relay)."""
+    groups = [g for g in pgherald.list_groups(conn) if g.name == "relay"]
+    return [r for g in groups for r in g.relays if r.pid == pid]
+
+
+def status_relays(dsn: str) -> list[dict[str, object]]:
+    out = run(dsn, "status", "--json")
+    assert out.returncode == 0, out.stderr
+    [group] = [g for g in json.loads(out.stdout)["groups"] if g["group"] == "relay"]
+    return group["relays"]  # type: ignore[no-any-return]
+
+
+def test_stats_interval_is_how_often_the_relay_reports(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    """Reports 0.3 s apart, not the default 10 s: four of them well within the wait."""
+    pgherald.publish_many(conn, "orders", [{"n": n} for n in range(20)])
+    relay = RelayProcess(
+        installed, "--to", redis_url, "--stream", unique, "--stats-interval", "0.3", "orders"
+    ).start()
+    assert relay.proc is not None
+    pid = relay.proc.pid
+    client = redis.Redis.from_url(redis_url)
+    reports: list[datetime] = []  # each report's server time, as `status` shows it
+
+    def four_reports() -> bool:
+        rows = relay_rows(conn, pid)
+        if rows and rows[0].live and rows[0].reported_at not in reports:
+            reports.append(rows[0].reported_at)
+        return len(reports) >= 4
+
+    try:
+        wait_until(four_reports, 8, "four reports of the relay")  # the default: one in 10 s
+        [row] = status_relays(installed)
+        assert (row["pid"], row["interval"], row["live"]) == (pid, 0.3, True)
+        assert relay.stop() == 0
+    finally:
+        relay.kill()
+        client.delete(unique, f"{unique}:pgherald-positions")
+        client.close()
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(reports)]
+    assert min(gaps) >= 0.3 * 0.8, gaps  # never sooner than asked (a little clock slack)
+    assert relay_rows(conn, pid) == []  # its row removed when it stopped
+
+
+def test_stats_interval_0_reports_nothing(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    """No row at all: a relay writes its first report right after connecting, before reading."""
+    pgherald.publish_many(conn, "orders", [{"n": n} for n in range(20)])
+    relay = RelayProcess(
+        installed, "--to", redis_url, "--stream", unique, "--stats-interval", "0", "orders"
+    ).start()
+    assert relay.proc is not None
+    client = redis.Redis.from_url(redis_url)
+    try:
+        wait_until(lambda: uncovered(conn, "relay") == 0, 15, "the relay to catch up")
+        assert relay_rows(conn, relay.proc.pid) == []
+        assert status_relays(installed) == []
+        assert relay.stop() == 0
+        assert client.xlen(unique) == 20
+    finally:
+        relay.kill()
+        client.delete(unique, f"{unique}:pgherald-positions")
+        client.close()
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "ten", ""])
+def test_a_bad_stats_interval_is_a_usage_error(installed: str, bad: str) -> None:
+    r = run(installed, "relay", "--to", "redis://127.0.0.1:6379/0", "--stats-interval", bad, "o")
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("pgherald: error: Invalid value for '--stats-interval'")
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from typing import Any
 
 import click
@@ -27,6 +28,14 @@ def parse_stream_options(values: tuple[str, ...]) -> dict[str, Any]:
         except ValueError:
             options[key.strip()] = value
     return options
+
+
+def parse_stats_interval(ctx: click.Context, param: click.Parameter, value: float) -> float | None:
+    """``--stats-interval``: 0 is `Relay`'s None (no status row); nan and inf are refused here,
+    as a usage error, not by `Relay` (FloatRange lets them through)."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds: use e.g. 10, or 0 for none")
+    return value or None
 
 
 @cli.command("relay")
@@ -132,6 +141,18 @@ def parse_stream_options(values: tuple[str, ...]) -> dict[str, Any]:
     show_envvar=True,
     help="Address of the metrics endpoint (0.0.0.0: every interface).",
 )
+@click.option(
+    "--stats-interval",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    callback=parse_stats_interval,
+    metavar="SECONDS",
+    envvar="PGHERALD_RELAY_STATS_INTERVAL",
+    show_envvar=True,
+    help="Seconds between the relay's reports of its rate, lag and totals, which pgherald "
+    "status shows (0: none).",
+)
 @click.argument("channels", nargs=-1, required=True)
 @friendly
 def relay_cmd(
@@ -149,6 +170,7 @@ def relay_cmd(
     batch_size: int,
     metrics_port: int | None,
     metrics_host: str,
+    stats_interval: float | None,
     channels: tuple[str, ...],
 ) -> None:
     """Publish the events of CHANNELS into NATS JetStream, Redis Streams or webhooks.
@@ -175,6 +197,7 @@ def relay_cmd(
         batch_size=batch_size,
         metrics_port=metrics_port,
         metrics_host=metrics_host,
+        stats_interval=stats_interval,
     )
     with stop_on_signals(relay.stop):
         click.echo(
