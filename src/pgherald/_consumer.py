@@ -40,7 +40,7 @@ from ._protocol.consumer import (
     _Stopped,
 )
 from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
-from ._typed import parsers, typed_consumer_handler
+from ._typed import parsers, typed_batch_handler, typed_consumer_handler
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
 from .errors import ConnectError, UsageError
@@ -251,7 +251,7 @@ class _ConsumerBase:
         # Wrapped here, once (a model refused raises before anything changes).
         if model is None:
             model = self._model
-        if model is not None:
+        if model is not None and model is not _VALIDATED:
             handler = typed_consumer_handler(handler, model, self._count_invalid)
         if _tracing.active is not None and not _tracing.is_traced(handler):
             handler = _tracing.active.consumer_handler(handler, is_async)
@@ -264,7 +264,9 @@ class _ConsumerBase:
             self._by_channel.setdefault(ch, []).append((handler, is_async, transactional))
         self._merged.clear()
 
-    def add_batch_handler(self, func: Callable[[list[Event]], Any], *channels: str) -> None:
+    def add_batch_handler(
+        self, func: Callable[[list[Any]], Any], *channels: str, model: Any = None
+    ) -> None:
         """
         Register *func* to handle the events of *channels* (none: every channel) a read at a
         time: ``func(events)`` gets the events of one read in log order (up to
@@ -285,6 +287,10 @@ class _ConsumerBase:
         A batch handler takes every event its consumer reads: it cannot share a consumer with
         other handlers, and a consumer has one at most. With `AsyncConsumer` it may be a
         coroutine function.
+
+        With *model* (or the consumer's ``model=``), ``func`` gets the payloads validated into
+        it, in the same order. A payload that does not validate is dead-lettered at once: the
+        handler gets the events before it, and the next call starts after it.
         """
         if self._by_channel:
             raise UsageError(
@@ -292,9 +298,13 @@ class _ConsumerBase:
                 "reads; use another consumer (another group) for it"
             )
         is_async = self._check_handler(func)
+        if model is None:
+            model = self._model
+        if model is not None:  # wrapped once, here (a model refused raises before any change)
+            func = typed_batch_handler(func, model, self._count_invalid)
         if _tracing.active is not None:
             func = _tracing.active.batch_handler(func, is_async)
-        self.add_handler(channels, func)
+        self.add_handler(channels, func, model=_VALIDATED)
         self._batch = (func, is_async)
 
     def _count_invalid(self) -> None:
@@ -730,6 +740,10 @@ def relay_consumer(
     consumer._config.raw_payloads = raw_payloads
     consumer._config.status_row = status_row
     return consumer
+
+
+_VALIDATED: Any = object()
+"""``add_handler(model=_VALIDATED)``: a batch handler, validated by its own wrapper already."""
 
 
 def _failed_at(exc: BaseException, count: int) -> int:

@@ -1,5 +1,5 @@
 """
-Typed payloads: ``model=`` on listener and consumer handlers.
+Typed payloads: ``model=`` on listener and consumer handlers (batch handlers too).
 
 A handler registered with a model is wrapped once, at registration: the wrapper validates the
 payload into the model and calls the handler with the validated object, or raises
@@ -157,6 +157,55 @@ def typed_consumer_handler(
             raise invalid(model, f"of event {event.id} ({event.channel})", exc) from exc
 
     return _calling_with(handler, parse)
+
+
+def typed_batch_handler(
+    handler: Callable[..., Any], model: Any, count: Callable[[], None]
+) -> Callable[..., Any]:
+    """
+    Wrap a consumer's batch handler: validate each event's payload and call ``handler(objs)``.
+    At the first payload that does not validate, the handler gets the events before it (if
+    any); then `PayloadInvalid` with ``done`` at that event fails it alone (dead-lettered, no
+    retries), and the next call starts after it. A handler that finished fewer (returned *n*)
+    is answered as it said: the rest come again.
+    """
+    from_value = parsers(model).from_value
+
+    def parse(events: list[Any]) -> tuple[list[Any], PayloadInvalid | None]:
+        objs = []
+        for e in events:
+            try:
+                objs.append(from_value(e.payload))
+            except Exception as exc:
+                count()
+                error = invalid(model, f"of event {e.id} ({e.channel})", exc)
+                error.__cause__ = exc
+                error.done = len(objs)  # type: ignore[attr-defined]  # the batch's failed index
+                return objs, error
+        return objs, None
+
+    def answer(objs: list[Any], done: Any, error: PayloadInvalid) -> Any:
+        if isinstance(done, int) and not isinstance(done, bool) and done < len(objs):
+            return done  # it stopped early: the rest come again, the invalid one with them
+        raise error
+
+    if is_async(handler):
+
+        async def typed_async(events: list[Any]) -> Any:
+            objs, error = parse(events)
+            if error is None:
+                return await handler(objs)
+            return answer(objs, await handler(objs) if objs else None, error)
+
+        return functools.update_wrapper(typed_async, handler)
+
+    def typed(events: list[Any]) -> Any:
+        objs, error = parse(events)
+        if error is None:
+            return handler(objs)
+        return answer(objs, handler(objs) if objs else None, error)
+
+    return functools.update_wrapper(typed, handler)
 
 
 def _calling_with(handler: Callable[..., Any], parse: Callable[[Any], Any]) -> Callable[..., Any]:

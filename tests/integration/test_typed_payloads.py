@@ -272,6 +272,76 @@ async def test_async_consumer_model(installed: str, conn: psycopg.Connection) ->
     assert len(pgherald.dead_letters(conn, "ag")) == 1
 
 
+def test_batch_handler_with_model_gets_models_and_dead_letters_invalid_at_once(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    ids = publish_all(
+        installed,
+        [
+            ("orders", {"id": 1, "state": "paid"}),
+            ("orders", {"id": 2, "state": "paid"}),
+            ("orders", {"id": "x", "state": "paid"}),
+            ("orders", {"id": 4, "state": "shipped"}),
+        ],
+    )
+    calls: list[list[Any]] = []
+    # One partition: the four events come in one read, in order. A retry would sleep
+    # retry_delay (30 s) first: the test's timeout proves there is none.
+    consumer = pgherald.Consumer(
+        installed,
+        group="g",
+        model=Order,  # the consumer's model types its batch handler too
+        max_attempts=5,
+        retry_delay=30.0,
+        retry_max_delay=30.0,
+        **FAST,
+    )
+
+    def handle(orders: list[Any]) -> None:
+        calls.append(orders)
+        if any(o.id == 4 for o in orders):
+            consumer.stop()
+
+    consumer.add_batch_handler(handle, "orders")
+    with consumer:
+        with_timeout(consumer.run, 10)
+    got = [o for call in calls for o in call]
+    assert [o.id for o in got] == [1, 2, 4]
+    assert all(isinstance(o, Order) for o in got)
+    assert [o.id for o in calls[0]] == [1, 2]  # the events before the invalid one, then it failed
+    (dead,) = pgherald.dead_letters(conn, "g")
+    assert dead.event_id == ids[2]
+    assert dead.attempts == 1
+    assert "does not validate as Order" in dead.error
+    assert consumer.stats.invalid_payloads == 1
+    assert acknowledged(conn, "g") >= set(ids)
+
+
+@pytest.mark.anyio
+async def test_async_batch_handler_with_its_own_model(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    await anyio.to_thread.run_sync(
+        publish_all, installed, [("p", [1, 2]), ("p", {"x": 1, "y": 2}), ("p", {"x": 3, "y": 4})]
+    )
+    got: list[Point] = []
+    async with pgherald.AsyncConsumer(installed, group="ab", **FAST) as consumer:
+
+        async def handle(points: list[Point]) -> None:
+            got.extend(points)
+            if any(p.x == 3 for p in points):
+                consumer.stop()
+
+        consumer.add_batch_handler(handle, "p", model=Point)
+        with anyio.fail_after(10):
+            await consumer.run()
+    assert got == [Point(1, 2), Point(3, 4)]  # the first, invalid, never reached the handler
+    assert consumer.stats.invalid_payloads == 1
+    assert len(pgherald.dead_letters(conn, "ab")) == 1
+    with pytest.raises(pgherald.UsageError, match="model"):
+        pgherald.AsyncConsumer(installed, group="ab2").add_batch_handler(handle, model=42)
+
+
 # -- the validators --
 
 
