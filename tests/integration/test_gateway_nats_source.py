@@ -6,11 +6,15 @@ JetStream stream that ``pgherald relay`` fills, against the machine's NATS and P
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import anyio
 import httpx
 import psycopg
 import pytest
@@ -18,7 +22,8 @@ from websockets.sync.client import connect as ws_connect
 
 import pgherald
 from pgherald.contrib.gateway import create_app
-from tests.fix_faults import wait_until
+from tests.fix_brokers import OwnNats, relay_thread
+from tests.fix_faults import wait_until, watching
 from tests.integration.test_gateway import SECRET, hub_of, serve, sse, token
 
 nats = pytest.importorskip("nats", reason="the relay tests need the 'relay' extra (nats-py)")
@@ -71,8 +76,8 @@ def _event(s: Any) -> tuple[int, Any]:
     return int(frame["id"]), json.loads(frame["data"])
 
 
-def _ws_event(ws: Any) -> tuple[int, Any]:
-    message = json.loads(ws.recv(5))
+def _ws_event(ws: Any, within: float = 5.0) -> tuple[int, Any]:
+    message = json.loads(ws.recv(within))
     assert message["type"] == "event", message
     assert message["channel"] == "orders"
     return int(message["id"]), message["payload"]
@@ -151,3 +156,207 @@ def test_serve_source_refusals_are_usage_errors(args: list[str], says: str) -> N
     result = CliRunner().invoke(cli, ["serve", "--allow-anonymous", "o", *args])
     assert result.exit_code == 2, result.output
     assert says in result.output
+
+
+# -- NATS going down while the gateway runs (and coming back) --
+
+
+@pytest.fixture
+def own_relayed(installed: str, own_nats: OwnNats, unique: str) -> Iterator[dict[str, str]]:
+    """`relayed`, into a private nats-server (JetStream store on disk) the test may kill."""
+    options = {"stream": unique.upper(), "subject": f"{unique}.{{channel}}"}
+    asyncio.run(_stream(own_nats.url, options["stream"], f"{unique}.orders"))
+    relay = pgherald.Relay(installed, to=own_nats.url, channels=["orders"], **options)
+    with relay_thread(relay) as t:
+        yield options
+    assert not t.is_alive(), "the relay did not stop"
+
+
+def _wait_stored(url: str, stream: str, count: int, within: float) -> None:
+    """Wait until *stream* holds *count* messages (one connection, polled every 20 ms)."""
+
+    async def wait() -> None:
+        nc = await nats.connect(url)
+        try:
+            with anyio.fail_after(within):
+                while True:
+                    if (await nc.jetstream().stream_info(stream)).state.messages >= count:
+                        return
+                    await anyio.sleep(0.02)
+        finally:
+            await nc.close()
+
+    asyncio.run(wait())
+
+
+def _next_event(s: Any, within: float) -> tuple[int, Any]:
+    """The next ``orders`` event of *s* within *within* s (heartbeats keep the read going)."""
+    deadline = time.monotonic() + within
+    event: dict[str, str] = {}
+    data: list[str] = []
+    for line in s.lines:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no event within {within:g}s")
+        if line.startswith(":"):
+            continue
+        if line == "":
+            if event or data:
+                assert event.get("event") == "orders", (event, data)
+                return int(event["id"]), json.loads("\n".join(data))
+            continue
+        field, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if field == "data":
+            data.append(value)
+        else:
+            event[field] = value
+    raise AssertionError("the stream ended")
+
+
+def _gateway(installed: str, url: str, relayed: dict[str, str]) -> Any:
+    return create_app(
+        installed,
+        jwt_secret=SECRET,
+        durable_channels=["orders"],
+        source=url,
+        source_stream=relayed["stream"],
+        source_subject=relayed["subject"],
+        queue_check_interval=0,
+        heartbeat=0.5,  # pings keep the clients' reads going while NATS is down
+    )
+
+
+@contextlib.contextmanager
+def _no_errors_logged() -> Iterator[None]:
+    """Fail if the gateway, uvicorn or asyncio log an error or a traceback meanwhile."""
+    names = ["pgherald", "uvicorn.error", "asyncio", "nats"]
+    with contextlib.ExitStack() as stack:
+        watches = [stack.enter_context(watching(name)) for name in names]
+        yield
+    bad = [
+        f"{r.name}: {r.getMessage()}"
+        for w in watches
+        for r in w.records
+        if r.levelno >= logging.ERROR or r.exc_info
+    ]
+    assert bad == []
+
+
+def _health(base: str) -> tuple[int, Any]:
+    r = httpx.get(f"{base}/healthz", timeout=5)
+    return r.status_code, r.json()
+
+
+def test_nats_killed_and_restarted_under_streaming_clients_loses_and_repeats_nothing(
+    installed: str,
+    conn: psycopg.Connection,
+    own_nats: OwnNats,
+    own_relayed: dict[str, str],
+) -> None:
+    """
+    NATS is SIGKILLed under a streaming SSE and WebSocket client and comes back (same port,
+    same JetStream store): events published meanwhile wait in the log, then every client
+    gets each of them once, in order; the gateway warns, says so on /healthz, and keeps
+    running. (Events already in the stream before the gateway started are not sent again:
+    nats-py's ordered consumer that delivered nothing yet starts again from the stream's
+    first message.)
+    """
+    before = [pgherald.publish(conn, "orders", {"before": n}) for n in range(2)]
+    _wait_stored(own_nats.url, own_relayed["stream"], 2, 20)
+    app = _gateway(installed, own_nats.url, own_relayed)
+    tok = token(["orders"])
+    with (
+        _no_errors_logged(),
+        watching("pgherald.gateway") as log,
+        serve(app) as base,
+        sse(base, "orders", tok=tok) as live,
+        ws_connect(
+            base.replace("http", "ws") + "/ws",
+            additional_headers={"Authorization": f"Bearer {tok}"},
+        ) as ws,
+    ):
+        hub = hub_of(app)
+        wait_until(lambda: hub.source_ok, 10, "the gateway's JetStream consumer")
+        live.ready()
+        ws.send(json.dumps({"type": "subscribe", "channels": ["orders"]}))
+        assert json.loads(ws.recv(5))["type"] == "subscribed"
+        ids = [pgherald.publish(conn, "orders", {"n": n}) for n in range(3)]
+        got = [_next_event(live, 10) for _ in range(3)]
+        got_ws = [_ws_event(ws, 10) for _ in range(3)]
+
+        own_nats.kill()
+        warned = log.wait_for("disconnected", 1, 10)
+        assert warned[0].levelno == logging.WARNING
+        assert "wait until it is back" in warned[0].getMessage()
+        assert _health(base) == (503, {"database": True, "listener": True, "source": False})
+        ids += [pgherald.publish(conn, "orders", {"n": n}) for n in range(3, 10)]
+
+        own_nats.start()  # same port, same JetStream store directory
+        # Within seconds: the consumers are made again at the reconnect (nats-py alone would
+        # wait for two missed heartbeats: 5 to 20 s after the kill, /healthz saying all is well).
+        got += [_next_event(live, 4)]
+        got += [_next_event(live, 30) for _ in range(6)]
+        got_ws += [_ws_event(ws, 30) for _ in range(7)]
+        log.wait_for("connected again", 1, 10)
+        assert _health(base) == (200, {"database": True, "listener": True, "source": True})
+        # One more: the next thing each client gets (nothing repeated before it).
+        ids.append(pgherald.publish(conn, "orders", {"n": 10}))
+        got.append(_next_event(live, 10))
+        got_ws.append(_ws_event(ws, 10))
+        expected = [(ids[n], {"n": n}) for n in range(11)]
+        assert got == expected
+        assert got_ws == expected
+        assert not set(before) & {i for i, _ in got}
+        assert hub._running
+
+
+def test_clients_connecting_while_nats_is_down_are_served_and_get_what_follows(
+    installed: str,
+    conn: psycopg.Connection,
+    own_nats: OwnNats,
+    own_relayed: dict[str, str],
+) -> None:
+    """
+    While NATS is down, a new client is served at once (``: ready``, ``subscribed``; a resume
+    from the log), neither refused nor left hanging, and gets the live events once NATS is
+    back: those published meanwhile, once each, in order. The gateway had delivered nothing
+    before the outage: the events in the stream before it started are not sent (nats-py's
+    ordered consumer starts again from the stream's first message then).
+    """
+    before = [pgherald.publish(conn, "orders", {"before": n}) for n in range(2)]
+    _wait_stored(own_nats.url, own_relayed["stream"], 2, 20)
+    app = _gateway(installed, own_nats.url, own_relayed)
+    tok = token(["orders"])
+    with _no_errors_logged(), watching("pgherald.gateway") as log, serve(app) as base:
+        hub = hub_of(app)
+        wait_until(lambda: hub.source_ok, 10, "the gateway's JetStream consumer")
+        own_nats.kill()
+        log.wait_for("disconnected", 1, 10)
+        assert _health(base) == (503, {"database": True, "listener": True, "source": False})
+        with (
+            sse(base, "orders", tok=tok) as fresh,
+            sse(base, "orders", tok=tok, headers={"Last-Event-ID": str(before[0])}) as resumed,
+            ws_connect(
+                base.replace("http", "ws") + "/ws",
+                additional_headers={"Authorization": f"Bearer {tok}"},
+            ) as ws,
+        ):
+            fresh.ready()  # (sse() fails on a status other than 200; reads time out after 5 s)
+            resumed.ready()
+            assert _next_event(resumed, 5) == (before[1], {"before": 1})  # from the log
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": before[0]}))
+            assert json.loads(ws.recv(5))["type"] == "subscribed"
+            assert _ws_event(ws, 5) == (before[1], {"before": 1})
+            ids = [pgherald.publish(conn, "orders", {"n": n}) for n in range(3)]
+            assert not hub.source_ok
+
+            own_nats.start()
+            expected = [(ids[n], {"n": n}) for n in range(3)]
+            assert [_next_event(fresh, 30) for _ in range(3)] == expected
+            assert [_next_event(resumed, 30) for _ in range(3)] == expected
+            assert [_ws_event(ws, 30) for _ in range(3)] == expected
+            last = pgherald.publish(conn, "orders", {"n": 3})  # next for each: nothing repeated
+            assert _next_event(fresh, 10) == (last, {"n": 3})
+            assert _next_event(resumed, 10) == (last, {"n": 3})
+            assert _ws_event(ws, 10) == (last, {"n": 3})
+        assert _health(base) == (200, {"database": True, "listener": True, "source": True})

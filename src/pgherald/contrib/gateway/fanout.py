@@ -106,6 +106,10 @@ class Hub:
         self.source_subject = source_subject
         self.source_ok = False
         """With a source: connected to NATS, the stream's consumers made (see /healthz)."""
+        self._source_seq: dict[str, int] = {}
+        """With a source: the last stream sequence each durable channel delivered."""
+        self._source_back = anyio.Event()
+        """With a source: set when nats-py has reconnected (the consumers are made again)."""
         self.declared = frozenset(channels)
         """Plain channels given to the gateway for patterns to match (``--channel``)."""
         self.queue_check_interval = queue_check_interval
@@ -566,17 +570,20 @@ class Hub:
         """Durable channels' live events from the relay's JetStream stream (``source``)."""
         try:
             import nats
-            from nats.js.api import DeliverPolicy
+            from nats.js.api import ConsumerConfig, DeliverPolicy
+            from nats.js.errors import NotFoundError
         except ImportError:
             raise UsageError(
                 "serve --source nats:// needs nats-py: pip install 'pgherald[relay]'"
             ) from None
         source = self.source
         assert source is not None
+        self._source_seq = {}
         attempt = 0
         while True:  # until cancelled (the hub stops)
             attempt += 1
             nc: Any = None
+            self._source_back = anyio.Event()
             try:
                 nc = await nats.connect(
                     source,
@@ -590,24 +597,54 @@ class Hub:
                     reconnected_cb=self._source_up,
                 )
                 js = nc.jetstream(timeout=self.listen_timeout)
-                for channel in sorted(self.durable):
-                    # An ordered consumer: in stream order, gap-free across reconnects (it
-                    # starts again after the last message it saw), no acknowledgements.
-                    await js.subscribe(
-                        self.source_subject.replace("{channel}", channel),
-                        stream=self.source_stream,
-                        cb=self._on_relayed,
-                        ordered_consumer=True,
-                        deliver_policy=DeliverPolicy.NEW,
+                if not self._source_seq:
+                    # The live events from here on: what DeliverPolicy.NEW gives, but as a
+                    # sequence to start again after (see below).
+                    info = await js.stream_info(self.source_stream)
+                    last = info.state.last_seq
+                    if last:
+                        # Clients resume from the log up to `position`: up to the last event
+                        # relayed before the consumers' start (else a resume reads nothing
+                        # until a first live event arrives, and what followed the client's
+                        # id would come neither from the log nor live).
+                        with contextlib.suppress(NotFoundError):
+                            stored = await js.get_msg(self.source_stream, last)
+                            pos = _relayed_position(stored.headers)
+                            if pos is not None and pos > self.position:
+                                self.position = pos
+                    self._source_seq = dict.fromkeys(self.durable, last)
+                while True:
+                    subs = []
+                    for channel in sorted(self.durable):
+                        # An ordered consumer: in stream order, no acknowledgements.
+                        subs.append(
+                            await js.subscribe(
+                                self.source_subject.replace("{channel}", channel),
+                                stream=self.source_stream,
+                                cb=self._relayed_to(channel),
+                                ordered_consumer=True,
+                                deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+                                config=ConsumerConfig(opt_start_seq=self._source_seq[channel] + 1),
+                            )
+                        )
+                    logger.info(
+                        "durable channels from JetStream stream %s at %s",
+                        self.source_stream,
+                        self.source,
                     )
-                logger.info(
-                    "durable channels from JetStream stream %s at %s",
-                    self.source_stream,
-                    self.source,
-                )
-                attempt = 0
-                self.source_ok = True
-                await anyio.sleep_forever()
+                    attempt = 0
+                    self.source_ok = True
+                    await self._source_back.wait()
+                    # Reconnected: a restarted server has forgotten the (ephemeral) consumers,
+                    # and nats-py's ordered consumer would notice only after two missed
+                    # heartbeats (10 to 20 s of silence, /healthz saying all is well). Make them
+                    # again at once, after the last event delivered.
+                    self._source_back = anyio.Event()
+                    self.source_ok = False
+                    for sub in subs:
+                        with contextlib.suppress(Exception):
+                            await sub.unsubscribe()
+                    logger.info("the gateway's NATS source %s is connected again", self.source)
             except Exception as exc:
                 self.source_ok = False
                 delay = min(0.5 * 2 ** min(attempt - 1, 5), 10.0)
@@ -631,20 +668,36 @@ class Hub:
 
     async def _source_down(self) -> None:
         self.source_ok = False
-        logger.warning("the gateway's NATS source %s disconnected; reconnecting", self.source)
+        if self._running:  # (nats-py calls this when the hub closes it too)
+            logger.warning(
+                "the gateway's NATS source %s disconnected; durable channels' live events "
+                "wait until it is back (reconnecting)",
+                self.source,
+            )
 
     async def _source_up(self) -> None:
-        self.source_ok = True  # (the ordered consumers resume after their last message)
-        logger.info("the gateway's NATS source %s is connected again", self.source)
+        self._source_back.set()
 
-    async def _on_relayed(self, msg: Any) -> None:
+    def _relayed_to(self, channel: str) -> Any:
+        """The message callback of *channel*'s consumer."""
+
+        async def on_message(msg: Any) -> None:
+            # nats-py's ordered consumer starts again after the last message it delivered,
+            # or from the stream's first when it delivered none yet (a consumer made with
+            # a start sequence included): what this channel had already is dropped here.
+            seq = msg.metadata.sequence.stream
+            if seq <= self._source_seq.get(channel, 0):
+                return
+            self._source_seq[channel] = seq
+            self._on_relayed(msg)
+
+        return on_message
+
+    def _on_relayed(self, msg: Any) -> None:
         """One relayed event (see `_relay_nats`): a frame for its channel's clients."""
         headers = msg.headers or {}
         channel = headers.get("Pgherald-Channel")
-        try:
-            pos = (int(headers.get("Pgherald-Tx", "")), int(headers.get("Pgherald-Event-Id", "")))
-        except ValueError:
-            pos = None
+        pos = _relayed_position(headers)
         if channel not in self.durable or pos is None:
             logger.warning(
                 "a message on %s is not an event relayed by pgherald relay (headers "
@@ -730,6 +783,15 @@ class Hub:
         res = await db.named("schema_installed", {}, doing="check the schema")
         if res.get_value(0, 0) != b"t":
             raise SchemaMissing(MISSING)
+
+
+def _relayed_position(headers: Any) -> Position | None:
+    """The log position a relayed message's headers give (None: not the relay's)."""
+    headers = headers or {}
+    try:
+        return (int(headers.get("Pgherald-Tx", "")), int(headers.get("Pgherald-Event-Id", "")))
+    except ValueError:
+        return None
 
 
 async def _nats_error(exc: Exception) -> None:
