@@ -109,6 +109,7 @@ def worker_read(dsn: str, kind: str, expect_file: str, deadline: float) -> None:
         stream.stop()
 
     threading.Thread(target=watch, daemon=True).start()
+    cpu0 = time.process_time()
     if kind == "cdc":
         print("ready", flush=True)
         clock = time.time
@@ -120,8 +121,12 @@ def worker_read(dsn: str, kind: str, expect_file: str, deadline: float) -> None:
             print("ready", flush=True)
             for _ in stream:
                 count += 1
+    cpu = time.process_time() - cpu0
     lat.sort()
     out: dict[str, Any] = {"count": count}
+    if count:
+        # A diagnostic (printed, not reported): the reader's CPU seconds per 10,000 changes.
+        out["cpu_per_10k"] = round(cpu / count * 10_000, 3)
     if lat:
         out.update(
             p50=lat[len(lat) // 2] * 1000,
@@ -173,6 +178,15 @@ def reset(dsn: str, setup: str) -> None:
         c.execute("CHECKPOINT")
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """A process's CPU seconds so far (user + system), from /proc (a Linux diagnostic)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def write_run(dsn: str, setup: str, writers: int, seconds: float, tmp: Path) -> dict[str, Any]:
     reset(dsn, setup)
     expect = tmp / "expect"
@@ -215,8 +229,11 @@ def write_run(dsn: str, setup: str, writers: int, seconds: float, tmp: Path) -> 
     ok = True
     if reader is not None:
         expect.write_text(str(writes))
-        got = finish(reader, 60).get("count", 0)
+        read = finish(reader, 60)
+        got = read.get("count", 0)
         ok = got == writes
+        if "cpu_per_10k" in read:
+            return {"tps": writes / seconds, "ok": ok, "cpu_per_10k": read["cpu_per_10k"]}
     elif recv is not None:
         import psycopg
 
@@ -232,8 +249,11 @@ def write_run(dsn: str, setup: str, writers: int, seconds: float, tmp: Path) -> 
                 ).fetchone()
                 ok = bool(row and row[0])
                 time.sleep(0.1)
+        cpu = _cpu_seconds(recv.pid)
         recv.terminate()
         recv.wait(10)
+        if cpu is not None and writes:
+            return {"tps": writes / seconds, "ok": ok, "cpu_per_10k": round(cpu / writes * 1e4, 3)}
     elif setup == "durable":
         import psycopg
 

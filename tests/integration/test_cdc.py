@@ -826,3 +826,107 @@ async def test_async_stop_within_1s(state: str, cdc_dsn: str, cdc_proxy: FaultPr
     assert stopped_at[1] - stopped_at[0] < 1.0, f"stop() took too long ({state})"
     if state == "in_transaction":
         assert [e.key for e in events] == ["1"]
+
+
+# -- read_coalesce: a busy stream is read in gulps --
+
+WINDOW = 1.0  # long: a busy machine's delays stay well inside it
+
+
+def test_read_coalesce_gathers_a_busy_stream_whole_in_order_within_the_window(
+    cdc_dsn: str, reader: Callable[..., Reader]
+) -> None:
+    """
+    Idle, a commit is delivered at once. Busy (a change was just handled), the stream waits
+    out the window before reading again: what commits meanwhile comes then, every
+    transaction whole and in commit order, none later than the window allows, acknowledged.
+    """
+    with pytest.raises(pgherald.UsageError, match="read_coalesce"):
+        ChangeStream(cdc_dsn, slot="s_gulp", read_coalesce=-1)
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    handled: list[float] = []
+    stream = ChangeStream(cdc_dsn, slot="s_gulp", tables=["t"], read_coalesce=WINDOW)
+    r = reader(stream, lambda e: handled.append(time.time()))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_gulp"), 10, "the stream to start")
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("INSERT INTO t VALUES (0)")
+        (first,) = r.wait(1)
+        idle = handled[0] - first.commit_time.timestamp()
+        assert idle < WINDOW / 2, f"idle, yet it waited {idle:.3f}s"
+        for i in range(1, 41, 2):  # 20 two-row transactions, committed during the window
+            with c.transaction():
+                c.execute("INSERT INTO t VALUES (%s)", (i,))
+                c.execute("INSERT INTO t VALUES (%s)", (i + 1,))
+    events = r.wait(41)
+    assert [e.key for e in events] == [str(i) for i in range(41)]
+    assert [e.xid for e in events[1::2]] == [e.xid for e in events[2::2]]  # whole transactions
+    assert len({e.xid for e in events}) == 21
+    # The first of the busy transactions came when the window was over, not when it committed.
+    assert handled[1] - handled[0] >= WINDOW * 0.9, f"no pause ({handled[1] - handled[0]:.3f}s)"
+    latency = max(h - e.commit_time.timestamp() for h, e in zip(handled, events, strict=True))
+    assert latency < WINDOW + 0.5, f"a change waited {latency:.3f}s"
+    end = lsn_to_int(events[-1].lsn)
+    wait_until(lambda: confirmed(cdc_dsn, "s_gulp") > end, 5, "the gulp to be acknowledged")
+    r.stop()
+
+
+def test_stop_during_the_read_coalesce_wait(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    stream = ChangeStream(cdc_dsn, slot="s_gulp_stop", tables=["t"], read_coalesce=60.0)
+    pausing = threading.Event()
+    waiter_sleep = stream._waiter.sleep
+
+    def sleep(deadline: float) -> None:
+        pausing.set()
+        waiter_sleep(deadline)
+
+    stream._waiter.sleep = sleep  # type: ignore[method-assign]
+    r = reader(stream)
+    wait_until(lambda: slot_ready(cdc_dsn, "s_gulp_stop"), 10, "the stream to start")
+    sql(cdc_dsn, "INSERT INTO t VALUES (1)")
+    (event,) = r.wait(1)
+    assert pausing.wait(5), "no pause after a busy read"
+    stopped_at = time.monotonic()
+    stream.stop()
+    r.thread.join(1.0)
+    assert not r.thread.is_alive(), "stop() did not end the 60 s pause within 1 s"
+    assert time.monotonic() - stopped_at < 1.0
+    assert r.error is None, r.error
+    # Handled before the pause: acknowledged at stop.
+    assert confirmed(cdc_dsn, "s_gulp_stop") > lsn_to_int(event.lsn)
+
+
+@pytest.mark.anyio
+async def test_async_stop_during_the_read_coalesce_wait(cdc_dsn: str) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    stream = pgherald.AsyncChangeStream(
+        cdc_dsn, slot="s_gulp_stop", tables=["t"], read_coalesce=60.0
+    )
+    pauses: list[float] = []
+    waiter_sleep = stream._waiter.sleep
+
+    async def sleep(deadline: float) -> None:
+        pauses.append(deadline)
+        await waiter_sleep(deadline)
+
+    stream._waiter.sleep = sleep  # type: ignore[method-assign]
+    events: list[ChangeEvent] = []
+    stopped_at: list[float] = []
+    with anyio.fail_after(15):
+        async with anyio.create_task_group() as tg:
+
+            async def run() -> None:
+                await stream.run(events.append)
+                stopped_at.append(time.monotonic())
+
+            tg.start_soon(run)
+            await await_until(lambda: slot_ready(cdc_dsn, "s_gulp_stop"), 10, "the stream")
+            sql(cdc_dsn, "INSERT INTO t VALUES (1)")
+            await await_until(lambda: events and pauses, 5, "a pause after a busy read")
+            stopped_at.append(time.monotonic())
+            stream.stop()
+            with anyio.fail_after(1.0):
+                await await_until(lambda: len(stopped_at) == 2, 1.0, "run() to return")
+    assert stopped_at[1] - stopped_at[0] < 1.0
+    assert [e.key for e in events] == ["1"]
+    assert confirmed(cdc_dsn, "s_gulp_stop") > lsn_to_int(events[0].lsn)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import struct
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -114,8 +115,7 @@ class Commit(NamedTuple):
 Converter = Callable[[bytes], Any]
 
 
-def _text(raw: bytes) -> Any:
-    return raw.decode()
+_text: Converter = bytes.decode  # no Python frame: most columns are text
 
 
 def _bool(raw: bytes) -> Any:
@@ -325,6 +325,10 @@ def dumps_value(value: Any) -> str:
 # -- the decoder --
 
 
+_U32 = struct.Struct(">I").unpack_from
+_new_event = tuple.__new__  # a NamedTuple without its Python-level __new__ (one per change)
+
+
 class DecodeError(Exception):
     """A pgoutput message this decoder cannot read (internal)."""
 
@@ -344,37 +348,56 @@ class Decoder:
         self.primary_keys = dict(primary_keys or {})
         self.begin: Begin | None = None
         self._lsn_text = ""
+        self._ts = 0  # the last Begin's commit time, as sent and as a datetime
+        self._when = pg_time(0)
 
     def decode(self, msg: bytes | memoryview) -> Iterator[Any]:
         """The values one message gives (none for Relation, Type, Origin, Message)."""
+        if type(msg) is not bytes:
+            msg = bytes(msg)
         kind = msg[0]
-        if kind == 0x49:  # I
-            yield self._insert(msg)
-        elif kind == 0x55:  # U
-            yield self._update(msg)
-        elif kind == 0x44:  # D
-            yield self._delete(msg)
+        if kind in (0x49, 0x55, 0x44):  # I, U, D
+            yield self.change(msg)
         elif kind == 0x42:  # B
-            final_lsn = int.from_bytes(msg[1:9], "big")
-            ts = int.from_bytes(msg[9:17], "big", signed=True)
-            xid = int.from_bytes(msg[17:21], "big")
-            self.begin = Begin(final_lsn, pg_time(ts), xid)
-            self._lsn_text = lsn_to_str(final_lsn)
-            yield self.begin
+            yield self.begin_of(msg)
         elif kind == 0x43:  # C
-            commit_lsn = int.from_bytes(msg[2:10], "big")
-            end_lsn = int.from_bytes(msg[10:18], "big")
-            ts = int.from_bytes(msg[18:26], "big", signed=True)
-            self.begin = None
-            yield Commit(commit_lsn, end_lsn, pg_time(ts))
+            yield self.commit_of(msg)
         elif kind == 0x52:  # R
-            self._relation(bytes(msg))
+            self._relation(msg)
         elif kind == 0x54:  # T
             yield from self._truncate(msg)
         elif kind in (0x59, 0x4F, 0x4D):  # Y(type), O(origin), M(message): nothing to deliver
             return
         else:
             raise DecodeError(f"unknown pgoutput message {chr(kind)!r}")
+
+    # The stream's common messages, without `decode`'s generator (it reads one per change).
+
+    def begin_of(self, msg: bytes) -> Begin:
+        """A Begin message."""
+        final_lsn = int.from_bytes(msg[1:9], "big")
+        self._ts = ts = int.from_bytes(msg[9:17], "big", signed=True)
+        self._when = pg_time(ts)
+        self.begin = begin = Begin(final_lsn, self._when, int.from_bytes(msg[17:21], "big"))
+        self._lsn_text = lsn_to_str(final_lsn)
+        return begin
+
+    def commit_of(self, msg: bytes) -> Commit:
+        """A Commit message."""
+        ts = int.from_bytes(msg[18:26], "big", signed=True)
+        # The Begin carried the same timestamp: its datetime serves (one conversion per tx).
+        when = self._when if ts == self._ts else pg_time(ts)
+        self.begin = None
+        return Commit(int.from_bytes(msg[2:10], "big"), int.from_bytes(msg[10:18], "big"), when)
+
+    def change(self, msg: bytes) -> ChangeEvent:
+        """An Insert, Update or Delete message (``msg[0]`` is ``I``, ``U`` or ``D``)."""
+        kind = msg[0]
+        if kind == 0x49:
+            return self._insert(msg)
+        if kind == 0x55:
+            return self._update(msg)
+        return self._delete(msg)
 
     # -- messages --
 
@@ -410,33 +433,33 @@ class Decoder:
             oid, schema, table, identity, columns, types, [converter(t) for t in types], key
         )
 
-    def _tuple(
-        self, rel: Relation, msg: bytes | memoryview, pos: int
-    ) -> tuple[dict[str, Any], int]:
+    def _tuple(self, rel: Relation, msg: bytes, pos: int) -> tuple[dict[str, Any], int]:
         """One TupleData at *pos*: the row (unchanged TOAST values left out) and the next pos."""
-        ncols = int.from_bytes(msg[pos : pos + 2], "big")
+        ncols = (msg[pos] << 8) | msg[pos + 1]
+        columns = rel.columns
+        if ncols != len(columns):
+            if ncols > len(columns):
+                raise DecodeError(f"a row of {ncols} columns for {rel.table!r} of {len(columns)}")
+            columns = columns[:ncols]
         pos += 2
         row: dict[str, Any] = {}
-        columns = rel.columns
-        convs = rel.converters
-        for i in range(ncols):
+        for name, conv in zip(columns, rel.converters, strict=False):
             kind = msg[pos]
-            pos += 1
             if kind == 0x74:  # t: text
-                length = int.from_bytes(msg[pos : pos + 4], "big")
-                pos += 4
-                row[columns[i]] = convs[i](bytes(msg[pos : pos + length]))
-                pos += length
+                end = pos + 5 + _U32(msg, pos + 1)[0]
+                row[name] = conv(msg[pos + 5 : end])
+                pos = end
             elif kind == 0x6E:  # n: NULL
-                row[columns[i]] = None
+                row[name] = None
+                pos += 1
             elif kind == 0x75:  # u: unchanged TOASTed value, not in the WAL
-                pass
+                pos += 1
             else:  # b: binary, only sent when asked for
                 raise DecodeError(f"unexpected tuple value kind {chr(kind)!r}")
         return row, pos
 
-    def _relation_of(self, msg: bytes | memoryview) -> Relation:
-        oid = int.from_bytes(msg[1:5], "big")
+    def _relation_of(self, msg: bytes) -> Relation:
+        oid = _U32(msg, 1)[0]
         try:
             return self.relations[oid]
         except KeyError:
@@ -454,25 +477,28 @@ class Decoder:
         begin = self.begin
         if begin is None:
             raise DecodeError("a change outside a transaction")
-        return ChangeEvent(
-            op,
-            rel.schema,
-            rel.table,
-            new,
-            old,
-            changed,
-            key,
-            self._lsn_text,
-            begin.xid,
-            begin.commit_time,
+        return _new_event(
+            ChangeEvent,
+            (
+                op,
+                rel.schema,
+                rel.table,
+                new,
+                old,
+                changed,
+                key,
+                self._lsn_text,
+                begin.xid,
+                begin.commit_time,
+            ),
         )
 
-    def _insert(self, msg: bytes | memoryview) -> ChangeEvent:
+    def _insert(self, msg: bytes) -> ChangeEvent:
         rel = self._relation_of(msg)
         new, _ = self._tuple(rel, msg, 6)
         return self._event("INSERT", rel, new, None, None, decode_key(new, rel.key_columns))
 
-    def _update(self, msg: bytes | memoryview) -> ChangeEvent:
+    def _update(self, msg: bytes) -> ChangeEvent:
         rel = self._relation_of(msg)
         pos = 5
         old: dict[str, Any] | None = None
@@ -489,7 +515,7 @@ class Decoder:
             old = {k: v for k, v in old.items() if k in rel.key_columns or v is not None}
         return self._event("UPDATE", rel, new, old, changed, decode_key(new, rel.key_columns))
 
-    def _delete(self, msg: bytes | memoryview) -> ChangeEvent:
+    def _delete(self, msg: bytes) -> ChangeEvent:
         rel = self._relation_of(msg)
         old, _ = self._tuple(rel, msg, 6)
         if rel.identity != "f":  # only the identity's columns are sent; the rest are NULLs
@@ -497,7 +523,7 @@ class Decoder:
             old = {k: v for k, v in old.items() if k in flagged or v is not None}
         return self._event("DELETE", rel, None, old, None, decode_key(old, rel.key_columns))
 
-    def _truncate(self, msg: bytes | memoryview) -> Iterator[ChangeEvent]:
+    def _truncate(self, msg: bytes) -> Iterator[ChangeEvent]:
         count = int.from_bytes(msg[1:5], "big")
         pos = 6
         for _ in range(count):

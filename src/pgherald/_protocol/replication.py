@@ -33,7 +33,6 @@ from ..errors import ConnectError, ConnectionLost, UsageError
 from . import pgwire
 from .backoff import backoff_delay
 from .pgoutput import (
-    Begin,
     ChangeEvent,
     Commit,
     DecodeError,
@@ -51,6 +50,7 @@ logger = logging.getLogger("pgherald.cdc")
 CHANGE = 10  # (CHANGE, ChangeEvent) -> None: hand the change to the application
 COMMIT = 11  # (COMMIT, Commit) -> None: the transaction's changes were all handed over
 ABORT = 12  # (ABORT,) -> None: the transaction under way will come again; forget its changes
+CHANGES = frozenset(b"IUD")  # pgoutput's Insert, Update and Delete messages
 STOP_GRACE = 0.5  # seconds a stop waits for the Commit of a transaction being handled
 REPORT = pgwire.REPORT  # (REPORT, str) -> None: the stream was lost and is back (a message)
 
@@ -98,6 +98,10 @@ class ReplicationConfig:
     ack_delay: float = 0.05
     """Once idle, acknowledge what was handled within this many seconds (not per transaction:
     each acknowledgement wakes the server's walsender)."""
+    read_coalesce: float = 0.005
+    """While changes keep coming, wait this many seconds after handling all that had arrived
+    before reading again, so that one wake-up handles many transactions (less CPU per
+    change; adds at most this much latency). 0: read as soon as anything arrives."""
     connect_timeout: float = 10.0
     statement_timeout: float = 30.0
     reconnect_initial_delay: float = 0.1
@@ -435,11 +439,16 @@ class ReplicationEngine:
         assert pgconn is not None
         cfg = self.config
         decoder = Decoder(self.primary_keys)
-        decode = decoder.decode
+        decode, change = decoder.decode, decoder.change
+        begin_of, commit_of = decoder.begin_of, decoder.commit_of
         next_status = time.monotonic() + cfg.status_interval
         quiet_since = time.monotonic()  # when the server was last heard from (about)
         probe_deadline = 0.0  # a health check awaits an answer until then (0: none)
         heard = False
+        window = cfg.read_coalesce
+        coalesce = window > 0
+        fresh = False  # coalescing: the last read brought messages (the socket may hold more)
+        busy = False  # coalescing: a transaction was handled since the last wait
         get = pgconn.get_copy_data
         while True:
             if self.stopping:
@@ -451,29 +460,41 @@ class ReplicationEngine:
                 raise _Lost(pgwire.one_line(exc)) from None
             if n > 0:
                 heard = True
+                fresh = coalesce
                 kind = data[0]
                 if kind == 0x77:  # w: XLogData
-                    msg = bytes(data[25:])
-                    tag = msg[0]
-                    if tag == 0x42:  # Begin
-                        (begin,) = decode(msg)
-                        assert isinstance(begin, Begin)
+                    tag = data[25]
+                    if tag in CHANGES:  # the common case first: a row
+                        try:
+                            event = change(bytes(data[25:]))
+                        except DecodeError as exc:
+                            raise UsageError(f"cannot read the change stream: {exc}") from None
+                        if not self._skipping:
+                            self.changes += 1
+                            yield (CHANGE, event)
+                        if self.stopping and self._in_tx:
+                            yield from self._stop_in_transaction(pgconn)
+                    elif tag == 0x42:  # Begin
+                        begin = begin_of(bytes(data[25:]))
                         self._in_tx = True
                         self._skipping = begin.final_lsn <= self.skip_through
                     elif tag == 0x43:  # Commit
-                        (commit,) = decode(msg)
-                        assert isinstance(commit, Commit)
+                        commit = commit_of(bytes(data[25:]))
                         if not self._skipping:
                             self.transactions += 1
                             yield (COMMIT, commit)
                         self._in_tx = False
                         self._skipping = False
                         self._acknowledge(commit.end_lsn)
-                        if self.stopping:
-                            continue
+                        busy = coalesce
+                        # What the server has sent is only reported in status updates: reading
+                        # it once per transaction is enough.
+                        received = int.from_bytes(data[9:17], "big")
+                        if received > self._received:
+                            self._received = received
                     else:
                         try:
-                            for event in decode(msg):
+                            for event in decode(data[25:]):
                                 if self._skipping:
                                     continue
                                 self.changes += 1
@@ -482,7 +503,6 @@ class ReplicationEngine:
                             raise UsageError(f"cannot read the change stream: {exc}") from None
                         if self.stopping and self._in_tx:
                             yield from self._stop_in_transaction(pgconn)
-                    self._received = max(self._received, int.from_bytes(data[9:17], "big"))
                 elif kind == 0x6B:  # k: keepalive
                     wal_end = int.from_bytes(data[1:9], "big")
                     self._received = max(self._received, wal_end)
@@ -499,7 +519,7 @@ class ReplicationEngine:
                     message = str(pgwire.result_error(res))
                 raise _Lost(message)
             # Nothing buffered: acknowledge what was handled (at most every `ack_delay`: each
-            # update wakes the server's walsender), then wait for the socket.
+            # update wakes the server's walsender), then read on, pause, or wait for the socket.
             now = time.monotonic()
             if heard:
                 heard = False
@@ -524,7 +544,22 @@ class ReplicationEngine:
                 wake_at = min(wake_at, next_status)
             elif self.flushed > self._sent_flush:
                 wake_at = min(wake_at, self._sent_at + cfg.ack_delay)
-            ready = yield (WAIT, pgconn.socket, READ, wake_at)
+            if fresh:
+                # libpq reads at most its buffer's room at a time: read on before any pause, so
+                # that a backlog is read at full speed.
+                fresh = False
+                ready = True
+            elif busy and not self._in_tx:
+                # Caught up with a busy stream, between transactions (the rest of one under
+                # way follows at once): let the next ones gather for a moment rather than wake
+                # for each. A stop() ends the pause.
+                busy = False
+                if self.stopping:
+                    continue
+                yield (SLEEP, now + window)
+                ready = True
+            else:
+                ready = yield (WAIT, pgconn.socket, READ, wake_at)
             if ready:
                 try:
                     pgconn.consume_input()
@@ -553,8 +588,7 @@ class ReplicationEngine:
                 except Exception:
                     break
         if n > 0 and data[0] == 0x77 and data[25] == 0x43:
-            (commit,) = Decoder().decode(bytes(data[25:]))
-            assert isinstance(commit, Commit)
+            commit = Decoder().commit_of(bytes(data[25:]))
             if not self._skipping:
                 self.transactions += 1
                 yield (COMMIT, commit)
