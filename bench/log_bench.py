@@ -22,7 +22,9 @@ one after another.
    ``pgherald.publish`` sends (queries.sql ``publish``). No consumer runs; then (d) and (e)
    again with one idle consumer waiting (a session holding the shared wake lock and
    LISTENing, as a waiting Consumer does). Tables truncated and CHECKPOINT before every trial;
-   kinds interleaved; medians of 3 runs (1 with ``--quick``).
+   kinds interleaved; medians of 3 runs (1 with ``--quick``). Then, paired: (c), (e) and
+   (f) (the floor as ``WITH ... RETURNING id``) mixed 1:1:1 in one pgbench run of 2 S per
+   writer count, the ratio of their mean latencies (a disturbance slows all three alike).
 2. Quiet channel: 3 events on channel ``quiet`` among the loaded log (1,000,000 events on 100
    channels ``c0``..``c99`` plus 200,000 on ``hot``; a tenth with ``--quick``): time from a
    fresh ``Consumer(group, channels=["quiet"])`` to its 3 events; EXPLAIN ANALYZE of its
@@ -224,6 +226,45 @@ def pgbench_trial(
         if waiter is not None and waiter.poll() is None:
             waiter.kill()  # only the process this function started
             waiter.wait()
+
+
+PAIRED = ["floor", "publish", "floor-returning"]
+"""Kinds run mixed in one pgbench run (none notifies: they do not slow each other's commits)."""
+
+
+def pgbench_paired(
+    dsn: str, files: list[Path], writers: int, seconds: float, sync_commit: str | None
+) -> Result:
+    """
+    One pgbench run that mixes *files* 1:1 (each transaction picks one at random): whatever
+    disturbs the machine during the run disturbs every kind alike, so the ratio of their mean
+    latencies measures what each costs more precisely than separate runs (whose spread on
+    this machine is about 5%).
+    """
+    reset_tables(dsn)
+    cmd = [PGBENCH, "-n", "-M", "prepared", "-T", f"{seconds:g}", "-c", str(writers),
+           "-j", str(writers)]  # fmt: skip
+    for f in files:
+        cmd += ["-f", f"{f}@1"]
+    env = dict(os.environ)
+    if sync_commit:
+        env["PGOPTIONS"] = f"-c synchronous_commit={sync_commit}"
+    try:
+        p = subprocess.run(
+            [*cmd, dsn], capture_output=True, text=True, timeout=seconds + 60, env=env
+        )
+    except subprocess.TimeoutExpired:
+        return {"ok": False, "error": "pgbench did not exit"}
+    blocks = re.split(r"^SQL script \d+: ", p.stdout, flags=re.MULTILINE)[1:]
+    lat: dict[str, float] = {}
+    for f, block in zip(files, blocks, strict=False):
+        m = re.search(r"latency average = ([\d.]+) ms", block)
+        if m:
+            lat[f.stem] = float(m.group(1))
+    if p.returncode != 0 or len(lat) != len(files):
+        tail = (p.stderr.strip().splitlines() or [f"pgbench exit code {p.returncode}"])[-1]
+        return {"ok": False, "error": tail}
+    return {"ok": True, "lat": lat}
 
 
 # -- 2, 3. the loaded log: quiet channel, drain --------------------------------------------
@@ -632,6 +673,48 @@ def report(a: argparse.Namespace, info: dict[str, str], r: Result) -> str:
                     "partition, the read index, the (id, created_at) key, "
                     "tuple routing into the day partition); the floor target applies."
                 )
+        paired = r.get("paired", {})
+        if any(paired.values()):
+            out += [
+                "Paired: the floor (c), publish's statement (e) and the diagnostic (f) mixed 1:1:1 "
+                f"in one `pgbench ... -f floor.sql@1 -f publish.sql@1 -f floor-returning.sql@1` run of "
+                f"{a.seconds * 2:g} s per writer count (each transaction picks one script), "
+                "their mean latencies from pgbench's per-script report; median of "
+                f"{a.runs} run(s). A disturbance of the machine during a run slows all three "
+                "alike, so `floor / publish` (the throughput ratio the same cost per "
+                "transaction gives) is measured without the run-to-run spread of the table "
+                "above. None of them notifies, so mixing them changes no one's commits.",
+                "",
+            ]
+            rows = [["Writers", "(c) floor (ms)", "(e) publish (ms)", "(f) returning id (ms)",
+                     "(e) vs (c)", "(f) vs (c)", "Runs (e) vs (c)"]]  # fmt: skip
+            for w in WRITERS:
+                ok = [x["lat"] for x in paired.get(w, []) if x.get("ok")]
+                if not ok:
+                    continue
+                ratios = sorted(x["floor"] / x["publish"] for x in ok)
+                ret = sorted(x["floor"] / x["floor-returning"] for x in ok)
+                rows.append(
+                    [
+                        str(w),
+                        fx(statistics.median(x["floor"] for x in ok), "{:.3f}"),
+                        fx(statistics.median(x["publish"] for x in ok), "{:.3f}"),
+                        fx(statistics.median(x["floor-returning"] for x in ok), "{:.3f}"),
+                        fx(statistics.median(ratios)),
+                        fx(statistics.median(ret)),
+                        f"{len(ok)}/{len(paired[w])} ("
+                        + ", ".join(f"{v:.3f}" for v in ratios)
+                        + ")",
+                    ]
+                )
+                targets.append(
+                    [
+                        f"(e) pgherald.publish's statement >= 0.95x floor, {w} writer(s), paired",
+                        fx(statistics.median(ratios)),
+                        verdict(statistics.median(ratios) >= 0.95),
+                    ]
+                )
+            out += [table(rows), ""]
 
     # 2. quiet channel
     quiet = r.get("quiet")
@@ -968,7 +1051,16 @@ def main() -> None:
                             f"{'wake-ups ' + str(res['wakeups']) if 'wakeups' in res else ''}"
                             f"{res.get('error') or ''}"
                         )
+            paired: dict[int, list[Result]] = {w: [] for w in WRITERS}
+            for run in range(a.runs):
+                for w in WRITERS:
+                    res = pgbench_paired(
+                        dsn, [files[k] for k in PAIRED], w, a.seconds * 2, a.sync_commit
+                    )
+                    paired[w].append(res)
+                    log(f"paired run {run + 1} writers={w:2} {res.get('lat') or res}")
         r["writes"] = writes
+        r["paired"] = paired
 
     if "read" in a.parts:
         r["load_s"] = load_log(dsn, others, hot)

@@ -34,12 +34,15 @@ QUIET = "quiet"
 def _sides(proxy: FaultProxy) -> tuple[list[socket.socket], list[socket.socket]]:
     with proxy._lock:
         socks = list(proxy._peers)
-
-    def accepted(s: socket.socket) -> bool:
-        name = s.getsockname()
-        return isinstance(name, tuple) and name[1] == proxy.port
-
-    return [s for s in socks if accepted(s)], [s for s in socks if not accepted(s)]
+    client: list[socket.socket] = []
+    upstream: list[socket.socket] = []
+    for s in socks:
+        try:  # the proxy's thread may close a pair after the copy: a closed one is on no side
+            name = s.getsockname()
+        except OSError:
+            continue
+        (client if isinstance(name, tuple) and name[1] == proxy.port else upstream).append(s)
+    return client, upstream
 
 
 def _pending_both_ways(proxy: FaultProxy) -> bool:
