@@ -82,11 +82,8 @@ def sqlalchemy_engine(dsn: str) -> sa.Engine:
 @pytest.fixture(scope="session")
 def database_dropper(server_dsn: str) -> Iterator[DatabaseDropper]:
     """The session's `DatabaseDropper`; at the session's end, what it still holds is dropped."""
-    dropper = DatabaseDropper(server_dsn)
-    yield dropper
-    failed = dropper.drop_retired()
-    if failed:
-        pytest.fail("\n".join(failed), pytrace=False)
+    with DatabaseDropper.session(server_dsn) as dropper:
+        yield dropper
 
 
 @pytest.fixture

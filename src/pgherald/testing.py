@@ -223,6 +223,17 @@ class DatabaseDropper:
         self._retired.append((name, test))
         return self.drop_retired() if len(self._retired) >= self.BATCH else []
 
+    @classmethod
+    @contextlib.contextmanager
+    def session(cls, admin_dsn: str) -> Iterator[DatabaseDropper]:
+        """A dropper for a test session: what it still holds is dropped at the end, and a drop
+        that failed fails the session's teardown."""
+        dropper = cls(admin_dsn)
+        yield dropper
+        failed = dropper.drop_retired()
+        if failed:
+            pytest.fail("\n".join(failed), pytrace=False)
+
     def drop_retired(self) -> list[str]:
         """Drop every retired database, all at once; the drops that failed."""
         batch, self._retired = self._retired, []
@@ -860,11 +871,8 @@ def herald_dsn(
 @pytest.fixture(scope="session")
 def herald_dropper(herald_dsn: str) -> Iterator[DatabaseDropper]:
     """Drops the ``herald_db`` databases in batches; what is left, at the session's end."""
-    dropper = DatabaseDropper(herald_dsn)
-    yield dropper
-    failed = dropper.drop_retired()
-    if failed:
-        pytest.fail("\n".join(failed), pytrace=False)
+    with DatabaseDropper.session(herald_dsn) as dropper:
+        yield dropper
 
 
 @pytest.fixture

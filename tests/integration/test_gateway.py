@@ -87,11 +87,18 @@ class Sse:
                 return
         raise AssertionError("stream ended before ': ready'")
 
-    def next(self) -> dict[str, str] | None:
-        """The next event (``event``, ``data``, ``id``), or None at the end of the stream."""
+    def next(self, within: float | None = None) -> dict[str, str] | None:
+        """
+        The next event (``event``, ``data``, ``id``), or None at the end of the stream; with
+        *within*, an AssertionError once that many seconds pass first (checked at each line:
+        the gateway's heartbeats keep lines coming).
+        """
+        deadline = None if within is None else time.monotonic() + within
         event: dict[str, str] = {}
         data: list[str] = []
         for line in self.lines:
+            if deadline is not None and time.monotonic() > deadline:
+                raise AssertionError(f"no event within {within:g}s")
             if line == "":
                 if event or data:
                     event["data"] = "\n".join(data)

@@ -10,7 +10,6 @@ import contextlib
 import json
 import logging
 import threading
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -191,26 +190,11 @@ def _wait_stored(url: str, stream: str, count: int, within: float) -> None:
 
 def _next_event(s: Any, within: float) -> tuple[int, Any]:
     """The next ``orders`` event of *s* within *within* s (heartbeats keep the read going)."""
-    deadline = time.monotonic() + within
-    event: dict[str, str] = {}
-    data: list[str] = []
-    for line in s.lines:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no event within {within:g}s")
-        if line.startswith(":"):
-            continue
-        if line == "":
-            if event or data:
-                assert event.get("event") == "orders", (event, data)
-                return int(event["id"]), json.loads("\n".join(data))
-            continue
-        field, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if field == "data":
-            data.append(value)
-        else:
-            event[field] = value
-    raise AssertionError("the stream ended")
+    event = s.next(within)
+    if event is None:
+        raise AssertionError("the stream ended")
+    assert event.get("event") == "orders", event
+    return int(event["id"]), json.loads(event["data"])
 
 
 def _gateway(installed: str, url: str, relayed: dict[str, str]) -> Any:
