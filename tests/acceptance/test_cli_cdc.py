@@ -54,7 +54,7 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
 
     # run --into-log: the change lands in the durable log, once, without the unpublished column.
     with subprocess.Popen(
-        pgherald_cmd("cdc", "run", "--slot", "shop", "--into-log"),
+        pgherald_cmd("cdc", "run", "--slot", "shop", "--into-log", "--read-coalesce", "0"),
         env=cli_env(dsn),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -90,6 +90,16 @@ def test_cdc_lifecycle(pg: OwnServer) -> None:
     assert dropped.stdout == "dropped slot 'shop'\n", dropped.stderr
     gone = run(dsn, "cdc", "status", "--slot", "shop")
     assert gone.stdout == "no pgoutput replication slot named 'shop'\n"
+
+
+@pytest.mark.parametrize("bad", ["-1", "nan", "inf", "ten"])
+def test_a_bad_read_coalesce_is_a_usage_error(bad: str) -> None:
+    # Refused before any connection is made (no server needed: the DSN is never used).
+    r = run("host=127.0.0.1 port=1 dbname=none", "cdc", "run", "--read-coalesce", bad)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("pgherald: error: Invalid value for '--read-coalesce'"), r.stderr
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_cdc_errors_are_one_line(pg: OwnServer) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -42,6 +43,14 @@ dsn_option = click.option(
     help="PostgreSQL connection string; default: the `pgherald dev` server when it runs, "
     "else libpq's own environment (PGHOST, ...).",
 )
+
+
+def finite_seconds(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    """Callback of a ``FloatRange`` seconds option: nan and inf (which FloatRange lets
+    through) are a usage error too."""
+    if not math.isfinite(value):
+        raise click.BadParameter(f"{value} is not a number of seconds")
+    return value
 
 
 def json_option(help: str) -> Callable[[F], F]:

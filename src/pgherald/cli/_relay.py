@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from typing import Any
 
 import click
 
 from .._relay import Relay
-from ._commands import cli, dsn_option, friendly, stop_on_signals
+from ._commands import cli, dsn_option, finite_seconds, friendly, stop_on_signals
 from ._durable import parse_start
 
 
@@ -33,9 +32,10 @@ def parse_stream_options(values: tuple[str, ...]) -> dict[str, Any]:
 def parse_stats_interval(ctx: click.Context, param: click.Parameter, value: float) -> float | None:
     """``--stats-interval``: 0 is `Relay`'s None (no status row); nan and inf are refused here,
     as a usage error, not by `Relay` (FloatRange lets them through)."""
-    if not math.isfinite(value):
-        raise click.BadParameter(f"{value} is not a number of seconds: use e.g. 10, or 0 for none")
-    return value or None
+    try:
+        return finite_seconds(ctx, param, value) or None
+    except click.BadParameter as exc:
+        raise click.BadParameter(f"{exc.message}: use e.g. 10, or 0 for none") from None
 
 
 @cli.command("relay")

@@ -19,7 +19,15 @@ from .._cdc import (
     without_identity,
 )
 from .._protocol.pgoutput import ChangeEvent, dumps_value
-from ._commands import cli, confirm_destructive, connection, dsn_option, friendly, stop_on_signals
+from ._commands import (
+    cli,
+    confirm_destructive,
+    connection,
+    dsn_option,
+    finite_seconds,
+    friendly,
+    stop_on_signals,
+)
 
 DEFAULT_MAX_RETAINED = 1024**3  # 1 GB
 
@@ -191,6 +199,18 @@ def cdc_drop(dsn: str | None, slot: str, publication: str | None, yes: bool) -> 
 @click.option(
     "--backfill", is_flag=True, help="When this creates the slot: emit existing rows first."
 )
+@click.option(
+    "--read-coalesce",
+    type=click.FloatRange(min=0),
+    default=0.005,
+    show_default=True,
+    callback=finite_seconds,
+    metavar="SECONDS",
+    envvar="PGHERALD_CDC_READ_COALESCE",
+    show_envvar=True,
+    help="While changes keep coming, wait this long after handling what arrived before "
+    "reading again: less CPU per change, up to this much more latency (0: read at once).",
+)
 @click.argument("tables", nargs=-1)
 @friendly
 def cdc_run(
@@ -199,13 +219,21 @@ def cdc_run(
     publication: str | None,
     into_log: bool,
     backfill: bool,
+    read_coalesce: float,
     tables: tuple[str, ...],
 ) -> None:
     """Read the slot until Ctrl-C or SIGTERM: print each change as JSON, or --into-log.
 
     TABLES, when given, are added to the publication first (as `cdc add`).
     """
-    stream = ChangeStream(dsn, slot=slot, publication=publication, tables=tables, backfill=backfill)
+    stream = ChangeStream(
+        dsn,
+        slot=slot,
+        publication=publication,
+        tables=tables,
+        backfill=backfill,
+        read_coalesce=read_coalesce,
+    )
     with connection(dsn) as conn:  # fail before saying "reading" when it cannot work
         check_logical(conn)
     where = "into the durable log" if into_log else "to stdout"
