@@ -131,7 +131,17 @@ def _leaf_commands() -> list[str]:
     """Every runnable command path below ``pgherald``, from the click tree itself."""
     import click
 
-    from pgherald.cli import _dev, _durable, _groups, _schedule, _serve, _triggers_cmd, cdc  # noqa: F401  (register them)
+    from pgherald.cli import (  # noqa: F401  (register them)
+        _dead,
+        _dev,
+        _durable,
+        _groups,
+        _relay,
+        _schedule,
+        _serve,
+        _triggers_cmd,
+        cdc,
+    )
     from pgherald.cli._commands import cli
 
     paths: list[str] = []
@@ -165,6 +175,10 @@ SAMPLES: dict[str, list[str]] = {
     "consume": ["--group", "g", "orders"],
     "ddl disable": [],
     "ddl enable": [],
+    "dead list": [],
+    "dead purge": ["g", "--all", "--yes"],
+    "dead redeliver": ["g", "--all"],
+    "dead show": ["g", "1"],
     "demo": ["--pause", "0"],
     "dev dsn": [],
     "dev start": [],
@@ -179,6 +193,7 @@ SAMPLES: dict[str, list[str]] = {
     "partitions": ["32", "--yes"],
     "prune": ["--force", "--yes"],
     "publish": ["orders", "1"],
+    "relay": ["--to", "redis://127.0.0.1:6379/0", "orders"],
     "retention off": [],
     "retention set": ["7d", "--abandon-after", "3d"],
     "schedule add": ["--cron", "* * * * *", "--channel", "orders", "s"],

@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from .._relay import Relay
-from ._commands import cli, dsn_option, finite_seconds, friendly, stop_on_signals
+from ._commands import cli, connection, dsn_option, finite_seconds, friendly, stop_on_signals
 from ._durable import parse_start
 
 
@@ -199,6 +199,8 @@ def relay_cmd(
         metrics_host=metrics_host,
         stats_interval=stats_interval,
     )
+    with connection(dsn):  # fail before saying "relaying" when the database cannot be reached
+        pass
     with stop_on_signals(relay.stop):
         click.echo(
             f"relaying {', '.join(map(repr, channels))} to {relay.target} "
