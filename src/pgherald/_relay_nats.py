@@ -117,7 +117,9 @@ class NatsSink:
                     pending_size=0,  # no buffering while disconnected: never out of order
                 )
                 if await relay.unless_stopped(_true(connecting)) is None:
-                    await _close(nc)
+                    # Stopped in the handshake: nothing to flush, and nats-py's close of a
+                    # client it never finished connecting can wait out the whole timeout.
+                    await _close(nc, timeout=0.1)
                     return False
                 js = nc.jetstream(timeout=self.timeout)
                 try:
@@ -421,9 +423,9 @@ async def _true(coro: Awaitable[Any]) -> bool:
     return True
 
 
-async def _close(nc: Any) -> None:
+async def _close(nc: Any, timeout: float = 2.0) -> None:
     try:
-        await asyncio.wait_for(nc.close(), 2.0)
+        await asyncio.wait_for(nc.close(), timeout)
     except Exception as exc:  # closing a broken connection: nothing to do
         logger.debug("closing the NATS connection: %r", exc)
     # A connection abandoned in its handshake: nats-py's close leaves its socket open.
