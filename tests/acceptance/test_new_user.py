@@ -131,18 +131,9 @@ def _leaf_commands() -> list[str]:
     """Every runnable command path below ``pgherald``, from the click tree itself."""
     import click
 
-    from pgherald.cli import (  # noqa: F401  (register them)
-        _dead,
-        _dev,
-        _durable,
-        _groups,
-        _relay,
-        _schedule,
-        _serve,
-        _triggers_cmd,
-        cdc,
-    )
-    from pgherald.cli._commands import cli
+    from pgherald.cli import command_tree
+
+    cli = command_tree()  # every command registered, as `pgherald` runs them
 
     paths: list[str] = []
 

@@ -3,24 +3,36 @@
 from __future__ import annotations
 
 import sys
+from typing import Any
+
+
+def command_tree() -> Any:
+    """The ``pgherald`` click group with every command registered (what `main` runs; the
+    tests walk it)."""
+    from . import (  # register their commands
+        _dead,
+        _dev,
+        _durable,
+        _groups,
+        _relay,
+        _schedule,
+        _serve,
+        _triggers_cmd,
+        cdc,
+    )
+    from ._commands import cli
+
+    _ = _dead, _dev, _durable, _groups, _relay, _schedule, _serve, _triggers_cmd, cdc
+    return cli
 
 
 def main() -> None:
     try:
         import click
 
-        from . import (  # register their commands
-            _dead,
-            _dev,
-            _durable,
-            _groups,
-            _relay,
-            _schedule,
-            _serve,
-            _triggers_cmd,
-            cdc,
-        )
-        from ._commands import EXIT_USAGE, cli, fail
+        from ._commands import EXIT_USAGE, fail
+
+        cli = command_tree()
     except ImportError as exc:  # click missing: say how to get it, no traceback
         if getattr(exc, "name", None) != "click":
             raise
@@ -28,7 +40,6 @@ def main() -> None:
             "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n"
         )
         raise SystemExit(2) from None
-    _ = _dead, _dev, _durable, _groups, _relay, _schedule, _serve, _triggers_cmd, cdc
     # click 8.2+: a bare group shows its help through this UsageError (absent in 8.1).
     no_args: type[click.UsageError] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
     try:
