@@ -265,12 +265,17 @@ def start_watch(dsn: str, db: psycopg.Connection) -> Iterator[object]:
     for proc in procs:
         if proc.poll() is None:
             proc.kill()  # only the processes this fixture started
-        proc.wait()
+        proc.communicate()  # (closes its pipes too)
 
 
 def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, str, str]:
     proc.send_signal(sig)
-    out, err = proc.communicate(timeout=15)
+    try:
+        out, err = proc.communicate(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, err = proc.communicate()
+        pytest.fail(f"watch did not stop within 15 s of signal {sig}; its stderr: {err!r}")
     return proc.returncode, out, err
 
 
