@@ -9,7 +9,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -50,22 +49,24 @@ async def _stream(url: str, stream: str, subject: str | None) -> None:
         await nc.close()
 
 
-@pytest.fixture
-def relayed(installed: str, nats_url: str, unique: str) -> Iterator[dict[str, str]]:
-    """A relay of channel 'orders' into a stream of this test's own, running in a thread."""
+@contextlib.contextmanager
+def _relaying(installed: str, url: str, unique: str) -> Iterator[dict[str, str]]:
+    """A relay of channel 'orders' into a stream of this test's own at *url*, in a thread."""
     options = {"stream": unique.upper(), "subject": f"{unique}.{{channel}}"}
     # Made here: the relay makes it when it first has events, the gateway needs it first.
-    asyncio.run(_stream(nats_url, options["stream"], f"{unique}.orders"))
-    relay = pgherald.Relay(installed, to=nats_url, channels=["orders"], **options)
-    t = threading.Thread(target=relay.run)
-    t.start()
-    try:
+    asyncio.run(_stream(url, options["stream"], f"{unique}.orders"))
+    relay = pgherald.Relay(installed, to=url, channels=["orders"], **options)
+    with relay_thread(relay) as t:
         yield options
-    finally:
-        relay.stop()
-        t.join(10)
-        asyncio.run(_stream(nats_url, options["stream"], None))
-    assert not t.is_alive()
+    assert not t.is_alive(), "the relay did not stop"
+
+
+@pytest.fixture
+def relayed(installed: str, nats_url: str, unique: str) -> Iterator[dict[str, str]]:
+    """A relay into the machine's nats-server; its stream deleted afterwards."""
+    with _relaying(installed, nats_url, unique) as options:
+        yield options
+    asyncio.run(_stream(nats_url, options["stream"], None))
 
 
 def _event(s: Any) -> tuple[int, Any]:
@@ -163,12 +164,8 @@ def test_serve_source_refusals_are_usage_errors(args: list[str], says: str) -> N
 @pytest.fixture
 def own_relayed(installed: str, own_nats: OwnNats, unique: str) -> Iterator[dict[str, str]]:
     """`relayed`, into a private nats-server (JetStream store on disk) the test may kill."""
-    options = {"stream": unique.upper(), "subject": f"{unique}.{{channel}}"}
-    asyncio.run(_stream(own_nats.url, options["stream"], f"{unique}.orders"))
-    relay = pgherald.Relay(installed, to=own_nats.url, channels=["orders"], **options)
-    with relay_thread(relay) as t:
+    with _relaying(installed, own_nats.url, unique) as options:
         yield options
-    assert not t.is_alive(), "the relay did not stop"
 
 
 def _wait_stored(url: str, stream: str, count: int, within: float) -> None:
