@@ -89,15 +89,7 @@ def test_sse_and_ws_stream_relayed_events_and_resume_from_the_log(
     nats_url: str,
     relayed: dict[str, str],
 ) -> None:
-    app = create_app(
-        installed,
-        jwt_secret=SECRET,
-        durable_channels=["orders"],
-        source=nats_url,
-        source_stream=relayed["stream"],
-        source_subject=relayed["subject"],
-        queue_check_interval=0,
-    )
+    app = _gateway(installed, nats_url, relayed)
     tok = token(["orders"])
     with serve(app) as base:
         hub = hub_of(app)
@@ -194,7 +186,8 @@ def _next_event(s: Any, within: float) -> tuple[int, Any]:
     return int(event["id"]), json.loads(event["data"])
 
 
-def _gateway(installed: str, url: str, relayed: dict[str, str]) -> Any:
+def _gateway(installed: str, url: str, relayed: dict[str, str], **options: Any) -> Any:
+    """A gateway taking channel 'orders' from the relay's stream at *url*."""
     return create_app(
         installed,
         jwt_secret=SECRET,
@@ -203,7 +196,7 @@ def _gateway(installed: str, url: str, relayed: dict[str, str]) -> Any:
         source_stream=relayed["stream"],
         source_subject=relayed["subject"],
         queue_check_interval=0,
-        heartbeat=0.5,  # pings keep the clients' reads going while NATS is down
+        **options,
     )
 
 
@@ -244,7 +237,8 @@ def test_nats_killed_and_restarted_under_streaming_clients_loses_and_repeats_not
     """
     before = [pgherald.publish(conn, "orders", {"before": n}) for n in range(2)]
     _wait_stored(own_nats.url, own_relayed["stream"], 2, 20)
-    app = _gateway(installed, own_nats.url, own_relayed)
+    # Pings keep the clients' reads going while NATS is down.
+    app = _gateway(installed, own_nats.url, own_relayed, heartbeat=0.5)
     tok = token(["orders"])
     with (
         _no_errors_logged(),
@@ -306,7 +300,8 @@ def test_clients_connecting_while_nats_is_down_are_served_and_get_what_follows(
     """
     before = [pgherald.publish(conn, "orders", {"before": n}) for n in range(2)]
     _wait_stored(own_nats.url, own_relayed["stream"], 2, 20)
-    app = _gateway(installed, own_nats.url, own_relayed)
+    # Pings keep the clients' reads going while NATS is down.
+    app = _gateway(installed, own_nats.url, own_relayed, heartbeat=0.5)
     tok = token(["orders"])
     with _no_errors_logged(), watching("pgherald.gateway") as log, serve(app) as base:
         hub = hub_of(app)
