@@ -930,3 +930,76 @@ async def test_async_stop_during_the_read_coalesce_wait(cdc_dsn: str) -> None:
     assert stopped_at[1] - stopped_at[0] < 1.0
     assert [e.key for e in events] == ["1"]
     assert confirmed(cdc_dsn, "s_gulp_stop") > lsn_to_int(events[0].lsn)
+
+
+# -- into_log's own connection to the log --
+
+
+def _stored(dsn: str) -> list[int]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT (payload -> 'new' ->> 'id')::int FROM pgherald.events_v1"
+            " WHERE channel = 'public.t' ORDER BY id"
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+async def _log_connection_severed(
+    dsn: str, proxy: FaultProxy, into_log: Callable[[Any, str | None], Any], make: Any
+) -> None:
+    """
+    The log's connection (through *proxy*) is severed: into_log ends with `ConnectionLost`
+    naming it, the change in hand not acknowledged; a new run stores it, and nothing twice.
+    """
+    with psycopg.connect(dsn, autocommit=True) as c:
+        pgherald.install(c)
+    sql(dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    errors: list[BaseException] = []
+
+    async def run(stream: Any, log_dsn: str | None) -> None:
+        try:
+            await into_log(stream, log_dsn)
+        except pgherald.ConnectionLost as exc:
+            errors.append(exc)
+
+    stream = make(dsn, slot="s_logfault", tables=["t"], **FAST)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, stream, proxy.dsn_for(dsn))
+            await await_until(lambda: slot_ready(dsn, "s_logfault"), 10, "the stream to start")
+            sql(dsn, "INSERT INTO t VALUES (1)")
+            await await_until(lambda: _stored(dsn) == [1], 5, "change 1 in the log")
+            proxy.sever()
+            sql(dsn, "INSERT INTO t VALUES (2)")
+            await await_until(lambda: errors, 5, "into_log to end")
+    assert "durable log's connection was lost" in str(errors[0])
+    assert "come again at the next start" in str(errors[0])
+    end = current_lsn(dsn)
+    again = make(dsn, slot="s_logfault", create=False, **FAST)
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run, again, None)
+            await await_until(lambda: confirmed(dsn, "s_logfault") >= end, 10, "a catch-up")
+            again.stop()
+    assert _stored(dsn) == [1, 2]
+    assert len(errors) == 1
+
+
+def test_into_log_with_its_log_connection_severed(cdc_dsn: str, cdc_proxy: FaultProxy) -> None:
+    async def into_log(stream: ChangeStream, log_dsn: str | None) -> None:
+        try:
+            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
+        finally:
+            stream.stop()
+
+    anyio.run(_log_connection_severed, cdc_dsn, cdc_proxy, into_log, ChangeStream)
+
+
+@pytest.mark.anyio
+async def test_async_into_log_with_its_log_connection_severed(
+    cdc_dsn: str, cdc_proxy: FaultProxy
+) -> None:
+    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str | None) -> None:
+        await stream.into_log(log_dsn)
+
+    await _log_connection_severed(cdc_dsn, cdc_proxy, into_log, pgherald.AsyncChangeStream)
