@@ -75,6 +75,8 @@ class _ConsumerBase:
         rebalance_interval: float = 1.0,
         maintain_interval: float | None = 3600.0,
         synchronous_acks: bool = False,
+        from_wakeups: bool = True,
+        ack_delay: float = 0.05,
         max_attempts: int = 3,
         retry_delay: float = 0.2,
         retry_max_delay: float = 30.0,
@@ -115,6 +117,12 @@ class _ConsumerBase:
             )
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
             raise UsageError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        if (
+            isinstance(ack_delay, bool)
+            or not isinstance(ack_delay, (int, float))
+            or not 0 <= ack_delay <= 60
+        ):
+            raise UsageError(f"ack_delay must be seconds between 0 and 60, not {ack_delay!r}")
         if not (isinstance(start, (str, int, datetime)) and not isinstance(start, bool)) or (
             isinstance(start, str) and start not in ("beginning", "now")
         ):
@@ -144,6 +152,8 @@ class _ConsumerBase:
             rebalance_interval=rebalance_interval,
             maintain_interval=maintain_interval,
             synchronous_acks=bool(synchronous_acks),
+            from_wakeups=bool(from_wakeups),
+            ack_delay=float(ack_delay),
             max_attempts=max_attempts,
             retry_delay=retry_delay,
             retry_max_delay=retry_max_delay,

@@ -86,6 +86,9 @@ class Stats:
     """The last reading of `pg_notification_queue_usage()` (0.0 to 1.0)."""
     reads: int = 0
     """Consumers: reads of the durable log sent."""
+    from_wakeups: int = 0
+    """Consumers: events handed out straight from their wake-up, without a read (see
+    ``docs/durable.md``, "Wake-ups that carry their event")."""
     acknowledged: int = 0
     """Consumers: events whose position was stored (handled, or not of the wanted channels)."""
     skipped: int = 0

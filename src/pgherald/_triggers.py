@@ -130,6 +130,8 @@ _WAKE = """
         IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
             NULL;  -- pg_notify returns void, never NULL: no PERFORM, another query
         END IF;
+    ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
+        NULL;  -- a consumer waits and this commit does not wake it (see wake_note_v1)
     END IF;"""
 # The UPDATE diff when the columns are not known (`sql trigger add` has no connection), or a
 # column was added after the function was generated: one query over the keys of "new".

@@ -32,6 +32,8 @@ delivers again, are up to one read.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import math
@@ -39,7 +41,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta, timezone, tzinfo
 from typing import Any, NamedTuple
 
 import psycopg
@@ -145,6 +147,15 @@ class ConsumerConfig:
     """Wraps our libpq connection for transactional handlers and result decoding."""
     check_delivery: bool = True
     """At the first connection, prove that notifications reach it (no transaction pooler)."""
+    from_wakeups: bool = True
+    """While caught up and waiting, hand out an event straight from its wake-up (which then
+    carries it, signed) when its order is proven, without reading the log (see
+    `ConsumerEngine._note_events`); False: always read."""
+    ack_delay: float = 0.05
+    """Events handed out from wake-ups are acknowledged together, at most this long after the
+    first of them (and before any other statement): a commit per event would cost the
+    publishers' commits more than the events' own. A crash within it delivers them again.
+    0: each at once."""
     lent: Any = None
     status_row: StatusRow | None = None
     """A relay's row for ``pgherald status`` (see `StatusRow`); None: none."""
@@ -163,6 +174,28 @@ class _Read(NamedTuple):
 
     limit: int
     shares: dict[tuple[str, int], int]
+    seq: int = 0  # the how-manieth read of the connection
+    notes: int = 0  # wake-ups heard before it was sent (of ConsumerEngine._notes)
+
+
+class _Note(NamedTuple):
+    """A wake-up that carries its event (schema.sql wake_note_v1), checked and parsed."""
+
+    id: int
+    tx: int
+    partition: int
+    created_us: int
+    older: frozenset[int] | None  # older transactions running when it was stored (None: many)
+    skips: int  # pgherald.wake_skips_v1 then
+    channel: str
+    key: str | None
+    headers: str | None
+    payload: str
+
+
+_NOTE_PREFIX = "n1|"
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_MAX_NOTES = 10_000  # wake-ups kept before they are looked at; past it, one unknown stands for all
 
 
 def lock_name(group: str) -> str:
@@ -217,6 +250,28 @@ class ConsumerEngine:
         self._releases = scheduled.Releases()
         self._registered: frozenset[str] = frozenset()  # channels with rows of their own
         self._every: tuple[str, ...] = ()  # the log's channels, for a consumer of every channel
+        # Events from wake-ups (see _note_events): whether this connection may (a secret to
+        # check notes with, no schema function that skips wake-ups uncounted), whether it does
+        # now, the wake-ups heard (notes as text, None: a wake-up without its event).
+        self._secret: bytes | None = None
+        self._tz: tzinfo = timezone.utc
+        self._direct = False
+        self._notes: list[str | None] = []
+        self._need_horizon = False  # prove wake-ups complete again before handing out any
+        self._horizon_after = 0.0
+        self._horizon_delay = 0.0
+        self._skips = -1  # pgherald.wake_skips_v1 when we started to prove them complete
+        self._horizon_tx = 0  # a transaction id taken after that
+        self._own_txs: list[int] = []  # our own recent transactions (acknowledgements...)
+        self._read_seq = 0
+        self._safe_seq = 0  # reads sent before wake-ups were proven to cover everything
+        self._horizon_seq = 0  # reads sent before the horizon
+        self._last_read: _Read | None = None
+        self._deferred: dict[tuple[str, int], Event] = {}  # events from wake-ups, not acked
+        self._deferred_count = 0
+        self._ack_due = math.inf
+        self._poll_at = 0.0  # in direct mode: when to read all the same
+        self._skips_check_at = math.inf  # in direct mode: when to look for uncounted skips
         self._forget_reads()
 
     def _forget_reads(self) -> None:
@@ -228,6 +283,7 @@ class ConsumerEngine:
         self._handed_out: dict[tuple[str, int], tuple[str, int]] = {}  # last of each, not acked
         self._saturated = False
         self.read_size = max(1, min(self.config.batch_size, self._fitting))
+        self._leave_direct()  # notes are checked against the cursor
 
     @property
     def connected(self) -> bool:
@@ -270,6 +326,7 @@ class ConsumerEngine:
             yield from self._query("every_channel", {"group": cfg.group, "every": every})
             self._registered = frozenset()
             yield from self._prepare_read()
+            yield from self._check_from_wakeups()
             if not self._delivery_checked:
                 check_deadline = time.monotonic() + min(5.0, cfg.connect_timeout)
                 yield from self._run(
@@ -312,6 +369,11 @@ class ConsumerEngine:
         self.owned = []
         self._waiting = False  # a session lock: it goes with the session
         self._unsafe_before = None
+        self._secret = None
+        self._notes = []
+        self._read_seq = self._safe_seq = self._horizon_seq = 0
+        self._deferred, self._deferred_count, self._ack_due = {}, 0, math.inf
+        self._last_read = None
         self._forget_reads()
         if pgconn is not None:
             pgconn.finish()
@@ -413,25 +475,31 @@ class ConsumerEngine:
         A notification read with a statement's answer (libpq's, or psycopg's during a
         transactional handler): a wake-up counts, anything else (a ping) is done with.
         """
-        if getattr(n, "relname", None) == _WAKE or getattr(n, "channel", None) == WAKE_CHANNEL:
-            self._woken = True
-            if getattr(n, "extra", None) == scheduled.WAKE_PAYLOAD or (
-                getattr(n, "payload", None) == scheduled.WAKE_PAYLOAD.decode()
-            ):
-                self._release_at = 0.0
+        if getattr(n, "relname", None) == _WAKE:  # libpq's
+            self._wake(n.extra)
+        elif getattr(n, "channel", None) == WAKE_CHANNEL:  # psycopg's
+            self._wake(n.payload.encode())
 
     def _drain(self) -> None:
         pgconn = self.pgconn
         if pgconn is None:
             return
-        heard = False
         while (n := pgconn.notifies()) is not None:
             if n.relname == _WAKE:
-                heard = True
-                if n.extra == scheduled.WAKE_PAYLOAD:  # a delayed event: when is it due?
-                    self._release_at = 0.0
-        if heard:
-            self._woken = True
+                self._wake(n.extra)
+
+    def _wake(self, payload: bytes) -> None:
+        self._woken = True
+        if payload == scheduled.WAKE_PAYLOAD:  # a delayed event: when is it due?
+            self._release_at = 0.0  # (not in the log yet: its release wakes us again)
+        elif self._secret is not None:
+            notes = self._notes
+            if len(notes) >= _MAX_NOTES:
+                notes[:] = [None]
+            try:
+                notes.append(payload.decode() if payload.startswith(b"n1|") else None)
+            except UnicodeDecodeError:
+                notes.append(None)
 
     # -- partitions --
 
@@ -445,6 +513,7 @@ class ConsumerEngine:
         if pgconn is None:
             raise _Lost("not connected")
         yield from self._settle()
+        yield from self._flush_acks()  # before a partition may go to another member
         held = set(self.owned)
         (res,) = yield from self._query("group_members", {"lock_name": self._lock_key})
         members = max(1, int(res.get_value(0, 0) or b"1"))
@@ -478,6 +547,7 @@ class ConsumerEngine:
             # A read ahead covers the old partitions; a released one may move on without us.
             self._ready = None
             self._cursor = {k: c for k, c in self._cursor.items() if k[1] in self.owned}
+            self._leave_direct()  # a new partition's events before our wake-ups: read them
         if not self.config.channels:
             yield from self._learn_channels()
         yield from self._channels()  # registered at once: `status` shows the group's lag
@@ -504,6 +574,7 @@ class ConsumerEngine:
         if every != self._every:
             self._every = every
             self._ready = None
+            self._leave_direct()
 
     # -- reading --
 
@@ -511,6 +582,7 @@ class ConsumerEngine:
         """The next events of our channels and partitions, oldest first (decoded), or []."""
         if not self.owned:
             return []
+        yield from self._flush_acks()
         if self._handed_out:
             # The last batch was not all acknowledged: what was not must come again.
             yield from self._settle()
@@ -567,6 +639,7 @@ class ConsumerEngine:
         yield from self._settle()
         assert self._ready is not None
         (res, read), self._ready = self._ready, None
+        self._last_read = read
         if res.status != pq.ExecStatus.TUPLES_OK:
             pgconn = self.pgconn
             if pgconn is None or pgconn.status != pq.ConnStatus.OK:
@@ -601,7 +674,8 @@ class ConsumerEngine:
             pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
         except psycopg.OperationalError as exc:
             raise _Lost(pgwire.one_line(exc)) from None
-        self._in_flight = _Read(limit, shares)
+        self._read_seq += 1
+        self._in_flight = _Read(limit, shares, self._read_seq, len(self._notes))
         self.stats.reads += 1
 
     def _settle(self) -> PQGen:
@@ -715,7 +789,7 @@ class ConsumerEngine:
 
     # -- acknowledging --
 
-    def ack(self, events: Sequence[Event]) -> PQGen:
+    def ack(self, events: Sequence[Event], *, count: int | None = None) -> PQGen:
         """Move the group past *events* (the last of each channel and partition counts)."""
         if not events:
             return
@@ -723,16 +797,29 @@ class ConsumerEngine:
         for e in events:
             last[e.channel, e.partition] = e
         yield from self._settle()
-        yield from self._query("ack", _ack_params(self.config.group, last.values()))
-        self.stats.acknowledged += len(events)
+        (res,) = yield from self._query("ack", _ack_params(self.config.group, last.values()))
+        if (tx := res.get_value(0, 0)) is not None:
+            self._own(int(tx))
+        self.stats.acknowledged += len(events) if count is None else count
         if all(k in last and (last[k].tx, last[k].id) == at for k, at in self._handed_out.items()):
             self._handed_out = {}  # all acknowledged: the cursor is the stored position
 
+    def _flush_acks(self) -> PQGen:
+        """Acknowledge the events from wake-ups not acknowledged yet (see `ack_delay`)."""
+        if not self._deferred:
+            return
+        deferred, count = self._deferred, self._deferred_count
+        self._deferred, self._deferred_count, self._ack_due = {}, 0, math.inf
+        yield from self.ack(list(deferred.values()), count=count)
+
     def ack_handed_out(self, events: Sequence[Event]) -> PQGen:
         """After the application left an iteration early: acknowledge what it finished."""
-        if self.pgconn is None or self._broken or not events:
+        if self.pgconn is None or self._broken:
             return
         try:
+            yield from self._flush_acks()
+            if not events:
+                return
             if self._redelivering:  # dead letters: no position to move (it is past them)
                 yield from self._settle()
                 params = _redelivered_params(self.config.group, events)
@@ -762,11 +849,40 @@ class ConsumerEngine:
                     yield from self._write_status()
                 if (yield from self._redeliver()):
                     continue
+                if self._direct:
+                    if self._notes:
+                        rows = self._note_events()
+                        if rows:
+                            yield from self._deliver_rows(rows)
+                        if self._direct:
+                            continue
+                    else:
+                        now = time.monotonic()
+                        if now >= self._skips_check_at:
+                            yield from self._check_skips()
+                            continue
+                        if now >= self._ack_due:
+                            yield from self._flush_acks()
+                            continue
+                        if now < self._poll_at:
+                            until = min(self._poll_at, self._ack_due, self._skips_check_at)
+                            yield from self._wait(until)
+                            continue
+                        self._poll_at = now + self.config.poll_interval  # read all the same
+                if (
+                    self._need_horizon
+                    and self._waiting
+                    and self._secret is not None
+                    and time.monotonic() >= self._horizon_after
+                ):
+                    yield from self._horizon()
+                    step = 0.002  # then read at growing intervals until it is safe
                 events = yield from self.fetch()
                 if events:
                     if self._waiting and self._saturated:
                         yield from self._busy()  # behind: no wake-ups needed for a while
                     yield from self._deliver(events)
+                    yield from self._maybe_direct()
                     now = time.monotonic()
                     linger_until = now + self.config.linger
                     if not self._saturated and self._waiting and not self._woken:
@@ -774,6 +890,9 @@ class ConsumerEngine:
                         # a wake-up, or the linger's next step, not at once (an empty round
                         # trip that a wake-up arriving meanwhile would wait behind).
                         yield from self._wait(min(now + 0.002, linger_until))
+                    continue
+                yield from self._maybe_direct()
+                if self._direct:
                     continue
                 if self._woken:  # a commit was announced while we read: read again now
                     self._woken = False
@@ -799,7 +918,13 @@ class ConsumerEngine:
                     yield from self._wait(now + step)
                     step = min(step * 2, self.config.poll_interval)
                     continue
-                if (yield from self._wait(now + self.config.poll_interval)):
+                until = now + self.config.poll_interval
+                if self._need_horizon and self._secret is not None:
+                    # A wake-up we could not use: an event it announced may wait behind an
+                    # older transaction, which may end unannounced. The horizon's reads
+                    # (above) find it when it has ended.
+                    until = min(until, self._horizon_after)
+                if (yield from self._wait(until)):
                     linger_until = time.monotonic() + self.config.linger
             except _Stopped:
                 break
@@ -807,7 +932,15 @@ class ConsumerEngine:
                 if self.stopping:
                     break
                 yield from self._recover(lost)
+        yield from self._ack_on_the_way_out()
         yield from self._remove_status()
+
+    def _ack_on_the_way_out(self) -> PQGen:
+        if self._deferred and self.pgconn is not None and not self._broken:
+            try:
+                yield from self._flush_acks()
+            except (_Lost, _Stopped, HeraldError) as exc:
+                logger.info("could not acknowledge on the way out (%r): they come again", exc)
 
     def _wait(self, until: float) -> PQGen:
         """Wait for a wake-up until *until*; probe the connection when it has been quiet."""
@@ -844,6 +977,10 @@ class ConsumerEngine:
         self._waiting = res.get_value(0, 0) == b"t"
         if self._waiting:
             self._unsafe_before = (res.get_value(0, 1) or b"0").decode()
+            self._own(int(self._unsafe_before))
+            self._safe_seq = self._read_seq
+            if self._secret is not None:
+                yield from self._horizon()
         return self._waiting
 
     def _wakeups_safe(self) -> PQGen:
@@ -851,12 +988,255 @@ class ConsumerEngine:
         (res,) = yield from self._query("wakeups_safe", {"xmax": self._unsafe_before})
         if res.get_value(0, 0) == b"t":
             self._unsafe_before = None
+            self._safe_seq = self._read_seq  # the reads from now on see all the unannounced
         return self._unsafe_before is None
 
     def _busy(self) -> PQGen:
         yield from self._settle()
         yield from self._query("busy", {})
         self._waiting = False
+        self._leave_direct()
+
+    # -- events from wake-ups --
+    #
+    # A waiting consumer that is caught up gets a wake-up for each commit, which carries the
+    # event (a "note", see schema.sql wake_note_v1). Handing it out without a read saves a
+    # round trip and the read's time, when nothing that sorts before it (in its channel and
+    # partition) can still be missing:
+    # * each event older than the horizon's transaction id W was read, by a read sent after
+    #   every such transaction had ended (wakeups_safe, or a note newer than W with "alone");
+    # * each event newer than W, a publisher saw us waiting for: it sent a wake-up, or it
+    #   counted a skip (the note's skips would differ from ours, read before W);
+    # * so, for a note that says "alone" (every transaction older than it had ended when it
+    #   was stored) and no skip: every older event's wake-up came before it. Each of those we
+    #   handed out ourselves, or a read sent after its wake-up covered it (when that note said
+    #   "alone" too), or we stopped handing out from wake-ups.
+    # Anything else (a wake-up without its event, a note that is not "alone" or counts a skip,
+    # a note that does not check out, a change of partitions or channels) ends it: read as
+    # before, take a new horizon, and start again once a read covers what was heard.
+
+    def _check_from_wakeups(self) -> PQGen:
+        """At connection: may events come from wake-ups (a secret to check notes with)?"""
+        self._secret = None
+        if not self.config.from_wakeups or self.conn is None:
+            return
+        try:
+            (res,) = yield from self._query("blind_wake_senders", {})
+            blind = int(res.get_value(0, 0) or b"0")
+            if blind:
+                logger.info(
+                    "events come from reads only: %d function(s) in schema pgherald send "
+                    "wake-ups the old way (triggers added by an earlier version: add them again)",
+                    blind,
+                )
+                return
+            (res,) = yield from self._query("wake_secret", {})
+        except HeraldError as exc:  # no SELECT on wake_secret_v1, an older schema
+            logger.info("events come from reads only: %s", exc)
+            return
+        if res.ntuples != 1 or not res.get_value(0, 0):
+            return
+        self._secret = res.get_value(0, 0)
+        self._tz = self.conn.info.timezone
+        self._need_horizon = True
+
+    def _horizon(self) -> PQGen:
+        """Start proving wake-ups complete: the skip count, then a transaction id after it."""
+        yield from self._settle()
+        (res,) = yield from self._query("wake_horizon", {})
+        self._skips = int(res.get_value(0, 0) or b"-1")
+        tx = res.get_value(0, 1) or b"0"
+        self._horizon_tx = int(tx)
+        self._own(self._horizon_tx)
+        self._unsafe_before = tx.decode()
+        self._safe_seq = self._horizon_seq = self._read_seq
+        self._notes = []  # their commits came before: the reads from now on cover them
+        self._need_horizon = False
+
+    def _leave_direct(self) -> None:
+        if self._direct:
+            self._direct = False
+            self._woken = True  # read what the wake-ups left unused announced
+        self._need_horizon = True
+        self._skips_check_at = math.inf
+
+    def _doubt(self) -> None:
+        """A wake-up we cannot use: a new horizon, after a pause that grows while it lasts."""
+        self._leave_direct()
+        self._horizon_delay = min(max(0.002, self._horizon_delay * 2), self.config.poll_interval)
+        self._horizon_after = time.monotonic() + self._horizon_delay
+
+    def _maybe_direct(self) -> PQGen:
+        """
+        After a read that left nothing behind: start handing out from wake-ups, if every
+        wake-up heard before the read was sent is covered by it, and the read came after
+        every transaction older than the horizon had ended.
+        """
+        read = self._last_read
+        if (
+            self._direct
+            or self._secret is None
+            or not self._waiting
+            or self._need_horizon
+            or self._saturated
+            or self._handed_out
+            or read is None
+            or read.seq <= self._horizon_seq  # sent before the horizon: notes were reset
+        ):
+            return
+        safe = self._unsafe_before is None and read.seq > self._safe_seq
+        wanted = self._wanted()
+        for text in self._notes[: read.notes]:
+            note = self._parse_note(text)
+            if note is None:
+                self._doubt()
+                return
+            if note.tx < self._horizon_tx:
+                continue  # a read after safe covers it
+            alone = self._alone(note)
+            if note.skips != self._skips or (
+                not alone and note.channel in wanted and note.partition in self.owned
+            ):
+                self._doubt()
+                return
+            if alone and note.tx > self._horizon_tx:
+                safe = True  # every transaction older than the horizon had ended
+        if not safe:
+            return
+        missing = [k for k in ((c, p) for c in wanted for p in self.owned) if k not in self._cursor]
+        if missing:
+            yield from self._settle()
+            params = {
+                "group": self.config.group,
+                "channels": text_array(sorted({c for c, _ in missing})),
+                "partitions": _array(sorted({p for _, p in missing})),
+            }
+            (res,) = yield from self._query("positions_of", params)
+            for i in range(res.ntuples):
+                channel = (res.get_value(i, 0) or b"").decode()
+                partition = int(res.get_value(i, 1) or b"0")
+                tx = (res.get_value(i, 2) or b"0").decode()
+                self._cursor.setdefault(
+                    (channel, partition), (tx, int(res.get_value(i, 3) or b"0"))
+                )
+            if any(k not in self._cursor for k in missing) or self._need_horizon:
+                return  # not registered yet, or something changed meanwhile
+        if self._last_read is not read:
+            return
+        self._unsafe_before = None
+        self._notes = self._notes[read.notes :]
+        self._poll_at = time.monotonic() + self.config.poll_interval
+        self._direct = True
+        self._horizon_delay = 0.0
+        logger.debug("handing out events from wake-ups")
+
+    def _own(self, tx: int) -> None:
+        """Note a transaction of our own: it publishes nothing (see `_alone`)."""
+        own = self._own_txs
+        own.append(tx)
+        if len(own) > 32:
+            del own[:16]
+
+    def _alone(self, note: _Note) -> bool:
+        """Had every transaction older than *note*'s that may publish ended when it was stored?"""
+        return note.older is not None and note.older.issubset(self._own_txs)
+
+    def _wanted(self) -> frozenset[str]:
+        return self.config.channels or frozenset(self._every)
+
+    def _note_events(self) -> list[tuple[Any, ...]]:
+        """The rows (as a read gives them) of the notes heard, up to one we cannot use."""
+        rows: list[tuple[Any, ...]] = []
+        notes, self._notes = self._notes, []
+        wanted = self._wanted()
+        owned = self.owned
+        cursor = self._cursor
+        if notes:
+            # A publisher that sent no wake-up (another was sending one) may commit just
+            # after: once the linger is over, a look at the skip count tells.
+            check_at = time.monotonic() + self.config.linger
+            self._skips_check_at = min(self._skips_check_at, check_at)
+        for text in notes:
+            note = self._parse_note(text)
+            if note is None or note.skips != self._skips:  # a wake-up not sent: read
+                self._doubt()
+                break
+            if note.channel not in wanted or note.partition not in owned:
+                continue
+            if note.tx < self._horizon_tx:
+                continue  # a read after every such transaction had ended covered it
+            k = (note.channel, note.partition)
+            at = cursor.get(k)
+            if at is None:
+                self._doubt()
+                break
+            if (note.tx, note.id) <= (int(at[0]), at[1]):
+                continue  # a read handed it out already
+            if note.skips != self._skips or not self._alone(note):
+                self._doubt()
+                break
+            tx = str(note.tx)
+            created = (_EPOCH + timedelta(microseconds=note.created_us)).astimezone(self._tz)
+            rows.append(
+                (
+                    note.id,
+                    tx,
+                    note.channel,
+                    note.key,
+                    note.payload,
+                    note.headers,
+                    created,
+                    note.partition,
+                )
+            )
+            cursor[k] = (tx, note.id)
+        return rows
+
+    def _deliver_rows(self, rows: list[tuple[Any, ...]]) -> PQGen:
+        events = self._decode(rows)
+        for e in events:
+            self._handed_out[e.channel, e.partition] = (e.tx, e.id)
+        self.stats.from_wakeups += len(events)
+        yield from self._deliver(events, defer=True)
+
+    def _check_skips(self) -> PQGen:
+        self._skips_check_at = math.inf
+        yield from self._settle()
+        (res,) = yield from self._query("wake_skips", {})
+        if int(res.get_value(0, 0) or b"-1") != self._skips:
+            self._doubt()
+
+    def _parse_note(self, text: str | None) -> _Note | None:
+        """A note checked against the secret and parsed; None: not one (or not ours)."""
+        secret = self._secret
+        if text is None or secret is None or not text.startswith(_NOTE_PREFIX):
+            return None
+        try:
+            mac, body = text[len(_NOTE_PREFIX) :].split("|", 1)
+            raw = body.encode()
+            inner = hashlib.sha256(secret + raw).hexdigest().encode()
+            if not hmac.compare_digest(hashlib.sha256(secret + inner).hexdigest(), mac):
+                return None
+            f = body.split("|", 9)
+            lc, lk, lh = int(f[6]), int(f[7]), int(f[8])
+            tail = f[9]
+            key_at, headers_at = lc, lc + max(lk, 0)
+            payload_at = headers_at + max(lh, 0)
+            older = None if f[4] == "*" else frozenset(int(x) for x in f[4].split(",") if x)
+            return _Note(
+                int(f[0]),
+                int(f[1]),
+                int(f[2]),
+                int(f[3]),
+                older,
+                int(f[5]),
+                tail[:lc],
+                None if lk < 0 else tail[key_at:headers_at],
+                None if lh < 0 else tail[headers_at:payload_at],
+                tail[payload_at:],
+            )
+        except (ValueError, IndexError):
+            return None
 
     def _release(self) -> PQGen:
         """Move due delayed events into the log (any consumer may: each moves exactly once)."""
@@ -872,6 +1252,7 @@ class ConsumerEngine:
         released = int(row[0] or b"0")
         if released:
             self._woken = True  # our own wake-up is on its way: read now
+            self._leave_direct()  # events of our own transaction: no note announces them
             logger.debug("released %d delayed events", released)
 
     def _maintain(self) -> PQGen:
@@ -930,7 +1311,9 @@ class ConsumerEngine:
         self._alive_at = time.time()
         self._next_probe = time.monotonic() + self.config.health_check_interval
 
-    def _deliver(self, events: list[Event], *, redelivery: bool = False) -> PQGen:
+    def _deliver(
+        self, events: list[Event], *, redelivery: bool = False, defer: bool = False
+    ) -> PQGen:
         """
         Hand *events* to the runtime; retry failed handlers with backoff; dead-letter what
         cannot be decoded or keeps failing; acknowledge what is done (for a *redelivery*:
@@ -1022,16 +1405,23 @@ class ConsumerEngine:
                 params = _redelivered_params(cfg.group, wanted[:first])
                 (res,) = yield from self._query("redelivered", params)
                 self.stats.redelivered += res.command_tuples or 0  # not those dead again
+        elif first >= len(wanted) and defer and self.config.ack_delay > 0:
+            for e in events:  # acknowledged by _flush_acks
+                self._deferred[e.channel, e.partition] = e
+            self._deferred_count += len(events)
+            self._ack_due = min(self._ack_due, time.monotonic() + self.config.ack_delay)
         elif first >= len(wanted):
             # Everything we wanted is done (a read holds the channels we read only).
             yield from self.ack(events)
         else:
+            yield from self._flush_acks()
             yield from self.ack(wanted[:first])
 
     def _dead_letter(
         self, event: Event, error: str, attempts: int, first_failed_at: float
     ) -> PQGen:
         """Store *event*'s dead letter and move the group past it: one statement, both or none."""
+        yield from self._flush_acks()
         yield from self._settle()
         params = {
             "group": self.config.group,
@@ -1098,6 +1488,7 @@ class ConsumerEngine:
         """BEGIN, the handler, the acknowledgement, COMMIT: all of it, or none of it."""
         pgconn = self.pgconn
         assert pgconn is not None
+        yield from self._flush_acks()
         yield from self._settle()
         yield from self._run(pgwire.execute(pgconn, _BEGIN, self._deadline()))
         error = yield (TX, event, handler, self.conn)

@@ -5,21 +5,20 @@
 -- pgherald.publish_v1 as one plain statement: no PL/pgSQL call, no INSERT through SPI (a
 -- tenth of a one-event transaction's server time). Same insert, same wake-up gate (only when
 -- a consumer waits; one notifying transaction at a time; none when the NOTIFY queue is over
--- the configured usage; CASE fixes the order): keep both in step, publish_v1 stays the reference (triggers call it).
-WITH e AS (
-    INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
-    VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
-    RETURNING id
-)
-SELECT e.id,
-       CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
-           CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
-       WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
-           CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
-                    current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
-           THEN pg_notify('pgherald_wake_v1', '') END
-       END
-FROM e
+-- the configured usage; CASE fixes the order), same note (wake_note_v1) and skip count: keep
+-- both in step, publish_v1 stays the reference (triggers call it). The gate sits in
+-- RETURNING: no CTE to scan.
+INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
+VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
+RETURNING id,
+    CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
+        CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
+    WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
+         AND pg_notification_queue_usage() < coalesce(CAST(nullif(
+             current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5) THEN
+        pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(id, created_at))
+    WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void)
+    END
 
 -- name: publish_many --
 -- `publish` for many events in one statement: the same insert and the same wake-up gate (keep
@@ -46,10 +45,11 @@ SELECT ids.ids,
        WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
            CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
        ELSE
-           CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0) THEN
-               CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
-                        current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
-               THEN pg_notify('pgherald_wake_v1', '') END
+           CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
+                     AND pg_notification_queue_usage() < coalesce(CAST(nullif(
+                         current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
+               THEN pg_notify('pgherald_wake_v1', '')
+           WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void)
            END
        END
 FROM (SELECT array_agg(id ORDER BY id) AS ids FROM e) AS ids
@@ -146,11 +146,20 @@ ORDER BY e.tx, e.id
 LIMIT CAST(%(limit)s AS integer)
 
 -- name: ack --
+-- Forward only: an acknowledgement that comes late (a consumer's deferred ones, see
+-- consumer.py ack_delay) never moves a position back past a dead letter or a reset. Returns
+-- the transaction's id: the consumer's own, which publishes nothing (wake-up notes list the
+-- transactions still running when an event was stored).
+WITH a AS (
 UPDATE pgherald.positions_v2 AS p
 SET tx = v.tx::xid8, event_id = v.event_id, updated_at = now()
 FROM unnest(%(channels)s::text[], %(partitions)s::smallint[], %(txs)s::text[],
             %(ids)s::bigint[]) AS v(channel, partition, tx, event_id)
 WHERE p.group_name = %(group)s AND p.channel = v.channel AND p.partition = v.partition
+  AND (p.tx, p.event_id) < (v.tx::xid8, v.event_id)
+RETURNING 1
+)
+SELECT pg_current_xact_id_if_assigned()::text, count(*) FROM a
 
 -- name: group_members --
 -- Live consumers of a group: sessions holding its shared membership lock; and how many of
@@ -533,7 +542,8 @@ SELECT n.released,
        CASE WHEN n.released > 0 THEN
            CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
                     current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
-           THEN pg_notify('pgherald_wake_v1', '') END
+           THEN pg_notify('pgherald_wake_v1', '')
+           WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void) END
        END
 FROM n
 
@@ -593,7 +603,8 @@ WITH s AS (
 SELECT e.id,
        CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
                 current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
-       THEN pg_notify('pgherald_wake_v1', '') END
+       THEN pg_notify('pgherald_wake_v1', '')
+       WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void) END
 FROM e
 
 -- name: schedules_next --
@@ -737,6 +748,38 @@ FROM generate_series(1, 17) AS s
 -- A consumer behind on the log needs no wake-ups: publishers stop sending them.
 SELECT count(pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), s))
 FROM generate_series(1, 17) AS s
+
+-- name: wake_secret --
+-- What signs wake-up notes (schema.sql wake_note_v1); refused to roles not granted SELECT.
+SELECT secret FROM pgherald.wake_secret_v1
+
+-- name: blind_wake_senders --
+-- Functions of the schema that send wake-ups but may skip one without counting it in
+-- wake_skips_v1 (triggers generated by an earlier version): while one exists, a consumer never
+-- hands out events from wake-ups alone.
+SELECT count(*) FROM pg_proc
+WHERE pronamespace = to_regnamespace('pgherald')
+  AND strpos(prosrc, 'pgherald_wake_v1') > 0 AND strpos(prosrc, 'wake_skips_v1') = 0
+
+-- name: wake_horizon --
+-- A waiting consumer starting to prove wake-ups complete (again): the skip count, then (after
+-- it: MATERIALIZED, and the projection runs on its row) a transaction id. A publisher newer
+-- than that id counts a skip after this count; an older one, a read covers once it has ended.
+WITH k AS MATERIALIZED (
+    SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS skips FROM pgherald.wake_skips_v1
+)
+SELECT k.skips, pg_current_xact_id()::text FROM k
+
+-- name: wake_skips --
+-- The wake-ups not sent so far (schema.sql wake_note_v1), as wake_horizon reads it.
+SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgherald.wake_skips_v1
+
+-- name: positions_of --
+-- A group's stored positions in some channels and partitions.
+SELECT channel, partition, tx::text, event_id
+FROM pgherald.positions_v2
+WHERE group_name = %(group)s AND channel = ANY(CAST(%(channels)s AS text[]))
+  AND partition = ANY(CAST(%(partitions)s AS smallint[]))
 
 -- name: partition_count --
 SELECT pgherald.partition_count_v1()

@@ -350,6 +350,66 @@ CREATE TABLE pgherald.positions_v2 (
     PRIMARY KEY (group_name, channel, partition)
 );
 
+-- Wake-ups that carry their event (0.1.0_17). A consumer waiting for a wake-up hands an event
+-- to its handler straight from the notification, without reading the log, when it can prove
+-- that nothing before the event in the log's order is still to come:
+-- * "older": the transactions older than the event's that still ran when it was stored (at
+--   most 8, else '*'): when they are none (or the consumer's own, which publish nothing),
+--   every older publisher had committed, so its wake-up came first;
+-- * "skips": the value of pgherald.wake_skips_v1, which every publisher that sees a consumer
+--   waiting and still sends no wake-up (another transaction is sending one, or the NOTIFY
+--   queue is half full) bumps first: a consumer that sees it unchanged since it began to wait
+--   knows that every commit since then woke it.
+-- Anyone can NOTIFY any channel, so the note is signed with a secret that only the schema's
+-- owner (and the roles it grants SELECT on wake_secret_v1 to: consumers) can read; this
+-- function (any role may call it) signs only events of the caller's own transaction, read
+-- back from the log, so a signature never vouches for anything that was not published.
+-- The note: 'n1|' hmac '|' id '|' tx '|' partition '|' created_at (epoch microseconds) '|'
+-- older (transaction ids, comma-separated) '|' skips '|' the lengths (characters) of channel, key and headers (-1: NULL)
+-- '|' then channel, key, headers and payload (jsonb text) run together. hmac is the hex
+-- sha256 of the secret and the hex sha256 of the secret and all that follows 'n1|' hmac '|'.
+-- '' (a plain wake-up) when the note would not fit in a notification.
+CREATE SEQUENCE pgherald.wake_skips_v1;
+GRANT USAGE, SELECT ON SEQUENCE pgherald.wake_skips_v1 TO PUBLIC;
+
+CREATE TABLE pgherald.wake_secret_v1 (secret text NOT NULL);
+REVOKE ALL ON TABLE pgherald.wake_secret_v1 FROM PUBLIC;
+INSERT INTO pgherald.wake_secret_v1 (secret)
+SELECT CAST(gen_random_uuid() AS text) || CAST(gen_random_uuid() AS text);
+
+CREATE FUNCTION pgherald.wake_note_v1(p_id bigint, p_created_at timestamptz) RETURNS text
+LANGUAGE plpgsql SECURITY DEFINER
+SET search_path = pg_catalog, pg_temp
+-- The log is partitioned by created_at: a custom plan for each call would cost more than the
+-- rest of the function (a generic one prunes partitions when it runs).
+SET plan_cache_mode = force_generic_plan
+AS $$
+DECLARE
+    v_body text;
+    v_secret text;
+BEGIN
+    SELECT concat_ws('|', e.id, e.tx, e.partition,
+                     CAST(extract(epoch FROM e.created_at) * 1000000 AS bigint),
+                     (SELECT CASE WHEN count(*) > 8 THEN '*' ELSE coalesce(string_agg(CAST(x AS text), ','), '') END
+                      FROM pg_snapshot_xip(pg_current_snapshot()) AS x WHERE x < e.tx),
+                     (SELECT CASE WHEN s.is_called THEN s.last_value ELSE 0 END
+                      FROM pgherald.wake_skips_v1 AS s),
+                     char_length(e.channel), coalesce(char_length(e.key), -1),
+                     coalesce(char_length(CAST(e.headers AS text)), -1),
+                     e.channel || coalesce(e.key, '') || coalesce(CAST(e.headers AS text), '')
+                     || CAST(e.payload AS text)),
+           w.secret
+    INTO v_body, v_secret
+    FROM pgherald.events_v1 AS e, pgherald.wake_secret_v1 AS w
+    WHERE e.id = p_id AND e.created_at = p_created_at AND e.tx = pg_current_xact_id_if_assigned();
+    IF v_body IS NULL OR octet_length(v_body) > 7800 THEN
+        RETURN '';
+    END IF;
+    RETURN 'n1|' || encode(sha256(convert_to(v_secret || encode(sha256(convert_to(
+        v_secret || v_body, 'UTF8')), 'hex'), 'UTF8')), 'hex') || '|' || v_body;
+END
+$$;
+
 -- publish: store the event in the caller's transaction and wake consumers, cheaply.
 -- A NOTIFY in every writer's transaction would serialise all their commits on PostgreSQL's
 -- global notify lock; instead only when a consumer waits for a wake-up (waiting consumers hold
@@ -368,10 +428,11 @@ CREATE FUNCTION pgherald.publish_v1(
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id bigint;
+    v_created_at timestamptz;
 BEGIN
     INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
     VALUES (p_channel, p_key, p_payload, p_headers)
-    RETURNING id INTO v_id;
+    RETURNING id, created_at INTO v_id, v_created_at;
     IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
         IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             NULL;  -- no consumer waits: none needs a wake-up
@@ -380,7 +441,9 @@ BEGIN
        AND pg_notification_queue_usage()
            < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
     THEN
-        PERFORM pg_notify('pgherald_wake_v1', '');
+        PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
+    ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
+        NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
     END IF;
     RETURN v_id;
 END
@@ -477,6 +540,8 @@ BEGIN
             IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
                 NULL;  -- as below: no PERFORM, which would go through the executor
             END IF;
+        ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
+            NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
         END IF;
         RETURN NULL;
     END IF;

@@ -1,0 +1,353 @@
+"""
+Events handed out straight from their wake-ups (schema.sql wake_note_v1, consumer.py
+`_note_events`): used only when their order is proven, never forged, never overtaking.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql as pgsql
+
+import pgherald
+from tests.fix_durable import Running, acknowledged, wait_until
+
+pytestmark = pytest.mark.usefixtures("installed")
+
+# Beyond the tests' waits for a wake-up (1 s), short of their timeouts (10 s): an event may
+# wait behind a transaction of another test, whose end nothing announces (a read at growing
+# intervals, up to poll_interval, finds it).
+SLOW_POLL = {"poll_interval": 3.0}
+
+
+def publish_one(dsn: str, payload: Any, **kwargs: Any) -> int:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return pgherald.publish(c, "ch", payload, **kwargs)
+
+
+def from_wakeups(r: Running, dsn: str, *, key: str | None = None) -> list[int]:
+    """Publish one event at a time until one comes from its wake-up; the ids published."""
+    ids: list[int] = []
+    deadline = time.monotonic() + 20
+    while r.consumer.stats.from_wakeups == 0:
+        assert time.monotonic() < deadline, "no event came from its wake-up"
+        ids.append(publish_one(dsn, {"warm": len(ids)}, key=key))
+        r.wait_count(len(ids), timeout=10)
+    assert r.ids == ids
+    return ids
+
+
+def skips(conn: psycopg.Connection) -> int:
+    row = conn.execute(
+        "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgherald.wake_skips_v1"
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_events_come_from_wakeups_whole_and_in_order(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    r = running(channels=("ch", "odd|chännel"), **SLOW_POLL)
+    warm = from_wakeups(r, installed)
+    before = r.consumer.stats.from_wakeups
+    published = []
+    with psycopg.connect(installed, autocommit=True) as c:
+        for i in range(30):  # one at a time: each comes while the consumer waits
+            channel = "odd|chännel" if i % 3 == 0 else "ch"
+            key = None if i % 2 else f"k|{i % 4}|ü"
+            headers = {"h": "|".join("ab"), "i": i} if i % 5 == 0 else None
+            payload = {"i": i, "text": "a|b|ç" * i, "nested": [1, {"x": None}]}
+            published.append(pgherald.publish(c, channel, payload, key=key, headers=headers))
+            r.wait_count(len(warm) + i + 1, timeout=10)
+    assert r.ids == warm + published  # each once, in order
+    # From wake-ups, save when a transaction of another test ran on the server meanwhile
+    # (its note then lists it: a read instead).
+    assert r.consumer.stats.from_wakeups > before
+    # Every field as a read gives it (the same event read back from the log).
+    rows = {
+        row[0]: row
+        for row in conn.execute(
+            "SELECT id, channel, key, payload, headers, created_at, partition, tx::text"
+            " FROM pgherald.events_v1 WHERE id = ANY(%s)",
+            (published,),
+        )
+    }
+    for e in r.seen[len(warm) :]:
+        assert (e.id, e.channel, e.key, e.payload, e.headers, e.created_at, e.partition, e.tx) == (
+            rows[e.id]
+        )
+    r.stop()  # the acknowledgements put off (ack_delay) are made on the way out
+    assert set(published) <= acknowledged(conn, "g")
+
+
+@pytest.mark.anyio
+async def test_async_consumer_takes_events_from_wakeups(installed: str) -> None:
+    got: list[int] = []
+    published: list[int] = []
+    progress = anyio.Event()  # set (and replaced) at each event that comes
+    consumer = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **SLOW_POLL)
+
+    async def publish_and_wait(i: int) -> None:
+        published.append(await anyio.to_thread.run_sync(publish_one, installed, i))
+        with anyio.fail_after(10):
+            while len(got) < len(published):
+                await progress.wait()
+
+    async with consumer, anyio.create_task_group() as tg:
+
+        async def consume() -> None:
+            nonlocal progress
+            async for e in consumer:
+                got.append(e.id)
+                progress.set()
+                progress = anyio.Event()
+
+        tg.start_soon(consume)
+        with anyio.fail_after(60):
+            while consumer.stats.from_wakeups == 0:  # until the consumer waits for wake-ups
+                await publish_and_wait(len(published))
+                await anyio.sleep(0.05)  # past the linger: it then asks for wake-ups
+            before = consumer.stats.from_wakeups
+            for _ in range(30):
+                await publish_and_wait(len(published))
+        consumer.stop()
+    assert got == published
+    assert consumer.stats.from_wakeups > before
+
+
+def test_a_forged_wakeup_is_never_an_event(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    r = running(**SLOW_POLL)
+    warm = from_wakeups(r, installed)
+    row = conn.execute(
+        "SELECT tx::text, partition FROM pgherald.events_v1 WHERE id = %s", (warm[-1],)
+    ).fetchone()
+    assert row is not None
+    tx, partition = row
+    body = (
+        f"{warm[-1] + 1000}|{int(tx) + 1}|{partition}|0||{skips(conn)}|2|-1|-1" + 'ch{"forged": 1}'
+    )
+    fakes = [
+        "n1|" + "0" * 64 + "|" + body,  # a wrong signature
+        "n1|" + "f" * 64 + "|" + body.replace("ch{", "ch{ "),
+        "n1|garbage",
+        "",
+    ]
+    with psycopg.connect(installed, autocommit=True) as c:
+        for fake in fakes:
+            c.execute("SELECT pg_notify('pgherald_wake_v1', %s)", (fake,))
+    real = publish_one(installed, {"real": True})
+    r.wait_count(len(warm) + 1, timeout=10)
+    time.sleep(0.3)  # a bounded window for anything forged to show up (nothing should)
+    assert r.ids == [*warm, real]
+    assert all(e.payload != {"forged": 1} for e in r.seen)
+
+
+def test_the_signature_is_the_schema_owners_and_signs_own_events_only(installed: str) -> None:
+    conn = psycopg.connect(installed, autocommit=True)
+    event_id = publish_one(installed, {"x": 1})
+    created = conn.execute(
+        "SELECT created_at FROM pgherald.events_v1 WHERE id = %s", (event_id,)
+    ).fetchone()
+    assert created is not None
+    role = f"pgherald_stranger_{conn.info.backend_pid}"
+    conn.execute(pgsql.SQL("CREATE ROLE {}").format(pgsql.Identifier(role)))
+    try:
+        conn.execute(
+            pgsql.SQL("GRANT USAGE ON SCHEMA pgherald TO {}").format(pgsql.Identifier(role))
+        )
+        conn.execute(pgsql.SQL("SET ROLE {}").format(pgsql.Identifier(role)))
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SELECT secret FROM pgherald.wake_secret_v1")
+        # Any role may call the signer, for events of its own transaction only: another's
+        # committed event gets no note.
+        note = conn.execute(
+            "SELECT pgherald.wake_note_v1(%s, %s)", (event_id, created[0])
+        ).fetchone()
+        assert note == ("",)
+    finally:
+        conn.execute("RESET ROLE")
+        conn.execute(pgsql.SQL("DROP OWNED BY {}").format(pgsql.Identifier(role)))
+        conn.execute(pgsql.SQL("DROP ROLE {}").format(pgsql.Identifier(role)))
+        conn.close()
+
+
+def test_an_older_open_transaction_is_not_overtaken(
+    installed: str, running: Callable[..., Running]
+) -> None:
+    r = running(**SLOW_POLL)
+    warm = from_wakeups(r, installed, key="k")
+    with psycopg.connect(installed) as older, psycopg.connect(installed, autocommit=True) as c:
+        first = pgherald.publish(older, "ch", {"n": 1}, key="k")  # open: not committed yet
+        second = pgherald.publish(c, "ch", {"n": 2}, key="k")  # its note lists `older`
+        time.sleep(0.3)  # a bounded window: nothing may come before `older` commits
+        assert r.ids == warm
+        older.commit()
+    r.wait_count(len(warm) + 2, timeout=10)
+    assert r.ids == [*warm, first, second]
+    # And events come from wake-ups again afterwards.
+    n = r.consumer.stats.from_wakeups
+    more = [publish_one(installed, {"n": i}, key="k") for i in range(3)]
+    wait_until(lambda: r.consumer.stats.from_wakeups > n or len(r.seen) >= len(warm) + 5, 10)
+    r.wait_count(len(warm) + 5, timeout=10)
+    assert r.ids == [*warm, first, second, *more]
+
+
+def test_a_wakeup_not_sent_is_counted_and_its_event_not_overtaken(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    r = running(**SLOW_POLL)
+    warm = from_wakeups(r, installed, key="k")
+    counted = skips(conn)
+    with psycopg.connect(installed) as gate:
+        # Another transaction holds the right to notify: a publisher meanwhile sends none.
+        gate.execute("SELECT pg_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)")
+        silent = publish_one(installed, {"n": "silent"}, key="k")  # no wake-up
+        gate.rollback()
+    assert skips(conn) > counted  # the publisher counted the wake-up it did not send
+    announced = publish_one(installed, {"n": "announced"}, key="k")
+    r.wait_count(len(warm) + 2, timeout=10)
+    assert r.ids == [*warm, silent, announced]  # not the announced one alone, nor first
+
+
+def test_events_too_large_for_a_wakeup_come_by_read(
+    installed: str, running: Callable[..., Running]
+) -> None:
+    r = running(**SLOW_POLL)
+    warm = from_wakeups(r, installed)
+    big = publish_one(installed, {"blob": "x" * 9000})
+    r.wait_count(len(warm) + 1, timeout=10)
+    small = publish_one(installed, {"small": 1})
+    r.wait_count(len(warm) + 2, timeout=10)
+    assert r.ids == [*warm, big, small]
+    assert r.seen[len(warm)].payload == {"blob": "x" * 9000}
+
+
+def test_triggers_of_an_earlier_version_turn_it_off(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    # A trigger function generated before wake_skips_v1 could skip a wake-up uncounted.
+    conn.execute(
+        "CREATE FUNCTION pgherald.change_v1_old() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM pg_notify('pgherald_wake_v1', ''); RETURN NULL; END $$"
+    )
+    r = running(**{**SLOW_POLL, "poll_interval": 0.2})
+    ids = [publish_one(installed, i) for i in range(5)]
+    r.wait_count(5)
+    for i in range(5):
+        ids.append(publish_one(installed, 5 + i))
+        r.wait_count(6 + i)
+    assert r.ids == ids
+    assert r.consumer.stats.from_wakeups == 0
+
+
+def test_a_consumer_role_without_the_secret_reads(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    role = f"pgherald_reader_{conn.info.backend_pid}"
+    ident = pgsql.Identifier(role)
+    conn.execute(pgsql.SQL("CREATE ROLE {} LOGIN").format(ident))
+    try:
+        conn.execute(pgsql.SQL("GRANT USAGE ON SCHEMA pgherald TO {}").format(ident))
+        conn.execute(
+            pgsql.SQL(
+                "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgherald TO {}"
+            ).format(ident)
+        )
+        conn.execute(pgsql.SQL("REVOKE ALL ON pgherald.wake_secret_v1 FROM {}").format(ident))
+        conn.execute(
+            pgsql.SQL("GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgherald TO {}").format(ident)
+        )
+        dsn = psycopg.conninfo.make_conninfo(installed, user=role)
+        r = Running(dsn, poll_interval=0.2)
+        try:
+            ids = []
+            for i in range(10):
+                ids.append(publish_one(installed, i))
+                r.wait_count(i + 1)
+            assert r.ids == ids
+            assert r.consumer.stats.from_wakeups == 0
+        finally:
+            r.stop()
+    finally:
+        conn.execute(pgsql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(pgsql.SQL("DROP ROLE {}").format(ident))
+
+
+def test_two_members_and_four_writers_every_event_once_in_key_order(
+    installed: str, running: Callable[..., Running]
+) -> None:
+    # Writers at a pace a consumer keeps up with (so that it waits, and takes events from
+    # wake-ups), in transactions of 1 to 3 events that overlap (so that notes list older
+    # transactions, and some wake-ups are not sent): each event exactly once, each key's in
+    # order, whichever member and whichever path.
+    seen: list[pgherald.Event] = []
+    lock = threading.Lock()
+
+    def keep(e: pgherald.Event) -> None:
+        with lock:
+            seen.append(e)
+
+    # A short linger: the members ask for wake-ups in the writers' pauses.
+    members = [running(handler=keep, linger=0.002, **SLOW_POLL) for _ in range(2)]
+    errors: list[BaseException] = []
+    committed: list[tuple[int, int]] = []
+
+    def write(w: int) -> None:
+        try:
+            with psycopg.connect(installed) as c:
+                for seq in range(0, 150, 3):
+                    for s in range(seq, seq + 1 + (w + seq) % 3):
+                        pgherald.publish(c, "ch", {"w": w, "s": s}, key=f"w{w}")
+                    time.sleep(0.002)
+                    c.commit()
+                    with lock:
+                        committed.extend((w, s) for s in range(seq, seq + 1 + (w + seq) % 3))
+                    time.sleep(0.003 + 0.02 * (seq % 9 == w))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    wait_until(lambda: len(seen) >= len(committed), 20, f"{len(committed)} events")
+    time.sleep(0.3)  # a bounded window: nothing more should come
+    got = [(e.payload["w"], e.payload["s"]) for e in seen]
+    assert sorted(got) == sorted(committed)
+    for w in range(4):
+        seqs = [s for ww, s in got if ww == w]
+        assert seqs == sorted(seqs), f"writer {w}'s events out of order"
+    assert sum(m.consumer.stats.from_wakeups for m in members) > 0
+
+
+def test_acknowledgements_only_move_forward(installed: str, conn: psycopg.Connection) -> None:
+    # Deferred acknowledgements may come after a dead letter or a reset moved the position:
+    # an older one never moves it back.
+    from pgherald import sql
+    from pgherald._protocol.consumer import _ack_params
+
+    ids = [publish_one(installed, i, key="k") for i in range(2)]
+    r = Running(installed, **SLOW_POLL)
+    try:
+        r.wait_count(2, timeout=10)
+    finally:
+        r.stop()
+    first, second = r.seen
+    position = (
+        "SELECT tx::text, event_id FROM pgherald.positions_v2 WHERE group_name = 'g'"
+        " AND channel = 'ch' AND partition = %s"
+    )
+    assert conn.execute(position, (second.partition,)).fetchone() == (second.tx, ids[1])
+    conn.execute(sql.query("ack"), _ack_params("g", [first]))
+    assert conn.execute(position, (second.partition,)).fetchone() == (second.tx, ids[1])
