@@ -34,12 +34,13 @@ def publish_one(dsn: str, payload: Any, **kwargs: Any) -> int:
 def from_wakeups(r: Running, dsn: str, *, key: str | None = None) -> list[int]:
     """Publish one event at a time until one comes from its wake-up; the ids published."""
     ids: list[int] = []
+    before = len(r.seen)
     deadline = time.monotonic() + 20
     while r.consumer.stats.from_wakeups == 0:
         assert time.monotonic() < deadline, "no event came from its wake-up"
         ids.append(publish_one(dsn, {"warm": len(ids)}, key=key))
-        r.wait_count(len(ids), timeout=10)
-    assert r.ids == ids
+        r.wait_count(before + len(ids), timeout=10)
+    assert r.ids[before:] == ids
     return ids
 
 
@@ -351,3 +352,28 @@ def test_acknowledgements_only_move_forward(installed: str, conn: psycopg.Connec
     assert conn.execute(position, (second.partition,)).fetchone() == (second.tx, ids[1])
     conn.execute(sql.query("ack"), _ack_params("g", [first]))
     assert conn.execute(position, (second.partition,)).fetchone() == (second.tx, ids[1])
+
+
+def test_plain_wakeups_unless_a_consumer_that_takes_notes_waits(
+    installed: str, running: Callable[..., Running]
+) -> None:
+    # The gateway's log tail (hold_wakeups) waits without taking notes: publishers then send
+    # plain wake-ups, and pay nothing for notes.
+    from pgherald import sql
+
+    with psycopg.connect(installed, autocommit=True) as tail:
+        tail.execute(sql.query("hold_wakeups"))
+        tail.execute("LISTEN pgherald_wake_v1")
+        publish_one(installed, "plain")
+        [n] = list(tail.notifies(timeout=2.0, stop_after=1))
+        assert n.payload == ""
+        r = running(**SLOW_POLL)
+        r.wait_count(1, timeout=10)
+        warm = from_wakeups(r, installed)  # a consumer that takes notes now waits
+        list(tail.notifies(timeout=0.2))  # (the wake-ups so far)
+        event_id = publish_one(installed, "noted")
+        heard = [x.payload for x in tail.notifies(timeout=2.0, stop_after=1)]
+        assert len(heard) == 1
+        assert heard[0].startswith("n1|")
+        assert f"|{event_id}|" in heard[0]
+        r.wait_count(len(warm) + 2, timeout=10)

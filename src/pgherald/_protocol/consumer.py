@@ -254,6 +254,7 @@ class ConsumerEngine:
         # check notes with, no schema function that skips wake-ups uncounted), whether it does
         # now, the wake-ups heard (notes as text, None: a wake-up without its event).
         self._secret: bytes | None = None
+        self._notes_key = False  # we hold (wake_v1, 18): publishers send us notes
         self._tz: tzinfo = timezone.utc
         self._direct = False
         self._notes: list[str | None] = []
@@ -370,6 +371,7 @@ class ConsumerEngine:
         self._waiting = False  # a session lock: it goes with the session
         self._unsafe_before = None
         self._secret = None
+        self._notes_key = False
         self._notes = []
         self._read_seq = self._safe_seq = self._horizon_seq = 0
         self._deferred, self._deferred_count, self._ack_due = {}, 0, math.inf
@@ -996,6 +998,9 @@ class ConsumerEngine:
         yield from self._query("busy", {})
         self._waiting = False
         self._leave_direct()
+        if self._notes_key:
+            yield from self._query("no_notes", {})
+            self._notes_key = False
 
     # -- events from wake-ups --
     #
@@ -1041,11 +1046,19 @@ class ConsumerEngine:
         self._need_horizon = True
 
     def _horizon(self) -> PQGen:
-        """Start proving wake-ups complete: the skip count, then a transaction id after it."""
+        """
+        Start proving wake-ups complete: ask for notes, read the skip count, then take a
+        transaction id after it.
+        """
         yield from self._settle()
-        (res,) = yield from self._query("wake_horizon", {})
-        self._skips = int(res.get_value(0, 0) or b"-1")
-        tx = res.get_value(0, 1) or b"0"
+        held = "true" if self._notes_key else "false"
+        (res,) = yield from self._query("wake_horizon", {"held": held})
+        if res.get_value(0, 0) != b"t":  # a publisher held key 18 this instant
+            self._horizon_after = time.monotonic() + 0.002
+            return
+        self._notes_key = True
+        self._skips = int(res.get_value(0, 1) or b"-1")
+        tx = res.get_value(0, 2) or b"0"
         self._horizon_tx = int(tx)
         self._own(self._horizon_tx)
         self._unsafe_before = tx.decode()
@@ -1568,9 +1581,11 @@ class ConsumerEngine:
 # a sequential scan of the empty day partitions ahead, which rules out a merge of ordered
 # scans), then sorts: a read of 1,000 rows from a long backlog fetches all of it, every time.
 # work_mem: the read's final sort holds up to max_batch_bytes of rows. Acknowledgements need
-# no WAL flush of their own (a lost one only redelivers; `synchronous_acks`).
+# no WAL flush of their own (a lost one only redelivers; `synchronous_acks`). No JIT: with
+# sequential scans off, a scan of a one-row table (the wake-up skip count, settings) costs
+# 1e10 to the planner, past jit_above_cost, and every such statement compiled for 5 to 50 ms.
 _SETTINGS = (
-    b"SET enable_bitmapscan = off; SET enable_seqscan = off; "
+    b"SET enable_bitmapscan = off; SET enable_seqscan = off; SET jit = off; "
     b"SELECT set_config('work_mem', CASE WHEN pg_size_bytes(current_setting('work_mem')) "
     b"< 33554432 THEN '32MB' ELSE current_setting('work_mem') END, false)"
 )
@@ -1578,6 +1593,7 @@ _SETTINGS = (
 # the session would have without ours (the server's, role's, database's, connection's).
 _BEGIN = (
     b"BEGIN; SET LOCAL enable_bitmapscan TO DEFAULT; SET LOCAL enable_seqscan TO DEFAULT; "
+    b"SET LOCAL jit TO DEFAULT; "
     b"SET LOCAL work_mem TO DEFAULT; SET LOCAL synchronous_commit TO DEFAULT"
 )
 

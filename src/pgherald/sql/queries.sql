@@ -5,9 +5,9 @@
 -- pgherald.publish_v1 as one plain statement: no PL/pgSQL call, no INSERT through SPI (a
 -- tenth of a one-event transaction's server time). Same insert, same wake-up gate (only when
 -- a consumer waits; one notifying transaction at a time; none when the NOTIFY queue is over
--- the configured usage; CASE fixes the order), same note (wake_note_v1) and skip count: keep
--- both in step, publish_v1 stays the reference (triggers call it). The gate sits in
--- RETURNING: no CTE to scan.
+-- the configured usage; CASE fixes the order), same note (wake_note_v1, when a consumer that
+-- takes notes waits: it holds key 18 too) and skip count: keep both in step, publish_v1 stays
+-- the reference (triggers call it). The gate sits in RETURNING: no CTE to scan.
 INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
 VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
 RETURNING id,
@@ -16,7 +16,10 @@ RETURNING id,
     WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
          AND pg_notification_queue_usage() < coalesce(CAST(nullif(
              current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5) THEN
-        pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(id, created_at))
+        pg_notify('pgherald_wake_v1', CASE
+            WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
+                CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18) THEN '' END
+            ELSE pgherald.wake_note_v1(id, created_at) END)
     WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void)
     END
 
@@ -762,13 +765,24 @@ WHERE pronamespace = to_regnamespace('pgherald')
   AND strpos(prosrc, 'pgherald_wake_v1') > 0 AND strpos(prosrc, 'wake_skips_v1') = 0
 
 -- name: wake_horizon --
--- A waiting consumer starting to prove wake-ups complete (again): the skip count, then (after
--- it: MATERIALIZED, and the projection runs on its row) a transaction id. A publisher newer
--- than that id counts a skip after this count; an older one, a read covers once it has ended.
-WITH k AS MATERIALIZED (
-    SELECT CASE WHEN is_called THEN last_value ELSE 0 END AS skips FROM pgherald.wake_skips_v1
+-- A waiting consumer starting to prove wake-ups complete (again): it asks for notes (the
+-- shared lock (wake_v1, 18), unless it holds it: publishers then send notes, not plain
+-- wake-ups), then reads the skip count, then takes a transaction id (each after the one
+-- before: MATERIALIZED, and the projection runs on the row). A publisher newer than that id
+-- sends a note or counts a skip after this count; an older one, a read covers once it has
+-- ended. False (and no id): a publisher held key 18 this instant; try again.
+WITH n AS MATERIALIZED (
+    SELECT CAST(%(held)s AS boolean)
+           OR pg_try_advisory_lock_shared(hashtext('pgherald.wake_v1'), 18) AS notes
+), k AS MATERIALIZED (
+    SELECT n.notes, CASE WHEN s.is_called THEN s.last_value ELSE 0 END AS skips
+    FROM n, pgherald.wake_skips_v1 AS s
 )
-SELECT k.skips, pg_current_xact_id()::text FROM k
+SELECT k.notes, k.skips, CASE WHEN k.notes THEN pg_current_xact_id()::text END FROM k
+
+-- name: no_notes --
+-- A consumer that stops waiting: publishers send plain wake-ups again (if any still waits).
+SELECT pg_advisory_unlock_shared(hashtext('pgherald.wake_v1'), 18)
 
 -- name: wake_skips --
 -- The wake-ups not sent so far (schema.sql wake_note_v1), as wake_horizon reads it.

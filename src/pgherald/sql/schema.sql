@@ -350,7 +350,8 @@ CREATE TABLE pgherald.positions_v2 (
     PRIMARY KEY (group_name, channel, partition)
 );
 
--- Wake-ups that carry their event (0.1.0_17). A consumer waiting for a wake-up hands an event
+-- Wake-ups that carry their event (0.1.0_17). A consumer waiting for a wake-up (and holding
+-- the shared lock (wake_v1, 18) besides the 17 of wait_for_wakeups: it takes notes) hands an event
 -- to its handler straight from the notification, without reading the log, when it can prove
 -- that nothing before the event in the log's order is still to come:
 -- * "older": the transactions older than the event's that still ran when it was stored (at
@@ -441,7 +442,13 @@ BEGIN
        AND pg_notification_queue_usage()
            < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
     THEN
-        PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
+        IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
+            -- no consumer that takes notes waits (the gateway's log tail, say): a plain one
+            PERFORM pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18);
+            PERFORM pg_notify('pgherald_wake_v1', '');
+        ELSE
+            PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
+        END IF;
     ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
         NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
     END IF;

@@ -62,7 +62,13 @@ BEGIN
        AND pg_notification_queue_usage()
            < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
     THEN
-        PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
+        IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
+            -- no consumer that takes notes waits (the gateway's log tail, say): a plain one
+            PERFORM pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18);
+            PERFORM pg_notify('pgherald_wake_v1', '');
+        ELSE
+            PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
+        END IF;
     ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
         NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
     END IF;
