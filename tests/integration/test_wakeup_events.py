@@ -377,3 +377,21 @@ def test_plain_wakeups_unless_a_consumer_that_takes_notes_waits(
         assert heard[0].startswith("n1|")
         assert f"|{event_id}|" in heard[0]
         r.wait_count(len(warm) + 2, timeout=10)
+
+
+def test_a_transaction_of_many_events_sends_16_notes_then_one_plain_wakeup(
+    installed: str, running: Callable[..., Running]
+) -> None:
+    r = running(**SLOW_POLL)
+    warm = from_wakeups(r, installed)
+    with psycopg.connect(installed, autocommit=True) as listen:
+        listen.execute("LISTEN pgherald_wake_v1")
+        with psycopg.connect(installed) as c:
+            ids = [pgherald.publish(c, "ch", {"n": i}) for i in range(200)]
+            ids.append(c.execute("SELECT pgherald.publish_v1('ch', '{\"n\": 200}')").fetchone()[0])  # type: ignore[index]
+            c.commit()
+        heard = [n.payload for n in listen.notifies(timeout=1.0)]
+    assert sum(p.startswith("n1|") for p in heard) == 16
+    assert heard.count("") == 1  # the rest, folded into one
+    r.wait_count(len(warm) + 201, timeout=10)
+    assert r.ids == [*warm, *ids]

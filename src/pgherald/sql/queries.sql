@@ -6,8 +6,9 @@
 -- tenth of a one-event transaction's server time). Same insert, same wake-up gate (only when
 -- a consumer waits; one notifying transaction at a time; none when the NOTIFY queue is over
 -- the configured usage; CASE fixes the order), same note (wake_note_v1, when a consumer that
--- takes notes waits: it holds key 18 too) and skip count: keep both in step, publish_v1 stays
--- the reference (triggers call it). The gate sits in RETURNING: no CTE to scan.
+-- takes notes waits: it holds key 18 too; 16 at most per transaction, then plain wake-ups,
+-- which NOTIFY folds into one) and skip count: keep both in step, publish_v1 stays the
+-- reference (triggers call it). The gate sits in RETURNING: no CTE to scan.
 INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
 VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
 RETURNING id,
@@ -19,6 +20,9 @@ RETURNING id,
         pg_notify('pgherald_wake_v1', CASE
             WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
                 CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18) THEN '' END
+            WHEN CAST(set_config('pgherald.wake_notes', CAST(coalesce(CAST(nullif(
+                     current_setting('pgherald.wake_notes', true), '') AS integer), 0) + 1
+                     AS text), true) AS integer) > 16 THEN ''
             ELSE pgherald.wake_note_v1(id, created_at) END)
     WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void)
     END

@@ -446,6 +446,11 @@ BEGIN
             -- no consumer that takes notes waits (the gateway's log tail, say): a plain one
             PERFORM pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18);
             PERFORM pg_notify('pgherald_wake_v1', '');
+        ELSIF set_config('pgherald.wake_notes', (coalesce(nullif(
+                  current_setting('pgherald.wake_notes', true), '')::integer, 0) + 1)::text,
+                  true)::integer > 16 THEN
+            -- a transaction of many events: plain wake-ups (NOTIFY folds them into one)
+            PERFORM pg_notify('pgherald_wake_v1', '');
         ELSE
             PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
         END IF;
