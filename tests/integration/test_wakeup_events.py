@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("installed")
 # Beyond the tests' waits for a wake-up (1 s), short of their timeouts (10 s): an event may
 # wait behind a transaction of another test, whose end nothing announces (a read at growing
 # intervals, up to poll_interval, finds it).
-SLOW_POLL = {"poll_interval": 3.0}
+SLOW_POLL: dict[str, Any] = {"poll_interval": 3.0}
 
 
 def publish_one(dsn: str, payload: Any, **kwargs: Any) -> int:
