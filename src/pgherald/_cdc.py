@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -62,11 +63,16 @@ class _Base:
         reconnect_max_delay: float,
         reconnect_max_attempts: int | None,
         read_coalesce: float,
+        statement_timeout: float,
     ) -> None:
         if isinstance(tables, str):
             raise UsageError(f"tables must be a list of table names, got the str {tables!r}")
         if not read_coalesce >= 0:
             raise UsageError(f"read_coalesce must be 0 or more seconds, got {read_coalesce!r}")
+        if not 0 < statement_timeout < math.inf:
+            raise UsageError(
+                f"statement_timeout must be a number of seconds above 0, got {statement_timeout!r}"
+            )
         self.dsn = dsn
         self.config = ReplicationConfig(
             conninfo=listener_conninfo(dsn, application_name="pgherald-cdc"),
@@ -83,6 +89,7 @@ class _Base:
             reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
             read_coalesce=read_coalesce,
+            statement_timeout=statement_timeout,
         )
         self._engine = ReplicationEngine(self.config)
         self._busy = False
@@ -168,6 +175,7 @@ class ChangeStream(_Base):
         reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
         read_coalesce: float = 0.005,
+        statement_timeout: float = 30.0,
     ) -> None:
         super().__init__(
             dsn,
@@ -184,6 +192,7 @@ class ChangeStream(_Base):
             reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
             read_coalesce=read_coalesce,
+            statement_timeout=statement_timeout,
         )
         self._waiter = Waiter()
 
@@ -274,6 +283,7 @@ class AsyncChangeStream(_Base):
         reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
         read_coalesce: float = 0.005,
+        statement_timeout: float = 30.0,
     ) -> None:
         super().__init__(
             dsn,
@@ -290,6 +300,7 @@ class AsyncChangeStream(_Base):
             reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
             read_coalesce=read_coalesce,
+            statement_timeout=statement_timeout,
         )
         self._waiter = AsyncWaiter()
         self._gen: Generator[Any, Any, Any] | None = None

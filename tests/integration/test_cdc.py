@@ -944,12 +944,19 @@ def _stored(dsn: str) -> list[int]:
     return [r[0] for r in rows]
 
 
-async def _log_connection_severed(
-    dsn: str, proxy: FaultProxy, into_log: Callable[[Any, str | None], Any], make: Any
+async def _log_connection_fault(
+    dsn: str,
+    proxy: FaultProxy,
+    into_log: Callable[[Any, str | None], Any],
+    make: Any,
+    fault: str,
+    slot: str,
 ) -> None:
     """
-    The log's connection (through *proxy*) is severed: into_log ends with `ConnectionLost`
-    naming it, the change in hand not acknowledged; a new run stores it, and nothing twice.
+    The log's connection (through *proxy*) is severed, or frozen (no answer within the
+    statement deadline, 1 s here), or refused from the start: into_log ends with
+    `ConnectionLost` (`ConnectError` when refused) naming it, the change in hand not
+    acknowledged; a new run stores it, and nothing twice.
     """
     with psycopg.connect(dsn, autocommit=True) as c:
         pgherald.install(c)
@@ -959,47 +966,73 @@ async def _log_connection_severed(
     async def run(stream: Any, log_dsn: str | None) -> None:
         try:
             await into_log(stream, log_dsn)
-        except pgherald.ConnectionLost as exc:
+        except (pgherald.ConnectionLost, pgherald.ConnectError) as exc:
             errors.append(exc)
 
-    stream = make(dsn, slot="s_logfault", tables=["t"], **FAST)
+    stream = make(dsn, slot=slot, tables=["t"], statement_timeout=1.0, **FAST)
+    if fault == "refuse":
+        capture(dsn, slot, "t")  # the slot first: change 1 is kept for the stream
+        sql(dsn, "INSERT INTO t VALUES (1)")
+        proxy.refuse()
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, stream, proxy.dsn_for(dsn))
-            await await_until(lambda: slot_ready(dsn, "s_logfault"), 10, "the stream to start")
-            sql(dsn, "INSERT INTO t VALUES (1)")
-            await await_until(lambda: _stored(dsn) == [1], 5, "change 1 in the log")
-            proxy.sever()
-            sql(dsn, "INSERT INTO t VALUES (2)")
+            if fault != "refuse":
+                await await_until(lambda: slot_ready(dsn, slot), 10, "the stream to start")
+                sql(dsn, "INSERT INTO t VALUES (1)")
+                await await_until(lambda: _stored(dsn) == [1], 5, "change 1 in the log")
+                proxy.sever() if fault == "sever" else proxy.freeze()
+                sql(dsn, "INSERT INTO t VALUES (2)")
             await await_until(lambda: errors, 5, "into_log to end")
-    assert "durable log's connection was lost" in str(errors[0])
-    assert "come again at the next start" in str(errors[0])
+    message = str(errors[0])
+    if fault == "sever":
+        assert "durable log's connection was lost" in message
+    elif fault == "freeze":
+        assert "durable log's connection gave no answer in 1s" in message
+    else:
+        assert isinstance(errors[0], pgherald.ConnectError)
+        assert "cannot connect" in message
+    if fault != "refuse":
+        assert "come again at the next start" in message
+    proxy.thaw()
+    proxy.allow()
     end = current_lsn(dsn)
-    again = make(dsn, slot="s_logfault", create=False, **FAST)
+    again = make(dsn, slot=slot, create=False, **FAST)
     with anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, again, None)
-            await await_until(lambda: confirmed(dsn, "s_logfault") >= end, 10, "a catch-up")
+            await await_until(lambda: confirmed(dsn, slot) >= end, 10, "a catch-up")
             again.stop()
-    assert _stored(dsn) == [1, 2]
+    assert _stored(dsn) == ([1] if fault == "refuse" else [1, 2])
     assert len(errors) == 1
 
 
-def test_into_log_with_its_log_connection_severed(cdc_dsn: str, cdc_proxy: FaultProxy) -> None:
+FAULTS = ["sever", "freeze", "refuse"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_into_log_with_its_log_connection_at_fault(
+    cdc_dsn: str, cdc_proxy: FaultProxy, fault: str
+) -> None:
     async def into_log(stream: ChangeStream, log_dsn: str | None) -> None:
         try:
             await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
         finally:
             stream.stop()
 
-    anyio.run(_log_connection_severed, cdc_dsn, cdc_proxy, into_log, ChangeStream)
+    anyio.run(
+        _log_connection_fault, cdc_dsn, cdc_proxy, into_log, ChangeStream, fault, f"s_log_{fault}"
+    )
 
 
 @pytest.mark.anyio
-async def test_async_into_log_with_its_log_connection_severed(
-    cdc_dsn: str, cdc_proxy: FaultProxy
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_async_into_log_with_its_log_connection_at_fault(
+    cdc_dsn: str, cdc_proxy: FaultProxy, fault: str
 ) -> None:
     async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str | None) -> None:
         await stream.into_log(log_dsn)
 
-    await _log_connection_severed(cdc_dsn, cdc_proxy, into_log, pgherald.AsyncChangeStream)
+    await _log_connection_fault(
+        cdc_dsn, cdc_proxy, into_log, pgherald.AsyncChangeStream, fault, f"s_log_{fault}"
+    )
