@@ -187,10 +187,11 @@ def test_an_older_open_transaction_is_not_overtaken(
     r = running(**SLOW_POLL)
     warm = from_wakeups(r, installed, key="k")
     with psycopg.connect(installed) as older, psycopg.connect(installed, autocommit=True) as c:
-        first = pgherald.publish(older, "ch", {"n": 1}, key="k")  # open: not committed yet
+        older.execute("SELECT pg_current_xact_id()")  # older: it has its transaction id
         second = pgherald.publish(c, "ch", {"n": 2}, key="k")  # its note lists `older`
         time.sleep(0.3)  # a bounded window: nothing may come before `older` commits
         assert r.ids == warm
+        first = pgherald.publish(older, "ch", {"n": 1}, key="k")  # sorts first: older tx
         older.commit()
     r.wait_count(len(warm) + 2, timeout=10)
     assert r.ids == [*warm, first, second]
