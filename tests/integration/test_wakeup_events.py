@@ -5,6 +5,7 @@ Events handed out straight from their wake-ups (schema.sql wake_note_v1, consume
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from collections.abc import Callable
@@ -133,12 +134,16 @@ def test_a_forged_wakeup_is_never_an_event(
     ).fetchone()
     assert row is not None
     tx, partition = row
+    # A note as wake_note_v1 writes one (it would be handed out if it checked out: the next
+    # transaction id, nothing older running, no skip), signed with another secret.
     body = (
-        f"{warm[-1] + 1000}|{int(tx) + 1}|{partition}|0||{skips(conn)}|2|-1|-1" + 'ch{"forged": 1}'
+        f"{warm[-1] + 1000}|{int(tx) + 1}|{partition}|0||{skips(conn)}|2|-1|-1|" + 'ch{"forged": 1}'
     )
+    wrong = b"not-the-secret"
+    inner = hashlib.sha256(wrong + body.encode()).hexdigest().encode()
     fakes = [
-        "n1|" + "0" * 64 + "|" + body,  # a wrong signature
-        "n1|" + "f" * 64 + "|" + body.replace("ch{", "ch{ "),
+        "n1|" + hashlib.sha256(wrong + inner).hexdigest() + "|" + body,
+        "n1|" + "0" * 64 + "|" + body,
         "n1|garbage",
         "",
     ]
