@@ -89,39 +89,50 @@ def test_events_come_from_wakeups_whole_and_in_order(
     assert set(published) <= acknowledged(conn, "g")
 
 
+class Iterating:
+    """An `AsyncConsumer` iterated in a task: publish one event, and wait until it comes."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.consumer = pgherald.AsyncConsumer(dsn, group="g", channels=["ch"], **SLOW_POLL)
+        self.got: list[int] = []
+        self.published: list[int] = []
+        self._progress = anyio.Event()  # set (and replaced) at each event that comes
+
+    async def consume(self) -> None:
+        async for e in self.consumer:
+            self.got.append(e.id)
+            self._progress.set()
+            self._progress = anyio.Event()
+
+    async def publish_and_wait(self) -> None:
+        payload = len(self.published)
+        self.published.append(await anyio.to_thread.run_sync(publish_one, self.dsn, payload))
+        with anyio.fail_after(10):
+            while self.published[-1] not in self.got:
+                await self._progress.wait()
+
+    async def until_from_wakeups(self) -> None:
+        """Publish until an event comes from its wake-up (pausing past the linger each time)."""
+        n = self.consumer.stats.from_wakeups
+        while self.consumer.stats.from_wakeups == n:
+            await self.publish_and_wait()
+            await anyio.sleep(0.05)  # past the linger: the consumer then asks for wake-ups
+
+
 @pytest.mark.anyio
 async def test_async_consumer_takes_events_from_wakeups(installed: str) -> None:
-    got: list[int] = []
-    published: list[int] = []
-    progress = anyio.Event()  # set (and replaced) at each event that comes
-    consumer = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **SLOW_POLL)
-
-    async def publish_and_wait(i: int) -> None:
-        published.append(await anyio.to_thread.run_sync(publish_one, installed, i))
-        with anyio.fail_after(10):
-            while len(got) < len(published):
-                await progress.wait()
-
-    async with consumer, anyio.create_task_group() as tg:
-
-        async def consume() -> None:
-            nonlocal progress
-            async for e in consumer:
-                got.append(e.id)
-                progress.set()
-                progress = anyio.Event()
-
-        tg.start_soon(consume)
+    it = Iterating(installed)
+    async with it.consumer, anyio.create_task_group() as tg:
+        tg.start_soon(it.consume)
         with anyio.fail_after(60):
-            while consumer.stats.from_wakeups == 0:  # until the consumer waits for wake-ups
-                await publish_and_wait(len(published))
-                await anyio.sleep(0.05)  # past the linger: it then asks for wake-ups
-            before = consumer.stats.from_wakeups
+            await it.until_from_wakeups()
+            before = it.consumer.stats.from_wakeups
             for _ in range(30):
-                await publish_and_wait(len(published))
-        consumer.stop()
-    assert got == published
-    assert consumer.stats.from_wakeups > before
+                await it.publish_and_wait()
+        it.consumer.stop()
+    assert it.got == it.published
+    assert it.consumer.stats.from_wakeups > before
 
 
 def test_a_forged_wakeup_is_never_an_event(
@@ -434,38 +445,15 @@ def test_terminated_while_taking_events_from_wakeups(
 
 @pytest.mark.anyio
 async def test_async_consumer_terminated_while_taking_events_from_wakeups(installed: str) -> None:
-    got: list[int] = []
-    published: list[int] = []
-    progress = anyio.Event()
-    consumer = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **SLOW_POLL)
-
-    async def publish_and_wait(i: int) -> None:
-        published.append(await anyio.to_thread.run_sync(publish_one, installed, i))
-        with anyio.fail_after(10):
-            while published[-1] not in got:
-                await progress.wait()
-
-    async with consumer, anyio.create_task_group() as tg:
-
-        async def consume() -> None:
-            nonlocal progress
-            async for e in consumer:
-                got.append(e.id)
-                progress.set()
-                progress = anyio.Event()
-
-        tg.start_soon(consume)
+    it = Iterating(installed)
+    async with it.consumer, anyio.create_task_group() as tg:
+        tg.start_soon(it.consume)
         with anyio.fail_after(60):
-            while consumer.stats.from_wakeups == 0:
-                await publish_and_wait(len(published))
-                await anyio.sleep(0.05)  # past the linger: it then asks for wake-ups
-            await anyio.to_thread.run_sync(_terminate, installed, consumer.backend_pid)
+            await it.until_from_wakeups()
+            await anyio.to_thread.run_sync(_terminate, installed, it.consumer.backend_pid)
             for _ in range(5):
-                await publish_and_wait(len(published))
-            n = consumer.stats.from_wakeups
-            while consumer.stats.from_wakeups == n:
-                await publish_and_wait(len(published))
-                await anyio.sleep(0.05)
-        consumer.stop()
-    assert consumer.stats.reconnects >= 1
-    assert _first_seen(got) == published
+                await it.publish_and_wait()
+            await it.until_from_wakeups()  # and wake-ups carry events again
+        it.consumer.stop()
+    assert it.consumer.stats.reconnects >= 1
+    assert _first_seen(it.got) == it.published
