@@ -457,3 +457,44 @@ async def test_async_consumer_terminated_while_taking_events_from_wakeups(instal
         it.consumer.stop()
     assert it.consumer.stats.reconnects >= 1
     assert _first_seen(it.got) == it.published
+
+
+def test_a_publisher_role_with_no_default_execute_privilege_publishes(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    # Hardened databases revoke EXECUTE from PUBLIC by default; publish's statement names
+    # wake_note_v1 (checked even when no consumer waits), which install grants to PUBLIC.
+    (acl,) = conn.execute(  # type: ignore[misc]
+        "SELECT proacl::text FROM pg_proc WHERE oid = 'pgherald.wake_note_v1'::regproc"
+    ).fetchone()
+    assert "=X/" in acl  # an explicit grant to PUBLIC, not the default privileges
+    role = f"pgherald_writer_{conn.info.backend_pid}"
+    ident = pgsql.Identifier(role)
+    conn.execute(pgsql.SQL("CREATE ROLE {}").format(ident))
+    try:
+        conn.execute(pgsql.SQL("GRANT USAGE ON SCHEMA pgherald TO {}").format(ident))
+        conn.execute(
+            pgsql.SQL("GRANT SELECT, INSERT ON TABLE pgherald.events_v1 TO {}").format(ident)
+        )
+        conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgherald FROM PUBLIC")
+        conn.execute(
+            "GRANT EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) TO PUBLIC"
+        )
+        # (what install and the migration do, after the revocation a hardened database makes)
+        with psycopg.connect(installed) as c:
+            c.execute(pgsql.SQL("SET ROLE {}").format(ident))
+            event_id = pgherald.publish(c, "ch", {"by": "a writer"})
+            c.commit()
+        assert conn.execute(
+            "SELECT payload FROM pgherald.events_v1 WHERE id = %s", (event_id,)
+        ).fetchone() == ({"by": "a writer"},)
+        conn.execute(
+            "REVOKE EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) FROM PUBLIC"
+        )
+        with psycopg.connect(installed) as c:  # without it, every publish is refused
+            c.execute(pgsql.SQL("SET ROLE {}").format(ident))
+            with pytest.raises(pgherald.HeraldError):
+                pgherald.publish(c, "ch", {"by": "a writer"})
+    finally:
+        conn.execute(pgsql.SQL("DROP OWNED BY {}").format(ident))
+        conn.execute(pgsql.SQL("DROP ROLE {}").format(ident))

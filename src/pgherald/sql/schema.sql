@@ -433,6 +433,10 @@ BEGIN
         v_secret || v_body, 'UTF8')), 'hex'), 'UTF8')), 'hex') || '|' || v_body;
 END
 $$;
+-- Every publisher calls it (publish's statement names it, so the privilege is checked even
+-- when no consumer waits): granted to PUBLIC whatever the database's default privileges say.
+-- Safe: it signs the caller's own events only.
+GRANT EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) TO PUBLIC;
 
 -- publish: store the event in the caller's transaction and wake consumers, cheaply.
 -- A NOTIFY in every writer's transaction would serialise all their commits on PostgreSQL's

@@ -65,6 +65,10 @@ BEGIN
         v_secret || v_body, 'UTF8')), 'hex'), 'UTF8')), 'hex') || '|' || v_body;
 END
 $$;
+-- Every publisher calls it (publish's statement names it, so the privilege is checked even
+-- when no consumer waits): granted to PUBLIC whatever the database's default privileges say.
+-- Safe: it signs the caller's own events only.
+GRANT EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) TO PUBLIC;
 
 CREATE OR REPLACE FUNCTION pgherald.publish_v1(
     p_channel text, p_payload jsonb, p_key text DEFAULT NULL, p_headers jsonb DEFAULT NULL
