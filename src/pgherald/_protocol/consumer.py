@@ -194,6 +194,7 @@ class _Note(NamedTuple):
 
 
 _NOTE_PREFIX = "n1|"
+_NOTE_BYTES = _NOTE_PREFIX.encode()
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _MAX_NOTES = 10_000  # wake-ups kept before they are looked at; past it, one unknown stands for all
 
@@ -499,7 +500,7 @@ class ConsumerEngine:
             if len(notes) >= _MAX_NOTES:
                 notes[:] = [None]
             try:
-                notes.append(payload.decode() if payload.startswith(b"n1|") else None)
+                notes.append(payload.decode() if payload.startswith(_NOTE_BYTES) else None)
             except UnicodeDecodeError:
                 notes.append(None)
 
@@ -1043,7 +1044,6 @@ class ConsumerEngine:
             return
         self._secret = res.get_value(0, 0)
         self._tz = self.conn.info.timezone
-        self._need_horizon = True
 
     def _horizon(self) -> PQGen:
         """
@@ -1132,10 +1132,8 @@ class ConsumerEngine:
                 self._cursor.setdefault(
                     (channel, partition), (tx, int(res.get_value(i, 3) or b"0"))
                 )
-            if any(k not in self._cursor for k in missing) or self._need_horizon:
-                return  # not registered yet, or something changed meanwhile
-        if self._last_read is not read:
-            return
+            if any(k not in self._cursor for k in missing):
+                return  # not registered yet
         self._unsafe_before = None
         self._notes = self._notes[read.notes :]
         self._poll_at = time.monotonic() + self.config.poll_interval
