@@ -35,6 +35,18 @@ def drain(
     return got
 
 
+def publish_each(dsn: str, payloads: list[Any], channel: str = "ch", **kwargs: Any) -> list[int]:
+    """Publish each payload in a transaction of its own (an autocommit connection of its own)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        return [pgherald.publish(c, channel, p, **kwargs) for p in payloads]
+
+
+def terminate(conn: psycopg.Connection, pid: int | None) -> None:
+    """End the session *pid* (a consumer's backend) from *conn*, as an administrator would."""
+    assert pid is not None
+    assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+
+
 def wait_until(cond: Callable[[], Any], timeout: float = 5.0, what: str = "condition") -> Any:
     """Poll *cond* until truthy (bounded); fail with *what* otherwise."""
     deadline = time.monotonic() + timeout

@@ -21,7 +21,15 @@ import pytest
 import pgherald
 from pgherald import sql
 from tests.fix_db import sqlalchemy_engine
-from tests.fix_durable import FAST, Running, drain, uncovered, wait_until
+from tests.fix_durable import (
+    FAST,
+    Running,
+    drain,
+    publish_each,
+    terminate,
+    uncovered,
+    wait_until,
+)
 
 
 def catalog(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -383,11 +391,6 @@ def test_start_positions(installed: str, conn: psycopg.Connection) -> None:
 # -- 7. connection terminated --
 
 
-def _terminate(conn: psycopg.Connection, pid: int | None) -> None:
-    assert pid is not None
-    assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
-
-
 def test_terminated_backend_reconnects_without_loss_iterating(
     installed: str, conn: psycopg.Connection
 ) -> None:
@@ -400,7 +403,7 @@ def test_terminated_backend_reconnects_without_loss_iterating(
         for e in c:
             got.append(e.id)
             if len(got) == 15:
-                _terminate(conn, c.backend_pid)  # mid-batch
+                terminate(conn, c.backend_pid)  # mid-batch
                 ids += [pgherald.publish(conn, "ch", i) for i in range(30, 40)]
             if set(ids) <= set(got):
                 c.stop()
@@ -417,7 +420,7 @@ def test_terminated_backend_reconnects_without_loss_with_handlers(
 
     def on_event(e: pgherald.Event) -> None:
         if e.payload == 15 and not holder[0].consumer.stats.reconnects:
-            _terminate(conn, holder[0].consumer.backend_pid)  # while a handler runs
+            terminate(conn, holder[0].consumer.backend_pid)  # while a handler runs
 
     r = running(handler=on_event, batch_size=10)
     holder.append(r)
@@ -477,7 +480,7 @@ def test_group_takes_over_from_a_terminated_member(
     ids = {pgherald.publish(conn, "ch", i) for i in range(50)}
     wait_until(lambda: len(r1.seen) + len(r2.seen) >= 50, what="50 events")
     wait_until(lambda: uncovered(conn, "g") == 0, what="both to acknowledge")  # r1 idle now
-    _terminate(conn, r1.consumer.backend_pid)
+    terminate(conn, r1.consumer.backend_pid)
     r1.thread.join(10)
     assert isinstance(r1.error, pgherald.ConnectionLost)
     wait_until(lambda: len(r2.consumer.partitions) == 16, what="r2 to take all 16 partitions")
@@ -673,11 +676,6 @@ def test_a_publisher_that_looked_before_the_consumer_waited_is_not_missed(
 # -- 12. AsyncConsumer on asyncio and trio --
 
 
-def _publish_in_thread(dsn: str, payloads: list[Any], channel: str = "ch") -> list[int]:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        return [pgherald.publish(c, channel, p) for p in payloads]
-
-
 async def _aconsume_until(dsn: str, got: list[int], n: int) -> None:
     """A new AsyncConsumer of group "g" appends event ids to ``got`` until it holds ``n``."""
     async with pgherald.AsyncConsumer(dsn, group="g", channels=["ch"], **FAST) as c:
@@ -690,7 +688,7 @@ async def _aconsume_until(dsn: str, got: list[int], n: int) -> None:
 
 @pytest.mark.anyio
 async def test_async_consumer_iterates_and_resumes(installed: str) -> None:
-    ids = await anyio.to_thread.run_sync(_publish_in_thread, installed, list(range(10)))
+    ids = await anyio.to_thread.run_sync(publish_each, installed, list(range(10)))
     got: list[int] = []
     await _aconsume_until(installed, got, 5)
     await _aconsume_until(installed, got, 10)
@@ -705,7 +703,7 @@ async def test_async_consumer_iterates_and_resumes(installed: str) -> None:
 async def test_async_consumer_handlers_sync_async_and_transactional(
     installed: str, anyio_backend: str
 ) -> None:
-    ids = await anyio.to_thread.run_sync(_publish_in_thread, installed, list(range(6)))
+    ids = await anyio.to_thread.run_sync(publish_each, installed, list(range(6)))
     seen: list[tuple[str, int]] = []
     c = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], retry_delay=0.01, **FAST)
 
@@ -760,7 +758,7 @@ async def test_async_consumer_cancellation_and_stop(installed: str) -> None:
             await c.run()
         assert scope.cancelled_caught
         # still usable after cancellation
-        await anyio.to_thread.run_sync(_publish_in_thread, installed, [1, 2])
+        await anyio.to_thread.run_sync(publish_each, installed, [1, 2])
         with anyio.fail_after(5):
             await c.run()
     assert seen == [1, 2]

@@ -17,7 +17,7 @@ import pytest
 from psycopg import sql as pgsql
 
 import pgherald
-from tests.fix_durable import Running, acknowledged, wait_until
+from tests.fix_durable import Running, acknowledged, publish_each, terminate, wait_until
 
 pytestmark = pytest.mark.usefixtures("installed")
 
@@ -28,8 +28,7 @@ SLOW_POLL: dict[str, Any] = {"poll_interval": 3.0}
 
 
 def publish_one(dsn: str, payload: Any, **kwargs: Any) -> int:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        return pgherald.publish(c, "ch", payload, **kwargs)
+    return publish_each(dsn, [payload], **kwargs)[0]
 
 
 def from_wakeups(r: Running, dsn: str, *, key: str | None = None) -> list[int]:
@@ -415,9 +414,8 @@ def test_a_transaction_of_many_events_sends_16_notes_then_one_plain_wakeup(
 
 
 def _terminate(dsn: str, pid: int | None) -> None:
-    assert pid is not None
     with psycopg.connect(dsn, autocommit=True) as c:
-        assert c.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+        terminate(c, pid)
 
 
 def _first_seen(ids: list[int]) -> list[int]:
