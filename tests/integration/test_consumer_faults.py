@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import uncovered
+from tests.fix_durable import publish_each, uncovered
 from tests.fix_faults import FaultProxy, SilentServer, wait_until
 from tests.fix_server import OwnServer
 
@@ -141,6 +141,40 @@ def test_frozen_connection_is_detected_and_nothing_is_lost(
     assert run.consumer.stats.reconnects >= 1
     assert run.gaps
     assert run.gaps[0].started <= time.time()
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_frozen_while_taking_events_from_wakeups(
+    runtime: str, installed: str, fault_proxy: FaultProxy, consumers: Callable[..., ConsumerRun]
+) -> None:
+    # Handing out events from wake-ups (no reads), the connection freezes: the liveness probe
+    # finds it, the consumer comes back, and what was published meanwhile comes once.
+    run = consumers(
+        runtime,
+        fault_proxy.dsn_for(installed),
+        health_check_interval=1.0,
+        health_check_timeout=1.0,
+        reconnect_initial_delay=0.05,
+        poll_interval=3.0,
+        rebalance_interval=0.2,
+    )
+    ids: list[int] = []
+    deadline = time.monotonic() + 20
+    while run.consumer.stats.from_wakeups == 0:  # one at a time, past the linger each time
+        assert time.monotonic() < deadline, "no event came from its wake-up"
+        ids += publish_each(installed, [len(ids)])
+        wanted = len(ids)
+        wait_until(lambda n=wanted: len(run.seen) >= n, 10, "the event")
+        time.sleep(0.05)  # past the linger: the consumer then asks for wake-ups
+    assert fault_proxy.freeze() >= 1
+    ids += publish_each(installed, list(range(5)))
+    took = wait_until(
+        lambda: set(ids) <= set(run.seen), 10, "the events published after the freeze"
+    )
+    assert took < 1.0 + 1.0 + 3.0, f"found the frozen connection after {took:.2f}s"
+    assert run.consumer.stats.reconnects >= 1
+    assert list(dict.fromkeys(run.seen)) == ids  # at least once, in order
     run.stop()
 
 
