@@ -12,9 +12,11 @@ Run as ``python bench/log_workers.py MODE ...``:
   channel) drains ``--count`` events; events/s from ``run()``.
 * ``keyset``: the hand-written floor: a plain psycopg loop of ``SELECT ... WHERE channel = %s
   AND (tx, id) > (%s, %s) ORDER BY tx, id LIMIT 5000``, payloads decoded, until ``--count``.
-* ``lat-recv --kind pgherald|seed``: a default `Consumer` (handler style), or a psycopg 3
-  LISTEN loop on the seeds' channel; records publish-to-handler latency of ``--count`` events.
-* ``lat-send --kind pgherald|seed``: ``--rate`` events/s on ``--channel`` for ``--seconds``,
+* ``lat-recv --kind pgherald|seed|seed-read|note-floor``: a default `Consumer` (handler
+  style), a psycopg 3 LISTEN loop on the seeds' channel, the durable reader a user writes by
+  hand, or a bare loop over pgherald's wake-up notes (the floor of a consumer of notes);
+  records publish-to-handler latency of ``--count`` events.
+* ``lat-send --kind pgherald|seed|...``: ``--rate`` events/s on ``--channel`` for ``--seconds``,
   one per autocommit transaction: ``pgherald.publish``, or the seeds' INSERT + ``pg_notify``
   in one statement. (``lat-recv``'s Consumer reads the channel named like its group.)
 
@@ -226,6 +228,8 @@ def lat_recv(dsn: str, kind: str, group: str, count: int, timeout: float) -> dic
 
     if kind == "seed-read":
         return lat_recv_by_hand(dsn, group, count, timeout)
+    if kind == "note-floor":
+        return lat_recv_notes(dsn, count, timeout)
 
     import pgherald
 
@@ -289,6 +293,36 @@ def lat_recv_by_hand(dsn: str, channel: str, count: int, timeout: float) -> dict
     res = summary(lats, count)
     res["reads"] = reads
     return res
+
+
+def lat_recv_notes(dsn: str, count: int, timeout: float) -> dict[str, Any]:
+    """The floor of any consumer of wake-up notes: a psycopg loop that asks for notes as a
+    waiting consumer does (the shared wake-up locks, queries.sql hold_wakeups, and the notes'
+    key 18), and takes the payload out of each note: no signature check, no order proof, no
+    acknowledgement. What ``pgherald.publish`` and its note cost, and nothing of the Consumer."""
+    import psycopg
+
+    lats: list[int] = []
+    loads = json.loads
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT count(pg_advisory_lock_shared(hashtext('pgherald.wake_v1'), s)) "
+            "FROM generate_series(1, 18) AS s"
+        )
+        conn.execute("LISTEN pgherald_wake_v1")
+        emit("READY")
+        end = time.monotonic() + timeout
+        while len(lats) < count and time.monotonic() < end:
+            for n in conn.notifies(timeout=0.5):
+                # n1|mac|id|tx|partition|created|older|skips|len_ch|len_key|len_hdr|rest
+                f = n.payload.split("|", 11)
+                if len(f) < 12:
+                    continue  # a plain wake-up (a note too large, or past 16 in a transaction)
+                skip = int(f[8]) + max(int(f[9]), 0) + max(int(f[10]), 0)
+                lats.append(time.time_ns() - loads(f[11][skip:])["ts"])
+                if len(lats) >= count:
+                    break
+    return summary(lats, count)
 
 
 def lat_send(dsn: str, kind: str, channel: str, rate: float, seconds: float) -> dict[str, Any]:

@@ -235,6 +235,23 @@ def test_a_wakeup_not_sent_is_counted_and_its_event_not_overtaken(
     assert r.ids == [*warm, silent, announced]  # not the announced one alone, nor first
 
 
+def test_a_wakeup_not_sent_while_another_was_is_found_after_the_linger(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+) -> None:
+    # No later note tells of the skip: the look at the skip count after the last note's
+    # linger must (a poll would come only after 30 s, past the wait below).
+    r = running(poll_interval=30.0)
+    warm = from_wakeups(r, installed, key="k")
+    counted = skips(conn)
+    with psycopg.connect(installed) as sender:
+        first = pgherald.publish(sender, "ch", {"n": "first"}, key="k")  # sends the note
+        silent = publish_one(installed, {"n": "silent"}, key="k")  # sees it: sends none
+        sender.commit()
+    assert skips(conn) > counted
+    r.wait_count(len(warm) + 2, timeout=10)
+    assert r.ids == [*warm, first, silent]
+
+
 def test_events_too_large_for_a_wakeup_come_by_read(
     installed: str, running: Callable[..., Running]
 ) -> None:

@@ -196,6 +196,15 @@ class _Note(NamedTuple):
 _NOTE_PREFIX = "n1|"
 _NOTE_BYTES = _NOTE_PREFIX.encode()
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NONE_OLDER: frozenset[int] = frozenset()
+_make_note = tuple.__new__
+
+
+def _older(field: str) -> frozenset[int] | None:
+    """A note's older running transactions; None: too many to list ("*")."""
+    return None if field == "*" else frozenset(int(x) for x in field.split(",") if x)
+
+
 _MAX_NOTES = 10_000  # wake-ups kept before they are looked at; past it, one unknown stands for all
 
 
@@ -843,14 +852,18 @@ class ConsumerEngine:
                 if self.pgconn is None or self._broken:
                     yield from self._recover(_Lost("not connected"))
                     continue
-                yield from self.rebalance()
-                if time.monotonic() >= self._release_at:
+                # One clock reading for the chores (this runs once per wake-up: a wake-up that
+                # carries its event goes from here to its handler).
+                now = time.monotonic()
+                if now >= self._next_rebalance:
+                    yield from self.rebalance()
+                if now >= self._release_at:
                     yield from self._release()
-                if time.monotonic() >= self._maintain_at:
+                if now >= self._maintain_at:
                     yield from self._maintain()
-                if time.monotonic() >= self._status_at:
+                if now >= self._status_at:
                     yield from self._write_status()
-                if (yield from self._redeliver()):
+                if now >= self._next_redelivery and (yield from self._redeliver()):
                     continue
                 if self._direct:
                     if self._notes:
@@ -1164,9 +1177,10 @@ class ConsumerEngine:
         cursor = self._cursor
         if notes:
             # A publisher that sent no wake-up (another was sending one) may commit just
-            # after: once the linger is over, a look at the skip count tells.
-            check_at = time.monotonic() + self.config.linger
-            self._skips_check_at = min(self._skips_check_at, check_at)
+            # after: once the linger is over, a look at the skip count tells. A later note
+            # tells as well (each carries the count, read after any such skip), so every note
+            # puts the look off: a steady stream of notes needs none.
+            self._skips_check_at = time.monotonic() + self.config.linger
         for text in notes:
             note = self._parse_note(text)
             if note is None or note.skips != self._skips:  # a wake-up not sent: read
@@ -1187,7 +1201,9 @@ class ConsumerEngine:
                 self._doubt()
                 break
             tx = str(note.tx)
-            created = (_EPOCH + timedelta(microseconds=note.created_us)).astimezone(self._tz)
+            created = _EPOCH + timedelta(microseconds=note.created_us)
+            if self._tz is not timezone.utc:
+                created = created.astimezone(self._tz)
             rows.append(
                 (
                     note.id,
@@ -1233,18 +1249,21 @@ class ConsumerEngine:
             tail = f[9]
             key_at, headers_at = lc, lc + max(lk, 0)
             payload_at = headers_at + max(lh, 0)
-            older = None if f[4] == "*" else frozenset(int(x) for x in f[4].split(",") if x)
-            return _Note(
-                int(f[0]),
-                int(f[1]),
-                int(f[2]),
-                int(f[3]),
-                older,
-                int(f[5]),
-                tail[:lc],
-                None if lk < 0 else tail[key_at:headers_at],
-                None if lh < 0 else tail[headers_at:payload_at],
-                tail[payload_at:],
+            older = f[4]
+            return _make_note(  # per wake-up: no NamedTuple __new__ in Python
+                _Note,
+                (
+                    int(f[0]),
+                    int(f[1]),
+                    int(f[2]),
+                    int(f[3]),
+                    _older(older) if older else _NONE_OLDER,  # usually none
+                    int(f[5]),
+                    tail[:lc],
+                    None if lk < 0 else tail[key_at:headers_at],
+                    None if lh < 0 else tail[headers_at:payload_at],
+                    tail[payload_at:],
+                ),
             )
         except (ValueError, IndexError):
             return None
