@@ -128,10 +128,15 @@ def test_cdc_add_warns_about_a_table_without_a_key(pg: OwnServer) -> None:
 
 
 def _slot_active(dsn: str, slot: str) -> bool | None:
-    """None: no such slot."""
+    """
+    None: no such slot. True only past the slot's creation (during it the slot is active
+    too, and a change committed before its consistent point is never decoded).
+    """
     with psycopg.connect(dsn) as c:
         row = c.execute(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            "SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (slot,),
         ).fetchone()
     return None if row is None else bool(row[0])
 

@@ -127,9 +127,16 @@ def reader() -> Iterator[Callable[..., Reader]]:
 
 
 def slot_ready(dsn: str, slot: str) -> bool:
+    """
+    The slot is read, past its creation: a slot being created is active too, and a change
+    committed before its consistent point (where confirmed_flush_lsn is set; it waits for
+    transactions running then, of any database) is never decoded.
+    """
     with psycopg.connect(dsn) as c:
         row = c.execute(
-            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+            "SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots "
+            "WHERE slot_name = %s",
+            (slot,),
         ).fetchone()
     return bool(row and row[0])
 
