@@ -478,11 +478,13 @@ def test_a_publisher_role_with_no_default_execute_privilege_publishes(
     installed: str, conn: psycopg.Connection
 ) -> None:
     # Hardened databases revoke EXECUTE from PUBLIC by default; publish's statement names
-    # wake_note_v1 (checked even when no consumer waits), which install grants to PUBLIC.
-    (acl,) = conn.execute(  # type: ignore[misc]
-        "SELECT proacl::text FROM pg_proc WHERE oid = 'pgherald.wake_note_v1'::regproc"
-    ).fetchone()
-    assert "=X/" in acl  # an explicit grant to PUBLIC, not the default privileges
+    # wake_v1 (checked even when no consumer waits), which calls wake_note_v1 as the
+    # publisher: install grants both to PUBLIC.
+    for fn in ("wake_v1", "wake_note_v1"):
+        (acl,) = conn.execute(  # type: ignore[misc]
+            "SELECT proacl::text FROM pg_proc WHERE oid = %s::regproc", (f"pgherald.{fn}",)
+        ).fetchone()
+        assert "=X/" in acl, fn  # an explicit grant to PUBLIC, not the default privileges
     role = f"pgherald_writer_{conn.info.backend_pid}"
     ident = pgsql.Identifier(role)
     conn.execute(pgsql.SQL("CREATE ROLE {}").format(ident))
@@ -492,9 +494,8 @@ def test_a_publisher_role_with_no_default_execute_privilege_publishes(
             pgsql.SQL("GRANT SELECT, INSERT ON TABLE pgherald.events_v1 TO {}").format(ident)
         )
         conn.execute("REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgherald FROM PUBLIC")
-        conn.execute(
-            "GRANT EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) TO PUBLIC"
-        )
+        for fn in ("wake_v1", "wake_note_v1"):
+            conn.execute(f"GRANT EXECUTE ON FUNCTION pgherald.{fn}(bigint, timestamptz) TO PUBLIC")
         # (what install and the migration do, after the revocation a hardened database makes)
         with psycopg.connect(installed) as c:
             c.execute(pgsql.SQL("SET ROLE {}").format(ident))
@@ -503,9 +504,7 @@ def test_a_publisher_role_with_no_default_execute_privilege_publishes(
         assert conn.execute(
             "SELECT payload FROM pgherald.events_v1 WHERE id = %s", (event_id,)
         ).fetchone() == ({"by": "a writer"},)
-        conn.execute(
-            "REVOKE EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) FROM PUBLIC"
-        )
+        conn.execute("REVOKE EXECUTE ON FUNCTION pgherald.wake_v1(bigint, timestamptz) FROM PUBLIC")
         with psycopg.connect(installed) as c:  # without it, every publish is refused
             c.execute(pgsql.SQL("SET ROLE {}").format(ident))
             with pytest.raises(pgherald.HeraldError):

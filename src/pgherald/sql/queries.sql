@@ -3,33 +3,22 @@
 
 -- name: publish --
 -- pgherald.publish_v1 as one plain statement: no PL/pgSQL call, no INSERT through SPI (a
--- tenth of a one-event transaction's server time). Same insert, same wake-up gate (only when
--- a consumer waits; one notifying transaction at a time; none when the NOTIFY queue is over
--- the configured usage; CASE fixes the order), same note (wake_note_v1, when a consumer that
--- takes notes waits: it holds key 18 too; 16 at most per transaction, then plain wake-ups,
--- which NOTIFY folds into one) and skip count: keep both in step, publish_v1 stays the
--- reference (triggers call it). The gate sits in RETURNING: no CTE to scan.
+-- tenth of a one-event transaction's server time). The same insert and the same probe: a
+-- consumer waits when the try of this session's key fails, and only then wake_v1 (the gate,
+-- the note, the skip count) runs; kept out of the statement, its expressions cost nothing
+-- when nobody waits. The probe sits in RETURNING: no CTE to scan. Keep it in step with
+-- publish_v1, the reference (triggers call it).
 INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
 VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
 RETURNING id,
     CASE WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
         CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
-    WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
-         AND pg_notification_queue_usage() < coalesce(CAST(nullif(
-             current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5) THEN
-        pg_notify('pgherald_wake_v1', CASE
-            WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
-                CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18) THEN '' END
-            WHEN CAST(set_config('pgherald.wake_notes', CAST(coalesce(CAST(nullif(
-                     current_setting('pgherald.wake_notes', true), '') AS integer), 0) + 1
-                     AS text), true) AS integer) > 16 THEN ''
-            ELSE pgherald.wake_note_v1(id, created_at) END)
-    WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void)
+    ELSE pgherald.wake_v1(id, created_at)
     END
 
 -- name: publish_many --
--- `publish` for many events in one statement: the same insert and the same wake-up gate (keep
--- them in step with publish), tried once for the whole batch. The payloads come as one JSON
+-- `publish` for many events in one statement: the same insert and the same probe (keep them
+-- in step with publish), tried once for the whole batch. The payloads come as one JSON
 -- array (a text[] of JSON costs twice the whole statement in quoting), the keys (one per
 -- payload, else NULL) as another; rows go in payload order (ORDER BY n), so the identity ids
 -- follow it: ids sorted = payload order. An array of another length than count (a custom
@@ -51,13 +40,7 @@ SELECT ids.ids,
        CASE WHEN ids.ids IS NULL THEN CAST(NULL AS void)
        WHEN pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
            CASE WHEN pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN CAST(NULL AS void) END
-       ELSE
-           CASE WHEN pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
-                     AND pg_notification_queue_usage() < coalesce(CAST(nullif(
-                         current_setting('pgherald.wake_max_queue_usage', true), '') AS float8), 0.5)
-               THEN pg_notify('pgherald_wake_v1', '')
-           WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void)
-           END
+       ELSE pgherald.wake_v1(NULL, NULL)  -- a plain wake-up: many events, no note
        END
 FROM (SELECT array_agg(id ORDER BY id) AS ids FROM e) AS ids
 

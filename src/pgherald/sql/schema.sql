@@ -433,10 +433,49 @@ BEGIN
         v_secret || v_body, 'UTF8')), 'hex'), 'UTF8')), 'hex') || '|' || v_body;
 END
 $$;
--- Every publisher calls it (publish's statement names it, so the privilege is checked even
--- when no consumer waits): granted to PUBLIC whatever the database's default privileges say.
--- Safe: it signs the caller's own events only.
+-- Publishers call it (through wake_v1, as themselves) when a consumer that takes notes waits:
+-- granted to PUBLIC whatever the database's default privileges say. Safe: it signs the
+-- caller's own events only.
 GRANT EXECUTE ON FUNCTION pgherald.wake_note_v1(bigint, timestamptz) TO PUBLIC;
+
+-- A consumer waits (the caller's try of its key found it): wake it, or count the wake-up not
+-- sent. At most one publishing transaction at a time notifies (whoever holds the advisory
+-- lock (wake_v1, 0)); none when the cluster's NOTIFY queue is over
+-- pgherald.wake_max_queue_usage (default: half full). The wake-up is a note that carries
+-- event p_id (wake_note_v1: an event of the caller's transaction) when a consumer that takes
+-- notes waits (it holds (wake_v1, 18) too), 16 at most per transaction; else, or with p_id
+-- NULL, a plain one (''), which NOTIFY folds into one per transaction. Publish's statement
+-- calls it only when a consumer waits: PostgreSQL sets up every expression of a statement at
+-- each execution, run or not, and these cost the statement nothing while they are in here.
+CREATE FUNCTION pgherald.wake_v1(p_id bigint, p_created_at timestamptz) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
+       AND pg_notification_queue_usage()
+           < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
+    THEN
+        IF p_id IS NULL THEN
+            PERFORM pg_notify('pgherald_wake_v1', '');
+        ELSIF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
+            -- no consumer that takes notes waits (the gateway's log tail, say): a plain one
+            PERFORM pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18);
+            PERFORM pg_notify('pgherald_wake_v1', '');
+        ELSIF set_config('pgherald.wake_notes', (coalesce(nullif(
+                  current_setting('pgherald.wake_notes', true), '')::integer, 0) + 1)::text,
+                  true)::integer > 16 THEN
+            -- a transaction of many events: plain wake-ups (NOTIFY folds them into one)
+            PERFORM pg_notify('pgherald_wake_v1', '');
+        ELSE
+            PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(p_id, p_created_at));
+        END IF;
+    ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
+        NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
+    END IF;
+END
+$$;
+-- Publish's statement names it (so the privilege is checked even when no consumer waits):
+-- granted to PUBLIC whatever the database's default privileges say, like wake_note_v1.
+GRANT EXECUTE ON FUNCTION pgherald.wake_v1(bigint, timestamptz) TO PUBLIC;
 
 -- publish: store the event in the caller's transaction and wake consumers, cheaply.
 -- A NOTIFY in every writer's transaction would serialise all their commits on PostgreSQL's
@@ -465,24 +504,8 @@ BEGIN
         IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             NULL;  -- no consumer waits: none needs a wake-up
         END IF;
-    ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
-       AND pg_notification_queue_usage()
-           < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
-    THEN
-        IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 18) THEN
-            -- no consumer that takes notes waits (the gateway's log tail, say): a plain one
-            PERFORM pg_advisory_unlock(hashtext('pgherald.wake_v1'), 18);
-            PERFORM pg_notify('pgherald_wake_v1', '');
-        ELSIF set_config('pgherald.wake_notes', (coalesce(nullif(
-                  current_setting('pgherald.wake_notes', true), '')::integer, 0) + 1)::text,
-                  true)::integer > 16 THEN
-            -- a transaction of many events: plain wake-ups (NOTIFY folds them into one)
-            PERFORM pg_notify('pgherald_wake_v1', '');
-        ELSE
-            PERFORM pg_notify('pgherald_wake_v1', pgherald.wake_note_v1(v_id, v_created_at));
-        END IF;
-    ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
-        NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
+    ELSE
+        PERFORM pgherald.wake_v1(v_id, v_created_at);  -- a consumer waits
     END IF;
     RETURN v_id;
 END
