@@ -123,16 +123,9 @@ _WAKE = """
         IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             NULL;  -- no consumer waits (as in publish_v1)
         END IF;
-    ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
-       AND pg_notification_queue_usage() < coalesce(nullif(
-           current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
-    THEN
-        IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
-            NULL;  -- pg_notify returns void, never NULL: no PERFORM, another query
-        END IF;
-    ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
-        NULL;  -- a consumer waits and this commit does not wake it (see wake_note_v1)
-    END IF;"""
+    ELSIF pgherald.wake_v1(v_id, now()) IS NULL THEN
+        NULL;  -- a consumer waits: wake_v1 wakes it (a note carries the event), or counts
+    END IF;"""  # (an IF, not PERFORM: an expression, not another query; created_at is now())
 # The UPDATE diff when the columns are not known (`sql trigger add` has no connection), or a
 # column was added after the function was generated: one query over the keys of "new".
 _GENERIC_DIFF = """nullif(to_jsonb(ARRAY(
@@ -308,7 +301,8 @@ def change_function(
             "        jsonb_build_object(\n"
             "            'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,\n"
             "            'new', v_new, 'old', v_old, 'changed', v_changed,\n"
-            "            'tx', pg_current_xact_id()::text, 'ts', clock_timestamp()));" + _WAKE
+            "            'tx', pg_current_xact_id()::text, 'ts', clock_timestamp()))\n"
+            "    RETURNING id INTO v_id;" + _WAKE
         ).format(chan, key_text)
     else:
         deliver = sql.SQL(
@@ -347,6 +341,7 @@ def change_function(
         "    v_text text;\n"
         "    v_event jsonb;\n"
         "    v_channel text;\n"
+        "    v_id bigint;\n"
         "BEGIN\n"
         "    IF TG_OP = 'UPDATE' THEN\n"
         "        {update}\n"
