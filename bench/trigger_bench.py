@@ -540,6 +540,176 @@ def trial(
     return res
 
 
+# -- paired: every setup in one pgbench run ----------------------------------------------
+
+PAIRED = ["plain", "seed", "notify", "durable"]
+
+
+def paired_table(mode: str) -> str:
+    return f"{TABLE}_{mode}"
+
+
+def prepare_paired(dsn: str, op: str) -> None:
+    """One table per setup, each a copy of the bench table with its own trigger (or none)."""
+    import psycopg
+
+    pgherald = _import_pgherald()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE pgherald.events_v1")
+        conn.execute("TRUNCATE notification_events RESTART IDENTITY")
+        for mode in PAIRED:
+            t = paired_table(mode)
+            conn.execute(f"DROP TABLE IF EXISTS {t}")
+            conn.execute(f"CREATE TABLE {t} (LIKE {TABLE} INCLUDING ALL)")
+            conn.execute(
+                f"INSERT INTO {t} ({INSERT_COLUMNS}) "
+                "SELECT g, 0, 'seed', 'seed row', 'EUR', g %% 7, 'eu-west', now(), now() "
+                "FROM generate_series(1, %s) g",
+                (ROWS_PER_WRITER * MAX_WRITERS,),
+            )
+            conn.execute(f"VACUUM ANALYZE {t}")
+            if mode == "seed":
+                conn.execute(SEED_TRIGGER.format(table=t, channel=f"public.{t}"))
+            elif mode != "plain":
+                pgherald.add_table_trigger(conn, t, durable=mode == "durable")
+        conn.execute("VACUUM ANALYZE pgherald.events_v1")
+        conn.execute("VACUUM ANALYZE notification_events")
+        conn.execute("CHECKPOINT")
+
+
+def paired_trial(
+    dsn: str, env: dict[str, str], op: str, writers: int, seconds: float, waiting: bool
+) -> Result:
+    """
+    ``pgbench -f plain -f seed -f notify -f durable``: each transaction draws one setup's
+    script at random, so all of them run under the same conditions (the machine's noise
+    included); per setup, its mean latency. Listeners attached to the NOTIFY setups, counts
+    checked; with *waiting*, a consumer waits for wake-ups all along.
+    """
+    import tempfile
+
+    import psycopg
+
+    prepare_paired(dsn, op)
+    listeners = {
+        m: start_listener(dsn, env, f"public.{paired_table(m)}") for m in ("seed", "notify")
+    }
+    waiter = start_listener(dsn, env, WAKE_CHANNEL, wait=True) if waiting else None
+    files = []
+    try:
+        for mode in PAIRED:
+            f = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed in finally, all at once)
+                "w", suffix=f"_{mode}.sql", prefix="trigger_bench_"
+            )
+            f.write(pgbench_script(op).replace(f" {TABLE} ", f" {paired_table(mode)} "))
+            f.flush()
+            files.append(f)
+        secs = max(1, round(seconds))
+        args = [PGBENCH, "-n", "-M", "prepared", "-T", str(secs), "-c", str(writers)]
+        args += ["-j", str(writers)]
+        for f in files:
+            args += ["-f", f.name]
+        try:
+            done = subprocess.run(
+                [*args, dsn], env=env | {"PGAPPNAME": APP_NAME}, capture_output=True,
+                text=True, timeout=secs + 60, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            return {"ok": False, "error": "pgbench overstayed its deadline"}
+    finally:
+        for f in files:
+            f.close()
+        for proc in (*listeners.values(), waiter):
+            if proc is not None and proc.poll() is not None:
+                _kill(proc)
+    if done.returncode:
+        error = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"ok": False, "error": f"pgbench exited {done.returncode}: {error}"}
+    res: Result = {"ok": True, "latency": {}, "count": {}}
+    for i, block in enumerate(re.split(r"^SQL script \d+: ", done.stdout, flags=re.M)[1:]):
+        mode = PAIRED[i]
+        lat = re.search(r"latency average = ([\d.]+) ms", block)
+        count = re.search(r"- (\d+) transactions", block)
+        if not lat or not count:
+            return {"ok": False, "error": f"no latency for {mode} in pgbench's output"}
+        res["latency"][mode] = float(lat.group(1))
+        res["count"][mode] = int(count.group(1))
+    if waiter is not None:
+        res["wakeups"] = stop_listener(dsn, waiter, WAKE_CHANNEL, timeout=60)
+    for mode, proc in listeners.items():
+        got = stop_listener(dsn, proc, f"public.{paired_table(mode)}", timeout=120)
+        if got != res["count"][mode]:
+            res |= {"ok": False, "error": f"{mode} listener got {got} of {res['count'][mode]}"}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        for mode, q in (
+            ("seed", "SELECT count(*) FROM notification_events"),
+            ("durable", "SELECT count(*) FROM pgherald.events_v1"),
+        ):
+            row = conn.execute(q).fetchone()
+            if not row or int(row[0]) != res["count"][mode]:
+                res |= {"ok": False, "error": f"{mode}: {row} stored of {res['count'][mode]}"}
+    return res
+
+
+def paired_report(
+    runs: int, paired: dict[tuple[str, int, bool], list[Result]]
+) -> tuple[str, list[list[str]]]:
+    """The paired table, and its target rows (ratios: seed latency / ours = tx/s ratio)."""
+    head = ["Write", "Writers", "Consumer waiting", "No trigger (ms)", "Seed (ms)",
+            "Ours, notify (ms)", "vs seed", "Ours, durable (ms)", "vs seed", "Runs ok",
+            "Runs vs seed (notify; durable)"]  # fmt: skip
+    rows, targets = [head], []
+    for (op, w, waiting), rs in sorted(paired.items()):
+        ok = [r for r in rs if r.get("ok")]
+
+        def med(mode: str, ok: list[Result] = ok) -> float | None:
+            v = [r["latency"][mode] for r in ok]
+            return statistics.median(v) if v else None
+
+        def ratio(mode: str, ok: list[Result] = ok) -> float | None:
+            v = [r["latency"]["seed"] / r["latency"][mode] for r in ok]
+            return statistics.median(v) if v else None
+
+        def fx(v: float | None, spec: str = "{:.3f}") -> str:
+            return "fail" if v is None else spec.format(v)
+
+        rn, rd = ratio("notify"), ratio("durable")
+        rows.append(
+            [op.upper(), str(w), "yes" if waiting else "no", fx(med("plain")), fx(med("seed")),
+             fx(med("notify")), fx(rn, "{:.2f}x"), fx(med("durable")), fx(rd, "{:.2f}x"),
+             f"{len(ok)}/{len(rs)}",
+             ", ".join(f"{r['latency']['seed'] / r['latency']['notify']:.2f}; "
+                       f"{r['latency']['seed'] / r['latency']['durable']:.2f}" for r in ok)]
+        )  # fmt: skip
+        for name, v in (("notify", rn), ("durable", rd)):
+            if waiting and name == "notify":
+                continue  # the wake-up waiter changes nothing for NOTIFY triggers
+            label = (
+                f"ours, {name}{', consumer waiting' if waiting else ''}, {op.upper()}, {w} writer"
+            )
+            label += f"{'s' if w > 1 else ''}, pgbench, paired >= 1.0x seed"
+            targets.append(
+                [label, fx(v, "{:.2f}x"), "-" if v is None else "PASS" if v >= TARGET else "FAIL"]
+            )
+    text = "\n".join(
+        [
+            "",
+            "Paired (`--paired`): the same writes with pgbench, but every setup in one run: four "
+            "copies of the table (no trigger, the seed's trigger, ours NOTIFY, ours durable), "
+            "and `pgbench -f` one script per table, each transaction drawing one at random, so "
+            "that all setups share the machine's state (its noise, the WAL flushes) at every "
+            "moment. Per setup, pgbench's mean transaction latency; vs seed = the seed's latency "
+            "/ ours (= the ratio of their tx/s). Listener counts and stored events checked; "
+            f"median of {runs} run(s). At 4 writers the setups also contend with each other "
+            "(the NOTIFY ones on the notify lock): the unpaired table above is the measure "
+            "there; at 1 writer there is nothing to contend for.",
+            "",
+            table(rows),
+        ]
+    )
+    return text, targets
+
+
 def machine(dsn: str) -> dict[str, str]:
     pgherald = _import_pgherald()
     return _report.machine(
@@ -792,6 +962,12 @@ def main() -> None:
         "--server-only", action="store_true", help="only the in-server cost loop, no writers"
     )
     ap.add_argument("--no-server", action="store_true", help="skip the in-server cost loop")
+    ap.add_argument(
+        "--paired",
+        action="store_true",
+        help="also every setup in one pgbench run (see paired_trial), with and without a "
+        "consumer waiting",
+    )
     ap.add_argument("--worker", choices=["write", "listen"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES + FLOORS, help=argparse.SUPPRESS)
     ap.add_argument("--op", choices=OPS, help=argparse.SUPPRESS)
@@ -847,7 +1023,22 @@ def main() -> None:
             + ", ".join(f"{op} {m} {min(v):.1f}" for (op, m), v in server.items()),
             flush=True,
         )
+    paired: dict[tuple[str, int, bool], list[Result]] = {}
+    for run in range(a.runs if a.paired else 0):
+        for w in map(int, a.writers):
+            for op in a.ops:
+                for waiting in (False, True):
+                    r = paired_trial(dsn, env, op, w, a.seconds, waiting)
+                    paired.setdefault((op, w, waiting), []).append(r)
+                    print(
+                        f"paired run {run + 1} {op:6} writers={w} waiting={waiting!s:5} "
+                        f"{r.get('latency', '')} {r.get('error', '')}",
+                        flush=True,
+                    )
     body = report(a, info, res, server)
+    if paired:
+        text, targets = paired_report(a.runs, paired)
+        body += "\n" + text + "\n\n" + table([["Target", "Measured", "Result"], *targets])
     _report.publish(body, a.output, START, END)
 
 

@@ -44,6 +44,23 @@ def from_wakeups(r: Running, dsn: str, *, key: str | None = None) -> list[int]:
     return ids
 
 
+def assert_as_read(conn: psycopg.Connection, events: list[pgherald.Event]) -> None:
+    """Every field of *events* as a read gives it (the same events read back from the log)."""
+    rows = {
+        row[0]: row
+        for row in conn.execute(
+            "SELECT id, channel, key, payload, headers, created_at, partition, tx::text"
+            " FROM pgherald.events_v1 WHERE id = ANY(%s)",
+            ([e.id for e in events],),
+        )
+    }
+    assert len(rows) == len(events)
+    for e in events:
+        assert (e.id, e.channel, e.key, e.payload, e.headers, e.created_at, e.partition, e.tx) == (
+            rows[e.id]
+        )
+
+
 def skips(conn: psycopg.Connection) -> int:
     row = conn.execute(
         "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM pgherald.wake_skips_v1"
@@ -71,19 +88,7 @@ def test_events_come_from_wakeups_whole_and_in_order(
     # From wake-ups, save when a transaction of another test ran on the server meanwhile
     # (its note then lists it: a read instead).
     assert r.consumer.stats.from_wakeups > before
-    # Every field as a read gives it (the same event read back from the log).
-    rows = {
-        row[0]: row
-        for row in conn.execute(
-            "SELECT id, channel, key, payload, headers, created_at, partition, tx::text"
-            " FROM pgherald.events_v1 WHERE id = ANY(%s)",
-            (published,),
-        )
-    }
-    for e in r.seen[len(warm) :]:
-        assert (e.id, e.channel, e.key, e.payload, e.headers, e.created_at, e.partition, e.tx) == (
-            rows[e.id]
-        )
+    assert_as_read(conn, r.seen[len(warm) :])
     r.stop()  # the acknowledgements put off (ack_delay) are made on the way out
     assert set(published) <= acknowledged(conn, "g")
 
@@ -108,18 +113,7 @@ def test_trigger_events_come_from_wakeups(
     ]
     # From wake-ups (save when another test's transaction ran meanwhile: then by read).
     assert r.consumer.stats.from_wakeups > before
-    rows = {
-        row[0]: row
-        for row in conn.execute(
-            "SELECT id, channel, key, payload, headers, created_at, partition, tx::text"
-            " FROM pgherald.events_v1 WHERE id = ANY(%s)",
-            ([e.id for e in changes],),
-        )
-    }
-    for e in changes:  # every field as a read gives it
-        assert (e.id, e.channel, e.key, e.payload, e.headers, e.created_at, e.partition, e.tx) == (
-            rows[e.id]
-        )
+    assert_as_read(conn, changes)
 
 
 class Iterating:
