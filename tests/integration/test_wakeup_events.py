@@ -93,11 +93,18 @@ def test_events_come_from_wakeups_whole_and_in_order(
     assert set(published) <= acknowledged(conn, "g")
 
 
+@pytest.mark.parametrize("function", ["generated", "shared"])
 def test_trigger_events_come_from_wakeups(
-    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+    function: str, installed: str, conn: psycopg.Connection, running: Callable[..., Running]
 ) -> None:
     conn.execute("CREATE TABLE orders (id int PRIMARY KEY, status text)")
-    pgherald.add_table_trigger(conn, "orders", channel="ch", durable=True)
+    if function == "generated":  # `trigger add` now
+        pgherald.add_table_trigger(conn, "orders", channel="ch", durable=True)
+    else:  # as `trigger add` of earlier versions: the shared function, keyed by id
+        conn.execute(
+            "CREATE TRIGGER pgherald_change_v1 AFTER INSERT OR UPDATE OR DELETE ON orders "
+            "FOR EACH ROW EXECUTE FUNCTION pgherald.notify_change_v1('ch', '[]', 't', 'id')"
+        )
     r = running(**SLOW_POLL)
     warm = from_wakeups(r, installed)
     before = r.consumer.stats.from_wakeups

@@ -144,6 +144,7 @@ DECLARE
     v_event jsonb;
     v_text text;
     v_pk text[];
+    v_id bigint;
 BEGIN
     IF v_channel IS NULL THEN
         -- Only triggers from `sql trigger add` (written without a connection) name no channel;
@@ -184,26 +185,20 @@ BEGIN
             v_key := to_jsonb(ARRAY(
                 SELECT coalesce(v_row, v_new, v_old) -> c FROM unnest(TG_ARGV[3:]) AS c))::text;
         END IF;
-        -- publish_v1 inlined (one PL/pgSQL call less per row): keep the row and the gated
-        -- wake-up in step with it.
+        -- publish_v1 inlined (one PL/pgSQL call less per row): keep the row and the probe in
+        -- step with it; the wake-up itself is wake_v1's (created_at is now()).
         INSERT INTO pgherald.events_v1 (channel, key, payload) VALUES (v_channel, v_key,
             jsonb_build_object(
                 'op', TG_OP, 'schema', TG_TABLE_SCHEMA, 'table', TG_TABLE_NAME,
                 'new', v_new, 'old', v_old, 'changed', v_changed,
-                'tx', pg_current_xact_id()::text, 'ts', clock_timestamp()));
+                'tx', pg_current_xact_id()::text, 'ts', clock_timestamp()))
+        RETURNING id INTO v_id;
         IF pg_try_advisory_lock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
                 NULL;  -- no consumer waits (as in publish_v1)
             END IF;
-        ELSIF pg_try_advisory_xact_lock(hashtext('pgherald.wake_v1'), 0)
-           AND pg_notification_queue_usage()
-               < coalesce(nullif(current_setting('pgherald.wake_max_queue_usage', true), '')::float8, 0.5)
-        THEN
-            IF pg_notify('pgherald_wake_v1', '') IS NULL THEN
-                NULL;  -- as below: no PERFORM, which would go through the executor
-            END IF;
-        ELSIF nextval('pgherald.wake_skips_v1') > 0 THEN
-            NULL;  -- a consumer waits and this commit does not wake it: see wake_note_v1
+        ELSIF pgherald.wake_v1(v_id, now()) IS NULL THEN
+            NULL;  -- a consumer waits (as below: no PERFORM, which would go through the executor)
         END IF;
         RETURN NULL;
     END IF;
