@@ -41,7 +41,9 @@ from ._protocol.pgoutput import ChangeEvent
 from ._publish import apublish, apublish_many, publish, publish_many
 from ._relay import AsyncRelay, Relay, RelayStats
 from ._schedule import (
+    AsyncScheduler,
     Schedule,
+    Scheduler,
     add_schedule,
     cancel_delayed,
     list_schedules,
@@ -88,6 +90,7 @@ __all__ = [
     "AsyncConsumer",
     "AsyncListener",
     "AsyncRelay",
+    "AsyncScheduler",
     "ChangeEvent",
     "ChangeStream",
     "ConnectError",
@@ -120,6 +123,7 @@ __all__ = [
     "RelayStats",
     "Retention",
     "Schedule",
+    "Scheduler",
     "SchemaMissing",
     "Stats",
     "TableTrigger",

@@ -207,6 +207,10 @@ class ChangeStream(_Base):
         self._engine.stopping = True
         self._waiter.wake()
 
+    def close(self) -> None:
+        """`stop`: the twin of `AsyncChangeStream.aclose` (the iteration ends at its next step)."""
+        self.stop()
+
     def __iter__(self) -> Iterator[ChangeEvent]:
         engine = self._claim()
         waiter = self._waiter

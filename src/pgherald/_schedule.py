@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
-from collections.abc import Mapping
+from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -24,14 +25,17 @@ from typing import Any
 import psycopg
 
 from . import _errormap
+from ._conninfo import connect_error, listener_conninfo
 from ._protocol.channels import check_channel
-from ._protocol.scheduled import RELEASE_LIMIT
-from .errors import DatabaseConnectionError, UsageError
+from ._protocol.pgwire import Request
+from ._protocol.scheduled import RELEASE_LIMIT, next_tick, require_cronsim, zone
+from ._protocol.scheduler import SchedulerConfig, SchedulerEngine, due_tick
+from ._waiting import Waiter
+from ._waiting_async import AsyncWaiter
+from .errors import ConnectError, UsageError
 from .sql import query
 
 logger = logging.getLogger("pgherald.schedule")
-
-_WAKE_CHANNEL = "pgherald_wake_v1"
 
 
 @dataclass(frozen=True)
@@ -49,50 +53,6 @@ class Schedule:
     next_tick: datetime
     last_tick: datetime | None
     created_at: datetime
-
-
-def _cronsim() -> Any:
-    try:
-        import cronsim
-    except ImportError:
-        raise UsageError(
-            "cron schedules need the 'schedule' extra (cronsim is not installed): "
-            "pip install 'pgherald[schedule]'"
-        ) from None
-    return cronsim
-
-
-def _zone(name: str) -> Any:
-    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-    if name == "UTC":
-        return timezone.utc
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise UsageError(
-            f"unknown time zone {name!r}: use an IANA name such as 'UTC' or 'Europe/Paris' "
-            "(on Windows, pip install tzdata)"
-        ) from None
-
-
-def next_tick(cron: str, after: datetime, tz: str = "UTC") -> datetime:
-    """The first tick of *cron* strictly after *after* (aware), in time zone *tz*."""
-    cronsim = _cronsim()
-    if not isinstance(cron, str):
-        raise UsageError(f"cron must be a str such as '*/5 * * * *', not {type(cron).__name__}")
-    start = after.astimezone(_zone(tz))
-    try:
-        it = cronsim.CronSim(cron, start)
-        tick: datetime = next(it)
-    except cronsim.CronSimError as exc:
-        raise UsageError(
-            f"invalid cron expression {cron!r} ({exc}): use five fields, minute hour "
-            "day-of-month month day-of-week, such as '*/5 * * * *' (every five minutes)"
-        ) from None
-    except StopIteration:
-        raise UsageError(f"cron expression {cron!r} never matches a date: fix it") from None
-    return tick.astimezone(timezone.utc)
 
 
 def _check_name(name: object) -> str:
@@ -126,7 +86,7 @@ def add_schedule(
     check_channel(channel)
     if key is not None and not isinstance(key, str):
         raise UsageError(f"key must be a str or None, got {type(key).__name__}")
-    first = next_tick(cron, datetime.now(tz=_zone("UTC")), timezone)
+    first = next_tick(cron, datetime.now(tz=zone("UTC")), timezone)
     try:
         payload_text = json.dumps({} if payload is None else payload, allow_nan=False)
         headers_text = None if headers is None else json.dumps(dict(headers), allow_nan=False)
@@ -201,12 +161,10 @@ def tick_schedules(conn: psycopg.Connection[Any], *, now: datetime | None = None
     with _errors("run schedules"):
         due = conn.execute(query("schedules_due"), {"now": at}).fetchall()
     ids: list[int] = []
-    for name, cron, tz, tick in due:
-        current = now if now is not None else datetime.now(tz=_zone("UTC"))
-        try:
-            following = next_tick(cron, max(current, tick), tz)
-        except UsageError as exc:  # stored by hand, or by another version: skip, loudly
-            logger.error("schedule %r is skipped: %s", name, exc)
+    for name, cron, tz, tick, _ in due:
+        current = now if now is not None else datetime.now(tz=timezone.utc)
+        following = due_tick(name, cron, tz, tick, current)
+        if following is None:
             continue
         params = {"name": name, "tick": tick.isoformat(), "following": following.isoformat()}
         with _errors("publish a schedule's tick"):
@@ -260,6 +218,186 @@ def release_due_events(conn: psycopg.Connection[Any]) -> tuple[int, float | None
             return released, None if row[1] is None else float(row[1])
 
 
+class _SchedulerBase:
+    def __init__(
+        self,
+        dsn: str | None,
+        *,
+        max_wait: float,
+        statement_timeout: float,
+        connect_timeout: float,
+        reconnect_initial_delay: float,
+        reconnect_max_delay: float,
+    ) -> None:
+        for name, value in (
+            ("max_wait", max_wait),
+            ("statement_timeout", statement_timeout),
+            ("connect_timeout", connect_timeout),
+            ("reconnect_initial_delay", reconnect_initial_delay),
+            ("reconnect_max_delay", reconnect_max_delay),
+        ):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value < math.inf
+            ):
+                raise UsageError(
+                    f"{name} must be a number of seconds above 0 (finite), got {value!r}"
+                )
+        require_cronsim()  # fail now, not at the first tick
+        self.dsn = dsn
+        self.config = SchedulerConfig(
+            conninfo=listener_conninfo(dsn, application_name="pgherald-schedule"),
+            max_wait=float(max_wait),
+            statement_timeout=float(statement_timeout),
+            connect_timeout=float(connect_timeout),
+            reconnect_initial_delay=float(reconnect_initial_delay),
+            reconnect_max_delay=float(reconnect_max_delay),
+        )
+        self._engine = SchedulerEngine(self.config)
+        self._busy = False
+
+    @property
+    def ticks(self) -> int:
+        """Schedule ticks this scheduler published (others may publish some)."""
+        return self._engine.ticks
+
+    @property
+    def released(self) -> int:
+        """Delayed events this scheduler moved into the log."""
+        return self._engine.released
+
+    @property
+    def reconnects(self) -> int:
+        """Connections replaced after one was lost."""
+        return self._engine.reconnects
+
+    @property
+    def connect_failures(self) -> int:
+        """Connection attempts that failed."""
+        return self._engine.connect_failures
+
+    @property
+    def backend_pid(self) -> int | None:
+        """The server process of the current connection (None: not connected)."""
+        return self._engine.backend_pid
+
+    def _claim(self) -> SchedulerEngine:
+        if self._busy:
+            raise UsageError("this scheduler is already running: one run at a time")
+        self._busy = True
+        return self._engine
+
+    def _steps(self, engine: SchedulerEngine) -> Generator[Request, Any, None]:
+        try:
+            yield from engine.run()
+        except ConnectError as exc:  # given up: the same failure three times in a row
+            raise connect_error(self.config.conninfo, str(exc)) from None
+
+    def _release(self) -> None:
+        """A run ended: it may run again (a stop() before a run ends that run at once)."""
+        self._engine.stopping = False
+        self._busy = False
+
+
+class Scheduler(_SchedulerBase):
+    """
+    What `pgherald schedule run` runs: `run` publishes every schedule's due tick and releases
+    due delayed events until `stop`, each exactly once however many schedulers run at once.
+    Between due times it waits on the wake-up channel, at most *max_wait* seconds. Each
+    statement has *statement_timeout* seconds to answer: a connection that does not (frozen,
+    half-open) is replaced, like one that is lost, after a delay of *reconnect_initial_delay*
+    seconds doubling up to *reconnect_max_delay* (with jitter). A server that refuses the role
+    or the database three times in a row ends `run` with `ConnectError`; a missing schema or
+    privilege at once, with the error that names the fix.
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        max_wait: float = 0.5,
+        statement_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        reconnect_initial_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
+    ) -> None:
+        super().__init__(
+            dsn,
+            max_wait=max_wait,
+            statement_timeout=statement_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
+        )
+        self._waiter = Waiter()
+
+    def stop(self) -> None:
+        """End `run` soon: within a second in every state (from any thread or a signal handler)."""
+        self._engine.stopping = True
+        self._waiter.wake()
+
+    def run(self) -> None:
+        """Serve schedules until `stop`."""
+        engine = self._claim()
+        self._waiter.open()
+        gen = self._steps(engine)
+        try:
+            self._waiter.run(gen)
+        finally:
+            gen.close()
+            self._waiter.close()
+            self._release()
+
+
+class AsyncScheduler(_SchedulerBase):
+    """
+    `Scheduler` for asyncio and trio: ``await scheduler.run()`` until `stop` or cancellation,
+    waiting on the event loop itself (no worker thread).
+
+    .. versionadded:: 0.1
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        max_wait: float = 0.5,
+        statement_timeout: float = 10.0,
+        connect_timeout: float = 10.0,
+        reconnect_initial_delay: float = 0.1,
+        reconnect_max_delay: float = 10.0,
+    ) -> None:
+        super().__init__(
+            dsn,
+            max_wait=max_wait,
+            statement_timeout=statement_timeout,
+            connect_timeout=connect_timeout,
+            reconnect_initial_delay=reconnect_initial_delay,
+            reconnect_max_delay=reconnect_max_delay,
+        )
+        self._waiter = AsyncWaiter()
+
+    def stop(self) -> None:
+        """End `run` soon: within a second in every state (from any task or thread)."""
+        self._engine.stopping = True
+        self._waiter.wake()
+
+    async def run(self) -> None:
+        """Serve schedules until `stop` (or until cancelled)."""
+        engine = self._claim()
+        self._waiter.bind()
+        gen = self._steps(engine)
+        try:
+            await self._waiter.run(gen)
+        finally:
+            gen.close()
+            self._waiter.release()
+            self._release()
+
+
 def run_scheduler(
     conninfo: str,
     *,
@@ -267,43 +405,30 @@ def run_scheduler(
     max_wait: float = 0.5,
 ) -> None:
     """
-    Publish schedules' ticks and release due delayed events until *stop* is set: what
-    `pgherald schedule run` does. Any number may run at once (each tick and event goes out
-    once). Waits on the wake-up channel between due times (at most *max_wait* seconds, so that
-    *stop* is seen), and reconnects after a lost connection.
+    `Scheduler(conninfo, max_wait=max_wait).run()` until *stop* is set (None: forever).
 
     .. versionadded:: 0.1
     """
-    _cronsim()  # fail now, not at the first tick
-    stop = stop or threading.Event()
-    delay = 0.1
-    while not stop.is_set():
-        try:
-            with psycopg.connect(conninfo, autocommit=True) as conn:
-                conn.execute(f"LISTEN {_WAKE_CHANNEL}")
-                delay = 0.1
-                _serve(conn, stop, max_wait)
-        except (psycopg.OperationalError, DatabaseConnectionError) as exc:
-            if stop.is_set():
+    scheduler = Scheduler(conninfo, max_wait=max_wait)
+    if stop is None:
+        scheduler.run()
+        return
+    done = threading.Event()
+
+    def watch() -> None:
+        # A threading.Event cannot wake a waiter: look at it every 0.1 s, until run returns.
+        while not stop.wait(0.1):
+            if done.is_set():
                 return
-            text = " ".join(str(exc).split())
-            logger.warning("scheduler connection failed (%s); retrying in %.1fs", text, delay)
-            stop.wait(delay)
-            delay = min(10.0, delay * 2)
+        scheduler.stop()
 
-
-def _serve(conn: psycopg.Connection[Any], stop: threading.Event, max_wait: float) -> None:
-    while not stop.is_set():
-        _, event_in = release_due_events(conn)
-        tick_schedules(conn)
-        with _errors("run schedules"):
-            row = conn.execute(query("schedules_next")).fetchone()
-        tick_in = None if row is None or row[0] is None else float(row[0])
-        if tick_in is not None and tick_in <= 0:
-            tick_in = max_wait  # still due after ticking: skipped (bad cron), or another's
-        wait = max(0.001, min(x for x in (max_wait, event_in, tick_in) if x is not None))
-        for _ in conn.notifies(timeout=wait + 0.001, stop_after=1):
-            pass
+    watcher = threading.Thread(target=watch, name="pgherald-scheduler-stop", daemon=True)
+    watcher.start()
+    try:
+        scheduler.run()
+    finally:
+        done.set()
+        watcher.join()
 
 
 class _errors:

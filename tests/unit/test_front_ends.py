@@ -1,10 +1,11 @@
 """
 The sync and async front ends are thin runtimes over one engine each; this keeps them twins.
 
-`Listener`/`AsyncListener` and `Consumer`/`AsyncConsumer` must offer the same public names with
-the same parameters (the async side's coroutine functions standing for the sync side's plain
-ones, ``aclose``/``__aiter__``/``__aenter__`` for ``close``/``__iter__``/``__enter__``), and
-the same documented options. A change to one that is not made to the other fails here.
+`Listener`, `Consumer`, `Scheduler`, `ChangeStream` and their async twins must offer the same
+public names with the same parameters (the async side's coroutine functions standing for the
+sync side's plain ones, ``aclose``/``__aiter__``/``__aenter__`` for
+``close``/``__iter__``/``__enter__``), and the same documented options. A change to one that is
+not made to the other fails here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import pytest
 
 import pgherald
 
-PAIRS = [(pgherald.Listener, pgherald.AsyncListener), (pgherald.Consumer, pgherald.AsyncConsumer)]
+PAIRS = [
+    (pgherald.Listener, pgherald.AsyncListener),
+    (pgherald.Consumer, pgherald.AsyncConsumer),
+    (pgherald.Scheduler, pgherald.AsyncScheduler),
+    (pgherald.ChangeStream, pgherald.AsyncChangeStream),
+]
 # Names that differ only because one side is async.
 RENAMED = {
     "close": "aclose",

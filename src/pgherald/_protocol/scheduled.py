@@ -11,6 +11,11 @@ whoever runs it): it learns when the next one is due from the statement's answer
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
+from typing import Any
+
+from ..errors import UsageError
+
 WAKE_PAYLOAD = b"scheduled"
 """The payload of the wake-up sent with a delayed event (and by `schedule add`)."""
 
@@ -53,3 +58,50 @@ class Releases:
             at = min(at, now + self.chase)
             self.chase = min(CHASE[1], self.chase * 2)
         return at
+
+
+# -- cron: when a periodic schedule ticks (the 'schedule' extra: cronsim) --
+
+
+def require_cronsim() -> Any:
+    try:
+        import cronsim
+    except ImportError:
+        raise UsageError(
+            "cron schedules need the 'schedule' extra (cronsim is not installed): "
+            "pip install 'pgherald[schedule]'"
+        ) from None
+    return cronsim
+
+
+def zone(name: str) -> Any:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    if name == "UTC":
+        return timezone.utc
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise UsageError(
+            f"unknown time zone {name!r}: use an IANA name such as 'UTC' or 'Europe/Paris' "
+            "(on Windows, pip install tzdata)"
+        ) from None
+
+
+def next_tick(cron: str, after: datetime, tz: str = "UTC") -> datetime:
+    """The first tick of *cron* strictly after *after* (aware), in time zone *tz*."""
+    cronsim = require_cronsim()
+    if not isinstance(cron, str):
+        raise UsageError(f"cron must be a str such as '*/5 * * * *', not {type(cron).__name__}")
+    start = after.astimezone(zone(tz))
+    try:
+        it = cronsim.CronSim(cron, start)
+        tick: datetime = next(it)
+    except cronsim.CronSimError as exc:
+        raise UsageError(
+            f"invalid cron expression {cron!r} ({exc}): use five fields, minute hour "
+            "day-of-month month day-of-week, such as '*/5 * * * *' (every five minutes)"
+        ) from None
+    except StopIteration:
+        raise UsageError(f"cron expression {cron!r} never matches a date: fix it") from None
+    return tick.astimezone(timezone.utc)

@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import json
-import threading
 from typing import Any
 
 import click
 
 from .._schedule import (
     Schedule,
+    Scheduler,
     add_schedule,
     delayed_pending,
     list_schedules,
     remove_schedule,
-    run_scheduler,
 )
 from ..errors import UsageError
 from ._commands import cli, connection, dsn_option, friendly, json_option, stop_on_signals
@@ -125,11 +124,9 @@ def run_cmd(dsn: str | None) -> None:
     Run one or more (each tick and delayed event goes out once). Consumers release delayed
     events by themselves: this is for ticks, and for delayed events with no consumer running.
     """
-    from .._conninfo import listener_conninfo
-
     with connection(dsn) as conn:  # fails in one line now, not in the retry loop
         require_schema(conn)
-    stop = threading.Event()
+    scheduler = Scheduler(dsn)
     click.echo("pgherald: running schedules (Ctrl-C to stop)", err=True)
-    with stop_on_signals(stop.set):
-        run_scheduler(listener_conninfo(dsn, application_name="pgherald-schedule"), stop=stop)
+    with stop_on_signals(scheduler.stop):
+        scheduler.run()

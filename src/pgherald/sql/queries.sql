@@ -569,7 +569,8 @@ SELECT name, cron, timezone, channel, key, payload::text, headers::text, next_ti
 FROM pgherald.schedules_v1 ORDER BY name
 
 -- name: schedules_due --
-SELECT name, cron, timezone, next_tick
+-- Also next_tick in seconds since the epoch: the engine reads text (its own DateStyle aside).
+SELECT name, cron, timezone, next_tick, CAST(extract(epoch FROM next_tick) AS float8)
 FROM pgherald.schedules_v1
 WHERE next_tick <= coalesce(CAST(%(now)s AS timestamptz), now())
 ORDER BY next_tick, name
@@ -596,6 +597,10 @@ SELECT e.id,
        THEN pg_notify('pgherald_wake_v1', '')
        WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void) END
 FROM e
+
+-- name: listen_wakeups --
+-- The scheduler's wake-ups: delayed events published, schedules added (see publish_later).
+LISTEN pgherald_wake_v1
 
 -- name: schedules_next --
 -- Seconds until the next tick of any schedule (server clock; NULL: no schedule).

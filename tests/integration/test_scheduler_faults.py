@@ -1,0 +1,320 @@
+"""
+`Scheduler` / `AsyncScheduler` (what ``pgherald schedule run`` runs) under real faults, on
+every runtime: a frozen (half-open) connection, refused reconnections, a terminated backend, a
+restarted server, and `stop()` in every state. What must hold: a delayed event published
+while the fault lasts is released once the scheduler is back, once.
+
+Each scheduler runs on a thread of its own: `Scheduler.run()` there directly,
+`AsyncScheduler.run()` inside ``anyio.run`` on asyncio or trio; the test thread injects the
+fault and calls `stop()`, which is documented as safe from any thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import pgherald
+from tests.fix_faults import FaultProxy, SilentServer, wait_until
+from tests.fix_server import OwnServer
+
+RUNTIMES = ["sync", "asyncio", "trio"]
+
+
+class SchedulerRun:
+    """A scheduler of one runtime on a thread."""
+
+    def __init__(self, runtime: str, dsn: str, **options: Any) -> None:
+        self.runtime = runtime
+        self.error: BaseException | None = None
+        self.returned_at: float | None = None
+        cls = pgherald.Scheduler if runtime == "sync" else pgherald.AsyncScheduler
+        self.scheduler: Any = cls(dsn, **options)
+        self.thread = threading.Thread(target=self._main, name=f"scheduler-{runtime}", daemon=True)
+        self.thread.start()
+        wait_until(
+            lambda: self.scheduler.backend_pid or not self.thread.is_alive(),
+            10,
+            "run() to connect",
+        )
+
+    def _main(self) -> None:
+        try:
+            if self.runtime == "sync":
+                self.scheduler.run()
+            else:
+                anyio.run(self.scheduler.run, backend=self.runtime)
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+        finally:
+            self.returned_at = time.monotonic()
+
+    def alive(self) -> bool:
+        assert self.thread.is_alive(), f"run() ended: {self.error!r}"
+        return True
+
+    def stop(self, within: float = 1.0) -> None:
+        """Stop it; assert that run() returned within *within* seconds, without an error."""
+        started = time.monotonic()
+        self.scheduler.stop()
+        self.thread.join(within + 5)
+        assert not self.thread.is_alive(), "run() did not return after stop()"
+        took = (self.returned_at or time.monotonic()) - started
+        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
+        assert self.error is None, repr(self.error)
+
+
+@pytest.fixture
+def schedulers() -> Iterator[Callable[..., SchedulerRun]]:
+    started: list[SchedulerRun] = []
+
+    def start(runtime: str, dsn: str, **options: Any) -> SchedulerRun:
+        run = SchedulerRun(runtime, dsn, **options)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.thread.is_alive():
+            run.scheduler.stop()
+            run.thread.join(10)
+
+
+def publish_delayed(dsn: str, value: Any, after: float = 0.2) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return pgherald.publish(conn, "ch", value, deliver_after=timedelta(seconds=after))
+
+
+def released(dsn: str) -> list[Any]:
+    """The payloads of the log's events on channel ch, in log order."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT payload FROM pgherald.events_v1 WHERE channel = 'ch' ORDER BY id"
+            )
+        ]
+
+
+def waiting(dsn: str) -> int:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM pgherald.scheduled_v1").fetchone()
+        assert row is not None
+        return int(row[0])
+
+
+FAST = {"max_wait": 0.2, "reconnect_initial_delay": 0.05, "reconnect_max_delay": 0.2}
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_released_while_running(
+    runtime: str, installed: str, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, installed, max_wait=30)
+    publish_delayed(installed, "a", after=0.3)
+    # Its wake-up tells the idle scheduler when the event is due, though max_wait is 30 s.
+    took = wait_until(lambda: released(installed) == ["a"], 5, "the delayed event")
+    assert took < 3, f"released after {took:.2f}s"
+    assert run.scheduler.released == 1
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_frozen_connection_is_replaced_and_nothing_is_lost(
+    runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, fault_proxy.dsn_for(installed), statement_timeout=1.0, **FAST)
+    assert fault_proxy.freeze() >= 1
+    publish_delayed(installed, "during")
+    # The first statement after the freeze gets no answer: found after max_wait + timeout.
+    took = wait_until(lambda: released(installed) == ["during"], 8, "the delayed event")
+    assert took < 0.2 + 1.0 + 3.0, f"found the frozen connection after {took:.2f}s"
+    assert run.scheduler.reconnects == 1
+    assert waiting(installed) == 0
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_three_rounds_of_refused_reconnects(
+    runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, fault_proxy.dsn_for(installed), **FAST)
+    expected: list[str] = []
+    for round_ in range(3):
+        failures = run.scheduler.connect_failures
+        fault_proxy.refuse()
+        fault_proxy.sever()
+        expected.append(f"round {round_}")
+        publish_delayed(installed, expected[-1])
+        wait_until(
+            lambda f=failures: run.scheduler.connect_failures >= f + 3,
+            5,
+            f"3 refusals in round {round_}",
+        )
+        assert run.alive()
+        assert released(installed) == expected[:-1]  # not released while refused
+        fault_proxy.allow()
+        wait_until(lambda e=list(expected): released(installed) == e, 10, f"round {round_}")
+    assert run.scheduler.reconnects == 3
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_terminated_backend_reconnects(
+    runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, installed, **FAST)
+    conn.execute("SELECT pg_terminate_backend(%s)", (run.scheduler.backend_pid,))
+    publish_delayed(installed, "after")
+    wait_until(lambda: released(installed) == ["after"], 10, "the event after the termination")
+    assert run.scheduler.reconnects == 1
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_survives_a_server_restart_and_ticks_once(
+    runtime: str, server: OwnServer, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+    run = schedulers(runtime, server.dsn, **FAST)
+    before = run.scheduler.backend_pid
+    server.restart()
+    publish_delayed(server.dsn, "after the restart")
+    wait_until(
+        lambda: released(server.dsn) == ["after the restart"], 15, "the event after the restart"
+    )
+    assert run.scheduler.reconnects == 1
+    assert run.scheduler.backend_pid != before
+    # A schedule due now ticks once, whichever scheduler gets it (here: this one, back).
+    with psycopg.connect(server.dsn, autocommit=True) as conn:
+        pgherald.add_schedule(conn, "yearly", "0 0 1 1 *", channel="ticks")
+        conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() - interval '1 s'")
+        conn.execute("NOTIFY pgherald_wake_v1")
+        wait_until(lambda: run.scheduler.ticks == 1, 5, "the tick")
+        row = conn.execute(
+            "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'ticks'"
+        ).fetchone()
+        assert row == (1,)
+    run.stop()
+
+
+# -- stop() within a second, in every state --
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_waiting(
+    runtime: str, installed: str, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, installed, max_wait=60)
+    wait_until(lambda: run.scheduler._engine.rounds >= 1, 5, "its first round")
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_inside_a_statement_on_a_frozen_connection(
+    runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, fault_proxy.dsn_for(installed), max_wait=0.05, statement_timeout=60)
+    fault_proxy.freeze()
+    rounds = run.scheduler._engine.rounds
+    # Within max_wait its next round's first statement waits on the frozen connection, for up
+    # to 60 s: no round completes from then on.
+    time.sleep(0.5)
+    assert run.scheduler._engine.rounds <= rounds + 1
+    assert run.scheduler.reconnects == 0
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_backing_off(
+    runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, fault_proxy.dsn_for(installed), reconnect_initial_delay=60)
+    fault_proxy.refuse()
+    fault_proxy.sever()
+    wait_until(lambda: run.scheduler.backend_pid is None, 5, "the connection to be lost")
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_connecting_to_a_server_that_never_answers(
+    runtime: str,
+    installed: str,
+    fault_proxy: FaultProxy,
+    silent_server: SilentServer,
+    schedulers: Callable[..., SchedulerRun],
+) -> None:
+    run = schedulers(
+        runtime, fault_proxy.dsn_for(installed), connect_timeout=60, reconnect_initial_delay=0.01
+    )
+    fault_proxy._target = ("127.0.0.1", silent_server.port)
+    fault_proxy.sever()
+    wait_until(lambda: silent_server.accepted, 5, "a connection attempt to the hung server")
+    run.stop()
+
+
+# -- what ends run(): only what retrying cannot fix --
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_dropped_database_ends_run_after_three_attempts(
+    runtime: str, server: OwnServer, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute("CREATE DATABASE doomed")
+    dsn = server.dsn.rsplit("/", 1)[0] + "/doomed"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+    run = schedulers(runtime, dsn, **FAST)
+    with psycopg.connect(server.dsn, autocommit=True) as admin:
+        admin.execute("DROP DATABASE doomed WITH (FORCE)")
+    run.thread.join(10)
+    assert not run.thread.is_alive()
+    assert isinstance(run.error, pgherald.ConnectError), repr(run.error)
+    assert 'database "doomed" does not exist' in str(run.error)
+    assert run.scheduler.connect_failures == 3
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_schema_dropped_under_a_running_scheduler_says_install(
+    runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    run = schedulers(runtime, installed, **FAST)
+    pgherald.uninstall(conn)
+    run.thread.join(10)
+    assert not run.thread.is_alive()
+    assert isinstance(run.error, pgherald.SchemaMissing), repr(run.error)
+    assert "pgherald install" in str(run.error)
+
+
+def test_one_run_at_a_time_and_options_are_checked(installed: str) -> None:
+    with pytest.raises(pgherald.UsageError, match="statement_timeout must be a number"):
+        pgherald.Scheduler(installed, statement_timeout=0)
+    with pytest.raises(pgherald.UsageError, match="max_wait must be a number"):
+        pgherald.AsyncScheduler(installed, max_wait=float("inf"))
+    scheduler = pgherald.Scheduler(installed)
+    scheduler.stop()  # before run: that run ends at once
+    scheduler.run()
+    started = threading.Event()
+
+    def main() -> None:
+        started.set()
+        scheduler.run()
+
+    thread = threading.Thread(target=main, daemon=True)
+    thread.start()
+    started.wait(5)
+    wait_until(lambda: scheduler.backend_pid is not None, 10, "run() to connect")
+    with pytest.raises(pgherald.UsageError, match="already running"):
+        scheduler.run()
+    scheduler.stop()
+    thread.join(5)
+    assert not thread.is_alive()
