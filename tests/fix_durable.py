@@ -1,4 +1,7 @@
-"""Fixtures and helpers for the durable event log: an installed schema, a consumer in a thread."""
+"""
+Fixtures and helpers for the durable event log: an installed schema, a consumer in a thread,
+and a consumer or scheduler of any runtime (thread, asyncio, trio) on a thread of its own.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
@@ -183,3 +187,149 @@ def running(installed: str) -> Iterator[Callable[..., Running]]:
             r.consumer.stop()
             r.thread.join(10)
         r.consumer.close()
+
+
+# -- a consumer or a scheduler of any runtime, run by a thread (fault tests) --
+
+
+class ConsumerRun:
+    """A consumer of one runtime on a thread; the ids (and payloads) its handler saw."""
+
+    def __init__(
+        self,
+        runtime: str,
+        dsn: str,
+        *,
+        handler: Callable[[pgherald.Event], Any] | None = None,
+        **options: Any,
+    ) -> None:
+        self.runtime = runtime
+        self.seen: list[int] = []
+        self.payloads: list[Any] = []
+        self.gaps: list[pgherald.Gap] = []
+        self.error: BaseException | None = None
+        self.returned_at: float | None = None
+        options.setdefault("group", "g")
+        options.setdefault("channels", ["ch"])
+        cls = pgherald.Consumer if runtime == "sync" else pgherald.AsyncConsumer
+        self.consumer: Any = cls(dsn, on_reconnect=self.gaps.append, **options)
+        extra = handler
+
+        def record(e: pgherald.Event) -> None:
+            if extra is not None:
+                extra(e)
+            self.seen.append(e.id)
+            self.payloads.append(e.payload)
+
+        self.consumer.on()(record)
+        self.thread = threading.Thread(target=self._main, name=f"consumer-{runtime}", daemon=True)
+        self.thread.start()
+        # Its first read is sent once it is connected, in the group, holding partitions.
+        wait_until(
+            lambda: self.consumer.stats.reads or not self.thread.is_alive(),
+            10,
+            "run() to connect and read",
+        )
+
+    def _main(self) -> None:
+        try:
+            if self.runtime == "sync":
+                self.consumer.run()
+            else:
+                anyio.run(self.consumer.run, backend=self.runtime)
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+        finally:
+            self.returned_at = time.monotonic()
+
+    def stop(self, within: float = 1.0) -> float:
+        """Stop it; assert that run() returned within *within* seconds; return the time."""
+        started = time.monotonic()
+        self.consumer.stop()
+        self.thread.join(within + 5)
+        assert not self.thread.is_alive(), "run() did not return after stop()"
+        took = (self.returned_at or time.monotonic()) - started
+        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
+        return took
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.consumer.stop()
+            self.thread.join(10)
+        if self.runtime == "sync":
+            self.consumer.close()
+        else:
+            anyio.run(self.consumer.aclose, backend="asyncio")
+
+
+@pytest.fixture
+def consumers() -> Iterator[Callable[..., ConsumerRun]]:
+    started: list[ConsumerRun] = []
+
+    def start(runtime: str, dsn: str, **options: Any) -> ConsumerRun:
+        run = ConsumerRun(runtime, dsn, **options)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        run.close()
+
+
+class SchedulerRun:
+    """A scheduler of one runtime on a thread."""
+
+    def __init__(self, runtime: str, dsn: str, **options: Any) -> None:
+        self.runtime = runtime
+        self.error: BaseException | None = None
+        self.returned_at: float | None = None
+        cls = pgherald.Scheduler if runtime == "sync" else pgherald.AsyncScheduler
+        self.scheduler: Any = cls(dsn, **options)
+        self.thread = threading.Thread(target=self._main, name=f"scheduler-{runtime}", daemon=True)
+        self.thread.start()
+        wait_until(
+            lambda: self.scheduler.backend_pid or not self.thread.is_alive(),
+            10,
+            "run() to connect",
+        )
+
+    def _main(self) -> None:
+        try:
+            if self.runtime == "sync":
+                self.scheduler.run()
+            else:
+                anyio.run(self.scheduler.run, backend=self.runtime)
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+        finally:
+            self.returned_at = time.monotonic()
+
+    def alive(self) -> bool:
+        assert self.thread.is_alive(), f"run() ended: {self.error!r}"
+        return True
+
+    def stop(self, within: float = 1.0) -> None:
+        """Stop it; assert that run() returned within *within* seconds, without an error."""
+        started = time.monotonic()
+        self.scheduler.stop()
+        self.thread.join(within + 5)
+        assert not self.thread.is_alive(), "run() did not return after stop()"
+        took = (self.returned_at or time.monotonic()) - started
+        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
+        assert self.error is None, repr(self.error)
+
+
+@pytest.fixture
+def schedulers() -> Iterator[Callable[..., SchedulerRun]]:
+    started: list[SchedulerRun] = []
+
+    def start(runtime: str, dsn: str, **options: Any) -> SchedulerRun:
+        run = SchedulerRun(runtime, dsn, **options)
+        started.append(run)
+        return run
+
+    yield start
+    for run in started:
+        if run.thread.is_alive():
+            run.scheduler.stop()
+            run.thread.join(10)

@@ -77,10 +77,27 @@ class PgBouncer:
             for path in [self.dir, *self.dir.iterdir()]:
                 os.chown(path, account.pw_uid, account.pw_gid)
             cmd[1:1] = ["-u", "postgres"]
-        self.process = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
+        self._cmd = cmd
+        self.process = self._spawn()
         self.dsn = make_conninfo(dsn, host="127.0.0.1", hostaddr="127.0.0.1", port=str(self.port))
+        self._wait_ready(10.0)
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        return subprocess.Popen(
+            self._cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+
+    def kill(self) -> None:
+        """SIGKILL the pooler: every client connection through it breaks; new ones are refused."""
+        self.process.kill()
+        self.process.wait(5)
+        if self.process.stderr:
+            self.process.stderr.close()
+        (self.dir / "pgbouncer.pid").unlink(missing_ok=True)
+
+    def start(self) -> None:
+        """Start it again after `kill`, on the same port, with the same configuration."""
+        self.process = self._spawn()
         self._wait_ready(10.0)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -18,11 +18,14 @@ import socket
 import subprocess
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+
+from tests.fix_faults import wait_until
 
 INSTALL_HINT = (
     "PostgreSQL's server binaries (initdb, pg_ctl) are needed to start a private server: "
@@ -148,3 +151,33 @@ def replica_server() -> Iterator[OwnServer]:
     """One private server with ``wal_level=replica``: what CDC must refuse, saying why."""
     with own_server(wal_level="replica") as s:
         yield s
+
+
+@pytest.fixture
+def cdc_dsn(logical_server: OwnServer) -> Iterator[str]:
+    """A fresh database on the private server (slots are per database)."""
+    name = f"cdc_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(logical_server.dsn, autocommit=True) as c:
+        c.execute(f"CREATE DATABASE {name}")
+    dsn = logical_server.dsn.rsplit("/", 1)[0] + "/" + name
+    yield dsn
+    with psycopg.connect(logical_server.dsn, autocommit=True) as c:
+        for (slot,) in c.execute(
+            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
+        ).fetchall():
+            c.execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                "WHERE slot_name = %s AND active_pid IS NOT NULL",
+                (slot,),
+            )
+            wait_until(
+                lambda s=slot: (
+                    not c.execute(
+                        "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (s,)
+                    ).fetchone()[0]
+                ),
+                10,
+                "the slot's reader to end",
+            )
+            c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
+        c.execute(f"DROP DATABASE {name} WITH (FORCE)")

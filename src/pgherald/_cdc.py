@@ -18,7 +18,7 @@ import psycopg
 from psycopg import sql as psql
 
 from . import _errormap, sql
-from ._conninfo import connect_error, listener_conninfo
+from ._conninfo import connect_error, describe, listener_conninfo
 from ._protocol import pgwire
 from ._protocol.pgoutput import ChangeEvent, Commit, dumps_value, lsn_to_int
 from ._protocol.replication import (
@@ -35,7 +35,7 @@ from ._publish import _many_params
 from ._triggers import checked_default_channel, resolve_table
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
-from .errors import ConnectError, ConnectionLost, UsageError
+from .errors import ConnectError, ConnectionLost, PoolerError, UsageError
 
 logger = logging.getLogger("pgherald.cdc")
 
@@ -124,6 +124,14 @@ class _Base:
         try:
             yield from engine.run()
         except ConnectError as exc:
+            if pgwire.POOLER_REFUSES_REPLICATION in str(exc):
+                raise PoolerError(
+                    f"cannot open a replication connection at {describe(self.config.conninfo)}: "
+                    f"{pgwire.one_line(exc).rstrip('.')}. A pooler is in the way (PgBouncer "
+                    "before 1.23 passes no replication connection): give the change stream a "
+                    "direct DSN to PostgreSQL (its log connection, into_log's dsn, may use the "
+                    "pooler)"
+                ) from None
             raise connect_error(self.config.conninfo, str(exc)) from None
 
     def _release(self) -> None:

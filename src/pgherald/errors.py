@@ -123,9 +123,11 @@ class ConnectError(DatabaseConnectionError):
 
 class PoolerError(ConnectError):
     """
-    Notifications sent to this connection never reach it: it goes through a transaction- or
-    statement-mode pooler (such as PgBouncer ``pool_mode=transaction``). Use a session-mode
-    pool or a direct DSN for listeners and consumers.
+    A pooler stands between pgherald and PostgreSQL and cannot give it what it needs.
+    Notifications sent to a listener's or consumer's connection never reach it: it goes
+    through a transaction- or statement-mode pooler (such as PgBouncer
+    ``pool_mode=transaction``); use a session-mode pool or a direct DSN. Or a change stream's
+    replication connection is refused (PgBouncer before 1.23): use a direct DSN.
     """
 
 

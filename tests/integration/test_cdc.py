@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from decimal import Decimal
@@ -41,36 +40,6 @@ from tests.fix_server import OwnServer
 @pytest.fixture
 def pg(logical_server: OwnServer) -> OwnServer:
     return logical_server
-
-
-@pytest.fixture
-def cdc_dsn(pg: OwnServer) -> Iterator[str]:
-    """A fresh database on the private server (slots are per database)."""
-    name = f"cdc_{uuid.uuid4().hex[:10]}"
-    with psycopg.connect(pg.dsn, autocommit=True) as c:
-        c.execute(f"CREATE DATABASE {name}")
-    dsn = pg.dsn.rsplit("/", 1)[0] + "/" + name
-    yield dsn
-    with psycopg.connect(pg.dsn, autocommit=True) as c:
-        for (slot,) in c.execute(
-            "SELECT slot_name FROM pg_replication_slots WHERE database = %s", (name,)
-        ).fetchall():
-            c.execute(
-                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
-                "WHERE slot_name = %s AND active_pid IS NOT NULL",
-                (slot,),
-            )
-            wait_until(
-                lambda s=slot: (
-                    not c.execute(
-                        "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (s,)
-                    ).fetchone()[0]
-                ),
-                10,
-                "the slot's reader to end",
-            )
-            c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
-        c.execute(f"DROP DATABASE {name} WITH (FORCE)")
 
 
 def sql(dsn: str, *statements: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -19,95 +19,11 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import publish_each, uncovered
+from tests.fix_durable import ConsumerRun, publish_each, uncovered
 from tests.fix_faults import FaultProxy, SilentServer, wait_until
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
-
-
-class ConsumerRun:
-    """A consumer of one runtime on a thread; the ids (and payloads) its handler saw."""
-
-    def __init__(
-        self,
-        runtime: str,
-        dsn: str,
-        *,
-        handler: Callable[[pgherald.Event], Any] | None = None,
-        **options: Any,
-    ) -> None:
-        self.runtime = runtime
-        self.seen: list[int] = []
-        self.payloads: list[Any] = []
-        self.gaps: list[pgherald.Gap] = []
-        self.error: BaseException | None = None
-        self.returned_at: float | None = None
-        options.setdefault("group", "g")
-        options.setdefault("channels", ["ch"])
-        cls = pgherald.Consumer if runtime == "sync" else pgherald.AsyncConsumer
-        self.consumer: Any = cls(dsn, on_reconnect=self.gaps.append, **options)
-        extra = handler
-
-        def record(e: pgherald.Event) -> None:
-            if extra is not None:
-                extra(e)
-            self.seen.append(e.id)
-            self.payloads.append(e.payload)
-
-        self.consumer.on()(record)
-        self.thread = threading.Thread(target=self._main, name=f"consumer-{runtime}", daemon=True)
-        self.thread.start()
-        # Its first read is sent once it is connected, in the group, holding partitions.
-        wait_until(
-            lambda: self.consumer.stats.reads or not self.thread.is_alive(),
-            10,
-            "run() to connect and read",
-        )
-
-    def _main(self) -> None:
-        try:
-            if self.runtime == "sync":
-                self.consumer.run()
-            else:
-                anyio.run(self.consumer.run, backend=self.runtime)
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-        finally:
-            self.returned_at = time.monotonic()
-
-    def stop(self, within: float = 1.0) -> float:
-        """Stop it; assert that run() returned within *within* seconds; return the time."""
-        started = time.monotonic()
-        self.consumer.stop()
-        self.thread.join(within + 5)
-        assert not self.thread.is_alive(), "run() did not return after stop()"
-        took = (self.returned_at or time.monotonic()) - started
-        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
-        return took
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.consumer.stop()
-            self.thread.join(10)
-        if self.runtime == "sync":
-            self.consumer.close()
-        else:
-            anyio.run(self.consumer.aclose, backend="asyncio")
-
-
-@pytest.fixture
-def consumers() -> Iterator[Callable[..., ConsumerRun]]:
-    started: list[ConsumerRun] = []
-
-    def start(runtime: str, dsn: str, **options: Any) -> ConsumerRun:
-        run = ConsumerRun(runtime, dsn, **options)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        run.close()
 
 
 def publish(dsn: str, values: list[Any], channel: str = "ch") -> list[int]:

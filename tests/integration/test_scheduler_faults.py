@@ -13,78 +13,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import anyio
 import psycopg
 import pytest
 
 import pgherald
+from tests.fix_durable import SchedulerRun
 from tests.fix_faults import FaultProxy, SilentServer, wait_until
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
-
-
-class SchedulerRun:
-    """A scheduler of one runtime on a thread."""
-
-    def __init__(self, runtime: str, dsn: str, **options: Any) -> None:
-        self.runtime = runtime
-        self.error: BaseException | None = None
-        self.returned_at: float | None = None
-        cls = pgherald.Scheduler if runtime == "sync" else pgherald.AsyncScheduler
-        self.scheduler: Any = cls(dsn, **options)
-        self.thread = threading.Thread(target=self._main, name=f"scheduler-{runtime}", daemon=True)
-        self.thread.start()
-        wait_until(
-            lambda: self.scheduler.backend_pid or not self.thread.is_alive(),
-            10,
-            "run() to connect",
-        )
-
-    def _main(self) -> None:
-        try:
-            if self.runtime == "sync":
-                self.scheduler.run()
-            else:
-                anyio.run(self.scheduler.run, backend=self.runtime)
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-        finally:
-            self.returned_at = time.monotonic()
-
-    def alive(self) -> bool:
-        assert self.thread.is_alive(), f"run() ended: {self.error!r}"
-        return True
-
-    def stop(self, within: float = 1.0) -> None:
-        """Stop it; assert that run() returned within *within* seconds, without an error."""
-        started = time.monotonic()
-        self.scheduler.stop()
-        self.thread.join(within + 5)
-        assert not self.thread.is_alive(), "run() did not return after stop()"
-        took = (self.returned_at or time.monotonic()) - started
-        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
-        assert self.error is None, repr(self.error)
-
-
-@pytest.fixture
-def schedulers() -> Iterator[Callable[..., SchedulerRun]]:
-    started: list[SchedulerRun] = []
-
-    def start(runtime: str, dsn: str, **options: Any) -> SchedulerRun:
-        run = SchedulerRun(runtime, dsn, **options)
-        started.append(run)
-        return run
-
-    yield start
-    for run in started:
-        if run.thread.is_alive():
-            run.scheduler.stop()
-            run.thread.join(10)
 
 
 def publish_delayed(dsn: str, value: Any, after: float = 0.2) -> int:

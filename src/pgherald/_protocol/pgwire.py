@@ -199,7 +199,10 @@ _PERMANENT_MARKERS = (
     "does not exist",  # the role or the database
     "invalid connection option",
     "invalid dsn",
+    "unsupported startup parameter",  # a pooler's (PgBouncer: replication, options...)
 )
+POOLER_REFUSES_REPLICATION = "unsupported startup parameter: replication"
+"""PgBouncer's answer (before 1.23) to a replication connection."""
 PERMANENT_CONNECT_TRIES = 3
 """Reconnecting gives up after this many such failures in a row."""
 
