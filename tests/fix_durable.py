@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -192,7 +193,44 @@ def running(installed: str) -> Iterator[Callable[..., Running]]:
 # -- a consumer or a scheduler of any runtime, run by a thread (fault tests) --
 
 
-class ConsumerRun:
+class _OnAThread:
+    """`obj.run()` of one runtime on a thread: directly (sync), or in ``anyio.run``."""
+
+    def __init__(self, runtime: str, obj: Any) -> None:
+        self.runtime = runtime
+        self.obj = obj
+        self.error: BaseException | None = None
+        self.returned_at: float | None = None
+        self.thread = threading.Thread(target=self._main, name=f"run-{runtime}", daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            if self.runtime == "sync":
+                self.obj.run()
+            else:
+                anyio.run(self.obj.run, backend=self.runtime)
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+        finally:
+            self.returned_at = time.monotonic()
+
+    def alive(self) -> bool:
+        assert self.thread.is_alive(), f"run() ended: {self.error!r}"
+        return True
+
+    def stop(self, within: float = 1.0) -> float:
+        """Stop it; assert that run() returned within *within* seconds; return the time."""
+        started = time.monotonic()
+        self.obj.stop()
+        self.thread.join(within + 5)
+        assert not self.thread.is_alive(), "run() did not return after stop()"
+        took = (self.returned_at or time.monotonic()) - started
+        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
+        return took
+
+
+class ConsumerRun(_OnAThread):
     """A consumer of one runtime on a thread; the ids (and payloads) its handler saw."""
 
     def __init__(
@@ -203,12 +241,9 @@ class ConsumerRun:
         handler: Callable[[pgherald.Event], Any] | None = None,
         **options: Any,
     ) -> None:
-        self.runtime = runtime
         self.seen: list[int] = []
         self.payloads: list[Any] = []
         self.gaps: list[pgherald.Gap] = []
-        self.error: BaseException | None = None
-        self.returned_at: float | None = None
         options.setdefault("group", "g")
         options.setdefault("channels", ["ch"])
         cls = pgherald.Consumer if runtime == "sync" else pgherald.AsyncConsumer
@@ -222,35 +257,13 @@ class ConsumerRun:
             self.payloads.append(e.payload)
 
         self.consumer.on()(record)
-        self.thread = threading.Thread(target=self._main, name=f"consumer-{runtime}", daemon=True)
-        self.thread.start()
+        super().__init__(runtime, self.consumer)
         # Its first read is sent once it is connected, in the group, holding partitions.
         wait_until(
             lambda: self.consumer.stats.reads or not self.thread.is_alive(),
             10,
             "run() to connect and read",
         )
-
-    def _main(self) -> None:
-        try:
-            if self.runtime == "sync":
-                self.consumer.run()
-            else:
-                anyio.run(self.consumer.run, backend=self.runtime)
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-        finally:
-            self.returned_at = time.monotonic()
-
-    def stop(self, within: float = 1.0) -> float:
-        """Stop it; assert that run() returned within *within* seconds; return the time."""
-        started = time.monotonic()
-        self.consumer.stop()
-        self.thread.join(within + 5)
-        assert not self.thread.is_alive(), "run() did not return after stop()"
-        took = (self.returned_at or time.monotonic()) - started
-        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
-        return took
 
     def close(self) -> None:
         if self.thread.is_alive():
@@ -276,47 +289,24 @@ def consumers() -> Iterator[Callable[..., ConsumerRun]]:
         run.close()
 
 
-class SchedulerRun:
+class SchedulerRun(_OnAThread):
     """A scheduler of one runtime on a thread."""
 
     def __init__(self, runtime: str, dsn: str, **options: Any) -> None:
-        self.runtime = runtime
-        self.error: BaseException | None = None
-        self.returned_at: float | None = None
         cls = pgherald.Scheduler if runtime == "sync" else pgherald.AsyncScheduler
         self.scheduler: Any = cls(dsn, **options)
-        self.thread = threading.Thread(target=self._main, name=f"scheduler-{runtime}", daemon=True)
-        self.thread.start()
+        super().__init__(runtime, self.scheduler)
         wait_until(
             lambda: self.scheduler.backend_pid or not self.thread.is_alive(),
             10,
             "run() to connect",
         )
 
-    def _main(self) -> None:
-        try:
-            if self.runtime == "sync":
-                self.scheduler.run()
-            else:
-                anyio.run(self.scheduler.run, backend=self.runtime)
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-        finally:
-            self.returned_at = time.monotonic()
-
-    def alive(self) -> bool:
-        assert self.thread.is_alive(), f"run() ended: {self.error!r}"
-        return True
-
-    def stop(self, within: float = 1.0) -> None:
-        """Stop it; assert that run() returned within *within* seconds, without an error."""
-        started = time.monotonic()
-        self.scheduler.stop()
-        self.thread.join(within + 5)
-        assert not self.thread.is_alive(), "run() did not return after stop()"
-        took = (self.returned_at or time.monotonic()) - started
-        assert took < within, f"run() took {took:.2f}s after stop() (at most {within}s)"
+    def stop(self, within: float = 1.0) -> float:
+        """As for any runner, and run() ended without an error."""
+        took = super().stop(within)
         assert self.error is None, repr(self.error)
+        return took
 
 
 @pytest.fixture
@@ -333,3 +323,20 @@ def schedulers() -> Iterator[Callable[..., SchedulerRun]]:
         if run.thread.is_alive():
             run.scheduler.stop()
             run.thread.join(10)
+
+
+def publish_delayed(dsn: str, value: Any, after: float = 0.2, channel: str = "ch") -> int:
+    """Publish *value* on *channel*, due *after* seconds from now."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return pgherald.publish(conn, channel, value, deliver_after=timedelta(seconds=after))
+
+
+def log_payloads(dsn: str, channel: str = "ch") -> list[Any]:
+    """The payloads of the log's events on *channel*, in id order."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        return [
+            r[0]
+            for r in conn.execute(
+                "SELECT payload FROM pgherald.events_v1 WHERE channel = %s ORDER BY id", (channel,)
+            )
+        ]

@@ -16,7 +16,6 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -24,7 +23,15 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import ConsumerRun, Running, SchedulerRun, publish_each, wait_until
+from tests.fix_durable import (
+    ConsumerRun,
+    Running,
+    SchedulerRun,
+    log_payloads,
+    publish_delayed,
+    publish_each,
+    wait_until,
+)
 from tests.fix_pgbouncer import start_pgbouncer
 
 POOLER_MESSAGE = r"pool_mode=transaction.*session-mode pool.*direct DSN"
@@ -238,10 +245,10 @@ def test_scheduler_survives_a_pooler_restart(
     with start_pgbouncer(installed, "session") as bouncer:
         run = schedulers(runtime, bouncer.dsn, max_wait=0.2, **BACK)
         bouncer.kill()
-        _publish_delayed(installed, "during")
+        publish_delayed(installed, "during")
         wait_until(lambda: run.scheduler.connect_failures >= 2, 5, "refused reconnections")
         bouncer.start()
-        wait_until(lambda: _log_payloads(installed) == ["during"], 10, "the delayed event")
+        wait_until(lambda: log_payloads(installed) == ["during"], 10, "the delayed event")
         assert run.scheduler.reconnects == 1
         run.stop()
 
@@ -301,7 +308,7 @@ def test_publishing_in_a_transaction_through_a_transaction_pooler(installed: str
         with contextlib.suppress(RuntimeError), c.transaction():
             pgherald.publish(c, "ch", "rolled back")
             raise RuntimeError("roll back")
-    assert _log_payloads(installed) == list(range(7))
+    assert log_payloads(installed) == list(range(7))
     assert len(kept) == 7
 
 
@@ -312,8 +319,8 @@ def test_scheduler_through_a_pooler(
     # Its LISTEN does not stay behind such a pooler: it finds due work every max_wait instead.
     with start_pgbouncer(installed, mode) as bouncer:
         run = schedulers("sync", bouncer.dsn, max_wait=0.2)
-        _publish_delayed(installed, "due")
-        wait_until(lambda: _log_payloads(installed) == ["due"], 5, "the delayed event")
+        publish_delayed(installed, "due")
+        wait_until(lambda: log_payloads(installed) == ["due"], 5, "the delayed event")
         with psycopg.connect(installed, autocommit=True) as conn:
             pgherald.add_schedule(conn, "yearly", "0 0 1 1 *", channel="ticks")
             conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() - interval '1 s'")
@@ -413,18 +420,3 @@ def _first_change(runtime: str, dsn: str) -> None:
             await stream.__anext__()
 
     anyio.run(main, backend=runtime)
-
-
-def _publish_delayed(dsn: str, value: Any) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return pgherald.publish(conn, "ch", value, deliver_after=timedelta(seconds=0.1))
-
-
-def _log_payloads(dsn: str) -> list[Any]:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return [
-            r[0]
-            for r in conn.execute(
-                "SELECT payload FROM pgherald.events_v1 WHERE channel = 'ch' ORDER BY id"
-            )
-        ]

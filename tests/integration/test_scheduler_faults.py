@@ -14,34 +14,17 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
-from datetime import timedelta
-from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import SchedulerRun
+from tests.fix_durable import SchedulerRun, log_payloads, publish_delayed
 from tests.fix_faults import FaultProxy, SilentServer, wait_until
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
-
-
-def publish_delayed(dsn: str, value: Any, after: float = 0.2) -> int:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return pgherald.publish(conn, "ch", value, deliver_after=timedelta(seconds=after))
-
-
-def released(dsn: str) -> list[Any]:
-    """The payloads of the log's events on channel ch, in log order."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        return [
-            r[0]
-            for r in conn.execute(
-                "SELECT payload FROM pgherald.events_v1 WHERE channel = 'ch' ORDER BY id"
-            )
-        ]
 
 
 def waiting(dsn: str) -> int:
@@ -61,7 +44,7 @@ def test_released_while_running(
     run = schedulers(runtime, installed, max_wait=30)
     publish_delayed(installed, "a", after=0.3)
     # Its wake-up tells the idle scheduler when the event is due, though max_wait is 30 s.
-    took = wait_until(lambda: released(installed) == ["a"], 5, "the delayed event")
+    took = wait_until(lambda: log_payloads(installed) == ["a"], 5, "the delayed event")
     assert took < 3, f"released after {took:.2f}s"
     assert run.scheduler.released == 1
     run.stop()
@@ -75,7 +58,7 @@ def test_frozen_connection_is_replaced_and_nothing_is_lost(
     assert fault_proxy.freeze() >= 1
     publish_delayed(installed, "during")
     # The first statement after the freeze gets no answer: found after max_wait + timeout.
-    took = wait_until(lambda: released(installed) == ["during"], 8, "the delayed event")
+    took = wait_until(lambda: log_payloads(installed) == ["during"], 8, "the delayed event")
     assert took < 0.2 + 1.0 + 3.0, f"found the frozen connection after {took:.2f}s"
     assert run.scheduler.reconnects == 1
     assert waiting(installed) == 0
@@ -100,9 +83,9 @@ def test_three_rounds_of_refused_reconnects(
             f"3 refusals in round {round_}",
         )
         assert run.alive()
-        assert released(installed) == expected[:-1]  # not released while refused
+        assert log_payloads(installed) == expected[:-1]  # not released while refused
         fault_proxy.allow()
-        wait_until(lambda e=list(expected): released(installed) == e, 10, f"round {round_}")
+        wait_until(lambda e=list(expected): log_payloads(installed) == e, 10, f"round {round_}")
     assert run.scheduler.reconnects == 3
     run.stop()
 
@@ -114,7 +97,7 @@ def test_terminated_backend_reconnects(
     run = schedulers(runtime, installed, **FAST)
     conn.execute("SELECT pg_terminate_backend(%s)", (run.scheduler.backend_pid,))
     publish_delayed(installed, "after")
-    wait_until(lambda: released(installed) == ["after"], 10, "the event after the termination")
+    wait_until(lambda: log_payloads(installed) == ["after"], 10, "the event after the termination")
     assert run.scheduler.reconnects == 1
     run.stop()
 
@@ -130,7 +113,7 @@ def test_survives_a_server_restart_and_ticks_once(
     server.restart()
     publish_delayed(server.dsn, "after the restart")
     wait_until(
-        lambda: released(server.dsn) == ["after the restart"], 15, "the event after the restart"
+        lambda: log_payloads(server.dsn) == ["after the restart"], 15, "the event after the restart"
     )
     assert run.scheduler.reconnects == 1
     assert run.scheduler.backend_pid != before
@@ -200,6 +183,33 @@ def test_stop_while_connecting_to_a_server_that_never_answers(
     fault_proxy.sever()
     wait_until(lambda: silent_server.accepted, 5, "a connection attempt to the hung server")
     run.stop()
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_cancellation_inside_a_statement_on_a_frozen_connection(
+    runtime: str, installed: str, fault_proxy: FaultProxy
+) -> None:
+    async def main() -> tuple[float, int | None]:
+        scheduler = pgherald.AsyncScheduler(
+            fault_proxy.dsn_for(installed), max_wait=0.05, statement_timeout=60
+        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(scheduler.run)
+            with anyio.fail_after(10):
+                while scheduler.backend_pid is None:  # noqa: ASYNC110 (no event to await)
+                    await anyio.sleep(0.01)
+            pid = scheduler.backend_pid
+            fault_proxy.freeze()  # within max_wait its next statement gets no answer
+            await anyio.sleep(0.3)
+            started = time.monotonic()
+            tg.cancel_scope.cancel()
+        took = time.monotonic() - started
+        assert scheduler.backend_pid is None  # its connection closed on the way out
+        return took, pid
+
+    took, pid = anyio.run(main, backend=runtime)
+    assert pid is not None
+    assert took < 0.5, f"cancellation took {took:.2f}s"
 
 
 # -- what ends run(): only what retrying cannot fix --
