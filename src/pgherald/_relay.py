@@ -8,14 +8,14 @@ the group's position. A crash (even SIGKILL) therefore redelivers at most one re
 broker's de-duplication (JetStream's ``Nats-Msg-Id``, the Redis script's per-partition
 positions) turns into effectively once. See docs/relay.md.
 
-The broker clients (nats-py, redis-py's asyncio client) run on asyncio only: `AsyncRelay.run`
-refuses trio with a `UsageError`; `Relay` runs its own asyncio loop.
+The relay itself runs on anyio; the broker clients (nats-py, redis-py's asyncio client) on
+asyncio only: `AsyncRelay.run` into NATS or Redis refuses trio with a `UsageError`, into
+webhooks (httpx) it runs on trio too. `Relay` runs its own asyncio loop.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import logging
@@ -28,7 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 from urllib.parse import urlsplit
 
+import anyio
+import anyio.abc
 import sniffio
+from anyio.streams.buffered import BufferedByteReceiveStream
 
 from ._conninfo import Source
 from ._consumer import Start, relay_consumer
@@ -103,6 +106,8 @@ class Sink(Protocol):
     """What a relay publishes through: one broker connection, opened lazily."""
 
     target: str
+    anyio: bool
+    """True: the client runs on any anyio backend (asyncio and trio); False: asyncio only."""
     raw: bool
     """True: the sink takes each event's payload and headers as the log's JSON text (str, and
     None for no headers), which it forwards as they are; False: decoded, as consumers get them."""
@@ -120,24 +125,28 @@ class _RelayState:
 
     def __init__(self, stats: RelayStats, *, retry_delay: float, retry_max_delay: float) -> None:
         self.stats = stats
-        self.stopping = asyncio.Event()
+        self.stopping = anyio.Event()
         self.retry_delay = retry_delay
         self.retry_max_delay = retry_max_delay
 
     async def unless_stopped(self, coro: Awaitable[T]) -> T | None:
         """Await *coro*, or cancel it when the relay stops first (then None)."""
-        task = asyncio.ensure_future(coro)
-        stopped = asyncio.ensure_future(self.stopping.wait())
-        try:
-            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopped.cancel()
-        if task.done():
-            return task.result()
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        return None
+        result: T | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._cancel_on_stop, tg.cancel_scope)
+            try:
+                result = await coro
+            except Exception as exc:  # raised below, as itself (not in an exception group)
+                error = exc
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return result
+
+    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self.stopping.wait()
+        scope.cancel()
 
     async def pause(self, attempt: int, why: str, *, at_least: float = 0.0) -> bool:
         """Wait the backoff of *attempt* (1-based); False when stopped meanwhile."""
@@ -148,11 +157,10 @@ class _RelayState:
         self.stats.retries += 1
         log = logger.warning if attempt == 1 or attempt % 10 == 0 else logger.info
         log("%s; retrying in %.2fs (attempt %d)", why, delay, attempt)
-        try:
-            await asyncio.wait_for(self.stopping.wait(), delay)
-        except asyncio.TimeoutError:
-            return True
-        return False
+        with anyio.move_on_after(delay):
+            await self.stopping.wait()
+            return False
+        return True
 
 
 def _sink_for(
@@ -206,7 +214,8 @@ def _sink_for(
 
 class AsyncRelay:
     """
-    Relay a consumer group's events into NATS JetStream, Redis Streams or webhooks (asyncio).
+    Relay a consumer group's events into NATS JetStream, Redis Streams or webhooks (asyncio;
+    webhooks also on trio).
 
     ``AsyncRelay(dsn, to="nats://127.0.0.1:4222", channels=["orders"])``; ``await
     relay.run()`` until `stop` (or cancellation). Each read of the log is published as a whole,
@@ -369,10 +378,11 @@ class AsyncRelay:
 
     async def run(self) -> None:
         """Relay events until `stop` (or cancellation)."""
-        if sniffio.current_async_library() != "asyncio":
+        if not self._sink.anyio and sniffio.current_async_library() != "asyncio":
             raise UsageError(
-                "AsyncRelay runs on asyncio only (the NATS and Redis clients do): run it "
-                "under asyncio, or use pgherald.Relay from a thread"
+                f"relaying to {self._sink.target} runs on asyncio only (its client does: "
+                "nats-py, redis-py): run this AsyncRelay under asyncio, or pgherald.Relay from "
+                "a thread (webhook relays run on trio too)"
             )
         self._state = _RelayState(
             self.stats, retry_delay=self._retry[0], retry_max_delay=self._retry[1]
@@ -381,22 +391,29 @@ class AsyncRelay:
             self._state.stopping.set()
         self.stats.started_at = time.time()
         self._reported = (self.stats.started_at, self.stats.relayed)
-        server: asyncio.Server | None = None
+        error: Exception | None = None
         try:
-            if self._metrics[1] is not None:
-                server = await asyncio.start_server(
-                    self._serve_metrics, self._metrics[0], self._metrics[1]
-                )
-                self._metrics_address = server.sockets[0].getsockname()[:2]
-            async with self._consumer:
-                if not self._stop_requested:
-                    await self._consumer.run()
+            async with anyio.create_task_group() as tg:
+                if self._metrics[1] is not None:
+                    listener = await anyio.create_tcp_listener(
+                        local_host=self._metrics[0], local_port=self._metrics[1]
+                    )
+                    address = listener.extra(anyio.abc.SocketAttribute.local_address)
+                    self._metrics_address = (str(address[0]), int(address[1]))
+                    tg.start_soon(self._metrics_server, listener)
+                try:
+                    async with self._consumer:
+                        if not self._stop_requested:
+                            await self._consumer.run()
+                except Exception as exc:  # raised below, as itself (not in an exception group)
+                    error = exc
+                tg.cancel_scope.cancel()  # the metrics server
         finally:
             self._stop_requested = False
             self._state = None
-            if server is not None:
-                server.close()
             await self._sink.aclose()
+        if error is not None:
+            raise error
 
     def metrics(self) -> str:
         """The relay's counters in Prometheus' text format (what ``/metrics`` serves)."""
@@ -433,30 +450,30 @@ class AsyncRelay:
             ]
         return "\n".join(out) + "\n"
 
-    async def _serve_metrics(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        try:
-            request = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
-            if path.split(b"?")[0] == b"/metrics":
-                body, status = self.metrics().encode(), b"200 OK"
-            else:
-                body, status = b"not found: try /metrics\n", b"404 Not Found"
-            writer.write(
-                b"HTTP/1.1 %s\r\nContent-Type: text/plain; version=0.0.4\r\n"
-                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (status, len(body), body)
-            )
-            await writer.drain()
-        except (
-            OSError,
-            asyncio.TimeoutError,
-            asyncio.IncompleteReadError,
-            asyncio.LimitOverrunError,
-        ):
-            pass
-        finally:
-            writer.close()
+    async def _metrics_server(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        async with listener:  # closed when the relay's run ends (cancelled)
+            await listener.serve(self._serve_metrics)
+
+    async def _serve_metrics(self, stream: anyio.abc.SocketStream) -> None:
+        async with stream:
+            try:
+                with anyio.fail_after(5):
+                    request = await BufferedByteReceiveStream(stream).receive_until(
+                        b"\r\n\r\n", 65536
+                    )
+                    path = request.split(b" ", 2)[1] if request.count(b" ") >= 2 else b""
+                    if path.split(b"?")[0] == b"/metrics":
+                        body, status = self.metrics().encode(), b"200 OK"
+                    else:
+                        body, status = b"not found: try /metrics\n", b"404 Not Found"
+                    await stream.send(
+                        b"HTTP/1.1 %s\r\nContent-Type: text/plain; version=0.0.4\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n%s"
+                        % (status, len(body), body)
+                    )
+            except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError,
+                    anyio.ClosedResourceError, anyio.DelimiterNotFound, anyio.IncompleteRead):  # fmt: skip
+                pass
 
     def _status_value(self, backend_pid: int) -> str:
         """The status row's JSON (see `RelayInfo`): the rate is over the time since the last."""

@@ -33,6 +33,7 @@ _BAD_SUBJECT = set(" \t\r\n*>")
 
 
 class NatsSink:
+    anyio = False  # its client runs on asyncio only
     raw = True
     """Takes payloads and headers as the log's JSON text (the relay sets ``raw_payloads``)."""
 

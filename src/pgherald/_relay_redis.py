@@ -86,6 +86,7 @@ _PARTITIONS = [_bulk(b"%d" % p) for p in range(256)]
 
 
 class RedisSink:
+    anyio = False  # its client runs on asyncio only
     raw = True
     """Takes payloads and headers as the log's JSON text (the relay sets ``raw_payloads``)."""
 

@@ -68,6 +68,7 @@ def retry_after(value: str | None, now: float) -> float:
 
 
 class WebhookSink:
+    anyio = True  # httpx runs on asyncio and trio
     raw = False  # the body embeds the payload as a JSON value: decoded events
 
     def __init__(

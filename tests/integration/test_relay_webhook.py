@@ -12,13 +12,14 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import anyio
 import psycopg
 import pytest
 
 import pgherald
 from tests.fix_brokers import publish_paced
 from tests.fix_durable import uncovered
-from tests.fix_faults import wait_until
+from tests.fix_faults import await_until, wait_until
 
 SECRET = "s3cret"
 
@@ -179,3 +180,71 @@ def test_after_max_attempts_an_event_is_dead_lettered_and_the_rest_delivered_in_
 def test_plain_http_to_another_host_is_refused(installed: str) -> None:
     with pytest.raises(pgherald.UsageError, match="use https"):
         pgherald.Relay(installed, to="http://example.com/hook", channels=["orders"])
+
+
+# -- AsyncRelay into webhooks on asyncio and trio (httpx runs on both) --
+
+
+@pytest.mark.anyio
+async def test_async_relay_into_webhooks_retries_serves_metrics_and_stops(
+    installed: str, anyio_backend: str, receiver_factory: Callable[..., Receiver]
+) -> None:
+    ids = publish_paced(installed, "orders", 20, 20, 0)
+    receiver = receiver_factory(lambda n, body: (500, {}) if n < 2 else (200, {}))
+    relay = pgherald.AsyncRelay(
+        installed,
+        to=receiver.url,
+        channels=["orders"],
+        secret=SECRET,
+        retry_delay=0.005,
+        retry_max_delay=0.02,
+        metrics_port=0,
+    )
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        await await_until(lambda: len(receiver.accepted) == 20, 20, "every event delivered")
+        await await_until(lambda: relay.metrics_address is not None, 5, "the metrics server")
+        assert relay.metrics_address is not None
+        host, port = relay.metrics_address
+        text = await anyio.to_thread.run_sync(_get, f"http://{host}:{port}/metrics")
+        assert 'pgherald_relay_retries_total{group="relay"' in text
+        relay.stop()
+    assert [body["id"] for body in receiver.accepted] == ids
+    assert receiver.bad_signatures == 0
+    assert relay.stats.retries == 2  # the two failures, each retried after a backoff
+    assert relay.stats.relayed == 20
+
+
+@pytest.mark.anyio
+async def test_async_relay_stops_within_a_second_while_a_webhook_hangs(
+    installed: str, anyio_backend: str, receiver_factory: Callable[..., Receiver]
+) -> None:
+    publish_paced(installed, "orders", 1, 1, 0)
+    release = threading.Event()
+    arrived = threading.Event()
+
+    def hang(n: int, body: Any) -> tuple[int, dict[str, str]]:
+        arrived.set()
+        release.wait(30)
+        return 200, {}
+
+    receiver = receiver_factory(hang)
+    relay = pgherald.AsyncRelay(installed, to=receiver.url, channels=["orders"], secret=SECRET)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(relay.run)
+            await await_until(arrived.is_set, 10, "the POST")
+            started = time.monotonic()
+            relay.stop()
+        took = time.monotonic() - started
+    finally:
+        release.set()
+    assert took < 1.0, f"run() took {took:.2f}s after stop()"
+    assert relay.stats.relayed == 0  # not acknowledged: it comes again
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
