@@ -23,9 +23,8 @@ import math
 import os
 import socket
 import time
-from collections.abc import Awaitable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from collections.abc import Iterable, Mapping
+from typing import Any
 from urllib.parse import urlsplit
 
 import anyio
@@ -36,16 +35,17 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from ._conninfo import Source
 from ._consumer import Start, relay_consumer
 from ._models import Event
-from ._protocol.backoff import backoff_delay
 from ._protocol.channels import check_channel
 from ._protocol.consumer import StatusRow
+from ._relay_nats import NatsSink
+from ._relay_redis import RedisSink
+from ._relay_sink import Refused, RelayStats, Sink, _RelayState
+from ._relay_webhook import WebhookSink
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
 
 __all__ = ["AsyncRelay", "Relay", "RelayStats"]
-
-T = TypeVar("T")
 
 DEFAULT_NATS_STREAM = "PGHERALD"
 DEFAULT_SUBJECT = "pgherald.{channel}"
@@ -54,113 +54,6 @@ CAUGHT_UP_AFTER = 2.0
 """A relay that acknowledged nothing for this long has caught up: rate and lag read 0."""
 
 _instances = itertools.count(1)  # relays made in this process: part of each one's status row
-
-
-@dataclass
-class RelayStats:
-    """Counters a relay keeps; cheap to read at any time (also from another thread)."""
-
-    relayed: int = 0
-    """Events the broker acknowledged (de-duplicated re-sends included)."""
-    duplicates: int = 0
-    """Of those, re-sends the broker already had and dropped (JetStream, Redis)."""
-    batches: int = 0
-    """Reads handed to the sink and fully acknowledged."""
-    retries: int = 0
-    """Times a batch (or its rest) was sent again: broker unreachable or refusing."""
-    dead_lettered: int = 0
-    """Events given up (refused by the broker ``max_attempts`` times): see dead letters."""
-    connects: int = 0
-    """Connections made to the broker."""
-    started_at: float = 0.0
-    """When `run` started (``time.time()``)."""
-    last_relayed_at: float | None = None
-    """When the last batch was acknowledged (``time.time()``)."""
-    rate: float = 0.0
-    """Events per second, smoothed over about the last 10 seconds."""
-    lag_seconds: float = 0.0
-    """Age of the last event relayed when it was acknowledged (0 once the relay waits for
-    events: it has caught up)."""
-
-    def _count(self, n: int) -> None:
-        now = time.time()
-        last = self.last_relayed_at or self.started_at
-        self.relayed += n
-        self.batches += 1
-        dt = max(now - last, 1e-3)
-        weight = min(dt / 10.0, 1.0)
-        self.rate = (1 - weight) * self.rate + weight * (n / dt)
-        self.last_relayed_at = now
-
-
-class Refused(Exception):
-    """A sink gives up an event for good (too large, refused too often): it is dead-lettered."""
-
-    def __init__(self, done: int, message: str) -> None:
-        super().__init__(message)
-        self.done = done
-        """How many events before it were published (see `AsyncConsumer.add_batch_handler`)."""
-
-
-class Sink(Protocol):
-    """What a relay publishes through: one broker connection, opened lazily."""
-
-    target: str
-    anyio: bool
-    """True: the client runs on any anyio backend (asyncio and trio); False: asyncio only."""
-    raw: bool
-    """True: the sink takes each event's payload and headers as the log's JSON text (str, and
-    None for no headers), which it forwards as they are; False: decoded, as consumers get them."""
-
-    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
-        """Publish *events* in order; return None when all are acknowledged, or how many are
-        when stopping; raise `Refused` for an event the broker will never take."""
-        ...
-
-    async def aclose(self) -> None: ...
-
-
-class _RelayState:
-    """What sinks share with their relay: the stop flag, the counters, the backoff."""
-
-    def __init__(self, stats: RelayStats, *, retry_delay: float, retry_max_delay: float) -> None:
-        self.stats = stats
-        self.stopping = anyio.Event()
-        self.retry_delay = retry_delay
-        self.retry_max_delay = retry_max_delay
-
-    async def unless_stopped(self, coro: Awaitable[T]) -> T | None:
-        """Await *coro*, or cancel it when the relay stops first (then None)."""
-        result: T | None = None
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._cancel_on_stop, tg.cancel_scope)
-            try:
-                result = await coro
-            except Exception as exc:  # raised below, as itself (not in an exception group)
-                error = exc
-            tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        return result
-
-    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
-        await self.stopping.wait()
-        scope.cancel()
-
-    async def pause(self, attempt: int, why: str, *, at_least: float = 0.0) -> bool:
-        """Wait the backoff of *attempt* (1-based); False when stopped meanwhile."""
-        delay = max(
-            at_least,
-            backoff_delay(attempt, initial=self.retry_delay, cap=self.retry_max_delay),
-        )
-        self.stats.retries += 1
-        log = logger.warning if attempt == 1 or attempt % 10 == 0 else logger.info
-        log("%s; retrying in %.2fs (attempt %d)", why, delay, attempt)
-        with anyio.move_on_after(delay):
-            await self.stopping.wait()
-            return False
-        return True
 
 
 def _sink_for(
@@ -645,20 +538,3 @@ def _caught_up(s: RelayStats) -> bool:
 
 def _label(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def safe_url(url: str) -> str:
-    """*url* without its password (for logs and `target`)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rpartition("@")
-    user = (parts.username or "") + ":***"
-    return parts._replace(netloc=f"{user}@{netloc[2]}").geturl()
-
-
-# The sinks import their broker clients only when used; the modules themselves are imported
-# here, once, not in the middle of a run (they import this module's names: hence at the end).
-from ._relay_nats import NatsSink  # noqa: E402
-from ._relay_redis import RedisSink  # noqa: E402
-from ._relay_webhook import WebhookSink  # noqa: E402

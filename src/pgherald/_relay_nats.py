@@ -22,7 +22,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from ._models import Event
-from ._relay import Refused, _RelayState, safe_url
+from ._relay_sink import Refused, _RelayState, safe_url
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")

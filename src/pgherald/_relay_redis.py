@@ -27,7 +27,7 @@ import logging
 from typing import Any
 
 from ._models import Event
-from ._relay import Refused, _RelayState, safe_url
+from ._relay_sink import Refused, _RelayState, safe_url
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")

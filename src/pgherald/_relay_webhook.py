@@ -29,7 +29,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from ._models import Event
-from ._relay import Refused, _RelayState, safe_url
+from ._relay_sink import Refused, _RelayState, safe_url
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")

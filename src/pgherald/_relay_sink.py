@@ -1,0 +1,141 @@
+"""
+What a relay and its sinks share: the `Sink` protocol, `Refused`, the relay's counters
+(`RelayStats`) and its state as sinks see it (stop, backoff), and `safe_url`. The sinks
+(``_relay_nats``, ``_relay_redis``, ``_relay_webhook``) build on this module; `AsyncRelay`
+(``_relay``) on them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+from urllib.parse import urlsplit
+
+import anyio
+
+from ._models import Event
+from ._protocol.backoff import backoff_delay
+
+logger = logging.getLogger("pgherald.relay")
+
+T = TypeVar("T")
+
+
+@dataclass
+class RelayStats:
+    """Counters a relay keeps; cheap to read at any time (also from another thread)."""
+
+    relayed: int = 0
+    """Events the broker acknowledged (de-duplicated re-sends included)."""
+    duplicates: int = 0
+    """Of those, re-sends the broker already had and dropped (JetStream, Redis)."""
+    batches: int = 0
+    """Reads handed to the sink and fully acknowledged."""
+    retries: int = 0
+    """Times a batch (or its rest) was sent again: broker unreachable or refusing."""
+    dead_lettered: int = 0
+    """Events given up (refused by the broker ``max_attempts`` times): see dead letters."""
+    connects: int = 0
+    """Connections made to the broker."""
+    started_at: float = 0.0
+    """When `run` started (``time.time()``)."""
+    last_relayed_at: float | None = None
+    """When the last batch was acknowledged (``time.time()``)."""
+    rate: float = 0.0
+    """Events per second, smoothed over about the last 10 seconds."""
+    lag_seconds: float = 0.0
+    """Age of the last event relayed when it was acknowledged (0 once the relay waits for
+    events: it has caught up)."""
+
+    def _count(self, n: int) -> None:
+        now = time.time()
+        last = self.last_relayed_at or self.started_at
+        self.relayed += n
+        self.batches += 1
+        dt = max(now - last, 1e-3)
+        weight = min(dt / 10.0, 1.0)
+        self.rate = (1 - weight) * self.rate + weight * (n / dt)
+        self.last_relayed_at = now
+
+
+class Refused(Exception):
+    """A sink gives up an event for good (too large, refused too often): it is dead-lettered."""
+
+    def __init__(self, done: int, message: str) -> None:
+        super().__init__(message)
+        self.done = done
+        """How many events before it were published (see `AsyncConsumer.add_batch_handler`)."""
+
+
+class Sink(Protocol):
+    """What a relay publishes through: one broker connection, opened lazily."""
+
+    target: str
+    anyio: bool
+    """True: the client runs on any anyio backend (asyncio and trio); False: asyncio only."""
+    raw: bool
+    """True: the sink takes each event's payload and headers as the log's JSON text (str, and
+    None for no headers), which it forwards as they are; False: decoded, as consumers get them."""
+
+    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+        """Publish *events* in order; return None when all are acknowledged, or how many are
+        when stopping; raise `Refused` for an event the broker will never take."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _RelayState:
+    """What sinks share with their relay: the stop flag, the counters, the backoff."""
+
+    def __init__(self, stats: RelayStats, *, retry_delay: float, retry_max_delay: float) -> None:
+        self.stats = stats
+        self.stopping = anyio.Event()
+        self.retry_delay = retry_delay
+        self.retry_max_delay = retry_max_delay
+
+    async def unless_stopped(self, coro: Awaitable[T]) -> T | None:
+        """Await *coro*, or cancel it when the relay stops first (then None)."""
+        result: T | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._cancel_on_stop, tg.cancel_scope)
+            try:
+                result = await coro
+            except Exception as exc:  # raised below, as itself (not in an exception group)
+                error = exc
+            tg.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return result
+
+    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
+        await self.stopping.wait()
+        scope.cancel()
+
+    async def pause(self, attempt: int, why: str, *, at_least: float = 0.0) -> bool:
+        """Wait the backoff of *attempt* (1-based); False when stopped meanwhile."""
+        delay = max(
+            at_least,
+            backoff_delay(attempt, initial=self.retry_delay, cap=self.retry_max_delay),
+        )
+        self.stats.retries += 1
+        log = logger.warning if attempt == 1 or attempt % 10 == 0 else logger.info
+        log("%s; retrying in %.2fs (attempt %d)", why, delay, attempt)
+        with anyio.move_on_after(delay):
+            await self.stopping.wait()
+            return False
+        return True
+
+
+def safe_url(url: str) -> str:
+    """*url* without its password (for logs and `target`)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rpartition("@")
+    user = (parts.username or "") + ":***"
+    return parts._replace(netloc=f"{user}@{netloc[2]}").geturl()
