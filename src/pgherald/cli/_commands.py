@@ -9,7 +9,6 @@ import math
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from datetime import datetime
 from typing import Any, NoReturn, TypeVar
 
 import click
@@ -17,8 +16,9 @@ import psycopg
 
 from .._errormap import from_driver
 from .._listener import Listener
-from .._models import Gap, Notification
+from .._models import Gap
 from ..errors import HeraldError
+from ._format import format_notification
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -220,14 +220,6 @@ def listen(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> None:
             else:
                 click.echo(format_notification(n))
                 out.flush()
-
-
-def format_notification(n: Notification) -> str:
-    stamp = datetime.now().strftime("%H:%M:%S.%f")[:-3]
-    return (
-        f"{click.style(stamp, dim=True)} {click.style(n.channel, fg='cyan', bold=True)} "
-        f"{n.payload} {click.style(f'(pid {n.pid})', dim=True)}"
-    )
 
 
 @cli.command()

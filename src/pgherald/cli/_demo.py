@@ -18,6 +18,7 @@ from .._conninfo import connect_error, listener_conninfo
 from .._listener import Listener
 from .._models import Gap, Notification
 from ..errors import HeraldError
+from ._format import format_change
 
 Echo = Callable[..., None]
 Style = Callable[..., str]
@@ -270,7 +271,6 @@ def _durable_steps(
 
 def _changes_tour(conninfo: str, *, step: Callable[[str], None], show: Callable[..., None]) -> None:
     from .._triggers import add_table_trigger, remove_table_trigger
-    from ._triggers_cmd import format_change
 
     ident = psql.Identifier(f"Demo Orders {os.getpid()}")
     with psycopg.connect(conninfo, autocommit=True) as conn:

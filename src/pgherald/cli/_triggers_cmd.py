@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import click
 
 from .._listener import Listener
-from .._models import Notification
 from .._triggers import (
     DDL_CHANNEL,
     EVENTS,
@@ -29,12 +27,12 @@ from ._commands import (
     cli,
     connection,
     dsn_option,
-    format_notification,
     friendly,
     json_option,
     stop_on_signals,
 )
 from ._durable import sql_cmd
+from ._format import cdc_line, format_change, format_event
 
 
 def _split(text: str | None) -> list[str]:
@@ -214,33 +212,6 @@ def sql_trigger_add(
     )
 
 
-def format_change(n: Notification) -> str:
-    """One readable line per change; UPDATE shows the changed columns old -> new."""
-    try:
-        e = n.json()
-        return format_event(e)
-    except (ValueError, KeyError, TypeError, RecursionError):  # anyone may NOTIFY anything
-        return format_notification(n)
-
-
-def format_event(e: dict[str, Any], dumps: Callable[[Any], str] = json.dumps) -> str:
-    """A change event (a trigger's, or a `ChangeEvent.as_dict`) as one readable line."""
-    op, table = e["op"], f"{e['schema']}.{e['table']}"
-    head = f"{click.style(op, fg={'INSERT': 'green', 'UPDATE': 'yellow', 'DELETE': 'red'}.get(op, 'magenta'), bold=True)} {click.style(table, fg='cyan')}"
-    if e.get("truncated"):
-        return f"{head} key {dumps(e.get('key'))} (row too wide for NOTIFY: fetch it)"
-    if op == "UPDATE":
-        new, old = e.get("new") or {}, e.get("old") or {}
-        if e.get("changed") is None:  # CDC without REPLICA IDENTITY FULL: the new row only
-            return f"{head} {dumps(new)}"
-        changes = ", ".join(
-            f"{c}: {dumps(old.get(c))} -> {dumps(new.get(c))}" for c in e.get("changed") or []
-        )
-        return f"{head} {changes}"
-    row = e.get("new") if op in ("INSERT", "READ") else e.get("old")
-    return f"{head} {dumps(row)}" if row is not None else head
-
-
 @cli.command("watch")
 @dsn_option
 @json_option("Print each change event as one JSON line.")
@@ -316,7 +287,6 @@ def _watch_cdc(
     """`watch --cdc SLOT`: the changes of TABLES read from a logical replication slot."""
     from .._cdc import ChangeStream, check_logical, drop_created
     from .._protocol.pgoutput import dumps_value
-    from .cdc import cdc_line
 
     stream = ChangeStream(dsn, slot=slot, tables=tables)
     created = None

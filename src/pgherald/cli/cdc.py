@@ -18,7 +18,6 @@ from .._cdc import (
     slot_status,
     without_identity,
 )
-from .._protocol.pgoutput import ChangeEvent, dumps_value
 from ._commands import (
     cli,
     confirm_destructive,
@@ -28,6 +27,7 @@ from ._commands import (
     friendly,
     stop_on_signals,
 )
+from ._format import cdc_line
 
 DEFAULT_MAX_RETAINED = 1024**3  # 1 GB
 
@@ -246,10 +246,3 @@ def cdc_run(
         for event in stream:
             out.write(cdc_line(event))
             out.flush()
-
-
-def cdc_line(event: ChangeEvent) -> str:
-    """A change as one JSON line: its `ChangeEvent.as_dict` plus its key."""
-    record = event.as_dict()
-    record["key"] = event.key
-    return dumps_value(record) + "\n"
