@@ -21,6 +21,13 @@ EXPECTED: dict[str, list[str]] = {
         "-> 400 empty message (rolled back: nothing sent)",
         "received 3 notifications, handler errors 0",
     ],
+    "delayed_and_periodic_events.py": [
+        "-> 3 reminders stored, due in 0.3 s to 0.6 s; one withdrawn: True",
+        "schedule 'standup': weekdays at 9:00 Paris, next ",
+        "scheduler released 2 reminders while no consumer ran",
+        "<- reminder: 'water the plants'",
+        "heard ['water the plants', 'stretch'] in ",
+    ],
     "fastapi_app.py": [
         "POST /orders teapot x40 -> 409",
         "GET /healthz -> 200",
