@@ -151,3 +151,32 @@ def test_two_runners_publish_each_tick_once_and_release_delayed_events(
     assert set(per_tick.values()) == {1}, "a tick was published twice"
     assert Counter(name for name, _ in rows) == dict.fromkeys(names, 3)
     assert conn.execute("SELECT count(*) FROM pgherald.scheduled_v1").fetchone() == (0,)
+
+
+def test_list_warns_when_nothing_publishes_ticks_or_releases_delayed_events(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    added = run(installed, "schedule", "add", "--cron", "0 0 1 1 *", "--channel", "c", "yearly")
+    assert added.returncode == 0, added.stderr
+    fresh = run(installed, "schedule", "list")
+    assert fresh.returncode == 0, fresh.stderr
+    assert "warning" not in fresh.stderr  # due next year: nothing is late
+    pgherald.publish(conn, "c", 1, deliver_after=timedelta(0))
+    # Nothing runs: the tick and the delayed event stay where they are, ten minutes late.
+    conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() - interval '10 min'")
+    conn.execute("UPDATE pgherald.scheduled_v1 SET deliver_at = now() - interval '2 h'")
+    late = run(installed, "schedule", "list")
+    assert late.returncode == 0, late.stderr
+    assert "warning: schedule 'yearly' is 10 min overdue" in late.stderr
+    assert "`pgherald schedule run`" in late.stderr
+    assert "warning: delayed events are 2.0 h overdue" in late.stderr
+    (record,) = [
+        json.loads(line)
+        for line in run(installed, "schedule", "list", "--json").stdout.splitlines()
+    ]
+    assert 590 < record["overdue_seconds"] < 700
+    # A scheduler catches up: the tick is published, the event released, and no warning left.
+    pgherald.tick_schedules(conn)
+    pgherald.release_due_events(conn)
+    after = run(installed, "schedule", "list")
+    assert "warning" not in after.stderr, after.stderr

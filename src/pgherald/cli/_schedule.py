@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -19,6 +20,16 @@ from ..errors import UsageError
 from ._commands import cli, connection, dsn_option, friendly, json_option, stop_on_signals
 from ._durable import require_schema
 
+OVERDUE_AFTER = 60.0
+"""Seconds past its due time after which `schedule list` says nothing is publishing a tick or
+releasing delayed events (a running scheduler does it within a second; clocks may differ)."""
+
+
+def overdue(due: datetime) -> float | None:
+    """Seconds *due* is overdue by, past `OVERDUE_AFTER` (None: not overdue)."""
+    late = (datetime.now(timezone.utc) - due).total_seconds()
+    return late if late > OVERDUE_AFTER else None
+
 
 def as_dict(s: Schedule) -> dict[str, Any]:
     return {
@@ -31,6 +42,7 @@ def as_dict(s: Schedule) -> dict[str, Any]:
         "headers": s.headers,
         "next_tick": s.next_tick.isoformat(),
         "last_tick": s.last_tick.isoformat() if s.last_tick else None,
+        "overdue_seconds": overdue(s.next_tick),
     }
 
 
@@ -89,17 +101,41 @@ def list_cmd(dsn: str | None, as_json: bool) -> None:
     if as_json:
         for s in found:
             click.echo(json.dumps(as_dict(s)))
-        return
-    if not found:
-        click.echo("no schedules")
+    else:
+        if not found:
+            click.echo("no schedules")
+        for s in found:
+            last = s.last_tick.isoformat() if s.last_tick else "never"
+            click.echo(
+                f"{s.name}: '{s.cron}' ({s.timezone}) -> {s.channel}, next "
+                f"{s.next_tick.isoformat()}, last {last}"
+            )
+        if waiting and first_due is not None:
+            click.echo(f"{waiting:,} delayed events waiting, the first due {first_due.isoformat()}")
+    # On stderr, in both formats: a schedule added with nothing running it is the usual slip.
     for s in found:
-        last = s.last_tick.isoformat() if s.last_tick else "never"
-        click.echo(
-            f"{s.name}: '{s.cron}' ({s.timezone}) -> {s.channel}, next {s.next_tick.isoformat()}"
-            f", last {last}"
+        if (late := overdue(s.next_tick)) is not None:
+            warn(
+                f"schedule {s.name!r} is {_span(late)} overdue: ticks are published only while "
+                "a scheduler runs (`pgherald schedule run`, or pgherald.Scheduler)"
+            )
+    if waiting and first_due is not None and (late := overdue(first_due)) is not None:
+        warn(
+            f"delayed events are {_span(late)} overdue: they are released by running consumers "
+            "of any group, or by `pgherald schedule run`; none is running"
         )
-    if waiting and first_due is not None:
-        click.echo(f"{waiting:,} delayed events waiting, the first due {first_due.isoformat()}")
+
+
+def warn(message: str) -> None:
+    click.echo(f"pgherald: warning: {message}", err=True)
+
+
+def _span(seconds: float) -> str:
+    if seconds < 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.1f} days"
 
 
 @schedule_cmd.command("remove")
