@@ -60,9 +60,10 @@ async def main() -> int:
         )
 
     # No consumer runs yet: the scheduler alone moves the due reminders into the log.
-    # (A worker runs it for good: ``await scheduler.run()`` until stop() or cancellation.)
+    # Here for 2.5 s; a worker runs it for good (``await scheduler.run()``, until stop() or
+    # cancellation).
     scheduler = pgherald.AsyncScheduler(DSN)
-    with anyio.move_on_after(1.5):
+    with anyio.move_on_after(2.5):
         await scheduler.run()
     print(f"scheduler released {scheduler.released} reminders while no consumer ran")
 

@@ -80,7 +80,26 @@ def from_driver(exc: BaseException, *, doing: str) -> HeraldError:
 
 
 def from_sqlstate(sqlstate: str | None, message: str, *, doing: str) -> HeraldError:
-    """The `HeraldError` for a server error *sqlstate* with *message*, met while *doing*."""
+    """The `HeraldError` for a server error *sqlstate* with *message*, met while *doing*; its
+    ``sqlstate`` attribute keeps the code."""
+    error = _from_sqlstate(sqlstate, message, doing=doing)
+    error.sqlstate = sqlstate
+    return error
+
+
+def is_transient(sqlstate: str | None) -> bool:
+    """
+    A server error that the same statement may not meet again: a serialization failure or
+    deadlock, a cancelled statement (``pg_cancel_backend``, ``statement_timeout``), a lock not
+    available in time, or resources short for now (out of memory, disk full, too many
+    connections). For the loops that run by themselves (the scheduler): retry, do not stop.
+    """
+    return sqlstate is not None and (
+        sqlstate[:2] in ("40", "53") or sqlstate in ("57014", "55P03", "55006")
+    )
+
+
+def _from_sqlstate(sqlstate: str | None, message: str, *, doing: str) -> HeraldError:
     message = " ".join(message.split()).rstrip(".") or "unknown error"
     what = f"{doing} failed ({message})"
     if sqlstate in _UNDEFINED and "pgherald" in message:

@@ -285,14 +285,16 @@ class AsyncRelay:
         self.stats.started_at = time.time()
         self._reported = (self.stats.started_at, self.stats.relayed)
         error: Exception | None = None
+        listener: anyio.abc.Listener[anyio.abc.SocketStream] | None = None
         try:
+            if self._metrics[1] is not None:  # a port in use fails here, as itself
+                listener = await anyio.create_tcp_listener(
+                    local_host=self._metrics[0], local_port=self._metrics[1]
+                )
+                address = listener.extra(anyio.abc.SocketAttribute.local_address)
+                self._metrics_address = (str(address[0]), int(address[1]))
             async with anyio.create_task_group() as tg:
-                if self._metrics[1] is not None:
-                    listener = await anyio.create_tcp_listener(
-                        local_host=self._metrics[0], local_port=self._metrics[1]
-                    )
-                    address = listener.extra(anyio.abc.SocketAttribute.local_address)
-                    self._metrics_address = (str(address[0]), int(address[1]))
+                if listener is not None:
                     tg.start_soon(self._metrics_server, listener)
                 try:
                     async with self._consumer:
@@ -344,8 +346,14 @@ class AsyncRelay:
         return "\n".join(out) + "\n"
 
     async def _metrics_server(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
+        """Serve ``/metrics`` until cancelled; its failures are logged, never the relay's."""
         async with listener:  # closed when the relay's run ends (cancelled)
-            await listener.serve(self._serve_metrics)
+            while True:
+                try:
+                    await listener.serve(self._serve_metrics)
+                except OSError as exc:  # accept() failed (out of file descriptors...)
+                    logger.warning("metrics server: %s; accepting again in 1s", exc)
+                    await anyio.sleep(1)
 
     async def _serve_metrics(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -366,7 +374,9 @@ class AsyncRelay:
                     )
             except (OSError, TimeoutError, anyio.EndOfStream, anyio.BrokenResourceError,
                     anyio.ClosedResourceError, anyio.DelimiterNotFound, anyio.IncompleteRead):  # fmt: skip
-                pass
+                pass  # the client went away, or sent no request in time
+            except Exception:  # a bug of ours: logged, and the relay goes on
+                logger.exception("metrics server: a request failed")
 
     def _status_value(self, backend_pid: int) -> str:
         """The status row's JSON (see `RelayInfo`): the rate is over the time since the last."""

@@ -52,6 +52,9 @@ __all__ = [
 class HeraldError(Exception):
     """A pgherald operation failed."""
 
+    sqlstate: str | None = None
+    """The server's SQLSTATE when the server refused (``"40001"``...), else None."""
+
     def __init__(self, message: str | None = None) -> None:
         # The class docstring is the default message, so a bare ``raise X()`` still says something.
         super().__init__(message or (self.__doc__ or "").strip())

@@ -67,6 +67,7 @@ def test_publish_before_install_is_schema_missing(dsn: str, opener: Opener) -> N
     with opener(dsn) as c, pytest.raises(pgherald.SchemaMissing, match="pgherald install") as info:
         pgherald.publish(c, "orders", {"id": 1})
     assert is_driver_error(info.value.__cause__)
+    assert info.value.sqlstate == "42P01"  # the server's code, kept (undefined_table)
 
 
 @DRIVERS
@@ -79,6 +80,7 @@ def test_notify_in_a_failed_transaction_is_a_transaction_state_error(
         with pytest.raises(pgherald.TransactionStateError, match="roll it back") as info:
             pgherald.notify(c, "x", "y")
         assert is_driver_error(info.value.__cause__)
+        assert info.value.sqlstate == "25P02"
 
 
 @DRIVERS

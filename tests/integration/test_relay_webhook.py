@@ -243,6 +243,23 @@ async def test_async_relay_stops_within_a_second_while_a_webhook_hangs(
     assert relay.stats.relayed == 0  # not acknowledged: it comes again
 
 
+@pytest.mark.anyio
+async def test_async_relay_with_its_metrics_port_in_use_raises_oserror(
+    installed: str, anyio_backend: str
+) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        relay = pgherald.AsyncRelay(
+            installed, to="http://127.0.0.1:9/hook", channels=["orders"], metrics_port=port
+        )
+        with pytest.raises(OSError, match="in use"):  # as itself, not in an exception group
+            await relay.run()
+
+
 def _get(url: str) -> str:
     import urllib.request
 

@@ -21,7 +21,7 @@ import pytest
 
 import pgherald
 from tests.fix_durable import SchedulerRun, log_payloads, publish_delayed
-from tests.fix_faults import FaultProxy, SilentServer, wait_until
+from tests.fix_faults import FaultProxy, SilentServer, await_until, wait_until
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
@@ -130,6 +130,94 @@ def test_survives_a_server_restart_and_ticks_once(
     run.stop()
 
 
+def _locked_tick(conn: psycopg.Connection) -> psycopg.Connection:
+    """A schedule due now, its row locked by another session (returned; commit to release)."""
+    pgherald.add_schedule(conn, "yearly", "0 0 1 1 *", "ticks")
+    conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() - interval '1 s'")
+    dsn = conn.info.dsn
+    locker = psycopg.connect(dsn)
+    locker.execute("SELECT 1 FROM pgherald.schedules_v1 WHERE name = 'yearly' FOR UPDATE")
+    return locker
+
+
+def _waiting_on_a_lock(conn: psycopg.Connection, pid: int | None) -> bool:
+    row = conn.execute(
+        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+    ).fetchone()
+    return bool(row and row[0])
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_wakeup_that_comes_during_a_round_starts_the_next(
+    runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    locker = _locked_tick(conn)
+    try:
+        run = schedulers(runtime, installed, max_wait=30)
+        pid = run.scheduler.backend_pid
+        wait_until(lambda: _waiting_on_a_lock(conn, pid), 5, "the tick to wait on the row lock")
+        publish_delayed(installed, "during", after=0.1)  # its wake-up comes mid-round
+        locker.commit()
+        # Without a look at the wake-ups read with the round's answers, it would sleep 30 s.
+        took = wait_until(lambda: log_payloads(installed) == ["during"], 10, "the event")
+        assert took < 3, f"released after {took:.2f}s"
+        assert run.scheduler.ticks == 1
+    finally:
+        locker.close()
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_cancelled_statement_is_retried_not_fatal(
+    runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    locker = _locked_tick(conn)
+    try:
+        run = schedulers(runtime, installed, **FAST)
+        pid = run.scheduler.backend_pid
+        wait_until(lambda: _waiting_on_a_lock(conn, pid), 5, "the tick to wait on the row lock")
+        conn.execute("SELECT pg_cancel_backend(%s)", (pid,))  # 57014: transient
+        wait_until(lambda: _waiting_on_a_lock(conn, pid), 5, "the tick to be tried again")
+        locker.commit()
+        wait_until(lambda: run.scheduler.ticks == 1, 5, "the tick")
+    finally:
+        locker.close()
+    assert run.alive()
+    assert run.scheduler.reconnects == 0  # the same connection: a retry, not a reconnection
+    run.stop()
+
+
+def test_ticks_whatever_the_sessions_datestyle_and_zone(
+    installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    # The engine reads next_tick as text and gives it back: a DateStyle with zone abbreviations
+    # (IST read back as Israel's, not India's) made the tick never match, silently.
+    dbname = conn.info.dbname
+    conn.execute(f"ALTER DATABASE \"{dbname}\" SET DateStyle = 'SQL, DMY'")
+    conn.execute(f"ALTER DATABASE \"{dbname}\" SET TimeZone = 'Asia/Kolkata'")
+    pgherald.add_schedule(conn, "yearly", "0 0 1 1 *", "ticks")
+    conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() - interval '1 s'")
+    run = schedulers("sync", installed, **FAST)
+    wait_until(lambda: run.scheduler.ticks == 1, 5, "the tick")
+    (s,) = pgherald.list_schedules(conn)
+    assert s.next_tick.year > s.last_tick.year  # moved on to next year's tick, once
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_with_a_backlog_of_due_events(
+    runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    conn.execute(
+        "INSERT INTO pgherald.scheduled_v1 (deliver_at, channel, payload) "
+        "SELECT now() - interval '1 s', 'ch', to_jsonb(g) FROM generate_series(1, 50000) AS g"
+    )
+    run = schedulers(runtime, installed, **FAST)
+    wait_until(lambda: run.scheduler.released > 0, 10, "the first release")
+    run.stop()  # between two batches of 1,000, not after the whole backlog
+    assert run.scheduler.released < 50000
+
+
 # -- stop() within a second, in every state --
 
 
@@ -148,11 +236,13 @@ def test_stop_inside_a_statement_on_a_frozen_connection(
 ) -> None:
     run = schedulers(runtime, fault_proxy.dsn_for(installed), max_wait=0.05, statement_timeout=60)
     fault_proxy.freeze()
-    rounds = run.scheduler._engine.rounds
-    # Within max_wait its next round's first statement waits on the frozen connection, for up
-    # to 60 s: no round completes from then on.
-    time.sleep(0.5)
-    assert run.scheduler._engine.rounds <= rounds + 1
+    engine = run.scheduler._engine
+    # Within max_wait a statement goes out on the frozen connection: no answer for up to 60 s.
+    wait_until(lambda: engine.statement is not None, 5, "a statement in flight")
+    rounds = engine.rounds
+    time.sleep(0.3)  # a window in which nothing may complete
+    assert engine.statement is not None
+    assert engine.rounds == rounds
     assert run.scheduler.reconnects == 0
     run.stop()
 
@@ -200,7 +290,9 @@ def test_cancellation_inside_a_statement_on_a_frozen_connection(
                     await anyio.sleep(0.01)
             pid = scheduler.backend_pid
             fault_proxy.freeze()  # within max_wait its next statement gets no answer
-            await anyio.sleep(0.3)
+            await await_until(
+                lambda: scheduler._engine.statement is not None, 5, "a statement in flight"
+            )
             started = time.monotonic()
             tg.cancel_scope.cancel()
         took = time.monotonic() - started

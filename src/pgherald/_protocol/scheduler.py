@@ -18,7 +18,14 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from ..errors import ConnectError, ConnectionLost, DatabaseConnectionError, UsageError
+from .. import _errormap
+from ..errors import (
+    ConnectError,
+    ConnectionLost,
+    DatabaseConnectionError,
+    HeraldError,
+    UsageError,
+)
 from . import pgwire, session
 from .backoff import backoff_delay
 from .pgwire import READ, SLEEP, WAIT, Request
@@ -68,6 +75,8 @@ class SchedulerEngine:
         """The server process of the current connection (None: not connected)."""
         self.rounds = 0
         """Rounds of releasing and ticking done (each after a wake-up or a timeout)."""
+        self.statement: str | None = None
+        """The named query in flight, if any."""
 
     def _stopped(self) -> bool:
         return self.stopping
@@ -127,11 +136,28 @@ class SchedulerEngine:
         yield (SLEEP, time.monotonic() + delay)
 
     def _serve(self, pgconn: Any) -> Generator[Request, Any, None]:
+        own = pgconn.backend_pid
+        attempt = 0  # transient failures in a row
         while not self.stopping:
-            wait = yield from self._round(pgconn)
+            try:
+                wait = yield from self._round(pgconn)
+            except HeraldError as exc:
+                if not _errormap.is_transient(exc.sqlstate):
+                    raise
+                attempt += 1  # a deadlock, a cancelled statement...: the next round may pass
+                yield from self._pause(attempt, pgwire.one_line(exc))
+                continue
+            attempt = 0
             self.rounds += 1
             if self.stopping:
                 return
+            # Wake-ups read with the round's answers wait in libpq's queue, not on the socket:
+            # one from another session (ours announce our own releases) means a round now.
+            woken = False
+            while (n := pgconn.notifies()) is not None:
+                woken = woken or n.be_pid != own
+            if woken:
+                continue
             if (yield (WAIT, pgconn.socket, READ, time.monotonic() + wait)):
                 try:
                     pgconn.consume_input()
@@ -149,16 +175,16 @@ class SchedulerEngine:
             )  # fmt: skip
             moved = int(session.text(res, 0, 0) or 0)
             self.released += moved
-            if moved < RELEASE_LIMIT:
+            if moved < RELEASE_LIMIT or self.stopping:  # a backlog: stop() between batches
                 event_in = session.text(res, 0, 1)
                 break
         res = yield from self._statement(pgconn, "schedules_due", {"now": None}, "run schedules")
         now = datetime.now(tz=timezone.utc)
         for row in range(res.ntuples):
-            name, cron, tz, tick, epoch = (session.text(res, row, c) or "" for c in range(5))
-            following = due_tick(
-                name, cron, tz, datetime.fromtimestamp(float(epoch), timezone.utc), now
-            )
+            if self.stopping:
+                return 0.0
+            name, cron, tz, _, tick = (session.text(res, row, c) or "" for c in range(5))
+            following = due_tick(name, cron, tz, datetime.fromisoformat(tick), now)
             if following is None:
                 continue
             params = {"name": name, "tick": tick, "following": following.isoformat()}
@@ -181,11 +207,15 @@ class SchedulerEngine:
         self, pgconn: Any, name: str, params: session.Params, doing: str
     ) -> Generator[Request, Any, Any]:
         deadline = time.monotonic() + self.config.statement_timeout
-        return (
-            yield from pgwire.until_stopped(
-                session.named(pgconn, name, params, deadline, doing=doing), self._stopped
+        self.statement = name
+        try:
+            return (
+                yield from pgwire.until_stopped(
+                    session.named(pgconn, name, params, deadline, doing=doing), self._stopped
+                )
             )
-        )
+        finally:
+            self.statement = None
 
 
 __all__ = ["SchedulerConfig", "SchedulerEngine", "due_tick"]

@@ -569,8 +569,10 @@ SELECT name, cron, timezone, channel, key, payload::text, headers::text, next_ti
 FROM pgherald.schedules_v1 ORDER BY name
 
 -- name: schedules_due --
--- Also next_tick in seconds since the epoch: the engine reads text (its own DateStyle aside).
-SELECT name, cron, timezone, next_tick, CAST(extract(epoch FROM next_tick) AS float8)
+-- Also next_tick as ISO 8601 text in UTC, whatever the session's DateStyle and TimeZone: the
+-- scheduler's engine reads text, and gives it back to schedule_tick as it is.
+SELECT name, cron, timezone, next_tick,
+       to_char(next_tick AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"')
 FROM pgherald.schedules_v1
 WHERE next_tick <= coalesce(CAST(%(now)s AS timestamptz), now())
 ORDER BY next_tick, name
