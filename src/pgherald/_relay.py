@@ -263,11 +263,12 @@ class AsyncRelay:
         return self._metrics_address
 
     def stop(self) -> None:
-        """Make `run` return: the batch in hand is finished or left for the next run."""
+        """Make `run` return: the batch in hand is finished or left for the next run (call it on
+        the event loop's thread; `Relay.stop` may be called from any)."""
         self._stop_requested = True
         self._consumer.stop()
         if self._state is not None:
-            self._state.stopping.set()
+            self._state.stop()
 
     async def run(self) -> None:
         """Relay events until `stop` (or cancellation)."""
@@ -281,7 +282,7 @@ class AsyncRelay:
             self.stats, retry_delay=self._retry[0], retry_max_delay=self._retry[1]
         )
         if self._stop_requested:
-            self._state.stopping.set()
+            self._state.stop()
         self.stats.started_at = time.time()
         self._reported = (self.stats.started_at, self.stats.relayed)
         error: Exception | None = None

@@ -96,25 +96,25 @@ class _RelayState:
         self.stopping = anyio.Event()
         self.retry_delay = retry_delay
         self.retry_max_delay = retry_max_delay
+        self._scopes: set[anyio.CancelScope] = set()
+
+    def stop(self) -> None:
+        """Set `stopping` and cancel what `unless_stopped` awaits (on the event loop's thread)."""
+        self.stopping.set()
+        for scope in self._scopes:
+            scope.cancel()
 
     async def unless_stopped(self, coro: Awaitable[T]) -> T | None:
         """Await *coro*, or cancel it when the relay stops first (then None)."""
-        result: T | None = None
-        error: Exception | None = None
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(self._cancel_on_stop, tg.cancel_scope)
+        with anyio.CancelScope() as scope:
+            self._scopes.add(scope)
             try:
-                result = await coro
-            except Exception as exc:  # raised below, as itself (not in an exception group)
-                error = exc
-            tg.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        return result
-
-    async def _cancel_on_stop(self, scope: anyio.CancelScope) -> None:
-        await self.stopping.wait()
-        scope.cancel()
+                if self.stopping.is_set():
+                    scope.cancel()  # stopped already: *coro* is cancelled at its first wait
+                return await coro
+            finally:
+                self._scopes.discard(scope)
+        return None
 
     async def pause(self, attempt: int, why: str, *, at_least: float = 0.0) -> bool:
         """Wait the backoff of *attempt* (1-based); False when stopped meanwhile."""
