@@ -348,13 +348,22 @@ class AsyncRelay:
 
     async def _metrics_server(self, listener: anyio.abc.Listener[anyio.abc.SocketStream]) -> None:
         """Serve ``/metrics`` until cancelled; its failures are logged, never the relay's."""
-        async with listener:  # closed when the relay's run ends (cancelled)
-            while True:
-                try:
-                    await listener.serve(self._serve_metrics)
-                except OSError as exc:  # accept() failed (out of file descriptors...)
-                    logger.warning("metrics server: %s; accepting again in 1s", exc)
-                    await anyio.sleep(1)
+        # Not listener.serve(): its accept() failures (out of file descriptors...) would end
+        # the relay, in an exception group.
+        sockets = getattr(listener, "listeners", [listener])  # a MultiListener's, or itself
+        async with listener, anyio.create_task_group() as tg:  # closed when run ends
+            for one in sockets:
+                tg.start_soon(self._accept, one, tg)
+
+    async def _accept(self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                logger.warning("metrics server: %s; accepting again in 1s", exc)
+                await anyio.sleep(1)
+            else:
+                tg.start_soon(self._serve_metrics, stream)
 
     async def _serve_metrics(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:

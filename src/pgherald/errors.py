@@ -53,7 +53,8 @@ class HeraldError(Exception):
     """A pgherald operation failed."""
 
     sqlstate: str | None = None
-    """The server's SQLSTATE when the server refused (``"40001"``...), else None."""
+    """The error's SQLSTATE: the server's (``"40001"``...), or ``08003``/``08006`` for a
+    connection the driver found closed or broken; None when there is none."""
 
     def __init__(self, message: str | None = None) -> None:
         # The class docstring is the default message, so a bare ``raise X()`` still says something.

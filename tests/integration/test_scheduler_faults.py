@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime, timezone
 
 import anyio
 import psycopg
@@ -131,28 +132,37 @@ def test_survives_a_server_restart_and_ticks_once(
     run.stop()
 
 
-def _locked_tick(conn: psycopg.Connection) -> psycopg.Connection:
+def _locked_tick(conn: psycopg.Connection, dsn: str) -> psycopg.Connection:
     """A schedule due now, its row locked by another session (returned; commit to release)."""
     pgherald.add_schedule(conn, "yearly", "0 0 1 1 *", "ticks")
     conn.execute("UPDATE pgherald.schedules_v1 SET next_tick = now() - interval '1 s'")
-    dsn = conn.info.dsn
     locker = psycopg.connect(dsn)
     locker.execute("SELECT 1 FROM pgherald.schedules_v1 WHERE name = 'yearly' FOR UPDATE")
     return locker
 
 
-def _waiting_on_a_lock(conn: psycopg.Connection, pid: int | None) -> bool:
+def _waiting_on_a_lock(
+    conn: psycopg.Connection, pid: int | None, after: datetime | None = None
+) -> bool:
+    """Whether *pid* waits on a lock (in a statement started after *after*, when given)."""
     row = conn.execute(
-        "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = %s", (pid,)
+        "SELECT wait_event_type = 'Lock' AND (%s::timestamptz IS NULL OR query_start > %s)"
+        " FROM pg_stat_activity WHERE pid = %s",
+        (after, after, pid),
     ).fetchone()
     return bool(row and row[0])
+
+
+def _query_start(conn: psycopg.Connection, pid: int | None) -> datetime | None:
+    row = conn.execute("SELECT query_start FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone()
+    return row[0] if row else None
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_wakeup_that_comes_during_a_round_starts_the_next(
     runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
 ) -> None:
-    locker = _locked_tick(conn)
+    locker = _locked_tick(conn, installed)
     try:
         run = schedulers(runtime, installed, max_wait=30)
         pid = run.scheduler.backend_pid
@@ -172,13 +182,14 @@ def test_a_wakeup_that_comes_during_a_round_starts_the_next(
 def test_a_cancelled_statement_is_retried_not_fatal(
     runtime: str, installed: str, conn: psycopg.Connection, schedulers: Callable[..., SchedulerRun]
 ) -> None:
-    locker = _locked_tick(conn)
+    locker = _locked_tick(conn, installed)
     try:
         run = schedulers(runtime, installed, **FAST)
         pid = run.scheduler.backend_pid
         wait_until(lambda: _waiting_on_a_lock(conn, pid), 5, "the tick to wait on the row lock")
+        first = _query_start(conn, pid)
         conn.execute("SELECT pg_cancel_backend(%s)", (pid,))  # 57014: transient
-        wait_until(lambda: _waiting_on_a_lock(conn, pid), 5, "the tick to be tried again")
+        wait_until(lambda: _waiting_on_a_lock(conn, pid, first), 5, "the tick to be tried again")
         locker.commit()
         wait_until(lambda: run.scheduler.ticks == 1, 5, "the tick")
     finally:
@@ -201,7 +212,9 @@ def test_ticks_whatever_the_sessions_datestyle_and_zone(
     run = schedulers("sync", installed, **FAST)
     wait_until(lambda: run.scheduler.ticks == 1, 5, "the tick")
     (s,) = pgherald.list_schedules(conn)
-    assert s.next_tick.year > s.last_tick.year  # moved on to next year's tick, once
+    assert s.last_tick is not None
+    # Moved on to next year's tick (00:00 UTC on 1 January), once.
+    assert s.next_tick.astimezone(timezone.utc).year > s.last_tick.astimezone(timezone.utc).year
     run.stop()
 
 

@@ -548,10 +548,12 @@ class ListenerEngine:
             yield from self._execute(b";".join(statements), self.config.health_check_timeout + 5.0)
         except pgwire.QueryFailed as exc:
             # e.g. LISTEN on a hot standby: not something a reconnect would fix.
-            raise ListenError(
+            refused = ListenError(
                 f"the server refused LISTEN/UNLISTEN ({exc}); listeners need a primary "
                 "server, not a read-only standby"
-            ) from None
+            )
+            refused.sqlstate = exc.sqlstate
+            raise refused from None
         self._active = wanted
         self._ping_listening = True
         self._synced(ticket)

@@ -29,7 +29,7 @@ from psycopg import pq
 from psycopg import sql as psql
 
 from .. import sql
-from ..errors import ConnectError, ConnectionLost, UsageError
+from ..errors import ConnectError, ConnectionLost, HeraldError, UsageError
 from . import pgwire
 from .backoff import backoff_delay
 from .pgoutput import (
@@ -711,8 +711,14 @@ def _incomplete_backfill(slot: str, exc: BaseException) -> UsageError:
     )
 
 
-def _failed(exc: pgwire.QueryFailed) -> Exception:
+def _failed(exc: pgwire.QueryFailed) -> HeraldError:
     """A server error met while setting up, as a `HeraldError` that names the fix."""
+    error = _failed_setup(exc)
+    error.sqlstate = exc.sqlstate
+    return error
+
+
+def _failed_setup(exc: pgwire.QueryFailed) -> HeraldError:
     from .._errormap import from_sqlstate
 
     if exc.sqlstate == "42501" or "must be superuser or replication role" in str(exc):

@@ -136,7 +136,10 @@ class SchedulerEngine:
         yield (SLEEP, time.monotonic() + delay)
 
     def _serve(self, pgconn: Any) -> Generator[Request, Any, None]:
-        own = pgconn.backend_pid
+        # Our own wake-ups (releases, ticks) come back to us; the server's pid tells them
+        # apart (libpq's backend_pid is a pooler's own key behind PgBouncer).
+        res = yield from self._statement(pgconn, "backend_pid", {}, "listen for wake-ups")
+        own = int(session.text(res, 0, 0) or 0)
         attempt = 0  # transient failures in a row
         while not self.stopping:
             try:
@@ -206,6 +209,8 @@ class SchedulerEngine:
     def _statement(
         self, pgconn: Any, name: str, params: session.Params, doing: str
     ) -> Generator[Request, Any, Any]:
+        if self.stopping:  # no new statement once stopped: each would get a grace of its own
+            raise pgwire.Abandoned()
         deadline = time.monotonic() + self.config.statement_timeout
         self.statement = name
         try:

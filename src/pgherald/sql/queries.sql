@@ -600,6 +600,10 @@ SELECT e.id,
        WHEN nextval('pgherald.wake_skips_v1') > 0 THEN CAST(NULL AS void) END
 FROM e
 
+-- name: backend_pid --
+-- The server process of this session (behind a pooler, libpq's is the pooler's own key).
+SELECT pg_backend_pid()
+
 -- name: listen_wakeups --
 -- The scheduler's wake-ups: delayed events published, schedules added (see publish_later).
 LISTEN pgherald_wake_v1
