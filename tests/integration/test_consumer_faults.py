@@ -142,6 +142,35 @@ def test_terminated_backend_reconnects(
     run.stop()
 
 
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_cancelled_read_is_retried_not_fatal(
+    runtime: str, installed: str, conn: psycopg.Connection, consumers: Callable[..., ConsumerRun]
+) -> None:
+    # A read cancelled (pg_cancel_backend, or a statement_timeout set on the role): 57014 used
+    # to end run() with "consume failed". Now it starts over from a fresh session.
+    run = consumers(runtime, installed, from_wakeups=False, reconnect_initial_delay=0.05, **FAST)
+    ids = publish(installed, [1])
+    wait_until(lambda: len(run.seen) >= 1, 5, "the first event")
+    pid = run.consumer.backend_pid
+
+    def state() -> Any:
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+        return row[0] if row else "gone"
+
+    with psycopg.connect(installed) as locker:
+        locker.execute("LOCK TABLE pgherald.events_v1 IN ACCESS EXCLUSIVE MODE")
+        wait_until(lambda: state() == "Lock", 5, "a read to wait on the lock")
+        conn.execute("SELECT pg_cancel_backend(%s)", (pid,))
+        wait_until(lambda: state() == "gone", 5, "the consumer to leave that session")
+    ids += publish(installed, [2])
+    wait_until(lambda: set(ids) <= set(run.seen) or run.error, 10, "the event after")
+    assert run.error is None, repr(run.error)
+    assert run.consumer.stats.reconnects == 1
+    run.stop()
+
+
 # -- stop() within a second, in every state --
 
 

@@ -457,7 +457,7 @@ class ConsumerEngine:
             pgconn = self.pgconn
             if pgconn is None or pgconn.status == pq.ConnStatus.BAD or _is_connection_state(exc):
                 raise _Lost(str(exc)) from None
-            if exc.sqlstate in _TRANSIENT:  # try again, from a fresh session
+            if _errormap.is_transient(exc.sqlstate):  # try again, from a fresh session
                 raise _Lost(f"{exc} (transient: starting over)") from None
             raise _failed(exc) from None
         except GeneratorExit:
@@ -661,7 +661,10 @@ class ConsumerEngine:
                 yield from self._prepare_read()
                 self._send_read(channels)
                 return (yield from self._take_read(channels))
-            raise _failed(pgwire.result_error(res))
+            error = pgwire.result_error(res)
+            if _errormap.is_transient(error.sqlstate):  # as for any statement (see _run)
+                raise _Lost(f"{error} (transient: starting over)")
+            raise _failed(error)
         return res, read
 
     def _send_read(self, channels: list[str]) -> None:
@@ -1662,10 +1665,6 @@ def _events(rows: list[Any], loads: Callable[[str], Any] | None) -> list[Event]:
 def _array(values: Iterable[object]) -> str:
     """A PostgreSQL array literal of ints, or digit strings, or NULLs."""
     return "{" + ",".join("NULL" if v is None else str(v) for v in values) + "}"
-
-
-_TRANSIENT = {"40P01", "40001"}
-"""Deadlock (DDL such as a DROP SCHEMA or a partition drop racing a read), serialization."""
 
 
 def _is_connection_state(exc: pgwire.QueryFailed) -> bool:
