@@ -294,6 +294,12 @@ class _SchedulerBase:
         except ConnectError as exc:  # given up: the same failure three times in a row
             raise connect_error(self.config.conninfo, str(exc)) from None
 
+    def _check(self) -> Generator[Request, Any, None]:
+        try:
+            yield from self._engine.check()
+        except ConnectError as exc:
+            raise connect_error(self.config.conninfo, str(exc)) from None
+
     def _release(self) -> None:
         """A run ended: it may run again (a stop() before a run ends that run at once)."""
         self._engine.stopping = False
@@ -333,6 +339,18 @@ class Scheduler(_SchedulerBase):
             reconnect_max_delay=reconnect_max_delay,
         )
         self._waiter = Waiter()
+
+    def __enter__(self) -> Scheduler:
+        """Check that the server answers and the schema is installed (else raise at once)."""
+        waiter = Waiter()
+        try:
+            waiter.run(self._check())
+        finally:
+            waiter.close()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """End `run` soon: within a second in every state (from any thread or a signal handler)."""
@@ -379,6 +397,14 @@ class AsyncScheduler(_SchedulerBase):
             reconnect_max_delay=reconnect_max_delay,
         )
         self._waiter = AsyncWaiter()
+
+    async def __aenter__(self) -> AsyncScheduler:
+        """Check that the server answers and the schema is installed (else raise at once)."""
+        await AsyncWaiter().run(self._check())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.stop()
 
     def stop(self) -> None:
         """End `run` soon: within a second in every state (from any task or thread)."""

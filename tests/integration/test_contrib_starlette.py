@@ -8,6 +8,7 @@ import logging
 import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from typing import Any
 
 import anyio
@@ -118,6 +119,30 @@ async def test_a_handler_that_does_not_return_is_cancelled_after_the_deadline(
     ):
         await serve()
     assert not listener.connected
+
+
+@pytest.mark.anyio
+async def test_runs_a_scheduler_with_the_app(
+    installed: str, conn: psycopg.Connection[Any], anyio_backend: str
+) -> None:
+    scheduler = pgherald.AsyncScheduler(installed, max_wait=0.1)
+    async with running(scheduler) as state:
+        pgherald.publish(conn, "later", {"n": 1}, deliver_after=timedelta(seconds=0.1))
+        with anyio.fail_after(5):
+            while scheduler.released < 1:  # noqa: ASYNC110 (bounded polling: a counter)
+                await anyio.sleep(0.01)
+        assert state.healthy
+    assert scheduler.backend_pid is None  # stopped, its connection closed
+    assert state.failures == []
+
+
+@pytest.mark.anyio
+async def test_startup_fails_when_a_scheduler_finds_no_schema(dsn: str, anyio_backend: str) -> None:
+    entered = False
+    with pytest.raises(pgherald.SchemaMissing, match="pgherald install"), anyio.fail_after(10):
+        async with running(pgherald.AsyncScheduler(dsn)):
+            entered = True
+    assert not entered
 
 
 @pytest.mark.anyio

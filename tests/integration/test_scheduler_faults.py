@@ -11,6 +11,7 @@ fault and calls `stop()`, which is documented as safe from any thread.
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -375,3 +376,17 @@ def test_one_run_at_a_time_and_options_are_checked(installed: str) -> None:
     scheduler.stop()
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_with_checks_the_server_and_the_schema(dsn: str) -> None:
+    with pytest.raises(pgherald.SchemaMissing, match="pgherald install"), pgherald.Scheduler(dsn):
+        pass  # the test database has no schema: refused on entry, not in run()'s retries
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    unreachable = f"host=127.0.0.1 port={port} user=postgres connect_timeout=2"
+    with (
+        pytest.raises(pgherald.ConnectError, match="cannot connect"),
+        pgherald.Scheduler(unreachable),
+    ):
+        pass

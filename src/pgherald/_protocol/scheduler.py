@@ -125,6 +125,25 @@ class SchedulerEngine:
                 attempt += 1
                 yield from self._pause(attempt, f"connection lost ({pgwire.one_line(lost)})")
 
+    def check(self) -> Generator[Request, Any, None]:
+        """
+        Connect once and check the schema, then hang up: what a scheduler's ``with`` does, so
+        that an app's startup fails at once (`ConnectError`, `SchemaMissing`), not later in
+        `run`'s retries.
+        """
+        config = self.config
+        pgconn = yield from pgwire.connect(
+            config.conninfo, time.monotonic() + config.connect_timeout
+        )
+        try:
+            res = yield from self._statement(pgconn, "schema_installed", {}, "check the schema")
+            if session.text(res, 0, 0) != "t":  # as the server's own error would say it
+                raise _errormap.from_sqlstate(
+                    "42P01", "pgherald's tables are not there", doing="check the schema"
+                )
+        finally:
+            pgconn.finish()
+
     def _pause(self, attempt: int, why: str) -> Generator[Request, Any, None]:
         if self.stopping:
             return

@@ -2,8 +2,8 @@
 pgherald in a Starlette or FastAPI app: listeners and consumers that live with the app, and
 publishing inside the request's transaction.
 
-- `running`: in the app's ``lifespan``, connects `AsyncListener` / `AsyncConsumer` objects
-  at startup, runs them while the app serves, and stops them on shutdown (``stop()``, then
+- `running`: in the app's ``lifespan``, connects `AsyncListener` / `AsyncConsumer` /
+  `AsyncScheduler` objects at startup, runs them while the app serves, and stops them on shutdown (``stop()``, then
   waits for them, within a deadline). A runner that fails while the app serves is logged at
   once, makes `Running.healthy` false, and its error is raised again at shutdown.
 - `Publisher`, `request_publisher`: a FastAPI dependency that opens a transaction on the
@@ -34,11 +34,12 @@ from .._listener_async import AsyncListener
 from .._notify import anotify
 from .._protocol.payload import JsonDumps
 from .._publish import apublish
+from .._schedule import AsyncScheduler
 from ..errors import HeraldError, UsageError
 
 logger = logging.getLogger("pgherald.contrib.starlette")
 
-Runner: TypeAlias = "AsyncListener | AsyncConsumer"
+Runner: TypeAlias = "AsyncListener | AsyncConsumer | AsyncScheduler"
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -89,16 +90,17 @@ class Running:
 @asynccontextmanager
 async def running(*runners: Runner, stop_timeout: float = 10.0) -> AsyncIterator[Running]:
     """
-    Run *runners* (`AsyncListener`, `AsyncConsumer`, each with handlers) for as long as the
-    block lasts: the body of a Starlette / FastAPI ``lifespan``::
+    Run *runners* (`AsyncListener`, `AsyncConsumer`, each with handlers; `AsyncScheduler`, for
+    delayed and periodic events) for as long as the block lasts: the body of a Starlette /
+    FastAPI ``lifespan``::
 
         @asynccontextmanager
         async def lifespan(app):
             async with running(listener, consumer) as herald:
                 yield {"herald": herald}
 
-    On entry every runner connects (a database that cannot be reached fails the app's
-    startup, with the runner's error); then each runs in its own task. On exit each is
+    On entry every runner connects (a database that cannot be reached, or without pgherald's
+    schema, fails the app's startup, with the runner's error); then each runs in its own task. On exit each is
     stopped with ``stop()``, which lets the handler in progress finish, and awaited for up to
     *stop_timeout* seconds; one still running then is cancelled and a `HeraldError` says so.
     Connections are closed in every case. A runner that fails while the app serves is logged
@@ -108,12 +110,15 @@ async def running(*runners: Runner, stop_timeout: float = 10.0) -> AsyncIterator
     .. versionadded:: 0.1
     """
     if not runners:
-        raise UsageError("running() needs at least one AsyncListener or AsyncConsumer")
+        raise UsageError(
+            "running() needs at least one AsyncListener, AsyncConsumer or AsyncScheduler"
+        )
     for runner in runners:
-        if not isinstance(runner, (AsyncListener, AsyncConsumer)):
+        if not isinstance(runner, (AsyncListener, AsyncConsumer, AsyncScheduler)):
             raise UsageError(
-                f"running() takes AsyncListener and AsyncConsumer objects, not "
-                f"{type(runner).__name__}: the blocking Listener/Consumer would stall the app"
+                f"running() takes AsyncListener, AsyncConsumer and AsyncScheduler objects, not "
+                f"{type(runner).__name__}: a blocking Listener/Consumer/Scheduler would stall "
+                "the app"
             )
     if not (isinstance(stop_timeout, (int, float)) and math.isfinite(stop_timeout)) or (
         stop_timeout <= 0
