@@ -350,7 +350,8 @@ class Scheduler(_SchedulerBase):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
+        if self._busy:  # a run in progress ends; none left stopped for later
+            self.stop()
 
     def stop(self) -> None:
         """End `run` soon: within a second in every state (from any thread or a signal handler)."""
@@ -404,7 +405,8 @@ class AsyncScheduler(_SchedulerBase):
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self.stop()
+        if self._busy:  # a run in progress ends; none left stopped for later
+            self.stop()
 
     def stop(self) -> None:
         """End `run` soon: within a second in every state (from any task or thread)."""

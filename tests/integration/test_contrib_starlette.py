@@ -134,6 +134,11 @@ async def test_runs_a_scheduler_with_the_app(
         assert state.healthy
     assert scheduler.backend_pid is None  # stopped, its connection closed
     assert state.failures == []
+    async with running(scheduler):  # the same one again (an app's second lifespan, in tests)
+        pgherald.publish(conn, "later", {"n": 2}, deliver_after=timedelta(seconds=0.1))
+        with anyio.fail_after(5):
+            while scheduler.released < 2:  # noqa: ASYNC110 (bounded polling: a counter)
+                await anyio.sleep(0.01)
 
 
 @pytest.mark.anyio
