@@ -25,7 +25,7 @@ from typing import Any
 import psycopg
 
 from . import _errormap
-from ._conninfo import connect_error, listener_conninfo
+from ._conninfo import connect_error, describe, listener_conninfo
 from ._protocol.channels import check_channel
 from ._protocol.pgwire import Request
 from ._protocol.scheduled import RELEASE_LIMIT, next_tick, require_cronsim, zone
@@ -300,6 +300,10 @@ class _SchedulerBase:
         except ConnectError as exc:
             raise connect_error(self.config.conninfo, str(exc)) from None
 
+    def __repr__(self) -> str:
+        state = "running" if self._busy else "idle"
+        return f"<{type(self).__name__} {describe(self.config.conninfo)} {state}>"
+
     def _release(self) -> None:
         """A run ended: it may run again (a stop() before a run ends that run at once)."""
         self._engine.stopping = False
@@ -340,13 +344,20 @@ class Scheduler(_SchedulerBase):
         )
         self._waiter = Waiter()
 
-    def __enter__(self) -> Scheduler:
-        """Check that the server answers and the schema is installed (else raise at once)."""
+    def check(self) -> None:
+        """
+        Connect once, check that pgherald's schema is installed, hang up: raise what `run`
+        would only log and retry (`ConnectError`, `SchemaMissing`). What ``with`` does.
+        """
         waiter = Waiter()
         try:
             waiter.run(self._check())
         finally:
             waiter.close()
+
+    def __enter__(self) -> Scheduler:
+        """`check`, then the scheduler (leaving the block stops a run in progress)."""
+        self.check()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -399,9 +410,13 @@ class AsyncScheduler(_SchedulerBase):
         )
         self._waiter = AsyncWaiter()
 
-    async def __aenter__(self) -> AsyncScheduler:
-        """Check that the server answers and the schema is installed (else raise at once)."""
+    async def check(self) -> None:
+        """`Scheduler.check` on the event loop: connect once, check the schema, hang up."""
         await AsyncWaiter().run(self._check())
+
+    async def __aenter__(self) -> AsyncScheduler:
+        """`check`, then the scheduler (leaving the block stops a run in progress)."""
+        await self.check()
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -272,3 +273,39 @@ def test_pgherald_run_says_what_is_wrong_in_one_line(
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("CommandError: <Listener"), lines[0]
+
+
+def test_pgherald_run_runs_a_declared_scheduler(
+    project: Path, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    (project / "shop/herald.py").write_text(
+        "from pgherald.contrib.django import scheduler\nscheduler(max_wait=0.2)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "manage.py", "pgherald_run", "--stop-timeout", "5"],
+        cwd=project,
+        env=_env(dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert run.stdout is not None
+        first = run.stdout.readline()
+        assert first.startswith("pgherald_run: running <Scheduler "), first
+        # No consumer runs: the scheduler alone moves the due event into the log.
+        pgherald.publish(conn, "later", {"n": 1}, deliver_after=timedelta(seconds=0.2))
+        wait_until(
+            lambda: _rows(conn, "SELECT payload FROM pgherald.events_v1") == [({"n": 1},)],
+            timeout=10,
+            what="the delayed event in the log",
+        )
+        run.send_signal(signal.SIGTERM)
+        out, err = run.communicate(timeout=20)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+    assert run.returncode == 0, err
+    assert "pgherald_run: stopped" in out
+    assert "Traceback" not in err

@@ -44,6 +44,7 @@ from ... import _notify, _publish
 from ..._consumer import Consumer
 from ..._listener import Listener
 from ..._protocol.payload import JsonDumps
+from ..._schedule import Scheduler
 from ...errors import UsageError
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "publish",
     "publish_on_save",
     "runners",
+    "scheduler",
 ]
 
 Op = Literal["created", "updated", "deleted"]
@@ -65,7 +67,7 @@ _DJANGO_OPTIONS = frozenset(
     {"isolation_level", "server_side_binding", "assume_role", "pool", "cursor_factory", "context"}
 )
 
-_runners: list[Listener | Consumer] = []
+_runners: list[Listener | Consumer | Scheduler] = []
 
 
 def _alias(using: str | None) -> str:
@@ -257,8 +259,21 @@ def consumer(*, group: str, using: str | None = None, **options: Any) -> Consume
     return runner
 
 
-def runners() -> list[Listener | Consumer]:
-    """The listeners and consumers made by `listener` and `consumer`, in that order."""
+def scheduler(*, using: str | None = None, **options: Any) -> Scheduler:
+    """
+    A `pgherald.Scheduler` on the project's database, run by ``manage.py pgherald_run``: it
+    publishes the schedules' ticks and releases due delayed events (each once, however many
+    run). *options* are `Scheduler`'s.
+
+    .. versionadded:: 0.1
+    """
+    runner = Scheduler(database_dsn(using), **options)
+    _runners.append(runner)
+    return runner
+
+
+def runners() -> list[Listener | Consumer | Scheduler]:
+    """What `listener`, `consumer` and `scheduler` made, in that order."""
     return list(_runners)
 
 

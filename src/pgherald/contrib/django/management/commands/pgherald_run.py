@@ -1,4 +1,4 @@
-"""``manage.py pgherald_run``: run the project's pgherald listeners and consumers."""
+"""``manage.py pgherald_run``: run the project's pgherald listeners, consumers and schedulers."""
 
 from __future__ import annotations
 
@@ -12,14 +12,16 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections
 from django.utils.module_loading import autodiscover_modules
 
+from pgherald._schedule import Scheduler
 from pgherald.contrib.django import runners
 from pgherald.errors import HeraldError
 
 
 class Command(BaseCommand):
     help = (
-        "Run the pgherald listeners and consumers declared in the `herald` modules of the "
-        "installed apps (pgherald.contrib.django.listener / consumer), until SIGINT or SIGTERM."
+        "Run the pgherald listeners, consumers and schedulers declared in the `herald` modules "
+        "of the installed apps (pgherald.contrib.django.listener / consumer / scheduler), until "
+        "SIGINT or SIGTERM."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -36,15 +38,16 @@ class Command(BaseCommand):
         todo = runners()
         if not todo:
             raise CommandError(
-                "nothing to run: declare pgherald.contrib.django.listener() or consumer() in a "
-                "herald.py module of an app in INSTALLED_APPS"
+                "nothing to run: declare pgherald.contrib.django.listener(), consumer() or "
+                "scheduler() in a herald.py module of an app in INSTALLED_APPS"
             )
         for runner in todo:
             try:
-                runner.connect()  # fails here, with one clear line, rather than in a thread
+                # Fails here, with one clear line, rather than in a thread.
+                runner.check() if isinstance(runner, Scheduler) else runner.connect()
             except HeraldError as exc:
                 for r in todo:
-                    r.close()
+                    _close(r)
                 raise CommandError(
                     f"{runner!r}: {exc} (pgherald_run connects with settings.DATABASES)"
                 ) from None
@@ -92,7 +95,7 @@ class Command(BaseCommand):
         late = [r for r, t in zip(todo, threads, strict=True) if t.is_alive()]
         if not late:
             for runner in todo:
-                runner.close()
+                _close(runner)
         if late:
             raise CommandError(
                 f"{', '.join(map(repr, late))} did not stop within {stop_timeout:g} s (a handler "
@@ -101,3 +104,9 @@ class Command(BaseCommand):
         if failures:
             raise CommandError("; ".join(failures))
         self.stdout.write("pgherald_run: stopped", ending="\n")
+
+
+def _close(runner: Any) -> None:
+    """Close a listener's or consumer's connection (a scheduler holds none once stopped)."""
+    if not isinstance(runner, Scheduler):
+        runner.close()
