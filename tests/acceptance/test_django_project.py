@@ -168,14 +168,8 @@ def project(tmp_path: Path, dsn: str, conn: psycopg.Connection[Any]) -> Path:
     return tmp_path
 
 
-def _rows(conn: psycopg.Connection[Any], query: str) -> list[tuple[Any, ...]]:
-    return conn.execute(query).fetchall()  # type: ignore[arg-type]
-
-
-def test_saves_publish_in_the_transaction_and_pgherald_run_handles_them(
-    project: Path, dsn: str, conn: psycopg.Connection[Any]
-) -> None:
-    run = subprocess.Popen(
+def _start_pgherald_run(project: Path, dsn: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
         [sys.executable, "manage.py", "pgherald_run", "--stop-timeout", "5"],
         cwd=project,
         env=_env(dsn),
@@ -183,10 +177,43 @@ def test_saves_publish_in_the_transaction_and_pgherald_run_handles_them(
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def _first_line(run: subprocess.Popen[str]) -> str:
+    assert run.stdout is not None
+    return run.stdout.readline()
+
+
+def _kill(run: subprocess.Popen[str]) -> None:
+    if run.poll() is None:
+        run.kill()
+    run.communicate()
+
+
+def _stop_pgherald_run(run: subprocess.Popen[str]) -> None:
+    """SIGTERM: it must stop cleanly (exit 0, "stopped", no traceback); killed if it does not."""
+    run.send_signal(signal.SIGTERM)
     try:
-        assert run.stdout is not None
-        first = run.stdout.readline()  # printed once every runner is connected and listening
-        assert first.startswith("pgherald_run: running"), first + run.stderr.read()
+        out, err = run.communicate(timeout=20)
+    except BaseException:
+        _kill(run)
+        raise
+    assert run.returncode == 0, err
+    assert "pgherald_run: stopped" in out
+    assert "Traceback" not in err
+
+
+def _rows(conn: psycopg.Connection[Any], query: str) -> list[tuple[Any, ...]]:
+    return conn.execute(query).fetchall()  # type: ignore[arg-type]
+
+
+def test_saves_publish_in_the_transaction_and_pgherald_run_handles_them(
+    project: Path, dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    run = _start_pgherald_run(project, dsn)
+    try:
+        first = _first_line(run)  # printed once every runner is connected and listening
+        assert first.startswith("pgherald_run: running"), first
 
         writes = subprocess.run(
             [sys.executable, "shop_writes.py"],
@@ -236,15 +263,10 @@ def test_saves_publish_in_the_transaction_and_pgherald_run_handles_them(
         ]
         assert f"dbname={conninfo_dbname(dsn)}" in writes.stdout
 
-        run.send_signal(signal.SIGTERM)
-        out, err = run.communicate(timeout=20)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    assert run.returncode == 0, err
-    assert "pgherald_run: stopped" in out
-    assert "Traceback" not in err
+    except BaseException:
+        _kill(run)  # the failure is reported, not hidden behind a stop's
+        raise
+    _stop_pgherald_run(run)
 
 
 def conninfo_dbname(dsn: str) -> str:
@@ -281,17 +303,9 @@ def test_pgherald_run_runs_a_declared_scheduler(
     (project / "shop/herald.py").write_text(
         "from pgherald.contrib.django import scheduler\nscheduler(max_wait=0.2)\n"
     )
-    run = subprocess.Popen(
-        [sys.executable, "manage.py", "pgherald_run", "--stop-timeout", "5"],
-        cwd=project,
-        env=_env(dsn),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = _start_pgherald_run(project, dsn)
     try:
-        assert run.stdout is not None
-        first = run.stdout.readline()
+        first = _first_line(run)
         assert first.startswith("pgherald_run: running <Scheduler "), first
         # No consumer runs: the scheduler alone moves the due event into the log.
         pgherald.publish(conn, "later", {"n": 1}, deliver_after=timedelta(seconds=0.2))
@@ -300,12 +314,7 @@ def test_pgherald_run_runs_a_declared_scheduler(
             timeout=10,
             what="the delayed event in the log",
         )
-        run.send_signal(signal.SIGTERM)
-        out, err = run.communicate(timeout=20)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.communicate()
-    assert run.returncode == 0, err
-    assert "pgherald_run: stopped" in out
-    assert "Traceback" not in err
+    except BaseException:
+        _kill(run)  # the failure is reported, not hidden behind a stop's
+        raise
+    _stop_pgherald_run(run)
