@@ -110,6 +110,15 @@ def slot_ready(dsn: str, slot: str) -> bool:
     return bool(row and row[0])
 
 
+def slot_released(dsn: str, slot: str) -> bool:
+    """No server process holds the slot (a reader that hung up lets go a moment later)."""
+    with psycopg.connect(dsn) as c:
+        row = c.execute(
+            "SELECT active FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+        ).fetchone()
+    return row is not None and not row[0]
+
+
 def confirmed(dsn: str, slot: str) -> int:
     with psycopg.connect(dsn) as c:
         row = c.execute(
@@ -453,6 +462,8 @@ def test_20000_changes_from_4_writers_into_the_log_exactly_once(cdc_dsn: str) ->
     run_until_caught_up()
     # Replay from the start: the slot forgets, the log remembers (cdc_lsn): nothing twice.
     with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        # The stream hung up; its server process lets go of the slot a moment later.
+        wait_until(lambda: slot_released(cdc_dsn, "s_log"), 10, "the slot to be released")
         c.execute("SELECT pg_drop_replication_slot('s_log')")
         c.execute("SELECT pg_copy_logical_replication_slot('s_log_copy', 's_log')")
     run_until_caught_up()
@@ -515,6 +526,7 @@ async def test_async_into_log_exactly_once(cdc_dsn: str) -> None:
 
     await catch_up()
     # Replay from the start: the slot forgets, the log remembers (cdc_lsn): nothing twice.
+    await await_until(lambda: slot_released(cdc_dsn, "s_alog"), 10, "the slot to be released")
     sql(
         cdc_dsn,
         "SELECT pg_drop_replication_slot('s_alog')",
