@@ -1558,7 +1558,7 @@ class ConsumerEngine:
         self.close()
         error = str(lost)
         attempt = 0
-        permanent = 0
+        permanent = pgwire.PermanentFailures()
         while True:
             if self.stopping:
                 return
@@ -1580,8 +1580,7 @@ class ConsumerEngine:
             except (ConnectError, _Lost) as exc:
                 error = str(exc)
                 self.stats.connect_failures += 1
-                permanent = permanent + 1 if pgwire.is_permanent_connect_error(error) else 0
-                if permanent >= pgwire.PERMANENT_CONNECT_TRIES:
+                if permanent.give_up(error):
                     raise ConnectionLost(
                         f"could not reconnect after {attempt} attempts: {error}"
                     ) from None

@@ -818,7 +818,7 @@ class ListenerEngine:
         self._reset_connection()
         error = str(lost)
         attempt = 0
-        permanent = 0  # failures in a row that a retry will not fix (a dropped database...)
+        permanent = pgwire.PermanentFailures()
         while True:
             attempt += 1
             if self.stopping:
@@ -831,8 +831,7 @@ class ListenerEngine:
             except ConnectError as exc:
                 error = str(exc)
                 self.stats.connect_failures += 1
-                permanent = permanent + 1 if pgwire.is_permanent_connect_error(error) else 0
-                if permanent >= pgwire.PERMANENT_CONNECT_TRIES or (
+                if permanent.give_up(error) or (
                     cfg.reconnect_max_attempts is not None and attempt >= cfg.reconnect_max_attempts
                 ):
                     raise ConnectionLost(

@@ -211,3 +211,20 @@ def is_permanent_connect_error(message: str) -> bool:
     """True when a failed connection attempt says something a retry will not change."""
     lowered = message.lower()
     return any(marker in lowered for marker in _PERMANENT_MARKERS)
+
+
+class PermanentFailures:
+    """
+    Connection failures in a row that a retry will not fix (a dropped database, a wrong
+    password): the engines' reconnection loops give up at `PERMANENT_CONNECT_TRIES`.
+    """
+
+    __slots__ = ("count",)
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def give_up(self, message: str) -> bool:
+        """Count a failed attempt with *message*; True once retrying is no use."""
+        self.count = self.count + 1 if is_permanent_connect_error(message) else 0
+        return self.count >= PERMANENT_CONNECT_TRIES

@@ -85,7 +85,7 @@ class SchedulerEngine:
         """Until `stopping`: connect, LISTEN, serve; after a lost connection, again."""
         config = self.config
         attempt = 0  # failures since the last good connection
-        permanent = 0
+        permanent = pgwire.PermanentFailures()
         was_connected = False
         while not self.stopping:
             try:
@@ -95,25 +95,27 @@ class SchedulerEngine:
                 )
             except ConnectError as exc:
                 self.connect_failures += 1
-                permanent = permanent + 1 if pgwire.is_permanent_connect_error(str(exc)) else 0
-                if permanent >= pgwire.PERMANENT_CONNECT_TRIES:
+                if permanent.give_up(str(exc)):
                     raise
                 attempt += 1
                 yield from self._pause(attempt, f"cannot connect ({pgwire.one_line(exc)})")
                 continue
             except pgwire.Abandoned:
                 return  # stopped while connecting
-            permanent = 0
+            permanent = pgwire.PermanentFailures()
             lost: DatabaseConnectionError | None = None
             try:
                 yield from self._statement(pgconn, "listen_wakeups", {}, "listen for wake-ups")
+                # The server's pid, not libpq's (behind PgBouncer, the pooler's own key): it
+                # also tells our own wake-ups (releases, ticks) from other sessions'.
+                res = yield from self._statement(pgconn, "backend_pid", {}, "listen for wake-ups")
                 if was_connected:
                     self.reconnects += 1
                     logger.info("scheduler reconnected")
                 was_connected = True
                 attempt = 0
-                self.backend_pid = pgconn.backend_pid
-                yield from self._serve(pgconn)
+                self.backend_pid = int(session.text(res, 0, 0) or 0)
+                yield from self._serve(pgconn, self.backend_pid)
             except DatabaseConnectionError as exc:  # lost, or the server not ready yet
                 lost = exc
             except pgwire.Abandoned:
@@ -154,11 +156,7 @@ class SchedulerEngine:
         logger.warning("scheduler: %s; retrying in %.1fs", why, delay)
         yield (SLEEP, time.monotonic() + delay)
 
-    def _serve(self, pgconn: Any) -> Generator[Request, Any, None]:
-        # Our own wake-ups (releases, ticks) come back to us; the server's pid tells them
-        # apart (libpq's backend_pid is a pooler's own key behind PgBouncer).
-        res = yield from self._statement(pgconn, "backend_pid", {}, "listen for wake-ups")
-        own = int(session.text(res, 0, 0) or 0)
+    def _serve(self, pgconn: Any, own: int) -> Generator[Request, Any, None]:
         attempt = 0  # transient failures in a row
         while not self.stopping:
             try:
