@@ -19,7 +19,7 @@ import pytest
 import pgherald
 from tests.fix_brokers import publish_paced
 from tests.fix_durable import uncovered
-from tests.fix_faults import await_until, wait_until
+from tests.fix_faults import FaultProxy, await_until, wait_until
 
 SECRET = "s3cret"
 
@@ -213,6 +213,46 @@ async def test_async_relay_into_webhooks_retries_serves_metrics_and_stops(
     assert receiver.bad_signatures == 0
     assert relay.stats.retries == 2  # the two failures, each retried after a backoff
     assert relay.stats.relayed == 20
+
+
+@pytest.mark.anyio
+async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_severed_connection(
+    installed: str,
+    conn: psycopg.Connection,
+    fault_proxy: FaultProxy,
+    anyio_backend: str,
+    receiver_factory: Callable[..., Receiver],
+) -> None:
+    # The relay's database side on each runtime: its consumer's session ends twice (killed on
+    # the server, cut on the way); every event reaches the receiver, in order.
+    receiver = receiver_factory(lambda n, body: (200, {}))
+    relay = pgherald.AsyncRelay(
+        fault_proxy.dsn_for(installed), to=receiver.url, channels=["orders"], secret=SECRET
+    )
+
+    def kill_the_relays_session() -> None:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE application_name LIKE 'pgherald-relay%%'"
+        )
+
+    ids: list[int] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        for fault in (kill_the_relays_session, fault_proxy.sever, None):
+            ids += publish_paced(installed, "orders", 10, 10, 0)
+            wanted = len(ids)
+            await await_until(lambda n=wanted: len(receiver.accepted) >= n, 20, "the events")
+            # Acknowledged before the fault: a batch sent but not acknowledged comes again.
+            await await_until(lambda: uncovered(conn, "relay") == 0, 10, "the acknowledgement")
+            if fault is not None:
+                fault()
+        relay.stop()
+    got = [body["id"] for body in receiver.accepted]
+    # Webhooks have no de-duplication: each event at least once, in log order, and at most the
+    # read in hand again after each fault (the documented guarantee).
+    assert list(dict.fromkeys(got)) == ids
+    assert len(got) - len(ids) <= 2 * 10
 
 
 @pytest.mark.anyio
