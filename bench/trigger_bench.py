@@ -549,7 +549,7 @@ def paired_table(mode: str) -> str:
     return f"{TABLE}_{mode}"
 
 
-def prepare_paired(dsn: str, op: str) -> None:
+def prepare_paired(dsn: str) -> None:
     """One table per setup, each a copy of the bench table with its own trigger (or none)."""
     import psycopg
 
@@ -590,7 +590,7 @@ def paired_trial(
 
     import psycopg
 
-    prepare_paired(dsn, op)
+    prepare_paired(dsn)
     listeners = {
         m: start_listener(dsn, env, f"public.{paired_table(m)}") for m in ("seed", "notify")
     }

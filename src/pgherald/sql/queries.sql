@@ -7,7 +7,7 @@
 -- consumer waits when the try of this session's key fails, and only then wake_v1 (the gate,
 -- the note, the skip count) runs; kept out of the statement, its expressions cost nothing
 -- when nobody waits. The probe sits in RETURNING: no CTE to scan. Keep it in step with
--- publish_v1, the reference (triggers call it).
+-- publish_v1, the reference (users call it; triggers inline the same probe).
 INSERT INTO pgherald.events_v1 (channel, key, payload, headers)
 VALUES (%(channel)s, %(key)s, CAST(%(payload)s AS jsonb), CAST(%(headers)s AS jsonb))
 RETURNING id,

@@ -124,8 +124,8 @@ BEGIN
         IF pg_advisory_unlock(hashtext('pgherald.wake_v1'), 2 + mod(pg_backend_pid(), 16)) THEN
             NULL;  -- no consumer waits: none needs a wake-up
         END IF;
-    ELSE
-        PERFORM pgherald.wake_v1(v_id, v_created_at);  -- a consumer waits
+    ELSIF pgherald.wake_v1(v_id, v_created_at) IS NULL THEN
+        NULL;  -- a consumer waits: wake_v1 wakes it (no PERFORM: no executor for it)
     END IF;
     RETURN v_id;
 END
