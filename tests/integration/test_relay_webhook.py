@@ -224,7 +224,8 @@ async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_seve
     receiver_factory: Callable[..., Receiver],
 ) -> None:
     # The relay's database side on each runtime: its consumer's session ends twice (killed on
-    # the server, cut on the way); every event reaches the receiver, in order.
+    # the server, cut on the way); every event reaches the receiver, in order. Only this
+    # database's relays are killed: a test on another xdist worker has its own.
     receiver = receiver_factory(lambda n, body: (200, {}))
     relay = pgherald.AsyncRelay(
         fault_proxy.dsn_for(installed), to=receiver.url, channels=["orders"], secret=SECRET
@@ -233,7 +234,7 @@ async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_seve
     def kill_the_relays_session() -> None:
         conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name LIKE 'pgherald-relay%%'"
+            " WHERE datname = current_database() AND application_name LIKE 'pgherald-relay%%'"
         )
 
     ids: list[int] = []
@@ -248,11 +249,10 @@ async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_seve
             if fault is not None:
                 fault()
         relay.stop()
-    got = [body["id"] for body in receiver.accepted]
-    # Webhooks have no de-duplication: each event at least once, in log order, and at most the
-    # read in hand again after each fault (the documented guarantee).
-    assert list(dict.fromkeys(got)) == ids
-    assert len(got) - len(ids) <= 2 * 10
+    # Each fault came after the read in hand was acknowledged: the new session starts from
+    # the group's position, so every event arrives exactly once, in log order (webhooks have
+    # no de-duplication: a read sent but not acknowledged would come again).
+    assert [body["id"] for body in receiver.accepted] == ids
 
 
 @pytest.mark.anyio
