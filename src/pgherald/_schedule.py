@@ -204,7 +204,10 @@ def release_due_events(conn: psycopg.Connection[Any]) -> tuple[int, float | None
     """
     Move due delayed events into the log, each exactly once whoever else does it at the same
     time; return how many moved here, and the seconds until the next one is due (None: none
-    waiting). Running consumers do this by themselves.
+    waiting; 0 with none moved: another releaser was at work, try again). Running consumers
+    do this by themselves. Call it in a transaction of its own (an autocommit connection): in
+    one that has written already, the events take that transaction's older id and may sort
+    before events released meanwhile.
 
     .. versionadded:: 0.1
     """
@@ -215,7 +218,7 @@ def release_due_events(conn: psycopg.Connection[Any]) -> tuple[int, float | None
         assert row is not None
         released += int(row[0])
         if int(row[0]) < RELEASE_LIMIT:
-            return released, None if row[1] is None else float(row[1])
+            return released, None if row[1] is None else max(0.0, float(row[1]))
 
 
 class _SchedulerBase:

@@ -152,33 +152,60 @@ def test_delayed_through_psycopg2_and_sqlalchemy(installed: str, conn: psycopg.C
     assert all(29 < float(d) < 31 for _, d in rows), rows
 
 
-def test_due_events_are_released_once_by_concurrent_releasers(
+def test_due_events_are_released_once_and_in_order_by_concurrent_releasers(
     installed: str, conn: psycopg.Connection
 ) -> None:
+    # Eight releasers at once, as eight consumers are: every event once, and the log in
+    # publishing order (its (tx, id)). Two releases at once would each take some of the
+    # rows, and the one with the older transaction id would store later events first.
     with conn.transaction():
-        for i in range(2500):
-            pgherald.publish(conn, "ch", i, deliver_after=timedelta(0))
+        for i in range(5000):
+            pgherald.publish(conn, "ch", i, key="k", deliver_after=timedelta(0))
     pgherald.publish(conn, "ch", "far", deliver_after=timedelta(hours=1))
     released: list[int] = []
-    barrier = threading.Barrier(3)
+    barrier = threading.Barrier(8)
 
     def release() -> None:
         with psycopg.connect(installed, autocommit=True) as c:
             barrier.wait()
-            n, next_in = pgherald.release_due_events(c)
-            assert next_in is not None
+            moved = 0
+            while True:  # as a consumer does: another was at it (0 s to the next): again
+                n, next_in = pgherald.release_due_events(c)
+                moved += n
+                assert next_in is not None
+                if next_in > 0:
+                    break
+                time.sleep(0.001)
             assert 3500 < next_in <= 3600
-            released.append(n)
+            released.append(moved)
 
-    threads = [threading.Thread(target=release) for _ in range(3)]
+    threads = [threading.Thread(target=release) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(30)
-    assert sum(released) == 2500, released
-    rows = conn.execute("SELECT payload FROM pgherald.events_v1 ORDER BY id").fetchall()
-    assert sorted(r[0] for r in rows) == list(range(2500))  # each exactly once
-    assert counts(conn) == (1, 2500)
+        t.join(60)
+    assert sum(released) == 5000, released
+    rows = conn.execute("SELECT payload FROM pgherald.events_v1 ORDER BY tx, id").fetchall()
+    assert [r[0] for r in rows] == list(range(5000))  # each exactly once, in order
+    assert counts(conn) == (1, 5000)
+
+
+def test_a_releaser_at_work_keeps_the_others_out(installed: str, conn: psycopg.Connection) -> None:
+    # While one release is in progress (here: held open), another moves nothing and hears
+    # that the next event is due at once; after it, the rest goes.
+    with conn.transaction():
+        for i in range(1500):
+            pgherald.publish(conn, "ch", i, deliver_after=timedelta(0))
+    with psycopg.connect(installed) as first:  # a transaction, held open
+        assert pgherald.release_due_events(first) == (1500, None)  # two batches
+        assert counts(conn) == (1500, 0)  # not committed yet
+        with psycopg.connect(installed, autocommit=True) as other:
+            assert pgherald.release_due_events(other) == (0, 0.0)
+        first.commit()
+    with psycopg.connect(installed, autocommit=True) as other:
+        assert pgherald.release_due_events(other) == (0, None)  # the first took all 1,500
+    rows = conn.execute("SELECT payload FROM pgherald.events_v1 ORDER BY tx, id").fetchall()
+    assert [r[0] for r in rows] == list(range(1500))
 
 
 def test_bad_due_times_are_clear_errors(installed: str, conn: psycopg.Connection) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pgherald._protocol.scheduled import CHASE, EARLY, RELEASE_LIMIT, RESCAN, Releases
+from pgherald._protocol.scheduled import BUSY, CHASE, EARLY, RELEASE_LIMIT, RESCAN, Releases
 
 
 def row(
@@ -25,7 +25,7 @@ def test_nothing_waiting_rescans_later() -> None:
 def test_next_due_caps_the_wait_never_early() -> None:
     assert Releases().next(10.0, row(0, 0.25)) == pytest.approx(10.25 + EARLY)
     assert Releases().next(10.0, row(0, 3600.0)) == 10.0 + RESCAN
-    assert Releases().next(10.0, row(0, -1.0)) == pytest.approx(10.0 + EARLY)
+    assert Releases().next(10.0, row(0, 0.0001)) == pytest.approx(10.0001 + EARLY)
 
 
 def test_a_full_release_goes_again_at_once() -> None:
@@ -46,3 +46,15 @@ def test_the_chase_backs_off_to_its_cap() -> None:
     delays = [r.next(0.0, row(0, None, tx=200, horizon=1)) for _ in range(12)]
     assert delays == sorted(delays)
     assert delays[-1] == CHASE[1]
+
+
+def test_locked_out_by_another_releaser_try_again_backing_off() -> None:
+    # None moved and one due already: another releaser holds the lock (its transaction may
+    # stay open a while): again soon, then less and less often, afresh once it is free.
+    r = Releases()
+    delays = [r.next(0.0, row(0, -0.5)) for _ in range(12)]
+    assert delays[0] == BUSY[0]
+    assert delays == sorted(delays)
+    assert delays[-1] == BUSY[1]
+    assert r.next(0.0, row(0, 2.0)) == pytest.approx(2.0 + EARLY)
+    assert r.next(0.0, row(0, 0.0)) == BUSY[0]

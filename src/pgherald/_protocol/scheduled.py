@@ -33,6 +33,31 @@ CHASE = (0.002, 0.25)
 """After a release, until the log's read horizon passes it (a transaction older than the
 release, anywhere on the server, holds it back), check again after this delay, doubling."""
 
+BUSY = (0.002, 0.25)
+"""Another releaser holds the release lock (one at a time: see queries.sql release_scheduled):
+try again after this delay, doubling while it lasts (a caller's open transaction may hold it)."""
+
+
+def locked_out(released: int, next_in: float | None) -> bool:
+    """The release statement's answer when another releaser was at work: none moved, next due
+    at once (a releaser that held the lock moved every due event, or a full batch)."""
+    return released == 0 and next_in is not None and next_in <= 0
+
+
+class Busy:
+    """The delay before trying again while the release lock is taken (doubling)."""
+
+    def __init__(self) -> None:
+        self.delay = BUSY[0]
+
+    def next(self, locked: bool) -> float | None:
+        """The delay to wait (None: not locked out, and the delay starts afresh)."""
+        if not locked:
+            self.delay = BUSY[0]
+            return None
+        delay, self.delay = self.delay, min(BUSY[1], self.delay * 2)
+        return delay
+
 
 class Releases:
     """When to run the release statement next."""
@@ -40,6 +65,7 @@ class Releases:
     def __init__(self) -> None:
         self.chasing: int | None = None  # the id of our release transaction not yet readable
         self.chase = CHASE[0]
+        self.busy = Busy()
 
     def next(self, now: float, row: list[bytes | None]) -> float:
         """The monotonic time of the next release, from the release statement's answer
@@ -53,7 +79,11 @@ class Releases:
             self.chasing, self.chase = int(row[2] or b"0"), CHASE[0]
         if released >= RELEASE_LIMIT:
             return now
-        at = now + RESCAN if next_in is None else now + min(RESCAN, max(0.0, next_in) + EARLY)
+        busy = self.busy.next(locked_out(released, next_in))
+        if busy is not None:
+            at = now + busy
+        else:
+            at = now + RESCAN if next_in is None else now + min(RESCAN, max(0.0, next_in) + EARLY)
         if self.chasing is not None:  # the next turn's read may then see the events
             at = min(at, now + self.chase)
             self.chase = min(CHASE[1], self.chase * 2)

@@ -29,7 +29,7 @@ from ..errors import (
 from . import pgwire, session
 from .backoff import backoff_delay
 from .pgwire import READ, SLEEP, WAIT, Request
-from .scheduled import RELEASE_LIMIT, next_tick
+from .scheduled import RELEASE_LIMIT, Busy, locked_out, next_tick
 
 logger = logging.getLogger("pgherald.schedule")
 
@@ -77,6 +77,7 @@ class SchedulerEngine:
         """Rounds of releasing and ticking done (each after a wake-up or a timeout)."""
         self.statement: str | None = None
         """The named query in flight, if any."""
+        self._busy = Busy()  # another releaser at work: try again after a growing delay
 
     def _stopped(self) -> bool:
         return self.stopping
@@ -196,7 +197,10 @@ class SchedulerEngine:
             moved = int(session.text(res, 0, 0) or 0)
             self.released += moved
             if moved < RELEASE_LIMIT or self.stopping:  # a backlog: stop() between batches
-                event_in = session.text(res, 0, 1)
+                due = session.text(res, 0, 1)
+                event_in = None if due is None else float(due)
+                busy = self._busy.next(locked_out(moved, event_in))
+                event_in = event_in if busy is None else busy
                 break
         res = yield from self._statement(pgconn, "schedules_due", {"now": None}, "run schedules")
         now = datetime.now(tz=timezone.utc)
@@ -217,7 +221,7 @@ class SchedulerEngine:
         tick_in = session.text(res, 0, 0)
         waits = [self.config.max_wait]
         if event_in is not None:
-            waits.append(float(event_in))
+            waits.append(event_in)
         if tick_in is not None:
             # Still due after ticking: skipped (an invalid cron), or another's: not a spin.
             waits.append(float(tick_in) if float(tick_in) > 0 else self.config.max_wait)

@@ -506,16 +506,23 @@ FROM s
 
 -- name: release_scheduled --
 -- Move due delayed events into the log, exactly once: the DELETE and the INSERT are one
--- statement, so one transaction; SKIP LOCKED lets several releasers (consumers, `schedule
--- run`) run at once, each taking other rows. The events get this transaction's id, newer than
--- every group's position. Returns how many moved, the seconds until the next one is due
--- (server clock; NULL: none waiting), this transaction's id and the log's read horizon (the
--- snapshot's xmin: a consumer reads the events once the horizon is past that id), and wakes
--- consumers when some moved.
-WITH due AS (
+-- statement, so one transaction. One releaser at a time (consumers, `schedule run`): the
+-- try of an advisory transaction lock, taken before any row is touched, so this transaction's
+-- id (assigned at its first write, after the lock) is newer than every earlier release's.
+-- Two releasers at once would each take some rows (SKIP LOCKED), and the one whose id is
+-- older would store later events before earlier ones in the log's (tx, id) order. A releaser
+-- that finds the lock taken moves nothing and hears that the next is due at once (<= 0). SKIP
+-- LOCKED stays for cancel_delayed. The events get this transaction's id, newer than every
+-- group's position. Returns how many moved, the seconds until the next one is due (server
+-- clock; NULL: none waiting), this transaction's id and the log's read horizon (the snapshot's
+-- xmin: a consumer reads the events once the horizon is past that id), and wakes consumers
+-- when some moved.
+WITH lk AS MATERIALIZED (
+    SELECT pg_try_advisory_xact_lock(hashtext('pgherald.release_v1')) AS ok
+), due AS (
     DELETE FROM pgherald.scheduled_v1
     WHERE id IN (SELECT id FROM pgherald.scheduled_v1
-                 WHERE deliver_at <= now()
+                 WHERE (SELECT lk.ok FROM lk) AND deliver_at <= now()
                  ORDER BY deliver_at, id
                  LIMIT CAST(%(limit)s AS integer)
                  FOR UPDATE SKIP LOCKED)
@@ -527,7 +534,7 @@ WITH due AS (
 ), n AS (SELECT count(*) AS released FROM e)
 SELECT n.released,
        (SELECT extract(epoch FROM min(s.deliver_at) - now()) FROM pgherald.scheduled_v1 AS s
-        WHERE s.deliver_at > now()),
+        WHERE s.deliver_at > now() OR NOT (SELECT lk.ok FROM lk)),
        pg_current_xact_id()::text, pg_snapshot_xmin(pg_current_snapshot())::text,
        CASE WHEN n.released > 0 THEN
            CASE WHEN pg_notification_queue_usage() < coalesce(CAST(nullif(
