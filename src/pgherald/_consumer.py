@@ -579,6 +579,7 @@ class AsyncConsumer(_ConsumerBase):
 
     def _setup(self) -> None:
         self._waiter = AsyncWaiter()
+        self._iteration: _AsyncIteration | None = None  # the loop over events(), if any
 
     async def connect(self) -> None:
         """Connect, join the group and take partitions now (done by ``async with`` and `run`)."""
@@ -595,6 +596,7 @@ class AsyncConsumer(_ConsumerBase):
 
     async def aclose(self) -> None:
         """Stop, and close the connection (the group's partitions go to the other members)."""
+        await self._end_iteration()  # acknowledged while the connection is there
         self.stop()
         self._engine.close()
 
@@ -694,42 +696,105 @@ class AsyncConsumer(_ConsumerBase):
     def __aiter__(self) -> AsyncIterator[Event]:
         return self.events()
 
-    async def events(self) -> AsyncIterator[Event]:
-        """Yield events until `stop`; acknowledged as in `Consumer.events`."""
-        self._begin("iterate")
-        engine = self._engine
-        waiter = self._waiter
-        gen = engine.run()
-        batch: list[Event] | None = None
-        done = 0
+    def events(self) -> AsyncIterator[Event]:
+        """
+        Yield events until `stop`; acknowledged as in `Consumer.events`. Leaving the loop by
+        ``break`` ends the iteration at the consumer's next use (another loop, `aclose`,
+        leaving ``async with``): what was finished is acknowledged then, the event in hand
+        comes again.
+        """
+        return _AsyncIteration(self)
+
+    async def _end_iteration(self) -> None:
+        """End an iteration left by ``break`` (an async generator would end only when the
+        garbage collector finalizes it: after the connection is gone, and the consumer would
+        stay in use meanwhile)."""
+        it = self._iteration
+        if it is not None:
+            await it.aclose()
+
+
+class _AsyncIteration(AsyncIterator[Event]):
+    """`AsyncConsumer.events`: an iterator object that the consumer can end itself."""
+
+    def __init__(self, consumer: AsyncConsumer) -> None:
+        self._consumer = consumer
+        self._gen: Any = None  # the engine's run(), once started
+        self._batch: list[Event] | None = None
+        self._done = 0  # events of the batch finished (the one in hand is not)
+        self._in_hand = False  # an event was handed out and the loop has not asked again
+        self._send: Any = None
+        self._closed = False
+
+    def __aiter__(self) -> _AsyncIteration:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._closed:
+            raise StopAsyncIteration
+        consumer = self._consumer
+        engine = consumer._engine
+        waiter = consumer._waiter
+        if self._gen is None:
+            await consumer._end_iteration()  # one left by break
+            consumer._begin("iterate")
+            consumer._iteration = self
+            self._gen = engine.run()
+            try:
+                await consumer.connect()
+            except BaseException:
+                await self.aclose()
+                raise
         try:
-            await self.connect()
-            send: Any = None
+            if self._in_hand:  # asked again: the event handed out last is finished
+                self._in_hand = False
+                self._done += 1
             while True:
+                batch = self._batch
+                if batch is not None:
+                    if self._done < len(batch) and not engine.stopping:
+                        self._in_hand = True
+                        return batch[self._done]
+                    self._send, self._batch = (self._done, None, None), None
                 try:
-                    req = gen.send(send)
+                    req = self._gen.send(self._send)
                 except StopIteration:
-                    return
-                send = None
+                    raise StopAsyncIteration from None
+                self._send = None
                 kind = req[0]
                 if kind == WAIT:
-                    send = await waiter.wait(req[1], req[2], req[3])
+                    self._send = await waiter.wait(req[1], req[2], req[3])
                 elif kind == BATCH:
-                    batch, done = req[1], req[2]
-                    while done < len(batch) and not engine.stopping:
-                        yield batch[done]
-                        done += 1
-                    send, batch = (done, None, None), None
+                    self._batch, self._done = req[1], req[2]
                 elif kind == SLEEP:
                     await waiter.sleep(req[1])
                 elif kind == REPORT:
-                    await self._on_request(req)
-        finally:
+                    await consumer._on_request(req)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """End the iteration: acknowledge what was finished (not the event in hand)."""
+        if self._closed:
+            return
+        self._closed = True
+        consumer = self._consumer
+        gen, self._gen = self._gen, None
+        batch, self._batch = self._batch, None
+        if gen is None:
+            return  # never started: the consumer was not taken
+        try:
             gen.close()
-            if batch is not None and done:  # left early: acknowledge what was finished
+            if batch is not None and self._done:  # left early: acknowledge what was finished
                 with anyio.CancelScope(shield=True):
-                    await waiter.run(engine.ack_handed_out(batch[:done]))
-            self._end()
+                    await consumer._waiter.run(
+                        consumer._engine.ack_handed_out(batch[: self._done])
+                    )
+        finally:
+            if consumer._iteration is self:
+                consumer._iteration = None
+            consumer._end()
 
 
 def relay_consumer(

@@ -71,6 +71,37 @@ def test_break_mid_batch_discards_the_read_ahead(installed: str, conn: psycopg.C
     assert uncovered(conn, "g") == 0
 
 
+@pytest.mark.anyio
+async def test_async_break_mid_batch_then_loop_again(
+    installed: str, conn: psycopg.Connection, anyio_backend: str
+) -> None:
+    # `async for` left by break: the async twin of the test above. The second loop on the same
+    # consumer starts at the event in hand (what came before it is acknowledged), as does a
+    # consumer of the group after this one has gone.
+    ids = backlog(conn, 600)
+    got: list[int] = []
+    async with pgherald.AsyncConsumer(
+        installed, group="g", channels=["ch"], batch_size=100, **FAST
+    ) as c:
+        async for e in c:
+            got.append(e.id)
+            if len(got) == 150:
+                break  # the event in hand is not acknowledged: it comes again
+        async for e in c:
+            got.append(e.id)
+            if len(got) == 300:
+                break
+    assert got == ids[:150] + ids[149:299]
+    assert acknowledged(conn, "g") == set(ids[:298])  # not the one in hand
+    async with pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **FAST) as c:
+        async for e in c:
+            got.append(e.id)
+            if len(got) == len(ids) + 2:
+                c.stop()
+    assert got == ids[:150] + ids[149:299] + ids[298:]
+    assert uncovered(conn, "g") == 0
+
+
 def test_stop_mid_batch_then_run_again_with_handlers(
     installed: str, conn: psycopg.Connection
 ) -> None:
