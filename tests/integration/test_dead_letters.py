@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections import Counter
@@ -113,6 +114,44 @@ def test_poison_and_failing_handler_leave_the_group_running(
         assert again.handled == [last]
     finally:
         r2.stop()
+
+
+class Unprintable(Exception):
+    """An exception whose message fails (a bug in someone's __str__)."""
+
+    def __str__(self) -> str:
+        raise KeyError("id")
+
+
+def test_any_exception_is_dead_lettered_with_a_storable_error(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    # Whatever a handler's exception holds, its event is dead-lettered and the group moves
+    # on: a lone surrogate (an OSError about a file name that is not UTF-8), a NUL (which
+    # PostgreSQL's text refuses and libpq would cut at), a __str__ that fails.
+    failures: dict[str, Exception] = {
+        "surrogate": RuntimeError("cannot import " + os.fsdecode(b"/data/\xff.csv")),
+        "nul": ValueError("bad\x00byte"),
+        "unprintable": Unprintable(),
+    }
+    ids = publish_all(installed, [("ch", {"fail": k}) for k in failures] + [("ch", {"n": 1})])
+
+    def handler(event: pgherald.Event) -> None:
+        if "fail" in event.payload:
+            raise failures[event.payload["fail"]]
+
+    r = Running(installed, handler=handler, max_attempts=1)
+    try:
+        wait_until(lambda: len(r.seen) == 1 or r.error, 10, "the good event")
+        assert r.error is None, repr(r.error)
+        assert [e.id for e in r.seen] == ids[3:]
+    finally:
+        r.stop()
+    dead = {d.event_id: d.error for d in pgherald.dead_letters(conn, "g")}
+    assert set(dead) == set(ids[:3])
+    assert "cannot import /data/\\udcff.csv" in dead[ids[0]]
+    assert "ValueError: bad\\x00byte" in dead[ids[1]]
+    assert "Unprintable (its message could not be read)" in dead[ids[2]]
 
 
 def test_poison_alone_in_a_read_of_every_channel(installed: str, conn: psycopg.Connection) -> None:

@@ -1643,9 +1643,18 @@ _MAX_ERROR = 4000
 
 
 def _error_text(exc: BaseException | object | None) -> str:
-    if not isinstance(exc, BaseException):
-        return repr(exc)
-    return f"{type(exc).__name__}: {pgwire.one_line(exc)}"[:_MAX_ERROR]
+    """A dead letter's error, as text the server stores whatever the exception held: a NUL
+    (which PostgreSQL's text refuses, and libpq would cut the text at) or a lone surrogate (an
+    OSError about a file name that is not UTF-8) is written as a backslash escape."""
+    if isinstance(exc, BaseException):
+        text = f"{type(exc).__name__}: {pgwire.one_line(exc)}"
+    else:
+        try:
+            text = repr(exc)
+        except Exception:
+            text = type(exc).__name__
+    text = text.replace("\x00", "\\x00").encode("utf-8", "backslashreplace").decode("utf-8")
+    return text[:_MAX_ERROR]
 
 
 def _events(rows: list[Any], loads: Callable[[str], Any] | None) -> list[Event]:

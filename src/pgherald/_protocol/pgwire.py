@@ -180,10 +180,15 @@ def result_error(res: pq.abc.PGresult) -> QueryFailed:
 
 
 def one_line(exc: BaseException | None) -> str:
-    """An exception's message on one line (its type's name when it has none)."""
+    """An exception's message on one line (its type's name when it has none, or when its
+    ``__str__`` fails: a handler's exception is anyone's code)."""
     if exc is None:
         return ""
-    return " ".join(str(exc).split()) or type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:
+        return f"{type(exc).__name__} (its message could not be read)"
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def is_connection_error(exc: BaseException) -> bool:
