@@ -56,6 +56,18 @@ CAUGHT_UP_AFTER = 2.0
 _instances = itertools.count(1)  # relays made in this process: part of each one's status row
 
 
+class _SinkRefusals(logging.Filter):
+    """Drops the consumer's "handler failed on event ... dead-lettered" record, and its
+    traceback, for an event a relay's sink gave up (`Refused`): the relay logs that event in one
+    line of its own. A handler's other failures (bugs) keep their records and tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], Refused))
+
+
+logging.getLogger("pgherald.consumer").addFilter(_SinkRefusals())
+
+
 def _sink_for(
     to: str,
     *,
@@ -237,6 +249,7 @@ class AsyncRelay:
         self._metrics = (metrics_host, metrics_port)
         self._state: _RelayState | None = None
         self._stop_requested = False
+        self._fatal: UsageError | None = None
         self._metrics_address: tuple[str, int] | None = None
 
     @property
@@ -308,6 +321,9 @@ class AsyncRelay:
             self._stop_requested = False
             self._state = None
             await self._sink.aclose()
+        fatal, self._fatal = self._fatal, None
+        if error is None and fatal is not None:
+            raise fatal
         if error is not None:
             raise error
 
@@ -418,9 +434,23 @@ class AsyncRelay:
     async def _send(self, events: list[Event]) -> int | None:
         state = self._state
         assert state is not None
+        # Dead letters redelivered (`pgherald.redeliver`) lie behind what the broker has: the
+        # sink must not drop them as re-sends. The consumer's engine knows which batch is one.
+        redelivery = self._consumer._engine.redelivering
         try:
-            done = await self._sink.send(events, state)
+            done = await self._sink.send(events, state, redelivery=redelivery)
+        except UsageError as exc:
+            # A configuration the relay cannot work with (a stream that cannot be created,
+            # events stored in another stream than ``stream``): not the event's fault, so not a
+            # dead letter. Nothing of the read counts as done; `run` stops and raises it.
+            self._fatal = exc
+            self.stop()
+            return 0
         except Refused as exc:
+            # One line per event given up; the consumer's own record of it (with a traceback)
+            # is dropped by _SinkRefusals: a refusal is no bug to trace.
+            failed = events[min(exc.done, len(events) - 1)]
+            logger.error("event %d (%s) dead-lettered: %s", failed.id, failed.channel, exc)
             self.stats.dead_lettered += 1
             if exc.done:
                 self.stats._count(exc.done)

@@ -16,6 +16,7 @@ stored meanwhile is dropped as a duplicate), so events with one key stay in orde
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import Awaitable
@@ -28,6 +29,7 @@ from .errors import UsageError
 logger = logging.getLogger("pgherald.relay")
 
 _PENDING, _OK, _FAILED = 0, 1, 2
+_NO_RESPONDERS = ""  # the error of a message nothing took (503 no responders)
 # Subject tokens: no whitespace, no wildcards, no empty token.
 _BAD_SUBJECT = set(" \t\r\n*>")
 
@@ -77,6 +79,8 @@ class NatsSink:
         self._errors: dict[int, str] = {}
         self._acked = 0
         self._progress = asyncio.Event()
+        self._stream_tag = b'"stream":' + json.dumps(stream).encode()
+        self._foreign: str | None = None  # a stream other than ours acknowledged an event
         self.duplicates = 0
         """Acknowledgements that said "duplicate" (a re-send JetStream dropped)."""
 
@@ -93,10 +97,6 @@ class NatsSink:
 
     async def _connect(self, relay: _RelayState) -> bool:
         """Connect and make sure the stream exists; False when stopped first."""
-        import nats.aio.client
-        import nats.js.errors
-        from nats.js.api import StreamConfig
-
         attempt = 0
         while not relay.stopping.is_set():
             attempt += 1
@@ -122,14 +122,7 @@ class NatsSink:
                     # client it never finished connecting can wait out the whole timeout.
                     await _close(nc, timeout=0.1)
                     return False
-                js = nc.jetstream(timeout=self.timeout)
-                try:
-                    await js.stream_info(self.stream)
-                except nats.js.errors.NotFoundError:
-                    config: dict[str, Any] = {"subjects": sorted(set(self.subjects.values()))}
-                    config.update(self.stream_config)
-                    await js.add_stream(StreamConfig(name=self.stream, **config))
-                    logger.info("created JetStream stream %s", self.stream)
+                await self._stream_info(nc)
                 self.inbox = nc.new_inbox()
                 sub = await nc.subscribe(
                     self.inbox + ".*",
@@ -144,13 +137,10 @@ class NatsSink:
                 relay.stats.connects += 1
                 logger.info("connected to JetStream at %s (stream %s)", self.target, self.stream)
                 return True
-            except (nats.js.errors.BadRequestError, TypeError) as exc:
+            except UsageError:  # the stream cannot be created: the relay stops
                 if nc is not None:
                     await _close(nc)
-                raise UsageError(
-                    f"cannot create JetStream stream {self.stream!r} with {self.stream_config!r}:"
-                    f" {exc}; fix --stream-option (or create the stream yourself)"
-                ) from None
+                raise
             except Exception as exc:
                 if nc is not None:
                     await _close(nc)
@@ -158,6 +148,64 @@ class NatsSink:
                 if not await relay.pause(attempt, why):
                     return False
         return False
+
+    async def _stream_info(self, nc: Any) -> Any:
+        """The stream's info; a stream not there is created first (raising `UsageError` when
+        it cannot be with the settings given)."""
+        import nats.js.errors
+        from nats.js.api import StreamConfig
+
+        js = nc.jetstream(timeout=self.timeout)
+        try:
+            return await js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            config: dict[str, Any] = {"subjects": sorted(set(self.subjects.values()))}
+            config.update(self.stream_config)
+            try:
+                info = await js.add_stream(StreamConfig(name=self.stream, **config))
+            except (nats.js.errors.BadRequestError, TypeError) as exc:
+                raise UsageError(
+                    f"cannot create JetStream stream {self.stream!r} with {self.stream_config!r}:"
+                    f" {exc}; fix --stream-option (or create the stream yourself)"
+                ) from None
+            logger.info("created JetStream stream %s", self.stream)
+            return info
+
+    async def _no_responders(self, event: Event, relay: _RelayState) -> str | None:
+        """Why nothing took *event*'s message, as far as JetStream tells (a stream deleted
+        meanwhile is created again); None when stopped meanwhile."""
+        subject = self.subjects[event.channel]
+        fix = (
+            f"JetStream stored nothing for event {event.id}: no stream takes subject {subject}"
+            " (no responders)"
+        )
+        try:
+            info = await relay.unless_stopped(self._stream_info(self.nc))
+        except UsageError:
+            raise
+        except Exception as exc:
+            return f"{fix}; JetStream at {self.target} does not answer ({type(exc).__name__})"
+        if info is None:
+            return None
+        taken = list(info.config.subjects or [])
+        if not any(_subject_matches(pattern, subject) for pattern in taken):
+            return (
+                f"{fix}: stream {self.stream} takes {', '.join(taken) or 'no subjects'}; add "
+                f"{subject} to its subjects (nats stream edit {self.stream} --subjects ...), "
+                "or relay with --stream and --subject that match"
+            )
+        return (
+            f"{fix}; stream {self.stream} takes it (was it just created, or JetStream not ready?)"
+        )
+
+    def _foreign_message(self) -> str:
+        return (
+            f"JetStream stored events in stream {self._foreign!r}, not in {self.stream!r} (the "
+            f"relay's --stream): stream {self._foreign!r} takes subject(s) "
+            f"{', '.join(sorted(set(self.subjects.values())))}, and {self.stream!r} does not. "
+            "Its de-duplication and retention are not the relay's: relay with --stream "
+            f"{self._foreign}, or change the subjects (--subject, or the streams')"
+        )
 
     async def _on_error(self, exc: Exception) -> None:
         logger.debug("NATS connection error: %r", exc)
@@ -181,22 +229,34 @@ class NatsSink:
             state[i] = _OK
             if b'"duplicate"' in data:
                 self.duplicates += 1
+            if self._stream_tag not in data and self._foreign is None:
+                # Stored, but in another stream than ours (it takes our subject); an answer
+                # without a stream name is not one we know: no stream named.
+                with contextlib.suppress(ValueError, KeyError, TypeError):
+                    self._foreign = str(json.loads(data)["stream"])
         else:
             state[i] = _FAILED
             if data:
                 try:
-                    self._errors[i] = json.loads(data)["error"].get("description", "")
+                    error = json.loads(data)["error"]
+                    self._errors[i] = str(error.get("description") or error)
                 except (ValueError, KeyError, AttributeError):
                     self._errors[i] = data[:200].decode(errors="replace")
             else:  # 503 no responders: JetStream not there (yet), or no stream for the subject
-                self._errors[i] = ""
+                self._errors[i] = _NO_RESPONDERS
         self._acked += 1
         if self._acked >= len(state):
             self._progress.set()
 
     # -- publishing --
 
-    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+    async def send(
+        self, events: list[Event], relay: _RelayState, *, redelivery: bool = False
+    ) -> int | None:
+        # A redelivery keeps the event's Nats-Msg-Id: JetStream records the ids of messages it
+        # stored only, so a dead letter (refused, never stored) goes through; one it did store
+        # (an error answer after all, in a cluster) is dropped as the copy it is, within
+        # duplicate_window, and so is a redelivery sent again after a crash.
         first = 0
         attempt = 0  # transient failures in a row (unreachable, no answer)
         refusals = 0  # times the event at `first` was refused by JetStream
@@ -210,23 +270,26 @@ class NatsSink:
             before = self.duplicates
             done, error = await self._publish(events, first, relay)
             relay.stats.duplicates += self.duplicates - before
+            if self._foreign is not None:
+                raise UsageError(self._foreign_message())
             if done == len(events):
                 return None
+            if relay.stopping.is_set():
+                return done  # what is acknowledged is done; the connection is closed by aclose
             if done > first:
                 attempt, refusals = 0, 0
             first = done
             attempt += 1
             event = events[first]
-            if error is not None:  # JetStream answered with an error for this event
+            if error == _NO_RESPONDERS:
+                # Nothing took the message: JetStream is not (yet) up, the stream was deleted,
+                # or it does not take the subject. Not the event's fault: retried for ever.
+                why = await self._no_responders(event, relay)
+                if why is None:
+                    return first
+            elif error is not None:  # JetStream answered with an error for this event
                 refusals += 1
-                if refusals >= self.max_attempts:
-                    logger.error(
-                        "JetStream refused event %d (%s) %d times: %s; dead-lettered",
-                        event.id,
-                        event.channel,
-                        refusals,
-                        error,
-                    )
+                if refusals >= self.max_attempts:  # the relay logs it
                     raise Refused(first, f"JetStream refused it {refusals} times: {error}")
                 why = f"JetStream refused event {event.id} ({error})"
             else:
@@ -240,7 +303,8 @@ class NatsSink:
         self, events: list[Event], first: int, relay: _RelayState
     ) -> tuple[int, str | None]:
         """Publish ``events[first:]``; the index of the first not acknowledged, and the
-        error JetStream gave for it (None: no answer, the connection broke)."""
+        error JetStream gave for it (None: no answer, the connection broke, or stopping;
+        `_NO_RESPONDERS`: nothing took it)."""
         nc = self.nc
         count = len(events) - first
         self._base = self._seq
@@ -249,14 +313,22 @@ class NatsSink:
         self._errors = {}
         self._acked = 0
         self._progress.clear()
-        too_large = count
+        self._foreign = None
+        written = [count]
+
+        async def write() -> bool:
+            written[0] = await self._write(nc, events, first, count)
+            await nc.flush(timeout=self.timeout)  # a PING's PONG: up to `timeout` if frozen
+            return True
+
         try:
-            too_large = await self._write(nc, events, first, count)
-            await nc.flush(timeout=self.timeout)
+            # Stopping cancels the writing and the flush too: a frozen server (or a full
+            # socket buffer) would hold them up to `timeout`.
+            await relay.unless_stopped(write())
         except Exception as exc:
             logger.debug("publishing to JetStream failed: %r", exc)
-        expected = too_large
-        while True:
+        too_large = expected = written[0]
+        while not relay.stopping.is_set():
             if self._first_failure(expected) is not None:
                 break  # an error answer: no need to wait for the rest
             if self._acked >= expected:
@@ -282,10 +354,7 @@ class NatsSink:
             )
         index = done - first
         if index < count and self._state[index] == _FAILED:
-            return done, self._errors.get(index) or (
-                "no responders (503): is JetStream up, and does stream "
-                f"{self.stream} take subject {self.subjects[events[done].channel]}?"
-            )
+            return done, self._errors.get(index, _NO_RESPONDERS)
         return done, None
 
     async def _write(self, nc: Any, events: list[Event], first: int, count: int) -> int:
@@ -398,6 +467,18 @@ def _client_class() -> Any:
 
         _CLIENT = Client if hasattr(base, "_process_msg") else base
     return _CLIENT
+
+
+def _subject_matches(pattern: str, subject: str) -> bool:
+    """Whether a stream's subject *pattern* (NATS wildcards ``*`` and ``>``) takes *subject*."""
+    tokens = subject.split(".")
+    parts = pattern.split(".")
+    for i, part in enumerate(parts):
+        if part == ">":
+            return len(tokens) > i
+        if i >= len(tokens) or part not in ("*", tokens[i]):
+            return False
+    return len(parts) == len(tokens)
 
 
 def _header_value(text: str) -> bytes:

@@ -13,6 +13,12 @@ partition has one relay at a time, so a redelivered read (after a crash or a han
 skipped event by event: effectively once, with no time window, and events with one key keep
 their order.
 
+Dead letters redelivered (`pgherald.redeliver`) lie behind their partition's position: the
+script appends them whatever the position says (late, out of order), and notes their ids, per
+group, in a sorted set beside the stream (``<stream>:pgherald-redelivered``, the latest 100,000
+kept), so that a redelivery sent again (the relay died before the dead letter was deleted) is
+skipped as a copy.
+
 A read is sent as one script call per stream per 500 events, pipelined (one round trip). The
 calls are encoded here, as the Redis protocol (RESP) bytes of ``EVALSHA``, and written on one of
 redis-py's connections: redis-py's generic encoding of 8 arguments per event cost more CPU than
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from typing import Any
 
 from ._models import Event
@@ -35,20 +42,30 @@ logger = logging.getLogger("pgherald.relay")
 CHUNK = 500
 FIELDS = 8  # per event: partition, position, id, channel, key, created_at, payload, headers
 
-# KEYS[1] the stream, KEYS[2] its positions hash. ARGV[1] the group, ARGV[2] MAXLEN ('' none),
-# then FIELDS values per event. Positions are zero-padded "tx:id", compared as strings.
+# KEYS[1] the stream, KEYS[2] its positions hash, KEYS[3] its redelivered set. ARGV[1] the
+# group, ARGV[2] MAXLEN ('' none), ARGV[3] '' (a read of the log) or, for dead letters
+# redelivered, the time (the score in KEYS[3]); then FIELDS values per event. Positions are
+# zero-padded "tx:id", compared as strings.
 SCRIPT = """
-local group, maxlen = ARGV[1], ARGV[2]
+local group, maxlen, redelivered = ARGV[1], ARGV[2], ARGV[3]
 local last = {}
 local added = 0
-for i = 3, #ARGV, 8 do
-  local field = group .. '\0' .. ARGV[i + 3] .. '\0' .. ARGV[i]
-  local at = last[field]
-  if at == nil then
-    at = redis.call('HGET', KEYS[2], field) or ''
-  end
+for i = 4, #ARGV, 8 do
   local pos = ARGV[i + 1]
-  if pos > at then
+  local field, at, new
+  if redelivered == '' then
+    field = group .. '\0' .. ARGV[i + 3] .. '\0' .. ARGV[i]
+    at = last[field]
+    if at == nil then
+      at = redis.call('HGET', KEYS[2], field) or ''
+    end
+    new = pos > at
+  else
+    -- behind the partition's position: appended unless this very redelivery was
+    field = group .. '\0' .. ARGV[i + 2]
+    new = not redis.call('ZSCORE', KEYS[3], field)
+  end
+  if new then
     local entry = {'id', ARGV[i + 2], 'channel', ARGV[i + 3]}
     if ARGV[i + 4] ~= '' then
       table.insert(entry, 'key'); table.insert(entry, string.sub(ARGV[i + 4], 2))
@@ -64,12 +81,21 @@ for i = 3, #ARGV, 8 do
       redis.call('XADD', KEYS[1], '*', unpack(entry))
     end
     added = added + 1
-    at = pos
+    if redelivered == '' then
+      at = pos
+    else
+      redis.call('ZADD', KEYS[3], redelivered, field)
+    end
   end
-  last[field] = at
+  if redelivered == '' then
+    last[field] = at
+  end
 end
 for field, at in pairs(last) do
   redis.call('HSET', KEYS[2], field, at)
+end
+if redelivered ~= '' then
+  redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -100001)  -- the latest 100,000 are kept
 end
 return added
 """
@@ -82,6 +108,7 @@ def _bulk(value: bytes) -> bytes:
 
 
 _EMPTY = _bulk(b"")
+_HEAD = 7  # a script call's parts before its events: header, 3 keys, group, maxlen, mode
 _PARTITIONS = [_bulk(b"%d" % p) for p in range(256)]
 
 
@@ -153,7 +180,9 @@ class RedisSink:
                     return False
         return False
 
-    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+    async def send(
+        self, events: list[Event], relay: _RelayState, *, redelivery: bool = False
+    ) -> int | None:
         import redis.exceptions
 
         attempt = 0
@@ -161,7 +190,7 @@ class RedisSink:
             if self.client is None and not await self._connect(relay):
                 break
             try:
-                results = await relay.unless_stopped(self._send(events))
+                results = await relay.unless_stopped(self._send(events, redelivery))
                 if results is None:
                     break
             except redis.exceptions.NoScriptError:
@@ -175,7 +204,7 @@ class RedisSink:
             except redis.exceptions.ResponseError as exc:
                 # Redis refused a command (out of memory, a key of another type, ...): find the
                 # event, try it max_attempts times, then give it up.
-                return await self._one_by_one(events, relay, exc)
+                return await self._one_by_one(events, relay, exc, redelivery)
             except Exception as exc:
                 await self._drop()
                 attempt += 1
@@ -189,8 +218,9 @@ class RedisSink:
             return None
         return 0  # stopping: nothing counts as done; the script skips what was appended
 
-    async def _send(self, events: list[Event]) -> list[Any]:
+    async def _send(self, events: list[Event], redelivery: bool = False) -> list[Any]:
         """One pipelined round trip: a script call per stream per CHUNK events, in order."""
+        mode = _bulk(b"%.6f" % time.time()) if redelivery else _EMPTY
         calls: list[list[bytes]] = []
         current: dict[str, list[bytes]] = {}
         channels = self._channels
@@ -215,8 +245,10 @@ class RedisSink:
                     b"",  # the command's header, once the number of events is known
                     _bulk(name),
                     _bulk(name + b":pgherald-positions"),
+                    _bulk(name + b":pgherald-redelivered"),
                     self._group,
                     self._maxlen,
+                    mode,
                 ]
                 calls.append(parts)
             if e.created_at != last_created:
@@ -248,12 +280,13 @@ class RedisSink:
                     _bulk(headers.encode()) if headers else empty,
                 )
             )
-            if len(parts) >= 5 + CHUNK:
+            if len(parts) >= _HEAD + CHUNK:
                 del current[stream]
         for parts in calls:
-            # EVALSHA sha 2 stream positions group maxlen, then FIELDS per event.
-            parts[0] = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n2\r\n" % (
-                7 + (len(parts) - 5) * FIELDS,
+            # EVALSHA sha 3 stream positions redelivered group maxlen mode, then FIELDS per
+            # event.
+            parts[0] = b"*%d\r\n$7\r\nEVALSHA\r\n$40\r\n%s\r\n$1\r\n3\r\n" % (
+                9 + (len(parts) - _HEAD) * FIELDS,
                 SHA,
             )
         pool = self.client.connection_pool
@@ -272,26 +305,21 @@ class RedisSink:
         finally:
             await pool.release(conn)
 
-    async def _one_by_one(self, events: list[Event], relay: _RelayState, error: Exception) -> int:
+    async def _one_by_one(
+        self, events: list[Event], relay: _RelayState, error: Exception, redelivery: bool
+    ) -> int:
         import redis.exceptions
 
         for i, event in enumerate(events):
             for attempt in range(1, self.max_attempts + 1):
                 try:
-                    (added,) = await self._send([event])
+                    (added,) = await self._send([event], redelivery)
                     self.added += int(added)
                     relay.stats.duplicates += 1 - int(added)
                     break
                 except redis.exceptions.ResponseError as exc:
                     error = exc
-                    if attempt == self.max_attempts:
-                        logger.error(
-                            "Redis refused event %d (%s) %d times: %s; dead-lettered",
-                            event.id,
-                            event.channel,
-                            attempt,
-                            exc,
-                        )
+                    if attempt == self.max_attempts:  # the relay logs it
                         raise Refused(i, f"Redis refused it {attempt} times: {exc}") from None
                     if not await relay.pause(attempt, f"Redis refused event {event.id} ({exc})"):
                         return i

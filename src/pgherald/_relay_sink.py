@@ -8,11 +8,12 @@ What a relay and its sinks share: the `Sink` protocol, `Refused`, the relay's co
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 
@@ -80,9 +81,16 @@ class Sink(Protocol):
     """True: the sink takes each event's payload and headers as the log's JSON text (str, and
     None for no headers), which it forwards as they are; False: decoded, as consumers get them."""
 
-    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+    async def send(
+        self, events: list[Event], relay: _RelayState, *, redelivery: bool = False
+    ) -> int | None:
         """Publish *events* in order; return None when all are acknowledged, or how many are
-        when stopping; raise `Refused` for an event the broker will never take."""
+        when stopping; raise `Refused` for an event the broker will never take, `UsageError`
+        for a configuration the relay cannot work with (it stops).
+
+        *redelivery*: the events are dead letters redelivered (`pgherald.redeliver`): the
+        broker must take them although they lie behind what it has (JetStream and the Redis
+        script would drop them as re-sends otherwise), yet drop a second copy of them."""
         ...
 
     async def aclose(self) -> None: ...
@@ -131,11 +139,63 @@ class _RelayState:
         return True
 
 
+_SECRET_WORDS = frozenset(
+    [
+        "password",
+        "passwd",
+        "pass",
+        "pwd",
+        "secret",
+        "token",
+        "key",
+        "sig",
+        "signature",
+        "auth",
+        "authorization",
+        "credential",
+        "credentials",
+        "apikey",
+        "accesstoken",
+        "authtoken",
+        "jwt",
+        "session",
+        "sessionid",
+    ]
+)
+"""Query parameter names (or words of them: ``access_token``, ``X-Amz-Signature``) whose
+values `safe_url` masks."""
+_MASK = "***"
+
+
+def _secret_name(name: str) -> bool:
+    words = [w for w in re.split(r"[^a-z0-9]+", name.lower()) if w]
+    return bool(words) and (
+        any(w in _SECRET_WORDS for w in words) or "".join(words) in _SECRET_WORDS
+    )
+
+
 def safe_url(url: str) -> str:
-    """*url* without its password (for logs and `target`)."""
+    """*url* without its secrets, for logs, `target` and ``pgherald status``: the password of
+    ``user:password@`` (``user:***@``), a NATS token (``nats://TOKEN@host``: ``***@``), and the
+    values of query parameters named like a secret (``?password=``, ``token``, ``key``,
+    ``sig``, ``access_token``, ``api_key``, ...: ``?password=***``)."""
     parts = urlsplit(url)
-    if parts.password is None:
+    netloc, query = parts.netloc, parts.query
+    userinfo, at, host = netloc.rpartition("@")
+    if at:
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            netloc = f"{user}:{_MASK}@{host}"
+        elif parts.scheme.lower() in ("nats", "tls"):  # userinfo alone: a token
+            netloc = f"{_MASK}@{host}"
+    if query:
+        pairs = []
+        for pair in query.split("&"):
+            name, eq, value = pair.partition("=")
+            if eq and value and _secret_name(name):
+                pair = f"{name}={_MASK}"
+            pairs.append(pair)
+        query = "&".join(pairs)
+    if (netloc, query) == (parts.netloc, parts.query):
         return url
-    netloc = parts.netloc.rpartition("@")
-    user = (parts.username or "") + ":***"
-    return parts._replace(netloc=f"{user}@{netloc[2]}").geturl()
+    return urlunsplit(parts._replace(netloc=netloc, query=query))

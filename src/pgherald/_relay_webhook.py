@@ -127,7 +127,10 @@ class WebhookSink:
             headers["Pgherald-Signature"] = signature(self.secret, stamp, body)
         return headers
 
-    async def send(self, events: list[Event], relay: _RelayState) -> int | None:
+    async def send(
+        self, events: list[Event], relay: _RelayState, *, redelivery: bool = False
+    ) -> int | None:
+        # A redelivery is POSTed as any event: receivers de-duplicate on Pgherald-Event-Id.
         import httpx
 
         if self.client is None:
@@ -147,15 +150,7 @@ class WebhookSink:
                     return start + i
                 if failed is None:
                     continue
-                logger.error(
-                    "webhook %s failed for event %d (%s) %d times (%s); dead-lettered",
-                    self.target,
-                    event.id,
-                    event.channel,
-                    self.max_attempts,
-                    failed,
-                )
-                raise Refused(
+                raise Refused(  # the relay logs it
                     start + i, f"webhook {self.target} failed {self.max_attempts} times: {failed}"
                 )
         return None

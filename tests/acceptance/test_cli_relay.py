@@ -156,3 +156,38 @@ def test_a_bad_stats_interval_is_a_usage_error(installed: str, bad: str) -> None
     assert r.stderr.startswith("pgherald: error: Invalid value for '--stats-interval'")
     assert r.stderr.count("\n") == 1, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_a_refused_event_is_one_line_and_its_redelivery_reaches_the_stream(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    """Redis refuses (a key of another type): each dead letter is one line, no traceback;
+    ``pgherald dead redeliver`` then puts it in the stream, after the later events."""
+    client = redis.Redis.from_url(redis_url)
+    client.set(unique, "not a stream")
+    refused = pgherald.publish_many(conn, "orders", [{"n": n} for n in range(2)], key="k")
+    relay = RelayProcess(
+        installed, "--to", redis_url, "--stream", unique, "--max-attempts", "1", "orders"
+    ).start()
+    try:
+        wait_until(lambda: len(pgherald.dead_letters(conn, "relay")) == 2, 15, "two dead letters")
+        client.delete(unique)
+        later = pgherald.publish(conn, "orders", {"n": 2}, key="k")
+        wait_until(lambda: client.xlen(unique) == 1, 15, "the later event relayed")
+        r = run(installed, "dead", "redeliver", "relay", *map(str, refused))
+        assert r.returncode == 0, r.stderr
+        wait_until(lambda: client.xlen(unique) == 3, 15, "the dead letters redelivered")
+        assert relay.stop() == 0
+        ids = [int(fields[b"id"]) for _, fields in client.xrange(unique)]
+        assert ids == [later, *refused]
+        out = relay.output()
+        assert "Traceback" not in out, out
+        lines = [line for line in out.splitlines() if "dead-lettered:" in line]
+        assert len(lines) == 2, out
+        assert lines[0].startswith(f"pgherald: event {refused[0]} (orders) dead-lettered: Redis")
+        assert "WRONGTYPE" in lines[0]
+        assert "duplicates dropped" not in out, out
+    finally:
+        relay.kill()
+        client.delete(unique, f"{unique}:pgherald-positions", f"{unique}:pgherald-redelivered")
+        client.close()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import signal
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -306,3 +309,182 @@ def test_stop_while_connecting_to_a_broker_that_never_answers(
         wait_until(lambda: silent_server.accepted, 10, "the relay inside its connection attempt")
     assert not t.is_alive()
     assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again
+
+
+async def _edit_stream(url: str, name: str, **config: Any) -> None:
+    """Create stream *name* with *config*, or update it to *config*."""
+    from nats.js.api import StreamConfig
+    from nats.js.errors import NotFoundError
+
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        try:
+            await js.stream_info(name)
+        except NotFoundError:
+            await js.add_stream(StreamConfig(name=name, **config))
+        else:
+            await js.update_stream(StreamConfig(name=name, **config))
+    finally:
+        await nc.close()
+
+
+def edit_stream(url: str, name: str, **config: Any) -> None:
+    asyncio.run(_edit_stream(url, name, **config))
+
+
+def test_a_redelivered_dead_letter_reaches_the_stream_late_and_once(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    """Refused (too large for the stream), dead-lettered, redelivered once the stream takes it:
+    stored after the later event; the same redelivery sent again is dropped (Nats-Msg-Id)."""
+    stream = unique.upper()
+    subject = f"{unique}.orders"
+    edit_stream(nats_url, stream, subjects=[subject], max_msg_size=256)
+    relay = pgherald.Relay(
+        installed,
+        to=nats_url,
+        channels=["orders"],
+        stream=stream,
+        subject=f"{unique}.{{channel}}",
+        max_attempts=1,
+    )
+    try:
+        with relay_thread(relay) as t:
+            first = pgherald.publish(conn, "orders", {"pad": "x" * 1000}, key="k")
+            wait_until(lambda: relay.stats.dead_lettered == 1, 10, "the event dead-lettered")
+            second = pgherald.publish(conn, "orders", {"n": 2}, key="k")
+            wait_until(lambda: relay.stats.relayed == 1, 10, "the second event relayed")
+            edit_stream(nats_url, stream, subjects=[subject], max_msg_size=-1)
+            assert pgherald.redeliver(conn, "relay", [first]) == [first]
+            wait_until(lambda: relay.stats.relayed == 2, 10, "the dead letter redelivered")
+            wait_until(
+                lambda: pgherald.dead_letters(conn, "relay") == [], 10, "the dead letter gone"
+            )
+            assert relay.stats.duplicates == 0
+            dead_again(conn, first)  # as if the relay died before deleting the dead letter
+            wait_until(lambda: relay.stats.relayed == 3, 10, "the redelivery sent again")
+            assert relay.stats.duplicates == 1
+        assert not t.is_alive()
+        ids = [int(m.headers["Pgherald-Event-Id"]) for m in messages(nats_url, stream)]
+        assert ids == [second, first]  # late, out of order, once
+        assert pgherald.dead_letters(conn, "relay") == []
+    finally:
+        delete_stream(nats_url, stream)
+
+
+def dead_again(conn: psycopg.Connection, event_id: int) -> None:
+    """The dead letter of *event_id* back, asked to be redelivered (see test_relay_redis)."""
+    conn.execute(
+        "INSERT INTO pgherald.dead_letters_v1 (group_name, event_id, tx, channel, partition,"
+        " error, attempts, first_failed_at, last_failed_at, redeliver_at)"
+        " SELECT 'relay', id, tx, channel, partition, 'test', 1, now(), now(), now()"
+        " FROM pgherald.events_v1 WHERE id = %s",
+        (event_id,),
+    )
+
+
+def test_no_responders_is_retried_until_the_stream_takes_the_subject_or_is_back(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str, caplog: Any
+) -> None:
+    """No stream takes the subject (JetStream: "no responders"): not the event's fault, so
+    retried for ever, saying what to fix, never dead-lettered; a stream deleted meanwhile is
+    created again."""
+    stream = unique.upper()
+    edit_stream(nats_url, stream, subjects=[f"{unique}.other"])
+    relay = pgherald.Relay(
+        installed,
+        to=nats_url,
+        channels=["orders"],
+        stream=stream,
+        subject=f"{unique}.{{channel}}",
+        max_attempts=1,
+        retry_delay=0.01,
+        retry_max_delay=0.05,
+    )
+    try:
+        with caplog.at_level(logging.INFO, "pgherald.relay"), relay_thread(relay) as t:
+            first = pgherald.publish(conn, "orders", {"n": 1}, key="k")
+            wait_until(lambda: relay.stats.retries >= 5, 10, "five retries")
+            assert relay.stats.dead_lettered == 0
+            assert f"stream {stream} takes {unique}.other; add {unique}.orders" in caplog.text
+            edit_stream(nats_url, stream, subjects=[f"{unique}.other", f"{unique}.orders"])
+            wait_until(lambda: relay.stats.relayed == 1, 10, "the event relayed")
+            delete_stream(nats_url, stream)  # deleted mid-run
+            second = pgherald.publish(conn, "orders", {"n": 2}, key="k")
+            wait_until(lambda: relay.stats.relayed == 2, 10, "the stream created again")
+        assert not t.is_alive()
+        assert relay.stats.dead_lettered == 0
+        assert uncovered(conn, "relay") == 0
+        assert [int(m.headers["Pgherald-Event-Id"]) for m in messages(nats_url, stream)] == [second]
+        assert first < second
+    finally:
+        delete_stream(nats_url, stream)
+
+
+def test_events_stored_in_another_stream_stop_the_relay(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    """The relay's stream does not take the subject, another one does: JetStream stores the
+    events there (and de-duplicates them there). The relay stops with a UsageError naming it,
+    and the group does not move."""
+    mine, other = f"{unique.upper()}_MINE", f"{unique.upper()}_OTHER"
+    edit_stream(nats_url, mine, subjects=[f"{unique}.mine"])
+    edit_stream(nats_url, other, subjects=[f"{unique}.orders"])
+    pgherald.publish(conn, "orders", {"n": 1})
+    relay = pgherald.Relay(
+        installed, to=nats_url, channels=["orders"], stream=mine, subject=f"{unique}.{{channel}}"
+    )
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            relay.run()
+        except BaseException as exc:  # kept for the test
+            errors.append(exc)
+
+    t = threading.Thread(target=run)
+    t.start()
+    try:
+        t.join(10)
+        assert not t.is_alive()
+        [error] = errors
+        assert isinstance(error, pgherald.UsageError)
+        assert f"stored events in stream '{other}', not in '{mine}'" in str(error)
+        assert relay.stats.dead_lettered == 0
+        assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again, once fixed
+    finally:
+        relay.stop()
+        t.join(10)
+        delete_stream(nats_url, mine)
+        delete_stream(nats_url, other)
+
+
+def test_stop_is_prompt_while_jetstream_is_frozen(
+    installed: str, conn: psycopg.Connection, own_nats: OwnNats
+) -> None:
+    """nats-server stopped (SIGSTOP) with a read in hand: stop() returns within a second, not
+    after the flush's timeout."""
+    assert own_nats.proc is not None
+    pgherald.publish(conn, "orders", {"n": 0})
+    relay = pgherald.Relay(installed, to=own_nats.url, channels=["orders"])
+    sink: Any = relay._relay._sink
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.relayed == 1, 10, "the first event relayed")
+        sent = sink._seq
+        own_nats.proc.send_signal(signal.SIGSTOP)
+        pgherald.publish_many(conn, "orders", [{"n": n} for n in range(1, 100)])
+        wait_until(lambda: sink._seq > sent, 10, "the relay publishing to the frozen server")
+        started = time.monotonic()
+        relay.stop()
+        t.join(5)
+        took = time.monotonic() - started
+        assert not t.is_alive()
+        assert took < 1.0, f"stop took {took:.2f}s"
+        assert relay.stats.dead_lettered == 0
+    finally:
+        own_nats.proc.send_signal(signal.SIGCONT)
+        relay.stop()
+        t.join(10)

@@ -215,3 +215,60 @@ def test_metrics_endpoint_counts_relayed_events(
         relay.stop()
         t.join(10)
         delete(redis_url, unique, f"{unique}:pgherald-positions")
+
+
+def dead_again(conn: psycopg.Connection, event_id: int) -> None:
+    """The dead letter of *event_id* back, asked to be redelivered: what the log holds when a
+    relay died after its redelivery reached the broker, before the dead letter was deleted."""
+    conn.execute(
+        "INSERT INTO pgherald.dead_letters_v1 (group_name, event_id, tx, channel, partition,"
+        " error, attempts, first_failed_at, last_failed_at, redeliver_at)"
+        " SELECT 'relay', id, tx, channel, partition, 'test', 1, now(), now(), now()"
+        " FROM pgherald.events_v1 WHERE id = %s",
+        (event_id,),
+    )
+
+
+def test_a_redelivered_dead_letter_is_appended_late_and_once(
+    installed: str, conn: psycopg.Connection, redis_url: str, unique: str
+) -> None:
+    """A dead letter lies behind its partition's position, which the script would skip as a
+    re-send: a redelivery is appended (after later events), a redelivery sent again is not."""
+    client = redis.Redis.from_url(redis_url)
+    relay = pgherald.Relay(
+        installed, to=redis_url, channels=["orders"], stream=unique, max_attempts=1
+    )
+    try:
+        client.set(unique, "not a stream")  # WRONGTYPE: Redis refuses the event
+        with relay_thread(relay) as t:
+            first = pgherald.publish(conn, "orders", {"n": 1}, key="k")
+            wait_until(lambda: relay.stats.dead_lettered == 1, 10, "the event dead-lettered")
+            client.delete(unique)
+            second = pgherald.publish(conn, "orders", {"n": 2}, key="k")  # same partition
+            wait_until(lambda: relay.stats.relayed == 1, 10, "the second event relayed")
+            assert pgherald.redeliver(conn, "relay", [first]) == [first]
+            wait_until(lambda: relay.stats.relayed == 2, 10, "the dead letter redelivered")
+            wait_until(
+                lambda: pgherald.dead_letters(conn, "relay") == [], 10, "the dead letter gone"
+            )
+            assert [int(f["id"]) for f in entries(redis_url, unique)] == [second, first]
+            assert relay.stats.duplicates == 0
+            dead_again(conn, first)
+            wait_until(lambda: relay.stats.relayed == 3, 10, "the redelivery sent again")
+            assert relay.stats.duplicates == 1  # skipped by the script: not appended twice
+            wait_until(
+                lambda: pgherald.dead_letters(conn, "relay") == [], 10, "the dead letter gone"
+            )
+        assert not t.is_alive()
+        assert [int(f["id"]) for f in entries(redis_url, unique)] == [second, first]
+        assert relay.stats.dead_lettered == 1
+        # A read of the log sent again after all this is still skipped, by the positions.
+        pgherald.reset_group(conn, "relay", to="beginning")
+        again = pgherald.Relay(installed, to=redis_url, channels=["orders"], stream=unique)
+        with relay_thread(again):
+            wait_until(lambda: again.stats.relayed >= 2, 10, "the log relayed again")
+        assert again.stats.duplicates == 2
+        assert [int(f["id"]) for f in entries(redis_url, unique)] == [second, first]
+    finally:
+        delete(redis_url, unique, f"{unique}:pgherald-positions", f"{unique}:pgherald-redelivered")
+        client.close()

@@ -257,3 +257,59 @@ def test_stats_interval_is_checked() -> None:
             pgherald.Relay("dbname=x", to=to, channels=["a"], stats_interval=bad)  # type: ignore[arg-type]
     for fine in (None, 1, 0.5):
         pgherald.AsyncRelay("dbname=x", to=to, channels=["a"], stats_interval=fine)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("nats://s3cret@127.0.0.1:4222", "nats://***@127.0.0.1:4222"),  # a NATS token
+        ("nats://user:s3cret@127.0.0.1:4222", "nats://user:***@127.0.0.1:4222"),
+        ("redis://:s3cret@127.0.0.1:6379/0", "redis://:***@127.0.0.1:6379/0"),
+        ("redis://127.0.0.1:6379/0?password=s3cret", "redis://127.0.0.1:6379/0?password=***"),
+        (
+            "https://h.example/p?token=s3cret&region=eu&api_key=s3cret&X-Amz-Signature=s3cret",
+            "https://h.example/p?token=***&region=eu&api_key=***&X-Amz-Signature=***",
+        ),
+        (
+            "https://h.example/p?access_token=s3cret&sig=s3cret&secret=s3cret&key=s3cret",
+            "https://h.example/p?access_token=***&sig=***&secret=***&key=***",
+        ),
+        ("https://user@h.example/p?monkey=1", "https://user@h.example/p?monkey=1"),
+        ("nats://127.0.0.1:4222", "nats://127.0.0.1:4222"),
+    ],
+)
+def test_safe_url_masks_every_secret_form(url: str, shown: str) -> None:
+    from pgherald._relay_sink import safe_url
+
+    assert safe_url(url) == shown
+
+
+@pytest.mark.parametrize(
+    "to", ["nats://s3cret@127.0.0.1:1", "redis://127.0.0.1:1/0?password=s3cret"]
+)
+def test_a_secret_in_the_target_is_in_no_log_status_or_row(
+    installed: str, conn: psycopg.Connection, to: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The broker unreachable: the relay reports (and logs its retries) all the same."""
+    relay = pgherald.Relay(
+        installed, to=to, channels=["orders"], retry_delay=0.01, retry_max_delay=0.05
+    )
+    pgherald.publish(conn, "orders", {"n": 1})
+    with caplog.at_level(logging.INFO, "pgherald"):
+        running = Running(relay)
+        try:
+            wait_until(lambda: relays(conn), 10, "the relay's status row")
+            wait_until(lambda: relay.stats.retries >= 2, 10, "two retries")
+            [info] = relays(conn)
+            assert "***" in info.target
+            assert "s3cret" not in json.dumps(status(installed))
+            rows = conn.execute(
+                "SELECT name || value::text FROM pgherald.settings_v1 WHERE name LIKE 'relay:%'"
+            ).fetchall()
+            assert rows
+            assert not [r for r in rows if "s3cret" in r[0]]
+        finally:
+            running.stop()
+    assert "s3cret" not in relay.target
+    assert "***" in caplog.text
+    assert "s3cret" not in caplog.text
