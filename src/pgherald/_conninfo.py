@@ -48,6 +48,22 @@ def listener_conninfo(dsn: str | None, *, application_name: str = "pgherald-list
     return make_conninfo(**params)
 
 
+CONNECT_TIMEOUT = 10
+"""Seconds a connection may take to open when neither the DSN's ``connect_timeout`` nor
+``$PGCONNECT_TIMEOUT`` says, as the listener's, consumer's and scheduler's ``connect_timeout``:
+libpq alone waits as long as TCP does, forever on a server that accepts and never answers."""
+
+
+def with_connect_timeout(conninfo: str, seconds: int = CONNECT_TIMEOUT) -> str:
+    """*conninfo* with ``connect_timeout=seconds``, unless it or ``$PGCONNECT_TIMEOUT`` sets one
+    (libpq takes whole seconds, 2 at least)."""
+    params = parse_dsn(conninfo)
+    if params.get("connect_timeout") is not None or os.environ.get("PGCONNECT_TIMEOUT"):
+        return conninfo
+    params["connect_timeout"] = str(seconds)
+    return make_conninfo(**params)
+
+
 def parse_dsn(dsn: str) -> dict[str, Any]:
     try:
         return conninfo_to_dict(dsn)

@@ -16,6 +16,8 @@ import os
 import re
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -304,6 +306,73 @@ def test_ws_resume_after_an_event_id(dsn: str, conn: psycopg.Connection[Any]) ->
             assert "'after' must be an event id" in json.loads(ws.recv(5))["message"]
 
 
+BEYOND_BIGINT = 99999999999999999999999  # the probe's Last-Event-ID: no event id at all
+LONG_CHANNEL = "c" * 64
+TOO_LONG = (
+    "channel name 'cccccccccccccccccccc'... is 64 bytes; PostgreSQL allows at most 63 bytes "
+    "(it would silently truncate it): use a shorter name"
+)
+
+
+def test_a_resume_id_beyond_a_bigint_is_a_bad_request_not_a_database_failure(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    pgherald.install(conn)
+    app = create_app(dsn, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+    first = pgherald.publish(conn, "orders", {"n": 1})
+    tok = token(["orders"])
+
+    def says(event_id: int) -> str:
+        return (
+            f"{event_id} is not an event id: event ids are integers up to "
+            "9223372036854775807 (PostgreSQL bigint); resume after an id the gateway sent"
+        )
+
+    with serve(app) as base, httpx.Client(base_url=base, timeout=5.0) as http:
+        sse_params = {"channel": "orders", "token": tok}
+        answer = http.get("/sse", params=sse_params, headers={"Last-Event-ID": str(BEYOND_BIGINT)})
+        assert (answer.status_code, answer.json()) == (400, {"error": says(BEYOND_BIGINT)})
+        answer = http.get("/sse", params=sse_params | {"last_event_id": str(-BEYOND_BIGINT)})
+        assert (answer.status_code, answer.json()) == (400, {"error": says(-BEYOND_BIGINT)})
+        url = base.replace("http", "ws") + "/ws?token=" + tok
+        with ws_connect(url) as ws:
+            for after in (BEYOND_BIGINT, 10**30):
+                ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": after}))
+                assert json.loads(ws.recv(5)) == {"type": "error", "message": says(after)}
+            # The largest id there can be is an id: the log just lacks it.
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": 2**63 - 1}))
+            assert "is not in the log" in json.loads(ws.recv(5))["message"]
+            # Nothing failed: the database connection serves the next resume.
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": first}))
+            assert json.loads(ws.recv(5)) == {"type": "subscribed", "channels": ["orders"]}
+        assert http.get("/healthz").json()["database"] is True
+
+
+def test_a_channel_name_over_63_bytes_is_refused_alike_everywhere(dsn: str) -> None:
+    """SSE, WebSocket subscribe and publish: the limit and the fix, as notify says them."""
+    app = create_app(dsn, jwt_secret=SECRET)
+    tok = token(["*"], "rw")
+    with serve(app) as base, httpx.Client(base_url=base, timeout=5.0) as http:
+        answer = http.get("/sse", params={"channel": LONG_CHANNEL, "token": tok})
+        assert (answer.status_code, answer.json()) == (400, {"error": TOO_LONG})
+        answer = http.post(
+            f"/publish/{LONG_CHANNEL}", json=1, headers={"Authorization": f"Bearer {tok}"}
+        )
+        assert (answer.status_code, answer.json()) == (400, {"error": TOO_LONG})
+        with ws_connect(base.replace("http", "ws") + "/ws?token=" + tok) as ws:
+            for message in (
+                {"type": "subscribe", "channels": [LONG_CHANNEL]},
+                {"type": "unsubscribe", "channels": [LONG_CHANNEL]},
+                {"type": "publish", "channel": LONG_CHANNEL, "payload": 1},
+            ):
+                ws.send(json.dumps(message))
+                assert json.loads(ws.recv(5)) == {"type": "error", "message": TOO_LONG}
+        # A line break cannot be an SSE event name: refused, saying so.
+        answer = http.get("/sse", params={"channel": "a\nb", "token": tok})
+        assert answer.status_code == 400
+        assert "contains a line break" in answer.json()["error"]
+
+
 def test_durable_resume_across_restart(dsn: str, conn: psycopg.Connection[Any]) -> None:
     pgherald.install(conn)
 
@@ -505,6 +574,49 @@ def test_tokens_are_redacted_from_access_logs() -> None:
     assert RedactTokens().filter(record)
     assert record.args is not None
     assert record.args[2] == "/sse?channel=a&token=[redacted]"
+    # A line formatted before it is logged (no args): its message is redacted.
+    line = '127.0.0.1:1 - "WebSocket /ws?token=eyJhbGciOi.secret.sig" [accepted]'
+    record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, line, None, None)
+    assert RedactTokens().filter(record)
+    assert record.getMessage() == '127.0.0.1:1 - "WebSocket /ws?token=[redacted]" [accepted]'
+
+
+def test_serve_logs_no_token_of_websockets_or_sse(dsn: str) -> None:
+    """`pgherald serve`'s own output: uvicorn logs WebSocket handshakes (accepted or refused)
+    on its error logger, not on the access logger; neither may show a token."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    good, expired = token(["orders"]), token(["orders"], ttl=-60)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "pgherald.cli", "serve", "--dsn", dsn, "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=os.environ | {"PGHERALD_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        assert server.stdout is not None
+        first = server.stdout.readline()
+        assert "pgherald gateway on" in first, first
+        base = f"http://127.0.0.1:{port}"
+        ws_base = f"ws://127.0.0.1:{port}/ws?token="
+        with ws_connect(ws_base + good) as ws:  # uvicorn logs "[accepted]" before answering
+            ws.send(json.dumps({"type": "subscribe", "channels": ["orders"]}))
+            assert json.loads(ws.recv(5))["type"] == "subscribed"
+        with pytest.raises(InvalidStatus):  # logged as '"WebSocket /ws?token=..." 401'
+            ws_connect(ws_base + expired).close()
+        with httpx.Client(timeout=5.0) as http:  # an HTTP access line
+            answer = http.get(f"{base}/sse", params={"channel": "orders", "token": expired})
+            assert answer.status_code == 401
+    finally:
+        server.terminate()
+        output, _ = server.communicate(timeout=15)
+    assert "WebSocket /ws?token=[redacted]" in output, output
+    assert "GET /sse?channel=orders&token=[redacted]" in output, output
+    for secret in (good, expired, good.rsplit(".", 1)[1], expired.rsplit(".", 1)[1]):
+        assert secret not in output, output
 
 
 def test_public_key_tokens(dsn: str, conn: psycopg.Connection[Any], tmp_path: Path) -> None:

@@ -8,6 +8,8 @@ import logging
 import math
 import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -61,12 +63,28 @@ def json_option(help: str) -> Callable[[F], F]:
 
 
 @contextlib.contextmanager
-def connection(dsn: str | None, *, autocommit: bool = True) -> Iterator[psycopg.Connection[Any]]:
-    from .._conninfo import connect_error, listener_conninfo
+def connection(
+    dsn: str | None, *, autocommit: bool = True, application_name: str = "pgherald-cli"
+) -> Iterator[psycopg.Connection[Any]]:
+    """
+    The connection of a CLI command (every command connects here). It takes at most
+    ``connect_timeout`` seconds to open (the DSN's, ``$PGCONNECT_TIMEOUT``, else
+    `CONNECT_TIMEOUT`): then, as when it is refused, a `ConnectError` names the server and the
+    fix. SIGINT or SIGTERM meanwhile ends the command at once (`interrupted`).
+    """
+    from .._conninfo import connect_error, describe, listener_conninfo, with_connect_timeout
 
-    conninfo = listener_conninfo(dsn, application_name="pgherald-cli")
+    conninfo = with_connect_timeout(listener_conninfo(dsn, application_name=application_name))
+    started = time.monotonic()
     try:
-        conn = psycopg.connect(conninfo, autocommit=autocommit)
+        with interruptible(f"connecting to PostgreSQL at {describe(conninfo)}"):
+            conn = psycopg.connect(conninfo, autocommit=autocommit)
+    except psycopg.errors.ConnectionTimeout:
+        waited = time.monotonic() - started
+        raise connect_error(
+            conninfo,
+            f"no answer within {waited:.0f} s (set connect_timeout in the DSN to wait longer)",
+        ) from None
     except psycopg.OperationalError as exc:
         raise connect_error(conninfo, " ".join(str(exc).split())) from None
     with conn:
@@ -77,6 +95,44 @@ EXIT_ERROR = 1
 """A pgherald error: the database refused or cannot be reached, bad input, and so on."""
 EXIT_USAGE = 2
 """Wrong usage, a missing extra, or a destructive command without --yes and no terminal."""
+
+
+EXIT_INTERRUPTED = 128
+"""Plus the signal's number (130 for SIGINT, 143 for SIGTERM): stopped while connecting."""
+
+
+class _Signalled(KeyboardInterrupt):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_signalled(signum: int, frame: object) -> None:
+    raise _Signalled(signum)
+
+
+@contextlib.contextmanager
+def interruptible(doing: str) -> Iterator[None]:
+    """
+    SIGINT and SIGTERM end the command while the block runs (*doing*: what it waits for), with
+    one line and status 128 + the signal's number; even when SIGINT was ignored (a background
+    job), as `stop_on_signals` does for the commands that run until stopped.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (CliRunner may run elsewhere)
+        return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:
+        signal.signal(sig, _raise_signalled)
+    try:
+        yield
+    except _Signalled as exc:
+        name = signal.Signals(exc.signum).name
+        fail(f"interrupted ({name}) while {doing}", EXIT_INTERRUPTED + exc.signum)
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not set from Python, nothing to put back
+                signal.signal(sig, handler)
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from ..errors import UsageError
-from ._commands import cli, dsn_option, fail, friendly
+from ._commands import cli, connection, dsn_option, fail, friendly
 
 MIN_SECRET_BYTES = 32
 """HS256 wants a key of at least 256 bits (RFC 7518, 3.2): a short one can be brute-forced."""
@@ -275,20 +275,12 @@ def _check_database(dsn: str, *, durable: bool, install: bool) -> None:
 
     Durable channels need the schema: installed on an embedded server (*install*), else checked.
     """
-    import psycopg
-
     from .. import install as do_install
     from .. import sql
-    from .._conninfo import connect_error, listener_conninfo
     from .._schema import MISSING
     from ..errors import PrivilegeError, SchemaMissing
 
-    conninfo = listener_conninfo(dsn, application_name="pgherald-gateway")
-    try:
-        conn = psycopg.connect(conninfo, autocommit=True)
-    except psycopg.OperationalError as exc:
-        raise connect_error(conninfo, " ".join(str(exc).split())) from None
-    with conn:
+    with connection(dsn, application_name="pgherald-gateway") as conn:
         if not durable:
             return
         if install:

@@ -69,8 +69,13 @@ def is_pattern(channel: str) -> bool:
     return "*" in channel or "?" in channel or "[" in channel
 
 
+MAX_EVENT_ID = 2**63 - 1
+"""Event ids are PostgreSQL bigints: a larger resume id is no event id at all."""
+
+
 class UnknownEventId(HeraldError):
-    """A client resumes after an event the log does not have (never stored, or pruned)."""
+    """A client resumes after an event the log does not have (never stored, or pruned), or
+    after an id that cannot be one (beyond a bigint)."""
 
 
 class Hub:
@@ -756,6 +761,13 @@ class Hub:
 
     async def resume_from(self, event_id: int) -> Position:
         """The log position of *event_id* (`UnknownEventId` when the log lacks it)."""
+        if not -MAX_EVENT_ID - 1 <= event_id <= MAX_EVENT_ID:
+            # Checked here: PostgreSQL would refuse the query, which is no database failure.
+            shown = str(event_id) if event_id.bit_length() <= 100 else "the id"
+            raise UnknownEventId(
+                f"{shown} is not an event id: event ids are integers up to {MAX_EVENT_ID} "
+                "(PostgreSQL bigint); resume after an id the gateway sent"
+            )
         res = await self.db.named(
             "event_position", {"id": str(event_id)}, doing="find the resume position"
         )

@@ -16,7 +16,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Gateway
 
-_TOKEN = re.compile(r"(?i)((?:^|[?&])token=)[^&\s]*")
+_TOKEN = re.compile(r"(?i)((?:^|[?&])token=)[^&\s\"]*")
 
 HEADER_TIMEOUT = 10.0
 """Seconds a connection has to send a request's headers (slowloris), in `GatewayServer`."""
@@ -30,14 +30,21 @@ REFUSED_LINGER = 1.0
 """Seconds a connection over the per-address limit has to send its request (to get a 429)."""
 
 
+REDACTED_LOGGERS = ("uvicorn.access", "uvicorn.error")
+"""Where uvicorn logs request paths: HTTP access lines, and WebSocket handshakes
+(``"WebSocket /ws?token=..." [accepted]``, on its error logger): `GatewayServer` redacts both."""
+
+
 class RedactTokens(logging.Filter):
-    """Access-log lines show ``?token=...`` as ``?token=[redacted]``: tokens never reach logs."""
+    """Log lines show ``?token=...`` as ``?token=[redacted]``: tokens never reach logs."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
             record.args = tuple(
                 _TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args
             )
+        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+            record.msg = _TOKEN.sub(r"\1[redacted]", record.msg)  # a line formatted already
         return True
 
 
@@ -246,9 +253,10 @@ class GatewayServer(uvicorn.Server):
             limits = _Limits(header_timeout, max_header_bytes, max_connections_per_client)
             config["http"] = type("GuardedHttp", (_GuardedHttp,), {"limits": limits})
         super().__init__(uvicorn.Config(app, **config))
-        access = logging.getLogger("uvicorn.access")
-        if not any(isinstance(f, RedactTokens) for f in access.filters):
-            access.addFilter(RedactTokens())
+        for name in REDACTED_LOGGERS:  # (a logger's filters see its own records only)
+            logger = logging.getLogger(name)
+            if not any(isinstance(f, RedactTokens) for f in logger.filters):
+                logger.addFilter(RedactTokens())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn waits for open responses before the lifespan ends: end the streams now.

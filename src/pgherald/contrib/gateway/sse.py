@@ -9,7 +9,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Message, Receive, Scope, Send
 
-from ...errors import HeraldError
+from ..._protocol.channels import check_channel
+from ...errors import HeraldError, InvalidChannel
 from .auth import Authenticator, AuthError, bearer_token
 from .client import Client
 from .cors import CorsPolicy
@@ -38,8 +39,15 @@ def parse_channels(values: list[str]) -> list[str]:
     if not channels:
         raise BadRequest("name at least one channel: ?channel=NAME")
     for ch in channels:
-        if any(c in ch for c in "\r\n\x00") or len(ch.encode()) > 63:
-            raise BadRequest(f"invalid channel name {ch[:70]!r}")
+        try:
+            check_channel(ch)  # what notify and publish check: one rule, one message
+        except InvalidChannel as exc:
+            raise BadRequest(str(exc)) from None
+        if "\r" in ch or "\n" in ch:  # an SSE event name is one line
+            raise BadRequest(
+                f"channel name {ch[:20]!r} contains a line break, which the gateway cannot "
+                "send as an event name: use a name without one"
+            )
     return list(dict.fromkeys(channels))
 
 
