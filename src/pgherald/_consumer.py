@@ -23,7 +23,7 @@ import anyio
 import psycopg
 import sniffio
 
-from . import _tracing
+from . import _checks, _tracing
 from ._conninfo import Source, connect_error, resolve_source
 from ._models import Event, Gap, Stats
 from ._protocol.channels import check_channel
@@ -91,32 +91,50 @@ class _ConsumerBase:
         json_loads: Callable[[str], Any] = json.loads,
         model: Any = None,
     ) -> None:
-        if not isinstance(group, str) or not group:
-            raise UsageError("group must be a non-empty str: the consumer group's name")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise UsageError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        _checks.group(group)
+        _checks.integer("batch_size", batch_size, low=1, high=_checks.INT4_MAX)
         if max_batch_size is None:
             max_batch_size = max(batch_size, DEFAULT_MAX_BATCH_SIZE)
         elif (
             isinstance(max_batch_size, bool)
             or not isinstance(max_batch_size, int)
-            or max_batch_size < batch_size
+            or not batch_size <= max_batch_size <= _checks.INT4_MAX
         ):
             raise UsageError(
-                f"max_batch_size must be an int >= batch_size ({batch_size}), not "
-                f"{max_batch_size!r}: it caps how far reads grow while the consumer is behind"
+                f"max_batch_size must be an int from batch_size ({batch_size}) to "
+                f"{_checks.INT4_MAX:,}, not {max_batch_size!r}: it caps how far reads grow "
+                "while the consumer is behind"
             )
         if (
             isinstance(max_batch_bytes, bool)
             or not isinstance(max_batch_bytes, int)
-            or (max_batch_bytes < 1)
+            or not 1 <= max_batch_bytes <= _checks.INT8_MAX
         ):
             raise UsageError(
                 f"max_batch_bytes must be an int >= 1, not {max_batch_bytes!r}: it bounds the "
                 "memory a read of large events takes"
             )
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int) or max_attempts < 1:
-            raise UsageError(f"max_attempts must be an int >= 1, not {max_attempts!r}")
+        _checks.integer("max_attempts", max_attempts, low=1, high=_checks.INT4_MAX)
+        _checks.integer(
+            "reconnect_max_attempts", reconnect_max_attempts, low=0, high=2**31, none=True
+        )
+        for name, value in (
+            ("poll_interval", poll_interval),
+            ("rebalance_interval", rebalance_interval),
+            ("connect_timeout", connect_timeout),
+            ("health_check_interval", health_check_interval),
+            ("health_check_timeout", health_check_timeout),
+            ("reconnect_initial_delay", reconnect_initial_delay),
+            ("reconnect_max_delay", reconnect_max_delay),
+        ):
+            _checks.seconds(name, value)
+        _checks.seconds("maintain_interval", maintain_interval, none=True)
+        for name, value in (
+            ("linger", linger),
+            ("retry_delay", retry_delay),
+            ("retry_max_delay", retry_max_delay),
+        ):
+            _checks.seconds(name, value, zero=True)
         if (
             isinstance(ack_delay, bool)
             or not isinstance(ack_delay, (int, float))
@@ -128,6 +146,13 @@ class _ConsumerBase:
         ):
             raise UsageError(
                 f"start must be 'beginning', 'now', an event id or a datetime, not {start!r}"
+            )
+        if isinstance(start, int):
+            _checks.integer("start (an event id)", start, low=0, high=_checks.INT8_MAX)
+        if isinstance(start, datetime) and start.utcoffset() is None:
+            raise UsageError(
+                f"start must be a datetime with a time zone, not the naive {start!r} (which "
+                "the server would read in its own time zone): datetime.now(timezone.utc), say"
             )
         if isinstance(channels, str):
             channels = [channels]  # a lone name, not its characters
@@ -265,7 +290,7 @@ class _ConsumerBase:
             handler = typed_consumer_handler(handler, model, self._count_invalid)
         if _tracing.active is not None and not _tracing.is_traced(handler):
             handler = _tracing.active.consumer_handler(handler, is_async)
-        names = [channels] if isinstance(channels, str) else list(channels)
+        names = [channels] if isinstance(channels, str) else _names(channels)
         added = {check_channel(c) for c in names}
         if added:  # a handler's channels are read too (no channels at all: every channel)
             self._config.channels = self._config.channels | added
@@ -322,6 +347,8 @@ class _ConsumerBase:
 
     def _check_handler(self, handler: Callable[..., Any]) -> bool:
         """Whether *handler* is async; refused where it would never be awaited."""
+        if not callable(handler):
+            raise UsageError(f"a handler must be a function (callable), not {handler!r}")
         if self._mode == "iterate":
             raise UsageError("this consumer is being iterated: handlers and iteration do not mix")
         is_async = inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
@@ -564,6 +591,13 @@ class Consumer(_ConsumerBase):
             self._end()
 
 
+def _names(channels: Any) -> list[Any]:
+    try:
+        return list(channels)
+    except TypeError:
+        raise UsageError(f"channels must be channel names (str), not {channels!r}") from None
+
+
 class AsyncConsumer(_ConsumerBase):
     """
     The async `Consumer`: same options, same behaviour, on asyncio or trio.
@@ -788,9 +822,7 @@ class _AsyncIteration(AsyncIterator[Event]):
             gen.close()
             if batch is not None and self._done:  # left early: acknowledge what was finished
                 with anyio.CancelScope(shield=True):
-                    await consumer._waiter.run(
-                        consumer._engine.ack_handed_out(batch[: self._done])
-                    )
+                    await consumer._waiter.run(consumer._engine.ack_handed_out(batch[: self._done]))
         finally:
             if consumer._iteration is self:
                 consumer._iteration = None

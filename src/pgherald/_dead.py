@@ -17,8 +17,7 @@ from typing import Any
 
 import psycopg
 
-from . import _errormap
-from .errors import UsageError
+from . import _checks, _errormap
 from .sql import query
 
 
@@ -65,10 +64,9 @@ def dead_letters(
     .. versionadded:: 0.1
     """
     if group is not None:
-        _check_group(group)
-    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-        raise UsageError(f"limit must be an int >= 1, not {limit!r}")
-    params = {"group": group, "ids": _ids(ids), "limit": limit}
+        _checks.group(group)
+    _checks.integer("limit", limit, low=1, high=_checks.INT8_MAX)
+    params = {"group": group, "ids": _checks.ids(ids), "limit": limit}
     with _errors("list dead letters"):
         rows = conn.execute(query("dead_letters"), params).fetchall()
     return [DeadLetter(*row) for row in rows]
@@ -90,10 +88,10 @@ def redeliver(
 
     .. versionadded:: 0.1
     """
-    _check_group(group)
+    _checks.group(group)
     with _errors("redeliver dead letters"):
         rows = conn.execute(
-            query("redeliver_dead_letters"), {"group": group, "ids": _ids(ids)}
+            query("redeliver_dead_letters"), {"group": group, "ids": _checks.ids(ids)}
         ).fetchall()
     return sorted(r[0] for r in rows)
 
@@ -107,10 +105,10 @@ def purge_dead_letters(
 
     .. versionadded:: 0.1
     """
-    _check_group(group)
+    _checks.group(group)
     with _errors("purge dead letters"):
         rows = conn.execute(
-            query("purge_dead_letters"), {"group": group, "ids": _ids(ids)}
+            query("purge_dead_letters"), {"group": group, "ids": _checks.ids(ids)}
         ).fetchall()
     return len(rows)
 
@@ -127,22 +125,6 @@ def dead_event_text(conn: psycopg.Connection[Any], event_id: int) -> tuple[str, 
     with _errors("read a dead letter's event"):
         row = conn.execute(query("dead_letter_event"), {"id": event_id}).fetchone()
     return None if row is None else (row[0], row[1])
-
-
-def _check_group(group: object) -> None:
-    if not isinstance(group, str) or not group:
-        raise UsageError("group must be a non-empty str: the consumer group's name")
-
-
-def _ids(ids: Iterable[int] | None) -> list[int] | None:
-    if ids is None:
-        return None
-    if isinstance(ids, (str, bytes)):
-        raise UsageError("ids must be event ids (ints), not a string")
-    out = list(ids)
-    if not all(isinstance(i, int) and not isinstance(i, bool) for i in out):
-        raise UsageError(f"ids must be event ids (ints), not {out!r}")
-    return out
 
 
 class _errors:

@@ -29,7 +29,7 @@ from typing import Any
 
 import psycopg
 
-from . import _errormap, sql
+from . import _checks, _errormap, sql
 from ._protocol.consumer import Start, lock_name
 from .errors import UsageError
 
@@ -309,6 +309,7 @@ def reset_group(conn: psycopg.Connection[Any], group: str, *, to: Start = "begin
 
     .. versionadded:: 0.1
     """
+    _checks.group(group)
     with _mapped(f"reset consumer group {group!r}"), conn.transaction():
         _lock_out(conn, group, "reset")
         tx, event_id, skip = _start_position(conn, to)
@@ -328,6 +329,7 @@ def delete_group(conn: psycopg.Connection[Any], group: str) -> None:
 
     .. versionadded:: 0.1
     """
+    _checks.group(group)
     with _mapped(f"delete consumer group {group!r}"), conn.transaction():
         _lock_out(conn, group, "delete")
         conn.execute(sql.query("delete_group"), {"group": group})

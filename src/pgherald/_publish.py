@@ -6,6 +6,7 @@ log, in the caller's transaction.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,6 +23,58 @@ _LATER = sql.query("publish_later")
 _strict_dumps: JsonDumps = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 
 
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+"""A JSON text's escaped NUL (not an escaped backslash followed by "u0000")."""
+
+
+def _jsonb(text: str, what: str) -> str:
+    """*text* (JSON), refused as PostgreSQL's jsonb would refuse it, in words that say why."""
+    if "\\u" not in text:  # the usual case: nothing jsonb refuses that json.dumps writes
+        return text
+    if _NUL_ESCAPE.search(text):
+        raise PayloadNotSerializable(
+            f"{what} holds a NUL character (\\u0000), which PostgreSQL's jsonb cannot store: "
+            "remove it, or send binary data encoded (base64)"
+        )
+    try:
+        json.dumps(json.loads(text), ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PayloadNotSerializable(
+            f"{what} holds a lone surrogate (text that is not Unicode, such as a file name "
+            "decoded with errors='surrogateescape'), which PostgreSQL's jsonb cannot store: "
+            "decode it properly, or replace it"
+        ) from None
+    except ValueError:  # not JSON at all (a custom dumps): the server says so
+        pass
+    return text
+
+
+def _headers(headers: Mapping[str, Any] | None, encode: JsonDumps) -> str | None:
+    if headers is None:
+        return None
+    if not isinstance(headers, Mapping):
+        raise PayloadNotSerializable(
+            f"headers must be a dict of JSON values (or None), not {type(headers).__name__}"
+        )
+    try:
+        text: Any = encode(dict(headers))
+        if type(text) is not str:
+            text = _as_str(text)
+    except (TypeError, ValueError) as exc:
+        raise PayloadNotSerializable(
+            f"headers cannot be stored as JSON ({exc}): use a dict of JSON values "
+            "(dict/list/str/int/float/bool/None, no NaN or infinity)"
+        ) from exc
+    return _jsonb(text, "headers")
+
+
+def _key(key: object, what: str = "key") -> None:
+    if key is not None and not isinstance(key, str):
+        raise PublishError(f"{what} must be a str or None, got {type(key).__name__}")
+    if key is not None and "\x00" in key:
+        raise PublishError(f"{what} holds a NUL character, which PostgreSQL's text cannot store")
+
+
 def _params(
     channel: str,
     payload: object,
@@ -32,14 +85,14 @@ def _params(
     encode = dumps or _strict_dumps
     try:
         text = encode(payload)
-        header_text = None if headers is None else encode(dict(headers))
     except (TypeError, ValueError) as exc:
         raise PayloadNotSerializable(
             f"payload of type {type(payload).__name__} cannot be stored as JSON ({exc}): use "
             "dict/list/str/int/float/bool/None (no NaN or infinity)"
         ) from exc
-    if key is not None and not isinstance(key, str):
-        raise PublishError(f"key must be a str or None, got {type(key).__name__}")
+    text = _jsonb(text, "payload")
+    header_text = _headers(headers, encode)
+    _key(key)
     return {"channel": check_channel(channel), "payload": text, "key": key, "headers": header_text}
 
 
@@ -194,15 +247,16 @@ def _many_params(
             text: Any = encode(payload)
             if type(text) is not str:
                 text = _as_str(text)
-            texts.append(text)
         except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
             raise PayloadNotSerializable(
                 f"payload at index {index} (of type {type(payload).__name__}) cannot be stored "
                 f"as JSON ({exc}): use dict/list/str/int/float/bool/None (no NaN or infinity)"
             ) from exc
+        texts.append(_jsonb(text, f"payload at index {index}"))
     one_key: str | None = None
     keys: list[str | None] | None = None
     if isinstance(key, str) or key is None:
+        _key(key)
         one_key = key
     elif isinstance(key, (bytes, bytearray, Mapping)) or not isinstance(key, Iterable):
         raise PublishError(
@@ -217,18 +271,10 @@ def _many_params(
                 "a single key for all"
             )
         for index, k in enumerate(keys):
-            if k is not None and not isinstance(k, str):
-                raise PublishError(
-                    f"key at index {index} must be a str or None, got {type(k).__name__}"
-                )
+            _key(k, f"key at index {index}")
     if not texts:
         return None
-    try:
-        header_text = None if headers is None else encode(dict(headers))
-    except (TypeError, ValueError) as exc:
-        raise PayloadNotSerializable(
-            f"headers cannot be stored as JSON ({exc}): use a dict of JSON values"
-        ) from exc
+    header_text = _headers(headers, encode)
     # One JSON array each (see queries.sql): joined, not encoded again; the count catches a
     # custom dumps that wrote something other than one JSON value.
     return {

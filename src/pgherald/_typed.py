@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import inspect
 import json
+import typing
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -57,11 +58,21 @@ def _parsers(model: Any) -> _Parsers:
     if msgspec is not None and isinstance(model, type) and issubclass(model, msgspec.Struct):
         decoder = msgspec.json.Decoder(model)
         return _Parsers(model, decoder.decode, functools.partial(msgspec.convert, type=model))
+    if isinstance(model, (str, typing.ForwardRef)):  # pydantic would fail at each event
+        raise UsageError(
+            f"model={model!r} is a name, not a model: pass the class itself (defined before "
+            "the consumer or listener that uses it)"
+        )
     if pydantic is not None:
         try:
             adapter = pydantic.TypeAdapter(model)
         except pydantic.PydanticSchemaGenerationError as exc:
             raise _not_a_model(model) from exc
+        if not getattr(adapter, "pydantic_complete", True):  # types it refers to are missing
+            raise UsageError(
+                f"model={model!r} is not fully defined (pydantic cannot build it yet: define "
+                "every type it refers to before using it)"
+            )
         return _Parsers(model, adapter.validate_json, adapter.validate_python)
     if msgspec is not None and dataclasses.is_dataclass(model):
         decoder = msgspec.json.Decoder(model)

@@ -184,7 +184,33 @@ def test_publish_refuses_bad_input(installed: str, conn: psycopg.Connection) -> 
         pgherald.publish(conn, "", "x")
     with pytest.raises(pgherald.InvalidChannel):
         pgherald.publish(conn, "c" * 64, "x")
+    # What jsonb refuses, said in words that name the cause (not the server's "unsupported
+    # Unicode escape sequence" as a PublishError); an escaped backslash before "u0000" is fine.
+    with pytest.raises(pgherald.PayloadNotSerializable, match="payload holds a NUL"):
+        pgherald.publish(conn, "ch", {"a": "x\x00y"})
+    with pytest.raises(pgherald.PayloadNotSerializable, match="payload holds a lone surrogate"):
+        pgherald.publish(conn, "ch", {"a": "x\udcffy"})
+    with pytest.raises(pgherald.PayloadNotSerializable, match="headers holds a NUL"):
+        pgherald.publish(conn, "ch", 1, headers={"a": "\x00"})
+    with pytest.raises(pgherald.PayloadNotSerializable, match="headers must be a dict"):
+        pgherald.publish(conn, "ch", 1, headers="abc")  # type: ignore[arg-type]
+    with pytest.raises(pgherald.PayloadNotSerializable, match="headers cannot be stored"):
+        pgherald.publish(conn, "ch", 1, headers={"x": math.nan})
+    with pytest.raises(pgherald.PayloadNotSerializable, match="payload at index 1 holds a NUL"):
+        pgherald.publish_many(conn, "ch", [1, {"a": "\x00"}])
     assert conn.execute("SELECT count(*) FROM pgherald.events_v1").fetchone() == (0,)
+    assert pgherald.publish(conn, "ch", {"a": "x\\u0000y"}) > 0
+
+
+def test_a_key_with_a_nul_is_a_publish_error_on_every_driver(installed: str) -> None:
+    import psycopg2
+
+    with psycopg.connect(installed, autocommit=True) as c3, psycopg2.connect(installed) as c2:
+        for c in (c3, c2):
+            with pytest.raises(pgherald.PublishError, match="key holds a NUL character"):
+                pgherald.publish(c, "ch", 1, key="a\x00b")  # psycopg2: its ValueError
+        with pytest.raises(pgherald.PublishError, match="key at index 1 holds a NUL"):
+            pgherald.publish_many(c3, "ch", [1, 2], key=["a", "b\x00"])
 
 
 def test_publish_and_notify_ignore_the_connections_row_factory(installed: str) -> None:

@@ -297,6 +297,11 @@ class ConsumerEngine:
         self._leave_direct()  # notes are checked against the cursor
 
     @property
+    def redelivering(self) -> bool:
+        """Whether the batch in hand is dead letters redelivered (behind the group's position)."""
+        return self._redelivering
+
+    @property
     def connected(self) -> bool:
         return self.pgconn is not None
 

@@ -188,7 +188,11 @@ def one_line(exc: BaseException | None) -> str:
         text = str(exc)
     except Exception:
         return f"{type(exc).__name__} (its message could not be read)"
-    return " ".join(text.split()) or type(exc).__name__
+    text = " ".join(text.split()) or type(exc).__name__
+    if not text.isprintable():  # a NUL, a lone surrogate: escaped, printable and storable
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        text = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return text
 
 
 def is_connection_error(exc: BaseException) -> bool:
