@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
 
 import pgherald
@@ -282,3 +283,16 @@ def relay_thread(relay: pgherald.Relay, join: float = 10.0) -> Iterator[threadin
     finally:
         relay.stop()
         t.join(join)
+
+
+def dead_again(conn: psycopg.Connection, event_id: int) -> None:
+    """The relay group's dead letter of *event_id* back, asked to be redelivered: what the log
+    holds when a relay died after its redelivery reached the broker, before the dead letter
+    was deleted."""
+    conn.execute(
+        "INSERT INTO pgherald.dead_letters_v1 (group_name, event_id, tx, channel, partition,"
+        " error, attempts, first_failed_at, last_failed_at, redeliver_at)"
+        " SELECT 'relay', id, tx, channel, partition, 'test', 1, now(), now(), now()"
+        " FROM pgherald.events_v1 WHERE id = %s",
+        (event_id,),
+    )

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import OwnNats, RelayProcess, publish_paced, relay_thread
+from tests.fix_brokers import OwnNats, RelayProcess, dead_again, publish_paced, relay_thread
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
 
@@ -371,17 +371,6 @@ def test_a_redelivered_dead_letter_reaches_the_stream_late_and_once(
         assert pgherald.dead_letters(conn, "relay") == []
     finally:
         delete_stream(nats_url, stream)
-
-
-def dead_again(conn: psycopg.Connection, event_id: int) -> None:
-    """The dead letter of *event_id* back, asked to be redelivered (see test_relay_redis)."""
-    conn.execute(
-        "INSERT INTO pgherald.dead_letters_v1 (group_name, event_id, tx, channel, partition,"
-        " error, attempts, first_failed_at, last_failed_at, redeliver_at)"
-        " SELECT 'relay', id, tx, channel, partition, 'test', 1, now(), now(), now()"
-        " FROM pgherald.events_v1 WHERE id = %s",
-        (event_id,),
-    )
 
 
 def test_no_responders_is_retried_until_the_stream_takes_the_subject_or_is_back(

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import OwnRedis, RelayProcess, publish_paced, relay_thread
+from tests.fix_brokers import OwnRedis, RelayProcess, dead_again, publish_paced, relay_thread
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
 
@@ -215,18 +215,6 @@ def test_metrics_endpoint_counts_relayed_events(
         relay.stop()
         t.join(10)
         delete(redis_url, unique, f"{unique}:pgherald-positions")
-
-
-def dead_again(conn: psycopg.Connection, event_id: int) -> None:
-    """The dead letter of *event_id* back, asked to be redelivered: what the log holds when a
-    relay died after its redelivery reached the broker, before the dead letter was deleted."""
-    conn.execute(
-        "INSERT INTO pgherald.dead_letters_v1 (group_name, event_id, tx, channel, partition,"
-        " error, attempts, first_failed_at, last_failed_at, redeliver_at)"
-        " SELECT 'relay', id, tx, channel, partition, 'test', 1, now(), now(), now()"
-        " FROM pgherald.events_v1 WHERE id = %s",
-        (event_id,),
-    )
 
 
 def test_a_redelivered_dead_letter_is_appended_late_and_once(
