@@ -19,20 +19,40 @@ DRIVERS = ("psycopg", "psycopg2", "sqlalchemy")
 
 
 def kind_of(conn: Any, supported: tuple[str, ...], what: str) -> tuple[str, Any]:
-    """Which driver *conn* belongs to, by its type's package (no driver is imported)."""
+    """Which driver *conn* belongs to, by its type's package (no driver is imported); an
+    async connection's kind ends with " async"."""
     kind = _KINDS.get(type(conn))
     if kind is None:
         if type(conn).__module__.startswith("sqlalchemy.pool"):
             # engine.raw_connection() gives a pool proxy: use the DBAPI connection inside.
             conn = conn.driver_connection
-        kind = type(conn).__module__.split(".", 1)[0]
+        module = type(conn).__module__
+        kind = module.split(".", 1)[0]
         if kind == "psycopg2" and not hasattr(conn, "cursor"):
             kind = "a psycopg2 cursor"  # we take the connection, whose transaction we join
         elif kind == "psycopg" and not hasattr(conn, "cursor"):
             kind = "a psycopg cursor"
-        elif kind in ("psycopg", "psycopg2") and len(_KINDS) < 64:
+        elif (
+            kind in ("psycopg", "sqlalchemy")
+            and hasattr(type(conn), "__aenter__")
+            and not (hasattr(type(conn), "__enter__"))
+        ):
+            kind += " async"  # AsyncConnection, AsyncSession: their execute is a coroutine
+        if kind in ("psycopg", "psycopg2", "psycopg async") and len(_KINDS) < 64:
             _KINDS[type(conn)] = kind  # the common types, remembered: a dict hit per call
     if kind not in supported:
+        if kind in ASYNC_DRIVERS:
+            raise UsageError(
+                f"cannot {what} through a {type(conn).__module__}.{type(conn).__qualname__} with "
+                "the sync call: it is an async connection; await the async one (anotify, "
+                "apublish, apublish_many)"
+            )
+        if kind in DRIVERS:
+            raise UsageError(
+                f"cannot {what} through a {type(conn).__module__}.{type(conn).__qualname__} with "
+                "the async call: it is a sync connection; call the sync one (notify, publish, "
+                "publish_many), or pass an async connection"
+            )
         raise UsageError(
             f"cannot {what} through a {type(conn).__module__}.{type(conn).__qualname__}: pass "
             "a psycopg 3, psycopg2 or SQLAlchemy connection (async: psycopg AsyncConnection or "
@@ -42,6 +62,7 @@ def kind_of(conn: Any, supported: tuple[str, ...], what: str) -> tuple[str, Any]
 
 
 _KINDS: dict[type, str] = {}
+ASYNC_DRIVERS = ("psycopg async", "sqlalchemy async")
 
 
 def _take_cursor(conn: Any) -> Any:
@@ -112,8 +133,8 @@ def execute(conn: Any, query: str, params: Mapping[str, Any], *, what: str) -> A
 
 async def aexecute(conn: Any, query: str, params: Mapping[str, Any], *, what: str) -> Any:
     """`execute` for psycopg's AsyncConnection and SQLAlchemy's async connections."""
-    kind, conn = kind_of(conn, ("psycopg", "sqlalchemy"), what)
-    if kind == "psycopg":
+    kind, conn = kind_of(conn, ASYNC_DRIVERS, what)
+    if kind == "psycopg async":
         cur = _take_cursor(conn)
         await cur.execute(query, params)
         row = await cur.fetchone()

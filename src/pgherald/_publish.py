@@ -60,7 +60,7 @@ def _headers(headers: Mapping[str, Any] | None, encode: JsonDumps) -> str | None
         text: Any = encode(dict(headers))
         if type(text) is not str:
             text = _as_str(text)
-    except (TypeError, ValueError) as exc:
+    except Exception as exc:  # a custom dumps may raise anything
         raise PayloadNotSerializable(
             f"headers cannot be stored as JSON ({exc}): use a dict of JSON values "
             "(dict/list/str/int/float/bool/None, no NaN or infinity)"
@@ -84,8 +84,10 @@ def _params(
 ) -> dict[str, Any]:
     encode = dumps or _strict_dumps
     try:
-        text = encode(payload)
-    except (TypeError, ValueError) as exc:
+        text: Any = encode(payload)
+        if type(text) is not str:
+            text = _as_str(text)  # orjson and friends: UTF-8 bytes
+    except Exception as exc:  # a custom dumps may raise anything
         raise PayloadNotSerializable(
             f"payload of type {type(payload).__name__} cannot be stored as JSON ({exc}): use "
             "dict/list/str/int/float/bool/None (no NaN or infinity)"
@@ -247,7 +249,7 @@ def _many_params(
             text: Any = encode(payload)
             if type(text) is not str:
                 text = _as_str(text)
-        except (TypeError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        except Exception as exc:  # a custom dumps may raise anything
             raise PayloadNotSerializable(
                 f"payload at index {index} (of type {type(payload).__name__}) cannot be stored "
                 f"as JSON ({exc}): use dict/list/str/int/float/bool/None (no NaN or infinity)"

@@ -68,6 +68,10 @@ def _parsers(model: Any) -> _Parsers:
             adapter = pydantic.TypeAdapter(model)
         except pydantic.PydanticSchemaGenerationError as exc:
             raise _not_a_model(model) from exc
+        except pydantic.PydanticUserError as exc:  # typing.TypedDict before 3.12, say
+            raise UsageError(
+                f"model={model!r} cannot be used: {' '.join(str(exc).split())}"
+            ) from exc
         if not getattr(adapter, "pydantic_complete", True):  # types it refers to are missing
             raise UsageError(
                 f"model={model!r} is not fully defined (pydantic cannot build it yet: define "

@@ -29,7 +29,13 @@ def check_channel(channel: object) -> str:
         raise InvalidChannel("channel name is empty: give a non-empty channel name")
     if "\x00" in channel:
         raise InvalidChannel("channel name contains a NUL character, which PostgreSQL rejects")
-    size = len(channel.encode("utf-8"))
+    try:
+        size = len(channel.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidChannel(
+            f"channel name {channel!r} holds a lone surrogate (text that is not Unicode): "
+            "decode it properly, or use another name"
+        ) from None
     if size > MAX_CHANNEL_BYTES:
         raise InvalidChannel(
             f"channel name {channel[:20]!r}... is {size} bytes; PostgreSQL allows at most "

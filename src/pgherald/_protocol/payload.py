@@ -31,11 +31,16 @@ def encode_payload(payload: object, *, dumps: JsonDumps | None = None) -> str:
     else:
         try:
             text = (dumps or _compact_dumps)(payload)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # a custom dumps may raise anything
             raise PayloadNotSerializable(
-                f"payload of type {type(payload).__name__} cannot be encoded as JSON ({exc}): "
+                f"payload of type {type(payload).__name__} cannot be encoded as JSON ({exc!r}): "
                 "send a str, or a value made of dict/list/str/int/float/bool/None"
             ) from exc
+        if type(text) is not str:
+            raise PayloadNotSerializable(
+                f"dumps returned {type(text).__name__}, not str: a NOTIFY payload is text "
+                "(for orjson, pass dumps=lambda v: orjson.dumps(v).decode())"
+            )
     check_payload_size(text)
     return text
 
@@ -43,9 +48,19 @@ def encode_payload(payload: object, *, dumps: JsonDumps | None = None) -> str:
 def check_payload_size(text: str) -> None:
     """Refuse a payload PostgreSQL would refuse, with the reason and the fix."""
     # Cheap bound first: a str of n characters encodes to at most 4n UTF-8 bytes.
-    if len(text) * 4 <= MAX_PAYLOAD_BYTES:
-        return
-    size = len(text.encode("utf-8"))
+    if text.isascii():
+        if len(text) <= MAX_PAYLOAD_BYTES:
+            return
+        size = len(text)
+    else:
+        try:
+            size = len(text.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise PayloadNotSerializable(
+                "payload holds a lone surrogate (text that is not Unicode, such as a file name "
+                "decoded with errors='surrogateescape'), which cannot be sent: decode it "
+                "properly, or replace it"
+            ) from None
     if size > MAX_PAYLOAD_BYTES:
         raise PayloadTooLarge(
             f"payload is {size} bytes; NOTIFY payloads must be under 8000 bytes: send a "
