@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 
-from . import _errormap
+from . import _checks, _errormap
 from ._protocol.channels import check_channel
 from .errors import HeraldError, UsageError
 from .sql import query
@@ -90,12 +90,12 @@ def set_retention(
     longer than the log's, it keeps the days holding its younger events; shorter, its older
     events are deleted by row. *abandon_after*, when given, sets how long a group without
     members holds back retention (default 7 days). Takes effect at the next `maintain`.
+    Each is a positive timedelta of at most 100 years (else `UsageError`).
 
     .. versionadded:: 0.1
     """
-    for name, value in (("keep", keep), ("abandon_after", abandon_after)):
-        if value is not None and (not isinstance(value, timedelta) or value <= timedelta(0)):
-            raise UsageError(f"{name} must be a positive timedelta, not {value!r}")
+    _checks.age("keep", keep, none=True)
+    _checks.age("abandon_after", abandon_after, none=True)
     setting = "retention" if channel is None else f"retention:{check_channel(channel)}"
     with _mapped("set the log's retention"), conn.transaction():
         if keep is None:
@@ -132,9 +132,37 @@ def maintain(conn: psycopg.Connection[Any], *, now: datetime | None = None) -> l
 
     .. versionadded:: 0.1
     """
-    with _mapped("maintain the log"), conn.transaction():
-        rows = conn.execute(query("maintain"), {"now": now}).fetchall()
+    try:
+        with _mapped("maintain the log"), conn.transaction():
+            rows = conn.execute(query("maintain"), {"now": now}).fetchall()
+    except HeraldError as exc:
+        if isinstance(exc.__cause__, psycopg.errors.DatetimeFieldOverflow):
+            raise _too_long(conn) from None
+        raise
     return [Maintenance(*row) for row in rows]
+
+
+def _too_long(conn: psycopg.Connection[Any]) -> UsageError:
+    """Why `maintain` met a date before PostgreSQL's first: a setting stored before they were
+    checked (past `_checks.MAX_AGE`, ``now() - keep`` is out of range)."""
+    try:
+        r = retention(conn)
+        found = [("retention", r.keep), ("abandon_after", r.abandon_after)] + [
+            (f"retention of {channel!r}", keep) for channel, keep in r.channels.items()
+        ]
+        named = ", ".join(
+            f"{name} ({value.days:,} days)"
+            for name, value in found
+            if value and value > _checks.MAX_AGE
+        )
+    except HeraldError:
+        named = ""
+    return UsageError(
+        f"cannot maintain the log: {named or 'a retention setting'} reaches back before "
+        f"PostgreSQL's first date (at most {_checks.MAX_AGE_TEXT}): set it again with "
+        "`pgherald retention set`, such as `pgherald retention set 30d --abandon-after 7d` "
+        "(`--channel CH` for a channel's; set_retention in Python)"
+    )
 
 
 def partition_count(conn: psycopg.Connection[Any]) -> int:

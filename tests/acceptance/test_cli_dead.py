@@ -122,3 +122,42 @@ def test_purge_needs_yes_without_a_terminal(
     assert conn.execute(
         "SELECT count(*) FROM pgherald.events_v1 WHERE id = %s", (poison,)
     ).fetchone() == (1,)
+
+
+def test_show_tells_empty_fields_from_an_event_gone_from_the_log(
+    installed: str, conn: psycopg.Connection, dead: tuple[Running, Handler, list[int]]
+) -> None:
+    _, _, (_, failing, _) = dead
+    shown = run(installed, "dead", "show", "g", str(failing))
+    assert shown.returncode == 0, shown.stderr
+    lines = shown.stdout.splitlines()
+    assert "in_log: True" in lines
+    # Published without key or headers: empty, not gone.
+    assert "key: (none)" in lines
+    assert "headers_text: (none)" in lines
+    assert 'payload_text: {"fail": 1}' in lines
+    assert "not in the log any more" not in shown.stdout
+    # Gone from the log (as retention removes it): now the event's fields say so.
+    conn.execute("DELETE FROM pgherald.events_v1 WHERE id = %s", (failing,))
+    gone = run(installed, "dead", "show", "g", str(failing))
+    assert gone.returncode == 0, gone.stderr
+    lines = gone.stdout.splitlines()
+    assert "in_log: False" in lines
+    for name in ("key", "payload_text", "headers_text"):
+        assert f"{name}: (not in the log any more)" in lines
+    assert f"event_id: {failing}" in lines
+
+
+def test_an_id_past_bigint_names_the_argument(
+    installed: str, conn: psycopg.Connection, dead: tuple[Running, Handler, list[int]]
+) -> None:
+    huge = str(2**63)
+    line = one_line_error(run(installed, "dead", "show", "g", huge), 2)
+    assert "'EVENT_ID'" in line
+    assert "9223372036854775807" in line
+    assert "failed" not in line
+    line = one_line_error(run(installed, "dead", "redeliver", "g", huge), 2)
+    assert "IDS" in line
+    line = one_line_error(run(installed, "dead", "purge", "g", "1", huge, "--yes"), 2)
+    assert "IDS" in line
+    assert len(pgherald.dead_letters(conn, "g")) == 2  # nothing was purged

@@ -200,3 +200,22 @@ def test_status_answers_fast_with_a_group_2m_events_behind(
     assert abs(g.lag_events - n) < n * 0.05
     assert "'behind': ~2,0" in out.stdout or "'behind': ~1,9" in out.stdout
     assert "events stored: ~" in out.stdout
+
+
+def test_status_and_groups_refuse_a_channel_name_postgresql_would_truncate(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    """They reported a lag of 0 on it, where every other command refuses the name."""
+    pgherald.publish(conn, "a" * 63, {})
+    create(installed, "g")
+    for command in ("status", "groups"):
+        for flags in ((), ("--json",)):
+            out = run(installed, command, *flags, "--channel", "a" * 64)
+            assert out.returncode == 1, (command, out.stdout, out.stderr)
+            assert out.stdout == ""
+            assert out.stderr.startswith("pgherald: error: channel name 'aaaaaaaaaaaaaaaaaaaa'")
+            assert "is 64 bytes; PostgreSQL allows at most 63 bytes" in out.stderr
+            assert len(out.stderr.strip().splitlines()) == 1
+        assert run(installed, command, "--channel", "").returncode == 1
+    [g] = json.loads(run(installed, "status", "--json", "--channel", "a" * 63).stdout)["groups"]
+    assert g["lag_events"] == 1

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import timedelta
 
 import psycopg
+import pytest
 
 import pgherald
+from pgherald._schema import is_installed
 from tests.fix_cli import run
 
 
@@ -77,3 +80,90 @@ def test_partitions_needs_consent_and_refuses_while_consumers_run(
     again = run(dsn, "install", "--partitions", "16")
     assert again.returncode == 1
     assert "pgherald partitions 16" in again.stderr
+
+
+def one_usage_line(out: subprocess.CompletedProcess[str]) -> str:
+    assert "Traceback" not in out.stderr, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert out.returncode == 2, (out.returncode, out.stderr)
+    assert lines[0].startswith("pgherald: error: Invalid value for "), out.stderr
+    return lines[0]
+
+
+TOO_LONG = [
+    # (arguments, the option named): past 100 years, or past what a timedelta holds at all
+    (("install", "--retention", "99999999w"), "'--retention'"),
+    (("install", "--retention", "99999999999w"), "'--retention'"),
+    (
+        ("install", "--retention", "7d", "--partitions", "64", "--retention", "36526d"),
+        "'--retention'",
+    ),
+    (("retention", "set", "9999999w"), "'KEEP'"),
+    (("retention", "set", "99999999999w"), "'KEEP'"),
+    (("retention", "set", "7d", "--abandon-after", "9999999w"), "'--abandon-after'"),
+    (("retention", "set", "7d", "--abandon-after", "99999999999w"), "'--abandon-after'"),
+    (("prune", "--older-than", "9999999w"), "'--older-than'"),
+    (("prune", "--older-than", "99999999999w"), "'--older-than'"),
+    (("prune", "--abandoned-after", "99999999999w"), "'--abandoned-after'"),
+]
+
+
+def test_ages_past_100_years_are_refused_where_given(dsn: str, conn: psycopg.Connection) -> None:
+    """Once stored, such an age made every `maintain` fail ("timestamp out of range"); a
+    larger one was a traceback (OverflowError)."""
+    for args, option in TOO_LONG:
+        line = one_usage_line(run(dsn, *args))
+        assert option in line, line
+        assert "at most 100 years" in line, line
+        assert "30d" in line, line
+    assert not is_installed(conn)  # install refused before doing anything
+    pgherald.install(conn)
+    for args, _ in TOO_LONG[3:7]:
+        assert one_usage_line(run(dsn, *args))
+    assert pgherald.retention(conn) == pgherald.Retention(None, timedelta(days=7))
+    ok = run(dsn, "retention", "set", "36525d", "--abandon-after", "5217w")
+    assert ok.returncode == 0, ok.stderr
+    done = run(dsn, "maintain")
+    assert done.returncode == 0, done.stderr
+    assert run(dsn, "prune", "--older-than", "36525d").returncode == 0
+
+
+def test_zero_ages_are_refused_before_connecting(dsn: str, conn: psycopg.Connection) -> None:
+    line = one_usage_line(run(dsn, "install", "--retention", "0s", "--partitions", "64"))
+    assert "'--retention'" in line
+    assert "30s or 7d" in line
+    assert not is_installed(conn)  # it was installed, then the command failed
+    pgherald.install(conn)
+    for args, option in [
+        (("retention", "set", "0s"), "'KEEP'"),
+        (("retention", "set", "0.0000001s"), "'KEEP'"),  # rounds to 0 microseconds
+        (("retention", "set", "7d", "--abandon-after", "0s"), "'--abandon-after'"),
+    ]:
+        line = one_usage_line(run(dsn, *args))
+        assert option in line, line
+        assert "not above 0" in line, line
+    assert pgherald.retention(conn).keep is None
+    # prune's ages may be 0: every consumed event, every group without a live member.
+    assert run(dsn, "prune", "--older-than", "0s", "--abandoned-after", "0s").returncode == 0
+
+
+def test_maintain_names_the_fix_for_a_retention_stored_too_long(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    """A database where such a value was set before it was refused."""
+    pgherald.install(conn)
+    conn.execute(
+        "INSERT INTO pgherald.settings_v1 (name, value) VALUES ('retention', '9999999 weeks')"
+    )
+    out = run(dsn, "maintain")
+    assert out.returncode == 1, out.stderr
+    assert "timestamp out of range" not in out.stderr
+    assert "retention (69,999,993 days)" in out.stderr
+    assert "`pgherald retention set`" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    with pytest.raises(pgherald.UsageError, match="pgherald retention set"):
+        pgherald.maintain(conn)
+    assert run(dsn, "retention", "set", "30d").returncode == 0
+    fixed = run(dsn, "maintain")
+    assert fixed.returncode == 0, fixed.stderr

@@ -79,6 +79,10 @@ def test_bad_input_is_one_line(installed: str, conn: psycopg.Connection) -> None
     line = one_line_error(run(installed, *add, "--cron", "*/5 * * *", "s"))
     assert line.startswith("pgherald: error: invalid cron expression '*/5 * * *'")
     assert "five fields" in line
+    # cronsim reads a sixth field as seconds: it was accepted, then ticked every second.
+    line = one_line_error(run(installed, *add, "--cron", "* * * * * *", "s"))
+    assert line.startswith("pgherald: error: invalid cron expression '* * * * * *' (6 fields)")
+    assert "five fields, minute hour day-of-month month day-of-week" in line
     line = one_line_error(run(installed, *add, "--cron", "99 * * * *", "s"))
     assert "invalid cron expression" in line
     line = one_line_error(run(installed, *add, "--cron", "* * * * *", "--payload", "{", "s"))

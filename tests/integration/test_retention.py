@@ -221,3 +221,45 @@ def test_bad_retention_values_are_refused(installed: str, conn: psycopg.Connecti
         pgherald.set_retention(conn, "7d")  # type: ignore[arg-type]
     with pytest.raises(pgherald.InvalidChannel):
         pgherald.set_retention(conn, timedelta(days=1), channel="x" * 64)
+
+
+def test_retention_past_100_years_is_refused(installed: str, conn: psycopg.Connection) -> None:
+    """`now() - keep` must stay a date PostgreSQL has: stored, 9999999 weeks made every
+    `maintain` (and every consumer's) fail with "timestamp out of range"."""
+    too_long = timedelta(days=36526)
+    for kwargs in (
+        {"keep": too_long},
+        {"keep": timedelta.max},
+        {"keep": timedelta(days=7), "abandon_after": too_long},
+        {"keep": timedelta(days=7), "channel": "audit", "abandon_after": too_long},
+        {"keep": too_long, "channel": "audit"},
+    ):
+        with pytest.raises(pgherald.UsageError, match=r"at most 100 years \(36525d\)"):
+            pgherald.set_retention(conn, **kwargs)  # type: ignore[arg-type]
+    assert pgherald.retention(conn) == pgherald.Retention(None, timedelta(days=7))
+    longest = timedelta(days=36525)
+    pgherald.set_retention(conn, longest, abandon_after=longest)
+    pgherald.set_retention(conn, longest, channel="audit")
+    pgherald.maintain(conn)  # and a group pinning nothing yet: abandon_after is read too
+    with pgherald.Consumer(installed, group="g", channels=["audit"]):
+        pass
+    pgherald.maintain(conn)
+
+
+def test_maintain_names_the_setting_stored_too_long(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    conn.execute(
+        "INSERT INTO pgherald.settings_v1 (name, value) VALUES "
+        "('retention', '9999999 weeks'), ('retention:audit', '99999999 weeks')"
+    )
+    with pytest.raises(pgherald.UsageError) as caught:
+        pgherald.maintain(conn)
+    message = str(caught.value)
+    assert "timestamp out of range" not in message
+    assert "retention (69,999,993 days)" in message
+    assert "retention of 'audit' (699,999,993 days)" in message
+    assert "pgherald retention set" in message
+    pgherald.set_retention(conn, timedelta(days=30))
+    pgherald.set_retention(conn, None, channel="audit")
+    pgherald.maintain(conn)

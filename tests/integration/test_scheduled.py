@@ -328,6 +328,12 @@ def test_schedule_errors_are_clear(installed: str, conn: psycopg.Connection) -> 
     for cron in ("*/5 * * *", "61 * * * *", "every minute"):
         with pytest.raises(pgherald.HeraldError, match="invalid cron expression"):
             pgherald.add_schedule(conn, "bad", cron, "ch")
+    # Five fields only: cronsim reads a sixth as seconds (a tick every second), and a seventh
+    # (a year) fails later or not at all.
+    for cron in ("* * * * * *", "*/10 * * * * *", "0 0 1 1 * 2027", "", "  "):
+        with pytest.raises(pgherald.UsageError, match="use five fields, minute hour"):
+            pgherald.add_schedule(conn, "bad", cron, "ch")
+    assert pgherald.list_schedules(conn) == []
     with pytest.raises(pgherald.UsageError, match="unknown time zone"):
         pgherald.add_schedule(conn, "bad", "* * * * *", "ch", timezone="Mars/Olympus")
     with pytest.raises(pgherald.InvalidChannel):
@@ -341,6 +347,20 @@ def test_schedule_errors_are_clear(installed: str, conn: psycopg.Connection) -> 
     assert pgherald.remove_schedule(conn, "ok")
     assert not pgherald.remove_schedule(conn, "ok")
     assert pgherald.list_schedules(conn) == []
+
+
+def test_a_six_field_schedule_stored_before_is_skipped_not_ticked_every_second(
+    installed: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    pgherald.add_schedule(conn, "secs", "* * * * *", "ticks")
+    conn.execute("UPDATE pgherald.schedules_v1 SET cron = '* * * * * *' WHERE name = 'secs'")
+    (s,) = pgherald.list_schedules(conn)
+    with caplog.at_level("ERROR", logger="pgherald.schedule"):
+        assert pgherald.tick_schedules(conn, now=s.next_tick + timedelta(seconds=1)) == []
+    assert "schedule 'secs' is skipped: invalid cron expression '* * * * * *' (6 fields)" in (
+        caplog.text
+    )
+    assert pgherald.list_schedules(conn)[0].next_tick == s.next_tick  # left for the operator
 
 
 def test_cron_time_zone_is_honoured(installed: str, conn: psycopg.Connection) -> None:

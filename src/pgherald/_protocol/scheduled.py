@@ -123,6 +123,13 @@ def next_tick(cron: str, after: datetime, tz: str = "UTC") -> datetime:
     cronsim = require_cronsim()
     if not isinstance(cron, str):
         raise UsageError(f"cron must be a str such as '*/5 * * * *', not {type(cron).__name__}")
+    fields = len(cron.split())
+    if fields != 5:  # cronsim reads a sixth field as seconds: a tick every second
+        raise UsageError(
+            f"invalid cron expression {cron!r} ({fields} field{'' if fields == 1 else 's'}): "
+            "use five fields, minute hour day-of-month month day-of-week, such as "
+            "'*/5 * * * *' (every five minutes); there is no seconds field"
+        )
     start = after.astimezone(zone(tz))
     try:
         it = cronsim.CronSim(cron, start)

@@ -7,6 +7,7 @@ from typing import Any
 
 import click
 
+from .._checks import INT8_MAX
 from .._dead import (
     DeadLetter,
     dead_event_text,
@@ -17,6 +18,12 @@ from .._dead import (
 from ..errors import UsageError
 from ._commands import cli, confirm_destructive, connection, dsn_option, friendly, json_option
 from ._durable import require_schema
+
+EVENT_ID = click.IntRange(0, INT8_MAX)
+"""An event id: PostgreSQL's bigint (a larger one is a usage error naming the argument)."""
+
+EVENT_FIELDS = ("key", "payload_text", "headers_text")
+"""What `dead show` reads from the event: None there is "gone" once the event left the log."""
 
 
 def as_dict(d: DeadLetter) -> dict[str, Any]:
@@ -80,7 +87,7 @@ def list_cmd(dsn: str | None, group: str | None, limit: int, as_json: bool) -> N
 @dead_cmd.command("show")
 @dsn_option
 @click.argument("group")
-@click.argument("event_id", type=int)
+@click.argument("event_id", type=EVENT_ID)
 @json_option("One JSON object: the dead letter, with the event's payload and headers as text.")
 @friendly
 def show_cmd(dsn: str | None, group: str, event_id: int, as_json: bool) -> None:
@@ -99,13 +106,16 @@ def show_cmd(dsn: str | None, group: str, event_id: int, as_json: bool) -> None:
         click.echo(json.dumps(report))
         return
     for name, value in report.items():
-        click.echo(f"{name}: {'(not in the log any more)' if value is None else value}")
+        if value is None:
+            gone = name in EVENT_FIELDS and not report["in_log"]
+            value = "(not in the log any more)" if gone else "(none)"
+        click.echo(f"{name}: {value}")
 
 
 @dead_cmd.command("redeliver")
 @dsn_option
 @click.argument("group")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=EVENT_ID)
 @click.option("--all", "every", is_flag=True, help="Every dead letter of GROUP.")
 @json_option('One JSON object: {"group": ..., "redelivered": [ids]}.')
 @friendly
@@ -137,7 +147,7 @@ def redeliver_cmd(
 @dead_cmd.command("purge")
 @dsn_option
 @click.argument("group")
-@click.argument("ids", nargs=-1, type=int)
+@click.argument("ids", nargs=-1, type=EVENT_ID)
 @click.option("--all", "every", is_flag=True, help="Every dead letter of GROUP.")
 @click.option(
     "--yes", is_flag=True, help="Confirm: needed when stdin is not a terminal (scripts, CI)."

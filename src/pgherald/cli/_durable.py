@@ -12,10 +12,12 @@ from typing import Any
 import click
 import psycopg
 
+from .._checks import MAX_AGE, MAX_AGE_TEXT
 from .._consumer import Consumer, Start
 from .._dead import dead_letter_counts
 from .._groups import RelayInfo, abandoned_groups, list_groups, log_size
 from .._maintain import maintain, partition_count, repartition, retention, set_retention
+from .._protocol.channels import check_channel
 from .._publish import publish as do_publish
 from .._schema import MISSING, install, install_sql, is_installed, uninstall, uninstall_sql
 from ..errors import SchemaMissing, UsageError
@@ -56,7 +58,7 @@ def require_schema(conn: psycopg.Connection[Any]) -> None:
 @friendly
 def install_cmd(dsn: str | None, keep: str | None, partitions: int | None) -> None:
     """Create pgherald's schema (event log), or upgrade it; safe to run again."""
-    age = None if keep is None else parse_age(keep)
+    age = None if keep is None else parse_age(keep, "--retention")
     with connection(dsn) as conn:
         if partitions is not None and is_installed(conn) and partition_count(conn) != partitions:
             raise UsageError(
@@ -221,6 +223,8 @@ def status_cmd(dsn: str | None, as_json: bool, channels: tuple[str, ...]) -> Non
     given. "~" marks an estimate: large counts are not made event by event, so this answers
     quickly at any lag. A relay (`pgherald relay`) reports its events/s and lag every 10 s.
     """
+    for channel in channels:
+        check_channel(channel)
     with connection(dsn) as conn:
         require_schema(conn)
         groups = list_groups(conn, channels=channels or None)
@@ -302,12 +306,26 @@ def describe_relay(r: dict[str, Any]) -> str:
 _AGE = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
 
 
-def parse_age(text: str) -> timedelta:
+def parse_age(text: str, option: str, *, zero: bool = False) -> timedelta:
+    """*text* (30s, 15m, 12h, 7d, 2w) as a timedelta: above 0 (or 0 with *zero*), at most
+    `MAX_AGE` (100 years); else a usage error (exit status 2) naming *option*."""
     m = _AGE.match(text)
     if not m:
-        raise click.BadParameter("use a number and a unit: 30s, 15m, 12h, 7d, 2w")
-    seconds = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
-    return timedelta(seconds=float(m.group(1)) * seconds)
+        raise click.BadParameter(
+            "use a number and a unit: 30s, 15m, 12h, 7d, 2w", param_hint=f"'{option}'"
+        )
+    seconds = float(m.group(1)) * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[m.group(2)]
+    if not seconds <= MAX_AGE.total_seconds():  # inf too: a timedelta would overflow
+        raise click.BadParameter(
+            f"{text} is too long: at most {MAX_AGE_TEXT}, such as 30d or 52w",
+            param_hint=f"'{option}'",
+        )
+    age = timedelta(seconds=seconds)
+    if not zero and age <= timedelta(0):
+        raise click.BadParameter(
+            f"{text} is not above 0: give an age such as 30s or 7d", param_hint=f"'{option}'"
+        )
+    return age
 
 
 @cli.command("prune")
@@ -341,8 +359,12 @@ def prune_cmd(
     on stderr first). --force deletes unconsumed events too: it asks first on a terminal,
     and without one it refuses (exit status 2) unless --yes is given.
     """
-    age = parse_age(older_than)
-    idle = None if abandoned_after is None else parse_age(abandoned_after)
+    age = parse_age(older_than, "--older-than", zero=True)
+    idle = (
+        None
+        if abandoned_after is None
+        else parse_age(abandoned_after, "--abandoned-after", zero=True)
+    )
     if force:
         confirm_destructive(
             f"Delete every event older than {older_than}, even those a group has not consumed?",
@@ -427,9 +449,12 @@ def retention_cmd(ctx: click.Context, dsn: str | None) -> None:
 def retention_set_cmd(
     dsn: str | None, keep: str, abandon_after: str | None, channel: str | None
 ) -> None:
-    """Keep events for KEEP (30s, 15m, 12h, 7d, 2w); `maintain` drops older days."""
-    age = parse_age(keep)
-    idle = None if abandon_after is None else parse_age(abandon_after)
+    """Keep events for KEEP (30s, 15m, 12h, 7d, 2w; at most 100 years); `maintain` drops
+    older days."""
+    age = parse_age(keep, "KEEP")
+    idle = None if abandon_after is None else parse_age(abandon_after, "--abandon-after")
+    if channel is not None:
+        check_channel(channel)
     with connection(dsn) as conn:
         require_schema(conn)
         set_retention(conn, age, channel=channel, abandon_after=idle)

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from .._groups import GroupInfo, GroupMember, delete_group, list_groups, reset_group
+from .._protocol.channels import check_channel
 from ._commands import cli, confirm_destructive, connection, dsn_option, friendly, json_option
 from ._durable import parse_start, require_schema
 
@@ -34,6 +35,8 @@ def groups_cmd(
     """
     if ctx.invoked_subcommand is not None:
         return
+    for channel in channels:
+        check_channel(channel)
     with connection(dsn) as conn:
         require_schema(conn)
         groups = list_groups(conn, channels=channels or None)
