@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import subprocess
 import time
@@ -375,6 +376,17 @@ def test_watch_without_trigger_and_no_tty_fails_clearly(dsn: str, db: psycopg.Co
     assert "--temporary" in line
     assert "pgherald trigger add orders" in line
     assert pgherald_triggers(db, "orders") == []
+
+
+def test_watch_hint_is_a_command_the_shell_takes(dsn: str, db: psycopg.Connection) -> None:
+    # A name that needs SQL quotes is shell-quoted in the hint: pasted, it adds the trigger.
+    db.execute('CREATE TABLE "Watch Me" (id int PRIMARY KEY)')
+    line = one_line_error(run(dsn, "watch", '"Watch Me"'))
+    hint = line.split("run `", 1)[1].split("`", 1)[0]
+    assert hint == "pgherald trigger add '\"Watch Me\"'"
+    r = run(dsn, *shlex.split(hint)[1:])
+    assert r.returncode == 0, r.stderr
+    assert [t.table for t in pgherald.list_table_triggers(db)] == ["Watch Me"]
 
 
 def test_watch_yes_adds_a_trigger_that_stays(start_watch: object, db: psycopg.Connection) -> None:

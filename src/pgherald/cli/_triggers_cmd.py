@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from typing import Any
 
@@ -257,7 +258,8 @@ def watch(
                     and click.confirm(f"{table} has no pgherald trigger. Add one?", default=True)
                 ):
                     raise UsageError(
-                        f"{table} has no pgherald trigger: run `pgherald trigger add {table}`, "
+                        f"{table} has no pgherald trigger: run `pgherald trigger add "
+                        f"{shlex.quote(table)}`, "
                         "or pass --temporary (removed on exit) or --yes"
                     )
                 trigger = add_table_trigger(conn, table)
@@ -266,7 +268,7 @@ def watch(
             if trigger.durable:
                 raise UsageError(
                     f"{table}'s trigger is durable: read it with `pgherald consume "
-                    f"--group NAME {trigger.channel}`"
+                    f"--group NAME {shlex.quote(trigger.channel)}`"
                 )
             channels.append(trigger.channel)
         try:
