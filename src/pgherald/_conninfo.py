@@ -37,7 +37,15 @@ def resolve_dsn(dsn: str | None) -> str:
 
 
 def listener_conninfo(dsn: str | None, *, application_name: str = "pgherald-listener") -> str:
-    """The conninfo for a connection pgherald owns: named, with TCP keepalives."""
+    """
+    The conninfo for a connection pgherald owns: named, with TCP keepalives, in UTF-8.
+
+    ``client_encoding`` is always ``UTF8``: the engines encode channel names and statements,
+    and decode notifications, rows and messages, as UTF-8 bytes; in a LATIN1 database, a
+    connection in the server's encoding would LISTEN to another channel than the one named and
+    garble every non-ASCII payload. A DSN's own ``client_encoding`` (or ``PGCLIENTENCODING``)
+    is meant for the application's connections: pgherald's own use UTF8 whatever it says.
+    """
     params = parse_dsn(resolve_dsn(dsn))
     name = str(params.get("application_name") or "")
     if not name.startswith("pgherald"):
@@ -45,7 +53,16 @@ def listener_conninfo(dsn: str | None, *, application_name: str = "pgherald-list
         params["application_name"] = f"{application_name} {name}".strip()
     for key, value in _KEEPALIVES.items():
         params.setdefault(key, value)
+    encoding = str(params.get("client_encoding") or "")
+    if encoding and _encoding_key(encoding) not in {"utf8", "unicode"}:
+        logger.debug("client_encoding=%s in the DSN: pgherald's own connections use UTF8", encoding)
+    params["client_encoding"] = "UTF8"
     return make_conninfo(**params)
+
+
+def _encoding_key(name: str) -> str:
+    """An encoding name as PostgreSQL compares them: case, ``-`` and ``_`` ignored."""
+    return re.sub(r"[-_]", "", name).lower()
 
 
 CONNECT_TIMEOUT = 10

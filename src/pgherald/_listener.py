@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-from ._listener_base import ListenerBase
+from ._listener_base import ListenerBase, check_timeout
 from ._models import Gap, Notification
 from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
 from ._waiting import Waiter
@@ -128,10 +128,23 @@ class Listener(ListenerBase):
         self._loop_thread = threading.get_ident()
         try:
             with self._io_lock:
-                self.connect()
-                self._waiter.run(self._engine.run(), self._on_request)
+                if self._engine.stopping:
+                    return  # stop() came first: no connection for nothing
+                self._waiter.open()
+                # The first connection too is made inside engine.run, where stop() ends it.
+                try:
+                    self._waiter.run(self._engine.run(connect=True), self._on_request)
+                except ConnectError as exc:
+                    raise self._first_connect_failed(exc) from None
         finally:
             self._end()
+
+    def _first_connect_failed(self, exc: ConnectError) -> ConnectError:
+        """What `run` or an iteration raises when its first connection fails (as `connect`)."""
+        self._waiter.close()
+        if isinstance(exc, PoolerError):
+            return exc  # its message already names the cause and the fix
+        return self._connect_error(exc)
 
     def _on_request(self, req: Request) -> None:
         if req[0] == DELIVER:
@@ -169,13 +182,18 @@ class Listener(ListenerBase):
 
     def notifications(self, *, timeout: float | None = None) -> Iterator[Notification]:
         """
-        Yield notifications until `stop`, or until none arrives for *timeout* seconds.
+        Yield notifications until `stop`, or until none arrives for *timeout* seconds
+        (connecting included; ``inf`` or None: no timeout, nan is refused).
 
         Reading pauses while your loop body runs: nothing piles up in memory.
         """
+        timeout = check_timeout(timeout)
+        return self._notifications(timeout)
+
+    def _notifications(self, timeout: float | None) -> Iterator[Notification]:
         self._begin("iterate")
         self._loop_thread = threading.get_ident()
-        gen = self._engine.run()
+        gen = self._engine.run(connect=True)
         engine = self._engine
         clock = time.monotonic
         waiter = self._waiter
@@ -183,7 +201,10 @@ class Listener(ListenerBase):
         try:
             with self._io_lock:
                 pass  # a subscribe that began before this iteration finishes first
-            self.connect()
+            if engine.stopping:
+                return  # stop() came first: no connection for nothing
+            waiter.open()
+            # The first connection is made by the engine (see run), within the timeout.
             idle_until = None if timeout is None else clock() + timeout
             send: Any = None
             while True:
@@ -191,6 +212,8 @@ class Listener(ListenerBase):
                     req = gen.send(send)
                 except StopIteration:
                     return
+                except ConnectError as exc:
+                    raise self._first_connect_failed(exc) from None
                 send = None
                 kind = req[0]
                 if kind == WAIT:

@@ -13,7 +13,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 
-from ._listener_base import ListenerBase
+from ._listener_base import ListenerBase, check_timeout
 from ._models import Gap, Notification
 from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
 from ._protocol.routing import Entry
@@ -143,11 +143,23 @@ class AsyncListener(ListenerBase):
         self._loop_task = anyio.get_current_task().id
         try:
             async with self._io_lock:
-                await self.connect()
-                await self._waiter.run(self._engine.run(), self._on_request)
+                if self._engine.stopping:
+                    return  # stop() came first: no connection for nothing
+                self._waiter.bind()
+                # The first connection too is made inside engine.run, where stop() ends it.
+                try:
+                    await self._waiter.run(self._engine.run(connect=True), self._on_request)
+                except ConnectError as exc:
+                    raise self._first_connect_failed(exc) from None
         finally:
             self._waiter.release()
             self._end()
+
+    def _first_connect_failed(self, exc: ConnectError) -> ConnectError:
+        """What `run` or an iteration raises when its first connection fails (as `connect`)."""
+        if isinstance(exc, PoolerError):
+            return exc  # its message already names the cause and the fix
+        return self._connect_error(exc)
 
     async def _on_request(self, req: Request) -> None:
         if req[0] == DELIVER:
@@ -222,13 +234,14 @@ class AsyncListener(ListenerBase):
         timeout: float | None = None,
     ) -> AsyncIterator[Notification]:
         """
-        Yield notifications until `stop`, or until none arrives for *timeout* seconds.
+        Yield notifications until `stop`, or until none arrives for *timeout* seconds
+        (connecting included; ``inf`` or None: no timeout, nan is refused).
 
         Reading pauses while your loop body runs: nothing piles up in memory. Close an
         iteration you leave early with ``aclose()`` (``contextlib.aclosing``) or by dropping
         it: either hands the notifications it had read back to the listener.
         """
-        return _Notifications(self, timeout)
+        return _Notifications(self, check_timeout(timeout))
 
 
 class _Notifications:
@@ -311,10 +324,13 @@ class _Notifications:
         self._state = 1
         try:
             listener._loop_task = anyio.get_current_task().id
-            self._gen = self._engine.run()
             async with listener._io_lock:
                 pass  # a subscribe that began before this iteration finishes first
-            await listener.connect()
+            if self._engine.stopping:
+                raise StopAsyncIteration  # stop() came first: no connection for nothing
+            listener._waiter.bind()
+            # The first connection is made by the engine (see run), within the timeout.
+            self._gen = self._engine.run(connect=True)
             if self._timeout is not None:
                 self._idle_until = _clock() + self._timeout
         except BaseException:
@@ -364,6 +380,8 @@ class _Notifications:
                 req = gen.send(self._send)
             except StopIteration:
                 raise StopAsyncIteration from None
+            except ConnectError as exc:
+                raise listener._first_connect_failed(exc) from None
             self._send = None
             kind = req[0]
             if kind == WAIT:

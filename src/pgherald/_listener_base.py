@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar, Literal, TypeVar
@@ -20,6 +21,19 @@ logger = logging.getLogger("pgherald.listener")
 
 H = TypeVar("H", bound=Callable[..., Any])
 Mode = Literal["run", "iterate"]
+
+
+def check_timeout(timeout: float | None) -> float | None:
+    """An iteration's *timeout*: None (or ``inf``) for none; nan is refused."""
+    if timeout is None:
+        return None
+    if timeout != timeout:  # nan: every comparison with it is false, so it meant "forever"
+        raise UsageError(
+            "timeout is nan: pass a number of seconds, or None (or math.inf) for no timeout"
+        )
+    if timeout == math.inf:
+        return None
+    return timeout
 
 
 class ListenerBase:

@@ -1002,3 +1002,23 @@ def test_iteration_timeout_during_health_check_keeps_connection(
     assert got == ["kept"]
     assert gaps == []
     assert listener.stats.reconnects == 0
+
+
+def test_channel_with_the_ping_prefix_loses_nothing_read_along_with_a_statement(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    # Only this connection's own ping channel is filtered out of what libpq reads along with
+    # the listener's statements (here a LISTEN), not every channel that shares its prefix.
+    channel = "pgherald_ping_mine"
+    with pgherald.Listener(dsn, channels=[channel]) as listener:
+        for i in range(20):
+            pgherald.notify(conn, channel, str(i))
+        # Sent and committed: the listening backend has them on the socket before it answers
+        # this LISTEN, so libpq reads them with the answer.
+        listener.subscribe("another")
+        got = []
+        for n in listener.notifications(timeout=5):
+            got.append(n.payload)
+            if len(got) == 20:
+                break
+        assert got == [str(i) for i in range(20)]

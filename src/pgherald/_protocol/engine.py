@@ -113,6 +113,8 @@ class ListenerEngine:
         self._outage: tuple[GapReason, float, str] | None = None  # lost, not yet reported
         # A connection the application lent us (see `adopt`): used first, never closed by us.
         self._adopted: pq.abc.PGconn | None = None
+        # Its client_encoding when not UTF8: set to UTF8 while we use it, restored by `release`.
+        self._adopted_encoding: bytes | None = None
         self._in_run = False  # `_guard` abandons statements after stop() only inside run()
         # The bound pgconn.notifies, looked up once per connection rather than per notification.
         self._notifies: Any = _no_notifies
@@ -415,10 +417,13 @@ class ListenerEngine:
         pgconn = self._adopted
         if pgconn is None or self.pgconn is not pgconn:
             return
+        query = b"UNLISTEN *"
+        if self._adopted_encoding is not None:  # the application's own, back
+            query += b"; SET client_encoding TO " + _quoted(self._adopted_encoding)
         try:
             if pgconn.status == pq.ConnStatus.OK:
                 yield from pgwire.execute(
-                    pgconn, b"UNLISTEN *", time.monotonic() + self.config.health_check_timeout
+                    pgconn, query, time.monotonic() + self.config.health_check_timeout
                 )
                 while pgconn.notifies() is not None:
                     pass  # heard before UNLISTEN, after the application stopped listening
@@ -427,6 +432,7 @@ class ListenerEngine:
         finally:
             pgconn.nonblocking = 0
             self._adopted = None
+            self._adopted_encoding = None
             self.pgconn = None
             self._notifies = _no_notifies
             self._active = set()
@@ -450,8 +456,10 @@ class ListenerEngine:
         self._ping = liveness.new_ping_channel()
         self._ping_listening = False
         try:
+            if self.pgconn is adopted:
+                yield from self._adopt_utf8(adopted)
             yield from self.sync_channels()
-        except (_Lost, ListenError) as exc:
+        except (_Lost, ListenError, pgwire.QueryFailed) as exc:
             self._reset_connection()
             raise ConnectError(f"connected, but LISTEN failed: {exc}") from None
         if not self._delivery_checked:
@@ -462,6 +470,20 @@ class ListenerEngine:
                 # unchecked connection must not be served. The next open() checks again.
                 self._reset_connection()
                 raise
+
+    def _adopt_utf8(self, pgconn: pq.abc.PGconn) -> PQGen:
+        """
+        Switch a lent connection to UTF8 (`release` switches it back): channel names are sent,
+        and notifications decoded, as UTF-8. In its own statement: the server converts a whole
+        query string with the encoding in force when it arrives.
+        """
+        encoding = pgconn.parameter_status(b"client_encoding")
+        if encoding is None or encoding.upper() == b"UTF8" or self._adopted_encoding is not None:
+            return
+        yield from self._execute(
+            b"SET client_encoding TO 'UTF8'", self.config.health_check_timeout + 5.0
+        )
+        self._adopted_encoding = encoding
 
     def _check_delivery(self) -> PQGen:
         """Prove once, at the first connection, that notifications reach us (no pooler)."""
@@ -499,8 +521,9 @@ class ListenerEngine:
         if pgconn is None:
             return
         notifies = pgconn.notifies
+        ping = self._ping.encode()
         while (n := notifies()) is not None:
-            if not liveness.is_ping(n.relname):  # a stale answer to one of our probes
+            if n.relname != ping:  # a stale answer to one of our probes
                 self._pending.append(self._convert(n))
 
     def _keep(self, n: pq.PGnotify) -> None:
@@ -569,18 +592,25 @@ class ListenerEngine:
             else:
                 callbacks.append(entry)
 
-    def run(self) -> PQGen:
+    def run(self, connect: bool = False) -> PQGen:
         """
         Serve notifications until `stopping`, reconnecting whenever the connection is lost.
 
-        Once `stopping` is set, a statement of ours (LISTEN, a probe, a connection attempt)
-        gets `pgwire.STOP_GRACE` seconds more; still unanswered then (a frozen connection, a server
-        that never answers), it is abandoned with its connection (see `_guard`): so `stop()`
-        ends `run()` within a second in every state. The idle wait needs no guard: `stop()`
-        wakes it, and the loop looks at `stopping` first.
+        With *connect*, a run that starts without a connection first opens one as `open` does
+        (a failure raises `ConnectError` at once, no retry), but under the same guard as the
+        rest: a run begun after `stop()` connects to nothing, and one stopped while connecting
+        returns. Once `stopping` is set, a statement of ours (LISTEN, a probe, a connection
+        attempt) gets `pgwire.STOP_GRACE` seconds more; still unanswered then (a frozen
+        connection, a server that never answers), it is abandoned with its connection (see
+        `_guard`): so `stop()` ends `run()` within a second in every state. The idle wait needs
+        no guard: `stop()` wakes it, and the loop looks at `stopping` first.
         """
         self._in_run = True
         try:
+            if connect and self.pgconn is None:
+                if self.stopping:
+                    return
+                yield from self.open()
             yield from self._run()
         except _Stopped:
             return
@@ -850,12 +880,13 @@ class ListenerEngine:
         pgconn, self.pgconn = self.pgconn, None
         if pgconn is not None:
             # Notifications libpq already parsed are good: keep them for delivery (all but
-            # our own pings).
+            # this connection's own pings: an application's channel may share their prefix).
             while (n := self._take()) is not None:
-                if not n.channel.startswith(liveness.PING_PREFIX):
+                if n.channel != self._ping:
                     self._pending.append(n)
             if pgconn is self._adopted:
                 self._adopted = None  # lost: it is the application's to close, not ours
+                self._adopted_encoding = None
             else:
                 pgconn.finish()
         self._notifies = _no_notifies
@@ -872,3 +903,8 @@ class ListenerEngine:
 
 def _no_notifies() -> None:
     return None
+
+
+def _quoted(value: bytes) -> bytes:
+    """*value* (an encoding name, ASCII) as a string literal."""
+    return b"'" + value.replace(b"'", b"''") + b"'"

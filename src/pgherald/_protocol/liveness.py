@@ -28,10 +28,9 @@ from ..errors import ConnectError, PoolerError
 from . import pgwire
 from .pgwire import READ, WAIT, PQGen, Request
 
-__all__ = ["PING_PREFIX", "check_delivery", "is_ping", "new_ping_channel", "probe"]
+__all__ = ["PING_PREFIX", "check_delivery", "new_ping_channel", "probe"]
 
 PING_PREFIX = "pgherald_ping_"
-_PING_PREFIX_B = PING_PREFIX.encode()
 
 # Each probe carries its own payload, so a late answer to an earlier probe is never mistaken
 # for this one's. (next() on a count is atomic under the GIL.)
@@ -39,13 +38,11 @@ _tokens = itertools.count(1)
 
 
 def new_ping_channel() -> str:
-    """A private channel for one connection's liveness probes."""
+    """
+    A private channel for one connection's liveness probes. Only that exact name is ours: an
+    application may well LISTEN to channels that begin with `PING_PREFIX`.
+    """
     return PING_PREFIX + secrets.token_hex(8)
-
-
-def is_ping(relname: bytes) -> bool:
-    """True for a notification on a ping channel: ours, never the application's."""
-    return relname.startswith(_PING_PREFIX_B)
 
 
 def _notify_query(channel: str, token: bytes) -> bytes:

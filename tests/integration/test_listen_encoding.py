@@ -1,0 +1,110 @@
+"""
+Listening in a database that is not UTF-8: pgherald's own connections speak UTF8 whatever the
+database's encoding (or the DSN's ``client_encoding``), and a lent connection in another
+encoding is switched to UTF8 while listening and handed back in its own.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import anyio
+import psycopg
+import pytest
+from psycopg import sql
+
+import pgherald
+from pgherald._conninfo import listener_conninfo, resolve_source
+from pgherald.testing import DatabaseDropper
+from tests.fix_db import with_dbname
+
+SENT = [("café", "crème"), ("plain", "crème brûlée"), ("café", "plain ascii")]
+
+
+@pytest.fixture
+def latin1_dsn(
+    server_dsn: str, database_dropper: DatabaseDropper, request: pytest.FixtureRequest
+) -> Iterator[str]:
+    """A fresh LATIN1 database for this test, dropped afterwards."""
+    name = f"pgherald_test_latin1_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL(
+                "CREATE DATABASE {} ENCODING 'LATIN1' TEMPLATE template0 "
+                "LC_COLLATE 'C' LC_CTYPE 'C'"
+            ).format(sql.Identifier(name))
+        )
+    try:
+        yield with_dbname(server_dsn, name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            failed = database_dropper.retire(admin, name, request.node.nodeid)
+        if failed:
+            pytest.fail("\n".join(failed), pytrace=False)
+
+
+def _send(dsn: str) -> None:
+    """NOTIFY from an ordinary connection, in the database's own encoding (LATIN1)."""
+    with psycopg.connect(dsn, autocommit=True) as sender:
+        assert sender.info.encoding == "iso8859-1"
+        for channel, payload in SENT:
+            pgherald.notify(sender, channel, payload)
+
+
+def _received(listener: pgherald.Listener) -> list[tuple[str, str]]:
+    got: list[tuple[str, str]] = []
+    for n in listener.notifications(timeout=10):
+        got.append((n.channel, n.payload))
+        if len(got) == len(SENT):
+            break
+    return got
+
+
+def test_listener_hears_non_ascii_channels_and_payloads_in_a_latin1_database(
+    latin1_dsn: str,
+) -> None:
+    with pgherald.Listener(latin1_dsn, channels=["café", "plain"]) as listener:
+        assert listener.listening == {"café", "plain"}
+        _send(latin1_dsn)
+        assert _received(listener) == SENT
+
+
+def test_a_dsn_client_encoding_is_overridden_for_pgherald_own_connections(
+    latin1_dsn: str,
+) -> None:
+    dsn = f"{latin1_dsn} client_encoding=LATIN1"
+    for made in (listener_conninfo(dsn), resolve_source(dsn, application_name="x")[0]):
+        assert psycopg.conninfo.conninfo_to_dict(made)["client_encoding"] == "UTF8"
+    with pgherald.Listener(dsn, channels=["café", "plain"]) as listener:
+        _send(latin1_dsn)
+        assert _received(listener) == SENT
+
+
+@pytest.mark.anyio
+async def test_async_listener_in_a_latin1_database(latin1_dsn: str) -> None:
+    async with pgherald.AsyncListener(latin1_dsn, channels=["café", "plain"]) as listener:
+        await anyio.to_thread.run_sync(_send, latin1_dsn)
+        got: list[tuple[str, str]] = []
+        with anyio.fail_after(10):
+            async for n in listener.notifications(timeout=10):
+                got.append((n.channel, n.payload))
+                if len(got) == len(SENT):
+                    break
+        assert got == SENT
+
+
+def test_a_lent_latin1_connection_listens_in_utf8_and_is_handed_back_in_latin1(
+    latin1_dsn: str,
+) -> None:
+    with psycopg.connect(latin1_dsn, autocommit=True) as lent:
+        assert lent.info.encoding == "iso8859-1"
+        with pgherald.Listener(lent, channels=["café", "plain"]) as listener:
+            assert listener.backend_pid == lent.info.backend_pid  # listening on it
+            _send(latin1_dsn)
+            assert _received(listener) == SENT
+        # Handed back as it was lent: its own encoding, nothing listened to.
+        assert lent.info.encoding == "iso8859-1"
+        assert lent.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        assert lent.execute("SELECT 'crème'::text").fetchone() == ("crème",)
+        assert lent.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
