@@ -65,17 +65,28 @@ class Waiter:
         if fd < 1000:  # select() is the cheapest call here, but limited to FD_SETSIZE (1024)
             rl: list[Any] = [fd, wake] if events & READ else [wake]
             wl: list[Any] = [fd] if events & WRITE else []
-            r, w, _ = select.select(rl, wl, (), timeout)
+            try:
+                r, w, _ = select.select(rl, wl, (), timeout)
+            except (OSError, ValueError):
+                # A socket closed under us: close() from another thread while we wait. Not
+                # ready; the engine looks at its stop flag (or finds the connection gone).
+                return False
             if wake in r:
                 self._drain_wake(wake)
             return fd in r or fd in w
         poller = select.poll()
-        poller.register(
-            fd, (select.POLLIN if events & READ else 0) | (select.POLLOUT if events & WRITE else 0)
-        )
-        poller.register(wake, select.POLLIN)
+        try:
+            poller.register(
+                fd,
+                (select.POLLIN if events & READ else 0) | (select.POLLOUT if events & WRITE else 0),
+            )
+            poller.register(wake, select.POLLIN)
+        except (OSError, ValueError):  # closed under us, as above
+            return False
         ready = False
-        for rfd, _ in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+        for rfd, flags in poller.poll(None if timeout is None else int(timeout * 1000) + 1):
+            if flags & select.POLLNVAL:  # closed under us, as above
+                return False
             if rfd == wake.fileno():
                 self._drain_wake(wake)
             else:

@@ -33,7 +33,7 @@ def check_channel(channel: object) -> str:
         size = len(channel.encode("utf-8"))
     except UnicodeEncodeError:
         raise InvalidChannel(
-            f"channel name {channel!r} holds a lone surrogate (text that is not Unicode): "
+            f"channel name {channel!r} is not valid UTF-8 (it holds a lone surrogate): "
             "decode it properly, or use another name"
         ) from None
     if size > MAX_CHANNEL_BYTES:
