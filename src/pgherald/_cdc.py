@@ -573,11 +573,18 @@ def add_tables(
     columns: Sequence[str] = (),
     create_slot: bool = True,
 ) -> list[tuple[str, str]]:
-    """Add *tables* to the publication (created if missing) and create the slot if missing."""
+    """
+    Add *tables* to the publication (created if missing) and create the slot if missing.
+
+    *conn* in autocommit mode (the slot cannot be created in a transaction that has written).
+    It changes nothing when it fails: a publication it changed is put back when the slot
+    cannot be created. *columns* must include each table's replica identity (its primary key).
+    """
     check_name(slot, "slot")
     pub = check_name(publication or slot, "publication")
     check_logical(conn)
     resolved = [resolve_table(conn, t) for t in tables]
+    wanted = list(dict.fromkeys(resolved))
     state = conn.execute(
         sql.query("cdc_server_state"), {"slot": slot, "publication": pub}
     ).fetchone()
@@ -587,28 +594,129 @@ def add_tables(
             f"replication slot {slot!r} uses the plugin {state[1]!r}, not pgoutput: pick "
             "another slot name (--slot)"
         )
-    present = {
-        (r[0], r[1])
-        for r in conn.execute(sql.query("cdc_publication_tables"), {"publication": pub})
-    }
     if columns:
-        # A table already published gets its column list replaced (SET TABLE would drop others).
-        for s, t in resolved:
-            if (s, t) in present:
+        _check_identity_covered(conn, wanted, columns)
+    present, explicit, published = _members(conn, pub)
+    # A table already published gets its column list replaced (SET TABLE would drop others).
+    replaced = [t for t in wanted if columns and t in explicit]
+    missing = [t for t in wanted if t in replaced or t not in present]
+    statements = [
+        psql.SQL("ALTER PUBLICATION {} DROP TABLE {}")
+        .format(psql.Identifier(pub), psql.Identifier(s, t))
+        .as_string(conn)
+        for s, t in replaced
+    ]
+    statements += publication_statements(pub, bool(state[2]), missing, tuple(columns))
+    if statements:
+        with conn.transaction():  # all or nothing
+            for statement in statements:
+                conn.execute(statement.encode())
+    if state[1] is None and create_slot:
+        try:
+            conn.execute(
+                "SELECT pg_create_logical_replication_slot(%(slot)s, 'pgoutput')", {"slot": slot}
+            )
+        except psycopg.Error:
+            # Leave nothing behind: put the publication back as it was.
+            if statements:
+                _undo_publication(conn, pub, bool(state[2]), missing, replaced, published)
+            raise
+    return resolved
+
+
+def _members(
+    conn: psycopg.Connection[Any], publication: str
+) -> tuple[set[tuple[str, str]], set[tuple[str, str]], dict[tuple[str, str], list[str]]]:
+    """
+    A publication's tables: those it publishes or was given (a partitioned table and its
+    partitions), those it was given (what ALTER PUBLICATION ... DROP TABLE takes), and the
+    published columns of those it publishes.
+    """
+    present: set[tuple[str, str]] = set()
+    explicit: set[tuple[str, str]] = set()
+    published: dict[tuple[str, str], list[str]] = {}
+    for schema, table, added, cols in conn.execute(
+        sql.query("cdc_publication_members"), {"publication": publication}
+    ):
+        present.add((schema, table))
+        if added:
+            explicit.add((schema, table))
+        elif cols is not None:
+            published[(schema, table)] = list(cols)
+    return present, explicit, published
+
+
+def _check_identity_covered(
+    conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]], columns: Sequence[str]
+) -> None:
+    """
+    Refuse a column list without a table's replica identity columns: PostgreSQL would accept
+    it, then refuse every UPDATE and DELETE of the table.
+    """
+    given = set(columns)
+    for schema, table in tables:
+        row = conn.execute(
+            sql.query("cdc_identity_columns"),
+            {"name": psql.Identifier(schema, table).as_string(conn)},
+        ).fetchone()
+        if row is None:
+            continue
+        identity, needed = row[0], list(row[1] or ())
+        lacking = [c for c in needed if c not in given]
+        if not lacking:
+            continue
+        if identity == "f":
+            raise UsageError(
+                f"{schema}.{table} has REPLICA IDENTITY FULL, so its UPDATE and DELETE need "
+                f"every column published and the columns leave out {', '.join(lacking)}: "
+                "publish all its columns (leave out --columns)"
+            )
+        what = "primary key" if identity == "d" else "replica identity"
+        raise UsageError(
+            f"the columns leave out the {what} of {schema}.{table} ({', '.join(lacking)}), "
+            "and PostgreSQL would then refuse every UPDATE and DELETE of it: add them, "
+            f"--columns {','.join([*columns, *lacking])}"
+        )
+
+
+def _undo_publication(
+    conn: psycopg.Connection[Any],
+    pub: str,
+    existed: bool,
+    added: Sequence[tuple[str, str]],
+    replaced: Sequence[tuple[str, str]],
+    published: dict[tuple[str, str], list[str]],
+) -> None:
+    """Put a publication back as it was before `add_tables` changed it (best effort)."""
+    try:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
+            conn.rollback()
+        with conn.transaction():
+            if not existed:
+                conn.execute(psql.SQL("DROP PUBLICATION IF EXISTS {}").format(psql.Identifier(pub)))
+                return
+            _, explicit, _ = _members(conn, pub)
+            for s, t in added:
+                if (s, t) in explicit:
+                    conn.execute(
+                        psql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                            psql.Identifier(pub), psql.Identifier(s, t)
+                        )
+                    )
+            for s, t in replaced:
+                cols = published.get((s, t))
+                target = psql.Identifier(s, t)
+                if cols:
+                    target = psql.SQL("{} ({})").format(  # type: ignore[assignment]
+                        target, psql.SQL(", ").join(map(psql.Identifier, cols))
+                    )
                 conn.execute(
-                    psql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                        psql.Identifier(pub), psql.Identifier(s, t)
+                    psql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+                        psql.Identifier(pub), target
                     )
                 )
-                present.discard((s, t))
-    missing = [t for t in dict.fromkeys(resolved) if t not in present]
-    for statement in publication_statements(pub, bool(state[2]), missing, tuple(columns)):
-        conn.execute(statement.encode())
-    if state[1] is None and create_slot:
-        conn.execute(
-            "SELECT pg_create_logical_replication_slot(%(slot)s, 'pgoutput')", {"slot": slot}
-        )
-    return resolved
+    except psycopg.Error as exc:
+        logger.warning("could not put publication %r back as it was: %s", pub, exc)
 
 
 def without_identity(conn: psycopg.Connection[Any], tables: Sequence[tuple[str, str]]) -> list[str]:
@@ -631,14 +739,11 @@ def remove_tables(
 ) -> list[tuple[str, str]]:
     """Take *tables* out of the publication (their changes stop; the slot stays)."""
     pub = check_name(publication, "publication")
-    present = {
-        (r[0], r[1])
-        for r in conn.execute(sql.query("cdc_publication_tables"), {"publication": pub})
-    }
+    _, explicit, _ = _members(conn, pub)
     removed = []
     for name in tables:
         s, t = resolve_table(conn, name)
-        if (s, t) in present:
+        if (s, t) in explicit and (s, t) not in removed:
             conn.execute(
                 psql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
                     psql.Identifier(pub), psql.Identifier(s, t)

@@ -12,6 +12,7 @@ import psycopg
 import pytest
 
 import pgherald
+from pgherald._cdc import add_tables
 from tests.fix_cli import cli_env, pgherald_cmd, run
 from tests.fix_faults import wait_until
 from tests.fix_server import OwnServer
@@ -214,3 +215,107 @@ def test_watch_cdc(pg: OwnServer) -> None:
     assert record["new"] == {"id": 2, "name": "Tom", "price": 3}
     assert _slot_active(dsn, "w_kept") is False
     assert run(dsn, "cdc", "drop", "--slot", "w_kept", "--yes").returncode == 0
+
+
+def _publication(dsn: str, name: str) -> list[str] | None:
+    """The tables given to publication *name* (None: no such publication)."""
+    with psycopg.connect(dsn) as c:
+        if not c.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (name,)).fetchone():
+            return None
+        rows = c.execute(
+            "SELECT r.prrelid::regclass::text FROM pg_publication_rel r "
+            "JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = %s ORDER BY 1",
+            (name,),
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _slots(dsn: str) -> list[str]:
+    with psycopg.connect(dsn) as c:
+        return [
+            r[0]
+            for r in c.execute(
+                "SELECT slot_name FROM pg_replication_slots WHERE database = current_database()"
+            ).fetchall()
+        ]
+
+
+def test_cdc_add_columns_without_the_key_is_refused(cdc_dsn: str) -> None:
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE cust (id int PRIMARY KEY, name text, email text)")
+        c.execute("INSERT INTO cust VALUES (1, 'a', 'a@x')")
+    line = one_line_error(run(cdc_dsn, "cdc", "add", "cust", "--columns", "name,email"))
+    assert "primary key of public.cust (id)" in line, line
+    assert "--columns name,email,id" in line, line
+    assert _publication(cdc_dsn, "pgherald") is None
+    assert _slots(cdc_dsn) == []
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("UPDATE cust SET name = 'b' WHERE id = 1")  # the application's writes work
+        c.execute("DELETE FROM cust WHERE id = 1")
+        # The Python API refuses it the same way.
+        with pytest.raises(pgherald.UsageError, match=r"primary key of public\.cust \(id\)"):
+            add_tables(c, ["cust"], columns=["name"])
+    assert _publication(cdc_dsn, "pgherald") is None
+    # With the key, it is accepted.
+    added = run(cdc_dsn, "cdc", "add", "cust", "--columns", "id,name", "--backfill")
+    assert added.returncode == 0, added.stderr
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("INSERT INTO cust VALUES (2, 'c', 'c@x')")
+        c.execute("UPDATE cust SET name = 'd' WHERE id = 2")
+
+
+def test_a_failed_cdc_add_leaves_nothing_behind(cdc_dsn: str) -> None:
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute("CREATE TABLE lo (id int PRIMARY KEY, v text)")
+        c.execute("CREATE TABLE lo2 (id int PRIMARY KEY, v text)")
+    # A publication without a slot yet (`cdc add --backfill`), holding lo.
+    assert run(cdc_dsn, "cdc", "add", "lo", "--slot", "kept", "--backfill").returncode == 0
+    fillers: list[str] = []
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        try:
+            row = c.execute(
+                "SELECT current_setting('max_replication_slots')::int - count(*) "
+                "FROM pg_replication_slots"
+            ).fetchone()
+            assert row is not None
+            for i in range(row[0]):  # every slot in use
+                fillers.append(f"filler_{i}")
+                c.execute("SELECT pg_create_physical_replication_slot(%s)", (fillers[-1],))
+            line = one_line_error(run(cdc_dsn, "cdc", "add", "lo", "--slot", "leftover"))
+            assert "max_replication_slots" in line, line
+            assert _publication(cdc_dsn, "leftover") is None  # nothing left behind
+            # An existing publication is put back as it was: lo2 not added, lo's columns kept.
+            line = one_line_error(run(cdc_dsn, "cdc", "add", "lo2", "--slot", "kept"))
+            assert "max_replication_slots" in line, line
+            line = one_line_error(
+                run(cdc_dsn, "cdc", "add", "lo", "--columns", "id", "--slot", "kept")
+            )
+            assert "max_replication_slots" in line, line
+            assert _publication(cdc_dsn, "kept") == ["lo"]
+            cols = c.execute(
+                "SELECT attnames::text[] FROM pg_publication_tables WHERE pubname = 'kept'"
+            ).fetchone()
+            assert cols is not None
+            assert cols[0] == ["id", "v"]
+            c.execute("INSERT INTO lo VALUES (1, 'a')")
+            c.execute("UPDATE lo SET v = 'b'")
+        finally:
+            for name in fillers:
+                c.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+    assert _slots(cdc_dsn) == []
+
+
+def test_cdc_add_run_remove_a_partitioned_table(cdc_dsn: str) -> None:
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        c.execute(
+            "CREATE TABLE rp (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r); "
+            "CREATE TABLE rp_a PARTITION OF rp FOR VALUES IN ('a')"
+        )
+    for _ in range(2):  # adding again is fine
+        added = run(cdc_dsn, "cdc", "add", "rp", "--slot", "rpslot", "--backfill")
+        assert added.returncode == 0, added.stderr
+    assert _publication(cdc_dsn, "rpslot") == ["rp"]
+    removed = run(cdc_dsn, "cdc", "remove", "rp", "--slot", "rpslot")
+    assert removed.returncode == 0, removed.stderr
+    assert removed.stdout == "removed public.rp\n"
+    assert _publication(cdc_dsn, "rpslot") == []

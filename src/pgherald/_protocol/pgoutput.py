@@ -292,7 +292,7 @@ def decode_key(values: dict[str, Any], names: tuple[str, ...]) -> str | None:
         return dumps_value(value)
     if any(n not in values for n in names):
         return None
-    return dumps_value([values[n] for n in names])
+    return jsonb_text([values[n] for n in names])
 
 
 # -- JSON with exact numerics --
@@ -310,6 +310,24 @@ def _json_default(value: Any) -> Any:
 
 
 _encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=True)
+
+
+_jsonb_encoder = json.JSONEncoder(
+    separators=(", ", ": "), ensure_ascii=False, default=_json_default, allow_nan=True
+)
+
+
+def jsonb_text(value: Any) -> str:
+    """
+    *value* as jsonb prints it, as the trigger function writes a key of several columns
+    (``to_jsonb(ARRAY[...])::text``): ", " and ": " between items, characters beyond ASCII as
+    they are, only quotes, backslashes and control characters escaped. The same row then has
+    the same key, and so the same partition of the log, whichever way it came.
+    """
+    text = _jsonb_encoder.encode(value)
+    if "\\u0000n" in text:
+        text = _NUM_MARK.sub(r"\1", text)
+    return text
 
 
 def dumps_value(value: Any) -> str:

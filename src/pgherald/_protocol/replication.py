@@ -142,6 +142,8 @@ class ReplicationEngine:
         self._in_tx = False
         self._skipping = False
         self._slot_known = False
+        self._server_flush = 0
+        """How far the server's WAL goes (flushed, or replayed on a standby), at the last open."""
         self._tables: list[tuple[str, str, list[str]]] = []
         self._streaming_pid: int | None = None
         """The server process of the replication connection, once it streams."""
@@ -214,6 +216,7 @@ class ReplicationEngine:
                     logger.warning("could not end the lost session's process: %s", exc)
                     self._stale_pid = None
             backfill = yield from self._prepare(ctl)
+            start_lsn = self._start_lsn(self._slot_known)
             repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
             self.pgconn = repl
             if backfill is not None:
@@ -245,7 +248,7 @@ class ReplicationEngine:
             ctl.finish()
         publication = psql.Literal(cfg.publication_name).as_string(None)
         start = (
-            f"START_REPLICATION SLOT {cfg.slot} LOGICAL 0/0 "
+            f"START_REPLICATION SLOT {cfg.slot} LOGICAL {lsn_to_str(start_lsn)} "
             f"(proto_version '1', publication_names {publication})"
         )
         try:
@@ -278,6 +281,30 @@ class ReplicationEngine:
         self._streaming_pid = repl.backend_pid
         self._stale_pid = None
 
+    def _start_lsn(self, slot_existed: bool) -> int:
+        """
+        Where to ask the stream to start. The server starts at the later of this and the
+        slot's confirmed position, and that position is only saved to disk now and then
+        (checkpoints, or before PostgreSQL 17 not even at a clean shutdown): after the server
+        restarts it can be far behind what this stream acknowledged. So on a reconnect ask for
+        what was acknowledged (`flushed`: the end of the last acknowledged transaction, which
+        the server then skips), not 0/0, which would redeliver every transaction since.
+        0/0 (the slot's position) when this stream has acknowledged nothing, when the slot is
+        new (made by this open), or when the server's WAL ends before `flushed` (another
+        server, or WAL lost): never skip what the server has not sent us.
+        """
+        if not slot_existed or not self.flushed:
+            return 0
+        if self._server_flush and self.flushed > self._server_flush:
+            logger.warning(
+                "the server's WAL ends at %s, before what this stream acknowledged (%s): "
+                "starting from the slot's position",
+                lsn_to_str(self._server_flush),
+                lsn_to_str(self.flushed),
+            )
+            return 0
+        return self.flushed
+
     def _prepare(self, ctl: pq.abc.PGconn) -> Generator[Any, Any, str | None]:
         """Check the server, make the publication; returns "backfill" when the slot is new."""
         cfg = self.config
@@ -293,6 +320,7 @@ class ReplicationEngine:
                 "pick another slot name (slot=..., --slot)"
             )
         self._slot_known = plugin is not None
+        self._server_flush = lsn_to_int(_text(res.get_value(0, 4)) or "0/0")
         pub_exists = res.get_value(0, 2) == b"t"
         if cfg.tables:
             wanted = []
@@ -306,7 +334,8 @@ class ReplicationEngine:
                 wanted.append((_text(r.get_value(0, 0)), _text(r.get_value(0, 1))))
             present: set[tuple[str, str]] = set()
             if pub_exists:
-                (r,) = yield from self._query(ctl, "cdc_publication_tables", publication=pub)
+                # Those it was given too: a partitioned table is published as its partitions.
+                (r,) = yield from self._query(ctl, "cdc_publication_members", publication=pub)
                 present = {
                     (_text(r.get_value(i, 0)), _text(r.get_value(i, 1))) for i in range(r.ntuples)
                 }

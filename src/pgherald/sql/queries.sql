@@ -620,11 +620,14 @@ LISTEN pgherald_wake_v1
 SELECT extract(epoch FROM min(next_tick) - now()) FROM pgherald.schedules_v1
 
 -- name: cdc_server_state --
--- Change data capture: what the server allows and what exists of a slot and its publication.
+-- Change data capture: what the server allows and what exists of a slot and its publication;
+-- last, where the server's WAL ends (flushed; replayed on a standby).
 SELECT current_setting('wal_level'),
        (SELECT plugin FROM pg_replication_slots WHERE slot_name = %(slot)s),
        EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s),
-       current_setting('server_version_num')::int
+       current_setting('server_version_num')::int,
+       (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
+             ELSE pg_current_wal_flush_lsn() END)::text
 
 -- name: cdc_end_stale_reader --
 -- Change data capture: end the server process of a stream this reader lost (a half-open
@@ -652,6 +655,37 @@ SELECT p.schemaname, p.tablename, p.attnames::text[],
 FROM pg_publication_tables p
 WHERE p.pubname = %(publication)s
 ORDER BY 1, 2
+
+-- name: cdc_publication_members --
+-- The tables of a publication as `cdc add` and `cdc remove` name them: those added to it (a
+-- partitioned table itself, not its partitions: explicit = true, what ALTER PUBLICATION ...
+-- DROP TABLE takes) and those it publishes (its partitions, a schema's tables: explicit =
+-- false), with their published columns.
+SELECT n.nspname::text, c.relname::text, true, NULL::text[]
+FROM pg_publication_rel r
+JOIN pg_publication p ON p.oid = r.prpubid
+JOIN pg_class c ON c.oid = r.prrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE p.pubname = %(publication)s
+UNION ALL
+SELECT schemaname::text, tablename::text, false, attnames::text[]
+FROM pg_publication_tables
+WHERE pubname = %(publication)s
+
+-- name: cdc_identity_columns --
+-- A table's replica identity (d: its primary key, i: an index, f: full, n: nothing) and the
+-- columns its UPDATE and DELETE need published (every column for full).
+SELECT c.relreplident::text,
+       ARRAY(SELECT a.attname::text FROM pg_attribute a
+             WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+               AND (c.relreplident = 'f' OR a.attnum = ANY (
+                 SELECT unnest(i.indkey::int2[]) FROM pg_index i
+                 WHERE i.indrelid = c.oid
+                   AND ((c.relreplident = 'd' AND i.indisprimary)
+                        OR (c.relreplident = 'i' AND i.indisreplident))))
+             ORDER BY a.attnum)
+FROM pg_class c
+WHERE c.oid = to_regclass(%(name)s)
 
 -- name: cdc_status --
 -- Every pgoutput slot of this database: how far its reader is behind (bytes of WAL written
