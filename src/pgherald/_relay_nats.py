@@ -23,7 +23,7 @@ from collections.abc import Awaitable
 from typing import Any
 
 from ._models import Event
-from ._relay_sink import Refused, _RelayState, safe_url
+from ._relay_sink import Refused, _RelayState, attempts, safe_url
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
@@ -290,7 +290,7 @@ class NatsSink:
             elif error is not None:  # JetStream answered with an error for this event
                 refusals += 1
                 if refusals >= self.max_attempts:  # the relay logs it
-                    raise Refused(first, f"JetStream refused it {refusals} times: {error}")
+                    raise Refused(first, f"JetStream refused it ({attempts(refusals)}): {error}")
                 why = f"JetStream refused event {event.id} ({error})"
             else:
                 why = f"no acknowledgement from JetStream at {self.target} for event {event.id}"

@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from ._models import Event
-from ._relay_sink import Refused, _RelayState, safe_url
+from ._relay_sink import Refused, _RelayState, attempts, safe_url
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
@@ -320,7 +320,7 @@ class RedisSink:
                 except redis.exceptions.ResponseError as exc:
                     error = exc
                     if attempt == self.max_attempts:  # the relay logs it
-                        raise Refused(i, f"Redis refused it {attempt} times: {exc}") from None
+                        raise Refused(i, f"Redis refused it ({attempts(attempt)}): {exc}") from None
                     if not await relay.pause(attempt, f"Redis refused event {event.id} ({exc})"):
                         return i
                 except Exception as exc:

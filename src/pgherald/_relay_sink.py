@@ -174,6 +174,11 @@ def _secret_name(name: str) -> bool:
     )
 
 
+def attempts(n: int) -> str:
+    """"1 attempt", "3 attempts": how often a broker refused an event, for its dead letter."""
+    return f"{n} attempt{'' if n == 1 else 's'}"
+
+
 def safe_url(url: str) -> str:
     """*url* without its secrets, for logs, `target` and ``pgherald status``: the password of
     ``user:password@`` (``user:***@``), a NATS token (``nats://TOKEN@host``: ``***@``), and the
