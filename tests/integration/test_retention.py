@@ -263,3 +263,22 @@ def test_maintain_names_the_setting_stored_too_long(
     pgherald.set_retention(conn, timedelta(days=30))
     pgherald.set_retention(conn, None, channel="audit")
     pgherald.maintain(conn)
+
+
+def test_a_consumer_names_the_fix_for_a_retention_stored_too_long(
+    installed: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Its own maintenance meets the same date out of range: the warning says what to do, and
+    # consuming goes on.
+    conn.execute(
+        "INSERT INTO pgherald.settings_v1 (name, value) VALUES ('retention', '9999999 weeks')"
+    )
+    pgherald.publish(conn, "ch", 1)
+    with pgherald.Consumer(installed, group="g", channels=["ch"], maintain_interval=0.01) as c:
+        for event in c:
+            assert event.payload == 1
+            c.stop()
+    warnings = [r.getMessage() for r in caplog.records if "does not maintain" in r.getMessage()]
+    assert len(warnings) == 1, warnings
+    assert "pgherald retention set" in warnings[0]
+    assert "out of range" not in warnings[0]

@@ -1305,7 +1305,14 @@ class ConsumerEngine:
             (res,) = yield from self._query("maintain", {"now": None}, timeout=MAINTAIN_TIMEOUT)
         except HeraldError as exc:  # no privilege, say: `pgherald maintain` from cron can
             self._maintain_at = math.inf
-            logger.warning("this consumer does not maintain the log: %s", exc)
+            if exc.sqlstate == "22008":  # datetime_field_overflow: now() - a retention
+                logger.warning(
+                    "this consumer does not maintain the log: a retention setting reaches back "
+                    "before PostgreSQL's first date (stored before they were checked): set it "
+                    "again with `pgherald retention set` (`pgherald maintain` names it)"
+                )
+            else:
+                logger.warning("this consumer does not maintain the log: %s", exc)
             return
         for i in range(res.ntuples):
             action, target, detail = (
