@@ -16,6 +16,7 @@ skip: when no server can be had, they fail and say why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -86,21 +87,38 @@ def database_dropper(server_dsn: str) -> Iterator[DatabaseDropper]:
         yield dropper
 
 
+@contextlib.contextmanager
+def fresh_database(
+    server_dsn: str,
+    dropper: DatabaseDropper,
+    request: pytest.FixtureRequest,
+    *,
+    prefix: str = "pgherald_test",
+    options: str = "",
+) -> Iterator[str]:
+    """A new database (CREATE DATABASE ... *options*, literal SQL of ours) for the block: its
+    sessions ended afterwards, then dropped; its DSN."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server_dsn, autocommit=True) as admin:
+        admin.execute(
+            sql.SQL("CREATE DATABASE {} {}").format(sql.Identifier(name), sql.SQL(options))
+        )
+    try:
+        yield with_dbname(server_dsn, name)
+    finally:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            failed = dropper.retire(admin, name, request.node.nodeid)
+        if failed:
+            pytest.fail("\n".join(failed), pytrace=False)
+
+
 @pytest.fixture
 def dsn(
     server_dsn: str, database_dropper: DatabaseDropper, request: pytest.FixtureRequest
 ) -> Iterator[str]:
     """A fresh, empty database for this test; its sessions ended afterwards, then dropped."""
-    name = f"pgherald_test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    try:
-        yield with_dbname(server_dsn, name)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            failed = database_dropper.retire(admin, name, request.node.nodeid)
-        if failed:
-            pytest.fail("\n".join(failed), pytrace=False)
+    with fresh_database(server_dsn, database_dropper, request) as new:
+        yield new
 
 
 @pytest.fixture

@@ -6,18 +6,16 @@ encoding is switched to UTF8 while listening and handed back in its own.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 
 import anyio
 import psycopg
 import pytest
-from psycopg import sql
 
 import pgherald
 from pgherald._conninfo import listener_conninfo, resolve_source
 from pgherald.testing import DatabaseDropper
-from tests.fix_db import with_dbname
+from tests.fix_db import fresh_database
 
 SENT = [("café", "crème"), ("plain", "crème brûlée"), ("café", "plain ascii")]
 
@@ -27,21 +25,14 @@ def latin1_dsn(
     server_dsn: str, database_dropper: DatabaseDropper, request: pytest.FixtureRequest
 ) -> Iterator[str]:
     """A fresh LATIN1 database for this test, dropped afterwards."""
-    name = f"pgherald_test_latin1_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server_dsn, autocommit=True) as admin:
-        admin.execute(
-            sql.SQL(
-                "CREATE DATABASE {} ENCODING 'LATIN1' TEMPLATE template0 "
-                "LC_COLLATE 'C' LC_CTYPE 'C'"
-            ).format(sql.Identifier(name))
-        )
-    try:
-        yield with_dbname(server_dsn, name)
-    finally:
-        with psycopg.connect(server_dsn, autocommit=True) as admin:
-            failed = database_dropper.retire(admin, name, request.node.nodeid)
-        if failed:
-            pytest.fail("\n".join(failed), pytrace=False)
+    with fresh_database(
+        server_dsn,
+        database_dropper,
+        request,
+        prefix="pgherald_test_latin1",
+        options="ENCODING 'LATIN1' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'",
+    ) as new:
+        yield new
 
 
 def _send(dsn: str) -> None:
