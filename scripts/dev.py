@@ -33,9 +33,20 @@ DEMO_EXTRAS = "binary,cli,embedded"  # what the demo needs, and nothing more (a 
 
 def run(*cmd: str | Path) -> None:
     print("+", " ".join(str(c) for c in cmd), flush=True)
-    result = subprocess.run([str(c) for c in cmd], cwd=ROOT)
-    if result.returncode:
-        sys.exit(result.returncode)
+    proc = subprocess.Popen([str(c) for c in cmd], cwd=ROOT)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        # Ctrl-C reached the command too (one process group): let it finish its clean-up
+        # (the demo drops what it made, stops its server), then leave quietly.
+        try:
+            proc.wait(60)
+        except (KeyboardInterrupt, subprocess.TimeoutExpired):
+            proc.kill()
+            proc.wait()
+        sys.exit(130)
+    if code:
+        sys.exit(code)
 
 
 def ensure_venv(extras: str = EXTRAS) -> None:

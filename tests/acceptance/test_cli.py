@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -115,6 +118,75 @@ def test_errors_are_one_line_without_traceback(dsn: str, args: list[str], messag
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0, result.stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_demo_stopped_midway_leaves_the_database_as_it_found_it(
+    dsn: str, sig: signal.Signals
+) -> None:
+    # Stopped during the durable part (schema installed, a table with a trigger made), by a
+    # service manager's SIGTERM as by Ctrl-C: its clean-up runs.
+    proc = subprocess.Popen(
+        pgherald_cmd("demo", "--pause", "0.3"),
+        env=cli_env(dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if "<- consumed" in line:
+                break
+        else:
+            pytest.fail(f"the demo ended before its durable part: {proc.wait(10)}")
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    with psycopg.connect(dsn) as conn:
+        left = conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = 'pgherald' UNION ALL "
+            "SELECT relname FROM pg_class WHERE relname LIKE 'Demo Orders%%'"
+        ).fetchall()
+    assert left == []
+
+
+def test_ctrl_c_on_the_readmes_demo_command_is_quiet(dsn: str) -> None:
+    # `python3 scripts/dev.py demo`, Ctrl-C in its terminal: the signal reaches the whole
+    # process group; the script lets the demo clean up, then leaves without a traceback.
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, str(root / "scripts" / "dev.py"), "demo", "--pause", "0.3"],
+        env=cli_env(dsn),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal gives it
+    )
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            if "<- consumed" in line:
+                break
+        else:
+            pytest.fail(f"the demo ended before its durable part: {proc.wait(10)}")
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    assert "KeyboardInterrupt" not in err, err
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgherald'")
+        assert row.fetchone() == (0,)
 
 
 def test_demo_runs_end_to_end(dsn: str) -> None:

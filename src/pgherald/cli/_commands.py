@@ -135,6 +135,22 @@ def interruptible(doing: str) -> Iterator[None]:
                 signal.signal(sig, handler)
 
 
+@contextlib.contextmanager
+def sigterm_as_ctrl_c() -> Iterator[None]:
+    """SIGTERM as Ctrl-C while the block runs (KeyboardInterrupt), so that every ``finally``
+    runs: a command that cleans up after itself (the demo) does so when stopped either way."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # signal handlers belong to the main thread (CliRunner may run elsewhere)
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
     click.echo(f"pgherald: error: {' '.join(message.split())}", err=True)
     sys.exit(code)
@@ -313,4 +329,5 @@ def demo(dsn: str | None, pause: float) -> None:
 
     # The demo narrates reconnects itself; the library's own warnings would repeat them.
     logging.getLogger("pgherald").setLevel(logging.ERROR)
-    run_demo(dsn, pause=pause, echo=click.echo, style=click.style)
+    with sigterm_as_ctrl_c():  # either way, it leaves the database (and server) as it found it
+        run_demo(dsn, pause=pause, echo=click.echo, style=click.style)
