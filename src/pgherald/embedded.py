@@ -10,6 +10,9 @@ root (it creates an unprivileged system user for the server, as ``initdb`` requi
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import json
 import logging
 import os
 import stat
@@ -83,6 +86,88 @@ def running_dsn(datadir: str | os.PathLike[str] | None = None) -> str | None:
     return f"postgresql://postgres:@{host or 'localhost'}:{port}/postgres"
 
 
+KEEP_FILE = ".pgherald-keep-running"
+"""In the data directory while ``pgherald dev start`` (or ``keep_running=True``) holds the server:
+no process stops it on exit. It names the server it holds (its pid and start time), so a server
+started later (after a reboot, or a ``pg_ctl stop``) is not held by a stale file."""
+
+PIDS_FILE = ".handle_pids.json"
+"""pgserver's list of the processes that use the server in a data directory."""
+
+
+def _postmaster_id(datadir: Path) -> str | None:
+    """``"<pid> <start time>"`` of the server in *datadir* from ``postmaster.pid``, else None."""
+    try:
+        lines = (datadir / "postmaster.pid").read_text().splitlines()
+    except OSError:
+        return None
+    if len(lines) < 3:
+        return None
+    return f"{lines[0].strip()} {lines[2].strip()}"
+
+
+def _kept(datadir: Path) -> bool:
+    """Whether ``pgherald dev start`` holds the server running in *datadir* now."""
+    try:
+        held = (datadir / KEEP_FILE).read_text().strip()
+    except OSError:
+        return False
+    return bool(held) and held == _postmaster_id(datadir)
+
+
+def _pid_is_alive(pid: int) -> bool:
+    import importlib
+
+    psutil: Any = importlib.import_module("psutil")  # a dependency of pgserver (no stubs)
+
+    if pid == os.getpid():
+        return True
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # it exists, but we may not look at it: still a user
+
+
+def _server_lock(pgserver: Any) -> Any:
+    """pgserver's inter-process lock around its list of users, when it has one."""
+    cls = getattr(getattr(pgserver, "postgres_server", None), "PostgresServer", None)
+    lock = getattr(cls, "_lock", None)
+    return lock if lock is not None else contextlib.nullcontext()
+
+
+def _forget_dead_users(pgserver: Any, datadir: Path) -> None:
+    """Drop from pgserver's list of users the processes that no longer exist (killed ones).
+
+    pgserver stops the server when the last process in ``<datadir>/.handle_pids.json`` lets
+    go; a process killed while using it never removes itself, so without this the server
+    would run on forever. A missing file is left alone; a malformed one is emptied (pgserver
+    could not read it either).
+    """
+    path = datadir / PIDS_FILE
+    try:
+        with _server_lock(pgserver):
+            try:
+                text = path.read_text()
+            except FileNotFoundError:
+                return
+            try:
+                pids = json.loads(text)
+                if not isinstance(pids, list) or not all(type(p) is int for p in pids):
+                    raise ValueError(pids)
+            except ValueError:
+                log.debug("%s is malformed (%r): emptied", path, text[:100])
+                path.write_text("[]")
+                return
+            alive = [pid for pid in pids if _pid_is_alive(pid)]
+            if alive != pids:
+                log.debug("forgetting dead users of %s: %s", datadir, set(pids) - set(alive))
+                path.write_text(json.dumps(alive))
+    except OSError as exc:
+        log.debug("could not clean up %s: %s", path, exc)
+
+
 def _import_pgserver() -> Any:
     with warnings.catch_warnings():
         # platformdirs warns at import when XDG_RUNTIME_DIR is unset (containers, CI): noise.
@@ -107,7 +192,8 @@ class EmbeddedPostgres:
     ) -> None:
         self.datadir = Path(datadir) if datadir is not None else default_dir()
         self.keep_running = keep_running
-        """Leave the server running when this process lets go of it (``pgherald dev start``)."""
+        """Leave the server running when this process lets go of it, and hold it (`keep`) so
+        that no other process stops it either, until `shut_down` (``pgherald dev start``)."""
         self._server: Any = None
         self.dsn = ""
 
@@ -119,9 +205,17 @@ class EmbeddedPostgres:
                 "no DSN was given and the embedded PostgreSQL is not installed: pass --dsn "
                 "(or set PGHERALD_DSN), or install it with: pip install 'pgherald[embedded]'"
             ) from None
-        self.datadir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.datadir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            why = "it is not a directory" if self.datadir.exists() else exc.strerror or str(exc)
+            raise ConnectError(
+                f"cannot create the embedded PostgreSQL's data directory {self.datadir} "
+                f"({why}): set PGHERALD_EMBEDDED_DIR to a writable directory"
+            ) from None
         if _is_root():
             self._warn_about_permissions(pgserver)
+        _forget_dead_users(pgserver, self.datadir)
         try:
             get_server = pgserver.get_server
             mode = None if self.keep_running else "stop"
@@ -129,7 +223,43 @@ class EmbeddedPostgres:
         except Exception as exc:
             raise ConnectError(f"the embedded PostgreSQL did not start: {exc}") from exc
         self.dsn = self._server.get_uri()
+        if self.keep_running:
+            try:
+                self.keep()
+            except ConnectError:
+                self.stop()
+                raise
+        # pgserver stops the server at exit too (atexit): this hook, registered later, runs first.
+        atexit.register(self._before_release)
         return self.dsn
+
+    def keep(self) -> bool:
+        """Keep the server running in `datadir` after every process lets go of it, until
+        `shut_down`: what ``pgherald dev start`` does. False if no server runs there."""
+        held = _postmaster_id(self.datadir)
+        if held is None or running_dsn(self.datadir) is None:
+            return False
+        path = self.datadir / KEEP_FILE
+        tmp = path.with_name(f"{path.name}.{os.getpid()}")
+        try:
+            tmp.write_text(held + "\n")
+            tmp.replace(path)
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot write {path} to keep the embedded PostgreSQL running ({exc.strerror or exc})"
+            ) from exc
+        return True
+
+    def _before_release(self) -> None:
+        """Before pgserver lets go of the server: forget killed users, and never stop a server
+        that ``pgherald dev start`` holds (docs/embedded.md)."""
+        server = self._server
+        if server is None:
+            return
+        with contextlib.suppress(Exception):
+            _forget_dead_users(_import_pgserver(), self.datadir)
+        if self.keep_running or _kept(self.datadir):
+            server.cleanup_mode = None
 
     def _warn_about_permissions(self, pgserver: Any) -> None:
         """As root, pgserver chmods directories: never without saying which (docs/embedded.md)."""
@@ -145,7 +275,10 @@ class EmbeddedPostgres:
             )
 
     def shut_down(self) -> bool:
-        """Stop a server running in `datadir` even if other processes use it; False if none ran."""
+        """Stop a server running in `datadir` even if other processes use it, and end the hold
+        of ``pgherald dev start`` (`keep`); False if none ran."""
+        with contextlib.suppress(OSError):  # a file left behind names a server that is gone
+            (self.datadir / KEEP_FILE).unlink()
         if running_dsn(self.datadir) is None:
             return False
         import subprocess
@@ -170,6 +303,8 @@ class EmbeddedPostgres:
         return True
 
     def stop(self) -> None:
+        atexit.unregister(self._before_release)
+        self._before_release()
         server, self._server = self._server, None
         if server is not None:
             server.cleanup()

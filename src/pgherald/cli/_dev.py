@@ -32,13 +32,14 @@ def dev_start() -> None:
     from ..embedded import EmbeddedPostgres, running_dsn
 
     server = EmbeddedPostgres(keep_running=True)
-    dsn = running_dsn(server.datadir)
-    if dsn is None:
+    if running_dsn(server.datadir) is None:
         click.echo(f"starting an embedded PostgreSQL in {server.datadir}...", err=True)
-        with server:
-            dsn = server.dsn
     else:
         click.echo(f"already running in {server.datadir}", err=True)
+    # Even when it runs already (a demo may be using it): hold it, so that it keeps running
+    # when that other process ends, until `pgherald dev stop` (EmbeddedPostgres.keep).
+    with server:
+        dsn = server.dsn
     click.echo(f"export PGHERALD_DSN={shlex.quote(dsn)}")
     click.echo("pgherald commands use it while it runs; stop it with: pgherald dev stop", err=True)
 
