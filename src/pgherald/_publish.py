@@ -27,9 +27,22 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 """A JSON text's escaped NUL (not an escaped backslash followed by "u0000")."""
 
 
+_SUSPECT = re.compile(
+    r"\\u0000"
+    r"|\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F])"
+    r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}"
+)
+"""An escape jsonb may refuse: a NUL, or a lone surrogate (not half of a pair: an emoji's
+escapes are fine). A cheap look, then the exact checks below."""
+
+
 def _jsonb(text: str, what: str) -> str:
     """*text* (JSON), refused as PostgreSQL's jsonb would refuse it, in words that say why."""
-    if "\\u" not in text:  # the usual case: nothing jsonb refuses that json.dumps writes
+    if "\\u" not in text:  # the usual case (json.dumps escapes all but ASCII: cheap looks)
+        return text
+    if "\\u0000" not in text and "\\ud" not in text and "\\uD" not in text:
+        return text
+    if not _SUSPECT.search(text):  # surrogates in pairs (an emoji): fine
         return text
     if _NUL_ESCAPE.search(text):
         raise PayloadNotSerializable(

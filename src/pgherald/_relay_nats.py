@@ -79,7 +79,8 @@ class NatsSink:
         self._errors: dict[int, str] = {}
         self._acked = 0
         self._progress = asyncio.Event()
-        self._stream_tag = b'"stream":' + json.dumps(stream).encode()
+        # As nats-server writes it: UTF-8 as it is (a name with non-ASCII is not escaped).
+        self._stream_tag = b'"stream":' + json.dumps(stream, ensure_ascii=False).encode()
         self._foreign: str | None = None  # a stream other than ours acknowledged an event
         self.duplicates = 0
         """Acknowledgements that said "duplicate" (a re-send JetStream dropped)."""
@@ -233,7 +234,9 @@ class NatsSink:
                 # Stored, but in another stream than ours (it takes our subject); an answer
                 # without a stream name is not one we know: no stream named.
                 with contextlib.suppress(ValueError, KeyError, TypeError):
-                    self._foreign = str(json.loads(data)["stream"])
+                    stream = str(json.loads(data)["stream"])
+                    if stream != self.stream:  # (a server that writes it otherwise: ours)
+                        self._foreign = stream
         else:
             state[i] = _FAILED
             if data:

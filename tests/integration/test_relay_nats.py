@@ -449,6 +449,25 @@ def test_events_stored_in_another_stream_stop_the_relay(
         delete_stream(nats_url, other)
 
 
+def test_a_stream_named_in_non_ascii_is_the_relays_own(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    """nats-server writes the stream's name in its acknowledgements as UTF-8, unescaped: the
+    relay knows its own stream (it took it for another one, and stopped)."""
+    stream = f"ÉVÉNEMENTS_{unique.upper()}"
+    ids = [pgherald.publish(conn, "orders", {"n": n}) for n in range(3)]
+    relay = pgherald.Relay(
+        installed, to=nats_url, channels=["orders"], stream=stream, subject=f"{unique}.{{channel}}"
+    )
+    try:
+        with relay_thread(relay):
+            wait_until(lambda: relay.stats.relayed == 3, 10, "the events relayed")
+        got = [int(m.headers["Pgherald-Event-Id"]) for m in messages(nats_url, stream)]
+        assert got == ids
+    finally:
+        delete_stream(nats_url, stream)
+
+
 def test_stop_is_prompt_while_jetstream_is_frozen(
     installed: str, conn: psycopg.Connection, own_nats: OwnNats
 ) -> None:
