@@ -630,8 +630,8 @@ class AsyncConsumer(_ConsumerBase):
 
     async def aclose(self) -> None:
         """Stop, and close the connection (the group's partitions go to the other members)."""
-        await self._end_iteration()  # acknowledged while the connection is there
-        self.stop()
+        await self._end_iteration()  # one left by break: acknowledged while connected
+        self.stop()  # one running in another task ends at its next step
         self._engine.close()
 
     async def __aenter__(self) -> AsyncConsumer:
@@ -742,9 +742,10 @@ class AsyncConsumer(_ConsumerBase):
     async def _end_iteration(self) -> None:
         """End an iteration left by ``break`` (an async generator would end only when the
         garbage collector finalizes it: after the connection is gone, and the consumer would
-        stay in use meanwhile)."""
+        stay in use meanwhile). One that is running (another task waits in it) is left alone:
+        `stop` ends it, and it ends itself."""
         it = self._iteration
-        if it is not None:
+        if it is not None and not it._running:
             await it.aclose()
 
 
@@ -759,11 +760,21 @@ class _AsyncIteration(AsyncIterator[Event]):
         self._in_hand = False  # an event was handed out and the loop has not asked again
         self._send: Any = None
         self._closed = False
+        self._running = False  # inside __anext__ (a task waits in it)
 
     def __aiter__(self) -> _AsyncIteration:
         return self
 
     async def __anext__(self) -> Event:
+        if self._running:
+            raise RuntimeError("this iteration is already running in another task")
+        self._running = True
+        try:
+            return await self._next()
+        finally:
+            self._running = False
+
+    async def _next(self) -> Event:
         if self._closed:
             raise StopAsyncIteration
         consumer = self._consumer
@@ -790,8 +801,11 @@ class _AsyncIteration(AsyncIterator[Event]):
                         self._in_hand = True
                         return batch[self._done]
                     self._send, self._batch = (self._done, None, None), None
+                gen = self._gen
+                if gen is None:  # ended meanwhile (the consumer closed under another task)
+                    raise StopAsyncIteration
                 try:
-                    req = self._gen.send(self._send)
+                    req = gen.send(self._send)
                 except StopIteration:
                     raise StopAsyncIteration from None
                 self._send = None

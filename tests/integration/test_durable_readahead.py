@@ -16,6 +16,7 @@ import pytest
 
 import pgherald
 from tests.fix_durable import FAST, Running, acknowledged, drain, uncovered, wait_until
+from tests.fix_faults import await_until
 
 KEYS = 7
 
@@ -100,6 +101,34 @@ async def test_async_break_mid_batch_then_loop_again(
                 c.stop()
     assert got == ids[:150] + ids[149:299] + ids[298:]
     assert uncovered(conn, "g") == 0
+
+
+@pytest.mark.anyio
+async def test_async_loop_in_another_task_while_aclose_or_a_second_loop(
+    installed: str, conn: psycopg.Connection, anyio_backend: str
+) -> None:
+    # A loop waiting for events in one task: a second loop on the consumer is refused (it is in
+    # use), and aclose() from another task ends the first loop cleanly.
+    ids = backlog(conn, 3)
+    consumer = pgherald.AsyncConsumer(installed, group="g", channels=["ch"], **FAST)
+    got: list[int] = []
+    ended: list[str] = []
+
+    async def loop() -> None:
+        async for e in consumer:
+            got.append(e.id)
+        ended.append("cleanly")
+
+    async with consumer, anyio.create_task_group() as tg:
+        tg.start_soon(loop)
+        await await_until(lambda: len(got) == 3, 10, "the backlog")
+        await await_until(lambda: consumer._iteration._running, 5, "the loop waiting")  # type: ignore[union-attr]
+        with pytest.raises(pgherald.UsageError, match="already in use"):
+            async for _ in consumer:
+                pass
+        await consumer.aclose()
+        await await_until(lambda: ended == ["cleanly"], 5, "the first loop's end")
+    assert got == ids
 
 
 def test_stop_mid_batch_then_run_again_with_handlers(
