@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -120,48 +120,11 @@ def test_errors_are_one_line_without_traceback(dsn: str, args: list[str], messag
     assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_a_demo_stopped_midway_leaves_the_database_as_it_found_it(
-    dsn: str, sig: signal.Signals
-) -> None:
-    # Stopped during the durable part (schema installed, a table with a trigger made), by a
-    # service manager's SIGTERM as by Ctrl-C: its clean-up runs.
+def _signal_the_demo_midway(cmd: list[str], dsn: str, signal_it: Callable[[int], None]) -> str:
+    """Run the demo *cmd* (its own process group), signal it (``signal_it(pid)``) once its
+    durable part has begun (schema installed, events consumed); its stderr once it ended."""
     proc = subprocess.Popen(
-        pgherald_cmd("demo", "--pause", "0.3"),
-        env=cli_env(dsn),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            if "<- consumed" in line:
-                break
-        else:
-            pytest.fail(f"the demo ended before its durable part: {proc.wait(10)}")
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err
-    with psycopg.connect(dsn) as conn:
-        left = conn.execute(
-            "SELECT nspname FROM pg_namespace WHERE nspname = 'pgherald' UNION ALL "
-            "SELECT relname FROM pg_class WHERE relname LIKE 'Demo Orders%%'"
-        ).fetchall()
-    assert left == []
-
-
-def test_ctrl_c_on_the_readmes_demo_command_is_quiet(dsn: str) -> None:
-    # `python3 scripts/dev.py demo`, Ctrl-C in its terminal: the signal reaches the whole
-    # process group; the script lets the demo clean up, then leaves without a traceback.
-    root = Path(__file__).resolve().parents[2]
-    proc = subprocess.Popen(
-        [sys.executable, str(root / "scripts" / "dev.py"), "demo", "--pause", "0.3"],
+        cmd,
         env=cli_env(dsn),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -175,18 +138,49 @@ def test_ctrl_c_on_the_readmes_demo_command_is_quiet(dsn: str) -> None:
                 break
         else:
             pytest.fail(f"the demo ended before its durable part: {proc.wait(10)}")
-        os.killpg(proc.pid, signal.SIGINT)
+        signal_it(proc.pid)
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
-    assert proc.returncode == 130, err
     assert "Traceback" not in err, err
     assert "KeyboardInterrupt" not in err, err
+    return f"{proc.returncode}: {err}"
+
+
+def _left_by_the_demo(dsn: str) -> list[tuple[str]]:
     with psycopg.connect(dsn) as conn:
-        row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgherald'")
-        assert row.fetchone() == (0,)
+        return conn.execute(
+            "SELECT nspname FROM pg_namespace WHERE nspname = 'pgherald' UNION ALL "
+            "SELECT relname FROM pg_class WHERE relname LIKE 'Demo Orders%%'"
+        ).fetchall()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_demo_stopped_midway_leaves_the_database_as_it_found_it(
+    dsn: str, sig: signal.Signals
+) -> None:
+    # Stopped during the durable part, by a service manager's SIGTERM as by Ctrl-C: its
+    # clean-up runs.
+    ended = _signal_the_demo_midway(
+        pgherald_cmd("demo", "--pause", "0.3"), dsn, lambda pid: os.kill(pid, sig)
+    )
+    assert ended.startswith("0: "), ended
+    assert _left_by_the_demo(dsn) == []
+
+
+def test_ctrl_c_on_the_readmes_demo_command_is_quiet(dsn: str) -> None:
+    # `python3 scripts/dev.py demo`, Ctrl-C in its terminal: the signal reaches the whole
+    # process group; the script lets the demo clean up, then leaves without a traceback.
+    script = Path(__file__).resolve().parents[2] / "scripts" / "dev.py"
+    ended = _signal_the_demo_midway(
+        [sys.executable, str(script), "demo", "--pause", "0.3"],
+        dsn,
+        lambda pid: os.killpg(pid, signal.SIGINT),
+    )
+    assert ended.startswith("130: "), ended
+    assert _left_by_the_demo(dsn) == []
 
 
 def test_demo_runs_end_to_end(dsn: str) -> None:
