@@ -1094,3 +1094,130 @@ def test_shutdown_while_the_database_is_down_is_quick_and_quiet(
     assert time.monotonic() - started < 3  # uvicorn's graceful timeout is 5 s
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert not [e for e in errors if "ASGI" in e or "graceful" in e], errors
+
+
+def _stored(conn: psycopg.Connection[Any], payload: dict[str, Any]) -> int:
+    row = conn.execute(
+        "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'orders' AND payload = %s::jsonb",
+        (json.dumps(payload),),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_publish_cancelled_at_its_deadline_is_a_503_and_stores_nothing(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """A durable publish that waits past its deadline (the log locked) is cancelled on the
+    server before the 503: a client that publishes again does not store the event twice."""
+    pgherald.install(conn)
+    app = create_app(dsn, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+    hub_of(app).db.statement_timeout = 0.5
+    auth = {"Authorization": "Bearer " + token(["orders"], "rw")}
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10.0, headers=auth) as http:
+        assert http.post("/publish/orders", json={"n": 1}).status_code == 200
+        with psycopg.connect(dsn) as locker:  # a transaction: the lock is held until its end
+            locker.execute("LOCK TABLE pgherald.events_v1 IN ACCESS EXCLUSIVE MODE")
+            answer = http.post("/publish/orders", json={"n": 2})
+            assert answer.status_code == 503, answer.text
+            assert answer.json() == {"error": "the database is not available"}
+        # The lock is released (committed): the cancelled INSERT is not waiting behind it.
+        assert _stored(conn, {"n": 2}) == 0
+        again = http.post("/publish/orders", json={"n": 2})
+        assert again.status_code == 200, again.text
+        assert _stored(conn, {"n": 2}) == 1
+
+
+def test_a_publish_whose_cancel_gets_no_answer_is_a_504_that_says_it_may_be_stored(
+    dsn: str, conn: psycopg.Connection[Any], fault_proxy: Any
+) -> None:
+    """When the cancel cannot reach the server, the publish's outcome is unknown: a 504 that
+    says so (the event may be stored), not a 503 that invites a blind retry."""
+    pgherald.install(conn)
+    app = create_app(
+        fault_proxy.dsn_for(dsn), jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1
+    )
+    hub_of(app).db.statement_timeout = 0.5
+    auth = {"Authorization": "Bearer " + token(["orders"], "rw")}
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10.0, headers=auth) as http:
+        assert http.post("/publish/orders", json={"n": 1}).status_code == 200
+        with psycopg.connect(dsn) as locker:
+            locker.execute("LOCK TABLE pgherald.events_v1 IN ACCESS EXCLUSIVE MODE")
+            fault_proxy.refuse()  # the cancel request's new connection is refused
+            answer = http.post("/publish/orders", json={"n": 2})
+            assert answer.status_code == 504, answer.text
+            message = answer.json()["error"]
+            assert "may have been stored" in message
+            assert "after the last id" in message
+        # The statement was not cancelled: it completes once the lock is released.
+        wait_until(lambda: _stored(conn, {"n": 2}) == 1, what="the publish to complete")
+
+
+def test_ws_binary_frame_is_an_error_message_and_the_socket_stays_open(
+    dsn: str, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(dsn, jwt_secret=SECRET)
+    with caplog.at_level(logging.WARNING), serve(app) as base:
+        url = base.replace("http", "ws") + "/ws?token=" + token(["chat.*"], "rw")
+        with ws_connect(url) as ws:
+            ws.send(b'{"type": "subscribe", "channels": ["chat.a"]}')  # a binary frame
+            error = json.loads(ws.recv(5))
+            assert error == {
+                "type": "error",
+                "message": "messages are JSON text: a binary frame is not read",
+            }
+            ws.send(json.dumps({"type": "subscribe", "channels": ["chat.a"]}))
+            assert json.loads(ws.recv(5))["type"] == "subscribed"
+            pgherald.notify(conn, "chat.a", "still here")
+            assert json.loads(ws.recv(5))["payload"] == "still here"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, errors
+
+
+def test_tokens_under_a_percent_encoded_key_are_redacted(dsn: str) -> None:
+    """The server decodes ``%74oken`` to ``token`` (and accepts the token): logs redact it too."""
+    from pgherald.contrib.gateway.server import RedactTokens
+
+    secret = "eyJhbGciOi.secret.sig"
+    for key in ("%74oken", "t%6Fken", "%74%6F%6B%65%6E", "TOK%45N", "token"):
+        path = f"/sse?channel=a&{key}={secret}&x=1"
+        record = logging.LogRecord(
+            "uvicorn.access",
+            logging.INFO,
+            "",
+            0,
+            '%s - "%s %s HTTP/%s" %d',
+            ("127.0.0.1:1", "GET", path, "1.1", 200),
+            None,
+        )
+        assert RedactTokens().filter(record)
+        assert record.args is not None
+        assert record.args[2] == f"/sse?channel=a&{key}=[redacted]&x=1"
+        line = f'127.0.0.1:1 - "WebSocket /ws?{key}={secret}" [accepted]'
+        record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, line, None, None)
+        assert RedactTokens().filter(record)
+        assert record.getMessage() == f'127.0.0.1:1 - "WebSocket /ws?{key}=[redacted]" [accepted]'
+    # Other keys that merely contain the word are left alone.
+    record = logging.LogRecord("uvicorn.error", logging.INFO, "", 0, "/x?mytoken=1", None, None)
+    assert RedactTokens().filter(record)
+    assert record.getMessage() == "/x?mytoken=1"
+
+    # Through the real server: the token is accepted under the encoded key, and not logged.
+    good = token(["orders"])
+    app = create_app(dsn, jwt_secret=SECRET)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[assignment,method-assign]
+    access = logging.getLogger("uvicorn.access")  # (uvicorn's loggers do not propagate)
+    with serve(app, log_level="info") as base:
+        access.addHandler(handler)  # after uvicorn configured its logging
+        try:
+            with httpx.Client(timeout=5.0) as http:
+                answer = http.get(f"{base}/channels?%74oken={good}")
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["read"] == ["orders"]
+        finally:
+            access.removeHandler(handler)
+    logged = "\n".join(r.getMessage() for r in records)
+    assert "/channels?%74oken=[redacted]" in logged, logged
+    assert good.rsplit(".", 1)[1] not in logged, logged  # (not even the signature)

@@ -294,3 +294,17 @@ def test_an_idle_keep_alive_connection_is_closed(dsn: str) -> None:
             assert s.recv(65536).startswith(b"HTTP/1.1 200")
             s.sendall(b"GET /heal")
             assert raw_response(s) == b""
+
+
+@pytest.mark.parametrize("size", [70_000, 100_000])
+def test_headers_over_the_limit_that_arrive_whole_are_a_431(dsn: str, size: int) -> None:
+    """The whole head in one send (its end included) is held to the limit too."""
+    app = create_app(dsn, allow_anonymous=["news"])
+    with serve(app) as base:  # the default limit: 64 KiB
+        with socket.create_connection(_address(base)) as s:
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"y" * size + b"\r\n\r\n")
+            assert raw_response(s).startswith(b"HTTP/1.1 431")
+        with socket.create_connection(_address(base)) as s:  # just under it: served
+            s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Ok: " + b"y" * 60_000 + b"\r\n\r\n")
+            s.settimeout(5)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")

@@ -6,6 +6,7 @@ from typing import Any
 
 from ...errors import DatabaseConnectionError, HeraldError, PayloadTooLarge
 from .auth import Principal
+from .db import OutcomeUnknown
 from .fanout import Hub
 
 
@@ -22,6 +23,13 @@ async def publish_checked(hub: Hub, principal: Principal, channel: str, payload:
         return await hub.publish(channel, payload)
     except PayloadTooLarge as exc:
         raise PublishRefused(413, str(exc)) from None
+    except OutcomeUnknown:
+        raise PublishRefused(
+            504,
+            f"the database did not answer in time: the event may have been stored (or may be "
+            f"yet); before publishing it again, read channel {channel!r} after the last id you "
+            "have (an SSE or WebSocket resume) and look for it",
+        ) from None
     except DatabaseConnectionError:
         raise PublishRefused(503, "the database is not available") from None
     except HeraldError as exc:

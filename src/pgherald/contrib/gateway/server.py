@@ -16,7 +16,18 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .app import Gateway
 
-_TOKEN = re.compile(r"(?i)((?:^|[?&])token=)[^&\s\"]*")
+
+def _query_key(name: str) -> str:
+    """A regex (to compile case-insensitive) for query key *name* as a client may send it: any
+    character percent-encoded, in either case (``%74oken``, ``t%6Fken``, ``%54OKEN``: the
+    server decodes keys before it looks them up)."""
+    return "".join(
+        "(?:" + "|".join([re.escape(c)] + [f"%{ord(v):02x}" for v in {c.lower(), c.upper()}]) + ")"
+        for c in name
+    )
+
+
+_TOKEN = re.compile(rf"(?i)((?:^|[?&]){_query_key('token')}=)[^&\s\"]*")
 
 HEADER_TIMEOUT = 10.0
 """Seconds a connection has to send a request's headers (slowloris), in `GatewayServer`."""
@@ -43,7 +54,7 @@ class RedactTokens(logging.Filter):
             record.args = tuple(
                 _TOKEN.sub(r"\1[redacted]", a) if isinstance(a, str) else a for a in record.args
             )
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
+        if isinstance(record.msg, str) and "=" in record.msg:
             record.msg = _TOKEN.sub(r"\1[redacted]", record.msg)  # a line formatted already
         return True
 
@@ -87,6 +98,7 @@ class _GuardedHttp(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._header_bytes = 0  # since the end of the last request's headers
+        self._head_tail = b""  # the last bytes counted there (a head's end may span two reads)
         self._in_headers = self._in_message = False
         self._refused: str | None = None  # the address, once over its limit
         self._seen = b""  # the last bytes of a refused connection's request (see data_received)
@@ -144,27 +156,41 @@ class _GuardedHttp(HttpToolsProtocol):
                     self.transport.close()
             return
         if self._in_headers or not self._in_message:
+            before = self._header_bytes
             self._header_bytes += len(data)
+            if self._header_bytes > self.limits.max_header_bytes:
+                # A head that ends in these bytes is over the limit too, though it arrived
+                # whole: refused before the parser sees it (no request reaches the app).
+                end = (self._head_tail + data).find(b"\r\n\r\n")
+                if end >= 0 and before - len(self._head_tail) + end + 4 > (
+                    self.limits.max_header_bytes
+                ):
+                    self._too_large()
+                    return
+            self._head_tail = data[-3:]
         super().data_received(data)
         if self._upgraded:
             return
         if self._in_headers and self._header_bytes > self.limits.max_header_bytes:
             # Still no end of headers after that many bytes: stop reading them.
-            self._headers_done()
-            if not self.transport.is_closing():
-                self.transport.write(
-                    _refusal(
-                        b"431 Request Header Fields Too Large",
-                        f"the request headers exceed {self.limits.max_header_bytes} bytes",
-                    )
-                )
-                self.transport.close()
+            self._too_large()
         elif self.timeout_keep_alive_task is None and (
             self.cycle is None or self.cycle.response_complete
         ):
             # uvicorn dropped its keep-alive timer at these bytes, and they completed no
             # request (the start of one, the rest of a body answered early): bound them too.
             self._await_headers()
+
+    def _too_large(self) -> None:
+        self._headers_done()
+        if not self.transport.is_closing():
+            self.transport.write(
+                _refusal(
+                    b"431 Request Header Fields Too Large",
+                    f"the request headers exceed {self.limits.max_header_bytes} bytes",
+                )
+            )
+            self.transport.close()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -174,6 +200,7 @@ class _GuardedHttp(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_headers = False
         self._header_bytes = 0
+        self._head_tail = b""
         self._headers_done()
         super().on_headers_complete()
 

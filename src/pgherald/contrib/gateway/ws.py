@@ -71,10 +71,13 @@ class WsEndpoint:
         resumed: dict[str, Position],
     ) -> None:
         while True:
-            try:
-                text = await ws.receive_text()
-            except WebSocketDisconnect:
+            message = await ws.receive()
+            if message["type"] == "websocket.disconnect":
                 return
+            text = message.get("text")
+            if text is None:  # a binary frame: answered, never a dead socket
+                say(_error("messages are JSON text: a binary frame is not read"))
+                continue
             try:
                 msg = json.loads(text)
                 if not isinstance(msg, dict):
