@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from typing import Any, TypeAlias
+from typing import Any, TypeAlias, TypeVar
 
+import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
 
@@ -28,6 +29,7 @@ WRITE = 2
 
 Request: TypeAlias = tuple[Any, ...]
 PQGen: TypeAlias = Generator[Request, Any, Any]
+T = TypeVar("T")
 
 
 class QueryTimeout(Exception):
@@ -170,6 +172,69 @@ def until_stopped(gen: PQGen, stopping: Callable[[], bool]) -> PQGen:
         except GeneratorExit:
             gen.close()
             raise
+
+
+class Cancelling:
+    """What `cancel_at` did at the statement's deadline."""
+
+    def __init__(self) -> None:
+        self.cancelled = False  # a cancel was sent (or tried)
+
+
+def cancel_at(
+    pgconn: pq.abc.PGconn,
+    gen: Generator[Request, bool, T],
+    deadline: float,
+    grace: float,
+    state: Cancelling,
+) -> Generator[Request, bool, T]:
+    """
+    Drive statement generator *gen* (made with a deadline *grace* past *deadline*); at
+    *deadline*, cancel its statement on the server, then let *gen* take the answer: an error
+    (57014 when the cancel took), or the statement's result when it completed meanwhile.
+    """
+    send: Any = None
+    while True:
+        try:
+            req = gen.send(send)
+        except StopIteration as stop:
+            return stop.value  # type: ignore[no-any-return]
+        if req[0] != WAIT or state.cancelled:
+            send = yield req
+            continue
+        ready = yield (WAIT, req[1], req[2], deadline if req[3] is None else min(req[3], deadline))
+        if (
+            not ready
+            and time.monotonic() >= deadline
+            and pgconn.transaction_status == pq.TransactionStatus.ACTIVE
+        ):
+            state.cancelled = True
+            yield from cancel(pgconn, deadline + grace)
+        send = ready
+
+
+def cancel(pgconn: pq.abc.PGconn, deadline: float) -> Generator[Request, bool, bool]:
+    """Ask the server to cancel *pgconn*'s statement, by *deadline*: whether it was asked."""
+    try:
+        cancel = pgconn.cancel_conn()
+    except psycopg.Error:
+        return False
+    try:
+        cancel.start()
+        while True:
+            status = cancel.poll()
+            if status == pq.PollingStatus.OK:
+                return True
+            if status not in (pq.PollingStatus.READING, pq.PollingStatus.WRITING):
+                return False
+            events = READ if status == pq.PollingStatus.READING else WRITE
+            ready = yield (WAIT, cancel.socket, events, deadline)
+            if not ready and time.monotonic() >= deadline:
+                return False
+    except psycopg.Error:
+        return False
+    finally:
+        cancel.finish()
 
 
 def result_error(res: pq.abc.PGresult) -> QueryFailed:

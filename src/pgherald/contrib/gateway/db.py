@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import anyio
-import psycopg
 from psycopg import pq
 
 from ..._conninfo import connect_error, listener_conninfo
 from ..._protocol import pgwire, session
-from ..._protocol.pgwire import READ, WAIT, WRITE, Request
+from ..._protocol.pgwire import Request
 from ..._waiting_async import AsyncWaiter
 from ...errors import ConnectError, ConnectionLost, DatabaseConnectionError, HeraldError
 
@@ -39,13 +38,6 @@ class OutcomeUnknown(ConnectionLost):
     A statement still running at its deadline could not be confirmed cancelled (no answer to
     the cancel, or the connection broke): it may have taken effect, or may yet.
     """
-
-
-class _Deadline:
-    """What happened at a statement's deadline (see `_cancelling`)."""
-
-    def __init__(self) -> None:
-        self.cancelled = False  # a cancel was sent (or tried)
 
 
 class Db:
@@ -82,10 +74,12 @@ class Db:
                 pgconn = await self._connect()
             deadline = time.monotonic() + (self.statement_timeout if seconds is None else seconds)
             done = False
-            state = _Deadline()
+            state = pgwire.Cancelling()
             try:
                 gen = statement(pgconn, deadline + CANCEL_GRACE)
-                result = await AsyncWaiter().run(_cancelling(pgconn, gen, deadline, state))
+                result = await AsyncWaiter().run(
+                    pgwire.cancel_at(pgconn, gen, deadline, CANCEL_GRACE, state)
+                )
                 done = True
                 return result
             except HeraldError as exc:
@@ -143,55 +137,3 @@ class Db:
         pgconn, self._pgconn = self._pgconn, None
         if pgconn is not None:
             pgconn.finish()
-
-
-def _cancelling(
-    pgconn: pq.abc.PGconn, gen: Generator[Request, bool, T], deadline: float, state: _Deadline
-) -> Generator[Request, bool, T]:
-    """
-    Drive *gen* (made with a deadline `CANCEL_GRACE` past *deadline*); at *deadline*, cancel
-    its statement on the server, then let *gen* take the answer: an error (57014 when the
-    cancel took), or the statement's result when it completed meanwhile.
-    """
-    send: Any = None
-    while True:
-        try:
-            req = gen.send(send)
-        except StopIteration as stop:
-            return stop.value  # type: ignore[no-any-return]
-        if req[0] != WAIT or state.cancelled:
-            send = yield req
-            continue
-        ready = yield (WAIT, req[1], req[2], deadline if req[3] is None else min(req[3], deadline))
-        if (
-            not ready
-            and time.monotonic() >= deadline
-            and pgconn.transaction_status == pq.TransactionStatus.ACTIVE
-        ):
-            state.cancelled = True
-            yield from _cancel(pgconn, deadline + CANCEL_GRACE)
-        send = ready
-
-
-def _cancel(pgconn: pq.abc.PGconn, deadline: float) -> Generator[Request, bool, bool]:
-    """Ask the server to cancel *pgconn*'s statement, by *deadline*: whether it was asked."""
-    try:
-        cancel = pgconn.cancel_conn()
-    except psycopg.Error:
-        return False
-    try:
-        cancel.start()
-        while True:
-            status = cancel.poll()
-            if status == pq.PollingStatus.OK:
-                return True
-            if status not in (pq.PollingStatus.READING, pq.PollingStatus.WRITING):
-                return False
-            events = READ if status == pq.PollingStatus.READING else WRITE
-            ready = yield (WAIT, cancel.socket, events, deadline)
-            if not ready and time.monotonic() >= deadline:
-                return False
-    except psycopg.Error:
-        return False
-    finally:
-        cancel.finish()
