@@ -6,6 +6,7 @@ encoding is switched to UTF8 while listening and handed back in its own.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import anyio
@@ -16,6 +17,7 @@ import pgherald
 from pgherald._conninfo import listener_conninfo, resolve_source
 from pgherald.testing import DatabaseDropper
 from tests.fix_db import fresh_database
+from tests.fix_faults import FaultProxy, wait_until
 
 SENT = [("café", "crème"), ("plain", "crème brûlée"), ("café", "plain ascii")]
 
@@ -99,3 +101,39 @@ def test_a_lent_latin1_connection_listens_in_utf8_and_is_handed_back_in_latin1(
         assert lent.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
         assert lent.execute("SELECT 'crème'::text").fetchone() == ("crème",)
         assert lent.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
+
+
+def test_a_lent_connection_stopped_in_its_first_statement_is_handed_back_as_lent(
+    latin1_dsn: str, fault_proxy: FaultProxy
+) -> None:
+    # stop() while the first open's SET client_encoding hangs (a frozen connection): the
+    # statement is abandoned; on close the listener takes its answer, then hands the
+    # connection back in its own encoding, listening to nothing, usable.
+    with psycopg.connect(fault_proxy.dsn_for(latin1_dsn), autocommit=True) as lent:
+        listener = pgherald.Listener(lent, channels=["café"])
+        listener.on("café")(lambda n: None)
+        assert fault_proxy.freeze() == 1
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                listener.run()
+            except BaseException as exc:  # kept for the test
+                errors.append(exc)
+
+        t = threading.Thread(target=run, daemon=True)
+        t.start()
+        wait_until(
+            lambda: lent.pgconn.transaction_status == psycopg.pq.TransactionStatus.ACTIVE,
+            5,
+            "the first statement in flight",
+        )
+        listener.stop()
+        t.join(10)
+        assert not t.is_alive()
+        fault_proxy.thaw()
+        listener.close()
+        assert lent.info.encoding == "iso8859-1"
+        assert lent.execute("SHOW client_encoding").fetchone() == ("LATIN1",)
+        assert lent.execute("SELECT count(*) FROM pg_listening_channels()").fetchone() == (0,)
+        assert lent.execute("SELECT 'crème'::text").fetchone() == ("crème",)

@@ -12,6 +12,7 @@ tells us when waiting longer would start to hurt other sessions.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import time
@@ -422,9 +423,13 @@ class ListenerEngine:
             query += b"; SET client_encoding TO " + _quoted(self._adopted_encoding)
         try:
             if pgconn.status == pq.ConnStatus.OK:
-                yield from pgwire.execute(
-                    pgconn, query, time.monotonic() + self.config.health_check_timeout
-                )
+                deadline = time.monotonic() + self.config.health_check_timeout
+                if pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+                    # A statement abandoned by stop() (the SET or LISTEN of the first open):
+                    # its answer first, then the connection is the application's again.
+                    with contextlib.suppress(pgwire.QueryFailed):
+                        yield from pgwire.finish(pgconn, deadline)
+                yield from pgwire.execute(pgconn, query, deadline)
                 while pgconn.notifies() is not None:
                     pass  # heard before UNLISTEN, after the application stopped listening
         except Exception as exc:  # the application will find its connection broken
@@ -480,10 +485,12 @@ class ListenerEngine:
         encoding = pgconn.parameter_status(b"client_encoding")
         if encoding is None or encoding.upper() == b"UTF8" or self._adopted_encoding is not None:
             return
+        # Noted first: a SET abandoned by stop() may still take effect, and release() puts the
+        # application's encoding back whatever became of it.
+        self._adopted_encoding = encoding
         yield from self._execute(
             b"SET client_encoding TO 'UTF8'", self.config.health_check_timeout + 5.0
         )
-        self._adopted_encoding = encoding
 
     def _check_delivery(self) -> PQGen:
         """Prove once, at the first connection, that notifications reach us (no pooler)."""
