@@ -217,10 +217,12 @@ def worker_write(dsn: str, op: str, mode: str, slot: int, start: float, seconds:
     print(json.dumps({"count": count, "elapsed": elapsed, "late": late}), flush=True)
 
 
-def worker_listen(dsn: str, channel: str, timeout: float, wait: bool) -> None:
+def worker_listen(dsn: str, channel: str, timeout: float, wait: bool, notes: bool = False) -> None:
     """
     Count the notifications on *channel*; with *wait*, as an idle durable consumer: hold the
-    shared wake-up lock that tells publishers a consumer waits, listen for the wake-ups.
+    shared wake-up lock that tells publishers a consumer waits, listen for the wake-ups; with
+    *notes* too, as a caught-up consumer that asks for notes (queries.sql wake_horizon: the
+    wake-ups then carry their events, signed).
     """
     import psycopg
 
@@ -228,9 +230,10 @@ def worker_listen(dsn: str, channel: str, timeout: float, wait: bool) -> None:
     count = 0
     with psycopg.connect(dsn, autocommit=True) as lock:
         if wait:
-            lock.execute(
-                importlib.import_module("pgherald.sql").query("hold_wakeups")
-            )  # as a waiting consumer
+            queries = importlib.import_module("pgherald.sql")
+            lock.execute(queries.query("hold_wakeups"))  # as a waiting consumer
+            if notes:  # as a caught-up one: notes, not plain wake-ups
+                lock.execute(queries.query("wake_horizon"), {"held": "false"})
         with pgherald.Listener(dsn, channels=[channel]) as listener:
             for n in listener.notifications(timeout=timeout):
                 if n.payload == "PING":
@@ -352,7 +355,7 @@ def _kill(proc: subprocess.Popen[str]) -> None:
 
 
 def start_listener(
-    dsn: str, env: dict[str, str], channel: str, *, wait: bool = False
+    dsn: str, env: dict[str, str], channel: str, *, wait: bool = False, notes: bool = False
 ) -> subprocess.Popen[str]:
     import select
 
@@ -360,6 +363,7 @@ def start_listener(
 
     args = [sys.executable, __file__, "--worker", "listen", "--dsn", dsn, "--channel", channel]
     args += ["--wait"] if wait else []
+    args += ["--notes"] if notes else []
     proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, text=True)
     assert proc.stdout is not None
     deadline = time.monotonic() + 30
@@ -577,8 +581,12 @@ def prepare_paired(dsn: str) -> None:
         conn.execute("CHECKPOINT")
 
 
+WAITING = ("no", "yes", "yes, asks for notes")
+"""The paired runs' consumer: none, one waiting for wake-ups, one caught up asking for notes."""
+
+
 def paired_trial(
-    dsn: str, env: dict[str, str], op: str, writers: int, seconds: float, waiting: bool
+    dsn: str, env: dict[str, str], op: str, writers: int, seconds: float, waiting: str
 ) -> Result:
     """
     ``pgbench -f plain -f seed -f notify -f durable``: each transaction draws one setup's
@@ -594,7 +602,11 @@ def paired_trial(
     listeners = {
         m: start_listener(dsn, env, f"public.{paired_table(m)}") for m in ("seed", "notify")
     }
-    waiter = start_listener(dsn, env, WAKE_CHANNEL, wait=True) if waiting else None
+    waiter = (
+        start_listener(dsn, env, WAKE_CHANNEL, wait=True, notes=waiting == WAITING[2])
+        if waiting != WAITING[0]
+        else None
+    )
     files = []
     try:
         for mode in PAIRED:
@@ -657,13 +669,15 @@ def paired_trial(
     return res
 
 
-def paired_report(runs: int, paired: dict[tuple[str, int, bool], list[Result]]) -> str:
+def paired_report(runs: int, paired: dict[tuple[str, int, str], list[Result]]) -> str:
     """The paired table (a diagnostic: see its text)."""
     head = ["Write", "Writers", "Consumer waiting", "No trigger (ms)", "Seed (ms)",
             "Ours, notify (ms)", "vs seed", "Ours, durable (ms)", "vs seed", "Runs ok",
             "Runs vs seed (notify; durable)"]  # fmt: skip
     rows = [head]
-    for (op, w, waiting), rs in sorted(paired.items()):
+    for (op, w, waiting), rs in sorted(
+        paired.items(), key=lambda kv: (*kv[0][:2], WAITING.index(kv[0][2]))
+    ):
         ok = [r for r in rs if r.get("ok")]
 
         def med(mode: str, ok: list[Result] = ok) -> float | None:
@@ -679,7 +693,7 @@ def paired_report(runs: int, paired: dict[tuple[str, int, bool], list[Result]]) 
 
         rn, rd = ratio("notify"), ratio("durable")
         rows.append(
-            [op.upper(), str(w), "yes" if waiting else "no", fx(med("plain")), fx(med("seed")),
+            [op.upper(), str(w), waiting, fx(med("plain")), fx(med("seed")),
              fx(med("notify")), fx(rn, "{:.2f}x"), fx(med("durable")), fx(rd, "{:.2f}x"),
              f"{len(ok)}/{len(rs)}",
              ", ".join(f"{r['latency']['seed'] / r['latency']['notify']:.2f}; "
@@ -699,7 +713,10 @@ def paired_report(runs: int, paired: dict[tuple[str, int, bool], list[Result]]) 
             "database and its client (two listeners here), and that CPU on two cores slows the next "
             'transaction of any setup, so the setups\' differences shrink (compare "no trigger" here '
             "with the tables above). Between two setups that leave nothing behind (two durable "
-            "triggers) it is exact.",
+            'triggers) it is exact. Consumer waiting "yes": a session holds the shared wake-up '
+            'locks and LISTENs (queries.sql `hold_wakeups`); "yes, asks for notes" (`--notes`): it '
+            "also asks for notes (queries.sql `wake_horizon`), as a caught-up Consumer does, so "
+            "that the notifying transaction signs a note carrying its event.",
             f"Median of {runs} run(s).",
             "",
             table(rows),
@@ -965,6 +982,12 @@ def main() -> None:
         help="also every setup in one pgbench run (see paired_trial), with and without a "
         "consumer waiting",
     )
+    ap.add_argument(
+        "--notes",
+        action="store_true",
+        help="with --paired: also a consumer caught up that asks for notes (the durable "
+        "trigger then signs a note per notifying transaction)",
+    )
     ap.add_argument("--worker", choices=["write", "listen"], help=argparse.SUPPRESS)
     ap.add_argument("--mode", choices=MODES + FLOORS, help=argparse.SUPPRESS)
     ap.add_argument("--op", choices=OPS, help=argparse.SUPPRESS)
@@ -978,7 +1001,7 @@ def main() -> None:
         worker_write(a.dsn, a.op, a.mode, a.slot, a.start, a.seconds)
         return
     if a.worker == "listen":
-        worker_listen(a.dsn, a.channel, timeout=300.0, wait=a.wait)
+        worker_listen(a.dsn, a.channel, timeout=300.0, wait=a.wait, notes=a.notes)
         return
 
     a.command = _report.command()
@@ -1020,15 +1043,15 @@ def main() -> None:
             + ", ".join(f"{op} {m} {min(v):.1f}" for (op, m), v in server.items()),
             flush=True,
         )
-    paired: dict[tuple[str, int, bool], list[Result]] = {}
+    paired: dict[tuple[str, int, str], list[Result]] = {}
     for run in range(a.runs if a.paired else 0):
         for w in map(int, a.writers):
             for op in a.ops:
-                for waiting in (False, True):
+                for waiting in WAITING if a.notes else WAITING[:2]:
                     r = paired_trial(dsn, env, op, w, a.seconds, waiting)
                     paired.setdefault((op, w, waiting), []).append(r)
                     print(
-                        f"paired run {run + 1} {op:6} writers={w} waiting={waiting!s:5} "
+                        f"paired run {run + 1} {op:6} writers={w} waiting={waiting:19} "
                         f"{r.get('latency', '')} {r.get('error', '')}",
                         flush=True,
                     )
