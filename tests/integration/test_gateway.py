@@ -1174,6 +1174,66 @@ def test_ws_binary_frame_is_an_error_message_and_the_socket_stays_open(
     assert not errors, errors
 
 
+class _Records(logging.Handler):
+    """What a logger emitted (uvicorn's loggers do not propagate to pytest's capture)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_ws_text_that_is_not_utf8_is_closed_1007_without_an_error_logged(dsn: str) -> None:
+    # A client's mistake: closed with 1007 (uvicorn's doing), logged as one INFO line, not an
+    # ERROR with a traceback.
+    seen = _send_text_that_is_not_utf8(create_app(dsn, jwt_secret=SECRET))
+    mine = [r for r in seen.records if "Invalid UTF-8" in r.getMessage()]
+    assert [(r.levelno, r.exc_info) for r in mine] == [(logging.INFO, None)]
+    assert not [r.getMessage() for r in seen.records if r.levelno >= logging.ERROR]
+
+
+def _send_text_that_is_not_utf8(app: Any) -> _Records:
+    """Send a WebSocket text frame of invalid UTF-8; what ``uvicorn.error`` emitted meanwhile."""
+    import base64
+    import os
+    import socket
+    import struct
+    from urllib.parse import urlsplit
+
+    seen = _Records()
+    uvicorn_errors = logging.getLogger("uvicorn.error")
+    with serve(app) as base:
+        uvicorn_errors.addHandler(seen)  # after uvicorn configured its logging
+        where = urlsplit(base)
+        path = "/ws?token=" + token(["chat.*"], "rw")
+        with socket.create_connection((where.hostname, where.port), timeout=5) as s:
+            key = base64.b64encode(os.urandom(16)).decode()
+            s.sendall(
+                f"GET {path} HTTP/1.1\r\nHost: {where.netloc}\r\nUpgrade: websocket\r\n"
+                f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+            )
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += s.recv(4096)
+            assert head.startswith(b"HTTP/1.1 101"), head
+            mask = os.urandom(4)
+            payload = bytes(c ^ mask[i % 4] for i, c in enumerate(b"\xff\xfe"))
+            s.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + payload)  # text, masked
+            answer = b""
+            while len(answer) < 4:  # the close frame: 0x88, length, then the code
+                chunk = s.recv(64)
+                if not chunk:
+                    break
+                answer += chunk
+            assert answer[:1] == b"\x88", answer
+            assert struct.unpack(">H", answer[2:4]) == (1007,)
+    uvicorn_errors.removeHandler(seen)
+    return seen
+
+
 def test_tokens_under_a_percent_encoded_key_are_redacted(dsn: str) -> None:
     """The server decodes ``%74oken`` to ``token`` (and accepts the token): logs redact it too."""
     from pgherald.contrib.gateway.server import RedactTokens

@@ -59,6 +59,20 @@ class RedactTokens(logging.Filter):
         return True
 
 
+class QuietClientMistakes(logging.Filter):
+    """uvicorn logs a WebSocket text frame that is not UTF-8 at ERROR, with a traceback, though
+    it is the client's mistake and the socket is closed properly (1007): one INFO line."""
+
+    MESSAGES = frozenset({"Invalid UTF-8 sequence received from client."})
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.msg in self.MESSAGES:
+            record.msg = f"{record.msg} Closed with 1007 (invalid frame payload data)."
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 class _Limits:
     """What `_GuardedHttp` enforces, and the open connections per client address."""
 
@@ -284,6 +298,9 @@ class GatewayServer(uvicorn.Server):
             logger = logging.getLogger(name)
             if not any(isinstance(f, RedactTokens) for f in logger.filters):
                 logger.addFilter(RedactTokens())
+        errors = logging.getLogger("uvicorn.error")
+        if not any(isinstance(f, QuietClientMistakes) for f in errors.filters):
+            errors.addFilter(QuietClientMistakes())
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         # uvicorn waits for open responses before the lifespan ends: end the streams now.
