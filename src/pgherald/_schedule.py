@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import threading
 from collections.abc import Generator, Mapping
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from typing import Any
 
 import psycopg
 
-from . import _errormap
+from . import _checks, _errormap
 from ._conninfo import connect_error, describe, listener_conninfo
 from ._protocol.channels import check_channel
 from ._protocol.pgwire import Request
@@ -239,14 +238,7 @@ class _SchedulerBase:
             ("reconnect_initial_delay", reconnect_initial_delay),
             ("reconnect_max_delay", reconnect_max_delay),
         ):
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not 0 < value < math.inf
-            ):
-                raise UsageError(
-                    f"{name} must be a number of seconds above 0 (finite), got {value!r}"
-                )
+            _checks.seconds(name, value)
         require_cronsim()  # fail now, not at the first tick
         self.dsn = dsn
         self.config = SchedulerConfig(
