@@ -41,6 +41,7 @@ from pgherald.contrib.gateway.fanout import Hub
 from pgherald.contrib.gateway.frames import Frame
 from pgherald.contrib.gateway.server import GatewayServer
 from tests.fix_durable import wait_until
+from tests.fix_faults import LogWatch, watching
 
 SECRET = "test-secret-not-for-production-0123456789"
 
@@ -1154,10 +1155,12 @@ def test_a_publish_whose_cancel_gets_no_answer_is_a_504_that_says_it_may_be_stor
 
 
 def test_ws_binary_frame_is_an_error_message_and_the_socket_stays_open(
-    dsn: str, conn: psycopg.Connection[Any], caplog: pytest.LogCaptureFixture
+    dsn: str, conn: psycopg.Connection[Any]
 ) -> None:
     app = create_app(dsn, jwt_secret=SECRET)
-    with caplog.at_level(logging.WARNING), serve(app) as base:
+    # uvicorn's loggers do not propagate to pytest's capture: watched directly, after uvicorn
+    # configured its logging.
+    with serve(app) as base, watching("uvicorn.error") as log:
         url = base.replace("http", "ws") + "/ws?token=" + token(["chat.*"], "rw")
         with ws_connect(url) as ws:
             ws.send(b'{"type": "subscribe", "channels": ["chat.a"]}')  # a binary frame
@@ -1170,19 +1173,8 @@ def test_ws_binary_frame_is_an_error_message_and_the_socket_stays_open(
             assert json.loads(ws.recv(5))["type"] == "subscribed"
             pgherald.notify(conn, "chat.a", "still here")
             assert json.loads(ws.recv(5))["payload"] == "still here"
-    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    errors = [r.getMessage() for r in log.records if r.levelno >= logging.ERROR]
     assert not errors, errors
-
-
-class _Records(logging.Handler):
-    """What a logger emitted (uvicorn's loggers do not propagate to pytest's capture)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
 
 
 def test_ws_text_that_is_not_utf8_is_closed_1007_without_an_error_logged(dsn: str) -> None:
@@ -1194,7 +1186,7 @@ def test_ws_text_that_is_not_utf8_is_closed_1007_without_an_error_logged(dsn: st
     assert not [r.getMessage() for r in seen.records if r.levelno >= logging.ERROR]
 
 
-def _send_text_that_is_not_utf8(app: Any) -> _Records:
+def _send_text_that_is_not_utf8(app: Any) -> LogWatch:
     """Send a WebSocket text frame of invalid UTF-8; what ``uvicorn.error`` emitted meanwhile."""
     import base64
     import os
@@ -1202,10 +1194,8 @@ def _send_text_that_is_not_utf8(app: Any) -> _Records:
     import struct
     from urllib.parse import urlsplit
 
-    seen = _Records()
-    uvicorn_errors = logging.getLogger("uvicorn.error")
-    with serve(app) as base:
-        uvicorn_errors.addHandler(seen)  # after uvicorn configured its logging
+    # (uvicorn's loggers do not propagate: watched directly, after uvicorn configured them)
+    with serve(app) as base, watching("uvicorn.error") as seen:
         where = urlsplit(base)
         path = "/ws?token=" + token(["chat.*"], "rw")
         with socket.create_connection((where.hostname, where.port), timeout=5) as s:
@@ -1230,7 +1220,6 @@ def _send_text_that_is_not_utf8(app: Any) -> _Records:
                 answer += chunk
             assert answer[:1] == b"\x88", answer
             assert struct.unpack(">H", answer[2:4]) == (1007,)
-    uvicorn_errors.removeHandler(seen)
     return seen
 
 
@@ -1265,19 +1254,15 @@ def test_tokens_under_a_percent_encoded_key_are_redacted(dsn: str) -> None:
     # Through the real server: the token is accepted under the encoded key, and not logged.
     good = token(["orders"])
     app = create_app(dsn, jwt_secret=SECRET)
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[assignment,method-assign]
-    access = logging.getLogger("uvicorn.access")  # (uvicorn's loggers do not propagate)
-    with serve(app, log_level="info") as base:
-        access.addHandler(handler)  # after uvicorn configured its logging
-        try:
-            with httpx.Client(timeout=5.0) as http:
-                answer = http.get(f"{base}/channels?%74oken={good}")
-                assert answer.status_code == 200, answer.text
-                assert answer.json()["read"] == ["orders"]
-        finally:
-            access.removeHandler(handler)
-    logged = "\n".join(r.getMessage() for r in records)
+    # (uvicorn's loggers do not propagate: watched directly, after uvicorn configured them)
+    with (
+        serve(app, log_level="info") as base,
+        watching("uvicorn.access") as log,
+        httpx.Client(timeout=5.0) as http,
+    ):
+        answer = http.get(f"{base}/channels?%74oken={good}")
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["read"] == ["orders"]
+    logged = "\n".join(r.getMessage() for r in log.records)
     assert "/channels?%74oken=[redacted]" in logged, logged
     assert good.rsplit(".", 1)[1] not in logged, logged  # (not even the signature)
