@@ -24,6 +24,7 @@ import pgherald
 from pgherald.contrib.gateway import create_app, direct
 from pgherald.contrib.starlette import Publisher, request_publisher, running, with_gateway
 from tests.fix_durable import FAST
+from tests.fix_faults import await_until
 
 # -- running() --
 
@@ -128,17 +129,13 @@ async def test_runs_a_scheduler_with_the_app(
     scheduler = pgherald.AsyncScheduler(installed, max_wait=0.1)
     async with running(scheduler) as state:
         pgherald.publish(conn, "later", {"n": 1}, deliver_after=timedelta(seconds=0.1))
-        with anyio.fail_after(5):
-            while scheduler.released < 1:  # noqa: ASYNC110 (bounded polling: a counter)
-                await anyio.sleep(0.01)
+        await await_until(lambda: scheduler.released >= 1, 5, "the delayed event released")
         assert state.healthy
     assert scheduler.backend_pid is None  # stopped, its connection closed
     assert state.failures == []
     async with running(scheduler):  # the same one again (an app's second lifespan, in tests)
         pgherald.publish(conn, "later", {"n": 2}, deliver_after=timedelta(seconds=0.1))
-        with anyio.fail_after(5):
-            while scheduler.released < 2:  # noqa: ASYNC110 (bounded polling: a counter)
-                await anyio.sleep(0.01)
+        await await_until(lambda: scheduler.released >= 2, 5, "the delayed event released")
 
 
 @pytest.mark.anyio
