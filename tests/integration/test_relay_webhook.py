@@ -232,10 +232,11 @@ async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_seve
     )
 
     def kill_the_relays_session() -> None:
-        conn.execute(
+        killed = conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
             " WHERE datname = current_database() AND application_name LIKE 'pgherald-relay%%'"
-        )
+        ).fetchall()
+        assert killed == [(True,)]  # the relay's one session, and no other
 
     ids: list[int] = []
     async with anyio.create_task_group() as tg:
@@ -247,7 +248,10 @@ async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_seve
             # Acknowledged before the fault: a batch sent but not acknowledged comes again.
             await await_until(lambda: uncovered(conn, "relay") == 0, 10, "the acknowledgement")
             if fault is not None:
+                before = fault_proxy.accepted
                 fault()
+                # A new session, not the events of the old one: the fault really ended it.
+                await await_until(lambda b=before: fault_proxy.accepted > b, 10, "a new session")
         relay.stop()
     # Each fault came after the read in hand was acknowledged: the new session starts from
     # the group's position, so every event arrives exactly once, in log order (webhooks have

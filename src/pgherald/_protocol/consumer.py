@@ -714,18 +714,25 @@ class ConsumerEngine:
                 ready = yield (WAIT, pgconn.socket, pgwire.WRITE, deadline)
                 if not ready and time.monotonic() >= deadline:
                     raise _Lost(f"could not send a read within {timeout:g}s")
-            while True:
-                pgconn.consume_input()
-                if not pgconn.is_busy():
-                    break
-                ready = yield (WAIT, pgconn.socket, pgwire.READ, deadline)
-                now = time.monotonic()
-                if ready:
-                    deadline = now + timeout  # data is flowing: the deadline is for silence
-                elif now >= deadline:
-                    raise _Lost(f"no answer to a read within {timeout:g}s (half-open connection?)")
+            # Every get_result() after is_busy() says it will not block: libpq's get_result()
+            # reads the socket itself, blocking, when the next result has not fully arrived
+            # (the end of the statement after its rows, on a connection cut meanwhile).
             first = None
-            while (res := pgconn.get_result()) is not None:
+            pgconn.consume_input()
+            while True:
+                if pgconn.is_busy():
+                    ready = yield (WAIT, pgconn.socket, pgwire.READ, deadline)
+                    now = time.monotonic()
+                    if ready:
+                        deadline = now + timeout  # data is flowing: the deadline is for silence
+                        pgconn.consume_input()
+                    elif now >= deadline:
+                        raise _Lost(
+                            f"no answer to a read within {timeout:g}s (half-open connection?)"
+                        )
+                    continue
+                if (res := pgconn.get_result()) is None:
+                    break
                 first = res if first is None else first
         except GeneratorExit:
             self._broken = True

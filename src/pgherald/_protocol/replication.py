@@ -543,7 +543,7 @@ class ReplicationEngine:
                 continue
             if n < 0:  # the server ended the stream (shutting down) or an error
                 message = "the server ended the change stream"
-                res = pgconn.get_result()
+                res = None if pgconn.is_busy() else pgconn.get_result()  # never blocks
                 if res is not None and res.status == pq.ExecStatus.FATAL_ERROR:
                     message = str(pgwire.result_error(res))
                 raise _Lost(message)
