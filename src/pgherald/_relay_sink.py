@@ -175,7 +175,7 @@ def _secret_name(name: str) -> bool:
 
 
 def attempts(n: int) -> str:
-    """ "1 attempt", "3 attempts": how often a broker refused an event, for its dead letter."""
+    """How often a broker refused an event, for its dead letter: "1 attempt", "3 attempts"."""
     return f"{n} attempt{'' if n == 1 else 's'}"
 
 
