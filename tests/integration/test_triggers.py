@@ -640,6 +640,70 @@ def test_very_wide_row_and_huge_key_never_fail_the_write(
     assert conn.execute("SELECT count(*) FROM big").fetchone() == (2,)
 
 
+# 150 columns of 60-byte names: all of them changed make a ~9,600-byte "changed" list.
+WIDE_COLUMNS = [f"c{i:03d}_" + "x" * 55 for i in range(150)]
+
+
+@pytest.mark.parametrize("function", ["generated", "shared"])
+@pytest.mark.parametrize(
+    ("key_length", "changed_count", "kept"),
+    [
+        # a huge key, one changed column: the key goes, "changed" stays
+        (9000, 1, {"changed"}),
+        # a one-byte key, a huge changed-column list: "changed" goes, the key stays
+        (1, 150, {"key"}),
+        # each fits alone, not both together: the key stays (the row is fetched by it)
+        (4000, 80, {"key"}),
+        # neither fits alone: both go
+        (9000, 150, set()),
+    ],
+    ids=["huge_key", "huge_changed", "both_fit_alone_not_together", "both_huge"],
+)
+def test_too_wide_reduced_event_drops_only_what_does_not_fit(
+    dsn: str,
+    installed: psycopg.Connection,
+    function: str,
+    key_length: int,
+    changed_count: int,
+    kept: set[str],
+) -> None:
+    """A reduced event still over NOTIFY's limit loses the key only when it alone is too wide,
+    and "changed" when it does not fit beside the key (or alone): never both needlessly."""
+    conn = installed
+    conn.execute(
+        sql.SQL("CREATE TABLE wide (k text PRIMARY KEY, {})").format(
+            sql.SQL(", ").join(sql.SQL("{} int").format(sql.Identifier(c)) for c in WIDE_COLUMNS)
+        )
+    )
+    if function == "generated":
+        pgherald.add_table_trigger(conn, "wide")
+    else:
+        shared_trigger(conn, "wide", "public.wide", "[]", "f", "k")
+    key = "k" * key_length  # compressible: the btree takes it
+    conn.execute("INSERT INTO wide (k) VALUES (%s)", (key,))  # before the LISTEN: not heard
+    changed = WIDE_COLUMNS[:changed_count]  # jsonb's order: one length, so by name
+    with pgherald.Listener(dsn, channels=["public.wide"]) as listener:
+        conn.execute(
+            sql.SQL("UPDATE wide SET {}").format(
+                sql.SQL(", ").join(sql.SQL("{} = 1").format(sql.Identifier(c)) for c in changed)
+            )
+        )
+        (e,) = take(listener, 1)
+        nothing_then_sentinel_sql(listener, conn)
+    reduced = {"channel": "public.wide", "op": "UPDATE", "schema": "public", "table": "wide"}
+    optional = {"key": {"k": key}, "changed": changed}
+    assert set(e) == {*reduced, "tx", "ts", "truncated", *kept}
+    assert strip(e) == reduced | {"truncated": True} | {f: optional[f] for f in kept}
+    assert len(json.dumps(e).encode()) < 8000
+
+
+def nothing_then_sentinel_sql(listener: pgherald.Listener, conn: psycopg.Connection) -> None:
+    """A NOTIFY after the change must be the next event: the change sent exactly one."""
+    conn.execute("SELECT pg_notify('public.wide', '{\"sentinel\": 1}')")
+    (s,) = take(listener, 1)
+    assert s == {"channel": "public.wide", "sentinel": 1}
+
+
 def test_durable_trigger_write_rolls_back_with_the_transaction(
     dsn: str, installed: psycopg.Connection
 ) -> None:

@@ -96,3 +96,25 @@ def test_install_sql_text_equals_install(conn: psycopg.Connection, second_db: st
     with psycopg.connect(second_db, autocommit=True) as other:
         other.execute(pgherald._schema.install_sql())
         assert catalog(other) == catalog(conn)
+
+
+def test_upgrade_gives_existing_shared_triggers_the_reduced_event_rule(dsn: str) -> None:
+    """A database at 0.1.0_17 whose table already calls notify_change_v1: after install(),
+    a reduced event with a too-wide key keeps "changed" (0.1.0_18; it lost both before)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        with conn.transaction():
+            for name, text in sql.migrations():
+                if name < "0.1.0_18":
+                    conn.execute(text)
+                    conn.execute(sql.query("record_migration"), {"name": name})
+        conn.execute("CREATE TABLE t (k text PRIMARY KEY, n int)")
+        conn.execute(
+            "CREATE TRIGGER pgherald_change_v1 AFTER INSERT OR UPDATE OR DELETE ON t "
+            "FOR EACH ROW EXECUTE FUNCTION pgherald.notify_change_v1('ch', '[]', 'f', 'k')"
+        )
+        conn.execute("INSERT INTO t VALUES (%s, 1)", ("k" * 9000,))  # over NOTIFY's limit
+        assert pgherald.install(conn) == ["0.1.0_18_post_change_trigger_reduced_fit"]
+        with pgherald.Listener(dsn, channels=["ch"]) as listener:
+            conn.execute("UPDATE t SET n = 2")
+            event = next(iter(listener.notifications(timeout=5))).json()
+    assert (event["truncated"], event["changed"], "key" in event) == (True, ["n"], False)

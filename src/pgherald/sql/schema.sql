@@ -522,7 +522,9 @@ $$;
 -- log and stay in order within a consumer group.
 -- A row too wide for NOTIFY (8000 bytes) never fails the write: without durable, the event is
 -- reduced to the key columns (or, for a trigger without any, the primary key's) with
--- "truncated": true, for the reader to fetch the row.
+-- "truncated": true, for the reader to fetch the row. If that is still too wide, it loses
+-- "changed" (the key finds the row); if the key alone is too wide, the key instead, keeping
+-- "changed"; both only when neither fits.
 -- Nor does a full NOTIFY queue (one listener idle in a transaction anywhere in the cluster
 -- fills it, and then every COMMIT that notifies fails): without durable, past
 -- pgherald.change_max_queue_usage (default 0.9) the event is not sent; listeners miss it.
@@ -633,7 +635,13 @@ BEGIN
                     WHERE k = ANY (v_pk)));
         v_text := v_event::text;
         IF octet_length(v_text) >= 8000 THEN  -- a huge key, or changed-column list
-            v_text := (v_event - 'key' - 'changed')::text;
+            v_text := (v_event - 'changed')::text;  -- the key first: it finds the row
+            IF octet_length(v_text) >= 8000 THEN  -- the key alone is too wide
+                v_text := (v_event - 'key')::text;
+                IF octet_length(v_text) >= 8000 THEN  -- and so is changed
+                    v_text := (v_event - 'key' - 'changed')::text;
+                END IF;
+            END IF;
         END IF;
     END IF;
     IF pg_notify(v_channel, v_text) IS NULL THEN
