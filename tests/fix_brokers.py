@@ -29,6 +29,7 @@ import psycopg
 import pytest
 
 import pgherald
+from tests.fix_faults import free_port
 
 
 def _unavailable(why: str) -> None:
@@ -43,12 +44,6 @@ def _answers(port: int) -> bool:
             return True
     except OSError:
         return False
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 10.0) -> None:
@@ -96,7 +91,7 @@ class OwnBroker:
         if path is None:
             _unavailable(f"{self.binary} is not installed (Debian: apt-get install {self.package})")
         self.path = str(path)
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix=f"pgherald-{self.binary}-"))
         self.log = self.dir / "server.log"
         self.proc: subprocess.Popen[bytes] | None = None

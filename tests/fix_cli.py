@@ -11,10 +11,16 @@ def pgherald_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "pgherald.cli", *args]
 
 
-def cli_env(dsn: str) -> dict[str, str]:
-    """The caller's environment without libpq's ``PG*`` variables, pointed at ``dsn``."""
+def cli_env(dsn: str | None) -> dict[str, str]:
+    """
+    The caller's environment without libpq's ``PG*`` variables, pointed at ``dsn``.
+
+    With ``None``, no DSN at all (no ``PGHERALD_DSN`` either): what a command finds then is
+    the ``pgherald dev`` server, or the embedded one.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGHERALD_DSN"] = dsn
+    if dsn is not None:
+        env["PGHERALD_DSN"] = dsn
     env["PYTHONUNBUFFERED"] = "1"
     env["NO_COLOR"] = "1"
     return env

@@ -9,6 +9,8 @@ Helpers for the fault-injection tests (tests/integration/test_faults.py).
   with a way to wait for one from another thread.
 - `wait_until` / `await_until`: timeout-bounded polling, the only waiting the tests do.
 - `running`: ``listener.run()`` on a thread, stopped and joined (errors re-raised) at the end.
+- `free_port`: a TCP port on 127.0.0.1 that nothing listens on (for a server to start on, or a
+  DSN that nothing answers).
 """
 
 from __future__ import annotations
@@ -145,6 +147,16 @@ def rss_bytes() -> int:
     """Resident memory of this process (Linux)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- ports --
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (the kernel's pick, released at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # -- a proxy that can also refuse --

@@ -23,6 +23,8 @@ from pathlib import Path
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from tests.fix_faults import free_port
+
 INSTALL_HINT = (
     "Debian's pgbouncer is needed for this test: install it with "
     "`apt-get install -y pgbouncer` (scripts/dev.py test does so when run as root)"
@@ -38,12 +40,6 @@ def pgbouncer_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class PgBouncer:
     def __init__(self, dsn: str, pool_mode: str) -> None:
         binary = pgbouncer_binary()
@@ -51,7 +47,7 @@ class PgBouncer:
         host = str(params.get("host") or "127.0.0.1")
         port = str(params.get("port") or "5432")
         user = str(params.get("user") or "postgres")
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgherald-pgbouncer-"))
         (self.dir / "userlist.txt").write_text(f'"{user}" ""\n')
         (self.dir / "pgbouncer.ini").write_text(

@@ -14,7 +14,6 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fix_faults import wait_until
+from tests.fix_faults import free_port, wait_until
 
 INSTALL_HINT = (
     "PostgreSQL's server binaries (initdb, pg_ctl) are needed to start a private server: "
@@ -43,18 +42,12 @@ def _bindir() -> Path:
     return Path(candidates[0]).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class OwnServer:
     """A private PostgreSQL: `dsn`, `stop`, `start`, `restart`, `kill`."""
 
     def __init__(self, wal_level: str = "logical") -> None:
         self.bindir = _bindir()
-        self.port = _free_port()
+        self.port = free_port()
         self.dir = Path(tempfile.mkdtemp(prefix="pgherald-server-"))
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"

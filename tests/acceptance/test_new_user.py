@@ -18,6 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 import pgherald
 from tests.fix_cli import cli_env, pgherald_cmd, run
+from tests.fix_faults import free_port
 
 UNREACHABLE = "host=127.0.0.1 port=1 connect_timeout=2"
 
@@ -149,14 +150,6 @@ def _leaf_commands() -> list[str]:
     return sorted(paths)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 SAMPLES: dict[str, list[str]] = {
     "cdc add": ["orders"],
     "cdc drop": ["--yes"],
@@ -215,7 +208,7 @@ OFFLINE = {"sql install", "sql trigger add", "sql uninstall"} | {
 
 def _walk_args(path: str) -> list[str]:
     args = [*path.split(), *SAMPLES[path]]
-    return [*args, "--port", str(_free_port())] if path == "serve" else args
+    return [*args, "--port", str(free_port())] if path == "serve" else args
 
 
 def test_every_command_is_in_the_walk() -> None:
@@ -254,7 +247,7 @@ OPTION_VARIANTS: list[list[str]] = [
 
 
 def _with_port(args: list[str]) -> list[str]:
-    return [*args, "--port", str(_free_port())] if args[0] == "serve" else args
+    return [*args, "--port", str(free_port())] if args[0] == "serve" else args
 
 
 @pytest.mark.parametrize("args", OPTION_VARIANTS, ids=" ".join)
@@ -373,7 +366,7 @@ def test_serve_with_a_file_that_is_not_a_key_refuses_to_start(dsn: str, tmp_path
 
     bad = Path(str(tmp_path)) / "key.pem"
     bad.write_text("not a key\n")
-    port = str(_free_port())
+    port = str(free_port())
     line = one_line_error(run(dsn, "serve", "--jwt-public-key", str(bad), "--port", port))
     assert "not a PEM public key" in line
     assert "BEGIN PUBLIC KEY" in line
@@ -520,7 +513,7 @@ def serving(dsn: str, *args: str) -> Iterator[str]:
     """`pgherald serve ARGS` in a subprocess: its base URL once /healthz answers 200."""
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     with subprocess.Popen(
         pgherald_cmd("serve", "--port", str(port), *args),
         env=cli_env(dsn),
@@ -854,8 +847,7 @@ def test_dev_start_status_dsn_stop_and_commands_use_it() -> None:
 
     base = Path(tempfile.mkdtemp(prefix="pgherald-dev-"))
     base.chmod(0o755)  # as root, pgserver opens the parents: keep them to this directory
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGHERALD_EMBEDDED_DIR"] = str(base / "pgdata")
+    env = cli_env(None) | {"PGHERALD_EMBEDDED_DIR": str(base / "pgdata")}
 
     def dev(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -24,7 +24,7 @@ import pgherald
 from pgherald.contrib.gateway import create_app, direct
 from pgherald.contrib.starlette import Publisher, request_publisher, running, with_gateway
 from tests.fix_durable import FAST
-from tests.fix_faults import await_until
+from tests.fix_faults import await_until, free_port
 
 # -- running() --
 
@@ -57,9 +57,7 @@ async def test_runs_listener_and_consumer_and_stops_them(
 
 @pytest.mark.anyio
 async def test_startup_fails_when_the_database_cannot_be_reached(anyio_backend: str) -> None:
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     listener = pgherald.AsyncListener(
         f"host=127.0.0.1 port={port} user=postgres connect_timeout=2", channels=["c"]
     )

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from pgherald.embedded import EmbeddedPostgres, running_dsn
-from tests.fix_cli import pgherald_cmd
+from tests.fix_cli import cli_env, pgherald_cmd
 
 pytest.importorskip("pgserver", reason="needs the 'embedded' extra")
 
@@ -33,10 +33,7 @@ with EmbeddedPostgres(sys.argv[1]) as pg:  # as `pgherald demo` does
 
 
 def _env(datadir: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    env["PGHERALD_EMBEDDED_DIR"] = str(datadir)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return cli_env(None) | {"PGHERALD_EMBEDDED_DIR": str(datadir)}
 
 
 @pytest.fixture

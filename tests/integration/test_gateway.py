@@ -17,7 +17,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -40,8 +39,9 @@ from pgherald.contrib.gateway import create_app, direct
 from pgherald.contrib.gateway.fanout import Hub
 from pgherald.contrib.gateway.frames import Frame
 from pgherald.contrib.gateway.server import GatewayServer
+from tests.fix_cli import cli_env, pgherald_cmd
 from tests.fix_durable import wait_until
-from tests.fix_faults import LogWatch, watching
+from tests.fix_faults import LogWatch, free_port, watching
 
 SECRET = "test-secret-not-for-production-0123456789"
 
@@ -585,17 +585,15 @@ def test_tokens_are_redacted_from_access_logs() -> None:
 def test_serve_logs_no_token_of_websockets_or_sse(dsn: str) -> None:
     """`pgherald serve`'s own output: uvicorn logs WebSocket handshakes (accepted or refused)
     on its error logger, not on the access logger; neither may show a token."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     good, expired = token(["orders"]), token(["orders"], ttl=-60)
     server = subprocess.Popen(
-        [sys.executable, "-m", "pgherald.cli", "serve", "--dsn", dsn, "--port", str(port)],
+        pgherald_cmd("serve", "--port", str(port)),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=os.environ | {"PGHERALD_JWT_SECRET": SECRET, "PYTHONUNBUFFERED": "1"},
+        env=cli_env(dsn) | {"PGHERALD_JWT_SECRET": SECRET},
     )
     try:
         assert server.stdout is not None

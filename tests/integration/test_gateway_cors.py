@@ -7,7 +7,6 @@ Real uvicorn, real PostgreSQL (the helpers of test_gateway.py); each test takes 
 from __future__ import annotations
 
 import json
-import os
 from typing import Any
 
 import httpx
@@ -19,6 +18,7 @@ from websockets.sync.client import connect as ws_connect
 import pgherald
 from pgherald.contrib.gateway import create_app
 from pgherald.contrib.gateway.filters import FilterError, parse_filters
+from tests.fix_cli import cli_env, pgherald_cmd
 from tests.integration.test_gateway import SECRET, hub_of, serve, sse, token
 
 APP = "http://app.example.test:3000"
@@ -485,14 +485,13 @@ def test_a_pattern_and_a_filter_on_a_durable_resume(
 )
 def test_serve_refuses_bad_web_options_in_one_line(args: list[str], says: str) -> None:
     import subprocess
-    import sys
 
     done = subprocess.run(
-        [sys.executable, "-m", "pgherald.cli", "serve", "--port", "1", *args],
+        pgherald_cmd("serve", "--port", "1", *args),
         capture_output=True,
         text=True,
         timeout=60,
-        env={**os.environ, "PGHERALD_DSN": "host=127.0.0.1 port=1"},  # never reached
+        env=cli_env("host=127.0.0.1 port=1"),  # never reached
     )
     assert done.returncode == 2, done.stderr
     assert says in done.stderr

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +26,9 @@ from websockets.sync.client import connect as ws_connect
 
 import pgherald
 from pgherald.contrib.gateway import create_app
+from tests.fix_cli import cli_env, pgherald_cmd
 from tests.fix_durable import wait_until
+from tests.fix_faults import free_port
 from tests.integration.test_gateway import SECRET, serve, sse, token
 
 FLOOD = 300
@@ -169,32 +169,19 @@ def test_serve_with_a_small_file_limit_is_not_locked_out_by_idle_sockets(
     dsn: str, tmp_path: Any
 ) -> None:
     """The report's case: idle sockets up to the file limit; here 256 files, 300 sockets."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
 
     def small_file_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pgherald.cli",
-            "serve",
-            "--dsn",
-            dsn,
-            "--port",
-            str(port),
-            "--allow-anonymous",
-            "news",
-            "--header-timeout",
-            "2",
-        ],
+        pgherald_cmd(
+            "serve", "--port", str(port), "--allow-anonymous", "news", "--header-timeout", "2"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         preexec_fn=small_file_limit,
-        env=os.environ | {"PYTHONUNBUFFERED": "1"},
+        env=cli_env(dsn),
     )
     base = f"http://127.0.0.1:{port}"
     try:

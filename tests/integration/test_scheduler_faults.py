@@ -11,7 +11,6 @@ fault and calls `stop()`, which is documented as safe from any thread.
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ import pytest
 
 import pgherald
 from tests.fix_durable import SchedulerRun, log_payloads, publish_delayed
-from tests.fix_faults import FaultProxy, SilentServer, await_until, wait_until
+from tests.fix_faults import FaultProxy, SilentServer, await_until, free_port, wait_until
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
@@ -381,9 +380,7 @@ def test_one_run_at_a_time_and_options_are_checked(installed: str) -> None:
 def test_with_checks_the_server_and_the_schema(dsn: str) -> None:
     with pytest.raises(pgherald.SchemaMissing, match="pgherald install"), pgherald.Scheduler(dsn):
         pass  # the test database has no schema: refused on entry, not in run()'s retries
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # a port nobody listens on
     unreachable = f"host=127.0.0.1 port={port} user=postgres connect_timeout=2"
     with (
         pytest.raises(pgherald.ConnectError, match="cannot connect"),

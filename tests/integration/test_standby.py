@@ -13,7 +13,8 @@ import pytest
 
 import pgherald
 from tests.fix_cli import run
-from tests.fix_server import OwnServer, _free_port, own_server
+from tests.fix_faults import free_port
+from tests.fix_server import OwnServer, own_server
 
 
 class Standby:
@@ -21,7 +22,7 @@ class Standby:
 
     def __init__(self, primary: OwnServer) -> None:
         self.primary = primary
-        self.port = _free_port()
+        self.port = free_port()
         self.data = primary.dir / "standby"
         self.log = primary.dir / "standby.log"
         primary._run(
