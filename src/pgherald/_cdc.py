@@ -25,6 +25,7 @@ from ._protocol.replication import (
     ABORT,
     CHANGE,
     COMMIT,
+    NOT_REPLICATION,
     WAL_LEVEL_HINT,
     ReplicationConfig,
     ReplicationEngine,
@@ -124,15 +125,18 @@ class _Base:
         try:
             yield from engine.run()
         except ConnectError as exc:
-            if pgwire.POOLER_REFUSES_REPLICATION in str(exc):
+            text = str(exc)
+            if pgwire.POOLER_REFUSES_REPLICATION in text or NOT_REPLICATION in text:
                 raise PoolerError(
                     f"cannot open a replication connection at {describe(self.config.conninfo)}: "
                     f"{pgwire.one_line(exc).rstrip('.')}. A pooler is in the way (PgBouncer "
-                    "before 1.23 passes no replication connection): give the change stream a "
-                    "direct DSN to PostgreSQL (its log connection, into_log's dsn, may use the "
-                    "pooler)"
+                    "passes replication connections only from version 1.23 on): give the change "
+                    "stream a direct DSN to PostgreSQL, or go through PgBouncer 1.23 or later, "
+                    "which passes replication connections (and does not list replication in "
+                    "ignore_startup_parameters); its log connection, into_log's dsn, may use "
+                    "any pooler"
                 ) from None
-            raise connect_error(self.config.conninfo, str(exc)) from None
+            raise connect_error(self.config.conninfo, text) from None
 
     def _release(self) -> None:
         """A run ended: the stream may run again (a stop() before a run ends it at once)."""
@@ -754,12 +758,15 @@ def remove_tables(
 
 
 def slot_status(conn: psycopg.Connection[Any], slot: str | None = None) -> list[SlotStatus]:
-    """Every pgoutput slot of the database (or one), with its lag and retained WAL."""
+    """
+    Every pgoutput slot of the database (or one), with its lag and retained WAL, and the
+    tables of its publication as they were added (a partitioned table, not its partitions).
+    """
     out = []
     for row in conn.execute(sql.query("cdc_status"), {"slot": slot}).fetchall():
         tables = tuple(
             f"{r[0]}.{r[1]}"
-            for r in conn.execute(sql.query("cdc_publication_tables"), {"publication": row[0]})
+            for r in conn.execute(sql.query("cdc_status_tables"), {"publication": row[0]})
         )
         out.append(
             SlotStatus(

@@ -15,6 +15,8 @@ from pgherald._protocol.pgoutput import (
     Commit,
     DecodeError,
     Decoder,
+    converter,
+    decode_key,
     dumps_value,
     lsn_to_int,
     lsn_to_str,
@@ -213,3 +215,46 @@ def test_slot_names_are_checked(name: str) -> None:
 
     with pytest.raises(UsageError, match="invalid slot name"):
         check_name(name, "slot")
+
+
+@pytest.mark.parametrize(
+    ("text", "value", "key"),
+    [
+        # to_jsonb reads a float's text as a numeric: whole numbers exactly, as ints.
+        (b"1e+20", 10**20, "100000000000000000000"),
+        (b"1.2345678901234568e+20", 123456789012345680000, "123456789012345680000"),
+        (b"3.4028235e+38", 340282350000000000000000000000000000000, None),  # real's max, exact
+        (b"3", 3, "3"),
+        (b"-0", 0, "0"),
+        (b"0.1", 0.1, "0.1"),
+        (b"1.5e-10", 1.5e-10, "0.00000000015"),
+        (b"1e-05", 1e-05, "0.00001"),
+        # Not JSON numbers: to_jsonb's strings; ->> gives them bare.
+        (b"NaN", "NaN", "NaN"),
+        (b"Infinity", "Infinity", "Infinity"),
+        (b"-Infinity", "-Infinity", "-Infinity"),
+    ],
+)
+def test_floats_as_to_jsonb_renders_them(text: bytes, value: object, key: str | None) -> None:
+    for oid in (700, 701):
+        got = converter(oid)(text)
+        assert got == value
+        assert type(got) is type(value)
+    if key is not None:
+        assert decode_key({"k": value}, ("k",)) == key
+        assert dumps_value([value]) == f"[{json.dumps(key) if isinstance(value, str) else key}]"
+
+
+def test_numeric_keys_and_json_have_no_exponent_and_nan_is_a_string() -> None:
+    assert converter(1700)(b"NaN") == "NaN"
+    assert converter(1700)(b"-Infinity") == "-Infinity"
+    assert converter(1700)(b"0.00000001") == Decimal("0.00000001")
+    assert decode_key({"k": Decimal("0.00000001")}, ("k",)) == "0.00000001"  # not 1E-8
+    assert decode_key({"k": "NaN"}, ("k",)) == "NaN"  # as ->> writes it, unquoted
+    assert dumps_value({"n": Decimal("0.00000001")}) == '{"n":0.00000001}'
+    assert decode_key({"a": 1.5e-10, "b": Decimal("1E-8"), "c": "NaN"}, ("a", "b", "c")) == (
+        '[0.00000000015, 0.00000001, "NaN"]'
+    )
+    # A float NaN beside an exact numeric: the numeric keeps its digits.
+    value = {"n": Decimal("1.000000000000000001"), "f": float("nan")}
+    assert dumps_value(value) == '{"n":1.000000000000000001,"f":"NaN"}'

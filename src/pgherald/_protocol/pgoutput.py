@@ -2,15 +2,19 @@
 Decoding PostgreSQL's built-in ``pgoutput`` logical decoding messages (protocol version 1).
 
 Pure: bytes in, `ChangeEvent` values out. Values come in pgoutput's text format and are
-converted the way ``to_jsonb`` renders them (the trigger events' shape): integers and floats as
-numbers, ``numeric`` as `decimal.Decimal` (exact), booleans, ``json``/``jsonb`` parsed, arrays as
-lists, timestamps as ISO 8601 text (``2026-11-25T08:00:00.123+00:00``), ``bytea`` as ``\\x...``
-text, everything else as its text. See docs/cdc.md.
+converted the way ``to_jsonb`` renders them (the trigger events' shape): integers as numbers,
+``real`` and ``double precision`` as ``to_jsonb`` writes them (a whole number as `int`, others as
+`float`, NaN and the infinities as the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"``),
+``numeric`` as `decimal.Decimal` (exact; NaN and the infinities as those strings), booleans,
+``json``/``jsonb`` parsed, arrays as lists, timestamps as ISO 8601 text
+(``2026-11-25T08:00:00.123+00:00``), ``bytea`` as ``\\x...`` text, everything else as its text.
+See docs/cdc.md.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -122,12 +126,32 @@ def _bool(raw: bytes) -> Any:
     return raw == b"t"
 
 
+_NOT_NUMBERS = {b"NaN": "NaN", b"Infinity": "Infinity", b"-Infinity": "-Infinity"}
+
+
 def _float(raw: bytes) -> Any:
-    return float(raw)  # 'NaN', 'Infinity' and '-Infinity' parse too
+    """
+    A ``real`` or ``double precision`` as ``to_jsonb`` renders it: its text read as a
+    ``numeric`` (``1e+20`` is 100000000000000000000, ``-0`` is 0), so a whole number is an
+    `int`, exactly, and any other a `float` (the same double: PostgreSQL writes the shortest text
+    that reads back as it); NaN and the infinities, not JSON numbers, as to_jsonb's strings.
+    """
+    try:
+        return int(raw)  # '3', '-0': the usual whole numbers, without a Decimal
+    except ValueError:
+        pass
+    if b"e" in raw:  # 1e+20, 1.5e-10: whole or not, as numeric_in reads it
+        exact = Decimal(raw.decode())
+        if exact == exact.to_integral_value():
+            return int(exact)
+        return float(raw)
+    word = _NOT_NUMBERS.get(raw)
+    return float(raw) if word is None else word
 
 
 def _numeric(raw: bytes) -> Any:
-    return Decimal(raw.decode())
+    word = _NOT_NUMBERS.get(raw)
+    return Decimal(raw.decode()) if word is None else word  # NaN, ±Infinity: to_jsonb's strings
 
 
 def _timestamp(raw: bytes) -> Any:
@@ -287,12 +311,34 @@ def decode_key(values: dict[str, Any], names: tuple[str, ...]) -> str | None:
         kind = type(value)
         if kind is str:
             return value  # type: ignore[no-any-return]
-        if kind is int or (kind is Decimal and value.is_finite()):
-            return str(value)  # as ->> writes them; the common keys, without a JSON encoder
+        if kind is int:
+            return str(value)  # as ->> writes it; the common key, without a JSON encoder
+        if kind is Decimal or kind is float:
+            number = _jsonb_number(value)
+            return number if isinstance(number, str) else _plain(number)
         return dumps_value(value)
     if any(n not in values for n in names):
         return None
     return jsonb_text([values[n] for n in names])
+
+
+def _jsonb_number(value: float | Decimal) -> Decimal | str:
+    """A float or Decimal as jsonb holds it: a numeric, or for NaN and the infinities a string."""
+    if not isinstance(value, Decimal):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        value = Decimal(repr(value))  # the shortest text that reads back as it, as PostgreSQL's
+        return Decimal(0) if value == 0 else value  # numeric has no -0
+    if not value.is_finite():
+        return "NaN" if value.is_nan() else ("Infinity" if value > 0 else "-Infinity")
+    return value
+
+
+def _plain(value: Decimal) -> str:
+    """A finite Decimal as numeric_out writes it: no exponent (1E-8 is 0.00000001)."""
+    return format(value, "f")
 
 
 # -- JSON with exact numerics --
@@ -304,9 +350,26 @@ _NUM_MARK = re.compile(r'"\\u0000n(-?[0-9.eE+-]+)\\u0000"')
 def _json_default(value: Any) -> Any:
     if isinstance(value, Decimal):
         if value.is_finite():
-            return f"\0n{value}\0"
+            return f"\0n{_plain(value)}\0"  # numeric's digits, never an exponent
         return str(value)  # 'NaN', 'Infinity': to_jsonb writes them as strings
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
+
+
+def _as_jsonb(value: Any) -> Any:
+    """*value* with every float as jsonb holds it (a Decimal, or the string of NaN, Infinity)."""
+    kind = type(value)
+    if kind is float:
+        return _jsonb_number(value)
+    if kind is dict:
+        return {k: _as_jsonb(v) for k, v in value.items()}
+    if kind is list or kind is tuple:
+        return [_as_jsonb(v) for v in value]
+    return value
+
+
+# A float that Python writes with an exponent, or NaN and the infinities (jsonb writes neither):
+# the same text inside a string matches too, which only costs a second encoding.
+_FLOAT_SIGN = re.compile(r"[0-9]e[-+][0-9]|NaN|Infinity")
 
 
 _encoder = json.JSONEncoder(separators=(",", ":"), default=_json_default, allow_nan=True)
@@ -325,18 +388,23 @@ def jsonb_text(value: Any) -> str:
     the same key, and so the same partition of the log, whichever way it came.
     """
     text = _jsonb_encoder.encode(value)
+    if _FLOAT_SIGN.search(text):
+        text = _jsonb_encoder.encode(_as_jsonb(value))
     if "\\u0000n" in text:
         text = _NUM_MARK.sub(r"\1", text)
     return text
 
 
 def dumps_value(value: Any) -> str:
-    """*value* as JSON text; a `Decimal` as a JSON number with exactly its digits."""
+    """
+    *value* as JSON text; a `Decimal` as a JSON number with exactly its digits, a float as
+    jsonb writes it (``1.5e-10`` as 0.00000000015; NaN and the infinities, not JSON, as strings).
+    """
     text = _encoder.encode(value)
+    if _FLOAT_SIGN.search(text):
+        text = _encoder.encode(_as_jsonb(value))
     if "\\u0000n" in text:
         text = _NUM_MARK.sub(r"\1", text)
-    if "NaN" in text or "Infinity" in text:  # float NaN/inf: not JSON; to_jsonb writes strings
-        text = json.dumps(json.loads(text, parse_constant=str), separators=(",", ":"))
     return text
 
 

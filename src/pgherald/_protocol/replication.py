@@ -56,6 +56,10 @@ REPORT = pgwire.REPORT  # (REPORT, str) -> None: the stream was lost and is back
 
 _NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 
+NOT_REPLICATION = "the server took the connection as an ordinary one, not a replication connection"
+"""What `ReplicationEngine` raises (a `ConnectError`) when ``replication=database`` was dropped
+on the way (a pooler that ignores the parameter)."""
+
 WAL_LEVEL_HINT = (
     "change data capture needs wal_level = logical, and this server has wal_level = {level}: "
     "set it (ALTER SYSTEM SET wal_level = logical, or in postgresql.conf; on a managed "
@@ -219,6 +223,7 @@ class ReplicationEngine:
             start_lsn = self._start_lsn(self._slot_known)
             repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
             self.pgconn = repl
+            yield from self._check_replication(repl)
             if backfill is not None:
                 try:
                     yield from self._create_slot_and_backfill(repl, ctl)
@@ -253,8 +258,11 @@ class ReplicationEngine:
         )
         try:
             repl.send_query(start.encode())
+            deadline = time.monotonic() + cfg.statement_timeout
             while repl.flush():
-                yield (WAIT, repl.socket, WRITE, time.monotonic() + cfg.statement_timeout)
+                ready = yield (WAIT, repl.socket, WRITE, deadline)
+                if not ready and time.monotonic() >= deadline:
+                    raise _Lost("could not send START_REPLICATION in time")
             deadline = time.monotonic() + cfg.statement_timeout
             while repl.is_busy():
                 ready = yield (WAIT, repl.socket, READ, deadline)
@@ -375,6 +383,22 @@ class ReplicationEngine:
             if cfg.backfill:
                 return "backfill"
         return None
+
+    def _check_replication(self, repl: pq.abc.PGconn) -> PQGen:
+        """
+        Make sure *repl* is a replication connection, before anything is created through it:
+        a pooler told to ignore the ``replication`` parameter (PgBouncer's
+        ``ignore_startup_parameters``) hands out an ordinary session instead, which answers
+        every replication command with a syntax error.
+        """
+        try:
+            yield from pgwire.execute(
+                repl, b"IDENTIFY_SYSTEM", time.monotonic() + self.config.statement_timeout
+            )
+        except pgwire.QueryFailed as exc:
+            if exc.sqlstate == "42601":  # syntax error: not a replication connection
+                raise ConnectError(f"{NOT_REPLICATION} (IDENTIFY_SYSTEM: {exc})") from None
+            raise
 
     def _create_slot(self, repl: pq.abc.PGconn) -> PQGen:
         yield from pgwire.execute(

@@ -642,6 +642,28 @@ SELECT n.nspname, c.relname, c.relkind
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE c.oid = to_regclass(%(name)s)
 
+-- name: cdc_status_tables --
+-- The tables of a publication as `cdc add` took them: those added to it (a partitioned table
+-- itself, not the partitions it is published as), then those it publishes otherwise (FOR ALL
+-- TABLES, TABLES IN SCHEMA) that are not a partition of one added.
+SELECT n.nspname::text, c.relname::text
+FROM pg_publication_rel r
+JOIN pg_publication p ON p.oid = r.prpubid
+JOIN pg_class c ON c.oid = r.prrelid
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE p.pubname = %(publication)s
+UNION
+SELECT t.schemaname::text, t.tablename::text
+FROM pg_publication_tables t
+WHERE t.pubname = %(publication)s
+  AND NOT EXISTS (
+    SELECT FROM pg_publication_rel r
+    JOIN pg_publication p ON p.oid = r.prpubid
+    WHERE p.pubname = t.pubname
+      AND r.prrelid IN (SELECT relid FROM pg_partition_ancestors(
+        (quote_ident(t.schemaname) || '.' || quote_ident(t.tablename))::regclass)))
+ORDER BY 1, 2
+
 -- name: cdc_publication_tables --
 -- The tables of a publication, their published columns and primary key columns (in the key's
 -- order; empty: no primary key).
