@@ -7,10 +7,12 @@ Both run the sans-I/O reader (`_protocol.logread`): `read_log` with the blocking
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Generator, Iterable
 from typing import Any
 
+import anyio
 import psycopg
 from psycopg import pq
 
@@ -63,7 +65,11 @@ def read_log(
         read = waiter.run(gen)
     finally:
         gen.close()  # interrupted (KeyboardInterrupt): hand the connection back now
-        waiter.close()
+        try:
+            if pgconn is not None:
+                waiter.run(_hand_back(pgconn))
+        finally:
+            waiter.close()
     return _events(read, after)
 
 
@@ -73,7 +79,7 @@ async def aread_log(
     after: int = 0,
     channels: Iterable[str] | None = None,
     limit: int = 1000,
-    timeout: float = 10.0,
+    timeout: float = 10.0,  # noqa: ASYNC109 - the same call as read_log's
 ) -> list[Event]:
     """
     Async `read_log` (same arguments, same answer), on asyncio or trio. It waits on the event
@@ -82,11 +88,16 @@ async def aread_log(
     .. versionadded:: 0.1
     """
     query, conninfo, pgconn = _prepare(source, after, channels, limit, timeout)
+    waiter = AsyncWaiter()
     gen = _read(conninfo, pgconn, query, time.monotonic() + timeout)
     try:
-        read = await AsyncWaiter().run(gen)
+        read = await waiter.run(gen)
     finally:
         gen.close()  # cancelled: hand the connection back now, not when collected
+        if pgconn is not None:
+            # Within HAND_BACK_GRACE, even when cancelled: the connection is the caller's.
+            with anyio.CancelScope(shield=True):
+                await waiter.run(_hand_back(pgconn))
     return _events(read, after)
 
 
@@ -112,6 +123,13 @@ def _prepare(
     if isinstance(source, psycopg.Connection | psycopg.AsyncConnection):
         if source.closed:
             raise UsageError("the connection is closed: pass an open connection, or a DSN")
+        if source.pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+            # Checked before the read: `_hand_back` must never cancel someone else's statement.
+            raise UsageError(
+                "read the log: the connection is busy with another statement (was it shared "
+                "between threads or tasks?): give pgherald a connection no one else uses "
+                "meanwhile"
+            )
         return query, None, source.pgconn
     raise UsageError(
         f"source must be a DSN (str) or a psycopg 3 connection, got {type(source).__name__}"
@@ -132,40 +150,55 @@ def _read(
             return (yield from logread.read(pgconn, query, deadline))
         finally:
             pgconn.finish()
-    if lent.transaction_status == pq.TransactionStatus.ACTIVE:
-        # (Checked here too, before the cleanup below could cancel someone else's statement.)
-        raise UsageError(
-            "read the log: the connection is busy with another statement (was it shared "
-            "between threads or tasks?): give pgherald a connection no one else uses meanwhile"
-        )
     blocking = lent.nonblocking
     lent.nonblocking = 1
     try:
         return (yield from logread.read(lent, query, deadline))
     finally:
-        try:
-            if (
-                lent.status == pq.ConnStatus.OK
-                and lent.transaction_status == pq.TransactionStatus.ACTIVE
-            ):
-                _abandon(lent)
-        finally:
+        # A statement still running (timed out, cancelled, interrupted) is the caller's to
+        # end: `_hand_back`, which can wait (a closed generator cannot). A connection broken
+        # meanwhile refuses any mode: the read's own error (ConnectionLost) says it.
+        with contextlib.suppress(psycopg.Error):
             lent.nonblocking = blocking
 
 
-def _abandon(pgconn: pq.abc.PGconn) -> None:
+HAND_BACK_GRACE = 2.0
+"""Seconds `_hand_back` may take: a healthy server answers a cancel at once; a frozen or
+stopped one never does, and then the call must not hang."""
+
+
+def _hand_back(pgconn: pq.abc.PGconn) -> Generator[Request, bool, None]:
     """
-    Hand back a lent connection whose statement is still running (timed out, or cancelled):
-    ask the server to cancel it and take its answer, so that the connection is idle again.
-    Blocking, but only on this failure path, and the server answers a cancel at once.
+    Hand back a lent connection whose statement of ours is still running (timed out,
+    cancelled, interrupted): ask the server to cancel it and take its answer, so that the
+    connection is idle again; within `HAND_BACK_GRACE` seconds, waiting on the caller's
+    waiter. No answer by then (a frozen or half-open connection, a stopped server): the
+    statement stays in flight, and the application finds its connection unusable (libpq:
+    "another command is already in progress") rather than waiting for ever.
+
+    libpq's get_result() and PQcancel block, without a deadline (and psycopg holds the GIL
+    through them: every thread of the process stops), so neither is called here; only on a
+    libpq older than 17, which has no non-blocking cancel, the cancel itself is PQcancel.
     """
+    if (
+        pgconn.status != pq.ConnStatus.OK
+        or pgconn.transaction_status != pq.TransactionStatus.ACTIVE
+    ):
+        return  # idle (the usual case), or broken: nothing to hand back
+    deadline = time.monotonic() + HAND_BACK_GRACE
+    blocking = pgconn.nonblocking
+    pgconn.nonblocking = 1
     try:
-        pgconn.get_cancel().cancel()
-        pgconn.nonblocking = 0
-        while pgconn.get_result() is not None:
-            pass
-    except psycopg.Error:
-        pass  # the connection is broken: the application will find it so
+        if pq.version() >= 170000:
+            yield from pgwire.cancel(pgconn, deadline)
+        else:  # pragma: no cover - libpq 17 and later have the non-blocking cancel
+            pgconn.get_cancel().cancel()
+        yield from pgwire.finish(pgconn, deadline)
+    except (pgwire.QueryFailed, pgwire.QueryTimeout, psycopg.Error):
+        pass  # cancelled (57014), no answer in time, or broken: as the docstring says
+    finally:
+        with contextlib.suppress(psycopg.Error):  # broken meanwhile: as the docstring says
+            pgconn.nonblocking = blocking
 
 
 def _events(read: logread.LogRead, after: int) -> list[Event]:

@@ -43,6 +43,7 @@ class AsyncWaiter:
         self._scope: Any = None  # the anyio or trio cancel scope of the current wait
         self._woken = False
         self._token: Any = None
+        self._soon: Callable[[Callable[[], object]], object] | None = None  # thread-safe call
         self._thread: int | None = None
         # asyncio path: the wait's future, its deadline (time.monotonic) and a lazy timer.
         self._keep = keep_reader
@@ -57,14 +58,31 @@ class AsyncWaiter:
     def bind(self) -> None:
         """Remember the running event loop, so other threads can reach it."""
         self._thread = threading.get_ident()
+        loop = _running_loop()
+        if loop is not None:
+            self._soon = loop.call_soon_threadsafe
+            return
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_run():
+            self._soon = trio.lowlevel.current_trio_token().run_sync_soon
+            return
+        self._soon = None
         self._token = anyio.lowlevel.current_token()
 
     def wake(self) -> None:
         if self._thread is None or threading.get_ident() == self._thread:
             self._wake_here()
             return
+        # From another thread: scheduled on the loop, never waited for. The caller (stop()
+        # from a signal handler, a watchdog thread) must not wait on the loop: it may be busy
+        # in a handler, or not running at all (between run_until_complete calls), and then a
+        # wait for it has no end. The flags are set already; the loop wakes when it runs.
         with contextlib.suppress(RuntimeError):  # the loop has finished: nothing to wake
-            anyio.from_thread.run_sync(self._wake_here, token=self._token)
+            soon = self._soon
+            if soon is not None:
+                soon(self._wake_here)
+            else:  # another anyio backend: its own thread call (waits for the loop)
+                anyio.from_thread.run_sync(self._wake_here, token=self._token)
 
     def _wake_here(self) -> None:
         self._woken = True
