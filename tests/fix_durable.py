@@ -230,7 +230,30 @@ class _OnAThread:
         return took
 
 
-class ConsumerRun(_OnAThread):
+class ConsumerOnAThread(_OnAThread):
+    """A consumer of one runtime, its handlers registered, running on a thread."""
+
+    def __init__(self, runtime: str, consumer: Any) -> None:
+        self.consumer = consumer
+        super().__init__(runtime, consumer)
+        # Its first read is sent once it is connected, in the group, holding partitions.
+        wait_until(
+            lambda: self.consumer.stats.reads or not self.thread.is_alive(),
+            10,
+            "run() to connect and read",
+        )
+
+    def close(self) -> None:
+        if self.thread.is_alive():
+            self.consumer.stop()
+            self.thread.join(10)
+        if self.runtime == "sync":
+            self.consumer.close()
+        else:
+            anyio.run(self.consumer.aclose, backend="asyncio")
+
+
+class ConsumerRun(ConsumerOnAThread):
     """A consumer of one runtime on a thread; the ids (and payloads) its handler saw."""
 
     def __init__(
@@ -247,7 +270,7 @@ class ConsumerRun(_OnAThread):
         options.setdefault("group", "g")
         options.setdefault("channels", ["ch"])
         cls = pgherald.Consumer if runtime == "sync" else pgherald.AsyncConsumer
-        self.consumer: Any = cls(dsn, on_reconnect=self.gaps.append, **options)
+        consumer: Any = cls(dsn, on_reconnect=self.gaps.append, **options)
         extra = handler
 
         def record(e: pgherald.Event) -> None:
@@ -256,23 +279,8 @@ class ConsumerRun(_OnAThread):
             self.seen.append(e.id)
             self.payloads.append(e.payload)
 
-        self.consumer.on()(record)
-        super().__init__(runtime, self.consumer)
-        # Its first read is sent once it is connected, in the group, holding partitions.
-        wait_until(
-            lambda: self.consumer.stats.reads or not self.thread.is_alive(),
-            10,
-            "run() to connect and read",
-        )
-
-    def close(self) -> None:
-        if self.thread.is_alive():
-            self.consumer.stop()
-            self.thread.join(10)
-        if self.runtime == "sync":
-            self.consumer.close()
-        else:
-            anyio.run(self.consumer.aclose, backend="asyncio")
+        consumer.on()(record)
+        super().__init__(runtime, consumer)
 
 
 @pytest.fixture
