@@ -1,5 +1,6 @@
 """
-Brokers for the relay tests: the machine's NATS (JetStream) and Redis, and private ones.
+Brokers for the relay tests: the machine's NATS (JetStream) and Redis, private ones, and a
+webhook receiver (`receiver_factory`).
 
 ``nats_url`` / ``redis_url`` are the machine's servers on 127.0.0.1 (4222 / 6379); each test
 uses names of its own (streams, keys), so tests never see each other's messages. Where they do
@@ -13,6 +14,9 @@ never touched). Without the binaries the test skips (fails on CI) naming the Deb
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
+import json
 import os
 import shutil
 import signal
@@ -22,8 +26,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -291,3 +297,70 @@ def dead_again(conn: psycopg.Connection, event_id: int) -> None:
         " FROM pgherald.events_v1 WHERE id = %s",
         (event_id,),
     )
+
+
+# -- a webhook receiver --
+
+SECRET = "s3cret"
+"""The webhook secret of the relay tests: `Receiver` checks every signature with it."""
+
+
+class Receiver:
+    """An HTTP endpoint: `decide(request number, body)` gives (status, headers) per POST."""
+
+    def __init__(self, decide: Callable[[int, Any], tuple[int, dict[str, str]]]) -> None:
+        self.decide = decide
+        self.lock = threading.Lock()
+        self.accepted: list[Any] = []  # bodies answered 2xx, in arrival order
+        self.requests: list[tuple[float, int, int]] = []  # (time, first id, status)
+        self.bad_signatures = 0
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                stamp = self.headers["Pgherald-Timestamp"]
+                mac = hmac.new(SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256)
+                good = self.headers["Pgherald-Signature"] == f"t={stamp},v1={mac.hexdigest()}"
+                value = json.loads(body)
+                with receiver.lock:
+                    n = len(receiver.requests)
+                    if not good:
+                        receiver.bad_signatures += 1
+                        status, headers = 401, {}
+                    else:
+                        status, headers = receiver.decide(n, value)
+                    first = int(self.headers["Pgherald-Event-Id"])
+                    receiver.requests.append((time.monotonic(), first, status))
+                    if 200 <= status < 300:
+                        receiver.accepted.append(value)
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver_factory() -> Iterator[Callable[..., Receiver]]:
+    made: list[Receiver] = []
+
+    def make(decide: Callable[[int, Any], tuple[int, dict[str, str]]]) -> Receiver:
+        made.append(Receiver(decide))
+        return made[-1]
+
+    yield make
+    for r in made:
+        r.close()

@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import hashlib
-import hmac
-import json
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -17,72 +13,9 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import publish_paced
+from tests.fix_brokers import SECRET, Receiver, publish_paced
 from tests.fix_durable import uncovered
 from tests.fix_faults import FaultProxy, await_until, wait_until
-
-SECRET = "s3cret"
-
-
-class Receiver:
-    """An HTTP endpoint: `decide(request number, body)` gives (status, headers) per POST."""
-
-    def __init__(self, decide: Callable[[int, Any], tuple[int, dict[str, str]]]) -> None:
-        self.decide = decide
-        self.lock = threading.Lock()
-        self.accepted: list[Any] = []  # bodies answered 2xx, in arrival order
-        self.requests: list[tuple[float, int, int]] = []  # (time, first id, status)
-        self.bad_signatures = 0
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                stamp = self.headers["Pgherald-Timestamp"]
-                mac = hmac.new(SECRET.encode(), stamp.encode() + b"." + body, hashlib.sha256)
-                good = self.headers["Pgherald-Signature"] == f"t={stamp},v1={mac.hexdigest()}"
-                value = json.loads(body)
-                with receiver.lock:
-                    n = len(receiver.requests)
-                    if not good:
-                        receiver.bad_signatures += 1
-                        status, headers = 401, {}
-                    else:
-                        status, headers = receiver.decide(n, value)
-                    first = int(self.headers["Pgherald-Event-Id"])
-                    receiver.requests.append((time.monotonic(), first, status))
-                    if 200 <= status < 300:
-                        receiver.accepted.append(value)
-                self.send_response(status)
-                for k, v in headers.items():
-                    self.send_header(k, v)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receiver_factory() -> Iterator[Callable[..., Receiver]]:
-    made: list[Receiver] = []
-
-    def make(decide: Callable[[int, Any], tuple[int, dict[str, str]]]) -> Receiver:
-        made.append(Receiver(decide))
-        return made[-1]
-
-    yield make
-    for r in made:
-        r.close()
 
 
 def running(relay: pgherald.Relay) -> threading.Thread:

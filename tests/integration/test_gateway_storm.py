@@ -1,0 +1,369 @@
+"""
+The gateway (``pgherald serve``'s app, under `GatewayServer`) in a storm of real faults.
+
+The gateway's database connections (its listener, ``pgherald-gateway-db`` and
+``pgherald-gateway-tail``) go through a `FaultProxy`; so do its clients' connections, through
+another. A publisher stores durable events (`pgherald.publish`, straight to the database) at a
+steady pace, while SSE and WebSocket clients follow the durable channel and, whenever their
+stream breaks or is refused, reconnect and resume after the last event id they saw, as
+docs/gateway.md tells a browser to (``Last-Event-ID``; a WebSocket ``subscribe`` with
+``after``). Meanwhile faults come one after the other, picked at random: the gateway's backends
+terminated (``pg_terminate_backend``, in this test's database only), its database connections
+severed, frozen for a while then thawed (half-open), or its proxy refusing new connections for
+a while; and the clients' connections dropped. Then the faults stop and everything must catch
+up. What docs/gateway.md promises for durable channels must hold through all of it:
+
+    "A client that reconnects with `Last-Event-ID` [...] first gets every event after N on its
+    durable channels from the log, up to where the tail was when it subscribed, then the live
+    stream: no gap, no duplicate" (and the WebSocket's ``after``: "with no gap and no
+    duplicate").
+
+So each client's events, over all its connections, are exactly the events published, in log
+order, each once, with the payloads stored; while the database is unreachable a resume is
+answered "the database is not available" (503, or that `error` message) and nothing else; and
+at the end the gateway is healthy (``/healthz`` 200), publishes again, delivers live, and shuts
+down cleanly.
+
+The faults are random but reproducible: a failure names its seed (set ``PGHERALD_CHAOS_SEED``
+to replay the same sequence of faults; timings still differ) and the faults it ran. The storm
+lasts 8 s; ``PGHERALD_CHAOS_SECONDS`` makes it longer, for a soak run by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import jwt
+import psycopg
+from websockets.exceptions import WebSocketException
+from websockets.sync.client import connect as ws_connect
+
+import pgherald
+from pgherald.contrib.gateway import create_app
+from pgherald.contrib.gateway.server import GatewayServer
+from tests.fix_faults import FaultProxy, LogWatch, wait_until
+from tests.fix_proxy import _target_of
+
+SECRET = "storm-secret-not-for-production-0123456789"
+CHANNEL = "orders"
+STORM = float(os.environ.get("PGHERALD_CHAOS_SECONDS") or 8.0)  # seconds of faults
+FAULTS = ("terminate", "sever", "freeze", "refuse", "drop")
+SESSIONS = ("pgherald-gateway", "pgherald-gateway-db", "pgherald-gateway-tail")
+UNAVAILABLE = "the database is not available"  # the documented answer while it is away
+
+
+def token(mode: str = "r") -> str:
+    claims = {"channels": [CHANNEL], "mode": mode, "exp": int(time.time() + 600)}
+    return jwt.encode(claims, SECRET, algorithm="HS256")
+
+
+@contextlib.contextmanager
+def serve(app: Any) -> Iterator[tuple[int, GatewayServer]]:
+    """*app* under `GatewayServer` on a thread; yields its port; shuts it down cleanly."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)  # connections wait in the backlog until the app has started
+    server = GatewayServer(app, log_level="warning")
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        yield sock.getsockname()[1], server
+        assert thread.is_alive(), "the gateway's server ended during the storm"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+    assert not thread.is_alive(), "the gateway did not shut down"
+
+
+class Publisher:
+    """Durable events, one to three per transaction, until stopped; keeps them in log order."""
+
+    def __init__(self, dsn: str) -> None:
+        self.published: list[tuple[int, int]] = []  # (event id, n), in commit order
+        self._stop = threading.Event()
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, args=(dsn,), daemon=True)
+        self._thread.start()
+
+    def _main(self, dsn: str) -> None:
+        rng = random.Random(0)
+        n = 0
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                while not self._stop.wait(0.01):  # the publishing pace
+                    batch = []
+                    with conn.transaction():
+                        for _ in range(rng.randint(1, 3)):
+                            n += 1
+                            batch.append((pgherald.publish(conn, CHANNEL, {"n": n}), n))
+                    self.published += batch
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+
+    def stop(self) -> list[tuple[int, int]]:
+        self._stop.set()
+        self._thread.join(10)
+        assert self.error is None, repr(self.error)
+        return self.published
+
+
+class Follower:
+    """
+    A client of the durable channel, SSE or WebSocket, on a thread: whenever its stream breaks
+    (or is refused), it connects again and resumes after the last event id it saw.
+    """
+
+    def __init__(self, kind: str, name: str, port: int, after: int) -> None:
+        self.kind = kind
+        self.name = name
+        self.port = port
+        self.last = after
+        self.got: list[tuple[int, str, str]] = []  # (id, channel, data), as received
+        self.streams = 0  # streams opened (`: ready`, or `subscribed`)
+        self.ends: list[str] = []  # why each stream ended
+        self.refusals: list[str] = []  # resumes the gateway answered with an error
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self.thread.start()
+
+    def _main(self) -> None:
+        try:
+            with httpx.Client(timeout=httpx.Timeout(5.0)) as http:
+                while not self._stop.is_set():
+                    try:
+                        why = self._sse(http) if self.kind == "sse" else self._ws()
+                    except (httpx.TransportError, OSError, WebSocketException) as exc:
+                        why = f"{type(exc).__name__}: {exc}"
+                    self.ends.append(why)
+                    self._stop.wait(0.05)  # the reconnection's pace (EventSource's retry)
+        except BaseException as exc:  # kept for the test: a thread must not raise
+            self.error = exc
+
+    def _event(self, event_id: str, channel: str, data: str) -> None:
+        self.got.append((int(event_id), channel, data))
+        self.last = int(event_id)
+
+    def _sse(self, http: httpx.Client) -> str:
+        url = f"http://127.0.0.1:{self.port}/sse"
+        params = {"channel": CHANNEL, "token": token()}
+        headers = {"Last-Event-ID": str(self.last)}  # what EventSource sends by itself
+        with http.stream("GET", url, params=params, headers=headers) as resp:
+            if resp.status_code != 200:
+                self.refusals.append(f"{resp.status_code} {resp.read().decode()}")
+                return f"refused: {resp.status_code}"
+            event: dict[str, str] = {}
+            data: list[str] = []
+            for line in resp.iter_lines():  # heartbeats keep lines coming: stop is seen
+                if self._stop.is_set():
+                    return "stopped"
+                if line == ": ready":
+                    self.streams += 1
+                elif line == "":
+                    if event.get("event") == "error":
+                        return "ended by the gateway: " + "\n".join(data)
+                    if "id" in event:
+                        self._event(event["id"], event.get("event", ""), "\n".join(data))
+                    event, data = {}, []
+                elif not line.startswith(":"):
+                    field, _, value = line.partition(":")
+                    value = value[1:] if value.startswith(" ") else value
+                    if field == "data":
+                        data.append(value)
+                    else:
+                        event[field] = value
+        return "the stream ended"
+
+    def _ws(self) -> str:
+        url = f"ws://127.0.0.1:{self.port}/ws?token={token()}"
+        with ws_connect(url, open_timeout=5, close_timeout=1) as ws:
+            ws.send(json.dumps({"type": "subscribe", "channels": [CHANNEL], "after": self.last}))
+            while not self._stop.is_set():
+                try:
+                    msg = json.loads(ws.recv(timeout=0.25))
+                except TimeoutError:
+                    continue  # (to look at the stop flag)
+                if msg["type"] == "subscribed":
+                    self.streams += 1
+                elif msg["type"] == "event":
+                    self._event(msg["id"], msg["channel"], json.dumps(msg["payload"]))
+                else:
+                    self.refusals.append(json.dumps(msg))
+                    return f"refused: {msg}"  # then connect again, and resume
+        return "stopped"
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), f"{self.name} did not stop"
+        assert self.error is None, f"{self.name}: {self.error!r}"
+
+
+def terminate(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> int:
+    """End the gateway's sessions named *names*, in this test's database only; how many."""
+    row = conn.execute(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        " AND application_name = ANY(%s)",
+        (list(names),),
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def storm(
+    rng: random.Random,
+    conn: psycopg.Connection[Any],
+    db_proxy: FaultProxy,
+    client_proxy: FaultProxy,
+    until: float,
+) -> list[str]:
+    """Faults one after the other until *until*; returns what was done, for the report."""
+    done: list[str] = []
+    # Every client's stream breaks, every gateway session ends, every connection is cut, at
+    # least once; then faults at random.
+    first: list[tuple[str, tuple[str, ...]]] = [
+        ("drop", ()),
+        ("terminate", SESSIONS),
+        ("sever", ()),
+    ]
+    while time.monotonic() < until:
+        time.sleep(rng.uniform(0.1, 0.5))  # the pace of the storm, not a synchronisation
+        if first:
+            fault, names = first.pop(0)
+        else:  # one of the gateway's sessions, or all of them, when terminating
+            fault = rng.choice(FAULTS)
+            names = SESSIONS if rng.random() < 0.3 else (rng.choice(SESSIONS),)
+        if fault == "terminate":
+            done.append(f"terminate {'+'.join(names)} ({terminate(conn, names)})")
+            continue
+        if fault == "sever":
+            db_proxy.sever()
+        elif fault == "drop":
+            client_proxy.sever()
+        elif fault == "freeze":
+            db_proxy.freeze()
+            held = rng.uniform(0.2, 1.5)
+            time.sleep(held)  # frozen for this long
+            db_proxy.thaw()
+            fault = f"freeze {held:.1f}s"
+        else:
+            db_proxy.refuse()
+            db_proxy.sever()
+            held = rng.uniform(0.2, 1.0)
+            time.sleep(held)  # refusing for this long
+            db_proxy.allow()
+            fault = f"refuse {held:.1f}s"
+        done.append(fault)
+    return done
+
+
+def test_durable_clients_of_the_gateway_get_every_event_once_in_order_through_a_storm(
+    installed: str, conn: psycopg.Connection[Any]
+) -> None:
+    seed = int(os.environ.get("PGHERALD_CHAOS_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    report = f"seed {seed}"
+    start = pgherald.publish(conn, CHANNEL, {"n": 0})  # clients resume after it from the start
+    db_proxy = FaultProxy(_target_of(installed))
+    app = create_app(
+        db_proxy.dsn_for(installed),
+        jwt_secret=SECRET,
+        durable_channels=[CHANNEL],
+        heartbeat=0.25,  # SSE clients see a line at least this often
+        poll_interval=0.1,
+    )
+    hub = app.state.gateway.hub
+    followers: list[Follower] = []
+    publisher: Publisher | None = None
+    with contextlib.ExitStack() as stack:
+        stack.callback(db_proxy.close)
+        port, _ = stack.enter_context(serve(app))
+        # (uvicorn configured its loggers when the server was made: watched from here on, at
+        # the level it set)
+        errors = LogWatch()
+        from tests.fix_faults import watching
+        glog = stack.enter_context(watching("pgherald"))
+        logging.getLogger("uvicorn.error").addHandler(errors)
+        stack.callback(logging.getLogger("uvicorn.error").removeHandler, errors)
+        client_proxy = FaultProxy(("127.0.0.1", port))
+        stack.callback(client_proxy.close)
+        kinds = ["sse", "ws", "sse", "ws"]
+        followers = [
+            Follower(kind, f"{kind}-{i}", client_proxy.port, start) for i, kind in enumerate(kinds)
+        ]
+        stack.callback(lambda: [f._stop.set() for f in followers])
+        wait_until(lambda: all(f.streams for f in followers), 10, "every client's first stream")
+        publisher = Publisher(installed)
+        stack.callback(publisher.stop)
+        done = storm(rng, conn, db_proxy, client_proxy, time.monotonic() + STORM)
+        published = publisher.stop()
+        report = f"seed {seed}; faults: {', '.join(done)}"
+
+        def state() -> str:
+            return "; ".join(
+                f"{f.name}: {len(f.got)} events (last {f.last}), {f.streams} streams,"
+                f" refusals {f.refusals[-3:]}, ends {f.ends[-3:]}"
+                for f in followers
+            )
+
+        last = published[-1][0]
+        wait_until(
+            lambda: all(f.last >= last for f in followers),
+            20,
+            f"every client to catch up to event {last} ({report}) [{state()}]",
+        )
+
+        # The gateway is healthy again: /healthz, a publish through it, delivered live.
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as http:
+            wait_until(
+                lambda: http.get("/healthz").status_code == 200, 20, f"/healthz 200 ({report})"
+            )
+            assert http.get("/healthz").json() == {"database": True, "listener": True}, report
+            answer = http.post(
+                f"/publish/{CHANNEL}",
+                json={"n": "after"},
+                headers={"Authorization": f"Bearer {token('rw')}"},
+            )
+            assert answer.status_code == 200, f"{answer.text} ({report})"
+            after = int(answer.json()["id"])
+        wait_until(
+            lambda: all(f.last >= after for f in followers),
+            10,
+            f"every client to get event {after}, published after the storm ({report}) [{state()}]",
+        )
+        for f in followers:
+            f.stop()
+
+        expected = [(i, CHANNEL, json.dumps({"n": n}, separators=(",", ":"))) for i, n in published]
+        expected.append((after, CHANNEL, '{"n":"after"}'))
+        for f in followers:
+            got = [(i, ch, json.dumps(json.loads(d), separators=(",", ":"))) for i, ch, d in f.got]
+            ids = [i for i, _, _ in got]
+            twice = sorted({i for i in ids if ids.count(i) > 1})
+            assert not twice, f"{f.name} got events more than once: {twice[:10]} ({report})"
+            missing = sorted({i for i, _, _ in expected} - set(ids))
+            assert not missing, f"{f.name} missed events: {missing[:10]} ({report})"
+            assert ids == sorted(ids), f"{f.name} got events out of log order ({report})"
+            assert got == expected, f"{f.name} got other events than published ({report})"
+            odd = [r for r in f.refusals if UNAVAILABLE not in r]
+            assert not odd, f"{f.name}: resumes refused for another reason: {odd[:3]} ({report})"
+            # Its stream broke (the first fault drops every client) and it resumed.
+            assert f.streams >= 2, f"{f.name} never resumed ({report})"
+        print("\nREPORT", report, "\nSTATE", state(), "\nRECONNECTS", hub.listener.stats.reconnects, "PUBLISHED", len(published))
+        print("GLOG", "\n".join(f"{r.created:.2f} {r.name} {r.getMessage()[:200]}" for r in glog.records))
+        print("ERRORS", [r.getMessage() for r in errors.records])
+        assert hub.listener.stats.reconnects >= 1, report
+        crashed = [r.getMessage() for r in errors.records if r.levelno >= logging.ERROR]
+        assert not crashed, f"the gateway logged errors: {crashed[:3]} ({report})"

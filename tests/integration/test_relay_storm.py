@@ -1,0 +1,186 @@
+"""
+The webhook relay in a storm of real faults, on every runtime.
+
+A relay reads the log through a proxy of its own while a publisher writes events; meanwhile
+its database side meets faults one after the other, picked at random (its backend terminated
+or its statement cancelled, its connection severed, frozen for a while, or refusing
+reconnections for a while), and the receiver answers about one POST in six with a 500 or 503.
+Then the faults stop and the relay must catch up. What docs/relay.md promises must hold:
+nothing is lost (every event reaches the receiver, at least once); order per key (one key's
+events first arrive in log order); none is dead-lettered (no event failed `max_attempts` times
+in a row); `run()` keeps going through every fault and ends on `stop()`.
+
+Seeded like tests/integration/test_consumer_chaos.py: a failure names its seed
+(``PGHERALD_CHAOS_SEED`` replays the same faults) and the faults it ran.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgherald
+from tests.fix_brokers import SECRET, Receiver
+from tests.fix_durable import _OnAThread
+from tests.fix_faults import FaultProxy, wait_until
+from tests.fix_proxy import _target_of
+
+RUNTIMES = ["sync", "asyncio", "trio"]
+STORM = float(os.environ.get("PGHERALD_CHAOS_SECONDS") or 8.0)  # seconds of faults
+FAULTS = ("terminate", "cancel", "sever", "freeze", "refuse")
+
+
+class Publisher:
+    """Publishes events, one to three per transaction, until stopped; keeps their ids in order."""
+
+    def __init__(self, dsn: str) -> None:
+        self.ids: list[int] = []
+        self.keys: dict[int, str] = {}
+        self.error: BaseException | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._main, args=(dsn,), daemon=True)
+        self._thread.start()
+
+    def _main(self, dsn: str) -> None:
+        rng = random.Random(0)
+        n = 0
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                while not self._stop.wait(0.01):
+                    with conn.transaction():
+                        batch = []
+                        for _ in range(rng.randint(1, 3)):
+                            key = f"k{n % 7}"
+                            batch.append(pgherald.publish(conn, "orders", {"n": n}, key=key))
+                            self.keys[batch[-1]] = key
+                            n += 1
+                    self.ids += batch
+        except BaseException as exc:  # kept for the test
+            self.error = exc
+
+    def stop(self) -> list[int]:
+        self._stop.set()
+        self._thread.join(10)
+        assert self.error is None, repr(self.error)
+        return self.ids
+
+
+@pytest.fixture
+def proxy(installed: str) -> Iterator[FaultProxy]:
+    p = FaultProxy(_target_of(installed))
+    yield p
+    p.close()
+
+
+def relay_pid(conn: psycopg.Connection[Any]) -> int | None:
+    row = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'pgherald-relay' ORDER BY backend_start DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_the_webhook_relay_through_a_storm_of_faults(
+    runtime: str,
+    installed: str,
+    conn: psycopg.Connection[Any],
+    proxy: FaultProxy,
+    receiver_factory: Callable[..., Receiver],
+) -> None:
+    seed = int(os.environ.get("PGHERALD_CHAOS_SEED") or random.randrange(2**32))
+    rng = random.Random(seed)
+    lock = threading.Lock()
+    failed_in_a_row: dict[int, int] = {}
+
+    def decide(n: int, body: Any) -> tuple[int, dict[str, str]]:
+        with lock:  # never 4 refusals of one event in a row: none may be dead-lettered
+            refusals = failed_in_a_row.get(body["id"], 0)
+            if refusals < 3 and rng.random() < 1 / 6:
+                failed_in_a_row[body["id"]] = refusals + 1
+                return rng.choice((500, 503)), {}
+            failed_in_a_row[body["id"]] = 0
+            return 200, {}
+
+    receiver = receiver_factory(decide)
+    cls = pgherald.Relay if runtime == "sync" else pgherald.AsyncRelay
+    relay: Any = cls(
+        proxy.dsn_for(installed),
+        to=receiver.url,
+        channels=["orders"],
+        secret=SECRET,
+        retry_delay=0.01,
+        retry_max_delay=0.1,
+        stats_interval=None,
+    )
+    running = _OnAThread(runtime, relay)
+    publisher = Publisher(installed)
+    done: list[str] = []
+    report = f"seed {seed}"
+    try:
+        wait_until(
+            lambda: receiver.accepted or not running.thread.is_alive(), 10, "a relayed event"
+        )
+        until = time.monotonic() + STORM
+        while time.monotonic() < until:
+            time.sleep(rng.uniform(0.1, 0.5))  # the pace of the storm, not a synchronisation
+            fault = rng.choice(FAULTS) if done else "sever"  # the first one ends a session
+            if fault in ("terminate", "cancel"):
+                pid = relay_pid(conn)
+                if pid is None:
+                    continue  # between sessions: nothing to kill
+                call = "pg_terminate_backend" if fault == "terminate" else "pg_cancel_backend"
+                conn.execute(f"SELECT {call}(%s)", (pid,))
+            elif fault == "sever":
+                proxy.sever()
+            elif fault == "freeze":
+                proxy.freeze()
+                time.sleep(rng.uniform(0.2, 1.5))  # frozen for this long
+                proxy.thaw()
+            else:
+                proxy.refuse()
+                proxy.sever()
+                time.sleep(rng.uniform(0.2, 1.0))  # refusing for this long
+                proxy.allow()
+            done.append(fault)
+        ids = publisher.stop()
+        report = f"seed {seed}; faults: {', '.join(done)}"
+        assert running.thread.is_alive(), f"run() ended: {running.error!r} ({report})"
+
+        def relayed() -> set[int]:
+            with receiver.lock:
+                return {body["id"] for body in receiver.accepted}
+
+        wait_until(lambda: relayed() >= set(ids), 60, f"every event relayed ({report})")
+        running.stop(within=2.0)
+        assert running.error is None, f"{running.error!r} ({report})"
+    finally:
+        publisher.stop()
+        if running.thread.is_alive():
+            relay.stop()
+            running.thread.join(10)
+
+    with receiver.lock:
+        arrivals = [body["id"] for body in receiver.accepted]
+    keys = publisher.keys
+
+    def per_key(order: list[int]) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for i in order:
+            out.setdefault(keys[i], []).append(i)
+        return out
+
+    first = list(dict.fromkeys(arrivals))  # each event's first arrival, in arrival order
+    assert sorted(first) == sorted(ids), report
+    assert per_key(first) == per_key(ids), f"a key's events first relayed out of order ({report})"
+    assert receiver.bad_signatures == 0
+    dead = conn.execute("SELECT count(*) FROM pgherald.dead_letters_v1").fetchone()
+    assert dead == (0,), f"events dead-lettered ({report})"
+    assert relay.stats.relayed >= len(ids)
