@@ -41,6 +41,7 @@ from ._relay_nats import NatsSink
 from ._relay_redis import RedisSink
 from ._relay_sink import Refused, RelayStats, Sink, _RelayState
 from ._relay_webhook import WebhookSink
+from ._waiting_async import LoopCaller
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
@@ -248,6 +249,7 @@ class AsyncRelay:
         self._retry = (retry_delay, retry_max_delay)
         self._metrics = (metrics_host, metrics_port)
         self._state: _RelayState | None = None
+        self._caller = LoopCaller()  # run()'s event loop, for a stop() from another thread
         self._stop_requested = False
         self._fatal: UsageError | None = None
         self._metrics_address: tuple[str, int] | None = None
@@ -276,12 +278,17 @@ class AsyncRelay:
         return self._metrics_address
 
     def stop(self) -> None:
-        """Make `run` return: the batch in hand is finished or left for the next run (call it on
-        the event loop's thread; `Relay.stop` may be called from any)."""
+        """Make `run` return: the batch in hand is finished or left for the next run. Any
+        thread or a signal handler may call it (it waits for nothing)."""
         self._stop_requested = True
         self._consumer.stop()
-        if self._state is not None:
-            self._state.stop()
+        self._caller.call(self._stop_sinks)
+
+    def _stop_sinks(self) -> None:
+        # On the event loop's thread: anyio's events and cancel scopes are not thread-safe.
+        state = self._state
+        if state is not None:
+            state.stop()
 
     async def run(self) -> None:
         """Relay events until `stop` (or cancellation)."""
@@ -291,6 +298,7 @@ class AsyncRelay:
                 "nats-py, redis-py): run this AsyncRelay under asyncio, or pgherald.Relay from "
                 "a thread (webhook relays run on trio too)"
             )
+        self._caller.bind()
         self._state = _RelayState(
             self.stats, retry_delay=self._retry[0], retry_max_delay=self._retry[1]
         )
@@ -556,7 +564,8 @@ class Relay:
         return self._relay.metrics()
 
     def stop(self) -> None:
-        """Make `run` return; any thread, a signal handler too."""
+        """Make `run` return; any thread, a signal handler too (as a callback of its loop: a
+        signal handler runs between two steps of the loop's own code)."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:

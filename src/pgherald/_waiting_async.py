@@ -22,6 +22,48 @@ T = TypeVar("T")
 _running_loop = asyncio._get_running_loop  # None outside asyncio; a C call, no exception
 
 
+class LoopCaller:
+    """
+    Runs a function on the event loop that `bind` found: at once on the loop's own thread (or
+    before any `bind`), else scheduled from the other thread, never waited for. The caller
+    (a ``stop()`` from a signal handler, a watchdog thread) must not wait on the loop: it may
+    be busy in a handler, or not running at all (between ``run_until_complete`` calls), and
+    then a wait for it has no end.
+    """
+
+    __slots__ = ("_soon", "_thread", "_token")
+
+    def __init__(self) -> None:
+        self._soon: Callable[[Callable[[], object]], object] | None = None  # thread-safe call
+        self._thread: int | None = None
+        self._token: Any = None
+
+    def bind(self) -> None:
+        """Remember the running event loop (asyncio, trio, or another anyio backend)."""
+        self._thread = threading.get_ident()
+        loop = _running_loop()
+        if loop is not None:
+            self._soon = loop.call_soon_threadsafe
+            return
+        trio = sys.modules.get("trio")
+        if trio is not None and trio.lowlevel.in_trio_run():
+            self._soon = trio.lowlevel.current_trio_token().run_sync_soon
+            return
+        self._soon = None
+        self._token = anyio.lowlevel.current_token()
+
+    def call(self, fn: Callable[[], object]) -> None:
+        if self._thread is None or threading.get_ident() == self._thread:
+            fn()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has finished: nothing to call
+            soon = self._soon
+            if soon is not None:
+                soon(fn)
+            else:  # another anyio backend: its own thread call (waits for the loop)
+                anyio.from_thread.run_sync(fn, token=self._token)
+
+
 class AsyncWaiter:
     """
     Waits on a connection socket, cancellable by `wake`, on asyncio or trio.
@@ -42,9 +84,7 @@ class AsyncWaiter:
     def __init__(self, *, keep_reader: bool = False) -> None:
         self._scope: Any = None  # the anyio or trio cancel scope of the current wait
         self._woken = False
-        self._token: Any = None
-        self._soon: Callable[[Callable[[], object]], object] | None = None  # thread-safe call
-        self._thread: int | None = None
+        self._caller = LoopCaller()
         # asyncio path: the wait's future, its deadline (time.monotonic) and a lazy timer.
         self._keep = keep_reader
         self._fut: asyncio.Future[bool] | None = None
@@ -57,32 +97,10 @@ class AsyncWaiter:
 
     def bind(self) -> None:
         """Remember the running event loop, so other threads can reach it."""
-        self._thread = threading.get_ident()
-        loop = _running_loop()
-        if loop is not None:
-            self._soon = loop.call_soon_threadsafe
-            return
-        trio = sys.modules.get("trio")
-        if trio is not None and trio.lowlevel.in_trio_run():
-            self._soon = trio.lowlevel.current_trio_token().run_sync_soon
-            return
-        self._soon = None
-        self._token = anyio.lowlevel.current_token()
+        self._caller.bind()
 
     def wake(self) -> None:
-        if self._thread is None or threading.get_ident() == self._thread:
-            self._wake_here()
-            return
-        # From another thread: scheduled on the loop, never waited for. The caller (stop()
-        # from a signal handler, a watchdog thread) must not wait on the loop: it may be busy
-        # in a handler, or not running at all (between run_until_complete calls), and then a
-        # wait for it has no end. The flags are set already; the loop wakes when it runs.
-        with contextlib.suppress(RuntimeError):  # the loop has finished: nothing to wake
-            soon = self._soon
-            if soon is not None:
-                soon(self._wake_here)
-            else:  # another anyio backend: its own thread call (waits for the loop)
-                anyio.from_thread.run_sync(self._wake_here, token=self._token)
+        self._caller.call(self._wake_here)
 
     def _wake_here(self) -> None:
         self._woken = True

@@ -14,7 +14,7 @@ import pytest
 
 import pgherald
 from tests.fix_brokers import SECRET, Receiver, publish_paced
-from tests.fix_durable import uncovered
+from tests.fix_durable import _OnAThread, uncovered
 from tests.fix_faults import FaultProxy, await_until, wait_until
 
 
@@ -217,6 +217,34 @@ async def test_async_relay_stops_within_a_second_while_a_webhook_hangs(
     finally:
         release.set()
     assert took < 1.0, f"run() took {took:.2f}s after stop()"
+    assert relay.stats.relayed == 0  # not acknowledged: it comes again
+
+
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_async_relay_stops_from_another_thread_while_a_webhook_hangs(
+    runtime: str, installed: str, receiver_factory: Callable[..., Receiver]
+) -> None:
+    # stop() from a thread other than the loop's (a watchdog, a signal handler's thread):
+    # it cancels the POST in flight on the loop, and run() ends within a second, cleanly.
+    publish_paced(installed, "orders", 1, 1, 0)
+    release = threading.Event()
+    arrived = threading.Event()
+
+    def hang(n: int, body: Any) -> tuple[int, dict[str, str]]:
+        arrived.set()
+        release.wait(30)
+        return 200, {}
+
+    receiver = receiver_factory(hang)
+    relay = pgherald.AsyncRelay(installed, to=receiver.url, channels=["orders"], secret=SECRET)
+    running = _OnAThread(runtime, relay)
+    try:
+        wait_until(arrived.is_set, 10, "the POST")
+        took = running.stop(within=1.0)
+    finally:
+        release.set()
+    assert running.error is None, repr(running.error)
+    assert took < 1.0
     assert relay.stats.relayed == 0  # not acknowledged: it comes again
 
 
