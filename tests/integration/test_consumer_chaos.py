@@ -11,6 +11,8 @@ up. What the docs promise must hold through all of it:
   effects in publishing order;
 - with plain handlers (trio, where psycopg's async connection does not run): every event at
   least once, and one key's events first seen in publishing order;
+- delayed events (`deliver_at`, about one transaction in eight) as the others, and none
+  handed out before its time;
 - no event dead-lettered (no handler failed on its own), and `run()` ends cleanly on `stop()`.
 
 The faults are random but reproducible: a failure names its seed (set ``PGHERALD_CHAOS_SEED``
@@ -25,6 +27,7 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
@@ -37,6 +40,7 @@ from tests.fix_proxy import _target_of
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 KEYS = 6
+LATE = "late"  # the key of delayed events: released at their time, so out of the keys' order
 STORM = float(os.environ.get("PGHERALD_CHAOS_SECONDS") or 8.0)  # seconds of faults
 FAULTS = ("terminate", "cancel", "sever", "freeze", "refuse")
 OPTIONS: dict[str, Any] = {
@@ -70,6 +74,16 @@ class Publisher:
                 while not self._stop.wait(0.004):
                     batch = []
                     with conn.transaction():
+                        if rng.random() < 1 / 8:
+                            due = datetime.now(timezone.utc) + timedelta(
+                                seconds=rng.uniform(0, 1.5)
+                            )
+                            payload = {"n": n, "due": due.timestamp()}
+                            event_id = pgherald.publish(
+                                conn, "orders", payload, key=LATE, deliver_at=due
+                            )
+                            batch.append((event_id, LATE, n))
+                            n += 1
                         for _ in range(rng.randint(1, 3)):
                             key = f"k{n % KEYS}"
                             event_id = pgherald.publish(conn, "orders", {"n": n}, key=key)
@@ -92,10 +106,14 @@ class Member(ConsumerOnAThread):
     def __init__(self, runtime: str, dsn: str, number: int, seen: list[tuple[int, int]]) -> None:
         cls = pgherald.Consumer if runtime == "sync" else pgherald.AsyncConsumer
         consumer: Any = cls(dsn, application_name=f"chaos-{number}", **OPTIONS)
-        insert = "INSERT INTO effects (event_id, key, n, member) VALUES (%s, %s, %s, %s)"
+        # A delayed event enters the log with a new id: events are told apart by their n.
+        insert = (
+            "INSERT INTO effects (event_id, key, n, member, due, at)"
+            " VALUES (%s, %s, %s, %s, %s, extract(epoch FROM clock_timestamp()))"
+        )
 
-        def values(e: pgherald.Event) -> tuple[int, str | None, int, int]:
-            return (e.id, e.key, e.payload["n"], number)
+        def values(e: pgherald.Event) -> tuple[int, str | None, int, int, float | None]:
+            return (e.id, e.key, e.payload["n"], number, e.payload.get("due"))
 
         if runtime == "sync":
 
@@ -113,7 +131,7 @@ class Member(ConsumerOnAThread):
 
             @consumer.on("orders")
             async def record(e: pgherald.Event) -> None:
-                seen.append((e.id, number))
+                seen.append((e.payload["n"], time.time() - e.payload.get("due", 0.0)))
 
         # Connected, in the group, reading before the storm: a first connection's failure is
         # not retried (documented).
@@ -174,9 +192,10 @@ def test_a_group_of_two_through_a_storm_of_faults(
     rng = random.Random(seed)
     conn.execute(
         "CREATE TABLE effects (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
-        " event_id bigint NOT NULL, key text NOT NULL, n int NOT NULL, member int NOT NULL)"
+        " event_id bigint NOT NULL, key text NOT NULL, n int NOT NULL, member int NOT NULL,"
+        " due float8, at float8 NOT NULL)"
     )
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, float]] = []
     members = [Member(runtime, p.dsn_for(installed), i, seen) for i, p in enumerate(proxies)]
     publisher = Publisher(installed)
     try:
@@ -189,7 +208,7 @@ def test_a_group_of_two_through_a_storm_of_faults(
         def delivered() -> int:
             if runtime == "trio":
                 return len({i for i, _ in seen})
-            row = conn.execute("SELECT count(DISTINCT event_id) FROM effects").fetchone()
+            row = conn.execute("SELECT count(DISTINCT n) FROM effects").fetchone()
             return int(row[0]) if row else 0
 
         wait_until(lambda: delivered() >= len(published), 60, f"every event ({report})")
@@ -201,24 +220,26 @@ def test_a_group_of_two_through_a_storm_of_faults(
         for m in members:
             m.close()
 
-    order = {key: [n for _, k, n in published if k == key] for key in {k for _, k, _ in published}}
+    order = {k: [n for _, key, n in published if key == k] for _, k, _ in published if k != LATE}
+    keys = {n: k for _, k, n in published}
     if runtime == "trio":
-        ids = {i: (k, n) for i, k, n in published}
-        assert {i for i, _ in seen} == set(ids), report
+        assert {n for n, _ in seen} == set(keys), report
+        early = [(n, late) for n, late in seen if late < 0]
         first: dict[str, list[int]] = {}
-        for i in dict.fromkeys(i for i, _ in seen):  # first sightings, in order
-            first.setdefault(ids[i][0], []).append(ids[i][1])
-        assert first == order, f"a key's events were first seen out of order ({report})"
+        for n in dict.fromkeys(n for n, _ in seen):  # first sightings, in order
+            first.setdefault(keys[n], []).append(n)
     else:
         twice = conn.execute(
-            "SELECT event_id, count(*) FROM effects GROUP BY event_id HAVING count(*) > 1"
+            "SELECT n, count(*) FROM effects GROUP BY n HAVING count(*) > 1"
         ).fetchall()
         assert twice == [], f"effects more than once: {twice[:5]} ({report})"
-        rows = conn.execute("SELECT key, n FROM effects ORDER BY seq").fetchall()
-        effects: dict[str, list[int]] = {}
-        for k, n in rows:
-            effects.setdefault(k, []).append(n)
-        assert effects == order, f"a key's effects out of order ({report})"
+        early = conn.execute("SELECT n, at - due FROM effects WHERE at < due").fetchall()
+        first = {}
+        for k, n in conn.execute("SELECT key, n FROM effects ORDER BY seq").fetchall():
+            first.setdefault(k, []).append(n)
+    assert early == [], f"delayed events handed out before their time ({report})"
+    assert len(first.pop(LATE, [])) == sum(k == LATE for k in keys.values()), report
+    assert first == order, f"a key's events out of order ({report})"
     dead = conn.execute("SELECT count(*) FROM pgherald.dead_letters_v1").fetchone()
     assert dead == (0,), f"events dead-lettered ({report})"
     # The storm did reach the members: each came back from at least one lost session.
