@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
 
@@ -20,6 +22,41 @@ from ._protocol.pgwire import READ, SLEEP, WAIT, Request
 T = TypeVar("T")
 
 _running_loop = asyncio._get_running_loop  # None outside asyncio; a C call, no exception
+
+
+_readers: weakref.WeakValueDictionary[tuple[int, int], AsyncWaiter] = (
+    weakref.WeakValueDictionary()
+)
+"""Which waiter's reader each (event loop, socket number) has: a waiter removes its own only."""
+
+
+def _watch(
+    add: Callable[[int, Callable[[], None]], object],
+    loop: asyncio.AbstractEventLoop,
+    fd: int,
+    callback: Callable[[], None],
+) -> None:
+    """`loop.add_reader` or `add_writer` (*add*) of *callback* for socket number *fd*."""
+    try:
+        add(fd, callback)
+    except (RuntimeError, OSError):
+        # The number is still registered for a socket closed without its reader removed (a
+        # kept reader's: libpq closed the socket as the connection broke): the next socket to
+        # get the number cannot be watched until that entry goes. The selector loop's epoll
+        # forgot the closed socket, so adding to its entry fails (FileNotFoundError); uvloop
+        # closed its watcher at the reset (RuntimeError). The number is ours now: it goes.
+        for remove in (loop.remove_reader, loop.remove_writer):
+            with contextlib.suppress(RuntimeError, OSError, ValueError):
+                remove(fd)
+        add(fd, callback)
+
+
+def _readable(fd: int) -> bool:
+    """Whether *fd* has something to read (or an error, or its end) this instant."""
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    except (OSError, ValueError):  # closed meanwhile: let the reader find out
+        return True
 
 
 class LoopCaller:
@@ -144,16 +181,14 @@ class AsyncWaiter:
             reader = self._reader
             if reader is None or reader[0] is not loop or reader[1] != fd:
                 self.release()
-                loop.add_reader(fd, self._on_readable)
-                self._reader = (loop, fd, os.fstat(fd).st_ino if kept else 0)
+                self._add_reader(loop, fd)
             elif os.fstat(fd).st_ino != reader[2]:
                 # The same number, another socket (reconnected): epoll forgot the old one.
                 self.release()
-                loop.add_reader(fd, self._on_readable)
-                self._reader = (loop, fd, os.fstat(fd).st_ino)
+                self._add_reader(loop, fd)
         else:
             self.release()
-            loop.add_writer(fd, self._on_writable)
+            _watch(loop.add_writer, loop, fd, self._on_writable)
             kept = False
         try:
             ready = await fut
@@ -169,12 +204,17 @@ class AsyncWaiter:
 
     def _on_readable(self) -> None:
         if self._stale:
-            # The loop's first look after it woke us: the socket is still readable because
-            # our task has not run yet, and by the time this runs it has read the data and
-            # may be waiting again. Waking it would be for nothing (level-triggered: data
-            # that did come meanwhile is reported again at the next look).
+            # Maybe the loop's first look after it woke us (asyncio's selector loop): the
+            # socket was still readable because our task had not run yet, and by the time
+            # this runs it has read the data and may be waiting again: waking it would be for
+            # nothing. But not on every loop: uvloop's task runs in the same turn, so this
+            # may be the next readiness itself, and after a reset (RST) libuv reports that
+            # once and stops watching: ignored, the connection's end would go unseen until
+            # the health check. So the socket is asked (a poll that does not wait).
             self._stale = False
-            return
+            reader = self._reader
+            if reader is None or not _readable(reader[1]):
+                return
         fut = self._fut
         if fut is None:
             # Nobody waits (the task is busy elsewhere): stop watching, or a level-triggered
@@ -208,13 +248,24 @@ class AsyncWaiter:
         else:
             fut.set_result(False)
 
+    def _add_reader(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
+        _watch(loop.add_reader, loop, fd, self._on_readable)
+        self._reader = (loop, fd, os.fstat(fd).st_ino)
+        _readers[(id(loop), fd)] = self
+
     def release(self) -> None:
         """Stop watching the socket (the listener's loop ends, or its socket changes)."""
         reader, self._reader = self._reader, None
         self._stale = False
         if reader is not None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to remove
-                reader[0].remove_reader(reader[1])
+            loop, fd = reader[0], reader[1]
+            # Only our own registration: once our socket is closed, its number may be another
+            # waiter's socket, with that waiter's reader there: removing "fd's reader" would
+            # leave it deaf (a gateway's log tail was, after its listener reconnected).
+            if _readers.get((id(loop), fd)) is self:
+                del _readers[(id(loop), fd)]
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to remove
+                    loop.remove_reader(fd)
         if self._fut is None and self._timer is not None:
             self._timer.cancel()
             self._timer = None
