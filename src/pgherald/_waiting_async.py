@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import asyncio.selector_events
 import contextlib
 import os
-import select
 import sys
 import threading
 import time
@@ -49,14 +49,6 @@ def _watch(
             with contextlib.suppress(RuntimeError, OSError, ValueError):
                 remove(fd)
         add(fd, callback)
-
-
-def _readable(fd: int) -> bool:
-    """Whether *fd* has something to read (or an error, or its end) this instant."""
-    try:
-        return bool(select.select([fd], [], [], 0)[0])
-    except (OSError, ValueError):  # closed meanwhile: let the reader find out
-        return True
 
 
 class LoopCaller:
@@ -131,6 +123,7 @@ class AsyncWaiter:
         self._timer_loop: asyncio.AbstractEventLoop | None = None
         self._reader: tuple[asyncio.AbstractEventLoop, int, int] | None = None  # (loop, fd, ino)
         self._stale = False  # the reader's next call reports what woke us already
+        self._selector = False  # the reader's loop is a selector loop (see _on_readable)
 
     def bind(self) -> None:
         """Remember the running event loop, so other threads can reach it."""
@@ -204,17 +197,12 @@ class AsyncWaiter:
 
     def _on_readable(self) -> None:
         if self._stale:
-            # Maybe the loop's first look after it woke us (asyncio's selector loop): the
-            # socket was still readable because our task had not run yet, and by the time
-            # this runs it has read the data and may be waiting again: waking it would be for
-            # nothing. But not on every loop: uvloop's task runs in the same turn, so this
-            # may be the next readiness itself, and after a reset (RST) libuv reports that
-            # once and stops watching: ignored, the connection's end would go unseen until
-            # the health check. So the socket is asked (a poll that does not wait).
+            # The selector loop's first look after it woke us: the socket is still readable
+            # because our task has not run yet, and by the time this runs it has read the data
+            # and may be waiting again. Waking it would be for nothing (level-triggered: data
+            # that did come meanwhile is reported again at the next look).
             self._stale = False
-            reader = self._reader
-            if reader is None or not _readable(reader[1]):
-                return
+            return
         fut = self._fut
         if fut is None:
             # Nobody waits (the task is busy elsewhere): stop watching, or a level-triggered
@@ -222,7 +210,11 @@ class AsyncWaiter:
             self.release()
         elif not fut.done():
             fut.set_result(True)
-            self._stale = True
+            # Only a selector loop looks again before our task runs. uvloop runs it in the
+            # same turn: its next call is the next readiness itself, and after a reset (RST)
+            # libuv reports that once and stops watching: dropped, a connection's end would go
+            # unseen until the health check.
+            self._stale = self._selector
 
     def _on_writable(self) -> None:
         fut = self._fut
@@ -250,6 +242,7 @@ class AsyncWaiter:
 
     def _add_reader(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         _watch(loop.add_reader, loop, fd, self._on_readable)
+        self._selector = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
         self._reader = (loop, fd, os.fstat(fd).st_ino)
         _readers[(id(loop), fd)] = self
 
