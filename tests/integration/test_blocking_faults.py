@@ -192,3 +192,26 @@ def test_a_lent_connection_terminated_before_the_read_raises_connection_lost(
         conn.execute("SELECT pg_terminate_backend(%s)", (lent.info.backend_pid,))
         with pytest.raises(pgherald.ConnectionLost):
             pgherald.read_log(lent, timeout=5)
+
+
+def test_a_statement_whose_connection_is_closed_under_it_is_a_connection_error(
+    installed: str,
+) -> None:
+    # An aclose() from another task finishes the connection while a statement of the engine's
+    # waits for its answer: the wait ends (woken), and the statement must not read as one that
+    # answered nothing (a consumer's acknowledgement took that for a result and raised
+    # ValueError from its iteration).
+    from psycopg import pq
+
+    from pgherald._protocol import pgwire
+
+    with psycopg.connect(installed, autocommit=True) as conn:
+        pgconn = conn.pgconn
+        pgconn.nonblocking = 1
+        pgconn.send_query(b"SELECT pg_sleep(0.5)")
+        gen = pgwire.finish(pgconn, time.monotonic() + 5)
+        assert next(gen)[0] == pgwire.WAIT  # waiting for the answer
+        pgconn.finish()  # closed under it
+        assert pgconn.status == pq.ConnStatus.BAD
+        with pytest.raises(psycopg.OperationalError, match="closed before the statement's answer"):
+            gen.send(False)  # woken

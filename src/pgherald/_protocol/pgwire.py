@@ -130,6 +130,10 @@ def finish(
         results.append(res)
     if error is not None:
         raise error
+    if not results and pgconn.status == pq.ConnStatus.BAD:
+        # Closed under the statement (an aclose() from another task finished it): no answer,
+        # which must not read as an empty one.
+        raise psycopg.OperationalError("the connection was closed before the statement's answer")
     return results
 
 
