@@ -15,16 +15,12 @@ up. What the docs promise must hold through all of it:
   handed out before its time;
 - no event dead-lettered (no handler failed on its own), and `run()` ends cleanly on `stop()`.
 
-The faults are random but reproducible: a failure names its seed (set ``PGHERALD_CHAOS_SEED``
-to replay the same sequence of faults; timings still differ) and the faults it ran. The storm
-lasts 8 s; ``PGHERALD_CHAOS_SECONDS`` makes it longer, for a soak run by hand.
+Seeded and replayable as every storm test (tests/fix_chaos.py).
 """
 
 from __future__ import annotations
 
-import os
 import random
-import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
@@ -34,6 +30,7 @@ import psycopg
 import pytest
 
 import pgherald
+from tests.fix_chaos import Fault, Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import ConsumerOnAThread
 from tests.fix_faults import FaultProxy, wait_until
 from tests.fix_proxy import _target_of
@@ -41,8 +38,7 @@ from tests.fix_proxy import _target_of
 RUNTIMES = ["sync", "asyncio", "trio"]
 KEYS = 6
 LATE = "late"  # the key of delayed events: released at their time, so out of the keys' order
-STORM = float(os.environ.get("PGHERALD_CHAOS_SECONDS") or 8.0)  # seconds of faults
-FAULTS = ("terminate", "cancel", "sever", "freeze", "refuse")
+Sent = tuple[int, str, int]  # (the id publish returned, key, n)
 OPTIONS: dict[str, Any] = {
     "group": "chaos",
     "channels": ["orders"],
@@ -56,48 +52,19 @@ OPTIONS: dict[str, Any] = {
 }
 
 
-class Publisher:
-    """Publishes keyed events, one to three per transaction, until stopped; keeps their order."""
-
-    def __init__(self, dsn: str) -> None:
-        self.published: list[tuple[int, str, int]] = []  # (id, key, n), in commit order
-        self._stop = threading.Event()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(dsn,), daemon=True)
-        self._thread.start()
-
-    def _main(self, dsn: str) -> None:
-        rng = random.Random(0)
-        n = 0
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                while not self._stop.wait(0.004):
-                    batch = []
-                    with conn.transaction():
-                        if rng.random() < 1 / 8:
-                            due = datetime.now(timezone.utc) + timedelta(
-                                seconds=rng.uniform(0, 1.5)
-                            )
-                            payload = {"n": n, "due": due.timestamp()}
-                            event_id = pgherald.publish(
-                                conn, "orders", payload, key=LATE, deliver_at=due
-                            )
-                            batch.append((event_id, LATE, n))
-                            n += 1
-                        for _ in range(rng.randint(1, 3)):
-                            key = f"k{n % KEYS}"
-                            event_id = pgherald.publish(conn, "orders", {"n": n}, key=key)
-                            batch.append((event_id, key, n))
-                            n += 1
-                    self.published += batch
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-
-    def stop(self) -> list[tuple[int, str, int]]:
-        self._stop.set()
-        self._thread.join(10)
-        assert self.error is None, repr(self.error)
-        return self.published
+def publish_step(conn: psycopg.Connection[Any], rng: random.Random, n: int) -> list[Sent]:
+    """One to three keyed events, and about one transaction in eight a delayed one first."""
+    batch: list[Sent] = []
+    if rng.random() < 1 / 8:
+        due = datetime.now(timezone.utc) + timedelta(seconds=rng.uniform(0, 1.5))
+        payload = {"n": n, "due": due.timestamp()}
+        batch.append((pgherald.publish(conn, "orders", payload, key=LATE, deliver_at=due), LATE, n))
+        n += 1
+    for _ in range(rng.randint(1, 3)):
+        key = f"k{n % KEYS}"
+        batch.append((pgherald.publish(conn, "orders", {"n": n}, key=key), key, n))
+        n += 1
+    return batch
 
 
 class Member(ConsumerOnAThread):
@@ -146,41 +113,6 @@ def proxies(installed: str) -> Iterator[list[FaultProxy]]:
         p.close()
 
 
-def storm(
-    rng: random.Random,
-    conn: psycopg.Connection[Any],
-    members: list[Member],
-    proxies: list[FaultProxy],
-    until: float,
-) -> list[str]:
-    """Faults one after the other until *until*; returns what was done, for the report."""
-    done: list[str] = []
-    # Each member loses a session at least once; then faults at random.
-    first = [("sever", i) for i in range(len(members))]
-    while time.monotonic() < until:
-        time.sleep(rng.uniform(0.1, 0.5))  # the pace of the storm, not a synchronisation
-        fault, which = first.pop(0) if first else (rng.choice(FAULTS), rng.randrange(len(members)))
-        proxy, pid = proxies[which], members[which].consumer.backend_pid
-        if fault in ("terminate", "cancel"):
-            if pid is None:
-                continue  # between sessions: nothing to kill
-            call = "pg_terminate_backend" if fault == "terminate" else "pg_cancel_backend"
-            conn.execute(f"SELECT {call}(%s)", (pid,))
-        elif fault == "sever":
-            proxy.sever()
-        elif fault == "freeze":
-            proxy.freeze()
-            time.sleep(rng.uniform(0.2, 1.5))  # frozen for this long (may pass the timeout)
-            proxy.thaw()
-        else:
-            proxy.refuse()
-            proxy.sever()
-            time.sleep(rng.uniform(0.2, 1.0))  # refusing for this long
-            proxy.allow()
-        done.append(f"{fault} {which}")
-    return done
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_group_of_two_through_a_storm_of_faults(
     runtime: str,
@@ -188,7 +120,7 @@ def test_a_group_of_two_through_a_storm_of_faults(
     conn: psycopg.Connection[Any],
     proxies: list[FaultProxy],
 ) -> None:
-    seed = int(os.environ.get("PGHERALD_CHAOS_SEED") or random.randrange(2**32))
+    seed = chaos_seed()
     rng = random.Random(seed)
     conn.execute(
         "CREATE TABLE effects (seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
@@ -197,9 +129,14 @@ def test_a_group_of_two_through_a_storm_of_faults(
     )
     seen: list[tuple[int, float]] = []
     members = [Member(runtime, p.dsn_for(installed), i, seen) for i, p in enumerate(proxies)]
-    publisher = Publisher(installed)
+    publisher = Paced(installed, publish_step, pace=0.004)
     try:
-        done = storm(rng, conn, members, proxies, time.monotonic() + STORM)
+        faults: dict[str, Fault] = {}
+        for i, (m, p) in enumerate(zip(members, proxies, strict=True)):
+            faults |= proxy_faults(p, str(i))
+            faults |= backend_faults(conn, lambda m=m: m.consumer.backend_pid, str(i))
+        # Each member loses a session at least once; then faults at random.
+        done = storm(rng, faults, first=["sever 0", "sever 1"])
         published = publisher.stop()
         report = f"seed {seed}; faults: {', '.join(done)}"
         for m in members:

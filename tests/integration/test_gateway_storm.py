@@ -24,9 +24,7 @@ answered "the database is not available" (503, or that `error` message) and noth
 at the end the gateway is healthy (``/healthz`` 200), publishes again, delivers live, and shuts
 down cleanly.
 
-The faults are random but reproducible: a failure names its seed (set ``PGHERALD_CHAOS_SEED``
-to replay the same sequence of faults; timings still differ) and the faults it ran. The storm
-lasts 8 s; ``PGHERALD_CHAOS_SECONDS`` makes it longer, for a soak run by hand.
+Seeded and replayable as every storm test (tests/fix_chaos.py).
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import socket
 import threading
@@ -52,13 +49,13 @@ from websockets.sync.client import connect as ws_connect
 import pgherald
 from pgherald.contrib.gateway import create_app
 from pgherald.contrib.gateway.server import GatewayServer
+from tests.fix_chaos import Fault, Paced, chaos_seed, proxy_faults, storm
 from tests.fix_faults import FaultProxy, LogWatch, wait_until
 from tests.fix_proxy import _target_of
 
 SECRET = "storm-secret-not-for-production-0123456789"
 CHANNEL = "orders"
-STORM = float(os.environ.get("PGHERALD_CHAOS_SECONDS") or 8.0)  # seconds of faults
-FAULTS = ("terminate", "sever", "freeze", "refuse", "drop")
+Sent = tuple[int, int]  # (event id, n)
 SESSIONS = ("pgherald-gateway", "pgherald-gateway-db", "pgherald-gateway-tail")
 UNAVAILABLE = "the database is not available"  # the documented answer while it is away
 
@@ -90,36 +87,12 @@ def serve(app: Any, **config: Any) -> Iterator[tuple[int, GatewayServer]]:
     assert not thread.is_alive(), "the gateway did not shut down"
 
 
-class Publisher:
-    """Durable events, one to three per transaction, until stopped; keeps them in log order."""
-
-    def __init__(self, dsn: str) -> None:
-        self.published: list[tuple[int, int]] = []  # (event id, n), in commit order
-        self._stop = threading.Event()
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, args=(dsn,), daemon=True)
-        self._thread.start()
-
-    def _main(self, dsn: str) -> None:
-        rng = random.Random(0)
-        n = 0
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                while not self._stop.wait(0.01):  # the publishing pace
-                    batch = []
-                    with conn.transaction():
-                        for _ in range(rng.randint(1, 3)):
-                            n += 1
-                            batch.append((pgherald.publish(conn, CHANNEL, {"n": n}), n))
-                    self.published += batch
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-
-    def stop(self) -> list[tuple[int, int]]:
-        self._stop.set()
-        self._thread.join(10)
-        assert self.error is None, repr(self.error)
-        return self.published
+def publish_step(conn: psycopg.Connection[Any], rng: random.Random, n: int) -> list[Sent]:
+    """One to three durable events (n from 1: event 0 is the clients' start)."""
+    return [
+        (pgherald.publish(conn, CHANNEL, {"n": k}), k)
+        for k in range(n + 1, n + 1 + rng.randint(1, 3))
+    ]
 
 
 class Follower:
@@ -225,57 +198,34 @@ def terminate(conn: psycopg.Connection[Any], names: tuple[str, ...]) -> int:
     return int(row[0]) if row else 0
 
 
-def storm(
-    rng: random.Random,
-    conn: psycopg.Connection[Any],
-    db_proxy: FaultProxy,
-    client_proxy: FaultProxy,
-    until: float,
-) -> list[str]:
-    """Faults one after the other until *until*; returns what was done, for the report."""
-    done: list[str] = []
-    # Every client's stream breaks, every gateway session ends, every connection is cut, at
-    # least once; then faults at random.
-    first: list[tuple[str, tuple[str, ...]]] = [
-        ("drop", ()),
-        ("terminate", SESSIONS),
-        ("sever", ()),
-    ]
-    while time.monotonic() < until:
-        time.sleep(rng.uniform(0.1, 0.5))  # the pace of the storm, not a synchronisation
-        if first:
-            fault, names = first.pop(0)
-        else:  # one of the gateway's sessions, or all of them, when terminating
-            fault = rng.choice(FAULTS)
-            names = SESSIONS if rng.random() < 0.3 else (rng.choice(SESSIONS),)
-        if fault == "terminate":
-            done.append(f"terminate {'+'.join(names)} ({terminate(conn, names)})")
-            continue
-        if fault == "sever":
-            db_proxy.sever()
-        elif fault == "drop":
-            client_proxy.sever()
-        elif fault == "freeze":
-            db_proxy.freeze()
-            held = rng.uniform(0.2, 1.5)
-            time.sleep(held)  # frozen for this long
-            db_proxy.thaw()
-            fault = f"freeze {held:.1f}s"
-        else:
-            db_proxy.refuse()
-            db_proxy.sever()
-            held = rng.uniform(0.2, 1.0)
-            time.sleep(held)  # refusing for this long
-            db_proxy.allow()
-            fault = f"refuse {held:.1f}s"
-        done.append(fault)
-    return done
+def gateway_faults(
+    conn: psycopg.Connection[Any], db_proxy: FaultProxy, client_proxy: FaultProxy
+) -> dict[str, Fault]:
+    """The gateway's sessions ended (one or all), its database connections cut, frozen or
+    refused, its clients' connections dropped."""
+
+    def end(names: tuple[str, ...] | None) -> Fault:
+        def fault(rng: random.Random) -> str:
+            chosen = names or (rng.choice(SESSIONS),)
+            return f"{'+'.join(chosen)} ({terminate(conn, chosen)})"
+
+        return fault
+
+    def drop(rng: random.Random) -> str:
+        client_proxy.sever()
+        return ""
+
+    return proxy_faults(db_proxy) | {
+        "terminate": end(None),
+        "terminate all": end(SESSIONS),
+        "drop": drop,
+    }
 
 
 def test_durable_clients_of_the_gateway_get_every_event_once_in_order_through_a_storm(
     installed: str, conn: psycopg.Connection[Any]
 ) -> None:
-    seed = int(os.environ.get("PGHERALD_CHAOS_SEED") or random.randrange(2**32))
+    seed = chaos_seed()
     rng = random.Random(seed)
     report = f"seed {seed}"
     start = pgherald.publish(conn, CHANNEL, {"n": 0})  # clients resume after it from the start
@@ -289,7 +239,6 @@ def test_durable_clients_of_the_gateway_get_every_event_once_in_order_through_a_
     )
     hub = app.state.gateway.hub
     followers: list[Follower] = []
-    publisher: Publisher | None = None
     with contextlib.ExitStack() as stack:
         stack.callback(db_proxy.close)
         port, _ = stack.enter_context(serve(app))
@@ -306,9 +255,12 @@ def test_durable_clients_of_the_gateway_get_every_event_once_in_order_through_a_
         ]
         stack.callback(lambda: [f._stop.set() for f in followers])
         wait_until(lambda: all(f.streams for f in followers), 10, "every client's first stream")
-        publisher = Publisher(installed)
+        publisher = Paced(installed, publish_step)
         stack.callback(publisher.stop)
-        done = storm(rng, conn, db_proxy, client_proxy, time.monotonic() + STORM)
+        # Every client's stream breaks, every gateway session ends, every connection is cut, at
+        # least once; then faults at random.
+        faults = gateway_faults(conn, db_proxy, client_proxy)
+        done = storm(rng, faults, first=["drop", "terminate all", "sever"])
         published = publisher.stop()
         report = f"seed {seed}; faults: {', '.join(done)}"
 

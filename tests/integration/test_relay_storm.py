@@ -10,16 +10,13 @@ nothing is lost (every event reaches the receiver, at least once); order per key
 events first arrive in log order); none is dead-lettered (no event failed `max_attempts` times
 in a row); `run()` keeps going through every fault and ends on `stop()`.
 
-Seeded like tests/integration/test_consumer_chaos.py: a failure names its seed
-(``PGHERALD_CHAOS_SEED`` replays the same faults) and the faults it ran.
+Seeded and replayable as every storm test (tests/fix_chaos.py).
 """
 
 from __future__ import annotations
 
-import os
 import random
 import threading
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -28,48 +25,22 @@ import pytest
 
 import pgherald
 from tests.fix_brokers import SECRET, Receiver
+from tests.fix_chaos import Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import _OnAThread
 from tests.fix_faults import FaultProxy, wait_until
 from tests.fix_proxy import _target_of
 
 RUNTIMES = ["sync", "asyncio", "trio"]
-STORM = float(os.environ.get("PGHERALD_CHAOS_SECONDS") or 8.0)  # seconds of faults
-FAULTS = ("terminate", "cancel", "sever", "freeze", "refuse")
+Sent = tuple[int, str]  # (event id, key)
 
 
-class Publisher:
-    """Publishes events, one to three per transaction, until stopped; keeps their ids in order."""
-
-    def __init__(self, dsn: str) -> None:
-        self.ids: list[int] = []
-        self.keys: dict[int, str] = {}
-        self.error: BaseException | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._main, args=(dsn,), daemon=True)
-        self._thread.start()
-
-    def _main(self, dsn: str) -> None:
-        rng = random.Random(0)
-        n = 0
-        try:
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                while not self._stop.wait(0.01):
-                    with conn.transaction():
-                        batch = []
-                        for _ in range(rng.randint(1, 3)):
-                            key = f"k{n % 7}"
-                            batch.append(pgherald.publish(conn, "orders", {"n": n}, key=key))
-                            self.keys[batch[-1]] = key
-                            n += 1
-                    self.ids += batch
-        except BaseException as exc:  # kept for the test
-            self.error = exc
-
-    def stop(self) -> list[int]:
-        self._stop.set()
-        self._thread.join(10)
-        assert self.error is None, repr(self.error)
-        return self.ids
+def publish_step(conn: psycopg.Connection[Any], rng: random.Random, n: int) -> list[Sent]:
+    """One to three keyed events."""
+    batch = []
+    for i in range(n, n + rng.randint(1, 3)):
+        key = f"k{i % 7}"
+        batch.append((pgherald.publish(conn, "orders", {"n": i}, key=key), key))
+    return batch
 
 
 @pytest.fixture
@@ -95,17 +66,18 @@ def test_the_webhook_relay_through_a_storm_of_faults(
     proxy: FaultProxy,
     receiver_factory: Callable[..., Receiver],
 ) -> None:
-    seed = int(os.environ.get("PGHERALD_CHAOS_SEED") or random.randrange(2**32))
+    seed = chaos_seed()
     rng = random.Random(seed)
     lock = threading.Lock()
     failed_in_a_row: dict[int, int] = {}
+    answers = random.Random(seed + 1)  # the receiver's (on its own threads)
 
     def decide(n: int, body: Any) -> tuple[int, dict[str, str]]:
         with lock:  # never 4 refusals of one event in a row: none may be dead-lettered
             refusals = failed_in_a_row.get(body["id"], 0)
-            if refusals < 3 and rng.random() < 1 / 6:
+            if refusals < 3 and answers.random() < 1 / 6:
                 failed_in_a_row[body["id"]] = refusals + 1
-                return rng.choice((500, 503)), {}
+                return answers.choice((500, 503)), {}
             failed_in_a_row[body["id"]] = 0
             return 200, {}
 
@@ -121,36 +93,16 @@ def test_the_webhook_relay_through_a_storm_of_faults(
         stats_interval=None,
     )
     running = _OnAThread(runtime, relay)
-    publisher = Publisher(installed)
-    done: list[str] = []
+    publisher = Paced(installed, publish_step)
     report = f"seed {seed}"
     try:
         wait_until(
             lambda: receiver.accepted or not running.thread.is_alive(), 10, "a relayed event"
         )
-        until = time.monotonic() + STORM
-        while time.monotonic() < until:
-            time.sleep(rng.uniform(0.1, 0.5))  # the pace of the storm, not a synchronisation
-            fault = rng.choice(FAULTS) if done else "sever"  # the first one ends a session
-            if fault in ("terminate", "cancel"):
-                pid = relay_pid(conn)
-                if pid is None:
-                    continue  # between sessions: nothing to kill
-                call = "pg_terminate_backend" if fault == "terminate" else "pg_cancel_backend"
-                conn.execute(f"SELECT {call}(%s)", (pid,))
-            elif fault == "sever":
-                proxy.sever()
-            elif fault == "freeze":
-                proxy.freeze()
-                time.sleep(rng.uniform(0.2, 1.5))  # frozen for this long
-                proxy.thaw()
-            else:
-                proxy.refuse()
-                proxy.sever()
-                time.sleep(rng.uniform(0.2, 1.0))  # refusing for this long
-                proxy.allow()
-            done.append(fault)
-        ids = publisher.stop()
+        faults = proxy_faults(proxy) | backend_faults(conn, lambda: relay_pid(conn))
+        done = storm(rng, faults, first=["sever"])  # the first one ends a session
+        sent = publisher.stop()
+        ids = [i for i, _ in sent]
         report = f"seed {seed}; faults: {', '.join(done)}"
         assert running.thread.is_alive(), f"run() ended: {running.error!r} ({report})"
 
@@ -169,7 +121,7 @@ def test_the_webhook_relay_through_a_storm_of_faults(
 
     with receiver.lock:
         arrivals = [body["id"] for body in receiver.accepted]
-    keys = publisher.keys
+    keys = dict(sent)
 
     def per_key(order: list[int]) -> dict[str, list[int]]:
         out: dict[str, list[int]] = {}

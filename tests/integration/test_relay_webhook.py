@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -192,10 +192,12 @@ async def test_async_relay_into_webhooks_through_a_terminated_backend_and_a_seve
     assert [body["id"] for body in receiver.accepted] == ids
 
 
-@pytest.mark.anyio
-async def test_async_relay_stops_within_a_second_while_a_webhook_hangs(
-    installed: str, anyio_backend: str, receiver_factory: Callable[..., Receiver]
-) -> None:
+@pytest.fixture
+def hanging(
+    installed: str, receiver_factory: Callable[..., Receiver]
+) -> Iterator[tuple[Receiver, threading.Event]]:
+    """One event to relay, and a receiver whose POSTs hang until the test ends (the event: the
+    first POST arrived)."""
     publish_paced(installed, "orders", 1, 1, 0)
     release = threading.Event()
     arrived = threading.Event()
@@ -205,44 +207,37 @@ async def test_async_relay_stops_within_a_second_while_a_webhook_hangs(
         release.wait(30)
         return 200, {}
 
-    receiver = receiver_factory(hang)
+    yield receiver_factory(hang), arrived
+    release.set()
+
+
+@pytest.mark.anyio
+async def test_async_relay_stops_within_a_second_while_a_webhook_hangs(
+    installed: str, anyio_backend: str, hanging: tuple[Receiver, threading.Event]
+) -> None:
+    receiver, arrived = hanging
     relay = pgherald.AsyncRelay(installed, to=receiver.url, channels=["orders"], secret=SECRET)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(relay.run)
-            await await_until(arrived.is_set, 10, "the POST")
-            started = time.monotonic()
-            relay.stop()
-        took = time.monotonic() - started
-    finally:
-        release.set()
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(relay.run)
+        await await_until(arrived.is_set, 10, "the POST")
+        started = time.monotonic()
+        relay.stop()
+    took = time.monotonic() - started
     assert took < 1.0, f"run() took {took:.2f}s after stop()"
     assert relay.stats.relayed == 0  # not acknowledged: it comes again
 
 
 @pytest.mark.parametrize("runtime", ["asyncio", "trio"])
 def test_async_relay_stops_from_another_thread_while_a_webhook_hangs(
-    runtime: str, installed: str, receiver_factory: Callable[..., Receiver]
+    runtime: str, installed: str, hanging: tuple[Receiver, threading.Event]
 ) -> None:
     # stop() from a thread other than the loop's (a watchdog, a signal handler's thread):
     # it cancels the POST in flight on the loop, and run() ends within a second, cleanly.
-    publish_paced(installed, "orders", 1, 1, 0)
-    release = threading.Event()
-    arrived = threading.Event()
-
-    def hang(n: int, body: Any) -> tuple[int, dict[str, str]]:
-        arrived.set()
-        release.wait(30)
-        return 200, {}
-
-    receiver = receiver_factory(hang)
+    receiver, arrived = hanging
     relay = pgherald.AsyncRelay(installed, to=receiver.url, channels=["orders"], secret=SECRET)
     running = _OnAThread(runtime, relay)
-    try:
-        wait_until(arrived.is_set, 10, "the POST")
-        took = running.stop(within=1.0)
-    finally:
-        release.set()
+    wait_until(arrived.is_set, 10, "the POST")
+    took = running.stop(within=1.0)
     assert running.error is None, repr(running.error)
     assert took < 1.0
     assert relay.stats.relayed == 0  # not acknowledged: it comes again
