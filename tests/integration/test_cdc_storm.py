@@ -1,0 +1,143 @@
+"""
+Change data capture into the durable log in a storm of real faults, on every runtime.
+
+Two writers insert rows ``(writer, seq)``, one to three per transaction, into a captured table,
+while `ChangeStream.into_log` (on a thread, asyncio and trio) stores the changes. Its
+replication connection goes through a proxy and meets faults one after the other, picked at
+random: its server process (the walsender) terminated, the connection severed, frozen for a
+while, or refused for a while. (The log's own connection is direct: its loss ends `into_log`
+by design, for a supervisor to restart: docs/cdc.md.) Then the faults stop and the log must
+catch up. What docs/cdc.md promises must hold: every change stored exactly once ("stores each
+source transaction's changes ... in one database transaction ... skips every transaction that
+committed at or before that LSN"), in commit order (the commit LSN never goes back, each
+writer's rows in its order), whole transactions (one ``cdc_lsn`` per source transaction);
+`into_log` keeps going through every fault ("Reconnects after a dropped connection ... resumes
+from what it acknowledged"; "A frozen connection is found") and ends on `stop()`.
+
+Seeded and replayable as every storm test (tests/fix_chaos.py).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+
+import pgherald
+from pgherald._protocol.pgoutput import lsn_to_int
+from tests.fix_chaos import Paced, backend_faults, chaos_seed, proxy_faults, storm
+from tests.fix_durable import _OnAThread
+from tests.fix_faults import FaultProxy, wait_until
+from tests.fix_proxy import _target_of
+from tests.fix_server import OwnServer
+
+RUNTIMES = ["sync", "asyncio", "trio"]
+FAST: dict[str, Any] = {
+    "health_check_interval": 0.3,
+    "health_check_timeout": 0.3,
+    "status_interval": 0.2,
+    "reconnect_initial_delay": 0.05,
+    "reconnect_max_delay": 0.15,
+}
+
+
+class IntoLog:
+    """`into_log` of a stream of one runtime, on a thread (``run`` for `_OnAThread`)."""
+
+    def __init__(self, stream: Any, log_dsn: str) -> None:
+        self.stream = stream
+        self.log_dsn = log_dsn
+
+    def run(self) -> Any:
+        return self.stream.into_log(self.log_dsn)
+
+    def stop(self) -> None:
+        self.stream.stop()
+
+
+@pytest.fixture
+def proxy(logical_server: OwnServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(_target_of(logical_server.dsn))
+    yield p
+    p.close()
+
+
+def walsender(conn: psycopg.Connection[Any], slot: str) -> int | None:
+    row = conn.execute(
+        "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def confirmed(conn: psycopg.Connection[Any], slot: str) -> int:
+    row = conn.execute(
+        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
+    ).fetchone()
+    return lsn_to_int(row[0]) if row and row[0] else 0
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_into_log_through_a_storm_of_faults(runtime: str, cdc_dsn: str, proxy: FaultProxy) -> None:
+    seed = chaos_seed()
+    rng = random.Random(seed)
+    slot = "storm"
+    with psycopg.connect(cdc_dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+        conn.execute("CREATE TABLE w (writer int, seq int, PRIMARY KEY (writer, seq))")
+        conn.execute(f"CREATE PUBLICATION {slot} FOR TABLE w")
+        conn.execute(f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')")
+        cls = pgherald.ChangeStream if runtime == "sync" else pgherald.AsyncChangeStream
+        stream = cls(proxy.dsn_for(cdc_dsn), slot=slot, create=False, **FAST)
+        running = _OnAThread(runtime, IntoLog(stream, cdc_dsn))
+
+        def writes(writer: int) -> Paced[tuple[int, int]]:
+            def step(c: psycopg.Connection[Any], r: random.Random, n: int) -> list[tuple[int, int]]:
+                rows = [(writer, seq) for seq in range(n, n + r.randint(1, 3))]
+                c.cursor().executemany("INSERT INTO w VALUES (%s, %s)", rows)
+                return rows
+
+            return Paced(cdc_dsn, step, pace=0.005)
+
+        writers = [writes(0), writes(1)]
+        report = f"seed {seed}"
+        try:
+            faults = proxy_faults(proxy) | backend_faults(conn, lambda: walsender(conn, slot))
+            del faults["cancel"]  # a walsender has no statement to cancel
+            done = storm(rng, faults, first=["sever"])  # the first one ends a session
+            written = [w.stop() for w in writers]
+            report = f"seed {seed}; faults: {', '.join(done)}"
+            assert running.thread.is_alive(), f"into_log ended: {running.error!r} ({report})"
+            # The insert position: the private server runs with synchronous_commit = off, so
+            # the write position (pg_current_wal_lsn) lags behind the writers' last commits.
+            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+            assert row is not None
+            end = lsn_to_int(row[0])
+            wait_until(lambda: confirmed(conn, slot) >= end, 60, f"the log to catch up ({report})")
+            running.stop(within=2.0)
+            assert running.error is None, f"{running.error!r} ({report})"
+        finally:
+            for w in writers:
+                w.stop()
+            if running.thread.is_alive():
+                stream.stop()
+                running.thread.join(10)
+
+        rows = conn.execute(
+            "SELECT payload, headers FROM pgherald.events_v1 WHERE channel = 'public.w' ORDER BY id"
+        ).fetchall()
+        stored = [(r[0]["new"]["writer"], r[0]["new"]["seq"]) for r in rows]
+        assert len(stored) == len(set(stored)), f"a change stored twice ({report})"
+        assert sorted(stored) == sorted(written[0] + written[1]), f"changes missing ({report})"
+        lsns = [lsn_to_int(r[1]["cdc_lsn"]) for r in rows]
+        assert lsns == sorted(lsns), f"out of commit order ({report})"
+        for writer, rows_written in enumerate(written):
+            assert [s for w, s in stored if w == writer] == [s for _, s in rows_written], report
+        # Whole transactions: each writer's transaction is one cdc_lsn, and one lsn one writer's.
+        by_lsn: dict[int, set[int]] = {}
+        for (w, _), lsn in zip(stored, lsns, strict=True):
+            by_lsn.setdefault(lsn, set()).add(w)
+        assert all(len(ws) == 1 for ws in by_lsn.values()), report
+        assert running.obj.stream._engine.reconnects >= 1, report
