@@ -20,7 +20,9 @@ from psycopg import sql as psql
 from . import _errormap, sql
 from ._conninfo import connect_error, describe, listener_conninfo
 from ._protocol import pgwire
+from ._protocol.backoff import backoff_delay
 from ._protocol.pgoutput import ChangeEvent, Commit, dumps_value, lsn_to_int
+from ._protocol.pgwire import SLEEP
 from ._protocol.replication import (
     ABORT,
     CHANGE,
@@ -32,6 +34,7 @@ from ._protocol.replication import (
     check_name,
     publication_statements,
 )
+from ._protocol.replication import _Lost as _StreamLost
 from ._publish import _many_params
 from ._triggers import checked_default_channel, resolve_table
 from ._waiting import Waiter
@@ -262,7 +265,9 @@ class ChangeStream(_Base):
         key, with headers ``cdc_slot``, ``cdc_lsn`` and ``cdc_xid``. A transaction already
         stored (a crash after storing it, before acknowledging it) is not stored again: on
         start, the last ``cdc_lsn`` stored for this slot is read, and transactions that
-        committed at or before it are skipped.
+        committed at or before it are skipped. A log connection lost later is opened again (the
+        stream's backoff), and the stream starts over from what it acknowledged: nothing is
+        stored twice.
         """
         store = _LogStore(dsn if dsn is not None else self.dsn, self.slot, batch, self.config)
         engine = self._claim()
@@ -402,6 +407,13 @@ class AsyncChangeStream(_Base):
             self._release()
 
 
+class _LogLost(Exception):
+    """The durable log's connection was lost, or gave no answer in time (internal)."""
+
+
+PQGenAny = Generator[Any, Any, None]
+
+
 class _LogStore:
     """
     Stores a change stream's transactions in the durable log (`ChangeStream.into_log`): a
@@ -427,56 +439,120 @@ class _LogStore:
     ) -> Generator[Any, Any, None]:
         """
         Connect, skip what the log already has, then store every change of *steps* (the
-        engine's run) until `stop`.
+        engine's run) until `stop`. A log connection lost (or silent past the statement
+        deadline) after the first is opened again, with the stream's backoff; the stream
+        starts over from what it acknowledged, and what the log already has is skipped.
         """
         stopping = lambda: engine.stopping  # noqa: E731  (read at every wait)
         gen = steps
         try:
             try:
-                self.pgconn = yield from pgwire.until_stopped(
-                    pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
-                    stopping,
-                )
+                yield from self._open(engine, stopping)
             except ConnectError as exc:
                 raise connect_error(self.conninfo, str(exc)) from None
-            (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
-            last = res.get_value(0, 0) if res.ntuples else None
-            engine.skip_through = 0 if last is None else lsn_to_int(last.decode())
             send: Any = None
+            throw: BaseException | None = None
             while True:
                 try:
-                    req = gen.send(send)
+                    req = gen.send(send) if throw is None else gen.throw(throw)
                 except StopIteration:
                     return
-                send = None
-                kind = req[0]
-                if kind == CHANGE:
-                    self.pending.append(req[1])
-                    if len(self.pending) >= self.batch:
-                        yield from self._flush(stopping)
-                elif kind == COMMIT:
-                    yield from self._flush(stopping)
-                    if self.in_tx:
-                        yield from self._execute(b"COMMIT", None, stopping)
-                        self.in_tx = False
-                    commit: Commit = req[1]
-                    engine.skip_through = max(engine.skip_through, commit.commit_lsn)
-                elif kind == ABORT:
-                    self.pending.clear()
-                    if self.in_tx:
-                        yield from self._execute(b"ROLLBACK", None, stopping)
-                        self.in_tx = False
-                elif kind == _REPORT:
-                    logger.info("%s", req[1])
-                else:  # WAIT, SLEEP: for the runtime
-                    send = yield req
+                send = throw = None
+                try:
+                    send = yield from self._handle(req, engine, stopping)
+                except _LogLost as lost:
+                    yield from self._recover(engine, stopping, lost)
+                    # The transaction in hand is not in the log: the stream goes back to what
+                    # it acknowledged (its own reconnection), and the log's last stored
+                    # transaction tells what to skip.
+                    throw = _StreamLost(f"the durable log's connection was lost ({lost})")
         except pgwire.Abandoned:
             pass  # stopped during a statement: its transaction is not acknowledged
         finally:
             gen.close()
-            pgconn, self.pgconn = self.pgconn, None
-            if pgconn is not None:
-                pgconn.finish()
+            self._drop()
+
+    def _handle(
+        self, req: Any, engine: ReplicationEngine, stopping: Callable[[], bool]
+    ) -> Generator[Any, Any, Any]:
+        """Carry out one request of the engine; what to send back to it."""
+        kind = req[0]
+        if kind == CHANGE:
+            self.pending.append(req[1])
+            if len(self.pending) >= self.batch:
+                yield from self._flush(stopping)
+        elif kind == COMMIT:
+            yield from self._flush(stopping)
+            if self.in_tx:
+                yield from self._execute(b"COMMIT", None, stopping)
+                self.in_tx = False
+            commit: Commit = req[1]
+            engine.skip_through = max(engine.skip_through, commit.commit_lsn)
+        elif kind == ABORT:
+            self.pending.clear()
+            if self.in_tx and self.pgconn is not None:
+                yield from self._execute(b"ROLLBACK", None, stopping)
+                self.in_tx = False
+        elif kind == _REPORT:
+            logger.info("%s", req[1])
+        else:  # WAIT, SLEEP: for the runtime
+            return (yield req)
+        return None
+
+    def _open(self, engine: ReplicationEngine, stopping: Callable[[], bool]) -> PQGenAny:
+        """Connect the log, and skip through the last transaction it has from this slot."""
+        self.pgconn = yield from pgwire.until_stopped(
+            pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
+            stopping,
+        )
+        (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
+        last = res.get_value(0, 0) if res.ntuples else None
+        if last is not None:
+            engine.skip_through = max(engine.skip_through, lsn_to_int(last.decode()))
+
+    def _recover(
+        self, engine: ReplicationEngine, stopping: Callable[[], bool], lost: _LogLost
+    ) -> PQGenAny:
+        """Open the log's connection again, with backoff, until it works or `stop`."""
+        cfg = self.config
+        self._drop()
+        attempt = 0
+        permanent = pgwire.PermanentFailures()
+        error = str(lost)
+        while not stopping():
+            attempt += 1
+            if cfg.reconnect_max_attempts is not None and attempt > cfg.reconnect_max_attempts:
+                raise ConnectionLost(
+                    f"the durable log's connection was lost and could not be opened again "
+                    f"after {attempt - 1} attempts: {error}"
+                )
+            delay = backoff_delay(
+                attempt, initial=cfg.reconnect_initial_delay, cap=cfg.reconnect_max_delay
+            )
+            logger.warning(
+                "the durable log's connection was lost (%s); again in %.2fs", error, delay
+            )
+            yield (SLEEP, time.monotonic() + delay)
+            if stopping():
+                return
+            try:
+                yield from self._open(engine, stopping)
+                return
+            except (ConnectError, _LogLost) as exc:
+                error = str(exc)
+                self._drop()
+                if permanent.give_up(error):
+                    raise ConnectionLost(
+                        f"the durable log's connection could not be opened again: {error}"
+                    ) from None
+
+    def _drop(self) -> None:
+        """Forget the log's connection and the transaction in hand (the server rolls it back)."""
+        pgconn, self.pgconn = self.pgconn, None
+        self.pending.clear()
+        self.in_tx = False
+        if pgconn is not None:
+            pgconn.finish()
 
     def _execute(
         self, query: bytes, params: dict[str, Any] | None, stopping: Callable[[], bool]
@@ -496,17 +572,10 @@ class _LogStore:
                 exc.sqlstate, str(exc), doing="store the changes in the log"
             ) from None
         except pgwire.QueryTimeout:
-            raise ConnectionLost(
-                f"the durable log's connection gave no answer in "
-                f"{self.config.statement_timeout:g}s: the changes since the last stored "
-                "transaction come again at the next start"
-            ) from None
+            raise _LogLost(f"no answer in {self.config.statement_timeout:g}s") from None
         except Exception as exc:
             if pgwire.is_connection_error(exc):
-                raise ConnectionLost(
-                    f"the durable log's connection was lost ({pgwire.one_line(exc)}): the "
-                    "changes since the last stored transaction come again at the next start"
-                ) from None
+                raise _LogLost(pgwire.one_line(exc)) from None
             raise
 
     def _flush(self, stopping: Callable[[], bool]) -> Generator[Any, Any, None]:

@@ -998,9 +998,9 @@ async def _log_connection_fault(
 ) -> None:
     """
     The log's connection (through *proxy*) is severed, or frozen (no answer within the
-    statement deadline, 1 s here), or refused from the start: into_log ends with
-    `ConnectionLost` (`ConnectError` when refused) naming it, the change in hand not
-    acknowledged; a new run stores it, and nothing twice.
+    statement deadline, 1 s here): into_log opens it again and goes on, the change in hand
+    stored once, after the stream went back to what it acknowledged. Refused from the start
+    (the first connection): into_log ends with `ConnectError`, and a new run stores the change.
     """
     with psycopg.connect(dsn, autocommit=True) as c:
         pgherald.install(c)
@@ -1018,37 +1018,44 @@ async def _log_connection_fault(
         capture(dsn, slot, "t")  # the slot first: change 1 is kept for the stream
         sql(dsn, "INSERT INTO t VALUES (1)")
         proxy.refuse()
-    with anyio.fail_after(20):
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, stream, proxy.dsn_for(dsn))
+                await await_until(lambda: errors, 5, "into_log to end")
+        assert isinstance(errors[0], pgherald.ConnectError)
+        assert "cannot connect" in str(errors[0])
+        proxy.allow()
+        end = current_lsn(dsn)
+        again = make(dsn, slot=slot, create=False, **FAST)
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run, again, None)
+                await await_until(lambda: confirmed(dsn, slot) >= end, 10, "a catch-up")
+                again.stop()
+        assert _stored(dsn) == [1]
+        assert len(errors) == 1
+        return
+    with watching("pgherald.cdc") as log, anyio.fail_after(20):
         async with anyio.create_task_group() as tg:
             tg.start_soon(run, stream, proxy.dsn_for(dsn))
-            if fault != "refuse":
-                await await_until(lambda: slot_ready(dsn, slot), 10, "the stream to start")
-                sql(dsn, "INSERT INTO t VALUES (1)")
-                await await_until(lambda: _stored(dsn) == [1], 5, "change 1 in the log")
-                proxy.sever() if fault == "sever" else proxy.freeze()
-                sql(dsn, "INSERT INTO t VALUES (2)")
-            await await_until(lambda: errors, 5, "into_log to end")
-    message = str(errors[0])
-    if fault == "sever":
-        assert "durable log's connection was lost" in message
-    elif fault == "freeze":
-        assert "durable log's connection gave no answer in 1s" in message
-    else:
-        assert isinstance(errors[0], pgherald.ConnectError)
-        assert "cannot connect" in message
-    if fault != "refuse":
-        assert "come again at the next start" in message
-    proxy.thaw()
-    proxy.allow()
-    end = current_lsn(dsn)
-    again = make(dsn, slot=slot, create=False, **FAST)
-    with anyio.fail_after(20):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(run, again, None)
+            await await_until(lambda: slot_ready(dsn, slot), 10, "the stream to start")
+            sql(dsn, "INSERT INTO t VALUES (1)")
+            await await_until(lambda: _stored(dsn) == [1], 5, "change 1 in the log")
+            accepted = proxy.accepted
+            proxy.sever() if fault == "sever" else proxy.freeze()
+            sql(dsn, "INSERT INTO t VALUES (2)")
+            await await_until(lambda: proxy.accepted > accepted, 5, "a new log connection")
+            sql(dsn, "INSERT INTO t VALUES (3)")
+            end = current_lsn(dsn)
             await await_until(lambda: confirmed(dsn, slot) >= end, 10, "a catch-up")
-            again.stop()
-    assert _stored(dsn) == ([1] if fault == "refuse" else [1, 2])
-    assert len(errors) == 1
+            stream.stop()
+    assert errors == []
+    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    assert lost, "the lost log connection was not reported"
+    if fault == "freeze":
+        assert "no answer in 1s" in lost[0]
+    assert _stored(dsn) == [1, 2, 3]  # each once: the one in hand was stored after it came again
+    proxy.thaw()
 
 
 FAULTS = ["sever", "freeze", "refuse"]
