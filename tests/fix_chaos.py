@@ -125,7 +125,12 @@ def backend_faults(
             target = pid()
             if target is None:
                 return None
-            conn.execute(f"SELECT {function}(%s)", (target,))
+            # Only in this test's database: the pid of a session gone meanwhile may be reused.
+            conn.execute(
+                f"SELECT {function}(pid) FROM pg_stat_activity"
+                " WHERE pid = %s AND datname = current_database()",
+                (target,),
+            )
             return ""
 
         return fault
@@ -140,16 +145,19 @@ def backend_faults(
 def storm(rng: random.Random, faults: Mapping[str, Fault], first: Sequence[str] = ()) -> list[str]:
     """
     Faults one after the other for `STORM` seconds, 0.1 to 0.5 s apart: those named in
-    *first*, in order, then any of *faults* at random. Returns what each did, for the report.
+    *first*, in order, then any of *faults* at random. Returns what each did and when (seconds
+    into the storm), for the report.
     """
     done: list[str] = []
     names = sorted(faults)
     queue = list(first)
-    until = time.monotonic() + STORM
+    began = time.monotonic()
+    until = began + STORM
     while time.monotonic() < until:
         time.sleep(rng.uniform(0.1, 0.5))  # the pace of the storm, not a synchronisation
         name = queue.pop(0) if queue else rng.choice(names)
+        at = time.monotonic() - began
         details = faults[name](rng)
         if details is not None:
-            done.append(f"{name} {details}" if details else name)
+            done.append(f"{name} {details} @{at:.2f}s" if details else f"{name} @{at:.2f}s")
     return done

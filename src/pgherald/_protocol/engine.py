@@ -116,6 +116,7 @@ class ListenerEngine:
         self._adopted: pq.abc.PGconn | None = None
         # Its client_encoding when not UTF8: set to UTF8 while we use it, restored by `release`.
         self._adopted_encoding: bytes | None = None
+        self._fatal: str | None = None  # the FATAL error the server ended the session with
         self._in_run = False  # `_guard` abandons statements after stop() only inside run()
         # The bound pgconn.notifies, looked up once per connection rather than per notification.
         self._notifies: Any = _no_notifies
@@ -453,6 +454,8 @@ class ListenerEngine:
             self._adopted = None
             deadline = time.monotonic() + self.config.connect_timeout
             self.pgconn = yield from self._guard(pgwire.connect(self.config.conninfo, deadline))
+            self.pgconn.notice_handler = self._on_notice
+        self._fatal = None
         self._notifies = self.pgconn.notifies
         self._broken = False
         self._alive_at = time.time()
@@ -714,6 +717,19 @@ class ListenerEngine:
             raise
         if pgconn.status == pq.ConnStatus.BAD:
             raise _Lost("reconnect", pgwire.error_text(pgconn))
+        # consume_input() only reads: parsing (notices among it) waits for the next libpq
+        # call that looks, is_busy() the cheapest.
+        pgconn.is_busy()
+        if self._fatal is not None:
+            # The server ends the session (pg_terminate_backend, a shutdown): its last word is
+            # no sign of life, and a gap starts before it (what was sent since is lost).
+            raise _Lost("reconnect", self._fatal)
+
+    def _on_notice(self, res: pq.abc.PGresult) -> None:
+        # An idle session's FATAL error (terminated, shut down) reaches libpq as a notice: the
+        # connection still looks OK until the server's end of it is read.
+        if res.error_field(pq.DiagnosticField.SEVERITY_NONLOCALIZED) in (b"FATAL", b"PANIC"):
+            self._fatal = pgwire.one_line(pgwire.result_error(res))
 
     def _execute(self, query: bytes, timeout: float) -> PQGen:
         """Run a statement on the listening connection; any failure means the connection is lost."""
