@@ -282,8 +282,9 @@ def test_the_listener_through_a_storm_of_faults(
     )
 
 
+@pytest.mark.parametrize("source", ["dsn", "lent"])
 def test_a_gap_starts_before_the_termination_that_caused_it(
-    dsn: str, conn: psycopg.Connection[Any], proxy: FaultProxy
+    source: str, dsn: str, conn: psycopg.Connection[Any], proxy: FaultProxy
 ) -> None:
     """
     The storm's terminate, made slow to see: docs/listen.md, "`Gap.started` is the last sign
@@ -296,8 +297,11 @@ def test_a_gap_starts_before_the_termination_that_caused_it(
     """
     subject = Subject("sync", proxy.dsn_for(dsn))
     slow_probe = {**OPTIONS, "health_check_interval": 60.0}  # no probe meanwhile
+    # The application's own connection, lent (its notice handler stays behind ours), or a DSN.
+    lent = psycopg.connect(subject.dsn, autocommit=True) if source == "lent" else None
+    theirs = None if lent is None else lent.pgconn.notice_handler
     with pgherald.Listener(
-        subject.dsn, channels=[CHANNEL], on_gap=subject._gap, **slow_probe
+        subject.dsn if lent is None else lent, channels=[CHANNEL], on_gap=subject._gap, **slow_probe
     ) as listener:
         listener.add_handler(CHANNEL, subject._record)
         subject.listener = listener
@@ -323,6 +327,9 @@ def test_a_gap_starts_before_the_termination_that_caused_it(
             listener.stop()
             running.thread.join(5)
     assert running.error is None, repr(running.error)
+    if lent is not None:
+        assert lent.pgconn.notice_handler == theirs  # given back with the lost connection
+        lent.close()
     assert [s for s, _ in subject.delivered] == [0, 2]
     (gap,) = subject.gaps
     moments = (

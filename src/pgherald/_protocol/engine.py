@@ -117,6 +117,8 @@ class ListenerEngine:
         # Its client_encoding when not UTF8: set to UTF8 while we use it, restored by `release`.
         self._adopted_encoding: bytes | None = None
         self._fatal: str | None = None  # the FATAL error the server ended the session with
+        # The lent connection's own notice handler, while ours stands in front of it.
+        self._adopted_notices: tuple[Callable[[pq.abc.PGresult], None] | None] | None = None
         self._in_run = False  # `_guard` abandons statements after stop() only inside run()
         # The bound pgconn.notifies, looked up once per connection rather than per notification.
         self._notifies: Any = _no_notifies
@@ -437,6 +439,7 @@ class ListenerEngine:
             logger.warning("could not UNLISTEN on the adopted connection: %s", pgwire.one_line(exc))
         finally:
             pgconn.nonblocking = 0
+            self._give_back_notices(pgconn)
             self._adopted = None
             self._adopted_encoding = None
             self.pgconn = None
@@ -450,6 +453,9 @@ class ListenerEngine:
         if adopted is not None and adopted.status == pq.ConnStatus.OK:
             adopted.nonblocking = 1
             self.pgconn = adopted
+            if self._adopted_notices is None:  # the application's handler still gets them
+                self._adopted_notices = (adopted.notice_handler,)
+                adopted.notice_handler = self._on_adopted_notice
         else:
             self._adopted = None
             deadline = time.monotonic() + self.config.connect_timeout
@@ -725,6 +731,18 @@ class ListenerEngine:
             # no sign of life, and a gap starts before it (what was sent since is lost).
             raise _Lost("reconnect", self._fatal)
 
+    def _on_adopted_notice(self, res: pq.abc.PGresult) -> None:
+        self._on_notice(res)
+        handler = self._adopted_notices[0] if self._adopted_notices else None
+        if handler is not None:
+            handler(res)
+
+    def _give_back_notices(self, pgconn: pq.abc.PGconn) -> None:
+        """The application's notice handler, back on its lent connection."""
+        if self._adopted_notices is not None:
+            pgconn.notice_handler = self._adopted_notices[0]
+            self._adopted_notices = None
+
     def _on_notice(self, res: pq.abc.PGresult) -> None:
         # An idle session's FATAL error (terminated, shut down) reaches libpq as a notice: the
         # connection still looks OK until the server's end of it is read.
@@ -908,6 +926,7 @@ class ListenerEngine:
                 if n.channel != self._ping:
                     self._pending.append(n)
             if pgconn is self._adopted:
+                self._give_back_notices(pgconn)
                 self._adopted = None  # lost: it is the application's to close, not ours
                 self._adopted_encoding = None
             else:
