@@ -50,7 +50,7 @@ import pgherald
 from pgherald.contrib.gateway import create_app
 from pgherald.contrib.gateway.server import GatewayServer
 from tests.fix_chaos import Fault, Paced, chaos_seed, proxy_faults, storm
-from tests.fix_faults import FaultProxy, LogWatch, wait_until
+from tests.fix_faults import FaultProxy, LogWatch, wait_until, watching
 from tests.fix_proxy import _target_of
 
 SECRET = "storm-secret-not-for-production-0123456789"
@@ -381,3 +381,47 @@ def gateway_sessions(conn: psycopg.Connection[Any]) -> list[str]:
         " AND application_name LIKE 'pgherald-gateway%' ORDER BY 1"
     ).fetchall()
     return [r[0] for r in rows]
+
+
+def test_a_hub_task_that_fails_unexpectedly_starts_again(
+    installed: str, conn: psycopg.Connection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A bug in one of the hub's background tasks (here the log tail, made to raise once) must
+    not end the hub under a server that keeps accepting clients (uvicorn only logs a lifespan
+    error): the task is logged with its traceback and started again, and durable streams go on.
+    """
+    from pgherald.contrib.gateway import fanout
+
+    real = fanout._reader  # the tail's statement, and only the tail's
+    failures: list[int] = []
+
+    def fails_once(query: Any) -> Any:
+        if not failures:
+            failures.append(1)
+            raise RuntimeError("a bug in the tail")
+        return real(query)
+
+    monkeypatch.setattr(fanout, "RESTART_AFTER", 0.1)
+    start = pgherald.publish(conn, CHANNEL, {"n": 0})
+    app = create_app(installed, allow_anonymous=[CHANNEL], durable_channels=[CHANNEL])
+    with (
+        watching("pgherald.gateway") as log,
+        serve(app) as (port, _),
+        httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=10.0) as http,
+        http.stream(
+            "GET", "/sse", params={"channel": CHANNEL}, headers={"Last-Event-ID": str(start)}
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        monkeypatch.setattr(fanout, "_reader", fails_once)
+        first = pgherald.publish(conn, CHANNEL, {"n": 1})
+        assert next(line for line in lines if line.startswith("id:")) == f"id: {first}"
+        assert failures == [1]  # the tail did fail on it, and came back for it
+        second = pgherald.publish(conn, CHANNEL, {"n": 2})
+        assert next(line for line in lines if line.startswith("id:")) == f"id: {second}"
+        assert http.get("/healthz").json() == {"database": True, "listener": True}
+    (failed,) = [r for r in log.records if "task failed" in r.getMessage()]
+    assert failed.levelno == logging.ERROR
+    assert failed.exc_info is not None

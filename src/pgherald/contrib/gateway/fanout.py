@@ -34,7 +34,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -58,6 +58,32 @@ from .metrics import Metrics
 from .wakeup import Signal, new_signal, on_asyncio
 
 logger = logging.getLogger("pgherald.gateway")
+
+RESTART_AFTER = 1.0
+"""Seconds before a hub task that failed unexpectedly is started again."""
+
+
+async def _supervised(task: Callable[[], Awaitable[None]]) -> None:
+    """
+    Run one of the hub's background tasks, and again after `RESTART_AFTER` seconds when it
+    fails unexpectedly (a bug): logged with its traceback, while the gateway goes on serving.
+    Left to the task group, one such failure ended the hub under a server that kept accepting
+    clients (uvicorn logs a lifespan error and serves on): every durable stream ended, and
+    none could start again. A usage error (a missing extra) still ends it.
+    """
+    while True:
+        try:
+            await task()
+            return
+        except (UsageError, SchemaMissing):
+            raise
+        except Exception:
+            logger.exception(
+                "the gateway's %s task failed (a bug: please report it); it starts again in %gs",
+                getattr(task, "__name__", "background").strip("_"),
+                RESTART_AFTER,
+            )
+            await anyio.sleep(RESTART_AFTER)
 
 WAKE_CHANNEL = "pgherald_wake_v1"
 MAX_LEARNED = 10_000
@@ -173,17 +199,17 @@ class Hub:
                 self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self.listener.run)
-                tg.start_soon(self._housekeeping)
+                tg.start_soon(_supervised, self._housekeeping)
                 self._flush = new_signal()
                 self._dirty = []  # (a hub run again: what an earlier run left is gone)
                 self.inline = self.inline_writes and on_asyncio()
-                tg.start_soon(self._flusher)
-                tg.start_soon(self._watch_queue_guard)
-                tg.start_soon(self._rediscover)
+                tg.start_soon(_supervised, self._flusher)
+                tg.start_soon(_supervised, self._watch_queue_guard)
+                tg.start_soon(_supervised, self._rediscover)
                 if self.durable and self.source is not None:
-                    tg.start_soon(self._tail_nats)
+                    tg.start_soon(_supervised, self._tail_nats)
                 elif self.durable:
-                    tg.start_soon(self._tail)
+                    tg.start_soon(_supervised, self._tail)
                 self._running = True
                 try:
                     yield self
