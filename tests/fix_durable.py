@@ -219,6 +219,12 @@ class _OnAThread:
         assert self.thread.is_alive(), f"run() ended: {self.error!r}"
         return True
 
+    def end(self) -> None:
+        """Stop it if it still runs (a test's cleanup, after a failure)."""
+        if self.thread.is_alive():
+            self.obj.stop()
+            self.thread.join(10)
+
     def stop(self, within: float = 1.0) -> float:
         """Stop it; assert that run() returned within *within* seconds; return the time."""
         started = time.monotonic()

@@ -134,9 +134,7 @@ def test_into_log_through_a_storm_of_faults(
         finally:
             for w in writers:
                 w.stop()
-            if running.thread.is_alive():
-                stream.stop()
-                running.thread.join(10)
+            running.end()
 
         rows = conn.execute(
             "SELECT payload, headers FROM pgherald.events_v1 WHERE channel = 'public.w' ORDER BY id"

@@ -255,9 +255,7 @@ def test_the_listener_through_a_storm_of_faults(
         assert running.error is None, f"{running.error!r} ({report})"
     finally:
         sender.close()
-        if running.thread.is_alive():
-            subject.stop()
-            running.thread.join(10)
+        running.end()
 
     listener = subject.listener
     sent = sender.sent

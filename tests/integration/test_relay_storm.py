@@ -115,9 +115,7 @@ def test_the_webhook_relay_through_a_storm_of_faults(
         assert running.error is None, f"{running.error!r} ({report})"
     finally:
         publisher.stop()
-        if running.thread.is_alive():
-            relay.stop()
-            running.thread.join(10)
+        running.end()
 
     with receiver.lock:
         arrivals = [body["id"] for body in receiver.accepted]
