@@ -243,7 +243,8 @@ class AsyncWaiter:
     def _add_reader(self, loop: asyncio.AbstractEventLoop, fd: int) -> None:
         _watch(loop.add_reader, loop, fd, self._on_readable)
         self._selector = isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop)
-        self._reader = (loop, fd, os.fstat(fd).st_ino)
+        # The socket's identity, for a kept reader only (a reconnection may reuse the number).
+        self._reader = (loop, fd, os.fstat(fd).st_ino if self._keep else 0)
         _readers[(id(loop), fd)] = self
 
     def release(self) -> None:
