@@ -22,7 +22,7 @@ from ._conninfo import connect_error, describe, listener_conninfo
 from ._protocol import pgwire
 from ._protocol.backoff import backoff_delay
 from ._protocol.pgoutput import ChangeEvent, Commit, dumps_value, lsn_to_int
-from ._protocol.pgwire import SLEEP
+from ._protocol.pgwire import SLEEP, PQGen
 from ._protocol.replication import (
     ABORT,
     CHANGE,
@@ -411,9 +411,6 @@ class _LogLost(Exception):
     """The durable log's connection was lost, or gave no answer in time (internal)."""
 
 
-PQGenAny = Generator[Any, Any, None]
-
-
 class _LogStore:
     """
     Stores a change stream's transactions in the durable log (`ChangeStream.into_log`): a
@@ -499,7 +496,7 @@ class _LogStore:
             return (yield req)
         return None
 
-    def _open(self, engine: ReplicationEngine, stopping: Callable[[], bool]) -> PQGenAny:
+    def _open(self, engine: ReplicationEngine, stopping: Callable[[], bool]) -> PQGen:
         """Connect the log, and skip through the last transaction it has from this slot."""
         self.pgconn = yield from pgwire.until_stopped(
             pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
@@ -512,7 +509,7 @@ class _LogStore:
 
     def _recover(
         self, engine: ReplicationEngine, stopping: Callable[[], bool], lost: _LogLost
-    ) -> PQGenAny:
+    ) -> PQGen:
         """Open the log's connection again, with backoff, until it works or `stop`."""
         cfg = self.config
         self._drop()
