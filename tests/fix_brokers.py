@@ -364,3 +364,12 @@ def receiver_factory() -> Iterator[Callable[..., Receiver]]:
     yield make
     for r in made:
         r.close()
+
+
+def relay_pid(conn: psycopg.Connection) -> int | None:
+    """The server process of this database's newest relay session (None: none now)."""
+    row = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name = 'pgherald-relay' ORDER BY backend_start DESC LIMIT 1"
+    ).fetchone()
+    return None if row is None else int(row[0])

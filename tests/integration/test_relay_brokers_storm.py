@@ -26,7 +26,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import OwnBroker, OwnNats, OwnRedis
+from tests.fix_brokers import OwnBroker, OwnNats, OwnRedis, relay_pid
 from tests.fix_chaos import Fault, Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import _OnAThread, uncovered
 from tests.fix_faults import FaultProxy, wait_until
@@ -67,14 +67,6 @@ def broker_faults(broker: OwnBroker) -> dict[str, Fault]:
         return ""
 
     return {"broker freeze": freeze, "broker restart": restart}
-
-
-def relay_pid(conn: psycopg.Connection[Any]) -> int | None:
-    row = conn.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'pgherald-relay' ORDER BY backend_start DESC LIMIT 1"
-    ).fetchone()
-    return None if row is None else int(row[0])
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import SECRET, Receiver
+from tests.fix_brokers import SECRET, Receiver, relay_pid
 from tests.fix_chaos import Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import _OnAThread
 from tests.fix_faults import FaultProxy, wait_until
@@ -48,14 +48,6 @@ def proxy(installed: str) -> Iterator[FaultProxy]:
     p = FaultProxy(_target_of(installed))
     yield p
     p.close()
-
-
-def relay_pid(conn: psycopg.Connection[Any]) -> int | None:
-    row = conn.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
-        " AND application_name = 'pgherald-relay' ORDER BY backend_start DESC LIMIT 1"
-    ).fetchone()
-    return None if row is None else int(row[0])
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
