@@ -33,6 +33,7 @@ from tests.fix_durable import _OnAThread
 from tests.fix_faults import FaultProxy, wait_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
+from tests.integration.test_cdc import confirmed, current_lsn
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 FAST: dict[str, Any] = {
@@ -79,13 +80,6 @@ def log_size(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def confirmed(conn: psycopg.Connection[Any], slot: str) -> int:
-    row = conn.execute(
-        "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s", (slot,)
-    ).fetchone()
-    return lsn_to_int(row[0]) if row and row[0] else 0
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_into_log_through_a_storm_of_faults(
     runtime: str, cdc_dsn: str, proxies: tuple[FaultProxy, FaultProxy]
@@ -123,12 +117,10 @@ def test_into_log_through_a_storm_of_faults(
             written = [w.stop() for w in writers]
             report = f"seed {seed}; faults: {', '.join(done)}"
             assert running.thread.is_alive(), f"into_log ended: {running.error!r} ({report})"
-            # The insert position: the private server runs with synchronous_commit = off, so
-            # the write position (pg_current_wal_lsn) lags behind the writers' last commits.
-            row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
-            assert row is not None
-            end = lsn_to_int(row[0])
-            wait_until(lambda: confirmed(conn, slot) >= end, 60, f"the log to catch up ({report})")
+            end = current_lsn(cdc_dsn)  # the insert position (the write one lags, see there)
+            wait_until(
+                lambda: confirmed(cdc_dsn, slot) >= end, 60, f"the log to catch up ({report})"
+            )
             running.stop(within=2.0)
             assert running.error is None, f"{running.error!r} ({report})"
         finally:

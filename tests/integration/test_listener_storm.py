@@ -39,7 +39,6 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -50,7 +49,6 @@ import pgherald
 from tests.fix_chaos import backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import _OnAThread
 from tests.fix_faults import FaultProxy, backend_alive, wait_until
-from tests.fix_proxy import _target_of
 
 RUNTIMES = ["sync", "asyncio", "uvloop", "trio"]
 CHANNEL = "storm"
@@ -180,13 +178,6 @@ class Running(_OnAThread):
             self.returned_at = time.monotonic()
 
 
-@pytest.fixture
-def proxy(dsn: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(_target_of(dsn))
-    yield p
-    p.close()
-
-
 def explains(gap: pgherald.Gap, sent: float, committed: float) -> bool:
     """
     Whether *gap* accounts for the loss of a notification sent (statement begun) at *sent* and
@@ -211,12 +202,12 @@ def explains(gap: pgherald.Gap, sent: float, committed: float) -> bool:
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_the_listener_through_a_storm_of_faults(
-    runtime: str, dsn: str, conn: psycopg.Connection[Any], proxy: FaultProxy
+    runtime: str, dsn: str, conn: psycopg.Connection[Any], fault_proxy: FaultProxy
 ) -> None:
     seed = chaos_seed()
     rng = random.Random(seed)
     report = f"seed {seed}"
-    subject = Subject(runtime, proxy.dsn_for(dsn))
+    subject = Subject(runtime, fault_proxy.dsn_for(dsn))
     running = Running(runtime, subject)
     wait_until(
         lambda: (
@@ -231,7 +222,7 @@ def test_the_listener_through_a_storm_of_faults(
     done: list[str] = []
     try:
         storm_ended = time.time()
-        faults = proxy_faults(proxy) | backend_faults(conn, subject.backend_pid)
+        faults = proxy_faults(fault_proxy) | backend_faults(conn, subject.backend_pid)
         done = storm(rng, faults, first=["sever"])  # the first one ends a session
         storm_ended = time.time()
         report = f"seed {seed}; faults: {', '.join(done)}"
@@ -282,7 +273,7 @@ def test_the_listener_through_a_storm_of_faults(
 
 @pytest.mark.parametrize("source", ["dsn", "lent"])
 def test_a_gap_starts_before_the_termination_that_caused_it(
-    source: str, dsn: str, conn: psycopg.Connection[Any], proxy: FaultProxy
+    source: str, dsn: str, conn: psycopg.Connection[Any], fault_proxy: FaultProxy
 ) -> None:
     """
     The storm's terminate, made slow to see: docs/listen.md, "`Gap.started` is the last sign
@@ -293,7 +284,7 @@ def test_a_gap_starts_before_the_termination_that_caused_it(
     network), a notification is committed once it is gone (lost: nobody listens), then the
     connection thaws. In the storm, with nothing frozen, the same happens within milliseconds.
     """
-    subject = Subject("sync", proxy.dsn_for(dsn))
+    subject = Subject("sync", fault_proxy.dsn_for(dsn))
     slow_probe = {**OPTIONS, "health_check_interval": 60.0}  # no probe meanwhile
     # The application's own connection, lent (its notice handler stays behind ours), or a DSN.
     lent = psycopg.connect(subject.dsn, autocommit=True) if source == "lent" else None
@@ -309,14 +300,14 @@ def test_a_gap_starts_before_the_termination_that_caused_it(
             pid = listener.backend_pid
             conn.execute("SELECT pg_notify(%s, '0')", (CHANNEL,))
             wait_until(lambda: len(subject.delivered) == 1, 5, "notification 0")
-            proxy.freeze()
+            fault_proxy.freeze()
             terminated = time.time()
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
             wait_until(lambda: not backend_alive(conn, pid), 5, "the listener's backend to end")
             sent = time.time()
             conn.execute("SELECT pg_notify(%s, '1')", (CHANNEL,))  # nobody listens: lost
             committed = time.time()
-            proxy.thaw()
+            fault_proxy.thaw()
             wait_until(lambda: subject.gaps, 5, "the gap")
             conn.execute("SELECT pg_notify(%s, '2')", (CHANNEL,))
             wait_until(lambda: len(subject.delivered) == 2, 5, "notification 2")

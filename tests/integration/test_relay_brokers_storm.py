@@ -30,7 +30,6 @@ from tests.fix_brokers import OwnBroker, OwnNats, OwnRedis, relay_pid
 from tests.fix_chaos import Fault, Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import _OnAThread, uncovered
 from tests.fix_faults import FaultProxy, wait_until
-from tests.fix_proxy import _target_of
 
 pytest.importorskip("nats", reason="the relay tests need the 'relay' extra (nats-py)")
 pytest.importorskip("redis", reason="the relay tests need the 'relay' extra (redis-py)")
@@ -79,13 +78,6 @@ def broker(request: pytest.FixtureRequest) -> Iterator[OwnBroker]:
     server.close()
 
 
-@pytest.fixture
-def proxy(installed: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(_target_of(installed))
-    yield p
-    p.close()
-
-
 @pytest.mark.parametrize("broker", ["nats", "redis"], indirect=True)
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
 def test_the_relay_into_a_broker_through_a_storm_of_faults(
@@ -93,14 +85,14 @@ def test_the_relay_into_a_broker_through_a_storm_of_faults(
     broker: OwnBroker,
     installed: str,
     conn: psycopg.Connection[Any],
-    proxy: FaultProxy,
+    fault_proxy: FaultProxy,
 ) -> None:
     seed = chaos_seed()
     rng = random.Random(seed)
     nats = isinstance(broker, OwnNats)
     cls = pgherald.Relay if runtime == "sync" else pgherald.AsyncRelay
     relay: Any = cls(
-        proxy.dsn_for(installed),
+        fault_proxy.dsn_for(installed),
         to=broker.url,
         channels=["orders"],
         stream=STREAM,
@@ -121,7 +113,7 @@ def test_the_relay_into_a_broker_through_a_storm_of_faults(
     report = f"seed {seed}"
     try:
         wait_until(lambda: in_stream() > 0 or not running.thread.is_alive(), 15, "a relayed event")
-        faults = proxy_faults(proxy) | backend_faults(conn, lambda: relay_pid(conn))
+        faults = proxy_faults(fault_proxy) | backend_faults(conn, lambda: relay_pid(conn))
         faults |= broker_faults(broker)
         done = storm(rng, faults, first=["sever", "broker restart"])
         ids = publisher.stop()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -28,7 +28,6 @@ from tests.fix_brokers import SECRET, Receiver, relay_pid
 from tests.fix_chaos import Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import _OnAThread
 from tests.fix_faults import FaultProxy, wait_until
-from tests.fix_proxy import _target_of
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 Sent = tuple[int, str]  # (event id, key)
@@ -43,19 +42,12 @@ def publish_step(conn: psycopg.Connection[Any], rng: random.Random, n: int) -> l
     return batch
 
 
-@pytest.fixture
-def proxy(installed: str) -> Iterator[FaultProxy]:
-    p = FaultProxy(_target_of(installed))
-    yield p
-    p.close()
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_the_webhook_relay_through_a_storm_of_faults(
     runtime: str,
     installed: str,
     conn: psycopg.Connection[Any],
-    proxy: FaultProxy,
+    fault_proxy: FaultProxy,
     receiver_factory: Callable[..., Receiver],
 ) -> None:
     seed = chaos_seed()
@@ -76,7 +68,7 @@ def test_the_webhook_relay_through_a_storm_of_faults(
     receiver = receiver_factory(decide)
     cls = pgherald.Relay if runtime == "sync" else pgherald.AsyncRelay
     relay: Any = cls(
-        proxy.dsn_for(installed),
+        fault_proxy.dsn_for(installed),
         to=receiver.url,
         channels=["orders"],
         secret=SECRET,
@@ -91,7 +83,7 @@ def test_the_webhook_relay_through_a_storm_of_faults(
         wait_until(
             lambda: receiver.accepted or not running.thread.is_alive(), 10, "a relayed event"
         )
-        faults = proxy_faults(proxy) | backend_faults(conn, lambda: relay_pid(conn))
+        faults = proxy_faults(fault_proxy) | backend_faults(conn, lambda: relay_pid(conn))
         done = storm(rng, faults, first=["sever"])  # the first one ends a session
         sent = publisher.stop()
         ids = [i for i, _ in sent]
