@@ -12,10 +12,22 @@ import pytest
 
 import pgherald
 
+SENTINEL = "-- the end --"
+
 
 def sent(conn: psycopg.Connection, channel: str) -> list[str]:
-    """What reached a listener of *channel* meanwhile (LISTEN on *conn* beforehand)."""
-    return [n.payload for n in conn.notifies(timeout=0.3) if n.channel == channel]
+    """
+    What reached a listener of *channel* meanwhile (LISTEN on *conn*, autocommit, beforehand):
+    everything before a sentinel notified now, which arrives after whatever came before it.
+    """
+    conn.execute("SELECT pg_notify(%s, %s)", (channel, SENTINEL))
+    got = []
+    for n in conn.notifies(timeout=5):
+        if n.channel == channel:
+            if n.payload == SENTINEL:
+                return got
+            got.append(n.payload)
+    raise AssertionError("the sentinel did not come back within 5 s")
 
 
 @pytest.mark.anyio
