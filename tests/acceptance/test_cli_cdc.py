@@ -259,7 +259,15 @@ def test_cdc_add_columns_without_the_key_is_refused(cdc_dsn: str) -> None:
     # With the key, it is accepted.
     added = run(cdc_dsn, "cdc", "add", "cust", "--columns", "id,name", "--backfill")
     assert added.returncode == 0, added.stderr
+    assert _publication(cdc_dsn, "pgherald") == ["cust"]
     with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        row = c.execute(
+            "SELECT attnames::text[] FROM pg_publication_tables"
+            " WHERE pubname = 'pgherald' AND tablename = 'cust'"
+        ).fetchone()
+        assert row is not None
+        assert sorted(row[0]) == ["id", "name"]
+        # Writes work: a column list without the replica identity would fail this UPDATE.
         c.execute("INSERT INTO cust VALUES (2, 'c', 'c@x')")
         c.execute("UPDATE cust SET name = 'd' WHERE id = 2")
 
