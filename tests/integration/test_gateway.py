@@ -63,6 +63,7 @@ def serve(app: Starlette, **config: Any) -> Iterator[str]:
     thread.start()
     try:
         yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+        assert thread.is_alive(), "the gateway's server ended while in use"
     finally:
         server.should_exit = True
         thread.join(15)

@@ -33,14 +33,12 @@ import contextlib
 import json
 import logging
 import random
-import socket
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import jwt
 import psycopg
 import pytest
 from websockets.exceptions import WebSocketException
@@ -48,12 +46,13 @@ from websockets.sync.client import connect as ws_connect
 
 import pgherald
 from pgherald.contrib.gateway import create_app
-from pgherald.contrib.gateway.server import GatewayServer
 from tests.fix_chaos import Fault, Paced, chaos_seed, proxy_faults, storm
 from tests.fix_faults import FaultProxy, LogWatch, wait_until, watching
 from tests.fix_proxy import _target_of
+from tests.integration.test_gateway import SECRET
+from tests.integration.test_gateway import serve as gateway_serve
+from tests.integration.test_gateway import token as gateway_token
 
-SECRET = "storm-secret-not-for-production-0123456789"
 CHANNEL = "orders"
 Sent = tuple[int, int]  # (event id, n)
 SESSIONS = ("pgherald-gateway", "pgherald-gateway-db", "pgherald-gateway-tail")
@@ -61,30 +60,15 @@ UNAVAILABLE = "the database is not available"  # the documented answer while it 
 
 
 def token(mode: str = "r") -> str:
-    claims = {"channels": [CHANNEL], "mode": mode, "exp": int(time.time() + 600)}
-    return jwt.encode(claims, SECRET, algorithm="HS256")
+    return gateway_token([CHANNEL], mode)
 
 
 @contextlib.contextmanager
-def serve(app: Any, **config: Any) -> Iterator[tuple[int, GatewayServer]]:
-    """*app* under `GatewayServer` on a thread (uvicorn's *config*: the event loop of
-    `pgherald serve` by default, uvloop when installed); yields its port; shuts it down
-    cleanly."""
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)  # connections wait in the backlog until the app has started
-    server = GatewayServer(app, **({"log_level": "warning"} | config))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    try:
-        yield sock.getsockname()[1], server
-        assert thread.is_alive(), "the gateway's server ended during the storm"
-    finally:
-        server.should_exit = True
-        thread.join(15)
-        sock.close()
-    assert not thread.is_alive(), "the gateway did not shut down"
+def serve(app: Any, **config: Any) -> Iterator[tuple[int, None]]:
+    """`test_gateway.serve`, as the port (uvicorn's *config*: the event loop of `pgherald
+    serve` by default, uvloop when installed)."""
+    with gateway_serve(app, **config) as url:
+        yield int(url.rsplit(":", 1)[1]), None
 
 
 def publish_step(conn: psycopg.Connection[Any], rng: random.Random, n: int) -> list[Sent]:
