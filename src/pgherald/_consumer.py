@@ -28,6 +28,7 @@ from ._conninfo import Source, connect_error, resolve_source
 from ._models import Event, Gap, Stats
 from ._protocol.channels import check_channel
 from ._protocol.consumer import (
+    ABANDONED,
     BATCH,
     DEFAULT_MAX_BATCH_SIZE,
     NEEDS_TX,
@@ -41,8 +42,8 @@ from ._protocol.consumer import (
 )
 from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
 from ._typed import parsers, typed_batch_handler, typed_consumer_handler
-from ._waiting import Waiter
-from ._waiting_async import AsyncWaiter
+from ._waiting import ShutOnStop, Waiter
+from ._waiting_async import AsyncWaiter, CancelOnStop
 from .errors import ConnectError, UsageError
 
 logger = logging.getLogger("pgherald.consumer")
@@ -86,6 +87,7 @@ class _ConsumerBase:
         reconnect_initial_delay: float = 0.1,
         reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
+        stop_timeout: float | None = 30.0,
         on_reconnect: Callable[[Gap], Any] | None = None,
         application_name: str = "pgherald-consumer",
         json_loads: Callable[[str], Any] = json.loads,
@@ -129,6 +131,7 @@ class _ConsumerBase:
         ):
             _checks.seconds(name, value)
         _checks.seconds("maintain_interval", maintain_interval, none=True)
+        _checks.seconds("stop_timeout", stop_timeout, zero=True, none=True)
         for name, value in (
             ("linger", linger),
             ("retry_delay", retry_delay),
@@ -188,6 +191,7 @@ class _ConsumerBase:
             reconnect_initial_delay=reconnect_initial_delay,
             reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
+            stop_timeout=stop_timeout,
             loads=json_loads,
         )
         if model is not None:
@@ -199,6 +203,7 @@ class _ConsumerBase:
         self._batch: tuple[Callable[[list[Event]], Any], bool] | None = None
         self._engine = ConsumerEngine(self._config, self.stats, self._lookup)
         self._mode: Mode | None = None
+        self._tx_guard: ShutOnStop | CancelOnStop | None = None  # a transactional handler's
         self._setup()
 
     # -- public, runtime-independent --
@@ -365,10 +370,16 @@ class _ConsumerBase:
     def stop(self) -> None:
         """
         Make `run` return (or iteration end) after the current handler; any thread, a signal
-        handler too. A `stop` before `run` makes the next `run` return at once.
+        handler too. A `stop` before `run` makes the next `run` return at once. A transactional
+        handler still running ``stop_timeout`` seconds later is given up: its connection is
+        shut (sync) or it is cancelled (async); its transaction rolls back and the event comes
+        again.
         """
         self._engine.stop()
         self._wake()
+        guard = self._tx_guard
+        if guard is not None:
+            guard.arm()
 
     def _setup(self) -> None:
         """The runtime's own state (its waiter)."""
@@ -502,14 +513,26 @@ class Consumer(_ConsumerBase):
         if kind == BATCH:
             return self._handle(req[1], req[2], req[3])
         if kind == TX:
-            try:
-                req[2](req[1], req[3])
-            except Exception as exc:
-                return exc
-            return None
+            return self._transaction(req[2], req[1], req[3])
         if kind == REPORT:
             self._reported(req[1])
         return None
+
+    def _transaction(self, handler: Callable[..., Any], event: Any, conn: Any) -> Any:
+        """A transactional handler, given up (`ABANDONED`) if it outlasts stop()'s grace."""
+        guard = ShutOnStop(conn.pgconn.socket, self._config.stop_timeout)
+        self._tx_guard = guard
+        try:
+            if self._engine.stopping:
+                guard.arm()
+            try:
+                handler(event, conn)
+            except Exception as exc:
+                return ABANDONED if guard.fired else exc
+            return ABANDONED if guard.fired else None
+        finally:
+            self._tx_guard = None
+            guard.disarm()
 
     def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
         """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""
@@ -671,11 +694,7 @@ class AsyncConsumer(_ConsumerBase):
         if kind == BATCH:
             return await self._handle(req[1], req[2], req[3])
         if kind == TX:
-            try:
-                await req[2](req[1], req[3])
-            except Exception as exc:
-                return exc
-            return None
+            return await self._transaction(req[2], req[1], req[3])
         if kind == REPORT:
             result = self._reported(req[1])
             if inspect.isawaitable(result):
@@ -684,6 +703,23 @@ class AsyncConsumer(_ConsumerBase):
                 except Exception:
                     logger.exception("on_reconnect hook failed")
         return None
+
+    async def _transaction(self, handler: Callable[..., Any], event: Any, conn: Any) -> Any:
+        """A transactional handler, given up (`ABANDONED`) if it outlasts stop()'s grace."""
+        error: Exception | None = None
+        with anyio.CancelScope() as scope:
+            guard = CancelOnStop(scope, self._config.stop_timeout, self._waiter.caller)
+            self._tx_guard = guard
+            try:
+                if self._engine.stopping:
+                    guard.arm()
+                await handler(event, conn)
+            except Exception as exc:
+                error = exc
+            finally:
+                self._tx_guard = None
+                guard.done = True
+        return ABANDONED if scope.cancel_called else error
 
     async def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
         """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import select
 import socket
+import threading
 import time
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
@@ -12,6 +14,45 @@ from typing import Any, TypeVar
 from ._protocol.pgwire import READ, SLEEP, WAIT, WRITE, Request
 
 T = TypeVar("T")
+
+
+class ShutOnStop:
+    """
+    Shuts socket *fd* *timeout* seconds after `arm` (None: never), unless `disarm` came
+    first: how `stop()` ends a transactional handler that a frozen connection holds in
+    psycopg's wait on the consumer's thread (nothing else wakes that thread). Its statement
+    fails as if the connection dropped. `arm` is safe from any thread and a signal handler.
+    """
+
+    def __init__(self, fd: int, timeout: float | None) -> None:
+        self._fd = fd
+        self._timeout = timeout
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()  # the shutdown and `disarm`: one or the other
+        self._done = False
+        self.fired = False
+
+    def arm(self) -> None:
+        if self._timeout is None or self._timer is not None or self._done:
+            return
+        self._timer = threading.Timer(self._timeout, self._fire)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def _fire(self) -> None:
+        with self._lock:
+            if self._done:
+                return
+            self.fired = True
+            # On a duplicate of the number: shutdown() ends the socket itself, for libpq too.
+            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._fd)) as sock:
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._done = True
+        if self._timer is not None:
+            self._timer.cancel()
 
 
 class Waiter:

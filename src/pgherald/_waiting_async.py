@@ -24,9 +24,7 @@ T = TypeVar("T")
 _running_loop = asyncio._get_running_loop  # None outside asyncio; a C call, no exception
 
 
-_readers: weakref.WeakValueDictionary[tuple[int, int], AsyncWaiter] = (
-    weakref.WeakValueDictionary()
-)
+_readers: weakref.WeakValueDictionary[tuple[int, int], AsyncWaiter] = weakref.WeakValueDictionary()
 """Which waiter's reader each (event loop, socket number) has: a waiter removes its own only."""
 
 
@@ -93,6 +91,31 @@ class LoopCaller:
                 anyio.from_thread.run_sync(fn, token=self._token)
 
 
+class CancelOnStop:
+    """
+    Gives *scope* a deadline *timeout* seconds after `arm` (None: never): how `stop()` ends a
+    transactional handler that still runs then (a frozen connection holds it, say). `arm` is
+    safe from any thread: it runs on the event loop through *caller*.
+    """
+
+    def __init__(self, scope: anyio.CancelScope, timeout: float | None, caller: LoopCaller):
+        self._scope = scope
+        self._timeout = timeout
+        self._caller = caller
+        # The loop's clock, as monotonic() + offset: `_arm_here` runs as a loop callback,
+        # where anyio cannot tell which loop it is on.
+        self._offset = anyio.current_time() - time.monotonic()
+        self.done = False
+
+    def arm(self) -> None:
+        if self._timeout is not None:
+            self._caller.call(self._arm_here)
+
+    def _arm_here(self) -> None:
+        if not self.done and self._timeout is not None and self._scope.deadline == float("inf"):
+            self._scope.deadline = time.monotonic() + self._offset + self._timeout
+
+
 class AsyncWaiter:
     """
     Waits on a connection socket, cancellable by `wake`, on asyncio or trio.
@@ -131,6 +154,11 @@ class AsyncWaiter:
 
     def wake(self) -> None:
         self._caller.call(self._wake_here)
+
+    @property
+    def caller(self) -> LoopCaller:
+        """Runs a function on this waiter's event loop, from any thread (see `LoopCaller`)."""
+        return self._caller
 
     def _wake_here(self) -> None:
         self._woken = True

@@ -386,6 +386,85 @@ def test_transactional_handler_that_fails_once_keeps_reading(
         anyio.run(c.aclose, backend="asyncio")
 
 
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_stop_while_a_transactional_handler_waits_on_a_frozen_connection(
+    runtime: str, installed: str, conn: psycopg.Connection, fault_proxy: FaultProxy
+) -> None:
+    """
+    The handler's statement waits on a frozen connection (in psycopg, not in the engine):
+    stop() gives it ``stop_timeout``, then shuts its connection (sync) or cancels it (async).
+    run() returns, nothing is committed, and the event comes again, handled once.
+    """
+    conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+    inside, frozen = threading.Event(), threading.Event()
+    options: dict[str, Any] = {
+        "group": "g",
+        "channels": ["ch"],
+        "stop_timeout": 0.5,
+        "health_check_timeout": 30,
+        **FAST,
+    }
+    dsn = fault_proxy.dsn_for(installed)
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            inside.set()
+            frozen.wait(10)
+            tx.execute("SELECT 1")  # sent into the frozen connection: no answer, ever
+
+        target: Callable[[], None] = c.run
+    else:
+        c = pgherald.AsyncConsumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            inside.set()
+            await anyio.to_thread.run_sync(frozen.wait, 10)  # the test's thread, not ours
+            await tx.execute("SELECT 1")
+
+        def target() -> None:
+            anyio.run(c.run, backend="asyncio")
+
+    (event_id,) = publish(installed, [1])
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    assert inside.wait(10), "the handler never ran"
+    fault_proxy.freeze()
+    frozen.set()
+    c.stop()
+    started = time.monotonic()
+    thread.join(10)
+    took = time.monotonic() - started
+    assert not thread.is_alive(), "run() did not return: the handler still waits"
+    assert 0.4 <= took < 5, f"run() returned {took:.2f}s after stop() (stop_timeout 0.5)"
+    fault_proxy.sever()  # the abandoned session (and its partitions) ends on the server too
+    if runtime == "sync":
+        c.close()
+    else:
+        anyio.run(c.aclose, backend="asyncio")
+    assert conn.execute("SELECT count(*) FROM effects").fetchone() == (0,)
+    # It comes again, to a consumer on a sound connection, and is handled once.
+    seen: list[int] = []
+    with pgherald.Consumer(installed, group="g", channels=["ch"], **FAST) as again:
+
+        @again.on("ch", transactional=True)
+        def redo(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            seen.append(e.id)
+            again.stop()
+
+        timer = threading.Timer(15, again.stop)  # a bound: the assertion below says why
+        timer.start()
+        again.run()
+        timer.cancel()
+    assert seen == [event_id]
+    assert conn.execute("SELECT id FROM effects").fetchall() == [(event_id,)]
+
+
 # -- a server that restarts under a stream of 20,000 events --
 
 

@@ -87,6 +87,11 @@ inside the transaction the engine opened; the engine then acknowledges and commi
 NEEDS_TX = object()
 """The answer to BATCH that asks the engine for a transaction around a transactional handler."""
 
+ABANDONED = object()
+"""The answer to TX when the runtime gave up on the handler: still running ``stop_timeout``
+seconds after `stop()` (its connection was shut, or the handler cancelled). The engine then
+drops the connection: the transaction rolls back and the event comes again."""
+
 Start = str | int | datetime
 Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
 
@@ -134,6 +139,10 @@ class ConsumerConfig:
     reconnect_initial_delay: float = 0.1
     reconnect_max_delay: float = 10.0
     reconnect_max_attempts: int | None = None
+    stop_timeout: float | None = 30.0
+    """Seconds a transactional handler may still run after `stop()`; past them its connection
+    is shut (its statement fails, the transaction rolls back, the event comes again). None:
+    wait for it, however long (a frozen connection: for ever)."""
     synchronous_acks: bool = False
     """False: the consumer's own statements (acknowledgements, dead letters) commit without
     waiting for the WAL flush (synchronous_commit = off for its session): a server crash may
@@ -1544,6 +1553,19 @@ class ConsumerEngine:
         yield from self._settle()
         yield from self._run(pgwire.execute(pgconn, _BEGIN, self._deadline()))
         error = yield (TX, event, handler, self.conn)
+        if error is ABANDONED:
+            logger.warning(
+                "a transactional handler still ran on event %d (%s) %gs after stop(): its "
+                "transaction was abandoned (rolled back), the event comes again",
+                event.id,
+                event.channel,
+                self.config.stop_timeout,
+            )
+            self._broken = True  # the connection's state is unknown: it goes
+            raise _Lost("transactional handler abandoned after stop()")
+        if self.pgconn is pgconn and pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
+            self._broken = True  # a statement of the handler's still in flight
+            raise _Lost("a transactional handler returned with a statement still running")
         if self.pgconn is not pgconn or pgconn.status == pq.ConnStatus.BAD:
             raise _Lost("connection lost in a transactional handler")
         if error is None:

@@ -85,6 +85,7 @@ async def _supervised(task: Callable[[], Awaitable[None]]) -> None:
             )
             await anyio.sleep(RESTART_AFTER)
 
+
 WAKE_CHANNEL = "pgherald_wake_v1"
 MAX_LEARNED = 10_000
 """Channels remembered from subscriptions and publishes for patterns to match, at most."""
