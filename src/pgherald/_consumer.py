@@ -546,22 +546,30 @@ class Consumer(_ConsumerBase):
             except Exception as exc:
                 return start + _failed_at(exc, len(part)), 0, exc
             return _batch_answer(start, result, len(part))
-        lookup = self._lookup
+        merged, lookup = self._merged, self._lookup
         engine = self._engine
         for i in range(first, len(events)):
             event = events[i]
-            entries = lookup(event.channel)
-            if not entries:
-                self.stats.unhandled += 1
-            for h in range(handler, len(entries)):
-                func, _, transactional = entries[h]
-                if transactional:
-                    return i, h, NEEDS_TX
-                try:
-                    func(event)
+            entries = merged.get(event.channel)
+            if entries is None:
+                entries = lookup(event.channel)
+            if len(entries) == 1 and not handler and not entries[0][2]:
+                try:  # the usual case, per event: one plain handler
+                    entries[0][0](event)
                 except Exception as exc:
-                    return i, h, exc
-            handler = 0
+                    return i, 0, exc
+            else:
+                if not entries:
+                    self.stats.unhandled += 1
+                for h in range(handler, len(entries)):
+                    func, _, transactional = entries[h]
+                    if transactional:
+                        return i, h, NEEDS_TX
+                    try:
+                        func(event)
+                    except Exception as exc:
+                        return i, h, exc
+                handler = 0
             if engine.stopping:
                 return i + 1, None, None
         return len(events), None, None
@@ -735,25 +743,37 @@ class AsyncConsumer(_ConsumerBase):
             except Exception as exc:
                 return start + _failed_at(exc, len(part)), 0, exc
             return _batch_answer(start, result, len(part))
-        lookup = self._lookup
+        merged, lookup = self._merged, self._lookup
         engine = self._engine
         for i in range(first, len(events)):
             event = events[i]
-            entries = lookup(event.channel)
-            if not entries:
-                self.stats.unhandled += 1
-            for h in range(handler, len(entries)):
-                func, is_async, transactional = entries[h]
-                if transactional:
-                    return i, h, NEEDS_TX
-                try:
+            entries = merged.get(event.channel)
+            if entries is None:
+                entries = lookup(event.channel)
+            if len(entries) == 1 and not handler and not entries[0][2]:
+                func, is_async, _ = entries[0]
+                try:  # the usual case, per event: one plain handler
                     if is_async:
                         await func(event)
                     else:
                         func(event)
                 except Exception as exc:
-                    return i, h, exc
-            handler = 0
+                    return i, 0, exc
+            else:
+                if not entries:
+                    self.stats.unhandled += 1
+                for h in range(handler, len(entries)):
+                    func, is_async, transactional = entries[h]
+                    if transactional:
+                        return i, h, NEEDS_TX
+                    try:
+                        if is_async:
+                            await func(event)
+                        else:
+                            func(event)
+                    except Exception as exc:
+                        return i, h, exc
+                handler = 0
             if engine.stopping:
                 return i + 1, None, None
         return len(events), None, None

@@ -788,39 +788,41 @@ class ConsumerEngine:
             self._seen, self._seen_total = {}, 0
             return 0, {}
         get = res.get_value
-        # (channel, binary int2 partition): the bytes serve as keys
-        parts = [(get(i, 2), get(i, 7)) for i in range(n)]
+        # Each row's range, as the read numbered it (binary int8: the bytes serve as keys):
+        # one value per row, counted in C.
+        ranges = [get(i, 8) for i in range(n)]
         # The average event size, from up to 64 rows of the read (a copy of each sampled payload).
         sample = range(0, n, max(1, n // 64))
         average = sum([len(get(i, 4) or b"") for i in sample]) // len(sample) + 200
         self._fitting = max(1, self.config.max_batch_bytes // average)
+        keys = list(read.shares)
 
         def position(i: int) -> tuple[int, int]:
             return int(get(i, 1) or b"0"), int.from_bytes(get(i, 0) or b"", "big", signed=True)
 
-        def key(part: tuple[bytes | None, bytes | None]) -> tuple[str, int]:
-            return (part[0] or b"").decode(), int.from_bytes(part[1] or b"", "big")
+        def key(number: bytes | None) -> tuple[str, int]:
+            return keys[int.from_bytes(number or b"", "big") - 1]
 
-        counts = Counter(parts)
+        counts = Counter(ranges)
         shares = read.shares
-        full = [p for p, k in counts.items() if k >= shares.get(key(p), 0)]
+        full = [r for r, k in counts.items() if k >= shares.get(key(r), 0)]
         self._busy_partitions = len(counts) if n >= read.limit else (len(full) or len(counts))
-        last = {p: i for i, p in enumerate(parts)}
+        last = _lasts(ranges, n, len(counts))
         if full:
             self._saturated = True
-            boundary = min(position(last[p]) for p in full)
+            boundary = min(position(last[r]) for r in full)
             while n and position(n - 1) > boundary:
                 n -= 1
-            last = {p: i for i, p in enumerate(parts[:n])}
-            counts = Counter(parts[:n])
+            counts = Counter(ranges[:n])
+            last = _lasts(ranges, n, len(counts))
         # The delivered window holds every row of every range up to its end: each range's
         # part of it is its rate, for the next read's shares.
-        self._seen = {key(p): k for p, k in counts.items()}
+        self._seen = {key(r): k for r, k in counts.items()}
         self._seen_total = n
         cursors = {}
-        for p, i in last.items():
+        for r, i in last.items():
             tx, event_id = position(i)
-            cursors[key(p)] = (str(tx), event_id)
+            cursors[key(r)] = (str(tx), event_id)
         return n, cursors
 
     # -- acknowledging --
@@ -1709,6 +1711,18 @@ def _events(rows: list[Any], loads: Callable[[str], Any] | None) -> list[Event]:
         make(Event, (r[0], r[2], p, r[3], None if r[5] is None else loads(r[5]), r[6], r[7], r[1]))
         for r, p in zip(rows, payloads, strict=True)
     ]
+
+
+def _lasts(values: list[Any], n: int, distinct: int) -> dict[Any, int]:
+    """The index of the last of each value among ``values[:n]`` (*distinct* values): from the
+    end, so a read's rows are looked at until each range's last is found, usually a few."""
+    last: dict[Any, int] = {}
+    for i in range(n - 1, -1, -1):
+        if values[i] not in last:
+            last[values[i]] = i
+            if len(last) == distinct:
+                break
+    return last
 
 
 def _array(values: Iterable[object]) -> str:

@@ -116,11 +116,13 @@ ORDER BY tx, id LIMIT 1
 -- range's rate, so that about `limit` rows are read in all, not `limit` per range). The
 -- consumer's session disables bitmap and sequential scans (see consumer.py _SETTINGS), so that
 -- each range is a merge of ordered index scans over the day partitions that stops at its share.
+-- The last column numbers each row's range (1 = the arrays' first): one value per row for the
+-- consumer to count rows by range with, before it decodes them.
 SELECT e.id, e.tx::text, e.channel, e.key, e.payload::text, e.headers::text, e.created_at,
-       e.partition
+       e.partition, c.n
 FROM unnest(CAST(%(channels)s AS text[]), CAST(%(partitions)s AS smallint[]),
             CAST(%(txs)s AS xid8[]), CAST(%(ids)s AS bigint[]), CAST(%(shares)s AS integer[]))
-     AS c(channel, partition, tx, event_id, share)
+     WITH ORDINALITY AS c(channel, partition, tx, event_id, share, n)
 JOIN pgherald.positions_v2 AS p
   ON p.group_name = %(group)s AND p.channel = c.channel AND p.partition = c.partition
 CROSS JOIN LATERAL (
