@@ -28,6 +28,7 @@ from ._protocol.replication import (
     CHANGE,
     COMMIT,
     NOT_REPLICATION,
+    REWIND,
     WAL_LEVEL_HINT,
     ReplicationConfig,
     ReplicationEngine,
@@ -438,7 +439,8 @@ class _LogStore:
         Connect, skip what the log already has, then store every change of *steps* (the
         engine's run) until `stop`. A log connection lost (or silent past the statement
         deadline) after the first is opened again, with the stream's backoff; the stream
-        starts over from what it acknowledged, and what the log already has is skipped.
+        starts over from what it acknowledged, and what the log already has is skipped (during
+        the backfill: the backfill starts again, in its snapshot).
         """
         stopping = lambda: engine.stopping  # noqa: E731  (read at every wait)
         gen = steps
@@ -459,6 +461,11 @@ class _LogStore:
                     send = yield from self._handle(req, engine, stopping)
                 except _LogLost as lost:
                     yield from self._recover(engine, stopping, lost)
+                    if engine.backfilling:
+                        # The backfill is not in the log: it comes again from its first row,
+                        # in its snapshot (a new slot's stream cannot go back to it).
+                        send = REWIND
+                        continue
                     # The transaction in hand is not in the log: the stream goes back to what
                     # it acknowledged (its own reconnection), and the log's last stored
                     # transaction tells what to skip.

@@ -50,6 +50,9 @@ logger = logging.getLogger("pgherald.cdc")
 CHANGE = 10  # (CHANGE, ChangeEvent) -> None: hand the change to the application
 COMMIT = 11  # (COMMIT, Commit) -> None: the transaction's changes were all handed over
 ABORT = 12  # (ABORT,) -> None: the transaction under way will come again; forget its changes
+REWIND = 13
+"""The runtime's answer to a CHANGE or the COMMIT of the backfill: what it was handed of the
+backfill is lost (`_cdc.ChangeStream.into_log`: the log's connection); hand it all over again."""
 CHANGES = frozenset(b"IUD")  # pgoutput's Insert, Update and Delete messages
 STOP_GRACE = 0.5  # seconds a stop waits for the Commit of a transaction being handled
 REPORT = pgwire.REPORT  # (REPORT, str) -> None: the stream was lost and is back (a message)
@@ -136,6 +139,8 @@ class ReplicationEngine:
         """The LSN acknowledged to the server (or about to be: see `_acknowledge`)."""
         self.skip_through = 0
         """Transactions that commit at or before this LSN are acknowledged, not delivered."""
+        self.backfilling = False
+        """The backfill is being handed over (its CHANGE and COMMIT may be answered REWIND)."""
         self.primary_keys: dict[tuple[str, str], tuple[str, ...]] = {}
         self.changes = 0
         self.transactions = 0
@@ -433,6 +438,32 @@ class ReplicationEngine:
             time.monotonic() + cfg.statement_timeout,
         )
         self._in_tx = True
+        end = lsn_to_int(consistent)
+        self.backfilling = True
+        try:
+            # Handed over again from the start, in the same snapshot (ctl's transaction), as
+            # long as the runtime answers REWIND: unless what it lost was the answer to the
+            # COMMIT, and it had kept the backfill after all (into_log finds it in the log).
+            while (yield from self._backfill(ctl, consistent, when)) == REWIND:
+                if self.skip_through >= end:
+                    break
+                if self.stopping:
+                    raise _stopped_in_backfill(cfg.slot)
+                logger.warning(
+                    "the backfill of slot %r starts again, from the same snapshot", cfg.slot
+                )
+        finally:
+            self.backfilling = False
+        # ctl's read-only transaction ends with its connection (`_open`).
+        self._in_tx = False
+        self.flushed = max(self.flushed, end)
+
+    def _backfill(self, ctl: pq.abc.PGconn, consistent: str, when: datetime) -> PQGen:
+        """
+        Every row of the snapshot (ctl's transaction) as a READ event, then their COMMIT; the
+        runtime's answer to the COMMIT, or REWIND as soon as it answers a change so.
+        """
+        cfg = self.config
         for schema, table, columns in self._tables:
             key = self.primary_keys.get((schema, table), ())
             select = psql.SQL(
@@ -445,6 +476,7 @@ class ReplicationEngine:
                 ctl, select.as_string(None).encode(), time.monotonic() + cfg.statement_timeout
             )
             fetch = f"FETCH {int(cfg.backfill_batch)} FROM pgherald_backfill".encode()
+            close = b"CLOSE pgherald_backfill"
             while True:
                 (rows,) = yield from pgwire.execute(
                     ctl, fetch, time.monotonic() + cfg.statement_timeout
@@ -469,21 +501,17 @@ class ReplicationEngine:
                         when,
                     )
                     self.changes += 1
-                    yield (CHANGE, event)
+                    if (yield (CHANGE, event)) == REWIND:
+                        yield from pgwire.execute(
+                            ctl, close, time.monotonic() + cfg.statement_timeout
+                        )
+                        return REWIND
                     if self.stopping:
                         # Unfinished: the next start cannot backfill from this slot again.
-                        raise UsageError(
-                            f"stopped during the backfill of slot {cfg.slot!r}: drop it "
-                            "(`pgherald cdc drop`) and start again to backfill"
-                        )
-            yield from pgwire.execute(
-                ctl, b"CLOSE pgherald_backfill", time.monotonic() + cfg.statement_timeout
-            )
-        yield from pgwire.execute(ctl, b"COMMIT", time.monotonic() + cfg.statement_timeout)
-        self._in_tx = False
+                        raise _stopped_in_backfill(cfg.slot)
+            yield from pgwire.execute(ctl, close, time.monotonic() + cfg.statement_timeout)
         end = lsn_to_int(consistent)
-        yield (COMMIT, Commit(end, end, when))
-        self.flushed = max(self.flushed, end)
+        return (yield (COMMIT, Commit(end, end, when)))
 
     # -- streaming --
 
@@ -761,6 +789,13 @@ def _incomplete_backfill(slot: str, exc: BaseException) -> UsageError:
     return UsageError(
         f"the backfill of slot {slot!r} failed ({pgwire.one_line(exc)}): the slot exists but its "
         f"backfill is incomplete; drop it (`pgherald cdc drop --slot {slot}`) and start again"
+    )
+
+
+def _stopped_in_backfill(slot: str) -> UsageError:
+    return UsageError(
+        f"stopped during the backfill of slot {slot!r}: drop it (`pgherald cdc drop`) and start "
+        "again to backfill"
     )
 
 

@@ -1,0 +1,271 @@
+"""
+`ChangeStream.into_log` with its log connection severed or frozen *during the backfill* of a new
+slot (docs/cdc.md, "Backfill" and "Exactly once into the durable log"): every row of the
+snapshot is stored once as a READ event, then every change made during and after the backfill
+once, in commit order, and the stream goes on.
+
+Where the fault lands is made certain by a gate, not by timing: the publication has two tables,
+``a`` and ``b``, backfilled in that order, and a trigger on the log (in this test's database
+only) makes each insert of an event of ``b`` wait for an advisory lock that the test holds. The
+backfill stores all of ``a`` in the log's open transaction, then waits at the gate: the test sees
+it wait, breaks the log's connection, and opens the gate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+
+import pgherald
+from pgherald import ChangeStream
+from pgherald._cdc import add_tables
+from pgherald._protocol.pgoutput import lsn_to_int
+from tests.fix_faults import FaultProxy, await_until, watching
+from tests.fix_proxy import _target_of
+from tests.fix_server import OwnServer
+
+ROWS = 3000  # per table: three of into_log's batches (1000) each
+GATE = 4242  # the advisory lock of the gate
+STATEMENT_TIMEOUT = 3.0  # a frozen log connection is found after this long
+FAST: dict[str, Any] = {
+    "health_check_interval": 0.3,
+    "health_check_timeout": 0.3,
+    "status_interval": 0.2,
+    "reconnect_initial_delay": 0.05,
+    "reconnect_max_delay": 0.15,
+}
+
+
+@pytest.fixture
+def log_proxy(logical_server: OwnServer) -> Iterator[FaultProxy]:
+    p = FaultProxy(_target_of(logical_server.dsn))
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def sql(dsn: str, *statements: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        for s in statements:
+            c.execute(s.encode())
+
+
+def one(dsn: str, query: str, *params: Any) -> Any:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute(query.encode(), params).fetchone()
+    return None if row is None else row[0]
+
+
+def stored(dsn: str) -> list[tuple[str, str, str, Any, int]]:
+    """(op, table, key, new, cdc_lsn) of every event in the log, in the log's order."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = c.execute(
+            "SELECT payload->>'op', channel, key, payload->'new', headers->>'cdc_lsn'"
+            " FROM pgherald.events_v1 ORDER BY id"
+        ).fetchall()
+    return [(op, ch, key, new, lsn_to_int(lsn)) for op, ch, key, new, lsn in rows]
+
+
+def reads(dsn: str) -> int:
+    return int(one(dsn, "SELECT count(*) FROM pgherald.events_v1 WHERE payload->>'op' = 'READ'"))
+
+
+def table_rows(dsn: str, table: str) -> dict[str, dict[str, Any]]:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        rows = c.execute(f"SELECT id, v FROM {table}".encode()).fetchall()
+    return {str(i): {"id": i, "v": v} for i, v in rows}
+
+
+def waits_at_gate(dsn: str) -> bool:
+    """The log's connection stores the first event of b: it waits at the gate."""
+    return bool(
+        one(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'pgherald-cdc-log' AND wait_event_type = 'Lock'"
+            " AND wait_event = 'advisory'",
+        )
+    )
+
+
+def log_in_transaction(dsn: str) -> bool:
+    """The log's connection has written in its open transaction (the backfill stored so far)."""
+    return bool(
+        one(
+            dsn,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+            " AND application_name = 'pgherald-cdc-log' AND backend_xid IS NOT NULL",
+        )
+    )
+
+
+def inserted(dsn: str) -> int:
+    """Rows inserted into the log so far, committed or not (the identity's sequence)."""
+    return int(
+        one(
+            dsn,
+            "SELECT coalesce(last_value, 0) FROM pg_sequences"
+            " WHERE schemaname = 'pgherald' AND sequencename = 'events_v1_id_seq'",
+        )
+        or 0
+    )
+
+
+async def _backfill_log_fault(
+    dsn: str,
+    proxy: FaultProxy,
+    into_log: Callable[[Any, str], Any],
+    make: Any,
+    fault: str,
+    slot: str,
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        pgherald.install(c)
+    sql(
+        dsn,
+        "CREATE TABLE a (id int PRIMARY KEY, v text)",
+        "CREATE TABLE b (id int PRIMARY KEY, v text)",
+        f"INSERT INTO a SELECT g, 'a' FROM generate_series(1, {ROWS}) g",
+        f"INSERT INTO b SELECT g, 'b' FROM generate_series(1, {ROWS}) g",
+    )
+    with psycopg.connect(dsn, autocommit=True) as c:  # the publication; the stream makes the slot
+        add_tables(c, ["a", "b"], slot=slot, create_slot=False)
+    sql(
+        dsn,
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS"
+        f" $$BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END$$",
+        "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
+        " WHEN (NEW.channel = 'public.b') EXECUTE FUNCTION gate()",
+    )
+    errors: list[BaseException] = []
+    stream = make(dsn, slot=slot, backfill=True, statement_timeout=STATEMENT_TIMEOUT, **FAST)
+
+    async def run() -> None:
+        try:
+            await into_log(stream, proxy.dsn_for(dsn))
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    gate = psycopg.connect(dsn, autocommit=True)
+    try:
+        gate.execute(f"SELECT pg_advisory_lock({GATE})".encode())  # closed
+        with watching("pgherald.cdc") as log, anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await await_until(lambda: waits_at_gate(dsn) or errors, 10, "the backfill of b")
+                assert errors == []
+                # Mid-backfill: a is in the log's open transaction, nothing is committed yet.
+                assert log_in_transaction(dsn)
+                assert inserted(dsn) >= ROWS
+                assert reads(dsn) == 0
+                # Changes during the backfill (after the slot's snapshot): streamed after it.
+                sql(
+                    dsn,
+                    "INSERT INTO a VALUES (100001, 'new')",
+                    "UPDATE a SET v = 'changed' WHERE id = 1",
+                    "DELETE FROM a WHERE id = 2",
+                )
+                accepted = proxy.accepted
+                if fault == "sever":
+                    proxy.sever()
+                else:
+                    assert proxy.freeze() == 1  # the log's connection only
+                gate.execute(f"SELECT pg_advisory_unlock({GATE})".encode())  # open
+                sql(dsn, "UPDATE b SET v = 'changed' WHERE id = 3")
+                await await_until(
+                    lambda: proxy.accepted > accepted or errors,
+                    STATEMENT_TIMEOUT + 5,
+                    "a new log connection",
+                )
+                await await_until(
+                    lambda: reads(dsn) >= 2 * ROWS or errors, 15, "the backfill in the log"
+                )
+                assert errors == []
+                sql(dsn, "INSERT INTO a VALUES (100002, 'later')")
+                await await_until(
+                    lambda: (
+                        one(dsn, "SELECT count(*) FROM pgherald.events_v1 WHERE key = %s", "100002")
+                        or errors
+                    ),
+                    10,
+                    "a later change in the log",
+                )
+                stream.stop()
+    finally:
+        gate.close()
+        proxy.thaw()
+    assert errors == []
+    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    assert lost, "the lost log connection was not reported"
+    if fault == "freeze":
+        assert f"no answer in {STATEMENT_TIMEOUT:g}s" in lost[0]
+    # The backfill started again in its snapshot; the stream itself was never lost.
+    assert log.matching("starts again, from the same snapshot")
+    assert not log.matching("change stream lost")
+
+    events = stored(dsn)
+    # Every row of the snapshot once, as READ, before anything streamed, at the slot's start.
+    backfill = [e for e in events if e[0] == "READ"]
+    assert len(backfill) == 2 * ROWS
+    assert events[: 2 * ROWS] == backfill
+    assert sorted((t, int(k)) for _, t, k, _, _ in backfill) == [
+        (t, i) for t in ("public.a", "public.b") for i in range(1, ROWS + 1)
+    ]
+    assert len({lsn for *_, lsn in backfill}) == 1
+    # The snapshot's rows: before the changes made during the backfill.
+    assert {k: new for _, t, k, new, _ in backfill if t == "public.a"}["1"] == {"id": 1, "v": "a"}
+    # Then each change once, in commit order, after the snapshot.
+    streamed = events[2 * ROWS :]
+    assert [(op, t, k) for op, t, k, _, _ in streamed] == [
+        ("INSERT", "public.a", "100001"),
+        ("UPDATE", "public.a", "1"),
+        ("DELETE", "public.a", "2"),
+        ("UPDATE", "public.b", "3"),
+        ("INSERT", "public.a", "100002"),
+    ]
+    lsns = [backfill[0][4]] + [lsn for *_, lsn in streamed]
+    assert lsns == sorted(set(lsns))
+    # Replayed, the log gives the tables as they are.
+    replayed: dict[str, dict[str, Any]] = {"public.a": {}, "public.b": {}}
+    for op, t, k, new, _ in events:
+        if op == "DELETE":
+            del replayed[t][k]
+        else:
+            replayed[t][k] = new
+    assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
+
+
+FAULTS = ["sever", "freeze"]
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_into_log_with_its_log_connection_at_fault_during_the_backfill(
+    cdc_dsn: str, log_proxy: FaultProxy, fault: str
+) -> None:
+    async def into_log(stream: ChangeStream, log_dsn: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
+        finally:
+            stream.stop()
+
+    anyio.run(
+        _backfill_log_fault, cdc_dsn, log_proxy, into_log, ChangeStream, fault, f"s_fill_{fault}"
+    )
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_async_into_log_with_its_log_connection_at_fault_during_the_backfill(
+    cdc_dsn: str, log_proxy: FaultProxy, fault: str
+) -> None:
+    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str) -> None:
+        await stream.into_log(log_dsn)
+
+    await _backfill_log_fault(
+        cdc_dsn, log_proxy, into_log, pgherald.AsyncChangeStream, fault, f"s_fill_{fault}"
+    )
