@@ -68,6 +68,36 @@ def test_frozen_connection_is_replaced_and_nothing_is_lost(
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
+def test_statements_cancelled_while_it_sets_up_a_connection(
+    runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
+) -> None:
+    """
+    A cancel that lands on a new connection's LISTEN (or the statement after it) is met like
+    a lost connection: a new one, and run() goes on (it ended with ListenError). The window
+    is under a millisecond per connection, so: sever, then cancel its sessions as fast as
+    possible, for 3 s, hundreds of times; then a delayed event must still be released.
+    """
+    run = schedulers(runtime, fault_proxy.dsn_for(installed), **FAST)
+    cancels = 0
+    with psycopg.connect(installed, autocommit=True) as conn:
+        end = time.monotonic() + 3.0
+        while time.monotonic() < end and run.thread.is_alive():
+            fault_proxy.sever()
+            for _ in range(20):
+                row = conn.execute(
+                    "SELECT count(pg_cancel_backend(pid)) FROM pg_stat_activity"
+                    " WHERE datname = current_database()"
+                    " AND application_name LIKE 'pgherald-schedule%%'"
+                ).fetchone()
+                cancels += row[0] if row else 0
+    assert run.thread.is_alive(), f"run() ended: {run.error!r}"
+    assert cancels > 50, f"only {cancels} cancels landed"
+    publish_delayed(installed, "after")
+    wait_until(lambda: log_payloads(installed) == ["after"], 10, "the delayed event")
+    run.stop()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
 def test_three_rounds_of_refused_reconnects(
     runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
 ) -> None:

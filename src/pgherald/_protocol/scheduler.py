@@ -104,7 +104,7 @@ class SchedulerEngine:
             except pgwire.Abandoned:
                 return  # stopped while connecting
             permanent = pgwire.PermanentFailures()
-            lost: DatabaseConnectionError | None = None
+            lost: HeraldError | None = None
             try:
                 yield from self._statement(pgconn, "listen_wakeups", {}, "listen for wake-ups")
                 # The server's pid, not libpq's (behind PgBouncer, the pooler's own key): it
@@ -119,6 +119,10 @@ class SchedulerEngine:
                 yield from self._serve(pgconn, self.backend_pid)
             except DatabaseConnectionError as exc:  # lost, or the server not ready yet
                 lost = exc
+            except HeraldError as exc:  # the LISTEN cancelled...: again, on a new connection
+                if not _errormap.is_transient(exc.sqlstate):
+                    raise
+                lost = exc
             except pgwire.Abandoned:
                 return  # stopped during a statement
             finally:
@@ -126,7 +130,10 @@ class SchedulerEngine:
                 pgconn.finish()
             if lost is not None:
                 attempt += 1
-                yield from self._pause(attempt, f"connection lost ({pgwire.one_line(lost)})")
+                why = pgwire.one_line(lost)
+                if isinstance(lost, DatabaseConnectionError):
+                    why = f"connection lost ({why})"
+                yield from self._pause(attempt, why)
 
     def check(self) -> Generator[Request, Any, None]:
         """
