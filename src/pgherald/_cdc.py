@@ -249,6 +249,8 @@ class ChangeStream(_Base):
                     waiter.sleep(req[1])
                 elif kind == _REPORT:
                     logger.info("%s", req[1])
+                elif kind == pgwire.RESOLVE:
+                    send = waiter.resolve(req[1], req[2], req[3])
         finally:
             gen.close()
             waiter.close()
@@ -371,6 +373,8 @@ class AsyncChangeStream(_Base):
                     await waiter.sleep(req[1])
                 elif kind == _REPORT:
                     logger.info("%s", req[1])
+                elif kind == pgwire.RESOLVE:
+                    send = await waiter.resolve(req[1], req[2], req[3])
         except BaseException:
             self._finish()
             raise
@@ -499,7 +503,7 @@ class _LogStore:
                 self.in_tx = False
         elif kind == _REPORT:
             logger.info("%s", req[1])
-        else:  # WAIT, SLEEP: for the runtime
+        else:  # WAIT, SLEEP, RESOLVE: for the runtime
             return (yield req)
         return None
 

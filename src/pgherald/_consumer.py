@@ -40,7 +40,7 @@ from ._protocol.consumer import (
     StatusRow,
     _Stopped,
 )
-from ._protocol.pgwire import REPORT, SLEEP, WAIT, Request
+from ._protocol.pgwire import REPORT, RESOLVE, SLEEP, WAIT, Request
 from ._typed import parsers, typed_batch_handler, typed_consumer_handler
 from ._waiting import ShutOnStop, Waiter
 from ._waiting_async import AsyncWaiter, CancelOnStop
@@ -615,6 +615,8 @@ class Consumer(_ConsumerBase):
                     waiter.sleep(req[1])
                 elif kind == REPORT:
                     self._reported(req[1])
+                elif kind == RESOLVE:
+                    send = waiter.resolve(req[1], req[2], req[3])
         finally:
             gen.close()
             if batch is not None and done:  # left early: acknowledge what was finished
@@ -874,6 +876,8 @@ class _AsyncIteration(AsyncIterator[Event]):
                     await waiter.sleep(req[1])
                 elif kind == REPORT:
                     await consumer._on_request(req)
+                elif kind == RESOLVE:
+                    self._send = await waiter.resolve(req[1], req[2], req[3])
         except BaseException:
             await self.aclose()
             raise

@@ -11,7 +11,7 @@ from typing import Any
 
 from ._listener_base import ListenerBase, check_timeout
 from ._models import Gap, Notification
-from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
+from ._protocol.pgwire import DELIVER, REPORT, RESOLVE, SLEEP, WAIT, Request
 from ._waiting import Waiter
 from .errors import ConnectError, ListenError, PoolerError
 
@@ -255,6 +255,8 @@ class Listener(ListenerBase):
                         return
                 elif kind == REPORT:
                     self._report(req[1])
+                elif kind == RESOLVE:
+                    send = waiter.resolve(req[1], req[2], req[3])
         finally:
             gen.close()
             self._end()

@@ -15,7 +15,7 @@ import anyio.lowlevel
 
 from ._listener_base import ListenerBase, check_timeout
 from ._models import Gap, Notification
-from ._protocol.pgwire import DELIVER, REPORT, SLEEP, WAIT, Request
+from ._protocol.pgwire import DELIVER, REPORT, RESOLVE, SLEEP, WAIT, Request
 from ._protocol.routing import Entry
 from ._waiting_async import AsyncWaiter
 from .errors import ConnectError, ListenError, PoolerError
@@ -406,6 +406,8 @@ class _Notifications:
                     raise StopAsyncIteration
             elif kind == REPORT:
                 await listener._report(req[1])
+            elif kind == RESOLVE:
+                self._send = await waiter.resolve(req[1], req[2], req[3])
 
     def _end_delivery(self) -> None:
         self._delivering = False

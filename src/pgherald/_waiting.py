@@ -11,9 +11,47 @@ import time
 from collections.abc import Callable, Generator
 from typing import Any, TypeVar
 
-from ._protocol.pgwire import READ, SLEEP, WAIT, WRITE, Request
+from ._protocol.pgwire import READ, RESOLVE, SLEEP, WAIT, WRITE, Request, addresses
 
 T = TypeVar("T")
+
+
+class _Lookup:
+    """A `getaddrinfo` on a daemon thread; its socket turns readable when the answer is in."""
+
+    FRESH_FOR = 5.0  # seconds an answer nobody took yet stays good for the next attempt
+
+    def __init__(self, host: str, port: str) -> None:
+        self._done_r, self._done_w = socket.socketpair()
+        self.answer: list[str] | OSError = OSError("no answer")
+        self._at: float | None = None  # when the answer came
+        thread = threading.Thread(target=self._run, args=(host, port), daemon=True)
+        thread.name = f"pgherald-lookup-{host}"
+        thread.start()
+
+    def _run(self, host: str, port: str) -> None:
+        try:
+            infos = socket.getaddrinfo(
+                host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+            )
+            self.answer = addresses(infos)
+        except OSError as exc:
+            self.answer = exc
+        self._at = time.monotonic()
+        with contextlib.suppress(OSError):  # closed: nobody waits any more
+            self._done_w.send(b"\0")
+
+    def fileno(self) -> int:
+        return self._done_r.fileno()
+
+    def stale(self) -> bool:
+        return self._at is not None and time.monotonic() - self._at > self.FRESH_FOR
+
+    def close(self) -> None:
+        self._done_r.close()
+        self._done_w.close()
+
+    __del__ = close  # one given up and never closed (its waiter was not): when its thread ends
 
 
 class ShutOnStop:
@@ -64,6 +102,7 @@ class Waiter:
 
     def __init__(self) -> None:
         self._pair: tuple[socket.socket, socket.socket] | None = None
+        self._lookups: dict[tuple[str, str], _Lookup] = {}  # host name look-ups under way
 
     def open(self) -> None:
         """Create the wake-up socket now, so that no `wake` from another thread can be lost."""
@@ -83,6 +122,9 @@ class Waiter:
         if pair is not None:
             pair[0].close()
             pair[1].close()
+        lookups, self._lookups = self._lookups, {}
+        for lookup in lookups.values():  # given up (their threads end on their own)
+            lookup.close()
 
     def wake(self) -> None:
         pair = self._pair
@@ -134,6 +176,28 @@ class Waiter:
                 ready = True
         return ready
 
+    def resolve(self, host: str, port: str, deadline: float | None) -> Any:
+        """
+        Look *host* up (`RESOLVE`) on a thread of its own, waited for as `wait` waits (a wake-up
+        or *deadline* ends it: getaddrinfo itself cannot be interrupted or given a timeout):
+        its addresses; None on a wake-up or at *deadline* (the next call for the name takes
+        the look-up's answer if it came meanwhile); the OSError when the name does not resolve.
+        """
+        key = (host, port)
+        lookup = self._lookups.get(key)
+        if lookup is None or lookup.stale():
+            if lookup is not None:
+                lookup.close()
+            lookup = self._lookups[key] = _Lookup(host, port)
+        if not self.wait(lookup.fileno(), READ, deadline):
+            if deadline is not None and time.monotonic() >= deadline:
+                del self._lookups[key]  # given up: its thread ends on its own
+                lookup.close()
+            return None
+        del self._lookups[key]
+        lookup.close()
+        return lookup.answer
+
     def sleep(self, deadline: float) -> None:
         """Sleep until *deadline* or a wake-up."""
         self.wait(self._wake_socket().fileno(), 0, deadline)
@@ -154,6 +218,8 @@ class Waiter:
             elif kind == SLEEP:
                 self.sleep(req[1])
                 send = None
+            elif kind == RESOLVE:
+                send = self.resolve(req[1], req[2], req[3])
             elif on_request is not None:
                 send = on_request(req)
             else:  # pragma: no cover - a programming error in the engine

@@ -6,6 +6,7 @@ import asyncio
 import asyncio.selector_events
 import contextlib
 import os
+import socket
 import sys
 import threading
 import time
@@ -17,7 +18,7 @@ import anyio
 import anyio.from_thread
 import anyio.lowlevel
 
-from ._protocol.pgwire import READ, SLEEP, WAIT, Request
+from ._protocol.pgwire import READ, RESOLVE, SLEEP, WAIT, Request, addresses
 
 T = TypeVar("T")
 
@@ -329,6 +330,31 @@ class AsyncWaiter:
         self._woken = False
         return False
 
+    async def resolve(self, host: str, port: str, deadline: float | None) -> Any:
+        """
+        Look *host* up with the event loop's own resolver (`RESOLVE`): its addresses; None on
+        a wake-up or at *deadline*; the OSError when the name does not resolve.
+        """
+        if self._woken:
+            self._woken = False
+            await anyio.lowlevel.checkpoint()
+            return None
+        with anyio.CancelScope() as scope:
+            if deadline is not None:
+                scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
+            self._scope = scope
+            try:
+                infos = await anyio.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+            except OSError as exc:
+                return exc
+            finally:
+                self._scope = None
+            return addresses(infos)
+        self._woken = False
+        return None
+
     async def sleep(self, deadline: float) -> None:
         with anyio.CancelScope() as scope:
             scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
@@ -357,6 +383,8 @@ class AsyncWaiter:
             elif kind == SLEEP:
                 await self.sleep(req[1])
                 send = None
+            elif kind == RESOLVE:
+                send = await self.resolve(req[1], req[2], req[3])
             elif on_request is not None:
                 send = await on_request(req)
             else:  # pragma: no cover - a programming error in the engine

@@ -8,6 +8,8 @@ documented ``psycopg.pq`` API, so the same code serves threads, asyncio and trio
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import time
 from collections.abc import Callable, Generator
 from typing import Any, TypeAlias, TypeVar
@@ -15,6 +17,7 @@ from typing import Any, TypeAlias, TypeVar
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg import pq
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from ..errors import ConnectError
 
@@ -23,6 +26,8 @@ WAIT = 0  # (WAIT, fd, events, deadline) -> True if ready, False on timeout or w
 SLEEP = 1  # (SLEEP, deadline) -> None
 DELIVER = 2  # (DELIVER,) -> None; the runtime pulls notifications until there are none
 REPORT = 3  # (REPORT, event) -> None; the runtime hands the event to the application
+RESOLVE = 9  # (RESOLVE, host, port, deadline) -> addresses (list of str); None if woken or
+# timed out; the OSError (socket.gaierror) when the name does not resolve (returned, not raised)
 
 READ = 1
 WRITE = 2
@@ -50,8 +55,9 @@ def error_text(pgconn: pq.abc.PGconn) -> str:
     return " ".join(msg.split()) or "unknown error"
 
 
-def connect(conninfo: str, deadline: float) -> Generator[Request, bool, pq.abc.PGconn]:
+def connect(conninfo: str, deadline: float) -> Generator[Request, Any, pq.abc.PGconn]:
     """Open a connection; raise `ConnectError` with libpq's message on failure."""
+    conninfo = yield from resolved(conninfo, deadline)
     pgconn = pq.PGconn.connect_start(conninfo.encode("utf-8"))
     try:
         if pgconn.status == pq.ConnStatus.BAD:
@@ -71,6 +77,66 @@ def connect(conninfo: str, deadline: float) -> Generator[Request, bool, pq.abc.P
         pgconn.finish()
         raise
     return pgconn
+
+
+def resolved(conninfo: str, deadline: float) -> Generator[Request, Any, str]:
+    """
+    *conninfo* with its host names looked up by the runtime (`RESOLVE`) and given to libpq as
+    ``hostaddr``: libpq looks names up itself, blocking, inside its non-blocking connect (an
+    event loop would stand still for as long as DNS takes: seconds when it is down). Each
+    name keeps its place in the ``host`` list (libpq still checks TLS certificates against
+    it), one entry per address, in the resolver's order. Left to libpq: socket directories,
+    IP addresses, a ``hostaddr`` or a ``service`` already given (or in the environment).
+    """
+    params = conninfo_to_dict(conninfo)
+    if params.get("hostaddr") or params.get("service") or os.environ.get("PGHOSTADDR"):
+        return conninfo
+    host = str(params.get("host") or os.environ.get("PGHOST") or "")
+    hosts = host.split(",")
+    port = str(params.get("port") or os.environ.get("PGPORT") or "")
+    ports = port.split(",")
+    if len(ports) == 1:
+        ports *= len(hosts)
+    if not any(map(_needs_lookup, hosts)) or len(ports) != len(hosts):
+        return conninfo  # nothing to look up; or a count mismatch, which libpq reports
+    out: list[tuple[str, str, str]] = []  # (host, hostaddr, port)
+    failures = []
+    for name, number in zip(hosts, ports, strict=True):
+        if not _needs_lookup(name):
+            out.append((name, "", number))  # an empty hostaddr: libpq uses the host as it is
+            continue
+        while True:
+            addresses = yield (RESOLVE, name, number or "5432", deadline)
+            if isinstance(addresses, OSError):
+                failures.append(f'could not translate host name "{name}" to address: {addresses}')
+                break
+            if addresses is not None:
+                out.extend((name, address, number) for address in addresses)
+                break
+            if time.monotonic() >= deadline:
+                raise ConnectError(f'timed out while looking up host name "{name}"')
+    if not out:
+        raise ConnectError("; ".join(failures))
+    params["host"] = ",".join(h for h, _, _ in out)
+    params["hostaddr"] = ",".join(a for _, a, _ in out)
+    params["port"] = ",".join(p for _, _, p in out)
+    return make_conninfo("", **params)
+
+
+def addresses(infos: list[Any]) -> list[str]:
+    """The addresses of a `getaddrinfo` answer, in its order, each once."""
+    return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+def _needs_lookup(host: str) -> bool:
+    """A host name (not empty, not a socket directory, not an IP address)."""
+    if not host or host.startswith(("/", "@")) or host[1:2] == ":":  # C:\... on Windows
+        return False
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return True
+    return False
 
 
 def execute(
@@ -151,9 +217,10 @@ class Abandoned(BaseException):
 
 def until_stopped(gen: PQGen, stopping: Callable[[], bool]) -> PQGen:
     """
-    Drive statement generator *gen*; once *stopping()* is true, cut its waits to `STOP_GRACE`
-    seconds from then, and past that close it and raise `Abandoned`. Statement waits only:
-    an engine's idle wait needs no guard (`stop()` wakes it, and the loop looks first).
+    Drive statement generator *gen*; once *stopping()* is true, cut its waits (and host name
+    look-ups) to `STOP_GRACE` seconds from then, and past that close it and raise `Abandoned`.
+    Statement waits only: an engine's idle wait needs no guard (`stop()` wakes it, and the
+    loop looks first).
     """
     send: Any = None
     limit: float | None = None
@@ -162,7 +229,7 @@ def until_stopped(gen: PQGen, stopping: Callable[[], bool]) -> PQGen:
             req = gen.send(send)
         except StopIteration as done:
             return done.value
-        if req[0] == WAIT and stopping():
+        if (req[0] == WAIT or req[0] == RESOLVE) and stopping():
             now = time.monotonic()
             if limit is None:
                 limit = now + STOP_GRACE
@@ -170,7 +237,7 @@ def until_stopped(gen: PQGen, stopping: Callable[[], bool]) -> PQGen:
                 gen.close()
                 raise Abandoned()
             deadline = req[3]
-            req = (WAIT, req[1], req[2], limit if deadline is None else min(deadline, limit))
+            req = (req[0], req[1], req[2], limit if deadline is None else min(deadline, limit))
         try:
             send = yield req
         except GeneratorExit:
