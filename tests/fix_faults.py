@@ -228,6 +228,17 @@ def fault_proxy(dsn: str) -> Iterator[FaultProxy]:
         p.close()
 
 
+@pytest.fixture
+def fault_proxies(dsn: str) -> Iterator[list[FaultProxy]]:
+    """Two `FaultProxy`s to this test's server: two members of a storm, each behind its own."""
+    made = [FaultProxy(_target_of(dsn)) for _ in range(2)]
+    try:
+        yield made
+    finally:
+        for p in made:
+            p.close()
+
+
 # -- log records --
 
 

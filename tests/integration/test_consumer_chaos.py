@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -33,7 +32,6 @@ import pgherald
 from tests.fix_chaos import Fault, Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import ConsumerOnAThread
 from tests.fix_faults import FaultProxy, wait_until
-from tests.fix_proxy import _target_of
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 KEYS = 6
@@ -105,20 +103,12 @@ class Member(ConsumerOnAThread):
         super().__init__(runtime, consumer)
 
 
-@pytest.fixture
-def proxies(installed: str) -> Iterator[list[FaultProxy]]:
-    made = [FaultProxy(_target_of(installed)) for _ in range(2)]
-    yield made
-    for p in made:
-        p.close()
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_group_of_two_through_a_storm_of_faults(
     runtime: str,
     installed: str,
     conn: psycopg.Connection[Any],
-    proxies: list[FaultProxy],
+    fault_proxies: list[FaultProxy],
 ) -> None:
     seed = chaos_seed()
     rng = random.Random(seed)
@@ -128,11 +118,11 @@ def test_a_group_of_two_through_a_storm_of_faults(
         " due float8, at float8 NOT NULL)"
     )
     seen: list[tuple[int, float]] = []
-    members = [Member(runtime, p.dsn_for(installed), i, seen) for i, p in enumerate(proxies)]
+    members = [Member(runtime, p.dsn_for(installed), i, seen) for i, p in enumerate(fault_proxies)]
     publisher = Paced(installed, publish_step, pace=0.004)
     try:
         faults: dict[str, Fault] = {}
-        for i, (m, p) in enumerate(zip(members, proxies, strict=True)):
+        for i, (m, p) in enumerate(zip(members, fault_proxies, strict=True)):
             faults |= proxy_faults(p, str(i))
             faults |= backend_faults(conn, lambda m=m: m.consumer.backend_pid, str(i))
         # Each member loses a session at least once; then faults at random.

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -41,7 +40,6 @@ import pgherald
 from tests.fix_chaos import STORM, Fault, Paced, backend_faults, chaos_seed, proxy_faults, storm
 from tests.fix_durable import SchedulerRun
 from tests.fix_faults import FaultProxy, wait_until, watching
-from tests.fix_proxy import _target_of
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 LATER = "later"  # the delayed events' channel
@@ -115,20 +113,12 @@ def session_of(conn: psycopg.Connection[Any], i: int) -> int | None:
     return None if row is None else int(row[0])
 
 
-@pytest.fixture
-def proxies(installed: str) -> Iterator[list[FaultProxy]]:
-    made = [FaultProxy(_target_of(installed)) for _ in range(2)]
-    yield made
-    for p in made:
-        p.close()
-
-
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_two_schedulers_through_a_storm_of_faults(
     runtime: str,
     installed: str,
     conn: psycopg.Connection[Any],
-    proxies: list[FaultProxy],
+    fault_proxies: list[FaultProxy],
 ) -> None:
     seed = chaos_seed()
     rng = random.Random(seed)
@@ -138,7 +128,7 @@ def test_two_schedulers_through_a_storm_of_faults(
     with watching("pgherald") as log:
         runs: list[SchedulerRun] = []
         try:
-            for i, p in enumerate(proxies):
+            for i, p in enumerate(fault_proxies):
                 dsn = f"{p.dsn_for(installed)} application_name=storm-{i}"
                 runs.append(SchedulerRun(runtime, dsn, **OPTIONS))
             # Events due over the storm and up to a second after it; ticks due during it.
@@ -146,7 +136,7 @@ def test_two_schedulers_through_a_storm_of_faults(
             ticker = Paced(installed, tick_step(), pace=0.1)
             try:
                 faults: dict[str, Fault] = {}
-                for i, p in enumerate(proxies):
+                for i, p in enumerate(fault_proxies):
                     faults |= proxy_faults(p, str(i))
                     faults |= backend_faults(conn, lambda i=i: session_of(conn, i), str(i))
                 # Each scheduler loses a connection at least once; then faults at random.
