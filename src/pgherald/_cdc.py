@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import psycopg
 from psycopg import sql as psql
@@ -40,7 +40,7 @@ from ._publish import _many_params
 from ._triggers import checked_default_channel, resolve_table
 from ._waiting import Waiter
 from ._waiting_async import AsyncWaiter
-from .errors import ConnectError, ConnectionLost, PoolerError, UsageError
+from .errors import ConnectError, ConnectionLost, HeraldError, PoolerError, UsageError
 
 logger = logging.getLogger("pgherald.cdc")
 
@@ -426,6 +426,12 @@ class _LogStore:
 
     _MANY, _MANY_NAMES = sql.numbered("publish_many")
     _LAST, _LAST_NAMES = sql.numbered("cdc_last_lsn")
+    _END, _END_NAMES = sql.numbered("cdc_end_log_session")
+    _NAMES: ClassVar[dict[bytes, tuple[str, ...]]] = {
+        _MANY: _MANY_NAMES,
+        _LAST: _LAST_NAMES,
+        _END: _END_NAMES,
+    }
 
     def __init__(self, dsn: str | None, slot: str, batch: int, config: ReplicationConfig) -> None:
         self.conninfo = listener_conninfo(dsn, application_name="pgherald-cdc-log")
@@ -435,6 +441,7 @@ class _LogStore:
         self.pending: list[ChangeEvent] = []
         self.pgconn: Any = None
         self.in_tx = False
+        self.previous: tuple[int, str] | None = None  # (pid, application_name) given up
 
     def run(
         self, engine: ReplicationEngine, steps: Generator[Any, Any, None]
@@ -513,16 +520,48 @@ class _LogStore:
             pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
             stopping,
         )
+        yield from self._end_previous(stopping)
         (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
         last = res.get_value(0, 0) if res.ntuples else None
         if last is not None:
             engine.skip_through = max(engine.skip_through, lsn_to_int(last.decode()))
+
+    def _end_previous(self, stopping: Callable[[], bool]) -> PQGen:
+        """
+        End the session of the connection given up, and wait until it is gone: it may be
+        half-open with a COMMIT still on the way, which would store its transaction once more
+        after the log was read. Still there after the wait: `_LogLost` (tried again).
+        """
+        if self.previous is None:
+            return
+        pid, name = self.previous
+        wait = max(1, int(self.config.statement_timeout * 500))  # ms: answered in time
+        params = {"wait_ms": wait, "pid": pid, "application_name": name}
+        try:
+            (res,) = yield from self._execute(self._END, params, stopping)
+        except HeraldError as exc:
+            if exc.sqlstate not in ("42501", "42883"):  # not allowed; before PostgreSQL 14
+                raise
+            logger.warning(
+                "could not end the durable log's previous session (pid %d): %s; a transaction "
+                "it was committing when its connection was lost may be stored twice",
+                pid,
+                exc,
+            )
+        else:
+            if res.ntuples and res.get_value(0, 0) != b"t":
+                raise _LogLost(f"the previous session (pid {pid}) did not end in {wait} ms")
+        self.previous = None
 
     def _recover(
         self, engine: ReplicationEngine, stopping: Callable[[], bool], lost: _LogLost
     ) -> PQGen:
         """Open the log's connection again, with backoff, until it works or `stop`."""
         cfg = self.config
+        if self.pgconn is not None:
+            # Maybe half-open: its session may still commit what it was sent (see _open).
+            name = self.pgconn.parameter_status(b"application_name") or b""
+            self.previous = (self.pgconn.backend_pid, name.decode("utf-8", "replace"))
         self._drop()
         attempt = 0
         permanent = pgwire.PermanentFailures()
@@ -570,7 +609,7 @@ class _LogStore:
             if params is None:
                 statement = pgwire.execute(self.pgconn, query, deadline)
             else:
-                names = self._MANY_NAMES if query is self._MANY else self._LAST_NAMES
+                names = self._NAMES[query]
                 values = [None if params[n] is None else str(params[n]).encode() for n in names]
                 statement = pgwire.execute_params(self.pgconn, query, values, deadline)
             results: list[Any] = yield from pgwire.until_stopped(statement, stopping)

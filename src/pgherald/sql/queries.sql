@@ -724,6 +724,16 @@ WHERE s.plugin = 'pgoutput' AND s.database = current_database()
   AND (%(slot)s::text IS NULL OR s.slot_name = %(slot)s)
 ORDER BY 1
 
+-- name: cdc_end_log_session --
+-- Change data capture: end the session of a durable log connection that `cdc run --into-log`
+-- gave up (half-open, its last COMMIT maybe still on the way), and wait (up to wait_ms)
+-- for it to be gone, so that the log read next shows whether that transaction committed.
+-- Only the session it was: same pid and application name. No row: it is gone already;
+-- false: still there after the wait. Raises when this role may not end it.
+SELECT pg_terminate_backend(a.pid, CAST(%(wait_ms)s AS bigint)) FROM pg_stat_activity AS a
+WHERE a.pid = CAST(%(pid)s AS int) AND a.pid <> pg_backend_pid()
+  AND a.application_name = %(application_name)s
+
 -- name: cdc_last_lsn --
 -- The commit LSN of the last transaction `cdc run --into-log` stored for a slot (see
 -- docs/cdc.md): the newest such event, found by walking the log back from its newest id.
