@@ -27,17 +27,11 @@ from pgherald._protocol.pgoutput import lsn_to_int
 from tests.fix_faults import FaultProxy, await_until, watching
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
+from tests.integration.test_cdc import FAST
 
 ROWS = 3000  # per table: three of into_log's batches (1000) each
 GATE = 4242  # the advisory lock of the gate
 STATEMENT_TIMEOUT = 3.0  # a frozen log connection is found after this long
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.3,
-    "health_check_timeout": 0.3,
-    "status_interval": 0.2,
-    "reconnect_initial_delay": 0.05,
-    "reconnect_max_delay": 0.15,
-}
 
 
 @pytest.fixture

@@ -34,16 +34,10 @@ from pgherald import ChangeStream
 from tests.fix_faults import FaultProxy, await_until, watching
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
+from tests.integration.test_cdc import FAST
 
 GATE = 4243  # the advisory lock of the gate
 STATEMENT_TIMEOUT = 2.0  # a frozen log connection is given up after this long
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.3,
-    "health_check_timeout": 0.3,
-    "status_interval": 0.2,
-    "reconnect_initial_delay": 0.05,
-    "reconnect_max_delay": 0.15,
-}
 
 
 class OneWayProxy(FaultProxy):

@@ -33,16 +33,9 @@ from tests.fix_durable import _OnAThread
 from tests.fix_faults import FaultProxy, wait_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
-from tests.integration.test_cdc import confirmed, current_lsn
+from tests.integration.test_cdc import FAST, confirmed, current_lsn
 
 RUNTIMES = ["sync", "asyncio", "trio"]
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.3,
-    "health_check_timeout": 0.3,
-    "status_interval": 0.2,
-    "reconnect_initial_delay": 0.05,
-    "reconnect_max_delay": 0.15,
-}
 
 
 class IntoLog:
