@@ -74,12 +74,12 @@ class FreezingProxy:
             return
         client.setblocking(False)
         up = self._connect_upstream()
-        with self._lock:
+        with self._lock:  # registered before a sever() from another thread can close them
+            self._sel.register(client, selectors.EVENT_READ, None)
+            self._sel.register(up, selectors.EVENT_READ, None)
             self._peers[client] = up
             self._peers[up] = client
             self.accepted += 1
-        self._sel.register(client, selectors.EVENT_READ, None)
-        self._sel.register(up, selectors.EVENT_READ, None)
 
     def _close_pair(self, sock: socket.socket) -> None:
         with self._lock:

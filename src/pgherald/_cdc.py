@@ -441,7 +441,8 @@ class _LogStore:
         self.pending: list[ChangeEvent] = []
         self.pgconn: Any = None
         self.in_tx = False
-        self.previous: tuple[int, str] | None = None  # (pid, application_name) given up
+        self.session: tuple[int, str] | None = None  # (pid, application_name) of pgconn
+        self.previous: tuple[int, str] | None = None  # the same, of a connection given up
 
     def run(
         self, engine: ReplicationEngine, steps: Generator[Any, Any, None]
@@ -520,6 +521,10 @@ class _LogStore:
             pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
             stopping,
         )
+        # Who this session is, now: once libpq has seen a connection fail, its backend pid
+        # reads 0, and `_recover` needs it then.
+        name = self.pgconn.parameter_status(b"application_name") or b""
+        self.session = (self.pgconn.backend_pid, name.decode("utf-8", "replace"))
         yield from self._end_previous(stopping)
         (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
         last = res.get_value(0, 0) if res.ntuples else None
@@ -558,10 +563,9 @@ class _LogStore:
     ) -> PQGen:
         """Open the log's connection again, with backoff, until it works or `stop`."""
         cfg = self.config
-        if self.pgconn is not None:
+        if self.pgconn is not None and self.session is not None:
             # Maybe half-open: its session may still commit what it was sent (see _open).
-            name = self.pgconn.parameter_status(b"application_name") or b""
-            self.previous = (self.pgconn.backend_pid, name.decode("utf-8", "replace"))
+            self.previous = self.session
         self._drop()
         attempt = 0
         permanent = pgwire.PermanentFailures()

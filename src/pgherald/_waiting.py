@@ -35,11 +35,12 @@ class _Lookup:
                 host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
             )
             self.answer = addresses(infos)
-        except OSError as exc:
-            self.answer = exc
-        self._at = time.monotonic()
-        with contextlib.suppress(OSError):  # closed: nobody waits any more
-            self._done_w.send(b"\0")
+        except Exception as exc:  # a name IDNA cannot encode raises UnicodeError
+            self.answer = exc if isinstance(exc, OSError) else OSError(str(exc))
+        finally:
+            self._at = time.monotonic()
+            with contextlib.suppress(OSError):  # closed: nobody waits any more
+                self._done_w.send(b"\0")
 
     def fileno(self) -> int:
         return self._done_r.fileno()
@@ -63,7 +64,11 @@ class ShutOnStop:
     """
 
     def __init__(self, fd: int, timeout: float | None) -> None:
-        self._fd = fd
+        # A duplicate, taken now: it keeps the connection's socket itself, so the shutdown
+        # reaches it even after libpq closed its own number and another socket got it.
+        self._sock: socket.socket | None = (
+            None if timeout is None else socket.socket(fileno=os.dup(fd))
+        )
         self._timeout = timeout
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()  # the shutdown and `disarm`: one or the other
@@ -79,18 +84,20 @@ class ShutOnStop:
 
     def _fire(self) -> None:
         with self._lock:
-            if self._done:
+            if self._done or self._sock is None:
                 return
             self.fired = True
-            # On a duplicate of the number: shutdown() ends the socket itself, for libpq too.
-            with contextlib.suppress(OSError), socket.socket(fileno=os.dup(self._fd)) as sock:
-                sock.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(OSError):  # shutdown() ends the socket, for libpq too
+                self._sock.shutdown(socket.SHUT_RDWR)
 
     def disarm(self) -> None:
         with self._lock:
             self._done = True
+            sock, self._sock = self._sock, None
         if self._timer is not None:
             self._timer.cancel()
+        if sock is not None:
+            sock.close()
 
 
 class Waiter:

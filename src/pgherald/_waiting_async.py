@@ -347,8 +347,8 @@ class AsyncWaiter:
                 infos = await anyio.getaddrinfo(
                     host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
                 )
-            except OSError as exc:
-                return exc
+            except (OSError, UnicodeError) as exc:  # a name IDNA cannot encode: UnicodeError
+                return exc if isinstance(exc, OSError) else OSError(str(exc))
             finally:
                 self._scope = None
             return addresses(infos)

@@ -268,3 +268,50 @@ def test_a_previous_log_session_it_may_not_end_is_reported(cdc_dsn: str) -> None
         waiter.close()
         other.close()
         sql(cdc_dsn, f"DROP OWNED BY {role}", f"DROP ROLE {role}")
+
+
+def test_the_previous_session_is_ended_after_libpq_saw_its_connection_fail(
+    cdc_dsn: str, log_proxy: FaultProxy
+) -> None:
+    """
+    The usual loss: libpq has seen the connection fail (its backend pid then reads 0) while
+    the server's session lives on behind a frozen link. The session is still found (by what
+    was recorded at connection) and ended before the log is read.
+    """
+    import os
+    from types import SimpleNamespace
+
+    from pgherald._cdc import _LogLost, _LogStore
+    from pgherald._waiting import Waiter
+
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        pgherald.install(c)
+    config = ChangeStream(cdc_dsn, slot="s_prev", tables=["t"]).config
+    store = _LogStore(log_proxy.dsn_for(cdc_dsn), "s_prev", 1, config)
+    waiter = Waiter()
+    engine = SimpleNamespace(skip_through=0)
+    waiter.open()
+
+    def alive(pid: int) -> bool:
+        with psycopg.connect(cdc_dsn, autocommit=True) as c:
+            row = c.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (pid,))
+            return row.fetchone() == (1,)
+
+    try:
+        waiter.run(store._open(engine, lambda: False))  # type: ignore[arg-type]
+        old = store.pgconn.backend_pid
+        log_proxy.freeze()  # the server's session stays, its link frozen
+        with socket.socket(fileno=os.dup(store.pgconn.socket)) as ours:
+            ours.shutdown(socket.SHUT_RDWR)  # and our side of it fails
+        with pytest.raises(_LogLost):
+            waiter.run(store._execute(b"SELECT 1", None, lambda: False))
+        assert store.pgconn.backend_pid == 0  # what libpq tells of it now
+        assert alive(old)
+        waiter.run(store._recover(engine, lambda: False, _LogLost("lost")))  # type: ignore[arg-type]
+        assert store.pgconn is not None
+        assert store.previous is None
+        assert not alive(old), "the previous session was not ended"
+    finally:
+        store._drop()
+        waiter.close()
+        log_proxy.thaw()

@@ -288,3 +288,32 @@ def test_a_change_stream_connects_by_host_name(
         assert set(resolver.asked) == {SLOW}
     finally:
         proxy.close()
+
+
+@pytest.mark.parametrize("runtime", ["sync", "asyncio", "trio"])
+def test_a_name_that_cannot_be_encoded_says_so_at_once(
+    runtime: str, dsn: str, fault_proxy: FaultProxy, resolver: Resolver
+) -> None:
+    """A label over 63 characters: the lookup fails (UnicodeError in IDNA), it does not hang."""
+    bad = "a" * 64 + ".pgherald.test"
+    named = _named(fault_proxy.dsn_for(dsn), bad)
+    started = time.monotonic()
+    if runtime == "sync":
+        listener = pgherald.Listener(named, channels=["orders"], connect_timeout=10)
+        with pytest.raises(pgherald.ConnectError) as info:
+            listener.connect()
+        listener.close()
+    else:
+
+        async def main() -> None:
+            alistener = pgherald.AsyncListener(named, channels=["orders"], connect_timeout=10)
+            try:
+                await alistener.connect()
+            finally:
+                await alistener.aclose()
+
+        with pytest.raises(pgherald.ConnectError) as info:
+            anyio.run(main, backend=runtime)
+    took = time.monotonic() - started
+    assert f'could not translate host name "{bad}"' in str(info.value)
+    assert took < 3, f"took {took:.2f}s (connect_timeout 10)"

@@ -37,7 +37,7 @@ def drive(
 
 @pytest.fixture(autouse=True)
 def _no_libpq_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("PGHOST", "PGHOSTADDR", "PGPORT"):
+    for name in ("PGHOST", "PGHOSTADDR", "PGPORT", "PGSERVICE", "PGLOADBALANCEHOSTS"):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -73,6 +73,7 @@ def test_several_hosts_keep_their_order_and_ports() -> None:
         "host=::1 dbname=x",
         "host=db.example hostaddr=10.0.0.1 dbname=x",  # the user's own address
         "service=mine",  # the host may come from the service file
+        "host=a.example,b.example load_balance_hosts=random",  # weights stay per name
         "host=a.example,b.example port=1,2,3",  # a count mismatch: libpq says so
     ],
 )
@@ -95,11 +96,23 @@ def test_the_environment_host_is_looked_up(monkeypatch: pytest.MonkeyPatch) -> N
     )
 
 
-def test_pghostaddr_is_left_to_libpq(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PGHOSTADDR", "10.0.0.1")
-    gen = pgwire.resolved("host=db.example", time.monotonic() + 5)
-    with pytest.raises(StopIteration):
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("PGHOSTADDR", "10.0.0.1"),
+        ("PGSERVICE", "mine"),  # its file's host and port come before PGHOST and PGPORT
+        ("PGLOADBALANCEHOSTS", "random"),
+    ],
+)
+def test_left_to_libpq_by_the_environment(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    monkeypatch.setenv("PGHOST", "db.example")
+    gen = pgwire.resolved("dbname=x", time.monotonic() + 5)
+    with pytest.raises(StopIteration) as done:
         gen.send(None)
+    assert done.value.value == "dbname=x"
 
 
 def test_a_name_that_does_not_resolve_is_skipped_while_others_do() -> None:

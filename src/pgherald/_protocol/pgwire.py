@@ -86,10 +86,19 @@ def resolved(conninfo: str, deadline: float) -> Generator[Request, Any, str]:
     event loop would stand still for as long as DNS takes: seconds when it is down). Each
     name keeps its place in the ``host`` list (libpq still checks TLS certificates against
     it), one entry per address, in the resolver's order. Left to libpq: socket directories,
-    IP addresses, a ``hostaddr`` or a ``service`` already given (or in the environment).
+    IP addresses, a ``hostaddr`` or a ``service`` given in the conninfo or the environment
+    (a service file's host and port come before ``PGHOST`` and ``PGPORT``), and
+    ``load_balance_hosts`` (one entry per address would weigh a name by its addresses).
     """
     params = conninfo_to_dict(conninfo)
-    if params.get("hostaddr") or params.get("service") or os.environ.get("PGHOSTADDR"):
+    if (
+        params.get("hostaddr")
+        or params.get("service")
+        or params.get("load_balance_hosts")
+        or os.environ.get("PGHOSTADDR")
+        or os.environ.get("PGSERVICE")
+        or os.environ.get("PGLOADBALANCEHOSTS")
+    ):
         return conninfo
     host = str(params.get("host") or os.environ.get("PGHOST") or "")
     hosts = host.split(",")
