@@ -218,6 +218,53 @@ class FaultProxy(FreezingProxy):
             super()._accept()
 
 
+class OneWayProxy(FaultProxy):
+    """
+    A `FaultProxy` that can also freeze one way only: what clients send (`freeze_requests`,
+    undone by `thaw_requests`) or what the server sends (`freeze_answers`) - a link broken one
+    way.
+    """
+
+    def _requests(self) -> list[socket.socket]:
+        # The client side of a pair: accepted on the proxy's own port.
+        return [s for s in self._peers if s.getsockname()[1] == self.port]
+
+    def _freeze(self, socks: list[socket.socket]) -> int:
+        self._frozen.update(socks)
+        for s in socks:
+            with contextlib.suppress(KeyError, ValueError):
+                self._sel.unregister(s)
+        return len(socks)
+
+    def freeze_requests(self) -> int:
+        """Stop forwarding what clients send; what the server sends still goes through."""
+        with self._lock:
+            return self._freeze(self._requests())
+
+    def freeze_answers(self) -> int:
+        """Stop forwarding what the server sends; what clients send still goes through."""
+        with self._lock:
+            return self._freeze([self._peers[s] for s in self._requests()])
+
+    def thaw_requests(self) -> None:
+        """Resume forwarding what clients send (held meanwhile: it goes through now)."""
+        with self._lock:
+            for s in self._requests():
+                if s in self._frozen:
+                    self._frozen.discard(s)
+                    self._sel.register(s, selectors.EVENT_READ, None)
+
+    def held(self) -> bytes:
+        """What clients sent that a frozen connection holds (not forwarded yet)."""
+        with self._lock:
+            out = b""
+            for s in self._requests():
+                if s in self._frozen:
+                    with contextlib.suppress(BlockingIOError, OSError):
+                        out += s.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            return out
+
+
 @pytest.fixture
 def fault_proxy(dsn: str) -> Iterator[FaultProxy]:
     """A `FaultProxy` to this test's server; ``fault_proxy.dsn_for(dsn)`` goes through it."""

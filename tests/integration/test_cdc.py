@@ -48,6 +48,13 @@ def sql(dsn: str, *statements: str) -> None:
             c.execute(s.encode())
 
 
+def one(dsn: str, query: str, *params: Any) -> Any:
+    """The first value of *query*'s first row (None: no row)."""
+    with psycopg.connect(dsn, autocommit=True) as c:
+        row = c.execute(query.encode(), params).fetchone()
+    return None if row is None else row[0]
+
+
 class Reader:
     """A ChangeStream run by a thread, recording every change."""
 

@@ -9,6 +9,11 @@ Where the fault lands is made certain by a gate, not by timing: the publication 
 only) makes each insert of an event of ``b`` wait for an advisory lock that the test holds. The
 backfill stores all of ``a`` in the log's open transaction, then waits at the gate: the test sees
 it wait, breaks the log's connection, and opens the gate.
+
+When what is lost is only the answer to the backfill's COMMIT (the COMMIT reached the server
+and the backfill is in the log), the backfill must not come again: the gate then holds the
+backfill's last insert only; the test freezes what the log's connection sends, opens the gate,
+sees the COMMIT held in the proxy, freezes what the server sends and lets the COMMIT through.
 """
 
 from __future__ import annotations
@@ -24,10 +29,10 @@ import pgherald
 from pgherald import ChangeStream
 from pgherald._cdc import add_tables
 from pgherald._protocol.pgoutput import lsn_to_int
-from tests.fix_faults import FaultProxy, await_until, watching
+from tests.fix_faults import OneWayProxy, await_until, watching
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
-from tests.integration.test_cdc import FAST
+from tests.integration.test_cdc import FAST, one, sql
 
 ROWS = 3000  # per table: three of into_log's batches (1000) each
 GATE = 4242  # the advisory lock of the gate
@@ -35,24 +40,12 @@ STATEMENT_TIMEOUT = 3.0  # a frozen log connection is found after this long
 
 
 @pytest.fixture
-def log_proxy(logical_server: OwnServer) -> Iterator[FaultProxy]:
-    p = FaultProxy(_target_of(logical_server.dsn))
+def log_proxy(logical_server: OwnServer) -> Iterator[OneWayProxy]:
+    p = OneWayProxy(_target_of(logical_server.dsn))
     try:
         yield p
     finally:
         p.close()
-
-
-def sql(dsn: str, *statements: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        for s in statements:
-            c.execute(s.encode())
-
-
-def one(dsn: str, query: str, *params: Any) -> Any:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        row = c.execute(query.encode(), params).fetchone()
-    return None if row is None else row[0]
 
 
 def stored(dsn: str) -> list[tuple[str, str, str, Any, int]]:
@@ -112,7 +105,7 @@ def inserted(dsn: str) -> int:
 
 async def _backfill_log_fault(
     dsn: str,
-    proxy: FaultProxy,
+    proxy: OneWayProxy,
     into_log: Callable[[Any, str], Any],
     make: Any,
     fault: str,
@@ -239,7 +232,7 @@ FAULTS = ["sever", "freeze"]
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_into_log_with_its_log_connection_at_fault_during_the_backfill(
-    cdc_dsn: str, log_proxy: FaultProxy, fault: str
+    cdc_dsn: str, log_proxy: OneWayProxy, fault: str
 ) -> None:
     async def into_log(stream: ChangeStream, log_dsn: str) -> None:
         try:
@@ -255,11 +248,162 @@ def test_into_log_with_its_log_connection_at_fault_during_the_backfill(
 @pytest.mark.anyio
 @pytest.mark.parametrize("fault", FAULTS)
 async def test_async_into_log_with_its_log_connection_at_fault_during_the_backfill(
-    cdc_dsn: str, log_proxy: FaultProxy, fault: str
+    cdc_dsn: str, log_proxy: OneWayProxy, fault: str
 ) -> None:
     async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str) -> None:
         await stream.into_log(log_dsn)
 
     await _backfill_log_fault(
         cdc_dsn, log_proxy, into_log, pgherald.AsyncChangeStream, fault, f"s_fill_{fault}"
+    )
+
+
+async def _backfill_commit_answer_lost(
+    dsn: str,
+    proxy: OneWayProxy,
+    into_log: Callable[[Any, str], Any],
+    make: Any,
+    slot: str,
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as c:
+        pgherald.install(c)
+    sql(
+        dsn,
+        "CREATE TABLE a (id int PRIMARY KEY, v text)",
+        "CREATE TABLE b (id int PRIMARY KEY, v text)",
+        f"INSERT INTO a SELECT g, 'a' FROM generate_series(1, {ROWS}) g",
+        f"INSERT INTO b SELECT g, 'b' FROM generate_series(1, {ROWS}) g",
+    )
+    with psycopg.connect(dsn, autocommit=True) as c:  # the publication; the stream makes the slot
+        add_tables(c, ["a", "b"], slot=slot, create_slot=False)
+    sql(
+        dsn,
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS"
+        f" $$BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END$$",
+        # The backfill's last row: its insert is the last statement before the COMMIT.
+        "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
+        f" WHEN (NEW.channel = 'public.b' AND NEW.key = '{ROWS}') EXECUTE FUNCTION gate()",
+    )
+    errors: list[BaseException] = []
+    stream = make(dsn, slot=slot, backfill=True, statement_timeout=STATEMENT_TIMEOUT, **FAST)
+
+    async def run() -> None:
+        try:
+            await into_log(stream, proxy.dsn_for(dsn))
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    gate = psycopg.connect(dsn, autocommit=True)
+    try:
+        gate.execute(f"SELECT pg_advisory_lock({GATE})".encode())  # closed
+        with watching("pgherald.cdc") as log, anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                await await_until(
+                    lambda: waits_at_gate(dsn) or errors, 15, "the backfill's last insert"
+                )
+                assert errors == []
+                # The whole backfill is in the log's open transaction; nothing is committed.
+                assert inserted(dsn) == 2 * ROWS
+                assert reads(dsn) == 0
+                # Changes during the backfill (after the slot's snapshot): streamed after it.
+                sql(
+                    dsn,
+                    "INSERT INTO a VALUES (100001, 'new')",
+                    "UPDATE a SET v = 'changed' WHERE id = 1",
+                    "DELETE FROM a WHERE id = 2",
+                )
+                assert proxy.freeze_requests() == 1  # the log's connection only
+                gate.execute(f"SELECT pg_advisory_unlock({GATE})".encode())  # open
+                await await_until(
+                    lambda: b"COMMIT\x00" in proxy.held() or errors, 5, "COMMIT in flight"
+                )
+                # The COMMIT reaches the server; its answer never reaches into_log.
+                accepted = proxy.accepted
+                assert proxy.freeze_answers() == 1
+                proxy.thaw_requests()
+                await await_until(
+                    lambda: reads(dsn) == 2 * ROWS or errors, 5, "the backfill committed"
+                )
+                assert errors == []
+                assert proxy.accepted == accepted  # into_log still awaits the answer
+                await await_until(
+                    lambda: proxy.accepted > accepted or errors,
+                    STATEMENT_TIMEOUT + 5,
+                    "a new log connection",
+                )
+                sql(dsn, "INSERT INTO a VALUES (100002, 'later')")
+                await await_until(
+                    lambda: (
+                        one(dsn, "SELECT count(*) FROM pgherald.events_v1 WHERE key = %s", "100002")
+                        or errors
+                    ),
+                    10,
+                    "a later change in the log",
+                )
+                stream.stop()
+    finally:
+        gate.close()
+        proxy.thaw()
+    assert errors == []
+    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    assert lost, "the lost log connection was not reported"
+    assert f"no answer in {STATEMENT_TIMEOUT:g}s" in lost[0]
+    # The backfill was found in the log: it did not start again; the stream was never lost.
+    assert not log.matching("starts again, from the same snapshot")
+    assert log.matching("is in the log already (the answer to its commit was lost)")
+    assert not log.matching("change stream lost")
+
+    events = stored(dsn)
+    # Every row of the snapshot exactly once, as READ, before anything streamed.
+    backfill = [e for e in events if e[0] == "READ"]
+    assert len(backfill) == 2 * ROWS
+    assert events[: 2 * ROWS] == backfill
+    assert sorted((t, int(k)) for _, t, k, _, _ in backfill) == [
+        (t, i) for t in ("public.a", "public.b") for i in range(1, ROWS + 1)
+    ]
+    assert len({lsn for *_, lsn in backfill}) == 1
+    assert {k: new for _, t, k, new, _ in backfill if t == "public.a"}["1"] == {"id": 1, "v": "a"}
+    # Then each change once, in commit order, after the snapshot.
+    streamed = events[2 * ROWS :]
+    assert [(op, t, k) for op, t, k, _, _ in streamed] == [
+        ("INSERT", "public.a", "100001"),
+        ("UPDATE", "public.a", "1"),
+        ("DELETE", "public.a", "2"),
+        ("INSERT", "public.a", "100002"),
+    ]
+    lsns = [backfill[0][4]] + [lsn for *_, lsn in streamed]
+    assert lsns == sorted(set(lsns))
+    replayed: dict[str, dict[str, Any]] = {"public.a": {}, "public.b": {}}
+    for op, t, k, new, _ in events:
+        if op == "DELETE":
+            del replayed[t][k]
+        else:
+            replayed[t][k] = new
+    assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
+
+
+def test_into_log_when_the_answer_to_the_backfills_commit_is_lost(
+    cdc_dsn: str, log_proxy: OneWayProxy
+) -> None:
+    async def into_log(stream: ChangeStream, log_dsn: str) -> None:
+        try:
+            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
+        finally:
+            stream.stop()
+
+    anyio.run(
+        _backfill_commit_answer_lost, cdc_dsn, log_proxy, into_log, ChangeStream, "s_fill_answer"
+    )
+
+
+@pytest.mark.anyio
+async def test_async_into_log_when_the_answer_to_the_backfills_commit_is_lost(
+    cdc_dsn: str, log_proxy: OneWayProxy
+) -> None:
+    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str) -> None:
+        await stream.into_log(log_dsn)
+
+    await _backfill_commit_answer_lost(
+        cdc_dsn, log_proxy, into_log, pgherald.AsyncChangeStream, "s_fill_answer"
     )

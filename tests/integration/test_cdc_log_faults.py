@@ -18,7 +18,6 @@ opened all the same.
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import uuid
 from collections.abc import Callable, Iterator
@@ -31,41 +30,13 @@ from psycopg.conninfo import make_conninfo
 
 import pgherald
 from pgherald import ChangeStream
-from tests.fix_faults import FaultProxy, await_until, watching
+from tests.fix_faults import FaultProxy, OneWayProxy, await_until, watching
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
-from tests.integration.test_cdc import FAST
+from tests.integration.test_cdc import FAST, one, sql
 
 GATE = 4243  # the advisory lock of the gate
 STATEMENT_TIMEOUT = 2.0  # a frozen log connection is given up after this long
-
-
-class OneWayProxy(FaultProxy):
-    """A `FaultProxy` that can also freeze only what clients send (a link broken one way)."""
-
-    def _requests(self) -> list[socket.socket]:
-        # The client side of a pair: accepted on the proxy's own port.
-        return [s for s in self._peers if s.getsockname()[1] == self.port]
-
-    def freeze_requests(self) -> int:
-        """Stop forwarding what clients send; what the server sends still goes through."""
-        with self._lock:
-            requests = self._requests()
-            self._frozen.update(requests)
-            for s in requests:
-                with contextlib.suppress(KeyError, ValueError):
-                    self._sel.unregister(s)
-            return len(requests)
-
-    def held(self) -> bytes:
-        """What clients sent that a frozen connection holds (not forwarded yet)."""
-        with self._lock:
-            out = b""
-            for s in self._requests():
-                if s in self._frozen:
-                    with contextlib.suppress(BlockingIOError, OSError):
-                        out += s.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            return out
 
 
 @pytest.fixture
@@ -75,18 +46,6 @@ def log_proxy(logical_server: OwnServer) -> Iterator[OneWayProxy]:
         yield p
     finally:
         p.close()
-
-
-def sql(dsn: str, *statements: str) -> None:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        for s in statements:
-            c.execute(s.encode())
-
-
-def one(dsn: str, query: str, *params: Any) -> Any:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        row = c.execute(query.encode(), params).fetchone()
-    return None if row is None else row[0]
 
 
 def stored(dsn: str) -> list[tuple[int, str]]:

@@ -446,6 +446,11 @@ class ReplicationEngine:
             # COMMIT, and it had kept the backfill after all (into_log finds it in the log).
             while (yield from self._backfill(ctl, consistent, when)) == REWIND:
                 if self.skip_through >= end:
+                    logger.info(
+                        "the backfill of slot %r is in the log already (the answer to its "
+                        "commit was lost): not sent again",
+                        cfg.slot,
+                    )
                     break
                 if self.stopping:
                     raise _stopped_in_backfill(cfg.slot)
