@@ -92,6 +92,35 @@ class LoopCaller:
                 anyio.from_thread.run_sync(fn, token=self._token)
 
 
+_lookups: dict[tuple[asyncio.AbstractEventLoop, str, str], asyncio.Task[Any]] = {}
+"""Host name lookups under way, per event loop: one at a time per name."""
+
+
+def _lookup(loop: asyncio.AbstractEventLoop, host: str, port: str) -> asyncio.Task[Any]:
+    """
+    The loop's lookup of *host*, started now or already under way. A lookup cannot be
+    stopped (the loop runs ``getaddrinfo`` on one of its few executor threads): one given
+    up at a deadline goes on, and the next attempt waits for it rather than take another
+    thread, so a resolver that hangs holds one thread per name, not one per attempt.
+    """
+    key = (loop, host, port)
+    task = _lookups.get(key)
+    if task is None:
+        task = loop.create_task(
+            loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+        )
+        _lookups[key] = task
+
+        def done(t: asyncio.Task[Any]) -> None:
+            if _lookups.get(key) is t:
+                del _lookups[key]
+            if not t.cancelled():
+                t.exception()  # taken: an answer nobody waits for any more is not an error
+
+        task.add_done_callback(done)
+    return task
+
+
 class CancelOnStop:
     """
     Gives *scope* a deadline *timeout* seconds after `arm` (None: never): how `stop()` ends a
@@ -333,7 +362,8 @@ class AsyncWaiter:
     async def resolve(self, host: str, port: str, deadline: float | None) -> Any:
         """
         Look *host* up with the event loop's own resolver (`RESOLVE`): its addresses; None on
-        a wake-up or at *deadline*; the OSError when the name does not resolve.
+        a wake-up or at *deadline*; the OSError when the name does not resolve. On asyncio a
+        lookup given up goes on, and the next one for the name waits for it (`_lookup`).
         """
         if self._woken:
             self._woken = False
@@ -344,9 +374,13 @@ class AsyncWaiter:
                 scope.deadline = anyio.current_time() + max(0.0, deadline - time.monotonic())
             self._scope = scope
             try:
-                infos = await anyio.getaddrinfo(
-                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                )
+                loop = _running_loop()
+                if loop is not None:
+                    infos = await asyncio.shield(_lookup(loop, host, port))
+                else:
+                    infos = await anyio.getaddrinfo(
+                        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                    )
             except (OSError, UnicodeError) as exc:  # a name IDNA cannot encode: UnicodeError
                 return exc if isinstance(exc, OSError) else OSError(str(exc))
             finally:

@@ -317,3 +317,31 @@ def test_a_name_that_cannot_be_encoded_says_so_at_once(
     took = time.monotonic() - started
     assert f'could not translate host name "{bad}"' in str(info.value)
     assert took < 3, f"took {took:.2f}s (connect_timeout 10)"
+
+
+def test_attempts_on_asyncio_wait_for_the_lookup_under_way(
+    dsn: str, fault_proxy: FaultProxy, resolver: Resolver
+) -> None:
+    """
+    A hung lookup cannot be stopped: attempts after it wait for it instead of taking one of
+    the loop's few resolver threads each (6 on 2 cores: a few attempts would hold them all).
+    """
+    named = _named(fault_proxy.dsn_for(dsn), HUNG)
+
+    async def main() -> list[str]:
+        errors = []
+        for _ in range(3):
+            listener = pgherald.AsyncListener(named, channels=["orders"], connect_timeout=1)
+            try:
+                await listener.connect()
+            except pgherald.ConnectError as exc:
+                errors.append(str(exc))
+            finally:
+                await listener.aclose()
+        resolver.release()
+        return errors
+
+    errors = anyio.run(main, backend="asyncio")
+    assert len(errors) == 3
+    assert all(f'timed out while looking up host name "{HUNG}"' in e for e in errors)
+    assert resolver.asked == [HUNG]  # one lookup for the three attempts
