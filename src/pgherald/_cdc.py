@@ -426,7 +426,7 @@ class _LogStore:
 
     _MANY, _MANY_NAMES = sql.numbered("publish_many")
     _LAST, _LAST_NAMES = sql.numbered("cdc_last_lsn")
-    _END, _END_NAMES = sql.numbered("cdc_end_log_session")
+    _END, _END_NAMES = sql.numbered("end_previous_session")
     _NAMES: ClassVar[dict[bytes, tuple[str, ...]]] = {
         _MANY: _MANY_NAMES,
         _LAST: _LAST_NAMES,
@@ -521,10 +521,7 @@ class _LogStore:
             pgwire.connect(self.conninfo, time.monotonic() + self.config.connect_timeout),
             stopping,
         )
-        # Who this session is, now: once libpq has seen a connection fail, its backend pid
-        # reads 0, and `_recover` needs it then.
-        name = self.pgconn.parameter_status(b"application_name") or b""
-        self.session = (self.pgconn.backend_pid, name.decode("utf-8", "replace"))
+        self.session = pgwire.identity(self.pgconn)
         yield from self._end_previous(stopping)
         (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
         last = res.get_value(0, 0) if res.ntuples else None

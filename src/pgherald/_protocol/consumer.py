@@ -257,7 +257,8 @@ class ConsumerEngine:
         self._rows: Any = None  # a psycopg Transformer: decodes read results (binary)
         self._alive_at = time.time()
         self._outage: tuple[float, str] | None = None
-        self._previous: tuple[int, str] | None = None  # (pid, application_name) given up
+        self._session: tuple[int, str] | None = None  # pgwire.identity of pgconn
+        self._previous: tuple[int, str] | None = None  # the same, of a connection given up
         self._undecodable: dict[int, str] = {}  # event id -> error, for the batch in hand
         self._redelivering = False  # the batch in hand is dead letters redelivered
         self._next_redelivery = 0.0
@@ -327,6 +328,7 @@ class ConsumerEngine:
         deadline = time.monotonic() + cfg.connect_timeout
         pgconn = yield from self._guard(pgwire.connect(cfg.conninfo, deadline))
         self.pgconn = pgconn
+        self._session = pgwire.identity(pgconn)
         self._broken = False
         try:
             self.conn = cfg.connection_class(pgconn)
@@ -382,8 +384,9 @@ class ConsumerEngine:
         if previous is None:
             return
         pid, name = previous
+        params = {"pid": pid, "application_name": name, "wait_ms": 1000}
         try:
-            yield from self._query("end_previous_session", {"pid": pid, "application_name": name})
+            yield from self._query("end_previous_session", params)
         except HeraldError as exc:  # not allowed, say: its locks go when the server notices
             logger.info("could not end the previous session %d: %s", pid, exc)
 
@@ -1593,11 +1596,9 @@ class ConsumerEngine:
         if self._outage is None:
             self._outage = (self._alive_at, str(lost))
         logger.warning("consumer connection lost (%s); reconnecting", lost)
-        pgconn = self.pgconn
-        if pgconn is not None and pgconn.status == pq.ConnStatus.OK:
+        if self.pgconn is not None and self._session is not None:
             # Maybe half-open: the server may keep the session, and its locks, for a long time.
-            name = pgconn.parameter_status(b"application_name") or b""
-            self._previous = (pgconn.backend_pid, name.decode("utf-8", "replace"))
+            self._previous = self._session
         self.close()
         error = str(lost)
         attempt = 0

@@ -132,6 +132,17 @@ def resolved(conninfo: str, deadline: float) -> Generator[Request, Any, str]:
     return make_conninfo("", **params)
 
 
+def identity(pgconn: pq.abc.PGconn) -> tuple[int, str]:
+    """
+    The connection's session as the server knows it: (backend pid, application name). Taken
+    at connection: once libpq has seen the connection fail, its backend pid reads 0, and that
+    is when a half-open session still on the server must be found (queries.sql
+    ``end_previous_session``).
+    """
+    name = pgconn.parameter_status(b"application_name") or b""
+    return pgconn.backend_pid, name.decode("utf-8", "replace")
+
+
 def addresses(infos: list[Any]) -> list[str]:
     """The addresses of a `getaddrinfo` answer, in its order, each once."""
     return list(dict.fromkeys(str(info[4][0]) for info in infos))

@@ -168,11 +168,14 @@ WHERE locktype = 'advisory' AND database = (SELECT oid FROM pg_database WHERE da
 SELECT pg_advisory_lock_shared(hashtext(%(lock_name)s), 1000)
 
 -- name: end_previous_session --
--- After a connection was given up (half-open: the server may not know yet), end its session,
--- so that its partition locks go now rather than when the server's TCP keepalive notices.
--- Only a session of ours: same pid, same role, same application name. Waits up to 1 s.
-SELECT pg_terminate_backend(a.pid, 1000) FROM pg_stat_activity AS a
-WHERE a.pid = %(pid)s AND a.pid <> pg_backend_pid() AND a.usename = current_user
+-- After a connection was given up (half-open: the server may not know yet), end its session
+-- and wait (up to wait_ms) for it to be gone: a consumer's partition locks go now rather than
+-- when the server's TCP keepalive notices, and a COMMIT still on the way (`cdc run
+-- --into-log`'s log) finds no session to commit in. Only the session it was: same pid and
+-- application name (pgwire.identity, taken at connection). No row: it is gone already;
+-- false: still there after the wait. Raises when this role may not end it.
+SELECT pg_terminate_backend(a.pid, CAST(%(wait_ms)s AS bigint)) FROM pg_stat_activity AS a
+WHERE a.pid = CAST(%(pid)s AS int) AND a.pid <> pg_backend_pid()
   AND a.application_name = %(application_name)s
 
 -- name: try_lock_partition --
@@ -723,16 +726,6 @@ FROM pg_replication_slots s
 WHERE s.plugin = 'pgoutput' AND s.database = current_database()
   AND (%(slot)s::text IS NULL OR s.slot_name = %(slot)s)
 ORDER BY 1
-
--- name: cdc_end_log_session --
--- Change data capture: end the session of a durable log connection that `cdc run --into-log`
--- gave up (half-open, its last COMMIT maybe still on the way), and wait (up to wait_ms)
--- for it to be gone, so that the log read next shows whether that transaction committed.
--- Only the session it was: same pid and application name. No row: it is gone already;
--- false: still there after the wait. Raises when this role may not end it.
-SELECT pg_terminate_backend(a.pid, CAST(%(wait_ms)s AS bigint)) FROM pg_stat_activity AS a
-WHERE a.pid = CAST(%(pid)s AS int) AND a.pid <> pg_backend_pid()
-  AND a.application_name = %(application_name)s
 
 -- name: cdc_last_lsn --
 -- The commit LSN of the last transaction `cdc run --into-log` stored for a slot (see
