@@ -48,6 +48,35 @@ def sql(dsn: str, *statements: str) -> None:
             c.execute(s.encode())
 
 
+async def into_log_on_a_thread(stream: ChangeStream, log_dsn: str | None) -> None:
+    """`ChangeStream.into_log` on a worker thread of the test's task group; stopped as it ends."""
+    try:
+        await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
+    finally:
+        stream.stop()
+
+
+async def into_log_async(stream: pgherald.AsyncChangeStream, log_dsn: str | None) -> None:
+    await stream.into_log(log_dsn)
+
+
+GATE = 4242  # the advisory lock of `add_gate`'s trigger
+
+
+def add_gate(dsn: str, when: str) -> None:
+    """
+    A trigger on the log that makes each insert matching *when* wait for the advisory lock
+    `GATE` (shared): a test holding it stops into_log's log connection at a chosen event.
+    """
+    sql(
+        dsn,
+        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS"
+        f" $$BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END$$",
+        "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
+        f" WHEN ({when}) EXECUTE FUNCTION gate()",
+    )
+
+
 def one(dsn: str, query: str, *params: Any) -> Any:
     """The first value of *query*'s first row (None: no row)."""
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -1072,14 +1101,14 @@ FAULTS = ["sever", "freeze", "refuse"]
 def test_into_log_with_its_log_connection_at_fault(
     cdc_dsn: str, cdc_proxy: FaultProxy, fault: str
 ) -> None:
-    async def into_log(stream: ChangeStream, log_dsn: str | None) -> None:
-        try:
-            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
-        finally:
-            stream.stop()
-
     anyio.run(
-        _log_connection_fault, cdc_dsn, cdc_proxy, into_log, ChangeStream, fault, f"s_log_{fault}"
+        _log_connection_fault,
+        cdc_dsn,
+        cdc_proxy,
+        into_log_on_a_thread,
+        ChangeStream,
+        fault,
+        f"s_log_{fault}",
     )
 
 
@@ -1088,9 +1117,6 @@ def test_into_log_with_its_log_connection_at_fault(
 async def test_async_into_log_with_its_log_connection_at_fault(
     cdc_dsn: str, cdc_proxy: FaultProxy, fault: str
 ) -> None:
-    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str | None) -> None:
-        await stream.into_log(log_dsn)
-
     await _log_connection_fault(
-        cdc_dsn, cdc_proxy, into_log, pgherald.AsyncChangeStream, fault, f"s_log_{fault}"
+        cdc_dsn, cdc_proxy, into_log_async, pgherald.AsyncChangeStream, fault, f"s_log_{fault}"
     )

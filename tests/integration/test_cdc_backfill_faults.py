@@ -32,10 +32,17 @@ from pgherald._protocol.pgoutput import lsn_to_int
 from tests.fix_faults import OneWayProxy, await_until, watching
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
-from tests.integration.test_cdc import FAST, one, sql
+from tests.integration.test_cdc import (
+    FAST,
+    GATE,
+    add_gate,
+    into_log_async,
+    into_log_on_a_thread,
+    one,
+    sql,
+)
 
 ROWS = 3000  # per table: three of into_log's batches (1000) each
-GATE = 4242  # the advisory lock of the gate
 STATEMENT_TIMEOUT = 3.0  # a frozen log connection is found after this long
 
 
@@ -103,6 +110,35 @@ def inserted(dsn: str) -> int:
     )
 
 
+def check_backfill_then(dsn: str, changes: list[tuple[str, str, str]]) -> None:
+    """
+    The log holds every row of both tables once, as READ, before anything streamed, all at
+    the slot's start and as the snapshot saw them; then *changes* (op, table, key) once each,
+    in commit order; and replayed, it gives the tables as they are.
+    """
+    events = stored(dsn)
+    backfill = [e for e in events if e[0] == "READ"]
+    assert len(backfill) == 2 * ROWS
+    assert events[: 2 * ROWS] == backfill
+    assert sorted((t, int(k)) for _, t, k, _, _ in backfill) == [
+        (t, i) for t in ("public.a", "public.b") for i in range(1, ROWS + 1)
+    ]
+    assert len({lsn for *_, lsn in backfill}) == 1
+    # The snapshot's rows: before the changes made during the backfill.
+    assert {k: new for _, t, k, new, _ in backfill if t == "public.a"}["1"] == {"id": 1, "v": "a"}
+    streamed = events[2 * ROWS :]
+    assert [(op, t, k) for op, t, k, _, _ in streamed] == changes
+    lsns = [backfill[0][4]] + [lsn for *_, lsn in streamed]
+    assert lsns == sorted(set(lsns))
+    replayed: dict[str, dict[str, Any]] = {"public.a": {}, "public.b": {}}
+    for op, t, k, new, _ in events:
+        if op == "DELETE":
+            del replayed[t][k]
+        else:
+            replayed[t][k] = new
+    assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
+
+
 async def _backfill_log_fault(
     dsn: str,
     proxy: OneWayProxy,
@@ -122,13 +158,7 @@ async def _backfill_log_fault(
     )
     with psycopg.connect(dsn, autocommit=True) as c:  # the publication; the stream makes the slot
         add_tables(c, ["a", "b"], slot=slot, create_slot=False)
-    sql(
-        dsn,
-        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS"
-        f" $$BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END$$",
-        "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
-        " WHEN (NEW.channel = 'public.b') EXECUTE FUNCTION gate()",
-    )
+    add_gate(dsn, "NEW.channel = 'public.b'")
     errors: list[BaseException] = []
     stream = make(dsn, slot=slot, backfill=True, statement_timeout=STATEMENT_TIMEOUT, **FAST)
 
@@ -195,36 +225,16 @@ async def _backfill_log_fault(
     assert log.matching("starts again, from the same snapshot")
     assert not log.matching("change stream lost")
 
-    events = stored(dsn)
-    # Every row of the snapshot once, as READ, before anything streamed, at the slot's start.
-    backfill = [e for e in events if e[0] == "READ"]
-    assert len(backfill) == 2 * ROWS
-    assert events[: 2 * ROWS] == backfill
-    assert sorted((t, int(k)) for _, t, k, _, _ in backfill) == [
-        (t, i) for t in ("public.a", "public.b") for i in range(1, ROWS + 1)
-    ]
-    assert len({lsn for *_, lsn in backfill}) == 1
-    # The snapshot's rows: before the changes made during the backfill.
-    assert {k: new for _, t, k, new, _ in backfill if t == "public.a"}["1"] == {"id": 1, "v": "a"}
-    # Then each change once, in commit order, after the snapshot.
-    streamed = events[2 * ROWS :]
-    assert [(op, t, k) for op, t, k, _, _ in streamed] == [
-        ("INSERT", "public.a", "100001"),
-        ("UPDATE", "public.a", "1"),
-        ("DELETE", "public.a", "2"),
-        ("UPDATE", "public.b", "3"),
-        ("INSERT", "public.a", "100002"),
-    ]
-    lsns = [backfill[0][4]] + [lsn for *_, lsn in streamed]
-    assert lsns == sorted(set(lsns))
-    # Replayed, the log gives the tables as they are.
-    replayed: dict[str, dict[str, Any]] = {"public.a": {}, "public.b": {}}
-    for op, t, k, new, _ in events:
-        if op == "DELETE":
-            del replayed[t][k]
-        else:
-            replayed[t][k] = new
-    assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
+    check_backfill_then(
+        dsn,
+        [
+            ("INSERT", "public.a", "100001"),
+            ("UPDATE", "public.a", "1"),
+            ("DELETE", "public.a", "2"),
+            ("UPDATE", "public.b", "3"),
+            ("INSERT", "public.a", "100002"),
+        ],
+    )
 
 
 FAULTS = ["sever", "freeze"]
@@ -234,14 +244,14 @@ FAULTS = ["sever", "freeze"]
 def test_into_log_with_its_log_connection_at_fault_during_the_backfill(
     cdc_dsn: str, log_proxy: OneWayProxy, fault: str
 ) -> None:
-    async def into_log(stream: ChangeStream, log_dsn: str) -> None:
-        try:
-            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
-        finally:
-            stream.stop()
-
     anyio.run(
-        _backfill_log_fault, cdc_dsn, log_proxy, into_log, ChangeStream, fault, f"s_fill_{fault}"
+        _backfill_log_fault,
+        cdc_dsn,
+        log_proxy,
+        into_log_on_a_thread,
+        ChangeStream,
+        fault,
+        f"s_fill_{fault}",
     )
 
 
@@ -250,11 +260,8 @@ def test_into_log_with_its_log_connection_at_fault_during_the_backfill(
 async def test_async_into_log_with_its_log_connection_at_fault_during_the_backfill(
     cdc_dsn: str, log_proxy: OneWayProxy, fault: str
 ) -> None:
-    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str) -> None:
-        await stream.into_log(log_dsn)
-
     await _backfill_log_fault(
-        cdc_dsn, log_proxy, into_log, pgherald.AsyncChangeStream, fault, f"s_fill_{fault}"
+        cdc_dsn, log_proxy, into_log_async, pgherald.AsyncChangeStream, fault, f"s_fill_{fault}"
     )
 
 
@@ -276,14 +283,8 @@ async def _backfill_commit_answer_lost(
     )
     with psycopg.connect(dsn, autocommit=True) as c:  # the publication; the stream makes the slot
         add_tables(c, ["a", "b"], slot=slot, create_slot=False)
-    sql(
-        dsn,
-        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS"
-        f" $$BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END$$",
-        # The backfill's last row: its insert is the last statement before the COMMIT.
-        "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
-        f" WHEN (NEW.channel = 'public.b' AND NEW.key = '{ROWS}') EXECUTE FUNCTION gate()",
-    )
+    # The backfill's last row: its insert is the last statement before the COMMIT.
+    add_gate(dsn, f"NEW.channel = 'public.b' AND NEW.key = '{ROWS}'")
     errors: list[BaseException] = []
     stream = make(dsn, slot=slot, backfill=True, statement_timeout=STATEMENT_TIMEOUT, **FAST)
 
@@ -354,46 +355,27 @@ async def _backfill_commit_answer_lost(
     assert log.matching("is in the log already (the answer to its commit was lost)")
     assert not log.matching("change stream lost")
 
-    events = stored(dsn)
-    # Every row of the snapshot exactly once, as READ, before anything streamed.
-    backfill = [e for e in events if e[0] == "READ"]
-    assert len(backfill) == 2 * ROWS
-    assert events[: 2 * ROWS] == backfill
-    assert sorted((t, int(k)) for _, t, k, _, _ in backfill) == [
-        (t, i) for t in ("public.a", "public.b") for i in range(1, ROWS + 1)
-    ]
-    assert len({lsn for *_, lsn in backfill}) == 1
-    assert {k: new for _, t, k, new, _ in backfill if t == "public.a"}["1"] == {"id": 1, "v": "a"}
-    # Then each change once, in commit order, after the snapshot.
-    streamed = events[2 * ROWS :]
-    assert [(op, t, k) for op, t, k, _, _ in streamed] == [
-        ("INSERT", "public.a", "100001"),
-        ("UPDATE", "public.a", "1"),
-        ("DELETE", "public.a", "2"),
-        ("INSERT", "public.a", "100002"),
-    ]
-    lsns = [backfill[0][4]] + [lsn for *_, lsn in streamed]
-    assert lsns == sorted(set(lsns))
-    replayed: dict[str, dict[str, Any]] = {"public.a": {}, "public.b": {}}
-    for op, t, k, new, _ in events:
-        if op == "DELETE":
-            del replayed[t][k]
-        else:
-            replayed[t][k] = new
-    assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
+    check_backfill_then(
+        dsn,
+        [
+            ("INSERT", "public.a", "100001"),
+            ("UPDATE", "public.a", "1"),
+            ("DELETE", "public.a", "2"),
+            ("INSERT", "public.a", "100002"),
+        ],
+    )
 
 
 def test_into_log_when_the_answer_to_the_backfills_commit_is_lost(
     cdc_dsn: str, log_proxy: OneWayProxy
 ) -> None:
-    async def into_log(stream: ChangeStream, log_dsn: str) -> None:
-        try:
-            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
-        finally:
-            stream.stop()
-
     anyio.run(
-        _backfill_commit_answer_lost, cdc_dsn, log_proxy, into_log, ChangeStream, "s_fill_answer"
+        _backfill_commit_answer_lost,
+        cdc_dsn,
+        log_proxy,
+        into_log_on_a_thread,
+        ChangeStream,
+        "s_fill_answer",
     )
 
 
@@ -401,9 +383,6 @@ def test_into_log_when_the_answer_to_the_backfills_commit_is_lost(
 async def test_async_into_log_when_the_answer_to_the_backfills_commit_is_lost(
     cdc_dsn: str, log_proxy: OneWayProxy
 ) -> None:
-    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str) -> None:
-        await stream.into_log(log_dsn)
-
     await _backfill_commit_answer_lost(
-        cdc_dsn, log_proxy, into_log, pgherald.AsyncChangeStream, "s_fill_answer"
+        cdc_dsn, log_proxy, into_log_async, pgherald.AsyncChangeStream, "s_fill_answer"
     )

@@ -33,9 +33,16 @@ from pgherald import ChangeStream
 from tests.fix_faults import FaultProxy, OneWayProxy, await_until, watching
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
-from tests.integration.test_cdc import FAST, one, sql
+from tests.integration.test_cdc import (
+    FAST,
+    GATE,
+    add_gate,
+    into_log_async,
+    into_log_on_a_thread,
+    one,
+    sql,
+)
 
-GATE = 4243  # the advisory lock of the gate
 STATEMENT_TIMEOUT = 2.0  # a frozen log connection is given up after this long
 
 
@@ -96,11 +103,8 @@ async def _commit_in_flight(
     sql(
         dsn,
         "CREATE TABLE t (id int PRIMARY KEY)",
-        "CREATE FUNCTION gate() RETURNS trigger LANGUAGE plpgsql AS"
-        f" $$BEGIN PERFORM pg_advisory_xact_lock_shared({GATE}); RETURN NEW; END$$",
-        "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
-        " WHEN (NEW.payload -> 'new' ->> 'id' = '2') EXECUTE FUNCTION gate()",
     )
+    add_gate(dsn, "NEW.payload -> 'new' ->> 'id' = '2'")
     errors: list[BaseException] = []
     stream = make(dsn, slot=slot, tables=["t"], statement_timeout=STATEMENT_TIMEOUT, **FAST)
 
@@ -169,24 +173,17 @@ async def _commit_in_flight(
 def test_into_log_with_a_commit_in_flight_on_its_frozen_log_connection(
     cdc_dsn: str, log_proxy: OneWayProxy
 ) -> None:
-    async def into_log(stream: ChangeStream, log_dsn: str) -> None:
-        try:
-            await anyio.to_thread.run_sync(stream.into_log, log_dsn, abandon_on_cancel=True)
-        finally:
-            stream.stop()
-
-    anyio.run(_commit_in_flight, cdc_dsn, log_proxy, into_log, ChangeStream, "s_inflight")
+    anyio.run(
+        _commit_in_flight, cdc_dsn, log_proxy, into_log_on_a_thread, ChangeStream, "s_inflight"
+    )
 
 
 @pytest.mark.anyio
 async def test_async_into_log_with_a_commit_in_flight_on_its_frozen_log_connection(
     cdc_dsn: str, log_proxy: OneWayProxy
 ) -> None:
-    async def into_log(stream: pgherald.AsyncChangeStream, log_dsn: str) -> None:
-        await stream.into_log(log_dsn)
-
     await _commit_in_flight(
-        cdc_dsn, log_proxy, into_log, pgherald.AsyncChangeStream, "s_inflight_async"
+        cdc_dsn, log_proxy, into_log_async, pgherald.AsyncChangeStream, "s_inflight_async"
     )
 
 
