@@ -24,6 +24,7 @@ import pgherald
 from tests.fix_faults import FaultProxy, wait_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
+from tests.integration.test_cdc import slot_ready
 
 SLOW = "slow.pgherald.test"  # answers after SLOW_FOR seconds: 127.0.0.1
 HUNG = "hung.pgherald.test"  # answers after a minute
@@ -253,19 +254,9 @@ def test_a_change_stream_connects_by_host_name(
         stream_options: dict[str, Any] = {"slot": f"s_{runtime}", "tables": ["t"]}
 
         def write() -> None:
+            # Past the slot's creation: a change before its consistent point is never decoded.
+            wait_until(lambda: slot_ready(cdc_dsn, stream_options["slot"]), 15, "the stream")
             with psycopg.connect(cdc_dsn, autocommit=True) as conn:
-                wait_until(
-                    lambda: (
-                        conn.execute(
-                            "SELECT count(*) FROM pg_replication_slots WHERE slot_name = %s"
-                            " AND active",
-                            (stream_options["slot"],),
-                        ).fetchone()
-                        == (1,)
-                    ),
-                    15,
-                    "the stream to start",
-                )
                 conn.execute("INSERT INTO t VALUES (1)")
 
         writer = threading.Thread(target=write, daemon=True)
