@@ -76,36 +76,57 @@ def test_frozen_connection_is_replaced_and_nothing_is_lost(
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_statements_cancelled_while_it_sets_up_a_connection(
-    runtime: str, installed: str, fault_proxy: FaultProxy, schedulers: Callable[..., SchedulerRun]
+    runtime: str, installed: str, schedulers: Callable[..., SchedulerRun]
 ) -> None:
     """
-    A cancel that lands on a new connection's LISTEN (or the statement after it) is met like
-    a lost connection: a new one, and run() goes on (it ended with ListenError). The window
-    is under a millisecond per connection, so: sever, then cancel its sessions as fast as
-    possible, until the log shows a setup cancelled (most signals reach an idle session,
-    which ignores them); then a delayed event must still be released.
+    A cancel that lands on a statement of a new connection's setup is met like a lost
+    connection: a new one, and run() goes on (it ended with ListenError). The setup's
+    statements take under a millisecond, so to land a cancel on one for sure, the scheduler's
+    session finds a ``pg_backend_pid()`` of ours first on its search_path, which waits for an
+    advisory lock the test holds; the test cancels it while it waits, then lets go.
     """
+    with psycopg.connect(installed, autocommit=True) as conn:
+        conn.execute(
+            "CREATE SCHEMA blocker;"
+            " CREATE FUNCTION blocker.pg_backend_pid() RETURNS int LANGUAGE sql AS"
+            " 'SELECT pg_catalog.pg_advisory_xact_lock_shared(4242);"
+            " SELECT pg_catalog.pg_backend_pid()'"
+        )
+    dsn = f"{installed} options='-c search_path=blocker,pg_catalog,public'"
     with watching("pgherald.schedule") as log:
-        run = schedulers(runtime, fault_proxy.dsn_for(installed), **FAST)
+        run = schedulers(runtime, dsn, **FAST)
+        with (
+            psycopg.connect(installed) as holder,
+            psycopg.connect(installed, autocommit=True) as watcher,
+        ):
+            holder.execute("SELECT pg_advisory_xact_lock(4242)")  # held until holder commits
 
-        def cancelled_setups() -> int:
-            said = [r.getMessage() for r in list(log.records)]
-            return sum("listen for wake-ups failed (canceling statement" in m for m in said)
+            def cancelled_setups() -> int:
+                said = [r.getMessage() for r in list(log.records)]
+                return sum("listen for wake-ups failed (canceling statement" in m for m in said)
 
-        with psycopg.connect(installed, autocommit=True) as conn:
-            end = time.monotonic() + 30.0  # a bound for a loaded machine
-            while not cancelled_setups() and time.monotonic() < end and run.thread.is_alive():
-                fault_proxy.sever()
-                for _ in range(20):
-                    conn.execute(
-                        "SELECT pg_cancel_backend(pid) FROM pg_stat_activity"
-                        " WHERE datname = current_database()"
-                        " AND application_name LIKE 'pgherald-schedule%%'"
-                    )
-        assert run.thread.is_alive(), f"run() ended: {run.error!r}"
-        assert cancelled_setups(), "no setup was cancelled in 30 s"
+            def waiting_setup() -> int | None:
+                row = watcher.execute(
+                    "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+                    " AND application_name LIKE 'pgherald-schedule%%'"
+                    " AND wait_event_type = 'Lock'"
+                ).fetchone()
+                return None if row is None else int(row[0])
+
+            watcher.execute("SELECT pg_terminate_backend(%s)", (run.scheduler.backend_pid,))
+            wait_until(waiting_setup, 10, "the new connection's setup waiting for the lock")
+            watcher.execute("SELECT pg_cancel_backend(%s)", (waiting_setup(),))
+            wait_until(
+                lambda: cancelled_setups() or not run.thread.is_alive(), 10, "the cancel's effect"
+            )
+            assert run.thread.is_alive(), f"run() ended: {run.error!r}"
+            assert cancelled_setups() == 1
+            # run() goes on: the next connection waits at the same place.
+            wait_until(waiting_setup, 10, "the next connection's setup")
+            holder.commit()
     publish_delayed(installed, "after")
     wait_until(lambda: log_payloads(installed) == ["after"], 10, "the delayed event")
+    assert run.thread.is_alive(), f"run() ended: {run.error!r}"
     run.stop()
 
 
