@@ -20,7 +20,8 @@ import pytest
 
 import pgherald
 from tests.fix_durable import ConsumerRun, publish_each, uncovered
-from tests.fix_faults import FaultProxy, SilentServer, wait_until
+from tests.fix_faults import FaultProxy, OneWayProxy, SilentServer, wait_until
+from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]
@@ -386,6 +387,50 @@ def test_transactional_handler_that_fails_once_keeps_reading(
         anyio.run(c.aclose, backend="asyncio")
 
 
+def test_a_handler_that_deallocates_all_leaves_the_statements_it_prepares_working(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    """
+    The consumer prepares its recurring statements once per connection (the read, the
+    acknowledgement, the membership and dead-letter looks); a transactional handler that
+    runs DEALLOCATE ALL on that connection drops them: each is prepared again, no error.
+    """
+    c = pgherald.Consumer(installed, group="g", channels=["ch", "tx"], **FAST)
+    seen: list[int] = []
+
+    @c.on("ch")
+    def plain(e: pgherald.Event) -> None:
+        seen.append(e.id)
+
+    @c.on("tx", transactional=True)
+    def deallocates(e: pgherald.Event, tx: psycopg.Connection) -> None:
+        before = tx.execute("SELECT count(*) FROM pg_prepared_statements").fetchone()
+        tx.execute("DEALLOCATE ALL")
+        seen.append(e.id)
+        assert before is not None
+        assert before[0] >= 2  # the read's and the acknowledgement's
+
+    thread = threading.Thread(target=c.run, daemon=True)
+    thread.start()
+    try:
+        published: list[int] = []
+        for round_ in range(3):
+            for channel in ("ch", "tx", "ch"):
+                (new,) = publish(installed, [round_], channel=channel)
+                published.append(new)
+                wait_until(lambda n=new: n in seen, 5, f"event on {channel} handled")
+            time.sleep(0.25)  # time for a rebalance (the membership look) in each round
+        wait_until(lambda: uncovered(conn, "g") == 0, 5, "every event acknowledged")
+        assert seen == published
+        assert c.stats.handler_errors == 0
+        assert c.stats.reconnects == 0
+    finally:
+        c.stop()
+        thread.join(10)
+        c.close()
+    assert not thread.is_alive()
+
+
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
 def test_stop_while_a_transactional_handler_waits_on_a_frozen_connection(
     runtime: str, installed: str, conn: psycopg.Connection, fault_proxy: FaultProxy
@@ -565,3 +610,57 @@ def test_a_schema_dropped_under_a_running_consumer_says_install(
     assert not run.thread.is_alive()
     assert isinstance(run.error, pgherald.SchemaMissing), repr(run.error)
     assert "pgherald install" in str(run.error)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_events_from_wakeups_do_not_wait_for_an_acknowledgement(
+    runtime: str, server: OwnServer, consumers: Callable[..., ConsumerRun]
+) -> None:
+    """
+    Handing out events from their wake-ups, a consumer sends its (deferred) acknowledgements
+    without waiting for the answer: a wake-up that arrives meanwhile is handed out at once.
+    Here what the consumer sends is held (a link broken one way: the server's wake-ups still
+    arrive), so an acknowledgement gets no answer for a second; events published meanwhile
+    are all handled. Once released, everything is acknowledged, on the same connection.
+    A private server: a transaction of another test's (any database) running when an event
+    is stored makes the consumer read, which the broken link holds.
+    """
+    installed = server.dsn
+    with psycopg.connect(installed, autocommit=True) as conn:
+        pgherald.install(conn)
+    proxy = OneWayProxy(_target_of(installed))
+    quiet = {  # nothing else it would send while the link is broken one way
+        "poll_interval": 30.0,
+        "rebalance_interval": 30.0,
+        "health_check_interval": 30.0,
+        "health_check_timeout": 20.0,
+        "linger": 30.0,
+    }
+    try:
+        run = consumers(runtime, proxy.dsn_for(installed), **quiet)
+        with psycopg.connect(installed, autocommit=True) as conn:
+            published: list[int] = []
+
+            def publish_and_wait(i: int) -> None:
+                published.append(pgherald.publish(conn, "ch", {"i": i}))
+                wait_until(lambda: published[-1] in run.seen, 10, f"event {i} handled")
+
+            while run.consumer.stats.from_wakeups < 3:
+                assert len(published) < 200, "no events came from their wake-ups"
+                publish_and_wait(len(published))
+            wait_until(lambda: uncovered(conn, "g") == 0, 5, "the first acknowledgements")
+            assert proxy.freeze_requests() >= 1
+            frozen_at = time.monotonic()
+            during = len(published)
+            while time.monotonic() < frozen_at + 1.0:
+                publish_and_wait(len(published))
+            # An acknowledgement went out meanwhile, and is held: no answer yet.
+            assert b"pgherald_ack_v1" in proxy.held()  # (prepared: its name in the Bind)
+            assert uncovered(conn, "g") == len(published) - during
+            proxy.thaw_requests()
+            wait_until(lambda: uncovered(conn, "g") == 0, 5, "the held acknowledgement")
+        assert run.seen == published
+        assert run.consumer.stats.reconnects == 0
+        assert len(published) - during >= 20  # (1 ms apart on an idle machine)
+    finally:
+        proxy.close()

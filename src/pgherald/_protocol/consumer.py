@@ -178,6 +178,19 @@ class _Lost(Exception):
 _Stopped = pgwire.Abandoned  # a statement abandoned after stop(): run() returns
 
 
+class _Ack(NamedTuple):
+    """Acknowledgements sent without waiting (`ConsumerEngine._send_acks`)."""
+
+    last: dict[tuple[str, int], Event]
+    number: int  # of events acknowledged
+    deadline: float
+
+
+def _statement(name: str) -> bytes:
+    """The name of query *name* prepared on a consumer's connection."""
+    return f"pgherald_{name}_v1".encode()
+
+
 class _Read(NamedTuple):
     """A read sent: how many rows it asked for in all, and of each (channel, partition)."""
 
@@ -254,6 +267,7 @@ class ConsumerEngine:
         self._seen_total = 0
         self._fitting = config.max_batch_size  # events of the last read's size that fit
         self._read_params: tuple[str, ...] = ()
+        self._prepared: set[str] = set()  # names of queries prepared on this connection
         self._rows: Any = None  # a psycopg Transformer: decodes read results (binary)
         self._alive_at = time.time()
         self._outage: tuple[float, str] | None = None
@@ -293,6 +307,7 @@ class ConsumerEngine:
         self._ack_due = math.inf
         self._poll_at = 0.0  # in direct mode: when to read all the same
         self._skips_check_at = math.inf  # in direct mode: when to look for uncounted skips
+        self._ack_first = False  # a note waits for the answer to the acknowledgements sent
         self._forget_reads()
 
     def _forget_reads(self) -> None:
@@ -300,6 +315,7 @@ class ConsumerEngine:
         # (channel, partition) -> (tx, id) of the last event handed out
         self._cursor: dict[tuple[str, int], tuple[str, int]] = {}
         self._in_flight: _Read | None = None
+        self._ack_in_flight: _Ack | None = None  # acknowledgements sent, answer not read
         self._ready: tuple[pq.abc.PGresult, _Read] | None = None
         self._handed_out: dict[tuple[str, int], tuple[str, int]] = {}  # last of each, not acked
         self._saturated = False
@@ -330,6 +346,7 @@ class ConsumerEngine:
         self.pgconn = pgconn
         self._session = pgwire.identity(pgconn)
         self._broken = False
+        self._prepared = set()
         try:
             self.conn = cfg.connection_class(pgconn)
             self.conn.prepare_threshold = None  # no DEALLOCATE ALL after a handler's rollback
@@ -487,17 +504,56 @@ class ConsumerEngine:
             # data would make us look there: note it now, or it waits for poll_interval.
             self._drain()
 
-    def _query(self, name: str, params: dict[str, Any], *, timeout: float | None = None) -> PQGen:
-        """Run named query *name* (text parameters and results) with the usual deadline."""
+    def _query(
+        self,
+        name: str,
+        params: dict[str, Any],
+        *,
+        timeout: float | None = None,
+        prepared: bool = False,
+    ) -> PQGen:
+        """
+        Run named query *name* (text parameters and results) with the usual deadline;
+        *prepared*: as a statement prepared once per connection, for the statements that
+        recur while events flow (acknowledgements, the membership and dead-letter looks):
+        planning them each time doubled their time, and a wake-up arriving meanwhile waits.
+        """
         pgconn = self.pgconn
         if pgconn is None:
             raise _Lost("not connected")
-        text, names = sql.numbered(name)
-        values: list[bytes | None] = [
-            None if params[n] is None else str(params[n]).encode() for n in names
-        ]
+        values = self._values(name, params)
         deadline = self._deadline() if timeout is None else time.monotonic() + timeout
-        return (yield from self._run(pgwire.execute_params(pgconn, text, values, deadline)))
+        if prepared:
+            gen = self._execute_prepared(pgconn, name, values, deadline)
+        else:
+            gen = pgwire.execute_params(pgconn, sql.numbered(name)[0], values, deadline)
+        return (yield from self._run(gen))
+
+    @staticmethod
+    def _values(name: str, params: dict[str, Any]) -> list[bytes | None]:
+        return [
+            None if params[n] is None else str(params[n]).encode() for n in sql.numbered(name)[1]
+        ]
+
+    def _prepare(self, pgconn: Any, name: str) -> PQGen:
+        pgconn.send_prepare(_statement(name), sql.numbered(name)[0])
+        yield from pgwire.finish(pgconn, self._deadline())
+        self._prepared.add(name)
+
+    def _execute_prepared(
+        self, pgconn: Any, name: str, values: list[bytes | None], deadline: float
+    ) -> PQGen:
+        for again in (False, True):
+            if name not in self._prepared:
+                yield from self._prepare(pgconn, name)
+            pgconn.send_query_prepared(_statement(name), values)
+            try:
+                return (yield from pgwire.finish(pgconn, deadline))
+            except pgwire.QueryFailed as exc:
+                if exc.sqlstate != "26000" or again:
+                    raise
+                self._prepared.discard(name)  # gone (a handler ran DEALLOCATE ALL): again
+        raise AssertionError("unreachable")
 
     def _heard(self, n: Any) -> None:
         """
@@ -544,7 +600,9 @@ class ConsumerEngine:
         yield from self._settle()
         yield from self._flush_acks()  # before a partition may go to another member
         held = set(self.owned)
-        (res,) = yield from self._query("group_members", {"lock_name": self._lock_key})
+        (res,) = yield from self._query(
+            "group_members", {"lock_name": self._lock_key}, prepared=True
+        )
         members = max(1, int(res.get_value(0, 0) or b"1"))
         rank = int(res.get_value(0, 1) or b"0")
         count = self.partitions
@@ -688,6 +746,7 @@ class ConsumerEngine:
         pgconn = self.pgconn
         if pgconn is None:
             raise _Lost("not connected")
+        assert self._ack_in_flight is None, "a read sent before the acknowledgements' answer"
         limit = self.read_size
         keys = [(c, p) for c in channels for p in self.owned]
         shares = self._shares(limit, keys)
@@ -711,7 +770,8 @@ class ConsumerEngine:
         self.stats.reads += 1
 
     def _settle(self) -> PQGen:
-        """Receive the read in flight, if any (the connection is free for other statements)."""
+        """Receive the statement in flight, if any (the connection is free for others)."""
+        yield from self._settle_ack()
         read, self._in_flight = self._in_flight, None
         if read is not None:
             yield from self._guard(self._receive(read))
@@ -838,15 +898,67 @@ class ConsumerEngine:
         for e in events:
             last[e.channel, e.partition] = e
         yield from self._settle()
-        (res,) = yield from self._query("ack", _ack_params(self.config.group, last.values()))
+        params = _ack_params(self.config.group, last.values())
+        (res,) = yield from self._query("ack", params, prepared=True)
+        self._acknowledged(res, last, len(events) if count is None else count)
+
+    def _acknowledged(
+        self, res: pq.abc.PGresult, last: dict[tuple[str, int], Event], count: int
+    ) -> None:
         if (tx := res.get_value(0, 0)) is not None:
             self._own(int(tx))
-        self.stats.acknowledged += len(events) if count is None else count
+        self.stats.acknowledged += count
         if all(k in last and (last[k].tx, last[k].id) == at for k, at in self._handed_out.items()):
             self._handed_out = {}  # all acknowledged: the cursor is the stored position
 
+    def _send_acks(self) -> PQGen:
+        """
+        `_flush_acks` without waiting for the answer: events from wake-ups go on being handed
+        out meanwhile (a wake-up that arrived during the round trip waited for it). The
+        answer is taken by `_wait` when it comes, or by `_settle` before any other statement.
+        """
+        pgconn = self.pgconn
+        if not self._deferred or pgconn is None:
+            return
+        if self._ack_in_flight is not None:  # one at a time: these go once it is answered
+            self._ack_due = time.monotonic() + self.config.ack_delay
+            return
+        yield from self._settle()
+        if "ack" not in self._prepared:
+            yield from self._run(self._prepare(pgconn, "ack"))
+        deferred, count = self._deferred, self._deferred_count
+        self._deferred, self._deferred_count, self._ack_due = {}, 0, math.inf
+        events = list(deferred.values())
+        values = self._values("ack", _ack_params(self.config.group, events))
+        try:
+            pgconn.send_query_prepared(_statement("ack"), values)
+            flushed = pgconn.flush() == 0
+        except psycopg.OperationalError as exc:
+            raise _Lost(pgwire.one_line(exc)) from None
+        deadline = time.monotonic() + self.config.health_check_timeout
+        self._ack_in_flight = _Ack(deferred, count, deadline)
+        if not flushed:  # a full socket buffer (rare): no point in going on meanwhile
+            yield from self._settle()
+
+    def _settle_ack(self) -> PQGen:
+        ack, self._ack_in_flight = self._ack_in_flight, None
+        if ack is None:
+            return
+        pgconn = self.pgconn
+        assert pgconn is not None
+        try:
+            (res,) = yield from self._run(pgwire.finish(pgconn, ack.deadline))
+        except HeraldError as exc:
+            if exc.sqlstate != "26000":
+                raise
+            self._prepared.discard("ack")  # gone (a handler ran DEALLOCATE ALL): again
+            yield from self.ack(list(ack.last.values()), count=ack.number)
+            return
+        self._acknowledged(res, ack.last, ack.number)
+
     def _flush_acks(self) -> PQGen:
         """Acknowledge the events from wake-ups not acknowledged yet (see `ack_delay`)."""
+        yield from self._settle_ack()  # (those sent already)
         if not self._deferred:
             return
         deferred, count = self._deferred, self._deferred_count
@@ -899,6 +1011,9 @@ class ConsumerEngine:
                         rows = self._note_events()
                         if rows:
                             yield from self._deliver_rows(rows)
+                        if self._ack_first:
+                            self._ack_first = False
+                            yield from self._settle()
                         if self._direct:
                             continue
                     else:
@@ -907,7 +1022,7 @@ class ConsumerEngine:
                             yield from self._check_skips()
                             continue
                         if now >= self._ack_due:
-                            yield from self._flush_acks()
+                            yield from self._send_acks()
                             continue
                         if now < self._poll_at:
                             until = min(self._poll_at, self._ack_due, self._skips_check_at)
@@ -981,7 +1096,8 @@ class ConsumerEngine:
         yield from self._remove_status()
 
     def _ack_on_the_way_out(self) -> PQGen:
-        if self._deferred and self.pgconn is not None and not self._broken:
+        sent = self._ack_in_flight is not None
+        if (self._deferred or sent) and self.pgconn is not None and not self._broken:
             try:
                 yield from self._flush_acks()
             except (_Lost, _Stopped, HeraldError) as exc:
@@ -991,10 +1107,15 @@ class ConsumerEngine:
         """Wait for a wake-up until *until*; probe the connection when it has been quiet."""
         pgconn = self.pgconn
         assert pgconn is not None
-        yield from self._settle()
+        if self._in_flight is not None:
+            read, self._in_flight = self._in_flight, None
+            yield from self._guard(self._receive(read))
         if self._woken:  # heard while settling: no need to wait
             self._woken = False
             return True
+        ack = self._ack_in_flight
+        if ack is not None and ack.deadline < until:
+            until = ack.deadline
         if self._next_probe <= until:
             until = max(time.monotonic(), self._next_probe)
         if self._release_at < until:  # a delayed event falls due
@@ -1011,6 +1132,10 @@ class ConsumerEngine:
                 raise _Lost(pgwire.error_text(pgconn))
             self._alive_at = time.time()
             self._drain()
+            if ack is not None and not pgconn.is_busy():
+                yield from self._settle_ack()  # its answer is in: this does not wait
+        elif ack is not None and time.monotonic() >= ack.deadline:
+            yield from self._settle_ack()  # no answer: _Lost
         elif time.monotonic() >= self._next_probe and not self.stopping:
             yield from self._probe()
         woken, self._woken = self._woken, False
@@ -1210,7 +1335,7 @@ class ConsumerEngine:
             # tells as well (each carries the count, read after any such skip), so every note
             # puts the look off: a steady stream of notes needs none.
             self._skips_check_at = time.monotonic() + self.config.linger
-        for text in notes:
+        for i, text in enumerate(notes):
             note = self._parse_note(text)
             if note is None or note.skips != self._skips:  # a wake-up not sent: read
                 self._doubt()
@@ -1227,6 +1352,12 @@ class ConsumerEngine:
             if (note.tx, note.id) <= (int(at[0]), at[1]):
                 continue  # a read handed it out already
             if not self._alone(note):  # (its skip count was checked above)
+                if self._ack_in_flight is not None:
+                    # It may list our acknowledgement's transaction, whose id its answer
+                    # tells: look again once it is in.
+                    self._notes = notes[i:]
+                    self._ack_first = True
+                    break
                 self._doubt()
                 break
             tx = str(note.tx)
@@ -1372,6 +1503,7 @@ class ConsumerEngine:
         pgconn = self.pgconn
         assert pgconn is not None
         self.stats.health_checks += 1
+        yield from self._settle()
         deadline = self._deadline()
         yield from self._run(liveness.probe(pgconn, self._ping, deadline, self._heard))
         self._alive_at = time.time()
@@ -1535,7 +1667,7 @@ class ConsumerEngine:
             "limit": limit,
         }
         try:
-            (res,) = yield from self._query("pending_redeliveries", params)
+            (res,) = yield from self._query("pending_redeliveries", params, prepared=True)
         except SchemaMissing as exc:
             self._schema_too_old(exc)
             return False
