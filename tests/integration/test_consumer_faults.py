@@ -641,24 +641,40 @@ def test_events_from_wakeups_do_not_wait_for_an_acknowledgement(
         with psycopg.connect(installed, autocommit=True) as conn:
             published: list[int] = []
 
-            def publish_and_wait(i: int) -> None:
-                published.append(pgherald.publish(conn, "ch", {"i": i}))
+            def publish_and_wait(i: int, key: str | None = None) -> None:
+                published.append(pgherald.publish(conn, "ch", {"i": i}, key=key))
                 wait_until(lambda: published[-1] in run.seen, 10, f"event {i} handled")
 
             while run.consumer.stats.from_wakeups < 3:
                 assert len(published) < 200, "no events came from their wake-ups"
                 publish_and_wait(len(published))
             wait_until(lambda: uncovered(conn, "g") == 0, 5, "the first acknowledgements")
+            # Two keys of two partitions: the held acknowledgement covers the first one's, the
+            # next one the second's only.
+            keys = conn.execute(
+                "SELECT 'a', (SELECT k FROM (VALUES ('b'), ('c'), ('d'), ('e')) AS v(k)"
+                "             WHERE hashtext(k) & 15 <> hashtext('a') & 15 LIMIT 1)"
+            ).fetchone()
+            assert keys is not None
             assert proxy.freeze_requests() >= 1
             frozen_at = time.monotonic()
             during = len(published)
+            publish_and_wait(during, keys[0])
+            wait_until(lambda: b"pgherald_ack_v1" in proxy.held(), 5, "an acknowledgement sent")
             while time.monotonic() < frozen_at + 1.0:
-                publish_and_wait(len(published))
+                publish_and_wait(len(published), keys[1])
             # An acknowledgement went out meanwhile, and is held: no answer yet.
             assert b"pgherald_ack_v1" in proxy.held()  # (prepared: its name in the Bind)
             assert uncovered(conn, "g") == len(published) - during
             proxy.thaw_requests()
             wait_until(lambda: uncovered(conn, "g") == 0, 5, "the held acknowledgement")
+            # Once all is acknowledged, nothing counts as handed out but unacknowledged (which
+            # would make the next poll drop the cursor and stop taking events from wake-ups).
+            engine = run.consumer._engine
+            wait_until(
+                lambda: engine._ack_in_flight is None and not engine._deferred, 5, "the answers"
+            )
+            assert engine._handed_out == {}
         assert run.seen == published
         assert run.consumer.stats.reconnects == 0
         assert len(published) - during >= 20  # (1 ms apart on an idle machine)

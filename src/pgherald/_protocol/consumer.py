@@ -307,7 +307,6 @@ class ConsumerEngine:
         self._ack_due = math.inf
         self._poll_at = 0.0  # in direct mode: when to read all the same
         self._skips_check_at = math.inf  # in direct mode: when to look for uncounted skips
-        self._ack_first = False  # a note waits for the answer to the acknowledgements sent
         self._forget_reads()
 
     def _forget_reads(self) -> None:
@@ -316,6 +315,7 @@ class ConsumerEngine:
         self._cursor: dict[tuple[str, int], tuple[str, int]] = {}
         self._in_flight: _Read | None = None
         self._ack_in_flight: _Ack | None = None  # acknowledgements sent, answer not read
+        self._ack_first = False  # a note waits for the answer to the acknowledgements sent
         self._ready: tuple[pq.abc.PGresult, _Read] | None = None
         self._handed_out: dict[tuple[str, int], tuple[str, int]] = {}  # last of each, not acked
         self._saturated = False
@@ -598,7 +598,6 @@ class ConsumerEngine:
         if pgconn is None:
             raise _Lost("not connected")
         yield from self._settle()
-        yield from self._flush_acks()  # before a partition may go to another member
         held = set(self.owned)
         (res,) = yield from self._query(
             "group_members", {"lock_name": self._lock_key}, prepared=True
@@ -609,6 +608,8 @@ class ConsumerEngine:
         # partitions // members each, one more for the first partitions % members (by pid):
         # every member at work, however the count divides.
         target = count // members + (1 if rank < count % members else 0)
+        if len(self.owned) > target:
+            yield from self._flush_acks()  # before a partition goes to another member
         while len(self.owned) > target:
             p = self.owned.pop()
             yield from self._query(
@@ -908,8 +909,12 @@ class ConsumerEngine:
         if (tx := res.get_value(0, 0)) is not None:
             self._own(int(tx))
         self.stats.acknowledged += count
-        if all(k in last and (last[k].tx, last[k].id) == at for k, at in self._handed_out.items()):
-            self._handed_out = {}  # all acknowledged: the cursor is the stored position
+        # Key by key: acknowledgements sent without waiting (`_send_acks`) cover what was
+        # handed out before them, while more is handed out meanwhile.
+        handed_out = self._handed_out
+        for k, e in last.items():
+            if handed_out.get(k) == (e.tx, e.id):
+                del handed_out[k]  # acknowledged: the cursor is the stored position
 
     def _send_acks(self) -> PQGen:
         """
@@ -1092,6 +1097,13 @@ class ConsumerEngine:
                 if self.stopping:
                     break
                 yield from self._recover(lost)
+        try:
+            # One stop grace for all of it (each statement would have its own).
+            yield from self._guard(self._way_out())
+        except _Stopped:
+            logger.info("stopped before the last acknowledgements: they come again")
+
+    def _way_out(self) -> PQGen:
         yield from self._ack_on_the_way_out()
         yield from self._remove_status()
 
@@ -1135,7 +1147,9 @@ class ConsumerEngine:
             if ack is not None and not pgconn.is_busy():
                 yield from self._settle_ack()  # its answer is in: this does not wait
         elif ack is not None and time.monotonic() >= ack.deadline:
-            yield from self._settle_ack()  # no answer: _Lost
+            # No answer: _Lost. (While wake-ups keep coming, the next statement's _settle
+            # enforces the deadline: a read at poll_interval, a rebalance.)
+            yield from self._settle_ack()
         elif time.monotonic() >= self._next_probe and not self.stopping:
             yield from self._probe()
         woken, self._woken = self._woken, False
