@@ -59,6 +59,39 @@ def test_status_names_the_partitioned_table_added_not_its_partitions(cdc_dsn: st
     assert status.tables == ("public.rp",)
 
 
+@pytest.mark.parametrize("publish", ["FOR ALL TABLES", "FOR TABLES IN SCHEMA public, parts"])
+def test_status_names_partitioned_tables_of_a_publication_for_all_tables(
+    cdc_dsn: str, publish: str
+) -> None:
+    """
+    A publication made by hand for all tables (or a schema's) publishes each partition of a
+    partitioned table: `cdc status` names the partitioned table at the top of the tree (in
+    whatever schema the partition sits), once, as for one that `cdc add` took.
+    """
+    sql(
+        cdc_dsn,
+        "CREATE SCHEMA parts",
+        "CREATE TABLE rp (id int, r text, PRIMARY KEY (id, r)) PARTITION BY LIST (r)",
+        "CREATE TABLE parts.rp_a PARTITION OF rp FOR VALUES IN ('a')",
+        "CREATE TABLE rp_b PARTITION OF rp FOR VALUES IN ('b') PARTITION BY LIST (id)",
+        "CREATE TABLE rp_b1 PARTITION OF rp_b FOR VALUES IN (1)",
+        'CREATE TABLE "Plain" (id int PRIMARY KEY)',
+        f"CREATE PUBLICATION s_all {publish}",
+        "SELECT pg_create_logical_replication_slot('s_all', 'pgoutput')",
+    )
+    with psycopg.connect(cdc_dsn) as c:
+        (status,) = slot_status(c, "s_all")
+    assert [t for t in status.tables if not t.startswith("pgherald.")] == [
+        "public.Plain",
+        "public.rp",
+    ]
+    text = cli(cdc_dsn, "cdc", "status", "--slot", "s_all")
+    assert text.returncode == 0, text.stderr
+    assert "rp_a" not in text.stdout
+    assert "rp_b" not in text.stdout
+    sql(cdc_dsn, "SELECT pg_drop_replication_slot('s_all')")
+
+
 # -- gap 2: float and numeric values and keys are the trigger path's (to_jsonb's) --
 
 FLOATS = [

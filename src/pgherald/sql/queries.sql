@@ -650,7 +650,8 @@ WHERE c.oid = to_regclass(%(name)s)
 -- name: cdc_status_tables --
 -- The tables of a publication as `cdc add` took them: those added to it (a partitioned table
 -- itself, not the partitions it is published as), then those it publishes otherwise (FOR ALL
--- TABLES, TABLES IN SCHEMA) that are not a partition of one added.
+-- TABLES, TABLES IN SCHEMA) that are not a partition of one added, each partition named by
+-- the partitioned table at the top of its tree.
 SELECT n.nspname::text, c.relname::text
 FROM pg_publication_rel r
 JOIN pg_publication p ON p.oid = r.prpubid
@@ -658,15 +659,19 @@ JOIN pg_class c ON c.oid = r.prrelid
 JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE p.pubname = %(publication)s
 UNION
-SELECT t.schemaname::text, t.tablename::text
+SELECT rn.nspname::text, rc.relname::text
 FROM pg_publication_tables t
+CROSS JOIN LATERAL (
+    SELECT (quote_ident(t.schemaname) || '.' || quote_ident(t.tablename))::regclass AS rel
+) AS x
+JOIN pg_class rc ON rc.oid = coalesce(pg_partition_root(x.rel), x.rel)
+JOIN pg_namespace rn ON rn.oid = rc.relnamespace
 WHERE t.pubname = %(publication)s
   AND NOT EXISTS (
     SELECT FROM pg_publication_rel r
     JOIN pg_publication p ON p.oid = r.prpubid
     WHERE p.pubname = t.pubname
-      AND r.prrelid IN (SELECT relid FROM pg_partition_ancestors(
-        (quote_ident(t.schemaname) || '.' || quote_ident(t.tablename))::regclass)))
+      AND r.prrelid IN (SELECT relid FROM pg_partition_ancestors(x.rel)))
 ORDER BY 1, 2
 
 -- name: cdc_publication_tables --
