@@ -121,6 +121,52 @@ def _lookup(loop: asyncio.AbstractEventLoop, host: str, port: str) -> asyncio.Ta
     return task
 
 
+class _TrioLookup:
+    """A lookup under way on trio, which a system task runs: its answer, for every waiter."""
+
+    def __init__(self, done: Any) -> None:
+        self.done = done  # a trio.Event
+        self.infos: Any = None
+        self.error: BaseException | None = None
+
+
+_trio_lookups: dict[tuple[object, str, str], _TrioLookup] = {}
+"""Host name lookups under way, per trio run: one at a time per name."""
+
+
+def _trio_lookup(host: str, port: str) -> _TrioLookup:
+    """
+    `_lookup` for trio: trio runs ``getaddrinfo`` on a thread that a cancel abandons, and an
+    abandoned thread keeps its token of trio's default thread limiter (40) until it returns:
+    against a resolver that hangs, attempts of their own would take them all, for every
+    `to_thread` call of the application. A system task (not cancelled with the attempt) runs
+    one lookup per name, and attempts wait for its answer.
+    """
+    import trio
+
+    key = (trio.lowlevel.current_trio_token(), host, port)
+    lookup = _trio_lookups.get(key)
+    if lookup is None:
+        lookup = _TrioLookup(trio.Event())
+        _trio_lookups[key] = lookup
+        this = lookup
+
+        async def run() -> None:
+            try:
+                this.infos = await trio.socket.getaddrinfo(
+                    host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+                )
+            except Exception as exc:  # the waiters' answer (a system task must not raise)
+                this.error = exc
+            finally:  # (trio.Cancelled, at the end of the run, goes on up)
+                if _trio_lookups.get(key) is this:
+                    del _trio_lookups[key]
+                this.done.set()
+
+        trio.lowlevel.spawn_system_task(run)
+    return lookup
+
+
 class CancelOnStop:
     """
     Gives *scope* a deadline *timeout* seconds after `arm` (None: never): how `stop()` ends a
@@ -362,8 +408,9 @@ class AsyncWaiter:
     async def resolve(self, host: str, port: str, deadline: float | None) -> Any:
         """
         Look *host* up with the event loop's own resolver (`RESOLVE`): its addresses; None on
-        a wake-up or at *deadline*; the OSError when the name does not resolve. On asyncio a
-        lookup given up goes on, and the next one for the name waits for it (`_lookup`).
+        a wake-up or at *deadline*; the OSError when the name does not resolve. A lookup
+        given up goes on, and the next one for the name waits for it (`_lookup`,
+        `_trio_lookup`).
         """
         if self._woken:
             self._woken = False
@@ -377,10 +424,12 @@ class AsyncWaiter:
                 loop = _running_loop()
                 if loop is not None:
                     infos = await asyncio.shield(_lookup(loop, host, port))
-                else:
-                    infos = await anyio.getaddrinfo(
-                        host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
-                    )
+                else:  # trio (anyio's one other backend)
+                    lookup = _trio_lookup(host, port)
+                    await lookup.done.wait()
+                    if lookup.error is not None:
+                        raise lookup.error
+                    infos = lookup.infos
             except (OSError, UnicodeError) as exc:  # a name IDNA cannot encode: UnicodeError
                 return exc if isinstance(exc, OSError) else OSError(str(exc))
             finally:

@@ -310,12 +310,14 @@ def test_a_name_that_cannot_be_encoded_says_so_at_once(
     assert took < 3, f"took {took:.2f}s (connect_timeout 10)"
 
 
-def test_attempts_on_asyncio_wait_for_the_lookup_under_way(
-    dsn: str, fault_proxy: FaultProxy, resolver: Resolver
+@pytest.mark.parametrize("runtime", ["asyncio", "trio"])
+def test_attempts_wait_for_the_lookup_under_way(
+    runtime: str, dsn: str, fault_proxy: FaultProxy, resolver: Resolver
 ) -> None:
     """
-    A hung lookup cannot be stopped: attempts after it wait for it instead of taking one of
-    the loop's few resolver threads each (6 on 2 cores: a few attempts would hold them all).
+    A hung lookup cannot be stopped: attempts after it wait for it instead of taking a thread
+    each (asyncio's resolver has 6 on 2 cores; an abandoned thread holds one of trio's 40
+    `to_thread` tokens until it returns: a few attempts, or a few dozen, would hold them all).
     """
     named = _named(fault_proxy.dsn_for(dsn), HUNG)
 
@@ -332,7 +334,7 @@ def test_attempts_on_asyncio_wait_for_the_lookup_under_way(
         resolver.release()
         return errors
 
-    errors = anyio.run(main, backend="asyncio")
+    errors = anyio.run(main, backend=runtime)
     assert len(errors) == 3
     assert all(f'timed out while looking up host name "{HUNG}"' in e for e in errors)
     assert resolver.asked == [HUNG]  # one lookup for the three attempts
