@@ -612,6 +612,55 @@ def test_a_schema_dropped_under_a_running_consumer_says_install(
     assert "pgherald install" in str(run.error)
 
 
+_QUIET = {  # a consumer that sends nothing but acknowledgements while wake-ups flow
+    "poll_interval": 30.0,
+    "rebalance_interval": 30.0,
+    "health_check_interval": 30.0,
+    "health_check_timeout": 20.0,
+    "linger": 30.0,
+}
+
+
+def _one_way(dsn: str) -> OneWayProxy:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        pgherald.install(conn)
+    return OneWayProxy(_target_of(dsn))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_stop_while_an_acknowledgement_waits_for_its_answer(
+    runtime: str, server: OwnServer, consumers: Callable[..., ConsumerRun]
+) -> None:
+    """
+    stop() with an acknowledgement sent and its answer held (a link broken one way), more
+    events handed out since: run() returns within a second (one stop grace for the way out),
+    and what was not acknowledged comes again.
+    """
+    proxy = _one_way(server.dsn)
+    try:
+        run = consumers(runtime, proxy.dsn_for(server.dsn), **_QUIET)
+        with psycopg.connect(server.dsn, autocommit=True) as conn:
+            published: list[int] = []
+            while run.consumer.stats.from_wakeups < 3:
+                assert len(published) < 200, "no events came from their wake-ups"
+                published.append(pgherald.publish(conn, "ch", len(published)))
+                wait_until(lambda: published[-1] in run.seen, 10, "the event handled")
+            wait_until(lambda: uncovered(conn, "g") == 0, 5, "the first acknowledgements")
+            assert proxy.freeze_requests() >= 1
+            published.append(pgherald.publish(conn, "ch", "held"))
+            wait_until(lambda: b"pgherald_ack_v1" in proxy.held(), 5, "an acknowledgement sent")
+            published.append(pgherald.publish(conn, "ch", "after"))
+            wait_until(lambda: published[-1] in run.seen, 10, "the last event handled")
+            run.stop(within=1.0)
+            assert run.seen == published
+            assert uncovered(conn, "g") == 2
+    finally:
+        proxy.close()
+    again = consumers(runtime, server.dsn)
+    wait_until(lambda: len(again.seen) == 2, 10, "the two events again")
+    assert again.seen == published[-2:]
+
+
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_events_from_wakeups_do_not_wait_for_an_acknowledgement(
     runtime: str, server: OwnServer, consumers: Callable[..., ConsumerRun]
@@ -626,18 +675,9 @@ def test_events_from_wakeups_do_not_wait_for_an_acknowledgement(
     is stored makes the consumer read, which the broken link holds.
     """
     installed = server.dsn
-    with psycopg.connect(installed, autocommit=True) as conn:
-        pgherald.install(conn)
-    proxy = OneWayProxy(_target_of(installed))
-    quiet = {  # nothing else it would send while the link is broken one way
-        "poll_interval": 30.0,
-        "rebalance_interval": 30.0,
-        "health_check_interval": 30.0,
-        "health_check_timeout": 20.0,
-        "linger": 30.0,
-    }
+    proxy = _one_way(installed)
     try:
-        run = consumers(runtime, proxy.dsn_for(installed), **quiet)
+        run = consumers(runtime, proxy.dsn_for(installed), **_QUIET)
         with psycopg.connect(installed, autocommit=True) as conn:
             published: list[int] = []
 
