@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import psycopg
 from psycopg import sql as psql
@@ -424,15 +424,6 @@ class _LogStore:
     transaction, committed before the engine may acknowledge the source transaction.
     """
 
-    _MANY, _MANY_NAMES = sql.numbered("publish_many")
-    _LAST, _LAST_NAMES = sql.numbered("cdc_last_lsn")
-    _END, _END_NAMES = sql.numbered("end_previous_session")
-    _NAMES: ClassVar[dict[bytes, tuple[str, ...]]] = {
-        _MANY: _MANY_NAMES,
-        _LAST: _LAST_NAMES,
-        _END: _END_NAMES,
-    }
-
     def __init__(self, dsn: str | None, slot: str, batch: int, config: ReplicationConfig) -> None:
         self.conninfo = listener_conninfo(dsn, application_name="pgherald-cdc-log")
         self.slot = slot
@@ -523,7 +514,7 @@ class _LogStore:
         )
         self.session = pgwire.identity(self.pgconn)
         yield from self._end_previous(stopping)
-        (res,) = yield from self._execute(self._LAST, {"slot": self.slot}, stopping)
+        (res,) = yield from self._execute("cdc_last_lsn", {"slot": self.slot}, stopping)
         last = res.get_value(0, 0) if res.ntuples else None
         if last is not None:
             engine.skip_through = max(engine.skip_through, lsn_to_int(last.decode()))
@@ -540,7 +531,7 @@ class _LogStore:
         wait = max(1, int(self.config.statement_timeout * 500))  # ms: answered in time
         params = {"wait_ms": wait, "pid": pid, "application_name": name}
         try:
-            (res,) = yield from self._execute(self._END, params, stopping)
+            (res,) = yield from self._execute("end_previous_session", params, stopping)
         except HeraldError as exc:
             if exc.sqlstate not in ("42501", "42883"):  # not allowed; before PostgreSQL 14
                 raise
@@ -603,16 +594,16 @@ class _LogStore:
             pgconn.finish()
 
     def _execute(
-        self, query: bytes, params: dict[str, Any] | None, stopping: Callable[[], bool]
+        self, query: bytes | str, params: dict[str, Any] | None, stopping: Callable[[], bool]
     ) -> Generator[Any, Any, list[Any]]:
+        """*query*: a statement (bytes), or the name of a query of queries.sql with *params*."""
         deadline = time.monotonic() + self.config.statement_timeout
         try:
-            if params is None:
+            if isinstance(query, bytes):
                 statement = pgwire.execute(self.pgconn, query, deadline)
             else:
-                names = self._NAMES[query]
-                values = [None if params[n] is None else str(params[n]).encode() for n in names]
-                statement = pgwire.execute_params(self.pgconn, query, values, deadline)
+                text, values = sql.bound(query, params or {})
+                statement = pgwire.execute_params(self.pgconn, text, values, deadline)
             results: list[Any] = yield from pgwire.until_stopped(statement, stopping)
             return results
         except pgwire.QueryFailed as exc:
@@ -651,7 +642,7 @@ class _LogStore:
                 dumps_value,
             )
             if params is not None:
-                (res,) = yield from self._execute(self._MANY, params, stopping)
+                (res,) = yield from self._execute("publish_many", params, stopping)
                 if res.get_value(0, 0) is None:  # pragma: no cover - dumps_value writes one each
                     raise UsageError("a change could not be stored as one JSON value")
             start = end

@@ -69,7 +69,6 @@ PARTITIONS = 16  # the log's partitions, unless set otherwise at install (partit
 DEFAULT_MAX_BATCH_SIZE = 20_000
 WAKE_CHANNEL = "pgherald_wake_v1"
 _WAKE = WAKE_CHANNEL.encode()
-READ_STATEMENT = b"pgherald_read_batch_v1"  # prepared on each consumer connection
 MAINTAIN_TIMEOUT = 60.0  # moving a day of events out of the default partition takes a while
 
 # Requests of the consumer engine, beside pgwire's WAIT / SLEEP / REPORT.
@@ -266,7 +265,6 @@ class ConsumerEngine:
         self._seen: dict[tuple[str, int], int] = {}  # rows per range in the last delivered read
         self._seen_total = 0
         self._fitting = config.max_batch_size  # events of the last read's size that fit
-        self._read_params: tuple[str, ...] = ()
         self._prepared: set[str] = set()  # names of queries prepared on this connection
         self._rows: Any = None  # a psycopg Transformer: decodes read results (binary)
         self._alive_at = time.time()
@@ -369,7 +367,7 @@ class ConsumerEngine:
             every = "false" if cfg.channels else "true"
             yield from self._query("every_channel", {"group": cfg.group, "every": every})
             self._registered = frozenset()
-            yield from self._prepare_read()
+            yield from self._run(self._prepare(pgconn, "read_batch"))
             yield from self._check_from_wakeups()
             if not self._delivery_checked:
                 check_deadline = time.monotonic() + min(5.0, cfg.connect_timeout)
@@ -458,13 +456,6 @@ class ConsumerEngine:
         text = [None if v is None else v.decode() for v in values]
         return text[0], int(text[1] or 0), (text[2] if len(text) > 2 else None)
 
-    def _prepare_read(self) -> PQGen:
-        pgconn = self.pgconn
-        assert pgconn is not None
-        text, self._read_params = sql.numbered("read_batch")
-        pgconn.send_prepare(READ_STATEMENT, text)
-        yield from self._run(pgwire.finish(pgconn, self._deadline()))
-
     # -- statements --
 
     def _guard(self, gen: PQGen) -> PQGen:
@@ -521,19 +512,13 @@ class ConsumerEngine:
         pgconn = self.pgconn
         if pgconn is None:
             raise _Lost("not connected")
-        values = self._values(name, params)
+        text, values = sql.bound(name, params)
         deadline = self._deadline() if timeout is None else time.monotonic() + timeout
         if prepared:
             gen = self._execute_prepared(pgconn, name, values, deadline)
         else:
-            gen = pgwire.execute_params(pgconn, sql.numbered(name)[0], values, deadline)
+            gen = pgwire.execute_params(pgconn, text, values, deadline)
         return (yield from self._run(gen))
-
-    @staticmethod
-    def _values(name: str, params: dict[str, Any]) -> list[bytes | None]:
-        return [
-            None if params[n] is None else str(params[n]).encode() for n in sql.numbered(name)[1]
-        ]
 
     def _prepare(self, pgconn: Any, name: str) -> PQGen:
         pgconn.send_prepare(_statement(name), sql.numbered(name)[0])
@@ -734,7 +719,7 @@ class ConsumerEngine:
                 raise _Lost(res.get_error_message() or "connection lost during a read")
             state = res.error_field(pq.DiagnosticField.SQLSTATE)
             if state == b"26000":  # our prepared read is gone (a handler ran DEALLOCATE ALL)
-                yield from self._prepare_read()
+                yield from self._run(self._prepare(pgconn, "read_batch"))
                 self._send_read(channels)
                 return (yield from self._take_read(channels))
             error = pgwire.result_error(res)
@@ -761,9 +746,11 @@ class ConsumerEngine:
             "limit": str(limit),
             "shares": _array(shares.values()),
         }
-        params: list[bytes | None] = [values[n].encode() for n in self._read_params]
+        _, params = sql.bound("read_batch", values)
         try:
-            pgconn.send_query_prepared(READ_STATEMENT, params, result_format=pq.Format.BINARY)
+            pgconn.send_query_prepared(
+                _statement("read_batch"), params, result_format=pq.Format.BINARY
+            )
         except psycopg.OperationalError as exc:
             raise _Lost(pgwire.one_line(exc)) from None
         self._read_seq += 1
@@ -773,6 +760,9 @@ class ConsumerEngine:
     def _settle(self) -> PQGen:
         """Receive the statement in flight, if any (the connection is free for others)."""
         yield from self._settle_ack()
+        yield from self._settle_read()
+
+    def _settle_read(self) -> PQGen:
         read, self._in_flight = self._in_flight, None
         if read is not None:
             yield from self._guard(self._receive(read))
@@ -934,7 +924,7 @@ class ConsumerEngine:
         deferred, count = self._deferred, self._deferred_count
         self._deferred, self._deferred_count, self._ack_due = {}, 0, math.inf
         events = list(deferred.values())
-        values = self._values("ack", _ack_params(self.config.group, events))
+        _, values = sql.bound("ack", _ack_params(self.config.group, events))
         try:
             pgconn.send_query_prepared(_statement("ack"), values)
             flushed = pgconn.flush() == 0
@@ -1119,9 +1109,7 @@ class ConsumerEngine:
         """Wait for a wake-up until *until*; probe the connection when it has been quiet."""
         pgconn = self.pgconn
         assert pgconn is not None
-        if self._in_flight is not None:
-            read, self._in_flight = self._in_flight, None
-            yield from self._guard(self._receive(read))
+        yield from self._settle_read()  # (not an acknowledgement's answer: taken below)
         if self._woken:  # heard while settling: no need to wait
             self._woken = False
             return True

@@ -726,8 +726,7 @@ class ReplicationEngine:
         return (yield from pgwire.connect(conninfo, deadline))
 
     def _query(self, pgconn: pq.abc.PGconn, query: str, /, **params: Any) -> PQGen:
-        text, names = sql.numbered(query)
-        values = [None if params[n] is None else str(params[n]).encode() for n in names]
+        text, values = sql.bound(query, params)
         return (
             yield from pgwire.execute_params(
                 pgconn, text, values, time.monotonic() + self.config.statement_timeout

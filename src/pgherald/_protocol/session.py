@@ -33,8 +33,7 @@ def named(
     connection that breaks, or gives no answer by *deadline*, is `ConnectionLost` (the
     statement may still be in flight then: the caller drops or cancels the connection).
     """
-    query, names = sql.numbered(name)
-    values = [None if (v := params[n]) is None else v.encode() for n in names]
+    query, values = sql.bound(name, params)
     if pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
         raise UsageError(
             f"{doing}: the connection is busy with another statement (was it shared between "

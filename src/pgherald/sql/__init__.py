@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from importlib import resources
 from typing import TYPE_CHECKING, cast
 
@@ -55,6 +56,12 @@ def numbered(name: str) -> tuple[bytes, tuple[str, ...]]:
 
     text = PLACEHOLDER.sub(number, query(name))
     return text.encode(), tuple(names)
+
+
+def bound(name: str, params: Mapping[str, object]) -> tuple[bytes, list[bytes | None]]:
+    """`numbered` query *name*, and *params* as its text values in number order (None: NULL)."""
+    text, names = numbered(name)
+    return text, [None if (v := params[n]) is None else str(v).encode() for n in names]
 
 
 def migrations() -> list[tuple[str, str]]:
