@@ -5,6 +5,7 @@ Change data capture from the WAL (`pgherald.ChangeStream`), on a private server 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -13,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from decimal import Decimal
 from typing import Any
@@ -75,6 +76,46 @@ def add_gate(dsn: str, when: str) -> None:
         "CREATE TRIGGER gate BEFORE INSERT ON pgherald.events_v1 FOR EACH ROW"
         f" WHEN ({when}) EXECUTE FUNCTION gate()",
     )
+
+
+@contextlib.asynccontextmanager
+async def into_log_behind_the_gate(
+    dsn: str, proxy: FaultProxy, into_log: Callable[[Any, str], Any], stream: Any
+) -> AsyncIterator[tuple[LogWatch, list[BaseException], Callable[[], object]]]:
+    """
+    *into_log* of *stream* through *proxy*, run in a task group (40 s at most) with `GATE`
+    closed: yields the ``pgherald.cdc`` log, into_log's errors (the test asserts them) and
+    what opens the gate. Stops the stream as the block ends; closes the gate and thaws the
+    proxy on the way out, whatever happened, so a failing test leaves no session waiting.
+    """
+    errors: list[BaseException] = []
+
+    async def run() -> None:
+        try:
+            await into_log(stream, proxy.dsn_for(dsn))
+        except Exception as exc:  # reported by the test
+            errors.append(exc)
+
+    gate = psycopg.connect(dsn, autocommit=True)
+    try:
+        gate.execute(f"SELECT pg_advisory_lock({GATE})".encode())  # closed
+        with watching("pgherald.cdc") as log, anyio.fail_after(40):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run)
+                yield (
+                    log,
+                    errors,
+                    lambda: gate.execute(f"SELECT pg_advisory_unlock({GATE})".encode()),
+                )
+                stream.stop()
+    finally:
+        gate.close()
+        proxy.thaw()
+
+
+def log_connection_losses(log: LogWatch) -> list[str]:
+    """What into_log reported of each loss of its log connection, in order."""
+    return [r.getMessage() for r in log.matching("durable log's connection was lost")]
 
 
 def one(dsn: str, query: str, *params: Any) -> Any:
@@ -1086,7 +1127,7 @@ async def _log_connection_fault(
             await await_until(lambda: confirmed(dsn, slot) >= end, 10, "a catch-up")
             stream.stop()
     assert errors == []
-    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    lost = log_connection_losses(log)
     assert lost, "the lost log connection was not reported"
     if fault == "freeze":
         assert "no answer in 1s" in lost[0]

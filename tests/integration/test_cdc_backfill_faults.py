@@ -29,15 +29,16 @@ import pgherald
 from pgherald import ChangeStream
 from pgherald._cdc import add_tables
 from pgherald._protocol.pgoutput import lsn_to_int
-from tests.fix_faults import OneWayProxy, await_until, watching
+from tests.fix_faults import OneWayProxy, await_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
 from tests.integration.test_cdc import (
     FAST,
-    GATE,
     add_gate,
     into_log_async,
+    into_log_behind_the_gate,
     into_log_on_a_thread,
+    log_connection_losses,
     one,
     sql,
 )
@@ -139,14 +140,8 @@ def check_backfill_then(dsn: str, changes: list[tuple[str, str, str]]) -> None:
     assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
 
 
-async def _backfill_log_fault(
-    dsn: str,
-    proxy: OneWayProxy,
-    into_log: Callable[[Any, str], Any],
-    make: Any,
-    fault: str,
-    slot: str,
-) -> None:
+def two_tables(dsn: str, slot: str) -> None:
+    """The log, and ``a`` and ``b`` of ROWS rows each in a publication (the stream makes the slot)."""
     with psycopg.connect(dsn, autocommit=True) as c:
         pgherald.install(c)
     sql(
@@ -156,68 +151,64 @@ async def _backfill_log_fault(
         f"INSERT INTO a SELECT g, 'a' FROM generate_series(1, {ROWS}) g",
         f"INSERT INTO b SELECT g, 'b' FROM generate_series(1, {ROWS}) g",
     )
-    with psycopg.connect(dsn, autocommit=True) as c:  # the publication; the stream makes the slot
+    with psycopg.connect(dsn, autocommit=True) as c:
         add_tables(c, ["a", "b"], slot=slot, create_slot=False)
+
+
+async def later_change_in_the_log(dsn: str, errors: list[BaseException]) -> None:
+    """A change made after the fault reaches the log: the stream went on."""
+    sql(dsn, "INSERT INTO a VALUES (100002, 'later')")
+    await await_until(
+        lambda: (
+            one(dsn, "SELECT count(*) FROM pgherald.events_v1 WHERE key = %s", "100002") or errors
+        ),
+        10,
+        "a later change in the log",
+    )
+
+
+async def _backfill_log_fault(
+    dsn: str,
+    proxy: OneWayProxy,
+    into_log: Callable[[Any, str], Any],
+    make: Any,
+    fault: str,
+    slot: str,
+) -> None:
+    two_tables(dsn, slot)
     add_gate(dsn, "NEW.channel = 'public.b'")
-    errors: list[BaseException] = []
     stream = make(dsn, slot=slot, backfill=True, statement_timeout=STATEMENT_TIMEOUT, **FAST)
-
-    async def run() -> None:
-        try:
-            await into_log(stream, proxy.dsn_for(dsn))
-        except Exception as exc:  # reported by the test
-            errors.append(exc)
-
-    gate = psycopg.connect(dsn, autocommit=True)
-    try:
-        gate.execute(f"SELECT pg_advisory_lock({GATE})".encode())  # closed
-        with watching("pgherald.cdc") as log, anyio.fail_after(40):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run)
-                await await_until(lambda: waits_at_gate(dsn) or errors, 10, "the backfill of b")
-                assert errors == []
-                # Mid-backfill: a is in the log's open transaction, nothing is committed yet.
-                assert log_in_transaction(dsn)
-                assert inserted(dsn) >= ROWS
-                assert reads(dsn) == 0
-                # Changes during the backfill (after the slot's snapshot): streamed after it.
-                sql(
-                    dsn,
-                    "INSERT INTO a VALUES (100001, 'new')",
-                    "UPDATE a SET v = 'changed' WHERE id = 1",
-                    "DELETE FROM a WHERE id = 2",
-                )
-                accepted = proxy.accepted
-                if fault == "sever":
-                    proxy.sever()
-                else:
-                    assert proxy.freeze() == 1  # the log's connection only
-                gate.execute(f"SELECT pg_advisory_unlock({GATE})".encode())  # open
-                sql(dsn, "UPDATE b SET v = 'changed' WHERE id = 3")
-                await await_until(
-                    lambda: proxy.accepted > accepted or errors,
-                    STATEMENT_TIMEOUT + 5,
-                    "a new log connection",
-                )
-                await await_until(
-                    lambda: reads(dsn) >= 2 * ROWS or errors, 15, "the backfill in the log"
-                )
-                assert errors == []
-                sql(dsn, "INSERT INTO a VALUES (100002, 'later')")
-                await await_until(
-                    lambda: (
-                        one(dsn, "SELECT count(*) FROM pgherald.events_v1 WHERE key = %s", "100002")
-                        or errors
-                    ),
-                    10,
-                    "a later change in the log",
-                )
-                stream.stop()
-    finally:
-        gate.close()
-        proxy.thaw()
+    async with into_log_behind_the_gate(dsn, proxy, into_log, stream) as (log, errors, open_gate):
+        await await_until(lambda: waits_at_gate(dsn) or errors, 10, "the backfill of b")
+        assert errors == []
+        # Mid-backfill: a is in the log's open transaction, nothing is committed yet.
+        assert log_in_transaction(dsn)
+        assert inserted(dsn) >= ROWS
+        assert reads(dsn) == 0
+        # Changes during the backfill (after the slot's snapshot): streamed after it.
+        sql(
+            dsn,
+            "INSERT INTO a VALUES (100001, 'new')",
+            "UPDATE a SET v = 'changed' WHERE id = 1",
+            "DELETE FROM a WHERE id = 2",
+        )
+        accepted = proxy.accepted
+        if fault == "sever":
+            proxy.sever()
+        else:
+            assert proxy.freeze() == 1  # the log's connection only
+        open_gate()
+        sql(dsn, "UPDATE b SET v = 'changed' WHERE id = 3")
+        await await_until(
+            lambda: proxy.accepted > accepted or errors,
+            STATEMENT_TIMEOUT + 5,
+            "a new log connection",
+        )
+        await await_until(lambda: reads(dsn) >= 2 * ROWS or errors, 15, "the backfill in the log")
+        assert errors == []
+        await later_change_in_the_log(dsn, errors)
     assert errors == []
-    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    lost = log_connection_losses(log)
     assert lost, "the lost log connection was not reported"
     if fault == "freeze":
         assert f"no answer in {STATEMENT_TIMEOUT:g}s" in lost[0]
@@ -272,82 +263,41 @@ async def _backfill_commit_answer_lost(
     make: Any,
     slot: str,
 ) -> None:
-    with psycopg.connect(dsn, autocommit=True) as c:
-        pgherald.install(c)
-    sql(
-        dsn,
-        "CREATE TABLE a (id int PRIMARY KEY, v text)",
-        "CREATE TABLE b (id int PRIMARY KEY, v text)",
-        f"INSERT INTO a SELECT g, 'a' FROM generate_series(1, {ROWS}) g",
-        f"INSERT INTO b SELECT g, 'b' FROM generate_series(1, {ROWS}) g",
-    )
-    with psycopg.connect(dsn, autocommit=True) as c:  # the publication; the stream makes the slot
-        add_tables(c, ["a", "b"], slot=slot, create_slot=False)
+    two_tables(dsn, slot)
     # The backfill's last row: its insert is the last statement before the COMMIT.
     add_gate(dsn, f"NEW.channel = 'public.b' AND NEW.key = '{ROWS}'")
-    errors: list[BaseException] = []
     stream = make(dsn, slot=slot, backfill=True, statement_timeout=STATEMENT_TIMEOUT, **FAST)
-
-    async def run() -> None:
-        try:
-            await into_log(stream, proxy.dsn_for(dsn))
-        except Exception as exc:  # reported by the test
-            errors.append(exc)
-
-    gate = psycopg.connect(dsn, autocommit=True)
-    try:
-        gate.execute(f"SELECT pg_advisory_lock({GATE})".encode())  # closed
-        with watching("pgherald.cdc") as log, anyio.fail_after(40):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run)
-                await await_until(
-                    lambda: waits_at_gate(dsn) or errors, 15, "the backfill's last insert"
-                )
-                assert errors == []
-                # The whole backfill is in the log's open transaction; nothing is committed.
-                assert inserted(dsn) == 2 * ROWS
-                assert reads(dsn) == 0
-                # Changes during the backfill (after the slot's snapshot): streamed after it.
-                sql(
-                    dsn,
-                    "INSERT INTO a VALUES (100001, 'new')",
-                    "UPDATE a SET v = 'changed' WHERE id = 1",
-                    "DELETE FROM a WHERE id = 2",
-                )
-                assert proxy.freeze_requests() == 1  # the log's connection only
-                gate.execute(f"SELECT pg_advisory_unlock({GATE})".encode())  # open
-                await await_until(
-                    lambda: b"COMMIT\x00" in proxy.held() or errors, 5, "COMMIT in flight"
-                )
-                # The COMMIT reaches the server; its answer never reaches into_log.
-                accepted = proxy.accepted
-                assert proxy.freeze_answers() == 1
-                proxy.thaw_requests()
-                await await_until(
-                    lambda: reads(dsn) == 2 * ROWS or errors, 5, "the backfill committed"
-                )
-                assert errors == []
-                assert proxy.accepted == accepted  # into_log still awaits the answer
-                await await_until(
-                    lambda: proxy.accepted > accepted or errors,
-                    STATEMENT_TIMEOUT + 5,
-                    "a new log connection",
-                )
-                sql(dsn, "INSERT INTO a VALUES (100002, 'later')")
-                await await_until(
-                    lambda: (
-                        one(dsn, "SELECT count(*) FROM pgherald.events_v1 WHERE key = %s", "100002")
-                        or errors
-                    ),
-                    10,
-                    "a later change in the log",
-                )
-                stream.stop()
-    finally:
-        gate.close()
-        proxy.thaw()
+    async with into_log_behind_the_gate(dsn, proxy, into_log, stream) as (log, errors, open_gate):
+        await await_until(lambda: waits_at_gate(dsn) or errors, 15, "the backfill's last insert")
+        assert errors == []
+        # The whole backfill is in the log's open transaction; nothing is committed.
+        assert inserted(dsn) == 2 * ROWS
+        assert reads(dsn) == 0
+        # Changes during the backfill (after the slot's snapshot): streamed after it.
+        sql(
+            dsn,
+            "INSERT INTO a VALUES (100001, 'new')",
+            "UPDATE a SET v = 'changed' WHERE id = 1",
+            "DELETE FROM a WHERE id = 2",
+        )
+        assert proxy.freeze_requests() == 1  # the log's connection only
+        open_gate()
+        await await_until(lambda: b"COMMIT\x00" in proxy.held() or errors, 5, "COMMIT in flight")
+        # The COMMIT reaches the server; its answer never reaches into_log.
+        accepted = proxy.accepted
+        assert proxy.freeze_answers() == 1
+        proxy.thaw_requests()
+        await await_until(lambda: reads(dsn) == 2 * ROWS or errors, 5, "the backfill committed")
+        assert errors == []
+        assert proxy.accepted == accepted  # into_log still awaits the answer
+        await await_until(
+            lambda: proxy.accepted > accepted or errors,
+            STATEMENT_TIMEOUT + 5,
+            "a new log connection",
+        )
+        await later_change_in_the_log(dsn, errors)
     assert errors == []
-    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    lost = log_connection_losses(log)
     assert lost, "the lost log connection was not reported"
     assert f"no answer in {STATEMENT_TIMEOUT:g}s" in lost[0]
     # The backfill was found in the log: it did not start again; the stream was never lost.

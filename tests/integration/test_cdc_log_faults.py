@@ -35,11 +35,13 @@ from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
 from tests.integration.test_cdc import (
     FAST,
-    GATE,
     add_gate,
     into_log_async,
+    into_log_behind_the_gate,
     into_log_on_a_thread,
+    log_connection_losses,
     one,
+    slot_ready,
     sql,
 )
 
@@ -63,18 +65,6 @@ def stored(dsn: str) -> list[tuple[int, str]]:
             " FROM pgherald.events_v1 ORDER BY id"
         ).fetchall()
     return [(i, lsn) for i, lsn in rows]
-
-
-def slot_ready(dsn: str, slot: str) -> bool:
-    """The slot is read, past its creation (a change before its consistent point is lost)."""
-    return bool(
-        one(
-            dsn,
-            "SELECT active AND confirmed_flush_lsn IS NOT NULL FROM pg_replication_slots"
-            " WHERE slot_name = %s",
-            slot,
-        )
-    )
 
 
 def log_session(dsn: str, state: str, wait_event: str | None = None) -> int | None:
@@ -105,63 +95,36 @@ async def _commit_in_flight(
         "CREATE TABLE t (id int PRIMARY KEY)",
     )
     add_gate(dsn, "NEW.payload -> 'new' ->> 'id' = '2'")
-    errors: list[BaseException] = []
     stream = make(dsn, slot=slot, tables=["t"], statement_timeout=STATEMENT_TIMEOUT, **FAST)
-
-    async def run() -> None:
-        try:
-            await into_log(stream, proxy.dsn_for(dsn))
-        except Exception as exc:  # reported by the test
-            errors.append(exc)
-
-    gate = psycopg.connect(dsn, autocommit=True)
-    try:
-        gate.execute(f"SELECT pg_advisory_lock({GATE})".encode())  # closed
-        with watching("pgherald.cdc") as log, anyio.fail_after(40):
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(run)
-                await await_until(lambda: slot_ready(dsn, slot) or errors, 10, "the stream")
-                sql(dsn, "INSERT INTO t VALUES (1)")
-                await await_until(lambda: len(stored(dsn)) == 1 or errors, 10, "change 1")
-                sql(dsn, "INSERT INTO t VALUES (2)")
-                await await_until(
-                    lambda: log_session(dsn, "active", "advisory") or errors, 10, "the gate"
-                )
-                assert errors == []
-                old = log_session(dsn, "active", "advisory")
-                assert old is not None
-                accepted = proxy.accepted
-                assert proxy.freeze_requests() == 1  # the log's connection only
-                gate.execute(f"SELECT pg_advisory_unlock({GATE})".encode())  # open
-                # Change 2 is in the old session's open transaction; its COMMIT is on the way.
-                await await_until(
-                    lambda: b"COMMIT\x00" in proxy.held() or errors, 5, "COMMIT in flight"
-                )
-                assert log_session(dsn, "idle in transaction") == old
-                # into_log gives the connection up and stores change 2 on a new one.
-                await await_until(
-                    lambda: proxy.accepted > accepted or errors,
-                    STATEMENT_TIMEOUT + 5,
-                    "a new log connection",
-                )
-                await await_until(
-                    lambda: [i for i, _ in stored(dsn)] == [1, 2] or errors, 10, "change 2"
-                )
-                # The link heals: what the old connection sent reaches the server.
-                proxy.thaw()
-                await await_until(
-                    lambda: not session_alive(dsn, old), 10, "the old log session to end"
-                )
-                sql(dsn, "INSERT INTO t VALUES (3)")
-                await await_until(
-                    lambda: 3 in [i for i, _ in stored(dsn)] or errors, 10, "change 3"
-                )
-                stream.stop()
-    finally:
-        gate.close()
+    async with into_log_behind_the_gate(dsn, proxy, into_log, stream) as (log, errors, open_gate):
+        await await_until(lambda: slot_ready(dsn, slot) or errors, 10, "the stream")
+        sql(dsn, "INSERT INTO t VALUES (1)")
+        await await_until(lambda: len(stored(dsn)) == 1 or errors, 10, "change 1")
+        sql(dsn, "INSERT INTO t VALUES (2)")
+        await await_until(lambda: log_session(dsn, "active", "advisory") or errors, 10, "the gate")
+        assert errors == []
+        old = log_session(dsn, "active", "advisory")
+        assert old is not None
+        accepted = proxy.accepted
+        assert proxy.freeze_requests() == 1  # the log's connection only
+        open_gate()
+        # Change 2 is in the old session's open transaction; its COMMIT is on the way.
+        await await_until(lambda: b"COMMIT\x00" in proxy.held() or errors, 5, "COMMIT in flight")
+        assert log_session(dsn, "idle in transaction") == old
+        # into_log gives the connection up and stores change 2 on a new one.
+        await await_until(
+            lambda: proxy.accepted > accepted or errors,
+            STATEMENT_TIMEOUT + 5,
+            "a new log connection",
+        )
+        await await_until(lambda: [i for i, _ in stored(dsn)] == [1, 2] or errors, 10, "change 2")
+        # The link heals: what the old connection sent reaches the server.
         proxy.thaw()
+        await await_until(lambda: not session_alive(dsn, old), 10, "the old log session to end")
+        sql(dsn, "INSERT INTO t VALUES (3)")
+        await await_until(lambda: 3 in [i for i, _ in stored(dsn)] or errors, 10, "change 3")
     assert errors == []
-    lost = [r.getMessage() for r in log.matching("durable log's connection was lost")]
+    lost = log_connection_losses(log)
     assert lost
     assert f"no answer in {STATEMENT_TIMEOUT:g}s" in lost[0]
     events = stored(dsn)
