@@ -24,7 +24,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.fix_faults import free_port, wait_until
+from tests.fix_faults import OneWayProxy, free_port, wait_until
+from tests.fix_proxy import _target_of
 
 INSTALL_HINT = (
     "PostgreSQL's server binaries (initdb, pg_ctl) are needed to start a private server: "
@@ -144,6 +145,16 @@ def replica_server() -> Iterator[OwnServer]:
     """One private server with ``wal_level=replica``: what CDC must refuse, saying why."""
     with own_server(wal_level="replica") as s:
         yield s
+
+
+@pytest.fixture
+def log_proxy(logical_server: OwnServer) -> Iterator[OneWayProxy]:
+    """A proxy to the private logical server that can break a link one way (into_log's log)."""
+    p = OneWayProxy(_target_of(logical_server.dsn))
+    try:
+        yield p
+    finally:
+        p.close()
 
 
 @pytest.fixture

@@ -18,7 +18,7 @@ sees the COMMIT held in the proxy, freezes what the server sends and lets the CO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -30,8 +30,6 @@ from pgherald import ChangeStream
 from pgherald._cdc import add_tables
 from pgherald._protocol.pgoutput import lsn_to_int
 from tests.fix_faults import OneWayProxy, await_until
-from tests.fix_proxy import _target_of
-from tests.fix_server import OwnServer
 from tests.integration.test_cdc import (
     FAST,
     add_gate,
@@ -45,15 +43,6 @@ from tests.integration.test_cdc import (
 
 ROWS = 3000  # per table: three of into_log's batches (1000) each
 STATEMENT_TIMEOUT = 3.0  # a frozen log connection is found after this long
-
-
-@pytest.fixture
-def log_proxy(logical_server: OwnServer) -> Iterator[OneWayProxy]:
-    p = OneWayProxy(_target_of(logical_server.dsn))
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def stored(dsn: str) -> list[tuple[str, str, str, Any, int]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import socket
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -31,8 +31,6 @@ from psycopg.conninfo import make_conninfo
 import pgherald
 from pgherald import ChangeStream
 from tests.fix_faults import FaultProxy, OneWayProxy, await_until, watching
-from tests.fix_proxy import _target_of
-from tests.fix_server import OwnServer
 from tests.integration.test_cdc import (
     FAST,
     add_gate,
@@ -46,15 +44,6 @@ from tests.integration.test_cdc import (
 )
 
 STATEMENT_TIMEOUT = 2.0  # a frozen log connection is given up after this long
-
-
-@pytest.fixture
-def log_proxy(logical_server: OwnServer) -> Iterator[OneWayProxy]:
-    p = OneWayProxy(_target_of(logical_server.dsn))
-    try:
-        yield p
-    finally:
-        p.close()
 
 
 def stored(dsn: str) -> list[tuple[int, str]]:
