@@ -30,6 +30,7 @@ from tests.fix_durable import (
     uncovered,
     wait_until,
 )
+from tests.fix_server import OwnServer
 
 
 def catalog(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
@@ -686,17 +687,25 @@ def test_asking_for_wake_ups_while_a_publisher_looks_keeps_no_lock(installed: st
 
 
 def test_a_publisher_that_looked_before_the_consumer_waited_is_not_missed(
-    installed: str, conn: psycopg.Connection, running: Callable[..., Running]
+    server: OwnServer,
 ) -> None:
     # It found nobody waiting (so sent no wake-up), then committed after the consumer had
-    # read and begun to wait: the consumer reads on until such writers have ended.
+    # read and begun to wait: the consumer reads on until such writers have ended. A private
+    # server: transaction ids are the cluster's, and another test's long transaction would
+    # keep the consumer reading at growing intervals past the 2 s this test allows.
+    installed = server.dsn
+    with psycopg.connect(installed, autocommit=True) as c:
+        pgherald.install(c)
     with psycopg.connect(installed) as slow:
         event_id = pgherald.publish(slow, "ch", "late")  # no consumer yet: no wake-up
-        r = running(poll_interval=30)
+        r = Running(installed, poll_interval=30)
         wait_until(lambda: r.consumer.stats.reads >= 2, 5, "the consumer to read and wait")
         slow.commit()
-    r.wait_count(1, timeout=2)  # long before the 30 s poll (or any 5 s housekeeping)
-    assert r.ids == [event_id]
+    try:
+        r.wait_count(1, timeout=2)  # long before the 30 s poll (or any 5 s housekeeping)
+        assert r.ids == [event_id]
+    finally:
+        r.stop()
 
 
 # -- 12. AsyncConsumer on asyncio and trio --
