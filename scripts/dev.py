@@ -101,6 +101,21 @@ def ensure_pgbouncer() -> None:
         run(*cmd)
 
 
+def ensure_nftables() -> None:
+    """The dead-path tests drop packets with nftables; install it when we can (as root)."""
+    if shutil.which("nft") or os.path.exists("/usr/sbin/nft"):
+        return
+    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
+        print("note: nft not found; the dead-path tests will say so", flush=True)
+        return
+    print("installing Debian's nftables: the dead-path tests drop packets with it", flush=True)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    cmd = ["apt-get", "install", "-y", "-q", "nftables"]
+    if subprocess.run(cmd, env=env).returncode:
+        subprocess.run(["apt-get", "update", "-q"], env=env)
+        run(*cmd)
+
+
 def main(argv: list[str]) -> None:
     if not argv or argv[0] not in {"demo", "test", "bench", "shell"}:
         sys.exit(__doc__)
@@ -111,6 +126,7 @@ def main(argv: list[str]) -> None:
     elif command == "test":
         ensure_browser()
         ensure_pgbouncer()
+        ensure_nftables()
         run(BIN / "ruff", "check", "src", "tests", "examples", "bench", "scripts")
         run(BIN / "mypy")
         # The public API as users type it: documented calls pass, misspelled options fail.

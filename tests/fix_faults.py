@@ -11,15 +11,21 @@ Helpers for the fault-injection tests (tests/integration/test_faults.py).
 - `running`: ``listener.run()`` on a thread, stopped and joined (errors re-raised) at the end.
 - `free_port`: a TCP port on 127.0.0.1 that nothing listens on (for a server to start on, or a
   DSN that nothing answers).
+- `black_hole(port)`: every packet to or from a port dropped by the kernel (nftables): a path
+  that died, where what a client sends is never acknowledged. A proxy cannot do that (its
+  kernel acknowledges what it does not forward).
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import selectors
+import shutil
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -160,6 +166,49 @@ def free_port() -> int:
 
 
 # -- a proxy that can also refuse --
+
+
+NFT_HINT = (
+    "this test drops packets with nftables: install it (`apt-get install -y nftables`; "
+    "scripts/dev.py test does so when run as root) and run as root (CAP_NET_ADMIN)"
+)
+_NFT_PREFIX = "pgherald_hole_"
+_holes = itertools.count()
+
+
+def _nft(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    binary = shutil.which("nft") or "/usr/sbin/nft"
+    if not os.path.exists(binary):
+        pytest.fail(NFT_HINT, pytrace=False)
+    done = subprocess.run([binary, *args], capture_output=True, text=True, timeout=10)
+    if check and done.returncode:
+        pytest.fail(f"nft {' '.join(args)}: {done.stderr.strip()} ({NFT_HINT})", pytrace=False)
+    return done
+
+
+def _remove_stale_holes() -> None:
+    """Tables a killed test run left behind (its process is gone): their port may be reused."""
+    listed = _nft("list", "tables", check=False).stdout.split()
+    for name in listed:
+        if name.startswith(_NFT_PREFIX):
+            pid = name[len(_NFT_PREFIX) :].split("_")[0]
+            if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+                _nft("delete", "table", "inet", name, check=False)
+
+
+@contextlib.contextmanager
+def black_hole(port: int) -> Iterator[None]:
+    """While inside: every TCP packet to or from *port* on this machine is dropped."""
+    _remove_stale_holes()
+    table = f"{_NFT_PREFIX}{os.getpid()}_{next(_holes)}"
+    _nft("add", "table", "inet", table)
+    try:
+        _nft("add", "chain", "inet", table, "out", "{ type filter hook output priority 0 ; }")
+        _nft("add", "rule", "inet", table, "out", "tcp", "dport", str(port), "drop")
+        _nft("add", "rule", "inet", table, "out", "tcp", "sport", str(port), "drop")
+        yield
+    finally:
+        _nft("delete", "table", "inet", table, check=False)
 
 
 class FaultProxy(FreezingProxy):

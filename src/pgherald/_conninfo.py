@@ -20,12 +20,16 @@ logger = logging.getLogger("pgherald")
 
 ENV_DSN = "PGHERALD_DSN"
 
-# Detect a half-open TCP connection in the kernel too, not only with our own probes.
+# Detect a half-open TCP connection in the kernel too, not only with our own probes: when it
+# is idle (keepalives), and when what we sent is never acknowledged (tcp_user_timeout: else
+# Linux retransmits for about 15 minutes). Our own statements have deadlines of their own; the
+# kernel's bound is for those we do not drive, a transactional handler's (psycopg's waits).
 _KEEPALIVES = {
     "keepalives": "1",
     "keepalives_idle": "10",
     "keepalives_interval": "5",
     "keepalives_count": "3",
+    "tcp_user_timeout": "10000",
 }
 
 
@@ -38,7 +42,8 @@ def resolve_dsn(dsn: str | None) -> str:
 
 def listener_conninfo(dsn: str | None, *, application_name: str = "pgherald-listener") -> str:
     """
-    The conninfo for a connection pgherald owns: named, with TCP keepalives, in UTF-8.
+    The conninfo for a connection pgherald owns: named, with TCP keepalives and a TCP user
+    timeout (what the DSN sets itself is kept), in UTF-8.
 
     ``client_encoding`` is always ``UTF8``: the engines encode channel names and statements,
     and decode notifications, rows and messages, as UTF-8 bytes; in a LATIN1 database, a

@@ -20,7 +20,7 @@ import pytest
 
 import pgherald
 from tests.fix_durable import ConsumerRun, publish_each, uncovered
-from tests.fix_faults import FaultProxy, OneWayProxy, SilentServer, wait_until
+from tests.fix_faults import FaultProxy, OneWayProxy, SilentServer, black_hole, wait_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
 
@@ -508,6 +508,102 @@ def test_stop_while_a_transactional_handler_waits_on_a_frozen_connection(
         timer.cancel()
     assert seen == [event_id]
     assert conn.execute("SELECT id FROM effects").fetchall() == [(event_id,)]
+
+
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeout(
+    runtime: str, installed: str, conn: psycopg.Connection, fault_proxy: FaultProxy
+) -> None:
+    """
+    The handler's statement goes into a path that died (the kernel drops every packet, so
+    nothing it sends is acknowledged), and nobody calls stop(). The statement waits in
+    psycopg, where no deadline of ours reaches; pgherald's connections set
+    ``tcp_user_timeout=10000``, so it fails after about 10 s, not after Linux's 15 minutes of
+    retransmissions. The transaction rolls back; once the path is back, the consumer
+    reconnects and the event comes again, handled once. (Transactional handlers are sync or
+    asyncio: see durable.md.)
+    """
+    conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+    inside, holed = threading.Event(), threading.Event()
+    calls: list[int] = []
+    failed: list[tuple[float, BaseException]] = []
+    options: dict[str, Any] = {"group": "g", "channels": ["ch"], "health_check_timeout": 30, **FAST}
+    dsn = fault_proxy.dsn_for(installed)
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            calls.append(e.id)
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if len(calls) == 1:
+                inside.set()
+                holed.wait(10)
+                started = time.monotonic()
+                try:
+                    tx.execute("SELECT 1")  # into the dead path
+                except BaseException as exc:
+                    failed.append((time.monotonic() - started, exc))
+                    raise
+
+        target: Callable[[], None] = c.run
+    else:
+        c = pgherald.AsyncConsumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            calls.append(e.id)
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if len(calls) == 1:
+                inside.set()
+                await anyio.to_thread.run_sync(holed.wait, 10)  # the test's thread, not ours
+                started = time.monotonic()
+                try:
+                    await tx.execute("SELECT 1")
+                except BaseException as exc:
+                    failed.append((time.monotonic() - started, exc))
+                    raise
+
+        def target() -> None:
+            anyio.run(c.run, backend="asyncio")
+
+    (event_id,) = publish(installed, [1])
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException as exc:  # reported below: run() must not end
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        assert inside.wait(10), "the handler never ran"
+        with black_hole(fault_proxy.port):
+            holed.set()
+            wait_until(lambda: failed, 20, "the handler's statement to fail on the dead path")
+        took, exc = failed[0]
+        assert isinstance(exc, psycopg.OperationalError), repr(exc)
+        # tcp_user_timeout, rounded up to the next retransmission (their gaps double from 0.2 s)
+        assert 9 <= took < 15, f"the statement failed after {took:.1f}s (tcp_user_timeout 10 s)"
+
+        def committed() -> list[tuple[Any, ...]]:
+            return conn.execute("SELECT id FROM effects").fetchall()
+
+        wait_until(committed, 30, "the event to come again and its effect to commit")
+        assert not errors, f"run() ended: {errors[0]!r}"
+        assert calls == [event_id, event_id]
+        assert committed() == [(event_id,)]
+    finally:
+        c.stop()
+        thread.join(10)
+        if runtime == "sync":
+            c.close()
+        else:
+            anyio.run(c.aclose, backend="asyncio")
+    assert not thread.is_alive()
+    assert not errors, f"run() ended: {errors[0]!r}"
 
 
 # -- a server that restarts under a stream of 20,000 events --

@@ -41,6 +41,14 @@ def test_dsn_and_sqlalchemy_urls_give_the_same_parameters(url: str) -> None:
     }
     assert p["application_name"] == "pgherald-test"
     assert p["keepalives"] == "1"
+    # What we send and is never acknowledged fails in 10 s, not after Linux's 15 minutes.
+    assert p["tcp_user_timeout"] == "10000"
+
+
+def test_a_dsn_keeps_its_own_tcp_settings() -> None:
+    p = params("host=h dbname=d keepalives_idle=30 tcp_user_timeout=2500")
+    assert (p["keepalives_idle"], p["tcp_user_timeout"]) == ("30", "2500")
+    assert p["keepalives_count"] == "3"  # the rest: ours
 
 
 def test_driver_only_url_options_are_dropped_by_name_and_ssl_kept(
