@@ -19,7 +19,7 @@ from typing import Any, Generic, TypeVar
 
 import psycopg
 
-from tests.fix_faults import FaultProxy
+from tests.fix_faults import FaultProxy, black_hole
 
 T = TypeVar("T")
 
@@ -83,8 +83,11 @@ class Paced(Generic[T]):
 def proxy_faults(proxy: FaultProxy, name: str = "") -> dict[str, Fault]:
     """
     The faults of the connections through *proxy*: ``sever`` them (RST), ``freeze`` them for
-    0.2 to 1.5 s (a half-open connection while it lasts, then thawed), ``refuse`` new ones for
-    0.2 to 1 s (after a sever: a server that is down). Named ``sever`` etc., or ``sever NAME``.
+    0.2 to 1.5 s (a half-open connection while it lasts, then thawed), ``drop`` every packet
+    to and from it for 0.2 to 1.5 s (a network path that dies and comes back: nothing sent
+    meanwhile is acknowledged, TCP retransmits it, later and later, and new connections'
+    SYNs go unanswered), ``refuse`` new ones for 0.2 to 1 s (after a sever: a server that is
+    down). Named ``sever`` etc., or ``sever NAME``.
     """
 
     def sever(rng: random.Random) -> str:
@@ -98,6 +101,12 @@ def proxy_faults(proxy: FaultProxy, name: str = "") -> dict[str, Fault]:
         proxy.thaw()
         return f"{held:.1f}s"
 
+    def drop(rng: random.Random) -> str:
+        held = rng.uniform(0.2, 1.5)
+        with black_hole(proxy.port):
+            time.sleep(held)  # dropped for this long
+        return f"{held:.1f}s"
+
     def refuse(rng: random.Random) -> str:
         proxy.refuse()
         proxy.sever()
@@ -108,7 +117,8 @@ def proxy_faults(proxy: FaultProxy, name: str = "") -> dict[str, Fault]:
 
     suffix = f" {name}" if name else ""
     return {
-        f"{k}{suffix}": f for k, f in (("sever", sever), ("freeze", freeze), ("refuse", refuse))
+        f"{k}{suffix}": f
+        for k, f in (("sever", sever), ("freeze", freeze), ("drop", drop), ("refuse", refuse))
     }
 
 
