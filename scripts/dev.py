@@ -69,48 +69,17 @@ def ensure_venv(extras: str = EXTRAS) -> None:
     STAMP.write_text(f"{digest} {extras}")
 
 
-def ensure_browser() -> None:
-    """The gateway's browser test drives Debian's Chromium; install it when we can (as root)."""
-    if shutil.which("chromium") and shutil.which("chromedriver"):
+def ensure_debian(binaries: list[str], packages: list[str], why: str) -> None:
+    """Debian *packages* for the tests that run *binaries*: installed when missing and we can
+    (as root, with apt-get); else the tests that need them fail and say how to install them."""
+    if all(shutil.which(b) or os.path.exists(f"/usr/sbin/{b}") for b in binaries):
         return
     if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
-        print("note: chromium/chromedriver not found; the browser test will say so", flush=True)
+        print(f"note: {'/'.join(binaries)} not found; {why} will say so", flush=True)
         return
-    print(
-        "installing Debian's chromium and chromium-driver: the gateway's browser test", flush=True
-    )
+    print(f"installing Debian's {' and '.join(packages)}: for {why}", flush=True)
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "chromium", "chromium-driver"]
-    if subprocess.run(cmd, env=env).returncode:
-        subprocess.run(["apt-get", "update", "-q"], env=env)
-        run(*cmd)
-
-
-def ensure_pgbouncer() -> None:
-    """The pooler test starts Debian's PgBouncer; install it when we can (as root)."""
-    if shutil.which("pgbouncer") or os.path.exists("/usr/sbin/pgbouncer"):
-        return
-    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
-        print("note: pgbouncer not found; the pooler test will say so", flush=True)
-        return
-    print("installing Debian's pgbouncer: the pooler tests start one", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "pgbouncer"]
-    if subprocess.run(cmd, env=env).returncode:
-        subprocess.run(["apt-get", "update", "-q"], env=env)
-        run(*cmd)
-
-
-def ensure_nftables() -> None:
-    """The dead-path tests drop packets with nftables; install it when we can (as root)."""
-    if shutil.which("nft") or os.path.exists("/usr/sbin/nft"):
-        return
-    if os.name != "posix" or os.geteuid() != 0 or not shutil.which("apt-get"):
-        print("note: nft not found; the dead-path tests will say so", flush=True)
-        return
-    print("installing Debian's nftables: the dead-path tests drop packets with it", flush=True)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    cmd = ["apt-get", "install", "-y", "-q", "nftables"]
+    cmd = ["apt-get", "install", "-y", "-q", *packages]
     if subprocess.run(cmd, env=env).returncode:
         subprocess.run(["apt-get", "update", "-q"], env=env)
         run(*cmd)
@@ -124,9 +93,11 @@ def main(argv: list[str]) -> None:
     if command == "demo":
         run(BIN / "pgherald", "demo", *args)
     elif command == "test":
-        ensure_browser()
-        ensure_pgbouncer()
-        ensure_nftables()
+        ensure_debian(
+            ["chromium", "chromedriver"], ["chromium", "chromium-driver"], "the browser test"
+        )
+        ensure_debian(["pgbouncer"], ["pgbouncer"], "the pooler tests")
+        ensure_debian(["nft"], ["nftables"], "the dead-path tests (they drop packets)")
         run(BIN / "ruff", "check", "src", "tests", "examples", "bench", "scripts")
         run(BIN / "mypy")
         # The public API as users type it: documented calls pass, misspelled options fail.
