@@ -49,7 +49,13 @@ from ..._protocol.payload import encode_payload
 from ..._protocol.pgwire import Request, one_line
 from ..._publish import _params as publish_params
 from ..._schema import MISSING
-from ...errors import ConnectionLost, HeraldError, SchemaMissing, UsageError
+from ...errors import (
+    ConnectionLost,
+    DatabaseConnectionError,
+    HeraldError,
+    SchemaMissing,
+    UsageError,
+)
 from .client import Client
 from .db import Db, Statement
 from .filters import Filter, decode
@@ -98,6 +104,12 @@ def is_pattern(channel: str) -> bool:
 
 MAX_EVENT_ID = 2**63 - 1
 """Event ids are PostgreSQL bigints: a larger resume id is no event id at all."""
+
+REPLAY_ATTEMPTS = 3
+"""Tries of each read of a client's replay, a new connection each, before the client is ended
+with `REPLAY_FAILED`."""
+REPLAY_FAILED = "the database is not available; resume later"
+"""Why a client whose replay could not read the log is ended (its events are still there)."""
 
 
 class UnknownEventId(HeraldError):
@@ -805,11 +817,15 @@ class Hub:
     async def replay(
         self, channels: list[str], after: Position, upto: Position, filter: Filter | None = None
     ) -> AsyncIterator[Frame]:
-        """Events of *channels* in ``(after, upto]``, from the log, in order (*filter* passes)."""
+        """
+        Events of *channels* in ``(after, upto]``, from the log, in order (*filter* passes).
+        Raises the last read's `HeraldError` when the log cannot be read (see `_replay_read`):
+        the caller ends the client with `REPLAY_FAILED`, for it to resume later.
+        """
         limit = self.batch_size
         while after < upto:
             query = logread.LogQuery(after=after, limit=limit, channels=channels, upto=upto)
-            read = await self.db.run(_reader(query))
+            read = await self._replay_read(query)
             rows = logread.frame_rows(read)
             for tx, event_id, channel, payload in rows:
                 if filter is None or filter(decode(payload)):
@@ -817,6 +833,30 @@ class Hub:
             if read.n < limit:
                 return
             after = rows[-1][:2]
+
+    async def _replay_read(self, query: logread.LogQuery) -> logread.LogRead:
+        """
+        One read of a replay. A connection that broke under it (a terminated session, a
+        restarted server, a severed link) is replaced and the read tried again (it changes
+        nothing, so that is safe), `REPLAY_ATTEMPTS` times in all.
+        """
+        for attempt in range(1, REPLAY_ATTEMPTS + 1):
+            try:
+                return await self.db.run(_reader(query))
+            except DatabaseConnectionError as exc:
+                if attempt == REPLAY_ATTEMPTS:
+                    raise
+                logger.info("a replay's read of the log failed (%s); trying again", one_line(exc))
+                await anyio.sleep(0.1 * attempt)  # a pause before the next connection
+        raise AssertionError("unreachable")
+
+    def replay_failed(self, client: Client, exc: HeraldError) -> None:
+        """A client's replay could not read the log: end it, with a reason, to resume later."""
+        logger.warning(
+            "a client's replay could not read the log (%s): it is told to resume later",
+            one_line(exc),
+        )
+        client.end(REPLAY_FAILED, 1013)  # WebSocket "try again later"
 
     async def _check_schema(self, db: Db) -> None:
         res = await db.named("schema_installed", {}, doing="check the schema")

@@ -157,11 +157,14 @@ class SseEndpoint:
                 announce = control("subscribed", {"channels": matched}).sse if matched else b""
                 await body(b": ready\n\n" + announce)
                 if after is not None:
-                    async for old in self.hub.replay(durable, after, upto, filter):
-                        if client.reason is not None:
-                            break
-                        await body(old.sse)
-                        client.sent(1)
+                    try:
+                        async for old in self.hub.replay(durable, after, upto, filter):
+                            if client.reason is not None:
+                                break
+                            await body(old.sse)
+                            client.sent(1)
+                    except HeraldError as exc:  # the log cannot be read: it resumes later
+                        self.hub.replay_failed(client, exc)
                 await client.pump(write, None if direct is None else write_now)
         except OSError:
             return  # the client went away

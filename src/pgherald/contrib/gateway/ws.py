@@ -217,11 +217,15 @@ class WsEndpoint:
             return 0
         await _send_text(ws, resume.ws)
         sent = 0
-        async for old in self.hub.replay(resume.durable, resume.after, resume.upto, resume.filter):
-            if client.reason is not None:
-                break
-            await _send_text(ws, old.ws)
-            sent += 1
+        try:
+            replay = self.hub.replay(resume.durable, resume.after, resume.upto, resume.filter)
+            async for old in replay:
+                if client.reason is not None:
+                    break
+                await _send_text(ws, old.ws)
+                sent += 1
+        except HeraldError as exc:  # the log cannot be read: the client resumes later
+            self.hub.replay_failed(client, exc)
         return sent
 
 
