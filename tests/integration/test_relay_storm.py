@@ -42,6 +42,9 @@ def publish_step(conn: psycopg.Connection[Any], rng: random.Random, n: int) -> l
     return batch
 
 
+# A soak (a longer storm, PGHERALD_CHAOS_SECONDS) needs longer than the suite's 120 s: the storm,
+# then the catch-up (see below).
+@pytest.mark.timeout(max(120.0, 30 + 4 * STORM))
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_the_webhook_relay_through_a_storm_of_faults(
     runtime: str,
