@@ -19,7 +19,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -738,13 +738,65 @@ $$;
 """
 
 
-def _replay_waiting(conn: psycopg.Connection[Any]) -> list[int]:
-    """The gateway-db sessions whose replay waits for lock 4242."""
+def _replay_waiting(conn: psycopg.Connection[Any], but: Iterable[int] = ()) -> list[int]:
+    """The gateway-db sessions whose replay waits for lock 4242 (but not those in *but*)."""
     rows = conn.execute(
         "SELECT pid FROM pg_stat_activity WHERE datname = current_database() "
         "AND application_name = 'pgherald-gateway-db' AND wait_event = 'advisory'"
     ).fetchall()
-    return [r[0] for r in rows]
+    return [r[0] for r in rows if r[0] not in but]
+
+
+class _Resumed:
+    """A client of `_resuming`: SSE or WebSocket, resumed after an event id."""
+
+    def __init__(self, kind: str, base: str, tok: str, stack: contextlib.ExitStack) -> None:
+        self.kind, self.base, self.tok, self.stack = kind, base, tok, stack
+        self.url = base.replace("http", "ws") + "/ws?token=" + tok
+
+    def resume(self, after: int) -> Any:
+        if self.kind == "sse":
+            s = self.stack.enter_context(
+                sse(self.base, "orders", tok=self.tok, headers={"Last-Event-ID": str(after)})
+            )
+            s.ready()
+            return s
+        w = self.stack.enter_context(ws_connect(self.url))
+        w.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": after}))
+        assert json.loads(w.recv(5)) == {"type": "subscribed", "channels": ["orders"]}
+        return w
+
+    @staticmethod
+    def ids(client: Any, n: int) -> list[int]:
+        """The ids of the next *n* events."""
+        if isinstance(client, Sse):
+            got = [client.next(within=10) for _ in range(n)]
+            return [int(e["id"]) for e in got if e]
+        return [json.loads(client.recv(10))["id"] for _ in range(n)]
+
+
+@contextlib.contextmanager
+def _resuming(kind: str, dsn: str, conn: psycopg.Connection[Any]) -> Iterator[_Resumed]:
+    """
+    A gateway with durable channel ``orders`` whose replays' reads wait at lock 4242, held
+    until the test lets it go (``pg_advisory_unlock(4242)``); afterwards, nothing may have
+    been logged at ERROR (uvicorn's "Exception in ASGI application").
+    """
+    pgherald.install(conn)
+    conn.execute(_REPLAY_BLOCKER)
+    blocked = dsn + " options='-c search_path=blocker,pg_catalog,public'"
+    app = create_app(blocked, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+    errors = _RecordErrors()
+    logging.getLogger("uvicorn.error").addHandler(errors)
+    conn.execute("SELECT pg_advisory_lock(4242)")
+    try:
+        with serve(app) as base, contextlib.ExitStack() as stack:
+            yield _Resumed(kind, base, token(["orders"]), stack)
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(errors)
+        with contextlib.suppress(psycopg.Error):
+            conn.execute("SELECT pg_advisory_unlock_all()")
+    assert not [r.getMessage() for r in errors.records]
 
 
 @pytest.mark.parametrize("kind", ["sse", "ws"])
@@ -756,47 +808,20 @@ def test_a_replay_whose_connection_breaks_reads_again_on_a_new_one(
     ended (a real fault, at that exact point): the read is tried again on a new connection and
     the client gets every event once, in order, then live ones; nothing is logged as an error.
     (It used to escape the endpoint: uvicorn logged "Exception in ASGI application" and cut
-    the stream.) Past `REPLAY_ATTEMPTS` failed reads, the client is ended, told to resume later.
+    the stream.)
     """
-    pgherald.install(conn)
-    conn.execute(_REPLAY_BLOCKER)
-    first = pgherald.publish(conn, "orders", {"n": 1})
-    missed = [pgherald.publish(conn, "orders", {"n": n}) for n in (2, 3)]
-    blocked = dsn + " options='-c search_path=blocker,pg_catalog,public'"
-    app = create_app(blocked, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
-    errors = _RecordErrors()
-    logging.getLogger("uvicorn.error").addHandler(errors)
-    tok = token(["orders"])
-    conn.execute("SELECT pg_advisory_lock(4242)")
-    try:
-        with serve(app) as base, contextlib.ExitStack() as stack:
-            if kind == "sse":
-                s = stack.enter_context(
-                    sse(base, "orders", tok=tok, headers={"Last-Event-ID": str(first)})
-                )
-                s.ready()
-            else:
-                w = stack.enter_context(ws_connect(base.replace("http", "ws") + "/ws?token=" + tok))
-                w.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": first}))
-                assert json.loads(w.recv(5)) == {"type": "subscribed", "channels": ["orders"]}
-            wait_until(lambda: _replay_waiting(conn), 10, "the replay's read to wait")
-            (pid,) = _replay_waiting(conn)
-            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-            # Read again, on a new session (which waits at the same place).
-            wait_until(lambda: [p for p in _replay_waiting(conn) if p != pid], 10, "a new read")
-            conn.execute("SELECT pg_advisory_unlock(4242)")
-            live = pgherald.publish(conn, "orders", {"n": 4})
-            if kind == "sse":
-                got = [s.next(within=10) for _ in range(3)]
-                assert [e["id"] for e in got if e] == [str(i) for i in [*missed, live]]
-            else:
-                got_ws = [json.loads(w.recv(10)) for _ in range(3)]
-                assert [e["id"] for e in got_ws] == [*missed, live]
-    finally:
-        logging.getLogger("uvicorn.error").removeHandler(errors)
-        with contextlib.suppress(psycopg.Error):
-            conn.execute("SELECT pg_advisory_unlock_all()")
-    assert not [r.getMessage() for r in errors.records]
+    with _resuming(kind, dsn, conn) as gateway:
+        first = pgherald.publish(conn, "orders", {"n": 1})
+        missed = [pgherald.publish(conn, "orders", {"n": n}) for n in (2, 3)]
+        client = gateway.resume(after=first)
+        wait_until(lambda: _replay_waiting(conn), 10, "the replay's read to wait")
+        (pid,) = _replay_waiting(conn)
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        # Read again, on a new session (which waits at the same place).
+        wait_until(lambda: _replay_waiting(conn, but=[pid]), 10, "a new read")
+        conn.execute("SELECT pg_advisory_unlock(4242)")
+        live = pgherald.publish(conn, "orders", {"n": 4})
+        assert gateway.ids(client, 3) == [*missed, live]
 
 
 @pytest.mark.parametrize("kind", ["sse", "ws"])
@@ -807,64 +832,27 @@ def test_a_replay_that_cannot_read_the_log_ends_the_client_to_resume_later(
     (SSE: an ``error`` event; WebSocket: close code 1013, try again later), and resumes."""
     from pgherald.contrib.gateway.fanout import REPLAY_ATTEMPTS, REPLAY_FAILED
 
-    pgherald.install(conn)
-    conn.execute(_REPLAY_BLOCKER)
-    first = pgherald.publish(conn, "orders", {"n": 1})
-    missed = pgherald.publish(conn, "orders", {"n": 2})
-    blocked = dsn + " options='-c search_path=blocker,pg_catalog,public'"
-    app = create_app(blocked, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
-    errors = _RecordErrors()
-    logging.getLogger("uvicorn.error").addHandler(errors)
-    tok = token(["orders"])
-    conn.execute("SELECT pg_advisory_lock(4242)")
-    try:
-        with serve(app) as base, contextlib.ExitStack() as stack:
-            url = base.replace("http", "ws") + "/ws?token=" + tok
-            if kind == "sse":
-                s = stack.enter_context(
-                    sse(base, "orders", tok=tok, headers={"Last-Event-ID": str(first)})
-                )
-                s.ready()
-            else:
-                w = stack.enter_context(ws_connect(url))
-                w.send(json.dumps({"type": "subscribe", "channels": ["orders"], "after": first}))
-                assert json.loads(w.recv(5)) == {"type": "subscribed", "channels": ["orders"]}
-            ended: list[int] = []
-            for _ in range(REPLAY_ATTEMPTS):
-                wait_until(
-                    lambda: [p for p in _replay_waiting(conn) if p not in ended], 10, "a read"
-                )
-                (pid,) = [p for p in _replay_waiting(conn) if p not in ended]
-                conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
-                ended.append(pid)
-            if kind == "sse":
-                assert s.next(within=10) == {"event": "error", "data": REPLAY_FAILED}
-                assert s.next(within=10) is None
-            else:
-                with pytest.raises(ConnectionClosed) as closed:
-                    w.recv(10)
-                assert closed.value.rcvd is not None
-                assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, REPLAY_FAILED)
-            conn.execute("SELECT pg_advisory_unlock(4242)")
-            # The events are still there: resuming again gets them.
-            if kind == "sse":
-                with sse(base, "orders", tok=tok, headers={"Last-Event-ID": str(first)}) as again:
-                    again.ready()
-                    event = again.next(within=10)
-                    assert event is not None
-                    assert event["id"] == str(missed)
-            else:
-                with ws_connect(url) as again_ws:
-                    again_ws.send(
-                        json.dumps({"type": "subscribe", "channels": ["orders"], "after": first})
-                    )
-                    assert json.loads(again_ws.recv(5))["type"] == "subscribed"
-                    assert json.loads(again_ws.recv(10))["id"] == missed
-    finally:
-        logging.getLogger("uvicorn.error").removeHandler(errors)
-        with contextlib.suppress(psycopg.Error):
-            conn.execute("SELECT pg_advisory_unlock_all()")
-    assert not [r.getMessage() for r in errors.records]
+    with _resuming(kind, dsn, conn) as gateway:
+        first = pgherald.publish(conn, "orders", {"n": 1})
+        missed = pgherald.publish(conn, "orders", {"n": 2})
+        client = gateway.resume(after=first)
+        ended: list[int] = []
+        for _ in range(REPLAY_ATTEMPTS):
+            wait_until(lambda: _replay_waiting(conn, but=ended), 10, "a read")
+            (pid,) = _replay_waiting(conn, but=ended)
+            conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            ended.append(pid)
+        if kind == "sse":
+            assert client.next(within=10) == {"event": "error", "data": REPLAY_FAILED}
+            assert client.next(within=10) is None
+        else:
+            with pytest.raises(ConnectionClosed) as closed:
+                client.recv(10)
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (1013, REPLAY_FAILED)
+        conn.execute("SELECT pg_advisory_unlock(4242)")
+        # The events are still there: resuming again gets them.
+        assert gateway.ids(gateway.resume(after=first), 1) == [missed]
 
 
 def test_heartbeats_do_not_pile_up_for_a_client_that_does_not_read(
