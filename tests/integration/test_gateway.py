@@ -747,12 +747,23 @@ def _replay_waiting(conn: psycopg.Connection[Any], but: Iterable[int] = ()) -> l
     return [r[0] for r in rows if r[0] not in but]
 
 
+def _gateway_sessions(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
+    """For a failure's message: the gateway's sessions, what they wait for and run."""
+    return conn.execute(
+        "SELECT pid, application_name, state, wait_event, left(query, 60) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name LIKE 'pgherald-gateway%'"
+    ).fetchall()
+
+
 class _Resumed:
     """A client of `_resuming`: SSE or WebSocket, resumed after an event id."""
 
-    def __init__(self, kind: str, base: str, tok: str, stack: contextlib.ExitStack) -> None:
+    def __init__(
+        self, kind: str, base: str, tok: str, stack: contextlib.ExitStack, published: list[int]
+    ) -> None:
         self.kind, self.base, self.tok, self.stack = kind, base, tok, stack
         self.url = base.replace("http", "ws") + "/ws?token=" + tok
+        self.published = published
 
     def resume(self, after: int) -> Any:
         if self.kind == "sse":
@@ -776,14 +787,20 @@ class _Resumed:
 
 
 @contextlib.contextmanager
-def _resuming(kind: str, dsn: str, conn: psycopg.Connection[Any]) -> Iterator[_Resumed]:
+def _resuming(
+    kind: str, dsn: str, conn: psycopg.Connection[Any], events: int
+) -> Iterator[_Resumed]:
     """
     A gateway with durable channel ``orders`` whose replays' reads wait at lock 4242, held
     until the test lets it go (``pg_advisory_unlock(4242)``); afterwards, nothing may have
-    been logged at ERROR (uvicorn's "Exception in ASGI application").
+    been logged at ERROR (uvicorn's "Exception in ASGI application"). *events* are published
+    before it starts (`_Resumed.published`): its log tail starts after them, so a client that
+    resumes after the first gets the others from a replay. (Published once it runs, the tail
+    could hand them out live first, leaving the replay nothing to read.)
     """
     pgherald.install(conn)
     conn.execute(_REPLAY_BLOCKER)
+    published = [pgherald.publish(conn, "orders", {"n": n}) for n in range(events)]
     blocked = dsn + " options='-c search_path=blocker,pg_catalog,public'"
     app = create_app(blocked, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
     errors = _RecordErrors()
@@ -791,7 +808,7 @@ def _resuming(kind: str, dsn: str, conn: psycopg.Connection[Any]) -> Iterator[_R
     conn.execute("SELECT pg_advisory_lock(4242)")
     try:
         with serve(app) as base, contextlib.ExitStack() as stack:
-            yield _Resumed(kind, base, token(["orders"]), stack)
+            yield _Resumed(kind, base, token(["orders"]), stack, published)
     finally:
         logging.getLogger("uvicorn.error").removeHandler(errors)
         with contextlib.suppress(psycopg.Error):
@@ -810,9 +827,8 @@ def test_a_replay_whose_connection_breaks_reads_again_on_a_new_one(
     (It used to escape the endpoint: uvicorn logged "Exception in ASGI application" and cut
     the stream.)
     """
-    with _resuming(kind, dsn, conn) as gateway:
-        first = pgherald.publish(conn, "orders", {"n": 1})
-        missed = [pgherald.publish(conn, "orders", {"n": n}) for n in (2, 3)]
+    with _resuming(kind, dsn, conn, events=3) as gateway:
+        first, *missed = gateway.published
         client = gateway.resume(after=first)
         wait_until(lambda: _replay_waiting(conn), 10, "the replay's read to wait")
         (pid,) = _replay_waiting(conn)
@@ -832,13 +848,16 @@ def test_a_replay_that_cannot_read_the_log_ends_the_client_to_resume_later(
     (SSE: an ``error`` event; WebSocket: close code 1013, try again later), and resumes."""
     from pgherald.contrib.gateway.fanout import REPLAY_ATTEMPTS, REPLAY_FAILED
 
-    with _resuming(kind, dsn, conn) as gateway:
-        first = pgherald.publish(conn, "orders", {"n": 1})
-        missed = pgherald.publish(conn, "orders", {"n": 2})
+    with _resuming(kind, dsn, conn, events=2) as gateway:
+        first, missed = gateway.published
         client = gateway.resume(after=first)
         ended: list[int] = []
         for _ in range(REPLAY_ATTEMPTS):
-            wait_until(lambda: _replay_waiting(conn, but=ended), 10, "a read")
+            deadline = time.monotonic() + 10
+            while not _replay_waiting(conn, but=ended):
+                if time.monotonic() > deadline:
+                    pytest.fail(f"read {len(ended) + 1} never waited: {_gateway_sessions(conn)}")
+                time.sleep(0.02)  # polling, bounded by the deadline
             (pid,) = _replay_waiting(conn, but=ended)
             conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
             ended.append(pid)
