@@ -30,6 +30,7 @@ import httpx
 import jwt
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 from starlette.applications import Starlette
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect as ws_connect
@@ -42,6 +43,7 @@ from pgherald.contrib.gateway.server import GatewayServer
 from tests.fix_cli import cli_env, pgherald_cmd
 from tests.fix_durable import wait_until
 from tests.fix_faults import LogWatch, free_port, watching
+from tests.fix_server import OwnServer, own_server
 
 SECRET = "test-secret-not-for-production-0123456789"
 
@@ -755,6 +757,28 @@ def _gateway_sessions(conn: psycopg.Connection[Any]) -> list[tuple[Any, ...]]:
     ).fetchall()
 
 
+@pytest.fixture(scope="module")
+def quiet_server() -> Iterator[OwnServer]:
+    """
+    A private server for the replay tests. The gateway's log tail starts at the cluster's
+    oldest running transaction: another test's long one, in any database, would keep it
+    before the test's events, so that a resume has nothing to replay (failed so in the suite).
+    """
+    with own_server() as s:
+        yield s
+
+
+@pytest.fixture
+def quiet_db(quiet_server: OwnServer) -> Iterator[tuple[str, psycopg.Connection[Any]]]:
+    """A new database on `quiet_server`: its DSN and an autocommit connection to it."""
+    name = f"replay_{os.urandom(4).hex()}"
+    with psycopg.connect(quiet_server.dsn, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    dsn = make_conninfo(quiet_server.dsn, dbname=name)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        yield dsn, conn
+
+
 class _Resumed:
     """A client of `_resuming`: SSE or WebSocket, resumed after an event id."""
 
@@ -818,7 +842,7 @@ def _resuming(
 
 @pytest.mark.parametrize("kind", ["sse", "ws"])
 def test_a_replay_whose_connection_breaks_reads_again_on_a_new_one(
-    kind: str, dsn: str, conn: psycopg.Connection[Any]
+    kind: str, quiet_db: tuple[str, psycopg.Connection[Any]]
 ) -> None:
     """
     A client resumes; the replay's read of the log is on its way when the gateway's session is
@@ -827,6 +851,7 @@ def test_a_replay_whose_connection_breaks_reads_again_on_a_new_one(
     (It used to escape the endpoint: uvicorn logged "Exception in ASGI application" and cut
     the stream.)
     """
+    dsn, conn = quiet_db
     with _resuming(kind, dsn, conn, events=3) as gateway:
         first, *missed = gateway.published
         client = gateway.resume(after=first)
@@ -842,12 +867,13 @@ def test_a_replay_whose_connection_breaks_reads_again_on_a_new_one(
 
 @pytest.mark.parametrize("kind", ["sse", "ws"])
 def test_a_replay_that_cannot_read_the_log_ends_the_client_to_resume_later(
-    kind: str, dsn: str, conn: psycopg.Connection[Any]
+    kind: str, quiet_db: tuple[str, psycopg.Connection[Any]]
 ) -> None:
     """Each of the replay's `REPLAY_ATTEMPTS` reads fails: the client is ended with a reason
     (SSE: an ``error`` event; WebSocket: close code 1013, try again later), and resumes."""
     from pgherald.contrib.gateway.fanout import REPLAY_ATTEMPTS, REPLAY_FAILED
 
+    dsn, conn = quiet_db
     with _resuming(kind, dsn, conn, events=2) as gateway:
         first, missed = gateway.published
         client = gateway.resume(after=first)
