@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import ConsumerRun, publish_each, uncovered
+from tests.fix_durable import ConsumerRun, _OnAThread, publish_each, uncovered
 from tests.fix_faults import FaultProxy, OneWayProxy, SilentServer, black_hole, wait_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
@@ -546,7 +546,6 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
                     failed.append((time.monotonic() - started, exc))
                     raise
 
-        target: Callable[[], None] = c.run
     else:
         c = pgherald.AsyncConsumer(dsn, **options)
 
@@ -564,20 +563,8 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
                     failed.append((time.monotonic() - started, exc))
                     raise
 
-        def target() -> None:
-            anyio.run(c.run, backend="asyncio")
-
     (event_id,) = publish(installed, [1])
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            target()
-        except BaseException as exc:  # reported below: run() must not end
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
+    running = _OnAThread(runtime, c)
     try:
         assert inside.wait(10), "the handler never ran"
         with black_hole(fault_proxy.port):
@@ -592,18 +579,17 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
             return conn.execute("SELECT id FROM effects").fetchall()
 
         wait_until(committed, 30, "the event to come again and its effect to commit")
-        assert not errors, f"run() ended: {errors[0]!r}"
+        assert running.alive()
         assert calls == [event_id, event_id]
         assert committed() == [(event_id,)]
+        running.stop(within=5.0)
+        assert running.error is None, repr(running.error)
     finally:
-        c.stop()
-        thread.join(10)
+        running.end()
         if runtime == "sync":
             c.close()
         else:
             anyio.run(c.aclose, backend="asyncio")
-    assert not thread.is_alive()
-    assert not errors, f"run() ended: {errors[0]!r}"
 
 
 # -- a server that restarts under a stream of 20,000 events --
