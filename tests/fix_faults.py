@@ -317,11 +317,8 @@ class OneWayProxy(FaultProxy):
 @pytest.fixture
 def fault_proxy(dsn: str) -> Iterator[FaultProxy]:
     """A `FaultProxy` to this test's server; ``fault_proxy.dsn_for(dsn)`` goes through it."""
-    p = FaultProxy(_target_of(dsn))
-    try:
+    with FaultProxy(_target_of(dsn)) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

@@ -15,9 +15,12 @@ import selectors
 import socket
 import threading
 from collections.abc import Iterator
+from typing import TypeVar
 
 import pytest
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+_P = TypeVar("_P", bound="FreezingProxy")
 
 
 class FreezingProxy:
@@ -114,6 +117,12 @@ class FreezingProxy:
                 )
             self._close_pair(s)
 
+    def __enter__(self: _P) -> _P:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(5)
@@ -143,8 +152,5 @@ def _target_of(dsn: str) -> str | tuple[str, int]:
 @pytest.fixture
 def proxy(dsn: str) -> Iterator[FreezingProxy]:
     """A `FreezingProxy` to this test's server; ``proxy.dsn_for(dsn)`` goes through it."""
-    p = FreezingProxy(_target_of(dsn))
-    try:
+    with FreezingProxy(_target_of(dsn)) as p:
         yield p
-    finally:
-        p.close()

@@ -150,11 +150,8 @@ def replica_server() -> Iterator[OwnServer]:
 @pytest.fixture
 def log_proxy(logical_server: OwnServer) -> Iterator[OneWayProxy]:
     """A proxy to the private logical server that can break a link one way (into_log's log)."""
-    p = OneWayProxy(_target_of(logical_server.dsn))
-    try:
+    with OneWayProxy(_target_of(logical_server.dsn)) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture

@@ -765,11 +765,8 @@ FAST: dict[str, Any] = {
 
 @pytest.fixture
 def cdc_proxy(pg: OwnServer) -> Iterator[FaultProxy]:
-    p = FaultProxy(_target_of(pg.dsn))
-    try:
+    with FaultProxy(_target_of(pg.dsn)) as p:
         yield p
-    finally:
-        p.close()
 
 
 @pytest.fixture
