@@ -129,6 +129,19 @@ def check_backfill_then(dsn: str, changes: list[tuple[str, str, str]]) -> None:
     assert replayed == {"public.a": table_rows(dsn, "a"), "public.b": table_rows(dsn, "b")}
 
 
+# Changes a test makes while the backfill is under way, and the changes they stream.
+DURING_BACKFILL = (
+    "INSERT INTO a VALUES (100001, 'new')",
+    "UPDATE a SET v = 'changed' WHERE id = 1",
+    "DELETE FROM a WHERE id = 2",
+)
+DURING_BACKFILL_CHANGES = [
+    ("INSERT", "public.a", "100001"),
+    ("UPDATE", "public.a", "1"),
+    ("DELETE", "public.a", "2"),
+]
+
+
 def two_tables(dsn: str, slot: str) -> None:
     """The log, and ``a`` and ``b`` of ROWS rows each in a publication (the stream makes the slot)."""
     with psycopg.connect(dsn, autocommit=True) as c:
@@ -174,13 +187,7 @@ async def _backfill_log_fault(
         assert log_in_transaction(dsn)
         assert inserted(dsn) >= ROWS
         assert reads(dsn) == 0
-        # Changes during the backfill (after the slot's snapshot): streamed after it.
-        sql(
-            dsn,
-            "INSERT INTO a VALUES (100001, 'new')",
-            "UPDATE a SET v = 'changed' WHERE id = 1",
-            "DELETE FROM a WHERE id = 2",
-        )
+        sql(dsn, *DURING_BACKFILL)  # after the slot's snapshot: streamed after it
         accepted = proxy.accepted
         if fault == "sever":
             proxy.sever()
@@ -208,9 +215,7 @@ async def _backfill_log_fault(
     check_backfill_then(
         dsn,
         [
-            ("INSERT", "public.a", "100001"),
-            ("UPDATE", "public.a", "1"),
-            ("DELETE", "public.a", "2"),
+            *DURING_BACKFILL_CHANGES,
             ("UPDATE", "public.b", "3"),
             ("INSERT", "public.a", "100002"),
         ],
@@ -262,13 +267,7 @@ async def _backfill_commit_answer_lost(
         # The whole backfill is in the log's open transaction; nothing is committed.
         assert inserted(dsn) == 2 * ROWS
         assert reads(dsn) == 0
-        # Changes during the backfill (after the slot's snapshot): streamed after it.
-        sql(
-            dsn,
-            "INSERT INTO a VALUES (100001, 'new')",
-            "UPDATE a SET v = 'changed' WHERE id = 1",
-            "DELETE FROM a WHERE id = 2",
-        )
+        sql(dsn, *DURING_BACKFILL)  # after the slot's snapshot: streamed after it
         assert proxy.freeze_requests() == 1  # the log's connection only
         open_gate()
         await await_until(lambda: b"COMMIT\x00" in proxy.held() or errors, 5, "COMMIT in flight")
@@ -297,9 +296,7 @@ async def _backfill_commit_answer_lost(
     check_backfill_then(
         dsn,
         [
-            ("INSERT", "public.a", "100001"),
-            ("UPDATE", "public.a", "1"),
-            ("DELETE", "public.a", "2"),
+            *DURING_BACKFILL_CHANGES,
             ("INSERT", "public.a", "100002"),
         ],
     )
