@@ -32,6 +32,7 @@ from ._protocol.consumer import (
     BATCH,
     DEFAULT_MAX_BATCH_SIZE,
     NEEDS_TX,
+    TIMED_OUT,
     TX,
     ConsumerConfig,
     ConsumerEngine,
@@ -88,6 +89,7 @@ class _ConsumerBase:
         reconnect_max_delay: float = 10.0,
         reconnect_max_attempts: int | None = None,
         stop_timeout: float | None = 30.0,
+        transaction_timeout: float | None = None,
         on_reconnect: Callable[[Gap], Any] | None = None,
         application_name: str = "pgherald-consumer",
         json_loads: Callable[[str], Any] = json.loads,
@@ -132,6 +134,7 @@ class _ConsumerBase:
             _checks.seconds(name, value)
         _checks.seconds("maintain_interval", maintain_interval, none=True)
         _checks.seconds("stop_timeout", stop_timeout, zero=True, none=True)
+        _checks.seconds("transaction_timeout", transaction_timeout, none=True)
         for name, value in (
             ("linger", linger),
             ("retry_delay", retry_delay),
@@ -192,6 +195,7 @@ class _ConsumerBase:
             reconnect_max_delay=reconnect_max_delay,
             reconnect_max_attempts=reconnect_max_attempts,
             stop_timeout=stop_timeout,
+            transaction_timeout=transaction_timeout,
             loads=json_loads,
         )
         if model is not None:
@@ -519,17 +523,22 @@ class Consumer(_ConsumerBase):
         return None
 
     def _transaction(self, handler: Callable[..., Any], event: Any, conn: Any) -> Any:
-        """A transactional handler, given up (`ABANDONED`) if it outlasts stop()'s grace."""
-        guard = ShutOnStop(conn.pgconn.socket, self._config.stop_timeout)
+        """A transactional handler, given up if it outlasts stop()'s grace (`ABANDONED`) or
+        transaction_timeout (`TIMED_OUT`)."""
+        cfg = self._config
+        guard = ShutOnStop(conn.pgconn.socket, cfg.stop_timeout, cfg.transaction_timeout)
         self._tx_guard = guard
         try:
             if self._engine.stopping:
                 guard.arm()
+            error: Exception | None = None
             try:
                 handler(event, conn)
             except Exception as exc:
-                return ABANDONED if guard.fired else exc
-            return ABANDONED if guard.fired else None
+                error = exc
+            if guard.fired:
+                return TIMED_OUT if guard.timed_out else ABANDONED
+            return error
         finally:
             self._tx_guard = None
             guard.disarm()
@@ -715,10 +724,14 @@ class AsyncConsumer(_ConsumerBase):
         return None
 
     async def _transaction(self, handler: Callable[..., Any], event: Any, conn: Any) -> Any:
-        """A transactional handler, given up (`ABANDONED`) if it outlasts stop()'s grace."""
+        """A transactional handler, given up if it outlasts stop()'s grace (`ABANDONED`) or
+        transaction_timeout (`TIMED_OUT`)."""
         error: Exception | None = None
+        cfg = self._config
         with anyio.CancelScope() as scope:
-            guard = CancelOnStop(scope, self._config.stop_timeout, self._waiter.caller)
+            guard = CancelOnStop(
+                scope, cfg.stop_timeout, self._waiter.caller, cfg.transaction_timeout
+            )
             self._tx_guard = guard
             try:
                 if self._engine.stopping:
@@ -729,7 +742,9 @@ class AsyncConsumer(_ConsumerBase):
             finally:
                 self._tx_guard = None
                 guard.done = True
-        return ABANDONED if scope.cancel_called else error
+        if scope.cancel_called:
+            return ABANDONED if guard.stopped else TIMED_OUT
+        return error
 
     async def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
         """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""

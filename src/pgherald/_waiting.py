@@ -57,23 +57,31 @@ class _Lookup:
 
 class ShutOnStop:
     """
-    Shuts socket *fd* *timeout* seconds after `arm` (None: never), unless `disarm` came
-    first: how `stop()` ends a transactional handler that a frozen connection holds in
+    Shuts socket *fd* *timeout* seconds after `arm` (None: never), or *limit* seconds after it
+    is made (None: never), unless `disarm` came first: how `stop()` (and a consumer's
+    ``transaction_timeout``) ends a transactional handler that a frozen connection holds in
     psycopg's wait on the consumer's thread (nothing else wakes that thread). Its statement
     fails as if the connection dropped. `arm` is safe from any thread and a signal handler.
     """
 
-    def __init__(self, fd: int, timeout: float | None) -> None:
+    def __init__(self, fd: int, timeout: float | None, limit: float | None = None) -> None:
         # A duplicate, taken now: it keeps the connection's socket itself, so the shutdown
         # reaches it even after libpq closed its own number and another socket got it.
         self._sock: socket.socket | None = (
-            None if timeout is None else socket.socket(fileno=os.dup(fd))
+            None if timeout is None and limit is None else socket.socket(fileno=os.dup(fd))
         )
         self._timeout = timeout
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()  # the shutdown and `disarm`: one or the other
         self._done = False
         self.fired = False
+        self.timed_out = False
+        """Fired by *limit*, not by `arm`."""
+        self._limit: threading.Timer | None = None
+        if limit is not None:
+            self._limit = threading.Timer(limit, self._fire, (True,))
+            self._limit.daemon = True
+            self._limit.start()
 
     def arm(self) -> None:
         if self._timeout is None or self._timer is not None or self._done:
@@ -82,11 +90,11 @@ class ShutOnStop:
         self._timer.daemon = True
         self._timer.start()
 
-    def _fire(self) -> None:
+    def _fire(self, limit: bool = False) -> None:
         with self._lock:
-            if self._done or self._sock is None:
+            if self._done or self._sock is None or self.fired:
                 return
-            self.fired = True
+            self.fired, self.timed_out = True, limit
             with contextlib.suppress(OSError):  # shutdown() ends the socket, for libpq too
                 self._sock.shutdown(socket.SHUT_RDWR)
 
@@ -94,8 +102,9 @@ class ShutOnStop:
         with self._lock:
             self._done = True
             sock, self._sock = self._sock, None
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._limit):
+            if timer is not None:
+                timer.cancel()
         if sock is not None:
             sock.close()
 

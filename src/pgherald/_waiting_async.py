@@ -169,12 +169,20 @@ def _trio_lookup(host: str, port: str) -> _TrioLookup:
 
 class CancelOnStop:
     """
-    Gives *scope* a deadline *timeout* seconds after `arm` (None: never): how `stop()` ends a
-    transactional handler that still runs then (a frozen connection holds it, say). `arm` is
-    safe from any thread: it runs on the event loop through *caller*.
+    Gives *scope* a deadline *timeout* seconds after `arm` (None: never), or *limit* seconds
+    after it is made (None: never; made on the event loop): how `stop()` (and a consumer's
+    ``transaction_timeout``) ends a transactional handler that still runs then (a frozen
+    connection holds it, say). `arm` is safe from any thread: it runs on the event loop
+    through *caller*.
     """
 
-    def __init__(self, scope: anyio.CancelScope, timeout: float | None, caller: LoopCaller):
+    def __init__(
+        self,
+        scope: anyio.CancelScope,
+        timeout: float | None,
+        caller: LoopCaller,
+        limit: float | None = None,
+    ) -> None:
         self._scope = scope
         self._timeout = timeout
         self._caller = caller
@@ -182,14 +190,21 @@ class CancelOnStop:
         # where anyio cannot tell which loop it is on.
         self._offset = anyio.current_time() - time.monotonic()
         self.done = False
+        self.stopped = False
+        """The deadline is stop()'s (else, once the scope is cancelled, it was *limit*)."""
+        if limit is not None:
+            scope.deadline = anyio.current_time() + limit
 
     def arm(self) -> None:
         if self._timeout is not None:
             self._caller.call(self._arm_here)
 
     def _arm_here(self) -> None:
-        if not self.done and self._timeout is not None and self._scope.deadline == float("inf"):
-            self._scope.deadline = time.monotonic() + self._offset + self._timeout
+        if self.done or self._timeout is None or self._scope.cancel_called:
+            return
+        at = time.monotonic() + self._offset + self._timeout
+        if at < self._scope.deadline:
+            self._scope.deadline, self.stopped = at, True
 
 
 class AsyncWaiter:

@@ -592,6 +592,206 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
             anyio.run(c.aclose, backend="asyncio")
 
 
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_a_transactional_handler_frozen_past_its_transaction_timeout_is_given_up_and_comes_again(
+    runtime: str, installed: str, conn: psycopg.Connection, fault_proxy: FaultProxy
+) -> None:
+    """
+    The handler's statement waits on a frozen connection (a server process that hangs while
+    its kernel still acknowledges: no TCP timeout fires), and nobody calls stop().
+    ``transaction_timeout`` gives it up: its connection is shut (sync) or it is cancelled
+    (async), the attempt counts as failed, run() goes on, and the event comes again on a new
+    connection, its effect committed once.
+    """
+    conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+    inside, frozen = threading.Event(), threading.Event()
+    calls: list[float] = []
+    options: dict[str, Any] = {
+        "group": "g",
+        "channels": ["ch"],
+        "transaction_timeout": 1.0,
+        "health_check_timeout": 30,
+        **FAST,
+    }
+    dsn = fault_proxy.dsn_for(installed)
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            calls.append(time.monotonic())
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if len(calls) == 1:
+                inside.set()
+                frozen.wait(10)
+                tx.execute("SELECT 1")  # into the frozen connection: no answer, ever
+
+    else:
+        c = pgherald.AsyncConsumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            calls.append(time.monotonic())
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if len(calls) == 1:
+                inside.set()
+                await anyio.to_thread.run_sync(frozen.wait, 10)  # the test's thread, not ours
+                await tx.execute("SELECT 1")
+
+    (event_id,) = publish(installed, [1])
+    running = _OnAThread(runtime, c)
+    try:
+        assert inside.wait(10), "the handler never ran"
+        fault_proxy.freeze()
+        frozen.set()
+        wait_until(lambda: c.stats.handler_errors, 10, "the handler to be given up")
+        took = time.monotonic() - calls[0]
+        assert took < 4, f"given up {took:.1f}s after the handler began (transaction_timeout 1)"
+        # The frozen server process comes back and finds its client gone: its transaction
+        # (and the row lock of its insert) goes.
+        fault_proxy.sever()
+
+        def committed() -> list[tuple[Any, ...]]:
+            return conn.execute("SELECT id FROM effects").fetchall()
+
+        wait_until(committed, 20, "the event to come again and its effect to commit")
+        assert running.alive()
+        assert len(calls) == 2, calls
+        assert committed() == [(event_id,)]
+        assert c.stats.handler_errors == 1
+        assert pgherald.dead_letters(conn, "g") == []
+        running.stop(within=5.0)
+        assert running.error is None, repr(running.error)
+    finally:
+        running.end()
+        if runtime == "sync":
+            c.close()
+        else:
+            anyio.run(c.aclose, backend="asyncio")
+
+
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dead_lettered(
+    runtime: str, installed: str, conn: psycopg.Connection
+) -> None:
+    """
+    An event whose handler outlasts ``transaction_timeout`` every time is dead-lettered after
+    ``max_attempts``, and the group moves on to the next event. Each given-up statement ends on
+    the server within about a second (the consumer's sessions set
+    ``client_connection_check_interval``), not when its pg_sleep(60) would have.
+    """
+    conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+    calls: list[int] = []
+    options: dict[str, Any] = {
+        "group": "g",
+        "channels": ["ch"],
+        "transaction_timeout": 0.5,
+        "max_attempts": 2,
+        **FAST,
+    }
+    slow, fine = publish(installed, [1, 2])
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            calls.append(e.id)
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if e.id == slow:
+                tx.execute("SELECT pg_sleep(60)")
+
+    else:
+        c = pgherald.AsyncConsumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            calls.append(e.id)
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if e.id == slow:
+                await tx.execute("SELECT pg_sleep(60)")
+
+    def sleeping() -> int:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' "
+            "AND state = 'active'"
+        ).fetchone()
+        return row[0] if row else 0
+
+    running = _OnAThread(runtime, c)
+    try:
+
+        def committed() -> list[tuple[Any, ...]]:
+            return conn.execute("SELECT id FROM effects ORDER BY id").fetchall()
+
+        wait_until(lambda: committed() == [(fine,)], 20, "the next event's effect")
+        assert running.alive()
+        assert calls == [slow, slow, fine]
+        (dead,) = pgherald.dead_letters(conn, "g")
+        assert (dead.event_id, dead.attempts) == (slow, 2)
+        assert "transaction_timeout" in dead.error, dead.error
+        assert c.stats.handler_errors == 2
+        wait_until(lambda: sleeping() == 0, 3, "the given-up statements to end on the server")
+        running.stop(within=5.0)
+        assert running.error is None, repr(running.error)
+    finally:
+        running.end()
+        if runtime == "sync":
+            c.close()
+        else:
+            anyio.run(c.aclose, backend="asyncio")
+
+
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_a_transactional_handler_given_up_after_stop_ends_on_the_server_too(
+    runtime: str, installed: str, conn: psycopg.Connection
+) -> None:
+    """
+    stop() gives up a transactional handler in a long statement after ``stop_timeout``, and
+    run() returns without a reconnection (which would end the old session). The statement's
+    session ends on the server within about a second too, its transaction and locks with it
+    (the consumer's sessions set ``client_connection_check_interval``), not after pg_sleep(60).
+    """
+    conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
+    options: dict[str, Any] = {"group": "g", "channels": ["ch"], "stop_timeout": 0.3, **FAST}
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            tx.execute("SELECT pg_sleep(60)")
+
+    else:
+        c = pgherald.AsyncConsumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            await tx.execute("SELECT pg_sleep(60)")
+
+    def sleeping() -> int:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+        ).fetchone()
+        return row[0] if row else 0
+
+    (event_id,) = publish(installed, [1])
+    running = _OnAThread(runtime, c)
+    try:
+        wait_until(sleeping, 10, "the handler's statement")
+        running.stop(within=3.0)
+        wait_until(lambda: sleeping() == 0, 4, "the given-up statement to end on the server")
+        # The lock on the row its handler inserted went with it: the row can be written now.
+        conn.execute("SET lock_timeout = '1s'")
+        conn.execute("INSERT INTO effects VALUES (%s)", (event_id,))
+    finally:
+        running.end()
+        if runtime == "sync":
+            c.close()
+        else:
+            anyio.run(c.aclose, backend="asyncio")
+
+
 # -- a server that restarts under a stream of 20,000 events --
 
 

@@ -91,6 +91,10 @@ ABANDONED = object()
 seconds after `stop()` (its connection was shut, or the handler cancelled). The engine then
 drops the connection: the transaction rolls back and the event comes again."""
 
+TIMED_OUT = object()
+"""The answer to TX when the handler's transaction outlasted ``transaction_timeout`` (its
+connection was shut, or the handler cancelled): as `ABANDONED`, and a failed attempt."""
+
 Start = str | int | datetime
 Entry = tuple[Callable[..., Any], bool, bool]  # handler, is_async, transactional
 
@@ -138,6 +142,10 @@ class ConsumerConfig:
     reconnect_initial_delay: float = 0.1
     reconnect_max_delay: float = 10.0
     reconnect_max_attempts: int | None = None
+    transaction_timeout: float | None = None
+    """Seconds a transactional handler's transaction may last; past them it is given up as
+    after `stop_timeout`, and counts as a failed attempt (`max_attempts` of them: a dead letter).
+    None: no limit."""
     stop_timeout: float | None = 30.0
     """Seconds a transactional handler may still run after `stop()`; past them its connection
     is shut (its statement fails, the transaction rolls back, the event comes again). None:
@@ -273,6 +281,7 @@ class ConsumerEngine:
         self._previous: tuple[int, str] | None = None  # the same, of a connection given up
         self._undecodable: dict[int, str] = {}  # event id -> error, for the batch in hand
         self._redelivering = False  # the batch in hand is dead letters redelivered
+        self._timeouts: dict[int, int] = {}  # event id: transaction_timeout's given up on it
         self._next_redelivery = 0.0
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
@@ -356,7 +365,11 @@ class ConsumerEngine:
                     "pgherald's schema is not installed in this database: run `pgherald install` "
                     "(or pgherald.install(conn)) once, as a role that may create a schema"
                 )
-            yield from self._run(pgwire.execute(pgconn, _session_settings(cfg), self._deadline()))
+            yield from self._run(
+                pgwire.execute(
+                    pgconn, _session_settings(cfg, pgconn.server_version), self._deadline()
+                )
+            )
             listen = listen_query(WAKE_CHANNEL) + b";" + listen_query(self._ping)
             yield from self._run(pgwire.execute(pgconn, listen, self._deadline()))
             yield from self._end_previous_session()
@@ -1558,14 +1571,25 @@ class ConsumerEngine:
             if (first, handler) != at:  # another handler, or event, fails: count afresh
                 attempts, failed_at, at = 0, time.time(), (first, handler)
             entry = self._entries(event.channel)[failed][0]
+            counted = False
             if error is NEEDS_TX:
-                error = yield from self._transaction(event, entry)
-                if error is None:
-                    handler += 1
-                    attempts, at = 0, (-1, -1)
-                    continue
+                timeouts = self._timeouts.get(event.id, 0)  # on connections given up
+                if timeouts < cfg.max_attempts:
+                    error = yield from self._transaction(event, entry)
+                    if error is None:
+                        self._timeouts.pop(event.id, None)
+                        handler += 1
+                        attempts, at = 0, (-1, -1)
+                        continue
+                else:  # each attempt was counted when given up: dead-lettered below
+                    attempts, counted = timeouts - 1, True
+                    error = TimeoutError(
+                        f"its transaction outlasted transaction_timeout "
+                        f"({cfg.transaction_timeout:g}s)"
+                    )
             attempts += 1
-            self.stats.handler_errors += 1
+            if not counted:
+                self.stats.handler_errors += 1
             # A payload that does not validate as the handler's model fails every time.
             retry = not isinstance(error, PayloadInvalid)
             if retry and attempts < cfg.max_attempts and not self.stopping:
@@ -1597,6 +1621,7 @@ class ConsumerEngine:
             name = getattr(entry, "__qualname__", None) or repr(entry)
             text = f"handler {name} failed {attempts} times: {_error_text(error)}"
             yield from self._dead_letter(event, text, attempts, failed_at)
+            self._timeouts.pop(event.id, None)
             handler += 1
             attempts, at = 0, (-1, -1)
         if redelivery:
@@ -1702,6 +1727,23 @@ class ConsumerEngine:
             )
             self._broken = True  # the connection's state is unknown: it goes
             raise _Lost("transactional handler abandoned after stop()")
+        if error is TIMED_OUT:
+            timeouts = self._timeouts
+            timeouts[event.id] = n = timeouts.pop(event.id, 0) + 1
+            if len(timeouts) > 1000:  # events whose partition went to another member
+                del timeouts[next(iter(timeouts))]
+            self.stats.handler_errors += 1
+            logger.warning(
+                "a transactional handler ran on event %d (%s) for transaction_timeout (%gs): "
+                "its transaction was given up (rolled back), attempt %d of %d",
+                event.id,
+                event.channel,
+                self.config.transaction_timeout,
+                n,
+                self.config.max_attempts,
+            )
+            self._broken = True  # as above; the event comes again on a new connection
+            raise _Lost("transactional handler outlasted transaction_timeout")
         if self.pgconn is pgconn and pgconn.transaction_status == pq.TransactionStatus.ACTIVE:
             self._broken = True  # a statement of the handler's still in flight
             raise _Lost("a transactional handler returned with a statement still running")
@@ -1795,10 +1837,20 @@ _BEGIN = (
 )
 
 
-def _session_settings(cfg: ConsumerConfig) -> bytes:
+# PostgreSQL 14+: a statement whose client went away ends within a second (a transactional
+# handler's, given up by stop_timeout or transaction_timeout: its locks go with it), not when
+# it next writes to the socket. Kept in the handler's transaction (not in _BEGIN's resets).
+_CHECK_CLIENT = (
+    b"; SELECT set_config('client_connection_check_interval', '1s', false) "
+    b"WHERE current_setting('client_connection_check_interval') = '0'"
+)
+
+
+def _session_settings(cfg: ConsumerConfig, server_version: int = 0) -> bytes:
+    settings = _SETTINGS + (_CHECK_CLIENT if server_version >= 140000 else b"")
     if cfg.synchronous_acks:
-        return _SETTINGS
-    return _SETTINGS + b"; SET synchronous_commit = off"
+        return settings
+    return settings + b"; SET synchronous_commit = off"
 
 
 def _ack_params(group: str, events: Iterable[Event]) -> dict[str, Any]:
