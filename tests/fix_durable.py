@@ -258,6 +258,12 @@ class ConsumerOnAThread(_OnAThread):
         else:
             anyio.run(self.consumer.aclose, backend="asyncio")
 
+    def __enter__(self) -> ConsumerOnAThread:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 class ConsumerRun(ConsumerOnAThread):
     """A consumer of one runtime on a thread; the ids (and payloads) its handler saw."""

@@ -19,7 +19,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_durable import ConsumerRun, _OnAThread, publish_each, uncovered
+from tests.fix_durable import ConsumerOnAThread, ConsumerRun, publish_each, uncovered
 from tests.fix_faults import FaultProxy, OneWayProxy, SilentServer, black_hole, wait_until
 from tests.fix_proxy import _target_of
 from tests.fix_server import OwnServer
@@ -564,8 +564,7 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
                     raise
 
     (event_id,) = publish(installed, [1])
-    running = _OnAThread(runtime, c)
-    try:
+    with ConsumerOnAThread(runtime, c) as running:
         assert inside.wait(10), "the handler never ran"
         with black_hole(fault_proxy.port):
             holed.set()
@@ -584,12 +583,6 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
         assert committed() == [(event_id,)]
         running.stop(within=5.0)
         assert running.error is None, repr(running.error)
-    finally:
-        running.end()
-        if runtime == "sync":
-            c.close()
-        else:
-            anyio.run(c.aclose, backend="asyncio")
 
 
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
@@ -639,8 +632,7 @@ def test_a_transactional_handler_frozen_past_its_transaction_timeout_is_given_up
                 await tx.execute("SELECT 1")
 
     (event_id,) = publish(installed, [1])
-    running = _OnAThread(runtime, c)
-    try:
+    with ConsumerOnAThread(runtime, c) as running:
         assert inside.wait(10), "the handler never ran"
         fault_proxy.freeze()
         frozen.set()
@@ -662,12 +654,14 @@ def test_a_transactional_handler_frozen_past_its_transaction_timeout_is_given_up
         assert pgherald.dead_letters(conn, "g") == []
         running.stop(within=5.0)
         assert running.error is None, repr(running.error)
-    finally:
-        running.end()
-        if runtime == "sync":
-            c.close()
-        else:
-            anyio.run(c.aclose, backend="asyncio")
+
+
+def _sleeping(conn: psycopg.Connection) -> int:
+    """Sessions running a handler's ``SELECT pg_sleep(60)`` on the server."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
+    ).fetchone()
+    return row[0] if row else 0
 
 
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
@@ -710,15 +704,7 @@ def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dea
             if e.id == slow:
                 await tx.execute("SELECT pg_sleep(60)")
 
-    def sleeping() -> int:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)' "
-            "AND state = 'active'"
-        ).fetchone()
-        return row[0] if row else 0
-
-    running = _OnAThread(runtime, c)
-    try:
+    with ConsumerOnAThread(runtime, c) as running:
 
         def committed() -> list[tuple[Any, ...]]:
             return conn.execute("SELECT id FROM effects ORDER BY id").fetchall()
@@ -730,15 +716,9 @@ def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dea
         assert (dead.event_id, dead.attempts) == (slow, 2)
         assert "transaction_timeout" in dead.error, dead.error
         assert c.stats.handler_errors == 2
-        wait_until(lambda: sleeping() == 0, 3, "the given-up statements to end on the server")
+        wait_until(lambda: _sleeping(conn) == 0, 3, "the given-up statements to end on the server")
         running.stop(within=5.0)
         assert running.error is None, repr(running.error)
-    finally:
-        running.end()
-        if runtime == "sync":
-            c.close()
-        else:
-            anyio.run(c.aclose, backend="asyncio")
 
 
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
@@ -769,27 +749,14 @@ def test_a_transactional_handler_given_up_after_stop_ends_on_the_server_too(
             await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
             await tx.execute("SELECT pg_sleep(60)")
 
-    def sleeping() -> int:
-        row = conn.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'"
-        ).fetchone()
-        return row[0] if row else 0
-
     (event_id,) = publish(installed, [1])
-    running = _OnAThread(runtime, c)
-    try:
-        wait_until(sleeping, 10, "the handler's statement")
+    with ConsumerOnAThread(runtime, c) as running:
+        wait_until(lambda: _sleeping(conn), 10, "the handler's statement")
         running.stop(within=3.0)
-        wait_until(lambda: sleeping() == 0, 4, "the given-up statement to end on the server")
+        wait_until(lambda: _sleeping(conn) == 0, 4, "the given-up statement to end on the server")
         # The lock on the row its handler inserted went with it: the row can be written now.
         conn.execute("SET lock_timeout = '1s'")
         conn.execute("INSERT INTO effects VALUES (%s)", (event_id,))
-    finally:
-        running.end()
-        if runtime == "sync":
-            c.close()
-        else:
-            anyio.run(c.aclose, backend="asyncio")
 
 
 # -- a server that restarts under a stream of 20,000 events --
