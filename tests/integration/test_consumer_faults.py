@@ -9,9 +9,10 @@ which is documented as safe from any thread.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anyio
@@ -431,6 +432,55 @@ def test_a_handler_that_deallocates_all_leaves_the_statements_it_prepares_workin
     assert not thread.is_alive()
 
 
+class _Stuck:
+    """
+    A consumer of one runtime (sync or asyncio: transactional handlers) whose handler inserts
+    each event's effect and, on its first call, sets `inside`, waits for `release`, then sends
+    a statement into whatever fault the test made meanwhile (`failed`: how long it took to
+    fail, and how). `calls`: when each call began.
+    """
+
+    def __init__(self, runtime: str, dsn: str, **options: Any) -> None:
+        self.inside, self.release = threading.Event(), threading.Event()
+        self.calls: list[float] = []
+        self.failed: list[tuple[float, BaseException]] = []
+        options = {"group": "g", "channels": ["ch"], "health_check_timeout": 30, **FAST, **options}
+        if runtime == "sync":
+            self.consumer: Any = pgherald.Consumer(dsn, **options)
+
+            @self.consumer.on("ch", transactional=True)
+            def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+                self.calls.append(time.monotonic())
+                tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+                if len(self.calls) == 1:
+                    self.inside.set()
+                    self.release.wait(10)
+                    with self._timed():
+                        tx.execute("SELECT 1")  # into the fault
+
+        else:
+            self.consumer = pgherald.AsyncConsumer(dsn, **options)
+
+            @self.consumer.on("ch", transactional=True)
+            async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+                self.calls.append(time.monotonic())
+                await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+                if len(self.calls) == 1:
+                    self.inside.set()
+                    await anyio.to_thread.run_sync(self.release.wait, 10)  # not our thread
+                    with self._timed():
+                        await tx.execute("SELECT 1")
+
+    @contextlib.contextmanager
+    def _timed(self) -> Iterator[None]:
+        started = time.monotonic()
+        try:
+            yield
+        except BaseException as exc:
+            self.failed.append((time.monotonic() - started, exc))
+            raise
+
+
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
 def test_stop_while_a_transactional_handler_waits_on_a_frozen_connection(
     runtime: str, installed: str, conn: psycopg.Connection, fault_proxy: FaultProxy
@@ -441,45 +491,18 @@ def test_stop_while_a_transactional_handler_waits_on_a_frozen_connection(
     run() returns, nothing is committed, and the event comes again, handled once.
     """
     conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
-    inside, frozen = threading.Event(), threading.Event()
-    options: dict[str, Any] = {
-        "group": "g",
-        "channels": ["ch"],
-        "stop_timeout": 0.5,
-        "health_check_timeout": 30,
-        **FAST,
-    }
-    dsn = fault_proxy.dsn_for(installed)
-    if runtime == "sync":
-        c: Any = pgherald.Consumer(dsn, **options)
+    stuck = _Stuck(runtime, fault_proxy.dsn_for(installed), stop_timeout=0.5)
+    c = stuck.consumer
 
-        @c.on("ch", transactional=True)
-        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
-            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            inside.set()
-            frozen.wait(10)
-            tx.execute("SELECT 1")  # sent into the frozen connection: no answer, ever
-
-        target: Callable[[], None] = c.run
-    else:
-        c = pgherald.AsyncConsumer(dsn, **options)
-
-        @c.on("ch", transactional=True)
-        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
-            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            inside.set()
-            await anyio.to_thread.run_sync(frozen.wait, 10)  # the test's thread, not ours
-            await tx.execute("SELECT 1")
-
-        def target() -> None:
-            anyio.run(c.run, backend="asyncio")
+    def target() -> None:
+        c.run() if runtime == "sync" else anyio.run(c.run, backend="asyncio")
 
     (event_id,) = publish(installed, [1])
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
-    assert inside.wait(10), "the handler never ran"
+    assert stuck.inside.wait(10), "the handler never ran"
     fault_proxy.freeze()
-    frozen.set()
+    stuck.release.set()
     c.stop()
     started = time.monotonic()
     thread.join(10)
@@ -524,50 +547,13 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
     asyncio: see durable.md.)
     """
     conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
-    inside, holed = threading.Event(), threading.Event()
-    calls: list[int] = []
-    failed: list[tuple[float, BaseException]] = []
-    options: dict[str, Any] = {"group": "g", "channels": ["ch"], "health_check_timeout": 30, **FAST}
-    dsn = fault_proxy.dsn_for(installed)
-    if runtime == "sync":
-        c: Any = pgherald.Consumer(dsn, **options)
-
-        @c.on("ch", transactional=True)
-        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
-            calls.append(e.id)
-            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            if len(calls) == 1:
-                inside.set()
-                holed.wait(10)
-                started = time.monotonic()
-                try:
-                    tx.execute("SELECT 1")  # into the dead path
-                except BaseException as exc:
-                    failed.append((time.monotonic() - started, exc))
-                    raise
-
-    else:
-        c = pgherald.AsyncConsumer(dsn, **options)
-
-        @c.on("ch", transactional=True)
-        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
-            calls.append(e.id)
-            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            if len(calls) == 1:
-                inside.set()
-                await anyio.to_thread.run_sync(holed.wait, 10)  # the test's thread, not ours
-                started = time.monotonic()
-                try:
-                    await tx.execute("SELECT 1")
-                except BaseException as exc:
-                    failed.append((time.monotonic() - started, exc))
-                    raise
-
+    stuck = _Stuck(runtime, fault_proxy.dsn_for(installed))
+    c, failed = stuck.consumer, stuck.failed
     (event_id,) = publish(installed, [1])
     with ConsumerOnAThread(runtime, c) as running:
-        assert inside.wait(10), "the handler never ran"
+        assert stuck.inside.wait(10), "the handler never ran"
         with black_hole(fault_proxy.port):
-            holed.set()
+            stuck.release.set()
             wait_until(lambda: failed, 20, "the handler's statement to fail on the dead path")
         took, exc = failed[0]
         assert isinstance(exc, psycopg.OperationalError), repr(exc)
@@ -579,7 +565,7 @@ def test_a_transactional_handler_on_a_dead_path_fails_within_the_tcp_user_timeou
 
         wait_until(committed, 30, "the event to come again and its effect to commit")
         assert running.alive()
-        assert calls == [event_id, event_id]
+        assert len(stuck.calls) == 2, stuck.calls
         assert committed() == [(event_id,)]
         running.stop(within=5.0)
         assert running.error is None, repr(running.error)
@@ -597,45 +583,13 @@ def test_a_transactional_handler_frozen_past_its_transaction_timeout_is_given_up
     connection, its effect committed once.
     """
     conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
-    inside, frozen = threading.Event(), threading.Event()
-    calls: list[float] = []
-    options: dict[str, Any] = {
-        "group": "g",
-        "channels": ["ch"],
-        "transaction_timeout": 1.0,
-        "health_check_timeout": 30,
-        **FAST,
-    }
-    dsn = fault_proxy.dsn_for(installed)
-    if runtime == "sync":
-        c: Any = pgherald.Consumer(dsn, **options)
-
-        @c.on("ch", transactional=True)
-        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
-            calls.append(time.monotonic())
-            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            if len(calls) == 1:
-                inside.set()
-                frozen.wait(10)
-                tx.execute("SELECT 1")  # into the frozen connection: no answer, ever
-
-    else:
-        c = pgherald.AsyncConsumer(dsn, **options)
-
-        @c.on("ch", transactional=True)
-        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
-            calls.append(time.monotonic())
-            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            if len(calls) == 1:
-                inside.set()
-                await anyio.to_thread.run_sync(frozen.wait, 10)  # the test's thread, not ours
-                await tx.execute("SELECT 1")
-
+    stuck = _Stuck(runtime, fault_proxy.dsn_for(installed), transaction_timeout=1.0)
+    c, calls = stuck.consumer, stuck.calls
     (event_id,) = publish(installed, [1])
     with ConsumerOnAThread(runtime, c) as running:
-        assert inside.wait(10), "the handler never ran"
+        assert stuck.inside.wait(10), "the handler never ran"
         fault_proxy.freeze()
-        frozen.set()
+        stuck.release.set()
         wait_until(lambda: c.stats.handler_errors, 10, "the handler to be given up")
         took = time.monotonic() - calls[0]
         assert took < 4, f"given up {took:.1f}s after the handler began (transaction_timeout 1)"
