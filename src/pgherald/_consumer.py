@@ -536,12 +536,12 @@ class Consumer(_ConsumerBase):
                 handler(event, conn)
             except Exception as exc:
                 error = exc
-            if guard.fired:
-                return TIMED_OUT if guard.timed_out else ABANDONED
-            return error
         finally:
             self._tx_guard = None
-            guard.disarm()
+            guard.disarm()  # first: after it, `fired` no longer changes
+        if guard.fired:
+            return TIMED_OUT if guard.timed_out else ABANDONED
+        return error
 
     def _handle(self, events: list[Event], first: int, handler: int) -> BatchAnswer:
         """Call the handlers of ``events[first:]``; stop at a failure or a transactional one."""

@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
+from psycopg.conninfo import make_conninfo
 
 import pgherald
 from tests.fix_durable import ConsumerOnAThread, ConsumerRun, publish_each, uncovered
@@ -668,11 +669,36 @@ def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dea
         assert calls == [slow, slow, fine]
         (dead,) = pgherald.dead_letters(conn, "g")
         assert (dead.event_id, dead.attempts) == (slow, 2)
+        assert dead.first_failed_at < dead.last_failed_at  # the first attempt's, not the last
         assert "transaction_timeout" in dead.error, dead.error
         assert c.stats.handler_errors == 2
         wait_until(lambda: _sleeping(conn) == 0, 3, "the given-up statements to end on the server")
         running.stop(within=5.0)
         assert running.error is None, repr(running.error)
+
+
+@pytest.mark.parametrize(("own", "expected"), [(None, "1s"), ("0", "0"), ("250ms", "250ms")])
+def test_the_client_check_is_set_only_where_the_session_has_none(
+    installed: str, own: str | None, expected: str
+) -> None:
+    """A DSN (or role, or server file) that sets client_connection_check_interval keeps it."""
+    if own is not None:
+        installed = make_conninfo(installed, options=f"-c client_connection_check_interval={own}")
+    seen: list[str] = []
+    with pgherald.Consumer(installed, group="g", channels=["ch"], **FAST) as c:
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            row = tx.execute("SHOW client_connection_check_interval").fetchone()
+            seen.append(row[0] if row else "")
+            c.stop()
+
+        publish(installed, [1])
+        timer = threading.Timer(15, c.stop)  # a bound: the assertion below says why
+        timer.start()
+        c.run()
+        timer.cancel()
+    assert seen == [expected]
 
 
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])

@@ -281,7 +281,8 @@ class ConsumerEngine:
         self._previous: tuple[int, str] | None = None  # the same, of a connection given up
         self._undecodable: dict[int, str] = {}  # event id -> error, for the batch in hand
         self._redelivering = False  # the batch in hand is dead letters redelivered
-        self._timeouts: dict[int, int] = {}  # event id: transaction_timeout's given up on it
+        # Event id: attempts given up at transaction_timeout, and when the first was.
+        self._timeouts: dict[int, tuple[int, float]] = {}
         self._next_redelivery = 0.0
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
@@ -1573,7 +1574,7 @@ class ConsumerEngine:
             entry = self._entries(event.channel)[failed][0]
             counted = False
             if error is NEEDS_TX:
-                timeouts = self._timeouts.get(event.id, 0)  # on connections given up
+                timeouts, first_at = self._timeouts.get(event.id, (0, 0.0))
                 if timeouts < cfg.max_attempts:
                     error = yield from self._transaction(event, entry)
                     if error is None:
@@ -1582,7 +1583,7 @@ class ConsumerEngine:
                         attempts, at = 0, (-1, -1)
                         continue
                 else:  # each attempt was counted when given up: dead-lettered below
-                    attempts, counted = timeouts - 1, True
+                    attempts, counted, failed_at = timeouts - 1, True, first_at
                     error = TimeoutError(
                         f"its transaction outlasted transaction_timeout "
                         f"({cfg.transaction_timeout:g}s)"
@@ -1729,7 +1730,9 @@ class ConsumerEngine:
             raise _Lost("transactional handler abandoned after stop()")
         if error is TIMED_OUT:
             timeouts = self._timeouts
-            timeouts[event.id] = n = timeouts.pop(event.id, 0) + 1
+            n, first_at = timeouts.pop(event.id, (0, time.time()))
+            n += 1
+            timeouts[event.id] = (n, first_at)
             if len(timeouts) > 1000:  # events whose partition went to another member
                 del timeouts[next(iter(timeouts))]
             self.stats.handler_errors += 1
@@ -1840,9 +1843,13 @@ _BEGIN = (
 # PostgreSQL 14+: a statement whose client went away ends within a second (a transactional
 # handler's, given up by stop_timeout or transaction_timeout: its locks go with it), not when
 # it next writes to the socket. Kept in the handler's transaction (not in _BEGIN's resets).
+# Only where nothing set it (a role, the DSN, the server's file may turn it off on purpose);
+# a server that cannot check on its platform refuses a value (22023): then without it.
 _CHECK_CLIENT = (
-    b"; SELECT set_config('client_connection_check_interval', '1s', false) "
-    b"WHERE current_setting('client_connection_check_interval') = '0'"
+    b"; DO $$BEGIN IF (SELECT source FROM pg_settings "
+    b"WHERE name = 'client_connection_check_interval') = 'default' THEN "
+    b"PERFORM set_config('client_connection_check_interval', '1s', false); END IF; "
+    b"EXCEPTION WHEN invalid_parameter_value OR undefined_object THEN NULL; END$$"
 )
 
 
