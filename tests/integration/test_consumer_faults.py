@@ -677,6 +677,53 @@ def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dea
         assert running.error is None, repr(running.error)
 
 
+@pytest.mark.parametrize("runtime", ["sync", "asyncio"])
+def test_failures_and_timeouts_of_one_event_count_together(
+    runtime: str, installed: str, conn: psycopg.Connection
+) -> None:
+    """A failure, then an attempt past transaction_timeout: with max_attempts=2 the event is
+    dead-lettered after those two attempts (the count survives the reconnection)."""
+    calls: list[int] = []
+    options: dict[str, Any] = {
+        "group": "g",
+        "channels": ["ch"],
+        "transaction_timeout": 0.5,
+        "max_attempts": 2,
+        "retry_delay": 0.01,
+        **FAST,
+    }
+    (event_id,) = publish(installed, [1])
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            calls.append(e.id)
+            if len(calls) == 1:
+                raise RuntimeError("fails")
+            tx.execute("SELECT pg_sleep(60)")
+
+    else:
+        c = pgherald.AsyncConsumer(installed, **options)
+
+        @c.on("ch", transactional=True)
+        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+            calls.append(e.id)
+            if len(calls) == 1:
+                raise RuntimeError("fails")
+            await tx.execute("SELECT pg_sleep(60)")
+
+    with ConsumerOnAThread(runtime, c) as running:
+        wait_until(lambda: pgherald.dead_letters(conn, "g"), 20, "the dead letter")
+        (dead,) = pgherald.dead_letters(conn, "g")
+        assert (dead.event_id, dead.attempts) == (event_id, 2)
+        assert "transaction_timeout" in dead.error, dead.error
+        assert dead.first_failed_at < dead.last_failed_at  # the failure's, before the timeout
+        assert calls == [event_id, event_id]
+        assert c.stats.handler_errors == 2
+        running.stop(within=5.0)
+
+
 @pytest.mark.parametrize(("own", "expected"), [(None, "1s"), ("0", "0"), ("250ms", "250ms")])
 def test_the_client_check_is_set_only_where_the_session_has_none(
     installed: str, own: str | None, expected: str

@@ -283,6 +283,8 @@ class ConsumerEngine:
         self._redelivering = False  # the batch in hand is dead letters redelivered
         # Event id: attempts given up at transaction_timeout, and when the first was.
         self._timeouts: dict[int, tuple[int, float]] = {}
+        # The transactional handler running now: its failed attempts, when the first failed.
+        self._attempts, self._failed_at = 0, 0.0
         self._next_redelivery = 0.0
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
@@ -1575,7 +1577,10 @@ class ConsumerEngine:
             counted = False
             if error is NEEDS_TX:
                 timeouts, first_at = self._timeouts.get(event.id, (0, 0.0))
-                if timeouts < cfg.max_attempts:
+                if timeouts > attempts:  # attempts given up on earlier connections count
+                    attempts, failed_at = timeouts, first_at
+                if attempts < cfg.max_attempts:
+                    self._attempts, self._failed_at = attempts, failed_at
                     error = yield from self._transaction(event, entry)
                     if error is None:
                         self._timeouts.pop(event.id, None)
@@ -1583,7 +1588,7 @@ class ConsumerEngine:
                         attempts, at = 0, (-1, -1)
                         continue
                 else:  # each attempt was counted when given up: dead-lettered below
-                    attempts, counted, failed_at = timeouts - 1, True, first_at
+                    attempts, counted = attempts - 1, True
                     error = TimeoutError(
                         f"its transaction outlasted transaction_timeout "
                         f"({cfg.transaction_timeout:g}s)"
@@ -1730,8 +1735,9 @@ class ConsumerEngine:
             raise _Lost("transactional handler abandoned after stop()")
         if error is TIMED_OUT:
             timeouts = self._timeouts
-            n, first_at = timeouts.pop(event.id, (0, time.time()))
-            n += 1
+            first = self._failed_at if self._attempts else time.time()
+            n, first_at = timeouts.pop(event.id, (0, first))
+            n = max(n, self._attempts) + 1  # with the failed attempts before it
             timeouts[event.id] = (n, first_at)
             if len(timeouts) > 1000:  # events whose partition went to another member
                 del timeouts[next(iter(timeouts))]
