@@ -283,8 +283,6 @@ class ConsumerEngine:
         self._redelivering = False  # the batch in hand is dead letters redelivered
         # Event id: attempts given up at transaction_timeout, and when the first was.
         self._timeouts: dict[int, tuple[int, float]] = {}
-        # The transactional handler running now: its failed attempts, when the first failed.
-        self._attempts, self._failed_at = 0, 0.0
         self._next_redelivery = 0.0
         self._no_dead_letters = False  # the schema predates pgherald.dead_letters_v1
         self._release_at = 0.0  # when to move due delayed events into the log (scheduled.py)
@@ -1580,8 +1578,7 @@ class ConsumerEngine:
                 if timeouts > attempts:  # attempts given up on earlier connections count
                     attempts, failed_at = timeouts, first_at
                 if attempts < cfg.max_attempts:
-                    self._attempts, self._failed_at = attempts, failed_at
-                    error = yield from self._transaction(event, entry)
+                    error = yield from self._transaction(event, entry, attempts, failed_at)
                     if error is None:
                         self._timeouts.pop(event.id, None)
                         handler += 1
@@ -1715,8 +1712,13 @@ class ConsumerEngine:
         yield from self._deliver(events, redelivery=True)
         return True
 
-    def _transaction(self, event: Event, handler: Callable[..., Any]) -> PQGen:
-        """BEGIN, the handler, the acknowledgement, COMMIT: all of it, or none of it."""
+    def _transaction(
+        self, event: Event, handler: Callable[..., Any], attempts: int, failed_at: float
+    ) -> PQGen:
+        """
+        BEGIN, the handler, the acknowledgement, COMMIT: all of it, or none of it. *attempts*
+        failed before (the first at *failed_at*): a give-up at transaction_timeout adds one.
+        """
         pgconn = self.pgconn
         assert pgconn is not None
         yield from self._flush_acks()
@@ -1735,10 +1737,9 @@ class ConsumerEngine:
             raise _Lost("transactional handler abandoned after stop()")
         if error is TIMED_OUT:
             timeouts = self._timeouts
-            first = self._failed_at if self._attempts else time.time()
-            n, first_at = timeouts.pop(event.id, (0, first))
-            n = max(n, self._attempts) + 1  # with the failed attempts before it
-            timeouts[event.id] = (n, first_at)
+            n = attempts + 1  # with the failed attempts before it (given up ones included)
+            timeouts.pop(event.id, None)  # to the end: the oldest go first
+            timeouts[event.id] = (n, failed_at if attempts else time.time())
             if len(timeouts) > 1000:  # events whose partition went to another member
                 del timeouts[next(iter(timeouts))]
             self.stats.handler_errors += 1
@@ -1859,7 +1860,7 @@ _CHECK_CLIENT = (
 )
 
 
-def _session_settings(cfg: ConsumerConfig, server_version: int = 0) -> bytes:
+def _session_settings(cfg: ConsumerConfig, server_version: int) -> bytes:
     settings = _SETTINGS + (_CHECK_CLIENT if server_version >= 140000 else b"")
     if cfg.synchronous_acks:
         return settings
