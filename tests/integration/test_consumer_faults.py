@@ -619,6 +619,50 @@ def _sleeping(conn: psycopg.Connection) -> int:
     return row[0] if row else 0
 
 
+def _sleeper(
+    runtime: str,
+    dsn: str,
+    calls: list[int],
+    sleeps: Callable[[pgherald.Event], bool],
+    *,
+    fail_first: bool = False,
+    **options: Any,
+) -> Any:
+    """
+    A consumer (sync or asyncio) whose transactional handler notes each event's id in *calls*,
+    inserts its effect (when *fail_first* is off; the first call raises when it is on), then
+    runs ``SELECT pg_sleep(60)`` for the events *sleeps* names.
+    """
+    options = {"group": "g", "channels": ["ch"], **FAST, **options}
+    if runtime == "sync":
+        c: Any = pgherald.Consumer(dsn, **options)
+
+        @c.on("ch", transactional=True)
+        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
+            calls.append(e.id)
+            if fail_first and len(calls) == 1:
+                raise RuntimeError("fails")
+            if not fail_first:
+                tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+            if sleeps(e):
+                tx.execute("SELECT pg_sleep(60)")
+
+        return c
+    c = pgherald.AsyncConsumer(dsn, **options)
+
+    @c.on("ch", transactional=True)
+    async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
+        calls.append(e.id)
+        if fail_first and len(calls) == 1:
+            raise RuntimeError("fails")
+        if not fail_first:
+            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
+        if sleeps(e):
+            await tx.execute("SELECT pg_sleep(60)")
+
+    return c
+
+
 @pytest.mark.parametrize("runtime", ["sync", "asyncio"])
 def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dead_lettered(
     runtime: str, installed: str, conn: psycopg.Connection
@@ -631,33 +675,10 @@ def test_a_transactional_handler_that_always_outlasts_transaction_timeout_is_dea
     """
     conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
     calls: list[int] = []
-    options: dict[str, Any] = {
-        "group": "g",
-        "channels": ["ch"],
-        "transaction_timeout": 0.5,
-        "max_attempts": 2,
-        **FAST,
-    }
     slow, fine = publish(installed, [1, 2])
-    if runtime == "sync":
-        c: Any = pgherald.Consumer(installed, **options)
-
-        @c.on("ch", transactional=True)
-        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
-            calls.append(e.id)
-            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            if e.id == slow:
-                tx.execute("SELECT pg_sleep(60)")
-
-    else:
-        c = pgherald.AsyncConsumer(installed, **options)
-
-        @c.on("ch", transactional=True)
-        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
-            calls.append(e.id)
-            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            if e.id == slow:
-                await tx.execute("SELECT pg_sleep(60)")
+    c = _sleeper(
+        runtime, installed, calls, lambda e: e.id == slow, transaction_timeout=0.5, max_attempts=2
+    )
 
     with ConsumerOnAThread(runtime, c) as running:
 
@@ -684,34 +705,17 @@ def test_failures_and_timeouts_of_one_event_count_together(
     """A failure, then an attempt past transaction_timeout: with max_attempts=2 the event is
     dead-lettered after those two attempts (the count survives the reconnection)."""
     calls: list[int] = []
-    options: dict[str, Any] = {
-        "group": "g",
-        "channels": ["ch"],
-        "transaction_timeout": 0.5,
-        "max_attempts": 2,
-        "retry_delay": 0.01,
-        **FAST,
-    }
     (event_id,) = publish(installed, [1])
-    if runtime == "sync":
-        c: Any = pgherald.Consumer(installed, **options)
-
-        @c.on("ch", transactional=True)
-        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
-            calls.append(e.id)
-            if len(calls) == 1:
-                raise RuntimeError("fails")
-            tx.execute("SELECT pg_sleep(60)")
-
-    else:
-        c = pgherald.AsyncConsumer(installed, **options)
-
-        @c.on("ch", transactional=True)
-        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
-            calls.append(e.id)
-            if len(calls) == 1:
-                raise RuntimeError("fails")
-            await tx.execute("SELECT pg_sleep(60)")
+    c = _sleeper(
+        runtime,
+        installed,
+        calls,
+        lambda e: True,
+        fail_first=True,
+        transaction_timeout=0.5,
+        max_attempts=2,
+        retry_delay=0.01,
+    )
 
     with ConsumerOnAThread(runtime, c) as running:
         wait_until(lambda: pgherald.dead_letters(conn, "g"), 20, "the dead letter")
@@ -759,24 +763,8 @@ def test_a_transactional_handler_given_up_after_stop_ends_on_the_server_too(
     (the consumer's sessions set ``client_connection_check_interval``), not after pg_sleep(60).
     """
     conn.execute("CREATE TABLE effects (id bigint PRIMARY KEY)")
-    options: dict[str, Any] = {"group": "g", "channels": ["ch"], "stop_timeout": 0.3, **FAST}
-    if runtime == "sync":
-        c: Any = pgherald.Consumer(installed, **options)
-
-        @c.on("ch", transactional=True)
-        def handle(e: pgherald.Event, tx: psycopg.Connection) -> None:
-            tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            tx.execute("SELECT pg_sleep(60)")
-
-    else:
-        c = pgherald.AsyncConsumer(installed, **options)
-
-        @c.on("ch", transactional=True)
-        async def ahandle(e: pgherald.Event, tx: psycopg.AsyncConnection) -> None:
-            await tx.execute("INSERT INTO effects VALUES (%s)", (e.id,))
-            await tx.execute("SELECT pg_sleep(60)")
-
     (event_id,) = publish(installed, [1])
+    c = _sleeper(runtime, installed, [], lambda e: True, stop_timeout=0.3)
     with ConsumerOnAThread(runtime, c) as running:
         wait_until(lambda: _sleeping(conn), 10, "the handler's statement")
         running.stop(within=3.0)
