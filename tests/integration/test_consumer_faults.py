@@ -24,6 +24,7 @@ import pgherald
 from tests.fix_durable import ConsumerOnAThread, ConsumerRun, publish_each, uncovered
 from tests.fix_faults import FaultProxy, OneWayProxy, SilentServer, black_hole, wait_until
 from tests.fix_proxy import _target_of
+from tests.fix_quiet import database_dropper, server_dsn  # noqa: F401 (a server of our own)
 from tests.fix_server import OwnServer
 
 RUNTIMES = ["sync", "asyncio", "trio"]

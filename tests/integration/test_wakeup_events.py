@@ -18,6 +18,7 @@ from psycopg import sql as pgsql
 
 import pgherald
 from tests.fix_durable import Running, acknowledged, publish_each, terminate, wait_until
+from tests.fix_quiet import database_dropper, server_dsn  # noqa: F401 (a server of our own)
 
 pytestmark = pytest.mark.usefixtures("installed")
 
