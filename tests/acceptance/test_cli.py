@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import pytest
 
 import pgherald
 from tests.fix_cli import cli_env, pgherald_cmd
+from tests.fix_faults import wait_until
 
 
 @pytest.fixture
@@ -74,6 +76,33 @@ def test_listen_json_lines_and_sigterm_exit_0(
     listening.send_signal(signal.SIGTERM)
     assert listening.wait(10) == 0
     assert listening.stdout.read() == ""
+
+
+def test_listen_says_on_stderr_when_it_listens_again_and_goes_on(
+    listening: subprocess.Popen[str], conn: psycopg.Connection
+) -> None:
+    # cli.md: a lost connection is a notice on stderr (what may have been missed), stdout keeps
+    # the notifications alone, and the command goes on with them.
+    assert listening.stdout is not None
+    stderr = listening.stderr
+    assert stderr is not None
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(stderr), daemon=True)
+    reader.start()
+    (pid,) = conn.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+        " AND application_name LIKE 'pgherald%%' AND query LIKE 'LISTEN%%'"
+    ).fetchone() or (None,)
+    assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
+    wait_until(lambda: any("listening again" in line for line in err), 15, "the stderr notice")
+    (notice,) = [line for line in err if line.startswith("-- listening again after")]
+    assert "notifications sent meanwhile were missed" in notice
+    pgherald.notify(conn, "orders", "after")
+    assert json.loads(listening.stdout.readline())["payload"] == "after"
+    listening.send_signal(signal.SIGTERM)
+    assert listening.wait(10) == 0
+    reader.join(5)
+    assert not any("Traceback" in line for line in err), err
 
 
 def test_listen_sigint_exits_0(listening: subprocess.Popen[str]) -> None:

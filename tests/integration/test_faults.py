@@ -184,6 +184,68 @@ async def test_async_terminated_backend_reconnects_relistens_and_reports_gap(
     _check_terminate_outcome(listener, gaps, old_pid, new_pid, elapsed)
 
 
+def _hook_error(caplog: pytest.LogCaptureFixture) -> str:
+    """What the one "on_gap hook failed" record logged carries: its exception's text."""
+    (record,) = [r for r in caplog.records if r.getMessage() == "on_gap hook failed"]
+    assert record.exc_info is not None, "logged without the traceback"
+    return str(record.exc_info[1])
+
+
+def test_an_on_gap_hook_that_raises_is_logged_and_the_listener_goes_on(
+    dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The hook is the user's code: its exception is logged with its traceback and the
+    # listener keeps listening (reliability.md, listen.md), it does not end run().
+    calls: list[pgherald.Gap] = []
+    got: list[pgherald.Notification] = []
+
+    def on_gap(gap: pgherald.Gap) -> None:
+        calls.append(gap)
+        raise RuntimeError("the hook's own bug")
+
+    caplog.set_level(logging.ERROR, logger="pgherald")
+    with pgherald.Listener(dsn, channels=CHANNELS, on_gap=on_gap, **FAST) as listener:
+        listener.on()(got.append)
+        with running(listener) as bg:
+            _round_trip(conn, got, CHANNELS, "before")
+            assert _sql(conn, "SELECT pg_terminate_backend(%s)", listener.backend_pid) is True
+            wait_until(lambda: calls, 5.0, "on_gap after pg_terminate_backend")
+            start = len(got)
+            _round_trip(conn, got, CHANNELS, "after")
+            assert bg.thread.is_alive(), "run() ended with the hook's exception"
+    assert _sent(got, start) == [(ch, "after") for ch in CHANNELS]
+    assert _hook_error(caplog) == "the hook's own bug"
+
+
+@pytest.mark.anyio
+async def test_async_an_on_gap_hook_that_raises_is_logged_and_the_listener_goes_on(
+    dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[pgherald.Gap] = []
+    got: list[pgherald.Notification] = []
+
+    async def on_gap(gap: pgherald.Gap) -> None:  # awaited; what it raises is only logged too
+        calls.append(gap)
+        await anyio.lowlevel.checkpoint()
+        raise RuntimeError("the hook's own bug")
+
+    caplog.set_level(logging.ERROR, logger="pgherald")
+    async with pgherald.AsyncListener(dsn, channels=CHANNELS, on_gap=on_gap, **FAST) as listener:
+        listener.on()(got.append)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.run)
+            await _around_trip(conn, got, CHANNELS, "before")
+            pid = listener.backend_pid
+            assert await _asql(conn, "SELECT pg_terminate_backend(%s)", pid) is True
+            await await_until(lambda: calls, 5.0, "on_gap after pg_terminate_backend")
+            start = len(got)
+            # run() still going: a raised hook would have ended the task group with it
+            await _around_trip(conn, got, CHANNELS, "after")
+            listener.stop()
+    assert _sent(got, start) == [(ch, "after") for ch in CHANNELS]
+    assert _hook_error(caplog) == "the hook's own bug"
+
+
 # --------------------------------------------------------------------------------------------
 # 2. Half-open connection (proxy.freeze): only the health check can notice
 # --------------------------------------------------------------------------------------------

@@ -361,6 +361,90 @@ def test_lent_connection_lost_then_pgherald_reconnects_on_its_own(
         assert got == ["after"]
 
 
+# The same on AsyncListener: a sync connection is lent on asyncio and trio, a psycopg
+# AsyncConnection on asyncio (psycopg runs it there only).
+
+
+async def _listening_channels(conn: psycopg.Connection) -> int:
+    row = await anyio.to_thread.run_sync(
+        lambda: conn.execute("SELECT count(*) FROM pg_listening_channels()").fetchone()
+    )
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.mark.anyio
+async def test_async_listener_lent_connection_is_used_then_handed_back_clean(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    with psycopg.connect(dsn, autocommit=True) as mine:
+        pid = mine.info.backend_pid
+        async with pgherald.AsyncListener(mine, channels=["Lent"]) as listener:
+            assert listener.backend_pid == pid
+            await anyio.to_thread.run_sync(pgherald.notify, conn, "Lent", "lent")
+            got = [n.payload async for n in listener.notifications(timeout=1.0)]
+        assert got == ["lent"]
+        assert await _listening_channels(mine) == 0
+        assert not mine.pgconn.nonblocking
+        assert not mine.closed
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_async_listener_lent_async_connection_is_used_then_handed_back_clean(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as mine:
+        pid = mine.info.backend_pid
+        async with pgherald.AsyncListener(mine, channels=["Lent"]) as listener:
+            assert listener.backend_pid == pid
+            await anyio.to_thread.run_sync(pgherald.notify, conn, "Lent", "lent")
+            got = [n.payload async for n in listener.notifications(timeout=1.0)]
+        assert got == ["lent"]
+        cur = await mine.execute("SELECT count(*) FROM pg_listening_channels()")
+        assert await cur.fetchone() == (0,)
+        assert not mine.closed
+
+
+@pytest.mark.anyio
+async def test_async_listener_lent_connection_must_be_idle_in_autocommit(dsn: str) -> None:
+    with psycopg.connect(dsn) as in_tx:
+        with pytest.raises(pgherald.TransactionStateError, match="autocommit"):
+            pgherald.AsyncListener(in_tx)
+        in_tx.execute("SELECT 1")
+        with pytest.raises(pgherald.TransactionStateError, match=r"in a transaction \(INTRANS\)"):
+            pgherald.AsyncListener(in_tx)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_async_listener_lent_async_connection_must_be_idle_in_autocommit(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as in_tx:
+        with pytest.raises(pgherald.TransactionStateError, match="autocommit"):
+            pgherald.AsyncListener(in_tx)
+
+
+@pytest.mark.anyio
+async def test_async_listener_lent_connection_lost_then_it_reconnects_on_its_own(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    gaps: list[pgherald.Gap] = []
+    with psycopg.connect(dsn, autocommit=True) as mine:
+        lent_pid = mine.info.backend_pid
+        async with pgherald.AsyncListener(mine, channels=["L"], on_gap=gaps.append) as listener:
+            await anyio.to_thread.run_sync(
+                lambda: conn.execute("SELECT pg_terminate_backend(%s)", (lent_pid,))
+            )
+            async for _ in listener.notifications(timeout=2.0):
+                pass  # nothing is sent: this only runs the listener until it has recovered
+            assert [g.reason for g in gaps] == ["reconnect"]
+            assert listener.backend_pid not in (None, lent_pid)
+            await anyio.to_thread.run_sync(pgherald.notify, conn, "L", "after")
+            got = [n.payload async for n in listener.notifications(timeout=1.0)]
+        assert got == ["after"]
+        assert not mine.closed  # lost, but the application's to close, never ours
+
+
 def test_subscribe_from_another_thread_returns_once_listening(
     dsn: str, conn: psycopg.Connection
 ) -> None:
