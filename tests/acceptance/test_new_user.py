@@ -361,6 +361,29 @@ def test_serve_without_the_gateway_extra_is_one_line(dsn: str) -> None:
     assert "starlette" in line
 
 
+def test_the_command_without_the_cli_extra_says_how_to_get_it(dsn: str) -> None:
+    # cli.md: without click (the `cli` extra) the command is one line and exit status 2.
+    out = subprocess.run(
+        [
+            pgherald_cmd()[0],
+            "-c",
+            "import sys; sys.modules['click'] = None; from pgherald.cli import main; main()",
+            "listen",
+            "ch",
+        ],
+        env=cli_env(dsn),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert (out.returncode, out.stdout, out.stderr) == (
+        2,
+        "",
+        "pgherald: the command line needs the 'cli' extra: pip install 'pgherald[cli]'\n",
+    )
+
+
 def test_serve_with_a_file_that_is_not_a_key_refuses_to_start(dsn: str, tmp_path: object) -> None:
     from pathlib import Path
 
@@ -399,6 +422,25 @@ def test_serve_short_jwt_secret_is_refused_with_a_hint(dsn: str) -> None:
     line = one_line_error(run(dsn, "serve", "--jwt-secret", "abc"), status=2)
     assert "at least 32" in line
     assert "secrets.token_urlsafe" in line
+
+
+def test_serve_with_durable_channels_and_no_schema_is_one_line(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    """On a server of the user's (a DSN given), serve does not install the schema: it names
+    the fix and exits before serving."""
+    from pgherald._schema import MISSING
+
+    port = str(free_port())
+    args = ["serve", "--allow-anonymous", "orders", "--durable-channel", "orders", "--port", port]
+    out = run(dsn, *args)
+    assert one_line_error(out) == f"pgherald: error: {MISSING}"
+    assert "pgherald gateway on" not in out.stdout  # it never got as far as serving
+    assert not schema_exists(conn)
+    # Plain channels need no schema: the same database serves them (so the line above was
+    # about the durable channel, not the database).
+    with serving(dsn, "--allow-anonymous", "orders"):
+        pass
 
 
 def test_serve_port_taken_is_one_line_with_a_hint(dsn: str) -> None:

@@ -866,6 +866,87 @@ def test_queue_limit_gives_up_queue_position(dsn: str, conn: psycopg.Connection)
     check.check_prefix()
 
 
+@pytest.mark.anyio
+async def test_async_queue_limit_gives_up_queue_position(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    # The same on AsyncListener (asyncio and trio): its handler is a coroutine that waits.
+    blocked = anyio.Event()
+    release = anyio.Event()
+    gaps: list[pgherald.Gap] = []
+    check = BurstCheck()
+    after: list[str] = []
+
+    async def handler(n: pgherald.Notification) -> None:
+        if n.payload == "start":
+            t0 = time.monotonic()
+            blocked.set()
+            with anyio.fail_after(10):
+                await release.wait()
+            # Past the delivery budget (1 s, more than queue_check_interval): an async
+            # delivery goes on reading while its budget lasts (the burst would be read in a
+            # fraction of it), and the check comes when it hands control back.
+            await anyio.sleep(max(0.0, t0 + 1.2 - time.monotonic()))
+        elif n.payload.startswith("after"):
+            after.append(n.payload)
+        else:
+            check.take(n)
+
+    def sql(query: str, *params: object) -> Any:
+        return anyio.to_thread.run_sync(lambda: _sql(conn, query, *params))
+
+    async with pgherald.AsyncListener(
+        dsn,
+        channels=["burst"],
+        on_gap=gaps.append,
+        queue_check_interval=QUEUE_CHECK,
+        queue_max_usage=1e-9,  # any backlog at all is too much
+        queue_warn_usage=1e-9,
+        **FAST,
+    ) as listener:
+        listener.on("burst")(handler)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.run)
+            await anyio.to_thread.run_sync(pgherald.notify, conn, "burst", "start")
+            with anyio.fail_after(5):
+                await blocked.wait()
+            old_pid = listener.backend_pid
+            await anyio.to_thread.run_sync(
+                lambda: send_burst(
+                    conn,
+                    "burst",
+                    transactions=BURST_TX,
+                    per_transaction=BURST_PER_TX,
+                    size=BURST_SIZE,
+                )
+            )
+            usage_behind = await anyio.to_thread.run_sync(queue_usage, conn)
+            assert usage_behind > 0
+            release.set()
+            await await_until(lambda: gaps, 5.0, "on_gap(queue_limit)")
+            # The old session goes, and with it the backlog's queue position (see the sync test).
+            with anyio.fail_after(5):  # polling the server: there is no event to wait on
+                while await sql("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", old_pid):  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+                while await sql("SELECT pg_notification_queue_usage()") > usage_behind * 0.1:  # noqa: ASYNC110
+                    await anyio.sleep(0.05)
+            assert check.count < BURST // 2, "the backlog was consumed, not given up"
+            for payload in ("after-1", "after-2"):
+                await anyio.to_thread.run_sync(pgherald.notify, conn, "burst", payload)
+            await await_until(lambda: len(after) >= 2, 5.0, "notifications after the gap")
+            new_pid = listener.backend_pid
+            listener.stop()
+    (gap,) = gaps
+    assert gap.reason == "queue_limit"
+    assert gap.error is not None
+    assert "full" in gap.error
+    assert listener.stats.queue_checks >= 1
+    assert listener.stats.reconnects == 1
+    assert new_pid not in (None, old_pid)
+    assert after == ["after-1", "after-2"]
+    check.check_prefix()
+
+
 def test_queue_warn_usage_logs_and_keeps_going(
     dsn: str, conn: psycopg.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -517,6 +517,53 @@ def test_healthz_and_metrics(dsn: str, conn: psycopg.Connection[Any]) -> None:
         assert re.search(r"^pgherald_gateway_notify_queue_usage [0-9.e-]+$", text, re.MULTILINE)
 
 
+def test_healthz_is_a_503_while_the_database_is_unreachable_and_a_200_once_back(
+    dsn: str, fault_proxy: Any
+) -> None:
+    """A load balancer reads /healthz: 503 with the same keys while the gateway's path to the
+    database is down (its connections cut, new ones refused), 200 again once it is back."""
+    app = create_app(fault_proxy.dsn_for(dsn), allow_anonymous=["m"])
+    hub = hub_of(app)
+    with serve(app) as base, httpx.Client(base_url=base, timeout=10.0) as http:
+        health = http.get("/healthz")
+        assert (health.status_code, health.json()) == (200, {"database": True, "listener": True})
+        fault_proxy.refuse()
+        fault_proxy.sever()
+        # Waited for so that the answer is exact: the listener learns of the cut by itself.
+        wait_until(lambda: not hub.healthy_listener, 10, "the listener to see the cut")
+        started = time.monotonic()
+        health = http.get("/healthz")
+        assert (health.status_code, health.json()) == (503, {"database": False, "listener": False})
+        assert time.monotonic() - started < 4  # database_ok's bound: 3 s, not a hang
+        fault_proxy.allow()
+        # The listener reconnects after its back-off: no restart of the gateway needed.
+        wait_until(lambda: http.get("/healthz").status_code == 200, 30, "/healthz to be 200")
+        assert http.get("/healthz").json() == {"database": True, "listener": True}
+
+
+@pytest.mark.anyio
+async def test_a_gateway_with_durable_channels_does_not_start_without_the_schema(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """create_app mounted in an app of yours: its lifespan fails, naming the fix, and leaves
+    no session of its own behind."""
+    app = create_app(dsn, allow_anonymous=["orders"], durable_channels=["orders"])
+    entered = False
+    with pytest.raises(pgherald.SchemaMissing, match="pgherald install"), anyio.fail_after(10):
+        async with app.router.lifespan_context(app):
+            entered = True
+    assert not entered
+
+    def sessions() -> list[tuple[Any, ...]]:
+        return conn.execute(
+            "SELECT application_name FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'pgherald-gateway%'"
+        ).fetchall()
+
+    # A backend goes from pg_stat_activity shortly after its client hangs up: polled.
+    wait_until(lambda: not sessions(), 5, "the gateway's sessions to end")
+
+
 def test_live_page_in_a_browser(dsn: str, tmp_path: Path) -> None:
     chromium, driver_path = shutil.which("chromium"), shutil.which("chromedriver")
     if not (chromium and driver_path):

@@ -242,6 +242,54 @@ def test_a_publish_body_over_the_limit_is_a_413(dsn: str) -> None:
             assert closed.value.rcvd.code == 1009
 
 
+NOTIFY_LIMIT = (
+    "payload is 8000 bytes; NOTIFY payloads must be under 8000 bytes: send a reference "
+    "(a row id) and read the data from a table instead"
+)
+
+
+def test_a_plain_publish_of_8000_bytes_is_a_413_and_delivers_nothing(
+    dsn: str, conn: psycopg.Connection[Any]
+) -> None:
+    """PostgreSQL refuses NOTIFY payloads of 8000 bytes or more: HTTP says 413, WebSocket an
+    error message, both naming the limit; a durable channel (the log) takes them."""
+    pgherald.install(conn)
+    app = create_app(dsn, jwt_secret=SECRET, durable_channels=["orders"], poll_interval=0.1)
+    tok = token(["chat.*", "orders"], "rw")
+    auth = {"Authorization": f"Bearer {tok}"}
+    with (
+        serve(app) as base,
+        httpx.Client(base_url=base, timeout=10.0, headers=auth) as http,
+        sse(base, "chat.a", tok=tok) as stream,
+        ws_connect(base.replace("http", "ws") + "/ws?token=" + tok) as ws,
+    ):
+        stream.ready()
+        ws.send(json.dumps({"type": "subscribe", "channels": ["chat.a"]}))
+        assert json.loads(ws.recv(5))["type"] == "subscribed"
+        answer = http.post("/publish/chat.a", json="x" * 8000)  # a JSON string: sent as is
+        assert (answer.status_code, answer.json()) == (413, {"error": NOTIFY_LIMIT})
+        # Bytes of UTF-8, not characters: 4000 of 'é' are 8000 bytes.
+        ws.send(json.dumps({"type": "publish", "channel": "chat.a", "payload": "é" * 4000}))
+        assert json.loads(ws.recv(5)) == {"type": "error", "message": NOTIFY_LIMIT}
+        # One byte under the limit goes through; being the next event each client gets, it
+        # shows that neither refused payload was delivered (NOTIFYs arrive in order).
+        answer = http.post("/publish/chat.a", json="y" * 7999)
+        assert (answer.status_code, answer.json()) == (200, {"ok": True})
+        assert stream.next(within=5) == {"event": "chat.a", "data": "y" * 7999}
+        assert json.loads(ws.recv(5)) == {
+            "type": "event",
+            "channel": "chat.a",
+            "payload": "y" * 7999,
+        }
+        durable = http.post("/publish/orders", json="x" * 8000)
+        assert durable.status_code == 200, durable.text
+        row = conn.execute(
+            "SELECT length(payload #>> '{}') FROM pgherald.events_v1 WHERE id = %s",
+            (durable.json()["id"],),
+        ).fetchone()
+        assert row == (8000,)
+
+
 def test_a_publish_body_that_never_ends_is_a_408(dsn: str) -> None:
     app = create_app(dsn, jwt_secret=SECRET, body_timeout=0.5)
     tok = token(["chat.*"], "w")

@@ -202,37 +202,39 @@ class Hub:
         """Connect, start listening (and tailing), and on exit end every stream."""
         if self.durable and self.source is not None and not on_asyncio():
             raise UsageError("the gateway's NATS source runs on asyncio only (nats-py does)")
-        async with self.listener:
-            if self.durable and self.source is not None:
-                await self._check_schema(self.db)  # (resuming still reads the log)
-            elif self.durable:
-                await self._check_schema(self._tail_db)
-                await self.listener.subscribe(WAKE_CHANNEL)
-                horizon = await self._tail_db.named("log_horizon", {}, doing="read the log")
-                self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self.listener.run)
-                tg.start_soon(_supervised, self._housekeeping)
-                self._flush = new_signal()
-                self._dirty = []  # (a hub run again: what an earlier run left is gone)
-                self.inline = self.inline_writes and on_asyncio()
-                tg.start_soon(_supervised, self._flusher)
-                tg.start_soon(_supervised, self._watch_queue_guard)
-                tg.start_soon(_supervised, self._rediscover)
+        try:
+            async with self.listener:
                 if self.durable and self.source is not None:
-                    tg.start_soon(_supervised, self._tail_nats)
+                    await self._check_schema(self.db)  # (resuming still reads the log)
                 elif self.durable:
-                    tg.start_soon(_supervised, self._tail)
-                self._running = True
-                try:
-                    yield self
-                finally:
-                    self._running = False
-                    self.close_all("server shutting down")
-                    self.listener.stop()
-                    tg.cancel_scope.cancel()
-        self.db.close()
-        self._tail_db.close()
+                    await self._check_schema(self._tail_db)
+                    await self.listener.subscribe(WAKE_CHANNEL)
+                    horizon = await self._tail_db.named("log_horizon", {}, doing="read the log")
+                    self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self.listener.run)
+                    tg.start_soon(_supervised, self._housekeeping)
+                    self._flush = new_signal()
+                    self._dirty = []  # (a hub run again: what an earlier run left is gone)
+                    self.inline = self.inline_writes and on_asyncio()
+                    tg.start_soon(_supervised, self._flusher)
+                    tg.start_soon(_supervised, self._watch_queue_guard)
+                    tg.start_soon(_supervised, self._rediscover)
+                    if self.durable and self.source is not None:
+                        tg.start_soon(_supervised, self._tail_nats)
+                    elif self.durable:
+                        tg.start_soon(_supervised, self._tail)
+                    self._running = True
+                    try:
+                        yield self
+                    finally:
+                        self._running = False
+                        self.close_all("server shutting down")
+                        self.listener.stop()
+                        tg.cancel_scope.cancel()
+        finally:  # also when it fails to start (no schema): no session left behind
+            self.db.close()
+            self._tail_db.close()
 
     def close_all(self, reason: str) -> None:
         """End every client's stream with *reason* (at shutdown)."""
