@@ -479,6 +479,36 @@ def test_server_restart(cdc_dsn: str, pg: OwnServer, reader: Callable[..., Reade
     r.stop()
 
 
+@pytest.mark.anyio
+async def test_async_server_restart(cdc_dsn: str, pg: OwnServer) -> None:
+    """`test_server_restart` for `AsyncChangeStream`, on asyncio and trio."""
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    stream = pgherald.AsyncChangeStream(
+        cdc_dsn, slot="s_arestart", tables=["t"], status_interval=0.5
+    )
+    events: list[ChangeEvent] = []
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(stream.run, events.append)
+            await await_until(lambda: slot_ready(cdc_dsn, "s_arestart"), 10, "the stream")
+            # As in the sync test: all acknowledged, then a crash, so the server restarts at
+            # the slot's older saved position and only the stream knows how far it got.
+            sql(cdc_dsn, *(f"INSERT INTO t VALUES ({i})" for i in range(1, 31)))
+            await await_until(lambda: len(events) >= 30, 10, "30 changes")
+            end = current_lsn(cdc_dsn)
+            await await_until(
+                lambda: confirmed(cdc_dsn, "s_arestart") >= end, 10, "all 30 acknowledged"
+            )
+            await anyio.to_thread.run_sync(pg.stop, "immediate")
+            await anyio.to_thread.run_sync(pg.start)
+            sql(cdc_dsn, "INSERT INTO t VALUES (31)")
+            await await_until(lambda: events[-1].key == "31", 30, "the change after the restart")
+            stream.stop()
+    keys = [int(e.key or 0) for e in events]
+    assert keys in (list(range(1, 32)), [*range(1, 31), 30, 31]), keys
+    assert stream._engine.reconnects >= 1
+
+
 def test_partitioned_table_given_again(cdc_dsn: str, reader: Callable[..., Reader]) -> None:
     """A partitioned table already in the publication (published as its partitions) is
     recognised: the stream starts and reads its partitions' changes."""

@@ -226,7 +226,14 @@ class ReplicationEngine:
                     self._stale_pid = None
             backfill = yield from self._prepare(ctl)
             start_lsn = self._start_lsn(self._slot_known)
-            repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
+            try:
+                repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
+            except ConnectError as exc:
+                # The server refuses a walsender to a role without REPLICATION at connection
+                # time: a privilege no retry fixes, not an unreachable server.
+                if any(refusal in str(exc) for refusal in _NO_REPLICATION_ROLE):
+                    raise _needs_replication_role(pgwire.one_line(exc)) from None
+                raise
             self.pgconn = repl
             yield from self._check_replication(repl)
             if backfill is not None:
@@ -810,15 +817,25 @@ def _failed(exc: pgwire.QueryFailed) -> HeraldError:
     return error
 
 
+_NO_REPLICATION_ROLE = (
+    "must be superuser or replication role",  # PostgreSQL 15 and before
+    "permission denied to start WAL sender",  # 16 and later
+)
+
+
+def _needs_replication_role(reason: str) -> UsageError:
+    return UsageError(
+        f"the server refused ({reason}): change data capture needs a role with the "
+        "REPLICATION attribute (ALTER ROLE ... REPLICATION) that owns the tables, or a "
+        "superuser"
+    )
+
+
 def _failed_setup(exc: pgwire.QueryFailed) -> HeraldError:
     from .._errormap import from_sqlstate
 
-    if exc.sqlstate == "42501" or "must be superuser or replication role" in str(exc):
-        return UsageError(
-            f"the server refused ({exc}): change data capture needs a role with the "
-            "REPLICATION attribute (ALTER ROLE ... REPLICATION) that owns the tables, or a "
-            "superuser"
-        )
+    if exc.sqlstate == "42501" or any(r in str(exc) for r in _NO_REPLICATION_ROLE):
+        return _needs_replication_role(str(exc))
     if exc.sqlstate == "53400":  # all replication slots are in use
         return UsageError(
             f"the server refused ({exc}): raise max_replication_slots (needs a restart), or "
