@@ -310,22 +310,30 @@ class RedisSink:
     ) -> int:
         import redis.exceptions
 
+        # The read's refusal was a try of the first event Redis refuses on its own: it counts
+        # towards max_attempts (a read of one event is not sent again for nothing).
+        carried = 1
         for i, event in enumerate(events):
-            for attempt in range(1, self.max_attempts + 1):
-                try:
-                    (added,) = await self._send([event], redelivery)
-                    self.added += int(added)
-                    relay.stats.duplicates += 1 - int(added)
-                    break
-                except redis.exceptions.ResponseError as exc:
-                    error = exc
-                    if attempt == self.max_attempts:  # the relay logs it
-                        raise Refused(i, f"Redis refused it ({attempts(attempt)}): {exc}") from None
-                    if not await relay.pause(attempt, f"Redis refused event {event.id} ({exc})"):
+            tries = 0
+            while True:
+                if len(events) == 1 and carried:
+                    tries, carried = carried, 0
+                else:
+                    try:
+                        (added,) = await self._send([event], redelivery)
+                        self.added += int(added)
+                        relay.stats.duplicates += 1 - int(added)
+                        break
+                    except redis.exceptions.ResponseError as exc:
+                        error = exc
+                        tries, carried = tries + 1 + carried, 0
+                    except Exception as exc:
+                        logger.warning("no answer from Redis at %s (%s)", self.target, exc)
+                        await self._drop()
                         return i
-                except Exception as exc:
-                    logger.warning("no answer from Redis at %s (%s)", self.target, exc)
-                    await self._drop()
+                if tries >= self.max_attempts:  # the relay logs it
+                    raise Refused(i, f"Redis refused it ({attempts(tries)}): {error}") from None
+                if not await relay.pause(tries, f"Redis refused event {event.id} ({error})"):
                     return i
         logger.debug("a batch failed (%s) but each of its events went through", error)
         return len(events)

@@ -18,6 +18,7 @@ relay. Delivery is at least once: receivers de-duplicate on ``Pgherald-Event-Id`
 
 from __future__ import annotations
 
+import datetime
 import email.utils
 import hashlib
 import hmac
@@ -64,6 +65,8 @@ def retry_after(value: str | None, now: float) -> float:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
         return 0.0
+    if when.tzinfo is None:  # asctime form or "-0000": HTTP dates are GMT, not local time
+        when = when.replace(tzinfo=datetime.timezone.utc)
     return min(max(when.timestamp() - now, 0.0), MAX_RETRY_AFTER)
 
 

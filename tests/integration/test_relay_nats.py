@@ -16,7 +16,7 @@ import pytest
 import pgherald
 from tests.fix_brokers import OwnNats, RelayProcess, dead_again, publish_paced, relay_thread
 from tests.fix_durable import uncovered
-from tests.fix_faults import wait_until
+from tests.fix_faults import await_until, wait_until
 
 nats = pytest.importorskip("nats", reason="the relay tests need the 'relay' extra (nats-py)")
 
@@ -496,3 +496,51 @@ def test_stop_is_prompt_while_jetstream_is_frozen(
         own_nats.proc.send_signal(signal.SIGCONT)
         relay.stop()
         t.join(10)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_event_jetstream_refuses_is_tried_max_attempts_times_then_dead_lettered(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    stream = unique.upper()
+    subject = f"{unique}.orders"
+    await _edit_stream(nats_url, stream, subjects=[subject], max_msg_size=256)
+    # A plain subscriber sees every publish of the event, refused by JetStream or not.
+    nc = await nats.connect(nats_url)
+    tries: list[str] = []
+
+    async def seen(msg: Any) -> None:
+        tries.append(msg.headers["Nats-Msg-Id"])
+
+    await nc.subscribe(subject, cb=seen)
+    await nc.flush()
+    event = pgherald.publish(conn, "orders", {"pad": "x" * 1000})
+    relay = pgherald.AsyncRelay(
+        installed,
+        to=nats_url,
+        channels=["orders"],
+        stream=stream,
+        subject=f"{unique}.{{channel}}",
+        max_attempts=3,
+        retry_delay=0.01,
+        retry_max_delay=0.05,
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        await await_until(lambda: relay.stats.dead_lettered == 1, 10, "the event dead-lettered")
+        # Each publish reached the subscriber before JetStream's refusal reached the relay:
+        # after a round trip every one of them is in.
+        await nc.flush()
+        assert tries == [str(event)] * 3
+        assert relay.stats.retries == 2
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+        await nc.close()
+        await _delete_stream(nats_url, stream)
+    (dead,) = pgherald.dead_letters(conn, "relay")
+    assert dead.event_id == event
+    assert "JetStream refused it (3 attempts): message size exceeds maximum allowed" in dead.error
+    assert relay.stats.relayed == 0
+    assert uncovered(conn, "relay") == 0  # the group moved past it

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from typing import Any
 
 import psycopg
@@ -260,3 +261,94 @@ def test_a_redelivered_dead_letter_is_appended_late_and_once(
     finally:
         delete(redis_url, unique, f"{unique}:pgherald-positions", f"{unique}:pgherald-redelivered")
         client.close()
+
+
+def test_an_unreachable_redis_is_retried_until_stop_then_relays_once_it_is_back(
+    installed: str, conn: psycopg.Connection, own_redis: OwnRedis
+) -> None:
+    """Redis down: retried for ever (never dead-lettered), stop() is prompt, and once Redis
+    listens again the events arrive, exactly once."""
+    own_redis.stop()  # its port now refuses connections
+    ids = [pgherald.publish(conn, "orders", {"n": n}, key="k") for n in range(3)]
+    options: dict[str, Any] = {
+        "to": own_redis.url,
+        "channels": ["orders"],
+        "stream": "back",
+        "retry_delay": 0.01,
+        "retry_max_delay": 0.05,
+    }
+    relay = pgherald.Relay(installed, **options)
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.retries >= 5, 10, "five retries")
+        assert relay.stats.connects == 0
+        assert relay.stats.dead_lettered == 0
+    finally:
+        started = time.monotonic()
+        relay.stop()
+        t.join(10)
+    took = time.monotonic() - started
+    assert not t.is_alive()
+    assert took < 1.0, f"stop took {took:.2f}s"
+    assert relay.stats.relayed == 0
+    assert uncovered(conn, "relay") == 3  # not acknowledged: they come again
+    assert pgherald.dead_letters(conn, "relay") == []
+
+    # A relay retrying while Redis comes back connects and relays what waited.
+    relay = pgherald.Relay(installed, **options)
+    with relay_thread(relay) as t:
+        wait_until(lambda: relay.stats.retries >= 2, 10, "the relay retrying")
+        own_redis.start()
+        wait_until(lambda: uncovered(conn, "relay") == 0, 10, "the events relayed")
+    assert not t.is_alive()
+    assert relay.stats.relayed == 3
+    assert relay.stats.connects == 1
+    assert relay.stats.dead_lettered == 0
+    assert [int(f["id"]) for f in entries(own_redis.url, "back")] == ids
+
+
+def _wrongtype_errors(url: str) -> int:
+    """How many commands this Redis answered WRONGTYPE (since it started)."""
+    client = redis.Redis.from_url(url)
+    try:
+        stats = client.info("errorstats")
+    finally:
+        client.close()
+    return int(stats.get("errorstat_WRONGTYPE", {}).get("count", 0))
+
+
+@pytest.mark.parametrize("alone", [True, False], ids=["alone", "in-a-read-with-others"])
+def test_an_event_redis_refuses_is_tried_max_attempts_times_then_dead_lettered(
+    installed: str, conn: psycopg.Connection, own_redis: OwnRedis, alone: bool
+) -> None:
+    client = redis.Redis.from_url(own_redis.url)
+    try:
+        client.set("r:refunds", "not a stream")  # WRONGTYPE: Redis refuses every XADD to it
+    finally:
+        client.close()
+    # In a read with others, the read's refusal is the first try (then one by one).
+    with conn.transaction():
+        before = [] if alone else [pgherald.publish(conn, "orders", {"n": 0}, key="k")]
+        event = pgherald.publish(conn, "refunds", {"n": 1}, key="k")
+        after = [] if alone else [pgherald.publish(conn, "orders", {"n": 2}, key="k")]
+    relay = pgherald.Relay(
+        installed,
+        to=own_redis.url,
+        channels=["orders", "refunds"],
+        stream="r:{channel}",
+        max_attempts=3,
+        retry_delay=0.01,
+        retry_max_delay=0.05,
+    )
+    with relay_thread(relay) as t:
+        wait_until(lambda: uncovered(conn, "relay") == 0, 10, "every event settled")
+    assert not t.is_alive()
+    assert _wrongtype_errors(own_redis.url) == 3  # tried 3 times, no more
+    (dead,) = pgherald.dead_letters(conn, "relay")
+    assert dead.event_id == event
+    assert "Redis refused it (3 attempts): WRONGTYPE" in dead.error
+    assert relay.stats.dead_lettered == 1
+    # Alone: a backoff before each try again; else the first one by one goes at once.
+    assert relay.stats.retries == (2 if alone else 1)
+    assert [int(f["id"]) for f in entries(own_redis.url, "r:orders")] == before + after

@@ -15,7 +15,7 @@ import pytest
 import pgherald
 from tests.fix_brokers import SECRET, Receiver, publish_paced
 from tests.fix_durable import _OnAThread, uncovered
-from tests.fix_faults import FaultProxy, await_until, wait_until
+from tests.fix_faults import FaultProxy, SilentServer, await_until, free_port, wait_until
 
 
 def running(relay: pgherald.Relay) -> threading.Thread:
@@ -265,3 +265,62 @@ def _get(url: str) -> str:
 
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
+
+
+def test_a_webhook_nobody_listens_on_is_tried_max_attempts_times_then_dead_lettered(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    event = pgherald.publish(conn, "orders", {"n": 1})
+    relay = pgherald.Relay(
+        installed,
+        to=f"http://127.0.0.1:{free_port()}/hook",  # connection refused
+        channels=["orders"],
+        secret=SECRET,
+        max_attempts=3,
+        retry_delay=0.005,
+        retry_max_delay=0.02,
+    )
+    t = running(relay)
+    try:
+        wait_until(lambda: uncovered(conn, "relay") == 0, 10, "the event settled")
+    finally:
+        relay.stop()
+        t.join(10)
+    (dead,) = pgherald.dead_letters(conn, "relay")
+    assert dead.event_id == event
+    assert "failed 3 times: ConnectError" in dead.error
+    assert relay.stats.retries == 2  # 3 tries: a backoff between each
+    assert relay.stats.dead_lettered == 1
+    assert relay.stats.relayed == 0
+
+
+def test_a_webhook_that_never_answers_times_out_max_attempts_times_then_is_dead_lettered(
+    installed: str, conn: psycopg.Connection, silent_server: SilentServer
+) -> None:
+    event = pgherald.publish(conn, "orders", {"n": 1})
+    relay = pgherald.Relay(
+        installed,
+        to=f"http://127.0.0.1:{silent_server.port}/hook",
+        channels=["orders"],
+        secret=SECRET,
+        max_attempts=3,
+        timeout=0.2,
+        retry_delay=0.005,
+        retry_max_delay=0.02,
+    )
+    t = running(relay)
+    try:
+        wait_until(lambda: uncovered(conn, "relay") == 0, 10, "the event settled")
+    finally:
+        relay.stop()
+        t.join(10)
+    (dead,) = pgherald.dead_letters(conn, "relay")
+    assert dead.event_id == event
+    assert "failed 3 times: ReadTimeout" in dead.error
+    # A timed-out request's connection is not used again: one connection per try (accepted
+    # by the server's thread, maybe just after the relay gave up).
+    wait_until(lambda: len(silent_server.accepted) >= 3, 5, "three connections")
+    assert len(silent_server.accepted) == 3
+    assert relay.stats.retries == 2
+    assert relay.stats.dead_lettered == 1
+    assert relay.stats.relayed == 0
