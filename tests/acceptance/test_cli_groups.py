@@ -191,11 +191,17 @@ def test_status_answers_fast_with_a_group_2m_events_behind(
     out = run(dsn, "status")
     command = time.monotonic() - started
     assert out.returncode == 0, out.stderr
-    print(f"status at {n:,} behind: {in_process:.3f}s in process, {command:.3f}s as a command")
+    # The command's own start-up (Python, click, psycopg, a connection: 0.4 s on a quiet
+    # machine, over 1 s on a loaded one), measured with a command that reads the catalog only.
+    started = time.monotonic()
+    assert run(dsn, "trigger", "list").returncode == 0
+    start_up = time.monotonic() - started
+    print(
+        f"status at {n:,} behind: {in_process:.3f}s in process, {command:.3f}s as a command "
+        f"({start_up:.3f}s for trigger list)"
+    )
     assert in_process < 1.0
-    # With the command's own start-up (Python, click, psycopg): about 0.4 s alone, more while
-    # other tests share the cores.
-    assert command < 2.0
+    assert command - start_up < 1.0
     assert g.lag_estimated
     assert abs(g.lag_events - n) < n * 0.05
     assert "'behind': ~2,0" in out.stdout or "'behind': ~1,9" in out.stdout

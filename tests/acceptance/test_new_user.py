@@ -272,11 +272,20 @@ def no_privilege_dsn(dsn: str, conn: psycopg.Connection) -> Iterator[str]:
 
 PRIVILEGED = {
     "consume",
+    "dead list",
+    "dead purge",
+    "dead redeliver",
+    "dead show",
     "groups delete",
     "groups reset",
     "install",
+    "maintain",
+    "partitions",
     "prune",
     "publish",
+    "relay",
+    "retention off",
+    "retention set",
     "schedule add",
     "schedule list",
     "schedule remove",
@@ -297,6 +306,23 @@ def test_role_without_privileges_is_one_line(
     line = one_line_error(run(no_privilege_dsn, *_walk_args(path), timeout=60))
     assert "privilege" in line or "USAGE" in line, line
     assert schema_exists(conn)  # nothing was dropped
+
+
+@pytest.mark.parametrize("path", ["ddl enable", "ddl disable"])
+def test_ddl_triggers_without_a_superuser_are_one_line(no_privilege_dsn: str, path: str) -> None:
+    # Event triggers are a superuser's: no grant makes them possible, so the line says so.
+    line = one_line_error(run(no_privilege_dsn, *_walk_args(path), timeout=60))
+    assert "need a superuser" in line, line
+
+
+def test_removing_a_trigger_of_a_table_the_role_does_not_own_is_one_line(
+    dsn: str, no_privilege_dsn: str, conn: psycopg.Connection
+) -> None:
+    # (`trigger list` and `remove` of a table without one need no privilege: the catalog.)
+    assert run(dsn, "trigger", "add", "orders").returncode == 0
+    line = one_line_error(run(no_privilege_dsn, "trigger", "remove", "orders", timeout=60))
+    assert "must be owner of" in line, line
+    assert run(dsn, "trigger", "list").stdout.startswith("public.orders:")  # still there
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ import click
 
 from .._relay import Relay
 from ._commands import cli, connection, dsn_option, finite_seconds, friendly, stop_on_signals
-from ._durable import parse_start
+from ._durable import parse_start, require_schema
 
 
 def parse_stream_options(values: tuple[str, ...]) -> dict[str, Any]:
@@ -199,8 +199,9 @@ def relay_cmd(
         metrics_host=metrics_host,
         stats_interval=stats_interval,
     )
-    with connection(dsn):  # fail before saying "relaying" when the database cannot be reached
-        pass
+    # Fail before saying "relaying" when the database cannot be reached or the log used.
+    with connection(dsn) as conn:
+        require_schema(conn)
     with stop_on_signals(relay.stop):
         click.echo(
             f"relaying {', '.join(map(repr, channels))} to {relay.target} "
