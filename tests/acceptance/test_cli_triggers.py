@@ -242,7 +242,7 @@ def start_watch(dsn: str, db: psycopg.Connection) -> Iterator[object]:
     def start(*args: str) -> subprocess.Popen[str]:
         proc = subprocess.Popen(
             pgherald_cmd("watch", *args),
-            env=cli_env(dsn),
+            env={**cli_env(dsn), "PYTHONFAULTHANDLER": "1"},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -274,9 +274,15 @@ def stop(proc: subprocess.Popen[str], sig: int = signal.SIGTERM) -> tuple[int, s
     try:
         out, err = proc.communicate(timeout=15)
     except subprocess.TimeoutExpired:
-        proc.kill()
-        out, err = proc.communicate()
-        pytest.fail(f"watch did not stop within 15 s of signal {sig}; its stderr: {err!r}")
+        # SIGABRT: faulthandler (PYTHONFAULTHANDLER, set by start_watch) writes where every
+        # thread of it was to stderr, for the failure to show where it hung.
+        proc.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        pytest.fail(f"watch did not stop within 15 s of signal {sig}; its stderr:\n{err}")
     return proc.returncode, out, err
 
 

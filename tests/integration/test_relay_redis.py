@@ -15,6 +15,7 @@ import pgherald
 from tests.fix_brokers import OwnRedis, RelayProcess, dead_again, publish_paced, relay_thread
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
+from tests.fix_server import OwnServer
 
 redis = pytest.importorskip("redis", reason="the relay tests need the 'relay' extra (redis-py)")
 
@@ -86,6 +87,40 @@ def test_twenty_thousand_events_through_two_relay_kills_and_a_redis_restart(
         publisher.join(60)
     check_exactly_once_in_key_order(entries(own_redis.url, stream), ids)
     assert relay.output().count("connected to Redis") >= 3, relay.output()
+
+
+@pytest.mark.slow
+def test_the_relay_goes_on_across_two_postgresql_restarts(
+    server: OwnServer, redis_url: str, unique: str
+) -> None:
+    """relay.md: PostgreSQL restarted, the relay's consumer reconnects and at most one read is
+    sent again (the script skips its copies): every event once, each key's in order."""
+    with psycopg.connect(server.dsn, autocommit=True) as c:
+        pgherald.install(c)
+    relay = pgherald.Relay(
+        server.dsn,
+        to=redis_url,
+        channels=["orders"],
+        stream=unique,
+        batch_size=250,
+        max_batch_size=500,
+    )
+    ids: list[int] = []
+    try:
+        with relay_thread(relay) as t:
+            for round_ in range(3):
+                ids += publish_paced(server.dsn, "orders", 2_000, 250, 0, keys=20)
+                if round_ < 2:  # once the relay is into this round's events, maybe mid-read
+                    at = len(ids) - 1_500
+                    wait_until(lambda at=at: relay.stats.relayed >= at, 20, "relaying")
+                    server.restart()
+            wait_until(lambda: length(redis_url, unique) >= len(ids), 30, "every event relayed")
+            assert t.is_alive(), "the relay ended"
+        check_exactly_once_in_key_order(entries(redis_url, unique), ids)
+        assert relay.stats.duplicates <= 2 * 500  # at most one read of 500 again per restart
+        assert relay._relay._consumer.stats.reconnects >= 2  # it did lose PostgreSQL twice
+    finally:
+        delete(redis_url, unique, f"{unique}:pgherald-positions")
 
 
 def test_a_redelivered_read_is_skipped_by_the_script(
