@@ -315,26 +315,27 @@ class RedisSink:
         carried = 1
         for i, event in enumerate(events):
             tries = 0
+            if len(events) == 1:
+                tries, carried = carried, 0
             while True:
-                if len(events) == 1 and carried:
-                    tries, carried = carried, 0
-                else:
-                    try:
-                        (added,) = await self._send([event], redelivery)
-                        self.added += int(added)
-                        relay.stats.duplicates += 1 - int(added)
-                        break
-                    except redis.exceptions.ResponseError as exc:
-                        error = exc
-                        tries, carried = tries + 1 + carried, 0
-                    except Exception as exc:
-                        logger.warning("no answer from Redis at %s (%s)", self.target, exc)
-                        await self._drop()
+                if tries:  # refused that many times: give up, or wait and send again
+                    if tries >= self.max_attempts:  # the relay logs it
+                        raise Refused(i, f"Redis refused it ({attempts(tries)}): {error}") from None
+                    if not await relay.pause(tries, f"Redis refused event {event.id} ({error})"):
                         return i
-                if tries >= self.max_attempts:  # the relay logs it
-                    raise Refused(i, f"Redis refused it ({attempts(tries)}): {error}") from None
-                if not await relay.pause(tries, f"Redis refused event {event.id} ({error})"):
+                try:
+                    (added,) = await self._send([event], redelivery)
+                except redis.exceptions.ResponseError as exc:
+                    error = exc
+                    tries, carried = tries + 1 + carried, 0
+                    continue
+                except Exception as exc:
+                    logger.warning("no answer from Redis at %s (%s)", self.target, exc)
+                    await self._drop()
                     return i
+                self.added += int(added)
+                relay.stats.duplicates += 1 - int(added)
+                break
         logger.debug("a batch failed (%s) but each of its events went through", error)
         return len(events)
 
