@@ -23,6 +23,7 @@ import pgherald
 from tests.fix_brokers import RelayProcess, publish_paced
 from tests.fix_cli import run
 from tests.fix_faults import wait_until
+from tests.fix_quiet import database_dropper, server_dsn  # noqa: F401 (a server of our own)
 
 redis = pytest.importorskip("redis", reason="the relay tests need the 'relay' extra (redis-py)")
 
@@ -82,9 +83,17 @@ def test_status_shows_a_running_relays_rate_and_no_entry_once_it_stopped(
             installed, to=redis_url, channels=["orders"], stream=stream, stats_interval=1.0
         )
     )
+    reports: list[dict[str, dict[str, object]]] = []
+
+    def moving() -> bool:
+        reports.append(status(installed))
+        return any(r["rate"] > 0 for r in reports[-1]["relay"]["relays"])  # type: ignore[attr-defined]
+
     try:
         wait_until(lambda: any(r.rate > 0 for r in relays(conn)), 10, "a row with a rate")
-        report = status(installed)
+        # The CLI reads the row a moment later: the interval it shows moved events too.
+        wait_until(moving, 15, "`pgherald status --json` showing a rate")
+        report = reports[-1]
     finally:
         done.set()
         publisher.join(10)
