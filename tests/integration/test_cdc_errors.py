@@ -102,6 +102,30 @@ def test_role_without_replication(cdc_dsn: str, plain_role: str) -> None:
     assert "s_norepl" not in slots(cdc_dsn)
 
 
+@pytest.mark.parametrize("before", ["no_publication", "publication_of_another_table"])
+def test_role_without_replication_leaves_the_publication_as_it_was(
+    cdc_dsn: str, plain_role: str, before: str
+) -> None:
+    # The role may create publications (CREATE on the database, owner of the tables), so the
+    # publication is made or changed before the replication connection is refused.
+    role = plain_role.split("://", 1)[1].split("@", 1)[0]
+    sql(
+        cdc_dsn,
+        f"DO $$ BEGIN EXECUTE format('GRANT CREATE ON DATABASE %I TO {role}', "
+        "current_database()); END $$",
+        "CREATE TABLE u (id int PRIMARY KEY)",
+        f"ALTER TABLE u OWNER TO {role}",
+    )
+    if before == "publication_of_another_table":
+        sql(plain_role, "CREATE PUBLICATION s_undo FOR TABLE u")
+    expected = published(cdc_dsn, "s_undo")
+    with pytest.raises(pgherald.UsageError) as info:
+        read_one(plain_role, slot="s_undo", tables=["t"])
+    assert "needs a role with the REPLICATION attribute" in str(info.value)
+    assert published(cdc_dsn, "s_undo") == expected  # None, or {"u"}: t was taken back
+    assert "s_undo" not in slots(cdc_dsn)
+
+
 # (setup SQL, ChangeStream arguments, key words of the error)
 CREATE_FALSE: dict[str, tuple[list[str], dict[str, Any], list[str]]] = {
     "publication_lacks_a_table": (

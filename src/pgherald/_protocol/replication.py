@@ -159,6 +159,8 @@ class ReplicationEngine:
         self._stale_pid: int | None = None
         """The server process of a stream we lost: it may hold the slot until the server
         notices (a half-open connection: wal_sender_timeout, 60 s by default)."""
+        self._undo: list[str] = []
+        """DDL that takes back what this open did to the publication, until the slot exists."""
 
     # -- the state machine --
 
@@ -227,26 +229,14 @@ class ReplicationEngine:
             backfill = yield from self._prepare(ctl)
             start_lsn = self._start_lsn(self._slot_known)
             try:
-                repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
-            except ConnectError as exc:
-                # The server refuses a walsender to a role without REPLICATION at connection
-                # time: a privilege no retry fixes, not an unreachable server.
-                if any(refusal in str(exc) for refusal in _NO_REPLICATION_ROLE):
-                    raise _needs_replication_role(pgwire.one_line(exc)) from None
+                repl = yield from self._start_session(ctl, backfill)
+            except Exception:
+                # No slot came of it: leave no publication behind either (what `cdc add` does).
+                if self._undo and not self._slot_known:
+                    yield from self._undo_publication(ctl)
                 raise
-            self.pgconn = repl
-            yield from self._check_replication(repl)
-            if backfill is not None:
-                try:
-                    yield from self._create_slot_and_backfill(repl, ctl)
-                except (pgwire.QueryFailed, pgwire.QueryTimeout, OSError) as exc:
-                    raise _incomplete_backfill(cfg.slot, exc) from None
-                except Exception as exc:
-                    if pgwire.is_connection_error(exc):
-                        raise _incomplete_backfill(cfg.slot, exc) from None
-                    raise
-            elif not self._slot_known:
-                yield from self._create_slot(repl)
+            finally:
+                self._undo = []
         except ConnectError as exc:
             if first:
                 raise
@@ -300,6 +290,50 @@ class ReplicationEngine:
         self._sent_flush = 0  # tell the new session where we are at the first chance
         self._streaming_pid = repl.backend_pid
         self._stale_pid = None
+
+    def _start_session(
+        self, ctl: pq.abc.PGconn, backfill: str | None
+    ) -> Generator[Any, Any, pq.abc.PGconn]:
+        """Open the replication connection; create the slot (and backfill) when it is new."""
+        cfg = self.config
+        try:
+            repl = yield from self._connect(_replication_conninfo(cfg.conninfo))
+        except ConnectError as exc:
+            # The server refuses a walsender to a role without REPLICATION at connection
+            # time: a privilege no retry fixes, not an unreachable server.
+            if any(refusal in str(exc) for refusal in _NO_REPLICATION_ROLE):
+                raise _needs_replication_role(pgwire.one_line(exc)) from None
+            raise
+        self.pgconn = repl
+        yield from self._check_replication(repl)
+        if backfill is not None:
+            try:
+                yield from self._create_slot_and_backfill(repl, ctl)
+            except (pgwire.QueryFailed, pgwire.QueryTimeout, OSError) as exc:
+                raise _incomplete_backfill(cfg.slot, exc) from None
+            except Exception as exc:
+                if pgwire.is_connection_error(exc):
+                    raise _incomplete_backfill(cfg.slot, exc) from None
+                raise
+        elif not self._slot_known:
+            yield from self._create_slot(repl)
+        return repl
+
+    def _undo_publication(self, ctl: pq.abc.PGconn) -> PQGen:
+        """Take back what `_prepare` did to the publication (best effort: it logs a failure)."""
+        try:
+            for statement in self._undo:
+                yield from pgwire.execute(
+                    ctl, statement.encode(), time.monotonic() + self.config.statement_timeout
+                )
+        except Exception as exc:
+            logger.warning(
+                "could not take back the change to publication %r: %s",
+                self.config.publication_name,
+                pgwire.one_line(exc),
+            )
+        else:
+            logger.info("took back the change to publication %r", self.config.publication_name)
 
     def _start_lsn(self, slot_existed: bool) -> int:
         """
@@ -369,6 +403,7 @@ class ReplicationEngine:
                 yield from pgwire.execute(
                     ctl, statement.encode(), time.monotonic() + cfg.statement_timeout
                 )
+                self._undo = publication_undo_statements(pub, pub_exists, missing)
                 pub_exists = True
         if not pub_exists:
             raise UsageError(
@@ -770,6 +805,21 @@ def publication_statements(
     else:
         q = psql.SQL("CREATE PUBLICATION {} FOR TABLE {}")
     return [q.format(psql.Identifier(publication), targets).as_string(None)]
+
+
+def publication_undo_statements(
+    publication: str, existed: bool, tables: list[tuple[str, str]]
+) -> list[str]:
+    """The DDL that takes back `publication_statements` (the publication, or the tables added)."""
+    pub = psql.Identifier(publication)
+    if not existed:
+        return [psql.SQL("DROP PUBLICATION IF EXISTS {}").format(pub).as_string(None)]
+    return [
+        psql.SQL("ALTER PUBLICATION {} DROP TABLE {}")
+        .format(pub, psql.Identifier(s, t))
+        .as_string(None)
+        for s, t in tables
+    ]
 
 
 def _replication_conninfo(conninfo: str) -> str:
