@@ -78,6 +78,8 @@ class NatsSink:
         self._state = bytearray()
         self._errors: dict[int, str] = {}
         self._acked = 0
+        self._expected = 0
+        """How many of the batch were written: their answers end the wait."""
         self._progress = asyncio.Event()
         # As nats-server writes it: UTF-8 as it is (a name with non-ASCII is not escaped).
         self._stream_tag = b'"stream":' + json.dumps(stream, ensure_ascii=False).encode()
@@ -248,7 +250,7 @@ class NatsSink:
             else:  # 503 no responders: JetStream not there (yet), or no stream for the subject
                 self._errors[i] = _NO_RESPONDERS
         self._acked += 1
-        if self._acked >= len(state):
+        if self._acked >= self._expected:
             self._progress.set()
 
     # -- publishing --
@@ -315,12 +317,14 @@ class NatsSink:
         self._state = bytearray(count)
         self._errors = {}
         self._acked = 0
+        self._expected = count
         self._progress.clear()
         self._foreign = None
         written = [count]
 
         async def write() -> bool:
-            written[0] = await self._write(nc, events, first, count)
+            # Fewer when one is over max_payload: then the answers to those end the wait.
+            written[0] = self._expected = await self._write(nc, events, first, count)
             await nc.flush(timeout=self.timeout)  # a PING's PONG: up to `timeout` if frozen
             return True
 

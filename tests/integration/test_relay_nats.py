@@ -544,3 +544,53 @@ async def test_an_event_jetstream_refuses_is_tried_max_attempts_times_then_dead_
     assert "JetStream refused it (3 attempts): message size exceeds maximum allowed" in dead.error
     assert relay.stats.relayed == 0
     assert uncovered(conn, "relay") == 0  # the group moved past it
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_event_over_max_payload_is_dead_lettered_at_once_and_the_rest_relayed(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    stream = unique.upper()
+    subject = f"{unique}.orders"
+    await _edit_stream(nats_url, stream, subjects=[subject])
+    nc = await nats.connect(nats_url)
+    max_payload = nc.max_payload
+    tries: list[str] = []
+
+    async def seen(msg: Any) -> None:
+        tries.append(msg.headers["Pgherald-Event-Id"])
+
+    await nc.subscribe(subject, cb=seen)
+    await nc.flush()
+    before = pgherald.publish(conn, "orders", {"n": 1})
+    large = pgherald.publish(conn, "orders", {"pad": "x" * max_payload})
+    after = pgherald.publish(conn, "orders", {"n": 2})
+    relay = pgherald.AsyncRelay(
+        installed,
+        to=nats_url,
+        channels=["orders"],
+        stream=stream,
+        subject=f"{unique}.{{channel}}",
+        max_attempts=3,
+        retry_delay=0.01,
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        # Well within the relay's `timeout` (10 s): the answers of those sent end the wait.
+        await await_until(lambda: relay.stats.relayed == 2, 5, "the two others relayed")
+        await nc.flush()
+        assert tries == [str(before), str(after)]  # the large one was never sent
+        assert relay.stats.dead_lettered == 1
+        assert relay.stats.retries == 0  # at once: no server takes it on another try
+    finally:
+        relay.stop()
+        await asyncio.wait_for(task, 10)
+        await nc.close()
+    ids = [int(m.headers["Pgherald-Event-Id"]) for m in await _messages(nats_url, stream)]
+    await _delete_stream(nats_url, stream)
+    assert ids == [before, after]
+    (dead,) = pgherald.dead_letters(conn, "relay")
+    assert dead.event_id == large
+    assert f"larger than the NATS server's max_payload ({max_payload} bytes)" in dead.error
+    assert uncovered(conn, "relay") == 0
