@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psycopg
@@ -498,24 +500,29 @@ def test_stop_is_prompt_while_jetstream_is_frozen(
         t.join(10)
 
 
-@pytest.mark.parametrize("anyio_backend", ["asyncio"])
-@pytest.mark.anyio
-async def test_an_event_jetstream_refuses_is_tried_max_attempts_times_then_dead_lettered(
-    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
-) -> None:
+class _Watched:
+    """A relay of channel ``orders`` into a stream of the test's own, and what a plain
+    subscriber of its subject saw: the id of every event the relay published, whether
+    JetStream refused it or not."""
+
+    def __init__(self, relay: pgherald.AsyncRelay) -> None:
+        self.relay = relay
+        self.tries: list[int] = []
+        self.task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.relay.run())
+
+
+@contextlib.asynccontextmanager
+async def _watched_relay(
+    installed: str, nats_url: str, unique: str, timeout: float = 10.0, **stream_config: Any
+) -> AsyncIterator[_Watched]:
+    """A `_Watched` relay (started by its `start`: publish first); stopped, and its stream
+    deleted, on the way out."""
     stream = unique.upper()
     subject = f"{unique}.orders"
-    await _edit_stream(nats_url, stream, subjects=[subject], max_msg_size=256)
-    # A plain subscriber sees every publish of the event, refused by JetStream or not.
-    nc = await nats.connect(nats_url)
-    tries: list[str] = []
-
-    async def seen(msg: Any) -> None:
-        tries.append(msg.headers["Nats-Msg-Id"])
-
-    await nc.subscribe(subject, cb=seen)
-    await nc.flush()
-    event = pgherald.publish(conn, "orders", {"pad": "x" * 1000})
+    await _edit_stream(nats_url, stream, subjects=[subject], **stream_config)
     relay = pgherald.AsyncRelay(
         installed,
         to=nats_url,
@@ -525,20 +532,41 @@ async def test_an_event_jetstream_refuses_is_tried_max_attempts_times_then_dead_
         max_attempts=3,
         retry_delay=0.01,
         retry_max_delay=0.05,
+        timeout=timeout,
     )
-    task = asyncio.create_task(relay.run())
+    watched = _Watched(relay)
+    nc = await nats.connect(nats_url)
+
+    async def seen(msg: Any) -> None:
+        watched.tries.append(int(msg.headers["Pgherald-Event-Id"]))
+
     try:
-        await await_until(lambda: relay.stats.dead_lettered == 1, 10, "the event dead-lettered")
-        # Each publish reached the subscriber before JetStream's refusal reached the relay:
+        await nc.subscribe(subject, cb=seen)
+        await nc.flush()
+        yield watched
+        # Each publish reached the subscriber before JetStream's answer reached the relay:
         # after a round trip every one of them is in.
         await nc.flush()
-        assert tries == [str(event)] * 3
-        assert relay.stats.retries == 2
     finally:
         relay.stop()
-        await asyncio.wait_for(task, 10)
+        if watched.task is not None:
+            await asyncio.wait_for(watched.task, 10)
         await nc.close()
         await _delete_stream(nats_url, stream)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+@pytest.mark.anyio
+async def test_an_event_jetstream_refuses_is_tried_max_attempts_times_then_dead_lettered(
+    installed: str, conn: psycopg.Connection, nats_url: str, unique: str
+) -> None:
+    async with _watched_relay(installed, nats_url, unique, max_msg_size=256) as watched:
+        event = pgherald.publish(conn, "orders", {"pad": "x" * 1000})
+        watched.start()
+        relay = watched.relay
+        await await_until(lambda: relay.stats.dead_lettered == 1, 10, "the event dead-lettered")
+    assert watched.tries == [event] * 3
+    assert relay.stats.retries == 2
     (dead,) = pgherald.dead_letters(conn, "relay")
     assert dead.event_id == event
     assert "JetStream refused it (3 attempts): message size exceeds maximum allowed" in dead.error
@@ -551,46 +579,30 @@ async def test_an_event_jetstream_refuses_is_tried_max_attempts_times_then_dead_
 async def test_an_event_over_max_payload_is_dead_lettered_at_once_and_the_rest_relayed(
     installed: str, conn: psycopg.Connection, nats_url: str, unique: str
 ) -> None:
-    stream = unique.upper()
-    subject = f"{unique}.orders"
-    await _edit_stream(nats_url, stream, subjects=[subject])
-    nc = await nats.connect(nats_url)
-    max_payload = nc.max_payload
-    tries: list[str] = []
-
-    async def seen(msg: Any) -> None:
-        tries.append(msg.headers["Pgherald-Event-Id"])
-
-    await nc.subscribe(subject, cb=seen)
-    await nc.flush()
-    before = pgherald.publish(conn, "orders", {"n": 1})
-    large = pgherald.publish(conn, "orders", {"pad": "x" * max_payload})
-    after = pgherald.publish(conn, "orders", {"n": 2})
-    relay = pgherald.AsyncRelay(
-        installed,
-        to=nats_url,
-        channels=["orders"],
-        stream=stream,
-        subject=f"{unique}.{{channel}}",
-        max_attempts=3,
-        retry_delay=0.01,
-    )
-    task = asyncio.create_task(relay.run())
-    try:
-        # Well within the relay's `timeout` (10 s): the answers of those sent end the wait.
-        await await_until(lambda: relay.stats.relayed == 2, 5, "the two others relayed")
-        await nc.flush()
-        assert tries == [str(before), str(after)]  # the large one was never sent
-        assert relay.stats.dead_lettered == 1
-        assert relay.stats.retries == 0  # at once: no server takes it on another try
-    finally:
-        relay.stop()
-        await asyncio.wait_for(task, 10)
+    async with _watched_relay(installed, nats_url, unique, timeout=60.0) as watched:
+        relay = watched.relay
+        nc = await nats.connect(nats_url)
+        max_payload = nc.max_payload
         await nc.close()
-    ids = [int(m.headers["Pgherald-Event-Id"]) for m in await _messages(nats_url, stream)]
-    await _delete_stream(nats_url, stream)
-    assert ids == [before, after]
-    (dead,) = pgherald.dead_letters(conn, "relay")
-    assert dead.event_id == large
-    assert f"larger than the NATS server's max_payload ({max_payload} bytes)" in dead.error
+        sent: list[int] = []
+        large: list[int] = []
+        watched.start()
+        # Rounds: whether JetStream's answers to the events before the large one come before
+        # the relay starts to wait for them or after (when a wait for the unsent one would last
+        # the whole `timeout`) is up to the server; each round is a chance of the latter.
+        for _ in range(6):
+            with conn.transaction():
+                sent += pgherald.publish_many(conn, "orders", [{"n": n} for n in range(500)])
+                large.append(pgherald.publish(conn, "orders", {"pad": "x" * max_payload}))
+            # Well within the relay's `timeout`: the answers of those sent end the wait.
+            await await_until(lambda: relay.stats.dead_lettered == len(large), 8, "at once")
+        sent.append(pgherald.publish(conn, "orders", {"n": "after"}))
+        await await_until(lambda: relay.stats.relayed == len(sent), 5, "the others relayed")
+        stored = [m.headers["Pgherald-Event-Id"] for m in await _messages(nats_url, unique.upper())]
+    assert watched.tries == sent  # the large ones were never sent
+    assert stored == [str(i) for i in sent]
+    assert relay.stats.retries == 0  # at once: no server takes it on another try
+    dead = pgherald.dead_letters(conn, "relay")
+    assert [d.event_id for d in dead] == large
+    assert f"larger than the NATS server's max_payload ({max_payload} bytes)" in dead[0].error
     assert uncovered(conn, "relay") == 0
