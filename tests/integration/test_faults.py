@@ -782,21 +782,37 @@ async def test_async_burst_iterator_that_does_not_pull(dsn: str, conn: psycopg.C
 QUEUE_CHECK = 0.2
 
 
+def hold_on_start(blocked: threading.Event, release: threading.Event) -> None:
+    """What a consumer does with "start": blocks until released, and for at least 1.5
+    queue-check intervals in all (behind for longer than queue_check_interval, whatever the
+    speed of the burst)."""
+    t0 = time.monotonic()
+    blocked.set()
+    release.wait(10)
+    left = t0 + QUEUE_CHECK * 1.5 - time.monotonic()
+    if left > 0:
+        time.sleep(left)
+
+
+def fall_behind(conn: psycopg.Connection, blocked: threading.Event) -> float:
+    """Send "start", wait for the consumer to block on it (`hold_on_start`), then send the
+    burst; returns the queue usage it leaves (above 0: the consumer holds the backlog)."""
+    pgherald.notify(conn, "burst", "start")
+    wait_until(blocked.is_set, 5.0, "the consumer to block")
+    send_burst(conn, "burst", transactions=BURST_TX, per_transaction=BURST_PER_TX, size=BURST_SIZE)
+    usage = queue_usage(conn)
+    assert usage > 0
+    return usage
+
+
 def _slow_first_handler(
     check: BurstCheck, blocked: threading.Event, release: threading.Event
 ) -> Any:
-    """Blocks on "start" until released, and for at least 1.5 queue-check intervals in all."""
+    """Blocks on "start" (`hold_on_start`); takes the burst into *check*."""
 
     def handler(n: pgherald.Notification) -> None:
         if n.payload == "start":
-            t0 = time.monotonic()
-            blocked.set()
-            release.wait(10)
-            # A slow handler: behind for longer than queue_check_interval, whatever the speed
-            # of the burst above.
-            left = t0 + QUEUE_CHECK * 1.5 - time.monotonic()
-            if left > 0:
-                time.sleep(left)
+            hold_on_start(blocked, release)
             return
         if n.payload.startswith("after"):
             return
@@ -826,14 +842,8 @@ def test_queue_limit_gives_up_queue_position(dsn: str, conn: psycopg.Connection)
             lambda n: after.append(n.payload) if n.payload.startswith("after") else None
         )
         with running(listener):
-            pgherald.notify(conn, "burst", "start")
-            wait_until(blocked.is_set, 5.0, "the handler to block")
-            old_pid = listener.backend_pid
-            send_burst(
-                conn, "burst", transactions=BURST_TX, per_transaction=BURST_PER_TX, size=BURST_SIZE
-            )
-            usage_behind = queue_usage(conn)
-            assert usage_behind > 0
+            usage_behind = fall_behind(conn, blocked)
+            old_pid = listener.backend_pid  # (it gives up only once released)
             release.set()
             wait_until(lambda: gaps, 5.0, "on_gap(queue_limit)")
             # The old session is gone, and with it the queue position that held the backlog:

@@ -1322,7 +1322,8 @@ def test_shutdown_while_the_database_is_down_is_quick_and_quiet(
     assert not [e for e in errors if "ASGI" in e or "graceful" in e], errors
 
 
-def _stored(conn: psycopg.Connection[Any], payload: dict[str, Any]) -> int:
+def stored(conn: psycopg.Connection[Any], payload: dict[str, Any]) -> int:
+    """How many events of ``orders`` hold *payload*."""
     row = conn.execute(
         "SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'orders' AND payload = %s::jsonb",
         (json.dumps(payload),),
@@ -1348,10 +1349,10 @@ def test_a_publish_cancelled_at_its_deadline_is_a_503_and_stores_nothing(
             assert answer.status_code == 503, answer.text
             assert answer.json() == {"error": "the database is not available"}
         # The lock is released (committed): the cancelled INSERT is not waiting behind it.
-        assert _stored(conn, {"n": 2}) == 0
+        assert stored(conn, {"n": 2}) == 0
         again = http.post("/publish/orders", json={"n": 2})
         assert again.status_code == 200, again.text
-        assert _stored(conn, {"n": 2}) == 1
+        assert stored(conn, {"n": 2}) == 1
 
 
 def test_a_publish_whose_cancel_gets_no_answer_is_a_504_that_says_it_may_be_stored(
@@ -1376,7 +1377,7 @@ def test_a_publish_whose_cancel_gets_no_answer_is_a_504_that_says_it_may_be_stor
             assert "may have been stored" in message
             assert "after the last id" in message
         # The statement was not cancelled: it completes once the lock is released.
-        wait_until(lambda: _stored(conn, {"n": 2}) == 1, what="the publish to complete")
+        wait_until(lambda: stored(conn, {"n": 2}) == 1, what="the publish to complete")
 
 
 def test_ws_binary_frame_is_an_error_message_and_the_socket_stays_open(

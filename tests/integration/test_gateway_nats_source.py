@@ -9,19 +9,22 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import anyio
 import httpx
 import psycopg
 import pytest
+from starlette.applications import Starlette
+from starlette.routing import Mount
+from starlette.types import Message
 from websockets.sync.client import connect as ws_connect
 
 import pgherald
 from pgherald.contrib.gateway import create_app
 from tests.fix_brokers import OwnNats, relay_thread
-from tests.fix_faults import wait_until, watching
+from tests.fix_faults import free_port, wait_until, watching
 from tests.integration.test_gateway import SECRET, hub_of, serve, sse, token
 
 nats = pytest.importorskip("nats", reason="the relay tests need the 'relay' extra (nats-py)")
@@ -336,3 +339,100 @@ def test_clients_connecting_while_nats_is_down_are_served_and_get_what_follows(
             assert _next_event(resumed, 10) == (last, {"n": 3})
             assert _ws_event(ws, 10) == (last, {"n": 3})
         assert _health(base) == (200, {"database": True, "listener": True, "source": True})
+
+
+# -- what the source refuses --
+
+
+async def _publish_raw(
+    url: str, subject: str, messages: list[tuple[bytes, dict[str, str]]]
+) -> None:
+    """Store *messages* (data, headers) on *subject* in JetStream, as something else than the
+    relay would."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        for data, headers in messages:
+            await js.publish(subject, data, headers=headers or None)
+    finally:
+        await nc.close()
+
+
+def test_a_message_without_the_relays_headers_is_skipped_with_a_warning(
+    installed: str,
+    conn: psycopg.Connection,
+    nats_url: str,
+    relayed: dict[str, str],
+) -> None:
+    """
+    docs/gateway.md: "A message on the subject without the relay's headers is skipped with a
+    warning". Stored on the relay's subject by another publisher: one with no headers at all,
+    one whose ``Pgherald-Tx`` is no position. Neither reaches a client nor stops the stream:
+    the next event the client gets is the relay's, the source stays healthy.
+    """
+    app = _gateway(installed, nats_url, relayed)
+    subject = relayed["subject"].replace("{channel}", "orders")
+    with (
+        watching("pgherald.gateway") as log,
+        serve(app) as base,
+        sse(base, "orders", tok=token(["orders"])) as live,
+    ):
+        hub = hub_of(app)
+        wait_until(lambda: hub.source_ok, 10, "the gateway's JetStream consumer")
+        live.ready()
+        bad_tx = {"Pgherald-Channel": "orders", "Pgherald-Tx": "x", "Pgherald-Event-Id": "1"}
+        asyncio.run(
+            _publish_raw(nats_url, subject, [(b'{"n": "bare"}', {}), (b'{"n": "bad"}', bad_tx)])
+        )
+        skipped = log.wait_for("is not an event relayed by pgherald relay", 2, 10)
+        assert {r.levelno for r in skipped} == {logging.WARNING}
+        assert all(subject in r.getMessage() for r in skipped), [r.getMessage() for r in skipped]
+        relayed_id = pgherald.publish(conn, "orders", {"n": 1})
+        assert _next_event(live, 10) == (relayed_id, {"n": 1})  # stored after both skipped ones
+        assert hub.source_ok
+        assert _health(base) == (200, {"database": True, "listener": True, "source": True})
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["trio"])
+async def test_a_gateway_with_a_nats_source_mounted_under_trio_refuses_to_start(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    """
+    docs/gateway.md: "a `create_app(source=...)` mounted under trio refuses to start
+    (`UsageError`)" (nats-py is asyncio's). Mounted as the docs show, the outer app's ASGI
+    lifespan, as a trio server drives it, fails at startup naming why, and the gateway leaves
+    no session behind.
+    """
+    # Refused before any connection: no NATS server needs to answer there.
+    source = f"nats://127.0.0.1:{free_port()}"
+    gateway = create_app(installed, durable_channels=["orders"], source=source)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with gateway.router.lifespan_context(gateway):
+            yield
+
+    outer = Starlette(routes=[Mount("/events", gateway)], lifespan=lifespan)
+    sent: list[Message] = []
+    started = False
+
+    async def receive() -> Message:
+        nonlocal started
+        if not started:
+            started = True
+            return {"type": "lifespan.startup"}
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+    with pytest.raises(pgherald.UsageError, match="asyncio only"), anyio.fail_after(10):
+        await outer(scope, receive, send)
+    assert [m["type"] for m in sent] == ["lifespan.startup.failed"]
+    assert "UsageError" in sent[0]["message"]
+    assert "runs on asyncio only" in sent[0]["message"]
+    assert _gateway_sessions(conn, "pgherald-gateway") == 0
+    assert _gateway_sessions(conn, "pgherald-gateway-db") == 0

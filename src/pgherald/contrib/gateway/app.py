@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -186,6 +186,7 @@ def create_app(
     source: str | None = None,
     source_stream: str = "PGHERALD",
     source_subject: str = "pgherald.{channel}",
+    listener_options: Mapping[str, Any] | None = None,
 ) -> Starlette:
     """
     The real-time gateway: SSE, WebSocket and HTTP publish over one LISTEN connection.
@@ -200,8 +201,9 @@ def create_app(
     seconds between reads of the NOTIFY queue usage (a ``gap`` when change triggers skip
     notifications; 0: never). *source*: ``nats://HOST:PORT`` takes the durable channels' live
     events from the JetStream stream *source_stream* (subjects *source_subject*) that
-    `pgherald relay` fills, instead of tailing the log (resuming still reads the log). See
-    docs/gateway.md.
+    `pgherald relay` fills, instead of tailing the log (resuming still reads the log).
+    *listener_options*: keyword arguments of the gateway's `AsyncListener` (health checks,
+    reconnect delays, NOTIFY queue limits). See docs/gateway.md.
     """
     cors = CorsPolicy(cors_origins)  # ValueError for an origin without a scheme
     if isinstance(jwt_public_key, Path):
@@ -221,6 +223,7 @@ def create_app(
         source=source,
         source_stream=source_stream,
         source_subject=source_subject,
+        listener_options=listener_options,
     )
     gateway = Gateway(hub, auth, max_body, body_timeout, cors)
 

@@ -34,7 +34,7 @@ import contextlib
 import fnmatch
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -117,6 +117,10 @@ class UnknownEventId(HeraldError):
     after an id that cannot be one (beyond a bigint)."""
 
 
+_LISTENER_OWN = frozenset({"dsn", "channels", "application_name", "on_gap"})
+"""What the gateway sets on its listener itself (not in ``listener_options``)."""
+
+
 class Hub:
     def __init__(
         self,
@@ -136,8 +140,15 @@ class Hub:
         source: str | None = None,
         source_stream: str = "PGHERALD",
         source_subject: str = "pgherald.{channel}",
+        listener_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.dsn = dsn
+        options = dict(listener_options or {})
+        taken = sorted(options.keys() & _LISTENER_OWN)
+        if taken:
+            raise UsageError(
+                f"listener_options may not set {', '.join(taken)}: the gateway sets those itself"
+            )
         self.durable = frozenset(durable_channels)
         if source is not None and not source.lower().startswith(("nats://", "tls://")):
             raise UsageError(
@@ -164,7 +175,12 @@ class Hub:
         self.batch_size = batch_size
         self.grace = grace
         self.listen_timeout = listen_timeout
-        self.listener = AsyncListener(dsn, application_name="pgherald-gateway", on_gap=self._gap)
+        try:
+            self.listener = AsyncListener(
+                dsn, application_name="pgherald-gateway", on_gap=self._gap, **options
+            )
+        except TypeError as exc:  # an option AsyncListener does not take
+            raise UsageError(f"listener_options: {exc}") from None
         self.listener.add_handler(None, self._on_notification)
         self.db = Db(dsn, application_name="pgherald-gateway-db")
         # The tail waits for wake-ups: publishers send them only while a session holds the
