@@ -174,6 +174,7 @@ DECLARE
     v_keeps text[];
     v_found boolean;
     v_rows bigint;
+    v_busy boolean := false;
     r record;
     ch record;
 BEGIN
@@ -303,12 +304,18 @@ BEGIN
             RETURN QUERY SELECT 'kept', 'pgherald.' || r.relname,
                 format('past the log''s retention, but %s keep their events longer',
                        array_to_string(v_keeps, ', '));
+        ELSIF v_busy THEN
+            -- One wait per run: a day dropped before holds the log's lock until the end, so
+            -- each further wait would hold publishers too.
+            RETURN QUERY SELECT 'busy', 'pgherald.' || r.relname,
+                'the log was busy (lock_timeout): left for the next run';
         ELSE
             BEGIN
                 EXECUTE format('DROP TABLE pgherald.%I', r.relname);
                 RETURN QUERY SELECT 'dropped', 'pgherald.' || r.relname,
                     format('events up to %s (about %s)', r.upper_bound, r.rows);
             EXCEPTION WHEN lock_not_available THEN
+                v_busy := true;
                 RETURN QUERY SELECT 'busy', 'pgherald.' || r.relname,
                     'the log was busy (lock_timeout): left for the next run';
             END;
