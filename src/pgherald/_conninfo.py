@@ -91,9 +91,27 @@ def parse_dsn(dsn: str) -> dict[str, Any]:
         return conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ConnectError(
-            f"invalid DSN ({' '.join(str(exc).split())}): use a URI like "
+            f"invalid DSN ({_without_password(' '.join(str(exc).split()), dsn)}): use a URI like "
             "'postgresql://user@host:5432/dbname' or 'host=... dbname=...'"
         ) from None
+
+
+_PASSWORDS = re.compile(
+    r"^\s*postgres(?:ql)?://[^:@/?#\s]*:([^@/?#]*)@"  # URI: user:PASSWORD@
+    r"|(?:^|\s)password\s*=\s*'((?:[^'\\]|\\.)*)'"  # keywords: password='...'
+    r"|(?:^|[\s?&])password\s*=\s*([^\s'&#]+)",  # password=... (keywords, URI query)
+    re.IGNORECASE,
+)
+
+
+def _without_password(message: str, dsn: str) -> str:
+    """libpq's *message* about an unparsable *dsn*, which may quote any part of it, with the
+    DSN's password (as written) replaced by ``***``: error messages never show it."""
+    for match in _PASSWORDS.finditer(dsn):
+        for secret in match.groups():
+            if secret:
+                message = message.replace(secret, "***")
+    return message
 
 
 def describe(conninfo: str) -> str:

@@ -125,3 +125,20 @@ def test_listener_signatures_show_the_typed_options(cls: type) -> None:
     assert next(iter(params)) == "dsn"
     assert params["channels"].kind is inspect.Parameter.KEYWORD_ONLY
     assert not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://app:s3cret@[db.internal/shop",  # the URI's password
+        "postgresql://app@[db.internal/shop?password=s3cret",  # a query parameter
+        "postgresql://app:s3cr%ZZet@db.internal/shop",  # libpq quotes the bad token itself
+    ],
+)
+def test_an_unparsable_dsn_is_an_error_without_its_password(dsn: str) -> None:
+    from pgherald._conninfo import parse_dsn
+
+    with pytest.raises(pgherald.ConnectError, match=r"^invalid DSN \(") as info:
+        parse_dsn(dsn)
+    assert "s3cr" not in str(info.value)
+    assert "***" in str(info.value)
