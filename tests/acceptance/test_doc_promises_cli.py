@@ -217,3 +217,18 @@ def test_pgherald_json_in_the_environment_makes_listen_print_json_lines(
         "payload": '{"id":42}',
         "pid": conn.info.backend_pid,
     }
+
+
+def test_any_option_can_be_set_as_pgherald_command_option(installed: str) -> None:
+    """cli.md: "Every other option can be set as `PGHERALD_<COMMAND>_<OPTION>` too", named
+    after the flag (tests/unit/test_cli_envvars.py checks every option; this one end to end)."""
+    out = subprocess.run(
+        pgherald_cmd("status"),
+        env=cli_env(installed) | {"PGHERALD_STATUS_JSON": "1"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["groups"] == []

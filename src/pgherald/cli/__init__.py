@@ -20,9 +20,10 @@ def command_tree() -> Any:
         _triggers_cmd,
         cdc,
     )
-    from ._commands import cli
+    from ._commands import cli, name_envvars
 
     _ = _dead, _dev, _durable, _groups, _relay, _schedule, _serve, _triggers_cmd, cdc
+    name_envvars(cli)
     return cli
 
 

@@ -250,6 +250,23 @@ def cli() -> None:
     logging.basicConfig(level=logging.WARNING, format="pgherald: %(message)s")
 
 
+def name_envvars(group: click.Group, prefix: str = "PGHERALD") -> None:
+    """
+    Make every option of *group*'s commands answer to ``PGHERALD_<COMMAND>_<OPTION>`` named
+    after its flag (docs/cli.md): click's automatic name comes from the parameter instead, and
+    ``--json`` is ``as_json`` in some commands. Options with a variable of their own keep it.
+    """
+    for name, command in group.commands.items():
+        path = f"{prefix}_{name.upper().replace('-', '_')}"
+        for param in command.params:
+            if isinstance(param, click.Option) and param.envvar is None:
+                flag = max(param.opts, key=len).lstrip("-").upper().replace("-", "_")
+                if flag != (param.name or "").upper():
+                    param.envvar = f"{path}_{flag}"
+        if isinstance(command, click.Group):
+            name_envvars(command, path)
+
+
 @cli.command()
 @dsn_option
 @json_option("One JSON object per line: channel, payload, pid.")
