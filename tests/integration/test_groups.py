@@ -6,6 +6,7 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import psycopg
 import pytest
@@ -159,6 +160,44 @@ def test_reset_and_delete_refuse_live_members_and_unknown_groups(
         pgherald.delete_group(conn, "g")
     with pytest.raises(pgherald.UsageError, match="no consumer group 'nope' to reset"):
         pgherald.reset_group(conn, "nope")
+
+
+@pytest.mark.parametrize("call", [pgherald.reset_group, pgherald.delete_group])
+def test_reset_and_delete_wait_for_a_member_whose_session_ends_within_a_second(
+    installed: str, conn: psycopg.Connection, running: Callable[..., Running], call: Any
+) -> None:
+    """durable.md: they "wait up to 1 s for a consumer that has just stopped, whose session the
+    server may not have ended yet": the member's session ends while the call waits."""
+    pgherald.publish(conn, "ch", 1)
+    r = running(group="g")
+    r.wait_count(1)
+    pid = wait_until(lambda: group(conn, "g").members, 5, "a member")[0].pid
+    errors: list[BaseException] = []
+
+    def call_it() -> None:
+        with psycopg.connect(installed, autocommit=True) as c:
+            try:
+                call(c, "g")
+            except BaseException as exc:
+                errors.append(exc)
+
+    t = threading.Thread(target=call_it)
+    t.start()
+    try:
+        wait_until(
+            lambda: conn.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()[0],  # type: ignore[index]
+            5,
+            "the call to wait for the member's lock",
+        )
+        # The server ends the member's session (its consumer reconnects and waits to join).
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+        t.join(10)
+    finally:
+        r.stop()
+    assert not t.is_alive()
+    assert errors == []  # it waited for the lock, rather than refusing a live member
 
 
 def test_a_consumer_waits_while_a_reset_runs(installed: str, conn: psycopg.Connection) -> None:
