@@ -7,6 +7,7 @@ user runs it, against the test database.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -262,6 +263,15 @@ def test_saves_publish_in_the_transaction_and_pgherald_run_handles_them(
             ("updated jam (large)",),
         ]
         assert f"dbname={conninfo_dbname(dsn)}" in writes.stdout
+
+        # frameworks.md: "Saves with `raw=True` (`loaddata` fixtures) publish nothing".
+        (project / "orders.json").write_text(
+            json.dumps([{"model": "shop.order", "pk": 100, "fields": {"item": "fixture"}}])
+        )
+        loaded = _manage(project, dsn, "loaddata", "orders.json", "-v", "0")
+        assert loaded.returncode == 0, loaded.stderr
+        assert _rows(conn, "SELECT item FROM shop_order WHERE id = 100") == [("fixture",)]
+        assert len(_rows(conn, "SELECT 1 FROM pgherald.events_v1")) == len(log)
 
     except BaseException:
         _kill(run)  # the failure is reported, not hidden behind a stop's
