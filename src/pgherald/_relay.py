@@ -321,6 +321,8 @@ class AsyncRelay:
                 try:
                     async with self._consumer:
                         if not self._stop_requested:
+                            await self._sink.open(self._state)
+                        if not self._stop_requested:
                             await self._consumer.run()
                 except Exception as exc:  # raised below, as itself (not in an exception group)
                     error = exc

@@ -98,7 +98,10 @@ class NatsSink:
 
     # -- connection --
 
-    async def _connect(self, relay: _RelayState) -> bool:
+    async def open(self, relay: _RelayState) -> None:
+        await self._connect(relay, once=True)
+
+    async def _connect(self, relay: _RelayState, *, once: bool = False) -> bool:
         """Connect and make sure the stream exists; False when stopped first."""
         attempt = 0
         while not relay.stopping.is_set():
@@ -148,6 +151,9 @@ class NatsSink:
                 if nc is not None:
                     await _close(nc)
                 why = f"cannot reach JetStream at {self.target} ({type(exc).__name__}: {exc})"
+                if once:  # at start: the first read with events tries again, with backoff
+                    logger.warning("%s; trying again when there are events to relay", why)
+                    return False
                 if not await relay.pause(attempt, why):
                     return False
         return False

@@ -152,7 +152,10 @@ class RedisSink:
     def _stream(self, channel: str) -> str:
         return self.stream.replace("{channel}", channel)
 
-    async def _connect(self, relay: _RelayState) -> bool:
+    async def open(self, relay: _RelayState) -> None:
+        await self._connect(relay, once=True)
+
+    async def _connect(self, relay: _RelayState, *, once: bool = False) -> bool:
         import redis.asyncio
 
         attempt = 0
@@ -176,6 +179,9 @@ class RedisSink:
             except Exception as exc:
                 await _close(client)
                 why = f"cannot reach Redis at {self.target} ({type(exc).__name__}: {exc})"
+                if once:  # at start: the first read with events tries again, with backoff
+                    logger.warning("%s; trying again when there are events to relay", why)
+                    return False
                 if not await relay.pause(attempt, why):
                     return False
         return False

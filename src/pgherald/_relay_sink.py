@@ -72,7 +72,8 @@ class Refused(Exception):
 
 
 class Sink(Protocol):
-    """What a relay publishes through: one broker connection, opened lazily."""
+    """What a relay publishes through: one broker connection, tried once when the relay starts
+    (`open`) and opened again whenever a send needs it."""
 
     target: str
     anyio: bool
@@ -91,6 +92,12 @@ class Sink(Protocol):
         *redelivery*: the events are dead letters redelivered (`pgherald.redeliver`): the
         broker must take them although they lie behind what it has (JetStream and the Redis
         script would drop them as re-sends otherwise), yet drop a second copy of them."""
+        ...
+
+    async def open(self, relay: _RelayState) -> None:
+        """Connect once, when the relay starts: a broker down is said at once (and tried again
+        when there are events to send), a configuration it cannot work with raises
+        `UsageError` at once. Nothing to do for a sink without a connection."""
         ...
 
     async def aclose(self) -> None: ...

@@ -189,6 +189,9 @@ class WebhookSink:
             if not await relay.pause(attempt, message, at_least=wait):
                 return _STOPPED
 
+    async def open(self, relay: _RelayState) -> None:
+        pass  # a request at a time: nothing to hold open (httpx pools what it can)
+
     async def aclose(self) -> None:
         client, self.client = self.client, None
         if client is not None:

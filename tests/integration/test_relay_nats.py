@@ -606,3 +606,26 @@ async def test_an_event_over_max_payload_is_dead_lettered_at_once_and_the_rest_r
     assert [d.event_id for d in dead] == large
     assert f"larger than the NATS server's max_payload ({max_payload} bytes)" in dead[0].error
     assert uncovered(conn, "relay") == 0
+
+
+@pytest.mark.parametrize("to", ["nats://127.0.0.1:1", "redis://127.0.0.1:1"])
+def test_a_broker_down_is_said_when_the_relay_starts_on_an_idle_log(
+    installed: str, to: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One try when the relay starts, whether or not there is an event to relay: a broker down
+    is in the log at once (not at the first event), and the relay goes on waiting for events."""
+    caplog.set_level(logging.WARNING, logger="pgherald")
+    relay = pgherald.Relay(installed, to=to, channels=["orders"], retry_delay=0.01)
+    with relay_thread(relay) as t:
+        wait_until(
+            lambda: any(
+                "trying again when there are events" in r.getMessage() for r in caplog.records
+            ),
+            10,
+            "the warning",
+        )
+        assert t.is_alive()
+    [said] = [r.getMessage() for r in caplog.records if "trying again" in r.getMessage()]
+    assert said.startswith(f"cannot reach {'JetStream' if to.startswith('nats') else 'Redis'} at")
+    assert relay.stats.retries == 0  # one try, no backoff: nothing to send yet
+    assert relay.stats.connects == 0
