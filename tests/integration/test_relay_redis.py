@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import threading
 import time
 from typing import Any
@@ -387,3 +388,34 @@ def test_an_event_redis_refuses_is_tried_max_attempts_times_then_dead_lettered(
     # Alone: a backoff before each try again; else the first one by one goes at once.
     assert relay.stats.retries == (2 if alone else 1)
     assert [int(f["id"]) for f in entries(own_redis.url, "r:orders")] == before + after
+
+
+def test_stop_is_prompt_while_redis_is_frozen(
+    installed: str, conn: psycopg.Connection, own_redis: OwnRedis
+) -> None:
+    """relay.md's fault table: Redis stopped (SIGSTOP) with a read in hand: stop() returns within
+    a second, not after the relay's `timeout` (10 s); what was not acknowledged comes again."""
+    assert own_redis.proc is not None
+    pgherald.publish(conn, "orders", {"n": 0})
+    relay = pgherald.Relay(installed, to=own_redis.url, channels=["orders"], stream="frozen")
+    consumer_stats = relay._relay._consumer.stats
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.relayed == 1, 10, "the first event relayed")
+        own_redis.proc.send_signal(signal.SIGSTOP)
+        pgherald.publish_many(conn, "orders", [{"n": n} for n in range(1, 100)])
+        wait_until(lambda: consumer_stats.received >= 100, 10, "the read handed to the relay")
+        started = time.monotonic()
+        relay.stop()
+        t.join(5)
+        took = time.monotonic() - started
+        assert not t.is_alive()
+        assert took < 1.0, f"stop took {took:.2f}s"
+        assert relay.stats.dead_lettered == 0
+    finally:
+        own_redis.proc.send_signal(signal.SIGCONT)
+        relay.stop()
+        t.join(10)
+    assert relay.stats.relayed == 1
+    assert uncovered(conn, "relay") == 99  # not acknowledged: they come again
