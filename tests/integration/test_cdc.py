@@ -363,6 +363,29 @@ def test_backfill_then_stream(cdc_dsn: str, reader: Callable[..., Reader]) -> No
     assert lsn_to_int(events[2500].lsn) > lsn_to_int(events[0].lsn)
 
 
+def test_backfill_on_a_slot_that_exists_does_not_backfill(
+    cdc_dsn: str, reader: Callable[..., Reader]
+) -> None:
+    """cdc.md: "A backfill needs a new slot: a slot that already exists cannot export a
+    snapshot, so adding a table to a running slot does not backfill it"."""
+    sql(
+        cdc_dsn,
+        "CREATE TABLE t (id int PRIMARY KEY)",
+        "CREATE TABLE u (id int PRIMARY KEY)",
+        "INSERT INTO u SELECT generate_series(1, 5)",
+    )
+    capture(cdc_dsn, "s_refill", "t")  # the slot exists, for t only
+    r = reader(ChangeStream(cdc_dsn, slot="s_refill", tables=["t", "u"], backfill=True))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_refill"), 10, "the slot read")
+    sql(cdc_dsn, "INSERT INTO u VALUES (100)", "INSERT INTO t VALUES (1)")
+    events = r.wait(2)
+    # No READ of u's five rows: the added table's changes from now on, nothing before.
+    assert [(e.op, e.table, e.key) for e in events] == [
+        ("INSERT", "u", "100"),
+        ("INSERT", "t", "1"),
+    ]
+
+
 # -- guarantees --
 
 
