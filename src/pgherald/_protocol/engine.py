@@ -711,6 +711,9 @@ class ListenerEngine:
                     busy_since = None
                     self._close_monitor()
             elif now >= idle_deadline:
+                # Quiet for a whole interval: caught up (the reading's connection can go).
+                busy_since = None
+                self._close_monitor()
                 yield from self._health_check()
                 idle_deadline = clock() + cfg.health_check_interval
 
