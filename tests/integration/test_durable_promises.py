@@ -21,7 +21,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
@@ -37,6 +37,7 @@ from tests.fix_db import sqlalchemy_engine
 from tests.fix_durable import FAST, ConsumerRun, drain, publish_each, uncovered, wait_until
 from tests.fix_faults import FaultProxy
 from tests.fix_quiet import database_dropper, server_dsn  # noqa: F401 (a server of our own)
+from tests.integration.test_errormap import DRIVERS, Opener, run
 
 RUNTIMES = ["sync", "asyncio", "trio"]
 DAY = timedelta(days=1)
@@ -254,48 +255,6 @@ def test_json_loads_decodes_every_payload_read_or_from_a_wakeup(
 # "`exc.sqlstate` is ... a connection-class code (`08003`, `08006`) when the driver found the
 # connection closed or broken and the server said nothing". --
 
-Opener = Callable[[str], AbstractContextManager[Any]]
-
-
-@contextmanager
-def open_psycopg(dsn: str) -> Iterator[psycopg.Connection]:
-    with psycopg.connect(dsn) as c:
-        yield c
-
-
-@contextmanager
-def open_psycopg2(dsn: str) -> Iterator[Any]:
-    c = psycopg2.connect(dsn)
-    try:
-        yield c
-    finally:
-        c.close()
-
-
-@contextmanager
-def open_sqlalchemy(dsn: str) -> Iterator[Any]:
-    engine = sqlalchemy_engine(dsn)
-    try:
-        with engine.connect() as c:
-            yield c
-    finally:
-        engine.dispose()
-
-
-DRIVERS = pytest.mark.parametrize(
-    "opener", [open_psycopg, open_psycopg2, open_sqlalchemy], ids=["psycopg", "psycopg2", "sa"]
-)
-
-
-def run_sql(c: Any, statement: str) -> Any:
-    """*statement* on any of the three connections; its first value (or None)."""
-    if hasattr(c, "exec_driver_sql"):
-        result = c.exec_driver_sql(statement)
-        return result.scalar() if result.returns_rows else None
-    cur = c.cursor()
-    cur.execute(statement)
-    return cur.fetchone()[0] if cur.description else None
-
 
 def _publishes(c: Any) -> dict[str, Callable[[], object]]:
     return {
@@ -311,7 +270,7 @@ def test_publish_in_a_failed_transaction_is_a_transaction_state_error(
 ) -> None:
     with opener(installed) as c:
         with pytest.raises(Exception, match="division by zero"):
-            run_sql(c, "SELECT 1/0")
+            run(c, "SELECT 1/0")
         for what, call in _publishes(c).items():
             with pytest.raises(pgherald.TransactionStateError, match="roll it back") as info:
                 call()
@@ -358,7 +317,7 @@ def test_publish_on_a_closed_or_broken_connection_is_connection_lost(
             assert info.value.sqlstate == "08003", what
             assert is_driver_error(info.value.__cause__), what
     with opener(installed) as c:
-        pid = run_sql(c, "SELECT pg_backend_pid()")
+        pid = run(c, "SELECT pg_backend_pid()")
         c.commit()
         assert conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone() == (True,)
         wait_until(

@@ -46,18 +46,12 @@ from tests.fix_faults import (
     running,
     wait_until,
 )
+from tests.integration.test_faults import FAST as FAULTS_FAST
 
 # Small values so that every loss is found and repaired within a second or two. The queue
 # thresholds are out of reach: the NOTIFY queue is the whole cluster's, and no test here must
 # give up its position because another test filled it.
-FAST: dict[str, Any] = {
-    "health_check_interval": 0.5,
-    "health_check_timeout": 0.5,
-    "reconnect_initial_delay": 0.05,
-    "reconnect_max_delay": 0.5,
-    "queue_warn_usage": 2.0,
-    "queue_max_usage": 2.0,
-}
+FAST: dict[str, Any] = {**FAULTS_FAST, "queue_warn_usage": 2.0, "queue_max_usage": 2.0}
 
 PAYLOADS = [str(i) for i in range(1, 6)]
 
