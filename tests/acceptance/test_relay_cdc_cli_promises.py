@@ -74,7 +74,7 @@ def test_relay_from_now_creates_its_stream_with_the_stream_options_and_says_so(
             15,
             "the relay's group created",
         )
-        assert stream_count(nats_url, stream) == 0
+        wait_until(lambda: stream_count(nats_url, stream) == 0, 15, "the stream made, empty")
         live = pgherald.publish_many(conn, "orders", [{"n": n} for n in range(3, 8)])
         wait_until(lambda: stream_count(nats_url, stream) >= 5, 15, "the live events relayed")
         relay.proc.send_signal(signal.SIGINT)  # Ctrl-C
