@@ -208,6 +208,46 @@ async def test_async_notifications_sent_during_on_gap_are_delivered_after_it(
     assert len(gaps) == 1
 
 
+# -- reliability.md: "The first attempt is made at once." Its backoff (2.5-5 s here) comes
+# only after a failed attempt: a reconnect within 2 s is the first attempt, made at once. --
+
+SLOW_BACKOFF: dict[str, Any] = {**FAST, "reconnect_initial_delay": 5.0, "reconnect_max_delay": 5.0}
+
+
+def test_the_first_reconnect_attempt_is_made_at_once(dsn: str, conn: psycopg.Connection) -> None:
+    gaps: list[pgherald.Gap] = []
+    with pgherald.Listener(
+        dsn, channels=["orders"], on_gap=gaps.append, **SLOW_BACKOFF
+    ) as listener:
+        listener.on("orders")(lambda n: None)
+        with running(listener):
+            conn.execute("SELECT pg_terminate_backend(%s)", (listener.backend_pid,))
+            wait_until(lambda: gaps, 2.0, "the reconnect (after a backoff it would come later)")
+    (gap,) = gaps
+    assert gap.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_async_the_first_reconnect_attempt_is_made_at_once(
+    dsn: str, conn: psycopg.Connection
+) -> None:
+    gaps: list[pgherald.Gap] = []
+    async with pgherald.AsyncListener(
+        dsn, channels=["orders"], on_gap=gaps.append, **SLOW_BACKOFF
+    ) as listener:
+        listener.on("orders")(lambda n: None)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(listener.run)
+            pid = listener.backend_pid
+            await anyio.to_thread.run_sync(
+                lambda: conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            )
+            await await_until(lambda: gaps, 2.0, "the reconnect (after a backoff, later)")
+            listener.stop()
+    (gap,) = gaps
+    assert gap.attempts == 1
+
+
 # -- reconnect_max_attempts ends an iteration too --
 
 
