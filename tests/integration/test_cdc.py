@@ -406,6 +406,75 @@ def test_ack_only_after_the_whole_transaction(cdc_dsn: str) -> None:
         ev.close()  # type: ignore[attr-defined]
 
 
+@pytest.mark.parametrize(("stop_at", "again"), [("2", ["1", "2", "3"]), ("3", [])])
+def test_stop_acknowledges_a_transaction_only_once_its_last_change_was_handled(
+    cdc_dsn: str, stop_at: str, again: list[str]
+) -> None:
+    """cdc.md: "`stop()` in the middle of a transaction leaves that transaction
+    unacknowledged, unless its last change was just handled"."""
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    capture(cdc_dsn, "s_stop", "t")
+    sql(cdc_dsn, "BEGIN; INSERT INTO t VALUES (1), (2); INSERT INTO t VALUES (3); COMMIT")
+    sql(cdc_dsn, "INSERT INTO t VALUES (4)")  # the next transaction: where the second read ends
+    stream = ChangeStream(cdc_dsn, slot="s_stop")
+    handled: list[str | None] = []
+
+    def handler(e: ChangeEvent) -> None:
+        handled.append(e.key)
+        if e.key == stop_at:
+            stream.stop()
+
+    watchdog = threading.Timer(10, stream.stop)  # a stop that never comes fails, not hangs
+    watchdog.start()
+    try:
+        stream.run(handler)
+    finally:
+        watchdog.cancel()
+    assert handled == ["1", "2", "3"][: int(stop_at)]
+    with ChangeStream(cdc_dsn, slot="s_stop") as second:
+        watchdog = threading.Timer(10, second.stop)
+        watchdog.start()
+        try:
+            keys = []
+            for e in second:
+                keys.append(e.key)
+                if e.key == "4":
+                    break
+        finally:
+            watchdog.cancel()
+    assert keys == [*again, "4"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("stop_at", "again"), [("2", ["1", "2", "3"]), ("3", [])])
+async def test_async_stop_acknowledges_a_transaction_only_once_its_last_change_was_handled(
+    cdc_dsn: str, stop_at: str, again: list[str]
+) -> None:
+    sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
+    capture(cdc_dsn, "s_astop", "t")
+    sql(cdc_dsn, "BEGIN; INSERT INTO t VALUES (1), (2); INSERT INTO t VALUES (3); COMMIT")
+    sql(cdc_dsn, "INSERT INTO t VALUES (4)")
+    stream = pgherald.AsyncChangeStream(cdc_dsn, slot="s_astop")
+    handled: list[str | None] = []
+
+    async def handler(e: ChangeEvent) -> None:
+        handled.append(e.key)
+        if e.key == stop_at:
+            stream.stop()
+
+    with anyio.fail_after(10):
+        await stream.run(handler)
+    assert handled == ["1", "2", "3"][: int(stop_at)]
+    keys = []
+    with anyio.fail_after(10):
+        async with pgherald.AsyncChangeStream(cdc_dsn, slot="s_astop") as second:
+            async for e in second:
+                keys.append(e.key)
+                if e.key == "4":
+                    break
+    assert keys == [*again, "4"]
+
+
 def test_handler_error_stops_without_ack(cdc_dsn: str) -> None:
     sql(cdc_dsn, "CREATE TABLE t (id int PRIMARY KEY)")
 
