@@ -326,11 +326,10 @@ class NatsSink:
         self._expected = count
         self._progress.clear()
         self._foreign = None
-        written = [count]
 
         async def write() -> bool:
             # Fewer when one is over max_payload: then the answers to those end the wait.
-            written[0] = self._expected = await self._write(nc, events, first, count)
+            self._expected = await self._write(nc, events, first, count)
             await nc.flush(timeout=self.timeout)  # a PING's PONG: up to `timeout` if frozen
             return True
 
@@ -340,7 +339,7 @@ class NatsSink:
             await relay.unless_stopped(write())
         except Exception as exc:
             logger.debug("publishing to JetStream failed: %r", exc)
-        too_large = expected = written[0]
+        too_large = expected = self._expected
         while not relay.stopping.is_set():
             if self._first_failure(expected) is not None:
                 break  # an error answer: no need to wait for the rest
