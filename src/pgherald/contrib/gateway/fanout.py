@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable, Mapping
@@ -149,6 +150,11 @@ class Hub:
             raise UsageError(
                 f"listener_options may not set {', '.join(taken)}: the gateway sets those itself"
             )
+        unknown = sorted(options.keys() - inspect.signature(AsyncListener).parameters.keys())
+        if unknown:
+            raise UsageError(
+                f"listener_options: AsyncListener takes no {', '.join(unknown)} (see listen.md)"
+            )
         self.durable = frozenset(durable_channels)
         if source is not None and not source.lower().startswith(("nats://", "tls://")):
             raise UsageError(
@@ -175,12 +181,9 @@ class Hub:
         self.batch_size = batch_size
         self.grace = grace
         self.listen_timeout = listen_timeout
-        try:
-            self.listener = AsyncListener(
-                dsn, application_name="pgherald-gateway", on_gap=self._gap, **options
-            )
-        except TypeError as exc:  # an option AsyncListener does not take
-            raise UsageError(f"listener_options: {exc}") from None
+        self.listener = AsyncListener(
+            dsn, application_name="pgherald-gateway", on_gap=self._gap, **options
+        )
         self.listener.add_handler(None, self._on_notification)
         self.db = Db(dsn, application_name="pgherald-gateway-db")
         # The tail waits for wake-ups: publishers send them only while a session holds the
@@ -218,39 +221,39 @@ class Hub:
         """Connect, start listening (and tailing), and on exit end every stream."""
         if self.durable and self.source is not None and not on_asyncio():
             raise UsageError("the gateway's NATS source runs on asyncio only (nats-py does)")
-        try:
-            async with self.listener:
+        async with contextlib.AsyncExitStack() as stack:
+            # Closed last, also when the hub fails to start (no schema): no session left behind.
+            stack.callback(self._tail_db.close)
+            stack.callback(self.db.close)
+            await stack.enter_async_context(self.listener)
+            if self.durable and self.source is not None:
+                await self._check_schema(self.db)  # (resuming still reads the log)
+            elif self.durable:
+                await self._check_schema(self._tail_db)
+                await self.listener.subscribe(WAKE_CHANNEL)
+                horizon = await self._tail_db.named("log_horizon", {}, doing="read the log")
+                self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self.listener.run)
+                tg.start_soon(_supervised, self._housekeeping)
+                self._flush = new_signal()
+                self._dirty = []  # (a hub run again: what an earlier run left is gone)
+                self.inline = self.inline_writes and on_asyncio()
+                tg.start_soon(_supervised, self._flusher)
+                tg.start_soon(_supervised, self._watch_queue_guard)
+                tg.start_soon(_supervised, self._rediscover)
                 if self.durable and self.source is not None:
-                    await self._check_schema(self.db)  # (resuming still reads the log)
+                    tg.start_soon(_supervised, self._tail_nats)
                 elif self.durable:
-                    await self._check_schema(self._tail_db)
-                    await self.listener.subscribe(WAKE_CHANNEL)
-                    horizon = await self._tail_db.named("log_horizon", {}, doing="read the log")
-                    self.position = (int(horizon.get_value(0, 0) or b"0"), 0)
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self.listener.run)
-                    tg.start_soon(_supervised, self._housekeeping)
-                    self._flush = new_signal()
-                    self._dirty = []  # (a hub run again: what an earlier run left is gone)
-                    self.inline = self.inline_writes and on_asyncio()
-                    tg.start_soon(_supervised, self._flusher)
-                    tg.start_soon(_supervised, self._watch_queue_guard)
-                    tg.start_soon(_supervised, self._rediscover)
-                    if self.durable and self.source is not None:
-                        tg.start_soon(_supervised, self._tail_nats)
-                    elif self.durable:
-                        tg.start_soon(_supervised, self._tail)
-                    self._running = True
-                    try:
-                        yield self
-                    finally:
-                        self._running = False
-                        self.close_all("server shutting down")
-                        self.listener.stop()
-                        tg.cancel_scope.cancel()
-        finally:  # also when it fails to start (no schema): no session left behind
-            self.db.close()
-            self._tail_db.close()
+                    tg.start_soon(_supervised, self._tail)
+                self._running = True
+                try:
+                    yield self
+                finally:
+                    self._running = False
+                    self.close_all("server shutting down")
+                    self.listener.stop()
+                    tg.cancel_scope.cancel()
 
     def close_all(self, reason: str) -> None:
         """End every client's stream with *reason* (at shutdown)."""
