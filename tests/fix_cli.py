@@ -39,3 +39,17 @@ def run(
         text=True,
         timeout=timeout,
     )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], status: int | None = None) -> str:
+    """The single stderr line of a failed command (no traceback): its exit status is *status*
+    (None: any but 0)."""
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    if status is None:
+        assert proc.returncode != 0, proc.stdout
+    else:
+        assert lines[0].startswith("pgherald: error: "), proc.stderr
+        assert proc.returncode == status, (proc.returncode, proc.stderr)
+    return lines[0]

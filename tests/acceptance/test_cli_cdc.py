@@ -13,7 +13,7 @@ import pytest
 
 import pgherald
 from pgherald._cdc import add_tables
-from tests.fix_cli import cli_env, pgherald_cmd, run
+from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
 from tests.fix_faults import wait_until
 from tests.fix_server import OwnServer
 
@@ -21,14 +21,6 @@ from tests.fix_server import OwnServer
 @pytest.fixture
 def pg(logical_server: OwnServer) -> OwnServer:
     return logical_server
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def test_cdc_lifecycle(pg: OwnServer) -> None:

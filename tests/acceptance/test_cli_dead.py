@@ -3,24 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import Counter
 
 import psycopg
 import pytest
 
 import pgherald
-from tests.fix_cli import run
+from tests.fix_cli import one_line_error, run
 from tests.fix_durable import Running, wait_until
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], status: int) -> str:
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pgherald: error: "), proc.stderr
-    assert proc.returncode == status, (proc.returncode, proc.stderr)
-    return lines[0]
 
 
 class Handler:

@@ -11,7 +11,7 @@ from datetime import timedelta
 import psycopg
 
 import pgherald
-from tests.fix_cli import cli_env, pgherald_cmd, run
+from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
 from tests.fix_durable import wait_until
 
 
@@ -64,14 +64,6 @@ def ticks(conn: psycopg.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM pgherald.events_v1 WHERE channel = 'ticks'").fetchone()
     assert row is not None
     return int(row[0])
-
-
-def one_line_error(out: subprocess.CompletedProcess[str]) -> str:
-    assert out.returncode != 0
-    assert "Traceback" not in out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    return lines[0]
 
 
 def test_bad_input_is_one_line(installed: str, conn: psycopg.Connection) -> None:

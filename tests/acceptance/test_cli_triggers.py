@@ -16,15 +16,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import pgherald
-from tests.fix_cli import cli_env, pgherald_cmd, run
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    assert proc.returncode != 0, proc.stdout
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
+from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
 
 
 def pgherald_triggers(conn: psycopg.Connection, table: str) -> list[str]:

@@ -20,20 +20,10 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_cli import cli_env, pgherald_cmd, run
+from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
 from tests.fix_faults import free_port
 
 PASSWORD = "Zq7-s3cret-pw"  # distinctive: found in a message only if the message leaks it
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], status: int) -> str:
-    """The single stderr line of a failed command (no traceback), checked for its status."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pgherald: error: "), proc.stderr
-    assert proc.returncode == status, (proc.returncode, proc.stderr)
-    return lines[0]
 
 
 # -- "Messages name the server as user@host:port/dbname and never include the password." --

@@ -17,20 +17,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import pgherald
-from tests.fix_cli import cli_env, pgherald_cmd, run
+from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
 from tests.fix_faults import free_port
 
 UNREACHABLE = "host=127.0.0.1 port=1 connect_timeout=2"
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], status: int = 1) -> str:
-    """The single stderr line of a failed command (no traceback), checked for its status."""
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("pgherald: error: "), proc.stderr
-    assert proc.returncode == status, (proc.returncode, proc.stderr)
-    return lines[0]
 
 
 def schema_exists(conn: psycopg.Connection) -> bool:
@@ -217,7 +207,7 @@ def test_every_command_is_in_the_walk() -> None:
 
 @pytest.mark.parametrize("path", sorted(set(SAMPLES) - OFFLINE))
 def test_unreachable_database_is_one_line(path: str) -> None:
-    line = one_line_error(run(UNREACHABLE, *_walk_args(path), timeout=60))
+    line = one_line_error(run(UNREACHABLE, *_walk_args(path), timeout=60), status=1)
     assert "cannot connect to PostgreSQL at 127.0.0.1:1/" in line
     assert "Check the DSN" in line
 
@@ -252,7 +242,7 @@ def _with_port(args: list[str]) -> list[str]:
 
 @pytest.mark.parametrize("args", OPTION_VARIANTS, ids=" ".join)
 def test_options_with_unreachable_database_are_one_line(args: list[str]) -> None:
-    line = one_line_error(run(UNREACHABLE, *_with_port(args), input="1", timeout=60))
+    line = one_line_error(run(UNREACHABLE, *_with_port(args), input="1", timeout=60), status=1)
     assert "cannot connect to PostgreSQL at 127.0.0.1:1/" in line
 
 
@@ -303,7 +293,7 @@ PRIVILEGED = {
 def test_role_without_privileges_is_one_line(
     no_privilege_dsn: str, conn: psycopg.Connection, path: str
 ) -> None:
-    line = one_line_error(run(no_privilege_dsn, *_walk_args(path), timeout=60))
+    line = one_line_error(run(no_privilege_dsn, *_walk_args(path), timeout=60), status=1)
     assert "privilege" in line or "USAGE" in line, line
     assert schema_exists(conn)  # nothing was dropped
 
@@ -311,7 +301,7 @@ def test_role_without_privileges_is_one_line(
 @pytest.mark.parametrize("path", ["ddl enable", "ddl disable"])
 def test_ddl_triggers_without_a_superuser_are_one_line(no_privilege_dsn: str, path: str) -> None:
     # Event triggers are a superuser's: no grant makes them possible, so the line says so.
-    line = one_line_error(run(no_privilege_dsn, *_walk_args(path), timeout=60))
+    line = one_line_error(run(no_privilege_dsn, *_walk_args(path), timeout=60), status=1)
     assert "need a superuser" in line, line
 
 
@@ -320,7 +310,9 @@ def test_removing_a_trigger_of_a_table_the_role_does_not_own_is_one_line(
 ) -> None:
     # (`trigger list` and `remove` of a table without one need no privilege: the catalog.)
     assert run(dsn, "trigger", "add", "orders").returncode == 0
-    line = one_line_error(run(no_privilege_dsn, "trigger", "remove", "orders", timeout=60))
+    line = one_line_error(
+        run(no_privilege_dsn, "trigger", "remove", "orders", timeout=60), status=1
+    )
     assert "must be owner of" in line, line
     assert run(dsn, "trigger", "list").stdout.startswith("public.orders:")  # still there
 
@@ -340,14 +332,14 @@ def test_removing_a_trigger_of_a_table_the_role_does_not_own_is_one_line(
 def test_options_as_role_without_privileges_are_one_line(
     no_privilege_dsn: str, conn: psycopg.Connection, args: list[str]
 ) -> None:
-    line = one_line_error(run(no_privilege_dsn, *_with_port(args), input="1", timeout=60))
+    line = one_line_error(run(no_privilege_dsn, *_with_port(args), input="1", timeout=60), status=1)
     assert "privilege" in line or "USAGE" in line, line
     assert schema_exists(conn)
 
 
 @pytest.mark.parametrize("path", ["ddl disable", "ddl enable"])
 def test_ddl_without_superuser_is_one_line(no_privilege_dsn: str, path: str) -> None:
-    line = one_line_error(run(no_privilege_dsn, *_walk_args(path)))
+    line = one_line_error(run(no_privilege_dsn, *_walk_args(path)), status=1)
     assert line.endswith("or ask your DBA to run it")
 
 
@@ -361,7 +353,7 @@ def test_demo_as_role_without_privileges_has_no_traceback(no_privilege_dsn: str)
     out = run(no_privilege_dsn, *_walk_args("demo"), timeout=90)
     assert "Traceback" not in out.stderr + out.stdout
     if out.returncode:
-        one_line_error(out)
+        one_line_error(out, status=1)
 
 
 # -- serve: every refusal before serving is one line --
@@ -416,7 +408,7 @@ def test_serve_with_a_file_that_is_not_a_key_refuses_to_start(dsn: str, tmp_path
     bad = Path(str(tmp_path)) / "key.pem"
     bad.write_text("not a key\n")
     port = str(free_port())
-    line = one_line_error(run(dsn, "serve", "--jwt-public-key", str(bad), "--port", port))
+    line = one_line_error(run(dsn, "serve", "--jwt-public-key", str(bad), "--port", port), status=1)
     assert "not a PEM public key" in line
     assert "BEGIN PUBLIC KEY" in line
 
@@ -434,7 +426,7 @@ def test_serve_with_a_private_key_says_to_give_the_public_half(dsn: str, tmp_pat
     )
     key = Path(str(tmp_path)) / "private.pem"
     key.write_bytes(pem)
-    line = one_line_error(run(dsn, "serve", "--jwt-public-key", str(key)))
+    line = one_line_error(run(dsn, "serve", "--jwt-public-key", str(key)), status=1)
     assert "give its public half" in line
 
 
@@ -460,7 +452,7 @@ def test_serve_with_durable_channels_and_no_schema_is_one_line(
     port = str(free_port())
     args = ["serve", "--allow-anonymous", "orders", "--durable-channel", "orders", "--port", port]
     out = run(dsn, *args)
-    assert one_line_error(out) == f"pgherald: error: {MISSING}"
+    assert one_line_error(out, status=1) == f"pgherald: error: {MISSING}"
     assert "pgherald gateway on" not in out.stdout  # it never got as far as serving
     assert not schema_exists(conn)
     # Plain channels need no schema: the same database serves them (so the line above was
@@ -476,7 +468,7 @@ def test_serve_port_taken_is_one_line_with_a_hint(dsn: str) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = str(taken.getsockname()[1])
-        line = one_line_error(run(dsn, "serve", "--allow-anonymous", "x", "--port", port))
+        line = one_line_error(run(dsn, "serve", "--allow-anonymous", "x", "--port", port), status=1)
     assert f"port {port} on 127.0.0.1 is already in use" in line
     assert "--port" in line
 
@@ -543,7 +535,7 @@ def test_listen_says_where_it_listens_on_stderr(dsn: str) -> None:
 def test_channel_that_is_not_utf8_is_one_line(dsn: str) -> None:
     channel = os.fsdecode(b"\xff\xfe")  # what the shell hands over: surrogate escapes
     for args in (["notify", channel, "x"], ["publish", channel, "1"], ["listen", channel]):
-        line = one_line_error(run(dsn, *args))
+        line = one_line_error(run(dsn, *args), status=1)
         assert "not valid UTF-8" in line
 
 
@@ -566,7 +558,9 @@ def test_stdin_that_is_not_utf8_is_one_line(dsn: str, conn: psycopg.Connection) 
 
 def test_publish_of_json_nested_5000_deep_is_one_line(dsn: str, conn: psycopg.Connection) -> None:
     pgherald.install(conn)
-    line = one_line_error(run(dsn, "publish", "orders", "-", input="[" * 5000 + "]" * 5000))
+    line = one_line_error(
+        run(dsn, "publish", "orders", "-", input="[" * 5000 + "]" * 5000), status=1
+    )
     assert "nested too deeply" in line
     assert event_count(conn) == 0
 
