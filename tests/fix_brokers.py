@@ -373,3 +373,35 @@ def relay_pid(conn: psycopg.Connection) -> int | None:
         " AND application_name = 'pgherald-relay' ORDER BY backend_start DESC LIMIT 1"
     ).fetchone()
     return None if row is None else int(row[0])
+
+
+def stop_while_frozen(
+    conn: psycopg.Connection[Any],
+    broker: OwnBroker,
+    relay: pgherald.Relay,
+    in_hand: Callable[[], bool],
+) -> float:
+    """Relay one event, stop *broker*'s process (SIGSTOP), publish 99 more and wait until
+    *in_hand* says the relay is sending them; then `stop()` it. Returns how long `stop()`
+    took (the broker is thawed on the way out)."""
+    from tests.fix_faults import wait_until
+
+    assert broker.proc is not None
+    pgherald.publish(conn, "orders", {"n": 0})
+    t = threading.Thread(target=relay.run)
+    t.start()
+    try:
+        wait_until(lambda: relay.stats.relayed == 1, 10, "the first event relayed")
+        broker.proc.send_signal(signal.SIGSTOP)
+        pgherald.publish_many(conn, "orders", [{"n": n} for n in range(1, 100)])
+        wait_until(in_hand, 10, "the relay sending to the frozen broker")
+        started = time.monotonic()
+        relay.stop()
+        t.join(5)
+        took = time.monotonic() - started
+        assert not t.is_alive()
+        return took
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+        relay.stop()
+        t.join(10)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import threading
 import time
 from typing import Any
@@ -13,7 +12,14 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_brokers import OwnRedis, RelayProcess, dead_again, publish_paced, relay_thread
+from tests.fix_brokers import (
+    OwnRedis,
+    RelayProcess,
+    dead_again,
+    publish_paced,
+    relay_thread,
+    stop_while_frozen,
+)
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
 from tests.fix_server import OwnServer
@@ -395,27 +401,10 @@ def test_stop_is_prompt_while_redis_is_frozen(
 ) -> None:
     """relay.md's fault table: Redis stopped (SIGSTOP) with a read in hand: stop() returns within
     a second, not after the relay's `timeout` (10 s); what was not acknowledged comes again."""
-    assert own_redis.proc is not None
-    pgherald.publish(conn, "orders", {"n": 0})
     relay = pgherald.Relay(installed, to=own_redis.url, channels=["orders"], stream="frozen")
     consumer_stats = relay._relay._consumer.stats
-    t = threading.Thread(target=relay.run)
-    t.start()
-    try:
-        wait_until(lambda: relay.stats.relayed == 1, 10, "the first event relayed")
-        own_redis.proc.send_signal(signal.SIGSTOP)
-        pgherald.publish_many(conn, "orders", [{"n": n} for n in range(1, 100)])
-        wait_until(lambda: consumer_stats.received >= 100, 10, "the read handed to the relay")
-        started = time.monotonic()
-        relay.stop()
-        t.join(5)
-        took = time.monotonic() - started
-        assert not t.is_alive()
-        assert took < 1.0, f"stop took {took:.2f}s"
-        assert relay.stats.dead_lettered == 0
-    finally:
-        own_redis.proc.send_signal(signal.SIGCONT)
-        relay.stop()
-        t.join(10)
+    took = stop_while_frozen(conn, own_redis, relay, lambda: consumer_stats.received >= 100)
+    assert took < 1.0, f"stop took {took:.2f}s"
+    assert relay.stats.dead_lettered == 0
     assert relay.stats.relayed == 1
     assert uncovered(conn, "relay") == 99  # not acknowledged: they come again
