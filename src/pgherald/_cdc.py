@@ -34,6 +34,7 @@ from ._protocol.replication import (
     ReplicationEngine,
     check_name,
     publication_statements,
+    publication_undo_statements,
 )
 from ._protocol.replication import _Lost as _StreamLost
 from ._publish import _many_params
@@ -804,29 +805,13 @@ def _undo_publication(
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.INERROR:
             conn.rollback()
         with conn.transaction():
-            if not existed:
-                conn.execute(psql.SQL("DROP PUBLICATION IF EXISTS {}").format(psql.Identifier(pub)))
-                return
-            _, explicit, _ = _members(conn, pub)
-            for s, t in added:
-                if (s, t) in explicit:
-                    conn.execute(
-                        psql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-                            psql.Identifier(pub), psql.Identifier(s, t)
-                        )
-                    )
-            for s, t in replaced:
-                cols = published.get((s, t))
-                target = psql.Identifier(s, t)
-                if cols:
-                    target = psql.SQL("{} ({})").format(  # type: ignore[assignment]
-                        target, psql.SQL(", ").join(map(psql.Identifier, cols))
-                    )
-                conn.execute(
-                    psql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-                        psql.Identifier(pub), target
-                    )
-                )
+            explicit = _members(conn, pub)[1] if existed else set()
+            undo = publication_undo_statements(pub, existed, [t for t in added if t in explicit])
+            if existed:  # the replaced tables, back with the columns they had
+                for t in replaced:
+                    undo += publication_statements(pub, True, [t], tuple(published.get(t) or ()))
+            for statement in undo:
+                conn.execute(statement.encode())
     except psycopg.Error as exc:
         logger.warning("could not put publication %r back as it was: %s", pub, exc)
 
