@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import pty
 import subprocess
 import sys
+from typing import Any
 
 
 def pgherald_cmd(*args: str) -> list[str]:
@@ -53,3 +55,40 @@ def one_line_error(proc: subprocess.CompletedProcess[str], status: int | None = 
         assert lines[0].startswith("pgherald: error: "), proc.stderr
         assert proc.returncode == status, (proc.returncode, proc.stderr)
     return lines[0]
+
+
+def on_a_terminal(dsn: str, answer: bytes, *args: str, timeout: float = 15) -> tuple[int, str]:
+    """``pgherald ARGS`` with stdin and stdout on a pseudo-terminal, typing *answer*: its exit
+    status and stderr. Still running *timeout* s after the answer (it took it for a yes, or
+    hung): killed, and the test fails."""
+    import pytest
+
+    main, child = pty.openpty()
+    try:
+        with subprocess.Popen(
+            pgherald_cmd(*args),
+            env=cli_env(dsn),
+            stdin=child,
+            stdout=child,
+            stderr=subprocess.PIPE,
+            text=True,
+        ) as proc:
+            os.write(main, answer)
+            try:
+                _, err = proc.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()  # only the process this helper started
+                _, err = proc.communicate()
+                pytest.fail(
+                    f"pgherald {' '.join(args)} still ran {timeout:g} s after the answer: {err}"
+                )
+    finally:
+        os.close(child)
+        os.close(main)
+    return proc.returncode, err
+
+
+def schema_exists(conn: Any) -> bool:
+    """Whether pgherald's schema is in *conn*'s database."""
+    row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgherald'").fetchone()
+    return bool(row == (1,))

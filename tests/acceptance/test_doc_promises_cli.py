@@ -20,7 +20,7 @@ import psycopg
 import pytest
 
 import pgherald
-from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
+from tests.fix_cli import cli_env, on_a_terminal, one_line_error, pgherald_cmd, run, schema_exists
 from tests.fix_faults import free_port
 
 PASSWORD = "Zq7-s3cret-pw"  # distinctive: found in a message only if the message leaks it
@@ -57,52 +57,21 @@ def test_error_lines_never_show_the_password(given: str, says: str) -> None:
 # nothing" --
 
 
-def _answer_on_a_terminal(dsn: str, answer: bytes, *args: str) -> tuple[int, str]:
-    """Run pgherald with stdin and stdout on a pseudo-terminal, typing *answer*; its status
-    and stderr."""
-    main, child = pty.openpty()
-    try:
-        with subprocess.Popen(
-            pgherald_cmd(*args),
-            env=cli_env(dsn),
-            stdin=child,
-            stdout=child,
-            stderr=subprocess.PIPE,
-            text=True,
-        ) as proc:
-            os.write(main, answer)
-            try:
-                _, err = proc.communicate(timeout=15)
-            except subprocess.TimeoutExpired:  # it took the answer for a yes, or hung
-                proc.kill()  # only the process this helper started
-                _, err = proc.communicate()
-                pytest.fail(f"pgherald {' '.join(args)} still ran 15 s after the answer: {err}")
-    finally:
-        os.close(child)
-        os.close(main)
-    return proc.returncode, err
-
-
-def _schema_exists(conn: psycopg.Connection) -> bool:
-    row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgherald'").fetchone()
-    return row == (1,)
-
-
 def test_enter_at_a_confirmation_keeps_everything_and_yes_in_capitals_goes_ahead(
     installed: str, conn: psycopg.Connection
 ) -> None:
     pgherald.publish(conn, "orders", {"n": 1})
     # Enter alone: the default is "no", so a stray key press never drops the event log.
-    status, err = _answer_on_a_terminal(installed, b"\n", "uninstall")
+    status, err = on_a_terminal(installed, b"\n", "uninstall")
     assert status == 1, err
     assert "nothing was changed" in err
     assert "Traceback" not in err
-    assert _schema_exists(conn)
+    assert schema_exists(conn)
     assert conn.execute("SELECT count(*) FROM pgherald.events_v1").fetchone() == (1,)
     # "any case": a user who types YES means it.
-    status, err = _answer_on_a_terminal(installed, b"YES\n", "uninstall")
+    status, err = on_a_terminal(installed, b"YES\n", "uninstall")
     assert status == 0, err
-    assert not _schema_exists(conn)
+    assert not schema_exists(conn)
 
 
 # -- `watch` on a table without a trigger "asks whether to add one (interactive)" --
@@ -125,7 +94,7 @@ def _triggers_on_orders(conn: psycopg.Connection) -> list[str]:
 def test_watch_on_a_terminal_asks_and_no_adds_nothing(
     orders: str, conn: psycopg.Connection
 ) -> None:
-    status, err = _answer_on_a_terminal(orders, b"n\n", "watch", "orders")
+    status, err = on_a_terminal(orders, b"n\n", "watch", "orders")
     assert status == 1, err
     assert "Traceback" not in err
     assert "orders has no pgherald trigger" in err

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pty
 import subprocess
 import time
 import uuid
@@ -17,15 +16,10 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 import pgherald
-from tests.fix_cli import cli_env, one_line_error, pgherald_cmd, run
+from tests.fix_cli import cli_env, on_a_terminal, one_line_error, pgherald_cmd, run, schema_exists
 from tests.fix_faults import free_port
 
 UNREACHABLE = "host=127.0.0.1 port=1 connect_timeout=2"
-
-
-def schema_exists(conn: psycopg.Connection) -> bool:
-    row = conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = 'pgherald'").fetchone()
-    return row == (1,)
 
 
 def event_count(conn: psycopg.Connection) -> int:
@@ -61,35 +55,15 @@ def test_uninstall_with_yes_drops_the_schema(dsn: str, installed: psycopg.Connec
     assert not schema_exists(installed)
 
 
-def _on_a_terminal(dsn: str, answer: bytes, *args: str) -> tuple[int, str]:
-    """Run pgherald with stdin and stdout on a pseudo-terminal, typing *answer*."""
-    main, child = pty.openpty()
-    try:
-        proc = subprocess.Popen(
-            pgherald_cmd(*args),
-            env=cli_env(dsn),
-            stdin=child,
-            stdout=child,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        os.write(main, answer)
-        _, err = proc.communicate(timeout=30)
-    finally:
-        os.close(child)
-        os.close(main)
-    return proc.returncode, err
-
-
 def test_uninstall_on_a_terminal_asks_and_no_keeps_the_schema(
     dsn: str, installed: psycopg.Connection
 ) -> None:
-    status, err = _on_a_terminal(dsn, b"n\n", "uninstall")
+    status, err = on_a_terminal(dsn, b"n\n", "uninstall", timeout=30)
     assert status == 1, err
     assert "nothing was changed" in err
     assert "Traceback" not in err
     assert schema_exists(installed)
-    status, err = _on_a_terminal(dsn, b"y\n", "uninstall")
+    status, err = on_a_terminal(dsn, b"y\n", "uninstall", timeout=30)
     assert status == 0, err
     assert not schema_exists(installed)
 
