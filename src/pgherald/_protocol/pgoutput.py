@@ -449,7 +449,7 @@ class Decoder:
         elif kind == 0x43:  # C
             yield self.commit_of(msg)
         elif kind == 0x52:  # R
-            self._relation(msg)
+            self.relation(msg)
         elif kind == 0x54:  # T
             yield from self._truncate(msg)
         elif kind in (0x59, 0x4F, 0x4D):  # Y(type), O(origin), M(message): nothing to deliver
@@ -487,7 +487,8 @@ class Decoder:
 
     # -- messages --
 
-    def _relation(self, msg: bytes) -> None:
+    def relation(self, msg: bytes) -> Relation:
+        """A Relation message: the table it describes, kept for the changes that follow."""
         oid = int.from_bytes(msg[1:5], "big")
         pos = 5
         end = msg.index(b"\0", pos)
@@ -515,9 +516,10 @@ class Decoder:
         key = self.primary_keys.get((schema, table))
         if key is None:
             key = tuple(flagged) if identity in ("d", "i") else ()
-        self.relations[oid] = Relation(
+        self.relations[oid] = rel = Relation(
             oid, schema, table, identity, columns, types, [converter(t) for t in types], key
         )
+        return rel
 
     def _tuple(self, rel: Relation, msg: bytes, pos: int) -> tuple[dict[str, Any], int]:
         """One TupleData at *pos*: the row (unchanged TOAST values left out) and the next pos."""

@@ -37,6 +37,7 @@ from .pgoutput import (
     Commit,
     DecodeError,
     Decoder,
+    Relation,
     decode_key,
     lsn_to_int,
     lsn_to_str,
@@ -124,6 +125,15 @@ class ReplicationConfig:
 
 class _Lost(Exception):
     """The replication connection failed; reconnect (internal)."""
+
+
+# The primary key's columns of a table (by oid), in the key's order (`_learn_key`).
+_KEY_ORDER = (
+    b"SELECT a.attname FROM pg_index i"
+    b" CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
+    b" JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
+    b" WHERE i.indrelid = $1::oid AND i.indisprimary ORDER BY k.n"
+)
 
 
 class ReplicationEngine:
@@ -568,7 +578,7 @@ class ReplicationEngine:
         cfg = self.config
         decoder = Decoder(self.primary_keys)
         decode, change = decoder.decode, decoder.change
-        begin_of, commit_of = decoder.begin_of, decoder.commit_of
+        begin_of, commit_of, relation = decoder.begin_of, decoder.commit_of, decoder.relation
         next_status = time.monotonic() + cfg.status_interval
         quiet_since = time.monotonic()  # when the server was last heard from (about)
         probe_deadline = 0.0  # a health check awaits an answer until then (0: none)
@@ -620,6 +630,14 @@ class ReplicationEngine:
                         received = int.from_bytes(data[9:17], "big")
                         if received > self._received:
                             self._received = received
+                    elif tag == 0x52:  # Relation: a table's columns (new to the stream, or altered)
+                        rel = relation(bytes(data[25:]))
+                        if (
+                            len(rel.key_columns) > 1
+                            and rel.identity == "d"
+                            and (rel.schema, rel.table) not in self.primary_keys
+                        ):
+                            yield from self._learn_key(rel, decoder)
                     else:
                         try:
                             for event in decode(data[25:]):
@@ -693,6 +711,54 @@ class ReplicationEngine:
                     pgconn.consume_input()
                 except Exception as exc:
                     raise _Lost(pgwire.one_line(exc)) from None
+
+    def _learn_key(self, rel: Relation, decoder: Decoder) -> PQGen:
+        """
+        The key's order of a table that came into the publication while the stream runs (the
+        start read the others' from the catalog) with a primary key of several columns: its
+        Relation message flags them in the table's column order, and `key` is the JSON array
+        in the key's order (as a durable trigger, or a stream started later, writes it). Read
+        it from the catalog, on a short connection of its own (the replication connection is
+        streaming). A lost connection reconnects the stream, whose start reads every key.
+        """
+        cfg = self.config
+        name = f"{rel.schema}.{rel.table}"
+        ctl: pq.abc.PGconn | None = None
+        try:
+            ctl = yield from pgwire.until_stopped(
+                self._connect(cfg.conninfo), lambda: self.stopping
+            )
+            (res,) = yield from pgwire.until_stopped(
+                pgwire.execute_params(
+                    ctl,
+                    _KEY_ORDER,
+                    [str(rel.oid).encode()],
+                    time.monotonic() + cfg.statement_timeout,
+                ),
+                lambda: self.stopping,
+            )
+        except pgwire.Abandoned:
+            return  # stopping: the loop sends the last status update and ends
+        except pgwire.QueryFailed as exc:
+            logger.warning("could not read the primary key of %s: %s", name, exc)
+            res = None
+        except (ConnectError, pgwire.QueryTimeout) as exc:
+            raise _Lost(f"could not read the primary key of {name}: {exc}") from None
+        except Exception as exc:
+            if pgwire.is_connection_error(exc):
+                raise _Lost(
+                    f"could not read the primary key of {name}: {pgwire.one_line(exc)}"
+                ) from None
+            raise
+        finally:
+            if ctl is not None:
+                ctl.finish()
+        if res is not None:
+            key = tuple(_text(res.get_value(i, 0)) for i in range(res.ntuples))
+            if sorted(key) == sorted(rel.key_columns):  # the same columns: the key's order
+                rel.key_columns = key
+        self.primary_keys[(rel.schema, rel.table)] = rel.key_columns
+        decoder.primary_keys[(rel.schema, rel.table)] = rel.key_columns
 
     def _stop_in_transaction(self, pgconn: pq.abc.PGconn) -> PQGen:
         """
