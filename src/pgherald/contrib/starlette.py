@@ -63,6 +63,7 @@ class Running:
         """The runners that failed while the app was serving, with their errors."""
         self._done: list[Runner] = []
         self._all_done = anyio.Event()
+        self._scopes: list[anyio.CancelScope] = []
 
     @property
     def healthy(self) -> bool:
@@ -70,17 +71,23 @@ class Running:
         return not self._done
 
     async def _run(self, runner: Runner) -> None:
-        try:
-            await runner.run()
-        except Exception as exc:
-            # Not re-raised here: in a task group it would cancel the server's lifespan task
-            # mid-wait, and the app would go on serving with nothing said but a traceback.
-            logger.error("%r failed; it is no longer running", runner, exc_info=exc)
-            self.failures.append((runner, exc))
-        finally:
-            self._done.append(runner)
-            if len(self._done) == len(self.runners):
-                self._all_done.set()
+        # Shielded: a cancellation of the lifespan (a server that cancels its shutdown) would
+        # reach this task too and cut the handler in progress short; `running` stops the
+        # runners instead, and cancels this scope only for one still running at its deadline.
+        with anyio.CancelScope(shield=True) as scope:
+            self._scopes.append(scope)
+            try:
+                await runner.run()
+            except Exception as exc:
+                # Not re-raised here: in a task group it would cancel the server's lifespan
+                # task mid-wait, and the app would go on serving with nothing said but a
+                # traceback.
+                logger.error("%r failed; it is no longer running", runner, exc_info=exc)
+                self.failures.append((runner, exc))
+            finally:
+                self._done.append(runner)
+                if len(self._done) == len(self.runners):
+                    self._all_done.set()
 
     def __repr__(self) -> str:
         state = "healthy" if self.healthy else f"{len(self.failures)} failed"
@@ -142,6 +149,8 @@ async def running(*runners: Runner, stop_timeout: float = 10.0) -> AsyncIterator
                     await state._all_done.wait()
                 if not state._all_done.is_set():
                     late = [r for r in runners if not any(r is d for d in state._done)]
+                    for scope in state._scopes:  # shielded from the task group's cancel
+                        scope.cancel()
                     tasks.cancel_scope.cancel()
     if late:
         raise HeraldError(
