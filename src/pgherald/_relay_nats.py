@@ -103,60 +103,50 @@ class NatsSink:
 
     async def _connect(self, relay: _RelayState, *, once: bool = False) -> bool:
         """Connect and make sure the stream exists; False when stopped first."""
-        attempt = 0
-        while not relay.stopping.is_set():
-            attempt += 1
-            nc: Any = None
-            try:
-                nc = _client_class()()
-                connecting = nc.connect(
-                    servers=[self.url],
-                    allow_reconnect=False,
-                    # nats-py tries a server up to max_reconnect_attempts + 1 times, waiting
-                    # reconnect_time_wait between: the relay's own backoff does that.
-                    max_reconnect_attempts=1,
-                    reconnect_time_wait=0,
-                    connect_timeout=min(self.timeout, 5.0),
-                    name="pgherald-relay",
-                    error_cb=self._on_error,
-                    disconnected_cb=self._on_disconnect,
-                    closed_cb=self._on_disconnect,
-                    pending_size=0,  # no buffering while disconnected: never out of order
-                )
-                if await relay.unless_stopped(_true(connecting)) is None:
-                    # Stopped in the handshake: nothing to flush, and nats-py's close of a
-                    # client it never finished connecting can wait out the whole timeout.
-                    await _close(nc, timeout=0.1)
-                    return False
-                await self._stream_info(nc)
-                self.inbox = nc.new_inbox()
-                sub = await nc.subscribe(
-                    self.inbox + ".*",
-                    cb=self._on_ack,
-                    pending_msgs_limit=-1,
-                    pending_bytes_limit=-1,
-                )
-                # Acknowledgements straight to _ack, not through the subscription's queue
-                # and task (see _client_class): half of the relay's CPU per event.
-                nc.pgherald_acks = (getattr(sub, "_id", None), self._ack)
-                self.nc = nc
-                relay.stats.connects += 1
-                logger.info("connected to JetStream at %s (stream %s)", self.target, self.stream)
-                return True
-            except UsageError:  # the stream cannot be created: the relay stops
-                if nc is not None:
-                    await _close(nc)
-                raise
-            except Exception as exc:
-                if nc is not None:
-                    await _close(nc)
-                why = f"cannot reach JetStream at {self.target} ({type(exc).__name__}: {exc})"
-                if once:  # at start: the first read with events tries again, with backoff
-                    logger.warning("%s; trying again when there are events to relay", why)
-                    return False
-                if not await relay.pause(attempt, why):
-                    return False
-        return False
+        return await relay.connect(
+            lambda: self._try_connect(relay), "JetStream", self.target, once=once
+        )
+
+    async def _try_connect(self, relay: _RelayState) -> bool:
+        nc = _client_class()()
+        try:
+            connecting = nc.connect(
+                servers=[self.url],
+                allow_reconnect=False,
+                # nats-py tries a server up to max_reconnect_attempts + 1 times, waiting
+                # reconnect_time_wait between: the relay's own backoff does that.
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                connect_timeout=min(self.timeout, 5.0),
+                name="pgherald-relay",
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+                closed_cb=self._on_disconnect,
+                pending_size=0,  # no buffering while disconnected: never out of order
+            )
+            if await relay.unless_stopped(_true(connecting)) is None:
+                # Stopped in the handshake: nothing to flush, and nats-py's close of a
+                # client it never finished connecting can wait out the whole timeout.
+                await _close(nc, timeout=0.1)
+                return False
+            await self._stream_info(nc)
+            self.inbox = nc.new_inbox()
+            sub = await nc.subscribe(
+                self.inbox + ".*",
+                cb=self._on_ack,
+                pending_msgs_limit=-1,
+                pending_bytes_limit=-1,
+            )
+        except Exception:  # UsageError (the stream cannot be created) included
+            await _close(nc)
+            raise
+        # Acknowledgements straight to _ack, not through the subscription's queue
+        # and task (see _client_class): half of the relay's CPU per event.
+        nc.pgherald_acks = (getattr(sub, "_id", None), self._ack)
+        self.nc = nc
+        relay.stats.connects += 1
+        logger.info("connected to JetStream at %s (stream %s)", self.target, self.stream)
+        return True
 
     async def _stream_info(self, nc: Any) -> Any:
         """The stream's info; a stream not there is created first (raising `UsageError` when

@@ -156,35 +156,30 @@ class RedisSink:
         await self._connect(relay, once=True)
 
     async def _connect(self, relay: _RelayState, *, once: bool = False) -> bool:
+        return await relay.connect(
+            lambda: self._try_connect(relay), "Redis", self.target, once=once
+        )
+
+    async def _try_connect(self, relay: _RelayState) -> bool:
         import redis.asyncio
 
-        attempt = 0
-        while not relay.stopping.is_set():
-            attempt += 1
-            client = redis.asyncio.Redis.from_url(
-                self.url, socket_timeout=self.timeout, socket_connect_timeout=min(self.timeout, 5)
-            )
-            try:
-                if await relay.unless_stopped(client.ping()) is None:
-                    await _close(client)
-                    return False
-                loaded = await relay.unless_stopped(client.script_load(SCRIPT))
-                if loaded is None:
-                    await _close(client)
-                    return False
-                self.client = client
-                relay.stats.connects += 1
-                logger.info("connected to Redis at %s (stream %s)", self.target, self.stream)
-                return True
-            except Exception as exc:
+        client = redis.asyncio.Redis.from_url(
+            self.url, socket_timeout=self.timeout, socket_connect_timeout=min(self.timeout, 5)
+        )
+        try:
+            if await relay.unless_stopped(client.ping()) is None:
                 await _close(client)
-                why = f"cannot reach Redis at {self.target} ({type(exc).__name__}: {exc})"
-                if once:  # at start: the first read with events tries again, with backoff
-                    logger.warning("%s; trying again when there are events to relay", why)
-                    return False
-                if not await relay.pause(attempt, why):
-                    return False
-        return False
+                return False
+            if await relay.unless_stopped(client.script_load(SCRIPT)) is None:
+                await _close(client)
+                return False
+        except Exception:
+            await _close(client)
+            raise
+        self.client = client
+        relay.stats.connects += 1
+        logger.info("connected to Redis at %s (stream %s)", self.target, self.stream)
+        return True
 
     async def send(
         self, events: list[Event], relay: _RelayState, *, redelivery: bool = False

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -19,6 +19,7 @@ import anyio
 
 from ._models import Event
 from ._protocol.backoff import backoff_delay
+from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
 
@@ -144,6 +145,29 @@ class _RelayState:
             await self.stopping.wait()
             return False
         return True
+
+    async def connect(
+        self, attempt: Callable[[], Awaitable[bool]], broker: str, target: str, *, once: bool
+    ) -> bool:
+        """Call *attempt* (True: connected, False: stopped meanwhile) until it connects, with
+        the backoff between failures; False when stopped first. *once* (the relay's start):
+        a failure is said and not waited out; the first read with events tries again.
+        `UsageError` (a configuration the broker refuses) propagates: the relay stops."""
+        tries = 0
+        while not self.stopping.is_set():
+            tries += 1
+            try:
+                return await attempt()
+            except UsageError:
+                raise
+            except Exception as exc:
+                why = f"cannot reach {broker} at {target} ({type(exc).__name__}: {exc})"
+                if once:
+                    logger.warning("%s; trying again when there are events to relay", why)
+                    return False
+                if not await self.pause(tries, why):
+                    return False
+        return False
 
 
 _SECRET_WORDS = frozenset(
