@@ -30,6 +30,7 @@ from pgherald._cdc import add_tables
 from pgherald._protocol.pgoutput import lsn_to_int
 from tests.fix_cli import run as cli
 from tests.fix_faults import await_until, wait_until
+from tests.fix_server import OwnServer
 from tests.integration.test_cdc import (
     Reader,
     capture,
@@ -376,3 +377,75 @@ async def test_async_into_log_headers_are_the_slot_the_commit_lsn_and_the_xid(
             await await_until(lambda: len(stored(cdc_dsn)) >= 4, 20, "both transactions stored")
             stream.stop()
     check_headers(cdc_dsn, "s_aheaders", stored(cdc_dsn), first, second)
+
+
+def test_xid_is_the_64_bit_transaction_id_on_a_server_past_its_first_epoch(
+    server: OwnServer,
+) -> None:
+    """
+    The stream's Begin messages carry 32 bits of the transaction id. On a server whose ids have
+    passed 2**32 (here: epoch 1, set with pg_resetwal as after 4 billion transactions), a
+    change's ``xid``, its ``tx`` and into_log's ``cdc_xid`` are still the writer's
+    ``pg_current_xact_id()``, the id a durable trigger stores for the same row.
+    """
+    server.stop()
+    server._run("pg_resetwal", "-e", "1", "-D", str(server.data))
+    server.start()
+    dsn = server.dsn
+    epoch = one(dsn, "SELECT pg_current_xact_id()::text::bigint >> 32")
+    assert epoch == 1
+    with psycopg.connect(dsn, autocommit=True) as c:
+        pgherald.install(c)
+        c.execute("CREATE TABLE t (id int PRIMARY KEY, v text)")
+        pgherald.add_table_trigger(c, "t", durable=True, channel="t_trigger")
+    capture(dsn, "epoch", "t")
+
+    def write(i: int) -> int:
+        with psycopg.connect(dsn) as c:
+            xid = c.execute("SELECT pg_current_xact_id()::text::bigint").fetchone()
+            c.execute("INSERT INTO t VALUES (%s, 'x')", (i,))
+        assert xid is not None
+        return int(xid[0])
+
+    writers = [write(i) for i in range(3)]
+    assert all(x >> 32 == 1 for x in writers)
+    stream = ChangeStream(dsn, slot="epoch")
+    r = Reader(stream)
+    try:
+        events = r.wait(3)
+    finally:
+        stream.stop()
+        r.thread.join(10)
+    assert [e.xid for e in events] == writers
+    assert [e.as_dict()["tx"] for e in events] == [str(x) for x in writers]
+    with psycopg.connect(dsn) as c:
+        stored = c.execute(
+            "SELECT payload->>'tx' FROM pgherald.events_v1 WHERE channel = 't_trigger' ORDER BY id"
+        ).fetchall()
+    assert [row[0] for row in stored] == [str(x) for x in writers]
+
+    into = ChangeStream(dsn, slot="epoch_log", tables=["t"], backfill=False)
+    done = threading.Thread(target=into.into_log, daemon=True)
+    done.start()
+    try:
+        wait_until(lambda: slot_ready(dsn, "epoch_log"), 10, "the stream to start")
+        last = write(3)
+        wait_until(
+            lambda: (
+                one(
+                    dsn,
+                    "SELECT headers->>'cdc_xid' FROM pgherald.events_v1 "
+                    "WHERE headers->>'cdc_slot' = 'epoch_log'",
+                )
+                is not None
+            ),
+            10,
+            "into_log to store the change",
+        )
+    finally:
+        into.stop()
+        done.join(10)
+    assert one(
+        dsn,
+        "SELECT headers->>'cdc_xid' FROM pgherald.events_v1 WHERE headers->>'cdc_slot' = 'epoch_log'",
+    ) == str(last)

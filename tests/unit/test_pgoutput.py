@@ -258,3 +258,21 @@ def test_numeric_keys_and_json_have_no_exponent_and_nan_is_a_string() -> None:
     # A float NaN beside an exact numeric: the numeric keeps its digits.
     value = {"n": Decimal("1.000000000000000001"), "f": float("nan")}
     assert dumps_value(value) == '{"n":1.000000000000000001,"f":"NaN"}'
+
+
+def test_begin_widens_the_32_bit_xid_to_the_64_bit_one_across_the_wrap() -> None:
+    # The server's next id was 2**32 - 5 (epoch 0) when the stream started: a transaction
+    # decoded from before it stays in epoch 0, one after the 32-bit counter wrapped is in
+    # epoch 1, and one older than that (still within 2**31) goes back to epoch 0.
+    d = Decoder(next_xid=2**32 - 5)
+    ids = [b.xid for x in (2**32 - 900, 2**32 - 1, 3, 2**31 + 10) for b in d.decode(begin(1, x))]
+    assert ids == [2**32 - 900, 2**32 - 1, 2**32 + 3, 2**31 + 10]
+    # Epoch 7, well inside it.
+    d = Decoder(next_xid=(7 << 32) + 1000)
+    (b,) = d.decode(begin(1, 990))
+    assert b.xid == (7 << 32) + 990
+    (b,) = d.decode(begin(1, 2**32 - 3))  # before the wrap into epoch 7
+    assert b.xid == (7 << 32) - 3
+    # Without next_xid (0), the stream's 32 bits as they come.
+    (b,) = Decoder().decode(begin(1, 2**32 - 3))
+    assert b.xid == 2**32 - 3

@@ -83,7 +83,8 @@ class ChangeEvent(NamedTuple):
     lsn: str
     """The commit LSN of the transaction (``'0/1517350'``); for READ, the slot's start."""
     xid: int
-    """The transaction id (0 for READ events)."""
+    """The transaction id, 64 bits (with its epoch), as ``pg_current_xact_id()`` gives it in
+    the writing transaction and a trigger event's ``tx`` holds it (0 for READ events)."""
     commit_time: datetime
     """When the transaction committed (READ: when the snapshot was taken)."""
 
@@ -426,11 +427,19 @@ class Decoder:
     Keeps the relations (tables) the stream described, and the current transaction's
     begin. *primary_keys* maps (schema, table) to the primary key columns, read from the
     catalog when the stream started; a table missing from it is keyed by its replica identity
-    (the primary key, unless the identity is FULL or an index).
+    (the primary key, unless the identity is FULL or an index). *next_xid*: the server's next
+    transaction id with its epoch (64 bits) when the stream started; a Begin's 32-bit id is
+    widened to the 64-bit id nearest it, then the nearest the last one (0: left at 32 bits).
     """
 
-    def __init__(self, primary_keys: dict[tuple[str, str], tuple[str, ...]] | None = None) -> None:
+    def __init__(
+        self,
+        primary_keys: dict[tuple[str, str], tuple[str, ...]] | None = None,
+        *,
+        next_xid: int = 0,
+    ) -> None:
         self.relations: dict[int, Relation] = {}
+        self._xid = next_xid
         self.primary_keys = dict(primary_keys or {})
         self.begin: Begin | None = None
         self._lsn_text = ""
@@ -464,7 +473,12 @@ class Decoder:
         final_lsn = int.from_bytes(msg[1:9], "big")
         self._ts = ts = int.from_bytes(msg[9:17], "big", signed=True)
         self._when = pg_time(ts)
-        self.begin = begin = Begin(final_lsn, self._when, int.from_bytes(msg[17:21], "big"))
+        xid = int.from_bytes(msg[17:21], "big")
+        if self._xid:
+            # Every transaction the server still decodes lies within 2**31 of the next id (its
+            # wraparound guard), and of the one before it: the nearest 64-bit id is the one.
+            self._xid = xid = self._xid + ((xid - self._xid + 2**31) % 2**32 - 2**31)
+        self.begin = begin = Begin(final_lsn, self._when, xid)
         self._lsn_text = lsn_to_str(final_lsn)
         return begin
 

@@ -163,6 +163,8 @@ class ReplicationEngine:
         self._slot_known = False
         self._server_flush = 0
         """How far the server's WAL goes (flushed, or replayed on a standby), at the last open."""
+        self._next_xid = 0
+        """The server's next transaction id (64 bits) at the last open: widens the stream's."""
         self._tables: list[tuple[str, str, list[str]]] = []
         self._streaming_pid: int | None = None
         """The server process of the replication connection, once it streams."""
@@ -385,6 +387,7 @@ class ReplicationEngine:
             )
         self._slot_known = plugin is not None
         self._server_flush = lsn_to_int(_text(res.get_value(0, 4)) or "0/0")
+        self._next_xid = int(_text(res.get_value(0, 5)) or 0)
         pub_exists = res.get_value(0, 2) == b"t"
         if cfg.tables:
             wanted = []
@@ -576,7 +579,7 @@ class ReplicationEngine:
         pgconn = self.pgconn
         assert pgconn is not None
         cfg = self.config
-        decoder = Decoder(self.primary_keys)
+        decoder = Decoder(self.primary_keys, next_xid=self._next_xid)
         decode, change = decoder.decode, decoder.change
         begin_of, commit_of, relation = decoder.begin_of, decoder.commit_of, decoder.relation
         next_status = time.monotonic() + cfg.status_interval

@@ -626,13 +626,16 @@ SELECT extract(epoch FROM min(next_tick) - now()) FROM pgherald.schedules_v1
 
 -- name: cdc_server_state --
 -- Change data capture: what the server allows and what exists of a slot and its publication;
--- last, where the server's WAL ends (flushed; replayed on a standby).
+-- then where the server's WAL ends (flushed; replayed on a standby); last, the next
+-- transaction id with its epoch (64 bits, as pg_current_xact_id() gives ids): the stream's
+-- Begin messages carry 32 bits, widened from it (txid_*: also on servers before 13).
 SELECT current_setting('wal_level'),
        (SELECT plugin FROM pg_replication_slots WHERE slot_name = %(slot)s),
        EXISTS (SELECT FROM pg_publication WHERE pubname = %(publication)s),
        current_setting('server_version_num')::int,
        (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn()
-             ELSE pg_current_wal_flush_lsn() END)::text
+             ELSE pg_current_wal_flush_lsn() END)::text,
+       txid_snapshot_xmax(txid_current_snapshot())::text
 
 -- name: cdc_end_stale_reader --
 -- Change data capture: end the server process of a stream this reader lost (a half-open
