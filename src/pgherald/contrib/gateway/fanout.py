@@ -201,7 +201,7 @@ class Hub:
         self._subs: dict[str, set[Client]] = {}
         self._filtered: dict[str, dict[Client, Filter]] = {}  # subscribers with a filter
         self._pattern_clients: set[Client] = set()
-        self._learned: dict[str, None] = {}  # an ordered set, oldest first
+        self._learned: dict[str, None] = {}  # an ordered set, used longest ago first
         self._discovered: frozenset[str] = frozenset()
         self._discovered_at = -1e9
         self._guard_since: float | None = None  # the queue guard skips notifications
@@ -375,12 +375,22 @@ class Hub:
         Remember *channels* for patterns to match, and subscribe the clients whose patterns
         match those that are new; returns those that gained subscribers (to LISTEN to).
         """
-        # (Never the wake-up channel: a pattern leaving would UNLISTEN the log tail's wake-ups.)
-        new = [ch for ch in channels if not self._is_known(ch) and ch != WAKE_CHANNEL]
-        for ch in new:
-            self._learned[ch] = None
-            if len(self._learned) > MAX_LEARNED:
-                del self._learned[next(iter(self._learned))]
+        # The last MAX_LEARNED channels used are kept (gateway.md): a channel used again moves
+        # to the end, so a busy channel is not forgotten for being the first one learned.
+        learned = self._learned
+        new: list[str] = []
+        for ch in channels:
+            if ch in learned:
+                del learned[ch]
+                learned[ch] = None
+                continue
+            # (Never the wake-up channel: a pattern leaving would UNLISTEN the tail's wake-ups.)
+            if self._is_known(ch) or ch == WAKE_CHANNEL:
+                continue
+            new.append(ch)
+            learned[ch] = None
+            if len(learned) > MAX_LEARNED:
+                del learned[next(iter(learned))]
         return self._join_patterns(new)
 
     def _join_patterns(self, channels: list[str]) -> list[str]:
