@@ -186,7 +186,9 @@ class AsyncListener(ListenerBase):
                     await anyio.lowlevel.checkpoint()
                 return
             await pending
-            if engine.stopping or time.monotonic() > budget:
+            # An async handler that called subscribe/unsubscribe: the change goes out right
+            # after it (listen.md), not after the rest of the burst.
+            if engine.stopping or engine.sync_wanted or time.monotonic() > budget:
                 return
 
     def _dispatch_slow(self, n: Notification) -> Awaitable[None] | None:

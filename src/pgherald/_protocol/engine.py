@@ -143,6 +143,11 @@ class ListenerEngine:
     def connected(self) -> bool:
         return self.pgconn is not None
 
+    @property
+    def sync_wanted(self) -> bool:
+        """A LISTEN or UNLISTEN is requested and not yet sent."""
+        return self._dirty
+
     # -- the hot path --
 
     def pop(self) -> Notification | None:
