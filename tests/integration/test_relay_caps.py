@@ -28,6 +28,7 @@ from pgherald._relay_nats import NatsSink, _header_value
 from pgherald._relay_redis import RedisSink, _bulk
 from tests.fix_brokers import dead_again, relay_thread
 from tests.fix_faults import wait_until
+from tests.integration.test_relay_nats import delete_stream
 
 redis = pytest.importorskip("redis", reason="the relay tests need the 'relay' extra (redis-py)")
 
@@ -145,18 +146,6 @@ async def _stream_keys(url: str, stream: str) -> list[tuple[int, str]]:
         await nc.close()
 
 
-async def _delete_stream(url: str, stream: str) -> None:
-    import nats
-
-    nc = await nats.connect(url)
-    try:
-        await nc.jetstream().delete_stream(stream)
-    except Exception:
-        pass
-    finally:
-        await nc.close()
-
-
 def test_the_nats_key_cache_starts_again_past_100000_keys(
     installed: str, conn: psycopg.Connection, nats_url: str, unique: str
 ) -> None:
@@ -185,4 +174,4 @@ def test_the_nats_key_cache_starts_again_past_100000_keys(
         got = asyncio.run(_stream_keys(nats_url, stream))
         assert sorted(got) == list(zip(ids, keys, strict=True))
     finally:
-        asyncio.run(_delete_stream(nats_url, stream))
+        delete_stream(nats_url, stream)
