@@ -449,3 +449,33 @@ def test_xid_is_the_64_bit_transaction_id_on_a_server_past_its_first_epoch(
         dsn,
         "SELECT headers->>'cdc_xid' FROM pgherald.events_v1 WHERE headers->>'cdc_slot' = 'epoch_log'",
     ) == str(last)
+
+
+def test_a_table_made_again_or_rekeyed_while_the_stream_runs_is_keyed_by_its_new_key(
+    cdc_dsn: str, readers: Callable[[ChangeStream], Reader]
+) -> None:
+    """The key's order is known per table (its oid), not per name: a table dropped and made
+    again under the same name with another key order, then added again, is keyed by the new
+    key; so is a table whose primary key changes to other columns while the stream runs."""
+    sql(cdc_dsn, ORDERS, LINES)
+    r = readers(ChangeStream(cdc_dsn, slot="s_remade", tables=["orders", "lines"]))
+    wait_until(lambda: slot_ready(cdc_dsn, "s_remade"), 10, "the stream to start")
+    sql(cdc_dsn, "INSERT INTO lines VALUES ('eu', 1, 'x')")
+    assert [e.key for e in r.wait(1)] == ['[1, "eu"]']  # (id, region), read at the start
+    sql(
+        cdc_dsn,
+        "DROP TABLE lines",
+        "CREATE TABLE lines (region text, id int, v text, PRIMARY KEY (region, id))",
+    )
+    with psycopg.connect(cdc_dsn, autocommit=True) as c:
+        add_tables(c, ["lines"], slot="s_remade")
+    sql(cdc_dsn, "INSERT INTO lines VALUES ('us', 2, 'y')")
+    assert r.wait(2)[1].key == '["us", 2]'  # (region, id): the new table's key
+    sql(
+        cdc_dsn,
+        "ALTER TABLE lines DROP CONSTRAINT lines_pkey",
+        "ALTER TABLE lines ADD PRIMARY KEY (v, id)",
+        "INSERT INTO lines VALUES ('eu', 3, 'z')",
+    )
+    assert r.wait(3)[2].key == '["z", 3]'  # (v, id), not the columns' order (id, v)
+    assert r.stream._engine.reconnects == 0

@@ -122,7 +122,7 @@ def test_update_with_key_change_and_delete(dec: Decoder) -> None:
 
 
 def test_update_full_identity_fills_toast_and_diffs() -> None:
-    d = Decoder({("public", "orders"): ("id",)})
+    d = Decoder({1: ("id",)})
     list(
         d.decode(
             relation(

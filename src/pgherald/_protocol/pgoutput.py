@@ -425,16 +425,17 @@ class Decoder:
     Turns pgoutput messages into `Begin`, `Commit` and `ChangeEvent` values.
 
     Keeps the relations (tables) the stream described, and the current transaction's
-    begin. *primary_keys* maps (schema, table) to the primary key columns, read from the
-    catalog when the stream started; a table missing from it is keyed by its replica identity
-    (the primary key, unless the identity is FULL or an index). *next_xid*: the server's next
+    begin. *primary_keys* maps a table's oid to its primary key columns (in the key's order),
+    read from the catalog; a table missing from it, or whose key the stream now describes with
+    other columns (with the default replica identity), is keyed by its replica identity (the
+    primary key in the table's column order, unless the identity is FULL or an index). *next_xid*: the server's next
     transaction id with its epoch (64 bits) when the stream started; a Begin's 32-bit id is
     widened to the 64-bit id nearest it, then the nearest the last one (0: left at 32 bits).
     """
 
     def __init__(
         self,
-        primary_keys: dict[tuple[str, str], tuple[str, ...]] | None = None,
+        primary_keys: dict[int, tuple[str, ...]] | None = None,
         *,
         next_xid: int = 0,
     ) -> None:
@@ -527,8 +528,8 @@ class Decoder:
             types.append(type_oid)
             if flags & 1:
                 flagged.append(name)
-        key = self.primary_keys.get((schema, table))
-        if key is None:
+        key = self.primary_keys.get(oid)
+        if key is None or (identity == "d" and sorted(key) != sorted(flagged)):
             key = tuple(flagged) if identity in ("d", "i") else ()
         self.relations[oid] = rel = Relation(
             oid, schema, table, identity, columns, types, [converter(t) for t in types], key

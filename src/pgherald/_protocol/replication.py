@@ -127,15 +127,6 @@ class _Lost(Exception):
     """The replication connection failed; reconnect (internal)."""
 
 
-# The primary key's columns of a table (by oid), in the key's order (`_learn_key`).
-_KEY_ORDER = (
-    b"SELECT a.attname FROM pg_index i"
-    b" CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)"
-    b" JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum"
-    b" WHERE i.indrelid = $1::oid AND i.indisprimary ORDER BY k.n"
-)
-
-
 class ReplicationEngine:
     """The state of one change stream, independent of any runtime."""
 
@@ -152,6 +143,8 @@ class ReplicationEngine:
         self.backfilling = False
         """The backfill is being handed over (its CHANGE and COMMIT may be answered REWIND)."""
         self.primary_keys: dict[tuple[str, str], tuple[str, ...]] = {}
+        self._keys_by_oid: dict[int, tuple[str, ...]] = {}
+        """The primary keys read from the catalog (at the start, or by `_learn_key`), by oid."""
         self.changes = 0
         self.transactions = 0
         self.reconnects = 0
@@ -430,6 +423,10 @@ class ReplicationEngine:
             )
             for i in range(r.ntuples)
         }
+        self._keys_by_oid = {
+            int(_text(r.get_value(i, 4))): tuple(_text_array(r.get_value(i, 3)))
+            for i in range(r.ntuples)
+        }
         self._tables = [
             (_text(r.get_value(i, 0)), _text(r.get_value(i, 1)), _text_array(r.get_value(i, 2)))
             for i in range(r.ntuples)
@@ -579,7 +576,7 @@ class ReplicationEngine:
         pgconn = self.pgconn
         assert pgconn is not None
         cfg = self.config
-        decoder = Decoder(self.primary_keys, next_xid=self._next_xid)
+        decoder = Decoder(self._keys_by_oid, next_xid=self._next_xid)
         decode, change = decoder.decode, decoder.change
         begin_of, commit_of, relation = decoder.begin_of, decoder.commit_of, decoder.relation
         next_status = time.monotonic() + cfg.status_interval
@@ -638,9 +635,12 @@ class ReplicationEngine:
                         if (
                             len(rel.key_columns) > 1
                             and rel.identity == "d"
-                            and (rel.schema, rel.table) not in self.primary_keys
+                            and self._keys_by_oid.get(rel.oid) != rel.key_columns
                         ):
-                            yield from self._learn_key(rel, decoder)
+                            # A table new to the stream (or whose key changed) keyed in its
+                            # columns' order: the server waits meanwhile, told where we are.
+                            yield from self._send_status(pgconn)
+                            yield from self._learn_key(rel)
                     else:
                         try:
                             for event in decode(data[25:]):
@@ -715,30 +715,28 @@ class ReplicationEngine:
                 except Exception as exc:
                     raise _Lost(pgwire.one_line(exc)) from None
 
-    def _learn_key(self, rel: Relation, decoder: Decoder) -> PQGen:
+    def _learn_key(self, rel: Relation) -> PQGen:
         """
-        The key's order of a table that came into the publication while the stream runs (the
-        start read the others' from the catalog) with a primary key of several columns: its
-        Relation message flags them in the table's column order, and `key` is the JSON array
-        in the key's order (as a durable trigger, or a stream started later, writes it). Read
-        it from the catalog, on a short connection of its own (the replication connection is
-        streaming). A lost connection reconnects the stream, whose start reads every key.
+        The key's order of a table with a primary key of several columns that came into the
+        publication while the stream runs (the start read the others' from the catalog), or
+        whose key changed: its Relation message flags them in the table's column order, and
+        `key` is the JSON array in the key's order (as a durable trigger, or a stream started
+        later, writes it). Read it from the catalog, on a short connection of its own (the
+        replication connection is streaming), within `health_check_timeout`: the server ends
+        a stream that says nothing for `wal_sender_timeout`. A lookup that fails reconnects
+        the stream, whose start reads every key.
         """
         cfg = self.config
         name = f"{rel.schema}.{rel.table}"
+        deadline = time.monotonic() + cfg.health_check_timeout
         ctl: pq.abc.PGconn | None = None
         try:
             ctl = yield from pgwire.until_stopped(
-                self._connect(cfg.conninfo), lambda: self.stopping
+                pgwire.connect(cfg.conninfo, deadline), lambda: self.stopping
             )
+            text, values = sql.bound("cdc_primary_key", {"oid": rel.oid})
             (res,) = yield from pgwire.until_stopped(
-                pgwire.execute_params(
-                    ctl,
-                    _KEY_ORDER,
-                    [str(rel.oid).encode()],
-                    time.monotonic() + cfg.statement_timeout,
-                ),
-                lambda: self.stopping,
+                pgwire.execute_params(ctl, text, values, deadline), lambda: self.stopping
             )
         except pgwire.Abandoned:
             return  # stopping: the loop sends the last status update and ends
@@ -760,8 +758,15 @@ class ReplicationEngine:
             key = tuple(_text(res.get_value(i, 0)) for i in range(res.ntuples))
             if sorted(key) == sorted(rel.key_columns):  # the same columns: the key's order
                 rel.key_columns = key
-        self.primary_keys[(rel.schema, rel.table)] = rel.key_columns
-        decoder.primary_keys[(rel.schema, rel.table)] = rel.key_columns
+            else:  # gone (dropped meanwhile) or changed again: keyed as the server flags it
+                logger.warning(
+                    "the primary key of %s is not what the stream describes (%s, catalog: %s): "
+                    "its changes are keyed by the columns in the table's order",
+                    name,
+                    ", ".join(rel.key_columns),
+                    ", ".join(key) or "none",
+                )
+        self._keys_by_oid[rel.oid] = rel.key_columns  # asked once per table and key
 
     def _stop_in_transaction(self, pgconn: pq.abc.PGconn) -> PQGen:
         """

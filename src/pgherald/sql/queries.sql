@@ -679,17 +679,27 @@ ORDER BY 1, 2
 
 -- name: cdc_publication_tables --
 -- The tables of a publication, their published columns and primary key columns (in the key's
--- order; empty: no primary key).
+-- order; empty: no primary key), and their oids (what the stream's Relation messages name).
 SELECT p.schemaname, p.tablename, p.attnames::text[],
        ARRAY(SELECT a.attname::text FROM pg_index i
              CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
              JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
              WHERE i.indrelid = (quote_ident(p.schemaname) || '.' || quote_ident(p.tablename))::regclass
                AND i.indisprimary
-             ORDER BY k.n)
+             ORDER BY k.n),
+       (quote_ident(p.schemaname) || '.' || quote_ident(p.tablename))::regclass::oid::bigint
 FROM pg_publication_tables p
 WHERE p.pubname = %(publication)s
 ORDER BY 1, 2
+
+-- name: cdc_primary_key --
+-- Change data capture: one table's primary key columns, in the key's order (no row: none, or
+-- the table is gone), for a table that came into the publication while a stream runs.
+SELECT a.attname::text FROM pg_index i
+CROSS JOIN LATERAL unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+WHERE i.indrelid = CAST(%(oid)s AS oid) AND i.indisprimary
+ORDER BY k.n
 
 -- name: cdc_publication_members --
 -- The tables of a publication as `cdc add` and `cdc remove` name them: those added to it (a
