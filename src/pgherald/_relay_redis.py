@@ -133,8 +133,17 @@ class RedisSink:
             raise UsageError(
                 "relaying to Redis needs redis-py: pip install 'pgherald[relay]'"
             ) from None
+        from redis.asyncio.connection import parse_url
+
         self.url = url
         self.target = safe_url(url)
+        try:
+            parse_url(url)  # what every connection attempt would refuse, said once, at once
+        except ValueError as exc:
+            raise UsageError(
+                f"invalid Redis URL {self.target}: {exc}; write it as "
+                "redis://[[user]:password@]host[:port][/db][?socket_timeout=seconds]"
+            ) from None
         self.group = group
         self.stream = stream
         self.maxlen = "" if maxlen is None else str(maxlen)

@@ -11,7 +11,7 @@ import pytest
 
 import pgherald
 from tests.fix_brokers import RelayProcess
-from tests.fix_cli import run
+from tests.fix_cli import one_line_error, run
 from tests.fix_durable import uncovered
 from tests.fix_faults import wait_until
 
@@ -191,3 +191,19 @@ def test_a_refused_event_is_one_line_and_its_redelivery_reaches_the_stream(
         relay.kill()
         client.delete(unique, f"{unique}:pgherald-positions", f"{unique}:pgherald-redelivered")
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("redis://127.0.0.1:6379/0?socket_timeout=x", "socket_timeout"),
+        ("redis://user:s3cret@127.0.0.1:abc/0", "Port could not be cast"),
+    ],
+)
+def test_a_malformed_redis_url_stops_the_relay_at_once(installed: str, url: str, why: str) -> None:
+    # Refused by every connection attempt: said once, at the start, not retried for ever.
+    r = run(installed, "relay", "--to", url, "orders", timeout=20)
+    line = one_line_error(r, 1)
+    assert "invalid Redis URL" in line, line
+    assert why in line, line
+    assert "s3cret" not in r.stderr
