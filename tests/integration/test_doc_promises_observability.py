@@ -604,3 +604,31 @@ async def test_a_cancelled_shutdown_still_lets_the_handler_in_progress_finish(
         assert shutdown.cancelled_caught
     assert finished == ["x"], "the handler in progress was cancelled, not let finish"
     assert not listener.connected
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_shutdown_still_says_which_runner_did_not_stop(
+    dsn: str, conn: psycopg.Connection, anyio_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The HeraldError naming a late runner cannot reach a shutdown that is itself cancelled:
+    # the log says it instead.
+    listener = pgherald.AsyncListener(dsn, channels=["c"])
+    in_handler = anyio.Event()
+
+    @listener.on("c")
+    async def stuck(n: pgherald.Notification) -> None:
+        in_handler.set()
+        await anyio.sleep_forever()
+
+    caplog.set_level(logging.ERROR, logger="pgherald.contrib.starlette")
+    with anyio.fail_after(10):
+        with anyio.CancelScope() as shutdown:
+            async with app_running(listener, stop_timeout=0.3):
+                pgherald.notify(conn, "c", "x")
+                await in_handler.wait()
+                shutdown.cancel()
+                await anyio.sleep_forever()
+        assert shutdown.cancelled_caught
+    said = [r.getMessage() for r in caplog.records if r.name == "pgherald.contrib.starlette"]
+    assert any("did not stop within 0.3 s of stop(): cancelled" in m for m in said), said
+    assert not listener.connected

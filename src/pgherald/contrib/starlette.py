@@ -149,6 +149,13 @@ async def running(*runners: Runner, stop_timeout: float = 10.0) -> AsyncIterator
                     await state._all_done.wait()
                 if not state._all_done.is_set():
                     late = [r for r in runners if not any(r is d for d in state._done)]
+                    # Said here too: a shutdown that is itself cancelled never reaches the
+                    # HeraldError below.
+                    logger.error(
+                        "%s did not stop within %g s of stop(): cancelled",
+                        ", ".join(map(repr, late)),
+                        stop_timeout,
+                    )
                     for scope in state._scopes:  # shielded from the task group's cancel
                         scope.cancel()
                     tasks.cancel_scope.cancel()
