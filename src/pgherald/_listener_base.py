@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal, TypeVar
 from . import _tracing
 from ._conninfo import Source, connect_error, resolve_source
 from ._models import Gap, ListenerStats, Notification
+from ._protocol.channels import check_channel
 from ._protocol.engine import ListenerConfig, ListenerEngine
 from ._protocol.routing import Handler, HandlerRegistry
 from ._typed import is_async, typed_listener_handler
@@ -136,6 +137,9 @@ class ListenerBase:
         does not validate never reaches it: it goes to ``on_error`` as `PayloadInvalid`.
         """
 
+        for ch in channels:  # all of them first: a refused name registers nothing
+            check_channel(ch)
+
         def register(func: H) -> H:
             if channels:
                 for ch in channels:
@@ -148,6 +152,8 @@ class ListenerBase:
 
     def add_handler(self, channel: str | None, handler: Handler, *, model: Any = None) -> None:
         """Register *handler* for *channel* (None: every channel) and subscribe to it."""
+        if channel is not None:
+            check_channel(channel)  # before anything is registered (InvalidChannel)
         if self._mode == "iterate":
             raise UsageError(
                 "this listener is being iterated: handlers and iteration do not mix; "
@@ -186,6 +192,10 @@ class ListenerBase:
     # -- for subclasses --
 
     def _request_channels(self, add: Iterable[str] = (), remove: Iterable[str] = ()) -> None:
+        # Every name checked before any is applied: a refused call (InvalidChannel) changes
+        # nothing, so it neither subscribes nor unsubscribes the valid names it came with.
+        add = [check_channel(ch) for ch in add]
+        remove = [check_channel(ch) for ch in remove]
         self._engine.want(add)
         self._engine.unwant(remove)
         if self._mode is not None:

@@ -276,30 +276,42 @@ class EmbeddedPostgres:
 
     def shut_down(self) -> bool:
         """Stop a server running in `datadir` even if other processes use it, and end the hold
-        of ``pgherald dev start`` (`keep`); False if none ran."""
+        of ``pgherald dev start`` (`keep`) and theirs: a server started afterwards stops when
+        its own users let go. False if none ran."""
         with contextlib.suppress(OSError):  # a file left behind names a server that is gone
             (self.datadir / KEEP_FILE).unlink()
         if running_dsn(self.datadir) is None:
             return False
         import subprocess
 
-        pg_ctl = Path(_import_pgserver().__file__).parent / "pginstall" / "bin" / "pg_ctl"
+        pgserver = _import_pgserver()
+        pg_ctl = Path(pgserver.__file__).parent / "pginstall" / "bin" / "pg_ctl"
         user = "pgserver" if _is_root() else None  # as root, pgserver runs it as this user
-        try:
-            subprocess.run(
-                [str(pg_ctl), "-D", str(self.datadir), "-w", "stop"],
-                user=user,
-                check=True,
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", None) or exc
-            raise ConnectError(
-                f"the embedded PostgreSQL in {self.datadir} did not stop ({str(detail).strip()}): "
-                f"see its log, {self.datadir / 'log'}"
-            ) from exc
+        # Under pgserver's lock: no process starts the server (and adds itself to the list of
+        # users) between the stop and the emptying of that list.
+        with _server_lock(pgserver):
+            try:
+                subprocess.run(
+                    [str(pg_ctl), "-D", str(self.datadir), "-w", "stop"],
+                    user=user,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+            except (OSError, subprocess.SubprocessError) as exc:
+                detail = getattr(exc, "stderr", None) or exc
+                raise ConnectError(
+                    f"the embedded PostgreSQL in {self.datadir} did not stop "
+                    f"({str(detail).strip()}): see its log, {self.datadir / 'log'}"
+                ) from exc
+            # The processes listed used the server just stopped: they hold none started
+            # afterwards. Left in the list, one that is still alive would keep the next
+            # server running when its own users let go, and itself never stop it (it stops
+            # only the server it started with).
+            with contextlib.suppress(OSError):
+                if (self.datadir / PIDS_FILE).exists():
+                    (self.datadir / PIDS_FILE).write_text("[]")
         return True
 
     def stop(self) -> None:
