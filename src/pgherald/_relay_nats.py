@@ -129,7 +129,10 @@ class NatsSink:
                 # client it never finished connecting can wait out the whole timeout.
                 await _close(nc, timeout=0.1)
                 return False
-            await self._stream_info(nc)
+            # JetStream's answer can take up to `timeout`: stop() does not wait for it.
+            if await relay.unless_stopped(_true(self._stream_info(nc))) is None:
+                await _close(nc, timeout=0.1)
+                return False
             self.inbox = nc.new_inbox()
             sub = await nc.subscribe(
                 self.inbox + ".*",

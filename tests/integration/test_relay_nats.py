@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -315,6 +316,80 @@ def test_stop_while_connecting_to_a_broker_that_never_answers(
     with relay_thread(relay, join=2) as t:  # well before the 5 s connect timeout
         wait_until(lambda: silent_server.accepted, 10, "the relay inside its connection attempt")
     assert not t.is_alive()
+    assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again
+
+
+class NatsWithoutJetStreamAnswers:
+    """A NATS server that completes the client's handshake (INFO, PONG) and then answers
+    nothing: JetStream's API requests go unanswered (a JetStream that hangs)."""
+
+    def __init__(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self._server.settimeout(0.1)
+        self.port: int = self._server.getsockname()[1]
+        self.requests: list[bytes] = []  # lines the client sent to JetStream's API
+        self._done = threading.Event()
+        self._clients: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._done.is_set():
+            try:
+                client = self._server.accept()[0]
+            except OSError:
+                continue
+            self._clients.append(client)
+            threading.Thread(target=self._talk, args=(client,), daemon=True).start()
+
+    def _talk(self, client: socket.socket) -> None:
+        info = {
+            "server_id": "x",
+            "version": "2.10.0",
+            "proto": 1,
+            "headers": True,
+            "max_payload": 1048576,
+            "jetstream": True,
+        }
+        with contextlib.suppress(OSError):
+            client.sendall(b"INFO " + json.dumps(info).encode() + b"\r\n")
+            buffered = b""
+            while not self._done.is_set():
+                data = client.recv(65536)
+                if not data:
+                    return
+                buffered += data
+                *lines, buffered = buffered.split(b"\r\n")
+                for line in lines:
+                    if line == b"PING":
+                        client.sendall(b"PONG\r\n")
+                    elif b"$JS.API" in line:
+                        self.requests.append(line)
+
+    def close(self) -> None:
+        self._done.set()
+        self._thread.join(2)
+        for c in self._clients:
+            c.close()
+        self._server.close()
+
+
+def test_stop_while_jetstream_does_not_answer_the_stream_lookup(
+    installed: str, conn: psycopg.Connection
+) -> None:
+    # The relay's start asks JetStream for its stream (waiting up to `timeout`): stop() ends
+    # that wait at once.
+    pgherald.publish(conn, "orders", {"id": 1})
+    server = NatsWithoutJetStreamAnswers()
+    try:
+        relay = pgherald.Relay(
+            installed, to=f"nats://127.0.0.1:{server.port}", channels=["orders"], timeout=30
+        )
+        with relay_thread(relay, join=2) as t:  # well before the 30 s timeout
+            wait_until(lambda: server.requests, 10, "the relay asking JetStream for its stream")
+        assert not t.is_alive()
+    finally:
+        server.close()
     assert uncovered(conn, "relay") == 1  # not acknowledged: it comes again
 
 
