@@ -441,7 +441,8 @@ class Decoder:
     ) -> None:
         self.relations: dict[int, Relation] = {}
         self._xid = next_xid
-        self.primary_keys = dict(primary_keys or {})
+        # Shared, not copied: what the stream learns of a key (`_learn_key`) serves here.
+        self.primary_keys = primary_keys if primary_keys is not None else {}
         self.begin: Begin | None = None
         self._lsn_text = ""
         self._ts = 0  # the last Begin's commit time, as sent and as a datetime

@@ -144,6 +144,8 @@ class ReplicationEngine:
         """The backfill is being handed over (its CHANGE and COMMIT may be answered REWIND)."""
         self.primary_keys: dict[tuple[str, str], tuple[str, ...]] = {}
         self._keys_by_oid: dict[int, tuple[str, ...]] = {}
+        self.key_lookups = 0
+        """Primary keys read from the catalog while streaming (a diagnostic)."""
         """The primary keys read from the catalog (at the start, or by `_learn_key`), by oid."""
         self.changes = 0
         self.transactions = 0
@@ -631,14 +633,17 @@ class ReplicationEngine:
                         if received > self._received:
                             self._received = received
                     elif tag == 0x52:  # Relation: a table's columns (new to the stream, or altered)
+                        # Sent again after the table changed (ALTER, VACUUM, ANALYZE, ...).
+                        again = int.from_bytes(data[26:30], "big") in decoder.relations
                         rel = relation(bytes(data[25:]))
                         if (
                             len(rel.key_columns) > 1
                             and rel.identity == "d"
-                            and self._keys_by_oid.get(rel.oid) != rel.key_columns
+                            and (again or self._keys_by_oid.get(rel.oid) != rel.key_columns)
                         ):
-                            # A table new to the stream (or whose key changed) keyed in its
-                            # columns' order: the server waits meanwhile, told where we are.
+                            # A key of several columns that the start did not read (a table
+                            # new to the stream), or that may have changed (its order too):
+                            # the server waits meanwhile, told where we are.
                             yield from self._send_status(pgconn)
                             yield from self._learn_key(rel)
                     else:
@@ -740,33 +745,42 @@ class ReplicationEngine:
             )
         except pgwire.Abandoned:
             return  # stopping: the loop sends the last status update and ends
-        except pgwire.QueryFailed as exc:
-            logger.warning("could not read the primary key of %s: %s", name, exc)
-            res = None
-        except (ConnectError, pgwire.QueryTimeout) as exc:
-            raise _Lost(f"could not read the primary key of {name}: {exc}") from None
+        except (pgwire.QueryFailed, pgwire.QueryTimeout, ConnectError) as exc:
+            # The stream goes on (a reconnection would describe the table the same way): keyed
+            # as the server flags the key, and asked again when the table is described again.
+            logger.warning(
+                "could not read the primary key of %s (%s): its changes are keyed by %s",
+                name,
+                pgwire.one_line(exc),
+                ", ".join(rel.key_columns),
+            )
+            return
         except Exception as exc:
-            if pgwire.is_connection_error(exc):
-                raise _Lost(
-                    f"could not read the primary key of {name}: {pgwire.one_line(exc)}"
-                ) from None
-            raise
+            if not pgwire.is_connection_error(exc):
+                raise
+            logger.warning(
+                "could not read the primary key of %s (%s): its changes are keyed by %s",
+                name,
+                pgwire.one_line(exc),
+                ", ".join(rel.key_columns),
+            )
+            return
         finally:
             if ctl is not None:
                 ctl.finish()
-        if res is not None:
-            key = tuple(_text(res.get_value(i, 0)) for i in range(res.ntuples))
-            if sorted(key) == sorted(rel.key_columns):  # the same columns: the key's order
-                rel.key_columns = key
-            else:  # gone (dropped meanwhile) or changed again: keyed as the server flags it
-                logger.warning(
-                    "the primary key of %s is not what the stream describes (%s, catalog: %s): "
-                    "its changes are keyed by the columns in the table's order",
-                    name,
-                    ", ".join(rel.key_columns),
-                    ", ".join(key) or "none",
-                )
-        self._keys_by_oid[rel.oid] = rel.key_columns  # asked once per table and key
+        self.key_lookups += 1
+        key = tuple(_text(res.get_value(i, 0)) for i in range(res.ntuples))
+        if sorted(key) == sorted(rel.key_columns):  # the same columns: the key's order
+            rel.key_columns = key
+        else:  # gone (dropped meanwhile) or changed again: keyed as the server flags it
+            logger.warning(
+                "the primary key of %s is not what the stream describes (%s, catalog: %s): "
+                "its changes are keyed by the columns in the table's order",
+                name,
+                ", ".join(rel.key_columns),
+                ", ".join(key) or "none",
+            )
+        self._keys_by_oid[rel.oid] = rel.key_columns  # the decoder's too: shared
 
     def _stop_in_transaction(self, pgconn: pq.abc.PGconn) -> PQGen:
         """
