@@ -39,7 +39,7 @@ from ._protocol.channels import check_channel
 from ._protocol.consumer import StatusRow
 from ._relay_nats import NatsSink
 from ._relay_redis import RedisSink
-from ._relay_sink import Refused, RelayStats, Sink, _RelayState
+from ._relay_sink import Refused, RelayStats, Sink, _RelayState, safe_url
 from ._relay_webhook import WebhookSink
 from ._waiting_async import LoopCaller
 from .errors import UsageError
@@ -83,7 +83,10 @@ def _sink_for(
     max_attempts: int,
     timeout: float,
 ) -> Sink:
-    scheme = urlsplit(to).scheme.lower()
+    try:
+        scheme = urlsplit(to).scheme.lower()
+    except ValueError as exc:  # an unbalanced "[" (an IPv6 address)
+        raise UsageError(f"invalid relay target {safe_url(to)}: {exc}") from None
     if scheme in ("nats", "tls"):
         return NatsSink(
             to,

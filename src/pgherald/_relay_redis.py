@@ -140,9 +140,18 @@ class RedisSink:
         try:
             parse_url(url)  # what every connection attempt would refuse, said once, at once
         except ValueError as exc:
+            # The reason quotes the URL's parts: only when they could be read (else it may
+            # quote part of a password).
+            unreadable = self.target.endswith("://***")
+            why = (
+                " (its host part cannot be read: a port that is not a number?)"
+                if unreadable
+                else f": {exc}"
+            )
             raise UsageError(
-                f"invalid Redis URL {self.target}: {exc}; write it as "
-                "redis://[[user]:password@]host[:port][/db][?socket_timeout=seconds]"
+                f"invalid Redis URL {self.target}{why}; write it as "
+                "redis://[[user]:password@]host[:port][/db][?socket_timeout=seconds], with "
+                "'/', '?', '#' and '@' in a password percent-encoded"
             ) from None
         self.group = group
         self.stream = stream

@@ -215,7 +215,15 @@ def safe_url(url: str) -> str:
     ``user:password@`` (``user:***@``), a NATS token (``nats://TOKEN@host``: ``***@``), and the
     values of query parameters named like a secret (``?password=``, ``token``, ``key``,
     ``sig``, ``access_token``, ``api_key``, ...: ``?password=***``)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises
+    except ValueError:
+        # Not a URL urllib can read (an unbalanced "[", a port that is not a number: often a
+        # password with "/", "?" or "#" in it, which ends the host part early): nothing shown
+        # after the scheme, as any of it may be the password.
+        head, sep, _ = url.partition("://")
+        return f"{head}{sep}{_MASK}" if sep else _MASK
     netloc, query = parts.netloc, parts.query
     userinfo, at, host = netloc.rpartition("@")
     if at:

@@ -197,7 +197,9 @@ def test_a_refused_event_is_one_line_and_its_redelivery_reaches_the_stream(
     ("url", "why"),
     [
         ("redis://127.0.0.1:6379/0?socket_timeout=x", "socket_timeout"),
-        ("redis://user:s3cret@127.0.0.1:abc/0", "Port could not be cast"),
+        ("redis://user:s3cret@127.0.0.1:abc/0", "its host part cannot be read"),
+        # A "/" in a password ends urllib's host part: nothing after the scheme is shown.
+        ("redis://app:s3cret/x@redis.internal:6379/0", "redis://***"),
     ],
 )
 def test_a_malformed_redis_url_stops_the_relay_at_once(installed: str, url: str, why: str) -> None:
@@ -207,3 +209,11 @@ def test_a_malformed_redis_url_stops_the_relay_at_once(installed: str, url: str,
     assert "invalid Redis URL" in line, line
     assert why in line, line
     assert "s3cret" not in r.stderr
+    assert "s3cr" not in r.stderr
+
+
+def test_a_target_urllib_cannot_read_is_a_usage_error(installed: str) -> None:
+    r = run(installed, "relay", "--to", "redis://:pw@[::1", "orders", timeout=20)
+    line = one_line_error(r, 1)
+    assert line.startswith("pgherald: error: invalid relay target redis://***: "), line
+    assert "pw" not in line
