@@ -18,7 +18,7 @@ import os
 import stat
 import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -135,6 +135,31 @@ def _server_lock(pgserver: Any) -> Any:
     cls = getattr(getattr(pgserver, "postgres_server", None), "PostgresServer", None)
     lock = getattr(cls, "_lock", None)
     return lock if lock is not None else contextlib.nullcontext()
+
+
+LOCK_TIMEOUT = 30.0
+"""How long `shut_down` waits for pgserver's lock, which a process starting the server holds
+until the server is ready (a crash recovery can take a while)."""
+
+
+@contextlib.contextmanager
+def _server_lock_within(pgserver: Any, datadir: Path, timeout: float) -> Iterator[None]:
+    """`_server_lock`, waited for *timeout* seconds at most (then `ConnectError`)."""
+    lock = _server_lock(pgserver)
+    acquire = getattr(lock, "acquire", None)
+    if acquire is None:  # no lock to take
+        yield
+        return
+    if not acquire(timeout=timeout):
+        raise ConnectError(
+            f"another process has been starting or stopping the embedded PostgreSQL in "
+            f"{datadir} for {timeout:g} s (it holds pgserver's lock): try again once it is "
+            "done, or stop that process"
+        )
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _forget_dead_users(pgserver: Any, datadir: Path) -> None:
@@ -289,7 +314,9 @@ class EmbeddedPostgres:
         user = "pgserver" if _is_root() else None  # as root, pgserver runs it as this user
         # Under pgserver's lock: no process starts the server (and adds itself to the list of
         # users) between the stop and the emptying of that list.
-        with _server_lock(pgserver):
+        with _server_lock_within(pgserver, self.datadir, LOCK_TIMEOUT):
+            if running_dsn(self.datadir) is None:  # its last user stopped it meanwhile
+                return False
             try:
                 subprocess.run(
                     [str(pg_ctl), "-D", str(self.datadir), "-w", "stop"],

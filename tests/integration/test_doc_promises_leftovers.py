@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -495,4 +496,42 @@ def test_shut_down_stops_the_server_another_process_uses_and_ends_the_hold(
             assert c.execute("SELECT 1").fetchone() == (1,)
     assert running_dsn(datadir) is None
     assert holder.release() == "released"  # the old holder ends cleanly
+    assert running_dsn(datadir) is None
+
+
+def test_shut_down_waits_for_pgservers_lock_within_a_deadline(
+    datadir: Path, holders: Callable[[], Holder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process holding pgserver's lock (one starting the server, or suspended) does not make
+    # shut_down() hang: it waits embedded.LOCK_TIMEOUT, then says why, and changes nothing.
+    import pgherald.embedded as embedded
+
+    holder = holders()
+    lock_holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pgserver.postgres_server as ps; ps.PostgresServer._lock.acquire(); "
+            "print('held', flush=True); sys.stdin.read()",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert lock_holder.stdout is not None
+        assert lock_holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(embedded, "LOCK_TIMEOUT", 0.5)
+        started = time.monotonic()
+        with pytest.raises(pgherald.ConnectError, match="holds pgserver's lock"):
+            EmbeddedPostgres(datadir).shut_down()
+        assert time.monotonic() - started < 5
+        assert running_dsn(datadir) == holder.dsn  # nothing was stopped
+    finally:
+        assert lock_holder.stdin is not None
+        assert lock_holder.stdout is not None
+        lock_holder.stdin.close()
+        lock_holder.wait(10)
+        lock_holder.stdout.close()
+    assert EmbeddedPostgres(datadir).shut_down() is True  # with the lock free, it does
     assert running_dsn(datadir) is None
