@@ -149,6 +149,15 @@ def test_errors_are_one_line_without_traceback(dsn: str, args: list[str], messag
     assert result.stderr.strip().count("\n") == 0, result.stderr
 
 
+def _signals_as_a_terminal_gives_them() -> None:
+    """In the child before it runs: SIGINT and SIGTERM at their defaults and not blocked, as
+    a shell starts a foreground command (a test runner's process may have either ignored or
+    blocked, and both pass to its children; then Ctrl-C never reaches the command)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _signal_the_demo_midway(cmd: list[str], dsn: str, signal_it: Callable[[int], None]) -> str:
     """Run the demo *cmd* (its own process group), signal it (``signal_it(pid)``) once its
     durable part has begun (schema installed, events consumed); its stderr once it ended."""
@@ -159,6 +168,7 @@ def _signal_the_demo_midway(cmd: list[str], dsn: str, signal_it: Callable[[int],
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, as a terminal gives it
+        preexec_fn=_signals_as_a_terminal_gives_them,
     )
     assert proc.stdout is not None
     try:
