@@ -182,3 +182,20 @@ def cdc_dsn(logical_server: OwnServer) -> Iterator[str]:
             )
             c.execute("SELECT pg_drop_replication_slot(%s)", (slot,))
         c.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def datadir() -> Iterator[Path]:
+    """A data directory of its own for an embedded server (`pgherald.embedded`); its server
+    shut down and the directory removed at the end."""
+    pytest.importorskip("pgserver", reason="needs the 'embedded' extra")
+    from pgherald.embedded import EmbeddedPostgres
+
+    base = Path(tempfile.mkdtemp(prefix="pgherald-embedded-"))
+    base.chmod(0o755)  # as root, pgserver opens the parents: keep them to this directory
+    pgdata = base / "pgdata"
+    try:
+        yield pgdata
+    finally:
+        EmbeddedPostgres(pgdata).shut_down()
+        shutil.rmtree(base, ignore_errors=True)

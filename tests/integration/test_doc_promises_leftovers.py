@@ -23,10 +23,8 @@ other test held the code to, each against a real server (never a mock):
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -422,21 +420,6 @@ class Holder:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.communicate(timeout=30)
-
-
-@pytest.fixture
-def datadir() -> Iterator[Path]:
-    """A data directory of its own (as in test_embedded_handles.py); its server shut down and
-    the directory removed at the end."""
-    pytest.importorskip("pgserver", reason="needs the 'embedded' extra")
-    base = Path(tempfile.mkdtemp(prefix="pgherald-leftovers-"))
-    base.chmod(0o755)  # as root, pgserver opens the parents: keep them to this directory
-    pgdata = base / "pgdata"
-    try:
-        yield pgdata
-    finally:
-        EmbeddedPostgres(pgdata).shut_down()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture

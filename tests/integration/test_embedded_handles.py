@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,18 +31,6 @@ with EmbeddedPostgres(sys.argv[1]) as pg:  # as `pgherald demo` does
 
 def _env(datadir: Path) -> dict[str, str]:
     return cli_env(None) | {"PGHERALD_EMBEDDED_DIR": str(datadir)}
-
-
-@pytest.fixture
-def datadir() -> Iterator[Path]:
-    base = Path(tempfile.mkdtemp(prefix="pgherald-handles-"))
-    base.chmod(0o755)  # as root, pgserver opens the parents: keep them to this directory
-    pgdata = base / "pgdata"
-    try:
-        yield pgdata
-    finally:
-        EmbeddedPostgres(pgdata).shut_down()
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _holder(datadir: Path) -> subprocess.Popen[str]:

@@ -745,19 +745,12 @@ class ReplicationEngine:
             )
         except pgwire.Abandoned:
             return  # stopping: the loop sends the last status update and ends
-        except (pgwire.QueryFailed, pgwire.QueryTimeout, ConnectError) as exc:
+        except Exception as exc:
+            failed = (pgwire.QueryFailed, pgwire.QueryTimeout, ConnectError)
+            if not (isinstance(exc, failed) or pgwire.is_connection_error(exc)):
+                raise
             # The stream goes on (a reconnection would describe the table the same way): keyed
             # as the server flags the key, and asked again when the table is described again.
-            logger.warning(
-                "could not read the primary key of %s (%s): its changes are keyed by %s",
-                name,
-                pgwire.one_line(exc),
-                ", ".join(rel.key_columns),
-            )
-            return
-        except Exception as exc:
-            if not pgwire.is_connection_error(exc):
-                raise
             logger.warning(
                 "could not read the primary key of %s (%s): its changes are keyed by %s",
                 name,
