@@ -34,7 +34,7 @@ import time
 from typing import Any
 
 from ._models import Event
-from ._relay_sink import Refused, _RelayState, attempts, safe_url
+from ._relay_sink import Refused, _RelayState, attempts, readable_url, safe_url
 from .errors import UsageError
 
 logger = logging.getLogger("pgherald.relay")
@@ -142,11 +142,10 @@ class RedisSink:
         except ValueError as exc:
             # The reason quotes the URL's parts: only when they could be read (else it may
             # quote part of a password).
-            unreadable = self.target.endswith("://***")
             why = (
-                " (its host part cannot be read: a port that is not a number?)"
-                if unreadable
-                else f": {exc}"
+                f": {exc}"
+                if readable_url(url)
+                else " (its host part cannot be read: a port that is not a number?)"
             )
             raise UsageError(
                 f"invalid Redis URL {self.target}{why}; write it as "

@@ -210,20 +210,25 @@ def attempts(n: int) -> str:
     return f"{n} attempt{'' if n == 1 else 's'}"
 
 
+def readable_url(url: str) -> bool:
+    """urllib can read *url*'s parts: no unbalanced "[", a port that is a number (one that is
+    not is often a password with "/", "?" or "#" in it, which ends the host part early)."""
+    try:
+        urlsplit(url).port  # noqa: B018 - a port that is not a number raises
+    except ValueError:
+        return False
+    return True
+
+
 def safe_url(url: str) -> str:
     """*url* without its secrets, for logs, `target` and ``pgherald status``: the password of
     ``user:password@`` (``user:***@``), a NATS token (``nats://TOKEN@host``: ``***@``), and the
     values of query parameters named like a secret (``?password=``, ``token``, ``key``,
     ``sig``, ``access_token``, ``api_key``, ...: ``?password=***``)."""
-    try:
-        parts = urlsplit(url)
-        parts.port  # noqa: B018 - a port that is not a number raises
-    except ValueError:
-        # Not a URL urllib can read (an unbalanced "[", a port that is not a number: often a
-        # password with "/", "?" or "#" in it, which ends the host part early): nothing shown
-        # after the scheme, as any of it may be the password.
+    if not readable_url(url):  # nothing shown after the scheme: any of it may be the password
         head, sep, _ = url.partition("://")
         return f"{head}{sep}{_MASK}" if sep else _MASK
+    parts = urlsplit(url)
     netloc, query = parts.netloc, parts.query
     userinfo, at, host = netloc.rpartition("@")
     if at:

@@ -426,11 +426,14 @@ class Decoder:
 
     Keeps the relations (tables) the stream described, and the current transaction's
     begin. *primary_keys* maps a table's oid to its primary key columns (in the key's order),
-    read from the catalog; a table missing from it, or whose key the stream now describes with
-    other columns (with the default replica identity), is keyed by its replica identity (the
-    primary key in the table's column order, unless the identity is FULL or an index). *next_xid*: the server's next
-    transaction id with its epoch (64 bits) when the stream started; a Begin's 32-bit id is
-    widened to the 64-bit id nearest it, then the nearest the last one (0: left at 32 bits).
+    read from the catalog (shared with the caller, which may learn more while streaming); a
+    table missing from it, or whose key the stream now describes with other columns (with the
+    default replica identity), is keyed by its replica identity (the primary key in the
+    table's column order, unless the identity is FULL or an index).
+
+    *next_xid*: the server's next transaction id with its epoch (64 bits) when the stream
+    started; a Begin's 32-bit id is widened to the 64-bit id nearest it, then to the one
+    nearest the last (0: left at 32 bits).
     """
 
     def __init__(

@@ -144,9 +144,10 @@ class ReplicationEngine:
         """The backfill is being handed over (its CHANGE and COMMIT may be answered REWIND)."""
         self.primary_keys: dict[tuple[str, str], tuple[str, ...]] = {}
         self._keys_by_oid: dict[int, tuple[str, ...]] = {}
+        """The primary keys read from the catalog (at the start, or by `_learn_key`), by oid;
+        the stream's decoder reads this same dict."""
         self.key_lookups = 0
         """Primary keys read from the catalog while streaming (a diagnostic)."""
-        """The primary keys read from the catalog (at the start, or by `_learn_key`), by oid."""
         self.changes = 0
         self.transactions = 0
         self.reconnects = 0
@@ -728,8 +729,8 @@ class ReplicationEngine:
         `key` is the JSON array in the key's order (as a durable trigger, or a stream started
         later, writes it). Read it from the catalog, on a short connection of its own (the
         replication connection is streaming), within `health_check_timeout`: the server ends
-        a stream that says nothing for `wal_sender_timeout`. A lookup that fails reconnects
-        the stream, whose start reads every key.
+        a stream that says nothing for `wal_sender_timeout`. A lookup that fails is a warning:
+        the table stays keyed as the server flags it until it is described again.
         """
         cfg = self.config
         name = f"{rel.schema}.{rel.table}"
