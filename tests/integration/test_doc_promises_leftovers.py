@@ -35,7 +35,6 @@ import anyio
 import psycopg
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan, SpanLimits, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
@@ -45,6 +44,7 @@ from pgherald.embedded import KEEP_FILE, EmbeddedPostgres, running_dsn
 from tests.fix_cli import cli_env
 from tests.fix_durable import uncovered
 from tests.fix_faults import await_until, wait_until
+from tests.integration.test_tracing import instrumented
 
 # -- InvalidChannel ------------------------------------------------------------------------
 
@@ -279,15 +279,8 @@ async def test_async_listener_hears_names_with_quotes_spaces_unicode_and_63_byte
 def linked_spans() -> Iterator[InMemorySpanExporter]:
     """Spans of pgherald, kept in memory; the SDK's own cap on links (128 by default) lifted,
     so that what is seen is pgherald's cap."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider(span_limits=SpanLimits(max_links=1000))
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    pgherald.tracing.instrument(tracer_provider=provider)
-    try:
+    with instrumented(TracerProvider(span_limits=SpanLimits(max_links=1000))) as exporter:
         yield exporter
-    finally:
-        pgherald.tracing.uninstrument()
-        provider.shutdown()
 
 
 def _span_id_in(headers: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import threading
@@ -25,10 +26,10 @@ from tests.fix_durable import FAST, uncovered, wait_until
 from tests.integration.test_relay_webhook import SECRET, Receiver
 
 
-@pytest.fixture
-def spans() -> Iterator[InMemorySpanExporter]:
+@contextlib.contextmanager
+def instrumented(provider: TracerProvider) -> Iterator[InMemorySpanExporter]:
+    """pgherald instrumented with *provider*, its finished spans kept in memory."""
     exporter = InMemorySpanExporter()
-    provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     pgherald.tracing.instrument(tracer_provider=provider)
     try:
@@ -36,6 +37,12 @@ def spans() -> Iterator[InMemorySpanExporter]:
     finally:
         pgherald.tracing.uninstrument()
         provider.shutdown()
+
+
+@pytest.fixture
+def spans() -> Iterator[InMemorySpanExporter]:
+    with instrumented(TracerProvider()) as exporter:
+        yield exporter
 
 
 def named(exporter: InMemorySpanExporter, name: str) -> list[ReadableSpan]:
